@@ -1,0 +1,19 @@
+"""bitnet-jax: BitNet b1.58 ternary language models in JAX.
+
+Public API:
+  BitNetConfig   the architecture and quantization of a model (frozen, validated)
+  BitNetLM       the Flax Linen model: `BitNetLM(config).apply({"params": p}, ids)` -> logits
+  init_params    fresh parameters for training from scratch
+  load_hf        read a local Hugging Face BitNet folder -> (config, params)
+  generate       jitted prefill + decode loop with a KV cache -> new token ids
+  BitNetError    the error raised for bad input, with a message meant for people
+"""
+
+from .config import PRESETS, BitNetConfig
+from .errors import BitNetError
+from .generate import generate
+from .hf import load_hf
+from .model import BitNetLM, KVCache, init_params
+
+__all__ = ["PRESETS", "BitNetConfig", "BitNetError", "BitNetLM", "KVCache", "generate", "init_params", "load_hf"]
+__version__ = "0.1.0"

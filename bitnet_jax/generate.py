@@ -1,0 +1,164 @@
+"""Autoregressive generation: one jitted prefill plus a decode loop inside `jit` with a KV cache.
+
+Prompts of different lengths are right-padded into one [B, T] batch. Every row keeps its own
+positions: the prefill writes slots 0..T-1 of the cache and reads each row's next-token logits
+at its last real token; decode step i writes row b's token at slot `len_b + i`, the slot that
+the causal mask (`slot <= position`) exposes next, so pad slots are overwritten before any
+query can see them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from .config import BitNetConfig
+from .errors import BitNetError
+from .model import BitNetLM, KVCache
+
+# Prompt lengths are padded up to a multiple of this, so that prompts of similar length share one
+# compiled program.
+_LENGTH_BUCKET = 16
+
+
+def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             stop_ids: Sequence[int] | None = None,
+             on_tokens: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+    """Generates `max_new_tokens` tokens after each prompt.
+
+    Args:
+      prompt_ids: one prompt (a sequence of ints) or a batch (a sequence of sequences, or an int
+        array [B, T]); prompts may differ in length.
+      temperature: 0 for greedy decoding; otherwise softmax sampling at this temperature,
+        restricted to the `top_k` most likely tokens and / or the smallest set whose
+        probability reaches `top_p`.
+      stop_ids: a row stops after emitting one of these; its remaining slots hold the first stop id.
+      on_tokens: called from inside the decode loop with each step's tokens (int32 [B]), in
+        order, as they are generated (for streaming).
+
+    Returns:
+      int32 numpy array [B, max_new_tokens] of the new tokens only.
+    """
+    prompts = _as_prompt_list(prompt_ids)
+    _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
+    lengths_b = np.array([len(p) for p in prompts], np.int32)
+    t = -(-int(lengths_b.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    prompt_bt = np.zeros((len(prompts), t), np.int32)
+    for row, prompt in zip(prompt_bt, prompts):
+        row[: len(prompt)] = prompt
+    stop = tuple(int(s) for s in (stop_ids or ()))
+    sampling = (float(temperature), top_k, top_p)
+    out = _generate(params, jnp.asarray(prompt_bt), jnp.asarray(lengths_b), jax.random.PRNGKey(seed),
+                    config=config, max_new_tokens=int(max_new_tokens), sampling=sampling, stop_ids=stop,
+                    on_tokens=on_tokens)
+    return np.asarray(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "stop_ids", "on_tokens"))
+def _generate(params, prompt_bt, lengths_b, rng, *, config, max_new_tokens, sampling, stop_ids, on_tokens):
+    model = BitNetLM(config)
+    b, t = prompt_bt.shape
+    cache = KVCache.zeros(config, b, t + max_new_tokens)
+    logits_bv, cache = model.apply({"params": params}, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
+    stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+    fill = stop_ids[0] if stop_ids else 0
+
+    def emit(i, logits_bv, out_bn, done_b, rng):
+        rng, key = jax.random.split(rng)
+        token_b = jnp.where(done_b, fill, sample(logits_bv, key, *sampling))
+        if on_tokens is not None:
+            io_callback(on_tokens, None, token_b, ordered=True)
+        done_b = done_b | jnp.isin(token_b, stop_ids_arr)
+        return out_bn.at[:, i].set(token_b), done_b, rng
+
+    out_bn = jnp.full((b, max_new_tokens), fill, jnp.int32)
+    out_bn, done_b, rng = emit(0, logits_bv, out_bn, jnp.zeros((b,), bool), rng)
+
+    def cond(state):
+        i, _, _, done_b, _ = state
+        return (i < max_new_tokens) & ~jnp.all(done_b)
+
+    def body(state):
+        i, out_bn, cache, done_b, rng = state
+        positions_b1 = (lengths_b + i - 1)[:, None]
+        previous_b1 = jax.lax.dynamic_slice_in_dim(out_bn, i - 1, 1, axis=1)
+        logits_b1v, cache = model.apply({"params": params}, previous_b1, positions_bt=positions_b1, cache=cache)
+        out_bn, done_b, rng = emit(i, logits_b1v[:, 0], out_bn, done_b, rng)
+        return i + 1, out_bn, cache, done_b, rng
+
+    _, out_bn, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_bn, cache, done_b, rng))
+    return out_bn
+
+
+def sample(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+           top_p: float | None) -> jax.Array:
+    """Greedy (temperature 0) or temperature / top-k / top-p sampling; int32 [B]."""
+    if temperature == 0.0:
+        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    logits_bv = logits_bv.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits_bv.shape[-1]:
+        kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+    if top_p is not None and top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        cumulative_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
+        # The smallest prefix whose mass reaches top_p: keep tokens whose preceding mass is < top_p.
+        keep_bv = (cumulative_bv - jax.nn.softmax(sorted_bv, axis=-1)) < top_p
+        cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+        logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+def _as_prompt_list(prompt_ids) -> list[list[int]]:
+    if isinstance(prompt_ids, (np.ndarray, jax.Array)):
+        array = np.asarray(prompt_ids)
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+            raise BitNetError(f"prompt_ids: expected an integer array [B, T]; found {array.dtype} {array.shape}.")
+        return [list(map(int, row)) for row in array]
+    prompts = list(prompt_ids)
+    if prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
+        prompts = [prompts]
+    if not prompts:
+        raise BitNetError("prompt_ids is empty: expected at least one prompt of at least one token.")
+    result = []
+    for prompt in prompts:
+        ids = list(prompt)
+        if not all(isinstance(i, (int, np.integer)) for i in ids):
+            raise BitNetError(f"prompt_ids: expected integer token ids; found {ids[:5]}...")
+        result.append([int(i) for i in ids])
+    return result
+
+
+def _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids):
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise BitNetError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1.")
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise BitNetError(f"Prompt {row} is empty: expected at least one token (e.g. the BOS id).")
+        bad = [i for i in prompt if not 0 <= i < config.vocab_size]
+        if bad:
+            raise BitNetError(
+                f"Prompt {row} has token ids outside the vocabulary [0, {config.vocab_size}): {bad[:5]}. "
+                "Was it encoded with this model's tokenizer?")
+        if len(prompt) + max_new_tokens > config.max_position_embeddings:
+            raise BitNetError(
+                f"Prompt {row} has {len(prompt)} tokens and {max_new_tokens} new tokens were asked for, "
+                f"but the model's context is {config.max_position_embeddings} tokens: shorten the prompt "
+                f"or ask for at most {max(config.max_position_embeddings - len(prompt), 0)} new tokens.")
+    for s in stop_ids or ():
+        if not 0 <= int(s) < config.vocab_size:
+            raise BitNetError(f"stop id {s} is outside the vocabulary [0, {config.vocab_size}).")
+    if not temperature >= 0:
+        raise BitNetError(f"temperature={temperature}: expected a number >= 0 (0 means greedy).")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise BitNetError(f"top_k={top_k!r}: expected a positive integer or None.")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise BitNetError(f"top_p={top_p!r}: expected a number in (0, 1] or None.")

@@ -1,0 +1,284 @@
+"""Loading Hugging Face BitNet checkpoints (`BitNetForCausalLM` folders) into `BitNetLM` parameters.
+
+Three weight layouts exist for a BitLinear `W` [out, in] in such folders (see transformers'
+`integrations/bitnet.py`):
+
+- online (`quantization_mode: online`, `linear_class: autobitlinear`): full-precision master
+  weights, quantized at every forward pass. They are our training parameters as they are.
+- offline `autobitlinear`: ternary weights (possibly packed) and `weight_scale = mean|W|`; the
+  layer multiplies its output by `weight_scale`.
+- offline `bitlinear` (b1.58 2B4T): packed ternary weights and `weight_scale = 1 / mean|W|`; the
+  layer divides its output by `input_scale * weight_scale`.
+
+Packed weights are uint8 [out/4, in]: byte [r, c] holds rows r, r+R, r+2R, r+3R (R = out/4) of
+column c, two bits each from the low bits up, each the code `t + 1` of a ternary value t.
+
+Offline weights `(W_t, s)` become master weights `W' = W_t * s / p`, where p = mean|W_t| is the
+fraction of non-zeros: `mean|W'| = s` and `round(W' / s) = W_t` exactly, so the model's own
+per-tensor absmean quantizer reproduces `(W_t, s)` and the parameters stay trainable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from .config import BitNetConfig
+from .errors import BitNetError
+
+_LINEARS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+# Buffers transformers may save that carry no parameters.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[BitNetConfig, dict]:
+    """Reads a local Hugging Face BitNet folder; returns `(config, params)` for `BitNetLM`.
+
+    Accepts single or sharded safetensors, full-precision (bf16 / fp32) master weights and both
+    packed offline kinds. The result gives the same logits as transformers on the same folder.
+    """
+    folder = os.fspath(path)
+    config, hf = read_hf_config(folder)
+    quant = _quantization_kind(hf, folder)
+    with _TensorReader(folder) as tensors:
+        params = _convert(config, quant, tensors)
+        unused = [name for name in tensors.names() if name not in tensors.used and not _IGNORED.match(name)]
+    if config.tie_word_embeddings:
+        unused = [name for name in unused if name != "lm_head.weight"]
+    if unused:
+        warnings.warn(f"{folder}: ignored {len(unused)} tensor(s) that BitNetLM does not use: {unused[:5]}")
+    params = _tree_map(lambda a: jnp.asarray(a, dtype), params)
+    return config, params
+
+
+def read_hf_config(folder: str) -> tuple[BitNetConfig, dict]:
+    if not os.path.isdir(folder):
+        raise BitNetError(
+            f"Model folder {folder!r} does not exist or is not a folder: expected a local Hugging Face "
+            "BitNet folder (config.json + *.safetensors) or a bitnet-jax run folder.")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise BitNetError(
+            f"{folder!r} has no config.json: expected a Hugging Face BitNet folder; found "
+            f"{sorted(os.listdir(folder))[:10]}.")
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BitNetError(f"{config_path} is not valid JSON ({e}); restore it from the original checkpoint.") from None
+    return BitNetConfig.from_hf_dict(hf, source=config_path), hf
+
+
+def _quantization_kind(hf: dict, folder: str) -> str:
+    """'online', 'offline-autobitlinear', 'offline-bitlinear', or 'none' (plain nn.Linear)."""
+    quant = hf.get("quantization_config")
+    if not quant:
+        return "none"
+    if quant.get("quant_method", "bitnet") != "bitnet":
+        raise BitNetError(
+            f"{folder}/config.json: quantization_config.quant_method={quant.get('quant_method')!r}; "
+            "expected 'bitnet'.")
+    linear_class = quant.get("linear_class", "bitlinear")
+    mode = quant.get("quantization_mode", "offline")
+    if linear_class not in ("bitlinear", "autobitlinear") or mode not in ("online", "offline"):
+        raise BitNetError(
+            f"{folder}/config.json: linear_class={linear_class!r}, quantization_mode={mode!r}; expected "
+            "linear_class 'bitlinear' or 'autobitlinear' and quantization_mode 'online' or 'offline'.")
+    if linear_class == "bitlinear":
+        return "offline-bitlinear"  # transformers' BitLinear is always offline
+    return "online" if mode == "online" else "offline-autobitlinear"
+
+
+def _convert(config: BitNetConfig, quant: str, tensors: "_TensorReader") -> dict:
+    d, v = config.hidden_size, config.vocab_size
+    heads_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    out_in = {  # [out, in] of each BitLinear, as transformers stores it
+        "q_proj": (heads_width, d), "k_proj": (kv_width, d), "v_proj": (kv_width, d), "o_proj": (d, heads_width),
+        "gate_proj": (config.intermediate_size, d), "up_proj": (config.intermediate_size, d),
+        "down_proj": (d, config.intermediate_size),
+    }
+    norm_width = {"input_layernorm": d, "post_attention_layernorm": d,
+                  "self_attn.attn_sub_norm": heads_width, "mlp.ffn_sub_norm": config.intermediate_size}
+
+    layers: dict = {"self_attn": {}, "mlp": {}}
+    for norm in _LAYER_NORMS:
+        stacked = np.stack([tensors.get(f"model.layers.{i}.{norm}.weight", (norm_width[norm],))
+                            for i in range(config.num_hidden_layers)])
+        _nested_set(layers, norm.split(".") + ["weight"], stacked)
+    for block, names in _LINEARS.items():
+        for name in names:
+            kernels, norms = [], []
+            for i in range(config.num_hidden_layers):
+                prefix = f"model.layers.{i}.{block}.{name}"
+                kernels.append(_linear_kernel(tensors, prefix, out_in[name], quant))
+                if config.linear_norm_eps is not None:
+                    norms.append(tensors.get(f"{prefix}.rms_norm.weight", (out_in[name][1],)))
+            layers[block][name] = {"kernel": np.stack(kernels)}
+            if norms:
+                layers[block][name]["rms_norm"] = {"weight": np.stack(norms)}
+
+    params = {
+        "embed_tokens": {"embedding": tensors.get("model.embed_tokens.weight", (v, d))},
+        "layers": layers,
+        "norm": {"weight": tensors.get("model.norm.weight", (d,))},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": tensors.get("lm_head.weight", (v, d)).T}
+    return params
+
+
+def _linear_kernel(tensors: "_TensorReader", prefix: str, out_in: tuple[int, int], quant: str) -> np.ndarray:
+    """One BitLinear's kernel [in, out] as master weights (see the module docstring)."""
+    out_features, in_features = out_in
+    name = f"{prefix}.weight"
+    shape, dtype = tensors.meta(name)
+    if dtype == "U8":
+        if shape != [out_features // 4, in_features] or out_features % 4:
+            raise BitNetError(
+                f"{tensors.where(name)}: packed tensor {name} has shape {shape}; expected "
+                f"[{out_features}/4, {in_features}] for a [{out_features}, {in_features}] BitLinear "
+                "(config.json and the weights disagree).")
+        w_oi = unpack_hf_ternary(tensors.get(name, tuple(shape)))
+    else:
+        w_oi = tensors.get(name, out_in)
+    if quant in ("online", "none"):
+        return w_oi.T.astype(np.float32)
+
+    scale = tensors.get(f"{prefix}.weight_scale", None).astype(np.float64).reshape(-1)
+    if scale.size != 1 or not np.isfinite(scale[0]) or scale[0] == 0:
+        raise BitNetError(
+            f"{tensors.where(name)}: {prefix}.weight_scale should hold one finite non-zero number; "
+            f"found {scale[:4]} (shape {scale.shape}).")
+    mean_abs = scale[0] if quant == "offline-autobitlinear" else 1.0 / scale[0]
+    if not np.all(np.isin(w_oi, (-1.0, 0.0, 1.0))):
+        raise BitNetError(
+            f"{tensors.where(name)}: {name} is offline-quantized but not ternary (values outside "
+            "{-1, 0, 1}); expected ternary or packed uint8 weights with quantization_mode 'offline'.")
+    nonzero = np.count_nonzero(w_oi) / w_oi.size
+    master_oi = w_oi.astype(np.float64) * (abs(mean_abs) / max(nonzero, 1.0 / w_oi.size))
+    return np.sign(mean_abs) * master_oi.T.astype(np.float32)
+
+
+def unpack_hf_ternary(packed_ri: np.ndarray) -> np.ndarray:
+    """transformers' packed uint8 [R, in] -> ternary float32 [4R, in] (row block i from bits 2i)."""
+    codes = [(packed_ri >> (2 * i)) & 3 for i in range(4)]
+    return np.concatenate(codes, axis=0).astype(np.float32) - 1.0
+
+
+def pack_hf_ternary(w_oi: np.ndarray) -> np.ndarray:
+    """The inverse of `unpack_hf_ternary`, for writing transformers-compatible packed weights."""
+    out_features = w_oi.shape[0]
+    if out_features % 4:
+        raise BitNetError(f"pack_hf_ternary: {out_features} rows is not a multiple of 4.")
+    codes = (np.asarray(w_oi) + 1).astype(np.uint8).reshape(4, out_features // 4, -1)
+    return codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
+
+
+class _TensorReader:
+    """Tensors of one or several safetensors files, by name, with errors that name the file."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.used: set[str] = set()
+        self._handles: dict[str, object] = {}
+        self._file_of = self._index(folder)
+
+    @staticmethod
+    def _index(folder: str) -> dict[str, str]:
+        single = os.path.join(folder, "model.safetensors")
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise BitNetError(f"{index} is not a valid safetensors index ({e!r}); restore it.") from None
+            return {name: os.path.join(folder, file) for name, file in weight_map.items()}
+        if os.path.isfile(single):
+            return {name: single for name in _open_safetensors(single).keys()}
+        files = sorted(os.listdir(folder))
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        if pickles:
+            raise BitNetError(
+                f"{folder} holds pickle-based weights ({pickles[:3]}); bitnet-jax reads only safetensors, "
+                "which cannot run code when loaded. Convert them once with transformers: "
+                "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)` "
+                "(safetensors is its default format).")
+        raise BitNetError(
+            f"{folder} has no model.safetensors or model.safetensors.index.json; found {files[:10]}. "
+            "Expected a Hugging Face BitNet folder with safetensors weights.")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handles.clear()
+
+    def names(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def where(self, name: str) -> str:
+        return self._file_of.get(name, self.folder)
+
+    def _handle(self, name: str):
+        if name not in self._file_of:
+            raise BitNetError(
+                f"{self.folder}: tensor {name!r} is missing from the checkpoint; expected it for the "
+                "architecture that config.json describes. Is the download complete, and does config.json "
+                "belong to these weights?")
+        file = self._file_of[name]
+        if file not in self._handles:
+            if not os.path.isfile(file):
+                raise BitNetError(f"{file} is listed in the safetensors index but does not exist; download it again.")
+            self._handles[file] = _open_safetensors(file)
+        return self._handles[file]
+
+    def meta(self, name: str) -> tuple[list[int], str]:
+        tensor_slice = self._handle(name).get_slice(name)
+        return list(tensor_slice.get_shape()), tensor_slice.get_dtype()
+
+    def get(self, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+        handle = self._handle(name)
+        found = list(handle.get_slice(name).get_shape())
+        if shape is not None and found != list(shape):
+            raise BitNetError(
+                f"{self.where(name)}: tensor {name} has shape {found}; expected {list(shape)} from config.json. "
+                "The weights and config.json do not belong together.")
+        try:
+            array = handle.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for truncated data
+            raise BitNetError(
+                f"{self.where(name)}: cannot read tensor {name} ({e}); the file is truncated or corrupt: "
+                "download it again.") from None
+        self.used.add(name)
+        return np.asarray(array)
+
+
+def _open_safetensors(file: str):
+    try:
+        return safe_open(file, framework="np")
+    except Exception as e:  # SafetensorError, OSError
+        raise BitNetError(
+            f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt: download it again.") from None
+
+
+def _nested_set(tree: dict, keys: list[str], value):
+    for key in keys[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[keys[-1]] = value
+
+
+def _tree_map(fn, tree):
+    return {k: _tree_map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}

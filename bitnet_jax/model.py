@@ -1,0 +1,237 @@
+"""The BitNet b1.58 decoder in Flax Linen, numerically matching transformers' `BitNetForCausalLM`.
+
+Axis letters used in array names and einsum strings:
+  B batch            T query positions       S key/value positions (cache slots)
+  D model width      F FFN width             V vocabulary
+  N query heads      K key/value heads       G query heads per KV head (N = K * G)
+  H head dim         L layers
+
+The decoder is LLaMA-like with BitNet's changes: every projection inside the blocks is a
+`BitLinear` (ternary weights, int8 activations, straight-through gradients), the FFN is gated
+squared ReLU, and two extra "subln" RMSNorms sit before `o_proj` and `down_proj`. Embeddings,
+norms and the lm_head stay in full precision. The layers are one `nn.scan`, so parameters of
+the blocks are stacked on a leading L axis and compile time does not grow with depth.
+
+Parameter tree (kernels are [in, out], the Flax convention; HF stores weights [out, in]):
+  embed_tokens/embedding [V, D]
+  layers/{input_layernorm,post_attention_layernorm}/weight [L, D]
+  layers/self_attn/{q,k,v,o}_proj/kernel [L, in, out], layers/self_attn/attn_sub_norm/weight [L, N*H]
+  layers/mlp/{gate,up,down}_proj/kernel [L, in, out], layers/mlp/ffn_sub_norm/weight [L, F]
+  norm/weight [D], lm_head/kernel [D, V] (absent when tie_word_embeddings)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .config import BitNetConfig
+from .quant import fake_quant_act, fake_quant_weight
+
+# Added to masked attention scores: large enough to zero them after softmax, finite so that a
+# fully masked row (a padding query) gives a uniform average instead of NaN.
+_MASKED = -1e30
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer; slot s holds the token at absolute position s."""
+
+    k_lbskh: jax.Array
+    v_lbskh: jax.Array
+
+    @classmethod
+    def zeros(cls, config: BitNetConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """The quantizer settings a BitLinear needs (a slice of BitNetConfig)."""
+
+    weight: str = "tensor"
+    act: str = "token"
+    act_bits: int = 8
+    input_norm_eps: float | None = None  # an RMSNorm before activation quantization, if set
+
+    @classmethod
+    def of(cls, config: BitNetConfig) -> "QuantSpec":
+        return cls(config.weight_quant, config.act_quant, config.act_bits, config.linear_norm_eps)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return weight * x32.astype(x.dtype)
+
+
+class BitLinear(nn.Module):
+    """`y = Q_act(x) @ Q_weight(W)`, quantize-dequantize in the forward pass, STE backward."""
+
+    features: int
+    quant: QuantSpec
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_bk):
+        if self.quant.input_norm_eps is not None:
+            x_bk = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bk)
+        kernel_kn = self.param("kernel", nn.initializers.normal(self.init_std),
+                               (x_bk.shape[-1], self.features), jnp.float32)
+        w_kn = fake_quant_weight(kernel_kn, self.quant.weight)
+        x_bk = fake_quant_act(x_bk, self.quant.act, self.quant.act_bits)
+        return jnp.einsum("...k,kn->...n", x_bk, w_kn)
+
+
+def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split ("rotate_half") layout as in transformers' LLaMA family."""
+    h = x_btnh.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+    angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
+    cos, sin = jnp.cos(angles_bth)[:, :, None, :], jnp.sin(angles_bth)[:, :, None, :]
+    x1, x2 = jnp.split(x_btnh, 2, axis=-1)
+    return x_btnh * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _write_cache(cache_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
+    """Writes each row's new keys (or values) at its own start slot."""
+    write = lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(write)(cache_bskh, new_btkh, start_b)
+
+
+class Attention(nn.Module):
+    config: BitNetConfig
+
+    @nn.compact
+    def __call__(self, x_btd, positions_bt, mask_bts, cache_kv):
+        c = self.config
+        n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        b, t, _ = x_btd.shape
+        linear = lambda features, name: BitLinear(features, QuantSpec.of(c), c.initializer_range, name=name)
+        q_btnh = linear(n * h, "q_proj")(x_btd).reshape(b, t, n, h)
+        k_btkh = linear(k * h, "k_proj")(x_btd).reshape(b, t, k, h)
+        v_btkh = linear(k * h, "v_proj")(x_btd).reshape(b, t, k, h)
+        q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
+        k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
+
+        if cache_kv is not None:  # keys and values of all cache slots, this step's included
+            k_bskh = _write_cache(cache_kv[0], k_btkh, positions_bt[:, 0])
+            v_bskh = _write_cache(cache_kv[1], v_btkh, positions_bt[:, 0])
+            cache_kv = (k_bskh, v_bskh)
+        else:
+            k_bskh, v_bskh = k_btkh, v_btkh
+
+        q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh) * (h ** -0.5)
+        scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
+        probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1)
+        out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh).reshape(b, t, n * h)
+        out_btnh = RMSNorm(c.rms_norm_eps, name="attn_sub_norm")(out_btnh)
+        return linear(c.hidden_size, "o_proj")(out_btnh), cache_kv
+
+
+class MLP(nn.Module):
+    config: BitNetConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        c = self.config
+        linear = lambda features, name: BitLinear(features, QuantSpec.of(c), c.initializer_range, name=name)
+        gate_btf = linear(c.intermediate_size, "gate_proj")(x_btd)
+        up_btf = linear(c.intermediate_size, "up_proj")(x_btd)
+        act_btf = jnp.square(jax.nn.relu(gate_btf)) if c.hidden_act == "relu2" else jax.nn.silu(gate_btf)
+        h_btf = RMSNorm(c.rms_norm_eps, name="ffn_sub_norm")(act_btf * up_btf)
+        return linear(c.hidden_size, "down_proj")(h_btf)
+
+
+class DecoderLayer(nn.Module):
+    config: BitNetConfig
+
+    @nn.compact
+    def __call__(self, x_btd, cache_kv, positions_bt, mask_bts):
+        eps = self.config.rms_norm_eps
+        h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
+        h_btd, cache_kv = Attention(self.config, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv)
+        x_btd = x_btd + h_btd
+        h_btd = MLP(self.config, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd))
+        return x_btd + h_btd, cache_kv
+
+
+class BitNetLM(nn.Module):
+    """BitNet b1.58 causal language model.
+
+    `BitNetLM(config).apply({"params": params}, input_ids_bt)` -> float32 logits [B, T, V].
+
+    Optional inputs:
+      positions_bt: int32 RoPE positions (default 0..T-1; with a cache, the absolute positions
+        of this step's tokens, which are also the cache slots they are written to).
+      attention_mask_bt: 1 for real tokens, 0 for padding keys (no cache only).
+      segment_ids_bt: packed documents; a query attends only to keys of its own segment.
+      cache: a `KVCache`; the call then returns `(logits, new_cache)`.
+      logits_index_b: int32 [B]; when given, logits are computed only at that position of each
+        row and have shape [B, V] (the next-token logits of prompts of different lengths).
+    """
+
+    config: BitNetConfig
+
+    @nn.compact
+    def __call__(self, input_ids_bt, *, positions_bt=None, attention_mask_bt=None, segment_ids_bt=None,
+                 cache: KVCache | None = None, logits_index_b=None):
+        c = self.config
+        b, t = input_ids_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask_bts = _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache)
+
+        embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
+                         name="embed_tokens")
+        x_btd = embed(input_ids_bt)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
+        cache_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+        x_btd, cache_out = layers(c, name="layers")(x_btd, cache_in, positions_bt, mask_bts)
+        x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
+
+        if logits_index_b is not None:
+            x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        if c.tie_word_embeddings:
+            logits = embed.attend(x_btd)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(c.initializer_range),
+                              name="lm_head")(x_btd)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(*cache_out)
+
+
+def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
+    """Boolean [B, T, S]: may query t attend to key s."""
+    b, t = positions_bt.shape
+    if cache is not None:
+        if attention_mask_bt is not None or segment_ids_bt is not None:
+            raise ValueError("attention_mask_bt / segment_ids_bt are not supported with a KV cache")
+        s = cache.k_lbskh.shape[2]
+        return jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+    mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    if attention_mask_bt is not None:
+        mask_bts = mask_bts & (attention_mask_bt[:, None, :] != 0)
+    if segment_ids_bt is not None:
+        mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    return mask_bts
+
+
+def init_params(config: BitNetConfig, seed: int = 0) -> dict:
+    """Fresh parameters for training from scratch."""
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.jit(BitNetLM(config).init)(jax.random.PRNGKey(seed), ids)["params"]
