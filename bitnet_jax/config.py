@@ -134,16 +134,7 @@ class BitNetConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "BitNetConfig":
         """Builds a config from a dict, refusing unknown keys by name."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            hints = []
-            for key in unknown:
-                close = difflib.get_close_matches(key, fields, n=1)
-                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise BitNetError(
-                f"Unknown key(s) in {source}: {', '.join(hints)}. "
-                f"Known keys: {', '.join(sorted(fields))}.")
+        check_known_keys(values, {f.name for f in dataclasses.fields(cls)}, source)
         return cls(**values)
 
     @classmethod
@@ -263,6 +254,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=0),
 }
+
+
+def check_known_keys(values: dict[str, Any], known: set[str], source: str, prefix: str = ""):
+    """Refuses keys outside `known`, naming each with the closest known key."""
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1)
+            hints.append(f"{prefix}{key!r}" + (f" (did you mean {prefix}{close[0]!r}?)" if close else ""))
+        raise BitNetError(f"Unknown key(s) in {source}: {', '.join(hints)}. "
+                          f"Known keys: {', '.join(prefix + k for k in sorted(known))}.")
 
 
 def _bad(name: str, value: Any, expected: str):

@@ -1,0 +1,120 @@
+"""The `bitnet-jax` command line: `train` a model from scratch, `generate` text from one.
+
+    bitnet-jax train --config configs/tiny.py [--set key=value ...] [--out DIR]
+    bitnet-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+
+Errors caused by the input (`BitNetError`) print one message and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from .errors import BitNetError
+
+    try:
+        return args.func(args)
+    except BitNetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitnet-jax", description="BitNet b1.58 ternary language models in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from scratch (resumes if --out holds a run)")
+    train.add_argument("--config", help="a Python run config defining get_config(), e.g. configs/tiny.py")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set steps=100 --set model.weight_quant=channel")
+    train.add_argument("--out", help="run folder (default: runs/<config name>)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    gen = commands.add_parser("generate", help="generate text from a run folder or a Hugging Face BitNet folder")
+    gen.add_argument("--model", required=True, help="a bitnet-jax run folder or a local Hugging Face BitNet folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--verbose", action="store_true", help="print timing after the text")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def _train(args) -> int:
+    from .run_config import load_run_config
+    from .train import train
+
+    run = load_run_config(args.config, args.set)
+    name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
+    out = args.out or os.path.join("runs", name)
+    final = train(run, out, progress=not args.no_progress)
+    print(f"Done: step {final.get('step')}, eval loss {final.get('eval_loss', float('nan')):.3f}. "
+          f"Run folder: {out} (metrics.jsonl, loss.png, checkpoints/).")
+    return 0
+
+
+def _generate(args) -> int:
+    import numpy as np
+
+    from .generate import generate
+    from .tokenizer import StreamDecoder
+
+    config, params, tokenizer = load_model(args.model)
+    prompt_ids = tokenizer.encode(args.prompt)
+    if tokenizer.bos_id is not None:
+        prompt_ids = [tokenizer.bos_id] + prompt_ids
+    stream = StreamDecoder(tokenizer)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    first_token_at = []
+
+    def on_tokens(tokens_b):
+        first_token_at.append(time.perf_counter())
+        token = int(np.asarray(tokens_b)[0])
+        if token not in config.eos_ids:
+            sys.stdout.write(stream.push(token))
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    new_ids = generate(config, params, [prompt_ids], args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=config.eos_ids,
+                       on_tokens=on_tokens)
+    end = time.perf_counter()
+    sys.stdout.write(stream.flush() + "\n")
+    if args.verbose:
+        produced = int(np.sum(~np.isin(new_ids[0], config.eos_ids))) + 1
+        decode_s = end - first_token_at[0] if first_token_at else 0.0
+        print(f"[{len(prompt_ids)} prompt tokens, {produced} new; first token after {first_token_at[0] - start:.2f} s "
+              f"(compile included); {max(len(first_token_at) - 1, 0) / max(decode_s, 1e-9):.1f} tokens/s after]",
+              file=sys.stderr)
+    return 0
+
+
+def load_model(path: str):
+    """(config, params, tokenizer) from a bitnet-jax run folder or a Hugging Face BitNet folder."""
+    from .hf import load_hf
+    from .tokenizer import load_tokenizer
+    from .train import is_run_folder, load_run
+
+    if is_run_folder(path):
+        run, params, tokenizer = load_run(path)
+        return run.model, params, tokenizer
+    config, params = load_hf(path)
+    return config, params, load_tokenizer(path, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""`RunConfig`: everything a training run needs, loaded from a Python config file plus `--set`.
+
+A config file (e.g. `configs/tiny.py`) defines `get_config() -> dict` with a `model` entry
+(a preset name plus BitNetConfig overrides) and training fields at the top level:
+
+    def get_config():
+        return {"model": {"preset": "tiny"}, "steps": 300, "batch_size": 16}
+
+`--set key=value` overrides any field after the file is read (`--set steps=50`,
+`--set model.weight_quant=channel`); values are Python literals, else strings. Unknown keys and
+bad values are refused with a message naming them.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+from typing import Any
+
+from .config import BitNetConfig, check_known_keys
+from .errors import BitNetError
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run. Learning-rate fields follow the BitNet b1.58 two-stage recipe: linear
+    warmup to `learning_rate`, cosine decay to half of it until `stage2_start` (a fraction of
+    `steps`), where the rate drops to `stage2_learning_rate` and decays to `min_learning_rate`;
+    weight decay is `weight_decay` in stage one and 0 in stage two."""
+
+    model: BitNetConfig
+    corpus: str = "stdlib"  # 'stdlib' (the embedded default) or a folder of text files
+    corpus_suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst")
+    heldout_fraction: float = 0.02
+    seq_len: int = 256
+    batch_size: int = 16
+    steps: int = 300
+    warmup_steps: int = 30
+    learning_rate: float = 3e-3
+    stage2_start: float = 0.5
+    stage2_learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    weight_decay: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    tokenizer_max_bytes: int = 12_000_000
+
+    def __post_init__(self):
+        positive = ("seq_len", "batch_size", "steps", "log_every", "eval_every", "eval_batches",
+                    "checkpoint_every", "keep_checkpoints", "tokenizer_max_bytes")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _bad(name, value, "a positive integer")
+        for name in ("warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _bad(name, value, "a non-negative integer")
+        for name in ("learning_rate", "stage2_learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                _bad(name, value, "a non-negative number")
+        for name in ("stage2_start", "heldout_fraction", "adam_b1", "adam_b2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                _bad(name, value, "a number strictly between 0 and 1")
+        if self.seq_len > self.model.max_position_embeddings:
+            _bad("seq_len", self.seq_len, f"at most model.max_position_embeddings={self.model.max_position_embeddings}")
+        if not isinstance(self.corpus, str) or not self.corpus:
+            _bad("corpus", self.corpus, "'stdlib' or a folder of text files")
+        if isinstance(self.corpus_suffixes, list):
+            object.__setattr__(self, "corpus_suffixes", tuple(self.corpus_suffixes))
+        if not self.corpus_suffixes or not all(isinstance(s, str) for s in self.corpus_suffixes):
+            _bad("corpus_suffixes", self.corpus_suffixes, "a non-empty list of file suffixes such as '.txt'")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str) -> "RunConfig":
+        values = dict(values)
+        model = dict(values.pop("model", {}) or {})
+        check_known_keys(values, {f.name for f in dataclasses.fields(cls)}, source)
+        preset = model.pop("preset", None)
+        try:
+            model_config = (BitNetConfig.preset(preset, **model) if preset
+                            else BitNetConfig.from_dict(model, source=f"{source} [model]"))
+        except BitNetError as e:
+            raise BitNetError(f"{source}: model: {e}") from None
+        try:
+            return cls(model=model_config, **values)
+        except BitNetError as e:
+            raise BitNetError(f"{source}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        values["corpus_suffixes"] = list(self.corpus_suffixes)
+        return {"model": self.model.to_dict(), **values}
+
+
+def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
+    """Reads a config file (`get_config()` returning a dict) and applies `key=value` overrides."""
+    values: dict[str, Any] = {"model": {"preset": "tiny"}}
+    source = "defaults"
+    if path:
+        values, source = _read_config_file(path), path
+    values = {**values, "model": dict(values.get("model") or {})}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise BitNetError(f"--set {item!r}: expected key=value, e.g. --set steps=100 or --set model.hidden_size=128.")
+        value = _parse_value(raw)
+        if key.startswith("model."):
+            values["model"][key[len("model."):]] = value
+        else:
+            values[key] = value
+    return RunConfig.from_dict(values, source=f"{source}{' with --set' if overrides else ''}")
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise BitNetError(f"Run config {path!r} does not exist: expected a Python file defining get_config(), "
+                          "such as configs/tiny.py.")
+    spec = importlib.util.spec_from_file_location("_bitnet_run_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise BitNetError(f"Run config {path} failed to load: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise BitNetError(f"Run config {path} defines no get_config(): expected `def get_config() -> dict`.")
+    values = module.get_config()
+    if not isinstance(values, dict):
+        raise BitNetError(f"Run config {path}: get_config() returned {type(values).__name__}; expected a dict.")
+    return values
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _bad(name: str, value: Any, expected: str):
+    raise BitNetError(f"RunConfig.{name}={value!r} is invalid: expected {expected}.")

@@ -1,0 +1,325 @@
+"""Training from scratch on one device: data, optimizer, the train step, checkpoints, metrics.
+
+A run folder is self-contained:
+  run.json          the RunConfig (model config included)
+  tokenizer.model   the sentencepiece tokenizer the data was encoded with
+  checkpoints/N/    orbax checkpoints: `params`, `opt_state` and `meta` (step, data iterator state)
+  metrics.jsonl     one JSON object per logged step: step, loss, learning_rate, tokens_per_s,
+                    and eval_loss where evaluated
+  loss.png          train and eval loss curves
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from . import data
+from .errors import BitNetError
+from .model import BitNetLM, init_params
+from .run_config import RunConfig
+from .tokenizer import load_tokenizer, train_sentencepiece
+
+RUN_FILE = "run.json"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+# Optimizer.
+def learning_rate_schedule(run: RunConfig) -> optax.Schedule:
+    """BitNet b1.58's two-stage schedule: warmup to `learning_rate`, cosine decay to half of it
+    until `stage2_start`, then a drop to `stage2_learning_rate` and cosine decay to the floor."""
+    stage2 = _stage2_step(run)
+    warmup = optax.linear_schedule(0.0, run.learning_rate, max(run.warmup_steps, 1))
+    stage1 = optax.cosine_decay_schedule(run.learning_rate, max(stage2 - run.warmup_steps, 1), alpha=0.5)
+    stage2_decay = optax.cosine_decay_schedule(run.stage2_learning_rate, max(run.steps - stage2, 1),
+                                               alpha=run.min_learning_rate / max(run.stage2_learning_rate, 1e-12))
+    return optax.join_schedules([warmup, stage1, stage2_decay], [run.warmup_steps, stage2])
+
+
+def _stage2_step(run: RunConfig) -> int:
+    return max(int(run.steps * run.stage2_start), run.warmup_steps + 1)
+
+
+def weight_decay_schedule(run: RunConfig) -> optax.Schedule:
+    stage2 = _stage2_step(run)
+    return lambda step: jnp.where(step < stage2, run.weight_decay, 0.0)
+
+
+def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
+    # Decay matrices (kernels, embeddings) only, not norm weights.
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=learning_rate_schedule(run), b1=run.adam_b1, b2=run.adam_b2,
+        weight_decay=weight_decay_schedule(run), mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(run.grad_clip), adamw)
+
+
+# The step.
+def cross_entropy(params, model: BitNetLM, batch) -> jax.Array:
+    logits_btv = model.apply({"params": params}, batch["inputs"], segment_ids_bt=batch["segment_ids"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]).mean()
+
+
+def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation):
+    @jax.jit
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(cross_entropy)(params, model, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return train_step
+
+
+def make_eval_step(model: BitNetLM):
+    return jax.jit(lambda params, batch: cross_entropy(params, model, batch))
+
+
+# Data.
+@dataclasses.dataclass
+class Corpus:
+    tokenizer: object
+    train_tokens: np.ndarray
+    eval_tokens: np.ndarray
+
+
+def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
+    """Finds the corpus, trains (or reuses) the tokenizer, tokenizes both splits (cached)."""
+    if run.corpus == "stdlib":
+        files, root = data.stdlib_source_files(), data.stdlib_root()
+    else:
+        files, root = data.text_files(run.corpus, run.corpus_suffixes), run.corpus
+    train_files, eval_files = data.split_files(files, root, run.heldout_fraction)
+    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
+    if os.path.isfile(tokenizer_path):
+        tokenizer = load_tokenizer(out_dir)
+    else:
+        key = data.files_key(train_files, extra=f"spm-{run.model.vocab_size}-{run.tokenizer_max_bytes}")
+        tokenizer_dir = os.path.join(cache_dir, f"tokenizer-{key}")
+        if os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
+            tokenizer = load_tokenizer(tokenizer_dir)
+        else:
+            print(f"Training a {run.model.vocab_size}-piece sentencepiece tokenizer on {len(train_files)} files...")
+            tokenizer = train_sentencepiece(train_files, run.model.vocab_size, tokenizer_dir,
+                                            max_bytes=run.tokenizer_max_bytes, seed=run.seed)
+        shutil.copy(os.path.join(tokenizer_dir, TOKENIZER_FILE), tokenizer_path)
+    _check_tokenizer(tokenizer, run)
+    train_tokens = data.tokenize_files(train_files, tokenizer, cache_dir)
+    eval_tokens = data.tokenize_files(eval_files, tokenizer, cache_dir)
+    return Corpus(tokenizer, train_tokens, eval_tokens)
+
+
+def _check_tokenizer(tokenizer, run: RunConfig):
+    m = run.model
+    if tokenizer.vocab_size != m.vocab_size or tokenizer.eos_id not in m.eos_ids:
+        raise BitNetError(
+            f"The tokenizer has vocab_size={tokenizer.vocab_size}, eos={tokenizer.eos_id}; the model config "
+            f"expects vocab_size={m.vocab_size}, eos={m.eos_token_id}. Use a fresh --out folder or make them agree.")
+
+
+# The loop.
+def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True) -> dict:
+    """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics."""
+    cache_dir = cache_dir or default_cache_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    _write_or_check_run_file(run, out_dir)
+    corpus = prepare_corpus(run, out_dir, cache_dir)
+
+    model = BitNetLM(run.model)
+    optimizer = make_optimizer(run)
+    train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
+    train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed)
+    eval_batches = data.make_eval_batches(corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches)
+
+    manager = _checkpoint_manager(out_dir, run)
+    params = init_params(run.model, run.seed)
+    opt_state = optimizer.init(params)
+    step = 0
+    if manager.latest_step() is not None:
+        params, opt_state, step, iter_state = restore_checkpoint(manager, params, opt_state)
+        train_iter.set_state(iter_state)
+        print(f"Resumed from step {step} in {out_dir}")
+
+    evaluate = lambda: float(np.mean([eval_step(params, batch) for batch in eval_batches]))
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    history = _read_metrics(metrics_path, up_to=step)
+    tokens_per_step = run.batch_size * run.seq_len
+    schedule = learning_rate_schedule(run)
+    bar = _progress_bar(run.steps, step, progress)
+    last = {}
+    try:
+        if step == 0:
+            last = {"step": 0, "eval_loss": evaluate()}
+            history.append(last)
+            _append_metrics(metrics_path, last)
+        window_start, window_steps = time.perf_counter(), 0
+        while step < run.steps:
+            batch = next(train_iter)
+            params, opt_state, loss = train_step(params, opt_state, batch)
+            step += 1
+            window_steps += 1
+            if step % run.log_every == 0 or step == run.steps or step % run.eval_every == 0:
+                loss = float(loss)
+                if not np.isfinite(loss):
+                    raise BitNetError(f"The loss became {loss} at step {step}: lower learning_rate and retry.")
+                elapsed = time.perf_counter() - window_start
+                last = {"step": step, "loss": loss, "learning_rate": float(schedule(step)),
+                        "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+                if step % run.eval_every == 0 or step == run.steps:
+                    last["eval_loss"] = evaluate()
+                history.append(last)
+                _append_metrics(metrics_path, last)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                **({"eval": f"{last['eval_loss']:.3f}"} if "eval_loss" in last else {}))
+                window_start, window_steps = time.perf_counter(), 0
+            bar.update(1)
+            if step % run.checkpoint_every == 0 or step == run.steps:
+                save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nInterrupted at step {step}: saving a checkpoint...")
+        save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
+        manager.wait_until_finished()
+        print(f"Saved; run `bitnet-jax train` with --out {out_dir} again to resume.")
+        raise
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        plot_losses(history, os.path.join(out_dir, "loss.png"))
+    return last
+
+
+def save_checkpoint(manager, step, params, opt_state, iter_state):
+    if step in (manager.all_steps() or []):
+        return
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave({"step": int(step), "data_iterator": _jsonable(iter_state)})))
+
+
+def restore_checkpoint(manager, params_like, opt_state_like):
+    step = manager.latest_step()
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(params_like),
+        opt_state=ocp.args.StandardRestore(opt_state_like),
+        meta=ocp.args.JsonRestore()))
+    return restored.params, restored.opt_state, int(restored.meta["step"]), restored.meta["data_iterator"]
+
+
+def load_run(run_dir: str):
+    """(RunConfig, params, tokenizer) of the latest checkpoint of a run folder."""
+    run = read_run_file(run_dir)
+    manager = _checkpoint_manager(run_dir, run, read_only=True)
+    step = manager.latest_step()
+    if step is None:
+        raise BitNetError(f"Run folder {run_dir} has no checkpoint yet: train it first (bitnet-jax train --out {run_dir}).")
+    abstract = jax.eval_shape(lambda: init_params(run.model))
+    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    return run, restored.params, load_tokenizer(run_dir)
+
+
+def is_run_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, RUN_FILE))
+
+
+def read_run_file(run_dir: str) -> RunConfig:
+    path = os.path.join(run_dir, RUN_FILE)
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except FileNotFoundError:
+        raise BitNetError(f"{run_dir} is not a bitnet-jax run folder (no {RUN_FILE}).") from None
+    except json.JSONDecodeError as e:
+        raise BitNetError(f"{path} is not valid JSON ({e}).") from None
+    return RunConfig.from_dict(values, source=path)
+
+
+def _write_or_check_run_file(run: RunConfig, out_dir: str):
+    path = os.path.join(out_dir, RUN_FILE)
+    if os.path.isfile(path):
+        previous = read_run_file(out_dir)
+        if previous.model != run.model:
+            changed = [k for k, v in run.model.to_dict().items() if previous.model.to_dict()[k] != v]
+            raise BitNetError(
+                f"{out_dir} holds a run with a different model (fields {changed} differ): use another --out "
+                "folder to start a new run, or the same config to resume.")
+    with open(path, "w") as f:
+        json.dump(run.to_dict(), f, indent=2)
+
+
+def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=not read_only,
+                                           read_only=read_only)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options)
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("BITNET_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bitnet_jax")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def _jsonable(state):
+    if isinstance(state, dict):
+        return {k: _jsonable(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [_jsonable(v) for v in state]
+    if isinstance(state, bytes):
+        return state.decode()
+    if isinstance(state, np.generic):
+        return state.item()
+    return state
+
+
+def _append_metrics(path: str, record: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _read_metrics(path: str, up_to: int) -> list[dict]:
+    """Metrics logged before a resume point; later lines (lost work) are dropped from the file."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if r["step"] <= up_to]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return records
+
+
+def plot_losses(history: list[dict], path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -1,0 +1,80 @@
+"""generate(): greedy equals recomputing the full forward per token; sampling; bad requests."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import BitNetError, BitNetLM, generate, init_params
+from test_model import CONFIG
+
+PARAMS = init_params(CONFIG, seed=7)
+
+
+_full_forward = jax.jit(lambda ids: BitNetLM(CONFIG).apply({"params": PARAMS}, ids))
+
+
+def greedy_by_full_forward(prompt, n):
+    """Recomputes the whole sequence for every new token (no cache); right-padded to one length,
+    which causal attention makes invisible to the real positions."""
+    ids = list(prompt)
+    for _ in range(n):
+        padded = np.zeros((1, CONFIG.max_position_embeddings), np.int32)
+        padded[0, : len(ids)] = ids
+        logits = _full_forward(jnp.asarray(padded))
+        ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
+    return ids[len(prompt):]
+
+
+def test_greedy_batch_of_different_lengths_equals_full_forward():
+    prompts = [[5, 9, 13, 4, 40, 41, 42], [3], [60, 61, 62, 63]]
+    out = generate(CONFIG, PARAMS, prompts, 6)
+    assert out.shape == (3, 6) and out.dtype == np.int32
+    for row, prompt in zip(out, prompts):
+        assert list(row) == greedy_by_full_forward(prompt, 6)
+
+
+def test_single_prompt_and_array_input():
+    expected = greedy_by_full_forward([7, 8, 9], 4)
+    assert list(generate(CONFIG, PARAMS, [7, 8, 9], 4)[0]) == expected
+    assert list(generate(CONFIG, PARAMS, np.array([[7, 8, 9]]), 4)[0]) == expected
+
+
+def test_stop_ids_end_a_row_and_fill_it():
+    free = generate(CONFIG, PARAMS, [[5, 6]], 8)[0]
+    stop = int(free[2])
+    out = generate(CONFIG, PARAMS, [[5, 6]], 8, stop_ids=[stop])[0]
+    first = list(free).index(stop)
+    assert list(out[: first + 1]) == list(free[: first + 1])
+    assert np.all(out[first:] == stop)
+
+
+def test_sampling_is_reproducible_and_restricted():
+    kwargs = dict(temperature=1.0, top_k=5, seed=11)
+    a = generate(CONFIG, PARAMS, [[5, 6, 7]], 10, **kwargs)
+    assert np.array_equal(a, generate(CONFIG, PARAMS, [[5, 6, 7]], 10, **kwargs))
+    greedy = generate(CONFIG, PARAMS, [[5, 6, 7]], 10)
+    assert np.array_equal(generate(CONFIG, PARAMS, [[5, 6, 7]], 10, temperature=0.7, top_k=1, seed=3), greedy)
+    assert np.array_equal(generate(CONFIG, PARAMS, [[5, 6, 7]], 10, temperature=0.7, top_p=1e-6, seed=3), greedy)
+    samples = {tuple(generate(CONFIG, PARAMS, [[5, 6, 7]], 10, temperature=2.0, seed=s)[0]) for s in range(4)}
+    assert len(samples) > 1
+
+
+def test_streaming_callback_sees_every_token_in_order():
+    seen = []
+    out = generate(CONFIG, PARAMS, [[5, 6], [7]], 5, on_tokens=lambda t: seen.append(np.asarray(t).copy()))
+    np.testing.assert_array_equal(np.stack(seen, axis=1), out)
+
+
+@pytest.mark.parametrize("prompts, n, message", [
+    ([[1] * 60], 10, "context is 64 tokens"),
+    ([[1] * 70], 1, "context is 64 tokens"),
+    ([[1, 2]], 0, "max_new_tokens"),
+    ([[1, 200]], 3, "outside the vocabulary"),
+    ([[1, -1]], 3, "outside the vocabulary"),
+    ([[]], 3, "empty"),
+    ([], 3, "empty"),
+])
+def test_bad_requests(prompts, n, message):
+    with pytest.raises(BitNetError, match=message):
+        generate(CONFIG, PARAMS, prompts, n)

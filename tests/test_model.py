@@ -1,0 +1,144 @@
+"""BitNetLM against a float64 numpy reference written here, and its masking / caching paths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import BitNetConfig, BitNetLM, KVCache, init_params
+from test_quant import ref_act, ref_weight
+
+CONFIG = BitNetConfig.preset("tiny", vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                             initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def numpy_forward(config, params, ids):
+    """A straightforward float64 transcription of the BitNet b1.58 decoder, one token row at a time."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    n, k, h = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def norm(x, w):
+        return w * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config.rms_norm_eps)
+
+    def linear(x, kernel):
+        if config.weight_quant == "none":
+            return x @ kernel
+        return ref_act(x, config.act_quant, config.act_bits) @ ref_weight(kernel, config.weight_quant)
+
+    def rope(x):  # x: [T, heads, h]
+        t = np.arange(x.shape[0])[:, None]
+        inv = 1.0 / config.rope_theta ** (np.arange(0, h, 2) / h)
+        ang = np.concatenate([t * inv, t * inv], axis=-1)[:, None, :]
+        rot = np.concatenate([-x[..., h // 2:], x[..., : h // 2]], axis=-1)
+        return x * np.cos(ang) + rot * np.sin(ang)
+
+    x = p["embed_tokens"]["embedding"][ids]
+    T = len(ids)
+    for i in range(config.num_hidden_layers):
+        layer = jax.tree.map(lambda a: a[i], p["layers"])
+        att, mlp = layer["self_attn"], layer["mlp"]
+        y = norm(x, layer["input_layernorm"]["weight"])
+        q = rope(linear(y, att["q_proj"]["kernel"]).reshape(T, n, h))
+        kk = rope(linear(y, att["k_proj"]["kernel"]).reshape(T, k, h))
+        v = linear(y, att["v_proj"]["kernel"]).reshape(T, k, h)
+        out = np.zeros((T, n, h))
+        for head in range(n):
+            kv = head // (n // k)
+            s = q[:, head] @ kk[:, kv].T / np.sqrt(h)
+            s = np.where(np.tril(np.ones((T, T))) > 0, s, -np.inf)
+            a = np.exp(s - s.max(-1, keepdims=True))
+            out[:, head] = (a / a.sum(-1, keepdims=True)) @ v[:, kv]
+        out = norm(out.reshape(T, n * h), att["attn_sub_norm"]["weight"])
+        x = x + linear(out, att["o_proj"]["kernel"])
+        y = norm(x, layer["post_attention_layernorm"]["weight"])
+        gate, up = linear(y, mlp["gate_proj"]["kernel"]), linear(y, mlp["up_proj"]["kernel"])
+        x = x + linear(norm(np.maximum(gate, 0) ** 2 * up, mlp["ffn_sub_norm"]["weight"]), mlp["down_proj"]["kernel"])
+    x = norm(x, p["norm"]["weight"])
+    head = p["embed_tokens"]["embedding"].T if config.tie_word_embeddings else p["lm_head"]["kernel"]
+    return x @ head
+
+
+def _random_norms(params, seed=0):
+    """Norm weights are ones at init; randomize them so that the test notices a misplaced norm."""
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, a: a * (1 + 0.2 * rng.standard_normal(a.shape)).astype(np.float32)
+        if path[-1].key == "weight" else a, params)
+
+
+@pytest.mark.parametrize("changes", [
+    {"weight_quant": "none", "act_quant": "none"},
+    {},
+    {"tie_word_embeddings": False, "weight_quant": "channel"},
+    {"weight_quant": "group:16", "act_quant": "tensor", "act_bits": 4},
+])
+def test_forward_matches_numpy_reference(changes):
+    config = CONFIG.replace(**changes)
+    params = _random_norms(init_params(config, seed=1))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(1, 11))
+    logits = BitNetLM(config).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    assert logits.shape == (1, 11, config.vocab_size) and logits.dtype == jnp.float32
+    ref = numpy_forward(config, params, ids[0])
+    if config.weight_quant == "none":
+        np.testing.assert_allclose(np.asarray(logits[0]), ref, rtol=1e-4, atol=1e-4)
+    else:
+        # float32 vs float64 can flip an int8 rounding at a .5 boundary; judge by relative error.
+        err = np.linalg.norm(np.asarray(logits[0]) - ref) / np.linalg.norm(ref)
+        assert err < 2e-3, err
+        assert np.mean(np.argmax(logits[0], -1) == np.argmax(ref, -1)) >= 0.9
+
+
+def test_cache_prefill_and_decode_equal_full_forward():
+    params = init_params(CONFIG, seed=2)
+    model = BitNetLM(CONFIG)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.vocab_size, size=(2, 9)), jnp.int32)
+    full = model.apply({"params": params}, ids)
+    cache = KVCache.zeros(CONFIG, 2, 16)
+    logits, cache = model.apply({"params": params}, ids[:, :5], cache=cache)
+    np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
+    for t in range(5, 9):
+        positions = jnp.full((2, 1), t, jnp.int32)
+        logits, cache = model.apply({"params": params}, ids[:, t:t + 1], positions_bt=positions, cache=cache)
+        np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_segment_ids_isolate_packed_documents():
+    params = init_params(CONFIG, seed=3)
+    model = BitNetLM(CONFIG)
+    a, b = jnp.arange(3, 10, dtype=jnp.int32), jnp.arange(20, 25, dtype=jnp.int32)
+    packed = jnp.concatenate([a, b])[None]
+    segments = jnp.asarray([[1] * 7 + [2] * 5], jnp.int32)
+    positions = jnp.asarray([list(range(7)) + list(range(5))], jnp.int32)
+    out = model.apply({"params": params}, packed, segment_ids_bt=segments, positions_bt=positions)
+    np.testing.assert_allclose(out[0, :7], model.apply({"params": params}, a[None])[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[0, 7:], model.apply({"params": params}, b[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_mask_ignores_left_padding():
+    params = init_params(CONFIG, seed=4)
+    model = BitNetLM(CONFIG)
+    ids = jnp.arange(5, 12, dtype=jnp.int32)[None]
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), ids], axis=1)
+    mask = jnp.asarray([[0, 0, 0] + [1] * 7])
+    positions = jnp.asarray([[0, 0, 0] + list(range(7))])
+    out = model.apply({"params": params}, padded, attention_mask_bt=mask, positions_bt=positions)
+    np.testing.assert_allclose(out[0, 3:], model.apply({"params": params}, ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_logits_index_selects_rows():
+    params = init_params(CONFIG, seed=5)
+    model = BitNetLM(CONFIG)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, CONFIG.vocab_size, size=(3, 6)), jnp.int32)
+    full = model.apply({"params": params}, ids)
+    index = jnp.asarray([5, 0, 3])
+    picked = model.apply({"params": params}, ids, logits_index_b=index)
+    np.testing.assert_allclose(picked, full[jnp.arange(3), index], rtol=1e-6, atol=1e-6)
+
+
+def test_params_are_stacked_per_layer():
+    params = init_params(CONFIG)
+    assert params["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 48, 48)
+    assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (2, 48, 16)
+    assert params["layers"]["mlp"]["down_proj"]["kernel"].shape == (2, 80, 48)
+    assert "lm_head" not in params
