@@ -1,0 +1,288 @@
+"""Input pipeline: text files -> token stream (cached on disk) -> shuffled grain batches.
+
+The embedded default corpus is this Python's own standard library source (`stdlib_source_files`):
+present on every machine that runs this package, ~10 MB of real code, no download.
+
+Axis letters: B = batch, T = sequence length (tokens per example), N = tokens in a stream.
+
+Token streams are documents (files) joined as `doc_0 EOS doc_1 EOS ... doc_n EOS`. Training
+examples are windows of T+1 tokens at stride T (`inputs = w[:-1]`, `targets = w[1:]`), so every
+token of the stream is predicted once per epoch. `segment_ids` number the documents inside a
+window from 1; the id increases on the token after each EOS, so an EOS belongs to the document
+it ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.tokenizer import Tokenizer
+
+# Stdlib parts left out of the default corpus: third-party packages, the test suites (a
+# 20+ MB mix of fixtures and odd strings that would dwarf the library), and generated data that
+# is not code (pydoc's topic texts, the codec mapping tables in encodings/).
+_STDLIB_SKIP_DIRS = frozenset({
+    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
+    "pydoc_data", "encodings",
+})
+_STDLIB_SKIP_PREFIXES = ("_sysconfigdata",)  # build-machine configuration dumps
+_CACHE_FORMAT = "v1"
+_HELDOUT_FRACTION = 0.02
+
+
+def stdlib_root() -> Path:
+    """The folder of this Python's standard library (`sysconfig.get_paths()["stdlib"]`)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_source_files() -> list[Path]:
+    """The `.py` files of this Python's standard library: the embedded default corpus.
+
+    Sorted by relative path, so the list is deterministic for a given Python installation.
+    Leaves out site-packages, test suites and generated data (see `_STDLIB_SKIP_DIRS`); on
+    CPython 3.11 that is ~700 files, ~10 MB.
+    """
+    root = stdlib_root()
+    files = [
+        p for p in _walk(root, (".py",))
+        if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
+        and not p.name.startswith(_STDLIB_SKIP_PREFIXES)
+    ]
+    if not files:
+        raise BitNetError(
+            f"Found no .py files under this Python's standard library folder {root}. This Python "
+            "ships without its source; pass your own text folder instead."
+        )
+    return files
+
+
+def text_files(folder: str | os.PathLike, suffixes: Sequence[str] = (".py",)) -> list[Path]:
+    """All files under `folder` (recursively) whose name ends with one of `suffixes`.
+
+    Sorted by relative path; hidden files and folders (".git", ...) and `__pycache__` are skipped.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise BitNetError(f"Text folder {root} does not exist or is not a folder; pass a folder.")
+    suffixes = tuple(suffixes)
+    files = _walk(root, suffixes)
+    if not files:
+        raise BitNetError(
+            f"Found no files ending in {', '.join(suffixes)} under {root}. Pass a folder with "
+            "such files, or other suffixes."
+        )
+    return files
+
+
+def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        found += [Path(dirpath, f) for f in filenames
+                  if f.endswith(suffixes) and not f.startswith(".")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _unit_hash(text: str) -> float:
+    """A stable value in [0, 1) for a string (unlike `hash`, the same in every process)."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_files(files: Sequence[str | os.PathLike], root: str | os.PathLike,
+                heldout_fraction: float = _HELDOUT_FRACTION) -> tuple[list[Path], list[Path]]:
+    """Splits files into (train, held-out) by a stable hash of each path relative to `root`.
+
+    A file is held out iff its hash is below `heldout_fraction`, so its side never depends on the
+    other files. If that leaves nothing held out and there are at least 2 files, the file with the
+    smallest hash is held out, so tiny corpora still get an evaluation split.
+    """
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise BitNetError(f"heldout_fraction must be in [0, 1); got {heldout_fraction}.")
+    root = Path(root)
+    keyed = [(_unit_hash(Path(f).relative_to(root).as_posix()), Path(f)) for f in files]
+    heldout = {f for h, f in keyed if h < heldout_fraction}
+    if not heldout and heldout_fraction > 0 and len(keyed) >= 2:
+        heldout = {min(keyed, key=lambda hf: hf[0])[1]}
+    train = [f for _, f in keyed if f not in heldout]
+    return train, [f for _, f in keyed if f in heldout]
+
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+
+
+def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: Tokenizer,
+                   cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """The token stream `doc_0 EOS doc_1 EOS ...` of the files, in order: [N] uint16 or int32.
+
+    Empty (whitespace-only) files are skipped. With `cache_dir`, the stream is saved as
+    `tokens-<key>.npy`, keyed by the tokenizer's fingerprint and the files' contents in order,
+    and a later call with the same key memory-maps it instead of re-tokenizing.
+    """
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise BitNetError("tokenize_files got no files; pass at least one text file.")
+    contents = [p.read_bytes() for p in paths]
+    cache_path = None
+    if cache_dir is not None:
+        key = hashlib.sha256(f"{_CACHE_FORMAT}:{tokenizer.fingerprint}:".encode())
+        for data in contents:
+            key.update(hashlib.sha256(data).digest())
+        cache_path = Path(cache_dir) / f"tokens-{key.hexdigest()[:24]}.npy"
+        if cache_path.is_file():
+            return np.load(cache_path, mmap_mode="r")
+
+    texts = [data.decode("utf-8", errors="replace") for data in contents]
+    # Same universal-newline translation as open() in text mode.
+    texts = [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts if t.strip()]
+    docs = tokenizer.encode_batch(texts)
+    tokens_n = np.empty(sum(len(d) + 1 for d in docs), _token_dtype(tokenizer.vocab_size))
+    pos = 0
+    for doc in docs:
+        tokens_n[pos:pos + len(doc)] = doc
+        tokens_n[pos + len(doc)] = tokenizer.eos_id
+        pos += len(doc) + 1
+
+    if cache_path is None:
+        return tokens_n
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_path.with_name(f"{cache_path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, tokens_n)
+    os.replace(tmp, cache_path)  # atomic: a concurrent reader never sees half a file
+    return np.load(cache_path, mmap_mode="r")
+
+
+@dataclass(frozen=True)
+class TokenSplits:
+    """Token streams of the train and held-out files of one corpus."""
+
+    train: np.ndarray  # [N_train]
+    heldout: np.ndarray  # [N_heldout]; empty when the corpus has a single file
+    train_files: tuple[Path, ...]
+    heldout_files: tuple[Path, ...]
+
+
+def tokenize_splits(files: Sequence[str | os.PathLike], root: str | os.PathLike,
+                    tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None,
+                    heldout_fraction: float = _HELDOUT_FRACTION) -> TokenSplits:
+    """`split_files` then `tokenize_files` on each side (each cached separately)."""
+    train, heldout = split_files(files, root, heldout_fraction)
+    empty = np.empty(0, _token_dtype(tokenizer.vocab_size))
+    return TokenSplits(
+        train=tokenize_files(train, tokenizer, cache_dir),
+        heldout=tokenize_files(heldout, tokenizer, cache_dir) if heldout else empty,
+        train_files=tuple(train),
+        heldout_files=tuple(heldout),
+    )
+
+
+class _Windows:
+    """Window i of a token stream: tokens [i*T, i*T + T + 1) as int32 [T+1]."""
+
+    def __init__(self, tokens_n: np.ndarray, seq_len: int):
+        self._tokens_n = tokens_n
+        self._seq_len = seq_len
+
+    def __len__(self) -> int:
+        return (len(self._tokens_n) - 1) // self._seq_len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(i) * self._seq_len
+        return np.asarray(self._tokens_n[start:start + self._seq_len + 1], dtype=np.int32)
+
+
+def _windows_to_batch(windows_bw: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
+    """[B, T+1] windows -> {"inputs", "targets", "segment_ids"}, each int32 [B, T]."""
+    inputs_bt = windows_bw[:, :-1].astype(np.int32)
+    targets_bt = windows_bw[:, 1:].astype(np.int32)
+    # Documents ended strictly before position t: EOS count over inputs[:t].
+    ended_bt = np.cumsum(inputs_bt == eos_id, axis=1, dtype=np.int32) - (inputs_bt == eos_id)
+    return {"inputs": inputs_bt, "targets": targets_bt, "segment_ids": ended_bt + 1}
+
+
+class _ToBatch(grain.transforms.Map):
+    def __init__(self, eos_id: int):
+        self._eos_id = eos_id
+
+    def map(self, windows_bw: np.ndarray) -> dict[str, np.ndarray]:
+        return _windows_to_batch(windows_bw, self._eos_id)
+
+
+def _check_stream(tokens: np.ndarray, seq_len: int, batch_size: int, what: str) -> None:
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise BitNetError(f"{name} must be a positive integer; got {value!r}.")
+    if np.ndim(tokens) != 1:
+        raise BitNetError(
+            f"Expected a 1-D token stream for the {what} data; got shape {np.shape(tokens)}.")
+    need = batch_size * seq_len + 1
+    if len(tokens) < need:
+        raise BitNetError(
+            f"The {what} data has {len(tokens)} tokens; one batch of {batch_size} windows of "
+            f"{seq_len}+1 tokens needs at least {need}. Use more text, or a smaller seq_len or "
+            "batch_size."
+        )
+
+
+def _shuffle_seed(seed: int) -> int:
+    # grain shuffles epoch e with seed + e, so seeds 0 and 1 would share all but one epoch;
+    # hashing the user's seed makes nearby seeds unrelated.
+    digest = hashlib.sha256(f"bitnet-jax-shuffle:{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") >> 1  # leave room for the per-epoch increment
+
+
+def make_train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
+                        eos_id: int, worker_count: int = 0,
+                        prefetch_batches: int = 2) -> grain.DatasetIterator:
+    """An endless iterator of training batches {"inputs", "targets", "segment_ids"}: int32 [B, T].
+
+    Windows are shuffled with `seed`, reshuffled every epoch; batches run across epoch borders
+    (every window appears once per epoch). Deterministic for a seed, and checkpointable:
+    `it.get_state()` is a small dict, `it.set_state(state)` on a fresh iterator from the same
+    arguments resumes exactly. `worker_count > 0` prepares batches in that many processes (same
+    batches, but a state saved with one worker_count restores only with the same worker_count).
+    """
+    _check_stream(tokens, seq_len, batch_size, "training")
+    ds = (
+        grain.MapDataset.source(_Windows(tokens, seq_len))
+        .shuffle(seed=_shuffle_seed(seed))
+        .repeat()
+        .batch(batch_size, drop_remainder=True)
+        .map(_ToBatch(eos_id))
+    )
+    # One background thread overlaps batch building with the training step; the data are in
+    # memory, so more threads only contend for the GIL.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                                   prefetch_buffer_size=prefetch_batches))
+    if worker_count > 0:
+        if not flags.FLAGS.is_parsed():  # grain's worker processes expect parsed absl flags
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(iter_ds)
+
+
+def make_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
+                      max_batches: int | None = None, *,
+                      eos_id: int) -> list[dict[str, np.ndarray]]:
+    """Up to `max_batches` batches of consecutive, non-overlapping windows, in stream order."""
+    _check_stream(tokens, seq_len, batch_size, "held-out")
+    windows = _Windows(tokens, seq_len)
+    n_batches = len(windows) // batch_size
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    batches = []
+    for b in range(n_batches):
+        windows_bw = np.stack([windows[b * batch_size + i] for i in range(batch_size)])
+        batches.append(_windows_to_batch(windows_bw, eos_id))
+    return batches
