@@ -9,7 +9,8 @@ Token streams are documents (files) joined as `doc_0 EOS doc_1 EOS ... doc_n EOS
 examples are windows of T+1 tokens at stride T (`inputs = w[:-1]`, `targets = w[1:]`), so every
 token of the stream is predicted once per epoch. `segment_ids` number the documents inside a
 window from 1; the id increases on the token after each EOS, so an EOS belongs to the document
-it ends.
+it ends. `eos_id` defaults to the id `train_sentencepiece` reserves (2); pass
+`tokenizer.eos_id` for any other tokenizer, or segment ids come out wrong.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from absl import flags
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.tokenizer import Tokenizer
+from bitnet_jax.tokenizer import EOS_ID, Tokenizer
 
 # Stdlib parts left out of the default corpus: third-party packages, the test suites (a
 # 20+ MB mix of fixtures and odd strings that would dwarf the library), and generated data that
@@ -122,32 +123,43 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
 
 
+def files_key(files: Sequence[str | os.PathLike], extra: str = "") -> str:
+    """A short hex key of the files' contents in order (not their paths), plus `extra`.
+
+    Keys caches of anything derived from the files: token streams, trained tokenizers.
+    """
+    key = hashlib.sha256(f"{_CACHE_FORMAT}:{extra}:".encode())
+    for f in files:
+        key.update(hashlib.sha256(Path(f).read_bytes()).digest())
+    return key.hexdigest()[:24]
+
+
 def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: Tokenizer,
                    cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """The token stream `doc_0 EOS doc_1 EOS ...` of the files, in order: [N] uint16 or int32.
 
-    Empty (whitespace-only) files are skipped. With `cache_dir`, the stream is saved as
-    `tokens-<key>.npy`, keyed by the tokenizer's fingerprint and the files' contents in order,
-    and a later call with the same key memory-maps it instead of re-tokenizing.
+    Empty (whitespace-only) files are skipped; no files give an empty stream. With `cache_dir`,
+    the stream is saved as `tokens-<key>.npy`, keyed by the tokenizer's fingerprint and the
+    files' contents in order, and a later call with the same key memory-maps it instead of
+    re-tokenizing.
     """
     paths = [Path(f) for f in files]
+    dtype = _token_dtype(tokenizer.vocab_size)
     if not paths:
-        raise BitNetError("tokenize_files got no files; pass at least one text file.")
-    contents = [p.read_bytes() for p in paths]
+        return np.empty(0, dtype)
     cache_path = None
     if cache_dir is not None:
-        key = hashlib.sha256(f"{_CACHE_FORMAT}:{tokenizer.fingerprint}:".encode())
-        for data in contents:
-            key.update(hashlib.sha256(data).digest())
-        cache_path = Path(cache_dir) / f"tokens-{key.hexdigest()[:24]}.npy"
+        key = files_key(paths, extra=f"tokens:{tokenizer.fingerprint}")
+        cache_path = Path(cache_dir) / f"tokens-{key}.npy"
         if cache_path.is_file():
             return np.load(cache_path, mmap_mode="r")
 
+    contents = [p.read_bytes() for p in paths]
     texts = [data.decode("utf-8", errors="replace") for data in contents]
     # Same universal-newline translation as open() in text mode.
     texts = [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts if t.strip()]
     docs = tokenizer.encode_batch(texts)
-    tokens_n = np.empty(sum(len(d) + 1 for d in docs), _token_dtype(tokenizer.vocab_size))
+    tokens_n = np.empty(sum(len(d) + 1 for d in docs), dtype)
     pos = 0
     for doc in docs:
         tokens_n[pos:pos + len(doc)] = doc
@@ -178,10 +190,9 @@ def tokenize_splits(files: Sequence[str | os.PathLike], root: str | os.PathLike,
                     heldout_fraction: float = _HELDOUT_FRACTION) -> TokenSplits:
     """`split_files` then `tokenize_files` on each side (each cached separately)."""
     train, heldout = split_files(files, root, heldout_fraction)
-    empty = np.empty(0, _token_dtype(tokenizer.vocab_size))
     return TokenSplits(
         train=tokenize_files(train, tokenizer, cache_dir),
-        heldout=tokenize_files(heldout, tokenizer, cache_dir) if heldout else empty,
+        heldout=tokenize_files(heldout, tokenizer, cache_dir),
         train_files=tuple(train),
         heldout_files=tuple(heldout),
     )
@@ -243,7 +254,7 @@ def _shuffle_seed(seed: int) -> int:
 
 
 def make_train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
-                        eos_id: int, worker_count: int = 0,
+                        eos_id: int = EOS_ID, worker_count: int = 0,
                         prefetch_batches: int = 2) -> grain.DatasetIterator:
     """An endless iterator of training batches {"inputs", "targets", "segment_ids"}: int32 [B, T].
 
@@ -274,7 +285,7 @@ def make_train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, seed:
 
 def make_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
                       max_batches: int | None = None, *,
-                      eos_id: int) -> list[dict[str, np.ndarray]]:
+                      eos_id: int = EOS_ID) -> list[dict[str, np.ndarray]]:
     """Up to `max_batches` batches of consecutive, non-overlapping windows, in stream order."""
     _check_stream(tokens, seq_len, batch_size, "held-out")
     windows = _Windows(tokens, seq_len)

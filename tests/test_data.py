@@ -135,6 +135,18 @@ def test_tokenize_files_stream_and_cache(corpus, tmp_path):
     assert tok.calls == 2 and len(list(cache.glob("*.npy"))) == 3
 
 
+def test_files_key_and_empty_file_list(corpus, tmp_path):
+    files = data.text_files(corpus)
+    key = data.files_key(files, extra="a")
+    assert key == data.files_key(files, extra="a") != data.files_key(files, extra="b")
+    assert data.files_key(files[1:], extra="a") != key
+    moved = tmp_path / "moved.py"
+    moved.write_bytes(files[0].read_bytes())
+    assert data.files_key([moved, *files[1:]], extra="a") == key  # contents, not paths
+    empty = data.tokenize_files([], ByteTokenizer(), tmp_path / "cache")
+    assert empty.shape == (0,) and empty.dtype == np.uint16
+
+
 def test_tokenize_splits_with_sentencepiece(corpus, tmp_path):
     files = data.text_files(corpus)
     train, held = data.split_files(files, corpus)
@@ -275,6 +287,13 @@ def test_too_small_corpus():
         data.make_eval_batches(stream_n[:0], 8, 1, eos_id=1)
     with pytest.raises(BitNetError, match="seq_len"):
         data.make_train_iterator(stream_n, 0, 2, seed=0, eos_id=1)
+
+
+def test_default_eos_is_sentencepiece_eos():
+    stream_n = np.array([5, 2, 6, 7, 2, 8, 9, 9, 9], dtype=np.uint16)
+    inputs_t = stream_n[:8]
+    batch = data.make_eval_batches(stream_n, 8, 1)[0]
+    np.testing.assert_array_equal(batch["segment_ids"][0], _reference_segments(inputs_t, 2))
 
 
 def test_train_iterator_on_cached_memmap(corpus, tmp_path):
