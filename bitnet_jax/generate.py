@@ -64,7 +64,8 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
 def _generate(params, prompt_bt, lengths_b, rng, *, config, max_new_tokens, sampling, stop_ids, on_tokens):
     model = BitNetLM(config)
     b, t = prompt_bt.shape
-    cache = KVCache.zeros(config, b, t + max_new_tokens)
+    cache_dtype = params["embed_tokens"]["embedding"].dtype
+    cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=cache_dtype)
     logits_bv, cache = model.apply({"params": params}, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0

@@ -162,6 +162,7 @@ def _linear_kernel(tensors: "_TensorReader", prefix: str, out_in: tuple[int, int
             f"{tensors.where(name)}: {prefix}.weight_scale should hold one finite non-zero number; "
             f"found {scale[:4]} (shape {scale.shape}).")
     mean_abs = scale[0] if quant == "offline-autobitlinear" else 1.0 / scale[0]
+    w_oi = w_oi.astype(np.float32)
     if not np.all(np.isin(w_oi, (-1.0, 0.0, 1.0))):
         raise BitNetError(
             f"{tensors.where(name)}: {name} is offline-quantized but not ternary (values outside "

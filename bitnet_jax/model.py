@@ -89,7 +89,8 @@ class BitLinear(nn.Module):
                                (x_bk.shape[-1], self.features), jnp.float32)
         w_kn = fake_quant_weight(kernel_kn, self.quant.weight)
         x_bk = fake_quant_act(x_bk, self.quant.act, self.quant.act_bits)
-        return jnp.einsum("...k,kn->...n", x_bk, w_kn)
+        # Accumulate in f32 whatever the parameter dtype (bf16 sums drift over long K).
+        return jnp.einsum("...k,kn->...n", x_bk, w_kn, preferred_element_type=jnp.float32).astype(x_bk.dtype)
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -100,7 +101,8 @@ def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.
     angles_bth = jnp.concatenate([angles_bth, angles_bth], axis=-1)
     cos, sin = jnp.cos(angles_bth)[:, :, None, :], jnp.sin(angles_bth)[:, :, None, :]
     x1, x2 = jnp.split(x_btnh, 2, axis=-1)
-    return x_btnh * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    rotated = x_btnh * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return rotated.astype(x_btnh.dtype)
 
 
 def _write_cache(cache_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
@@ -134,7 +136,7 @@ class Attention(nn.Module):
         q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
         scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh) * (h ** -0.5)
         scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
-        probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1)
+        probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(v_bskh.dtype)
         out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh).reshape(b, t, n * h)
         out_btnh = RMSNorm(c.rms_norm_eps, name="attn_sub_norm")(out_btnh)
         return linear(c.hidden_size, "o_proj")(out_btnh), cache_kv
@@ -164,7 +166,8 @@ class DecoderLayer(nn.Module):
         h_btd, cache_kv = Attention(self.config, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv)
         x_btd = x_btd + h_btd
         h_btd = MLP(self.config, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd))
-        return x_btd + h_btd, cache_kv
+        # The residual stream keeps the parameters' dtype (bf16 params compute in bf16).
+        return (x_btd + h_btd).astype(x_btd.dtype), cache_kv
 
 
 class BitNetLM(nn.Module):
