@@ -58,7 +58,8 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
     # Decay matrices (kernels, embeddings) only, not norm weights.
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
         lambda path, _: path[-1].key in ("kernel", "embedding"), params)
-    adamw = optax.inject_hyperparams(optax.adamw)(
+    # `mask` is static: inject_hyperparams would otherwise take the callable for a schedule.
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
         learning_rate=learning_rate_schedule(run), b1=run.adam_b1, b2=run.adam_b2,
         weight_decay=weight_decay_schedule(run), mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(run.grad_clip), adamw)
@@ -103,7 +104,7 @@ def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
     if os.path.isfile(tokenizer_path):
         tokenizer = load_tokenizer(out_dir)
     else:
-        key = data.files_key(train_files, extra=f"spm-{run.model.vocab_size}-{run.tokenizer_max_bytes}")
+        key = data.files_key(train_files, extra=f"spm-{run.model.vocab_size}-{run.tokenizer_max_bytes}-{run.seed}")
         tokenizer_dir = os.path.join(cache_dir, f"tokenizer-{key}")
         if os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
             tokenizer = load_tokenizer(tokenizer_dir)
@@ -137,8 +138,11 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     model = BitNetLM(run.model)
     optimizer = make_optimizer(run)
     train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
-    train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed)
-    eval_batches = data.make_eval_batches(corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches)
+    eos_id = corpus.tokenizer.eos_id
+    train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed,
+                                          eos_id=eos_id)
+    eval_batches = data.make_eval_batches(corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches,
+                                          eos_id=eos_id)
 
     manager = _checkpoint_manager(out_dir, run)
     params = init_params(run.model, run.seed)
