@@ -89,8 +89,11 @@ class BitLinear(nn.Module):
                                (x_bk.shape[-1], self.features), jnp.float32)
         w_kn = fake_quant_weight(kernel_kn, self.quant.weight)
         x_bk = fake_quant_act(x_bk, self.quant.act, self.quant.act_bits)
-        # Accumulate in f32 whatever the parameter dtype (bf16 sums drift over long K).
-        return jnp.einsum("...k,kn->...n", x_bk, w_kn, preferred_element_type=jnp.float32).astype(x_bk.dtype)
+        # Flattened to one 2-D matmul, so the weight gradient is a plain [K, M] @ [M, N] dot;
+        # accumulated in f32 whatever the parameter dtype.
+        x_mk = x_bk.reshape(-1, x_bk.shape[-1])
+        y_mn = jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32).astype(x_bk.dtype)
+        return y_mn.reshape(*x_bk.shape[:-1], self.features)
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
