@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -262,9 +263,20 @@ def _write_or_check_run_file(run: RunConfig, out_dir: str):
 
 
 def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=not read_only,
-                                           read_only=read_only)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")), options=options)
+    directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
+    if not read_only:
+        options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True)
+        return ocp.CheckpointManager(directory, options=options)
+    # Read-only (loading a run, safe while it trains): orbax warns about each of these settings
+    # and about read-only mode itself; none of that is news to the user.
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0, max_to_keep=None)
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_logger.setLevel(level)
 
 
 def default_cache_dir() -> str:
