@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 
 import jax
@@ -161,46 +163,75 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     schedule = learning_rate_schedule(run)
     bar = _progress_bar(run.steps, step, progress)
     last = {}
-    try:
-        if step == 0:
-            last = {"step": 0, "eval_loss": evaluate()}
-            history.append(last)
-            _append_metrics(metrics_path, last)
-        window_start, window_steps = time.perf_counter(), 0
-        while step < run.steps:
-            batch = next(train_iter)
-            params, opt_state, loss = train_step(params, opt_state, batch)
-            step += 1
-            window_steps += 1
-            if step % run.log_every == 0 or step == run.steps or step % run.eval_every == 0:
-                loss = float(loss)
-                if not np.isfinite(loss):
-                    raise BitNetError(f"The loss became {loss} at step {step}: lower learning_rate and retry.")
-                elapsed = time.perf_counter() - window_start
-                last = {"step": step, "loss": loss, "learning_rate": float(schedule(step)),
-                        "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
-                if step % run.eval_every == 0 or step == run.steps:
-                    last["eval_loss"] = evaluate()
+    with _StopSignals() as stop:
+        try:
+            if step == 0:
+                last = {"step": 0, "eval_loss": evaluate()}
                 history.append(last)
                 _append_metrics(metrics_path, last)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                **({"eval": f"{last['eval_loss']:.3f}"} if "eval_loss" in last else {}))
-                window_start, window_steps = time.perf_counter(), 0
-            bar.update(1)
-            if step % run.checkpoint_every == 0 or step == run.steps:
-                save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"\nInterrupted at step {step}: saving a checkpoint...")
-        save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
-        manager.wait_until_finished()
-        print(f"Saved; run `bitnet-jax train` with --out {out_dir} again to resume.")
-        raise
-    finally:
-        bar.close()
-        manager.wait_until_finished()
-        plot_losses(history, os.path.join(out_dir, "loss.png"))
+            window_start, window_steps = time.perf_counter(), 0
+            while step < run.steps and not stop.requested:
+                batch = next(train_iter)
+                params, opt_state, loss = train_step(params, opt_state, batch)
+                step += 1
+                window_steps += 1
+                if step % run.log_every == 0 or step == run.steps or step % run.eval_every == 0:
+                    loss = float(loss)
+                    if not np.isfinite(loss):
+                        raise BitNetError(f"The loss became {loss} at step {step}: lower learning_rate and retry.")
+                    elapsed = time.perf_counter() - window_start
+                    last = {"step": step, "loss": loss, "learning_rate": float(schedule(step)),
+                            "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+                    if step % run.eval_every == 0 or step == run.steps:
+                        last["eval_loss"] = evaluate()
+                    history.append(last)
+                    _append_metrics(metrics_path, last)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                    **({"eval": f"{last['eval_loss']:.3f}"} if "eval_loss" in last else {}))
+                    window_start, window_steps = time.perf_counter(), 0
+                bar.update(1)
+                if step % run.checkpoint_every == 0 or step == run.steps:
+                    save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
+            if stop.requested:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\nInterrupted at step {step}: saving a checkpoint...")
+            save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
+            manager.wait_until_finished()
+            print(f"Saved; run `bitnet-jax train` with --out {out_dir} again to resume.")
+            raise
+        finally:
+            bar.close()
+            manager.wait_until_finished()
+            plot_losses(history, os.path.join(out_dir, "loss.png"))
     return last
+
+
+class _StopSignals:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request that the loop sees between steps,
+    so the checkpoint saved on the way out holds a consistent step; a second Ctrl-C interrupts at
+    once. (A KeyboardInterrupt raised inside JAX or numpy code can surface as another exception.)
+    Outside the main thread, where handlers cannot be installed, Ctrl-C stays a KeyboardInterrupt."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def save_checkpoint(manager, step, params, opt_state, iter_state):

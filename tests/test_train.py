@@ -109,8 +109,9 @@ def test_resume_with_a_different_model_is_refused(env, trained, capsys):
     assert "different model" in err and "hidden_size" in err
 
 
-def test_ctrl_c_keeps_the_last_checkpoint(env):
-    out = env["root"] / "interrupted"
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_keeps_the_last_checkpoint(env, signum):
+    out = env["root"] / f"interrupted-{signum}"
     cmd = [sys.executable, "-m", "bitnet_jax.cli", *train_args(env, out, "steps=100000", "checkpoint_every=1000")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "BITNET_JAX_CACHE": env["cache"]})
@@ -121,7 +122,7 @@ def test_ctrl_c_keeps_the_last_checkpoint(env):
             break
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[0]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, output
     assert "Interrupted at step" in output and "Saved" in output
