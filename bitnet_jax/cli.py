@@ -2,6 +2,7 @@
 
     bitnet-jax train --config configs/tiny.py [--set key=value ...] [--out DIR]
     bitnet-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
+    bitnet-jax bench train [--config FILE] [--set key=value ...] [--repeats N] [--json FILE]
 
 Errors caused by the input (`BitNetError`) print one message and exit with status 2.
 """
@@ -50,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--verbose", action="store_true", help="print timing after the text")
     gen.set_defaults(func=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks, measured side by side in one run")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    bench_train = benches.add_parser("train", help="train-step time of QAT against the same model in full precision")
+    bench_train.add_argument("--config", help="a run config (default: the tiny preset with RunConfig defaults)")
+    bench_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
+    bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
+    bench_train.add_argument("--json", help="also write the timings to this JSON file")
+    bench_train.set_defaults(func=_bench_train)
     return parser
 
 
@@ -100,6 +110,25 @@ def _generate(args) -> int:
         print(f"[{len(prompt_ids)} prompt tokens, {produced} new; first token after {first_token_at[0] - start:.2f} s "
               f"(compile included); {max(len(first_token_at) - 1, 0) / max(decode_s, 1e-9):.1f} tokens/s after]",
               file=sys.stderr)
+    return 0
+
+
+def _bench_train(args) -> int:
+    import dataclasses
+    import json
+
+    from .bench import bench_train, train_table
+    from .errors import BitNetError
+    from .run_config import load_run_config
+
+    if args.repeats < 1:
+        raise BitNetError(f"--repeats {args.repeats}: expected at least 1 timed step per side.")
+    run = load_run_config(args.config, args.set)
+    timings = bench_train(run, repeats=args.repeats)
+    print(train_table(run, timings))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(t) for t in timings], f, indent=2)
     return 0
 
 
