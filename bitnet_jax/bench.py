@@ -13,6 +13,7 @@ import time
 import jax
 import numpy as np
 
+from .errors import BitNetError
 from .model import BitNetLM, init_params
 from .run_config import RunConfig
 
@@ -37,7 +38,8 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
     from .train import make_optimizer, make_train_step  # train imports orbax; keep it lazy
 
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
+        raise BitNetError(f"bench_train: repeats={repeats}, warmup={warmup}; expected repeats >= 1 "
+                          "(timed steps per side) and warmup >= 0.")
     fp_model = run.model.replace(weight_quant="none", act_quant="none")
     sides = {"qat": run.model, "fp": fp_model}
     rng = np.random.default_rng(seed)
@@ -63,10 +65,12 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
             times[name].append(seconds * 1e3)
 
     tokens = run.batch_size * run.seq_len
-    return [StepTiming(name, config.weight_quant, config.act_quant, config.act_bits,
-                       float(np.median(times[name])), tokens / (float(np.median(times[name])) / 1e3),
-                       tuple(times[name]))
-            for name, config in sides.items()]
+    timings = []
+    for name, config in sides.items():
+        median_ms = float(np.median(times[name]))
+        timings.append(StepTiming(name, config.weight_quant, config.act_quant, config.act_bits, median_ms,
+                                  tokens / (median_ms / 1e3), tuple(times[name])))
+    return timings
 
 
 def _timed(step, state, batch):

@@ -29,6 +29,6 @@ def test_bench_train_table_and_json(tmp_path, capsys):
 
 def test_bench_train_bad_arguments(capsys):
     assert cli.main(["bench", "train", "--repeats", "0"]) == 2
-    assert "--repeats 0" in capsys.readouterr().err
+    assert "repeats=0" in capsys.readouterr().err
     assert cli.main(["bench", "train", "--set", "model.act_bits=9"]) == 2
     assert "act_bits" in capsys.readouterr().err
