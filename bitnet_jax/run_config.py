@@ -46,6 +46,8 @@ class RunConfig:
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     grad_clip: float = 1.0
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is the global batch)
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), which keeps the softmax normalizer near 1
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -55,7 +57,7 @@ class RunConfig:
     tokenizer_max_bytes: int = 12_000_000
 
     def __post_init__(self):
-        positive = ("seq_len", "batch_size", "steps", "log_every", "eval_every", "eval_batches",
+        positive = ("seq_len", "batch_size", "steps", "grad_accum_steps", "log_every", "eval_every", "eval_batches",
                     "checkpoint_every", "keep_checkpoints", "tokenizer_max_bytes")
         for name in positive:
             value = getattr(self, name)
@@ -65,7 +67,8 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _bad(name, value, "a non-negative integer")
-        for name in ("learning_rate", "stage2_learning_rate", "min_learning_rate", "weight_decay", "grad_clip"):
+        for name in ("learning_rate", "stage2_learning_rate", "min_learning_rate", "weight_decay", "grad_clip",
+                     "z_loss"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 _bad(name, value, "a non-negative number")
@@ -73,6 +76,8 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 _bad(name, value, "a number strictly between 0 and 1")
+        if self.batch_size % self.grad_accum_steps:
+            _bad("grad_accum_steps", self.grad_accum_steps, f"a divisor of batch_size={self.batch_size}")
         if self.seq_len > self.model.max_position_embeddings:
             _bad("seq_len", self.seq_len, f"at most model.max_position_embeddings={self.model.max_position_embeddings}")
         if not isinstance(self.corpus, str) or not self.corpus:

@@ -69,15 +69,43 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
 
 
 # The step.
-def cross_entropy(params, model: BitNetLM, batch) -> jax.Array:
+def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """(objective, cross-entropy): the objective adds `z_loss * mean(logsumexp(logits)^2)`."""
     logits_btv = model.apply({"params": params}, batch["inputs"], segment_ids_bt=batch["segment_ids"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]).mean()
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]).mean()
+    if not z_loss:
+        return ce, ce
+    log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    return ce + z_loss * jnp.mean(jnp.square(log_z_bt)), ce
 
 
-def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation):
+def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
+                    z_loss: float = 0.0):
+    """A jitted `(params, opt_state, batch) -> (params, opt_state, cross_entropy)`.
+
+    With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
+    whose gradients are averaged (a `lax.scan`, so memory is that of one micro-batch); the update
+    equals one step on the whole batch up to float summation order.
+    """
+    grad_fn = jax.value_and_grad(training_loss, has_aux=True)
+
+    def batch_grads(params, batch):
+        if grad_accum_steps == 1:
+            (_, ce), grads = grad_fn(params, model, batch, z_loss)
+            return ce, grads
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+
+        def accumulate(total, micro_batch):
+            (_, ce), grads = grad_fn(params, model, micro_batch, z_loss)
+            return jax.tree.map(jnp.add, total, (ce, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        total, _ = jax.lax.scan(accumulate, zeros, micro)
+        return jax.tree.map(lambda x: x / grad_accum_steps, total)
+
     @jax.jit
     def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(cross_entropy)(params, model, batch)
+        loss, grads = batch_grads(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -85,7 +113,7 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation):
 
 
 def make_eval_step(model: BitNetLM):
-    return jax.jit(lambda params, batch: cross_entropy(params, model, batch))
+    return jax.jit(lambda params, batch: training_loss(params, model, batch)[1])
 
 
 # Data.
@@ -140,7 +168,8 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
 
     model = BitNetLM(run.model)
     optimizer = make_optimizer(run)
-    train_step, eval_step = make_train_step(model, optimizer), make_eval_step(model)
+    train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss)
+    eval_step = make_eval_step(model)
     eos_id = corpus.tokenizer.eos_id
     train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed,
                                           eos_id=eos_id)
