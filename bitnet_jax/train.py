@@ -19,6 +19,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -181,7 +182,15 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     opt_state = optimizer.init(params)
     step = 0
     if manager.latest_step() is not None:
-        params, opt_state, step, iter_state = restore_checkpoint(manager, params, opt_state)
+        params, opt_state, step, iter_state, bad_steps = restore_checkpoint(manager, out_dir, params, opt_state)
+        if bad_steps:  # set them aside, so that this run can save those steps again
+            aside = os.path.join(out_dir, "corrupt-checkpoints")
+            os.makedirs(aside, exist_ok=True)
+            for bad in bad_steps:
+                shutil.move(os.path.join(out_dir, "checkpoints", str(bad)),
+                            os.path.join(aside, f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}"))
+            print(f"Moved unreadable checkpoint(s) {bad_steps} to {aside}")
+            manager = _checkpoint_manager(out_dir, run)  # re-reads the steps
         train_iter.set_state(iter_state)
         print(f"Resumed from step {step} in {out_dir}")
 
@@ -272,24 +281,38 @@ def save_checkpoint(manager, step, params, opt_state, iter_state):
         meta=ocp.args.JsonSave({"step": int(step), "data_iterator": _jsonable(iter_state)})))
 
 
-def restore_checkpoint(manager, params_like, opt_state_like):
-    step = manager.latest_step()
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(params_like),
-        opt_state=ocp.args.StandardRestore(opt_state_like),
-        meta=ocp.args.JsonRestore()))
-    return restored.params, restored.opt_state, int(restored.meta["step"]), restored.meta["data_iterator"]
+def restore_checkpoint(manager, run_dir, params_like, opt_state_like):
+    """(params, opt_state, step, data-iterator state, unreadable newer steps) of the newest good checkpoint."""
+    args = ocp.args.Composite(params=ocp.args.StandardRestore(params_like),
+                              opt_state=ocp.args.StandardRestore(opt_state_like), meta=ocp.args.JsonRestore())
+    restored, bad_steps = _restore_newest_good(manager, run_dir, args)
+    return (restored.params, restored.opt_state, int(restored.meta["step"]), restored.meta["data_iterator"],
+            bad_steps)
+
+
+def _restore_newest_good(manager, run_dir: str, args):
+    """Restores the newest checkpoint that reads back; newer corrupt or incomplete ones (a run
+    killed mid-save, a disk error) are skipped with a warning that names their step."""
+    bad_steps = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            return manager.restore(step, args=args), bad_steps
+        except Exception as e:  # orbax / tensorstore raise many types for damaged files
+            warnings.warn(f"{run_dir}: the checkpoint of step {step} is corrupt or incomplete "
+                          f"({type(e).__name__}: {str(e)[:200]}); trying an earlier one.", stacklevel=2)
+            bad_steps.append(step)
+    raise BitNetError(f"{run_dir}: none of its checkpoints (steps {bad_steps}) can be read. Restore the "
+                      "checkpoints folder from a backup, or delete it to train from scratch.")
 
 
 def load_run(run_dir: str):
-    """(RunConfig, params, tokenizer) of the latest checkpoint of a run folder."""
+    """(RunConfig, params, tokenizer) of the newest readable checkpoint of a run folder."""
     run = read_run_file(run_dir)
     manager = _checkpoint_manager(run_dir, run, read_only=True)
-    step = manager.latest_step()
-    if step is None:
+    if manager.latest_step() is None:
         raise BitNetError(f"Run folder {run_dir} has no checkpoint yet: train it first (bitnet-jax train --out {run_dir}).")
     abstract = jax.eval_shape(lambda: init_params(run.model))
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
+    restored, _ = _restore_newest_good(manager, run_dir, ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     return run, restored.params, load_tokenizer(run_dir)
 
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import cli
+from bitnet_jax import BitNetError, cli
 from bitnet_jax.data import stdlib_root
 from bitnet_jax.train import load_run
 
@@ -101,6 +101,40 @@ def test_resumed_run_equals_uninterrupted_run(env, capsys):
     # metrics.jsonl holds each step once: the lost steps were dropped and logged again.
     assert [m["step"] for m in read_metrics(resumed)] == [0, 1, 2, 3, 4, 5, 6]
     assert read_metrics(resumed)[-1]["loss"] == read_metrics(whole)[-1]["loss"]
+
+
+@pytest.mark.parametrize("damage", ["incomplete", "garbage"])
+def test_resume_skips_a_corrupt_latest_checkpoint(env, trained, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    latest = run / "checkpoints" / "6"
+    if damage == "incomplete":  # as if killed while saving
+        shutil.rmtree(latest / "opt_state")
+    else:
+        for f in (latest / "params").rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="checkpoint of step 6 is corrupt or incomplete"):
+        assert cli.main(train_args(env, run)) == 0
+    printed = capsys.readouterr().out
+    assert "Moved unreadable checkpoint(s) [6]" in printed and "Resumed from step 3" in printed
+    assert sorted(os.listdir(run / "checkpoints")) == ["3", "6"]  # step 6 trained and saved again
+    assert len(os.listdir(run / "corrupt-checkpoints")) == 1
+    _, params_whole, _ = load_run(str(trained))
+    _, params_resumed, _ = load_run(str(run))
+    for a, b in zip(jax.tree.leaves(params_whole), jax.tree.leaves(params_resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_run_falls_back_and_then_refuses(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "checkpoints" / "6" / "params")
+    with pytest.warns(UserWarning, match="step 6"):
+        _, params, _ = load_run(str(run))  # step 3's parameters
+    shutil.rmtree(run / "checkpoints" / "3" / "params")
+    with pytest.warns(UserWarning), pytest.raises(BitNetError, match=r"none of its checkpoints \(steps \[6, 3\]\)"):
+        load_run(str(run))
 
 
 def test_resume_with_a_different_model_is_refused(env, trained, capsys):
