@@ -184,12 +184,7 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     if manager.latest_step() is not None:
         params, opt_state, step, iter_state, bad_steps = restore_checkpoint(manager, out_dir, params, opt_state)
         if bad_steps:  # set them aside, so that this run can save those steps again
-            aside = os.path.join(out_dir, "corrupt-checkpoints")
-            os.makedirs(aside, exist_ok=True)
-            for bad in bad_steps:
-                shutil.move(os.path.join(out_dir, "checkpoints", str(bad)),
-                            os.path.join(aside, f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}"))
-            print(f"Moved unreadable checkpoint(s) {bad_steps} to {aside}")
+            _set_aside(out_dir, bad_steps)
             manager = _checkpoint_manager(out_dir, run)  # re-reads the steps
         train_iter.set_state(iter_state)
         print(f"Resumed from step {step} in {out_dir}")
@@ -303,6 +298,16 @@ def _restore_newest_good(manager, run_dir: str, args):
             bad_steps.append(step)
     raise BitNetError(f"{run_dir}: none of its checkpoints (steps {bad_steps}) can be read. Restore the "
                       "checkpoints folder from a backup, or delete it to train from scratch.")
+
+
+def _set_aside(out_dir: str, bad_steps: list[int]):
+    """Moves unreadable checkpoints to `corrupt-checkpoints/<step>-<time>` (kept for inspection)."""
+    aside = os.path.join(out_dir, "corrupt-checkpoints")
+    os.makedirs(aside, exist_ok=True)
+    for bad in bad_steps:
+        shutil.move(os.path.join(out_dir, "checkpoints", str(bad)),
+                    os.path.join(aside, f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    print(f"Moved unreadable checkpoint(s) {bad_steps} to {aside}")
 
 
 def load_run(run_dir: str):
