@@ -1,13 +1,19 @@
-// nanobind module `bitnet_jax._ffi_ext`: hands the XLA FFI handlers to Python as capsules.
+// nanobind module `bitnet_jax._ffi_ext`: hands the XLA FFI handlers to Python as capsules, and
+// tells Python the packed layout and the kernel paths this CPU runs.
 //
 // Symbols are hidden in the module, so Python can't find the handlers by name; instead
 // `registrations()` returns {target name: capsule(handler pointer)}, and bitnet_jax/ffi.py passes
 // each to jax.ffi.register_ffi_target.
 
+#include <string>
 #include <type_traits>
 
 #include "act_quant.h"
+#include "cpu_isa.h"
+#include "layout.h"
+#include "matmul.h"
 #include "nanobind/nanobind.h"
+#include "nanobind/stl/string.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -28,6 +34,30 @@ NB_MODULE(_ffi_ext, m) {
   m.def("registrations", []() {
     nb::dict registrations;
     registrations["bitnet_act_quant_i8"] = EncapsulateFfiHandler(BitnetActQuantI8);
+    registrations["bitnet_ternary_matmul"] = EncapsulateFfiHandler(BitnetTernaryMatmul);
+    registrations["bitnet_ternary_matmul_i32"] = EncapsulateFfiHandler(BitnetTernaryMatmulI32);
+    registrations["bitnet_int8_matmul"] = EncapsulateFfiHandler(BitnetInt8Matmul);
+    registrations["bitnet_int8_matmul_i32"] = EncapsulateFfiHandler(BitnetInt8MatmulI32);
     return registrations;
   });
+  m.def("layout", []() {
+    nb::dict layout;
+    layout["version"] = bitnet::kLayoutVersion;
+    layout["block_k"] = bitnet::kBlockK;
+    layout["block_bytes"] = bitnet::kBlockBytes;
+    layout["rows_per_group"] = bitnet::kRowsPerGroup;
+    layout["int8_row_align"] = bitnet::kInt8RowAlign;
+    return layout;
+  }, "The packed-layout constants of layout.h, for bitnet_jax/layout.py to check its mirror.");
+  m.def("available_isas", []() {
+    nb::list names;
+    for (bitnet::Isa isa : bitnet::AvailableIsas()) names.append(bitnet::IsaName(isa));
+    return names;
+  }, "Kernel paths this CPU runs, scalar first.");
+  m.def("selected_isa", []() {
+    bitnet::Isa isa;
+    std::string error;
+    if (!bitnet::SelectIsa(&isa, &error)) throw nb::value_error(error.c_str());
+    return std::string(bitnet::IsaName(isa));
+  }, "The path the kernels take now (BITNET_JAX_ISA, else the widest available).");
 }

@@ -1,0 +1,322 @@
+// XLA FFI handlers of the serving matmuls (CPU): ternary (2-bit packed) and int8 weights.
+//
+//   bitnet_ternary_matmul      x [..., K] f32|bf16, w packed (layout.h), w_scale f32 [1 | N]
+//                              -> y f32 [..., N] = (acc / x_scale) * w_scale
+//   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
+//   bitnet_int8_matmul         x [..., K] f32|bf16, w int8 [N, Kp], w_scale f32 [N] -> y f32
+//   bitnet_int8_matmul_i32     x_q int8 [..., K], w int8 [N, Kp] -> acc int32 [..., N]
+//
+// The fused ops quantize each activation row (quantize.h, the same arithmetic as the pure-JAX
+// reference), multiply in exact int32 (gemm.h), then scale: y = (float(acc) / x_scale) * w_scale
+// in that order, with -ffp-contract=off, so a pure-JAX reference written the same way is bit-exact.
+// The i32 variants expose the integer product alone, for exact tests of every SIMD path.
+//
+// Handlers check shapes, dtypes and the layout version and return an error (a Python exception
+// at the call site), never crash. Work is split over output rows on XLA's intra-op thread pool.
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "ffi_util.h"
+#include "gemm.h"
+#include "layout.h"
+#include "matmul.h"
+#include "parallel.h"
+#include "quantize.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace bitnet {
+namespace {
+
+// Output row groups (ternary) or rows (int8) per parallel chunk, at least: enough work per task
+// that scheduling is noise.
+constexpr int64_t kMinGroupsPerChunk = 16;
+constexpr int64_t kMinRowsPerChunk = 64;
+
+ffi::Error Invalid(const std::string& op, const std::string& message) {
+  return ffi::Error::InvalidArgument(op + ": " + message);
+}
+
+// The activations [..., K] seen as rows x K.
+struct Rows {
+  int64_t rows = 0;
+  int64_t k = 0;
+};
+
+ffi::Error CheckActivations(const std::string& op, ffi::AnyBuffer::Dimensions x_dims, Rows* out) {
+  if (x_dims.size() < 1) return Invalid(op, "expected activations of rank >= 1 ([..., K]), got a scalar");
+  out->k = x_dims.back();
+  if (out->k < 1) return Invalid(op, "expected a non-empty last axis K, got x of shape " + ShapeString(x_dims));
+  out->rows = 1;
+  for (size_t i = 0; i + 1 < x_dims.size(); ++i) out->rows *= x_dims[i];
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckOutput(const std::string& op, ffi::AnyBuffer::Dimensions x_dims,
+                       ffi::AnyBuffer::Dimensions y_dims, int64_t n) {
+  bool ok = y_dims.size() == x_dims.size() && y_dims.back() == n;
+  for (size_t i = 0; ok && i + 1 < x_dims.size(); ++i) ok = y_dims[i] == x_dims[i];
+  if (!ok) {
+    return Invalid(op, "the output must have shape [..., " + std::to_string(n) + "] matching x " +
+                           ShapeString(x_dims) + ", got " + ShapeString(y_dims));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckLayoutVersion(const std::string& op, int64_t version) {
+  if (version != kLayoutVersion) {
+    return Invalid(op, "the weights are packed in layout version " + std::to_string(version) +
+                           ", but this build reads version " + std::to_string(kLayoutVersion) +
+                           "; convert the model again with this bitnet_jax (bitnet-jax convert)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckScale(const std::string& op, ffi::AnyBuffer::Dimensions s_dims, int64_t n,
+                      bool per_tensor_ok) {
+  if (s_dims.size() == 1 && (s_dims[0] == n || (per_tensor_ok && s_dims[0] == 1))) {
+    return ffi::Error::Success();
+  }
+  return Invalid(op, std::string("expected w_scale of shape [") + (per_tensor_ok ? "1] or [" : "") +
+                         std::to_string(n) + "], got " + ShapeString(s_dims));
+}
+
+// Ternary weights: packed [G, KB * 256] must hold N rows of K weights.
+ffi::Error CheckTernaryWeights(const std::string& op, ffi::AnyBuffer::Dimensions w_dims, int64_t k,
+                               int64_t n, int64_t* kb) {
+  *kb = CeilDiv(k, kBlockK);
+  const int64_t groups = CeilDiv(n, kRowsPerGroup);
+  if (n < 1) return Invalid(op, "expected n (output features) >= 1, got " + std::to_string(n));
+  if (w_dims.size() != 2 || w_dims[0] != groups || w_dims[1] != *kb * kGroupBlockBytes) {
+    return Invalid(op, "packed ternary weights for K=" + std::to_string(k) + " inputs and N=" +
+                           std::to_string(n) + " outputs must be uint8 [" + std::to_string(groups) +
+                           ", " + std::to_string(*kb * kGroupBlockBytes) + "], got " +
+                           ShapeString(w_dims) + " (pack them with bitnet_jax.layout.pack_ternary)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckInt8Weights(const std::string& op, ffi::AnyBuffer::Dimensions w_dims, int64_t k,
+                            int64_t* kp) {
+  *kp = CeilDiv(k, kInt8RowAlign) * kInt8RowAlign;
+  if (w_dims.size() != 2 || w_dims[1] != *kp || w_dims[0] < 1) {
+    return Invalid(op, "int8 weights for K=" + std::to_string(k) + " inputs must be int8 [N, " +
+                           std::to_string(*kp) + "] (rows padded to a multiple of " +
+                           std::to_string(kInt8RowAlign) + "), got " + ShapeString(w_dims) +
+                           " (pack them with bitnet_jax.layout.pack_int8)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Select(const std::string& op, Isa* isa) {
+  std::string error;
+  if (!SelectIsa(isa, &error)) return Invalid(op, error);
+  return ffi::Error::Success();
+}
+
+// Activations padded with zeros to kp columns: int8 rows plus their sums and scales.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<int32_t> sum;
+  std::vector<float> scale;
+};
+
+template <typename T>
+void QuantizeAll(const T* x, const Rows& shape, int64_t kp, int bits, QuantizedRows* out) {
+  out->q.assign(shape.rows * kp, 0);
+  out->sum.assign(shape.rows, 0);
+  out->scale.resize(shape.rows);
+  for (int64_t m = 0; m < shape.rows; ++m) {
+    out->scale[m] = QuantizeRow(x + m * shape.k, shape.k, bits, out->q.data() + m * kp, &out->sum[m]);
+  }
+}
+
+ffi::Error QuantizeInput(const std::string& op, ffi::AnyBuffer x, const Rows& shape, int64_t kp,
+                         int64_t bits, QuantizedRows* out) {
+  if (bits < 2 || bits > 8) {
+    return Invalid(op, "act_bits must be in [2, 8], got " + std::to_string(bits));
+  }
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      QuantizeAll(static_cast<const float*>(x.untyped_data()), shape, kp, static_cast<int>(bits), out);
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      QuantizeAll(static_cast<const uint16_t*>(x.untyped_data()), shape, kp, static_cast<int>(bits), out);
+      return ffi::Error::Success();
+    default:
+      return Invalid(op, "expected x of dtype float32 or bfloat16, got XLA dtype code " +
+                             std::to_string(static_cast<int>(x.element_type())));
+  }
+}
+
+// Copies int8 rows [rows, k] into zero-padded rows [rows, kp] and sums them.
+void PadRows(const int8_t* x, const Rows& shape, int64_t kp, QuantizedRows* out) {
+  out->q.assign(shape.rows * kp, 0);
+  out->sum.assign(shape.rows, 0);
+  for (int64_t m = 0; m < shape.rows; ++m) {
+    int32_t sum = 0;
+    for (int64_t i = 0; i < shape.k; ++i) sum += (out->q[m * kp + i] = x[m * shape.k + i]);
+    out->sum[m] = sum;
+  }
+}
+
+// y = (float(acc) / x_scale[m]) * w_scale[n or 0], exactly as written.
+void Rescale(const int32_t* acc, const QuantizedRows& xq, const float* w_scale, bool per_tensor,
+             int64_t rows, int64_t n, float* y) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float x_scale = xq.scale[m];
+    for (int64_t j = 0; j < n; ++j) {
+      const float ws = w_scale[per_tensor ? 0 : j];
+      y[m * n + j] = (static_cast<float>(acc[m * n + j]) / x_scale) * ws;
+    }
+  }
+}
+
+void RunTernary(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
+                const uint8_t* w, int64_t n, int32_t* acc) {
+  const int64_t groups = CeilDiv(n, kRowsPerGroup);
+  ParallelFor(pool, groups, kMinGroupsPerChunk, [&](int64_t begin, int64_t end) {
+    TernaryGemmI32(isa, xq.q.data(), xq.sum.data(), rows, kb, w, begin, end, n, acc);
+  });
+}
+
+void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kp,
+             const int8_t* w, int64_t n, int32_t* acc) {
+  ParallelFor(pool, n, kMinRowsPerChunk, [&](int64_t begin, int64_t end) {
+    Int8GemmI32(isa, xq.q.data(), rows, kp, w, begin, end, n, acc);
+  });
+}
+
+ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w,
+                             ffi::Buffer<ffi::F32> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                             int64_t n, int64_t act_bits, int64_t layout_version) {
+  const std::string op = "bitnet_ternary_matmul";
+  Rows shape;
+  int64_t kb;
+  Isa isa;
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x.dimensions(), &shape); e.failure()) return e;
+  if (auto e = CheckTernaryWeights(op, w.dimensions(), shape.k, n, &kb); e.failure()) return e;
+  if (auto e = CheckScale(op, w_scale.dimensions(), n, /*per_tensor_ok=*/true); e.failure()) return e;
+  if (auto e = CheckOutput(op, x.dimensions(), y->dimensions(), n); e.failure()) return e;
+  if (auto e = Select(op, &isa); e.failure()) return e;
+  if (shape.rows == 0) return ffi::Error::Success();
+  QuantizedRows xq;
+  if (auto e = QuantizeInput(op, x, shape, kb * kBlockK, act_bits, &xq); e.failure()) return e;
+  std::vector<int32_t> acc(shape.rows * n);
+  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data(), n, acc.data());
+  Rescale(acc.data(), xq, w_scale.typed_data(), w_scale.element_count() == 1, shape.rows, n,
+          y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error TernaryMatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi::Buffer<ffi::U8> w,
+                                ffi::Result<ffi::Buffer<ffi::S32>> acc, int64_t n,
+                                int64_t layout_version) {
+  const std::string op = "bitnet_ternary_matmul_i32";
+  Rows shape;
+  int64_t kb;
+  Isa isa;
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x_q.dimensions(), &shape); e.failure()) return e;
+  if (auto e = CheckTernaryWeights(op, w.dimensions(), shape.k, n, &kb); e.failure()) return e;
+  if (auto e = CheckOutput(op, x_q.dimensions(), acc->dimensions(), n); e.failure()) return e;
+  if (auto e = Select(op, &isa); e.failure()) return e;
+  if (shape.rows == 0) return ffi::Error::Success();
+  QuantizedRows xq;
+  PadRows(x_q.typed_data(), shape, kb * kBlockK, &xq);
+  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data(), n, acc->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> y,
+                          int64_t act_bits, int64_t layout_version) {
+  const std::string op = "bitnet_int8_matmul";
+  Rows shape;
+  int64_t kp;
+  Isa isa;
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x.dimensions(), &shape); e.failure()) return e;
+  if (auto e = CheckInt8Weights(op, w.dimensions(), shape.k, &kp); e.failure()) return e;
+  const int64_t n = w.dimensions()[0];
+  if (auto e = CheckScale(op, w_scale.dimensions(), n, /*per_tensor_ok=*/false); e.failure()) return e;
+  if (auto e = CheckOutput(op, x.dimensions(), y->dimensions(), n); e.failure()) return e;
+  if (auto e = Select(op, &isa); e.failure()) return e;
+  if (shape.rows == 0) return ffi::Error::Success();
+  QuantizedRows xq;
+  if (auto e = QuantizeInput(op, x, shape, kp, act_bits, &xq); e.failure()) return e;
+  std::vector<int32_t> acc(shape.rows * n);
+  RunInt8(pool, isa, xq, shape.rows, kp, w.typed_data(), n, acc.data());
+  Rescale(acc.data(), xq, w_scale.typed_data(), /*per_tensor=*/false, shape.rows, n, y->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8MatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi::Buffer<ffi::S8> w,
+                             ffi::Result<ffi::Buffer<ffi::S32>> acc, int64_t layout_version) {
+  const std::string op = "bitnet_int8_matmul_i32";
+  Rows shape;
+  int64_t kp;
+  Isa isa;
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x_q.dimensions(), &shape); e.failure()) return e;
+  if (auto e = CheckInt8Weights(op, w.dimensions(), shape.k, &kp); e.failure()) return e;
+  const int64_t n = w.dimensions()[0];
+  if (auto e = CheckOutput(op, x_q.dimensions(), acc->dimensions(), n); e.failure()) return e;
+  if (auto e = Select(op, &isa); e.failure()) return e;
+  if (shape.rows == 0) return ffi::Error::Success();
+  QuantizedRows xq;
+  PadRows(x_q.typed_data(), shape, kp, &xq);
+  RunInt8(pool, isa, xq, shape.rows, kp, w.typed_data(), n, acc->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace bitnet
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetTernaryMatmul, bitnet::TernaryMatmulImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()           // x: activations [..., K], float32 or bfloat16
+        .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes [G, KB * 256] (layout.h)
+        .Arg<ffi::Buffer<ffi::F32>>()    // w_scale: [1] (per tensor) or [N] (per output row)
+        .Ret<ffi::Buffer<ffi::F32>>()    // y: [..., N]
+        .Attr<int64_t>("n")              // N, the output features (G * 4 rounds it up)
+        .Attr<int64_t>("act_bits")       // bits of the per-row activation quantizer
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetTernaryMatmulI32, bitnet::TernaryMatmulI32Impl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::S8>>()     // x_q: int8 activations [..., K]
+        .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes [G, KB * 256]
+        .Ret<ffi::Buffer<ffi::S32>>()    // acc: sum_k x_q * t, int32 [..., N]
+        .Attr<int64_t>("n")
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetInt8Matmul, bitnet::Int8MatmulImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()           // x: activations [..., K], float32 or bfloat16
+        .Arg<ffi::Buffer<ffi::S8>>()     // w: int8 rows [N, Kp], Kp = K rounded up to 64
+        .Arg<ffi::Buffer<ffi::F32>>()    // w_scale: [N]
+        .Ret<ffi::Buffer<ffi::F32>>()    // y: [..., N]
+        .Attr<int64_t>("act_bits")
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetInt8MatmulI32, bitnet::Int8MatmulI32Impl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::S8>>()     // x_q: int8 activations [..., K]
+        .Arg<ffi::Buffer<ffi::S8>>()     // w: int8 rows [N, Kp]
+        .Ret<ffi::Buffer<ffi::S32>>()    // acc: int32 [..., N]
+        .Attr<int64_t>("layout_version"));

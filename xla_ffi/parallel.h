@@ -1,0 +1,54 @@
+// ParallelFor on XLA's intra-op thread pool (the FFI ThreadPool context), so kernels share the
+// threads XLA already runs instead of competing with a private pool.
+#ifndef BITNET_JAX_XLA_FFI_PARALLEL_H_
+#define BITNET_JAX_XLA_FFI_PARALLEL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace bitnet {
+
+// Calls fn(begin, end) over [0, units) split into chunks of at least min_chunk units, on up to
+// pool.num_threads() helpers plus the calling thread, and returns when every chunk is done.
+//
+// Chunks are claimed from an atomic counter by whoever is free, the caller included, so the call
+// finishes even if no pool thread ever starts (a busy or absent pool) and a slow thread delays
+// only the chunk it holds. Helpers that start after all chunks are claimed return at once; the
+// shared state they touch is reference-counted, so it outlives this call if it must.
+template <typename Fn>
+void ParallelFor(xla::ffi::ThreadPool& pool, int64_t units, int64_t min_chunk, const Fn& fn) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(min_chunk, (units + 4 * threads - 1) / (4 * threads));
+  const int64_t chunks = (units + chunk - 1) / chunk;
+  if (threads == 1 || chunks <= 1) {
+    if (units > 0) fn(int64_t{0}, units);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const Fn* body = &fn;
+  auto work = [state, body, units, chunk, chunks]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      const int64_t begin = c * chunk;
+      (*body)(begin, std::min(units, begin + chunk));
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min(threads, chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));  // a copy per task
+  work();
+  // Only chunks already running on helpers remain; they finish without waiting on anything.
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+}  // namespace bitnet
+
+#endif  // BITNET_JAX_XLA_FFI_PARALLEL_H_

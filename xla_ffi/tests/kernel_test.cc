@@ -1,0 +1,105 @@
+// Exactness test of the integer kernels (gemm.h) on every path this CPU runs, against a naive
+// product of unpacked values. Built by CMake with -DBITNET_JAX_BUILD_TESTS=ON, and with
+// -DBITNET_JAX_SANITIZE=ON under AddressSanitizer and UndefinedBehaviorSanitizer (tests/
+// test_cpp_kernels.py does both). Exit status 0 iff every result matches.
+
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "../cpu_isa.h"
+#include "../gemm.h"
+#include "../layout.h"
+
+namespace {
+
+using bitnet::CeilDiv;
+
+struct Shape {
+  int64_t rows, k, n;
+};
+
+// Odd shapes: K not a multiple of the 256-wide block, N not a multiple of the 4-row group, rows
+// (activation rows) on both sides of the 4-row tile.
+const Shape kShapes[] = {
+    {1, 1, 1},   {1, 256, 4},  {2, 255, 5},  {3, 257, 7},   {4, 512, 8},   {5, 300, 3},
+    {7, 513, 9}, {8, 640, 13}, {9, 1000, 6}, {16, 768, 33}, {17, 777, 17}, {33, 2560, 11},
+};
+
+int failures = 0;
+
+void Expect(bool ok, const char* what, const char* isa, const Shape& s, int64_t m, int64_t n,
+            int64_t got, int64_t want) {
+  if (ok) return;
+  if (++failures <= 20) {
+    std::printf("FAIL %s isa=%s rows=%lld k=%lld n=%lld at [%lld, %lld]: got %lld want %lld\n", what,
+                isa, (long long)s.rows, (long long)s.k, (long long)s.n, (long long)m, (long long)n,
+                (long long)got, (long long)want);
+  }
+}
+
+void TestTernary(bitnet::Isa isa, const Shape& s, std::mt19937& rng) {
+  std::uniform_int_distribution<int> tern(-1, 1), byte(-128, 127);
+  const int64_t kb = CeilDiv(s.k, bitnet::kBlockK), kp = kb * bitnet::kBlockK;
+  const int64_t groups = CeilDiv(s.n, bitnet::kRowsPerGroup);
+  std::vector<int8_t> t(s.n * s.k), x(s.rows * kp, 0);
+  for (auto& v : t) v = static_cast<int8_t>(tern(rng));
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t i = 0; i < s.k; ++i) x[m * kp + i] = static_cast<int8_t>(byte(rng));
+  x[0] = -128;  // the corner case of sign / maddubs tricks
+  std::vector<int32_t> x_sum(s.rows, 0);
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t i = 0; i < s.k; ++i) x_sum[m] += x[m * kp + i];
+  std::vector<uint8_t> w(groups * kb * bitnet::kGroupBlockBytes);
+  bitnet::PackTernary(t.data(), s.n, s.k, w.data());
+
+  std::vector<int32_t> acc(s.rows * s.n, -7);
+  // Two calls over halves of the row groups, as the thread pool splits them.
+  const int64_t mid = groups / 2;
+  bitnet::TernaryGemmI32(isa, x.data(), x_sum.data(), s.rows, kb, w.data(), 0, mid, s.n, acc.data());
+  bitnet::TernaryGemmI32(isa, x.data(), x_sum.data(), s.rows, kb, w.data(), mid, groups, s.n, acc.data());
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t n = 0; n < s.n; ++n) {
+      int64_t want = 0;
+      for (int64_t i = 0; i < s.k; ++i) want += int64_t{t[n * s.k + i]} * x[m * kp + i];
+      Expect(acc[m * s.n + n] == want, "ternary", bitnet::IsaName(isa), s, m, n, acc[m * s.n + n], want);
+    }
+}
+
+void TestInt8(bitnet::Isa isa, const Shape& s, std::mt19937& rng) {
+  std::uniform_int_distribution<int> byte(-128, 127);
+  const int64_t kp = CeilDiv(s.k, bitnet::kInt8RowAlign) * bitnet::kInt8RowAlign;
+  std::vector<int8_t> w(s.n * kp, 0), x(s.rows * kp, 0);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t i = 0; i < s.k; ++i) w[n * kp + i] = static_cast<int8_t>(byte(rng));
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t i = 0; i < s.k; ++i) x[m * kp + i] = static_cast<int8_t>(byte(rng));
+  w[0] = -128;
+  x[0] = -128;  // -128 * -128 = 16384: the product that int16 tricks overflow
+  std::vector<int32_t> acc(s.rows * s.n, -7);
+  const int64_t mid = s.n / 2;
+  bitnet::Int8GemmI32(isa, x.data(), s.rows, kp, w.data(), 0, mid, s.n, acc.data());
+  bitnet::Int8GemmI32(isa, x.data(), s.rows, kp, w.data(), mid, s.n, s.n, acc.data());
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t n = 0; n < s.n; ++n) {
+      int64_t want = 0;
+      for (int64_t i = 0; i < s.k; ++i) want += int64_t{w[n * kp + i]} * x[m * kp + i];
+      Expect(acc[m * s.n + n] == want, "int8", bitnet::IsaName(isa), s, m, n, acc[m * s.n + n], want);
+    }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  for (bitnet::Isa isa : bitnet::AvailableIsas()) {
+    for (const Shape& s : kShapes) {
+      TestTernary(isa, s, rng);
+      TestInt8(isa, s, rng);
+    }
+    std::printf("%s: checked %zu shapes\n", bitnet::IsaName(isa), sizeof(kShapes) / sizeof(kShapes[0]));
+  }
+  std::printf(failures ? "FAILED: %d mismatches\n" : "OK\n", failures);
+  return failures ? 1 : 0;
+}
