@@ -9,12 +9,19 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                           x_q   = clamp(round(x * scale), -128, 127)     (int8, [..., K])
                         with round half-to-even, so it equals the pure-JAX
                         `bitnet_jax.quant.act_quantize(x, "token", 8)` bit for bit.
+  bitnet_ternary_matmul / _i32, bitnet_int8_matmul / _i32
+                        the serving matmuls on packed weights (see `ternary_matmul` below,
+                        xla_ffi/matmul.cc and bitnet_jax/layout.py).
+
+Kernel paths (scalar, AVX2, AVX-512 VNNI) are chosen at run time from the CPU, or forced with
+the environment variable BITNET_JAX_ISA=scalar|avx2|avx512 (read at every call).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .errors import BitNetError
 
@@ -69,3 +76,98 @@ def act_quant_i8(x_k: jax.Array) -> tuple[jax.Array, jax.Array]:
     # Rows are independent, so a vmapped call is the same kernel on a batch-leading input.
     call = jax.ffi.ffi_call("bitnet_act_quant_i8", out_types, vmap_method="broadcast_all")
     return call(x_k)
+
+
+# --- serving matmuls ------------------------------------------------------------------------------
+# Contracts in xla_ffi/matmul.cc; packed formats in bitnet_jax/layout.py (mirroring layout.h).
+
+def available_isas() -> list[str]:
+    """Kernel paths this CPU runs, scalar first (e.g. ['scalar', 'avx2', 'avx512'])."""
+    return list(_ffi_ext.available_isas())
+
+
+def selected_isa() -> str:
+    """The path the kernels take now: $BITNET_JAX_ISA if set, else the widest available."""
+    try:
+        return _ffi_ext.selected_isa()
+    except ValueError as e:
+        raise BitNetError(str(e)) from None
+
+
+def _rowwise(target: str, out_dtype, n: int, attrs: dict, x, *weights):
+    """Calls an FFI matmul on x [..., K] -> [..., n]. Under vmap, a batched x folds into the rows
+    (each row is independent); batched weights fall back to one call per batch element."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x, *weights):
+        out_type = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype)
+        return jax.ffi.ffi_call(target, out_type)(x, *weights, **attrs)
+
+    @call.def_vmap
+    def _batched(axis_size, in_batched, x, *weights):
+        x_batched, *weights_batched = in_batched
+        if not any(weights_batched):
+            return call(x, *weights), True
+        broadcast = lambda a, batched: a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+        args = [broadcast(a, b) for a, b in zip((x, *weights), in_batched)]
+        return jax.lax.map(lambda a: call(*a), tuple(args)), True
+
+    return call(x, *weights)
+
+
+def _check_x(op: str, x, k: int | None = None, integer: bool = False):
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+        raise BitNetError(f"{op}: expected activations [..., K]; found a scalar.")
+    if integer and x.dtype != jnp.int8:
+        raise BitNetError(f"{op}: expected int8 activations; found {x.dtype}.")
+    if not integer:
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise BitNetError(f"{op}: expected floating-point activations; found {x.dtype}.")
+        if x.dtype not in _NATIVE_DTYPES:
+            x = x.astype(jnp.float32)
+    return x
+
+
+def ternary_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8) -> jax.Array:
+    """Serving BitLinear in one custom call: y [..., N] float32 =
+    (sum_k Q(x)[..., k] * t[n, k]) * (1 / x_scale) * w_scale, Q the per-row absmax quantizer.
+
+    x: float32 or bfloat16 [..., K]; w_packed: uint8 from `layout.pack_ternary` (t [N, K]);
+    w_scale: float32 [1] (per tensor) or [N] (per output row).
+    """
+    from . import layout
+
+    x = _check_x("ternary_matmul", x)
+    attrs = dict(n=np.int64(n), act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_ternary_matmul", jnp.float32, n, attrs, x, w_packed, w_scale)
+
+
+def ternary_matmul_i32(x_q, w_packed, n: int) -> jax.Array:
+    """Exact integer product int32 [..., N] = sum_k x_q[..., k] * t[n, k] (x_q int8 [..., K])."""
+    from . import layout
+
+    x_q = _check_x("ternary_matmul_i32", x_q, integer=True)
+    attrs = dict(n=np.int64(n), layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_ternary_matmul_i32", jnp.int32, n, attrs, x_q, w_packed)
+
+
+def int8_matmul(x, w_int8, w_scale, act_bits: int = 8) -> jax.Array:
+    """Int8-weight matmul (the lm_head): y [..., N] float32 = (sum_k Q(x) * w8) * (1 / x_scale) * w_scale.
+
+    w_int8: int8 [N, Kp] from `layout.pack_int8`; w_scale: float32 [N].
+    """
+    from . import layout
+
+    x = _check_x("int8_matmul", x)
+    attrs = dict(act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_int8_matmul", jnp.float32, w_int8.shape[0], attrs, x, w_int8, w_scale)
+
+
+def int8_matmul_i32(x_q, w_int8) -> jax.Array:
+    """Exact integer product int32 [..., N] = sum_k x_q[..., k] * w8[n, k]."""
+    from . import layout
+
+    x_q = _check_x("int8_matmul_i32", x_q, integer=True)
+    attrs = dict(layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_int8_matmul_i32", jnp.int32, w_int8.shape[0], attrs, x_q, w_int8)

@@ -1,14 +1,16 @@
 // XLA FFI handlers of the serving matmuls (CPU): ternary (2-bit packed) and int8 weights.
 //
 //   bitnet_ternary_matmul      x [..., K] f32|bf16, w packed (layout.h), w_scale f32 [1 | N]
-//                              -> y f32 [..., N] = (acc / x_scale) * w_scale
+//                              -> y f32 [..., N] = (acc * (1 / x_scale)) * w_scale
 //   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
 //   bitnet_int8_matmul         x [..., K] f32|bf16, w int8 [N, Kp], w_scale f32 [N] -> y f32
 //   bitnet_int8_matmul_i32     x_q int8 [..., K], w int8 [N, Kp] -> acc int32 [..., N]
 //
 // The fused ops quantize each activation row (quantize.h, the same arithmetic as the pure-JAX
-// reference), multiply in exact int32 (gemm.h), then scale: y = (float(acc) / x_scale) * w_scale
-// in that order, with -ffp-contract=off, so a pure-JAX reference written the same way is bit-exact.
+// reference), multiply in exact int32 (gemm.h), then scale: y = (float(acc) * (1 / x_scale)) *
+// w_scale in that order, with -ffp-contract=off, so a pure-JAX reference written the same way is
+// bit-exact. (A reciprocal, not a division: XLA rewrites `a / broadcast(b)` into
+// `a * broadcast(1 / b)`, so that is what the fake-quant model computes too.)
 // The i32 variants expose the integer product alone, for exact tests of every SIMD path.
 //
 // Handlers check shapes, dtypes and the layout version and return an error (a Python exception
@@ -165,14 +167,14 @@ void PadRows(const int8_t* x, const Rows& shape, int64_t kp, QuantizedRows* out)
   }
 }
 
-// y = (float(acc) / x_scale[m]) * w_scale[n or 0], exactly as written.
+// y = (float(acc) * (1 / x_scale[m])) * w_scale[n or 0], exactly as written.
 void Rescale(const int32_t* acc, const QuantizedRows& xq, const float* w_scale, bool per_tensor,
              int64_t rows, int64_t n, float* y) {
   for (int64_t m = 0; m < rows; ++m) {
-    const float x_scale = xq.scale[m];
+    const float x_inv = 1.0f / xq.scale[m];
     for (int64_t j = 0; j < n; ++j) {
       const float ws = w_scale[per_tensor ? 0 : j];
-      y[m * n + j] = (static_cast<float>(acc[m * n + j]) / x_scale) * ws;
+      y[m * n + j] = (static_cast<float>(acc[m * n + j]) * x_inv) * ws;
     }
   }
 }

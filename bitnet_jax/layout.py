@@ -1,0 +1,96 @@
+"""The packed weight formats of serving parameters: the Python mirror of `xla_ffi/layout.h`.
+
+`layout.h` is the one declaration; this module mirrors its constants (a test checks them against
+the compiled extension) and is the only Python code that packs or unpacks. Summary:
+
+Ternary weights t [N, K] in {-1, 0, +1}, 2 bits each, as uint8 [G, KB * 256]
+(G = ceil(N / 4) row groups, KB = ceil(K / 256) blocks, padding holds t = 0):
+  packed[g, b, r, i] (flattened over b, r, i) = sum_j (t[4g + r, 256b + 64j + i] + 1) << 2j
+for r < 4, i < 64, j < 4. Shifting a 64-byte row block right by 2j and masking with 3 gives the
+codes of 64 consecutive weights, which is what the SIMD loops multiply with a 64-byte run of
+activations; rows are interleaved in groups of 4 so a GEMV streams one contiguous array.
+
+Int8 weights (the lm_head) w8 [N, K] as int8 [N, Kp8] with K zero-padded to a multiple of 64,
+values in [-127, 127], one float32 scale per row.
+
+Axis letters: N output features, K input features, G row groups, B blocks along K.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import BitNetError
+
+LAYOUT_VERSION = 1
+BLOCK_K = 256        # weights per row block
+BLOCK_BYTES = 64     # bytes per row block (4 codes per byte)
+ROWS_PER_GROUP = 4   # rows interleaved block by block
+INT8_ROW_ALIGN = 64  # int8 rows are padded to a multiple of this
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def packed_ternary_shape(n: int, k: int) -> tuple[int, int]:
+    """Shape of the packed uint8 array holding ternary weights [N, K]."""
+    return _ceil_div(n, ROWS_PER_GROUP), _ceil_div(k, BLOCK_K) * ROWS_PER_GROUP * BLOCK_BYTES
+
+
+def pack_ternary(t_nk) -> np.ndarray:
+    """Ternary weights [N, K] (values in {-1, 0, 1}, any numeric dtype) -> packed uint8 [G, B*256]."""
+    t_nk = np.asarray(t_nk)
+    if t_nk.ndim != 2:
+        raise BitNetError(f"pack_ternary: expected weights [N, K]; found shape {t_nk.shape}.")
+    if not np.all(np.isin(t_nk, (-1, 0, 1))):
+        raise BitNetError("pack_ternary: expected values in {-1, 0, 1}; quantize the weights first "
+                          "(bitnet_jax.quant.weight_quantize).")
+    n, k = t_nk.shape
+    g, row_bytes = packed_ternary_shape(n, k)
+    kb = row_bytes // (ROWS_PER_GROUP * BLOCK_BYTES)
+    codes = np.ones((g * ROWS_PER_GROUP, kb * BLOCK_K), np.uint8)  # code 1 is t = 0
+    codes[:n, :k] = (t_nk + 1).astype(np.uint8)
+    # [row = 4g + r, k = 256b + 64j + i] -> [g, b, r, i, j]
+    codes_gbrij = codes.reshape(g, ROWS_PER_GROUP, kb, 4, BLOCK_BYTES).transpose(0, 2, 1, 4, 3)
+    shifts_j = np.arange(4, dtype=np.uint8) * 2
+    packed_gbri = np.bitwise_or.reduce(codes_gbrij << shifts_j, axis=-1).astype(np.uint8)
+    return packed_gbri.reshape(g, row_bytes)
+
+
+def unpack_ternary(packed_gx, n: int, k: int, dtype=jnp.int8):
+    """Packed uint8 [G, B*256] -> ternary weights [N, K] of `dtype`. jnp ops: works inside jit."""
+    packed_gx = jnp.asarray(packed_gx)
+    g, row_bytes = packed_gx.shape
+    kb = row_bytes // (ROWS_PER_GROUP * BLOCK_BYTES)
+    packed_gbri = packed_gx.reshape(g, kb, ROWS_PER_GROUP, BLOCK_BYTES)
+    codes_gbrij = jnp.stack([(packed_gbri >> (2 * j)) & 3 for j in range(4)], axis=-1)
+    # [g, b, r, i, j] -> [4g + r, 256b + 64j + i]
+    codes_nk = codes_gbrij.transpose(0, 2, 1, 4, 3).reshape(g * ROWS_PER_GROUP, kb * BLOCK_K)
+    return (codes_nk[:n, :k].astype(jnp.int8) - 1).astype(dtype)
+
+
+def pack_int8(w8_nk) -> np.ndarray:
+    """Int8 weights [N, K] -> int8 [N, Kp] with K zero-padded to a multiple of INT8_ROW_ALIGN."""
+    w8_nk = np.asarray(w8_nk)
+    if w8_nk.ndim != 2 or w8_nk.dtype != np.int8:
+        raise BitNetError(f"pack_int8: expected int8 weights [N, K]; found {w8_nk.dtype} {w8_nk.shape}.")
+    n, k = w8_nk.shape
+    out = np.zeros((n, _ceil_div(k, INT8_ROW_ALIGN) * INT8_ROW_ALIGN), np.int8)
+    out[:, :k] = w8_nk
+    return out
+
+
+def unpack_int8(w8_nkp, k: int):
+    """int8 [N, Kp] -> int8 [N, K] (drops the padding). jnp ops: works inside jit."""
+    return jnp.asarray(w8_nkp)[:, :k]
+
+
+def quantize_int8_rows(w_nk) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8 quantization: (w8 [N, K] in [-127, 127], scale [N]), w ~= w8 * scale."""
+    w_nk = np.asarray(w_nk, np.float32)
+    amax_n = np.max(np.abs(w_nk), axis=1)
+    scale_n = np.where(amax_n > 0, amax_n / 127.0, 1.0).astype(np.float32)
+    w8_nk = np.clip(np.rint(w_nk / scale_n[:, None]), -127, 127).astype(np.int8)
+    return w8_nk, scale_n

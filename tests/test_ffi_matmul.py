@@ -1,0 +1,172 @@
+"""The serving matmul kernels (xla_ffi/matmul.cc, gemm.cc) against pure-JAX references.
+
+Every kernel path this CPU runs (scalar, AVX2, AVX-512 VNNI, forced with BITNET_JAX_ISA) must
+give integer results identical to `jnp.dot` on unpacked int32 values, on odd shapes: K not a
+multiple of the 256-wide block, N not a multiple of the 4-row group, M (rows) on both sides of
+the 4-row tile and large. The fused float ops must equal the reference written in the same
+order (act_quantize, exact integer dot, * (1 / x_scale) * w_scale) bit for bit.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax import ffi, layout
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.quant import act_quantize
+
+ISAS = ffi.available_isas()
+# (M, K, N): odd K and N, M around the tile size of 4, and a prefill-sized M.
+SHAPES = [(1, 1, 1), (1, 256, 4), (2, 255, 5), (3, 257, 7), (5, 300, 3), (8, 640, 13), (9, 1000, 6),
+          (17, 777, 17), (130, 513, 9)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("BITNET_JAX_ISA", request.param)
+    assert ffi.selected_isa() == request.param
+    return request.param
+
+
+def _ternary(rng, n, k):
+    return rng.integers(-1, 2, size=(n, k)).astype(np.int8)
+
+
+def _int8(rng, *shape):
+    return rng.integers(-128, 128, size=shape).astype(np.int8)
+
+
+def _dot_i32(x_mk, w_nk):
+    return jnp.dot(jnp.asarray(x_mk, jnp.int32), jnp.asarray(w_nk, jnp.int32).T)
+
+
+def test_layout_mirror_matches_the_header():
+    assert ffi._ffi_ext.layout() == {
+        "version": layout.LAYOUT_VERSION, "block_k": layout.BLOCK_K, "block_bytes": layout.BLOCK_BYTES,
+        "rows_per_group": layout.ROWS_PER_GROUP, "int8_row_align": layout.INT8_ROW_ALIGN}
+    assert "scalar" in ISAS
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 255), (7, 513), (64, 256)])
+def test_pack_ternary_bit_positions_and_round_trip(n, k):
+    t = _ternary(np.random.default_rng(n * k), n, k)
+    packed = layout.pack_ternary(t)
+    assert packed.shape == layout.packed_ternary_shape(n, k) and packed.dtype == np.uint8
+    # Read every weight back by the rule written in layout.h, one at a time.
+    kb = packed.shape[1] // 256
+    for row, col in [(0, 0), (n - 1, k - 1), (n // 2, k // 3), (n - 1, 0)]:
+        g, r, b, kk = row // 4, row % 4, col // 256, col % 256
+        byte = packed[g, (b * 4 + r) * 64 + kk % 64]
+        assert ((int(byte) >> (2 * (kk // 64))) & 3) - 1 == t[row, col]
+    assert kb == -(-k // 256)
+    np.testing.assert_array_equal(np.asarray(layout.unpack_ternary(packed, n, k)), t)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_ternary_i32_equals_reference(isa, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    t, x = _ternary(rng, n, k), _int8(rng, m, k)
+    x[0, 0] = -128  # the corner case of maddubs / sign tricks
+    got = jax.jit(lambda x, w: ffi.ternary_matmul_i32(x, w, n))(x, layout.pack_ternary(t))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_dot_i32(x, t)))
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_int8_i32_equals_reference(isa, m, k, n):
+    rng = np.random.default_rng(m * 1000 + k + n + 1)
+    w, x = _int8(rng, n, k), _int8(rng, m, k)
+    w[0, 0], x[0, 0] = -128, -128  # -128 * -128 overflows int16 tricks
+    got = ffi.int8_matmul_i32(x, layout.pack_int8(w))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_dot_i32(x, w)))
+
+
+def _ternary_reference(x, t, w_scale, bits=8):
+    x_q, x_scale = act_quantize(x, "token", bits)
+    acc = _dot_i32(x_q.astype(jnp.int32), t).astype(jnp.float32)
+    return (acc * (1 / x_scale)) * w_scale
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 300, 5), (4, 256, 8), (17, 777, 17)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_fused_ternary_matmul_bit_exact(isa, m, k, n, per_row):
+    rng = np.random.default_rng(7)
+    t = _ternary(rng, n, k)
+    x = rng.normal(size=(m, k)).astype(np.float32) * 3
+    w_scale = rng.uniform(0.01, 0.1, size=(n if per_row else 1,)).astype(np.float32)
+    got = jax.jit(lambda x: ffi.ternary_matmul(x, layout.pack_ternary(t), w_scale, n))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_ternary_reference(x, t, w_scale)))
+    # bf16 activations widen exactly, so they quantize like their float32 values.
+    x16 = jnp.asarray(x, jnp.bfloat16)
+    got16 = ffi.ternary_matmul(x16, layout.pack_ternary(t), w_scale, n)
+    np.testing.assert_array_equal(np.asarray(got16), np.asarray(_ternary_reference(x16, t, w_scale)))
+
+
+def test_fused_ternary_matmul_act_bits_4():
+    rng = np.random.default_rng(3)
+    t, x = _ternary(rng, 6, 100), rng.normal(size=(3, 100)).astype(np.float32)
+    w_scale = np.array([0.5], np.float32)
+    got = ffi.ternary_matmul(x, layout.pack_ternary(t), w_scale, 6, act_bits=4)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(_ternary_reference(x, t, w_scale, bits=4)))
+
+
+def test_fused_int8_matmul_bit_exact(isa):
+    rng = np.random.default_rng(11)
+    w = rng.normal(size=(37, 130)).astype(np.float32)
+    w8, w_scale = layout.quantize_int8_rows(w)
+    x = rng.normal(size=(3, 130)).astype(np.float32)
+    got = ffi.int8_matmul(x, layout.pack_int8(w8), w_scale)
+    x_q, x_scale = act_quantize(x, "token", 8)
+    want = (_dot_i32(x_q.astype(jnp.int32), w8).astype(jnp.float32) * (1 / x_scale)) * w_scale
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # ... and approximates the float product: int8 rounding of x and w, each ~0.5/127 of its
+    # row's absmax, leaves errors of a few percent of the typical output.
+    exact = x @ w.T
+    assert np.max(np.abs(np.asarray(got) - exact)) < 0.05 * np.sqrt(np.mean(exact ** 2))
+
+
+def test_batch_axes_and_vmap():
+    rng = np.random.default_rng(5)
+    t = _ternary(rng, 9, 70)
+    packed, w_scale = layout.pack_ternary(t), np.array([0.25], np.float32)
+    x = rng.normal(size=(2, 3, 70)).astype(np.float32)
+    want = _ternary_reference(x, t, w_scale)
+    np.testing.assert_array_equal(np.asarray(ffi.ternary_matmul(x, packed, w_scale, 9)), np.asarray(want))
+    by_vmap = jax.vmap(lambda xi: ffi.ternary_matmul(xi, packed, w_scale, 9))(x)
+    np.testing.assert_array_equal(np.asarray(by_vmap), np.asarray(want))
+    # Weights batched too (one layer per batch element): the same as calling each alone.
+    t2 = _ternary(rng, 9, 70)
+    packed_2 = np.stack([packed, layout.pack_ternary(t2)])
+    both = jax.vmap(lambda xi, wi: ffi.ternary_matmul(xi, wi, w_scale, 9))(x, packed_2)
+    np.testing.assert_array_equal(np.asarray(both[1]), np.asarray(_ternary_reference(x[1], t2, w_scale)))
+    # Empty batches pass through.
+    assert ffi.ternary_matmul(np.zeros((0, 70), np.float32), packed, w_scale, 9).shape == (0, 9)
+
+
+def test_bad_inputs_raise_instead_of_crashing(monkeypatch):
+    rng = np.random.default_rng(0)
+    packed = layout.pack_ternary(_ternary(rng, 8, 300))
+    x = np.ones((2, 300), np.float32)
+    scale = np.ones((1,), np.float32)
+    with pytest.raises(Exception, match=r"packed ternary weights for K=200 .* must be uint8 \[2, 256\]"):
+        ffi.ternary_matmul(x[:, :200], packed, scale, 8).block_until_ready()
+    with pytest.raises(Exception, match=r"must be uint8 \[3, 512\]"):
+        ffi.ternary_matmul(x, packed, scale, 9).block_until_ready()
+    with pytest.raises(Exception, match=r"w_scale of shape \[1\] or \[8\]"):
+        ffi.ternary_matmul(x, packed, np.ones((3,), np.float32), 8).block_until_ready()
+    with pytest.raises(Exception, match="Buffer|dtype|U8|type"):
+        ffi.ternary_matmul(x, packed.astype(np.int8), scale, 8).block_until_ready()
+    with pytest.raises(BitNetError, match="floating-point"):
+        ffi.ternary_matmul(np.ones((2, 300), np.int32), packed, scale, 8)
+    with pytest.raises(Exception, match="layout version 2.*reads version 1.*convert"):
+        call = jax.ffi.ffi_call("bitnet_ternary_matmul", jax.ShapeDtypeStruct((2, 8), jnp.float32))
+        call(x, packed, scale, n=np.int64(8), act_bits=np.int64(8), layout_version=np.int64(2)).block_until_ready()
+    with pytest.raises(Exception, match=r"act_bits must be in \[2, 8\]"):
+        ffi.ternary_matmul(x, packed, scale, 8, act_bits=9).block_until_ready()
+    with pytest.raises(Exception, match=r"int8 weights for K=300 inputs must be int8 \[N, 320\]"):
+        ffi.int8_matmul(x, np.zeros((4, 300), np.int8), np.ones((4,), np.float32)).block_until_ready()
+    monkeypatch.setenv("BITNET_JAX_ISA", "sse9")
+    with pytest.raises(Exception, match="BITNET_JAX_ISA=sse9 is not a kernel path"):
+        ffi.ternary_matmul(x, packed, scale, 8).block_until_ready()
+    with pytest.raises(BitNetError, match="sse9"):
+        ffi.selected_isa()
