@@ -20,6 +20,8 @@ from jax.experimental import io_callback
 from .config import BitNetConfig
 from .errors import BitNetError
 from .model import BitNetLM, KVCache
+from .pack import is_packed, lm_head_kind, pack
+from .serving import BACKENDS, ServingSpec
 
 # Prompt lengths are padded up to a multiple of this, so that prompts of similar length share one
 # compiled program.
@@ -29,7 +31,8 @@ _LENGTH_BUCKET = 16
 def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              stop_ids: Sequence[int] | None = None,
-             on_tokens: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+             on_tokens: Callable[[np.ndarray], None] | None = None,
+             backend: str | None = None) -> np.ndarray:
     """Generates `max_new_tokens` tokens after each prompt.
 
     Args:
@@ -41,12 +44,18 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
       stop_ids: a row stops after emitting one of these; its remaining slots hold the first stop id.
       on_tokens: called from inside the decode loop with each step's tokens (int32 [B]), in
         order, as they are generated (for streaming).
+      backend: 'ffi' (our C++ ternary kernels as XLA custom calls) or 'xla' (XLA ops only).
+        Packed parameters (`bitnet_jax.pack`) default to 'ffi' and run the integer serving
+        model either way; training parameters default to 'xla' (the fake-quant forward), and
+        with 'ffi' are packed first (lm_head kept in float), which costs a conversion per call:
+        pack once for repeated use.
 
     Returns:
       int32 numpy array [B, max_new_tokens] of the new tokens only.
     """
     prompts = _as_prompt_list(prompt_ids)
     _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
+    params, serving = _serving_params(config, params, backend)
     lengths_b = np.array([len(p) for p in prompts], np.int32)
     t = -(-int(lengths_b.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
     prompt_bt = np.zeros((len(prompts), t), np.int32)
@@ -55,16 +64,29 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
     stop = tuple(int(s) for s in (stop_ids or ()))
     sampling = (float(temperature), top_k, top_p)
     out = _generate(params, jnp.asarray(prompt_bt), jnp.asarray(lengths_b), jax.random.PRNGKey(seed),
-                    config=config, max_new_tokens=int(max_new_tokens), sampling=sampling, stop_ids=stop,
-                    on_tokens=on_tokens)
+                    config=config, serving=serving, max_new_tokens=int(max_new_tokens), sampling=sampling,
+                    stop_ids=stop, on_tokens=on_tokens)
     return np.asarray(out)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "stop_ids", "on_tokens"))
-def _generate(params, prompt_bt, lengths_b, rng, *, config, max_new_tokens, sampling, stop_ids, on_tokens):
-    model = BitNetLM(config)
+def _serving_params(config: BitNetConfig, params, backend: str | None):
+    """(params, ServingSpec or None) for the requested backend."""
+    if backend not in (None, *BACKENDS):
+        raise BitNetError(f"backend={backend!r}: expected one of {BACKENDS} (or None for the default).")
+    if is_packed(params):
+        return params, ServingSpec(backend or "ffi", lm_head_kind(params), config.act_bits)
+    if backend == "ffi":
+        return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits)
+    return params, None
+
+
+@functools.partial(jax.jit, static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids",
+                                             "on_tokens"))
+def _generate(params, prompt_bt, lengths_b, rng, *, config, serving, max_new_tokens, sampling, stop_ids, on_tokens):
+    model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
-    cache_dtype = params["embed_tokens"]["embedding"].dtype
+    embedding = params["embed_tokens"].get("embedding")
+    cache_dtype = embedding.dtype if embedding is not None else jnp.float32
     cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=cache_dtype)
     logits_bv, cache = model.apply({"params": params}, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)

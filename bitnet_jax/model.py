@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from . import layout, serving as serve
 from .config import BitNetConfig
 from .quant import fake_quant_act, fake_quant_weight
 
@@ -96,6 +97,56 @@ class BitLinear(nn.Module):
         return y_mn.reshape(*x_bk.shape[:-1], self.features)
 
 
+class TernaryLinear(nn.Module):
+    """Serving BitLinear on packed weights (from `bitnet_jax.pack`): never builds a float kernel.
+
+    Parameters: `w_packed` uint8 [G, KB*256] (layout.py) and `w_scale` float32 [1] (per tensor)
+    or [N] (per channel).
+    """
+
+    features: int
+    spec: serve.ServingSpec
+    per_channel: bool = False
+    input_norm_eps: float | None = None
+
+    @nn.compact
+    def __call__(self, x_bk):
+        if self.input_norm_eps is not None:
+            x_bk = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bk)
+        packed_shape = layout.packed_ternary_shape(self.features, x_bk.shape[-1])
+        w_packed = self.param("w_packed", nn.initializers.zeros, packed_shape, jnp.uint8)
+        w_scale = self.param("w_scale", nn.initializers.ones, (self.features if self.per_channel else 1,),
+                             jnp.float32)
+        y = serve.ternary_linear(x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend)
+        return y.astype(x_bk.dtype)
+
+
+class Int8Embed(nn.Module):
+    """Serving embedding / lm_head held as int8 rows [V, Dp] with one scale per row."""
+
+    num_embeddings: int
+    features: int
+    spec: serve.ServingSpec
+
+    def setup(self):
+        padded = -(-self.features // layout.INT8_ROW_ALIGN) * layout.INT8_ROW_ALIGN
+        self.w_int8 = self.param("w_int8", nn.initializers.zeros, (self.num_embeddings, padded), jnp.int8)
+        self.w_scale = self.param("w_scale", nn.initializers.ones, (self.num_embeddings,), jnp.float32)
+
+    def __call__(self, ids):
+        return serve.int8_embed(ids, self.w_int8, self.w_scale, self.features)
+
+    def attend(self, x_bd):
+        return serve.int8_linear(x_bd, self.w_int8, self.w_scale, self.spec.act_bits, self.spec.backend)
+
+
+def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str) -> nn.Module:
+    """The block's linear layer: fake-quant BitLinear for training, TernaryLinear for serving."""
+    if serving is None:
+        return BitLinear(features, QuantSpec.of(config), config.initializer_range, name=name)
+    return TernaryLinear(features, serving, config.weight_quant == "channel", config.linear_norm_eps, name=name)
+
+
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
     """Rotary embedding, half-split ("rotate_half") layout as in transformers' LLaMA family."""
     h = x_btnh.shape[-1]
@@ -116,13 +167,14 @@ def _write_cache(cache_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array)
 
 class Attention(nn.Module):
     config: BitNetConfig
+    serving: serve.ServingSpec | None = None
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, mask_bts, cache_kv):
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, _ = x_btd.shape
-        linear = lambda features, name: BitLinear(features, QuantSpec.of(c), c.initializer_range, name=name)
+        linear = lambda features, name: _linear(c, self.serving, features, name)
         q_btnh = linear(n * h, "q_proj")(x_btd).reshape(b, t, n, h)
         k_btkh = linear(k * h, "k_proj")(x_btd).reshape(b, t, k, h)
         v_btkh = linear(k * h, "v_proj")(x_btd).reshape(b, t, k, h)
@@ -147,11 +199,12 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     config: BitNetConfig
+    serving: serve.ServingSpec | None = None
 
     @nn.compact
     def __call__(self, x_btd):
         c = self.config
-        linear = lambda features, name: BitLinear(features, QuantSpec.of(c), c.initializer_range, name=name)
+        linear = lambda features, name: _linear(c, self.serving, features, name)
         gate_btf = linear(c.intermediate_size, "gate_proj")(x_btd)
         up_btf = linear(c.intermediate_size, "up_proj")(x_btd)
         act_btf = jnp.square(jax.nn.relu(gate_btf)) if c.hidden_act == "relu2" else jax.nn.silu(gate_btf)
@@ -161,14 +214,15 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     config: BitNetConfig
+    serving: serve.ServingSpec | None = None
 
     @nn.compact
     def __call__(self, x_btd, cache_kv, positions_bt, mask_bts):
         eps = self.config.rms_norm_eps
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
-        h_btd, cache_kv = Attention(self.config, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv)
+        h_btd, cache_kv = Attention(self.config, self.serving, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv)
         x_btd = x_btd + h_btd
-        h_btd = MLP(self.config, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd))
+        h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd))
         # The residual stream keeps the parameters' dtype (bf16 params compute in bf16).
         return (x_btd + h_btd).astype(x_btd.dtype), cache_kv
 
@@ -177,6 +231,10 @@ class BitNetLM(nn.Module):
     """BitNet b1.58 causal language model.
 
     `BitNetLM(config).apply({"params": params}, input_ids_bt)` -> float32 logits [B, T, V].
+
+    With `serving` set (a `ServingSpec`), the model runs on packed parameters from
+    `bitnet_jax.pack`: TernaryLinear layers and, for `lm_head='int8'`, an int8 lm_head
+    (`'int8-tied'`: the tied embedding too).
 
     Optional inputs:
       positions_bt: int32 RoPE positions (default 0..T-1; with a cache, the absolute positions
@@ -189,6 +247,7 @@ class BitNetLM(nn.Module):
     """
 
     config: BitNetConfig
+    serving: serve.ServingSpec | None = None
 
     @nn.compact
     def __call__(self, input_ids_bt, *, positions_bt=None, attention_mask_bt=None, segment_ids_bt=None,
@@ -199,18 +258,24 @@ class BitNetLM(nn.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_bts = _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache)
 
-        embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
-                         name="embed_tokens")
+        head = "float" if self.serving is None else self.serving.lm_head
+        if head == "int8-tied":
+            embed = Int8Embed(c.vocab_size, c.hidden_size, self.serving, name="embed_tokens")
+        else:
+            embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
+                             name="embed_tokens")
         x_btd = embed(input_ids_bt)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
         cache_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
-        x_btd, cache_out = layers(c, name="layers")(x_btd, cache_in, positions_bt, mask_bts)
+        x_btd, cache_out = layers(c, self.serving, name="layers")(x_btd, cache_in, positions_bt, mask_bts)
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        if c.tie_word_embeddings:
+        if head == "int8":
+            logits = Int8Embed(c.vocab_size, c.hidden_size, self.serving, name="lm_head").attend(x_btd)
+        elif c.tie_word_embeddings:
             logits = embed.attend(x_btd)
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(c.initializer_range),

@@ -1,0 +1,222 @@
+"""Convert: fake-quant (training) parameters -> packed serving parameters, and their folder format.
+
+`pack(config, params)` is the one explicit step between the two paths. Every BitLinear kernel
+[K, N] is quantized exactly as the training forward quantizes it (`quant.weight_quantize`: the
+same ternary values and scale), then packed to 2-bit codes (`layout.pack_ternary`) with its scale
+([1] per tensor, [N] per channel). The lm_head (the tied embedding for 2B4T-style models) becomes
+int8 rows with one scale each (`lm_head="int8"`, the serving default) or stays float.
+
+A converted folder holds `config.json` (the model config, all of `BitNetConfig`, with a `bitnet_jax`
+entry naming the format, layout version and lm_head), `model.safetensors` (parameter paths joined by '.') and
+the tokenizer files of the source; `load_packed` reads it back without repacking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import layout
+from .config import BitNetConfig
+from .errors import BitNetError
+from .quant import weight_quantize
+from .serving import LM_HEADS
+
+PACKED_FORMAT = "bitnet_jax.packed"
+_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "generation_config.json")
+
+
+def is_packed(params) -> bool:
+    """True for serving parameters made by `pack`."""
+    try:
+        return "w_packed" in params["layers"]["self_attn"]["q_proj"]
+    except (KeyError, TypeError):
+        return False
+
+
+def lm_head_kind(params) -> str:
+    """'int8', 'int8-tied' or 'float': how packed parameters hold the lm_head."""
+    if "w_int8" in params["embed_tokens"]:
+        return "int8-tied"
+    return "int8" if "w_int8" in params.get("lm_head", {}) else "float"
+
+
+def pack(config: BitNetConfig, params, *, lm_head: str = "int8") -> dict:
+    """Serving parameters for `BitNetLM(config, serving=...)` from training parameters.
+
+    Args:
+      config: the model's config. Its weight granularity must be 'tensor' or 'channel' and its
+        activation quantizer per token: the granularities the kernels implement.
+      params: training parameters (ours, or from `load_hf`), float32 or bfloat16.
+      lm_head: 'int8' (per-row int8 lm_head, 2x smaller than bf16; the input embedding keeps
+        its float table), 'int8-tied' (tied models: one int8 table for both ends, the smallest;
+        its input-embedding error costs more than the lm_head's, see the README) or 'float'.
+    """
+    _check_packable(config, lm_head)
+    if is_packed(params):
+        raise BitNetError("pack: these parameters are packed already.")
+    quantize = jax.jit(weight_quantize, static_argnums=1)
+    layers = {"self_attn": {}, "mlp": {}}
+    for block, names in _LINEARS.items():
+        for name in names:
+            source = params["layers"][block][name]
+            kernel_lkn = source["kernel"]
+            packed_l, scale_l = [], []
+            for kernel_kn in kernel_lkn:
+                w_t_kn, scale = quantize(jnp.asarray(kernel_kn, jnp.float32), config.weight_quant)
+                packed_l.append(layout.pack_ternary(np.asarray(w_t_kn, np.int8).T))
+                scale_l.append(np.asarray(scale, np.float32).reshape(-1))
+            layers[block][name] = {"w_packed": np.stack(packed_l), "w_scale": np.stack(scale_l)}
+            if "rms_norm" in source:
+                layers[block][name]["rms_norm"] = _to_numpy(source["rms_norm"])
+        for norm in ("attn_sub_norm", "ffn_sub_norm"):
+            if norm in params["layers"][block]:
+                layers[block][norm] = _to_numpy(params["layers"][block][norm])
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        layers[norm] = _to_numpy(params["layers"][norm])
+
+    out = {"layers": layers, "norm": _to_numpy(params["norm"])}
+    embedding_vd = np.asarray(params["embed_tokens"]["embedding"])
+    head_vd = embedding_vd if config.tie_word_embeddings else np.asarray(params["lm_head"]["kernel"]).T
+    if lm_head == "int8-tied":
+        out["embed_tokens"] = _int8_rows(embedding_vd)
+        return out
+    out["embed_tokens"] = {"embedding": embedding_vd}
+    if lm_head == "int8":
+        out["lm_head"] = _int8_rows(head_vd)
+    elif not config.tie_word_embeddings:
+        out["lm_head"] = _to_numpy(params["lm_head"])
+    return out
+
+
+def _int8_rows(w_nk) -> dict:
+    w8_nk, scale_n = layout.quantize_int8_rows(np.asarray(w_nk, np.float32))
+    return {"w_int8": layout.pack_int8(w8_nk), "w_scale": scale_n}
+
+
+def _to_numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _check_packable(config: BitNetConfig, lm_head: str):
+    if config.weight_quant not in ("tensor", "channel"):
+        raise BitNetError(
+            f"pack: weight_quant={config.weight_quant!r} has no packed kernel; the serving kernels take "
+            "one scale per tensor or per output channel. Serve this model unpacked "
+            "(generate(..., backend='xla') on its training parameters).")
+    if config.act_quant != "token":
+        raise BitNetError(
+            f"pack: act_quant={config.act_quant!r} has no packed kernel (the kernels quantize activations per "
+            "token). Serve this model unpacked (generate(..., backend='xla')).")
+    if lm_head not in LM_HEADS:
+        raise BitNetError(f"pack: lm_head={lm_head!r}; expected one of {LM_HEADS}.")
+    if lm_head == "int8-tied" and not config.tie_word_embeddings:
+        raise BitNetError("pack: lm_head='int8-tied' needs tied embeddings; this model has a separate lm_head "
+                          "(use lm_head='int8').")
+
+
+# --- the converted folder ----------------------------------------------------------------------
+
+def save_packed(folder: str, config: BitNetConfig, params, *, tokenizer_from: str | None = None) -> None:
+    """Writes packed parameters as a folder that `load_packed` (and `bitnet-jax generate`) reads."""
+    from safetensors.numpy import save_file
+
+    if not is_packed(params):
+        raise BitNetError("save_packed: expected packed parameters (from bitnet_jax.pack).")
+    os.makedirs(folder, exist_ok=True)
+    hf = config.to_dict()
+    hf["bitnet_jax"] = {"format": PACKED_FORMAT, "layout_version": layout.LAYOUT_VERSION,
+                        "lm_head": lm_head_kind(params)}
+    flat = {".".join(path): np.ascontiguousarray(value) for path, value in _flatten(params)}
+    tmp = os.path.join(folder, "model.safetensors.tmp")
+    save_file(flat, tmp, metadata={"format": PACKED_FORMAT, "layout_version": str(layout.LAYOUT_VERSION)})
+    os.replace(tmp, os.path.join(folder, "model.safetensors"))  # no half-written weights on a crash
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    if tokenizer_from:
+        for name in _TOKENIZER_FILES:
+            source = os.path.join(tokenizer_from, name)
+            if os.path.isfile(source):
+                shutil.copyfile(source, os.path.join(folder, name))
+
+
+def is_packed_folder(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("bitnet_jax", {}).get("format") == PACKED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
+    """(config, packed params) from a folder written by `save_packed`; checks layout and shapes."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from .model import BitNetLM
+    from .serving import ServingSpec
+
+    config_path = os.path.join(folder, "config.json")
+    try:
+        with open(config_path) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BitNetError(f"{config_path}: cannot read the packed model's config ({e}).") from None
+    meta = hf.pop("bitnet_jax", {})
+    if meta.get("format") != PACKED_FORMAT:
+        raise BitNetError(f"{folder} is not a packed bitnet-jax folder (config.json has no bitnet_jax.format).")
+    version = meta.get("layout_version")
+    if version != layout.LAYOUT_VERSION:
+        raise BitNetError(
+            f"{folder}: weights packed in layout version {version}, but this bitnet_jax reads version "
+            f"{layout.LAYOUT_VERSION}. Convert the source model again with this version "
+            "(bitnet-jax convert SRC DST), or install the bitnet_jax that wrote it.")
+    config = BitNetConfig.from_dict(hf, source=config_path)
+    weights = os.path.join(folder, "model.safetensors")
+    try:
+        flat = load_file(weights)
+    except (OSError, SafetensorError, ValueError) as e:
+        raise BitNetError(f"{weights}: cannot read the packed weights ({e}). Convert the model again.") from None
+    params: dict = {}
+    for name, value in flat.items():
+        node = params
+        *parents, leaf = name.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+
+    spec = ServingSpec(lm_head=meta.get("lm_head", "int8"), act_bits=config.act_bits)
+    expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
+    _check_against(expected["params"], params, weights)
+    return config, params
+
+
+def _check_against(expected, params, where: str):
+    """Every expected tensor is present with the expected shape and kind of dtype."""
+    got = dict(_flatten(params))
+    for path, spec in _flatten(expected):
+        name = ".".join(path)
+        if path not in got:
+            raise BitNetError(f"{where}: tensor {name} is missing; the file does not match config.json.")
+        shape = tuple(got[path].shape)
+        integer = jnp.issubdtype(spec.dtype, jnp.integer)
+        dtype_ok = got[path].dtype == spec.dtype if integer else jnp.issubdtype(got[path].dtype, jnp.floating)
+        if shape != tuple(spec.shape) or not dtype_ok:
+            raise BitNetError(
+                f"{where}: tensor {name} is {got[path].dtype} {list(shape)}, but config.json implies "
+                f"{spec.dtype} {list(spec.shape)}; the weights and config.json disagree.")
+
+
+def _flatten(tree, prefix=()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value

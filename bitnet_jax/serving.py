@@ -1,0 +1,79 @@
+"""Integer serving math: the pure-JAX ("xla") twins of the FFI kernels, and the serving switch.
+
+Serving parameters come from `bitnet_jax.pack` (the one convert step). Their linear layers hold
+2-bit ternary codes and scales (`layout.py`); a serving forward quantizes activations per row,
+multiplies in exact integers and rescales:
+
+    y[m, n] = (sum_k x_q[m, k] * t[n, k]) * (1 / x_scale[m]) * w_scale[n or 0]
+
+The FFI backend does this in one custom call (`ffi.ternary_matmul`); the functions here do it
+with XLA ops, giving the same bits (integer sums are exact either way), for checking the kernels
+and for machines or shardings the kernels do not cover.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from . import layout
+from .quant import act_quantize
+
+BACKENDS = ("ffi", "xla")
+LM_HEADS = ("int8", "int8-tied", "float")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingSpec:
+    """How a packed model runs (a Flax module attribute, so hashable and static under jit).
+
+    backend: 'ffi' (our C++ kernels as XLA custom calls) or 'xla' (the same math in XLA ops).
+    lm_head: 'int8' (per-row int8 lm_head; the input embedding keeps its float table),
+      'int8-tied' (tied models: one int8 table serves both ends, the smallest) or 'float'.
+    act_bits: bits of the per-token activation quantizer.
+    """
+
+    backend: str = "ffi"
+    lm_head: str = "int8"
+    act_bits: int = 8
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
+        if self.lm_head not in LM_HEADS:
+            raise ValueError(f"lm_head={self.lm_head!r}: expected one of {LM_HEADS}")
+
+
+def _rescale(acc_mn, x_scale_m1, w_scale):
+    return (acc_mn.astype(jnp.float32) * (1 / x_scale_m1)) * w_scale
+
+
+def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str) -> jax.Array:
+    """Serving BitLinear: float32 [..., N] from activations [..., K] and packed ternary weights."""
+    if backend == "ffi":
+        from . import ffi
+
+        return ffi.ternary_matmul(x_mk, w_packed, w_scale, n, act_bits)
+    x_q, x_scale = act_quantize(x_mk, "token", act_bits)
+    t_nk = layout.unpack_ternary(w_packed, n, x_mk.shape[-1])
+    acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), t_nk, preferred_element_type=jnp.int32)
+    return _rescale(acc, x_scale, w_scale)
+
+
+def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array:
+    """Int8-weight linear (the lm_head): float32 [..., N] from [..., K] and int8 rows [N, Kp]."""
+    if backend == "ffi":
+        from . import ffi
+
+        return ffi.int8_matmul(x_mk, w_int8, w_scale, act_bits)
+    x_q, x_scale = act_quantize(x_mk, "token", act_bits)
+    w_nk = layout.unpack_int8(w_int8, x_mk.shape[-1])
+    acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), w_nk, preferred_element_type=jnp.int32)
+    return _rescale(acc, x_scale, w_scale)
+
+
+def int8_embed(ids, w_int8, w_scale, dim: int) -> jax.Array:
+    """Rows of an int8 embedding table, dequantized to float32 [..., D]."""
+    return w_int8[ids, :dim].astype(jnp.float32) * w_scale[ids][..., None]
