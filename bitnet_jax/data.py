@@ -311,8 +311,11 @@ def make_train_iterator(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int,
         weights = [1.0] * len(streams) if weights is None else list(weights)
         if len(weights) != len(streams) or not all(w > 0 for w in weights):
             raise BitNetError(f"Expected one positive weight per source ({len(streams)}); got {weights}.")
-        for stream, name in zip(streams, names):  # each needs a window; together, a batch
-            _check_stream(stream, seq_len, 1, f"training ({name})")
+        for stream, name in zip(streams, names):  # each source needs one window; repeats fill batches
+            if np.ndim(stream) != 1 or len(stream) < seq_len + 1:
+                raise BitNetError(f"The training data of {name} have {len(stream)} tokens; one window of "
+                                  f"{seq_len}+1 tokens needs at least {seq_len + 1}. Add documents to that "
+                                  "source, drop it, or use a smaller seq_len.")
     parts = [grain.MapDataset.source(_Windows(stream, seq_len)).shuffle(seed=_shuffle_seed(seed, i)).repeat()
              for i, stream in enumerate(streams)]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)

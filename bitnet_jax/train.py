@@ -194,6 +194,7 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
             raise
         finally:
             bar.close()
+            train_iter.close()  # stops grain's prefetch thread and worker processes now, not at exit
             manager.wait_until_finished()
             plot_losses(history, os.path.join(out_dir, "loss.png"))
     return last

@@ -267,7 +267,7 @@ def test_mixture_state_round_trips_through_json():
 
 def test_a_source_too_small_for_a_window_is_named():
     streams = [np.arange(500, dtype=np.int32), np.arange(5, dtype=np.int32)]
-    with pytest.raises(BitNetError, match=r"training \(jsonl:tiny.jsonl\) data has 5 tokens"):
+    with pytest.raises(BitNetError, match="training data of jsonl:tiny.jsonl have 5 tokens"):
         data.make_train_iterator(streams, 10, 4, 0, names=["text:big", "jsonl:tiny.jsonl"], eos_id=-1)
 
 
@@ -286,10 +286,17 @@ def test_process_shards_together_make_the_global_batch(weights):
         data.make_train_iterator(streams, 10, 7, 3, weights=weights, eos_id=-1, shard_index=0, shard_count=2)
 
 
-def test_worker_processes_give_the_same_batches():
+def test_worker_processes_give_the_same_batches_and_resume():
     streams = _tagged_streams()
     make = lambda workers: data.make_train_iterator(streams, 10, 4, 2, weights=[1, 1, 2], eos_id=-1,
                                                     worker_count=workers)
     expected = _take(make(0), 6)
-    with_workers = _take(make(1), 6)
-    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(with_workers, expected))
+    it = make(1)
+    _take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    restored = make(1)
+    restored.set_state(state)
+    with_workers = _take(restored, 4)
+    for i in (it, restored):
+        i.close()  # stops the worker processes now
+    assert all(np.array_equal(a["inputs"], b["inputs"]) for a, b in zip(with_workers, expected[2:]))
