@@ -1,5 +1,8 @@
 """Input pipeline: text files -> token stream (cached on disk) -> shuffled grain batches.
 
+Other sources (JSON Lines, Parquet, pre-tokenized ArrayRecord) become token streams in
+`documents.py`; several streams are mixed by weight in `make_train_iterator`.
+
 The embedded default corpus is this Python's own standard library source (`stdlib_source_files`):
 present on every machine that runs this package, ~10 MB of real code, no download.
 
