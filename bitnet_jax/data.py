@@ -274,7 +274,7 @@ def _shuffle_seed(seed: int, source: int = 0) -> int:
     return int.from_bytes(digest[:4], "big") >> 1  # leave room for the per-epoch increment
 
 
-def make_train_iterator(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int, batch_size: int,
+def make_train_iterator(tokens: np.ndarray | list[np.ndarray], seq_len: int, batch_size: int,
                         seed: int, *, weights: Sequence[float] | None = None,
                         names: Sequence[str] | None = None, eos_id: int = EOS_ID,
                         worker_count: int = 0, prefetch_batches: int = 2,
@@ -298,7 +298,8 @@ def make_train_iterator(tokens: np.ndarray | Sequence[np.ndarray], seq_len: int,
     order, `batch_size / shard_count` rows per batch: the processes' batches together are exactly
     the single-process batch.
     """
-    streams = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
+    # A list is a mixture; anything else is one stream (an array, or a lazy `DocumentStream`).
+    streams = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
     if not streams:
         raise BitNetError("make_train_iterator got no token streams; pass at least one.")
     if shard_count is None or shard_index is None:

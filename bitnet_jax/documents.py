@@ -151,10 +151,10 @@ def source_streams(source: DataSource, tokenizer, *, default_suffixes: Sequence[
         train, held = data.split_files(files, root, heldout_fraction)
         return data.tokenize_files(train, tokenizer, cache_dir), data.tokenize_files(held, tokenizer, cache_dir)
     if source.kind == "array_record":
-        docs, meta = token_records.read_documents(root)
+        stream, meta = token_records.open_stream(root)
         check_tokenizer(source, meta, tokenizer)
-        return _split_streams(docs, heldout_fraction,
-                              lambda docs: data.docs_to_stream(docs, tokenizer.eos_id, tokenizer.vocab_size))
+        train, held = split_indices(meta["documents"], heldout_fraction)
+        return stream.select(train), stream.select(held)
     key = None
     if cache_dir is not None:
         key = data.files_key(files, extra=f"tokens:{tokenizer.fingerprint}:{source.kind}:{source.field}:"

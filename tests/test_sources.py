@@ -197,6 +197,30 @@ def test_tokenize_then_read_equals_on_the_fly(tmp_path, capsys):
     assert (tmp_path / "tok2" / "tokenizer.model").is_file()
 
 
+def test_pretokenized_stream_is_read_lazily_and_exactly(tmp_path):
+    import pickle
+
+    out = tmp_path / "tok"
+    tok = ByteTokenizer()
+    documents.tokenize_to_folder(parse_source(f"jsonl:{_jsonl(tmp_path / 'a.jsonl', DOCS)}"), tok, out)
+    stream, _ = token_records.open_stream(out)
+    reference = _reference_stream(DOCS, tok)  # all documents, EOS after each
+    assert len(stream) == len(reference) and stream.dtype == np.uint16
+    rng = np.random.default_rng(0)
+    for start in [0, len(reference) - 7, *rng.integers(0, len(reference), 30)]:
+        stop = start + int(rng.integers(1, 300))  # within one document, or across several
+        np.testing.assert_array_equal(stream[start:stop], reference[start:stop])
+    picked = stream.select(np.array([3, 10, 11]))
+    np.testing.assert_array_equal(np.asarray(picked), _reference_stream([DOCS[3], DOCS[10], DOCS[11]], tok))
+    copy = pickle.loads(pickle.dumps(stream))  # as grain's worker processes get it
+    np.testing.assert_array_equal(copy[100:400], reference[100:400])
+    # Batches from the lazy stream equal batches from the same stream in memory.
+    lazy = data.make_train_iterator(stream, 32, 4, 0, eos_id=tok.eos_id)
+    in_memory = data.make_train_iterator(reference.astype(np.uint16), 32, 4, 0, eos_id=tok.eos_id)
+    for a, b in zip(_take(lazy, 5), _take(in_memory, 5)):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_pretokenized_with_another_tokenizer_is_refused(tmp_path):
     out = tmp_path / "tok"
     documents.tokenize_to_folder(parse_source(f"jsonl:{_jsonl(tmp_path / 'a.jsonl', DOCS)}"), ByteTokenizer(), out)
@@ -206,7 +230,7 @@ def test_pretokenized_with_another_tokenizer_is_refused(tmp_path):
         _streams(parse_source(f"array_record:{out}"), other)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "cut short", "no metadata"])
+@pytest.mark.parametrize("damage", ["garbage", "cut short", "no metadata", "no lengths", "wrong lengths"])
 def test_corrupt_array_record_is_refused(tmp_path, damage):
     out = tmp_path / "tok"
     documents.tokenize_to_folder(parse_source(f"jsonl:{_jsonl(tmp_path / 'a.jsonl', DOCS)}"), ByteTokenizer(), out)
@@ -216,11 +240,17 @@ def test_corrupt_array_record_is_refused(tmp_path, damage):
         records.write_bytes(b"not an array record" * 50)
     elif damage == "cut short":
         records.write_bytes(good[:len(good) // 2])
-    else:
+    elif damage == "no metadata":
         (out / "tokens.json").unlink()
-    message = "no tokens.json" if damage == "no metadata" else "tokens.array_record is corrupt or incomplete"
+    elif damage == "no lengths":
+        (out / "tokens.lengths.npy").unlink()
+    else:  # same count and total, so only reading a record shows it
+        np.save(out / "tokens.lengths.npy", np.roll(np.load(out / "tokens.lengths.npy"), 1))
+    message = {"no metadata": "no tokens.json", "no lengths": "tokens.lengths.npy is corrupt or incomplete"}.get(
+        damage, "tokens.array_record is corrupt or incomplete")
     with pytest.raises(BitNetError, match=message):
-        _streams(parse_source(f"array_record:{out}"), ByteTokenizer())
+        train, held = _streams(parse_source(f"array_record:{out}"), ByteTokenizer())
+        np.asarray(train)
     with pytest.raises(BitNetError, match="found no tokens.array_record"):
         _streams(parse_source(f"array_record:{tmp_path}"), ByteTokenizer())
 
