@@ -3,6 +3,7 @@
     bitnet-jax train --config configs/tiny.py [--set key=value ...] [--out DIR]
     bitnet-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
     bitnet-jax bench train [--config FILE] [--set key=value ...] [--repeats N] [--json FILE]
+    bitnet-jax tokenize --corpus SOURCE --out DIR [--tokenizer PATH | --vocab-size N]
 
 Errors caused by the input (`BitNetError`) print one message and exit with status 2.
 """
@@ -60,7 +61,48 @@ def _parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
     bench_train.add_argument("--json", help="also write the timings to this JSON file")
     bench_train.set_defaults(func=_bench_train)
+
+    tok = commands.add_parser("tokenize", help="pre-tokenize a corpus once into an ArrayRecord token folder")
+    tok.add_argument("--corpus", required=True,
+                     help="one source as in a run config: a folder, 'jsonl:PATH', 'parquet:PATH', or a dict such as "
+                          "\"{'kind': 'jsonl', 'path': 'a.jsonl', 'field': 'content'}\"")
+    tok.add_argument("--out", required=True, help="the token folder to write (train with corpus='array_record:DIR')")
+    tok.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model or a folder with one (e.g. a run folder)")
+    tok.add_argument("--vocab-size", type=int, default=4096,
+                     help="without --tokenizer: train a sentencepiece tokenizer of this size (default 4096)")
+    tok.add_argument("--seed", type=int, default=0, help="seed of that tokenizer's training")
+    tok.set_defaults(func=_tokenize)
     return parser
+
+
+def _tokenize(args) -> int:
+    import ast
+    import dataclasses
+
+    from .documents import tokenize_to_folder, training_documents
+    from .run_config import RunConfig
+    from .sources import parse_source
+    from .tokenizer import load_tokenizer, train_sentencepiece
+
+    try:
+        spec = ast.literal_eval(args.corpus)
+    except (ValueError, SyntaxError):
+        spec = args.corpus
+    source = parse_source(spec, where="--corpus")
+    # Text folders take the run config's default suffixes, as in training.
+    suffixes = {f.name: f.default for f in dataclasses.fields(RunConfig)}["corpus_suffixes"]
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        docs, _, _ = training_documents(source, suffixes, heldout_fraction=0.02)
+        print(f"Training a {args.vocab_size}-piece sentencepiece tokenizer on {len(docs)} documents...")
+        texts = [d for d in docs if isinstance(d, str)]
+        files = [d for d in docs if not isinstance(d, str)]
+        tokenizer = train_sentencepiece(files, args.vocab_size, args.out, seed=args.seed, texts=texts)
+    meta = tokenize_to_folder(source, tokenizer, args.out, suffixes)
+    print(f"Wrote {meta['documents']} documents, {meta['tokens']} tokens ({meta['dtype']}) of {source.name} to "
+          f"{args.out}; train on it with --set corpus=array_record:{args.out}")
+    return 0
 
 
 def _train(args) -> int:

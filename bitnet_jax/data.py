@@ -1,5 +1,8 @@
 """Input pipeline: text files -> token stream (cached on disk) -> shuffled grain batches.
 
+Other sources (JSON Lines, Parquet, pre-tokenized ArrayRecord) become token streams in
+`documents.py`; several streams are mixed by weight in `make_train_iterator`.
+
 The embedded default corpus is this Python's own standard library source (`stdlib_source_files`):
 present on every machine that runs this package, ~10 MB of real code, no download.
 
@@ -20,7 +23,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grain
 import numpy as np
@@ -144,30 +147,46 @@ def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: Tokenizer,
     re-tokenizing.
     """
     paths = [Path(f) for f in files]
-    dtype = _token_dtype(tokenizer.vocab_size)
     if not paths:
-        return np.empty(0, dtype)
-    cache_path = None
-    if cache_dir is not None:
-        key = files_key(paths, extra=f"tokens:{tokenizer.fingerprint}")
-        cache_path = Path(cache_dir) / f"tokens-{key}.npy"
-        if cache_path.is_file():
-            return np.load(cache_path, mmap_mode="r")
+        return np.empty(0, _token_dtype(tokenizer.vocab_size))
+    key = files_key(paths, extra=f"tokens:{tokenizer.fingerprint}") if cache_dir is not None else None
+    return cached_stream(cache_dir, key, lambda: texts_to_stream(_read_texts(paths), tokenizer))
 
-    contents = [p.read_bytes() for p in paths]
-    texts = [data.decode("utf-8", errors="replace") for data in contents]
+
+def _read_texts(paths: Sequence[Path]) -> list[str]:
+    """The non-empty (not whitespace-only) files' texts, read as open() in text mode would."""
+    texts = [p.read_bytes().decode("utf-8", errors="replace") for p in paths]
     # Same universal-newline translation as open() in text mode.
-    texts = [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts if t.strip()]
-    docs = tokenizer.encode_batch(texts)
-    tokens_n = np.empty(sum(len(d) + 1 for d in docs), dtype)
+    return [t.replace("\r\n", "\n").replace("\r", "\n") for t in texts if t.strip()]
+
+
+def docs_to_stream(docs: Sequence[Sequence[int]], eos_id: int, vocab_size: int) -> np.ndarray:
+    """`doc_0 EOS doc_1 EOS ...`: [N] uint16 or int32."""
+    tokens_n = np.empty(sum(len(d) + 1 for d in docs), _token_dtype(vocab_size))
     pos = 0
     for doc in docs:
         tokens_n[pos:pos + len(doc)] = doc
-        tokens_n[pos + len(doc)] = tokenizer.eos_id
+        tokens_n[pos + len(doc)] = eos_id
         pos += len(doc) + 1
+    return tokens_n
 
-    if cache_path is None:
-        return tokens_n
+
+def texts_to_stream(texts: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
+    """The token stream of documents given as texts (none may be empty)."""
+    if not texts:
+        return np.empty(0, _token_dtype(tokenizer.vocab_size))
+    return docs_to_stream(tokenizer.encode_batch(list(texts)), tokenizer.eos_id, tokenizer.vocab_size)
+
+
+def cached_stream(cache_dir: str | os.PathLike | None, key: str | None,
+                  build: Callable[[], np.ndarray]) -> np.ndarray:
+    """`build()`, saved as `cache_dir/tokens-<key>.npy` and memory-mapped from there next time."""
+    if cache_dir is None or key is None:
+        return build()
+    cache_path = Path(cache_dir) / f"tokens-{key}.npy"
+    if cache_path.is_file():
+        return np.load(cache_path, mmap_mode="r")
+    tokens_n = build()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_path.with_name(f"{cache_path.stem}.{os.getpid()}.tmp.npy")
     np.save(tmp, tokens_n)
@@ -246,16 +265,21 @@ def _check_stream(tokens: np.ndarray, seq_len: int, batch_size: int, what: str) 
         )
 
 
-def _shuffle_seed(seed: int) -> int:
+def _shuffle_seed(seed: int, source: int = 0) -> int:
     # grain shuffles epoch e with seed + e, so seeds 0 and 1 would share all but one epoch;
-    # hashing the user's seed makes nearby seeds unrelated.
-    digest = hashlib.sha256(f"bitnet-jax-shuffle:{int(seed)}".encode()).digest()
+    # hashing the user's seed makes nearby seeds unrelated. Source 0 of a mixture keeps the
+    # single-source seed, so adding a source does not reorder the first one.
+    text = f"bitnet-jax-shuffle:{int(seed)}" + (f":{source}" if source else "")
+    digest = hashlib.sha256(text.encode()).digest()
     return int.from_bytes(digest[:4], "big") >> 1  # leave room for the per-epoch increment
 
 
-def make_train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, *,
-                        eos_id: int = EOS_ID, worker_count: int = 0,
-                        prefetch_batches: int = 2) -> grain.DatasetIterator:
+def make_train_iterator(tokens: np.ndarray | list[np.ndarray], seq_len: int, batch_size: int,
+                        seed: int, *, weights: Sequence[float] | None = None,
+                        names: Sequence[str] | None = None, eos_id: int = EOS_ID,
+                        worker_count: int = 0, prefetch_batches: int = 2,
+                        shard_index: int | None = None,
+                        shard_count: int | None = None) -> grain.DatasetIterator:
     """An endless iterator of training batches {"inputs", "targets", "segment_ids"}: int32 [B, T].
 
     Windows are shuffled with `seed`, reshuffled every epoch; batches run across epoch borders
@@ -263,15 +287,45 @@ def make_train_iterator(tokens: np.ndarray, seq_len: int, batch_size: int, seed:
     `it.get_state()` is a small dict, `it.set_state(state)` on a fresh iterator from the same
     arguments resumes exactly. `worker_count > 0` prepares batches in that many processes (same
     batches, but a state saved with one worker_count restores only with the same worker_count).
+
+    `tokens` may be a list of streams (one per source, named by `names` in errors) mixed by
+    `weights`: each source's windows are shuffled and repeated on their own, then interleaved
+    deterministically in those proportions (grain's `MapDataset.mix`), so a small source repeats
+    more often than a large one instead of running out.
+
+    With `shard_count` processes (default: `jax.process_count()`), this process
+    (`shard_index`, default `jax.process_index()`) gets every shard_count-th window of the global
+    order, `batch_size / shard_count` rows per batch: the processes' batches together are exactly
+    the single-process batch.
     """
-    _check_stream(tokens, seq_len, batch_size, "training")
-    ds = (
-        grain.MapDataset.source(_Windows(tokens, seq_len))
-        .shuffle(seed=_shuffle_seed(seed))
-        .repeat()
-        .batch(batch_size, drop_remainder=True)
-        .map(_ToBatch(eos_id))
-    )
+    # A list is a mixture; anything else is one stream (an array, or a lazy `DocumentStream`).
+    streams = list(tokens) if isinstance(tokens, (list, tuple)) else [tokens]
+    if not streams:
+        raise BitNetError("make_train_iterator got no token streams; pass at least one.")
+    if shard_count is None or shard_index is None:
+        import jax  # only here: the data pipeline itself does not need JAX
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if batch_size % shard_count:
+        raise BitNetError(f"batch_size={batch_size} must be a multiple of the number of processes "
+                          f"({shard_count}): each loads batch_size / processes rows.")
+    if len(streams) == 1:
+        _check_stream(streams[0], seq_len, batch_size, "training")
+    else:
+        names = list(names) if names is not None else [f"source {i}" for i in range(len(streams))]
+        weights = [1.0] * len(streams) if weights is None else list(weights)
+        if len(weights) != len(streams) or not all(w > 0 for w in weights):
+            raise BitNetError(f"Expected one positive weight per source ({len(streams)}); got {weights}.")
+        for stream, name in zip(streams, names):  # each source needs one window; repeats fill batches
+            if np.ndim(stream) != 1 or len(stream) < seq_len + 1:
+                raise BitNetError(f"The training data of {name} have {len(stream)} tokens; one window of "
+                                  f"{seq_len}+1 tokens needs at least {seq_len + 1}. Add documents to that "
+                                  "source, drop it, or use a smaller seq_len.")
+    parts = [grain.MapDataset.source(_Windows(stream, seq_len)).shuffle(seed=_shuffle_seed(seed, i)).repeat()
+             for i, stream in enumerate(streams)]
+    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    ds = ds.batch(batch_size // shard_count, drop_remainder=True).map(_ToBatch(eos_id))
     # One background thread overlaps batch building with the training step; the data are in
     # memory, so more threads only contend for the GIL.
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,

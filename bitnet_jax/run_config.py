@@ -21,6 +21,7 @@ from typing import Any
 
 from .config import BitNetConfig, check_known_keys
 from .errors import BitNetError
+from .sources import DataSource, parse_corpus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,8 +32,12 @@ class RunConfig:
     weight decay is `weight_decay` in stage one and 0 in stage two."""
 
     model: BitNetConfig
-    corpus: str = "stdlib"  # 'stdlib' (the embedded default) or a folder of text files
+    # 'stdlib' (the embedded default), a folder of text files, 'jsonl:PATH', 'parquet:PATH',
+    # 'array_record:PATH', a dict, or a list of them with weights: see bitnet_jax/sources.py.
+    corpus: str | tuple = "stdlib"
     corpus_suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst")
+    tokenizer: str = ""  # a tokenizer.json / tokenizer.model (or its folder); "" trains a sentencepiece
+    worker_count: int = 0  # grain worker processes preparing batches (0: a thread of this process)
     heldout_fraction: float = 0.02
     seq_len: int = 256
     batch_size: int = 16
@@ -63,7 +68,7 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _bad(name, value, "a positive integer")
-        for name in ("warmup_steps", "seed"):
+        for name in ("warmup_steps", "seed", "worker_count"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _bad(name, value, "a non-negative integer")
@@ -80,8 +85,14 @@ class RunConfig:
             _bad("grad_accum_steps", self.grad_accum_steps, f"a divisor of batch_size={self.batch_size}")
         if self.seq_len > self.model.max_position_embeddings:
             _bad("seq_len", self.seq_len, f"at most model.max_position_embeddings={self.model.max_position_embeddings}")
-        if not isinstance(self.corpus, str) or not self.corpus:
-            _bad("corpus", self.corpus, "'stdlib' or a folder of text files")
+        try:
+            sources = parse_corpus(self.corpus)
+        except BitNetError as e:
+            raise BitNetError(f"RunConfig.{e}" if str(e).startswith("corpus") else str(e)) from None
+        if not isinstance(self.corpus, str):  # lists and dicts: a hashable, normalized form
+            object.__setattr__(self, "corpus", sources)
+        if not isinstance(self.tokenizer, str):
+            _bad("tokenizer", self.tokenizer, "a path to tokenizer.json or tokenizer.model, or '' to train one")
         if isinstance(self.corpus_suffixes, list):
             object.__setattr__(self, "corpus_suffixes", tuple(self.corpus_suffixes))
         if not self.corpus_suffixes or not all(isinstance(s, str) for s in self.corpus_suffixes):
@@ -106,7 +117,14 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
         values["corpus_suffixes"] = list(self.corpus_suffixes)
+        if not isinstance(self.corpus, str):
+            values["corpus"] = [s.to_spec() for s in self.corpus]
         return {"model": self.model.to_dict(), **values}
+
+    @property
+    def sources(self) -> tuple[DataSource, ...]:
+        """The data sources `corpus` names (one, or a weighted mixture)."""
+        return parse_corpus(self.corpus)
 
 
 def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator, Protocol, Sequence
@@ -244,14 +245,34 @@ def load_tokenizer(folder: str | os.PathLike, bos_id: int | None = None,
     )
 
 
-def _training_sentences(text_files: Sequence[Path], max_bytes: int, seed: int,
+# Files a Hugging Face tokenizer folder may hold besides tokenizer.json: its special-token settings.
+_HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def copy_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
+    """Copies a loaded tokenizer's file (and a tokenizer.json's side files) into `out_dir`, so that
+    `load_tokenizer(out_dir)` gives the same tokenizer back."""
+    source = Path(tokenizer.path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = HF_TOKENIZER_FILE if isinstance(tokenizer, HFTokenizer) else SENTENCEPIECE_FILE
+    if (out / name).resolve() != source.resolve():
+        shutil.copy(source, out / name)
+    if isinstance(tokenizer, HFTokenizer):
+        for side in _HF_SIDE_FILES:
+            if (source.parent / side).is_file() and (out / side).resolve() != (source.parent / side).resolve():
+                shutil.copy(source.parent / side, out / side)
+
+
+def _training_sentences(documents: Sequence[Path | str], max_bytes: int, seed: int,
                         stats: dict) -> Iterator[str]:
-    """Multi-line chunks of the files, in a seeded file order, until max_bytes of UTF-8."""
-    order = list(text_files)
+    """Multi-line chunks of the documents (files, read when reached, or texts), in a seeded
+    order, until max_bytes of UTF-8."""
+    order = list(documents)
     random.Random(seed).shuffle(order)
     total = 0
-    for path in order:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    for doc in order:
+        text = doc if isinstance(doc, str) else Path(doc).read_text(encoding="utf-8", errors="replace")
         chunk: list[str] = []
         chunk_bytes = 0
         for line in text.splitlines(keepends=True):
@@ -277,16 +298,18 @@ def _training_sentences(text_files: Sequence[Path], max_bytes: int, seed: int,
 
 def train_sentencepiece(text_files: Sequence[str | os.PathLike], vocab_size: int,
                         out_dir: str | os.PathLike, *, max_bytes: int = 16_000_000,
-                        seed: int = 0) -> SentencePieceTokenizer:
+                        seed: int = 0, texts: Sequence[str] | None = None) -> SentencePieceTokenizer:
     """Trains a BPE sentencepiece model for code and writes `out_dir/tokenizer.model`.
 
     Reads the files in an order shuffled by `seed` until `max_bytes` of text, so the result is a
     function of (files, vocab_size, max_bytes, seed). Pass only training-split files. The
-    stdlib (~10 MB) with vocab_size 4096 trains in a few seconds on 2 cores.
+    stdlib (~10 MB) with vocab_size 4096 trains in a few seconds on 2 cores. `texts` (documents
+    held in memory, e.g. read from JSON Lines) are used along with the files.
     """
     files = [Path(f) for f in text_files]
-    if not files:
-        raise BitNetError("train_sentencepiece got no text files; pass at least one file.")
+    documents = [*files, *(texts or ())]
+    if not documents:
+        raise BitNetError("train_sentencepiece got no text files or texts; pass at least one.")
     min_vocab = 4 + 256 + 1
     if vocab_size < min_vocab:
         raise BitNetError(
@@ -301,7 +324,7 @@ def train_sentencepiece(text_files: Sequence[str | os.PathLike], vocab_size: int
     start = time.perf_counter()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(files, max_bytes, seed, stats),
+            sentence_iterator=_training_sentences(documents, max_bytes, seed, stats),
             model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -326,7 +349,7 @@ def train_sentencepiece(text_files: Sequence[str | os.PathLike], vocab_size: int
                 else "use a smaller vocab_size or more text")
         raise BitNetError(
             f"sentencepiece could not train a {vocab_size}-token vocabulary on "
-            f"{stats.get('bytes', 0)} bytes from {len(files)} files ({e}); {hint}."
+            f"{stats.get('bytes', 0)} bytes from {len(documents)} documents ({e}); {hint}."
         ) from e
     path = out / SENTENCEPIECE_FILE
     tmp = path.with_suffix(".model.tmp")

@@ -2,7 +2,7 @@
 
 A run folder is self-contained:
   run.json          the RunConfig (model config included)
-  tokenizer.model   the sentencepiece tokenizer the data was encoded with
+  tokenizer.model   the tokenizer the data was encoded with (or tokenizer.json, see corpus.py)
   checkpoints/N/    orbax checkpoints: `params`, `opt_state` and `meta` (step, data iterator state)
   metrics.jsonl     one JSON object per logged step: step, loss, learning_rate, tokens_per_s,
                     and eval_loss where evaluated
@@ -11,7 +11,6 @@ A run folder is self-contained:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -28,13 +27,13 @@ import optax
 import orbax.checkpoint as ocp
 
 from . import data
+from .corpus import prepare_corpus
 from .errors import BitNetError
 from .model import BitNetLM, init_params
 from .run_config import RunConfig
-from .tokenizer import load_tokenizer, train_sentencepiece
+from .tokenizer import load_tokenizer
 
 RUN_FILE = "run.json"
-TOKENIZER_FILE = "tokenizer.model"
 
 
 # Optimizer.
@@ -117,48 +116,6 @@ def make_eval_step(model: BitNetLM):
     return jax.jit(lambda params, batch: training_loss(params, model, batch)[1])
 
 
-# Data.
-@dataclasses.dataclass
-class Corpus:
-    tokenizer: object
-    train_tokens: np.ndarray
-    eval_tokens: np.ndarray
-
-
-def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
-    """Finds the corpus, trains (or reuses) the tokenizer, tokenizes both splits (cached)."""
-    if run.corpus == "stdlib":
-        files, root = data.stdlib_source_files(), data.stdlib_root()
-    else:
-        files, root = data.text_files(run.corpus, run.corpus_suffixes), run.corpus
-    train_files, eval_files = data.split_files(files, root, run.heldout_fraction)
-    tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
-    if os.path.isfile(tokenizer_path):
-        tokenizer = load_tokenizer(out_dir)
-    else:
-        key = data.files_key(train_files, extra=f"spm-{run.model.vocab_size}-{run.tokenizer_max_bytes}-{run.seed}")
-        tokenizer_dir = os.path.join(cache_dir, f"tokenizer-{key}")
-        if os.path.isfile(os.path.join(tokenizer_dir, TOKENIZER_FILE)):
-            tokenizer = load_tokenizer(tokenizer_dir)
-        else:
-            print(f"Training a {run.model.vocab_size}-piece sentencepiece tokenizer on {len(train_files)} files...")
-            tokenizer = train_sentencepiece(train_files, run.model.vocab_size, tokenizer_dir,
-                                            max_bytes=run.tokenizer_max_bytes, seed=run.seed)
-        shutil.copy(os.path.join(tokenizer_dir, TOKENIZER_FILE), tokenizer_path)
-    _check_tokenizer(tokenizer, run)
-    train_tokens = data.tokenize_files(train_files, tokenizer, cache_dir)
-    eval_tokens = data.tokenize_files(eval_files, tokenizer, cache_dir)
-    return Corpus(tokenizer, train_tokens, eval_tokens)
-
-
-def _check_tokenizer(tokenizer, run: RunConfig):
-    m = run.model
-    if tokenizer.vocab_size != m.vocab_size or tokenizer.eos_id not in m.eos_ids:
-        raise BitNetError(
-            f"The tokenizer has vocab_size={tokenizer.vocab_size}, eos={tokenizer.eos_id}; the model config "
-            f"expects vocab_size={m.vocab_size}, eos={m.eos_token_id}. Use a fresh --out folder or make them agree.")
-
-
 # The loop.
 def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True) -> dict:
     """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics."""
@@ -173,7 +130,8 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     eval_step = make_eval_step(model)
     eos_id = corpus.tokenizer.eos_id
     train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed,
-                                          eos_id=eos_id)
+                                          weights=corpus.weights, names=corpus.names, eos_id=eos_id,
+                                          worker_count=run.worker_count)
     eval_batches = data.make_eval_batches(corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches,
                                           eos_id=eos_id)
 
@@ -236,6 +194,7 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
             raise
         finally:
             bar.close()
+            train_iter.close()  # stops grain's prefetch thread and worker processes now, not at exit
             manager.wait_until_finished()
             plot_losses(history, os.path.join(out_dir, "loss.png"))
     return last
