@@ -4,6 +4,10 @@
     bitnet-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
     bitnet-jax bench train [--config FILE] [--set key=value ...] [--repeats N] [--json FILE]
     bitnet-jax tokenize --corpus SOURCE --out DIR [--tokenizer PATH | --vocab-size N]
+    bitnet-jax convert SRC DST [--lm-head int8|int8-tied|float]
+    bitnet-jax chat --model DIR
+    bitnet-jax bench kernels [--threads N] [--json FILE]
+    bitnet-jax bench generate --preset b1.58-2b4t --random-weights [--threads N] [--json FILE]
 
 Errors caused by the input (`BitNetError`) print one message and exit with status 2.
 """
@@ -50,8 +54,27 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--verbose", action="store_true", help="print timing after the text")
+    gen.add_argument("--backend", choices=("ffi", "xla"), default=None,
+                     help="ffi: our C++ ternary kernels; xla: XLA ops only (default: ffi for packed folders, "
+                          "xla for training parameters)")
+    gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     gen.set_defaults(func=_generate)
+
+    convert = commands.add_parser("convert", help="pack a model (run folder or HF BitNet folder) for serving")
+    convert.add_argument("src", help="a bitnet-jax run folder or a local Hugging Face BitNet folder")
+    convert.add_argument("dst", help="the packed folder to write")
+    convert.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default="int8",
+                         help="int8 (default): per-row int8 lm_head; int8-tied: also the tied input embedding; "
+                              "float: as it is")
+    convert.set_defaults(func=_convert)
+
+    chat = commands.add_parser("chat", help="interactive chat with a model (chat template from tokenizer_config.json)")
+    chat.add_argument("--model", required=True, help="a packed, run or Hugging Face folder")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--system", default=None, help="a system message")
+    chat.set_defaults(func=_chat)
 
     bench = commands.add_parser("bench", help="benchmarks, measured side by side in one run")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -61,6 +84,28 @@ def _parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
     bench_train.add_argument("--json", help="also write the timings to this JSON file")
     bench_train.set_defaults(func=_bench_train)
+    bench_kernels = benches.add_parser("kernels", help="ternary / int8 FFI kernels against XLA's dense dot, 2B4T shapes")
+    bench_kernels.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
+    bench_kernels.add_argument("--rows", default="1,8,128", help="activation rows M (default 1,8,128)")
+    bench_kernels.add_argument("--isa", default=None, help="comma-separated kernel paths (default: all this CPU runs)")
+    bench_kernels.add_argument("--repeats", type=int, default=5)
+    bench_kernels.add_argument("--json", help="also write the timings to this JSON file")
+    bench_kernels.set_defaults(func=_bench_kernels)
+    bench_gen = benches.add_parser("generate", help="prefill / decode speed and memory, FFI vs XLA dense")
+    bench_gen.add_argument("--preset", default="b1.58-2b4t", help="model shape (default b1.58-2b4t)")
+    bench_gen.add_argument("--random-weights", action="store_true", required=True,
+                           help="random weights of the preset's shape, built in memory (no download)")
+    bench_gen.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
+    bench_gen.add_argument("--backends", default="ffi,xla", help="comma-separated: ffi, xla (default both)")
+    bench_gen.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default="int8")
+    bench_gen.add_argument("--prompt-tokens", type=int, default=128)
+    bench_gen.add_argument("--new-tokens", type=int, default=128, help="decoded tokens timed, FFI (default 128)")
+    bench_gen.add_argument("--xla-new-tokens", type=int, default=16,
+                           help="decoded tokens timed on the (slow) XLA dense path (default 16)")
+    bench_gen.add_argument("--xla-dtype", choices=("float32", "bfloat16"), default="float32")
+    bench_gen.add_argument("--repeats", type=int, default=3)
+    bench_gen.add_argument("--json", help="also write the results to this JSON file")
+    bench_gen.set_defaults(func=_bench_generate)
 
     tok = commands.add_parser("tokenize", help="pre-tokenize a corpus once into an ArrayRecord token folder")
     tok.add_argument("--corpus", required=True,
@@ -73,6 +118,85 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--seed", type=int, default=0, help="seed of that tokenizer's training")
     tok.set_defaults(func=_tokenize)
     return parser
+
+
+def _convert(args) -> int:
+    from .pack import pack, save_packed
+    from .tokenizer import copy_tokenizer
+
+    config, params, tokenizer = load_model(args.src)
+    save_packed(args.dst, config, pack(config, params, lm_head=args.lm_head))
+    copy_tokenizer(tokenizer, args.dst)
+    print(f"Packed {args.src} -> {args.dst} (2-bit ternary layers, lm_head {args.lm_head}).")
+    return 0
+
+
+def _chat(args) -> int:
+    from .chat import chat_loop
+
+    config, params, tokenizer = load_model(args.model)
+    return chat_loop(config, params, tokenizer, args.model, max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, system=args.system)
+
+
+def _bench_kernels(args) -> int:
+    from .bench_serve import set_threads
+
+    set_threads(args.threads)  # before JAX starts
+    from .bench_serve import bench_kernels, kernels_table, write_json
+    from .bench import cpu_name
+
+    rows = tuple(int(r) for r in args.rows.split(","))
+    isas = args.isa.split(",") if args.isa else None
+    results = bench_kernels(rows=rows, isas=isas, repeats=args.repeats)
+    print(f"CPU: {cpu_name()}, threads: {results[0].threads}\n")
+    print(kernels_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def _bench_generate(args) -> int:
+    import multiprocessing
+
+    from .errors import BitNetError
+    from .bench import cpu_name
+    from .bench_serve import generate_table, write_json
+    from .config import PRESETS
+
+    if args.preset not in PRESETS:
+        raise BitNetError(f"--preset {args.preset!r}: expected one of {sorted(PRESETS)}.")
+    if args.threads is not None and args.threads < 1:
+        raise BitNetError(f"--threads {args.threads}: expected a positive number of threads.")
+    backends = args.backends.split(",")
+    if not set(backends) <= {"ffi", "xla"}:
+        raise BitNetError(f"--backends {args.backends}: expected a comma-separated list of ffi, xla.")
+    # One child process per backend: each measures its own peak memory, with a fresh XLA.
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for backend in backends:
+        new_tokens = args.new_tokens if backend == "ffi" else args.xla_new_tokens
+        with context.Pool(1) as pool:
+            results.append(pool.apply(_bench_generate_child, (args.preset, backend, args.threads, args.lm_head,
+                                                              args.prompt_tokens, new_tokens, args.repeats,
+                                                              args.xla_dtype)))
+        print(generate_table(results[-1:]).splitlines()[-1], flush=True)
+    print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
+    print(generate_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype):
+    from .bench_serve import set_threads
+
+    set_threads(threads)
+    from .bench_serve import bench_generate
+    from .config import BitNetConfig
+
+    return bench_generate(BitNetConfig.preset(preset), backend, lm_head=lm_head, prompt_tokens=prompt_tokens,
+                          new_tokens=new_tokens, repeats=repeats, xla_dtype=xla_dtype)
 
 
 def _tokenize(args) -> int:
@@ -143,7 +267,7 @@ def _generate(args) -> int:
     start = time.perf_counter()
     new_ids = generate(config, params, [prompt_ids], args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=config.eos_ids,
-                       on_tokens=on_tokens)
+                       on_tokens=on_tokens, backend=args.backend)
     end = time.perf_counter()
     sys.stdout.write(stream.flush() + "\n")
     if args.verbose:
@@ -174,12 +298,17 @@ def _bench_train(args) -> int:
 def load_model(path: str):
     """(config, params, tokenizer) from a bitnet-jax run folder or a Hugging Face BitNet folder."""
     from .hf import load_hf
+    from .pack import is_packed_folder, load_packed
     from .tokenizer import load_tokenizer
     from .train import is_run_folder, load_run
 
     if is_run_folder(path):
         run, params, tokenizer = load_run(path)
         return run.model, params, tokenizer
+    if is_packed_folder(path):
+        config, params = load_packed(path)
+        return config, params, load_tokenizer(path, bos_id=config.bos_token_id,
+                                              eos_id=(config.eos_ids or (None,))[0])
     config, params = load_hf(path)
     return config, params, load_tokenizer(path, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
 

@@ -8,14 +8,13 @@ int8 rows with one scale each (`lm_head="int8"`, the serving default) or stays f
 
 A converted folder holds `config.json` (the model config, all of `BitNetConfig`, with a `bitnet_jax`
 entry naming the format, layout version and lm_head), `model.safetensors` (parameter paths joined by '.') and
-the tokenizer files of the source; `load_packed` reads it back without repacking.
+the tokenizer files of the source (`bitnet-jax convert`); `load_packed` reads it back without repacking.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +28,6 @@ from .serving import LM_HEADS
 
 PACKED_FORMAT = "bitnet_jax.packed"
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "generation_config.json")
 
 
 def is_packed(params) -> bool:
@@ -124,8 +121,9 @@ def _check_packable(config: BitNetConfig, lm_head: str):
 
 # --- the converted folder ----------------------------------------------------------------------
 
-def save_packed(folder: str, config: BitNetConfig, params, *, tokenizer_from: str | None = None) -> None:
-    """Writes packed parameters as a folder that `load_packed` (and `bitnet-jax generate`) reads."""
+def save_packed(folder: str, config: BitNetConfig, params) -> None:
+    """Writes packed parameters as a folder that `load_packed` (and `bitnet-jax generate`) reads.
+    (`bitnet-jax convert` also copies the tokenizer, with `tokenizer.copy_tokenizer`.)"""
     from safetensors.numpy import save_file
 
     if not is_packed(params):
@@ -140,11 +138,6 @@ def save_packed(folder: str, config: BitNetConfig, params, *, tokenizer_from: st
     os.replace(tmp, os.path.join(folder, "model.safetensors"))  # no half-written weights on a crash
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
-    if tokenizer_from:
-        for name in _TOKENIZER_FILES:
-            source = os.path.join(tokenizer_from, name)
-            if os.path.isfile(source):
-                shutil.copyfile(source, os.path.join(folder, name))
 
 
 def is_packed_folder(folder: str) -> bool:

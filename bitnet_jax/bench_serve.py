@@ -1,0 +1,360 @@
+"""Serving benchmarks: `bitnet-jax bench kernels` and `bitnet-jax bench generate`.
+
+Both compare our FFI kernels with XLA's dense path in the same run. Thread count: the kernels run
+on XLA's intra-op pool, whose size follows the CPUs this process may use, so `--threads N`
+restricts the process to N CPUs (`os.sched_setaffinity`) before JAX starts.
+
+Kernels are timed with their weights cycling through copies that together exceed the last-level
+cache (`working_set_mb`), so GB/s is weight traffic from DRAM, as in a real model whose layers
+stream past the cache one after another; each timed call runs a chain of calls inside one jit,
+so Python dispatch is not in the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from .errors import BitNetError
+
+# 2B4T: K x N of q/o, k/v, gate/up, down, and the tied lm_head.
+KERNEL_SHAPES = ((2560, 2560), (2560, 640), (2560, 6912), (6912, 2560), (2560, 128256))
+KERNEL_ROWS = (1, 8, 128)
+_WORKING_SET = 640 << 20  # > the 300 MB L3 of the largest machine seen here
+_MAX_CHAIN = 256
+
+
+def set_threads(threads: int | None) -> int:
+    """Restricts this process to `threads` CPUs (before JAX starts); returns the count in use."""
+    available = sorted(os.sched_getaffinity(0))
+    if threads is None:
+        return len(available)
+    if threads < 1:
+        raise BitNetError(f"--threads {threads}: expected a positive number of threads (at most {len(available)}).")
+    if threads > len(available):
+        raise BitNetError(f"--threads {threads}: this process may use only {len(available)} CPUs.")
+    import sys
+
+    if "jax" in sys.modules and threads != len(available):
+        raise BitNetError("set_threads must run before JAX is imported (XLA sizes its thread pool at start).")
+    os.sched_setaffinity(0, available[:threads])
+    return threads
+
+
+# --- kernels ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiming:
+    kernel: str      # "ternary", "int8", "xla_f32", "xla_bf16"
+    isa: str         # kernel path, or "xla"
+    M: int
+    K: int
+    N: int
+    threads: int
+    median_us: float
+    weight_bytes: int
+    gb_s: float      # weight bytes / median time
+    working_set_mb: float
+    times_us: tuple[float, ...]
+
+
+def _chain(fn, reps: int):
+    """jit of `reps` calls of fn(x, w_i, *rest) over distinct weight buffers, summed lightly."""
+    import jax
+
+    def chained(x, weights, *rest):
+        total = 0.0
+        for w in weights:
+            total = total + fn(x, w, *rest)[..., :1]
+        return total
+
+    return jax.jit(chained)
+
+
+def _time(call, repeats: int) -> list[float]:
+    import jax
+
+    jax.block_until_ready(call())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_kernels(*, rows=KERNEL_ROWS, shapes=KERNEL_SHAPES, isas: list[str] | None = None, repeats: int = 5,
+                  xla: bool = True, seed: int = 0) -> list[KernelTiming]:
+    """Times the serving kernels on every ISA (default: all this CPU runs) and XLA's dense f32 and
+    bf16 dot on the same shapes. The lm_head shape (N = 128256) uses the int8 kernel, the others
+    the ternary one."""
+    import jax
+    import jax.numpy as jnp
+
+    from . import ffi, layout
+
+    threads = len(os.sched_getaffinity(0))
+    isas = isas or ffi.available_isas()
+    rng = np.random.default_rng(seed)
+    previous = os.environ.get("BITNET_JAX_ISA")
+    results = []
+    try:
+        for k, n in shapes:
+            int8 = n > 100_000
+            if int8:
+                w8, scale = layout.quantize_int8_rows(rng.standard_normal((n, k), np.float32))
+                weight = jnp.asarray(layout.pack_int8(w8))
+                scale = jnp.asarray(scale)
+                fn = lambda x, w, s: ffi.int8_matmul(x, w, s)
+            else:
+                weight = jnp.asarray(layout.pack_ternary(rng.integers(-1, 2, (n, k), dtype=np.int8)))
+                scale = jnp.ones((1,), jnp.float32)
+                fn = lambda x, w, s, n=n: ffi.ternary_matmul(x, w, s, n)
+            for m in rows:
+                x = jnp.asarray(rng.standard_normal((m, k), np.float32))
+                reps = _reps(weight.nbytes, m)
+                weights = [weight.copy() for _ in range(reps)]
+                call = _chain(fn, reps)
+                for isa in isas:
+                    os.environ["BITNET_JAX_ISA"] = isa
+                    times = _time(lambda: call(x, weights, scale), repeats)
+                    results.append(_timing("int8" if int8 else "ternary", isa, m, k, n, threads, times, reps,
+                                           weight.nbytes))
+                del weights
+                if xla:
+                    for name, dtype in (("xla_f32", jnp.float32), ("xla_bf16", jnp.bfloat16)):
+                        dense = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
+                        reps = _reps(dense.nbytes, m)
+                        denses = [dense.copy() for _ in range(reps)]
+                        call = _chain(lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32),
+                                      reps)
+                        times = _time(lambda: call(x, denses), repeats)
+                        results.append(_timing(name, "xla", m, k, n, threads, times, reps, dense.nbytes))
+                        del denses, dense
+    finally:
+        if previous is None:
+            os.environ.pop("BITNET_JAX_ISA", None)
+        else:
+            os.environ["BITNET_JAX_ISA"] = previous
+    return results
+
+
+def _reps(nbytes: int, m: int) -> int:
+    reps = min(_MAX_CHAIN, max(2, math.ceil(_WORKING_SET / nbytes)))
+    return reps if m == 1 else min(reps, 8)  # batched rows are compute-bound: fewer copies do
+
+
+def _timing(kernel, isa, m, k, n, threads, times, reps, nbytes) -> KernelTiming:
+    per_call = [t / reps for t in times]
+    median = float(np.median(per_call))
+    return KernelTiming(kernel, isa, m, k, n, threads, median * 1e6, nbytes, nbytes / median / 1e9,
+                        reps * nbytes / 2**20, tuple(t * 1e6 for t in per_call))
+
+
+def kernels_table(results: list[KernelTiming]) -> str:
+    """Markdown: one row per (shape, M), one column per kernel / ISA, plus speedups over XLA f32."""
+    columns = []
+    for r in results:
+        key = r.kernel if r.isa == "xla" else f"{r.kernel}:{r.isa}"
+        if key not in columns:
+            columns.append(key)
+    by_key = {(r.K, r.N, r.M, r.kernel if r.isa == "xla" else f"{r.kernel}:{r.isa}"): r for r in results}
+    ours = [c for c in columns if not c.startswith("xla")]
+    lines = ["| K x N | M | " + " | ".join(f"{c} us (GB/s)" for c in ["ours"] + [c for c in columns if c.startswith("xla")])
+             + " | best ours vs xla_f32 |", "|---" * 5 + "|"]
+    for k, n, m in dict.fromkeys((r.K, r.N, r.M) for r in results):
+        cells, best = [], None
+        for c in ours:
+            r = by_key.get((k, n, m, c))
+            if r and (best is None or r.median_us < best.median_us):
+                best = r
+        cells.append(f"{best.median_us:.0f} ({best.gb_s:.1f}) {best.kernel}:{best.isa}" if best else "-")
+        for c in (c for c in columns if c.startswith("xla")):
+            r = by_key.get((k, n, m, c))
+            cells.append(f"{r.median_us:.0f} ({r.gb_s:.1f})" if r else "-")
+        f32 = by_key.get((k, n, m, "xla_f32"))
+        ratio = f"{f32.median_us / best.median_us:.1f}x" if f32 and best else "-"
+        lines.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + f" | {ratio} |")
+    per_isa = ["", "Per kernel path (median us):", "", "| K x N | M | " + " | ".join(ours) + " |",
+               "|---" * (2 + len(ours)) + "|"]
+    for k, n, m in dict.fromkeys((r.K, r.N, r.M) for r in results):
+        cells = [f"{by_key[(k, n, m, c)].median_us:.0f}" if (k, n, m, c) in by_key else "-" for c in ours]
+        per_isa.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + per_isa)
+
+
+# --- generation ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GenerateTiming:
+    backend: str           # "ffi" or "xla" (dense)
+    lm_head: str
+    threads: int
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tok_s: float
+    decode_tok_s: float
+    peak_rss_mb: float     # while serving (weights + runtime), after building the weights
+    weight_mb: float
+    isa: str
+
+
+# 81 bytes whose four 2-bit fields are all valid ternary codes (0, 1, 2).
+_VALID_CODE_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3)
+                              for c in range(3) for d in range(3)], np.uint8)
+
+
+def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0) -> dict:
+    """Random packed serving parameters of the config's shape, built without float weights."""
+    from . import layout
+
+    rng = np.random.default_rng(seed)
+    d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes = {"self_attn": {"q_proj": (d, heads), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (heads, d)},
+              "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}}
+    params: dict = {"layers": {"self_attn": {"attn_sub_norm": {"weight": np.ones((layers, heads), np.float32)}},
+                               "mlp": {"ffn_sub_norm": {"weight": np.ones((layers, f), np.float32)}},
+                               "input_layernorm": {"weight": np.ones((layers, d), np.float32)},
+                               "post_attention_layernorm": {"weight": np.ones((layers, d), np.float32)}},
+                    "norm": {"weight": np.ones((d,), np.float32)}}
+    for block, names in shapes.items():
+        for name, (k, n) in names.items():
+            g, row_bytes = layout.packed_ternary_shape(n, k)
+            codes = _VALID_CODE_BYTES[rng.integers(0, 81, (layers, g, row_bytes), dtype=np.uint8)]
+            params["layers"][block][name] = {"w_packed": codes,
+                                             "w_scale": np.full((layers, 1), 1.0 / math.sqrt(k), np.float32)}
+    v = config.vocab_size
+    if lm_head in ("int8", "int8-tied"):
+        w8 = rng.integers(-127, 128, (v, -(-d // 64) * 64), dtype=np.int8)
+        head = {"w_int8": w8, "w_scale": np.full((v,), 0.02 / 127, np.float32)}
+        params["lm_head" if lm_head == "int8" else "embed_tokens"] = head
+    if lm_head != "int8-tied":
+        embedding = rng.standard_normal((v, d), np.float32).astype(np.float32) * 0.02
+        import ml_dtypes
+
+        params["embed_tokens"] = {"embedding": embedding.astype(ml_dtypes.bfloat16)}
+    return params
+
+
+def dense_params(config, packed: dict, dtype) -> dict:
+    """Dense XLA-path parameters (weight_quant='none') holding the same weights as `packed`."""
+    import jax.numpy as jnp
+
+    from . import layout
+
+    out = {"layers": {}, "norm": packed["norm"], "embed_tokens": {}}
+    for key, value in packed["layers"].items():
+        if key not in ("self_attn", "mlp"):
+            out["layers"][key] = value
+            continue
+        out["layers"][key] = {}
+        for name, p in value.items():
+            if "w_packed" not in p:
+                out["layers"][key][name] = p
+                continue
+            layers, g, row_bytes = p["w_packed"].shape
+            kernels = []
+            for l in range(layers):
+                n = g * layout.ROWS_PER_GROUP  # random weights: the padded rows are real enough
+                k = row_bytes // layout.ROWS_PER_GROUP * 4
+                t = np.asarray(layout.unpack_ternary(p["w_packed"][l], n, k))
+                kernels.append(jnp.asarray((t.T * p["w_scale"][l, 0]), dtype))
+            out["layers"][key][name] = {"kernel": jnp.stack(kernels)}
+    embed = packed["embed_tokens"]
+    table = embed["embedding"] if "embedding" in embed else embed["w_int8"][:, :config.hidden_size]
+    out["embed_tokens"]["embedding"] = jnp.asarray(table, dtype)
+    return out
+
+
+def bench_generate(config, backend: str, *, lm_head: str = "int8", prompt_tokens: int = 128,
+                   new_tokens: int = 128, repeats: int = 3, xla_dtype: str = "float32",
+                   seed: int = 0) -> GenerateTiming:
+    """Prefill and decode speed of one backend on random weights of the config's shape.
+
+    Prefill tokens/s = prompt_tokens / time(generate 1 token); decode tokens/s = new_tokens /
+    (time(generate 1 + new_tokens) - time(generate 1)); medians of `repeats` after a compile run.
+    Peak RSS is the high-water mark from just after the weights are built (/proc/self/clear_refs).
+    """
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+
+    from . import ffi
+    from .generate import generate
+
+    packed = random_packed_params(config, lm_head=lm_head, seed=seed)
+    if backend == "ffi":
+        params = jax.tree.map(jnp.asarray, packed)
+        isa = ffi.selected_isa()
+    else:
+        config = config.replace(weight_quant="none")
+        params = dense_params(config, packed, jnp.dtype(xla_dtype))
+        config = config.replace(tie_word_embeddings=True)
+        lm_head, isa = f"tied {xla_dtype}", "xla"
+    del packed
+    gc.collect()
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    _reset_peak_rss()
+    prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
+
+    def run(n):
+        start = time.perf_counter()
+        generate(config, params, prompt, n)
+        return time.perf_counter() - start
+
+    run(1), run(1 + new_tokens)  # compile both
+    first = [run(1) for _ in range(repeats)]
+    full = [run(1 + new_tokens) for _ in range(repeats)]
+    prefill_s, total_s = float(np.median(first)), float(np.median(full))
+    return GenerateTiming(backend, lm_head, len(os.sched_getaffinity(0)), prompt_tokens, new_tokens,
+                          prompt_tokens / prefill_s, new_tokens / max(total_s - prefill_s, 1e-9),
+                          _peak_rss_mb(), weight_bytes / 2**20, isa)
+
+
+def _reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak then includes building the weights
+
+
+def _peak_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def generate_table(results: list[GenerateTiming]) -> str:
+    lines = ["| backend | lm_head | path | threads | prefill tok/s | decode tok/s | peak RSS MB | weights MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.backend} | {r.lm_head} | {r.isa} | {r.threads} | {r.prefill_tok_s:.1f} "
+                     f"({r.prompt_tokens}-token prompt) | {r.decode_tok_s:.2f} ({r.new_tokens} tokens) | "
+                     f"{r.peak_rss_mb:.0f} | {r.weight_mb:.0f} |")
+    ffi_rows = [r for r in results if r.backend == "ffi"]
+    xla_rows = [r for r in results if r.backend == "xla"]
+    if ffi_rows and xla_rows:
+        lines.append("")
+        lines.append(f"FFI vs XLA dense: decode {ffi_rows[0].decode_tok_s / xla_rows[0].decode_tok_s:.1f}x, "
+                     f"prefill {ffi_rows[0].prefill_tok_s / xla_rows[0].prefill_tok_s:.1f}x.")
+    return "\n".join(lines)
+
+
+def write_json(path: str, results) -> None:
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
