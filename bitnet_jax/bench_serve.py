@@ -215,9 +215,8 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0) -> dic
 
     rng = np.random.default_rng(seed)
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    heads, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    shapes = {"self_attn": {"q_proj": (d, heads), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (heads, d)},
-              "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}}
+    heads = config.num_attention_heads * config.head_dim
+    shapes = _linear_shapes(config)
     params: dict = {"layers": {"self_attn": {"attn_sub_norm": {"weight": np.ones((layers, heads), np.float32)}},
                                "mlp": {"ffn_sub_norm": {"weight": np.ones((layers, f), np.float32)}},
                                "input_layernorm": {"weight": np.ones((layers, d), np.float32)},
@@ -242,6 +241,14 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0) -> dic
     return params
 
 
+def _linear_shapes(config) -> dict:
+    """(K, N) of every BitLinear, by block and name."""
+    d, f = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"self_attn": {"q_proj": (d, heads), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (heads, d)},
+            "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}}
+
+
 def dense_params(config, packed: dict, dtype) -> dict:
     """Dense XLA-path parameters (weight_quant='none') holding the same weights as `packed`."""
     import jax.numpy as jnp
@@ -258,11 +265,9 @@ def dense_params(config, packed: dict, dtype) -> dict:
             if "w_packed" not in p:
                 out["layers"][key][name] = p
                 continue
-            layers, g, row_bytes = p["w_packed"].shape
+            k, n = _linear_shapes(config)[key][name]
             kernels = []
-            for l in range(layers):
-                n = g * layout.ROWS_PER_GROUP  # random weights: the padded rows are real enough
-                k = row_bytes // layout.ROWS_PER_GROUP * 4
+            for l in range(p["w_packed"].shape[0]):
                 t = np.asarray(layout.unpack_ternary(p["w_packed"][l], n, k))
                 kernels.append(jnp.asarray((t.T * p["w_scale"][l, 0]), dtype))
             out["layers"][key][name] = {"kernel": jnp.stack(kernels)}

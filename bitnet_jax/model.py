@@ -219,12 +219,13 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_btd, cache_kv, positions_bt, mask_bts):
         eps = self.config.rms_norm_eps
+        residual_dtype = x_btd.dtype
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
         h_btd, cache_kv = Attention(self.config, self.serving, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv)
         x_btd = x_btd + h_btd
         h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd))
-        # The residual stream keeps the parameters' dtype (bf16 params compute in bf16).
-        return (x_btd + h_btd).astype(x_btd.dtype), cache_kv
+        # The residual stream keeps the embedding's dtype (bf16 params compute in bf16).
+        return (x_btd + h_btd).astype(residual_dtype), cache_kv
 
 
 class BitNetLM(nn.Module):
