@@ -50,16 +50,51 @@ def _rescale(acc_mn, x_scale_m1, w_scale):
     return (acc_mn.astype(jnp.float32) * (1 / x_scale_m1)) * w_scale
 
 
+TENSOR_AXIS = "tensor"
+
+
 def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str) -> jax.Array:
-    """Serving BitLinear: float32 [..., N] from activations [..., K] and packed ternary weights."""
+    """Serving BitLinear: float32 [..., N] from activations [..., K] and packed ternary weights.
+
+    Under a mesh with a 'tensor' axis (`jax.set_mesh`), the FFI call runs tensor-parallel: each
+    device multiplies the activations with its own row groups of the weights (a shard_map over
+    N), instead of a bare custom call, which would make XLA all-gather the weights onto every
+    device first.
+    """
     if backend == "ffi":
         from . import ffi
 
+        parts = _tensor_parts()
+        if parts > 1 and n % (layout.ROWS_PER_GROUP * parts) == 0:
+            return _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts)
         return ffi.ternary_matmul(x_mk, w_packed, w_scale, n, act_bits)
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
     t_nk = layout.unpack_ternary(w_packed, n, x_mk.shape[-1])
     acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), t_nk, preferred_element_type=jnp.int32)
     return _rescale(acc, x_scale, w_scale)
+
+
+def _tensor_parts() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or TENSOR_AXIS not in mesh.axis_names:
+        return 1
+    return mesh.shape[TENSOR_AXIS]
+
+
+def _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts):
+    """Columns split over the 'tensor' axis: whole 4-row groups per device, so every shard is a
+    valid packed matrix of n / parts rows. Activations are replicated; each device quantizes
+    the same rows identically, so the result equals the single-device call bit for bit."""
+    from jax.sharding import PartitionSpec as P
+
+    from . import ffi
+
+    per_channel = w_scale.shape[-1] != 1
+    lead = (None,) * (x_mk.ndim - 1)
+    local = lambda x, w, s: ffi.ternary_matmul(x, w, s, n // parts, act_bits)
+    return jax.shard_map(
+        local, in_specs=(P(), P(TENSOR_AXIS), P(TENSOR_AXIS) if per_channel else P()),
+        out_specs=P(*lead, TENSOR_AXIS), check_vma=False)(x_mk, w_packed, w_scale)
 
 
 def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array:

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "layout.h"
 
@@ -22,6 +23,8 @@ namespace bitnet {
 namespace {
 
 constexpr int kMaxTileRows = 4;
+// Activation rows per tile of the prefill kernel: 4 x 6 accumulators + 4 code registers + 1.
+constexpr int kPrefillTileRows = 6;
 
 // ---------------------------------------------------------------------------------------------
 // Scalar twins: the layout read literally, one weight at a time.
@@ -184,6 +187,43 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
       acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
 }
 
+// Prefill: with many activation rows, a group's 4 weight rows are unpacked once into int8 codes
+// [4][kp] (L1/L2-resident) and every row tile of x reads them with plain loads, so the inner loop
+// is loads + vpdpbusd only (the unpacking shifts would otherwise compete for the same ports).
+BITNET_AVX512 void UnpackGroupAvx512(const uint8_t* w_g, int64_t kb, int8_t* codes_rk) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  const int64_t kp = kb * kBlockK;
+  for (int64_t b = 0; b < kb; ++b) {
+    for (int r = 0; r < kRowsPerGroup; ++r) {
+      __m512i packed = _mm512_loadu_si512(w_g + b * kGroupBlockBytes + r * kBlockBytes);
+      for (int j = 0; j < 4; ++j) {
+        _mm512_storeu_si512(codes_rk + r * kp + b * kBlockK + 64 * j, _mm512_and_si512(packed, mask));
+        packed = _mm512_srli_epi16(packed, 2);
+      }
+    }
+  }
+}
+
+template <int MT>
+BITNET_AVX512 void TernaryCodesAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum,
+                                      const int8_t* codes_rk, int64_t n0, int64_t n_total,
+                                      int32_t* acc_out) {
+  __m512i acc[kRowsPerGroup][MT];
+  for (int r = 0; r < kRowsPerGroup; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < kp; k += 64) {
+    __m512i codes[kRowsPerGroup];
+    for (int r = 0; r < kRowsPerGroup; ++r) codes[r] = _mm512_loadu_si512(codes_rk + r * kp + k);
+    for (int mi = 0; mi < MT; ++mi) {
+      const __m512i xv = _mm512_loadu_si512(x + mi * kp + k);
+      for (int r = 0; r < kRowsPerGroup; ++r) acc[r][mi] = _mm512_dpbusd_epi32(acc[r][mi], codes[r], xv);
+    }
+  }
+  for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r)
+    for (int mi = 0; mi < MT; ++mi)
+      acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
+}
+
 // Up to 4 int8 rows against MT activation rows. vpdpbusd wants one unsigned operand: use
 // x + 128 (x ^ 0x80 as u8, exact for every int8) and subtract 128 * sum_k w[n, k], which a second
 // vpdpbusd against a vector of ones accumulates on the side.
@@ -219,10 +259,12 @@ BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, int64_t kp, const int8_t* w, 
 // ---------------------------------------------------------------------------------------------
 // Tiling over activation rows: full tiles of kMaxTileRows, then one smaller tile.
 
-template <template <int> class Kernel, typename... Args>
+template <template <int> class Kernel, int Tile = kMaxTileRows, typename... Args>
 void ForRowTiles(int64_t rows, int64_t kp, const int8_t* x_q, const int32_t* x_sum,
                  int32_t* acc, int64_t acc_stride, Args... args) {
   int64_t m = 0;
+  for (; m + Tile <= rows; m += Tile)
+    Kernel<Tile>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...);
   for (; m + kMaxTileRows <= rows; m += kMaxTileRows)
     Kernel<kMaxTileRows>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...);
   switch (rows - m) {
@@ -246,6 +288,14 @@ struct TernaryTileAvx512 {
   static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp, int64_t kb,
                   const uint8_t* w_g, int64_t n0, int64_t n_total) {
     TernaryGroupAvx512<MT>(x, kp, x_sum, kb, w_g, n0, n_total, acc);
+  }
+};
+
+template <int MT>
+struct TernaryCodesTileAvx512 {
+  static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp,
+                  const int8_t* codes_rk, int64_t n0, int64_t n_total) {
+    TernaryCodesAvx512<MT>(x, kp, x_sum, codes_rk, n0, n_total, acc);
   }
 };
 
@@ -277,6 +327,15 @@ void TernaryGemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
   }
   // Group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile of x
   // passes over them.
+  if (isa == Isa::kAvx512Vnni && rows > kMaxTileRows) {
+    std::vector<int8_t> codes_rk(kRowsPerGroup * kp);
+    for (int64_t g = g_begin; g < g_end; ++g) {
+      UnpackGroupAvx512(w + g * kb * kGroupBlockBytes, kb, codes_rk.data());
+      ForRowTiles<TernaryCodesTileAvx512, kPrefillTileRows>(rows, kp, x_q, x_sum, acc, n_total, kp,
+                                                            codes_rk.data(), g * kRowsPerGroup, n_total);
+    }
+    return;
+  }
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
     const int64_t n0 = g * kRowsPerGroup;
