@@ -129,18 +129,21 @@ def _check_x(op: str, x, k: int | None = None, integer: bool = False):
     return x
 
 
-def ternary_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8) -> jax.Array:
+def ternary_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=None) -> jax.Array:
     """Serving BitLinear in one custom call: y [..., N] float32 =
     (sum_k Q(x)[..., k] * t[n, k]) * (1 / x_scale) * w_scale, Q the per-row absmax quantizer.
 
     x: float32 or bfloat16 [..., K]; w_packed: uint8 from `layout.pack_ternary` (t [N, K]);
     w_scale: float32 [1] (per tensor) or [N] (per output row).
+    layer: with stacked weights (w_packed [L, G, X], w_scale [L, S]), the layer to use (an int32
+      scalar, may be traced): the kernel reads it in place, where `w_packed[layer]` would copy.
     """
     from . import layout
 
     x = _check_x("ternary_matmul", x)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
     attrs = dict(n=np.int64(n), act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION))
-    return _rowwise("bitnet_ternary_matmul", jnp.float32, n, attrs, x, w_packed, w_scale)
+    return _rowwise("bitnet_ternary_matmul", jnp.float32, n, attrs, x, w_packed, w_scale, layer)
 
 
 def ternary_matmul_i32(x_q, w_packed, n: int) -> jax.Array:

@@ -19,7 +19,7 @@ from jax.experimental import io_callback
 
 from .config import BitNetConfig
 from .errors import BitNetError
-from .model import BitNetLM, KVCache
+from .model import BitNetLM, KVCache, serving_variables
 from .pack import is_packed, lm_head_kind, pack
 from .serving import BACKENDS, ServingSpec
 
@@ -85,10 +85,11 @@ def _serving_params(config: BitNetConfig, params, backend: str | None):
 def _generate(params, prompt_bt, lengths_b, rng, *, config, serving, max_new_tokens, sampling, stop_ids, on_tokens):
     model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
-    embedding = params["embed_tokens"].get("embedding")
-    cache_dtype = embedding.dtype if embedding is not None else jnp.float32
+    # Serving computes in f32; training parameters in their own dtype (bf16 stays bf16).
+    cache_dtype = jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
+    variables = serving_variables(params) if serving is not None else {"params": params}
     cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=cache_dtype)
-    logits_bv, cache = model.apply({"params": params}, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
+    logits_bv, cache = model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0
 
@@ -111,7 +112,7 @@ def _generate(params, prompt_bt, lengths_b, rng, *, config, serving, max_new_tok
         i, out_bn, cache, done_b, rng = state
         positions_b1 = (lengths_b + i - 1)[:, None]
         previous_b1 = jax.lax.dynamic_slice_in_dim(out_bn, i - 1, 1, axis=1)
-        logits_b1v, cache = model.apply({"params": params}, previous_b1, positions_bt=positions_b1, cache=cache)
+        logits_b1v, cache = model.apply(variables, previous_b1, positions_bt=positions_b1, cache=cache)
         out_bn, done_b, rng = emit(i, logits_b1v[:, 0], out_bn, done_b, rng)
         return i + 1, out_bn, cache, done_b, rng
 

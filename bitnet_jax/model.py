@@ -33,6 +33,9 @@ from . import layout, serving as serve
 from .config import BitNetConfig
 from .quant import fake_quant_act, fake_quant_weight
 
+# The variable collection of packed serving weights (see TernaryLinear and `serving_variables`).
+PACKED = "packed"
+
 # Added to masked attention scores: large enough to zero them after softmax, finite so that a
 # fully masked row (a padding query) gives a uniform average instead of NaN.
 _MASKED = -1e30
@@ -100,24 +103,28 @@ class BitLinear(nn.Module):
 class TernaryLinear(nn.Module):
     """Serving BitLinear on packed weights (from `bitnet_jax.pack`): never builds a float kernel.
 
-    Parameters: `w_packed` uint8 [G, KB*256] (layout.py) and `w_scale` float32 [1] (per tensor)
-    or [N] (per channel).
+    Its weights live in the "packed" collection, stacked over layers and broadcast into the
+    layer scan: `w_packed` uint8 [L, G, KB*256] (layout.py) and `w_scale` float32 [L, 1] (per
+    tensor) or [L, N] (per channel). The FFI kernel reads layer `layer` of the stack in place;
+    a scanned parameter would instead be sliced, i.e. copied, on every step.
     """
 
     features: int
     spec: serve.ServingSpec
+    num_layers: int
     per_channel: bool = False
     input_norm_eps: float | None = None
 
     @nn.compact
-    def __call__(self, x_bk):
+    def __call__(self, x_bk, layer):
         if self.input_norm_eps is not None:
             x_bk = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bk)
-        packed_shape = layout.packed_ternary_shape(self.features, x_bk.shape[-1])
-        w_packed = self.param("w_packed", nn.initializers.zeros, packed_shape, jnp.uint8)
-        w_scale = self.param("w_scale", nn.initializers.ones, (self.features if self.per_channel else 1,),
-                             jnp.float32)
-        y = serve.ternary_linear(x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend)
+        packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bk.shape[-1]))
+        w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
+        w_scale = self.variable(PACKED, "w_scale", jnp.ones,
+                                (self.num_layers, self.features if self.per_channel else 1), jnp.float32).value
+        y = serve.ternary_linear(x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend,
+                                 layer)
         return y.astype(x_bk.dtype)
 
 
@@ -140,11 +147,47 @@ class Int8Embed(nn.Module):
         return serve.int8_linear(x_bd, self.w_int8, self.w_scale, self.spec.act_bits, self.spec.backend)
 
 
-def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str) -> nn.Module:
-    """The block's linear layer: fake-quant BitLinear for training, TernaryLinear for serving."""
+def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str, layer):
+    """The block's linear layer, as a function of x: fake-quant BitLinear for training,
+    TernaryLinear (on layer `layer` of the packed stack) for serving."""
     if serving is None:
         return BitLinear(features, QuantSpec.of(config), config.initializer_range, name=name)
-    return TernaryLinear(features, serving, config.weight_quant == "channel", config.linear_norm_eps, name=name)
+    linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant == "channel",
+                           config.linear_norm_eps, name=name)
+    return lambda x: linear(x, layer)
+
+
+def serving_variables(params) -> dict:
+    """Flax variables for `BitNetLM(config, serving).apply` from packed parameters: the packed
+    weights go to the "packed" collection (broadcast into the layer scan), the rest to "params"."""
+    rest, packed = {}, {}
+    for key, value in params.items():
+        if key == "layers":
+            rest[key], packed[key] = {}, {}
+            for block, tree in value.items():
+                if block not in ("self_attn", "mlp"):
+                    rest[key][block] = tree
+                    continue
+                rest[key][block], packed[key][block] = {}, {}
+                for name, leaf in tree.items():
+                    ours = {k: v for k, v in leaf.items() if k in ("w_packed", "w_scale")}
+                    if ours:
+                        packed[key][block][name] = ours
+                    others = {k: v for k, v in leaf.items() if k not in ("w_packed", "w_scale")}
+                    if others:
+                        rest[key][block][name] = others
+        else:
+            rest[key] = value
+    return {"params": rest, PACKED: packed}
+
+
+def merge_serving_variables(variables) -> dict:
+    """The inverse of `serving_variables`: one parameter tree."""
+    merged = jax.tree.map(lambda x: x, variables["params"])
+    for block, tree in variables.get(PACKED, {}).get("layers", {}).items():
+        for name, leaf in tree.items():
+            merged["layers"].setdefault(block, {}).setdefault(name, {}).update(leaf)
+    return merged
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -170,11 +213,11 @@ class Attention(nn.Module):
     serving: serve.ServingSpec | None = None
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, mask_bts, cache_kv):
+    def __call__(self, x_btd, positions_bt, mask_bts, cache_kv, layer=None):
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, _ = x_btd.shape
-        linear = lambda features, name: _linear(c, self.serving, features, name)
+        linear = lambda features, name: _linear(c, self.serving, features, name, layer)
         q_btnh = linear(n * h, "q_proj")(x_btd).reshape(b, t, n, h)
         k_btkh = linear(k * h, "k_proj")(x_btd).reshape(b, t, k, h)
         v_btkh = linear(k * h, "v_proj")(x_btd).reshape(b, t, k, h)
@@ -202,9 +245,9 @@ class MLP(nn.Module):
     serving: serve.ServingSpec | None = None
 
     @nn.compact
-    def __call__(self, x_btd):
+    def __call__(self, x_btd, layer=None):
         c = self.config
-        linear = lambda features, name: _linear(c, self.serving, features, name)
+        linear = lambda features, name: _linear(c, self.serving, features, name, layer)
         gate_btf = linear(c.intermediate_size, "gate_proj")(x_btd)
         up_btf = linear(c.intermediate_size, "up_proj")(x_btd)
         act_btf = jnp.square(jax.nn.relu(gate_btf)) if c.hidden_act == "relu2" else jax.nn.silu(gate_btf)
@@ -217,13 +260,13 @@ class DecoderLayer(nn.Module):
     serving: serve.ServingSpec | None = None
 
     @nn.compact
-    def __call__(self, x_btd, cache_kv, positions_bt, mask_bts):
+    def __call__(self, x_btd, cache_kv, positions_bt, mask_bts, layer):
         eps = self.config.rms_norm_eps
         residual_dtype = x_btd.dtype
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
-        h_btd, cache_kv = Attention(self.config, self.serving, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv)
+        h_btd, cache_kv = Attention(self.config, self.serving, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv, layer)
         x_btd = x_btd + h_btd
-        h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd))
+        h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd), layer)
         # The residual stream keeps the embedding's dtype (bf16 params compute in bf16).
         return (x_btd + h_btd).astype(residual_dtype), cache_kv
 
@@ -266,10 +309,14 @@ class BitNetLM(nn.Module):
             embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
                              name="embed_tokens")
         x_btd = embed(input_ids_bt)
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
+        if self.serving is not None:
+            x_btd = x_btd.astype(jnp.float32)  # serving computes in f32 (XLA:CPU's bf16 ops are slow)
+        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, variable_broadcast=PACKED,
+                         split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast, 0),
+                         length=c.num_hidden_layers)
         cache_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
-        x_btd, cache_out = layers(c, self.serving, name="layers")(x_btd, cache_in, positions_bt, mask_bts)
+        layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        x_btd, cache_out = layers(c, self.serving, name="layers")(x_btd, cache_in, positions_bt, mask_bts, layer_l)
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:

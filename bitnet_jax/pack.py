@@ -153,7 +153,7 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    from .model import BitNetLM
+    from .model import BitNetLM, merge_serving_variables
     from .serving import ServingSpec
 
     config_path = os.path.join(folder, "config.json")
@@ -187,7 +187,7 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
 
     spec = ServingSpec(lm_head=meta.get("lm_head", "int8"), act_bits=config.act_bits)
     expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    _check_against(expected["params"], params, weights)
+    _check_against(merge_serving_variables(expected), params, weights)
     return config, params
 
 

@@ -53,8 +53,9 @@ def _rescale(acc_mn, x_scale_m1, w_scale):
 TENSOR_AXIS = "tensor"
 
 
-def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str) -> jax.Array:
-    """Serving BitLinear: float32 [..., N] from activations [..., K] and packed ternary weights.
+def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str, layer=None) -> jax.Array:
+    """Serving BitLinear: float32 [..., N] from activations [..., K] and packed ternary weights
+    (w_packed [G, X], w_scale [S]; or stacked [L, G, X], [L, S] with `layer` selecting one).
 
     Under a mesh with a 'tensor' axis (`jax.set_mesh`), the FFI call runs tensor-parallel: each
     device multiplies the activations with its own row groups of the weights (a shard_map over
@@ -66,8 +67,10 @@ def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str)
 
         parts = _tensor_parts()
         if parts > 1 and n % (layout.ROWS_PER_GROUP * parts) == 0:
-            return _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts)
-        return ffi.ternary_matmul(x_mk, w_packed, w_scale, n, act_bits)
+            return _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer)
+        return ffi.ternary_matmul(x_mk, w_packed, w_scale, n, act_bits, layer)
+    if w_packed.ndim == 3:
+        w_packed, w_scale = w_packed[layer], w_scale[layer]
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
     t_nk = layout.unpack_ternary(w_packed, n, x_mk.shape[-1])
     acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), t_nk, preferred_element_type=jnp.int32)
@@ -81,7 +84,7 @@ def _tensor_parts() -> int:
     return mesh.shape[TENSOR_AXIS]
 
 
-def _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts):
+def _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
     """Columns split over the 'tensor' axis: whole 4-row groups per device, so every shard is a
     valid packed matrix of n / parts rows. Activations are replicated; each device quantizes
     the same rows identically, so the result equals the single-device call bit for bit."""
@@ -91,10 +94,12 @@ def _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts):
 
     per_channel = w_scale.shape[-1] != 1
     lead = (None,) * (x_mk.ndim - 1)
-    local = lambda x, w, s: ffi.ternary_matmul(x, w, s, n // parts, act_bits)
+    stack = (None,) * (w_packed.ndim - 2)  # the layer axis, if stacked, is not split
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    local = lambda x, w, s, i: ffi.ternary_matmul(x, w, s, n // parts, act_bits, i)
     return jax.shard_map(
-        local, in_specs=(P(), P(TENSOR_AXIS), P(TENSOR_AXIS) if per_channel else P()),
-        out_specs=P(*lead, TENSOR_AXIS), check_vma=False)(x_mk, w_packed, w_scale)
+        local, in_specs=(P(), P(*stack, TENSOR_AXIS), P(*stack, TENSOR_AXIS) if per_channel else P(), P()),
+        out_specs=P(*lead, TENSOR_AXIS), check_vma=False)(x_mk, w_packed, w_scale, layer)
 
 
 def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array:

@@ -139,6 +139,12 @@ def test_batch_axes_and_vmap():
     packed_2 = np.stack([packed, layout.pack_ternary(t2)])
     both = jax.vmap(lambda xi, wi: ffi.ternary_matmul(xi, wi, w_scale, 9))(x, packed_2)
     np.testing.assert_array_equal(np.asarray(both[1]), np.asarray(_ternary_reference(x[1], t2, w_scale)))
+    # Stacked layers: the kernel reads layer i of [L, G, X] in place, as if given that layer alone.
+    stacked, scales = np.stack([packed, layout.pack_ternary(t2)]), np.array([[0.25], [0.5]], np.float32)
+    one = ffi.ternary_matmul(x, stacked, scales, 9, layer=jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(_ternary_reference(x, t2, scales[1])))
+    with pytest.raises(Exception, match="layer 2 is outside the 2 layers"):
+        ffi.ternary_matmul(x, stacked, scales, 9, layer=2).block_until_ready()
     # Empty batches pass through.
     assert ffi.ternary_matmul(np.zeros((0, 70), np.float32), packed, w_scale, 9).shape == (0, 9)
 
@@ -160,7 +166,8 @@ def test_bad_inputs_raise_instead_of_crashing(monkeypatch):
         ffi.ternary_matmul(np.ones((2, 300), np.int32), packed, scale, 8)
     with pytest.raises(Exception, match="layout version 2.*reads version 1.*convert"):
         call = jax.ffi.ffi_call("bitnet_ternary_matmul", jax.ShapeDtypeStruct((2, 8), jnp.float32))
-        call(x, packed, scale, n=np.int64(8), act_bits=np.int64(8), layout_version=np.int64(2)).block_until_ready()
+        call(x, packed, scale, np.int32(0), n=np.int64(8), act_bits=np.int64(8),
+             layout_version=np.int64(2)).block_until_ready()
     with pytest.raises(Exception, match=r"act_bits must be in \[2, 8\]"):
         ffi.ternary_matmul(x, packed, scale, 8, act_bits=9).block_until_ready()
     with pytest.raises(Exception, match=r"int8 weights for K=300 inputs must be int8 \[N, 320\]"):

@@ -17,6 +17,7 @@ import pytest
 
 from bitnet_jax import BitNetConfig, BitNetLM, generate, init_params, load_hf
 from bitnet_jax.errors import BitNetError
+from bitnet_jax.model import serving_variables
 from bitnet_jax.pack import is_packed, load_packed, pack, save_packed
 from bitnet_jax.serving import ServingSpec
 
@@ -60,7 +61,7 @@ def test_packed_forward_equals_fake_quant_forward(overrides):
     packed = pack(config, params, lm_head="float")
     assert is_packed(packed) and not is_packed(params)
     for backend in ("ffi", "xla"):
-        got = jax.jit(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)).apply)({"params": packed}, ids)
+        got = jax.jit(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)).apply)(serving_variables(packed), ids)
         assert relative_error(got, want) < 1e-5, backend
 
 
@@ -110,7 +111,7 @@ def test_ffi_greedy_equals_transformers_on_hf_fixtures(hf_case):
     packed = pack(config, params, lm_head="float")
     new_ids = generate(config, packed, expected["greedy_prompts"], expected["greedy_new_ids"].shape[1])
     np.testing.assert_array_equal(new_ids, expected["greedy_new_ids"])
-    logits = jax.jit(BitNetLM(config, ServingSpec("ffi", "float")).apply)({"params": packed}, expected["input_ids"])
+    logits = jax.jit(BitNetLM(config, ServingSpec("ffi", "float")).apply)(serving_variables(packed), expected["input_ids"])
     assert relative_error(logits, expected["logits"]) < 2e-3  # the bound of test_hf_parity.py
 
 
@@ -123,9 +124,9 @@ def test_int8_lm_head_error_on_hf_fixtures(hf_case):
     19-44% greedy agreement on these small random models: hence not the default.)"""
     config, params, expected = hf_case
     ids = expected["input_ids"]
-    float_logits = BitNetLM(config, ServingSpec("ffi", "float")).apply({"params": pack(config, params, lm_head="float")}, ids)
+    float_logits = BitNetLM(config, ServingSpec("ffi", "float")).apply(serving_variables(pack(config, params, lm_head="float")), ids)
     packed = pack(config, params)
-    int8_logits = BitNetLM(config, ServingSpec("ffi", "int8")).apply({"params": packed}, ids)
+    int8_logits = BitNetLM(config, ServingSpec("ffi", "int8")).apply(serving_variables(packed), ids)
     assert 1e-3 < relative_error(int8_logits, float_logits) < 1.5e-2
     assert np.mean(np.argmax(int8_logits, -1) == np.argmax(float_logits, -1)) >= 0.9
     new_ids = generate(config, packed, expected["greedy_prompts"], expected["greedy_new_ids"].shape[1])

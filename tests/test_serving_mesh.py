@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from bitnet_jax import BitNetConfig, BitNetLM, init_params
+    from bitnet_jax.model import serving_variables
     from bitnet_jax.pack import pack
     from bitnet_jax.serving import ServingSpec
 
@@ -31,20 +32,21 @@ SCRIPT = textwrap.dedent('''
     params = pack(config, params, lm_head="float")
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)), jnp.int32)
     model = BitNetLM(config, ServingSpec("ffi", "float"))
-    want = jax.jit(model.apply)({"params": params}, ids)
+    want = jax.jit(model.apply)(serving_variables(params), ids)
 
     def spec(path, x):  # packed row groups (and per-channel scales) over 'tensor'
         if path[-1].key == "w_packed" or (path[-1].key == "w_scale" and x.shape[-1] != 1):
-            return P(None, "tensor")
+            return P(None, "tensor")  # [L, G, X], [L, N]
         return P()
 
+    params = serving_variables(params)
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     with jax.set_mesh(mesh):
         sharded = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.device_put(x, NamedSharding(mesh, spec(p, x))), params)
         forward = jax.jit(model.apply)
-        got = forward({"params": sharded}, ids)
-        hlo = forward.lower({"params": sharded}, ids).compile().as_text()
+        got = forward(sharded, ids)
+        hlo = forward.lower(sharded, ids).compile().as_text()
     calls = [l for l in hlo.splitlines() if "custom_call_target=\\"bitnet_ternary_matmul\\"" in l]
     print("calls", len(calls))
     print("local_shapes", sorted(set(re.findall(r"= (f32\\[[0-9,]+\\])", " ".join(calls)))))

@@ -1,7 +1,11 @@
 // XLA FFI handlers of the serving matmuls (CPU): ternary (2-bit packed) and int8 weights.
 //
-//   bitnet_ternary_matmul      x [..., K] f32|bf16, w packed (layout.h), w_scale f32 [1 | N]
+//   bitnet_ternary_matmul      x [..., K] f32|bf16, w packed (layout.h), w_scale f32 [1 | N],
+//                              layer int32 []
 //                              -> y f32 [..., N] = (acc * (1 / x_scale)) * w_scale
+//                              w and w_scale may carry a leading layer axis ([L, G, X], [L, S]):
+//                              the call then reads layer `layer` in place, so a scan over
+//                              stacked layers passes the whole stack and nothing is copied.
 //   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
 //   bitnet_int8_matmul         x [..., K] f32|bf16, w int8 [N, Kp], w_scale f32 [N] -> y f32
 //   bitnet_int8_matmul_i32     x_q int8 [..., K], w int8 [N, Kp] -> acc int32 [..., N]
@@ -194,25 +198,53 @@ void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t ro
   });
 }
 
+// Drops the leading layer axis of a stacked operand: the dimensions of one layer, and its offset.
+struct LayerView {
+  ffi::AnyBuffer::Dimensions dims;
+  int64_t offset = 0;  // elements
+};
+
+ffi::Error SelectLayer(const std::string& op, const char* what, ffi::AnyBuffer::Dimensions dims,
+                       size_t layer_rank, int64_t layer, LayerView* view) {
+  view->dims = dims;
+  view->offset = 0;
+  if (dims.size() != layer_rank + 1) return ffi::Error::Success();
+  if (layer < 0 || layer >= dims[0]) {
+    return Invalid(op, std::string("layer ") + std::to_string(layer) + " is outside the " +
+                           std::to_string(dims[0]) + " layers of " + what + " " + ShapeString(dims));
+  }
+  view->dims = ffi::AnyBuffer::Dimensions(dims.begin() + 1, dims.size() - 1);
+  int64_t per_layer = 1;
+  for (size_t i = 1; i < dims.size(); ++i) per_layer *= dims[i];
+  view->offset = layer * per_layer;
+  return ffi::Error::Success();
+}
+
 ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w,
-                             ffi::Buffer<ffi::F32> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> y,
-                             int64_t n, int64_t act_bits, int64_t layout_version) {
+                             ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
+                             ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t n, int64_t act_bits,
+                             int64_t layout_version) {
   const std::string op = "bitnet_ternary_matmul";
   Rows shape;
   int64_t kb;
   Isa isa;
+  LayerView w_view, s_view;
   if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (layer_buf.element_count() != 1) return Invalid(op, "expected a scalar int32 layer index");
+  const int64_t layer = layer_buf.typed_data()[0];
+  if (auto e = SelectLayer(op, "w", w.dimensions(), 2, layer, &w_view); e.failure()) return e;
+  if (auto e = SelectLayer(op, "w_scale", w_scale.dimensions(), 1, layer, &s_view); e.failure()) return e;
   if (auto e = CheckActivations(op, x.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckTernaryWeights(op, w.dimensions(), shape.k, n, &kb); e.failure()) return e;
-  if (auto e = CheckScale(op, w_scale.dimensions(), n, /*per_tensor_ok=*/true); e.failure()) return e;
+  if (auto e = CheckTernaryWeights(op, w_view.dims, shape.k, n, &kb); e.failure()) return e;
+  if (auto e = CheckScale(op, s_view.dims, n, /*per_tensor_ok=*/true); e.failure()) return e;
   if (auto e = CheckOutput(op, x.dimensions(), y->dimensions(), n); e.failure()) return e;
   if (auto e = Select(op, &isa); e.failure()) return e;
   if (shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
   if (auto e = QuantizeInput(op, x, shape, kb * kBlockK, act_bits, &xq); e.failure()) return e;
   std::vector<int32_t> acc(shape.rows * n);
-  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data(), n, acc.data());
-  Rescale(acc.data(), xq, w_scale.typed_data(), w_scale.element_count() == 1, shape.rows, n,
+  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data() + w_view.offset, n, acc.data());
+  Rescale(acc.data(), xq, w_scale.typed_data() + s_view.offset, s_view.dims[0] == 1, shape.rows, n,
           y->typed_data());
   return ffi::Error::Success();
 }
@@ -288,6 +320,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::AnyBuffer>()           // x: activations [..., K], float32 or bfloat16
         .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes [G, KB * 256] (layout.h)
         .Arg<ffi::Buffer<ffi::F32>>()    // w_scale: [1] (per tensor) or [N] (per output row)
+        .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, which layer of stacked w / w_scale
         .Ret<ffi::Buffer<ffi::F32>>()    // y: [..., N]
         .Attr<int64_t>("n")              // N, the output features (G * 4 rounds it up)
         .Attr<int64_t>("act_bits")       // bits of the per-row activation quantizer
