@@ -308,9 +308,10 @@ class BitNetLM(nn.Module):
         else:
             embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
                              name="embed_tokens")
-        x_btd = embed(input_ids_bt)
-        if self.serving is not None:
-            x_btd = x_btd.astype(jnp.float32)  # serving computes in f32 (XLA:CPU's bf16 ops are slow)
+        if self.serving is not None and head != "int8-tied":
+            x_btd = serve.float_embed(embed.embedding, input_ids_bt)
+        else:
+            x_btd = embed(input_ids_bt)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, variable_broadcast=PACKED,
                          split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast, 0),
                          length=c.num_hidden_layers)
