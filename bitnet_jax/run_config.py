@@ -48,6 +48,9 @@ class RunConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is the global batch)
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), which keeps the softmax normalizer near 1
+    # Device mesh (data, fsdp, tensor), see sharding.py; -1 = all devices left over. The default
+    # is data parallelism over every device (one device: plain single-device training).
+    mesh: tuple[int, int, int] = (-1, 1, 1)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -82,6 +85,12 @@ class RunConfig:
             _bad("seq_len", self.seq_len, f"at most model.max_position_embeddings={self.model.max_position_embeddings}")
         if not isinstance(self.corpus, str) or not self.corpus:
             _bad("corpus", self.corpus, "'stdlib' or a folder of text files")
+        if isinstance(self.mesh, list):  # from JSON
+            object.__setattr__(self, "mesh", tuple(self.mesh))
+        if (not isinstance(self.mesh, tuple) or len(self.mesh) != 3 or self.mesh.count(-1) > 1
+                or not all(isinstance(a, int) and not isinstance(a, bool) and (a >= 1 or a == -1) for a in self.mesh)):
+            _bad("mesh", self.mesh, "three positive integers (data, fsdp, tensor), one of which may be -1 for "
+                 "'all remaining devices', e.g. (2, 2, 2) or (-1, 1, 1)")
         if isinstance(self.corpus_suffixes, list):
             object.__setattr__(self, "corpus_suffixes", tuple(self.corpus_suffixes))
         if not self.corpus_suffixes or not all(isinstance(s, str) for s in self.corpus_suffixes):
@@ -106,6 +115,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
         values["corpus_suffixes"] = list(self.corpus_suffixes)
+        values["mesh"] = list(self.mesh)
         return {"model": self.model.to_dict(), **values}
 
 
