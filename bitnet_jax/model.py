@@ -222,8 +222,8 @@ class BitNetLM(nn.Module):
         if c.tie_word_embeddings:
             logits = embed.attend(x_btd)
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, name="lm_head",
-                              kernel_init=_logical(nn.initializers.normal(c.initializer_range), ("embed", "vocab")))(x_btd)
+            init = _logical(nn.initializers.normal(c.initializer_range), ("embed", "vocab"))
+            logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=init, name="lm_head")(x_btd)
         logits = logits.astype(jnp.float32)
         if logits.ndim == 3:  # [B, T, V]; split over vocab too, the largest activation of training
             logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -150,7 +150,8 @@ def train_shardings(model: BitNetLM, optimizer: optax.GradientTransformation, me
 
 def init_sharded(model: BitNetLM, seed: int, shardings: dict) -> dict:
     """The parameters of `init_params(config, seed)`, created directly in their shards (no
-    device ever holds the whole model). Same values: JAX's random bits do not depend on sharding."""
+    device ever holds the whole model). Same values: JAX's random bits do not depend on sharding
+    (`jax_threefry_partitionable`, on by default)."""
     init = lambda: nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32)))["params"]
     return jax.jit(init, out_shardings=shardings)()
 
@@ -175,7 +176,7 @@ def _process_rows(sharding: NamedSharding, shape) -> slice:
         stops.append(shape[0] if index[0].stop is None else index[0].stop)
     rows = slice(min(starts), max(stops))
     held = sum(stop - start for start, stop in {(a, b) for a, b in zip(starts, stops)})
-    if held != rows.stop - rows.start:  # jax.make_mesh keeps each process's devices together
-        raise BitNetError(f"This process's devices hold batch rows that are not contiguous ({sorted(zip(starts, stops))}); "
-                          "order the mesh devices by process.")
+    if held != rows.stop - rows.start:  # not with make_mesh, which keeps each process's devices together
+        raise RuntimeError(f"This process's devices hold batch rows {sorted(set(zip(starts, stops)))}, not one "
+                           "block: order the mesh devices by process.")
     return rows
