@@ -194,10 +194,20 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     optimizer = make_optimizer(run)
     shardings = sharding.train_shardings(model, optimizer, mesh)
 
+    # With several processes (multi-host), process 0 alone writes the run folder; the others read
+    # the tokenizer and token cache after it has made them.
+    primary = jax.process_index() == 0
+    say = print if primary else (lambda *args, **kwargs: None)
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(out_dir, exist_ok=True)
-    _write_or_check_run_file(run, out_dir)
-    corpus = prepare_corpus(run, out_dir, cache_dir)
+    _write_or_check_run_file(run, out_dir, write=False)  # every process refuses a mismatched folder
+    _sync("run folder checked")
+
+    def prepare():
+        if primary:
+            _write_or_check_run_file(run, out_dir)
+        return prepare_corpus(run, out_dir, cache_dir)
+    corpus = _primary_first(prepare)
 
     train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
                                  shardings=shardings)
@@ -221,26 +231,28 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
         params, opt_state, step, iter_state, bad_steps = restore_checkpoint(manager, out_dir, params_like,
                                                                             opt_state_like)
         if bad_steps:  # set them aside, so that this run can save those steps again
-            _set_aside(out_dir, bad_steps)
+            if primary:
+                _set_aside(out_dir, bad_steps)
+            _sync("corrupt checkpoints set aside")
             manager = _checkpoint_manager(out_dir, run)  # re-reads the steps
         train_iter.set_state(iter_state)
-        print(f"Resumed from step {step} in {out_dir}")
+        say(f"Resumed from step {step} in {out_dir}")
 
     evaluate = lambda: float(np.mean([eval_step(params, batch) for batch in eval_batches]))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    history = _read_metrics(metrics_path, up_to=step)
+    history = _read_metrics(metrics_path, up_to=step) if primary else []
+    record = (lambda r: (history.append(r), _append_metrics(metrics_path, r))) if primary else (lambda r: None)
     tokens_per_step = run.batch_size * run.seq_len
     schedule = learning_rate_schedule(run)
-    bar = _progress_bar(run.steps, step, progress)
-    last = {}
+    bar = _progress_bar(run.steps, step, progress and primary)
+    last, stopping = {}, False
     with _StopSignals() as stop:
         try:
             if step == 0:
                 last = {"step": 0, "eval_loss": evaluate()}
-                history.append(last)
-                _append_metrics(metrics_path, last)
+                record(last)
             window_start, window_steps = time.perf_counter(), 0
-            while step < run.steps and not stop.requested:
+            while step < run.steps and not stopping:
                 batch = sharding.global_batch(next(train_iter), shardings.batch)
                 params, opt_state, loss = train_step(params, opt_state, batch)
                 step += 1
@@ -254,28 +266,57 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
                             "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
                     if step % run.eval_every == 0 or step == run.steps:
                         last["eval_loss"] = evaluate()
-                    history.append(last)
-                    _append_metrics(metrics_path, last)
+                    record(last)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                     **({"eval": f"{last['eval_loss']:.3f}"} if "eval_loss" in last else {}))
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
                 if step % run.checkpoint_every == 0 or step == run.steps:
                     save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
-            if stop.requested:
+                stopping = _stop_agreed(stop.requested, step, run.log_every)
+            if stopping or (stop.requested and jax.process_count() == 1):
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            print(f"\nInterrupted at step {step}: saving a checkpoint...")
+            say(f"\nInterrupted at step {step}: saving a checkpoint...")
             save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
             manager.wait_until_finished()
-            print(f"Saved; run `bitnet-jax train` with --out {out_dir} again to resume.")
+            say(f"Saved; run `bitnet-jax train` with --out {out_dir} again to resume.")
             raise
         finally:
             bar.close()
             manager.wait_until_finished()
-            plot_losses(history, os.path.join(out_dir, "loss.png"))
+            if primary:
+                plot_losses(history, os.path.join(out_dir, "loss.png"))
     return last
+
+
+def _sync(name: str):
+    """A barrier across processes (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _primary_first(fn):
+    """`fn()` on process 0, then on the others, which then find the files it wrote."""
+    if jax.process_index() == 0:
+        result = fn()
+        _sync("process 0 first")
+        return result
+    _sync("process 0 first")
+    return fn()
+
+
+def _stop_agreed(requested: bool, step: int, every: int) -> bool:
+    """Whether to stop after this step. Processes must stop at the same step (a checkpoint is a
+    collective save), so with several they agree every `every` steps: any request stops all."""
+    if jax.process_count() == 1:
+        return requested
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(requested))))
 
 
 class _StopSignals:
@@ -382,7 +423,7 @@ def read_run_file(run_dir: str) -> RunConfig:
     return RunConfig.from_dict(values, source=path)
 
 
-def _write_or_check_run_file(run: RunConfig, out_dir: str):
+def _write_or_check_run_file(run: RunConfig, out_dir: str, write: bool = True):
     path = os.path.join(out_dir, RUN_FILE)
     if os.path.isfile(path):
         previous = read_run_file(out_dir)
@@ -391,8 +432,9 @@ def _write_or_check_run_file(run: RunConfig, out_dir: str):
             raise BitNetError(
                 f"{out_dir} holds a run with a different model (fields {changed} differ): use another --out "
                 "folder to start a new run, or the same config to resume.")
-    with open(path, "w") as f:
-        json.dump(run.to_dict(), f, indent=2)
+    if write:
+        with open(path, "w") as f:
+            json.dump(run.to_dict(), f, indent=2)
 
 
 def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:

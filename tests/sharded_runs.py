@@ -1,4 +1,5 @@
-"""Training runs for test_sharding.py, shared by its two sides.
+"""Training runs for test_sharding.py (shared by its two sides) and test_multiprocess.py, and the
+comparisons both make.
 
 The test process (one CPU device) runs the references; this file, run as a script with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`, runs the same training on meshes of 8
@@ -20,7 +21,10 @@ import numpy as np
 
 from bitnet_jax import BitNetLM, cli, init_params, sharding
 from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import load_run, make_optimizer, make_train_step
+from bitnet_jax.train import learning_rate_schedule, load_run, make_optimizer, make_train_step
+
+CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
+                "keyword.py", "linecache.py", "queue.py", "sched.py", "this.py", "tabnanny.py", "calendar.py"]
 
 # A model small enough to compile quickly, with every sharded size divisible by 8. lr 1e-3: at
 # larger rates, float noise grows faster along the trajectory (see test_sharding.py).
@@ -93,6 +97,29 @@ def train_steps(weight_quant: str, mesh_shape=None, grad_accum_steps: int = 1):
 
 def flat(params) -> dict[str, np.ndarray]:
     return {"/".join(k.key for k in path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def adam_ratio_bound(t: int, b1: float, b2: float) -> float:
+    """max |m_hat / sqrt(v_hat)| after t Adam steps, over all gradient sequences (Cauchy-Schwarz)."""
+    k = np.arange(t)
+    return float((1 - b1) / (1 - b1 ** t) * np.sqrt(np.sum(b1 ** (2 * k) / b2 ** k) * (1 - b2 ** t) / (1 - b2)))
+
+
+def max_param_drift(run, steps: int) -> float:
+    """How far apart two AdamW runs can push one element in `steps` steps, whatever their gradients."""
+    schedule = learning_rate_schedule(run)
+    return sum(2 * float(schedule(t)) * adam_ratio_bound(t + 1, run.adam_b1, run.adam_b2) for t in range(steps))
+
+
+def assert_same_training(params_init, params_ref, params_got, run, steps):
+    ref, got, init = flat(params_ref), params_got, flat(params_init)
+    assert set(got) == set(ref)
+    bound = max_param_drift(run, steps) + 1e-6
+    for name in ref:
+        np.testing.assert_array_less(np.abs(got[name] - ref[name]), bound, err_msg=name)
+    update_ref = np.concatenate([(ref[k] - init[k]).ravel() for k in sorted(ref)])
+    update_got = np.concatenate([(got[k] - init[k]).ravel() for k in sorted(ref)])
+    assert np.linalg.norm(update_got - update_ref) < 0.1 * np.linalg.norm(update_ref)
 
 
 def cli_args(corpus: str, out: str, *extra: str) -> list[str]:

@@ -40,10 +40,8 @@ import sharded_runs
 from bitnet_jax import BitNetError, BitNetLM, cli, init_params, sharding
 from bitnet_jax.data import stdlib_root
 from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import learning_rate_schedule, load_run, prepare_corpus
+from bitnet_jax.train import load_run, prepare_corpus
 
-CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
-                "keyword.py", "linecache.py", "queue.py", "sched.py", "this.py", "tabnanny.py", "calendar.py"]
 CASE_IDS = [sharded_runs.case_name(*case) for case in sharded_runs.CASES]
 
 
@@ -53,7 +51,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharding")
     corpus = root / "corpus"
     corpus.mkdir()
-    for name in CORPUS_FILES:
+    for name in sharded_runs.CORPUS_FILES:
         shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
     cache = root / "cache"
     previous_cache = os.environ.get("BITNET_JAX_CACHE")
@@ -88,29 +86,6 @@ def runs(tmp_path_factory):
             "results": json.loads((out / "results.json").read_text())}
 
 
-def adam_ratio_bound(t: int, b1: float, b2: float) -> float:
-    """max |m_hat / sqrt(v_hat)| after t Adam steps, over all gradient sequences (Cauchy-Schwarz)."""
-    k = np.arange(t)
-    return float((1 - b1) / (1 - b1 ** t) * np.sqrt(np.sum(b1 ** (2 * k) / b2 ** k) * (1 - b2 ** t) / (1 - b2)))
-
-
-def max_param_drift(run, steps: int) -> float:
-    """How far apart two AdamW runs can push one element in `steps` steps, whatever their gradients."""
-    schedule = learning_rate_schedule(run)
-    return sum(2 * float(schedule(t)) * adam_ratio_bound(t + 1, run.adam_b1, run.adam_b2) for t in range(steps))
-
-
-def assert_same_training(params_init, params_ref, params_got, run, steps):
-    ref, got, init = sharded_runs.flat(params_ref), params_got, sharded_runs.flat(params_init)
-    assert set(got) == set(ref)
-    bound = max_param_drift(run, steps) + 1e-6
-    for name in ref:
-        np.testing.assert_array_less(np.abs(got[name] - ref[name]), bound, err_msg=name)
-    update_ref = np.concatenate([(ref[k] - init[k]).ravel() for k in sorted(ref)])
-    update_got = np.concatenate([(got[k] - init[k]).ravel() for k in sorted(ref)])
-    assert np.linalg.norm(update_got - update_ref) < 0.1 * np.linalg.norm(update_ref)
-
-
 def case_results(runs, name):
     prefix = f"{name}/params/"
     params = {k[len(prefix):]: v for k, v in runs["arrays"].items() if k.startswith(prefix)}
@@ -129,7 +104,7 @@ def test_sharded_training_equals_one_device(runs, case):
     np.testing.assert_allclose(losses[0], ref_losses[0], rtol=5e-5)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-3)
     run = sharded_runs.step_run(weight_quant)
-    assert_same_training(init_params(run.model, run.seed), ref_params, params, run, sharded_runs.STEPS)
+    sharded_runs.assert_same_training(init_params(run.model, run.seed), ref_params, params, run, sharded_runs.STEPS)
     # The kernels really were split by the rules: up_proj [L, D, F] is P(layers, embed, mlp) =
     # P(None, fsdp, tensor).
     data, fsdp, tensor = mesh
@@ -151,7 +126,7 @@ def test_resume_on_another_mesh_equals_uninterrupted_one_device_run(runs):
 
     run, params_whole, _ = load_run(str(runs["whole"]))
     params = {k[len("resumed/params/"):]: v for k, v in runs["arrays"].items() if k.startswith("resumed/params/")}
-    assert_same_training(init_params(run.model, run.seed), params_whole, params, run, run.steps)
+    sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, params, run, run.steps)
 
 
 @pytest.mark.parametrize("name, expected", [
