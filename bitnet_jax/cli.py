@@ -1,6 +1,7 @@
 """The `bitnet-jax` command line: `train` a model from scratch, `generate` text from one.
 
     bitnet-jax train --config configs/tiny.py [--set key=value ...] [--out DIR]
+        [--coordinator-address HOST:PORT --num-processes N --process-id I | --distributed]
     bitnet-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
     bitnet-jax bench train [--config FILE] [--set key=value ...] [--repeats N] [--json FILE]
     bitnet-jax tokenize --corpus SOURCE --out DIR [--tokenizer PATH | --vocab-size N]
@@ -44,6 +45,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config field, e.g. --set steps=100 --set model.weight_quant=channel")
     train.add_argument("--out", help="run folder (default: runs/<config name>)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    multi = train.add_argument_group(
+        "multi-process training", "Start one process per host (or per GPU) with the same arguments except "
+        "--process-id; the mesh then spans the devices of all of them. Unset flags fall back to the environment "
+        "variables named.")
+    multi.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                       metavar="HOST:PORT", help="process 0's address and a free port ($JAX_COORDINATOR_ADDRESS)")
+    multi.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                       help="how many processes take part ($JAX_NUM_PROCESSES)")
+    multi.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                       help="this process's rank, 0 .. N-1 ($JAX_PROCESS_ID)")
+    multi.add_argument("--distributed", action="store_true",
+                       help="multi-process with every setting detected by JAX (Slurm, Open MPI, Cloud TPU, Kubernetes)")
     train.set_defaults(func=_train)
 
     gen = commands.add_parser("generate", help="generate text from a run folder or a Hugging Face BitNet folder")
@@ -229,11 +242,37 @@ def _tokenize(args) -> int:
     return 0
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value and value.strip().isdigit() else None
+
+
+def _init_distributed(args):
+    """`jax.distributed.initialize` when any multi-process setting is given; it must run before JAX
+    touches a device."""
+    settings = (args.coordinator_address, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in settings):
+        return
+    import jax
+
+    from .errors import BitNetError
+
+    try:
+        jax.distributed.initialize(*settings)
+    except ValueError as e:  # a setting JAX could neither read nor detect
+        raise BitNetError(
+            f"Multi-process start failed: {e} Expected --coordinator-address HOST:PORT, --num-processes N and "
+            f"--process-id I (found {settings[0]!r}, {settings[1]!r}, {settings[2]!r}), or the environment "
+            "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a cluster JAX detects "
+            "(Slurm, Open MPI, Cloud TPU) with --distributed.") from None
+
+
 def _train(args) -> int:
     from .run_config import load_run_config
     from .train import train
 
     run = load_run_config(args.config, args.set)
+    _init_distributed(args)
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     out = args.out or os.path.join("runs", name)
     final = train(run, out, progress=not args.no_progress)

@@ -6,6 +6,11 @@ Axis letters used in array names and einsum strings:
   N query heads      K key/value heads       G query heads per KV head (N = K * G)
   H head dim         L layers
 
+Parameters and activations also carry logical axis names (`embed`, `mlp`, `q_heads`, `kv_heads`,
+`vocab`, `layers`; `batch`, `length`, `act_embed` for activations) that `sharding.py` maps onto a
+device mesh. They are metadata only: without a mesh they change nothing, and `init_params`
+returns plain arrays.
+
 The decoder is LLaMA-like with BitNet's changes: every projection inside the blocks is a
 `BitLinear` (ternary weights, int8 activations, straight-through gradients), the FFN is gated
 squared ReLU, and two extra "subln" RMSNorms sit before `o_proj` and `down_proj`. Embeddings,
@@ -84,12 +89,13 @@ class BitLinear(nn.Module):
     features: int
     quant: QuantSpec
     init_std: float = 0.02
+    kernel_axes: tuple[str, str] | None = None  # logical (in, out) axis names, for sharding
 
     @nn.compact
     def __call__(self, x_bk):
         if self.quant.input_norm_eps is not None:
             x_bk = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bk)
-        kernel_kn = self.param("kernel", nn.initializers.normal(self.init_std),
+        kernel_kn = self.param("kernel", _logical(nn.initializers.normal(self.init_std), self.kernel_axes),
                                (x_bk.shape[-1], self.features), jnp.float32)
         w_kn = fake_quant_weight(kernel_kn, self.quant.weight)
         x_bk = fake_quant_act(x_bk, self.quant.act, self.quant.act_bits)
@@ -147,11 +153,12 @@ class Int8Embed(nn.Module):
         return serve.int8_linear(x_bd, self.w_int8, self.w_scale, self.spec.act_bits, self.spec.backend)
 
 
-def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str, layer):
-    """The block's linear layer, as a function of x: fake-quant BitLinear for training,
-    TernaryLinear (on layer `layer` of the packed stack) for serving."""
+def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str, layer,
+            axes: tuple[str, str]):
+    """The block's linear layer, as a function of x: fake-quant BitLinear (kernel with logical
+    axes `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving."""
     if serving is None:
-        return BitLinear(features, QuantSpec.of(config), config.initializer_range, name=name)
+        return BitLinear(features, QuantSpec.of(config), config.initializer_range, axes, name=name)
     linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant == "channel",
                            config.linear_norm_eps, name=name)
     return lambda x: linear(x, layer)
@@ -217,10 +224,10 @@ class Attention(nn.Module):
         c = self.config
         n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, _ = x_btd.shape
-        linear = lambda features, name: _linear(c, self.serving, features, name, layer)
-        q_btnh = linear(n * h, "q_proj")(x_btd).reshape(b, t, n, h)
-        k_btkh = linear(k * h, "k_proj")(x_btd).reshape(b, t, k, h)
-        v_btkh = linear(k * h, "v_proj")(x_btd).reshape(b, t, k, h)
+        linear = lambda features, name, axes: _linear(c, self.serving, features, name, layer, axes)
+        q_btnh = linear(n * h, "q_proj", ("embed", "q_heads"))(x_btd).reshape(b, t, n, h)
+        k_btkh = linear(k * h, "k_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
+        v_btkh = linear(k * h, "v_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
         q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
         k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
 
@@ -237,7 +244,7 @@ class Attention(nn.Module):
         probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(v_bskh.dtype)
         out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh).reshape(b, t, n * h)
         out_btnh = RMSNorm(c.rms_norm_eps, name="attn_sub_norm")(out_btnh)
-        return linear(c.hidden_size, "o_proj")(out_btnh), cache_kv
+        return linear(c.hidden_size, "o_proj", ("q_heads", "embed"))(out_btnh), cache_kv
 
 
 class MLP(nn.Module):
@@ -247,12 +254,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_btd, layer=None):
         c = self.config
-        linear = lambda features, name: _linear(c, self.serving, features, name, layer)
-        gate_btf = linear(c.intermediate_size, "gate_proj")(x_btd)
-        up_btf = linear(c.intermediate_size, "up_proj")(x_btd)
+        linear = lambda features, name, axes: _linear(c, self.serving, features, name, layer, axes)
+        gate_btf = linear(c.intermediate_size, "gate_proj", ("embed", "mlp"))(x_btd)
+        up_btf = linear(c.intermediate_size, "up_proj", ("embed", "mlp"))(x_btd)
         act_btf = jnp.square(jax.nn.relu(gate_btf)) if c.hidden_act == "relu2" else jax.nn.silu(gate_btf)
         h_btf = RMSNorm(c.rms_norm_eps, name="ffn_sub_norm")(act_btf * up_btf)
-        return linear(c.hidden_size, "down_proj")(h_btf)
+        return linear(c.hidden_size, "down_proj", ("mlp", "embed"))(h_btf)
 
 
 class DecoderLayer(nn.Module):
@@ -268,7 +275,7 @@ class DecoderLayer(nn.Module):
         x_btd = x_btd + h_btd
         h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd), layer)
         # The residual stream keeps the embedding's dtype (bf16 params compute in bf16).
-        return (x_btd + h_btd).astype(residual_dtype), cache_kv
+        return _residual_constraint((x_btd + h_btd).astype(residual_dtype)), cache_kv
 
 
 class BitNetLM(nn.Module):
@@ -306,15 +313,16 @@ class BitNetLM(nn.Module):
         if head == "int8-tied":
             embed = Int8Embed(c.vocab_size, c.hidden_size, self.serving, name="embed_tokens")
         else:
-            embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(c.initializer_range),
-                             name="embed_tokens")
+            embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
+                             embedding_init=_logical(nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
         if self.serving is not None and head != "int8-tied":
             x_btd = serve.float_embed(embed.embedding, input_ids_bt)
         else:
             x_btd = embed(input_ids_bt)
+        x_btd = _residual_constraint(x_btd)
         layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, variable_broadcast=PACKED,
                          split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast, 0),
-                         length=c.num_hidden_layers)
+                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         cache_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         x_btd, cache_out = layers(c, self.serving, name="layers")(x_btd, cache_in, positions_bt, mask_bts, layer_l)
@@ -327,12 +335,25 @@ class BitNetLM(nn.Module):
         elif c.tie_word_embeddings:
             logits = embed.attend(x_btd)
         else:
-            logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(c.initializer_range),
-                              name="lm_head")(x_btd)
+            init = _logical(nn.initializers.normal(c.initializer_range), ("embed", "vocab"))
+            logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=init, name="lm_head")(x_btd)
         logits = logits.astype(jnp.float32)
+        if logits.ndim == 3:  # [B, T, V]; split over vocab too, the largest activation of training
+            logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
         return logits, KVCache(*cache_out)
+
+
+def _logical(init, axes):
+    """`init` annotated with logical axis names (boxed params; `init_params` unboxes them)."""
+    return init if axes is None else nn.with_logical_partitioning(init, axes)
+
+
+def _residual_constraint(x_btd):
+    # Layer boundaries: the residual stream is split over the batch only (every tensor-parallel
+    # shard needs whole rows of D). A no-op unless a mesh and axis rules are active.
+    return nn.with_logical_constraint(x_btd, ("batch", "length", "act_embed"))
 
 
 def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
@@ -354,4 +375,4 @@ def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
 def init_params(config: BitNetConfig, seed: int = 0) -> dict:
     """Fresh parameters for training from scratch."""
     ids = jnp.zeros((1, 1), jnp.int32)
-    return jax.jit(BitNetLM(config).init)(jax.random.PRNGKey(seed), ids)["params"]
+    return nn.unbox(jax.jit(BitNetLM(config).init)(jax.random.PRNGKey(seed), ids)["params"])

@@ -53,6 +53,9 @@ class RunConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is the global batch)
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), which keeps the softmax normalizer near 1
+    # Device mesh (data, fsdp, tensor), see sharding.py; -1 = all devices left over. The default
+    # is data parallelism over every device (one device: plain single-device training).
+    mesh: tuple[int, int, int] = (-1, 1, 1)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -93,6 +96,12 @@ class RunConfig:
             object.__setattr__(self, "corpus", sources)
         if not isinstance(self.tokenizer, str):
             _bad("tokenizer", self.tokenizer, "a path to tokenizer.json or tokenizer.model, or '' to train one")
+        if isinstance(self.mesh, list):  # from JSON
+            object.__setattr__(self, "mesh", tuple(self.mesh))
+        if (not isinstance(self.mesh, tuple) or len(self.mesh) != 3 or self.mesh.count(-1) > 1
+                or not all(isinstance(a, int) and not isinstance(a, bool) and (a >= 1 or a == -1) for a in self.mesh)):
+            _bad("mesh", self.mesh, "three positive integers (data, fsdp, tensor), one of which may be -1 for "
+                 "'all remaining devices', e.g. (2, 2, 2) or (-1, 1, 1)")
         if isinstance(self.corpus_suffixes, list):
             object.__setattr__(self, "corpus_suffixes", tuple(self.corpus_suffixes))
         if not self.corpus_suffixes or not all(isinstance(s, str) for s in self.corpus_suffixes):
@@ -119,6 +128,7 @@ class RunConfig:
         values["corpus_suffixes"] = list(self.corpus_suffixes)
         if not isinstance(self.corpus, str):
             values["corpus"] = [s.to_spec() for s in self.corpus]
+        values["mesh"] = list(self.mesh)
         return {"model": self.model.to_dict(), **values}
 
     @property

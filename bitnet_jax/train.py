@@ -1,4 +1,7 @@
-"""Training from scratch on one device: data, optimizer, the train step, checkpoints, metrics.
+"""Training from scratch on a mesh of devices: data, optimizer, the train step, checkpoints, metrics.
+
+`RunConfig.mesh` = (data, fsdp, tensor) sizes the device mesh (`sharding.py`); the default uses
+every device for data parallelism, which on one device is plain single-device training.
 
 A run folder is self-contained:
   run.json          the RunConfig (model config included)
@@ -20,13 +23,14 @@ import threading
 import time
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from . import data
+from . import data, sharding
 from .corpus import prepare_corpus
 from .errors import BitNetError
 from .model import BitNetLM, init_params
@@ -80,20 +84,29 @@ def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0) -> tuple[
 
 
 def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    z_loss: float = 0.0):
+                    z_loss: float = 0.0, shardings: sharding.TrainShardings | None = None):
     """A jitted `(params, opt_state, batch) -> (params, opt_state, cross_entropy)`.
 
     With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
     whose gradients are averaged (a `lax.scan`, so memory is that of one micro-batch); the update
     equals one step on the whole batch up to float summation order.
+
+    With `shardings` (`sharding.train_shardings`) the step is compiled for their mesh: parameters
+    and optimizer state stay in their shards, the batch comes in split over data x fsdp. Without,
+    it runs on one device.
     """
     grad_fn = jax.value_and_grad(training_loss, has_aux=True)
+    mesh = None if shardings is None else shardings.mesh
 
     def batch_grads(params, batch):
         if grad_accum_steps == 1:
             (_, ce), grads = grad_fn(params, model, batch, z_loss)
             return ce, grads
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
+        # Micro-batch j holds rows j, j+k, j+2k, ...: the batch is split over devices in
+        # contiguous blocks, so every device then holds an equal part of every micro-batch and
+        # the scan moves no data between devices.
+        micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
+        micro = nn.with_logical_constraint(micro, jax.tree.map(lambda _: (None, "batch"), micro))
 
         def accumulate(total, micro_batch):
             (_, ce), grads = grad_fn(params, model, micro_batch, z_loss)
@@ -103,66 +116,103 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
         total, _ = jax.lax.scan(accumulate, zeros, micro)
         return jax.tree.map(lambda x: x / grad_accum_steps, total)
 
-    @jax.jit
     def train_step(params, opt_state, batch):
-        loss, grads = batch_grads(params, batch)
+        with sharding.activation_sharding(mesh):
+            loss, grads = batch_grads(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return train_step
+    if shardings is None:
+        return jax.jit(train_step)
+    s = shardings
+    return jax.jit(train_step, in_shardings=(s.params, s.opt_state, s.batch),
+                   out_shardings=(s.params, s.opt_state, s.replicated))
 
 
-def make_eval_step(model: BitNetLM):
-    return jax.jit(lambda params, batch: training_loss(params, model, batch)[1])
+def make_eval_step(model: BitNetLM, shardings: sharding.TrainShardings | None = None):
+    mesh = None if shardings is None else shardings.mesh
+
+    def eval_step(params, batch):
+        with sharding.activation_sharding(mesh):
+            return training_loss(params, model, batch)[1]
+
+    if shardings is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(shardings.params, shardings.batch), out_shardings=shardings.replicated)
 
 
 # The loop.
 def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True) -> dict:
     """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics."""
-    cache_dir = cache_dir or default_cache_dir()
-    os.makedirs(out_dir, exist_ok=True)
-    _write_or_check_run_file(run, out_dir)
-    corpus = prepare_corpus(run, out_dir, cache_dir)
-
+    # The mesh and the shardings are checked before anything is written.
+    mesh = sharding.make_mesh(run.mesh)
+    sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
     model = BitNetLM(run.model)
     optimizer = make_optimizer(run)
-    train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss)
-    eval_step = make_eval_step(model)
+    shardings = sharding.train_shardings(model, optimizer, mesh)
+
+    # With several processes (multi-host), process 0 alone writes the run folder; the others read
+    # the tokenizer and token cache after it has made them.
+    primary = jax.process_index() == 0
+    say = print if primary else (lambda *args, **kwargs: None)
+    cache_dir = cache_dir or default_cache_dir()
+    os.makedirs(out_dir, exist_ok=True)
+    _write_or_check_run_file(run, out_dir, write=False)  # every process refuses a mismatched folder
+    _sync("run folder checked")
+
+    def prepare():
+        if primary:
+            _write_or_check_run_file(run, out_dir)
+        return prepare_corpus(run, out_dir, cache_dir)
+    corpus = _primary_first(prepare)
+
+    train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
+                                 shardings=shardings)
+    eval_step = make_eval_step(model, shardings)
     eos_id = corpus.tokenizer.eos_id
+    # Every process reads the same global batches (shard_count=1) and hands its own rows to its
+    # devices (sharding.global_batch); the iterator state is then the same on every process.
     train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed,
                                           weights=corpus.weights, names=corpus.names, eos_id=eos_id,
-                                          worker_count=run.worker_count)
-    eval_batches = data.make_eval_batches(corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches,
-                                          eos_id=eos_id)
+                                          worker_count=run.worker_count, shard_index=0, shard_count=1)
+    eval_batches = [sharding.global_batch(batch, shardings.batch) for batch in data.make_eval_batches(
+        corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id)]
 
     manager = _checkpoint_manager(out_dir, run)
-    params = init_params(run.model, run.seed)
-    opt_state = optimizer.init(params)
     step = 0
-    if manager.latest_step() is not None:
-        params, opt_state, step, iter_state, bad_steps = restore_checkpoint(manager, out_dir, params, opt_state)
+    if manager.latest_step() is None:
+        params = sharding.init_sharded(model, run.seed, shardings.params)
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    else:
+        # Restored straight into this run's shardings, whatever mesh the checkpoint was saved from.
+        params_like = _abstract(jax.eval_shape(lambda: init_params(run.model)), shardings.params)
+        opt_state_like = _abstract(jax.eval_shape(optimizer.init, params_like), shardings.opt_state)
+        params, opt_state, step, iter_state, bad_steps = restore_checkpoint(manager, out_dir, params_like,
+                                                                            opt_state_like)
         if bad_steps:  # set them aside, so that this run can save those steps again
-            _set_aside(out_dir, bad_steps)
+            if primary:
+                _set_aside(out_dir, bad_steps)
+            _sync("corrupt checkpoints set aside")
             manager = _checkpoint_manager(out_dir, run)  # re-reads the steps
         train_iter.set_state(iter_state)
-        print(f"Resumed from step {step} in {out_dir}")
+        say(f"Resumed from step {step} in {out_dir}")
 
     evaluate = lambda: float(np.mean([eval_step(params, batch) for batch in eval_batches]))
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    history = _read_metrics(metrics_path, up_to=step)
+    history = _read_metrics(metrics_path, up_to=step) if primary else []
+    record = (lambda r: (history.append(r), _append_metrics(metrics_path, r))) if primary else (lambda r: None)
     tokens_per_step = run.batch_size * run.seq_len
     schedule = learning_rate_schedule(run)
-    bar = _progress_bar(run.steps, step, progress)
-    last = {}
+    bar = _progress_bar(run.steps, step, progress and primary)
+    last, stopping = {}, False
     with _StopSignals() as stop:
         try:
             if step == 0:
                 last = {"step": 0, "eval_loss": evaluate()}
-                history.append(last)
-                _append_metrics(metrics_path, last)
+                record(last)
             window_start, window_steps = time.perf_counter(), 0
-            while step < run.steps and not stop.requested:
-                batch = next(train_iter)
+            while step < run.steps and not stopping:
+                batch = sharding.global_batch(next(train_iter), shardings.batch)
                 params, opt_state, loss = train_step(params, opt_state, batch)
                 step += 1
                 window_steps += 1
@@ -175,29 +225,58 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
                             "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
                     if step % run.eval_every == 0 or step == run.steps:
                         last["eval_loss"] = evaluate()
-                    history.append(last)
-                    _append_metrics(metrics_path, last)
+                    record(last)
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                     **({"eval": f"{last['eval_loss']:.3f}"} if "eval_loss" in last else {}))
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
                 if step % run.checkpoint_every == 0 or step == run.steps:
                     save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
-            if stop.requested:
+                stopping = _stop_agreed(stop.requested, step, run.log_every)
+            if stopping or (stop.requested and jax.process_count() == 1):
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
-            print(f"\nInterrupted at step {step}: saving a checkpoint...")
+            say(f"\nInterrupted at step {step}: saving a checkpoint...")
             save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
             manager.wait_until_finished()
-            print(f"Saved; run `bitnet-jax train` with --out {out_dir} again to resume.")
+            say(f"Saved; run `bitnet-jax train` with --out {out_dir} again to resume.")
             raise
         finally:
             bar.close()
             train_iter.close()  # stops grain's prefetch thread and worker processes now, not at exit
             manager.wait_until_finished()
-            plot_losses(history, os.path.join(out_dir, "loss.png"))
+            if primary:
+                plot_losses(history, os.path.join(out_dir, "loss.png"))
     return last
+
+
+def _sync(name: str):
+    """A barrier across processes (nothing on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _primary_first(fn):
+    """`fn()` on process 0, then on the others, which then find the files it wrote."""
+    if jax.process_index() == 0:
+        result = fn()
+        _sync("process 0 first")
+        return result
+    _sync("process 0 first")
+    return fn()
+
+
+def _stop_agreed(requested: bool, step: int, every: int) -> bool:
+    """Whether to stop after this step. Processes must stop at the same step (a checkpoint is a
+    collective save), so with several they agree every `every` steps: any request stops all."""
+    if jax.process_count() == 1:
+        return requested
+    if step % every:
+        return False
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.array(requested))))
 
 
 class _StopSignals:
@@ -224,6 +303,11 @@ class _StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _abstract(tree, shardings):
+    """Shapes and dtypes of `tree` placed by `shardings`: what orbax restores into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def save_checkpoint(manager, step, params, opt_state, iter_state):
@@ -275,7 +359,10 @@ def load_run(run_dir: str):
     manager = _checkpoint_manager(run_dir, run, read_only=True)
     if manager.latest_step() is None:
         raise BitNetError(f"Run folder {run_dir} has no checkpoint yet: train it first (bitnet-jax train --out {run_dir}).")
+    # On this process's first device, whatever mesh the run was trained on.
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.eval_shape(lambda: init_params(run.model))
+    abstract = _abstract(abstract, jax.tree.map(lambda _: one_device, abstract))
     restored, _ = _restore_newest_good(manager, run_dir, ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))
     return run, restored.params, load_tokenizer(run_dir)
 
@@ -296,7 +383,7 @@ def read_run_file(run_dir: str) -> RunConfig:
     return RunConfig.from_dict(values, source=path)
 
 
-def _write_or_check_run_file(run: RunConfig, out_dir: str):
+def _write_or_check_run_file(run: RunConfig, out_dir: str, write: bool = True):
     path = os.path.join(out_dir, RUN_FILE)
     if os.path.isfile(path):
         previous = read_run_file(out_dir)
@@ -305,8 +392,9 @@ def _write_or_check_run_file(run: RunConfig, out_dir: str):
             raise BitNetError(
                 f"{out_dir} holds a run with a different model (fields {changed} differ): use another --out "
                 "folder to start a new run, or the same config to resume.")
-    with open(path, "w") as f:
-        json.dump(run.to_dict(), f, indent=2)
+    if write:
+        with open(path, "w") as f:
+            json.dump(run.to_dict(), f, indent=2)
 
 
 def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:

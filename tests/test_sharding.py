@@ -1,0 +1,223 @@
+"""Sharded training on meshes of 8 simulated CPU devices equals training on one device.
+
+The sharded runs happen in a subprocess (`sharded_runs.py`, with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`), so this process and the rest of the suite
+keep one device; the one-device references run here while it works.
+
+Tolerances. Sharding changes only the order of float sums (a dot product or a mean split over
+devices is summed in pieces): ~1e-7 relative per sum. Quantization turns some of that into
+bigger steps, and Adam then spreads them, so:
+  * logits at init (identical parameters): at least 97% of the tokens agree to 1e-4. In the
+    others an int8 activation code rounds the other way at a .5 boundary (x * 127 / max|x| lands
+    within float noise of k + .5), which moves that token's logits by up to ~0.02 (measured: 2 of
+    256 tokens, with per-tensor weight scales); they must still agree to 0.1. A wrong absmean (per
+    shard instead of per tensor, say) changes ternary weights, and so every token's logits.
+  * the first loss (same parameters, same data) agrees to 5e-5; the curve over 4 steps to 2e-3.
+    A flipped code changes that token's gradient; Adam divides each gradient by its own size, so
+    where a gradient is ~0 float noise picks the sign of a +-lr update, and ternary weights near
+    a .5 boundary then round differently: the runs drift apart (measured up to 9e-4 after 4 steps
+    at lr 1e-3), while the loss itself falls by ~1.5% over those steps.
+  * parameters: no element may differ by more than two AdamW runs can push it apart,
+    2 * sum_t lr_t * R_t (R_t bounds |m_hat / sqrt(v_hat)| at step t, by Cauchy-Schwarz), and the
+    updates `p_final - p_init` must agree to 10% relative L2 (measured: 3% with per-tensor scales,
+    where one flipped code at step 1 spreads; 4e-5 with per-channel and per-group scales; the same
+    model trained on other batches differs by ~80%).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+import sharded_runs
+from bitnet_jax import BitNetError, BitNetLM, cli, init_params, sharding
+from bitnet_jax.data import stdlib_root
+from bitnet_jax.run_config import load_run_config
+from bitnet_jax.train import load_run, prepare_corpus
+
+CASE_IDS = [sharded_runs.case_name(*case) for case in sharded_runs.CASES]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Starts the 8-device runs, computes the one-device references meanwhile, and returns both."""
+    root = tmp_path_factory.mktemp("sharding")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in sharded_runs.CORPUS_FILES:
+        shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
+    cache = root / "cache"
+    previous_cache = os.environ.get("BITNET_JAX_CACHE")
+    os.environ["BITNET_JAX_CACHE"] = str(cache)
+    # Both sides must use one tokenizer: train it (and tokenize) once, before either side starts.
+    (root / "scratch").mkdir()
+    prepare_corpus(load_run_config(None, sharded_runs.CLI_SETTINGS + [f"corpus={corpus}"]), str(root / "scratch"),
+                   str(cache))
+
+    out = root / "sharded"
+    out.mkdir()
+    # Less LLVM optimization: compiles take half the time, and the code reorders float sums no
+    # more than sharding itself does.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                                      "--xla_llvm_disable_expensive_passes=true",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    worker = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sharded_runs.py")), str(out), str(corpus)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        reference = {wq: sharded_runs.train_steps(wq) for wq in sorted({wq for _, wq, _ in sharded_runs.CASES})}
+        whole = root / "whole"
+        assert cli.main(sharded_runs.cli_args(str(corpus), str(whole))) == 0
+        output, _ = worker.communicate(timeout=900)
+    finally:
+        worker.kill()
+        if previous_cache is None:
+            os.environ.pop("BITNET_JAX_CACHE", None)
+        else:
+            os.environ["BITNET_JAX_CACHE"] = previous_cache
+    assert worker.returncode == 0, output[-5000:]
+    return {"reference": reference, "whole": whole, "out": out, "arrays": dict(np.load(out / "results.npz")),
+            "results": json.loads((out / "results.json").read_text())}
+
+
+def case_results(runs, name):
+    prefix = f"{name}/params/"
+    params = {k[len(prefix):]: v for k, v in runs["arrays"].items() if k.startswith(prefix)}
+    return runs["results"]["cases"][name], params, runs["arrays"][f"{name}/logits"]
+
+
+@pytest.mark.parametrize("case", sharded_runs.CASES, ids=CASE_IDS)
+def test_sharded_training_equals_one_device(runs, case):
+    mesh, weight_quant, accum = case
+    result, params, logits = case_results(runs, sharded_runs.case_name(*case))
+    ref_losses, ref_params, ref_logits = runs["reference"][weight_quant]
+
+    token_error = np.abs(logits - ref_logits).max(axis=-1)  # [B, T]
+    assert np.mean(token_error < 1e-4) >= 0.97 and token_error.max() < 0.1, np.sort(token_error.ravel())[-8:]
+    losses = np.array(result["losses"])
+    np.testing.assert_allclose(losses[0], ref_losses[0], rtol=5e-5)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-3)
+    run = sharded_runs.step_run(weight_quant)
+    sharded_runs.assert_same_training(init_params(run.model, run.seed), ref_params, params, run, sharded_runs.STEPS)
+    # The kernels really were split by the rules: up_proj [L, D, F] is P(layers, embed, mlp) =
+    # P(None, fsdp, tensor).
+    data, fsdp, tensor = mesh
+    assert result["up_proj_shard_shape"] == [2, 64 // fsdp, 128 // tensor]
+
+
+def test_resume_on_another_mesh_equals_uninterrupted_one_device_run(runs):
+    """Trained 3 steps on (8, 1, 1), interrupted, resumed on (2, 2, 2): as one run on one device."""
+    results = runs["results"]
+    assert "Resumed from step 3" in results["resume_printed"]
+    whole = [json.loads(line) for line in (runs["whole"] / "metrics.jsonl").read_text().splitlines()]
+    resumed = results["resumed_metrics"]
+    assert [m["step"] for m in resumed] == [m["step"] for m in whole] == list(range(7))
+    for key in ("loss", "eval_loss"):
+        got = [m[key] for m in resumed if key in m]
+        want = [m[key] for m in whole if key in m]
+        assert len(got) == len(want) > 0
+        np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=key)
+
+    run, params_whole, _ = load_run(str(runs["whole"]))
+    params = {k[len("resumed/params/"):]: v for k, v in runs["arrays"].items() if k.startswith("resumed/params/")}
+    sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, params, run, run.steps)
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("mesh-product", ["mesh=(2, 2, 1)", "needs 4 devices; found 8", "multiply to 8"]),
+    ("mesh-wildcard", ["mesh=(3, -1, 1)", "cannot use all 8 devices", "multiply to 8"]),
+    ("batch", ["batch_size=12", "data x fsdp = 8 devices", "expected a multiple of 8", "Change batch_size"]),
+    ("micro-batch", ["batch_size=8", "data x fsdp = 4", "grad_accum_steps=4 micro-batches",
+                     "expected a multiple of 16"]),
+    ("param", ["layers/mlp/down_proj/kernel (2, 100, 64) cannot be split 8 ways over mesh axis tensor",
+               "not a multiple of 8", "Choose a mesh"]),
+])
+def test_bad_mesh_on_8_devices(runs, name, expected):
+    result = runs["results"]["errors"][name]
+    assert result["status"] == 2 and result["err"].startswith("error: ")
+    for part in expected:
+        assert part in result["err"], result["err"]
+    assert not result["wrote"]  # refused before the run folder was made
+
+
+# One device (this process).
+def test_mesh_must_use_every_device(tmp_path, capsys):
+    assert jax.device_count() == 1
+    out = tmp_path / "run"
+    assert cli.main(["train", "--out", str(out), "--set", "mesh=(2,2,2)"]) == 2
+    err = capsys.readouterr().err
+    assert "mesh=(2, 2, 2) (data, fsdp, tensor) needs 8 devices; found 1" in err and "--set mesh=(1,1,1)" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["(0,1,1)", "(2,2)", "(-1,-1,1)", "(1.5,1,1)", "'data'", "(-2,1,1)"])
+def test_bad_mesh_values(value):
+    with pytest.raises(BitNetError, match=r"RunConfig.mesh=.* is invalid: expected three positive integers"):
+        load_run_config(None, [f"mesh={value}"])
+
+
+def test_mesh_round_trips_through_run_json():
+    run = load_run_config(None, ["mesh=[2,-1,1]"])
+    assert run.mesh == (2, -1, 1)
+    assert type(run).from_dict(json.loads(json.dumps(run.to_dict())), source="json").mesh == (2, -1, 1)
+
+
+@pytest.mark.parametrize("shape, devices, want", [((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 2), 8, (2, 2, 2)),
+                                                  ((1, 2, 4), 8, (1, 2, 4)), ((-1, 1, 1), 1, (1, 1, 1))])
+def test_wildcard_takes_the_remaining_devices(shape, devices, want):
+    assert sharding.resolve_mesh_shape(shape, devices) == want
+
+
+def test_batch_must_split_over_data_and_fsdp():
+    mesh = AbstractMesh((2, 2, 2), sharding.MESH_AXES)
+    sharding.check_batch(16, 4, mesh)  # 4 micro-batches of 4 rows, one row per device
+    with pytest.raises(BitNetError, match="batch_size=6 cannot be split evenly over data x fsdp = 4 devices"):
+        sharding.check_batch(6, 1, mesh)
+    with pytest.raises(BitNetError, match="grad_accum_steps=8 micro-batches: expected a multiple of 32"):
+        sharding.check_batch(16, 8, mesh)
+
+
+def test_parameters_carry_logical_axes_and_init_params_stays_plain():
+    config = sharded_runs.step_run("tensor").model.replace(tie_word_embeddings=False)
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    flat_specs = jax.tree_util.tree_flatten_with_path(sharding.param_specs(BitNetLM(config)), is_leaf=is_spec)[0]
+    specs = {"/".join(p.key for p in path): tuple(spec) for path, spec in flat_specs}
+    kernels = {
+        "embed_tokens/embedding": ("vocab", "embed"), "lm_head/kernel": ("embed", "vocab"),
+        "layers/self_attn/q_proj/kernel": ("layers", "embed", "q_heads"),
+        "layers/self_attn/k_proj/kernel": ("layers", "embed", "kv_heads"),
+        "layers/self_attn/v_proj/kernel": ("layers", "embed", "kv_heads"),
+        "layers/self_attn/o_proj/kernel": ("layers", "q_heads", "embed"),
+        "layers/mlp/gate_proj/kernel": ("layers", "embed", "mlp"),
+        "layers/mlp/up_proj/kernel": ("layers", "embed", "mlp"),
+        "layers/mlp/down_proj/kernel": ("layers", "mlp", "embed"),
+    }
+    assert {k: v for k, v in specs.items() if v} == kernels  # norm weights: replicated
+    params = init_params(config)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
+    assert set(sharded_runs.flat(params)) == set(specs)
+
+
+def test_constraints_act_only_under_a_mesh():
+    """Without a mesh the model is unchanged; the sharded step carries the layer-boundary constraints."""
+    run = sharded_runs.step_run("tensor")
+    model = BitNetLM(run.model)
+    params = init_params(run.model)
+    ids = sharded_runs.batches(1)[0]["inputs"]
+    plain = jax.jit(model.apply).lower({"params": params}, ids).as_text()
+    mesh = sharding.make_mesh((1, 1, 1))
+
+    def forward(params, ids):
+        with sharding.activation_sharding(mesh):
+            return model.apply({"params": params}, ids)
+    constrained = jax.jit(forward).lower(params, ids).as_text()
+    assert "sharding_constraint" not in plain
+    # embeddings, each layer's output (one in the scanned body), logits
+    assert constrained.count("sharding_constraint") >= 3
+    assert '[{"data", "fsdp"}, {}, {"tensor"}]' in constrained  # logits [B, T, V]: split over vocab too
