@@ -123,6 +123,7 @@ class Corpus:
     tokenizer: object
     train_tokens: np.ndarray
     eval_tokens: np.ndarray
+    tokenizer_file: str  # the sentencepiece model the tokens were encoded with
 
 
 def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
@@ -148,7 +149,7 @@ def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
     _check_tokenizer(tokenizer, run)
     train_tokens = data.tokenize_files(train_files, tokenizer, cache_dir)
     eval_tokens = data.tokenize_files(eval_files, tokenizer, cache_dir)
-    return Corpus(tokenizer, train_tokens, eval_tokens)
+    return Corpus(tokenizer, train_tokens, eval_tokens, tokenizer_path)
 
 
 def _check_tokenizer(tokenizer, run: RunConfig):
@@ -160,12 +161,23 @@ def _check_tokenizer(tokenizer, run: RunConfig):
 
 
 # The loop.
-def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True) -> dict:
-    """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics."""
+def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True,
+          corpus: Corpus | None = None) -> dict:
+    """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics.
+
+    `corpus` (from `prepare_corpus`) lets several runs share one tokenizer and token stream, as
+    an ablation's runs must; its tokenizer file is copied into the run folder.
+    """
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(out_dir, exist_ok=True)
     _write_or_check_run_file(run, out_dir)
-    corpus = prepare_corpus(run, out_dir, cache_dir)
+    if corpus is None:
+        corpus = prepare_corpus(run, out_dir, cache_dir)
+    else:
+        _check_tokenizer(corpus.tokenizer, run)
+        tokenizer_path = os.path.join(out_dir, TOKENIZER_FILE)
+        if not os.path.isfile(tokenizer_path):
+            shutil.copy(corpus.tokenizer_file, tokenizer_path)
 
     model = BitNetLM(run.model)
     optimizer = make_optimizer(run)
