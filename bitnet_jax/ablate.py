@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import BitNetConfig
 from .errors import BitNetError
+from .model import init_params, is_bitlinear_kernel
 from .run_config import RunConfig, _parse_value, load_run_config
 
 # The fields a grid may vary: the quantizers, so that every grid point has one well-defined
@@ -210,12 +211,10 @@ def packed_param_bytes(model: BitNetConfig) -> int:
     `CODE_BITS` bits plus one f32 scale per granule of `weight_quant` (tensor: 1, channel: one per
     output, group:G: one per output and G inputs); embeddings, norms and lm_head stay in their
     float dtype. With weight_quant='none' every parameter counts at its float size."""
-    shapes = jax.eval_shape(lambda: _init_params(model))
+    shapes = jax.eval_shape(lambda: init_params(model))
     total = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-        keys = [p.key for p in path]
-        is_bitlinear = keys[0] == "layers" and keys[-1] == "kernel"  # lm_head is a plain Dense
-        if not is_bitlinear or model.weight_quant == "none":
+        if not is_bitlinear_kernel(path) or model.weight_quant == "none":
             total += leaf.size * leaf.dtype.itemsize
             continue
         layers, k, n = leaf.shape  # the scanned kernels are [L, in, out]
@@ -228,11 +227,6 @@ def packed_param_bytes(model: BitNetConfig) -> int:
             scales = layers * (k // model.weight_group_size) * n
         total += codes + scales * SCALE_BYTES
     return total
-
-
-def _init_params(model: BitNetConfig):
-    from .model import init_params
-    return init_params(model)
 
 
 def results_table(base: RunConfig, rows: list[dict]) -> str:

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from . import data
 from .errors import BitNetError
-from .model import BitNetLM, init_params
+from .model import BitNetLM, init_params, is_bitlinear_kernel
 from .run_config import RunConfig
 from .tokenizer import load_tokenizer, train_sentencepiece
 
@@ -70,8 +70,24 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
 
 
 # The step.
-def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(objective, cross-entropy): the objective adds `z_loss * mean(logsumexp(logits)^2)`."""
+def compute_params(params, compute_dtype=jnp.float32):
+    """The parameters as the forward pass sees them: cast to `compute_dtype`, except the BitLinear
+    kernels, which stay in their (f32 master) dtype so that the absmean scales are f32 statistics;
+    BitLinear casts its quantized weights to the activations' dtype itself."""
+    if jnp.dtype(compute_dtype) == jnp.float32:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p if is_bitlinear_kernel(path) else p.astype(compute_dtype), params)
+
+
+def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0,
+                  compute_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """(objective, cross-entropy): the objective adds `z_loss * mean(logsumexp(logits)^2)`.
+
+    The cast to `compute_dtype` happens here, inside the differentiated function, so gradients
+    flow back through it and reach the f32 master parameters in f32. Logits are f32 either way.
+    """
+    params = compute_params(params, compute_dtype)
     logits_btv = model.apply({"params": params}, batch["inputs"], segment_ids_bt=batch["segment_ids"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]).mean()
     if not z_loss:
@@ -81,7 +97,7 @@ def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0) -> tuple[
 
 
 def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    z_loss: float = 0.0):
+                    z_loss: float = 0.0, compute_dtype=jnp.float32):
     """A jitted `(params, opt_state, batch) -> (params, opt_state, cross_entropy)`.
 
     With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
@@ -92,12 +108,12 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
 
     def batch_grads(params, batch):
         if grad_accum_steps == 1:
-            (_, ce), grads = grad_fn(params, model, batch, z_loss)
+            (_, ce), grads = grad_fn(params, model, batch, z_loss, compute_dtype)
             return ce, grads
         micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
         def accumulate(total, micro_batch):
-            (_, ce), grads = grad_fn(params, model, micro_batch, z_loss)
+            (_, ce), grads = grad_fn(params, model, micro_batch, z_loss, compute_dtype)
             return jax.tree.map(jnp.add, total, (ce, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -113,8 +129,13 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
     return train_step
 
 
-def make_eval_step(model: BitNetLM):
-    return jax.jit(lambda params, batch: training_loss(params, model, batch)[1])
+def make_eval_step(model: BitNetLM, compute_dtype=jnp.float32):
+    """Held-out cross-entropy, computed as training computes it (the same compute dtype)."""
+    return jax.jit(lambda params, batch: training_loss(params, model, batch, compute_dtype=compute_dtype)[1])
+
+
+def make_model(run: RunConfig) -> BitNetLM:
+    return BitNetLM(run.model, remat=run.remat)
 
 
 # Data.
@@ -179,10 +200,11 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
         if not os.path.isfile(tokenizer_path):
             shutil.copy(corpus.tokenizer_file, tokenizer_path)
 
-    model = BitNetLM(run.model)
+    model = make_model(run)
     optimizer = make_optimizer(run)
-    train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss)
-    eval_step = make_eval_step(model)
+    train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
+                                 compute_dtype=run.compute_dtype)
+    eval_step = make_eval_step(model, run.compute_dtype)
     eos_id = corpus.tokenizer.eos_id
     train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed,
                                           eos_id=eos_id)
