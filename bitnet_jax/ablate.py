@@ -266,10 +266,11 @@ def plot_curves(rows: list[dict], path: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.get_cmap("tab20")
+    # tab10's colours are the most distinct; tab20 (pairs of light and dark) only when needed.
+    colors = plt.get_cmap("tab10" if len(rows) <= 11 else "tab20")
     for i, row in enumerate(rows):
         steps, losses = zip(*row["eval_curve"])
-        style = dict(color="black", linestyle="--", linewidth=2) if row["baseline"] else dict(color=colors(i % 20))
+        style = dict(color="black", linestyle="--", linewidth=2) if row["baseline"] else dict(color=colors((i - 1) % colors.N))
         ax.plot(steps, losses, marker=".", label="full precision" if row["baseline"] else row["name"], **style)
     # Step 0 (ln V for every run) would squash the differences that matter; start the y axis
     # near the later evaluations.
