@@ -212,8 +212,8 @@ class BitNetLM(nn.Module):
         x_btd = embed(input_ids_bt)
         layer = DecoderLayer
         if self.remat != "none":
-            # prevent_cse=False: inside a scan the recomputation cannot be CSE'd away anyway,
-            # and the barrier it would add only slows the loop (flax's advice for remat in scan).
+            # prevent_cse=False: scan already keeps XLA from merging the recomputation with the
+            # forward pass (jax.checkpoint's documentation), so the extra barrier would only cost speed.
             layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_hidden_layers)
