@@ -50,8 +50,8 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
     optimizer = make_optimizer(run)
     states = {}
     for name, config in sides.items():
-        step = make_train_step(BitNetLM(config), optimizer, grad_accum_steps=run.grad_accum_steps,
-                               z_loss=run.z_loss)
+        step = make_train_step(BitNetLM(config, remat=run.remat), optimizer, grad_accum_steps=run.grad_accum_steps,
+                               z_loss=run.z_loss, compute_dtype=run.compute_dtype)
         params = init_params(config, seed)
         state = (params, optimizer.init(params))
         for _ in range(warmup + 1):  # the first call compiles

@@ -9,6 +9,7 @@
     bitnet-jax chat --model DIR
     bitnet-jax bench kernels [--threads N] [--json FILE]
     bitnet-jax bench generate --preset b1.58-2b4t --random-weights [--threads N] [--json FILE]
+    bitnet-jax ablate --config FILE --grid key=v1,v2 [--grid ...] [--steps N] [--set key=value ...] [--out DIR]
 
 Errors caused by the input (`BitNetError`) print one message and exit with status 2.
 """
@@ -130,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="without --tokenizer: train a sentencepiece tokenizer of this size (default 4096)")
     tok.add_argument("--seed", type=int, default=0, help="seed of that tokenizer's training")
     tok.set_defaults(func=_tokenize)
+
+    ablate = commands.add_parser("ablate", help="train a grid of quantizer settings and a full-precision baseline")
+    ablate.add_argument("--config", help="a Python run config, e.g. configs/tiny.py (the base of every run)")
+    ablate.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                        help="quantizer values to combine, e.g. --grid weight_quant=tensor,channel,group:64 "
+                             "--grid act_quant=token,tensor --grid act_bits=8,4")
+    ablate.add_argument("--steps", type=int, help="training steps of every run (default: the config's)")
+    ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train, for all runs")
+    ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="ablation folder (default runs/ablate)")
+    ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ablate.set_defaults(func=_ablate)
     return parser
 
 
@@ -331,6 +343,17 @@ def _bench_train(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(t) for t in timings], f, indent=2)
+    return 0
+
+
+def _ablate(args) -> int:
+    from .ablate import ablate, load_ablation
+
+    base, grid = load_ablation(args.config, args.set, args.grid, args.steps)
+    ablate(base, grid, args.out, progress=not args.no_progress)
+    with open(os.path.join(args.out, "results.md")) as f:
+        print(f.read(), end="")
+    print(f"Ablation folder: {args.out} (results.md, results.json, loss_curves.png, one run folder per row).")
     return 0
 
 

@@ -97,7 +97,9 @@ class BitLinear(nn.Module):
             x_bk = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bk)
         kernel_kn = self.param("kernel", _logical(nn.initializers.normal(self.init_std), self.kernel_axes),
                                (x_bk.shape[-1], self.features), jnp.float32)
-        w_kn = fake_quant_weight(kernel_kn, self.quant.weight)
+        # Quantized from the kernel's own dtype (f32 master weights keep f32 statistics), then
+        # cast to the activations' dtype so that bf16 compute runs a bf16 matmul.
+        w_kn = fake_quant_weight(kernel_kn, self.quant.weight).astype(x_bk.dtype)
         x_bk = fake_quant_act(x_bk, self.quant.act, self.quant.act_bits)
         # Flattened to one 2-D matmul, so the weight gradient is a plain [K, M] @ [M, N] dot;
         # accumulated in f32 whatever the parameter dtype.
@@ -287,6 +289,11 @@ class BitNetLM(nn.Module):
     `bitnet_jax.pack`: TernaryLinear layers and, for `lm_head='int8'`, an int8 lm_head
     (`'int8-tied'`: the tied embedding too).
 
+    `remat` rematerializes each decoder layer in the backward pass instead of keeping its
+    activations: "none", "full" (keep only the layer's input), or the name of an argument-free
+    `jax.checkpoint_policies` policy (see REMAT_POLICIES), e.g. "dots_saveable". Values and
+    gradients are unchanged; it trades compute for memory.
+
     Optional inputs:
       positions_bt: int32 RoPE positions (default 0..T-1; with a cache, the absolute positions
         of this step's tokens, which are also the cache slots they are written to).
@@ -299,6 +306,7 @@ class BitNetLM(nn.Module):
 
     config: BitNetConfig
     serving: serve.ServingSpec | None = None
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, input_ids_bt, *, positions_bt=None, attention_mask_bt=None, segment_ids_bt=None,
@@ -320,7 +328,12 @@ class BitNetLM(nn.Module):
         else:
             x_btd = embed(input_ids_bt)
         x_btd = _residual_constraint(x_btd)
-        layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, variable_broadcast=PACKED,
+        layer = DecoderLayer
+        if self.remat != "none":
+            # prevent_cse=False: scan already keeps XLA from merging the recomputation with the
+            # forward pass (jax.checkpoint's documentation), so the extra barrier would only cost speed.
+            layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False)
+        layers = nn.scan(layer, variable_axes={"params": 0}, variable_broadcast=PACKED,
                          split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast, 0),
                          length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         cache_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
@@ -370,6 +383,27 @@ def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
     if segment_ids_bt is not None:
         mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
     return mask_bts
+
+
+# Policies of `jax.checkpoint_policies` that take no arguments and can be named in a config.
+REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots",
+                  "checkpoint_dots_with_no_batch_dims", "nothing_saveable", "everything_saveable")
+
+
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy of a `BitNetLM.remat` value other than "none"."""
+    if name == "full":
+        return None  # jax.checkpoint's default: save nothing but the inputs
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={name!r}: expected 'none', 'full' or one of {REMAT_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
+
+
+def is_bitlinear_kernel(path) -> bool:
+    """Whether a parameter-tree path (from `jax.tree_util.tree_flatten_with_path`) is a BitLinear
+    kernel: every `kernel` inside the decoder layers (lm_head is a plain Dense outside them)."""
+    keys = [getattr(p, "key", None) for p in path]
+    return keys[0] == "layers" and keys[-1] == "kernel"
 
 
 def init_params(config: BitNetConfig, seed: int = 0) -> dict:

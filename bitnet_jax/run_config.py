@@ -22,6 +22,9 @@ from typing import Any
 from .config import BitNetConfig, check_known_keys
 from .errors import BitNetError
 from .sources import DataSource, parse_corpus
+from .model import REMAT_POLICIES
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,10 @@ class RunConfig:
     # Device mesh (data, fsdp, tensor), see sharding.py; -1 = all devices left over. The default
     # is data parallelism over every device (one device: plain single-device training).
     mesh: tuple[int, int, int] = (-1, 1, 1)
+    # "bfloat16": forward and backward in bf16 from f32 master weights and optimizer state
+    # (BitLinear kernels are quantized in f32 first); "float32" computes in f32 throughout.
+    compute_dtype: str = "float32"
+    remat: str = "none"  # recompute decoder layers in the backward pass: 'none', 'full' or a policy name
     seed: int = 0
     log_every: int = 10
     eval_every: int = 50
@@ -84,6 +91,11 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 _bad(name, value, "a number strictly between 0 and 1")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            _bad("compute_dtype", self.compute_dtype, f"one of {COMPUTE_DTYPES}")
+        if self.remat not in ("none", "full", *REMAT_POLICIES):
+            _bad("remat", self.remat, f"'none', 'full' (recompute whole layers) or a jax.checkpoint policy: "
+                                      f"{', '.join(REMAT_POLICIES)}")
         if self.batch_size % self.grad_accum_steps:
             _bad("grad_accum_steps", self.grad_accum_steps, f"a divisor of batch_size={self.batch_size}")
         if self.seq_len > self.model.max_position_embeddings:

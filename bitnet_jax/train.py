@@ -31,11 +31,11 @@ import optax
 import orbax.checkpoint as ocp
 
 from . import data, sharding
-from .corpus import prepare_corpus
+from .corpus import Corpus, _check_tokenizer, prepare_corpus
 from .errors import BitNetError
-from .model import BitNetLM, init_params
+from .model import BitNetLM, init_params, is_bitlinear_kernel
 from .run_config import RunConfig
-from .tokenizer import load_tokenizer
+from .tokenizer import copy_tokenizer, load_tokenizer
 
 RUN_FILE = "run.json"
 
@@ -73,8 +73,24 @@ def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
 
 
 # The step.
-def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0) -> tuple[jax.Array, jax.Array]:
-    """(objective, cross-entropy): the objective adds `z_loss * mean(logsumexp(logits)^2)`."""
+def compute_params(params, compute_dtype=jnp.float32):
+    """The parameters as the forward pass sees them: cast to `compute_dtype`, except the BitLinear
+    kernels, which stay in their (f32 master) dtype so that the absmean scales are f32 statistics;
+    BitLinear casts its quantized weights to the activations' dtype itself."""
+    if jnp.dtype(compute_dtype) == jnp.float32:
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p if is_bitlinear_kernel(path) else p.astype(compute_dtype), params)
+
+
+def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0,
+                  compute_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """(objective, cross-entropy): the objective adds `z_loss * mean(logsumexp(logits)^2)`.
+
+    The cast to `compute_dtype` happens here, inside the differentiated function, so gradients
+    flow back through it and reach the f32 master parameters in f32. Logits are f32 either way.
+    """
+    params = compute_params(params, compute_dtype)
     logits_btv = model.apply({"params": params}, batch["inputs"], segment_ids_bt=batch["segment_ids"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]).mean()
     if not z_loss:
@@ -84,7 +100,8 @@ def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0) -> tuple[
 
 
 def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    z_loss: float = 0.0, shardings: sharding.TrainShardings | None = None):
+                    z_loss: float = 0.0, compute_dtype=jnp.float32,
+                    shardings: sharding.TrainShardings | None = None):
     """A jitted `(params, opt_state, batch) -> (params, opt_state, cross_entropy)`.
 
     With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
@@ -100,7 +117,7 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
 
     def batch_grads(params, batch):
         if grad_accum_steps == 1:
-            (_, ce), grads = grad_fn(params, model, batch, z_loss)
+            (_, ce), grads = grad_fn(params, model, batch, z_loss, compute_dtype)
             return ce, grads
         # Micro-batch j holds rows j, j+k, j+2k, ...: the batch is split over devices in
         # contiguous blocks, so every device then holds an equal part of every micro-batch and
@@ -109,7 +126,7 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
         micro = nn.with_logical_constraint(micro, jax.tree.map(lambda _: (None, "batch"), micro))
 
         def accumulate(total, micro_batch):
-            (_, ce), grads = grad_fn(params, model, micro_batch, z_loss)
+            (_, ce), grads = grad_fn(params, model, micro_batch, z_loss, compute_dtype)
             return jax.tree.map(jnp.add, total, (ce, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
@@ -129,25 +146,36 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
                    out_shardings=(s.params, s.opt_state, s.replicated))
 
 
-def make_eval_step(model: BitNetLM, shardings: sharding.TrainShardings | None = None):
+def make_eval_step(model: BitNetLM, shardings: sharding.TrainShardings | None = None,
+                   compute_dtype=jnp.float32):
+    """Held-out cross-entropy, computed as training computes it (the same compute dtype)."""
     mesh = None if shardings is None else shardings.mesh
 
     def eval_step(params, batch):
         with sharding.activation_sharding(mesh):
-            return training_loss(params, model, batch)[1]
+            return training_loss(params, model, batch, compute_dtype=compute_dtype)[1]
 
     if shardings is None:
         return jax.jit(eval_step)
     return jax.jit(eval_step, in_shardings=(shardings.params, shardings.batch), out_shardings=shardings.replicated)
 
 
+def make_model(run: RunConfig) -> BitNetLM:
+    return BitNetLM(run.model, remat=run.remat)
+
+
 # The loop.
-def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True) -> dict:
-    """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics."""
+def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True,
+          corpus: Corpus | None = None) -> dict:
+    """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics.
+
+    `corpus` (from `prepare_corpus`) lets several runs share one tokenizer and token stream, as
+    an ablation's runs must; its tokenizer is copied into the run folder.
+    """
     # The mesh and the shardings are checked before anything is written.
     mesh = sharding.make_mesh(run.mesh)
     sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
-    model = BitNetLM(run.model)
+    model = make_model(run)
     optimizer = make_optimizer(run)
     shardings = sharding.train_shardings(model, optimizer, mesh)
 
@@ -163,12 +191,17 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     def prepare():
         if primary:
             _write_or_check_run_file(run, out_dir)
-        return prepare_corpus(run, out_dir, cache_dir)
+        if corpus is None:
+            return prepare_corpus(run, out_dir, cache_dir)
+        _check_tokenizer(corpus.tokenizer, run)
+        if primary:
+            copy_tokenizer(corpus.tokenizer, out_dir)
+        return corpus
     corpus = _primary_first(prepare)
 
     train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
-                                 shardings=shardings)
-    eval_step = make_eval_step(model, shardings)
+                                 compute_dtype=run.compute_dtype, shardings=shardings)
+    eval_step = make_eval_step(model, shardings, run.compute_dtype)
     eos_id = corpus.tokenizer.eos_id
     # Every process reads the same global batches (shard_count=1) and hands its own rows to its
     # devices (sharding.global_batch); the iterator state is then the same on every process.
