@@ -6,6 +6,7 @@ Public API:
   init_params    fresh parameters for training from scratch
   load_hf        read a local Hugging Face BitNet folder -> (config, params)
   generate       jitted prefill + decode loop with a KV cache -> new token ids
+  pack           training parameters -> packed serving parameters (2-bit ternary, int8 lm_head)
   BitNetError    the error raised for bad input, with a message meant for people
 """
 
@@ -14,6 +15,8 @@ from .errors import BitNetError
 from .generate import generate
 from .hf import load_hf
 from .model import BitNetLM, KVCache, init_params
+from .pack import load_packed, pack, save_packed
 
-__all__ = ["PRESETS", "BitNetConfig", "BitNetError", "BitNetLM", "KVCache", "generate", "init_params", "load_hf"]
+__all__ = ["PRESETS", "BitNetConfig", "BitNetError", "BitNetLM", "KVCache", "generate", "init_params", "load_hf",
+           "load_packed", "pack", "save_packed"]
 __version__ = "0.1.0"

@@ -90,8 +90,9 @@ def _time(call, repeats: int) -> list[float]:
 
 def bench_kernels(*, rows=KERNEL_ROWS, shapes=KERNEL_SHAPES, isas: list[str] | None = None, repeats: int = 5,
                   xla: bool = True, seed: int = 0) -> list[KernelTiming]:
-    """Times the serving kernels on every ISA (default: all this CPU runs) and XLA's dense f32 and
-    bf16 dot on the same shapes. The lm_head shape (N = 128256) uses the int8 kernel, the others
+    """Times the serving kernels on every SIMD path (default: all this CPU runs; the scalar twin,
+    a correctness reference, only when asked for) and XLA's dense f32 and bf16 dot on the same
+    shapes. The lm_head shape (N = 128256) uses the int8 kernel, the others
     the ternary one."""
     import jax
     import jax.numpy as jnp
@@ -99,7 +100,7 @@ def bench_kernels(*, rows=KERNEL_ROWS, shapes=KERNEL_SHAPES, isas: list[str] | N
     from . import ffi, layout
 
     threads = len(os.sched_getaffinity(0))
-    isas = isas or ffi.available_isas()
+    isas = isas or [isa for isa in ffi.available_isas() if isa != "scalar"] or ["scalar"]
     rng = np.random.default_rng(seed)
     previous = os.environ.get("BITNET_JAX_ISA")
     results = []

@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     bench_kernels = benches.add_parser("kernels", help="ternary / int8 FFI kernels against XLA's dense dot, 2B4T shapes")
     bench_kernels.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
     bench_kernels.add_argument("--rows", default="1,8,128", help="activation rows M (default 1,8,128)")
-    bench_kernels.add_argument("--isa", default=None, help="comma-separated kernel paths (default: all this CPU runs)")
+    bench_kernels.add_argument("--isa", default=None, help="comma-separated kernel paths (default: the SIMD paths this CPU runs)")
     bench_kernels.add_argument("--repeats", type=int, default=5)
     bench_kernels.add_argument("--json", help="also write the timings to this JSON file")
     bench_kernels.set_defaults(func=_bench_kernels)

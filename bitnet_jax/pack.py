@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,7 +188,7 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
 
     spec = ServingSpec(lm_head=meta.get("lm_head", "int8"), act_bits=config.act_bits)
     expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-    _check_against(merge_serving_variables(expected), params, weights)
+    _check_against(merge_serving_variables(nn.unbox(expected)), params, weights)
     return config, params
 
 

@@ -55,8 +55,11 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_tensor_parallel_ffi_matches_one_device():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+def test_tensor_parallel_ffi_matches_one_device(tmp_path):
+    # cwd elsewhere: from the repository root, `-c` would import the source tree, which has no
+    # compiled extension, instead of the installed package.
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
     assert int(out["calls"]) > 0
