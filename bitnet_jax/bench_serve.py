@@ -30,7 +30,7 @@ _MAX_CHAIN = 256
 
 
 def set_threads(threads: int | None) -> int:
-    """Restricts this process to `threads` CPUs (before JAX starts); returns the count in use."""
+    """Restricts this process to `threads` CPUs (before JAX computes anything); returns the count."""
     available = sorted(os.sched_getaffinity(0))
     if threads is None:
         return len(available)
@@ -38,10 +38,8 @@ def set_threads(threads: int | None) -> int:
         raise BitNetError(f"--threads {threads}: expected a positive number of threads (at most {len(available)}).")
     if threads > len(available):
         raise BitNetError(f"--threads {threads}: this process may use only {len(available)} CPUs.")
-    import sys
-
-    if "jax" in sys.modules and threads != len(available):
-        raise BitNetError("set_threads must run before JAX is imported (XLA sizes its thread pool at start).")
+    # XLA sizes its CPU thread pool from the allowed CPUs when its backend starts (at the first
+    # computation), so this must run before anything is computed in this process.
     os.sched_setaffinity(0, available[:threads])
     return threads
 
@@ -166,8 +164,9 @@ def kernels_table(results: list[KernelTiming]) -> str:
             columns.append(key)
     by_key = {(r.K, r.N, r.M, r.kernel if r.isa == "xla" else f"{r.kernel}:{r.isa}"): r for r in results}
     ours = [c for c in columns if not c.startswith("xla")]
-    lines = ["| K x N | M | " + " | ".join(f"{c} us (GB/s)" for c in ["ours"] + [c for c in columns if c.startswith("xla")])
-             + " | best ours vs xla_f32 |", "|---" * 5 + "|"]
+    header = ["K x N", "M", "ours us (GB/s)"] + [f"{c} us (GB/s)" for c in columns if c.startswith("xla")]
+    header.append("best ours vs xla_f32")
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for k, n, m in dict.fromkeys((r.K, r.N, r.M) for r in results):
         cells, best = [], None
         for c in ours:
