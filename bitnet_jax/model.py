@@ -31,6 +31,7 @@ import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -166,37 +167,25 @@ def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: i
     return lambda x: linear(x, layer)
 
 
+def _is_packed_leaf(path: tuple[str, ...]) -> bool:
+    return path[0] == "layers" and path[-1] in ("w_packed", "w_scale")
+
+
 def serving_variables(params) -> dict:
     """Flax variables for `BitNetLM(config, serving).apply` from packed parameters: the packed
-    weights go to the "packed" collection (broadcast into the layer scan), the rest to "params"."""
-    rest, packed = {}, {}
-    for key, value in params.items():
-        if key == "layers":
-            rest[key], packed[key] = {}, {}
-            for block, tree in value.items():
-                if block not in ("self_attn", "mlp"):
-                    rest[key][block] = tree
-                    continue
-                rest[key][block], packed[key][block] = {}, {}
-                for name, leaf in tree.items():
-                    ours = {k: v for k, v in leaf.items() if k in ("w_packed", "w_scale")}
-                    if ours:
-                        packed[key][block][name] = ours
-                    others = {k: v for k, v in leaf.items() if k not in ("w_packed", "w_scale")}
-                    if others:
-                        rest[key][block][name] = others
-        else:
-            rest[key] = value
-    return {"params": rest, PACKED: packed}
+    weights of the layers go to the "packed" collection (broadcast into the layer scan), the
+    rest (norms, embeddings, an int8 lm_head) to "params"."""
+    flat = traverse_util.flatten_dict(params)
+    split = lambda packed: traverse_util.unflatten_dict(
+        {path: value for path, value in flat.items() if _is_packed_leaf(path) == packed})
+    return {"params": split(False), PACKED: split(True)}
 
 
 def merge_serving_variables(variables) -> dict:
     """The inverse of `serving_variables`: one parameter tree."""
-    merged = jax.tree.map(lambda x: x, variables["params"])
-    for block, tree in variables.get(PACKED, {}).get("layers", {}).items():
-        for name, leaf in tree.items():
-            merged["layers"].setdefault(block, {}).setdefault(name, {}).update(leaf)
-    return merged
+    flat = {**traverse_util.flatten_dict(variables["params"]),
+            **traverse_util.flatten_dict(variables.get(PACKED, {}))}
+    return traverse_util.unflatten_dict(flat)
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:

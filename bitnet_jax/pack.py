@@ -17,6 +17,7 @@ import json
 import os
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,7 +134,7 @@ def save_packed(folder: str, config: BitNetConfig, params) -> None:
     hf = config.to_dict()
     hf["bitnet_jax"] = {"format": PACKED_FORMAT, "layout_version": layout.LAYOUT_VERSION,
                         "lm_head": lm_head_kind(params)}
-    flat = {".".join(path): np.ascontiguousarray(value) for path, value in _flatten(params)}
+    flat = {".".join(path): np.ascontiguousarray(value) for path, value in flatten_dict(params).items()}
     tmp = os.path.join(folder, "model.safetensors.tmp")
     save_file(flat, tmp, metadata={"format": PACKED_FORMAT, "layout_version": str(layout.LAYOUT_VERSION)})
     os.replace(tmp, os.path.join(folder, "model.safetensors"))  # no half-written weights on a crash
@@ -178,13 +179,7 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
         flat = load_file(weights)
     except (OSError, SafetensorError, ValueError) as e:
         raise BitNetError(f"{weights}: cannot read the packed weights ({e}). Convert the model again.") from None
-    params: dict = {}
-    for name, value in flat.items():
-        node = params
-        *parents, leaf = name.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+    params = unflatten_dict({tuple(name.split(".")): value for name, value in flat.items()})
 
     spec = ServingSpec(lm_head=meta.get("lm_head", "int8"), act_bits=config.act_bits)
     expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
@@ -194,8 +189,8 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
 
 def _check_against(expected, params, where: str):
     """Every expected tensor is present with the expected shape and kind of dtype."""
-    got = dict(_flatten(params))
-    for path, spec in _flatten(expected):
+    got = flatten_dict(params)
+    for path, spec in flatten_dict(expected).items():
         name = ".".join(path)
         if path not in got:
             raise BitNetError(f"{where}: tensor {name} is missing; the file does not match config.json.")
@@ -206,11 +201,3 @@ def _check_against(expected, params, where: str):
             raise BitNetError(
                 f"{where}: tensor {name} is {got[path].dtype} {list(shape)}, but config.json implies "
                 f"{spec.dtype} {list(spec.shape)}; the weights and config.json disagree.")
-
-
-def _flatten(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, prefix + (key,))
-        else:
-            yield prefix + (key,), value
