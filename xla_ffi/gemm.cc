@@ -23,8 +23,6 @@ namespace bitnet {
 namespace {
 
 constexpr int kMaxTileRows = 4;
-// Activation rows per tile of the prefill kernel: 4 x 6 accumulators + 4 code registers + 1.
-constexpr int kPrefillTileRows = 6;
 
 // ---------------------------------------------------------------------------------------------
 // Scalar twins: the layout read literally, one weight at a time.
@@ -142,6 +140,17 @@ BITNET_AVX2 void Int8RowAvx2(const int8_t* x, int64_t kp, const int8_t* w_row, i
 
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
+// acc += u8 . s8 (4-way dot products into int32 lanes). GCC compiles the intrinsic as if it
+// were not destructive: it copies every accumulator before the instruction and spills the copies
+// (measured: a 2x slower inner loop). The inline assembly names the accumulator as read-write.
+BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+#else
+  acc = _mm512_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+
 // (GCC 12's HsumAvx512 trips -Wmaybe-uninitialized in its own header.)
 BITNET_AVX512 inline int32_t HsumAvx512(__m512i v) {
   const __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
@@ -178,7 +187,7 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
       for (int r = 0; r < kRowsPerGroup; ++r) {
         const __m512i codes = _mm512_and_si512(packed[r], mask);
         packed[r] = _mm512_srli_epi16(packed[r], 2);
-        for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_dpbusd_epi32(acc[r][mi], codes, xv[mi]);
+        for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[r][mi], codes, xv[mi]);
       }
     }
   }
@@ -187,41 +196,103 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
       acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
 }
 
-// Prefill: with many activation rows, a group's 4 weight rows are unpacked once into int8 codes
-// [4][kp] (L1/L2-resident) and every row tile of x reads them with plain loads, so the inner loop
-// is loads + vpdpbusd only (the unpacking shifts would otherwise compete for the same ports).
-BITNET_AVX512 void UnpackGroupAvx512(const uint8_t* w_g, int64_t kb, int8_t* codes_rk) {
+// Prefill, many activation rows: panels of 32 output rows (8 groups) whose codes are unpacked
+// once into the order vpdpbusd wants them: for every k-quad q (k = 4q..4q+3), the 4 codes of each
+// of the 32 rows, i.e. two registers of 16 lanes, one output row per lane. The micro-kernel
+// broadcasts one quad of activations per x row and accumulates 16 whole outputs per register:
+// no horizontal sums, and results leave as vector stores. Per quad step: 2 code loads and MT
+// broadcasts feed 2 * MT vpdpbusd.
+constexpr int64_t kPanelRows = 32;
+constexpr int64_t kPanelGroups = kPanelRows / kRowsPerGroup;
+constexpr int kPanelTileRows = 12;  // 2 x 12 accumulators + 2 code registers
+// K chunk: 32 x 1024 codes + 12 x 1024 activations = 44 KB, within a 48 KB L1.
+constexpr int64_t kPanelChunkQuads = 256;
+
+// In place: r[i] lane j <- r[j] lane i, for 16 x 16 dwords (four shuffle stages).
+BITNET_AVX512 inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// codes_q: [kp / 4][kPanelRows][4] int8. Packed dword d of a row block holds, at shift 2j, the
+// codes of quad 16j + d of the block; transposing 16 rows' blocks puts dword d of every row in
+// one register, which shifted and masked is that quad for 16 output rows. Rows at or past group
+// `g_end` get code 1 (t = 0); their outputs are never stored.
+BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
+                                     int8_t* codes_q) {
   const __m512i mask = _mm512_set1_epi8(3);
-  const int64_t kp = kb * kBlockK;
   for (int64_t b = 0; b < kb; ++b) {
-    for (int r = 0; r < kRowsPerGroup; ++r) {
-      __m512i packed = _mm512_loadu_si512(w_g + b * kGroupBlockBytes + r * kBlockBytes);
+    for (int64_t half = 0; half < kPanelRows / 16; ++half) {
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t pr = 16 * half + i, g = g0 + pr / kRowsPerGroup;
+        r[i] = g < g_end ? _mm512_loadu_si512(w + (g * kb + b) * kGroupBlockBytes + (pr % kRowsPerGroup) * kBlockBytes)
+                         : _mm512_set1_epi8(0x55);
+      }
+      Transpose16x16(r);
       for (int j = 0; j < 4; ++j) {
-        _mm512_storeu_si512(codes_rk + r * kp + b * kBlockK + 64 * j, _mm512_and_si512(packed, mask));
-        packed = _mm512_srli_epi16(packed, 2);
+        for (int d = 0; d < 16; ++d) {
+          const int64_t q = b * (kBlockK / 4) + 16 * j + d;
+          _mm512_storeu_si512(codes_q + (q * kPanelRows + 16 * half) * 4,
+                              _mm512_and_si512(_mm512_srli_epi32(r[d], 2 * j), mask));
+        }
       }
     }
   }
 }
 
+// MT activation rows x one panel, over the k-quads [q_begin, q_end): acc_out[m, n0 + i] for
+// i < 32 and n0 + i < n_end is set (first K chunk: minus x_sum[m], for t = code - 1) or added to.
 template <int MT>
-BITNET_AVX512 void TernaryCodesAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum,
-                                      const int8_t* codes_rk, int64_t n0, int64_t n_total,
-                                      int32_t* acc_out) {
-  __m512i acc[kRowsPerGroup][MT];
-  for (int r = 0; r < kRowsPerGroup; ++r)
-    for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < kp; k += 64) {
-    __m512i codes[kRowsPerGroup];
-    for (int r = 0; r < kRowsPerGroup; ++r) codes[r] = _mm512_loadu_si512(codes_rk + r * kp + k);
+BITNET_AVX512 void PanelTileAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum,
+                                   const int8_t* codes_q, int64_t q_begin, int64_t q_end, int64_t n0,
+                                   int64_t n_end, int64_t n_total, int32_t* acc_out) {
+  __m512i acc[MT][2];
+#pragma GCC unroll 16
+  for (int mi = 0; mi < MT; ++mi) acc[mi][0] = acc[mi][1] = _mm512_setzero_si512();
+  const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
+  const int64_t kq = kp / 4;  // quads per x row
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    const __m512i c0 = _mm512_loadu_si512(codes_q + q * kPanelRows * 4);
+    const __m512i c1 = _mm512_loadu_si512(codes_q + q * kPanelRows * 4 + 64);
+#pragma GCC unroll 16
     for (int mi = 0; mi < MT; ++mi) {
-      const __m512i xv = _mm512_loadu_si512(x + mi * kp + k);
-      for (int r = 0; r < kRowsPerGroup; ++r) acc[r][mi] = _mm512_dpbusd_epi32(acc[r][mi], codes[r], xv);
+      const __m512i xv = _mm512_set1_epi32(x32[mi * kq + q]);
+      Dpbusd(acc[mi][0], c0, xv);
+      Dpbusd(acc[mi][1], c1, xv);
     }
   }
-  for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r)
-    for (int mi = 0; mi < MT; ++mi)
-      acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
+  const int64_t valid = std::min<int64_t>(kPanelRows, n_end - n0);
+  const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+  const bool first = q_begin == 0;
+#pragma GCC unroll 16
+  for (int mi = 0; mi < MT; ++mi) {
+    int32_t* out = acc_out + mi * n_total + n0;
+    const __m512i base0 = first ? _mm512_set1_epi32(-x_sum[mi]) : _mm512_maskz_loadu_epi32(m0, out);
+    const __m512i base1 = first ? _mm512_set1_epi32(-x_sum[mi]) : _mm512_maskz_loadu_epi32(m1, out + 16);
+    _mm512_mask_storeu_epi32(out, m0, _mm512_add_epi32(acc[mi][0], base0));
+    _mm512_mask_storeu_epi32(out + 16, m1, _mm512_add_epi32(acc[mi][1], base1));
+  }
 }
 
 // Up to 4 int8 rows against MT activation rows. vpdpbusd wants one unsigned operand: use
@@ -247,8 +318,8 @@ BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, int64_t kp, const int8_t* w, 
       // Four row streams: prefetch each well ahead, the hardware prefetcher tracks fewer.
       _mm_prefetch(reinterpret_cast<const char*>(w_rows[r] + k + 1024), _MM_HINT_T0);
       const __m512i wv = _mm512_loadu_si512(w_rows[r] + k);
-      w_sum[r] = _mm512_dpbusd_epi32(w_sum[r], ones, wv);
-      for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_dpbusd_epi32(acc[r][mi], xv[mi], wv);
+      Dpbusd(w_sum[r], ones, wv);
+      for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[r][mi], xv[mi], wv);
     }
   }
   for (int r = 0; r < n_rows; ++r) {
@@ -294,10 +365,11 @@ struct TernaryTileAvx512 {
 };
 
 template <int MT>
-struct TernaryCodesTileAvx512 {
+struct PanelTileAvx512Op {
   static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp,
-                  const int8_t* codes_rk, int64_t n0, int64_t n_total) {
-    TernaryCodesAvx512<MT>(x, kp, x_sum, codes_rk, n0, n_total, acc);
+                  const int8_t* codes_q, int64_t q_begin, int64_t q_end, int64_t n0, int64_t n_end,
+                  int64_t n_total) {
+    PanelTileAvx512<MT>(x, kp, x_sum, codes_q, q_begin, q_end, n0, n_end, n_total, acc);
   }
 };
 
@@ -319,6 +391,10 @@ struct Int8TileAvx512 {
 
 }  // namespace
 
+int64_t TernaryGroupsPerTask(Isa isa, int64_t rows) {
+  return isa == Isa::kAvx512Vnni && rows > kMaxTileRows ? kPanelGroups : 1;
+}
+
 void TernaryGemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                     const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                     int32_t* acc) {
@@ -330,11 +406,17 @@ void TernaryGemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
   // Group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile of x
   // passes over them.
   if (isa == Isa::kAvx512Vnni && rows > kMaxTileRows) {
-    std::vector<int8_t> codes_rk(kRowsPerGroup * kp);
-    for (int64_t g = g_begin; g < g_end; ++g) {
-      UnpackGroupAvx512(w + g * kb * kGroupBlockBytes, kb, codes_rk.data());
-      ForRowTiles<TernaryCodesTileAvx512, kPrefillTileRows>(rows, kp, x_q, x_sum, acc, n_total, kp,
-                                                            codes_rk.data(), g * kRowsPerGroup, n_total);
+    thread_local std::vector<int8_t> codes_q;  // reused: no page faults per call
+    codes_q.resize(kPanelRows * kp);
+    const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
+      UnpackPanelAvx512(w, kb, g0, g_end, codes_q.data());
+      // K in chunks, so that a chunk of the panel's codes and of a tile's activations share L1.
+      for (int64_t q0 = 0; q0 < kp / 4; q0 += kPanelChunkQuads) {
+        ForRowTiles<PanelTileAvx512Op, kPanelTileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q.data(),
+                                                       q0, std::min(kp / 4, q0 + kPanelChunkQuads),
+                                                       g0 * kRowsPerGroup, n_end, n_total);
+      }
     }
     return;
   }

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -125,34 +126,57 @@ ffi::Error Select(const std::string& op, Isa* isa) {
   return ffi::Error::Success();
 }
 
-// Activations padded with zeros to kp columns: int8 rows plus their sums and scales.
+// Activations padded with zeros to kp columns: int8 rows plus their sums and scales. The
+// storage is per thread and reused (a fresh allocation per call costs page faults at prefill
+// sizes); a handler runs on one thread from start to end, so nothing else uses it meanwhile.
 struct QuantizedRows {
-  std::vector<int8_t> q;
-  std::vector<int32_t> sum;
-  std::vector<float> scale;
+  int8_t* q = nullptr;
+  int32_t* sum = nullptr;
+  float* scale = nullptr;
+
+  static QuantizedRows Scratch(int64_t rows, int64_t kp) {
+    thread_local std::vector<int8_t> q_storage;
+    thread_local std::vector<int32_t> sum_storage;
+    thread_local std::vector<float> scale_storage;
+    q_storage.resize(rows * kp);
+    sum_storage.resize(rows);
+    scale_storage.resize(rows);
+    return {q_storage.data(), sum_storage.data(), scale_storage.data()};
+  }
 };
 
+// Activation rows per parallel chunk of quantization: about 16K elements.
+int64_t QuantizeChunk(int64_t k) { return std::max<int64_t>(1, 16384 / k); }
+
 template <typename T>
-void QuantizeAll(const T* x, const Rows& shape, int64_t kp, int bits, QuantizedRows* out) {
-  out->q.assign(shape.rows * kp, 0);
-  out->sum.assign(shape.rows, 0);
-  out->scale.resize(shape.rows);
-  for (int64_t m = 0; m < shape.rows; ++m) {
-    out->scale[m] = QuantizeRow(x + m * shape.k, shape.k, bits, out->q.data() + m * kp, &out->sum[m]);
-  }
+void QuantizeAll(ffi::ThreadPool& pool, Isa isa, const T* x, const Rows& shape, int64_t kp, int bits,
+                 const QuantizedRows& out) {
+  ParallelFor(pool, shape.rows, QuantizeChunk(shape.k), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      int8_t* q = out.q + m * kp;
+      std::fill(q + shape.k, q + kp, int8_t{0});
+      out.sum[m] = 0;
+      const T* row = x + m * shape.k;
+      out.scale[m] = isa == Isa::kAvx512Vnni ? QuantizeRowAvx512(row, shape.k, bits, q, &out.sum[m])
+                     : isa == Isa::kAvx2     ? QuantizeRowAvx2(row, shape.k, bits, q, &out.sum[m])
+                                             : QuantizeRow(row, shape.k, bits, q, &out.sum[m]);
+    }
+  });
 }
 
-ffi::Error QuantizeInput(const std::string& op, ffi::AnyBuffer x, const Rows& shape, int64_t kp,
-                         int64_t bits, QuantizedRows* out) {
+ffi::Error QuantizeInput(const std::string& op, ffi::ThreadPool& pool, Isa isa, ffi::AnyBuffer x,
+                         const Rows& shape, int64_t kp, int64_t bits, QuantizedRows* out) {
   if (bits < 2 || bits > 8) {
     return Invalid(op, "act_bits must be in [2, 8], got " + std::to_string(bits));
   }
+  *out = QuantizedRows::Scratch(shape.rows, kp);
   switch (x.element_type()) {
     case ffi::DataType::F32:
-      QuantizeAll(static_cast<const float*>(x.untyped_data()), shape, kp, static_cast<int>(bits), out);
+      QuantizeAll(pool, isa, static_cast<const float*>(x.untyped_data()), shape, kp, static_cast<int>(bits), *out);
       return ffi::Error::Success();
     case ffi::DataType::BF16:
-      QuantizeAll(static_cast<const uint16_t*>(x.untyped_data()), shape, kp, static_cast<int>(bits), out);
+      QuantizeAll(pool, isa, static_cast<const uint16_t*>(x.untyped_data()), shape, kp, static_cast<int>(bits),
+                  *out);
       return ffi::Error::Success();
     default:
       return Invalid(op, "expected x of dtype float32 or bfloat16, got XLA dtype code " +
@@ -161,40 +185,62 @@ ffi::Error QuantizeInput(const std::string& op, ffi::AnyBuffer x, const Rows& sh
 }
 
 // Copies int8 rows [rows, k] into zero-padded rows [rows, kp] and sums them.
-void PadRows(const int8_t* x, const Rows& shape, int64_t kp, QuantizedRows* out) {
-  out->q.assign(shape.rows * kp, 0);
-  out->sum.assign(shape.rows, 0);
+QuantizedRows PadRows(const int8_t* x, const Rows& shape, int64_t kp) {
+  QuantizedRows out = QuantizedRows::Scratch(shape.rows, kp);
+  std::fill(out.q, out.q + shape.rows * kp, int8_t{0});
   for (int64_t m = 0; m < shape.rows; ++m) {
     int32_t sum = 0;
-    for (int64_t i = 0; i < shape.k; ++i) sum += (out->q[m * kp + i] = x[m * shape.k + i]);
-    out->sum[m] = sum;
+    for (int64_t i = 0; i < shape.k; ++i) sum += (out.q[m * kp + i] = x[m * shape.k + i]);
+    out.sum[m] = sum;
   }
+  return out;
 }
 
-// y = (float(acc) * (1 / x_scale[m])) * w_scale[n or 0], exactly as written.
-void Rescale(const int32_t* acc, const QuantizedRows& xq, const float* w_scale, bool per_tensor,
-             int64_t rows, int64_t n, float* y) {
+// In place, columns [n_begin, n_end) of every row: the int32 products that the kernels wrote into
+// y's memory become y = (float(acc) * (1 / x_scale[m])) * w_scale[n or 0], exactly as written.
+void RescaleInPlace(float* y, const QuantizedRows& xq, const float* w_scale, bool per_tensor, int64_t rows,
+                    int64_t n, int64_t n_begin, int64_t n_end) {
   for (int64_t m = 0; m < rows; ++m) {
     const float x_inv = 1.0f / xq.scale[m];
-    for (int64_t j = 0; j < n; ++j) {
-      const float ws = w_scale[per_tensor ? 0 : j];
-      y[m * n + j] = (static_cast<float>(acc[m * n + j]) * x_inv) * ws;
+    float* y_m = y + m * n;
+    for (int64_t j = n_begin; j < n_end; ++j) {
+      int32_t acc;
+      std::memcpy(&acc, y_m + j, sizeof(acc));
+      y_m[j] = (static_cast<float>(acc) * x_inv) * w_scale[per_tensor ? 0 : j];
     }
   }
 }
 
+// The int32 products into acc (rows x n), split over output row groups on the pool; with y set,
+// each chunk then rescales its own columns of y, which is acc's memory.
+struct Rescale {
+  float* y = nullptr;
+  const float* w_scale = nullptr;
+  bool per_tensor = false;
+};
+
 void RunTernary(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
-                const uint8_t* w, int64_t n, int32_t* acc) {
+                const uint8_t* w, int64_t n, int32_t* acc, const Rescale& rescale = {}) {
   const int64_t groups = CeilDiv(n, kRowsPerGroup);
-  ParallelFor(pool, groups, kMinGroupsPerChunk, [&](int64_t begin, int64_t end) {
-    TernaryGemmI32(isa, xq.q.data(), xq.sum.data(), rows, kb, w, begin, end, n, acc);
+  // Chunks of whole tasks (the kernel's own unit of output rows), at least kMinGroupsPerChunk groups.
+  const int64_t task = TernaryGroupsPerTask(isa, rows);
+  ParallelFor(pool, CeilDiv(groups, task), CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
+    const int64_t g_begin = begin * task, g_end = std::min(groups, end * task);
+    TernaryGemmI32(isa, xq.q, xq.sum, rows, kb, w, g_begin, g_end, n, acc);
+    if (rescale.y != nullptr) {
+      RescaleInPlace(rescale.y, xq, rescale.w_scale, rescale.per_tensor, rows, n, g_begin * kRowsPerGroup,
+                     std::min(n, g_end * kRowsPerGroup));
+    }
   });
 }
 
 void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kp,
-             const int8_t* w, int64_t n, int32_t* acc) {
+             const int8_t* w, int64_t n, int32_t* acc, const Rescale& rescale = {}) {
   ParallelFor(pool, n, kMinRowsPerChunk, [&](int64_t begin, int64_t end) {
-    Int8GemmI32(isa, xq.q.data(), rows, kp, w, begin, end, n, acc);
+    Int8GemmI32(isa, xq.q, rows, kp, w, begin, end, n, acc);
+    if (rescale.y != nullptr) {
+      RescaleInPlace(rescale.y, xq, rescale.w_scale, rescale.per_tensor, rows, n, begin, end);
+    }
   });
 }
 
@@ -241,11 +287,12 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
   if (auto e = Select(op, &isa); e.failure()) return e;
   if (shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
-  if (auto e = QuantizeInput(op, x, shape, kb * kBlockK, act_bits, &xq); e.failure()) return e;
-  std::vector<int32_t> acc(shape.rows * n);
-  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data() + w_view.offset, n, acc.data());
-  Rescale(acc.data(), xq, w_scale.typed_data() + s_view.offset, s_view.dims[0] == 1, shape.rows, n,
-          y->typed_data());
+  if (auto e = QuantizeInput(op, pool, isa, x, shape, kb * kBlockK, act_bits, &xq); e.failure()) return e;
+  // The int32 products go into y's own memory (int32 and float32 have the same size) and are
+  // rescaled there.
+  float* y_data = y->typed_data();
+  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data() + w_view.offset, n, reinterpret_cast<int32_t*>(y_data),
+             {y_data, w_scale.typed_data() + s_view.offset, s_view.dims[0] == 1});
   return ffi::Error::Success();
 }
 
@@ -262,8 +309,7 @@ ffi::Error TernaryMatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, 
   if (auto e = CheckOutput(op, x_q.dimensions(), acc->dimensions(), n); e.failure()) return e;
   if (auto e = Select(op, &isa); e.failure()) return e;
   if (shape.rows == 0) return ffi::Error::Success();
-  QuantizedRows xq;
-  PadRows(x_q.typed_data(), shape, kb * kBlockK, &xq);
+  const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kb * kBlockK);
   RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data(), n, acc->typed_data());
   return ffi::Error::Success();
 }
@@ -284,10 +330,10 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   if (auto e = Select(op, &isa); e.failure()) return e;
   if (shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
-  if (auto e = QuantizeInput(op, x, shape, kp, act_bits, &xq); e.failure()) return e;
-  std::vector<int32_t> acc(shape.rows * n);
-  RunInt8(pool, isa, xq, shape.rows, kp, w.typed_data(), n, acc.data());
-  Rescale(acc.data(), xq, w_scale.typed_data(), /*per_tensor=*/false, shape.rows, n, y->typed_data());
+  if (auto e = QuantizeInput(op, pool, isa, x, shape, kp, act_bits, &xq); e.failure()) return e;
+  float* y_data = y->typed_data();
+  RunInt8(pool, isa, xq, shape.rows, kp, w.typed_data(), n, reinterpret_cast<int32_t*>(y_data),
+          {y_data, w_scale.typed_data(), /*per_tensor=*/false});
   return ffi::Error::Success();
 }
 
@@ -304,8 +350,7 @@ ffi::Error Int8MatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi
   if (auto e = CheckOutput(op, x_q.dimensions(), acc->dimensions(), n); e.failure()) return e;
   if (auto e = Select(op, &isa); e.failure()) return e;
   if (shape.rows == 0) return ffi::Error::Success();
-  QuantizedRows xq;
-  PadRows(x_q.typed_data(), shape, kp, &xq);
+  const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kp);
   RunInt8(pool, isa, xq, shape.rows, kp, w.typed_data(), n, acc->typed_data());
   return ffi::Error::Success();
 }
