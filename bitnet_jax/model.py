@@ -50,12 +50,12 @@ _MASKED = -1e30
 class KVCache(NamedTuple):
     """Keys and values of every layer; slot s holds the token at absolute position s."""
 
-    k_lbskh: jax.Array
-    v_lbskh: jax.Array
+    k_lbksh: jax.Array
+    v_lbksh: jax.Array
 
     @classmethod
     def zeros(cls, config: BitNetConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
@@ -200,10 +200,15 @@ def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.
     return rotated.astype(x_btnh.dtype)
 
 
-def _write_cache(cache_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
-    """Writes each row's new keys (or values) at its own start slot."""
-    write = lambda c, u, s: jax.lax.dynamic_update_slice(c, u.astype(c.dtype), (s, 0, 0))
-    return jax.vmap(write)(cache_bskh, new_btkh, start_b)
+def _write_cache(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, start_b: jax.Array) -> jax.Array:
+    """Writes each row's new keys (or values) into layer `layer` of the stacked cache, at the
+    row's own start slot: a scatter of the few slots written, done in place by XLA, not a copy."""
+    b, t = new_btkh.shape[:2]
+    slots_bt = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
+    rows_bt = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    # Advanced indices around a slice: the indexed slots come out as [B, T, K, H], new's shape.
+    return cache_lbksh.at[layer, rows_bt, :, slots_bt].set(new_btkh.astype(cache_lbksh.dtype),
+                                                          indices_are_sorted=True, unique_indices=True)
 
 
 class Attention(nn.Module):
@@ -223,17 +228,19 @@ class Attention(nn.Module):
         k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
 
         if cache_kv is not None:  # keys and values of all cache slots, this step's included
-            k_bskh = _write_cache(cache_kv[0], k_btkh, positions_bt[:, 0])
-            v_bskh = _write_cache(cache_kv[1], v_btkh, positions_bt[:, 0])
-            cache_kv = (k_bskh, v_bskh)
+            k_lbksh = _write_cache(cache_kv[0], k_btkh, layer, positions_bt[:, 0])
+            v_lbksh = _write_cache(cache_kv[1], v_btkh, layer, positions_bt[:, 0])
+            cache_kv = (k_lbksh, v_lbksh)
+            # The cache keeps slots next to the head dim, the layout the dots below want.
+            keys, values, kv = k_lbksh[layer], v_lbksh[layer], "bksh"
         else:
-            k_bskh, v_bskh = k_btkh, v_btkh
+            keys, values, kv = k_btkh, v_btkh, "bskh"
 
         q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh) * (h ** -0.5)
+        scores_bkgts = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, keys) * (h ** -0.5)
         scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
-        probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(v_bskh.dtype)
-        out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh).reshape(b, t, n * h)
+        probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(values.dtype)
+        out_btnh = jnp.einsum(f"bkgts,{kv}->btkgh", probs_bkgts, values).reshape(b, t, n * h)
         out_btnh = RMSNorm(c.rms_norm_eps, name="attn_sub_norm")(out_btnh)
         return linear(c.hidden_size, "o_proj", ("q_heads", "embed"))(out_btnh), cache_kv
 
@@ -258,7 +265,10 @@ class DecoderLayer(nn.Module):
     serving: serve.ServingSpec | None = None
 
     @nn.compact
-    def __call__(self, x_btd, cache_kv, positions_bt, mask_bts, layer):
+    def __call__(self, carry, positions_bt, mask_bts, layer):
+        # The carry of the layer scan: the residual stream and the whole stacked KV cache (or
+        # None), which each layer updates at its own index, so the scan never slices or restacks it.
+        x_btd, cache_kv = carry
         eps = self.config.rms_norm_eps
         residual_dtype = x_btd.dtype
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
@@ -266,7 +276,7 @@ class DecoderLayer(nn.Module):
         x_btd = x_btd + h_btd
         h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd), layer)
         # The residual stream keeps the embedding's dtype (bf16 params compute in bf16).
-        return _residual_constraint((x_btd + h_btd).astype(residual_dtype)), cache_kv
+        return (_residual_constraint((x_btd + h_btd).astype(residual_dtype)), cache_kv), None
 
 
 class BitNetLM(nn.Module):
@@ -323,11 +333,12 @@ class BitNetLM(nn.Module):
             # forward pass (jax.checkpoint's documentation), so the extra barrier would only cost speed.
             layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0}, variable_broadcast=PACKED,
-                         split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast, 0),
+                         split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0),
                          length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        cache_in = None if cache is None else (cache.k_lbskh, cache.v_lbskh)
+        cache_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        x_btd, cache_out = layers(c, self.serving, name="layers")(x_btd, cache_in, positions_bt, mask_bts, layer_l)
+        (x_btd, cache_out), _ = layers(c, self.serving, name="layers")((x_btd, cache_in), positions_bt, mask_bts,
+                                                                        layer_l)
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:
@@ -364,7 +375,7 @@ def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
     if cache is not None:
         if attention_mask_bt is not None or segment_ids_bt is not None:
             raise ValueError("attention_mask_bt / segment_ids_bt are not supported with a KV cache")
-        s = cache.k_lbskh.shape[2]
+        s = cache.k_lbksh.shape[3]
         return jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
     mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     if attention_mask_bt is not None:
