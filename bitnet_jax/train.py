@@ -6,7 +6,9 @@ every device for data parallelism, which on one device is plain single-device tr
 A run folder is self-contained:
   run.json          the RunConfig (model config included)
   tokenizer.model   the tokenizer the data was encoded with (or tokenizer.json, see corpus.py)
-  checkpoints/N/    orbax checkpoints: `params`, `opt_state` and `meta` (step, data iterator state)
+  checkpoints/N/    orbax checkpoints: `params`, `opt_state` and `meta` (step, data iterator state),
+                    saved every `checkpoint_every` steps in the background (`async_checkpoints`);
+                    a save is written to `N.orbax-checkpoint-tmp` and renamed to `N` when complete
   metrics.jsonl     one JSON object per logged step: step, loss, learning_rate, tokens_per_s,
                     and eval_loss where evaluated
   loss.png          train and eval loss curves
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -211,7 +214,13 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     eval_batches = [sharding.global_batch(batch, shardings.batch) for batch in data.make_eval_batches(
         corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id)]
 
-    manager = _checkpoint_manager(out_dir, run)
+    unfinished = _unfinished_saves(out_dir)
+    manager = _checkpoint_manager(out_dir, run)  # deletes the unfinished saves before its first save
+    if unfinished:
+        then = ("the newest complete one is used" if manager.latest_step() is not None
+                else "there is no complete one: training starts from step 0")
+        say(f"The checkpoint of step {', '.join(map(str, unfinished))} is incomplete (the run stopped while "
+            f"saving it) and is deleted; {then}.")
     step = 0
     if manager.latest_step() is None:
         params = sharding.init_sharded(model, run.seed, shardings.params)
@@ -344,6 +353,11 @@ def _abstract(tree, shardings):
 
 
 def save_checkpoint(manager, step, params, opt_state, iter_state):
+    """Starts saving `step` (in the background with async checkpoints; `manager.save` returns
+    once the arrays are copied to host memory, and waits for the previous save first).
+
+    This is all a resumed run needs to continue bit for bit: the train step draws no random
+    numbers (no dropout), the seed is in run.json, and the data order is the iterator state."""
     if step in (manager.all_steps() or []):
         return
     manager.save(step, args=ocp.args.Composite(
@@ -374,6 +388,16 @@ def _restore_newest_good(manager, run_dir: str, args):
             bad_steps.append(step)
     raise BitNetError(f"{run_dir}: none of its checkpoints (steps {bad_steps}) can be read. Restore the "
                       "checkpoints folder from a backup, or delete it to train from scratch.")
+
+
+def _unfinished_saves(out_dir: str) -> list[int]:
+    """Steps whose save was cut short (the process was killed): orbax writes a checkpoint to
+    `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when it is complete."""
+    directory = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    names = ocp.path.step.tmp_checkpoints(directory)
+    return sorted(int(m.group(1)) for name in names if (m := re.match(ocp.path.step.TMP_DIR_STEP_PATTERN, name)))
 
 
 def _set_aside(out_dir: str, bad_steps: list[int]):
@@ -433,7 +457,12 @@ def _write_or_check_run_file(run: RunConfig, out_dir: str, write: bool = True):
 def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:
     directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     if not read_only:
-        options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True)
+        # cleanup_tmp_directories: a save cut short leaves `<step>.orbax-checkpoint-tmp`, which
+        # orbax never lists as a step, and otherwise deletes only when it saves that step again
+        # (never, for the save on Ctrl-C at a step between `checkpoint_every` boundaries).
+        options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
+                                               enable_async_checkpointing=run.async_checkpoints,
+                                               cleanup_tmp_directories=True)
         return ocp.CheckpointManager(directory, options=options)
     # Read-only (loading a run, safe while it trains): orbax warns about each of these settings
     # and about read-only mode itself; none of that is news to the user.
