@@ -104,7 +104,7 @@ def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0,
 
 def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
                     z_loss: float = 0.0, compute_dtype=jnp.float32,
-                    shardings: sharding.TrainShardings | None = None):
+                    shardings: sharding.TrainShardings | None = None, donate: bool = False):
     """A jitted `(params, opt_state, batch) -> (params, opt_state, cross_entropy)`.
 
     With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
@@ -114,6 +114,9 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
     With `shardings` (`sharding.train_shardings`) the step is compiled for their mesh: parameters
     and optimizer state stay in their shards, the batch comes in split over data x fsdp. Without,
     it runs on one device.
+
+    With `donate`, the new parameters and optimizer state are written into the buffers of the old
+    ones (no second copy of the model in memory): the arrays passed in are deleted by the call.
     """
     grad_fn = jax.value_and_grad(training_loss, has_aux=True)
     mesh = None if shardings is None else shardings.mesh
@@ -142,11 +145,12 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    donate_argnums = (0, 1) if donate else ()
     if shardings is None:
-        return jax.jit(train_step)
+        return jax.jit(train_step, donate_argnums=donate_argnums)
     s = shardings
     return jax.jit(train_step, in_shardings=(s.params, s.opt_state, s.batch),
-                   out_shardings=(s.params, s.opt_state, s.replicated))
+                   out_shardings=(s.params, s.opt_state, s.replicated), donate_argnums=donate_argnums)
 
 
 def make_eval_step(model: BitNetLM, shardings: sharding.TrainShardings | None = None,
@@ -202,8 +206,13 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
         return corpus
     corpus = _primary_first(prepare)
 
+    # Donation is safe beside background checkpoint writes: orbax's `save` copies the arrays to
+    # host memory before it returns. On CPU that copy is a numpy view of the device buffer (zero
+    # copy), and XLA does not donate a buffer that a view still references: the step after a save
+    # writes new buffers instead. tests/test_kill_resume.py checks that a save followed by donated
+    # steps restores the saved values.
     train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
-                                 compute_dtype=run.compute_dtype, shardings=shardings)
+                                 compute_dtype=run.compute_dtype, shardings=shardings, donate=True)
     eval_step = make_eval_step(model, shardings, run.compute_dtype)
     eos_id = corpus.tokenizer.eos_id
     # Every process reads the same global batches (shard_count=1) and hands its own rows to its
@@ -279,6 +288,10 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
+            if any(x.is_deleted() for x in jax.tree.leaves((params, opt_state))):
+                # A second Ctrl-C inside the step: its inputs were donated, its outputs are lost.
+                say(f"\nInterrupted during step {step + 1}: not saved; the newest checkpoint is kept.")
+                raise
             say(f"\nInterrupted at step {step}: saving a checkpoint...")
             save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
             manager.wait_until_finished()
