@@ -462,9 +462,10 @@ def _write_or_check_run_file(run: RunConfig, out_dir: str, write: bool = True):
             raise BitNetError(
                 f"{out_dir} holds a run with a different model (fields {changed} differ): use another --out "
                 "folder to start a new run, or the same config to resume.")
-    if write:
-        with open(path, "w") as f:
+    if write:  # a temporary file renamed into place: a run killed here leaves the old file or the new one
+        with open(path + ".tmp", "w") as f:
             json.dump(run.to_dict(), f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:
@@ -514,11 +515,20 @@ def _append_metrics(path: str, record: dict):
 
 
 def _read_metrics(path: str, up_to: int) -> list[dict]:
-    """Metrics logged before a resume point; later lines (lost work) are dropped from the file."""
+    """Metrics logged before a resume point; later lines (lost work) are dropped from the file,
+    and so is a last line cut short by a kill."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise BitNetError(f"{path}, line {i + 1} is not JSON ({line[:80]!r}): fix or delete that line, "
+                                  "then run again.") from None
     records = [r for r in records if r["step"] <= up_to]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
