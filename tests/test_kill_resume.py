@@ -133,7 +133,9 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(env, uninterrupted, tmp
         deadline = time.monotonic() + 240
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert marker.exists() and proc.poll() is None, proc.communicate(timeout=60)[0] if proc.poll() else "timeout"
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it was held:\n{proc.communicate()[0]}")
+        assert marker.exists(), "the run was not held within 240 s"
         folders = sorted(os.listdir(out / "checkpoints"))
         if hold_at == "finalized":
             assert folders == ["2", "4"]
