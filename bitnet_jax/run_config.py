@@ -68,7 +68,10 @@ class RunConfig:
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept, older ones deleted
+    # Write checkpoints in a background thread while training goes on (orbax async); training
+    # waits only for the copy of the arrays to host memory. False: every save blocks until done.
+    async_checkpoints: bool = True
     tokenizer_max_bytes: int = 12_000_000
 
     def __post_init__(self):
@@ -91,6 +94,8 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 _bad(name, value, "a number strictly between 0 and 1")
+        if not isinstance(self.async_checkpoints, bool):
+            _bad("async_checkpoints", self.async_checkpoints, "True or False")
         if self.compute_dtype not in COMPUTE_DTYPES:
             _bad("compute_dtype", self.compute_dtype, f"one of {COMPUTE_DTYPES}")
         if self.remat not in ("none", "full", *REMAT_POLICIES):

@@ -6,7 +6,9 @@ every device for data parallelism, which on one device is plain single-device tr
 A run folder is self-contained:
   run.json          the RunConfig (model config included)
   tokenizer.model   the tokenizer the data was encoded with (or tokenizer.json, see corpus.py)
-  checkpoints/N/    orbax checkpoints: `params`, `opt_state` and `meta` (step, data iterator state)
+  checkpoints/N/    orbax checkpoints: `params`, `opt_state` and `meta` (step, data iterator state),
+                    saved every `checkpoint_every` steps in the background (`async_checkpoints`);
+                    a save is written to `N.orbax-checkpoint-tmp` and renamed to `N` when complete
   metrics.jsonl     one JSON object per logged step: step, loss, learning_rate, tokens_per_s,
                     and eval_loss where evaluated
   loss.png          train and eval loss curves
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -101,7 +104,7 @@ def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0,
 
 def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
                     z_loss: float = 0.0, compute_dtype=jnp.float32,
-                    shardings: sharding.TrainShardings | None = None):
+                    shardings: sharding.TrainShardings | None = None, donate: bool = False):
     """A jitted `(params, opt_state, batch) -> (params, opt_state, cross_entropy)`.
 
     With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
@@ -111,6 +114,9 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
     With `shardings` (`sharding.train_shardings`) the step is compiled for their mesh: parameters
     and optimizer state stay in their shards, the batch comes in split over data x fsdp. Without,
     it runs on one device.
+
+    With `donate`, the new parameters and optimizer state are written into the buffers of the old
+    ones (no second copy of the model in memory): the arrays passed in are deleted by the call.
     """
     grad_fn = jax.value_and_grad(training_loss, has_aux=True)
     mesh = None if shardings is None else shardings.mesh
@@ -139,11 +145,12 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    donate_argnums = (0, 1) if donate else ()
     if shardings is None:
-        return jax.jit(train_step)
+        return jax.jit(train_step, donate_argnums=donate_argnums)
     s = shardings
     return jax.jit(train_step, in_shardings=(s.params, s.opt_state, s.batch),
-                   out_shardings=(s.params, s.opt_state, s.replicated))
+                   out_shardings=(s.params, s.opt_state, s.replicated), donate_argnums=donate_argnums)
 
 
 def make_eval_step(model: BitNetLM, shardings: sharding.TrainShardings | None = None,
@@ -199,8 +206,13 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
         return corpus
     corpus = _primary_first(prepare)
 
+    # Donation is safe beside background checkpoint writes: orbax's `save` copies the arrays to
+    # host memory before it returns. On CPU that copy is a numpy view of the device buffer (zero
+    # copy), and XLA does not donate a buffer that a view still references: the step after a save
+    # writes new buffers instead. tests/test_kill_resume.py checks that a save followed by donated
+    # steps restores the saved values.
     train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
-                                 compute_dtype=run.compute_dtype, shardings=shardings)
+                                 compute_dtype=run.compute_dtype, shardings=shardings, donate=True)
     eval_step = make_eval_step(model, shardings, run.compute_dtype)
     eos_id = corpus.tokenizer.eos_id
     # Every process reads the same global batches (shard_count=1) and hands its own rows to its
@@ -211,7 +223,13 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     eval_batches = [sharding.global_batch(batch, shardings.batch) for batch in data.make_eval_batches(
         corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id)]
 
-    manager = _checkpoint_manager(out_dir, run)
+    unfinished = _unfinished_saves(out_dir)
+    manager = _checkpoint_manager(out_dir, run)  # deletes the unfinished saves before its first save
+    if unfinished:
+        then = ("the newest complete one is used" if manager.latest_step() is not None
+                else "there is no complete one: training starts from step 0")
+        say(f"The checkpoint of step {', '.join(map(str, unfinished))} is incomplete (the run stopped while "
+            f"saving it) and is deleted; {then}.")
     step = 0
     if manager.latest_step() is None:
         params = sharding.init_sharded(model, run.seed, shardings.params)
@@ -270,6 +288,10 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
                 raise KeyboardInterrupt
         except KeyboardInterrupt:
             bar.close()
+            if any(x.is_deleted() for x in jax.tree.leaves((params, opt_state))):
+                # A second Ctrl-C inside the step: its inputs were donated, its outputs are lost.
+                say(f"\nInterrupted during step {step + 1}: not saved; the newest checkpoint is kept.")
+                raise
             say(f"\nInterrupted at step {step}: saving a checkpoint...")
             save_checkpoint(manager, step, params, opt_state, train_iter.get_state())
             manager.wait_until_finished()
@@ -344,6 +366,11 @@ def _abstract(tree, shardings):
 
 
 def save_checkpoint(manager, step, params, opt_state, iter_state):
+    """Starts saving `step` (in the background with async checkpoints; `manager.save` returns
+    once the arrays are copied to host memory, and waits for the previous save first).
+
+    This is all a resumed run needs to continue bit for bit: the train step draws no random
+    numbers (no dropout), the seed is in run.json, and the data order is the iterator state."""
     if step in (manager.all_steps() or []):
         return
     manager.save(step, args=ocp.args.Composite(
@@ -374,6 +401,16 @@ def _restore_newest_good(manager, run_dir: str, args):
             bad_steps.append(step)
     raise BitNetError(f"{run_dir}: none of its checkpoints (steps {bad_steps}) can be read. Restore the "
                       "checkpoints folder from a backup, or delete it to train from scratch.")
+
+
+def _unfinished_saves(out_dir: str) -> list[int]:
+    """Steps whose save was cut short (the process was killed): orbax writes a checkpoint to
+    `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when it is complete."""
+    directory = os.path.join(out_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    names = ocp.path.step.tmp_checkpoints(directory)
+    return sorted(int(m.group(1)) for name in names if (m := re.match(ocp.path.step.TMP_DIR_STEP_PATTERN, name)))
 
 
 def _set_aside(out_dir: str, bad_steps: list[int]):
@@ -425,15 +462,21 @@ def _write_or_check_run_file(run: RunConfig, out_dir: str, write: bool = True):
             raise BitNetError(
                 f"{out_dir} holds a run with a different model (fields {changed} differ): use another --out "
                 "folder to start a new run, or the same config to resume.")
-    if write:
-        with open(path, "w") as f:
+    if write:  # a temporary file renamed into place: a run killed here leaves the old file or the new one
+        with open(path + ".tmp", "w") as f:
             json.dump(run.to_dict(), f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:
     directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     if not read_only:
-        options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True)
+        # cleanup_tmp_directories: a save cut short leaves `<step>.orbax-checkpoint-tmp`, which
+        # orbax never lists as a step, and otherwise deletes only when it saves that step again
+        # (never, for the save on Ctrl-C at a step between `checkpoint_every` boundaries).
+        options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
+                                               enable_async_checkpointing=run.async_checkpoints,
+                                               cleanup_tmp_directories=True)
         return ocp.CheckpointManager(directory, options=options)
     # Read-only (loading a run, safe while it trains): orbax warns about each of these settings
     # and about read-only mode itself; none of that is news to the user.
@@ -472,11 +515,20 @@ def _append_metrics(path: str, record: dict):
 
 
 def _read_metrics(path: str, up_to: int) -> list[dict]:
-    """Metrics logged before a resume point; later lines (lost work) are dropped from the file."""
+    """Metrics logged before a resume point; later lines (lost work) are dropped from the file,
+    and so is a last line cut short by a kill."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise BitNetError(f"{path}, line {i + 1} is not JSON ({line[:80]!r}): fix or delete that line, "
+                                  "then run again.") from None
     records = [r for r in records if r["step"] <= up_to]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

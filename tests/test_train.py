@@ -187,6 +187,7 @@ def test_corpus_too_small_for_one_batch(env, tmp_path, capsys):
     ("model.hidden_sise=64", "hidden_sise"),
     ("model.weight_quant=ternary", "weight_quant"),
     ("seq_len=4096", "max_position_embeddings"),
+    ("async_checkpoints=1", "RunConfig.async_checkpoints=1 is invalid: expected True or False"),
     ("steps", "expected key=value"),
 ])
 def test_bad_set_values(env, tmp_path, capsys, setting, message):
