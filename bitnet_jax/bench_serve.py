@@ -209,35 +209,43 @@ _VALID_CODE_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for
                               for c in range(3) for d in range(3)], np.uint8)
 
 
-def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0) -> dict:
-    """Random packed serving parameters of the config's shape, built without float weights."""
+def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, place=None) -> dict:
+    """Random packed serving parameters of the config's shape, built without float weights.
+
+    `place` (e.g. `jax.device_put`) is applied to each array as soon as it is made, so that host
+    memory holds one array at a time instead of a whole host copy of the model.
+    """
     from . import layout
 
+    place = place or (lambda x: x)
     rng = np.random.default_rng(seed)
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads * config.head_dim
     shapes = _linear_shapes(config)
-    params: dict = {"layers": {"self_attn": {"attn_sub_norm": {"weight": np.ones((layers, heads), np.float32)}},
-                               "mlp": {"ffn_sub_norm": {"weight": np.ones((layers, f), np.float32)}},
-                               "input_layernorm": {"weight": np.ones((layers, d), np.float32)},
-                               "post_attention_layernorm": {"weight": np.ones((layers, d), np.float32)}},
-                    "norm": {"weight": np.ones((d,), np.float32)}}
+    ones = lambda *shape: place(np.ones(shape, np.float32))
+    params: dict = {"layers": {"self_attn": {"attn_sub_norm": {"weight": ones(layers, heads)}},
+                               "mlp": {"ffn_sub_norm": {"weight": ones(layers, f)}},
+                               "input_layernorm": {"weight": ones(layers, d)},
+                               "post_attention_layernorm": {"weight": ones(layers, d)}},
+                    "norm": {"weight": ones(d)}}
     for block, names in shapes.items():
         for name, (k, n) in names.items():
             g, row_bytes = layout.packed_ternary_shape(n, k)
             codes = _VALID_CODE_BYTES[rng.integers(0, 81, (layers, g, row_bytes), dtype=np.uint8)]
-            params["layers"][block][name] = {"w_packed": codes,
-                                             "w_scale": np.full((layers, 1), 1.0 / math.sqrt(k), np.float32)}
+            params["layers"][block][name] = {"w_packed": place(codes),
+                                             "w_scale": place(np.full((layers, 1), 1.0 / math.sqrt(k), np.float32))}
+            del codes
     v = config.vocab_size
     if lm_head in ("int8", "int8-tied"):
         w8 = rng.integers(-127, 128, (v, -(-d // 64) * 64), dtype=np.int8)
-        head = {"w_int8": w8, "w_scale": np.full((v,), 0.02 / 127, np.float32)}
+        head = {"w_int8": place(w8), "w_scale": place(np.full((v,), 0.02 / 127, np.float32))}
+        del w8
         params["lm_head" if lm_head == "int8" else "embed_tokens"] = head
     if lm_head != "int8-tied":
         embedding = rng.standard_normal((v, d), np.float32).astype(np.float32) * 0.02
         import ml_dtypes
 
-        params["embed_tokens"] = {"embedding": embedding.astype(ml_dtypes.bfloat16)}
+        params["embed_tokens"] = {"embedding": place(embedding.astype(ml_dtypes.bfloat16))}
     return params
 
 
@@ -294,16 +302,16 @@ def bench_generate(config, backend: str, *, lm_head: str = "int8", prompt_tokens
     from . import ffi
     from .generate import generate
 
-    packed = random_packed_params(config, lm_head=lm_head, seed=seed)
     if backend == "ffi":
-        params = jax.tree.map(jnp.asarray, packed)
+        params = random_packed_params(config, lm_head=lm_head, seed=seed, place=jax.device_put)
         isa = ffi.selected_isa()
     else:
+        packed = random_packed_params(config, lm_head=lm_head, seed=seed)
         config = config.replace(weight_quant="none")
         params = dense_params(config, packed, jnp.dtype(xla_dtype))
+        del packed
         config = config.replace(tie_word_embeddings=True)
         lm_head, isa = f"tied {xla_dtype}", "xla"
-    del packed
     gc.collect()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     _reset_peak_rss()

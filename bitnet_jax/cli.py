@@ -77,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="pack a model (run folder or HF BitNet folder) for serving")
     convert.add_argument("src", help="a bitnet-jax run folder or a local Hugging Face BitNet folder")
     convert.add_argument("dst", help="the packed folder to write")
-    convert.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default="int8",
-                         help="int8 (default): per-row int8 lm_head; int8-tied: also the tied input embedding; "
-                              "float: as it is")
+    convert.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default=None,
+                         help="int8: per-row int8 lm_head; int8-tied: also the tied input embedding (the "
+                              "default for tied models; int8 otherwise); float: as it is")
     convert.set_defaults(func=_convert)
 
     chat = commands.add_parser("chat", help="interactive chat with a model (chat template from tokenizer_config.json)")
@@ -111,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                            help="random weights of the preset's shape, built in memory (no download)")
     bench_gen.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
     bench_gen.add_argument("--backends", default="ffi,xla", help="comma-separated: ffi, xla (default both)")
-    bench_gen.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default="int8")
+    bench_gen.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default=None,
+                           help="the FFI model's lm_head (default: the serving default, int8-tied for 2B4T)")
     bench_gen.add_argument("--prompt-tokens", type=int, default=128)
     bench_gen.add_argument("--new-tokens", type=int, default=128, help="decoded tokens timed, FFI (default 128)")
     bench_gen.add_argument("--xla-new-tokens", type=int, default=16,
@@ -146,13 +147,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> int:
-    from .pack import pack, save_packed
+    from .pack import lm_head_kind, pack, save_packed
     from .tokenizer import copy_tokenizer
 
     config, params, tokenizer = load_model(args.src)
-    save_packed(args.dst, config, pack(config, params, lm_head=args.lm_head))
+    packed = pack(config, params, lm_head=args.lm_head)
+    save_packed(args.dst, config, packed)
     copy_tokenizer(tokenizer, args.dst)
-    print(f"Packed {args.src} -> {args.dst} (2-bit ternary layers, lm_head {args.lm_head}).")
+    print(f"Packed {args.src} -> {args.dst} (2-bit ternary layers, lm_head {lm_head_kind(packed)}).")
     return 0
 
 
@@ -220,7 +222,10 @@ def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_
     from .bench_serve import bench_generate
     from .config import BitNetConfig
 
-    return bench_generate(BitNetConfig.preset(preset), backend, lm_head=lm_head, prompt_tokens=prompt_tokens,
+    from .pack import default_lm_head
+
+    config = BitNetConfig.preset(preset)
+    return bench_generate(config, backend, lm_head=lm_head or default_lm_head(config), prompt_tokens=prompt_tokens,
                           new_tokens=new_tokens, repeats=repeats, xla_dtype=xla_dtype)
 
 

@@ -4,7 +4,8 @@
 [K, N] is quantized exactly as the training forward quantizes it (`quant.weight_quantize`: the
 same ternary values and scale), then packed to 2-bit codes (`layout.pack_ternary`) with its scale
 ([1] per tensor, [N] per channel). The lm_head (the tied embedding for 2B4T-style models) becomes
-int8 rows with one scale each (`lm_head="int8"`, the serving default) or stays float.
+int8 rows with one scale each (`lm_head="int8"`; for tied models, `"int8-tied"`, the serving
+default, also serves the input embedding from those rows) or stays float.
 
 A converted folder holds `config.json` (the model config, all of `BitNetConfig`, with a `bitnet_jax`
 entry naming the format, layout version and lm_head), `model.safetensors` (parameter paths joined by '.') and
@@ -47,7 +48,14 @@ def lm_head_kind(params) -> str:
     return "int8" if "w_int8" in params.get("lm_head", {}) else "float"
 
 
-def pack(config: BitNetConfig, params, *, lm_head: str = "int8") -> dict:
+def default_lm_head(config: BitNetConfig) -> str:
+    """The serving default: 'int8-tied' for tied models (one int8 table for both ends: 2B4T then
+    serves in 1.4 GB instead of 2.5), else 'int8'. On a trained model the tied table costs 0.31%
+    relative logit error against the float head, 0.23% for 'int8' alone (README, "lm_head")."""
+    return "int8-tied" if config.tie_word_embeddings else "int8"
+
+
+def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
     """Serving parameters for `BitNetLM(config, serving=...)` from training parameters.
 
     Args:
@@ -55,9 +63,10 @@ def pack(config: BitNetConfig, params, *, lm_head: str = "int8") -> dict:
         activation quantizer per token: the granularities the kernels implement.
       params: training parameters (ours, or from `load_hf`), float32 or bfloat16.
       lm_head: 'int8' (per-row int8 lm_head, 2x smaller than bf16; the input embedding keeps
-        its float table), 'int8-tied' (tied models: one int8 table for both ends, the smallest;
-        its input-embedding error costs more than the lm_head's, see the README) or 'float'.
+        its float table), 'int8-tied' (tied models: one int8 table for both ends, the smallest)
+        or 'float'; None for `default_lm_head(config)`.
     """
+    lm_head = lm_head or default_lm_head(config)
     _check_packable(config, lm_head)
     if is_packed(params):
         raise BitNetError("pack: these parameters are packed already.")
