@@ -12,6 +12,8 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
   bitnet_ternary_matmul / _i32, bitnet_int8_matmul / _i32
                         the serving matmuls on packed weights (see `ternary_matmul` below,
                         xla_ffi/matmul.cc and bitnet_jax/layout.py).
+  bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
+                        read in place (`embed_rows`, xla_ffi/embed.cc).
 
 Kernel paths (scalar, AVX2, AVX-512 VNNI) are chosen at run time from the CPU, or forced with
 the environment variable BITNET_JAX_ISA=scalar|avx2|avx512 (read at every call).
@@ -174,3 +176,27 @@ def int8_matmul_i32(x_q, w_int8) -> jax.Array:
     x_q = _check_x("int8_matmul_i32", x_q, integer=True)
     attrs = dict(layout_version=np.int64(layout.LAYOUT_VERSION))
     return _rowwise("bitnet_int8_matmul_i32", jnp.int32, w_int8.shape[0], attrs, x_q, w_int8)
+
+
+def embed_rows(table_vd, ids) -> jax.Array:
+    """Rows `table_vd[ids]` widened to float32 [..., D], read in place from a float32, bfloat16
+    or float16 table: no whole-table conversion or copy, which XLA makes of a 16-bit table on
+    every call otherwise. Ids must lie in [0, V) (an out-of-range id raises at run time)."""
+    table_vd, ids = jnp.asarray(table_vd), jnp.asarray(ids, jnp.int32)
+    if table_vd.ndim != 2 or table_vd.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise BitNetError(f"embed_rows: expected a float32, bfloat16 or float16 table [V, D]; "
+                          f"found {table_vd.dtype} {table_vd.shape}.")
+
+    @jax.custom_batching.custom_vmap
+    def call(table_vd, ids):
+        out_type = jax.ShapeDtypeStruct(ids.shape + table_vd.shape[-1:], jnp.float32)
+        return jax.ffi.ffi_call("bitnet_embed_rows", out_type)(table_vd, ids)
+
+    @call.def_vmap
+    def _batched(axis_size, in_batched, table_vd, ids):
+        if not in_batched[0]:  # a batch of ids is more ids
+            return call(table_vd, ids), True
+        ids = ids if in_batched[1] else jnp.broadcast_to(ids, (axis_size,) + ids.shape)
+        return jax.lax.map(lambda a: call(*a), (table_vd, ids)), True
+
+    return call(table_vd, ids)

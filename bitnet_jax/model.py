@@ -323,7 +323,7 @@ class BitNetLM(nn.Module):
             embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
                              embedding_init=_logical(nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
         if self.serving is not None and head != "int8-tied":
-            x_btd = serve.float_embed(embed.embedding, input_ids_bt)
+            x_btd = serve.float_embed(embed.embedding, input_ids_bt, self.serving.backend)
         else:
             x_btd = embed(input_ids_bt)
         x_btd = _residual_constraint(x_btd)

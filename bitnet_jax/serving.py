@@ -114,14 +114,19 @@ def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array
     return _rescale(acc, x_scale, w_scale)
 
 
-def float_embed(table_vd, ids) -> jax.Array:
+def float_embed(table_vd, ids, backend: str = "xla") -> jax.Array:
     """Rows of a float embedding table as float32 [..., D] (serving computes in f32).
 
-    A 16-bit table is gathered as raw uint16 and only the rows are widened: XLA otherwise
-    rewrites convert(gather(table)) into gather(convert(table)) and hoists the convert of the
-    whole table (1.3 GB of f32 for 2B4T) out of the decode loop. (XLA:CPU still materializes the
-    uint16 view once per call, 0.66 GB for 2B4T: `lm_head='int8-tied'` has no float table.)
+    The FFI backend reads the rows in place (`ffi.embed_rows`). In XLA ops, a 16-bit table is
+    gathered as raw uint16 and only the rows are widened: XLA otherwise rewrites
+    convert(gather(table)) into gather(convert(table)) and hoists the convert of the whole table
+    (1.3 GB of f32 for 2B4T) out of the decode loop; XLA:CPU still materializes the uint16 view
+    once per call (0.66 GB for 2B4T), which the FFI op avoids.
     """
+    if backend == "ffi":
+        from . import ffi
+
+        return ffi.embed_rows(table_vd, ids)
     if jnp.dtype(table_vd.dtype).itemsize == 2:
         rows = jnp.take(jax.lax.bitcast_convert_type(table_vd, jnp.uint16), ids, axis=0)
         return jax.lax.bitcast_convert_type(rows, table_vd.dtype).astype(jnp.float32)

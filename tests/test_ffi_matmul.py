@@ -206,3 +206,20 @@ def test_bad_inputs_raise_instead_of_crashing(monkeypatch):
         ffi.ternary_matmul(x, packed, scale, 8).block_until_ready()
     with pytest.raises(BitNetError, match="sse9"):
         ffi.selected_isa()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_embed_rows_equals_take(dtype):
+    rng = np.random.default_rng(2)
+    table = rng.normal(size=(50, 37)).astype(np.float32) * 100
+    table[3, :6] = [np.inf, -np.inf, np.nan, 0.0, -0.0, 1e-7]  # specials and an f16 subnormal
+    table = jnp.asarray(table, dtype)
+    ids = jnp.asarray(rng.integers(0, 50, size=(3, 4)), jnp.int32).at[0, 0].set(3)
+    want = np.asarray(jnp.take(table, ids, axis=0).astype(jnp.float32))
+    got = jax.jit(ffi.embed_rows)(table, ids)
+    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(ffi.embed_rows, in_axes=(None, 0))(table, ids)), want)
+    with pytest.raises(Exception, match="id 50 is outside the table's 50 rows"):
+        np.asarray(ffi.embed_rows(table, jnp.asarray([1, 50], jnp.int32)))
+    with pytest.raises(BitNetError, match="float32, bfloat16 or float16 table"):
+        ffi.embed_rows(jnp.zeros((4, 3), jnp.int8), ids)

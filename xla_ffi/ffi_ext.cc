@@ -10,6 +10,7 @@
 
 #include "act_quant.h"
 #include "cpu_isa.h"
+#include "embed.h"
 #include "layout.h"
 #include "matmul.h"
 #include "nanobind/nanobind.h"
@@ -38,6 +39,7 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_ternary_matmul_i32"] = EncapsulateFfiHandler(BitnetTernaryMatmulI32);
     registrations["bitnet_int8_matmul"] = EncapsulateFfiHandler(BitnetInt8Matmul);
     registrations["bitnet_int8_matmul_i32"] = EncapsulateFfiHandler(BitnetInt8MatmulI32);
+    registrations["bitnet_embed_rows"] = EncapsulateFfiHandler(BitnetEmbedRows);
     return registrations;
   });
   m.def("layout", []() {
