@@ -25,9 +25,9 @@ struct Shape {
 const Shape kShapes[] = {
     {1, 1, 1},   {1, 256, 4},  {2, 255, 5},  {3, 257, 7},   {4, 512, 8},   {5, 300, 3},
     {7, 513, 9}, {8, 640, 13}, {9, 1000, 6}, {16, 768, 33}, {17, 777, 17}, {33, 2560, 11},
-    // Prefill panels (32 output rows, 12-row tiles, K in chunks of 1024): partial panels, tiles
-    // and chunks.
-    {12, 256, 32}, {13, 1000, 70}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129},
+    // Prefill panels (from 17 rows; 32 output rows, 12-row tiles, K in chunks of 1024): partial
+    // panels, tiles and chunks.
+    {16, 1000, 70}, {18, 256, 32}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129},
 };
 
 int failures = 0;
