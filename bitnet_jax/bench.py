@@ -33,8 +33,12 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
     """Train-step time of the run's model with its quantization (QAT) and with quantization off
     (the same model as a full-precision baseline), on the same random batch of the run's shape.
 
-    Each side is compiled and warmed up first; then the two steps alternate `repeats` times.
+    Both sides run as `bitnet-jax train` runs them: on the run's mesh (`RunConfig.mesh`, e.g.
+    several simulated CPU devices), with its shardings, and donating parameters and optimizer
+    state to each step. Each side is compiled and warmed up first; then the two steps alternate
+    `repeats` times.
     """
+    from . import sharding
     from .train import make_optimizer, make_train_step  # train imports orbax; keep it lazy
 
     if repeats < 1 or warmup < 0:
@@ -48,21 +52,26 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
              "targets": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
              "segment_ids": np.ones(shape, np.int32)}
     optimizer = make_optimizer(run)
+    mesh = sharding.make_mesh(run.mesh)
+    sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
     states = {}
     for name, config in sides.items():
-        step = make_train_step(BitNetLM(config, remat=run.remat), optimizer, grad_accum_steps=run.grad_accum_steps,
-                               z_loss=run.z_loss, compute_dtype=run.compute_dtype)
-        params = init_params(config, seed)
-        state = (params, optimizer.init(params))
+        model = BitNetLM(config, remat=run.remat)
+        shardings = sharding.train_shardings(model, optimizer, mesh)
+        step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
+                               compute_dtype=run.compute_dtype, shardings=shardings, donate=True)
+        params = sharding.init_sharded(model, seed, shardings.params)
+        state = (params, jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params))
+        side_batch = sharding.global_batch(batch, shardings.batch)
         for _ in range(warmup + 1):  # the first call compiles
-            state = _timed(step, state, batch)[0]
-        states[name] = (step, state)
+            state = _timed(step, state, side_batch)[0]
+        states[name] = (step, state, side_batch)
 
     times = {name: [] for name in sides}
     for _ in range(repeats):
-        for name, (step, state) in states.items():
-            state, seconds = _timed(step, state, batch)
-            states[name] = (step, state)
+        for name, (step, state, side_batch) in states.items():
+            state, seconds = _timed(step, state, side_batch)
+            states[name] = (step, state, side_batch)
             times[name].append(seconds * 1e3)
 
     tokens = run.batch_size * run.seq_len
@@ -88,7 +97,8 @@ def train_table(run: RunConfig, timings: list[StepTiming]) -> str:
     lines = [
         f"Train step, {m.num_hidden_layers} layers x {m.hidden_size} wide, vocab {m.vocab_size}, "
         f"batch {run.batch_size} x {run.seq_len} tokens, {cpu_name()} ({jax.default_backend()}, "
-        f"{os.cpu_count()} cores), median of {len(timings[0].times_ms)} interleaved runs",
+        f"{os.cpu_count()} cores), mesh (data, fsdp, tensor) = {_mesh_shape(run)} over "
+        f"{jax.device_count()} device(s), median of {len(timings[0].times_ms)} interleaved runs",
         "",
         "| model | weights | activations | step (ms) | tokens/s |",
         "|---|---|---|---:|---:|",
@@ -100,6 +110,12 @@ def train_table(run: RunConfig, timings: list[StepTiming]) -> str:
     ratio = by_name["qat"].median_ms / by_name["fp"].median_ms
     lines += ["", f"QAT / full-precision step time: {ratio:.2f}x (target: at most 1.25x)"]
     return "\n".join(lines)
+
+
+def _mesh_shape(run: RunConfig) -> tuple[int, ...]:
+    from . import sharding
+
+    return tuple(sharding.make_mesh(run.mesh).devices.shape)
 
 
 def cpu_name() -> str:

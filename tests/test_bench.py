@@ -1,6 +1,9 @@
 """`bitnet-jax bench train`: both sides are timed on the same shapes and reported (no timing asserts)."""
 
 import json
+import os
+import subprocess
+import sys
 
 from bitnet_jax import cli
 
@@ -32,3 +35,17 @@ def test_bench_train_bad_arguments(capsys):
     assert "repeats=0" in capsys.readouterr().err
     assert cli.main(["bench", "train", "--set", "model.act_bits=9"]) == 2
     assert "act_bits" in capsys.readouterr().err
+
+
+def test_bench_train_on_a_mesh_of_simulated_devices(tmp_path):
+    """On 4 simulated CPU devices, both sides run sharded over the configured mesh (in a
+    subprocess: the device count is fixed when JAX starts)."""
+    out = tmp_path / "bench.json"
+    argv = ["bench", "train", "--repeats", "2", "--json", str(out), "--set", "mesh=[2,1,2]"]
+    argv += [a for s in SMALL for a in ("--set", s)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-m", "bitnet_jax.cli", *argv], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mesh (data, fsdp, tensor) = (2, 1, 2) over 4 device(s)" in result.stdout
+    assert [r["name"] for r in json.loads(out.read_text())] == ["qat", "fp"]
