@@ -47,21 +47,33 @@ inline float RowScale(float amax, bool has_nan, int bits) {
   return q_max / (amax > kQuantEps || std::isnan(amax) ? amax : kQuantEps);
 }
 
+// The scalar steps over x[begin..k): |x| folded into *amax and *has_nan ...
+template <typename T>
+void AbsMaxSteps(const T* x, int64_t begin, int64_t k, float* amax, bool* has_nan) {
+  for (int64_t i = begin; i < k; ++i) {
+    const float a = std::fabs(LoadF32(x, i));
+    *has_nan |= std::isnan(a);
+    *amax = a > *amax ? a : *amax;
+  }
+}
+
+// ... and x * scale quantized into q[begin..k), returning the sum of those q.
+template <typename T>
+int32_t QuantizeSteps(const T* x, int64_t begin, int64_t k, float scale, int bits, int8_t* q) {
+  const float q_max = static_cast<float>((1 << (bits - 1)) - 1), q_min = -q_max - 1.0f;
+  int32_t sum = 0;
+  for (int64_t i = begin; i < k; ++i) sum += (q[i] = QuantizeOne(LoadF32(x, i) * scale, q_min, q_max));
+  return sum;
+}
+
 // Quantizes x[0..k) into q[0..k); returns the scale (x ~= q / scale) and adds sum_k q to *q_sum.
 template <typename T>
 float QuantizeRow(const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
   float amax = 0.0f;
   bool has_nan = false;
-  for (int64_t i = 0; i < k; ++i) {
-    const float a = std::fabs(LoadF32(x, i));
-    has_nan |= std::isnan(a);
-    amax = a > amax ? a : amax;
-  }
+  AbsMaxSteps(x, 0, k, &amax, &has_nan);
   const float scale = RowScale(amax, has_nan, bits);
-  const float q_max = static_cast<float>((1 << (bits - 1)) - 1), q_min = -q_max - 1.0f;
-  int32_t sum = 0;
-  for (int64_t i = 0; i < k; ++i) sum += (q[i] = QuantizeOne(LoadF32(x, i) * scale, q_min, q_max));
-  *q_sum += sum;
+  *q_sum += QuantizeSteps(x, 0, k, scale, bits, q);
   return scale;
 }
 
@@ -95,11 +107,7 @@ BITNET_QUANT_AVX512 float QuantizeRowAvx512(const T* x, int64_t k, int bits, int
   }
   float amax = _mm512_reduce_max_ps(vmax);
   bool has_nan = nan != 0;
-  for (int64_t i = body; i < k; ++i) {
-    const float a = std::fabs(LoadF32(x, i));
-    has_nan |= std::isnan(a);
-    amax = a > amax ? a : amax;
-  }
+  AbsMaxSteps(x, body, k, &amax, &has_nan);
   const float scale = RowScale(amax, has_nan, bits);
   const float q_max = static_cast<float>((1 << (bits - 1)) - 1), q_min = -q_max - 1.0f;
   const __m512 vscale = _mm512_set1_ps(scale), lo = _mm512_set1_ps(q_min), hi = _mm512_set1_ps(q_max);
@@ -113,7 +121,7 @@ BITNET_QUANT_AVX512 float QuantizeRowAvx512(const T* x, int64_t k, int bits, int
     vsum = _mm512_add_epi32(vsum, qi);
   }
   int32_t sum = _mm512_reduce_add_epi32(vsum);
-  for (int64_t i = body; i < k; ++i) sum += (q[i] = QuantizeOne(LoadF32(x, i) * scale, q_min, q_max));
+  sum += QuantizeSteps(x, body, k, scale, bits, q);
   *q_sum += sum;
   return scale;
 }
@@ -137,11 +145,7 @@ BITNET_QUANT_AVX2 float QuantizeRowAvx2(const T* x, int64_t k, int bits, int8_t*
   }
   float amax = HmaxAvx2(vmax);
   bool has_nan = _mm256_movemask_ps(nan) != 0;
-  for (int64_t i = body; i < k; ++i) {
-    const float a = std::fabs(LoadF32(x, i));
-    has_nan |= std::isnan(a);
-    amax = a > amax ? a : amax;
-  }
+  AbsMaxSteps(x, body, k, &amax, &has_nan);
   const float scale = RowScale(amax, has_nan, bits);
   const float q_max = static_cast<float>((1 << (bits - 1)) - 1), q_min = -q_max - 1.0f;
   const __m256 vscale = _mm256_set1_ps(scale), lo = _mm256_set1_ps(q_min), hi = _mm256_set1_ps(q_max);
@@ -160,7 +164,7 @@ BITNET_QUANT_AVX2 float QuantizeRowAvx2(const T* x, int64_t k, int bits, int8_t*
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
   int32_t sum = _mm_cvtsi128_si32(s);
-  for (int64_t i = body; i < k; ++i) sum += (q[i] = QuantizeOne(LoadF32(x, i) * scale, q_min, q_max));
+  sum += QuantizeSteps(x, body, k, scale, bits, q);
   *q_sum += sum;
   return scale;
 }
