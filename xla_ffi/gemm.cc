@@ -407,8 +407,7 @@ void TernaryGemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
     TernaryScalar(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
     return;
   }
-  // Group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile of x
-  // passes over them.
+  // Prefill: panel by panel (see PanelTileAvx512).
   if (isa == Isa::kAvx512Vnni && rows >= kPanelMinRows) {
     thread_local std::vector<int8_t> codes_q;  // reused: no page faults per call
     codes_q.resize(kPanelRows * kp);
@@ -424,6 +423,8 @@ void TernaryGemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
     }
     return;
   }
+  // Decode, group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile
+  // of x passes over them.
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
     const int64_t n0 = g * kRowsPerGroup;

@@ -211,14 +211,16 @@ void RescaleInPlace(float* y, const QuantizedRows& xq, const float* w_scale, boo
   }
 }
 
-// The int32 products into acc (rows x n), split over output row groups on the pool; with y set,
-// each chunk then rescales its own columns of y, which is acc's memory.
+// The fused ops' last step, done by each parallel chunk on the columns it computed: y, which is
+// the memory the int32 products were written to, rescaled in place (RescaleInPlace).
 struct Rescale {
   float* y = nullptr;
   const float* w_scale = nullptr;
   bool per_tensor = false;
 };
 
+// The int32 products into acc (rows x n), split over output row groups on the pool; with
+// rescale.y set, each chunk then rescales its own columns.
 void RunTernary(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
                 const uint8_t* w, int64_t n, int32_t* acc, const Rescale& rescale = {}) {
   const int64_t groups = CeilDiv(n, kRowsPerGroup);
