@@ -285,7 +285,7 @@ def dense_params(config, packed: dict, dtype) -> dict:
     return out
 
 
-def bench_generate(config, backend: str, *, lm_head: str = "int8", prompt_tokens: int = 128,
+def bench_generate(config, backend: str, *, lm_head: str | None = None, prompt_tokens: int = 128,
                    new_tokens: int = 128, repeats: int = 3, xla_dtype: str = "float32",
                    seed: int = 0) -> GenerateTiming:
     """Prefill and decode speed of one backend on random weights of the config's shape.
@@ -293,6 +293,7 @@ def bench_generate(config, backend: str, *, lm_head: str = "int8", prompt_tokens
     Prefill tokens/s = prompt_tokens / time(generate 1 token); decode tokens/s = new_tokens /
     (time(generate 1 + new_tokens) - time(generate 1)); medians of `repeats` after a compile run.
     Peak RSS is the high-water mark from just after the weights are built (/proc/self/clear_refs).
+    `lm_head` is the FFI model's (default: the serving default, `pack.default_lm_head`).
     """
     import gc
 
@@ -301,7 +302,9 @@ def bench_generate(config, backend: str, *, lm_head: str = "int8", prompt_tokens
 
     from . import ffi
     from .generate import generate
+    from .pack import default_lm_head
 
+    lm_head = lm_head or default_lm_head(config)
     if backend == "ffi":
         params = random_packed_params(config, lm_head=lm_head, seed=seed, place=jax.device_put)
         isa = ffi.selected_isa()

@@ -222,10 +222,7 @@ def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_
     from .bench_serve import bench_generate
     from .config import BitNetConfig
 
-    from .pack import default_lm_head
-
-    config = BitNetConfig.preset(preset)
-    return bench_generate(config, backend, lm_head=lm_head or default_lm_head(config), prompt_tokens=prompt_tokens,
+    return bench_generate(BitNetConfig.preset(preset), backend, lm_head=lm_head, prompt_tokens=prompt_tokens,
                           new_tokens=new_tokens, repeats=repeats, xla_dtype=xla_dtype)
 
 
