@@ -199,8 +199,8 @@ class GenerateTiming:
     new_tokens: int
     prefill_tok_s: float
     decode_tok_s: float
-    peak_rss_mb: float     # while serving (weights + runtime), after building the weights
-    weight_mb: float
+    peak_rss_mb: float     # MB (10^6 bytes, as the 2B4T model card counts) while serving, after building the weights
+    weight_mb: float       # MB (10^6 bytes)
     isa: str
 
 
@@ -209,43 +209,59 @@ _VALID_CODE_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for
                               for c in range(3) for d in range(3)], np.uint8)
 
 
-def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, place=None) -> dict:
+def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstract: bool = False) -> dict:
     """Random packed serving parameters of the config's shape, built without float weights.
 
-    `place` (e.g. `jax.device_put`) is applied to each array as soon as it is made, so that host
-    memory holds one array at a time instead of a whole host copy of the model.
+    Each array is filled a slice at a time in 64-byte-aligned host memory, which JAX adopts
+    without a copy (as `pack.load_packed` does), so building holds no second copy of anything.
+    With `abstract`, the same tree of `jax.ShapeDtypeStruct`s, for compiling first.
     """
-    from . import layout
+    import jax
 
-    place = place or (lambda x: x)
+    from . import layout
+    from .host_memory import aligned_empty, release_freed_memory
+
     rng = np.random.default_rng(seed)
+
+    def make(shape, dtype, fill_rows=None):
+        """A [rows, ...] array whose slices `fill_rows(shape of a slice)` fills, or ones."""
+        if abstract:
+            return jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+        out = aligned_empty(shape, dtype)
+        if fill_rows is None:
+            out[...] = 1
+        else:
+            rows = max(1, (16 << 20) // max(out[0].nbytes, 1))
+            for start in range(0, shape[0], rows):
+                out[start:start + rows] = fill_rows(out[start:start + rows].shape)
+        return jax.device_put(out)
+
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads * config.head_dim
-    shapes = _linear_shapes(config)
-    ones = lambda *shape: place(np.ones(shape, np.float32))
+    ones = lambda *shape: make(shape, np.float32)
     params: dict = {"layers": {"self_attn": {"attn_sub_norm": {"weight": ones(layers, heads)}},
                                "mlp": {"ffn_sub_norm": {"weight": ones(layers, f)}},
                                "input_layernorm": {"weight": ones(layers, d)},
                                "post_attention_layernorm": {"weight": ones(layers, d)}},
                     "norm": {"weight": ones(d)}}
-    for block, names in shapes.items():
+    codes = lambda shape: _VALID_CODE_BYTES[rng.integers(0, 81, shape, dtype=np.uint8)]
+    for block, names in _linear_shapes(config).items():
         for name, (k, n) in names.items():
             g, row_bytes = layout.packed_ternary_shape(n, k)
-            codes = _VALID_CODE_BYTES[rng.integers(0, 81, (layers, g, row_bytes), dtype=np.uint8)]
-            params["layers"][block][name] = {"w_packed": place(codes),
-                                             "w_scale": place(np.full((layers, 1), 1.0 / math.sqrt(k), np.float32))}
-            del codes
+            scale = lambda shape, k=k: np.full(shape, 1.0 / math.sqrt(k), np.float32)
+            params["layers"][block][name] = {"w_packed": make((layers, g, row_bytes), np.uint8, codes),
+                                             "w_scale": make((layers, 1), np.float32, scale)}
     v = config.vocab_size
     if lm_head in ("int8", "int8-tied"):
-        w8 = rng.integers(-127, 128, (v, -(-d // 64) * 64), dtype=np.int8)
-        head = {"w_int8": place(w8), "w_scale": place(np.full((v,), 0.02 / 127, np.float32))}
-        del w8
+        head = {"w_int8": make((v, -(-d // 64) * 64), np.int8, lambda shape: rng.integers(-127, 128, shape, np.int8)),
+                "w_scale": make((v,), np.float32, lambda shape: np.full(shape, 0.02 / 127, np.float32))}
         params["lm_head" if lm_head == "int8" else "embed_tokens"] = head
     if lm_head != "int8-tied":
-        embedding = rng.standard_normal((v, d), np.float32).astype(np.float32) * 0.02
         import ml_dtypes
 
-        params["embed_tokens"] = {"embedding": place(embedding.astype(ml_dtypes.bfloat16))}
+        normal = lambda shape: (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        params["embed_tokens"] = {"embedding": make((v, d), ml_dtypes.bfloat16, normal)}
+    release_freed_memory()  # the random slices
     return params
 
 
@@ -290,9 +306,10 @@ def bench_generate(config, backend: str, *, lm_head: str | None = None, prompt_t
                    seed: int = 0) -> GenerateTiming:
     """Prefill and decode speed of one backend on random weights of the config's shape.
 
-    Prefill tokens/s = prompt_tokens / time(generate 1 token); decode tokens/s = new_tokens /
-    (time(generate 1 + new_tokens) - time(generate 1)); medians of `repeats` after a compile run.
-    Peak RSS is the high-water mark from just after the weights are built (/proc/self/clear_refs).
+    One program generates 1 + new_tokens tokens, streaming them: prefill tokens/s =
+    prompt_tokens / time to the first token; decode tokens/s = new_tokens / time from the first
+    token to the last; medians of `repeats` runs after a warm-up run. Peak RSS is the high-water
+    mark from just after the weights are built (/proc/self/clear_refs).
     `lm_head` is the FFI model's (default: the serving default, `pack.default_lm_head`).
     """
     import gc
@@ -301,12 +318,16 @@ def bench_generate(config, backend: str, *, lm_head: str | None = None, prompt_t
     import jax.numpy as jnp
 
     from . import ffi
-    from .generate import generate
+    from .generate import compile_generate, generate
     from .pack import default_lm_head
 
     lm_head = lm_head or default_lm_head(config)
+    prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
     if backend == "ffi":
-        params = random_packed_params(config, lm_head=lm_head, seed=seed, place=jax.device_put)
+        # As `bitnet-jax generate` serves: compile from the shapes, then make the weights.
+        shapes = random_packed_params(config, lm_head=lm_head, seed=seed, abstract=True)
+        compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True)
+        params = random_packed_params(config, lm_head=lm_head, seed=seed)
         isa = ffi.selected_isa()
     else:
         packed = random_packed_params(config, lm_head=lm_head, seed=seed)
@@ -318,20 +339,18 @@ def bench_generate(config, backend: str, *, lm_head: str | None = None, prompt_t
     gc.collect()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     _reset_peak_rss()
-    prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
 
-    def run(n):
+    def run():
+        token_times = []
         start = time.perf_counter()
-        generate(config, params, prompt, n)
-        return time.perf_counter() - start
+        generate(config, params, prompt, 1 + new_tokens, on_tokens=lambda _: token_times.append(time.perf_counter()))
+        return token_times[0] - start, token_times[-1] - token_times[0]
 
-    run(1), run(1 + new_tokens)  # compile both
-    first = [run(1) for _ in range(repeats)]
-    full = [run(1 + new_tokens) for _ in range(repeats)]
-    prefill_s, total_s = float(np.median(first)), float(np.median(full))
+    run()  # warm up (and compile, for the dense path)
+    prefill_s, decode_s = np.median([run() for _ in range(repeats)], axis=0)
     return GenerateTiming(backend, lm_head, len(os.sched_getaffinity(0)), prompt_tokens, new_tokens,
-                          prompt_tokens / prefill_s, new_tokens / max(total_s - prefill_s, 1e-9),
-                          _peak_rss_mb(), weight_bytes / 2**20, isa)
+                          prompt_tokens / prefill_s, new_tokens / decode_s,
+                          _peak_rss_mb(), weight_bytes / 1e6, isa)
 
 
 def _reset_peak_rss():
@@ -347,12 +366,12 @@ def _peak_rss_mb() -> float:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    return int(line.split()[1]) * 1024 / 1e6  # kB (KiB) -> MB
     except OSError:
         pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
 def generate_table(results: list[GenerateTiming]) -> str:

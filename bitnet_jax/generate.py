@@ -9,7 +9,10 @@ query can see them.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -19,6 +22,7 @@ from jax.experimental import io_callback
 
 from .config import BitNetConfig
 from .errors import BitNetError
+from .host_memory import release_freed_memory
 from .model import BitNetLM, KVCache, serving_variables
 from .pack import is_packed, lm_head_kind, pack
 from .serving import BACKENDS, ServingSpec
@@ -52,21 +56,110 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
 
     Returns:
       int32 numpy array [B, max_new_tokens] of the new tokens only.
+
+    The program is compiled once per batch size, prompt-length bucket, `max_new_tokens` and
+    sampling settings (see `compile_generate` to compile it before the weights are loaded).
     """
-    prompts = _as_prompt_list(prompt_ids)
-    _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
-    params, serving = _serving_params(config, params, backend)
-    lengths_b = np.array([len(p) for p in prompts], np.int32)
-    t = -(-int(lengths_b.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
-    prompt_bt = np.zeros((len(prompts), t), np.int32)
-    for row, prompt in zip(prompt_bt, prompts):
-        row[: len(prompt)] = prompt
-    stop = tuple(int(s) for s in (stop_ids or ()))
-    sampling = (float(temperature), top_k, top_p)
-    out = _generate(params, jnp.asarray(prompt_bt), jnp.asarray(lengths_b), jax.random.PRNGKey(seed),
-                    config=config, serving=serving, max_new_tokens=int(max_new_tokens), sampling=sampling,
-                    stop_ids=stop, on_tokens=on_tokens)
-    return np.asarray(out)
+    request = _Request.make(config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                            on_tokens is not None, backend)
+    stream = next(_stream_ids)
+    if on_tokens is not None:
+        _streams[stream] = on_tokens
+    try:
+        out = _executable(request)(*request.args(seed, stream))
+        return np.asarray(out)
+    finally:
+        _streams.pop(stream, None)
+
+
+def compile_generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None,
+                     stop_ids: Sequence[int] | None = None, streaming: bool = False,
+                     backend: str | None = None) -> None:
+    """Compiles, without running it, the program that `generate` runs for these arguments.
+
+    `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. `pack.packed_folder_shapes`) and
+    only the shape of `prompt_ids` matters (the length is bucketed). Compiling before the weights
+    are loaded keeps the compiler's working memory (about 140 MB for any model size) off the
+    serving peak; `streaming` says whether `generate` will get an `on_tokens` callback.
+    """
+    _executable(_Request.make(config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                              streaming, backend))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """One `generate` call's arguments, checked and put in the shape of `_generate`'s."""
+
+    params: object
+    prompt_bt: np.ndarray
+    lengths_b: np.ndarray
+    static: dict
+
+    @classmethod
+    def make(cls, config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, streaming,
+             backend) -> "_Request":
+        prompts = _as_prompt_list(prompt_ids)
+        _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
+        params, serving = _serving_params(config, params, backend)
+        lengths_b = np.array([len(p) for p in prompts], np.int32)
+        t = -(-int(lengths_b.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+        prompt_bt = np.zeros((len(prompts), t), np.int32)
+        for row, prompt in zip(prompt_bt, prompts):
+            row[: len(prompt)] = prompt
+        static = dict(config=config, serving=serving, max_new_tokens=int(max_new_tokens),
+                      sampling=(float(temperature), top_k, top_p), stop_ids=tuple(int(s) for s in (stop_ids or ())),
+                      streaming=bool(streaming))
+        return cls(params, prompt_bt, lengths_b, static)
+
+    def args(self, seed: int = 0, stream: int = 0) -> tuple:
+        return self.params, self.prompt_bt, self.lengths_b, jax.random.PRNGKey(seed), np.int32(stream)
+
+    def key(self) -> tuple:
+        """What the compiled program depends on: static settings, the mesh, and every argument's
+        tree, shape, dtype and (non-default) placement."""
+        leaves, tree = jax.tree.flatten(self.args())
+        return (tuple(sorted(self.static.items())), jax.sharding.get_abstract_mesh(), tree,
+                tuple((tuple(x.shape), np.dtype(x.dtype), _placement(x)) for x in leaves))
+
+
+def _placement(x):
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or sharding == jax.sharding.SingleDeviceSharding(jax.devices()[0]):
+        return None  # numpy, abstract, or on the default device: the compiled program's default
+    return sharding
+
+
+# Compiled `_generate` programs by `_Request.key()`, least recently used first. Each holds some
+# 10-20 MB of code, hence the bound. (jit's own cache is bypassed: an ahead-of-time compile does
+# not fill it.)
+_executables: collections.OrderedDict = collections.OrderedDict()
+_MAX_EXECUTABLES = 8
+
+
+def _executable(request: _Request):
+    key = request.key()
+    if key in _executables:
+        _executables.move_to_end(key)
+        return _executables[key]
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_placement(x)),
+                            request.args())
+    compiled = _generate.lower(*abstract, **request.static).compile()
+    release_freed_memory()  # the compiler's working memory (~100 MB)
+    _executables[key] = compiled
+    while len(_executables) > _MAX_EXECUTABLES:
+        _executables.popitem(last=False)
+    return compiled
+
+
+# `on_tokens` callbacks of running `generate` calls, by the stream id passed into the program
+# (an argument, so that a new callback does not mean a new program).
+_streams: dict[int, Callable[[np.ndarray], None]] = {}
+_stream_ids = itertools.count(1)
+
+
+def _emit_stream(stream, tokens_b):
+    _streams[int(stream)](tokens_b)
 
 
 def _serving_params(config: BitNetConfig, params, backend: str | None):
@@ -76,13 +169,17 @@ def _serving_params(config: BitNetConfig, params, backend: str | None):
     if is_packed(params):
         return params, ServingSpec(backend or "ffi", lm_head_kind(params), config.act_bits)
     if backend == "ffi":
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            raise BitNetError("backend='ffi' with abstract training parameters: pack them first (bitnet_jax.pack), "
+                              "or pass packed shapes.")
         return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits)
     return params, None
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids",
-                                             "on_tokens"))
-def _generate(params, prompt_bt, lengths_b, rng, *, config, serving, max_new_tokens, sampling, stop_ids, on_tokens):
+                                             "streaming"))
+def _generate(params, prompt_bt, lengths_b, rng, stream, *, config, serving, max_new_tokens, sampling, stop_ids,
+              streaming):
     model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
     # Serving computes in f32; training parameters in their own dtype (bf16 stays bf16).
@@ -96,8 +193,8 @@ def _generate(params, prompt_bt, lengths_b, rng, *, config, serving, max_new_tok
     def emit(i, logits_bv, out_bn, done_b, rng):
         rng, key = jax.random.split(rng)
         token_b = jnp.where(done_b, fill, sample(logits_bv, key, *sampling))
-        if on_tokens is not None:
-            io_callback(on_tokens, None, token_b, ordered=True)
+        if streaming:
+            io_callback(_emit_stream, None, stream, token_b, ordered=True)
         done_b = done_b | jnp.isin(token_b, stop_ids_arr)
         return out_bn.at[:, i].set(token_b), done_b, rng
 

@@ -26,6 +26,7 @@ import numpy as np
 from . import layout
 from .config import BitNetConfig
 from .errors import BitNetError
+from .host_memory import aligned_empty, release_freed_memory
 from .quant import weight_quantize
 from .serving import LM_HEADS
 
@@ -159,10 +160,12 @@ def is_packed_folder(folder: str) -> bool:
         return False
 
 
-def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
-    """(config, packed params) from a folder written by `save_packed`; checks layout and shapes."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
+    """(config, abstract params) of a folder written by `save_packed`, from config.json and the
+    safetensors header alone: the leaves are `jax.ShapeDtypeStruct`s (enough for
+    `generate.compile_generate`). Checks the layout version and that every tensor the config
+    implies is there with its shape and dtype."""
+    from safetensors import safe_open
 
     from .model import BitNetLM, merge_serving_variables
     from .serving import ServingSpec
@@ -185,15 +188,73 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
     config = BitNetConfig.from_dict(hf, source=config_path)
     weights = os.path.join(folder, "model.safetensors")
     try:
-        flat = load_file(weights)
-    except (OSError, SafetensorError, ValueError) as e:
-        raise BitNetError(f"{weights}: cannot read the packed weights ({e}). Convert the model again.") from None
-    params = unflatten_dict({tuple(name.split(".")): value for name, value in flat.items()})
-
+        with safe_open(weights, framework="np") as handle:
+            flat = {}
+            for name in handle.keys():
+                tensor = handle.get_slice(name)
+                flat[tuple(name.split("."))] = jax.ShapeDtypeStruct(tuple(tensor.get_shape()),
+                                                                    _SAFETENSORS_DTYPES[tensor.get_dtype()])
+    except Exception as e:  # SafetensorError, OSError, KeyError (a dtype packing never writes)
+        raise BitNetError(f"{weights}: cannot read the packed weights ({e!r}). Convert the model again.") from None
+    params = unflatten_dict(flat)
     spec = ServingSpec(lm_head=meta.get("lm_head", "int8"), act_bits=config.act_bits)
     expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     _check_against(merge_serving_variables(nn.unbox(expected)), params, weights)
     return config, params
+
+
+def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
+    """(config, packed params) from a folder written by `save_packed`; checks layout and shapes
+    (`read_packed_folder`) before reading any weight.
+
+    The params are JAX arrays that own the bytes read from the file: each tensor is read straight
+    into 64-byte-aligned host memory, which XLA:CPU adopts without a copy. (safetensors' own
+    readers map the file: its touched pages would count as resident beside the copies, twice the
+    weights at the peak.)
+    """
+    config, shapes = read_packed_folder(folder)
+    weights = os.path.join(folder, "model.safetensors")
+    try:
+        offsets = _tensor_offsets(weights)
+        with open(weights, "rb", buffering=0) as f:
+            params = jax.tree.map_with_path(
+                lambda path, spec: jax.device_put(_read_tensor(f, offsets[".".join(k.key for k in path)], spec)),
+                shapes)
+    except (OSError, ValueError, KeyError) as e:
+        raise BitNetError(f"{weights}: cannot read the packed weights ({e}); the file is truncated or corrupt. "
+                          "Convert the model again.") from None
+    release_freed_memory()
+    return config, params
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def _tensor_offsets(file: str) -> dict[str, tuple[int, int]]:
+    """Byte range of every tensor in a safetensors file, from its header (an 8-byte little-endian
+    length, then JSON with each tensor's `data_offsets` relative to the end of the header)."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {name: (8 + length + info["data_offsets"][0], 8 + length + info["data_offsets"][1])
+            for name, info in header.items() if name != "__metadata__"}
+
+
+def _read_tensor(f, byte_range: tuple[int, int], spec) -> np.ndarray:
+    out = aligned_empty(spec.shape, spec.dtype)
+    start, end = byte_range
+    if end - start != out.nbytes:
+        raise ValueError(f"a tensor holds {end - start} bytes, expected {out.nbytes}")
+    view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    f.seek(start)
+    while done < out.nbytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise ValueError(f"the file ends {out.nbytes - done} bytes into a tensor")
+        done += got
+    return out
 
 
 def _check_against(expected, params, where: str):

@@ -18,8 +18,10 @@ import pytest
 from bitnet_jax import BitNetConfig, BitNetLM, generate, init_params, load_hf
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model import serving_variables
-from bitnet_jax.pack import is_packed, lm_head_kind, load_packed, pack, save_packed
+from bitnet_jax.generate import compile_generate
+from bitnet_jax.pack import is_packed, lm_head_kind, load_packed, pack, read_packed_folder, save_packed
 from bitnet_jax.serving import ServingSpec
+
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = [case["name"] for case in json.loads((FIXTURES / "manifest.json").read_text())["cases"]]
@@ -147,6 +149,54 @@ def test_converted_folder_round_trip(tmp_path):
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, packed2, packed)
     np.testing.assert_array_equal(generate(config2, packed2, [[1, 2]], 8), generate(config, packed, [[1, 2]], 8))
+
+
+def test_load_packed_gives_device_arrays_of_the_folder_shapes(tmp_path):
+    config = BitNetConfig(**{**SMALL, "tie_word_embeddings": False})
+    packed = pack(config, _trained_like(config), lm_head="float")
+    save_packed(str(tmp_path / "m"), config, packed)
+    _, shapes = read_packed_folder(str(tmp_path / "m"))
+    _, loaded = load_packed(str(tmp_path / "m"))
+    for got, abstract, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(shapes), jax.tree.leaves(packed)):
+        assert isinstance(got, jax.Array) and isinstance(abstract, jax.ShapeDtypeStruct)
+        assert got.shape == abstract.shape == want.shape and got.dtype == abstract.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+
+
+def test_truncated_packed_weights(tmp_path):
+    config = BitNetConfig(**SMALL)
+    folder = tmp_path / "m"
+    save_packed(str(folder), config, pack(config, init_params(config)))
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-1000])  # the header is intact, the last tensors are cut
+    with pytest.raises(BitNetError, match="model.safetensors: cannot read the packed weights.*Convert the model again"):
+        load_packed(str(folder))
+
+
+def test_compile_generate_with_abstract_params_then_generate_without_compiling(tmp_path):
+    config = BitNetConfig(**SMALL)
+    save_packed(str(tmp_path / "m"), config, pack(config, _trained_like(config)))
+    _, shapes = read_packed_folder(str(tmp_path / "m"))
+    compiles = []
+
+    def listener(event, _, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        compile_generate(config, shapes, [[5] * 20], 6, streaming=True)  # a 20-token prompt: the 32 bucket
+        before = len(compiles)
+        assert before >= 1
+        _, params = load_packed(str(tmp_path / "m"))
+        seen = []
+        new_ids = generate(config, params, [[3] * 30], 6, on_tokens=seen.append)
+        generate(config, params, [[3] * 30], 6, on_tokens=lambda tokens: None)  # a new callback, the same program
+        assert len(compiles) == before
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    np.testing.assert_array_equal(np.concatenate(seen[:6]), new_ids[0])
+    np.testing.assert_array_equal(new_ids, generate(config, params, [[3] * 30], 6, backend="xla"))
 
 
 def test_bad_packed_folders(tmp_path):
