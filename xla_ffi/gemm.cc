@@ -206,6 +206,9 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
 constexpr int64_t kPanelRows = 32;
 constexpr int64_t kPanelGroups = kPanelRows / kRowsPerGroup;
 constexpr int kPanelTileRows = 12;  // 2 x 12 accumulators + 2 code registers
+// AVX2 has no panel path: a maddubs panel kernel (8 x 8 transposes, int16 sums widened every 32
+// quads) measured no faster than the GEMV tiles (one Xeon core, 2560 x 6912, 128 rows: 149 vs
+// 141-155 GOPS), since both issue a maddubs and an int16 add per 32 multiply-adds.
 // Fewer activation rows take the GEMV tiles, which need no unpacking: faster up to 16 rows
 // (measured on one core, 2560 x 6912: 8 rows 0.87 vs 1.44 ms, 16 rows 1.67 vs 2.13, 24 rows 2.71 vs 2.29).
 constexpr int64_t kPanelMinRows = 17;

@@ -42,14 +42,16 @@ void Expect(bool ok, const char* what, const char* isa, const Shape& s, int64_t 
   }
 }
 
-void TestTernary(bitnet::Isa isa, const Shape& s, std::mt19937& rng) {
+// Random weights and activations; or, with `extreme` set, every weight +1 and every activation
+// `extreme` (the largest sums any int16 stage of a kernel can see).
+void TestTernary(bitnet::Isa isa, const Shape& s, std::mt19937& rng, int extreme = 0) {
   std::uniform_int_distribution<int> tern(-1, 1), byte(-128, 127);
   const int64_t kb = CeilDiv(s.k, bitnet::kBlockK), kp = kb * bitnet::kBlockK;
   const int64_t groups = CeilDiv(s.n, bitnet::kRowsPerGroup);
   std::vector<int8_t> t(s.n * s.k), x(s.rows * kp, 0);
-  for (auto& v : t) v = static_cast<int8_t>(tern(rng));
+  for (auto& v : t) v = static_cast<int8_t>(extreme ? 1 : tern(rng));
   for (int64_t m = 0; m < s.rows; ++m)
-    for (int64_t i = 0; i < s.k; ++i) x[m * kp + i] = static_cast<int8_t>(byte(rng));
+    for (int64_t i = 0; i < s.k; ++i) x[m * kp + i] = static_cast<int8_t>(extreme ? extreme : byte(rng));
   x[0] = -128;  // the corner case of sign / maddubs tricks
   std::vector<int32_t> x_sum(s.rows, 0);
   for (int64_t m = 0; m < s.rows; ++m)
@@ -100,6 +102,10 @@ int main() {
     for (const Shape& s : kShapes) {
       TestTernary(isa, s, rng);
       TestInt8(isa, s, rng);
+    }
+    for (const Shape& s : {Shape{1, 2560, 8}, Shape{20, 6912, 40}}) {
+      TestTernary(isa, s, rng, -128);
+      TestTernary(isa, s, rng, 127);
     }
     std::printf("%s: checked %zu shapes\n", bitnet::IsaName(isa), sizeof(kShapes) / sizeof(kShapes[0]));
   }
