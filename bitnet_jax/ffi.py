@@ -148,13 +148,15 @@ def ternary_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=None) 
     return _rowwise("bitnet_ternary_matmul", jnp.float32, n, attrs, x, w_packed, w_scale, layer)
 
 
-def ternary_matmul_i32(x_q, w_packed, n: int) -> jax.Array:
-    """Exact integer product int32 [..., N] = sum_k x_q[..., k] * t[n, k] (x_q int8 [..., K])."""
+def ternary_matmul_i32(x_q, w_packed, n: int, layer=None) -> jax.Array:
+    """Exact integer product int32 [..., N] = sum_k x_q[..., k] * t[n, k] (x_q int8 [..., K]);
+    `layer` as in `ternary_matmul`."""
     from . import layout
 
     x_q = _check_x("ternary_matmul_i32", x_q, integer=True)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
     attrs = dict(n=np.int64(n), layout_version=np.int64(layout.LAYOUT_VERSION))
-    return _rowwise("bitnet_ternary_matmul_i32", jnp.int32, n, attrs, x_q, w_packed)
+    return _rowwise("bitnet_ternary_matmul_i32", jnp.int32, n, attrs, x_q, w_packed, layer)
 
 
 def int8_matmul(x, w_int8, w_scale, act_bits: int = 8) -> jax.Array:

@@ -123,6 +123,7 @@ class TernaryLinear(nn.Module):
     num_layers: int
     per_channel: bool = False
     input_norm_eps: float | None = None
+    split: str = "n"  # how a 'tensor' mesh axis splits it (serving.ternary_linear)
 
     @nn.compact
     def __call__(self, x_bk, layer):
@@ -133,7 +134,7 @@ class TernaryLinear(nn.Module):
         w_scale = self.variable(PACKED, "w_scale", jnp.ones,
                                 (self.num_layers, self.features if self.per_channel else 1), jnp.float32).value
         y = serve.ternary_linear(x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend,
-                                 layer)
+                                 layer, split=self.split)
         return y.astype(x_bk.dtype)
 
 
@@ -162,8 +163,12 @@ def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: i
     axes `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving."""
     if serving is None:
         return BitLinear(features, QuantSpec.of(config), config.initializer_range, axes, name=name)
+    # Megatron-style, as training shards the kernels (sharding.RULES): projections out of the
+    # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
+    # their inputs, which then arrive already split.
+    split = "k" if axes[1] == "embed" else "n"
     linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant == "channel",
-                           config.linear_norm_eps, name=name)
+                           config.linear_norm_eps, split, name=name)
     return lambda x: linear(x, layer)
 
 

@@ -65,15 +65,20 @@ def act_quantize(x: jax.Array, mode: str, bits: int) -> tuple[jax.Array, jax.Arr
     Returns `(x_q, scale)` with x_q integer-valued float32 and `x ~= x_q / scale`.
     """
     x = x.astype(jnp.float32)
-    q_max = 2 ** (bits - 1) - 1
     if mode == "token":
         amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
     elif mode == "tensor":
         amax = jnp.max(jnp.abs(x)).reshape((1,) * x.ndim)
     else:
         raise ValueError(f"act_quantize: unknown mode {mode!r}")
+    return absmax_quantize(x, amax, bits)
+
+
+def absmax_quantize(x: jax.Array, amax: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """`act_quantize` given the absolute maximum (broadcastable to x), e.g. one reduced over devices."""
+    q_max = 2 ** (bits - 1) - 1
     scale = q_max / jnp.maximum(amax, EPS)
-    return jnp.clip(jnp.round(x * scale), -q_max - 1, q_max), scale
+    return jnp.clip(jnp.round(x.astype(jnp.float32) * scale), -q_max - 1, q_max), scale
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

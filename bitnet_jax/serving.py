@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from . import layout
-from .quant import act_quantize
+from .quant import absmax_quantize, act_quantize
 
 BACKENDS = ("ffi", "xla")
 LM_HEADS = ("int8", "int8-tied", "float")
@@ -47,27 +47,38 @@ class ServingSpec:
 
 
 def _rescale(acc_mn, x_scale_m1, w_scale):
-    return (acc_mn.astype(jnp.float32) * (1 / x_scale_m1)) * w_scale
+    """The kernels' float steps, in their order. The barrier keeps XLA from folding
+    1 / (q_max / amax) into another expression, which rounds differently (by an ulp)."""
+    return (acc_mn.astype(jnp.float32) * (1 / jax.lax.optimization_barrier(x_scale_m1))) * w_scale
 
 
 TENSOR_AXIS = "tensor"
 
 
-def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str, layer=None) -> jax.Array:
+def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str, layer=None, *,
+                   split: str = "n") -> jax.Array:
     """Serving BitLinear: float32 [..., N] from activations [..., K] and packed ternary weights
     (w_packed [G, X], w_scale [S]; or stacked [L, G, X], [L, S] with `layer` selecting one).
 
-    Under a mesh with a 'tensor' axis (`jax.set_mesh`), the FFI call runs tensor-parallel: each
-    device multiplies the activations with its own row groups of the weights (a shard_map over
-    N), instead of a bare custom call, which would make XLA all-gather the weights onto every
-    device first.
+    Under a mesh with a 'tensor' axis (`jax.set_mesh`), the FFI call runs tensor-parallel inside
+    a shard_map, instead of a bare custom call, which would make XLA all-gather the weights onto
+    every device first: `split='n'` gives each device its own output rows (column-parallel: the
+    q/k/v/gate/up projections), `split='k'` its own share of K, with a psum of the exact int32
+    partial products (row-parallel: o_proj and down_proj, whose inputs training shards over
+    'tensor'). A split that does not divide the weights' blocks falls back to the other one,
+    then to a bare call.
     """
     if backend == "ffi":
         from . import ffi
 
         parts = _tensor_parts()
-        if parts > 1 and n % (layout.ROWS_PER_GROUP * parts) == 0:
-            return _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer)
+        k = x_mk.shape[-1]
+        k_ok = k % (layout.BLOCK_K * parts) == 0
+        n_ok = n % (layout.ROWS_PER_GROUP * parts) == 0
+        if parts > 1 and k_ok and (split == "k" or not n_ok):
+            return _k_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer)
+        if parts > 1 and n_ok:
+            return _n_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer)
         return ffi.ternary_matmul(x_mk, w_packed, w_scale, n, act_bits, layer)
     if w_packed.ndim == 3:
         w_packed, w_scale = w_packed[layer], w_scale[layer]
@@ -84,7 +95,7 @@ def _tensor_parts() -> int:
     return mesh.shape[TENSOR_AXIS]
 
 
-def _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
+def _n_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
     """Columns split over the 'tensor' axis: whole 4-row groups per device, so every shard is a
     valid packed matrix of n / parts rows. Activations are replicated; each device quantizes
     the same rows identically, so the result equals the single-device call bit for bit."""
@@ -100,6 +111,33 @@ def _tensor_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer)
     return jax.shard_map(
         local, in_specs=(P(), P(*stack, TENSOR_AXIS), P(*stack, TENSOR_AXIS) if per_channel else P(), P()),
         out_specs=P(*lead, TENSOR_AXIS), check_vma=False)(x_mk, w_packed, w_scale, layer)
+
+
+def _k_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
+    """K split over the 'tensor' axis in whole 256-wide blocks: a row's blocks are contiguous in
+    the packed layout, so each device's slice of the packed bytes is a valid packed matrix of
+    K / parts, and it takes the matching slice of the activations. Each token's absmax is the max
+    over devices (pmax), so every device quantizes its slice as one device would quantize the
+    row; the int32 partial products add up exactly (psum) before the one rescale: the result
+    equals the single-device call bit for bit."""
+    from jax.sharding import PartitionSpec as P
+
+    from . import ffi
+
+    lead = (None,) * (x_mk.ndim - 1)
+    stack = (None,) * (w_packed.ndim - 2)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+
+    def local(x, w, s, i):
+        x = x.astype(jnp.float32)
+        amax = jax.lax.pmax(jnp.max(jnp.abs(x), axis=-1, keepdims=True), TENSOR_AXIS)
+        x_q, x_scale = absmax_quantize(x, amax, act_bits)
+        acc = jax.lax.psum(ffi.ternary_matmul_i32(x_q.astype(jnp.int8), w, n, i), TENSOR_AXIS)
+        return _rescale(acc, x_scale, s[i] if s.ndim == 2 else s)
+
+    return jax.shard_map(
+        local, in_specs=(P(*lead, TENSOR_AXIS), P(*stack, None, TENSOR_AXIS), P(), P()),
+        out_specs=P(), check_vma=False)(x_mk, w_packed, w_scale, layer)
 
 
 def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array:

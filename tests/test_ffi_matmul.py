@@ -174,6 +174,11 @@ def test_batch_axes_and_vmap():
     np.testing.assert_array_equal(np.asarray(one), np.asarray(_ternary_reference(x, t2, scales[1])))
     with pytest.raises(Exception, match="layer 2 is outside the 2 layers"):
         ffi.ternary_matmul(x, stacked, scales, 9, layer=2).block_until_ready()
+    x_q = jnp.asarray(rng.integers(-128, 128, (3, 70)), jnp.int8)
+    np.testing.assert_array_equal(np.asarray(ffi.ternary_matmul_i32(x_q, stacked, 9, layer=jnp.int32(1))),
+                                  np.asarray(_dot_i32(x_q.astype(jnp.int32), t2)))
+    with pytest.raises(Exception, match="layer -1 is outside the 2 layers"):
+        ffi.ternary_matmul_i32(x_q, stacked, 9, layer=-1).block_until_ready()
     # Empty batches pass through.
     assert ffi.ternary_matmul(np.zeros((0, 70), np.float32), packed, w_scale, 9).shape == (0, 9)
 

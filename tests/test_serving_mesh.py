@@ -67,3 +67,77 @@ def test_tensor_parallel_ffi_matches_one_device(tmp_path):
     assert out["local_shapes"] == "['f32[2,9,176]', 'f32[2,9,32]', 'f32[2,9,64]']"
     assert out["weight_all_gathers"] == "0"
     assert float(out["rel_error"]) < 2e-3
+
+
+K_SPLIT_SCRIPT = textwrap.dedent('''
+    import os, re
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import numpy as np, jax, jax.numpy as jnp
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from bitnet_jax import BitNetConfig, BitNetLM, init_params, layout, serving
+    from bitnet_jax.model import serving_variables
+    from bitnet_jax.pack import pack
+    from bitnet_jax.serving import ServingSpec
+
+    rng = np.random.default_rng(0)
+    for parts, k, n, per_channel in [(2, 512, 36, False), (4, 1024, 12, True), (2, 1536, 8, True)]:
+        t = rng.integers(-1, 2, (3, n, k)).astype(np.int8)  # 3 stacked layers
+        w = jnp.stack([layout.pack_ternary(t[l]) for l in range(3)])
+        s = jnp.asarray(rng.uniform(0.5, 2, (3, n if per_channel else 1)), jnp.float32)
+        x = jnp.asarray(rng.standard_normal((2, 5, k)) * rng.uniform(0.1, 10, (2, 5, 1)), jnp.float32)
+        linear = lambda x, w, s: serving.ternary_linear(x, w, s, n, 8, "ffi", layer=2, split="k")
+        want = jax.jit(linear)(x, w, s)
+        mesh = jax.make_mesh((parts,), ("tensor",), axis_types=(AxisType.Auto,))
+        with jax.set_mesh(mesh):
+            args = (jax.device_put(x, NamedSharding(mesh, P(None, None, "tensor"))),
+                    jax.device_put(w, NamedSharding(mesh, P(None, None, "tensor"))), s)
+            forward = jax.jit(linear)
+            got = forward(*args)
+            hlo = forward.lower(*args).compile().as_text()
+        assert "bitnet_ternary_matmul_i32" in hlo and re.search(r"s32\\[[0-9,]*\\][^\\n]*all-reduce", hlo), hlo
+        assert not re.search(r"all-gather[^\\n]*u8|u8\\[[0-9,]+\\][^\\n]*all-gather", hlo)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        print("exact", parts, k, n, per_channel)
+
+    # A model whose o_proj and down_proj inputs (512 and 1024) split over 2 devices in whole blocks.
+    config = BitNetConfig.preset("tiny").replace(weight_quant="channel", num_attention_heads=4, head_dim=128,
+                                                 num_key_value_heads=2, intermediate_size=1024)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype) if p[-1].key == "weight" else x,
+        init_params(config))
+    params = pack(config, params, lm_head="float")
+    ids = jnp.asarray(rng.integers(0, config.vocab_size, (2, 9)), jnp.int32)
+    model = BitNetLM(config, ServingSpec("ffi", "float"))
+    want = jax.jit(model.apply)(serving_variables(params), ids)
+    mesh = jax.make_mesh((2,), ("tensor",), axis_types=(AxisType.Auto,))
+    row_parallel = lambda path: any(getattr(k, "key", None) in ("o_proj", "down_proj") for k in path)
+
+    def spec(path, x):
+        if path[-1].key == "w_packed":
+            return P(None, None, "tensor") if row_parallel(path) else P(None, "tensor")
+        if path[-1].key == "w_scale" and not row_parallel(path):
+            return P(None, "tensor")
+        return P()
+
+    with jax.set_mesh(mesh):
+        sharded = jax.tree_util.tree_map_with_path(
+            lambda p, x: jax.device_put(x, NamedSharding(mesh, spec(p, x))), serving_variables(params))
+        forward = jax.jit(model.apply)
+        got = forward(sharded, ids)
+        hlo = forward.lower(sharded, ids).compile().as_text()
+    print("i32_calls", hlo.count("custom_call_target=\\"bitnet_ternary_matmul_i32\\""))
+    print("weight_all_gathers", len(re.findall(r"u8\\[[0-9,]+\\][^\\n]*all-gather\\(|all-gather\\([^\\n]*u8\\[", hlo)))
+    print("rel_error", float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)))
+''')
+
+
+def test_row_parallel_ffi_is_exact_and_serves_o_proj_and_down_proj(tmp_path):
+    result = subprocess.run([sys.executable, "-c", K_SPLIT_SCRIPT], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert sum(line.startswith("exact") for line in lines) == 3
+    out = dict(line.split(" ", 1) for line in lines if not line.startswith("exact"))
+    assert int(out["i32_calls"]) >= 2  # o_proj and down_proj (inside the layer scan)
+    assert out["weight_all_gathers"] == "0"
+    assert float(out["rel_error"]) < 2e-3

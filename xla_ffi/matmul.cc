@@ -299,20 +299,23 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
 }
 
 ffi::Error TernaryMatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi::Buffer<ffi::U8> w,
-                                ffi::Result<ffi::Buffer<ffi::S32>> acc, int64_t n,
+                                ffi::Buffer<ffi::S32> layer_buf, ffi::Result<ffi::Buffer<ffi::S32>> acc, int64_t n,
                                 int64_t layout_version) {
   const std::string op = "bitnet_ternary_matmul_i32";
   Rows shape;
   int64_t kb;
   Isa isa;
+  LayerView w_view;
   if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (layer_buf.element_count() != 1) return Invalid(op, "expected a scalar int32 layer index");
+  if (auto e = SelectLayer(op, "w", w.dimensions(), 2, layer_buf.typed_data()[0], &w_view); e.failure()) return e;
   if (auto e = CheckActivations(op, x_q.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckTernaryWeights(op, w.dimensions(), shape.k, n, &kb); e.failure()) return e;
+  if (auto e = CheckTernaryWeights(op, w_view.dims, shape.k, n, &kb); e.failure()) return e;
   if (auto e = CheckOutput(op, x_q.dimensions(), acc->dimensions(), n); e.failure()) return e;
   if (auto e = Select(op, &isa); e.failure()) return e;
   if (shape.rows == 0) return ffi::Error::Success();
   const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kb * kBlockK);
-  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data(), n, acc->typed_data());
+  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data() + w_view.offset, n, acc->typed_data());
   return ffi::Error::Success();
 }
 
@@ -378,7 +381,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::S8>>()     // x_q: int8 activations [..., K]
-        .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes [G, KB * 256]
+        .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes [G, KB * 256], or stacked [L, G, KB * 256]
+        .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, which layer of a stacked w
         .Ret<ffi::Buffer<ffi::S32>>()    // acc: sum_k x_q * t, int32 [..., N]
         .Attr<int64_t>("n")
         .Attr<int64_t>("layout_version"));
