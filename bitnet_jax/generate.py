@@ -49,10 +49,11 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
       on_tokens: called from inside the decode loop with each step's tokens (int32 [B]), in
         order, as they are generated (for streaming).
       backend: 'ffi' (our C++ ternary kernels as XLA custom calls) or 'xla' (XLA ops only).
-        Packed parameters (`bitnet_jax.pack`) default to 'ffi' and run the integer serving
-        model either way; training parameters default to 'xla' (the fake-quant forward), and
-        with 'ffi' are packed first (lm_head kept in float), which costs a conversion per call:
-        pack once for repeated use.
+        Packed parameters (`bitnet_jax.pack`) default to 'ffi' ('xla' for per-group weight
+        scales, which the kernels do not take) and run the integer serving model either way;
+        training parameters default to 'xla' (the fake-quant forward), and with 'ffi' are
+        packed first (lm_head kept in float), which costs a conversion per call: pack once for
+        repeated use.
 
     Returns:
       int32 numpy array [B, max_new_tokens] of the new tokens only.
@@ -166,8 +167,13 @@ def _serving_params(config: BitNetConfig, params, backend: str | None):
     """(params, ServingSpec or None) for the requested backend."""
     if backend not in (None, *BACKENDS):
         raise BitNetError(f"backend={backend!r}: expected one of {BACKENDS} (or None for the default).")
+    grouped = config.weight_quant.startswith("group:")
+    if grouped and backend == "ffi":
+        raise BitNetError(f"backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, "
+                          f"and this model has weight_quant={config.weight_quant!r}. Use backend='xla' (the "
+                          "default for it), which runs the same integer math in XLA ops.")
     if is_packed(params):
-        return params, ServingSpec(backend or "ffi", lm_head_kind(params), config.act_bits)
+        return params, ServingSpec(backend or ("xla" if grouped else "ffi"), lm_head_kind(params), config.act_bits)
     if backend == "ffi":
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
             raise BitNetError("backend='ffi' with abstract training parameters: pack them first (bitnet_jax.pack), "

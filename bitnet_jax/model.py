@@ -114,14 +114,15 @@ class TernaryLinear(nn.Module):
 
     Its weights live in the "packed" collection, stacked over layers and broadcast into the
     layer scan: `w_packed` uint8 [L, G, KB*256] (layout.py) and `w_scale` float32 [L, 1] (per
-    tensor) or [L, N] (per channel). The FFI kernel reads layer `layer` of the stack in place;
-    a scanned parameter would instead be sliced, i.e. copied, on every step.
+    tensor), [L, N] (per channel) or [L, K / group, N] (per group of inputs). The FFI kernel
+    reads layer `layer` of the stack in place; a scanned parameter would instead be sliced,
+    i.e. copied, on every step.
     """
 
     features: int
     spec: serve.ServingSpec
     num_layers: int
-    per_channel: bool = False
+    granularity: str = "tensor"  # the config's weight_quant
     input_norm_eps: float | None = None
     split: str = "n"  # how a 'tensor' mesh axis splits it (serving.ternary_linear)
 
@@ -131,8 +132,10 @@ class TernaryLinear(nn.Module):
             x_bk = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bk)
         packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bk.shape[-1]))
         w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
-        w_scale = self.variable(PACKED, "w_scale", jnp.ones,
-                                (self.num_layers, self.features if self.per_channel else 1), jnp.float32).value
+        scale_shape = {"tensor": (1,), "channel": (self.features,)}.get(self.granularity)
+        if scale_shape is None:  # group:G
+            scale_shape = (x_bk.shape[-1] // int(self.granularity.split(":")[1]), self.features)
+        w_scale = self.variable(PACKED, "w_scale", jnp.ones, (self.num_layers, *scale_shape), jnp.float32).value
         y = serve.ternary_linear(x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend,
                                  layer, split=self.split)
         return y.astype(x_bk.dtype)
@@ -167,8 +170,8 @@ def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: i
     # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
     # their inputs, which then arrive already split.
     split = "k" if axes[1] == "embed" else "n"
-    linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant == "channel",
-                           config.linear_norm_eps, split, name=name)
+    linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant, config.linear_norm_eps,
+                           split, name=name)
     return lambda x: linear(x, layer)
 
 

@@ -3,7 +3,7 @@
 `pack(config, params)` is the one explicit step between the two paths. Every BitLinear kernel
 [K, N] is quantized exactly as the training forward quantizes it (`quant.weight_quantize`: the
 same ternary values and scale), then packed to 2-bit codes (`layout.pack_ternary`) with its scale
-([1] per tensor, [N] per channel). The lm_head (the tied embedding for 2B4T-style models) becomes
+([1] per tensor, [N] per channel, [K / G, N] per group of G inputs). The lm_head (the tied embedding for 2B4T-style models) becomes
 int8 rows with one scale each (`lm_head="int8"`; for tied models, `"int8-tied"`, the serving
 default, also serves the input embedding from those rows) or stays float.
 
@@ -60,8 +60,9 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
     """Serving parameters for `BitNetLM(config, serving=...)` from training parameters.
 
     Args:
-      config: the model's config. Its weight granularity must be 'tensor' or 'channel' and its
-        activation quantizer per token: the granularities the kernels implement.
+      config: the model's config. Its activation quantizer must be per token. Weight scales are
+        kept at the config's granularity: [1] per tensor, [N] per channel (the FFI kernels' two),
+        [K / G, N] per group of G inputs ('group:G'; served by the XLA integer path).
       params: training parameters (ours, or from `load_hf`), float32 or bfloat16.
       lm_head: 'int8' (per-row int8 lm_head, 2x smaller than bf16; the input embedding keeps
         its float table), 'int8-tied' (tied models: one int8 table for both ends, the smallest)
@@ -81,7 +82,8 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
             for kernel_kn in kernel_lkn:
                 w_t_kn, scale = quantize(jnp.asarray(kernel_kn, jnp.float32), config.weight_quant)
                 packed_l.append(layout.pack_ternary(np.asarray(w_t_kn, np.int8).T))
-                scale_l.append(np.asarray(scale, np.float32).reshape(-1))
+                scale = np.asarray(scale, np.float32)  # [1, 1], [1, N] or, per group, [K / G, 1, N]
+                scale_l.append(scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1))
             layers[block][name] = {"w_packed": np.stack(packed_l), "w_scale": np.stack(scale_l)}
             if "rms_norm" in source:
                 layers[block][name]["rms_norm"] = _to_numpy(source["rms_norm"])
@@ -115,11 +117,9 @@ def _to_numpy(tree):
 
 
 def _check_packable(config: BitNetConfig, lm_head: str):
-    if config.weight_quant not in ("tensor", "channel"):
-        raise BitNetError(
-            f"pack: weight_quant={config.weight_quant!r} has no packed kernel; the serving kernels take "
-            "one scale per tensor or per output channel. Serve this model unpacked "
-            "(generate(..., backend='xla') on its training parameters).")
+    if config.weight_quant == "none":
+        raise BitNetError("pack: weight_quant='none' (the full-precision baseline) has no ternary weights to "
+                          "pack. Serve it unpacked (generate(..., backend='xla') on its training parameters).")
     if config.act_quant != "token":
         raise BitNetError(
             f"pack: act_quant={config.act_quant!r} has no packed kernel (the kernels quantize activations per "
@@ -197,7 +197,7 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
     except Exception as e:  # SafetensorError, OSError, KeyError (a dtype packing never writes)
         raise BitNetError(f"{weights}: cannot read the packed weights ({e!r}). Convert the model again.") from None
     params = unflatten_dict(flat)
-    spec = ServingSpec(lm_head=meta.get("lm_head", "int8"), act_bits=config.act_bits)
+    spec = ServingSpec("xla", meta.get("lm_head", "int8"), config.act_bits)  # only the shapes are used
     expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     _check_against(merge_serving_variables(nn.unbox(expected)), params, weights)
     return config, params

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from . import layout
+from .errors import BitNetError
 from .quant import absmax_quantize, act_quantize
 
 BACKENDS = ("ffi", "xla")
@@ -68,6 +69,8 @@ def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str,
     'tensor'). A split that does not divide the weights' blocks falls back to the other one,
     then to a bare call.
     """
+    if w_scale.ndim - (w_packed.ndim - 2) == 2:  # [(L,) K / group, N]: per group of inputs
+        return _grouped_ternary(x_mk, w_packed, w_scale, n, act_bits, backend, layer)
     if backend == "ffi":
         from . import ffi
 
@@ -86,6 +89,25 @@ def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str,
     t_nk = layout.unpack_ternary(w_packed, n, x_mk.shape[-1])
     acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), t_nk, preferred_element_type=jnp.int32)
     return _rescale(acc, x_scale, w_scale)
+
+
+def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
+    """Per-group weight scales: one exact int32 sum per group of K / C inputs, scaled and added
+    in float32 (the FFI kernels take one scale per tensor or output row only)."""
+    if backend == "ffi":
+        raise BitNetError(
+            "The FFI kernels take one weight scale per tensor or per output channel; this model has a scale "
+            "per group of inputs (weight_quant='group:G'). Serve it with backend='xla' (the same integer math "
+            "in XLA ops).")
+    if w_packed.ndim == 3:
+        w_packed, w_scale_cn = w_packed[layer], w_scale_cn[layer]
+    k, c = x_mk.shape[-1], w_scale_cn.shape[0]
+    x_q, x_scale = act_quantize(x_mk, "token", act_bits)
+    t_ncg = layout.unpack_ternary(w_packed, n, k).reshape(n, c, k // c)
+    x_q_cg = x_q.astype(jnp.int8).reshape(*x_mk.shape[:-1], c, k // c)
+    acc_cn = jnp.einsum("...cg,ncg->...cn", x_q_cg, t_ncg, preferred_element_type=jnp.int32)
+    y = jnp.sum(acc_cn.astype(jnp.float32) * w_scale_cn, axis=-2)
+    return y * (1 / jax.lax.optimization_barrier(x_scale))
 
 
 def _tensor_parts() -> int:

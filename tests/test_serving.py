@@ -67,6 +67,25 @@ def test_packed_forward_equals_fake_quant_forward(overrides):
         assert relative_error(got, want) < 1e-5, backend
 
 
+def test_group_scales_pack_and_serve_on_the_xla_integer_path(tmp_path):
+    config = BitNetConfig(**{**SMALL, "weight_quant": "group:8"})
+    params = _trained_like(config)
+    packed = pack(config, params, lm_head="float")
+    # K = 96 for q/k/v/gate/up (and o_proj), 200 for down_proj: a scale per 8 inputs and output.
+    assert packed["layers"]["self_attn"]["q_proj"]["w_scale"].shape == (2, 12, 96)
+    assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 25, 96)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
+    want = BitNetLM(config).apply({"params": params}, ids)
+    got = jax.jit(BitNetLM(config, ServingSpec("xla", "float")).apply)(serving_variables(packed), ids)
+    assert relative_error(got, want) < 1e-5
+    with pytest.raises(BitNetError, match="one weight scale per tensor or per output channel.*backend='xla'"):
+        generate(config, packed, [[1, 2, 3]], 4, backend="ffi")
+    save_packed(str(tmp_path / "m"), config, packed)
+    config2, packed2 = load_packed(str(tmp_path / "m"))
+    new_ids = generate(config2, packed2, [[1, 2, 3], [4]], 6)  # the default backend: xla
+    np.testing.assert_array_equal(new_ids, generate(config, params, [[1, 2, 3], [4]], 6))
+
+
 def test_packed_parameters_are_2_bit():
     config = BitNetConfig(**SMALL)
     packed = pack(config, init_params(config), lm_head="int8")
@@ -224,9 +243,8 @@ def test_bad_packed_folders(tmp_path):
 
 
 def test_pack_refuses_what_the_kernels_do_not_implement():
-    for overrides, message in [({"weight_quant": "group:8"}, "group:8.*no packed kernel"),
-                               ({"act_quant": "tensor"}, "act_quant='tensor'"),
-                               ({"weight_quant": "none"}, "'none' has no packed kernel")]:
+    for overrides, message in [({"act_quant": "tensor"}, "act_quant='tensor'"),
+                               ({"weight_quant": "none"}, "'none' .* has no ternary weights")]:
         config = BitNetConfig(**{**SMALL, **overrides})
         with pytest.raises(BitNetError, match=message):
             pack(config, init_params(config))
