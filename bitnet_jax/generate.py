@@ -79,10 +79,10 @@ def compile_generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: i
                      backend: str | None = None) -> None:
     """Compiles, without running it, the program that `generate` runs for these arguments.
 
-    `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. `pack.packed_folder_shapes`) and
-    only the shape of `prompt_ids` matters (the length is bucketed). Compiling before the weights
-    are loaded keeps the compiler's working memory (about 140 MB for any model size) off the
-    serving peak; `streaming` says whether `generate` will get an `on_tokens` callback.
+    `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. from `pack.read_packed_folder`)
+    and only the shape of `prompt_ids` matters (the length is bucketed). Compiling before the
+    weights are loaded keeps the compiler's working memory (100-150 MB, whatever the model size)
+    off the serving peak; `streaming` says whether `generate` will get an `on_tokens` callback.
     """
     _executable(_Request.make(config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
                               streaming, backend))

@@ -1,7 +1,7 @@
-"""Serving under a device mesh: the FFI matmul runs tensor-parallel inside shard_map (each device
-multiplies with its own row groups; no all-gather of packed weights), and the logits equal the
-one-device run. Runs in a subprocess with 8 simulated CPU devices, so the rest of the suite
-keeps one device.
+"""Serving under a device mesh: the FFI matmul runs tensor-parallel inside shard_map, column-
+parallel (each device multiplies with its own row groups) or row-parallel (its own share of K,
+then a psum); no all-gather of packed weights, and the logits equal the one-device run. Runs in
+subprocesses with 8 or 4 simulated CPU devices, so the rest of the suite keeps one device.
 
 Tolerance: with the features of a projection split over devices, the RMSNorms that follow reduce
 over a sharded axis (partial sums, then an all-reduce), a different float order than one device;
@@ -55,13 +55,18 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_tensor_parallel_ffi_matches_one_device(tmp_path):
-    # cwd elsewhere: from the repository root, `-c` would import the source tree, which has no
-    # compiled extension, instead of the installed package.
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600,
+def _run(script: str, tmp_path) -> list[str]:
+    """The script's output lines; it runs in a fresh process, in tmp_path: from the repository
+    root, `-c` would import the source tree, which has no compiled extension, instead of the
+    installed package."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    return result.stdout.strip().splitlines()
+
+
+def test_tensor_parallel_ffi_matches_one_device(tmp_path):
+    out = dict(line.split(" ", 1) for line in _run(SCRIPT, tmp_path))
     assert int(out["calls"]) > 0
     # tiny: q/o/k/v/gate/up/down have N = 256, 128, 704; split 4 ways: 64, 32, 176 columns each.
     assert out["local_shapes"] == "['f32[2,9,176]', 'f32[2,9,32]', 'f32[2,9,64]']"
@@ -132,10 +137,7 @@ K_SPLIT_SCRIPT = textwrap.dedent('''
 
 
 def test_row_parallel_ffi_is_exact_and_serves_o_proj_and_down_proj(tmp_path):
-    result = subprocess.run([sys.executable, "-c", K_SPLIT_SCRIPT], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
+    lines = _run(K_SPLIT_SCRIPT, tmp_path)
     assert sum(line.startswith("exact") for line in lines) == 3
     out = dict(line.split(" ", 1) for line in lines if not line.startswith("exact"))
     assert int(out["i32_calls"]) >= 2  # o_proj and down_proj (inside the layer scan)
