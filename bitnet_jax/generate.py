@@ -1,8 +1,8 @@
-"""Autoregressive generation: one jitted prefill plus a decode loop inside `jit` with a KV cache.
+"""Autoregressive generation: a prefill plus a decode loop, in one jitted program with a KV cache.
 
 Prompts of different lengths are right-padded into one [B, T] batch. Every row keeps its own
-positions: the prefill writes slots 0..T-1 of the cache and reads each row's next-token logits
-at its last real token; decode step i writes row b's token at slot `len_b + i`, the slot that
+positions: the prefill (in chunks of 256 tokens for longer prompts) writes slots 0..T-1 of the
+cache and reads each row's next-token logits at its last real token; decode step i writes row b's token at slot `len_b + i`, the slot that
 the causal mask (`slot <= position`) exposes next, so pad slots are overwritten before any
 query can see them.
 """
@@ -30,6 +30,10 @@ from .serving import BACKENDS, ServingSpec
 # Prompt lengths are padded up to a multiple of this, so that prompts of similar length share one
 # compiled program.
 _LENGTH_BUCKET = 16
+# Longer prompts are prefilled this many tokens at a time (and padded to a multiple of it): the
+# attention scores of a chunk are [chunk, cache slots], where a whole 2048-token prompt's were
+# [2048, slots] (0.35 GB per tensor for 2B4T), and the activations stay small.
+_PREFILL_CHUNK = 256
 
 
 def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
@@ -104,7 +108,9 @@ class _Request:
         _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
         params, serving = _serving_params(config, params, backend)
         lengths_b = np.array([len(p) for p in prompts], np.int32)
-        t = -(-int(lengths_b.max()) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+        longest = int(lengths_b.max())
+        bucket = _LENGTH_BUCKET if longest <= _PREFILL_CHUNK else _PREFILL_CHUNK
+        t = -(-longest // bucket) * bucket
         prompt_bt = np.zeros((len(prompts), t), np.int32)
         for row, prompt in zip(prompt_bt, prompts):
             row[: len(prompt)] = prompt
@@ -192,7 +198,22 @@ def _generate(params, prompt_bt, lengths_b, rng, stream, *, config, serving, max
     cache_dtype = jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
     variables = serving_variables(params) if serving is not None else {"params": params}
     cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=cache_dtype)
-    logits_bv, cache = model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
+    if t <= _PREFILL_CHUNK:
+        logits_bv, cache = model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
+    else:  # chunk by chunk; each row's logits come from the chunk that holds its last token
+        def prefill(i, state):
+            cache, logits_bv = state
+            start = i * _PREFILL_CHUNK
+            chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, _PREFILL_CHUNK, axis=1)
+            positions_bc = jnp.broadcast_to(start + jnp.arange(_PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
+            last_b = lengths_b - 1 - start
+            chunk_logits_bv, cache = model.apply(variables, chunk_bc, positions_bt=positions_bc, cache=cache,
+                                                 logits_index_b=jnp.clip(last_b, 0, _PREFILL_CHUNK - 1))
+            here_b = (last_b >= 0) & (last_b < _PREFILL_CHUNK)
+            return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
+
+        logits_bv = jnp.zeros((b, config.vocab_size), jnp.float32)
+        cache, logits_bv = jax.lax.fori_loop(0, t // _PREFILL_CHUNK, prefill, (cache, logits_bv))
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0
 

@@ -1,5 +1,8 @@
 """generate(): greedy equals recomputing the full forward per token; sampling; bad requests."""
 
+import collections
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,3 +81,15 @@ def test_streaming_callback_sees_every_token_in_order():
 def test_bad_requests(prompts, n, message):
     with pytest.raises(BitNetError, match=message):
         generate(CONFIG, PARAMS, prompts, n)
+
+
+def test_long_prompts_prefill_chunk_by_chunk_and_equal_full_forward(monkeypatch):
+    generate_module = importlib.import_module("bitnet_jax.generate")  # bitnet_jax.generate is the function
+    monkeypatch.setattr(generate_module, "_PREFILL_CHUNK", 16)
+    monkeypatch.setattr(generate_module, "_executables", collections.OrderedDict())  # programs of 256-token chunks
+    rng = np.random.default_rng(3)
+    # Padded to 48 tokens: three chunks; the rows' last tokens fall in the third, first and third.
+    prompts = [[int(i) for i in rng.integers(0, CONFIG.vocab_size, n)] for n in (40, 7, 33)]
+    out = generate(CONFIG, PARAMS, prompts, 5)
+    for row, prompt in zip(out, prompts):
+        assert list(row) == greedy_by_full_forward(prompt, 5)
