@@ -71,8 +71,8 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
     if on_tokens is not None:
         _streams[stream] = on_tokens
     try:
-        out = _executable(request)(*request.args(seed, stream))
-        return np.asarray(out)
+        args = request.args(seed, stream)
+        return np.asarray(_executable(request.static, args)(*args))
     finally:
         _streams.pop(stream, None)
 
@@ -88,8 +88,9 @@ def compile_generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: i
     weights are loaded keeps the compiler's working memory (100-150 MB, whatever the model size)
     off the serving peak; `streaming` says whether `generate` will get an `on_tokens` callback.
     """
-    _executable(_Request.make(config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                              streaming, backend))
+    request = _Request.make(config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
+                            streaming, backend)
+    _executable(request.static, request.args())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,13 +123,6 @@ class _Request:
     def args(self, seed: int = 0, stream: int = 0) -> tuple:
         return self.params, self.prompt_bt, self.lengths_b, jax.random.PRNGKey(seed), np.int32(stream)
 
-    def key(self) -> tuple:
-        """What the compiled program depends on: static settings, the mesh, and every argument's
-        tree, shape, dtype and (non-default) placement."""
-        leaves, tree = jax.tree.flatten(self.args())
-        return (tuple(sorted(self.static.items())), jax.sharding.get_abstract_mesh(), tree,
-                tuple((tuple(x.shape), np.dtype(x.dtype), _placement(x)) for x in leaves))
-
 
 def _placement(x):
     sharding = getattr(x, "sharding", None)
@@ -137,21 +131,23 @@ def _placement(x):
     return sharding
 
 
-# Compiled `_generate` programs by `_Request.key()`, least recently used first. Each holds some
-# 10-20 MB of code, hence the bound. (jit's own cache is bypassed: an ahead-of-time compile does
-# not fill it.)
+# Compiled `_generate` programs, least recently used first. Each holds some 10-20 MB of code,
+# hence the bound. (jit's own cache is bypassed: an ahead-of-time compile does not fill it.)
 _executables: collections.OrderedDict = collections.OrderedDict()
 _MAX_EXECUTABLES = 8
 
 
-def _executable(request: _Request):
-    key = request.key()
+def _executable(static: dict, args: tuple):
+    """The compiled program for these static settings and arguments: it depends on the settings,
+    the mesh, and every argument's tree, shape, dtype and (non-default) placement."""
+    leaves, tree = jax.tree.flatten(args)
+    key = (tuple(sorted(static.items())), jax.sharding.get_abstract_mesh(), tree,
+           tuple((tuple(x.shape), np.dtype(x.dtype), _placement(x)) for x in leaves))
     if key in _executables:
         _executables.move_to_end(key)
         return _executables[key]
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_placement(x)),
-                            request.args())
-    compiled = _generate.lower(*abstract, **request.static).compile()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_placement(x)), args)
+    compiled = _generate.lower(*abstract, **static).compile()
     release_freed_memory()  # the compiler's working memory (~100 MB)
     _executables[key] = compiled
     while len(_executables) > _MAX_EXECUTABLES:
