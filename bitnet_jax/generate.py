@@ -169,7 +169,7 @@ def _serving_params(config: BitNetConfig, params, backend: str | None):
     """(params, ServingSpec or None) for the requested backend."""
     if backend not in (None, *BACKENDS):
         raise BitNetError(f"backend={backend!r}: expected one of {BACKENDS} (or None for the default).")
-    grouped = config.weight_quant.startswith("group:")
+    grouped = config.weight_group_size > 0
     if grouped and backend == "ffi":
         raise BitNetError(f"backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, "
                           f"and this model has weight_quant={config.weight_quant!r}. Use backend='xla' (the "

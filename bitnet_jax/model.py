@@ -122,7 +122,8 @@ class TernaryLinear(nn.Module):
     features: int
     spec: serve.ServingSpec
     num_layers: int
-    granularity: str = "tensor"  # the config's weight_quant
+    per_channel: bool = False
+    group_size: int = 0  # G of 'group:G' (config.weight_group_size): a scale per G inputs and output
     input_norm_eps: float | None = None
     split: str = "n"  # how a 'tensor' mesh axis splits it (serving.ternary_linear)
 
@@ -132,9 +133,10 @@ class TernaryLinear(nn.Module):
             x_bk = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bk)
         packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bk.shape[-1]))
         w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
-        scale_shape = {"tensor": (1,), "channel": (self.features,)}.get(self.granularity)
-        if scale_shape is None:  # group:G
-            scale_shape = (x_bk.shape[-1] // int(self.granularity.split(":")[1]), self.features)
+        if self.group_size:
+            scale_shape = (x_bk.shape[-1] // self.group_size, self.features)
+        else:
+            scale_shape = (self.features if self.per_channel else 1,)
         w_scale = self.variable(PACKED, "w_scale", jnp.ones, (self.num_layers, *scale_shape), jnp.float32).value
         y = serve.ternary_linear(x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend,
                                  layer, split=self.split)
@@ -170,8 +172,8 @@ def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: i
     # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
     # their inputs, which then arrive already split.
     split = "k" if axes[1] == "embed" else "n"
-    linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant, config.linear_norm_eps,
-                           split, name=name)
+    linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant == "channel",
+                           config.weight_group_size, config.linear_norm_eps, split, name=name)
     return lambda x: linear(x, layer)
 
 
