@@ -7,7 +7,9 @@ namespace bitnet {
 
 namespace {
 
+#if BITNET_JAX_X86_SIMD
 bool CpuRuns(Isa isa) {
+  __builtin_cpu_init();  // idempotent; needed if this runs before libgcc's constructors have
   switch (isa) {
     case Isa::kScalar:
       return true;
@@ -20,6 +22,10 @@ bool CpuRuns(Isa isa) {
   }
   return false;
 }
+#else
+// Not x86-64: the build holds no SIMD path (cpu_isa.h).
+bool CpuRuns(Isa isa) { return isa == Isa::kScalar; }
+#endif
 
 bool ParseIsa(const char* name, Isa* isa) {
   if (std::strcmp(name, "scalar") == 0) *isa = Isa::kScalar;
@@ -42,9 +48,8 @@ const char* IsaName(Isa isa) {
 
 const std::vector<Isa>& AvailableIsas() {
   static const std::vector<Isa> available = [] {
-    __builtin_cpu_init();
     std::vector<Isa> isas;
-    for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512Vnni}) {
+    for (Isa isa : kAllIsas) {
       if (CpuRuns(isa)) isas.push_back(isa);
     }
     return isas;

@@ -2,28 +2,30 @@
 //
 // SIMD functions carry __attribute__((target(...))) so that the library is built for baseline
 // x86-64 and still contains the wide paths; SelectIsa (cpu_isa.cc) decides at run time which one
-// runs. Decode (up to 16 activation rows): a row group's weights are unpacked (shift + mask) in
+// runs. Other builds (aarch64) compile the scalar twins alone (BITNET_JAX_X86_SIMD, cpu_isa.h).
+// Decode (up to 16 activation rows): a row group's weights are unpacked (shift + mask) in
 // registers and shared by every activation row of a tile of up to kMaxTileRows, so the kernels
 // stream the weights once at memory speed. Prefill (AVX-512, 17 rows and more): 32-row panels are
 // unpacked once into vpdpbusd order and multiplied by register-blocked tiles, compute-bound.
 
 #include "gemm.h"
 
+#include <algorithm>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "layout.h"
+
+#if BITNET_JAX_X86_SIMD
 // GCC 12's AVX-512 headers build some results from _mm*_undefined_*() and then warn that they
 // "may be used uninitialized"; the warning is about the header, not this code.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
-
-#include <algorithm>
-#include <vector>
-
-#include "layout.h"
+#endif
 
 namespace bitnet {
 
 namespace {
-
-constexpr int kMaxTileRows = 4;
 
 // ---------------------------------------------------------------------------------------------
 // Scalar twins: the layout read literally, one weight at a time.
@@ -63,6 +65,14 @@ void Int8Scalar(const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w, in
     }
   }
 }
+
+}  // namespace
+
+#if BITNET_JAX_X86_SIMD
+
+namespace {
+
+constexpr int kMaxTileRows = 4;
 
 // ---------------------------------------------------------------------------------------------
 // AVX2
@@ -452,5 +462,24 @@ void Int8GemmI32(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int
       ForRowTiles<Int8TileAvx2>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
   }
 }
+
+#else  // !BITNET_JAX_X86_SIMD
+
+// The scalar twins are the only path: SelectIsa never picks another here (AvailableIsas is
+// {kScalar}), and a caller naming one anyway gets the same exact sums.
+int64_t TernaryGroupsPerTask(Isa, int64_t) { return 1; }
+
+void TernaryGemmI32(Isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
+                    const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
+                    int32_t* acc) {
+  TernaryScalar(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
+}
+
+void Int8GemmI32(Isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+                 int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
+  Int8Scalar(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
+}
+
+#endif  // BITNET_JAX_X86_SIMD
 
 }  // namespace bitnet

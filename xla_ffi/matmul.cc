@@ -157,9 +157,7 @@ void QuantizeAll(ffi::ThreadPool& pool, Isa isa, const T* x, const Rows& shape, 
       std::fill(q + shape.k, q + kp, int8_t{0});
       out.sum[m] = 0;
       const T* row = x + m * shape.k;
-      out.scale[m] = isa == Isa::kAvx512Vnni ? QuantizeRowAvx512(row, shape.k, bits, q, &out.sum[m])
-                     : isa == Isa::kAvx2     ? QuantizeRowAvx2(row, shape.k, bits, q, &out.sum[m])
-                                             : QuantizeRow(row, shape.k, bits, q, &out.sum[m]);
+      out.scale[m] = QuantizeRowOn(isa, row, shape.k, bits, q, &out.sum[m]);
     }
   });
 }

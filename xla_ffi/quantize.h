@@ -17,7 +17,11 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu_isa.h"
+
+#if BITNET_JAX_X86_SIMD
 #include <immintrin.h>
+#endif
 
 namespace bitnet {
 
@@ -76,6 +80,8 @@ float QuantizeRow(const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
   *q_sum += QuantizeSteps(x, 0, k, scale, bits, q);
   return scale;
 }
+
+#if BITNET_JAX_X86_SIMD
 
 // The same quantizer, 16 (AVX-512) or 8 (AVX2) floats at a time, with identical results: the
 // products are the same float32 multiplications, cvtps2dq rounds to nearest-even as nearbyint
@@ -168,6 +174,27 @@ BITNET_QUANT_AVX2 float QuantizeRowAvx2(const T* x, int64_t k, int bits, int8_t*
   *q_sum += sum;
   return scale;
 }
+
+// QuantizeRow on kernel path `isa` (every path gives the same results).
+template <typename T>
+float QuantizeRowOn(Isa isa, const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
+  switch (isa) {
+    case Isa::kAvx512Vnni: return QuantizeRowAvx512(x, k, bits, q, q_sum);
+    case Isa::kAvx2: return QuantizeRowAvx2(x, k, bits, q, q_sum);
+    case Isa::kScalar: break;
+  }
+  return QuantizeRow(x, k, bits, q, q_sum);
+}
+
+#else  // !BITNET_JAX_X86_SIMD
+
+// The scalar steps are the only quantizer in this build (AvailableIsas is {kScalar}).
+template <typename T>
+float QuantizeRowOn(Isa, const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
+  return QuantizeRow(x, k, bits, q, q_sum);
+}
+
+#endif  // BITNET_JAX_X86_SIMD
 
 }  // namespace bitnet
 
