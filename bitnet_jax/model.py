@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from . import layout, serving as serve
 from .config import BitNetConfig
-from .quant import fake_quant_act, fake_quant_weight
+from .quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul
 
 # The variable collection of packed serving weights (see TernaryLinear and `serving_variables`).
 PACKED = "packed"
@@ -98,15 +98,21 @@ class BitLinear(nn.Module):
             x_bk = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bk)
         kernel_kn = self.param("kernel", _logical(nn.initializers.normal(self.init_std), self.kernel_axes),
                                (x_bk.shape[-1], self.features), jnp.float32)
-        # Quantized from the kernel's own dtype (f32 master weights keep f32 statistics), then
-        # cast to the activations' dtype so that bf16 compute runs a bf16 matmul.
-        w_kn = fake_quant_weight(kernel_kn, self.quant.weight).astype(x_bk.dtype)
-        x_bk = fake_quant_act(x_bk, self.quant.act, self.quant.act_bits)
         # Flattened to one 2-D matmul, so the weight gradient is a plain [K, M] @ [M, N] dot;
         # accumulated in f32 whatever the parameter dtype.
         x_mk = x_bk.reshape(-1, x_bk.shape[-1])
-        y_mn = jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32).astype(x_bk.dtype)
-        return y_mn.reshape(*x_bk.shape[:-1], self.features)
+        q = self.quant
+        if has_exact_matmul(q.weight, q.act):
+            # Integer codes times integer codes, rescaled: what the serving kernels compute.
+            y_mn = bitlinear_matmul(x_mk, kernel_kn, q.weight, q.act, q.act_bits)
+        else:
+            # Group scales (or no quantization on one side): quantize-dequantize, then a float
+            # matmul. Quantized from the kernel's own dtype (f32 master weights keep f32
+            # statistics), then cast to the activations' dtype so that bf16 compute runs a bf16 matmul.
+            w_kn = fake_quant_weight(kernel_kn, q.weight).astype(x_bk.dtype)
+            x_mk = fake_quant_act(x_bk, q.act, q.act_bits).reshape(x_mk.shape)
+            y_mn = jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32)
+        return y_mn.astype(x_bk.dtype).reshape(*x_bk.shape[:-1], self.features)
 
 
 class TernaryLinear(nn.Module):
@@ -342,7 +348,9 @@ class BitNetLM(nn.Module):
             # prevent_cse=False: scan already keeps XLA from merging the recomputation with the
             # forward pass (jax.checkpoint's documentation), so the extra barrier would only cost speed.
             layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False)
-        layers = nn.scan(layer, variable_axes={"params": 0}, variable_broadcast=PACKED,
+        # "intermediates": what a caller sows inside the layers (apply(..., mutable=["intermediates"]))
+        # comes back stacked over layers, as the parameters are.
+        layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0}, variable_broadcast=PACKED,
                          split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0),
                          length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
         cache_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)

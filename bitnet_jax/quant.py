@@ -11,6 +11,11 @@ Activations (absmax): `scale = Qp / max|x|` over a granule (a token or the whole
 `x_q = clamp(round(x * scale), -Qp - 1, Qp)` with `Qp = 2**(bits-1) - 1`, dequantized as
 `x_q / scale`. Rounding is half-to-even, as in `torch.round`.
 
+A BitLinear with per-tensor or per-channel weight scales multiplies the integer codes exactly
+(`bitlinear_matmul`: float32 sums of integers below 2^24 are exact in any order) and rescales
+once, in the serving kernels' order (`rescale`): the training forward and the packed serving
+forward compute the same float numbers, bit for bit.
+
 The straight-through estimator treats quantize-dequantize as the identity in the backward pass
 (the gradient of `x + stop_gradient(q(x) - x)`), but the forward value is exactly `q(x)`: the
 difference matters for parity with `transformers`, where float error in `x + (q - x)` would
@@ -36,19 +41,29 @@ def weight_quantize(w_kn: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
     against `w_kn` ([1, 1] for 'tensor', [1, N] for 'channel') except for 'group:G', where it is
     [K/G, 1, N] and broadcasts against `w_kn.reshape(K/G, G, N)`.
     """
+    ratio_kn, scale = weight_ratio(w_kn, mode)
+    return jnp.clip(jnp.round(ratio_kn), -1, 1), scale
+
+
+def weight_ratio(w_kn: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+    """`(W / scale, scale)`: what `weight_quantize` rounds, [K, N], before rounding.
+
+    Apart from quantizing, this tells how close each weight sits to a rounding boundary (|r| =
+    0.5), i.e. which codes float noise in the scale could flip.
+    """
     w = w_kn.astype(jnp.float32)
     if mode == "tensor":
         scale = jnp.maximum(jnp.mean(jnp.abs(w)), EPS).reshape(1, 1)
-        return jnp.clip(jnp.round(w / scale), -1, 1), scale
+        return w / scale, scale
     if mode == "channel":
         scale = jnp.maximum(jnp.mean(jnp.abs(w), axis=0, keepdims=True), EPS)
-        return jnp.clip(jnp.round(w / scale), -1, 1), scale
+        return w / scale, scale
     if mode.startswith("group:"):
         group = int(mode.split(":")[1])
         k, n = w.shape
         w_cgn = w.reshape(k // group, group, n)
         scale = jnp.maximum(jnp.mean(jnp.abs(w_cgn), axis=1, keepdims=True), EPS)
-        return jnp.clip(jnp.round(w_cgn / scale), -1, 1).reshape(k, n), scale
+        return (w_cgn / scale).reshape(k, n), scale
     raise ValueError(f"weight_quantize: unknown mode {mode!r}")
 
 
@@ -64,6 +79,20 @@ def act_quantize(x: jax.Array, mode: str, bits: int) -> tuple[jax.Array, jax.Arr
 
     Returns `(x_q, scale)` with x_q integer-valued float32 and `x ~= x_q / scale`.
     """
+    q_max = 2 ** (bits - 1) - 1
+    ratio, scale = act_ratio(x, mode, bits)
+    return jnp.clip(jnp.round(ratio), -q_max - 1, q_max), scale
+
+
+def absmax_quantize(x: jax.Array, amax: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    """`act_quantize` given the absolute maximum (broadcastable to x), e.g. one reduced over devices."""
+    q_max = 2 ** (bits - 1) - 1
+    ratio, scale = absmax_ratio(x, amax, bits)
+    return jnp.clip(jnp.round(ratio), -q_max - 1, q_max), scale
+
+
+def act_ratio(x: jax.Array, mode: str, bits: int) -> tuple[jax.Array, jax.Array]:
+    """`(x * scale, scale)`: what `act_quantize` rounds, before rounding (see `weight_ratio`)."""
     x = x.astype(jnp.float32)
     if mode == "token":
         amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
@@ -71,14 +100,59 @@ def act_quantize(x: jax.Array, mode: str, bits: int) -> tuple[jax.Array, jax.Arr
         amax = jnp.max(jnp.abs(x)).reshape((1,) * x.ndim)
     else:
         raise ValueError(f"act_quantize: unknown mode {mode!r}")
-    return absmax_quantize(x, amax, bits)
+    return absmax_ratio(x, amax, bits)
 
 
-def absmax_quantize(x: jax.Array, amax: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-    """`act_quantize` given the absolute maximum (broadcastable to x), e.g. one reduced over devices."""
-    q_max = 2 ** (bits - 1) - 1
-    scale = q_max / jnp.maximum(amax, EPS)
-    return jnp.clip(jnp.round(x.astype(jnp.float32) * scale), -q_max - 1, q_max), scale
+def absmax_ratio(x: jax.Array, amax: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+    scale = (2 ** (bits - 1) - 1) / jnp.maximum(amax, EPS)
+    return x.astype(jnp.float32) * scale, scale
+
+
+def rescale(acc_mn: jax.Array, x_scale_m1: jax.Array, w_scale: jax.Array) -> jax.Array:
+    """`acc / x_scale * w_scale` in float32: the float steps after an exact integer product, in
+    the serving kernels' order. The barrier keeps XLA from folding 1 / (q_max / amax) into
+    another expression, which rounds differently (by an ulp)."""
+    y = (acc_mn.astype(jnp.float32) * (1 / jax.lax.optimization_barrier(x_scale_m1))) * w_scale
+    return jax.lax.optimization_barrier(y)
+
+
+def has_exact_matmul(weight_mode: str, act_mode: str) -> bool:
+    """Whether `bitlinear_matmul` takes these modes: one scale per token (or tensor) of the
+    activations and per tensor (or output channel) of the weights, so that the scales factor
+    out of the sum over K."""
+    return weight_mode in ("tensor", "channel") and act_mode in ("token", "tensor")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def bitlinear_matmul(x_mk: jax.Array, w_kn: jax.Array, weight_mode: str, act_mode: str, act_bits: int) -> jax.Array:
+    """`Q_act(x) @ Q_weight(W)` [M, N] in float32, computed as integers times integers, rescaled.
+
+    The backward pass is the straight-through estimator of the quantize-dequantize form:
+    dx = g @ Q_weight(W)^T, dW = Q_act(x)^T @ g.
+    """
+    return _bitlinear_fwd(x_mk, w_kn, weight_mode, act_mode, act_bits)[0]
+
+
+def _bitlinear_fwd(x_mk, w_kn, weight_mode, act_mode, act_bits):
+    x_q, x_scale = act_quantize(x_mk, act_mode, act_bits)
+    w_t, w_scale = weight_quantize(w_kn, weight_mode)
+    # Codes are exact in bf16 as well (|x_q| <= 128); float32 accumulation keeps the sum exact.
+    acc = jnp.dot(x_q.astype(x_mk.dtype), w_t.astype(x_mk.dtype), preferred_element_type=jnp.float32)
+    # The backward pass needs the dequantized operands, and the kernel's dtype (in a 0-d array:
+    # residuals must be arrays).
+    residuals = ((x_q / x_scale).astype(x_mk.dtype), (w_t * w_scale).astype(x_mk.dtype), jnp.zeros((), w_kn.dtype))
+    return rescale(acc, x_scale, w_scale), residuals
+
+
+def _bitlinear_bwd(weight_mode, act_mode, act_bits, residuals, g_mn):
+    x_mk, w_kn, w_dtype = residuals
+    g_mn = g_mn.astype(x_mk.dtype)
+    dx = jnp.dot(g_mn, w_kn.T, preferred_element_type=jnp.float32).astype(x_mk.dtype)
+    dw = jnp.dot(x_mk.T, g_mn, preferred_element_type=jnp.float32).astype(w_dtype.dtype)
+    return dx, dw
+
+
+bitlinear_matmul.defvjp(_bitlinear_fwd, _bitlinear_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))

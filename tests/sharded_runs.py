@@ -20,8 +20,9 @@ import jax
 import numpy as np
 
 from bitnet_jax import BitNetLM, cli, init_params, sharding
+from near_ties import forward_with_quantizer_inputs
 from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import learning_rate_schedule, load_run, make_optimizer, make_train_step
+from bitnet_jax.train import load_run, make_optimizer, make_train_step
 
 CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
                 "keyword.py", "linecache.py", "queue.py", "sched.py", "this.py", "tabnanny.py", "calendar.py"]
@@ -68,7 +69,8 @@ def batches(n: int = STEPS, seed: int = 0) -> list[dict]:
 
 
 def train_steps(weight_quant: str, mesh_shape=None, grad_accum_steps: int = 1):
-    """(losses [STEPS], final params, logits at init [B, T, V]); one device when `mesh_shape` is None."""
+    """(losses [STEPS], final params, logits at init [B, T, V], quantizer inputs at init); one
+    device when `mesh_shape` is None."""
     run = step_run(weight_quant)
     model, optimizer = BitNetLM(run.model), make_optimizer(run)
     data = batches()
@@ -76,7 +78,7 @@ def train_steps(weight_quant: str, mesh_shape=None, grad_accum_steps: int = 1):
         step = make_train_step(model, optimizer, grad_accum_steps=grad_accum_steps)
         params = init_params(run.model, run.seed)
         opt_state = optimizer.init(params)
-        logits = jax.jit(model.apply)({"params": params}, data[0]["inputs"])
+        logits, sown = jax.jit(lambda p, ids: forward_with_quantizer_inputs(model, {"params": p}, ids))(params, data[0]["inputs"])
         put = lambda batch: batch
     else:
         s = sharding.train_shardings(model, optimizer, sharding.make_mesh(mesh_shape))
@@ -86,38 +88,30 @@ def train_steps(weight_quant: str, mesh_shape=None, grad_accum_steps: int = 1):
 
         def forward(params, ids):
             with sharding.activation_sharding(s.mesh):
-                return model.apply({"params": params}, ids)
+                return forward_with_quantizer_inputs(model, {"params": params}, ids)
         put = lambda batch: sharding.global_batch(batch, s.batch)
-        logits = jax.jit(forward, in_shardings=(s.params, s.batch))(params, put(data[0])["inputs"])
+        logits, sown = jax.jit(forward, in_shardings=(s.params, s.batch))(params, put(data[0])["inputs"])
     losses = []
     for batch in data:
         params, opt_state, loss = step(params, opt_state, put(batch))
         losses.append(float(loss))
-    return np.array(losses), params, np.asarray(logits)
+    return np.array(losses), params, np.asarray(logits), {k: np.asarray(v) for k, v in sown.items()}
 
 
 def flat(params) -> dict[str, np.ndarray]:
     return {"/".join(k.key for k in path): np.asarray(v) for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
-def adam_ratio_bound(t: int, b1: float, b2: float) -> float:
-    """max |m_hat / sqrt(v_hat)| after t Adam steps, over all gradient sequences (Cauchy-Schwarz)."""
-    k = np.arange(t)
-    return float((1 - b1) / (1 - b1 ** t) * np.sqrt(np.sum(b1 ** (2 * k) / b2 ** k) * (1 - b2 ** t) / (1 - b2)))
+def assert_same_training(params_init, params_ref, params_got):
+    """The updates `p_final - p_init` of two runs agree to 10% relative L2.
 
-
-def max_param_drift(run, steps: int) -> float:
-    """How far apart two AdamW runs can push one element in `steps` steps, whatever their gradients."""
-    schedule = learning_rate_schedule(run)
-    return sum(2 * float(schedule(t)) * adam_ratio_bound(t + 1, run.adam_b1, run.adam_b2) for t in range(steps))
-
-
-def assert_same_training(params_init, params_ref, params_got, run, steps):
+    Legitimate differences: a ternary code that float noise flips at one step changes that
+    step's gradients a little, and Adam spreads it (measured: 3% with per-tensor scales, 4e-5
+    with per-channel and per-group ones). A wrong program trains on other numbers: the same
+    model trained on other batches differs by ~80%.
+    """
     ref, got, init = flat(params_ref), params_got, flat(params_init)
     assert set(got) == set(ref)
-    bound = max_param_drift(run, steps) + 1e-6
-    for name in ref:
-        np.testing.assert_array_less(np.abs(got[name] - ref[name]), bound, err_msg=name)
     update_ref = np.concatenate([(ref[k] - init[k]).ravel() for k in sorted(ref)])
     update_got = np.concatenate([(got[k] - init[k]).ravel() for k in sorted(ref)])
     assert np.linalg.norm(update_got - update_ref) < 0.1 * np.linalg.norm(update_ref)
@@ -147,13 +141,14 @@ def main(out: str, corpus: str):
     arrays, results = {}, {"cases": {}}
     start = time.perf_counter()
     for mesh, weight_quant, accum in CASES:
-        losses, params, logits = train_steps(weight_quant, mesh, accum)
+        losses, params, logits, sown = train_steps(weight_quant, mesh, accum)
         print(f"{mesh} {weight_quant}: {time.perf_counter() - start:.1f} s", flush=True)
         name = case_name(mesh, weight_quant, accum)
         kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
         results["cases"][name] = {"losses": losses.tolist(),
                                   "up_proj_shard_shape": list(kernel.addressable_shards[0].data.shape)}
         arrays[f"{name}/logits"] = logits
+        arrays.update({f"{name}/sown/{k}": v for k, v in sown.items()})
         arrays.update({f"{name}/params/{k}": v for k, v in flat(params).items()})
 
     # Interrupted after step 3 on (8, 1, 1), resumed on (2, 2, 2).

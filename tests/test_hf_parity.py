@@ -92,17 +92,32 @@ def test_loaded_config_mirrors_the_folder(case):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
 
 
-def test_load_in_bfloat16():
-    config, params = load_hf(FIXTURES / "online_bf16_gqa_tied", dtype=jnp.bfloat16)
+@pytest.mark.parametrize("name", ["online_bf16_gqa_tied", "sharded_online_bf16"])
+def test_load_in_bfloat16(name):
+    """bf16 compute is as close to transformers' fp32 logits as bf16's precision allows.
+
+    The bound, derived: rounding a quantizer's input to bf16 (8 significant bits) moves x * 127 /
+    max|x| by at most 127 * 2^-8 < 0.5, so each int8 code ends at most one step from the exact
+    value, the same worst case as quantizing to 7 bits (a step of 2, rounded to the nearest).
+    The other bf16 roundings (residual stream, norms: 2^-9 relative) are small beside a step of
+    1/127. So the bf16 model may be as far from the reference as the fp32 model with 7-bit
+    activations is, computed here on the same weights, and no further. (Measured: bf16 8.8%,
+    7-bit 14%; a wrong dtype path, e.g. a scale of the wrong tensor kept in bf16, is off by
+    order 1.) Argmax agreement is not checked: these random models' logits are near-tied, so it
+    says nothing that the relative error does not.
+    """
+    config, params = load_hf(FIXTURES / name, dtype=jnp.bfloat16)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
-    expected = np.load(FIXTURES / "online_bf16_gqa_tied" / "expected.npz")
-    logits = np.asarray(BitNetLM(config).apply({"params": params}, jnp.asarray(expected["input_ids"])))
+    expected = np.load(FIXTURES / name / "expected.npz")
+    ids = jnp.asarray(expected["input_ids"])
+    logits = np.asarray(BitNetLM(config).apply({"params": params}, ids))
     assert logits.dtype == np.float32
-    # bf16 activations round at 2^-9 relative per op and then flip int8 roundings downstream, so
-    # this random tiny model (near-tied logits) drifts by ~9% (measured); a wrong dtype path
-    # (e.g. a scale kept in bf16 of the wrong tensor) gives errors of order 1.
-    assert relative_error(logits, expected["logits"]) < 0.2
-    assert np.mean(logits.argmax(-1) == expected["logits"].argmax(-1)) >= 0.6
+
+    config32, params32 = load_hf(FIXTURES / name)
+    fp32 = np.asarray(BitNetLM(config32).apply({"params": params32}, ids))
+    seven_bits = np.asarray(BitNetLM(config32.replace(act_bits=7)).apply({"params": params32}, ids))
+    assert relative_error(fp32, expected["logits"]) < REL_TOL  # the yardstick's own path is right
+    assert relative_error(logits, expected["logits"]) < relative_error(seven_bits, expected["logits"])
 
 
 def test_tokenizer_json_matches_transformers_tokenizer():

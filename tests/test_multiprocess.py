@@ -78,8 +78,7 @@ def test_two_processes_train_like_one(env):
                                    rtol=2e-3, err_msg=key)
     run, params_whole, _ = load_run(str(whole))
     _, params_two, _ = load_run(str(out))  # a checkpoint saved by both processes together
-    sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, sharded_runs.flat(params_two),
-                                      run, run.steps)
+    sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, sharded_runs.flat(params_two))
 
 
 def test_incomplete_multi_process_settings(env, tmp_path):

@@ -4,24 +4,26 @@ The sharded runs happen in a subprocess (`sharded_runs.py`, with
 `XLA_FLAGS=--xla_force_host_platform_device_count=8`), so this process and the rest of the suite
 keep one device; the one-device references run here while it works.
 
-Tolerances. Sharding changes only the order of float sums (a dot product or a mean split over
-devices is summed in pieces): ~1e-7 relative per sum. Quantization turns some of that into
-bigger steps, and Adam then spreads them, so:
-  * logits at init (identical parameters): at least 97% of the tokens agree to 1e-4. In the
-    others an int8 activation code rounds the other way at a .5 boundary (x * 127 / max|x| lands
-    within float noise of k + .5), which moves that token's logits by up to ~0.02 (measured: 2 of
-    256 tokens, with per-tensor weight scales); they must still agree to 0.1. A wrong absmean (per
-    shard instead of per tensor, say) changes ternary weights, and so every token's logits.
-  * the first loss (same parameters, same data) agrees to 5e-5; the curve over 4 steps to 2e-3.
-    A flipped code changes that token's gradient; Adam divides each gradient by its own size, so
-    where a gradient is ~0 float noise picks the sign of a +-lr update, and ternary weights near
-    a .5 boundary then round differently: the runs drift apart (measured up to 9e-4 after 4 steps
-    at lr 1e-3), while the loss itself falls by ~1.5% over those steps.
-  * parameters: no element may differ by more than two AdamW runs can push it apart,
-    2 * sum_t lr_t * R_t (R_t bounds |m_hat / sqrt(v_hat)| at step t, by Cauchy-Schwarz), and the
-    updates `p_final - p_init` must agree to 10% relative L2 (measured: 3% with per-tensor scales,
-    where one flipped code at step 1 spreads; 4e-5 with per-channel and per-group scales; the same
-    model trained on other batches differs by ~80%).
+What may differ. Sharding changes only the order of float sums (a dot product or a mean split over
+devices is summed in pieces), and which order XLA picks also depends on the CPU's vector width. A
+ternary weight or int8 activation whose unrounded value sits within that noise of a .5 boundary
+rounds the other way in one of the runs: a quantization step, not float noise, and how many such
+near-ties a run meets is a property of the CPU, not of the code. So no test here counts tokens
+within a tolerance. Instead:
+  * the forward pass at init (same parameters) is followed layer by layer, and every difference
+    beyond float noise must be explained by a code that flipped at a near-tie, checked as such
+    (`near_ties.assert_same_forward`);
+  * the loss curve over 4 steps agrees to 2e-3: a flipped code moves its token's loss by about a
+    quantization step, and Adam spreads near-zero gradients' sign noise into +-lr updates
+    (measured: up to 9e-4 apart after 4 steps at lr 1e-3), while the loss falls by ~1.5%;
+  * the parameter updates agree to 10% relative L2 (`sharded_runs.assert_same_training`).
+Planted bugs fail `near_ties.assert_same_forward` at its first check (layer 0, q_proj), each measured:
+parameters initialized with another key (init_sharded(seed + 1)), the batch rows handed to the
+devices in the wrong order (global_batch of x[::-1]), and the per-tensor absmean taken over one of
+two fsdp shards of K. On the clean runs, 94-98% of the tokens meet no flipped code.
+A ternary weight flips only if the scale moves by its relative margin to a boundary: at init
+the nearest weight is 2.5e-5 away, against scale errors measured at < 5e-7 (the bound allows
+n u = 5e-4), so at init the excuse for a flipped weight is never needed in practice.
 """
 
 import json
@@ -36,6 +38,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
+import near_ties
 import sharded_runs
 from bitnet_jax import BitNetError, BitNetLM, cli, init_params, sharding
 from bitnet_jax.data import stdlib_root
@@ -87,24 +90,22 @@ def runs(tmp_path_factory):
 
 
 def case_results(runs, name):
-    prefix = f"{name}/params/"
-    params = {k[len(prefix):]: v for k, v in runs["arrays"].items() if k.startswith(prefix)}
-    return runs["results"]["cases"][name], params, runs["arrays"][f"{name}/logits"]
+    def under(prefix):
+        return {k[len(prefix):]: v for k, v in runs["arrays"].items() if k.startswith(prefix)}
+    return runs["results"]["cases"][name], under(f"{name}/params/"), runs["arrays"][f"{name}/logits"], \
+        under(f"{name}/sown/")
 
 
 @pytest.mark.parametrize("case", sharded_runs.CASES, ids=CASE_IDS)
 def test_sharded_training_equals_one_device(runs, case):
     mesh, weight_quant, accum = case
-    result, params, logits = case_results(runs, sharded_runs.case_name(*case))
-    ref_losses, ref_params, ref_logits = runs["reference"][weight_quant]
+    result, params, logits, sown = case_results(runs, sharded_runs.case_name(*case))
+    ref_losses, ref_params, ref_logits, ref_sown = runs["reference"][weight_quant]
 
-    token_error = np.abs(logits - ref_logits).max(axis=-1)  # [B, T]
-    assert np.mean(token_error < 1e-4) >= 0.97 and token_error.max() < 0.1, np.sort(token_error.ravel())[-8:]
-    losses = np.array(result["losses"])
-    np.testing.assert_allclose(losses[0], ref_losses[0], rtol=5e-5)
-    np.testing.assert_allclose(losses, ref_losses, rtol=2e-3)
+    near_ties.assert_same_forward(ref_logits, ref_sown, logits, sown)
+    np.testing.assert_allclose(np.array(result["losses"]), ref_losses, rtol=2e-3)
     run = sharded_runs.step_run(weight_quant)
-    sharded_runs.assert_same_training(init_params(run.model, run.seed), ref_params, params, run, sharded_runs.STEPS)
+    sharded_runs.assert_same_training(init_params(run.model, run.seed), ref_params, params)
     # The kernels really were split by the rules: up_proj [L, D, F] is P(layers, embed, mlp) =
     # P(None, fsdp, tensor).
     data, fsdp, tensor = mesh
@@ -126,7 +127,7 @@ def test_resume_on_another_mesh_equals_uninterrupted_one_device_run(runs):
 
     run, params_whole, _ = load_run(str(runs["whole"]))
     params = {k[len("resumed/params/"):]: v for k, v in runs["arrays"].items() if k.startswith("resumed/params/")}
-    sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, params, run, run.steps)
+    sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, params)
 
 
 @pytest.mark.parametrize("name, expected", [
