@@ -2,15 +2,18 @@
 
 The template is `chat_template` from the model folder's `tokenizer_config.json` (a jinja2
 string, as transformers renders it: sandboxed, `trim_blocks` / `lstrip_blocks`, with
-`bos_token`, `eos_token`, `add_generation_prompt` and `raise_exception` defined). Models without
-one get a plain "User: ... / Assistant:" transcript. Generation stops at the tokenizer's stop
-ids plus `<|eot_id|>` where the vocabulary has it (2B4T ends chat turns with it).
+`bos_token`, `eos_token` (the tokenizer's own strings, e.g. '<|begin_of_text|>'),
+`add_generation_prompt` and `raise_exception` defined). Models without one get a plain
+"User: ... / Assistant:" transcript. Generation stops at the model folder's stop ids
+(`hf.generation_stop_ids`), the tokenizer's, and `<|eot_id|>` where the vocabulary has it (2B4T
+ends chat turns with it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -54,8 +57,38 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str = 
         raise BitNetError(f"chat template does not render: {e}") from None
 
 
-def stop_ids(tokenizer, config) -> tuple[int, ...]:
-    ids = set(config.eos_ids) | set(getattr(tokenizer, "stop_ids", ()) or ())
+def chat_prompt_ids(template: str | None, messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of the rendered conversation.
+
+    The template gets the tokenizer's BOS / EOS strings, and those strings in the rendered text
+    become their ids: `encode` of a sentencepiece model would spell '<s>' out as characters. BOS
+    is prepended where the text does not start with it (the model was trained with it there).
+    """
+    bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
+    token = lambda i: "" if i is None else tokenizer.id_to_token(i)
+    text = render_chat(template, messages, bos_token=token(bos_id), eos_token=token(eos_id))
+    specials = {token(i): i for i in (bos_id, eos_id) if i is not None}
+    # Longest first, so that a special string containing another is matched whole.
+    pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+    parts = re.split(f"({pattern})", text) if specials else [text]
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if i % 2:  # re.split puts the captured special strings at odd indices
+            ids.append(specials[part])
+        elif part:
+            ids.extend(tokenizer.encode(part))
+    if bos_id is not None and ids[:1] != [bos_id]:
+        ids.insert(0, bos_id)
+    return ids
+
+
+def stop_ids(tokenizer, config, folder: str | None = None) -> tuple[int, ...]:
+    """Ids that end a reply: the model folder's (`hf.generation_stop_ids`; the config's alone
+    without a folder), the tokenizer's, and the end-of-turn tokens the vocabulary has."""
+    from .hf import generation_stop_ids
+
+    ids = set(generation_stop_ids(folder, config) if folder else config.eos_ids)
+    ids |= set(getattr(tokenizer, "stop_ids", ()) or ())
     for token in _END_OF_TURN:
         encoded = tokenizer.encode(token)
         if len(encoded) == 1:  # a special token of this vocabulary
@@ -64,7 +97,7 @@ def stop_ids(tokenizer, config) -> tuple[int, ...]:
 
 
 def chat_loop(config, params, tokenizer, folder: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-              top_p: float | None = None, system: str | None = None,
+              top_k: int | None = None, top_p: float | None = None, system: str | None = None,
               read: Callable[[str], str] = input, write=sys.stdout) -> int:
     """Reads user turns until EOF or an empty line, streaming each reply."""
     import numpy as np
@@ -76,9 +109,7 @@ def chat_loop(config, params, tokenizer, folder: str, *, max_new_tokens: int = 2
     if not is_packed(params) and config.weight_quant in ("tensor", "channel") and config.act_quant == "token":
         params = pack(config, params)  # pack once for the whole chat
     template = chat_template(folder)
-    special = lambda i: tokenizer.decode([i]) if i is not None else ""
-    bos, eos = special(getattr(tokenizer, "bos_id", None)), special(getattr(tokenizer, "eos_id", None))
-    stops = stop_ids(tokenizer, config)
+    stops = stop_ids(tokenizer, config, folder)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
         try:
@@ -88,10 +119,7 @@ def chat_loop(config, params, tokenizer, folder: str, *, max_new_tokens: int = 2
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        text = render_chat(template, messages, bos_token=bos, eos_token=eos)
-        ids = tokenizer.encode(text)
-        if template is None or not text.startswith(bos or "\0"):
-            ids = ([tokenizer.bos_id] if getattr(tokenizer, "bos_id", None) is not None else []) + ids
+        ids = chat_prompt_ids(template, messages, tokenizer)
         stream = StreamDecoder(tokenizer)
         reply: list[int] = []
 
@@ -105,7 +133,7 @@ def chat_loop(config, params, tokenizer, folder: str, *, max_new_tokens: int = 2
                 reply.append(token)
 
         try:
-            generate(config, params, [ids], max_new_tokens, temperature=temperature, top_p=top_p,
+            generate(config, params, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                      stop_ids=stops, on_tokens=on_tokens)
         except BitNetError as e:
             write.write(f"[{e}]\n")

@@ -6,7 +6,7 @@
     bitnet-jax bench train [--config FILE] [--set key=value ...] [--repeats N] [--json FILE]
     bitnet-jax tokenize --corpus SOURCE --out DIR [--tokenizer PATH | --vocab-size N]
     bitnet-jax convert SRC DST [--lm-head int8|int8-tied|float]
-    bitnet-jax chat --model DIR
+    bitnet-jax chat --model DIR [--temperature T --top-k K --top-p P] [--system TEXT]
     bitnet-jax bench kernels [--threads N] [--json FILE]
     bitnet-jax bench generate --preset b1.58-2b4t --random-weights [--threads N] [--json FILE]
     bitnet-jax ablate --config FILE --grid key=v1,v2 [--grid ...] [--steps N] [--set key=value ...] [--out DIR]
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -69,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--backend", choices=("ffi", "xla"), default=None,
-                     help="ffi: our C++ ternary kernels; xla: XLA ops only (default: ffi for packed folders, "
-                          "xla for training parameters)")
+                     help="ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
+                          "folders on CPU, xla on GPU / TPU and for training parameters)")
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     gen.set_defaults(func=_generate)
 
@@ -85,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="interactive chat with a model (chat template from tokenizer_config.json)")
     chat.add_argument("--model", required=True, help="a packed, run or Hugging Face folder")
     chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--system", default=None, help="a system message")
     chat.set_defaults(func=_chat)
@@ -147,13 +149,23 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> int:
-    from .pack import lm_head_kind, pack, save_packed
-    from .tokenizer import copy_tokenizer
+    from .hf import read_hf_config
+    from .pack import convert_hf, is_packed_folder, lm_head_kind, pack, save_packed
+    from .tokenizer import copy_tokenizer, load_tokenizer
+    from .train import is_run_folder
 
-    config, params, tokenizer = load_model(args.src)
-    packed = pack(config, params, lm_head=args.lm_head)
+    if is_run_folder(args.src) or is_packed_folder(args.src):
+        config, params, tokenizer = load_model(args.src)
+        packed = pack(config, params, lm_head=args.lm_head)
+    else:  # a Hugging Face folder: packed as it is read, so that its float weights never all sit in memory
+        config, _ = read_hf_config(args.src)
+        tokenizer = load_tokenizer(args.src, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
+        config, packed = convert_hf(args.src, lm_head=args.lm_head)
     save_packed(args.dst, config, packed)
     copy_tokenizer(tokenizer, args.dst)
+    # Its stop ids (hf.generation_stop_ids) hold for the packed model too, whatever the tokenizer.
+    if os.path.isfile(os.path.join(args.src, "generation_config.json")):
+        shutil.copy(os.path.join(args.src, "generation_config.json"), args.dst)
     print(f"Packed {args.src} -> {args.dst} (2-bit ternary layers, lm_head {lm_head_kind(packed)}).")
     return 0
 
@@ -163,7 +175,7 @@ def _chat(args) -> int:
 
     config, params, tokenizer = load_model(args.model)
     return chat_loop(config, params, tokenizer, args.model, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, system=args.system)
+                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, system=args.system)
 
 
 def _bench_kernels(args) -> int:
@@ -299,6 +311,7 @@ def _generate(args) -> int:
     import numpy as np
 
     from .generate import compile_generate, generate
+    from .hf import generation_stop_ids
     from .pack import is_packed_folder, load_packed
     from .tokenizer import StreamDecoder
 
@@ -309,7 +322,8 @@ def _generate(args) -> int:
     prompt_ids = tokenizer.encode(args.prompt)
     if tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id] + prompt_ids
-    request = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=config.eos_ids,
+    stops = generation_stop_ids(args.model, config)
+    request = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops,
                    backend=args.backend)
     compile_s = None
     if packed:
@@ -325,7 +339,7 @@ def _generate(args) -> int:
     def on_tokens(tokens_b):
         first_token_at.append(time.perf_counter())
         token = int(np.asarray(tokens_b)[0])
-        if token not in config.eos_ids:
+        if token not in stops:
             sys.stdout.write(stream.push(token))
             sys.stdout.flush()
 
@@ -335,7 +349,7 @@ def _generate(args) -> int:
     end = time.perf_counter()
     sys.stdout.write(stream.flush() + "\n")
     if args.verbose:
-        produced = int(np.sum(~np.isin(new_ids[0], config.eos_ids))) + 1
+        produced = int(np.sum(~np.isin(new_ids[0], stops))) + 1
         decode_s = end - first_token_at[0] if first_token_at else 0.0
         compiling = "compile included" if compile_s is None else f"compiled in {compile_s:.2f} s before loading"
         print(f"[{len(prompt_ids)} prompt tokens, {produced} new; first token after {first_token_at[0] - start:.2f} s "

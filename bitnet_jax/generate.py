@@ -25,7 +25,7 @@ from .errors import BitNetError
 from .host_memory import release_freed_memory
 from .model import BitNetLM, KVCache, serving_variables
 from .pack import is_packed, lm_head_kind, pack
-from .serving import BACKENDS, ServingSpec
+from .serving import ServingSpec, computation_platform, serving_backend
 
 # Prompt lengths are padded up to a multiple of this, so that prompts of similar length share one
 # compiled program.
@@ -52,12 +52,13 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
       stop_ids: a row stops after emitting one of these; its remaining slots hold the first stop id.
       on_tokens: called from inside the decode loop with each step's tokens (int32 [B]), in
         order, as they are generated (for streaming).
-      backend: 'ffi' (our C++ ternary kernels as XLA custom calls) or 'xla' (XLA ops only).
-        Packed parameters (`bitnet_jax.pack`) default to 'ffi' ('xla' for per-group weight
-        scales, which the kernels do not take) and run the integer serving model either way;
-        training parameters default to 'xla' (the fake-quant forward), and with 'ffi' are
-        packed first (lm_head kept in float), which costs a conversion per call: pack once for
-        repeated use.
+      backend: 'ffi' (our C++ ternary kernels as XLA custom calls, CPU only) or 'xla' (XLA ops
+        only). Packed parameters (`bitnet_jax.pack`) run the integer serving model either way;
+        unset, `serving.serving_backend` picks 'ffi' on CPU and 'xla' on GPU / TPU (and for
+        per-group weight scales, which the kernels do not take), from the platform of the
+        params' devices (or the mesh, or the default backend). Training parameters default to
+        the fake-quant forward in XLA ops, and with 'ffi' are packed first (lm_head kept in
+        float), which costs a conversion per call: pack once for repeated use.
 
     Returns:
       int32 numpy array [B, max_new_tokens] of the new tokens only.
@@ -166,22 +167,20 @@ def _emit_stream(stream, tokens_b):
 
 
 def _serving_params(config: BitNetConfig, params, backend: str | None):
-    """(params, ServingSpec or None) for the requested backend."""
-    if backend not in (None, *BACKENDS):
-        raise BitNetError(f"backend={backend!r}: expected one of {BACKENDS} (or None for the default).")
+    """(params, ServingSpec or None) for the requested backend, on the params' platform."""
+    platform = computation_platform(params)
     grouped = config.weight_group_size > 0
-    if grouped and backend == "ffi":
-        raise BitNetError(f"backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, "
-                          f"and this model has weight_quant={config.weight_quant!r}. Use backend='xla' (the "
-                          "default for it), which runs the same integer math in XLA ops.")
     if is_packed(params):
-        return params, ServingSpec(backend or ("xla" if grouped else "ffi"), lm_head_kind(params), config.act_bits)
-    if backend == "ffi":
-        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
-            raise BitNetError("backend='ffi' with abstract training parameters: pack them first (bitnet_jax.pack), "
-                              "or pass packed shapes.")
-        return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits)
-    return params, None
+        return params, ServingSpec(serving_backend(platform, backend, grouped=grouped), lm_head_kind(params),
+                                   config.act_bits, platform)
+    if backend != "ffi":
+        serving_backend(platform, backend)  # checks the name
+        return params, None
+    serving_backend(platform, backend, grouped=grouped)  # raises where the FFI kernels cannot run
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        raise BitNetError("backend='ffi' with abstract training parameters: pack them first (bitnet_jax.pack), "
+                          "or pass packed shapes.")
+    return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits, platform)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids",

@@ -16,6 +16,9 @@ column c, two bits each from the low bits up, each the code `t + 1` of a ternary
 Offline weights `(W_t, s)` become master weights `W' = W_t * s / p`, where p = mean|W_t| is the
 fraction of non-zeros: `mean|W'| = s` and `round(W' / s) = W_t` exactly, so the model's own
 per-tensor absmean quantizer reproduces `(W_t, s)` and the parameters stay trainable.
+
+`HFCheckpoint` reads such a folder a layer at a time (`load_hf` reads every layer; `pack.convert_hf`
+packs each one as it is read).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -48,18 +52,32 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[BitNetConfig, d
     Accepts single or sharded safetensors, full-precision (bf16 / fp32) master weights and both
     packed offline kinds. The result gives the same logits as transformers on the same folder.
     """
-    folder = os.fspath(path)
-    config, hf = read_hf_config(folder)
-    quant = _quantization_kind(hf, folder)
-    with _TensorReader(folder) as tensors:
-        params = _convert(config, quant, tensors)
-        unused = [name for name in tensors.names() if name not in tensors.used and not _IGNORED.match(name)]
-    if config.tie_word_embeddings:
-        unused = [name for name in unused if name != "lm_head.weight"]
-    if unused:
-        warnings.warn(f"{folder}: ignored {len(unused)} tensor(s) that BitNetLM does not use: {unused[:5]}")
+    with HFCheckpoint(os.fspath(path)) as checkpoint:
+        config = checkpoint.config
+        params = {"embed_tokens": {"embedding": checkpoint.embedding()},
+                  "layers": stack_layers(checkpoint.layer, config.num_hidden_layers),
+                  "norm": checkpoint.norm()}
+        if not config.tie_word_embeddings:
+            params["lm_head"] = {"kernel": checkpoint.lm_head().T}
+        checkpoint.warn_unused()
     params = _tree_map(lambda a: jnp.asarray(a, dtype), params)
     return config, params
+
+
+def stack_layers(layer: Callable[[int], dict], num_layers: int) -> dict:
+    """The tree of `layer(i)` for i < num_layers, each leaf stacked on a new leading axis [L, ...].
+
+    Each layer is copied into arrays allocated once, then dropped: stacking a list of layers at
+    the end would hold every layer twice.
+    """
+    stacked = {}
+    for i in range(num_layers):
+        for path, value in flatten_dict(layer(i)).items():
+            value = np.asarray(value)
+            if i == 0:
+                stacked[path] = np.empty((num_layers, *value.shape), value.dtype)
+            stacked[path][i] = value
+    return unflatten_dict(stacked)
 
 
 def read_hf_config(folder: str) -> tuple[BitNetConfig, dict]:
@@ -78,6 +96,30 @@ def read_hf_config(folder: str) -> tuple[BitNetConfig, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BitNetError(f"{config_path} is not valid JSON ({e}); restore it from the original checkpoint.") from None
     return BitNetConfig.from_hf_dict(hf, source=config_path), hf
+
+
+def generation_stop_ids(folder: str | os.PathLike, config: BitNetConfig) -> tuple[int, ...]:
+    """The ids that end generation with a model folder, as transformers' `generate` stops: the
+    config's `eos_ids` plus `generation_config.json`'s `eos_token_id` (an int or a list). Chat
+    models often name their end of turn only there (LLaMA-3's `<|eot_id|>`)."""
+    ids = set(config.eos_ids)
+    path = os.path.join(os.fspath(folder), "generation_config.json")
+    if not os.path.isfile(path):
+        return tuple(sorted(ids))
+    try:
+        with open(path) as f:
+            generation = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BitNetError(f"{path} is not valid JSON ({e}); fix or remove it.") from None
+    value = generation.get("eos_token_id") if isinstance(generation, dict) else None
+    for token in value if isinstance(value, list) else [value]:
+        if token is None:
+            continue
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < config.vocab_size:
+            raise BitNetError(f"{path}: eos_token_id {token!r} is not a token id of this model (0.."
+                              f"{config.vocab_size - 1}); fix or remove the file.")
+        ids.add(token)
+    return tuple(sorted(ids))
 
 
 def _quantization_kind(hf: dict, folder: str) -> str:
@@ -100,43 +142,74 @@ def _quantization_kind(hf: dict, folder: str) -> str:
     return "online" if mode == "online" else "offline-autobitlinear"
 
 
-def _convert(config: BitNetConfig, quant: str, tensors: "_TensorReader") -> dict:
-    d, v = config.hidden_size, config.vocab_size
-    heads_width = config.num_attention_heads * config.head_dim
-    kv_width = config.num_key_value_heads * config.head_dim
-    out_in = {  # [out, in] of each BitLinear, as transformers stores it
-        "q_proj": (heads_width, d), "k_proj": (kv_width, d), "v_proj": (kv_width, d), "o_proj": (d, heads_width),
-        "gate_proj": (config.intermediate_size, d), "up_proj": (config.intermediate_size, d),
-        "down_proj": (d, config.intermediate_size),
-    }
-    norm_width = {"input_layernorm": d, "post_attention_layernorm": d,
-                  "self_attn.attn_sub_norm": heads_width, "mlp.ffn_sub_norm": config.intermediate_size}
+class HFCheckpoint:
+    """A Hugging Face BitNet folder read a piece at a time, as `BitNetLM` training parameters.
 
-    layers: dict = {"self_attn": {}, "mlp": {}}
-    for norm in _LAYER_NORMS:
-        stacked = np.stack([tensors.get(f"model.layers.{i}.{norm}.weight", (norm_width[norm],))
-                            for i in range(config.num_hidden_layers)])
-        _nested_set(layers, norm.split(".") + ["weight"], stacked)
-    for block, names in _LINEARS.items():
-        for name in names:
-            kernels, norms = [], []
-            for i in range(config.num_hidden_layers):
+    Nothing is read until asked for; only what a call returns stays in memory. A context manager:
+    it keeps the safetensors files open.
+    """
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.config, hf = read_hf_config(folder)
+        self._quant = _quantization_kind(hf, folder)
+        self._tensors = _TensorReader(folder)
+        c = self.config
+        d = c.hidden_size
+        heads_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self._out_in = {  # [out, in] of each BitLinear, as transformers stores it
+            "q_proj": (heads_width, d), "k_proj": (kv_width, d), "v_proj": (kv_width, d), "o_proj": (d, heads_width),
+            "gate_proj": (c.intermediate_size, d), "up_proj": (c.intermediate_size, d),
+            "down_proj": (d, c.intermediate_size),
+        }
+        self._norm_width = {"input_layernorm": d, "post_attention_layernorm": d,
+                            "self_attn.attn_sub_norm": heads_width, "mlp.ffn_sub_norm": c.intermediate_size}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._tensors.__exit__(*exc)
+
+    def layer(self, i: int) -> dict:
+        """Layer i's parameters: `load_hf(...)["layers"]` without the leading layer axis, norms as
+        stored, kernels [in, out] as float32 master weights."""
+        layer: dict = {"self_attn": {}, "mlp": {}}
+        for norm in _LAYER_NORMS:
+            weight = self._tensors.get(f"model.layers.{i}.{norm}.weight", (self._norm_width[norm],))
+            _nested_set(layer, norm.split(".") + ["weight"], weight)
+        for block, names in _LINEARS.items():
+            for name in names:
                 prefix = f"model.layers.{i}.{block}.{name}"
-                kernels.append(_linear_kernel(tensors, prefix, out_in[name], quant))
-                if config.linear_norm_eps is not None:
-                    norms.append(tensors.get(f"{prefix}.rms_norm.weight", (out_in[name][1],)))
-            layers[block][name] = {"kernel": np.stack(kernels)}
-            if norms:
-                layers[block][name]["rms_norm"] = {"weight": np.stack(norms)}
+                layer[block][name] = {"kernel": _linear_kernel(self._tensors, prefix, self._out_in[name], self._quant)}
+                if self.config.linear_norm_eps is not None:
+                    in_features = self._out_in[name][1]
+                    layer[block][name]["rms_norm"] = {
+                        "weight": self._tensors.get(f"{prefix}.rms_norm.weight", (in_features,))}
+        return layer
 
-    params = {
-        "embed_tokens": {"embedding": tensors.get("model.embed_tokens.weight", (v, d))},
-        "layers": layers,
-        "norm": {"weight": tensors.get("model.norm.weight", (d,))},
-    }
-    if not config.tie_word_embeddings:
-        params["lm_head"] = {"kernel": tensors.get("lm_head.weight", (v, d)).T}
-    return params
+    def embedding(self, rows: slice | None = None) -> np.ndarray:
+        """Rows (default all) of the input embedding [V, D], as stored."""
+        shape = (self.config.vocab_size, self.config.hidden_size)
+        return self._tensors.get("model.embed_tokens.weight", shape, rows)
+
+    def lm_head(self, rows: slice | None = None) -> np.ndarray:
+        """Rows (default all) of an untied lm_head [V, D] (our kernel transposed), as stored."""
+        shape = (self.config.vocab_size, self.config.hidden_size)
+        return self._tensors.get("lm_head.weight", shape, rows)
+
+    def norm(self) -> dict:
+        """The final norm's parameters."""
+        return {"weight": self._tensors.get("model.norm.weight", (self.config.hidden_size,))}
+
+    def warn_unused(self) -> None:
+        """Warns about tensors that nothing read so far (call it once everything is read)."""
+        tensors = self._tensors
+        unused = [name for name in tensors.names() if name not in tensors.used and not _IGNORED.match(name)]
+        if self.config.tie_word_embeddings:
+            unused = [name for name in unused if name != "lm_head.weight"]
+        if unused:
+            warnings.warn(f"{self.folder}: ignored {len(unused)} tensor(s) that BitNetLM does not use: {unused[:5]}")
 
 
 def _linear_kernel(tensors: "_TensorReader", prefix: str, out_in: tuple[int, int], quant: str) -> np.ndarray:
@@ -162,20 +235,24 @@ def _linear_kernel(tensors: "_TensorReader", prefix: str, out_in: tuple[int, int
             f"{tensors.where(name)}: {prefix}.weight_scale should hold one finite non-zero number; "
             f"found {scale[:4]} (shape {scale.shape}).")
     mean_abs = scale[0] if quant == "offline-autobitlinear" else 1.0 / scale[0]
-    w_oi = w_oi.astype(np.float32)
+    w_oi = w_oi.astype(np.float32, copy=False)
     if not np.all(np.isin(w_oi, (-1.0, 0.0, 1.0))):
         raise BitNetError(
             f"{tensors.where(name)}: {name} is offline-quantized but not ternary (values outside "
             "{-1, 0, 1}); expected ternary or packed uint8 weights with quantization_mode 'offline'.")
     nonzero = np.count_nonzero(w_oi) / w_oi.size
-    master_oi = w_oi.astype(np.float64) * (abs(mean_abs) / max(nonzero, 1.0 / w_oi.size))
-    return np.sign(mean_abs) * master_oi.T.astype(np.float32)
+    # Each master weight is 0 or +-(the scale rounded once to float32), so scaling in float32 (in
+    # place: w_oi is a fresh array) needs no float64 copy of the weights.
+    w_oi *= np.float32(mean_abs / max(nonzero, 1.0 / w_oi.size))
+    return w_oi.T
 
 
 def unpack_hf_ternary(packed_ri: np.ndarray) -> np.ndarray:
     """transformers' packed uint8 [R, in] -> ternary float32 [4R, in] (row block i from bits 2i)."""
     codes = [(packed_ri >> (2 * i)) & 3 for i in range(4)]
-    return np.concatenate(codes, axis=0).astype(np.float32) - 1.0
+    w_oi = np.concatenate(codes, axis=0).astype(np.float32)
+    w_oi -= 1.0
+    return w_oi
 
 
 def pack_hf_ternary(w_oi: np.ndarray) -> np.ndarray:
@@ -250,7 +327,8 @@ class _TensorReader:
         tensor_slice = self._handle(name).get_slice(name)
         return list(tensor_slice.get_shape()), tensor_slice.get_dtype()
 
-    def get(self, name: str, shape: tuple[int, ...] | None) -> np.ndarray:
+    def get(self, name: str, shape: tuple[int, ...] | None, rows: slice | None = None) -> np.ndarray:
+        """Tensor `name` (`rows` of it: a slice of its first axis) after checking its whole shape."""
         handle = self._handle(name)
         found = list(handle.get_slice(name).get_shape())
         if shape is not None and found != list(shape):
@@ -258,7 +336,7 @@ class _TensorReader:
                 f"{self.where(name)}: tensor {name} has shape {found}; expected {list(shape)} from config.json. "
                 "The weights and config.json do not belong together.")
         try:
-            array = handle.get_tensor(name)
+            array = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except Exception as e:  # safetensors raises its own error types for truncated data
             raise BitNetError(
                 f"{self.where(name)}: cannot read tensor {name} ({e}); the file is truncated or corrupt: "
@@ -268,8 +346,11 @@ class _TensorReader:
 
 
 def _open_safetensors(file: str):
+    # pread rather than the default mmap: the pages of a mapped file that reads touch stay resident
+    # (and count as the process's memory) until the file is closed, so reading a checkpoint piece by
+    # piece would still take as much memory as the whole checkpoint.
     try:
-        return safe_open(file, framework="np")
+        return safe_open(file, framework="np", backend="pread")
     except Exception as e:  # SafetensorError, OSError
         raise BitNetError(
             f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt: download it again.") from None

@@ -1,6 +1,7 @@
 """Convert: fake-quant (training) parameters -> packed serving parameters, and their folder format.
 
-`pack(config, params)` is the one explicit step between the two paths. Every BitLinear kernel
+`pack(config, params)` is the one explicit step between the two paths (`convert_hf` gives the same
+result for a Hugging Face folder, reading and packing it a layer at a time). Every BitLinear kernel
 [K, N] is quantized exactly as the training forward quantizes it (`quant.weight_quantize`: the
 same ternary values and scale), then packed to 2-bit codes (`layout.pack_ternary`) with its scale
 ([1] per tensor, [N] per channel, [K / G, N] per group of G inputs). The lm_head (the tied embedding for 2B4T-style models) becomes
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import flax.linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -26,12 +28,17 @@ import numpy as np
 from . import layout
 from .config import BitNetConfig
 from .errors import BitNetError
+from .hf import HFCheckpoint, stack_layers
 from .host_memory import aligned_empty, release_freed_memory
 from .quant import weight_quantize
 from .serving import LM_HEADS
 
 PACKED_FORMAT = "bitnet_jax.packed"
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+# Rows of an int8 table quantized at once: the float temporaries of a 2B4T embedding
+# [128256, 2560] stay at ~40 MB each instead of 1.3 GB.
+_INT8_ROWS_PER_STEP = 4096
+_quantize = jax.jit(weight_quantize, static_argnums=1)
 
 
 def is_packed(params) -> bool:
@@ -72,44 +79,91 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
     _check_packable(config, lm_head)
     if is_packed(params):
         raise BitNetError("pack: these parameters are packed already.")
-    quantize = jax.jit(weight_quantize, static_argnums=1)
-    layers = {"self_attn": {}, "mlp": {}}
-    for block, names in _LINEARS.items():
-        for name in names:
-            source = params["layers"][block][name]
-            kernel_lkn = source["kernel"]
-            packed_l, scale_l = [], []
-            for kernel_kn in kernel_lkn:
-                w_t_kn, scale = quantize(jnp.asarray(kernel_kn, jnp.float32), config.weight_quant)
-                packed_l.append(layout.pack_ternary(np.asarray(w_t_kn, np.int8).T))
-                scale = np.asarray(scale, np.float32)  # [1, 1], [1, N] or, per group, [K / G, 1, N]
-                scale_l.append(scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1))
-            layers[block][name] = {"w_packed": np.stack(packed_l), "w_scale": np.stack(scale_l)}
-            if "rms_norm" in source:
-                layers[block][name]["rms_norm"] = _to_numpy(source["rms_norm"])
-        for norm in ("attn_sub_norm", "ffn_sub_norm"):
-            if norm in params["layers"][block]:
-                layers[block][norm] = _to_numpy(params["layers"][block][norm])
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        layers[norm] = _to_numpy(params["layers"][norm])
-
-    out = {"layers": layers, "norm": _to_numpy(params["norm"])}
+    layers = params["layers"]
+    out = {"layers": stack_layers(lambda i: _pack_layer(config, jax.tree.map(lambda a: a[i], layers)),
+                                  config.num_hidden_layers),
+           "norm": _to_numpy(params["norm"])}
     embedding_vd = np.asarray(params["embed_tokens"]["embedding"])
     head_vd = embedding_vd if config.tie_word_embeddings else np.asarray(params["lm_head"]["kernel"]).T
-    if lm_head == "int8-tied":
-        out["embed_tokens"] = _int8_rows(embedding_vd)
-        return out
-    out["embed_tokens"] = {"embedding": embedding_vd}
-    if lm_head == "int8":
-        out["lm_head"] = _int8_rows(head_vd)
-    elif not config.tie_word_embeddings:
-        out["lm_head"] = _to_numpy(params["lm_head"])
+    out.update(_pack_ends(config, lm_head, lambda rows: embedding_vd[rows], lambda rows: head_vd[rows],
+                          lambda: _to_numpy(params["lm_head"])))
     return out
 
 
-def _int8_rows(w_nk) -> dict:
-    w8_nk, scale_n = layout.quantize_int8_rows(np.asarray(w_nk, np.float32))
-    return {"w_int8": layout.pack_int8(w8_nk), "w_scale": scale_n}
+def convert_hf(folder: str | os.PathLike, *, lm_head: str | None = None) -> tuple[BitNetConfig, dict]:
+    """`(config, pack(config, params, lm_head=lm_head))` for `config, params = load_hf(folder)`,
+    with the same bytes, but each layer is read, quantized and packed before the next is read, and
+    int8 tables are read a block of rows at a time: the peak memory is the packed result plus about
+    one layer of float weights, not the whole float model (a 2B4T-shaped bf16 folder: 2.0 GB for a
+    0.85 GB result, where `load_hf` alone builds 10 GB; benchmarks/RESULTS.md)."""
+    with HFCheckpoint(os.fspath(folder)) as checkpoint:
+        config = checkpoint.config
+        lm_head = lm_head or default_lm_head(config)
+        _check_packable(config, lm_head)
+        out = {"layers": stack_layers(lambda i: _pack_layer(config, _float32(checkpoint.layer(i))),
+                                      config.num_hidden_layers),
+               "norm": _float32(checkpoint.norm())}
+        embedding = lambda rows: _float32(checkpoint.embedding(rows))
+        head = embedding if config.tie_word_embeddings else lambda rows: _float32(checkpoint.lm_head(rows))
+        out.update(_pack_ends(config, lm_head, embedding, head,
+                              lambda: {"kernel": np.ascontiguousarray(head(slice(None)).T)}))
+        checkpoint.warn_unused()
+    return config, out
+
+
+def _float32(tree):
+    """float32 numpy leaves: what `load_hf` (dtype float32) gives `pack`."""
+    return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+
+
+def _pack_layer(config: BitNetConfig, layer: dict) -> dict:
+    """One layer's serving parameters from its training parameters (no leading layer axis)."""
+    out = {"self_attn": {}, "mlp": {}}
+    for block, names in _LINEARS.items():
+        for name in names:
+            source = layer[block][name]
+            w_t_kn, scale = _quantize(jnp.asarray(source["kernel"], jnp.float32), config.weight_quant)
+            scale = np.asarray(scale, np.float32)  # [1, 1], [1, N] or, per group, [K / G, 1, N]
+            out[block][name] = {
+                "w_packed": layout.pack_ternary(np.asarray(w_t_kn, np.int8).T),
+                "w_scale": scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1)}
+            if "rms_norm" in source:
+                out[block][name]["rms_norm"] = _to_numpy(source["rms_norm"])
+        for norm in ("attn_sub_norm", "ffn_sub_norm"):
+            if norm in layer[block]:
+                out[block][norm] = _to_numpy(layer[block][norm])
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[norm] = _to_numpy(layer[norm])
+    return out
+
+
+def _pack_ends(config: BitNetConfig, lm_head: str, embedding_rows, head_rows, float_head) -> dict:
+    """`embed_tokens` and `lm_head` of the serving parameters, from `embedding_rows(rows)` and
+    `head_rows(rows)` (a slice of the rows of the embedding and the lm_head as [V, D])
+    and `float_head()` (an untied lm_head's training parameters)."""
+    v = config.vocab_size
+    if lm_head == "int8-tied":
+        return {"embed_tokens": _int8_rows(embedding_rows, v)}
+    out = {"embed_tokens": {"embedding": embedding_rows(slice(None))}}
+    if lm_head == "int8":
+        out["lm_head"] = _int8_rows(head_rows, v)
+    elif not config.tie_word_embeddings:
+        out["lm_head"] = float_head()
+    return out
+
+
+def _int8_rows(rows_of, n: int) -> dict:
+    """The per-row int8 table of the [N, K] matrix whose rows `rows_of(rows)` gives. Quantized a
+    block of rows at a time, which gives the same bytes as all at once: every row has its own scale."""
+    w_int8 = scale_n = None
+    for start in range(0, n, _INT8_ROWS_PER_STEP):
+        rows = slice(start, min(start + _INT8_ROWS_PER_STEP, n))
+        w8_rk, scale_r = layout.quantize_int8_rows(np.asarray(rows_of(rows), np.float32))
+        w8_rkp = layout.pack_int8(w8_rk)
+        if w_int8 is None:
+            w_int8, scale_n = np.empty((n, w8_rkp.shape[1]), np.int8), np.empty(n, np.float32)
+        w_int8[rows], scale_n[rows] = w8_rkp, scale_r
+    return {"w_int8": w_int8, "w_scale": scale_n}
 
 
 def _to_numpy(tree):
@@ -146,7 +200,12 @@ def save_packed(folder: str, config: BitNetConfig, params) -> None:
                         "lm_head": lm_head_kind(params)}
     flat = {".".join(path): np.ascontiguousarray(value) for path, value in flatten_dict(params).items()}
     tmp = os.path.join(folder, "model.safetensors.tmp")
+    with open(tmp, "wb") as f:  # only to learn the mode that open() gives a new file under the umask
+        mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
     save_file(flat, tmp, metadata={"format": PACKED_FORMAT, "layout_version": str(layout.LAYOUT_VERSION)})
+    # safetensors writes a private temporary file (mode 0600) and renames it over `tmp`: give the
+    # weights the mode of every other file in the folder, so that whoever can read those can read these.
+    os.chmod(tmp, mode)
     os.replace(tmp, os.path.join(folder, "model.safetensors"))  # no half-written weights on a crash
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)

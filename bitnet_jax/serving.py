@@ -8,7 +8,8 @@ multiplies in exact integers and rescales:
 
 The FFI backend does this in one custom call (`ffi.ternary_matmul`); the functions here do it
 with XLA ops, giving the same bits (integer sums are exact either way), for checking the kernels
-and for machines or shardings the kernels do not cover.
+and for machines or shardings the kernels do not cover. `serving_backend` is the one rule that
+picks between them: 'ffi' on CPU, 'xla' on GPU and TPU (the custom calls exist for CPU only).
 """
 
 from __future__ import annotations
@@ -20,37 +21,74 @@ import jax.numpy as jnp
 
 from . import layout
 from .errors import BitNetError
-from .quant import absmax_quantize, act_quantize
+from .quant import absmax_quantize, act_quantize, rescale
 
 BACKENDS = ("ffi", "xla")
 LM_HEADS = ("int8", "int8-tied", "float")
+
+
+def serving_backend(platform: str, requested: str | None = None, *, grouped: bool = False) -> str:
+    """The serving backend for a packed model whose computation runs on `platform` ('cpu', 'gpu',
+    'tpu', ... as `jax.Device.platform` names them): the one rule that chooses it.
+
+    The FFI kernels are XLA custom calls registered for CPU only, and take one weight scale per
+    tensor or output row: unset, the backend is 'ffi' on CPU and 'xla' (the same integer math in
+    XLA ops) elsewhere and for per-group scales (`grouped`). An explicit 'ffi' that cannot run is
+    an error here, not an "unknown custom call target" from the compiler later.
+    """
+    if requested not in (None, *BACKENDS):
+        raise BitNetError(f"backend={requested!r}: expected one of {BACKENDS} (or None for the default).")
+    if requested == "ffi" and platform != "cpu":
+        raise BitNetError(
+            f"backend='ffi': the FFI kernels are registered for CPU only, and this computation runs on "
+            f"{platform!r} devices. Use backend='xla' (or leave it unset): the same integer math in XLA ops.")
+    if requested == "ffi" and grouped:
+        raise BitNetError(
+            "backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, and this "
+            "model has a scale per group of inputs (weight_quant='group:G'). Use backend='xla' (or leave it "
+            "unset), which runs the same integer math in XLA ops.")
+    if requested is not None:
+        return requested
+    return "ffi" if platform == "cpu" and not grouped else "xla"
+
+
+def computation_platform(tree=None) -> str:
+    """The platform of the devices a computation on `tree` (e.g. parameters) runs on: that of its
+    placed arrays (or sharded abstract leaves), else of the mesh set with `jax.set_mesh`, else
+    `jax.default_backend()`."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)  # None for numpy and unplaced abstract leaves
+        if sharding is not None:
+            return next(iter(sharding.device_set)).platform
+    mesh = jax.sharding.get_mesh()
+    if not mesh.empty:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
 
 
 @dataclasses.dataclass(frozen=True)
 class ServingSpec:
     """How a packed model runs (a Flax module attribute, so hashable and static under jit).
 
-    backend: 'ffi' (our C++ kernels as XLA custom calls) or 'xla' (the same math in XLA ops).
+    backend: 'ffi' (our C++ kernels as XLA custom calls) or 'xla' (the same math in XLA ops);
+      unset, `serving_backend` picks it for `platform`.
     lm_head: 'int8' (per-row int8 lm_head; the input embedding keeps its float table),
       'int8-tied' (tied models: one int8 table serves both ends, the smallest) or 'float'.
     act_bits: bits of the per-token activation quantizer.
+    platform: where the model runs ('cpu', 'gpu', 'tpu'; default `jax.default_backend()`), so that
+      'ffi' is never chosen, nor accepted, where its custom calls do not exist.
     """
 
-    backend: str = "ffi"
+    backend: str | None = None
     lm_head: str = "int8"
     act_bits: int = 8
+    platform: str | None = None
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r}: expected one of {BACKENDS}")
         if self.lm_head not in LM_HEADS:
             raise ValueError(f"lm_head={self.lm_head!r}: expected one of {LM_HEADS}")
-
-
-def _rescale(acc_mn, x_scale_m1, w_scale):
-    """The kernels' float steps, in their order. The barrier keeps XLA from folding
-    1 / (q_max / amax) into another expression, which rounds differently (by an ulp)."""
-    return (acc_mn.astype(jnp.float32) * (1 / jax.lax.optimization_barrier(x_scale_m1))) * w_scale
+        # Resolved here, once, so that the layers only ever see 'ffi' or 'xla'.
+        object.__setattr__(self, "backend", serving_backend(self.platform or jax.default_backend(), self.backend))
 
 
 TENSOR_AXIS = "tensor"
@@ -88,7 +126,7 @@ def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str,
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
     t_nk = layout.unpack_ternary(w_packed, n, x_mk.shape[-1])
     acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), t_nk, preferred_element_type=jnp.int32)
-    return _rescale(acc, x_scale, w_scale)
+    return rescale(acc, x_scale, w_scale)
 
 
 def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
@@ -155,7 +193,7 @@ def _k_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
         amax = jax.lax.pmax(jnp.max(jnp.abs(x), axis=-1, keepdims=True), TENSOR_AXIS)
         x_q, x_scale = absmax_quantize(x, amax, act_bits)
         acc = jax.lax.psum(ffi.ternary_matmul_i32(x_q.astype(jnp.int8), w, n, i), TENSOR_AXIS)
-        return _rescale(acc, x_scale, s[i] if s.ndim == 2 else s)
+        return rescale(acc, x_scale, s[i] if s.ndim == 2 else s)
 
     return jax.shard_map(
         local, in_specs=(P(*lead, TENSOR_AXIS), P(*stack, None, TENSOR_AXIS), P(), P()),
@@ -171,7 +209,7 @@ def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
     w_nk = layout.unpack_int8(w_int8, x_mk.shape[-1])
     acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), w_nk, preferred_element_type=jnp.int32)
-    return _rescale(acc, x_scale, w_scale)
+    return rescale(acc, x_scale, w_scale)
 
 
 def float_embed(table_vd, ids, backend: str = "xla") -> jax.Array:

@@ -63,6 +63,11 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def id_to_token(self, token_id: int) -> str:
+        """The token's own string, special tokens included (`decode` drops those): e.g.
+        '<|begin_of_text|>' for LLaMA-3's BOS, '<s>' for a sentencepiece BOS."""
+        ...
+
 
 def _fingerprint(model_bytes: bytes, *ids: int | None) -> str:
     h = hashlib.sha256(model_bytes)
@@ -125,6 +130,9 @@ class SentencePieceTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(_check_ids(ids, self.vocab_size, str(self.path)))
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._sp.id_to_piece(_check_ids([token_id], self.vocab_size, str(self.path))[0])
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -204,6 +212,9 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(_check_ids(ids, self.vocab_size, str(self.path)),
                                 skip_special_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str:
+        return self._tok.id_to_token(_check_ids([token_id], self.vocab_size, str(self.path))[0])
 
     def __repr__(self) -> str:
         return f"HFTokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from bitnet_jax import BitNetConfig, ffi, generate, load_hf
-from bitnet_jax.chat import chat_loop, render_chat, stop_ids
+from bitnet_jax.chat import chat_loop, chat_prompt_ids, render_chat, stop_ids
 from bitnet_jax.cli import load_model, main
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.pack import load_packed
-from bitnet_jax.tokenizer import StreamDecoder
+from bitnet_jax.tokenizer import StreamDecoder, load_tokenizer, train_sentencepiece
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 # A LLaMA-3-style template (the shape of 2B4T's), written here for the test.
@@ -68,15 +68,63 @@ def test_chat_loop_uses_the_template_and_keeps_history(packed_folder, tmp_path):
     turns, out = iter(["hello there", "and again", ""]), io.StringIO()
     assert chat_loop(config, params, tokenizer, str(folder), max_new_tokens=5, read=lambda _: next(turns), write=out) == 0
     assert len(out.getvalue().splitlines()) == 2  # one streamed reply per turn
-    # The reply to turn one is what generate gives for the rendered prompt (this tokenizer decodes
-    # BOS to "", so the template gets bos_token="" and the BOS id is prepended).
-    assert tokenizer.decode([tokenizer.bos_id]) == ""
-    text = render_chat(LLAMA3_TEMPLATE, [{"role": "user", "content": "hello there"}], bos_token="")
-    prompt = [tokenizer.bos_id] + tokenizer.encode(text)
+    # The reply to turn one is what generate gives for the rendered prompt (the template writes
+    # the BOS string, which this tokenizer.json encodes as the BOS id).
+    text = render_chat(LLAMA3_TEMPLATE, [{"role": "user", "content": "hello there"}], bos_token="<|begin_of_text|>")
+    prompt = tokenizer.encode(text)
+    assert prompt[0] == tokenizer.bos_id and prompt.count(tokenizer.bos_id) == 1
     ids = generate(config, params, [prompt], 5, stop_ids=stop_ids(tokenizer, config))[0]
     stream = StreamDecoder(tokenizer)
     want = "".join(stream.push(int(i)) for i in ids if i not in stop_ids(tokenizer, config)) + stream.flush()
     assert out.getvalue().splitlines()[0] == want.splitlines()[0]
+
+
+# Uses both special tokens, as chat templates that end each turn with eos_token do.
+SPECIALS_TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+
+
+def test_chat_template_gets_the_tokenizers_special_strings(tmp_path):
+    # decode() drops special tokens; the template must get their strings, and the prompt their ids.
+    hf = load_tokenizer(FIXTURES / "packed_bitlinear")
+    assert (hf.id_to_token(hf.bos_id), hf.id_to_token(hf.eos_id)) == ("<|begin_of_text|>", "<|end_of_text|>")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    assert chat_prompt_ids(SPECIALS_TEMPLATE, messages, hf) == [417, *hf.encode("hi"), 418, *hf.encode("yo"), 418]
+    # sentencepiece encodes '<s>' in text as characters: the prompt must still hold the ids.
+    sp = train_sentencepiece([], 300, tmp_path, texts=["def f(x):\n    return x + 1\n" * 40])
+    assert (sp.id_to_token(sp.bos_id), sp.id_to_token(sp.eos_id)) == ("<s>", "</s>")
+    assert chat_prompt_ids(SPECIALS_TEMPLATE, messages, sp) == [1, *sp.encode("hi"), 2, *sp.encode("yo"), 2]
+    # Without a template (or one that leaves BOS out) the BOS id still leads, once.
+    assert chat_prompt_ids(None, messages[:1], hf) == [417, *hf.encode("User: hi\nAssistant:")]
+
+
+def test_chat_cli_top_k(packed_folder, capsys, monkeypatch):
+    def chat(*flags):
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n"))
+        assert main(["chat", "--model", str(packed_folder), "--max-new-tokens", "6", *flags]) == 0
+        return capsys.readouterr().out
+
+    # Sampling from the single most likely token is greedy decoding, at any temperature.
+    greedy = chat()
+    assert chat("--temperature", "5", "--top-k", "1") == greedy
+
+
+def test_generate_stops_at_generation_config_eos(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    shutil.copytree(FIXTURES / "packed_bitlinear", folder)
+    config, params, tokenizer = load_model(str(folder))
+    prompt = [tokenizer.bos_id] + tokenizer.encode("hello")
+    ids = [int(i) for i in generate(config, params, [prompt], 8)[0]]  # the uninterrupted run
+    # A chat model's end of turn (LLaMA-3's <|eot_id|>) is named only in generation_config.json:
+    # stand in for it with a token the uninterrupted run emits, not at its first step.
+    cut = next(j for j in range(1, 8) if ids[j] not in ids[:j] and ids[j] not in config.eos_ids)
+    assert not set(ids[:cut]) & set(config.eos_ids)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [config.eos_ids[0], ids[cut]]}))
+    assert main(["generate", "--model", str(folder), "--prompt", "hello", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == "hello" + tokenizer.decode(ids[:cut]) + "\n"
+    assert ids[cut] in stop_ids(tokenizer, config, str(folder))  # chat stops there too
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 100_000}))
+    assert main(["generate", "--model", str(folder), "--prompt", "hello"]) == 2
+    assert "eos_token_id 100000 is not a token id of this model" in capsys.readouterr().err
 
 
 def test_bench_kernels_small(tmp_path, capsys):

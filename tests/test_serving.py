@@ -20,8 +20,10 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.model import serving_variables
 from bitnet_jax.generate import compile_generate
 from bitnet_jax.pack import is_packed, lm_head_kind, load_packed, pack, read_packed_folder, save_packed
-from bitnet_jax.serving import ServingSpec
+from bitnet_jax.serving import ServingSpec, computation_platform, serving_backend
 
+
+from near_ties import assert_same_forward, forward_with_quantizer_inputs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = [case["name"] for case in json.loads((FIXTURES / "manifest.json").read_text())["cases"]]
@@ -75,9 +77,12 @@ def test_group_scales_pack_and_serve_on_the_xla_integer_path(tmp_path):
     assert packed["layers"]["self_attn"]["q_proj"]["w_scale"].shape == (2, 12, 96)
     assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 25, 96)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
-    want = BitNetLM(config).apply({"params": params}, ids)
-    got = jax.jit(BitNetLM(config, ServingSpec("xla", "float")).apply)(serving_variables(packed), ids)
-    assert relative_error(got, want) < 1e-5
+
+    def forward(model, variables):  # group scales: the training forward dequantizes, then sums in float
+        logits, sown = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids)
+        return np.asarray(logits), {k: np.asarray(v) for k, v in sown.items()}
+    assert_same_forward(*forward(BitNetLM(config), {"params": params}),
+                        *forward(BitNetLM(config, ServingSpec("xla", "float")), serving_variables(packed)))
     with pytest.raises(BitNetError, match="one weight scale per tensor or per output channel.*backend='xla'"):
         generate(config, packed, [[1, 2, 3]], 4, backend="ffi")
     save_packed(str(tmp_path / "m"), config, packed)
@@ -253,3 +258,73 @@ def test_pack_refuses_what_the_kernels_do_not_implement():
         pack(config, init_params(config), lm_head="fp8")
     with pytest.raises(BitNetError, match="backend='cuda'"):
         generate(config, init_params(config), [[1]], 2, backend="cuda")
+
+
+@pytest.mark.parametrize("platform, default", [("cpu", "ffi"), ("gpu", "xla"), ("tpu", "xla")])
+def test_serving_backend_follows_the_platform(platform, default):
+    # The FFI targets are registered for CPU only; everywhere else the XLA integer path serves.
+    assert serving_backend(platform) == default
+    assert ServingSpec(platform=platform).backend == default
+    assert serving_backend(platform, "xla") == "xla"
+    assert serving_backend(platform, grouped=True) == "xla"  # per-group scales: no FFI kernel
+    if platform == "cpu":
+        assert serving_backend(platform, "ffi") == "ffi"
+    else:
+        with pytest.raises(BitNetError, match=f"registered for CPU only.*runs on '{platform}'.*backend='xla'"):
+            serving_backend(platform, "ffi")
+        with pytest.raises(BitNetError, match="CPU only"):
+            ServingSpec("ffi", platform=platform)
+
+
+def test_packed_serving_picks_its_backend_from_the_platform(monkeypatch):
+    config = BitNetConfig(**SMALL)
+    packed = pack(config, _trained_like(config), lm_head="float")
+    prompts = [[1, 5, 7], [9]]
+    # On this CPU the default stays the FFI kernels.
+    assert computation_platform(packed) == computation_platform() == "cpu"
+    assert ServingSpec().backend == "ffi"
+    ffi_ids = generate(config, packed, prompts, 6)
+    ids = jnp.asarray(prompts[0])[None]
+    cpu_apply = jax.jit(BitNetLM(config, ServingSpec(lm_head="float")).apply)
+    assert "bitnet_ternary_matmul" in cpu_apply.lower(serving_variables(packed), ids).as_text()
+    # Lowered for a GPU, the same model has no custom call that only CPU registers.
+    exported = jax.export.export(jax.jit(BitNetLM(config, ServingSpec(lm_head="float", platform="gpu")).apply),
+                                 platforms=["cuda"])(serving_variables(packed), ids)
+    assert "custom_call @bitnet" not in exported.mlir_module()
+    # generate on (host arrays under) a GPU default backend: the XLA path, the same ids; 'ffi' is refused.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert computation_platform(packed) == "gpu"
+    np.testing.assert_array_equal(generate(config, packed, prompts, 6), ffi_ids)
+    with pytest.raises(BitNetError, match="registered for CPU only"):
+        generate(config, packed, prompts, 6, backend="ffi")
+
+
+# Plain random weights (init_params as they come, no spread-out head): logits are near-tied
+# everywhere and sub-norm inputs hit exact .5 int8 ties, so here the exactness claims are checked
+# with a rule for ties rather than with margins.
+@pytest.mark.parametrize("overrides", [{}, {"weight_quant": "channel"}, {"act_bits": 4},
+                                       {"tie_word_embeddings": False, "hidden_size": 100, "intermediate_size": 300,
+                                        "num_attention_heads": 5, "num_key_value_heads": 5}])
+def test_serving_on_plain_random_weights(overrides):
+    """Serving (FFI kernels, and XLA integer ops) against the training forward.
+
+    All three multiply the same integer codes exactly (the kernels in int32; training in float32,
+    where sums of integers below 2^24 are exact) and rescale in one order (quant.rescale). What
+    may differ is float order elsewhere: XLA compiles the attention around a custom call into
+    other fusions, and `pack` computes a channel's scale in its own program; an ulp apart. Where
+    that moves an int8 input across a .5 boundary a code flips, so each pair is checked by
+    `near_ties.assert_same_forward`: every difference beyond float noise must come from a code
+    that flipped at a near-tie, and tokens no flip reached agree to float noise."""
+    config = BitNetConfig(**{**SMALL, **overrides})
+    params = init_params(config, seed=3)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 24)), jnp.int32)
+    packed = serving_variables(pack(config, params, lm_head="float"))
+
+    def forward(model, variables):
+        logits, sown = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids)
+        return np.asarray(logits), {k: np.asarray(v) for k, v in sown.items()}
+    training = forward(BitNetLM(config), {"params": params})
+    xla, ffi = (forward(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)), packed)
+                for backend in ("xla", "ffi"))
+    assert_same_forward(*training, *xla)
+    assert_same_forward(*xla, *ffi)
