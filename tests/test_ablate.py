@@ -22,6 +22,18 @@ TINY = [
     "learning_rate=1e-2",
 ]
 
+# Packed parameter bytes of TINY, counted by hand. Per layer, BitLinear kernels [in, out]: q and o
+# 64x64, k and v 64x32 (2 KV heads of 16), gate, up 64x128 and down 128x64: 36864 weights, 73728 in
+# the 2 layers. Floats: per layer 3 norms of 64 and the FFN sub-norm of 128 (640 in all), the tied
+# embedding 640x64 = 40960, the final norm 64: 41664, at 4 bytes each.
+TINY_PACKED_BYTES = {
+    "none": 4 * (73728 + 41664),  # 461568
+    # codes at 2 bits: 73728 / 4 bytes; one f32 scale per kernel: 7 per layer
+    "tensor": 18432 + 4 * 14 + 4 * 41664,  # 185144
+    # per layer (64/32)x64 + 2 x (64/32)x32 + (64/32)x64 + 2 x (64/32)x128 + (128/32)x64 = 1152 scales
+    "group:32": 18432 + 4 * 2304 + 4 * 41664,  # 194304
+}
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -81,7 +93,7 @@ def test_ablate_tables_every_run_then_skips_and_resumes(env, capsys):
         assert row["gap_to_baseline"] == pytest.approx(metrics[-1]["eval_loss"] - fp_loss)
         assert [s for s, _ in row["eval_curve"]] == [0, 2, 4]
         assert row["tokens_per_s"] > 0
-        assert row["packed_bytes"] == packed_param_bytes(BitNetConfig.from_dict(model))
+        assert row["packed_bytes"] == TINY_PACKED_BYTES[row["weight_quant"]]
     assert rows[1]["final_eval_loss"] != rows[2]["final_eval_loss"]
     table = (out / "results.md").read_text()
     assert table in printed
@@ -89,6 +101,7 @@ def test_ablate_tables_every_run_then_skips_and_resumes(env, capsys):
     assert f"| w-group32_a-token-8 | group:32 | token, 8-bit | {rows[2]['final_eval_loss']:.3f} | " \
            f"{rows[2]['gap_to_baseline']:+.3f} |" in table
     assert "4 steps of 4 x 32 tokens" in table
+    assert table.count("| 0.46 | 1.00x |") == 1 and "| 0.19 | 0.40x |" in table and "| 0.19 | 0.42x |" in table
 
 
 def test_ablate_refuses_a_folder_with_other_settings(env, tmp_path, capsys):

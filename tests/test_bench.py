@@ -1,11 +1,14 @@
-"""`bitnet-jax bench train`: both sides are timed on the same shapes and reported (no timing asserts)."""
+"""`bitnet-jax bench train`: both sides are timed on the same shapes and reported (no timing asserts;\nthe medians and rates are checked on a scripted clock)."""
 
 import json
 import os
 import subprocess
 import sys
 
-from bitnet_jax import cli
+import pytest
+
+from bitnet_jax import bench, cli
+from bitnet_jax.run_config import load_run_config
 
 SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
          "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
@@ -24,10 +27,35 @@ def test_bench_train_table_and_json(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["name"] for r in rows] == ["qat", "fp"]
     assert (rows[0]["weight_quant"], rows[1]["weight_quant"], rows[1]["act_quant"]) == ("group:32", "none", "none")
-    for row in rows:
+    for row in rows:  # the arithmetic on real timings is checked on scripted ones below
         assert len(row["times_ms"]) == 3 and all(t > 0 for t in row["times_ms"])
-        assert row["median_ms"] == sorted(row["times_ms"])[1]
-        assert abs(row["tokens_per_s"] - 2 * 32 / (row["median_ms"] / 1e3)) < 1e-6 * row["tokens_per_s"]
+        assert min(row["times_ms"]) <= row["median_ms"] <= max(row["times_ms"]) and row["tokens_per_s"] > 0
+
+
+def test_bench_train_medians_and_rates_on_a_scripted_clock(monkeypatch):
+    """Real steps, with the seconds each timed call reports scripted: the medians, rates and table
+    are checked against numbers worked out by hand."""
+    real_timed, calls = bench._timed, []
+    # warmup=1: two untimed calls per side (compile, warm up), QAT's first; then QAT, FP, QAT, FP, ...
+    seconds = [99.0] * 4 + [0.030, 0.006, 0.010, 0.002, 0.020, 0.004, 0.060, 0.020]
+
+    def scripted(step, state, batch):
+        state, _ = real_timed(step, state, batch)
+        calls.append(step)
+        return state, seconds[len(calls) - 1]
+    monkeypatch.setattr(bench, "_timed", scripted)
+    run = load_run_config(None, SMALL)
+    qat, fp = bench.bench_train(run, repeats=4, warmup=1)
+
+    assert len(calls) == 12 and calls[4] is calls[0] and calls[5] is calls[2] and calls[4] is not calls[5]
+    assert qat.times_ms == pytest.approx((30, 10, 20, 60)) and fp.times_ms == pytest.approx((6, 2, 4, 20))
+    # medians of 10 20 | 30 60 and 2 4 | 6 20 (means would be 30 and 8); 2 x 32 tokens per step
+    assert (qat.median_ms, fp.median_ms) == pytest.approx((25, 5))
+    assert (qat.tokens_per_s, fp.tokens_per_s) == pytest.approx((2560, 12800))
+    table = bench.train_table(run, [qat, fp])
+    assert "| QAT (BitNet b1.58) | tensor | token, 8-bit | 25.0 | 2,560 |" in table
+    assert "| full precision | none | none | 5.0 | 12,800 |" in table
+    assert "median of 4 interleaved runs" in table and "QAT / full-precision step time: 5.00x" in table
 
 
 def test_bench_train_bad_arguments(capsys):
