@@ -36,13 +36,20 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS = 128256, 2560, 6912, 30, 20, 5
 HEAD_DIM = HIDDEN // HEADS
 LINEARS_OUT_IN = {  # [out, in] of each BitLinear, as transformers stores it
-    "self_attn.q_proj": (HEADS * HEAD_DIM, HIDDEN), "self_attn.k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
-    "self_attn.v_proj": (KV_HEADS * HEAD_DIM, HIDDEN), "self_attn.o_proj": (HIDDEN, HEADS * HEAD_DIM),
-    "mlp.gate_proj": (INTERMEDIATE, HIDDEN), "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "self_attn.q_proj": (HEADS * HEAD_DIM, HIDDEN),
+    "self_attn.k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "self_attn.v_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HEADS * HEAD_DIM),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
     "mlp.down_proj": (HIDDEN, INTERMEDIATE),
 }
-NORM_WIDTHS = {"input_layernorm": HIDDEN, "post_attention_layernorm": HIDDEN,
-               "self_attn.attn_sub_norm": HEADS * HEAD_DIM, "mlp.ffn_sub_norm": INTERMEDIATE}
+NORM_WIDTHS = {
+    "input_layernorm": HIDDEN,
+    "post_attention_layernorm": HIDDEN,
+    "self_attn.attn_sub_norm": HEADS * HEAD_DIM,
+    "mlp.ffn_sub_norm": INTERMEDIATE,
+}
 QUANTIZATION = {
     "online": {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"},
     "offline": {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"},
@@ -51,19 +58,34 @@ QUANTIZATION = {
 FOLDER_BYTES = {"online": 4.83e9, "offline": 1.18e9}
 PACKED_BYTES = 0.86e9
 # Every byte whose four 2-bit fields are ternary codes (0, 1, 2): random packed weights.
-TERNARY_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3)
-                          for c in range(3) for d in range(3)], np.uint8)
+TERNARY_BYTES = np.array(
+    [a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3) for d in range(3)], np.uint8
+)
 
 
 def config_json(variant: str) -> dict:
     """microsoft/bitnet-b1.58-2B-4T's config.json (minus auto_map), with the variant's quantization."""
     return {
-        "architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "attention_bias": False,
-        "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "relu2",
-        "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": INTERMEDIATE,
-        "max_position_embeddings": 4096, "num_attention_heads": HEADS, "num_hidden_layers": LAYERS,
-        "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": VOCAB,
+        "architectures": ["BitNetForCausalLM"],
+        "model_type": "bitnet",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "hidden_act": "relu2",
+        "hidden_size": HIDDEN,
+        "initializer_range": 0.02,
+        "intermediate_size": INTERMEDIATE,
+        "max_position_embeddings": 4096,
+        "num_attention_heads": HEADS,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": KV_HEADS,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": VOCAB,
         "quantization_config": QUANTIZATION[variant],
     }
 
@@ -88,8 +110,9 @@ def random_tensors(variant: str, rng: np.random.Generator) -> dict[str, np.ndarr
 
 def write_folder(folder: Path, variant: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(random_tensors(variant, np.random.default_rng(0)), folder / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        random_tensors(variant, np.random.default_rng(0)), folder / "model.safetensors", metadata={"format": "pt"}
+    )
     (folder / "config.json").write_text(json.dumps(config_json(variant), indent=2))
     tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -120,8 +143,10 @@ def main():
         needed = PACKED_BYTES + sum(FOLDER_BYTES[v] for v in variants if not (base / v / "model.safetensors").is_file())
         free = shutil.disk_usage(base).free
         if free < needed + 2e9:
-            sys.exit(f"{base}: {free / 1e9:.1f} GB free; these folders need about {needed / 1e9:.1f} GB "
-                     "(plus 2 GB to spare). Free some space or point --keep elsewhere.")
+            sys.exit(
+                f"{base}: {free / 1e9:.1f} GB free; these folders need about {needed / 1e9:.1f} GB "
+                "(plus 2 GB to spare). Free some space or point --keep elsewhere."
+            )
         rows = []
         for variant in variants:
             folder = base / variant
@@ -134,11 +159,15 @@ def main():
                 sys.exit(f"bitnet-jax convert failed on {folder} (exit status {status})")
             packed = (out / "model.safetensors").stat().st_size
             source = (folder / "model.safetensors").stat().st_size
-            rows.append(f"| {variant} | {source / 1e6:.0f} | {packed / 1e6:.0f} | {peak / 1e6:.0f} | "
-                        f"{(peak - packed) / 1e6:.0f} | {seconds:.0f} |")
+            rows.append(
+                f"| {variant} | {source / 1e6:.0f} | {packed / 1e6:.0f} | {peak / 1e6:.0f} | "
+                f"{(peak - packed) / 1e6:.0f} | {seconds:.0f} |"
+            )
             shutil.rmtree(out)
-    print("| variant | source weights, MB | packed model.safetensors, MB | convert peak RSS, MB "
-          "| peak - packed, MB | seconds |")
+    print(
+        "| variant | source weights, MB | packed model.safetensors, MB | convert peak RSS, MB "
+        "| peak - packed, MB | seconds |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
 

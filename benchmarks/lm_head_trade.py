@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 from bitnet_jax import generate
-from bitnet_jax.model import BitNetLM, serving_variables
-from bitnet_jax.pack import pack
-from bitnet_jax.serving import ServingSpec
-from bitnet_jax.train import load_run
+from bitnet_jax.kernels.ops import ServingSpec
+from bitnet_jax.model.transformer import BitNetLM, serving_variables
+from bitnet_jax.serve.pack import pack
+from bitnet_jax.train.loop import load_run
 
 
 def main(run_dir: str, texts: list[str]):
@@ -36,8 +36,10 @@ def main(run_dir: str, texts: list[str]):
         logits[head] = np.asarray(apply(serving_variables(packed), windows))
         greedy[head] = generate(config, packed, prompts, 32)
     ref = logits["float"]
-    print(f"{run_dir}: {config.num_hidden_layers} layers x {config.hidden_size}, vocab {config.vocab_size}, "
-          f"tied={config.tie_word_embeddings}; {windows.size} held-out tokens from {', '.join(texts)}\n")
+    print(
+        f"{run_dir}: {config.num_hidden_layers} layers x {config.hidden_size}, vocab {config.vocab_size}, "
+        f"tied={config.tie_word_embeddings}; {windows.size} held-out tokens from {', '.join(texts)}\n"
+    )
     print("| lm_head | relative logit error | argmax agreement | identical greedy continuations (32 tokens) |")
     print("|---|---:|---:|---:|")
     for head in ("int8", "int8-tied"):

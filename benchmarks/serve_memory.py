@@ -16,11 +16,11 @@ import subprocess
 import sys
 import tempfile
 
-CHILD = '''
+CHILD = """
 import importlib, sys
 import numpy as np
-generate_module = importlib.import_module("bitnet_jax.generate")  # bitnet_jax.generate is the function
-from bitnet_jax.pack import load_packed, read_packed_folder
+generate_module = importlib.import_module("bitnet_jax.serve.generate")  # bitnet_jax.serve.generate is the function
+from bitnet_jax.serve.pack import load_packed, read_packed_folder
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -41,7 +41,7 @@ for i in range(2):
     generate_module.generate(config, params, prompt, new_tokens, on_tokens=lambda tokens: None)
     report(f"generated ({i + 1})")
 print(f"lifetime peak: {status('VmHWM'):.0f} MB")
-'''
+"""
 
 
 def main():
@@ -54,14 +54,22 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or os.path.join(tmp, "2b4t-random-packed")
         if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-            subprocess.run([sys.executable, "-c", (
-                "import sys; from bitnet_jax.config import BitNetConfig; "
-                "from bitnet_jax.bench_serve import random_packed_params; from bitnet_jax.pack import save_packed; "
-                "config = BitNetConfig.preset('b1.58-2b4t'); "
-                "save_packed(sys.argv[1], config, random_packed_params(config, lm_head='int8-tied'))"), folder],
-                check=True)
-        subprocess.run([sys.executable, "-c", CHILD, folder, str(args.prompt_tokens), str(args.new_tokens)],
-                       check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    (
+                        "import sys; from bitnet_jax.model.config import BitNetConfig; "
+                        "from bitnet_jax.bench.serve import random_packed_params; "
+                        "from bitnet_jax.serve.pack import save_packed; "
+                        "config = BitNetConfig.preset('b1.58-2b4t'); "
+                        "save_packed(sys.argv[1], config, random_packed_params(config, lm_head='int8-tied'))"
+                    ),
+                    folder,
+                ],
+                check=True,
+            )
+        subprocess.run([sys.executable, "-c", CHILD, folder, str(args.prompt_tokens), str(args.new_tokens)], check=True)
 
 
 if __name__ == "__main__":

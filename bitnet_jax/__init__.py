@@ -10,13 +10,24 @@ Public API:
   BitNetError    the error raised for bad input, with a message meant for people
 """
 
-from .config import PRESETS, BitNetConfig
-from .errors import BitNetError
-from .generate import generate
-from .hf import load_hf
-from .model import BitNetLM, KVCache, init_params
-from .pack import load_packed, pack, save_packed
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.interop.hf import load_hf
+from bitnet_jax.model.config import PRESETS, BitNetConfig
+from bitnet_jax.model.transformer import BitNetLM, KVCache, init_params
+from bitnet_jax.serve.generate import generate
+from bitnet_jax.serve.pack import load_packed, pack, save_packed
 
-__all__ = ["PRESETS", "BitNetConfig", "BitNetError", "BitNetLM", "KVCache", "generate", "init_params", "load_hf",
-           "load_packed", "pack", "save_packed"]
+__all__ = [
+    "PRESETS",
+    "BitNetConfig",
+    "BitNetError",
+    "BitNetLM",
+    "KVCache",
+    "generate",
+    "init_params",
+    "load_hf",
+    "load_packed",
+    "pack",
+    "save_packed",
+]
 __version__ = "0.1.0"

@@ -11,7 +11,7 @@ field) overrides.
 
 def get_config():
     return {
-        "model": {"preset": "tiny"},  # 4 layers, width 256, vocab 4096 (see bitnet_jax/config.py)
+        "model": {"preset": "tiny"},  # 4 layers, width 256, vocab 4096 (see bitnet_jax/model/config.py)
         "corpus": "stdlib",
         "seq_len": 128,
         "batch_size": 16,

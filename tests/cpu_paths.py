@@ -43,7 +43,9 @@ def skip_unless_runs(isa: str, runs: list[str], who: str) -> None:
         return
     machine = platform.machine()
     if machine in ("x86_64", "AMD64") and _CPUINFO_FLAGS[isa] <= _cpuinfo_flags():
-        pytest.fail(f"{who}: /proc/cpuinfo lists {sorted(_CPUINFO_FLAGS[isa])}, but the kernels do not "
-                    f"offer {isa} (they run {', '.join(runs)}): the dispatch in xla_ffi/cpu_isa.cc or the "
-                    "x86-64 build of the SIMD paths is broken")
+        pytest.fail(
+            f"{who}: /proc/cpuinfo lists {sorted(_CPUINFO_FLAGS[isa])}, but the kernels do not "
+            f"offer {isa} (they run {', '.join(runs)}): the dispatch in xla_ffi/cpu_isa.cc or the "
+            "x86-64 build of the SIMD paths is broken"
+        )
     pytest.skip(f"{who}: this CPU ({machine}) cannot run {isa}; it runs {', '.join(runs)}")

@@ -14,8 +14,8 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
-from bitnet_jax.model import BitLinear, TernaryLinear
-from bitnet_jax.quant import act_ratio, weight_ratio
+from bitnet_jax.model.quant import act_ratio, weight_ratio
+from bitnet_jax.model.transformer import BitLinear, TernaryLinear
 
 
 def _sow_quantizer_inputs(next_fun, args, kwargs, context):
@@ -46,10 +46,23 @@ def forward_with_quantizer_inputs(model, variables, ids):
     return logits, {name: values[0] for name, values in sown.items()}
 
 
+def on_host(outputs):
+    """`forward_with_quantizer_inputs`' outputs as numpy arrays."""
+    logits, sown = outputs
+    return np.asarray(logits), {name: np.asarray(values) for name, values in sown.items()}
+
+
 # The linear layers of a decoder layer, in the order the forward pass runs them.
-LINEARS = ["self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj", "self_attn/o_proj", "mlp/gate_proj",
-           "mlp/up_proj", "mlp/down_proj"]
-F32_EPS = 2.0 ** -24  # unit roundoff of float32
+LINEARS = [
+    "self_attn/q_proj",
+    "self_attn/k_proj",
+    "self_attn/v_proj",
+    "self_attn/o_proj",
+    "mlp/gate_proj",
+    "mlp/up_proj",
+    "mlp/down_proj",
+]
+F32_EPS = 2.0**-24  # unit roundoff of float32
 # Tokens that no flipped code reached differ by float noise only. The sums reordered in the
 # tests' models have a few hundred terms at most, a few such sums deep (worst case ~300 u = 2e-5 relative per
 # sum, typically sqrt(300) u);

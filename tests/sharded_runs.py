@@ -18,20 +18,41 @@ import time
 
 import jax
 import numpy as np
-
-from bitnet_jax import BitNetLM, cli, init_params, sharding
 from near_ties import forward_with_quantizer_inputs
-from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import load_run, make_optimizer, make_train_step
 
-CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
-                "keyword.py", "linecache.py", "queue.py", "sched.py", "this.py", "tabnanny.py", "calendar.py"]
+from bitnet_jax import BitNetLM, cli, init_params
+from bitnet_jax.train import sharding
+from bitnet_jax.train.loop import load_run, make_optimizer, make_train_step
+from bitnet_jax.train.run_config import load_run_config
+
+CORPUS_FILES = [
+    "textwrap.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "bisect.py",
+    "heapq.py",
+    "colorsys.py",
+    "keyword.py",
+    "linecache.py",
+    "queue.py",
+    "sched.py",
+    "this.py",
+    "tabnanny.py",
+    "calendar.py",
+]
 
 # A model small enough to compile quickly, with every sharded size divisible by 8. lr 1e-3: at
 # larger rates, float noise grows faster along the trajectory (see test_sharding.py).
-MODEL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-         "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=128",
-         "model.initializer_range=0.1"]  # logits of O(1) at init, so the loss sees the weights
+MODEL = [
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=128",
+    "model.initializer_range=0.1",
+]  # logits of O(1) at init, so the loss sees the weights
 STEP_SETTINGS = MODEL + ["seq_len=16", "batch_size=16", "warmup_steps=0", "learning_rate=1e-3", "steps=100"]
 STEPS = 4
 
@@ -44,11 +65,24 @@ CASES = [((8, 1, 1), "tensor", 1), ((1, 8, 1), "group:16", 1), ((2, 2, 2), "chan
 
 # The end-to-end run through the CLI (train, interrupt, resume on another mesh).
 CLI_SETTINGS = [
-    "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-    "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=640",
-    "model.max_position_embeddings=64", "seq_len=32", "batch_size=8", "steps=6", "warmup_steps=2",
-    "log_every=1", "eval_every=3", "eval_batches=1", "checkpoint_every=3", "keep_checkpoints=3",
-    "heldout_fraction=0.1", "learning_rate=1e-3",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=640",
+    "model.max_position_embeddings=64",
+    "seq_len=32",
+    "batch_size=8",
+    "steps=6",
+    "warmup_steps=2",
+    "log_every=1",
+    "eval_every=3",
+    "eval_batches=1",
+    "checkpoint_every=3",
+    "keep_checkpoints=3",
+    "heldout_fraction=0.1",
+    "learning_rate=1e-3",
 ]
 
 
@@ -64,8 +98,14 @@ def batches(n: int = STEPS, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     shape = (16, 16)
     segments = np.repeat(np.array([[1] * 9 + [2] * 7]), 16, axis=0).astype(np.int32)  # two documents per row
-    return [{"inputs": rng.integers(0, 128, shape, dtype=np.int32),
-             "targets": rng.integers(0, 128, shape, dtype=np.int32), "segment_ids": segments} for _ in range(n)]
+    return [
+        {
+            "inputs": rng.integers(0, 128, shape, dtype=np.int32),
+            "targets": rng.integers(0, 128, shape, dtype=np.int32),
+            "segment_ids": segments,
+        }
+        for _ in range(n)
+    ]
 
 
 def train_steps(weight_quant: str, mesh_shape=None, grad_accum_steps: int = 1):
@@ -78,7 +118,9 @@ def train_steps(weight_quant: str, mesh_shape=None, grad_accum_steps: int = 1):
         step = make_train_step(model, optimizer, grad_accum_steps=grad_accum_steps)
         params = init_params(run.model, run.seed)
         opt_state = optimizer.init(params)
-        logits, sown = jax.jit(lambda p, ids: forward_with_quantizer_inputs(model, {"params": p}, ids))(params, data[0]["inputs"])
+        logits, sown = jax.jit(lambda p, ids: forward_with_quantizer_inputs(model, {"params": p}, ids))(
+            params, data[0]["inputs"]
+        )
         put = lambda batch: batch
     else:
         s = sharding.train_shardings(model, optimizer, sharding.make_mesh(mesh_shape))
@@ -89,6 +131,7 @@ def train_steps(weight_quant: str, mesh_shape=None, grad_accum_steps: int = 1):
         def forward(params, ids):
             with sharding.activation_sharding(s.mesh):
                 return forward_with_quantizer_inputs(model, {"params": params}, ids)
+
         put = lambda batch: sharding.global_batch(batch, s.batch)
         logits, sown = jax.jit(forward, in_shardings=(s.params, s.batch))(params, put(data[0])["inputs"])
     losses = []
@@ -118,15 +161,26 @@ def assert_same_training(params_init, params_ref, params_got):
 
 
 def cli_args(corpus: str, out: str, *extra: str) -> list[str]:
-    return ["train", "--no-progress", "--out", out, "--set", f"corpus={corpus}",
-            *[a for s in [*CLI_SETTINGS, *extra] for a in ("--set", s)]]
+    return [
+        "train",
+        "--no-progress",
+        "--out",
+        out,
+        "--set",
+        f"corpus={corpus}",
+        *[a for s in [*CLI_SETTINGS, *extra] for a in ("--set", s)],
+    ]
 
 
 def cli_errors(corpus: str, out: str) -> dict[str, str]:
     """stderr of CLI calls with a bad mesh for 8 devices, and whether they wrote anything."""
-    bad = {"mesh-product": ["mesh=(2,2,1)"], "mesh-wildcard": ["mesh=(3,-1,1)"],
-           "batch": ["mesh=(8,1,1)", "batch_size=12"], "micro-batch": ["mesh=(2,2,2)", "grad_accum_steps=4"],
-           "param": ["mesh=(1,1,8)", "model.intermediate_size=100"]}
+    bad = {
+        "mesh-product": ["mesh=(2,2,1)"],
+        "mesh-wildcard": ["mesh=(3,-1,1)"],
+        "batch": ["mesh=(8,1,1)", "batch_size=12"],
+        "micro-batch": ["mesh=(2,2,2)", "grad_accum_steps=4"],
+        "param": ["mesh=(1,1,8)", "model.intermediate_size=100"],
+    }
     messages = {}
     for name, settings in bad.items():
         err = io.StringIO()
@@ -145,8 +199,10 @@ def main(out: str, corpus: str):
         print(f"{mesh} {weight_quant}: {time.perf_counter() - start:.1f} s", flush=True)
         name = case_name(mesh, weight_quant, accum)
         kernel = params["layers"]["mlp"]["up_proj"]["kernel"]
-        results["cases"][name] = {"losses": losses.tolist(),
-                                  "up_proj_shard_shape": list(kernel.addressable_shards[0].data.shape)}
+        results["cases"][name] = {
+            "losses": losses.tolist(),
+            "up_proj_shard_shape": list(kernel.addressable_shards[0].data.shape),
+        }
         arrays[f"{name}/logits"] = logits
         arrays.update({f"{name}/sown/{k}": v for k, v in sown.items()})
         arrays.update({f"{name}/params/{k}": v for k, v in flat(params).items()})

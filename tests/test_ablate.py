@@ -8,17 +8,42 @@ import shutil
 import pytest
 
 from bitnet_jax import BitNetConfig, cli
-from bitnet_jax.ablate import packed_param_bytes, parse_grid, plan_runs
-from bitnet_jax.data import stdlib_root
-from bitnet_jax.run_config import load_run_config
+from bitnet_jax.data.pipeline import stdlib_root
+from bitnet_jax.research.ablate import packed_param_bytes, parse_grid, plan_runs
+from bitnet_jax.train.run_config import load_run_config
 
-CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
-                "keyword.py", "linecache.py", "queue.py", "sched.py", "this.py", "tabnanny.py", "calendar.py"]
+CORPUS_FILES = [
+    "textwrap.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "bisect.py",
+    "heapq.py",
+    "colorsys.py",
+    "keyword.py",
+    "linecache.py",
+    "queue.py",
+    "sched.py",
+    "this.py",
+    "tabnanny.py",
+    "calendar.py",
+]
 TINY = [
-    "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-    "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=640",
-    "model.max_position_embeddings=64", "seq_len=32", "batch_size=4", "warmup_steps=1",
-    "log_every=1", "eval_every=2", "eval_batches=2", "checkpoint_every=2", "heldout_fraction=0.1",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=640",
+    "model.max_position_embeddings=64",
+    "seq_len=32",
+    "batch_size=4",
+    "warmup_steps=1",
+    "log_every=1",
+    "eval_every=2",
+    "eval_batches=2",
+    "checkpoint_every=2",
+    "heldout_fraction=0.1",
     "learning_rate=1e-2",
 ]
 
@@ -49,8 +74,16 @@ def env(tmp_path_factory):
 
 def ablate_args(env, out, *grid, steps="4", extra=()):
     sets = [f"corpus={env['corpus']}", *TINY, *extra]
-    return ["ablate", "--no-progress", "--out", str(out), "--steps", steps, *[a for g in grid for a in ("--grid", g)],
-            *[a for s in sets for a in ("--set", s)]]
+    return [
+        "ablate",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--steps",
+        steps,
+        *[a for g in grid for a in ("--grid", g)],
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def read_metrics(run_dir):
@@ -98,8 +131,10 @@ def test_ablate_tables_every_run_then_skips_and_resumes(env, capsys):
     table = (out / "results.md").read_text()
     assert table in printed
     assert "| full precision (baseline) | none | none |" in table
-    assert f"| w-group32_a-token-8 | group:32 | token, 8-bit | {rows[2]['final_eval_loss']:.3f} | " \
-           f"{rows[2]['gap_to_baseline']:+.3f} |" in table
+    assert (
+        f"| w-group32_a-token-8 | group:32 | token, 8-bit | {rows[2]['final_eval_loss']:.3f} | "
+        f"{rows[2]['gap_to_baseline']:+.3f} |" in table
+    )
     assert "4 steps of 4 x 32 tokens" in table
     assert table.count("| 0.46 | 1.00x |") == 1 and "| 0.19 | 0.40x |" in table and "| 0.19 | 0.42x |" in table
 
@@ -107,8 +142,9 @@ def test_ablate_tables_every_run_then_skips_and_resumes(env, capsys):
 def test_ablate_refuses_a_folder_with_other_settings(env, tmp_path, capsys):
     out = tmp_path / "abl"
     (out / "w-none_a-none").mkdir(parents=True)
-    run = load_run_config(None, [f"corpus={env['corpus']}", *TINY, "steps=9", "model.weight_quant=none",
-                                 "model.act_quant=none"])
+    run = load_run_config(
+        None, [f"corpus={env['corpus']}", *TINY, "steps=9", "model.weight_quant=none", "model.act_quant=none"]
+    )
     (out / "w-none_a-none" / "run.json").write_text(json.dumps(run.to_dict()))
     assert cli.main(ablate_args(env, out, "weight_quant=tensor")) == 2
     err = capsys.readouterr().err
@@ -118,15 +154,27 @@ def test_ablate_refuses_a_folder_with_other_settings(env, tmp_path, capsys):
 
 def test_packed_bytes_against_a_hand_count():
     # Per layer, BitLinear kernels [in, out]: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x96, down 96x64.
-    config = BitNetConfig.preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    config = BitNetConfig.preset(
+        "tiny",
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+    )
     weights = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 96 * 2 + 96 * 64  # 30720 per layer
     floats = 2 * (64 + 64 + 64 + 96) + 97 * 64 + 64  # norms per layer, tied embedding, final norm
     assert packed_param_bytes(config.replace(weight_quant="none")) == 4 * (2 * weights + floats)
-    scales = {"tensor": 7, "channel": 64 + 32 + 32 + 64 + 96 + 96 + 64,
-              "group:32": 2 * 64 + 2 * 32 + 2 * 32 + 2 * 64 + 2 * 96 + 2 * 96 + 3 * 64}
+    scales = {
+        "tensor": 7,
+        "channel": 64 + 32 + 32 + 64 + 96 + 96 + 64,
+        "group:32": 2 * 64 + 2 * 32 + 2 * 32 + 2 * 64 + 2 * 96 + 2 * 96 + 3 * 64,
+    }
     for mode, per_layer in scales.items():
-        assert packed_param_bytes(config.replace(weight_quant=mode)) == 2 * (weights // 4) + 4 * (2 * per_layer + floats)
+        assert packed_param_bytes(config.replace(weight_quant=mode)) == 2 * (weights // 4) + 4 * (
+            2 * per_layer + floats
+        )
     untied = config.replace(weight_quant="tensor", tie_word_embeddings=False)
     assert packed_param_bytes(untied) == packed_param_bytes(config.replace(weight_quant="tensor")) + 4 * 64 * 97
 
@@ -134,28 +182,45 @@ def test_packed_bytes_against_a_hand_count():
 def test_plan_runs_puts_the_baseline_first_and_runs_each_model_once():
     base = load_run_config(None, [])
     runs = plan_runs(base, parse_grid(["weight_quant=none,tensor", "act_quant=none,token", "act_bits=8,4"]))
-    assert [r.name for r in runs] == ["w-none_a-none", "w-none_a-token-8", "w-none_a-token-4",
-                                      "w-tensor_a-none", "w-tensor_a-token-8", "w-tensor_a-token-4"]
+    assert [r.name for r in runs] == [
+        "w-none_a-none",
+        "w-none_a-token-8",
+        "w-none_a-token-4",
+        "w-tensor_a-none",
+        "w-tensor_a-token-8",
+        "w-tensor_a-token-4",
+    ]
     assert [r.baseline for r in runs] == [True] + [False] * 5
     assert runs[0].run.model == base.model.replace(weight_quant="none", act_quant="none")
     assert runs[5].run.model.act_bits == 4 and runs[5].run.steps == base.steps
 
 
-@pytest.mark.parametrize("grid, steps, message", [
-    (["weight_qant=tensor"], "4", "unknown grid key 'weight_qant' (did you mean 'weight_quant'?)"),
-    (["hidden_size=64,128"], "4", "It is a model or training field: set it for all runs with --set"),
-    (["act_bits=8,9"], "4", "--grid point (act_bits=9): BitNetConfig.act_bits=9 is invalid: expected an integer from 2 to 8"),
-    (["weight_quant=tensor,group:48"], "4", "BitNetConfig.weight_quant='group:48' is invalid: expected a group size that divides"),
-    (["weight_quant=ternary"], "4", "BitNetConfig.weight_quant='ternary' is invalid"),
-    (["act_bits="], "4", "--grid 'act_bits=': empty value"),
-    (["act_bits=8,,4"], "4", "--grid 'act_bits=8,,4': empty value"),
-    (["act_bits"], "4", "expected key=value1,value2"),
-    (["act_bits=8,8"], "4", "a value is repeated"),
-    (["act_bits=8", "act_bits=4"], "4", "--grid act_bits is given twice"),
-    ([], "4", "No --grid given"),
-    (["act_bits=8,4"], "0", "--steps 0: expected a positive number of training steps"),
-    (["act_bits=8,4"], "-3", "--steps -3: expected a positive number"),
-])
+@pytest.mark.parametrize(
+    "grid, steps, message",
+    [
+        (["weight_qant=tensor"], "4", "unknown grid key 'weight_qant' (did you mean 'weight_quant'?)"),
+        (["hidden_size=64,128"], "4", "It is a model or training field: set it for all runs with --set"),
+        (
+            ["act_bits=8,9"],
+            "4",
+            "--grid point (act_bits=9): BitNetConfig.act_bits=9 is invalid: expected an integer from 2 to 8",
+        ),
+        (
+            ["weight_quant=tensor,group:48"],
+            "4",
+            "BitNetConfig.weight_quant='group:48' is invalid: expected a group size that divides",
+        ),
+        (["weight_quant=ternary"], "4", "BitNetConfig.weight_quant='ternary' is invalid"),
+        (["act_bits="], "4", "--grid 'act_bits=': empty value"),
+        (["act_bits=8,,4"], "4", "--grid 'act_bits=8,,4': empty value"),
+        (["act_bits"], "4", "expected key=value1,value2"),
+        (["act_bits=8,8"], "4", "a value is repeated"),
+        (["act_bits=8", "act_bits=4"], "4", "--grid act_bits is given twice"),
+        ([], "4", "No --grid given"),
+        (["act_bits=8,4"], "0", "--steps 0: expected a positive number of training steps"),
+        (["act_bits=8,4"], "-3", "--steps -3: expected a positive number"),
+    ],
+)
 def test_bad_grid_or_steps_is_refused_before_anything_is_written(env, tmp_path, capsys, grid, steps, message):
     assert cli.main(ablate_args(env, tmp_path / "abl", *grid, steps=steps)) == 2
     err = capsys.readouterr().err

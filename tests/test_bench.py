@@ -1,4 +1,5 @@
-"""`bitnet-jax bench train`: both sides are timed on the same shapes and reported (no timing asserts;\nthe medians and rates are checked on a scripted clock)."""
+"""`bitnet-jax bench train`: both sides are timed on the same shapes and reported (no timing
+asserts; the medians and rates are checked on a scripted clock)."""
 
 import json
 import os
@@ -7,12 +8,20 @@ import sys
 
 import pytest
 
-from bitnet_jax import bench, cli
-from bitnet_jax.run_config import load_run_config
+from bitnet_jax import cli
+from bitnet_jax.bench import train as bench
+from bitnet_jax.train.run_config import load_run_config
 
-SMALL = ["model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-         "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=512",
-         "seq_len=32", "batch_size=2"]
+SMALL = [
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=512",
+    "seq_len=32",
+    "batch_size=2",
+]
 
 
 def test_bench_train_table_and_json(tmp_path, capsys):
@@ -43,6 +52,7 @@ def test_bench_train_medians_and_rates_on_a_scripted_clock(monkeypatch):
         state, _ = real_timed(step, state, batch)
         calls.append(step)
         return state, seconds[len(calls) - 1]
+
     monkeypatch.setattr(bench, "_timed", scripted)
     run = load_run_config(None, SMALL)
     qat, fp = bench.bench_train(run, repeats=4, warmup=1)
@@ -72,8 +82,14 @@ def test_bench_train_on_a_mesh_of_simulated_devices(tmp_path):
     argv = ["bench", "train", "--repeats", "2", "--json", str(out), "--set", "mesh=[2,1,2]"]
     argv += [a for s in SMALL for a in ("--set", s)]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    result = subprocess.run([sys.executable, "-m", "bitnet_jax.cli", *argv], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "bitnet_jax.cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mesh (data, fsdp, tensor) = (2, 1, 2) over 4 device(s)" in result.stdout
     assert [r["name"] for r in json.loads(out.read_text())] == ["qat", "fp"]

@@ -3,7 +3,7 @@
 import pytest
 
 from bitnet_jax import BitNetConfig, BitNetError
-from bitnet_jax.run_config import load_run_config
+from bitnet_jax.train.run_config import load_run_config
 
 
 def test_2b4t_preset_matches_the_model_card():
@@ -23,17 +23,20 @@ def test_700m_preset():
     assert (c.vocab_size, c.rope_theta) == (32002, 10000.0)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"hiden_size": 64}, ["hiden_size", "hidden_size"]),
-    ({"num_key_value_heads": 3}, ["num_key_value_heads", "divisor"]),
-    ({"weight_quant": "rows"}, ["weight_quant", "group:G"]),
-    ({"weight_quant": "group:5"}, ["weight_quant", "divides"]),
-    ({"act_quant": "channel"}, ["act_quant", "token"]),
-    ({"act_bits": 16}, ["act_bits", "2 to 8"]),
-    ({"hidden_size": "wide"}, ["hidden_size", "int"]),
-    ({"eos_token_id": 99999}, ["eos_token_id", "vocab_size"]),
-    ({"hidden_act": "gelu"}, ["hidden_act", "relu2"]),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"hiden_size": 64}, ["hiden_size", "hidden_size"]),
+        ({"num_key_value_heads": 3}, ["num_key_value_heads", "divisor"]),
+        ({"weight_quant": "rows"}, ["weight_quant", "group:G"]),
+        ({"weight_quant": "group:5"}, ["weight_quant", "divides"]),
+        ({"act_quant": "channel"}, ["act_quant", "token"]),
+        ({"act_bits": 16}, ["act_bits", "2 to 8"]),
+        ({"hidden_size": "wide"}, ["hidden_size", "int"]),
+        ({"eos_token_id": 99999}, ["eos_token_id", "vocab_size"]),
+        ({"hidden_act": "gelu"}, ["hidden_act", "relu2"]),
+    ],
+)
 def test_bad_fields_are_named(changes, words):
     with pytest.raises(BitNetError) as info:
         BitNetConfig.preset("tiny", **changes)
@@ -42,11 +45,22 @@ def test_bad_fields_are_named(changes, words):
 
 
 def test_hf_config_both_rope_layouts():
-    base = {"model_type": "bitnet", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "bos_token_id": 1, "eos_token_id": 2}
+    base = {
+        "model_type": "bitnet",
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     assert BitNetConfig.from_hf_dict({**base, "rope_theta": 123.0}).rope_theta == 123.0
-    assert BitNetConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}).rope_theta == 7.0
+    assert (
+        BitNetConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}).rope_theta
+        == 7.0
+    )
     with pytest.raises(BitNetError, match="model_type='llama'"):
         BitNetConfig.from_hf_dict({**base, "model_type": "llama"})
     with pytest.raises(BitNetError, match="rope_type"):

@@ -14,9 +14,9 @@ from safetensors.numpy import load_file
 
 from bitnet_jax import load_hf, pack, save_packed
 from bitnet_jax.cli import main
-from bitnet_jax.pack import convert_hf
+from bitnet_jax.serve.pack import convert_hf
 
-pack_module = importlib.import_module("bitnet_jax.pack")  # (`bitnet_jax.pack` is the function)
+pack_module = importlib.import_module("bitnet_jax.serve.pack")  # (`bitnet_jax.serve.pack` is the function)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = [  # (fixture, lm_head): every weight layout, sharding, tied and untied, each lm_head kind

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import jax.ffi
 import pytest
-
 from cpu_paths import KNOWN_ISAS, skip_unless_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,9 +40,20 @@ def _env() -> dict:
 
 def _build_kernel_test(build: Path, *cmake_args: str) -> Path:
     generator = ["-G", "Ninja"] if shutil.which("ninja") or (Path(sys.executable).parent / "ninja").exists() else []
-    for command in ([_cmake(), "-S", str(SOURCES), "-B", str(build), *generator, "-DBITNET_JAX_BUILD_PYTHON=OFF",
-                     "-DBITNET_JAX_BUILD_TESTS=ON", *cmake_args],
-                    [_cmake(), "--build", str(build), "--target", "kernel_test", "-j", "2"]):
+    for command in (
+        [
+            _cmake(),
+            "-S",
+            str(SOURCES),
+            "-B",
+            str(build),
+            *generator,
+            "-DBITNET_JAX_BUILD_PYTHON=OFF",
+            "-DBITNET_JAX_BUILD_TESTS=ON",
+            *cmake_args,
+        ],
+        [_cmake(), "--build", str(build), "--target", "kernel_test", "-j", "2"],
+    ):
         done = subprocess.run(command, capture_output=True, text=True, env=_env())
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}{done.stderr}"
     return build / "kernel_test"
@@ -53,18 +63,26 @@ def _checked_paths(output: str) -> dict[str, str]:
     """kernel_test's verdict per path: 'checked' or 'not checked', from its lines
     '<path>: checked N shapes' / '<path>: not checked, <why>'. Every known path must have one."""
     verdicts = dict(re.findall(r"^(\w+): (checked|not checked)\b", output, re.M))
-    assert set(verdicts) == set(KNOWN_ISAS), f"kernel_test reported paths {sorted(verdicts)}, expected " \
-                                             f"{list(KNOWN_ISAS)}:\n{output}"
+    assert set(verdicts) == set(KNOWN_ISAS), (
+        f"kernel_test reported paths {sorted(verdicts)}, expected {list(KNOWN_ISAS)}:\n{output}"
+    )
     return verdicts
 
 
 @pytest.fixture(scope="module")
 def sanitized_run(tmp_path_factory):
     """kernel_test built for this machine with -DBITNET_JAX_SANITIZE=ON, run once."""
-    binary = _build_kernel_test(tmp_path_factory.mktemp("kernel_test") / "build",
-                                "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DBITNET_JAX_SANITIZE=ON")
-    return subprocess.run([str(binary)], capture_output=True, text=True,
-                          env=dict(_env(), ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1"))
+    binary = _build_kernel_test(
+        tmp_path_factory.mktemp("kernel_test") / "build",
+        "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+        "-DBITNET_JAX_SANITIZE=ON",
+    )
+    return subprocess.run(
+        [str(binary)],
+        capture_output=True,
+        text=True,
+        env=dict(_env(), ASAN_OPTIONS="detect_leaks=1", UBSAN_OPTIONS="print_stacktrace=1"),
+    )
 
 
 @pytest.mark.parametrize("isa", KNOWN_ISAS)
@@ -86,10 +104,15 @@ def _elf_machine(binary: Path) -> int:
 def test_kernels_exact_on_aarch64_under_qemu(tmp_path):
     missing = [tool for tool in (ARM_CXX, QEMU) if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"cannot cross-check the aarch64 build: {' and '.join(missing)} not installed "
-                    "(Debian: apt-get install g++-aarch64-linux-gnu qemu-user; .ci/run does it as root)")
-    binary = _build_kernel_test(tmp_path / "build", "-DCMAKE_BUILD_TYPE=Release",
-                                f"-DCMAKE_TOOLCHAIN_FILE={SOURCES / 'cmake' / 'aarch64-linux-gnu.cmake'}")
+        pytest.skip(
+            f"cannot cross-check the aarch64 build: {' and '.join(missing)} not installed "
+            "(Debian: apt-get install g++-aarch64-linux-gnu qemu-user; .ci/run does it as root)"
+        )
+    binary = _build_kernel_test(
+        tmp_path / "build",
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DCMAKE_TOOLCHAIN_FILE={SOURCES / 'cmake' / 'aarch64-linux-gnu.cmake'}",
+    )
     assert _elf_machine(binary) == 183, "the cross build did not produce an AArch64 binary"  # EM_AARCH64
     run = subprocess.run([QEMU, "-L", ARM_SYSROOT, str(binary)], capture_output=True, text=True)
     output = run.stdout + run.stderr
@@ -105,12 +128,28 @@ def test_ffi_handlers_compile_for_aarch64(tmp_path):
     handlers (and quantize.h, which they include) must build there as well. ffi_ext.cc, the
     nanobind glue, needs the target's Python headers and holds no kernel code."""
     if shutil.which(ARM_CXX) is None:
-        pytest.skip(f"cannot cross-compile for aarch64: {ARM_CXX} not installed "
-                    "(Debian: apt-get install g++-aarch64-linux-gnu; .ci/run does it as root)")
+        pytest.skip(
+            f"cannot cross-compile for aarch64: {ARM_CXX} not installed "
+            "(Debian: apt-get install g++-aarch64-linux-gnu; .ci/run does it as root)"
+        )
     sources = sorted(p for p in SOURCES.glob("*.cc") if p.name != "ffi_ext.cc")
     assert {"matmul.cc", "act_quant.cc", "gemm.cc", "cpu_isa.cc"} <= {p.name for p in sources}
     for source in sources:
-        done = subprocess.run([ARM_CXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-isystem", jax.ffi.include_dir(),
-                               "-c", str(source), "-o", str(tmp_path / f"{source.stem}.o")],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                ARM_CXX,
+                "-std=c++17",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-isystem",
+                jax.ffi.include_dir(),
+                "-c",
+                str(source),
+                "-o",
+                str(tmp_path / f"{source.stem}.o"),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, f"{source.name} does not compile for aarch64:\n{done.stderr}"

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_jax import data
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.data.tokenizer import train_sentencepiece
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.tokenizer import train_sentencepiece
 
 
 class ByteTokenizer:
@@ -60,8 +60,7 @@ def test_stdlib_source_files():
     assert len(files) > 300
     assert "os.py" in rel and "json/__init__.py" in rel
     assert rel == sorted(rel)
-    assert not any(part in ("site-packages", "test", "tests", "encodings")
-                   for r in rel for part in r.split("/")[:-1])
+    assert not any(part in ("site-packages", "test", "tests", "encodings") for r in rel for part in r.split("/")[:-1])
     assert all(r.endswith(".py") for r in rel)
 
 
@@ -166,7 +165,7 @@ def test_tokenize_splits_with_sentencepiece(corpus, tmp_path):
 def _window_start(stream_n, inputs_t):
     """Where in the stream a batch row came from (the stream is arange, so values are offsets)."""
     start = int(inputs_t[0])
-    np.testing.assert_array_equal(inputs_t, stream_n[start:start + len(inputs_t)])
+    np.testing.assert_array_equal(inputs_t, stream_n[start : start + len(inputs_t)])
     return start
 
 
@@ -182,7 +181,7 @@ def test_train_batches_shapes_and_shift():
         for row in range(batch):
             start = _window_start(stream_n, b["inputs"][row])
             assert start % seq_len == 0
-            targets_t = stream_n[start + 1:start + seq_len + 1]
+            targets_t = stream_n[start + 1 : start + seq_len + 1]
             np.testing.assert_array_equal(b["targets"][row], targets_t)
         np.testing.assert_array_equal(b["segment_ids"], 1)  # no EOS in this stream
 
@@ -250,8 +249,7 @@ def test_segment_ids_around_eos():
     assert len(batches) == 1
     for row in range(2):
         inputs_t = batches[0]["inputs"][row]
-        np.testing.assert_array_equal(batches[0]["segment_ids"][row],
-                                      _reference_segments(inputs_t, eos))
+        np.testing.assert_array_equal(batches[0]["segment_ids"][row], _reference_segments(inputs_t, eos))
     np.testing.assert_array_equal(batches[0]["segment_ids"][0], [1, 2, 2, 2, 3, 3, 4, 5])
     np.testing.assert_array_equal(batches[0]["segment_ids"][1], [1, 1, 2, 2, 2, 2, 3, 3])
 
@@ -262,8 +260,7 @@ def test_train_segment_ids_match_reference():
     it = data.make_train_iterator(stream_n, 64, 4, seed=1, eos_id=0)
     for b in _take(it, 5):
         for row in range(4):
-            np.testing.assert_array_equal(b["segment_ids"][row],
-                                          _reference_segments(b["inputs"][row], 0))
+            np.testing.assert_array_equal(b["segment_ids"][row], _reference_segments(b["inputs"][row], 0))
 
 
 def test_eval_batches_fixed_and_non_overlapping():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.ffi import act_quant_i8
+from bitnet_jax.kernels.ffi import act_quant_i8
 
 
 def reference(x):
@@ -35,16 +35,20 @@ def test_random_odd_shapes(shape):
 
 def test_exact_half_ties_round_to_even():
     # Row max 127 -> scale exactly 1.0; max 254 -> 0.5; max 63.5 -> 2.0: x * scale lands on k + 0.5.
-    x = np.array([
-        [127.0, 2.5, -3.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5, 0.0],
-        [254.0, 5.0, -7.0, 1.0, -1.0, 3.0, -3.0, 253.0, -253.0, 0.0],
-        [-63.5, 1.25, -1.75, 0.25, -0.25, 0.75, -0.75, 63.25, -63.25, 0.0],
-    ], np.float32)
+    x = np.array(
+        [
+            [127.0, 2.5, -3.5, 0.5, -0.5, 1.5, -1.5, 126.5, -126.5, 0.0],
+            [254.0, 5.0, -7.0, 1.0, -1.0, 3.0, -3.0, 253.0, -253.0, 0.0],
+            [-63.5, 1.25, -1.75, 0.25, -0.25, 0.75, -0.75, 63.25, -63.25, 0.0],
+        ],
+        np.float32,
+    )
     q, scale = act_quant_i8(x)
     np.testing.assert_array_equal(np.asarray(scale)[:, 0], [1.0, 0.5, 2.0])
     np.testing.assert_array_equal(
-        np.asarray(q), np.array([[127, 2, -4, 0, 0, 2, -2, 126, -126, 0]] * 2
-                                + [[-127, 2, -4, 0, 0, 2, -2, 126, -126, 0]], np.int8))
+        np.asarray(q),
+        np.array([[127, 2, -4, 0, 0, 2, -2, 126, -126, 0]] * 2 + [[-127, 2, -4, 0, 0, 2, -2, 126, -126, 0]], np.int8),
+    )
     assert_matches_reference(x)
 
 
@@ -59,9 +63,9 @@ def test_many_ties_random():
 def test_zero_tiny_huge_and_negative_max_rows():
     x = np.zeros((6, 11), np.float32)
     # Row 0 all zero: scale = 127 / 1e-5.
-    x[1] = np.linspace(-3e-6, 7e-6, 11)       # below the 1e-5 floor
-    x[2, ::2] = 1e-40                          # subnormals
-    x[3] = np.linspace(-3e38, 2e38, 11)        # near float32 max
+    x[1] = np.linspace(-3e-6, 7e-6, 11)  # below the 1e-5 floor
+    x[2, ::2] = 1e-40  # subnormals
+    x[3] = np.linspace(-3e38, 2e38, 11)  # near float32 max
     x[4] = [-50.0, 1.0, 2.0, -3.0, 49.9, 0.1, -0.1, 25.0, -25.0, 12.5, 0.0]  # max |x| is negative
     x[5] = np.geomspace(1e-30, 1e30, 11) * np.tile([1, -1], 6)[:11]
     q, scale = act_quant_i8(x)
@@ -117,7 +121,7 @@ def test_rejects_int_and_scalar_input():
 def test_kernel_reports_bad_output_shape_as_an_error():
     # Bypass the Python checks: the handler itself must return an error, not crash.
     bad = jax.ffi.ffi_call(
-        "bitnet_act_quant_i8",
-        (jax.ShapeDtypeStruct((3, 4), jnp.int8), jax.ShapeDtypeStruct((3, 4), jnp.float32)))
+        "bitnet_act_quant_i8", (jax.ShapeDtypeStruct((3, 4), jnp.int8), jax.ShapeDtypeStruct((3, 4), jnp.float32))
+    )
     with pytest.raises(Exception, match="scale must have shape"):
         jax.block_until_ready(bad(jnp.ones((3, 4), jnp.float32)))

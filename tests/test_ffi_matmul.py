@@ -12,15 +12,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from bitnet_jax import ffi, layout
-from bitnet_jax.errors import BitNetError
-from bitnet_jax.quant import act_quantize
 from cpu_paths import KNOWN_ISAS, skip_unless_runs
 
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.kernels import ffi, layout
+from bitnet_jax.model.quant import act_quantize
+
 # (M, K, N): odd K and N, M around the tile size of 4, and a prefill-sized M.
-SHAPES = [(1, 1, 1), (1, 256, 4), (2, 255, 5), (3, 257, 7), (5, 300, 3), (8, 640, 13), (9, 1000, 6),
-          (17, 777, 17), (130, 513, 9)]
+SHAPES = [
+    (1, 1, 1),
+    (1, 256, 4),
+    (2, 255, 5),
+    (3, 257, 7),
+    (5, 300, 3),
+    (8, 640, 13),
+    (9, 1000, 6),
+    (17, 777, 17),
+    (130, 513, 9),
+]
 
 
 @pytest.fixture(params=KNOWN_ISAS)
@@ -45,8 +54,12 @@ def _dot_i32(x_mk, w_nk):
 
 def test_layout_mirror_matches_the_header():
     assert ffi._ffi_ext.layout() == {
-        "version": layout.LAYOUT_VERSION, "block_k": layout.BLOCK_K, "block_bytes": layout.BLOCK_BYTES,
-        "rows_per_group": layout.ROWS_PER_GROUP, "int8_row_align": layout.INT8_ROW_ALIGN}
+        "version": layout.LAYOUT_VERSION,
+        "block_k": layout.BLOCK_K,
+        "block_bytes": layout.BLOCK_BYTES,
+        "rows_per_group": layout.ROWS_PER_GROUP,
+        "int8_row_align": layout.INT8_ROW_ALIGN,
+    }
     assert "scalar" in ffi.available_isas()
 
 
@@ -153,7 +166,7 @@ def test_fused_int8_matmul_bit_exact(isa):
     # ... and approximates the float product: int8 rounding of x and w, each ~0.5/127 of its
     # row's absmax, leaves errors of a few percent of the typical output.
     exact = x @ w.T
-    assert np.max(np.abs(np.asarray(got) - exact)) < 0.05 * np.sqrt(np.mean(exact ** 2))
+    assert np.max(np.abs(np.asarray(got) - exact)) < 0.05 * np.sqrt(np.mean(exact**2))
 
 
 def test_batch_axes_and_vmap():
@@ -177,8 +190,10 @@ def test_batch_axes_and_vmap():
     with pytest.raises(Exception, match="layer 2 is outside the 2 layers"):
         ffi.ternary_matmul(x, stacked, scales, 9, layer=2).block_until_ready()
     x_q = jnp.asarray(rng.integers(-128, 128, (3, 70)), jnp.int8)
-    np.testing.assert_array_equal(np.asarray(ffi.ternary_matmul_i32(x_q, stacked, 9, layer=jnp.int32(1))),
-                                  np.asarray(_dot_i32(x_q.astype(jnp.int32), t2)))
+    np.testing.assert_array_equal(
+        np.asarray(ffi.ternary_matmul_i32(x_q, stacked, 9, layer=jnp.int32(1))),
+        np.asarray(_dot_i32(x_q.astype(jnp.int32), t2)),
+    )
     with pytest.raises(Exception, match="layer -1 is outside the 2 layers"):
         ffi.ternary_matmul_i32(x_q, stacked, 9, layer=-1).block_until_ready()
     # Empty batches pass through.
@@ -202,8 +217,9 @@ def test_bad_inputs_raise_instead_of_crashing(monkeypatch):
         ffi.ternary_matmul(np.ones((2, 300), np.int32), packed, scale, 8)
     with pytest.raises(Exception, match="layout version 2.*reads version 1.*convert"):
         call = jax.ffi.ffi_call("bitnet_ternary_matmul", jax.ShapeDtypeStruct((2, 8), jnp.float32))
-        call(x, packed, scale, np.int32(0), n=np.int64(8), act_bits=np.int64(8),
-             layout_version=np.int64(2)).block_until_ready()
+        call(
+            x, packed, scale, np.int32(0), n=np.int64(8), act_bits=np.int64(8), layout_version=np.int64(2)
+        ).block_until_ready()
     with pytest.raises(Exception, match=r"act_bits must be in \[2, 8\]"):
         ffi.ternary_matmul(x, packed, scale, 8, act_bits=9).block_until_ready()
     with pytest.raises(Exception, match=r"int8 weights for K=300 inputs must be int8 \[N, 320\]"):

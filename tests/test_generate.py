@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_model import CONFIG
 
 from bitnet_jax import BitNetError, BitNetLM, generate, init_params
-from test_model import CONFIG
 
 PARAMS = init_params(CONFIG, seed=7)
 
@@ -26,7 +26,7 @@ def greedy_by_full_forward(prompt, n):
         padded[0, : len(ids)] = ids
         logits = _full_forward(jnp.asarray(padded))
         ids.append(int(jnp.argmax(logits[0, len(ids) - 1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_greedy_batch_of_different_lengths_equals_full_forward():
@@ -69,22 +69,25 @@ def test_streaming_callback_sees_every_token_in_order():
     np.testing.assert_array_equal(np.stack(seen, axis=1), out)
 
 
-@pytest.mark.parametrize("prompts, n, message", [
-    ([[1] * 60], 10, "context is 64 tokens"),
-    ([[1] * 70], 1, "context is 64 tokens"),
-    ([[1, 2]], 0, "max_new_tokens"),
-    ([[1, 200]], 3, "outside the vocabulary"),
-    ([[1, -1]], 3, "outside the vocabulary"),
-    ([[]], 3, "empty"),
-    ([], 3, "empty"),
-])
+@pytest.mark.parametrize(
+    "prompts, n, message",
+    [
+        ([[1] * 60], 10, "context is 64 tokens"),
+        ([[1] * 70], 1, "context is 64 tokens"),
+        ([[1, 2]], 0, "max_new_tokens"),
+        ([[1, 200]], 3, "outside the vocabulary"),
+        ([[1, -1]], 3, "outside the vocabulary"),
+        ([[]], 3, "empty"),
+        ([], 3, "empty"),
+    ],
+)
 def test_bad_requests(prompts, n, message):
     with pytest.raises(BitNetError, match=message):
         generate(CONFIG, PARAMS, prompts, n)
 
 
 def test_long_prompts_prefill_chunk_by_chunk_and_equal_full_forward(monkeypatch):
-    generate_module = importlib.import_module("bitnet_jax.generate")  # bitnet_jax.generate is the function
+    generate_module = importlib.import_module("bitnet_jax.serve.generate")  # bitnet_jax.serve.generate is the function
     monkeypatch.setattr(generate_module, "_PREFILL_CHUNK", 16)
     monkeypatch.setattr(generate_module, "_executables", collections.OrderedDict())  # programs of 256-token chunks
     rng = np.random.default_rng(3)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import BitNetLM, generate, load_hf
-from bitnet_jax.tokenizer import load_tokenizer
+from bitnet_jax.data.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = [case["name"] for case in json.loads((FIXTURES / "manifest.json").read_text())["cases"]]
@@ -75,7 +75,7 @@ def test_greedy_generation_matches_transformers(case):
 def test_greedy_generation_of_a_ragged_batch(case):
     """Prompts of different lengths in one batch give what each gives alone."""
     _, config, params, expected, _ = case
-    prompts = [list(p[: n]) for p, n in zip(expected["greedy_prompts"], (7, 3, 5))]
+    prompts = [list(p[:n]) for p, n in zip(expected["greedy_prompts"], (7, 3, 5))]
     batched = generate(config, params, prompts, 6, stop_ids=[])
     for row, prompt in zip(batched, prompts):
         np.testing.assert_array_equal(row, generate(config, params, [prompt], 6, stop_ids=[])[0])

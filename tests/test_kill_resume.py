@@ -26,14 +26,22 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_train import CORPUS_FILES, read_metrics, train_args
 
 import bitnet_jax
 from bitnet_jax import BitNetError
-from bitnet_jax.data import stdlib_root
-from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import (_checkpoint_manager, _read_metrics, _unfinished_saves, make_model, make_optimizer,
-                              make_train_step, read_run_file, save_checkpoint)
-from test_train import CORPUS_FILES, read_metrics, train_args
+from bitnet_jax.data.pipeline import stdlib_root
+from bitnet_jax.train.loop import (
+    _checkpoint_manager,
+    _read_metrics,
+    _unfinished_saves,
+    make_model,
+    make_optimizer,
+    make_train_step,
+    read_run_file,
+    save_checkpoint,
+)
+from bitnet_jax.train.run_config import load_run_config
 
 N = 4  # the step killed at; runs are 2N steps long
 RUN = [f"steps={2 * N}", "checkpoint_every=2", "keep_checkpoints=3", "eval_every=4"]
@@ -91,17 +99,27 @@ def env(tmp_path_factory):
         (corpus / f"{name}.txt").write_bytes((stdlib_root() / name).read_bytes())
     (root / "driver.py").write_text(DRIVER)
     package_root = str(Path(bitnet_jax.__file__).parents[1])  # the package under test
-    process_env = {**os.environ, "BITNET_JAX_CACHE": str(root / "cache"),
-                   "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
-                   "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
-                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    process_env = {
+        **os.environ,
+        "BITNET_JAX_CACHE": str(root / "cache"),
+        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+        "JAX_COMPILATION_CACHE_DIR": str(root / "jax-cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
     return {"root": root, "corpus": str(corpus), "driver": str(root / "driver.py"), "process_env": process_env}
 
 
 def train(env, out, cwd) -> str:
     """Plain `bitnet-jax train` to the end; its output."""
-    result = subprocess.run([sys.executable, "-m", "bitnet_jax.cli", *train_args(env, out, *RUN)], cwd=cwd,
-                            env=env["process_env"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "bitnet_jax.cli", *train_args(env, out, *RUN)],
+        cwd=cwd,
+        env=env["process_env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -116,9 +134,12 @@ def uninterrupted(env):
 def saved(run_dir, step: int):
     """Everything the checkpoint of `step` holds, read by orbax as it was saved."""
     manager = _checkpoint_manager(str(run_dir), read_run_file(str(run_dir)), read_only=True)
-    return manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                        opt_state=ocp.args.StandardRestore(),
-                                                        meta=ocp.args.JsonRestore()))
+    return manager.restore(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()
+        ),
+    )
 
 
 def assert_same_trees(a, b):
@@ -132,9 +153,14 @@ def assert_same_trees(a, b):
 @pytest.mark.parametrize("hold_at", ["finalized", "in-flight"])
 def test_sigkill_and_resume_equals_the_uninterrupted_run(env, uninterrupted, tmp_path, hold_at):
     out, marker = tmp_path / "run", tmp_path / "held"
-    proc = subprocess.Popen([sys.executable, env["driver"], hold_at, str(N), str(marker),
-                             *train_args(env, out, *RUN)], cwd=tmp_path, env=env["process_env"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, env["driver"], hold_at, str(N), str(marker), *train_args(env, out, *RUN)],
+        cwd=tmp_path,
+        env=env["process_env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -157,8 +183,10 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(env, uninterrupted, tmp
     if hold_at == "finalized":
         assert f"Resumed from step {N}" in printed and "incomplete" not in printed
     else:  # the half-written checkpoint was not taken, and its folder was cleaned away
-        assert (f"The checkpoint of step {N} is incomplete (the run stopped while saving it) and is deleted; "
-                "the newest complete one is used.") in printed, printed
+        assert (
+            f"The checkpoint of step {N} is incomplete (the run stopped while saving it) and is deleted; "
+            "the newest complete one is used."
+        ) in printed, printed
         assert f"Resumed from step {N - 2}" in printed
     assert sorted(os.listdir(out / "checkpoints")) == ["4", "6", "8"]  # the last 3, nothing else
     assert not (out / "corrupt-checkpoints").exists()
@@ -174,16 +202,31 @@ def test_sigkill_and_resume_equals_the_uninterrupted_run(env, uninterrupted, tmp
 
 
 def test_an_async_save_keeps_its_values_while_donated_steps_run(tmp_path, monkeypatch):
-    run = load_run_config(None, ["model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden_layers=1",
-                                 "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.vocab_size=97",
-                                 "warmup_steps=0", "learning_rate=1e-2"])
+    run = load_run_config(
+        None,
+        [
+            "model.hidden_size=32",
+            "model.intermediate_size=32",
+            "model.num_hidden_layers=1",
+            "model.num_attention_heads=2",
+            "model.num_key_value_heads=1",
+            "model.vocab_size=97",
+            "warmup_steps=0",
+            "learning_rate=1e-2",
+        ],
+    )
     assert run.async_checkpoints
     model, optimizer = make_model(run), make_optimizer(run)
     step = make_train_step(model, optimizer, donate=True)
     rng = np.random.default_rng(0)
-    batches = [{"inputs": rng.integers(0, 97, (4, 16), dtype=np.int32),
-                "targets": rng.integers(0, 97, (4, 16), dtype=np.int32),
-                "segment_ids": np.ones((4, 16), np.int32)} for _ in range(4)]
+    batches = [
+        {
+            "inputs": rng.integers(0, 97, (4, 16), dtype=np.int32),
+            "targets": rng.integers(0, 97, (4, 16), dtype=np.int32),
+            "segment_ids": np.ones((4, 16), np.int32),
+        }
+        for _ in range(4)
+    ]
     params = bitnet_jax.init_params(run.model, 0)
     opt_state = optimizer.init(params)
     params, opt_state, _ = step(params, opt_state, batches[0])
@@ -200,6 +243,7 @@ def test_an_async_save_keeps_its_values_while_donated_steps_run(tmp_path, monkey
             held.append(os.fspath(path))
             release.wait(120)
         return mkdir(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "mkdir", held_mkdir)
 
     manager = _checkpoint_manager(str(tmp_path), run)
@@ -221,8 +265,12 @@ def test_an_async_save_keeps_its_values_while_donated_steps_run(tmp_path, monkey
         manager.wait_until_finished()
     assert os.path.isdir(tmp_path / "checkpoints" / "1")
 
-    restored = manager.restore(1, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected[0]),
-                                                          opt_state=ocp.args.StandardRestore(expected[1])))
+    restored = manager.restore(
+        1,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(expected[0]), opt_state=ocp.args.StandardRestore(expected[1])
+        ),
+    )
     assert_same_trees(expected, (restored.params, restored.opt_state))
 
 
@@ -238,6 +286,7 @@ def test_a_save_cut_short_that_is_never_redone_is_cleaned_away(tmp_path, monkeyp
         if os.path.basename(os.fspath(src)).startswith("5.orbax-checkpoint-tmp"):
             raise OSError("stopped before the rename")
         return rename(src, dst, *args, **kwargs)
+
     with monkeypatch.context() as patch:
         patch.setattr(os, "rename", cut_short)
         manager = _checkpoint_manager(str(tmp_path), run)

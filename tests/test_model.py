@@ -4,13 +4,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from bitnet_jax import BitNetConfig, BitNetLM, KVCache, init_params
 from test_quant import ref_act, ref_weight
 
-CONFIG = BitNetConfig.preset("tiny", vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                             initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+from bitnet_jax import BitNetConfig, BitNetLM, KVCache, init_params
+
+CONFIG = BitNetConfig.preset(
+    "tiny",
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.3,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 def numpy_forward(config, params, ids):
@@ -30,7 +41,7 @@ def numpy_forward(config, params, ids):
         t = np.arange(x.shape[0])[:, None]
         inv = 1.0 / config.rope_theta ** (np.arange(0, h, 2) / h)
         ang = np.concatenate([t * inv, t * inv], axis=-1)[:, None, :]
-        rot = np.concatenate([-x[..., h // 2:], x[..., : h // 2]], axis=-1)
+        rot = np.concatenate([-x[..., h // 2 :], x[..., : h // 2]], axis=-1)
         return x * np.cos(ang) + rot * np.sin(ang)
 
     x = p["embed_tokens"]["embedding"][ids]
@@ -63,16 +74,22 @@ def _random_norms(params, seed=0):
     """Norm weights are ones at init; randomize them so that the test notices a misplaced norm."""
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
-        lambda path, a: a * (1 + 0.2 * rng.standard_normal(a.shape)).astype(np.float32)
-        if path[-1].key == "weight" else a, params)
+        lambda path, a: (
+            a * (1 + 0.2 * rng.standard_normal(a.shape)).astype(np.float32) if path[-1].key == "weight" else a
+        ),
+        params,
+    )
 
 
-@pytest.mark.parametrize("changes", [
-    {"weight_quant": "none", "act_quant": "none"},
-    {},
-    {"tie_word_embeddings": False, "weight_quant": "channel"},
-    {"weight_quant": "group:16", "act_quant": "tensor", "act_bits": 4},
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"weight_quant": "none", "act_quant": "none"},
+        {},
+        {"tie_word_embeddings": False, "weight_quant": "channel"},
+        {"weight_quant": "group:16", "act_quant": "tensor", "act_bits": 4},
+    ],
+)
 def test_forward_matches_numpy_reference(changes):
     config = CONFIG.replace(**changes)
     params = _random_norms(init_params(config, seed=1))
@@ -99,7 +116,7 @@ def test_cache_prefill_and_decode_equal_full_forward():
     np.testing.assert_allclose(logits, full[:, :5], rtol=1e-5, atol=1e-5)
     for t in range(5, 9):
         positions = jnp.full((2, 1), t, jnp.int32)
-        logits, cache = model.apply({"params": params}, ids[:, t:t + 1], positions_bt=positions, cache=cache)
+        logits, cache = model.apply({"params": params}, ids[:, t : t + 1], positions_bt=positions, cache=cache)
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import sharded_runs
+
 from bitnet_jax import cli, init_params
-from bitnet_jax.data import stdlib_root
-from bitnet_jax.train import load_run
+from bitnet_jax.data.pipeline import stdlib_root
+from bitnet_jax.train.loop import load_run
 
 REPO = Path(__file__).parents[1]
 
@@ -43,8 +43,11 @@ def env(tmp_path_factory):
         shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
     previous = os.environ.get("BITNET_JAX_CACHE")
     os.environ["BITNET_JAX_CACHE"] = str(root / "cache")
-    yield {"root": root, "corpus": str(corpus),
-           "env": {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}}
+    yield {
+        "root": root,
+        "corpus": str(corpus),
+        "env": {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+    }
     if previous is None:
         os.environ.pop("BITNET_JAX_CACHE", None)
     else:
@@ -58,11 +61,27 @@ def test_two_processes_train_like_one(env):
 
     out, port = env["root"] / "two", free_port()
     args = sharded_runs.cli_args(env["corpus"], str(out), "mesh=(2,1,2)")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "bitnet_jax.cli", *args, "--coordinator-address", f"localhost:{port}",
-         "--num-processes", "2", "--process-id", str(i)],
-        env={**env["env"], "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bitnet_jax.cli",
+                *args,
+                "--coordinator-address",
+                f"localhost:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env={**env["env"], "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outputs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
@@ -74,8 +93,9 @@ def test_two_processes_train_like_one(env):
     got, want = read_metrics(out), read_metrics(whole)
     assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(7))  # one writer: no duplicates
     for key in ("loss", "eval_loss"):
-        np.testing.assert_allclose([m[key] for m in got if key in m], [m[key] for m in want if key in m],
-                                   rtol=2e-3, err_msg=key)
+        np.testing.assert_allclose(
+            [m[key] for m in got if key in m], [m[key] for m in want if key in m], rtol=2e-3, err_msg=key
+        )
     run, params_whole, _ = load_run(str(whole))
     _, params_two, _ = load_run(str(out))  # a checkpoint saved by both processes together
     sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, sharded_runs.flat(params_two))
@@ -84,8 +104,13 @@ def test_two_processes_train_like_one(env):
 def test_incomplete_multi_process_settings(env, tmp_path):
     """--num-processes alone: JAX finds no coordinator on a plain machine."""
     clean = {k: v for k, v in env["env"].items() if not k.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_"))}
-    result = subprocess.run([sys.executable, "-m", "bitnet_jax.cli", "train", "--out", str(tmp_path / "run"),
-                             "--num-processes", "2"], env=clean, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "bitnet_jax.cli", "train", "--out", str(tmp_path / "run"), "--num-processes", "2"],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith("error: Multi-process start failed") and "--coordinator-address" in result.stderr
     assert "Traceback" not in result.stderr

@@ -7,23 +7,41 @@ import numpy as np
 import pytest
 
 from bitnet_jax import BitNetConfig, BitNetError, BitNetLM, init_params
-from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import compute_params, make_model, make_optimizer, make_train_step, training_loss
+from bitnet_jax.train.loop import compute_params, make_model, make_optimizer, make_train_step, training_loss
+from bitnet_jax.train.run_config import load_run_config
 
 # initializer_range=0.3: logits far from uniform at init, so the loss depends on every layer
 # (with 0.02 it sits at ln V whatever the precision, and comparing it would prove nothing).
-CONFIG = BitNetConfig.preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=97, initializer_range=0.3)
-SMALL = ["model.hidden_size=64", "model.intermediate_size=96", "model.num_hidden_layers=2",
-         "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=97",
-         "model.initializer_range=0.3", "warmup_steps=0", "learning_rate=1e-2"]
+CONFIG = BitNetConfig.preset(
+    "tiny",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+    initializer_range=0.3,
+)
+SMALL = [
+    "model.hidden_size=64",
+    "model.intermediate_size=96",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=97",
+    "model.initializer_range=0.3",
+    "warmup_steps=0",
+    "learning_rate=1e-2",
+]
 
 
 def batch(b=4, t=16, seed=0):
     rng = np.random.default_rng(seed)
-    return {"inputs": rng.integers(0, 97, (b, t), dtype=np.int32),
-            "targets": rng.integers(0, 97, (b, t), dtype=np.int32),
-            "segment_ids": np.repeat(np.array([[1] * 9 + [2] * 7]), b, axis=0).astype(np.int32)}
+    return {
+        "inputs": rng.integers(0, 97, (b, t), dtype=np.int32),
+        "targets": rng.integers(0, 97, (b, t), dtype=np.int32),
+        "segment_ids": np.repeat(np.array([[1] * 9 + [2] * 7]), b, axis=0).astype(np.int32),
+    }
 
 
 def equations(jaxpr):
@@ -65,8 +83,9 @@ def test_bf16_compute_trains_from_f32_master_state():
     assert losses[-1] < 0.8 * losses[0], losses  # it learns the batch
     # Master weights and Adam moments stay f32: bf16 is only the forward/backward compute.
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-    assert {leaf.dtype for leaf in jax.tree.leaves(opt_state) if jnp.issubdtype(leaf.dtype, jnp.floating)} \
-        == {jnp.dtype(jnp.float32)}
+    assert {leaf.dtype for leaf in jax.tree.leaves(opt_state) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {
+        jnp.dtype(jnp.float32)
+    }
 
     # Step 1's loss (at the same initial parameters) against the f32 run. bf16 keeps 8 mantissa
     # bits: each rounding moves a value by up to 2^-9 = 0.2%, and these errors (weights, the
@@ -97,12 +116,21 @@ def test_remat_gives_the_gradients_of_no_remat():
         np.testing.assert_allclose(g_remat, g_plain, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("compute_dtype=float16", "RunConfig.compute_dtype='float16' is invalid: expected one of ('float32', 'bfloat16')"),
-    ("remat=dots", "RunConfig.remat='dots' is invalid: expected 'none', 'full' (recompute whole layers) or a "
-                   "jax.checkpoint policy: dots_saveable"),
-    ("remat=save_only_these_names", "RunConfig.remat='save_only_these_names' is invalid"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            "compute_dtype=float16",
+            "RunConfig.compute_dtype='float16' is invalid: expected one of ('float32', 'bfloat16')",
+        ),
+        (
+            "remat=dots",
+            "RunConfig.remat='dots' is invalid: expected 'none', 'full' (recompute whole layers) or a "
+            "jax.checkpoint policy: dots_saveable",
+        ),
+        ("remat=save_only_these_names", "RunConfig.remat='save_only_these_names' is invalid"),
+    ],
+)
 def test_bad_precision_settings(setting, message):
     with pytest.raises(BitNetError) as e:
         load_run_config(None, [setting])

@@ -1,12 +1,16 @@
 """Quantizers against short numpy references, and the straight-through gradient."""
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax.model import BitLinear, QuantSpec
-from bitnet_jax.quant import act_quantize, fake_quant_act, fake_quant_weight, weight_quantize
+from bitnet_jax.model import quant
+from bitnet_jax.model.quant import act_quantize, fake_quant_act, fake_quant_weight, weight_quantize
+from bitnet_jax.model.transformer import BitLinear, QuantSpec
 
 
 def ref_weight(w, mode):
@@ -91,3 +95,11 @@ def test_bitlinear_gradient_is_the_ste_definition():
     np.testing.assert_allclose(np.asarray(layer.apply({"params": params}, x)), qx @ qw, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(grad_x), g @ qw.T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(grad_p["kernel"]), qx.T @ g, rtol=1e-5, atol=1e-5)
+
+
+def test_quantizer_eps_matches_the_kernels():
+    """The C++ quantizer (xla_ffi/quantize.h) clamps the absmax with the same epsilon as quant.EPS,
+    so that an all-zero row gets the same scale in the kernels and in the pure-JAX reference."""
+    header = (Path(__file__).resolve().parent.parent / "xla_ffi" / "quantize.h").read_text()
+    (eps,) = re.findall(r"constexpr float kQuantEps = ([0-9.eE+-]+)f;", header)
+    assert np.float32(eps) == np.float32(quant.EPS)

@@ -9,19 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitnet_jax import BitNetConfig, ffi, generate, load_hf
-from bitnet_jax.chat import chat_loop, chat_prompt_ids, render_chat, stop_ids
-from bitnet_jax.cli import load_model, main
+from bitnet_jax import BitNetConfig, generate
+from bitnet_jax.cli import main
+from bitnet_jax.cli.app import load_model
+from bitnet_jax.data.tokenizer import StreamDecoder, load_tokenizer, train_sentencepiece
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.pack import load_packed
-from bitnet_jax.tokenizer import StreamDecoder, load_tokenizer, train_sentencepiece
+from bitnet_jax.kernels import ffi
+from bitnet_jax.serve.chat import chat_loop, chat_prompt_ids, render_chat, stop_ids
+from bitnet_jax.serve.pack import load_packed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 # A LLaMA-3-style template (the shape of 2B4T's), written here for the test.
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,10 @@ def test_convert_then_generate_matches_transformers(packed_folder, capsys):
 
 
 def test_generate_cli_streams_and_reports_speed(packed_folder, capsys):
-    assert main(["generate", "--model", str(packed_folder), "--prompt", "hello", "--max-new-tokens", "6",
-                 "--verbose"]) == 0
+    assert (
+        main(["generate", "--model", str(packed_folder), "--prompt", "hello", "--max-new-tokens", "6", "--verbose"])
+        == 0
+    )
     out, err = capsys.readouterr()
     assert out.startswith("hello") and "first token after" in err and "tokens/s" in err
     assert main(["generate", "--model", str(packed_folder), "--prompt", "hi", "--max-new-tokens", "5000"]) == 2
@@ -53,7 +58,8 @@ def test_generate_cli_streams_and_reports_speed(packed_folder, capsys):
 
 def test_chat_template_renders_like_llama3():
     text = render_chat(LLAMA3_TEMPLATE, [{"role": "user", "content": "Hi "}], bos_token="<s>")
-    assert text == "<s><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+    assert text == "<s>" + header.format("user") + "Hi<|eot_id|>" + header.format("assistant")
     with pytest.raises(BitNetError, match="does not render"):
         render_chat("{% for %}", [])
 
@@ -66,7 +72,9 @@ def test_chat_loop_uses_the_template_and_keeps_history(packed_folder, tmp_path):
     config, params, tokenizer = load_model(str(folder))
     assert set(config.eos_ids) <= set(stop_ids(tokenizer, config))
     turns, out = iter(["hello there", "and again", ""]), io.StringIO()
-    assert chat_loop(config, params, tokenizer, str(folder), max_new_tokens=5, read=lambda _: next(turns), write=out) == 0
+    assert (
+        chat_loop(config, params, tokenizer, str(folder), max_new_tokens=5, read=lambda _: next(turns), write=out) == 0
+    )
     assert len(out.getvalue().splitlines()) == 2  # one streamed reply per turn
     # The reply to turn one is what generate gives for the rendered prompt (the template writes
     # the BOS string, which this tokenizer.json encodes as the BOS id).
@@ -128,7 +136,7 @@ def test_generate_stops_at_generation_config_eos(tmp_path, capsys):
 
 
 def test_bench_kernels_small(tmp_path, capsys):
-    from bitnet_jax.bench_serve import bench_kernels, kernels_table
+    from bitnet_jax.bench.serve import bench_kernels, kernels_table
 
     results = bench_kernels(rows=(1, 5), shapes=((300, 9), (200, 130_001)), repeats=1, isas=ffi.available_isas())
     kernels = {(r.kernel, r.isa) for r in results}
@@ -140,7 +148,7 @@ def test_bench_kernels_small(tmp_path, capsys):
 
 
 def test_bench_generate_small():
-    from bitnet_jax.bench_serve import bench_generate, generate_table
+    from bitnet_jax.bench.serve import bench_generate, generate_table
 
     config = BitNetConfig.preset("tiny")
     ffi = bench_generate(config, "ffi", prompt_tokens=16, new_tokens=4, repeats=1)

@@ -1,4 +1,4 @@
-"""Packed serving (bitnet_jax.pack + TernaryLinear + FFI kernels) against the training forward.
+"""Packed serving (bitnet_jax.serve.pack + TernaryLinear + FFI kernels) against the training forward.
 
 The training forward fake-quantizes in float (x_q / x_scale) @ (t * w_scale); serving multiplies
 the same integers exactly and rescales once, so logits agree to float summation order: relative
@@ -14,21 +14,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from near_ties import assert_same_forward, forward_with_quantizer_inputs
 
 from bitnet_jax import BitNetConfig, BitNetLM, generate, init_params, load_hf
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.model import serving_variables
-from bitnet_jax.generate import compile_generate
-from bitnet_jax.pack import is_packed, lm_head_kind, load_packed, pack, read_packed_folder, save_packed
-from bitnet_jax.serving import ServingSpec, computation_platform, serving_backend
-
-
-from near_ties import assert_same_forward, forward_with_quantizer_inputs
+from bitnet_jax.kernels.ops import ServingSpec, computation_platform, serving_backend
+from bitnet_jax.model.transformer import serving_variables
+from bitnet_jax.serve.generate import compile_generate
+from bitnet_jax.serve.pack import is_packed, lm_head_kind, load_packed, pack, read_packed_folder, save_packed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = [case["name"] for case in json.loads((FIXTURES / "manifest.json").read_text())["cases"]]
-SMALL = dict(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
-             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+SMALL = dict(
+    vocab_size=300,
+    hidden_size=96,
+    intermediate_size=200,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def relative_error(got, want):
@@ -43,8 +50,11 @@ def _trained_like(config, seed=0):
     params = init_params(config, seed)
     rng = np.random.default_rng(seed)
     params = jax.tree_util.tree_map_with_path(
-        lambda path, p: jnp.asarray(rng.uniform(0.5, 1.5, p.shape), p.dtype)
-        if getattr(path[-1], "key", None) == "weight" else p, params)
+        lambda path, p: (
+            jnp.asarray(rng.uniform(0.5, 1.5, p.shape), p.dtype) if getattr(path[-1], "key", None) == "weight" else p
+        ),
+        params,
+    )
     embedding = params["embed_tokens"]["embedding"]
     params["embed_tokens"]["embedding"] = embedding * 20.0
     if "lm_head" in params:
@@ -52,11 +62,22 @@ def _trained_like(config, seed=0):
     return params
 
 
-@pytest.mark.parametrize("overrides", [
-    {}, {"weight_quant": "channel"}, {"tie_word_embeddings": False}, {"linear_norm_eps": 1e-6},
-    {"act_bits": 4}, {"hidden_size": 100, "intermediate_size": 300, "num_attention_heads": 5,
-                      "num_key_value_heads": 5},  # K and N not multiples of the block or group
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"weight_quant": "channel"},
+        {"tie_word_embeddings": False},
+        {"linear_norm_eps": 1e-6},
+        {"act_bits": 4},
+        {
+            "hidden_size": 100,
+            "intermediate_size": 300,
+            "num_attention_heads": 5,
+            "num_key_value_heads": 5,
+        },  # K and N not multiples of the block or group
+    ],
+)
 def test_packed_forward_equals_fake_quant_forward(overrides):
     config = BitNetConfig(**{**SMALL, **overrides})
     params = _trained_like(config)
@@ -65,7 +86,9 @@ def test_packed_forward_equals_fake_quant_forward(overrides):
     packed = pack(config, params, lm_head="float")
     assert is_packed(packed) and not is_packed(params)
     for backend in ("ffi", "xla"):
-        got = jax.jit(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)).apply)(serving_variables(packed), ids)
+        got = jax.jit(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)).apply)(
+            serving_variables(packed), ids
+        )
         assert relative_error(got, want) < 1e-5, backend
 
 
@@ -81,8 +104,11 @@ def test_group_scales_pack_and_serve_on_the_xla_integer_path(tmp_path):
     def forward(model, variables):  # group scales: the training forward dequantizes, then sums in float
         logits, sown = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids)
         return np.asarray(logits), {k: np.asarray(v) for k, v in sown.items()}
-    assert_same_forward(*forward(BitNetLM(config), {"params": params}),
-                        *forward(BitNetLM(config, ServingSpec("xla", "float")), serving_variables(packed)))
+
+    assert_same_forward(
+        *forward(BitNetLM(config), {"params": params}),
+        *forward(BitNetLM(config, ServingSpec("xla", "float")), serving_variables(packed)),
+    )
     with pytest.raises(BitNetError, match="one weight scale per tensor or per output channel.*backend='xla'"):
         generate(config, packed, [[1, 2, 3]], 4, backend="ffi")
     save_packed(str(tmp_path / "m"), config, packed)
@@ -141,7 +167,9 @@ def test_ffi_greedy_equals_transformers_on_hf_fixtures(hf_case):
     packed = pack(config, params, lm_head="float")
     new_ids = generate(config, packed, expected["greedy_prompts"], expected["greedy_new_ids"].shape[1])
     np.testing.assert_array_equal(new_ids, expected["greedy_new_ids"])
-    logits = jax.jit(BitNetLM(config, ServingSpec("ffi", "float")).apply)(serving_variables(packed), expected["input_ids"])
+    logits = jax.jit(BitNetLM(config, ServingSpec("ffi", "float")).apply)(
+        serving_variables(packed), expected["input_ids"]
+    )
     assert relative_error(logits, expected["logits"]) < 2e-3  # the bound of test_hf_parity.py
 
 
@@ -155,7 +183,9 @@ def test_int8_lm_head_error_on_hf_fixtures(hf_case):
     (benchmarks/lm_head_trade.py), so it is the default for tied models.)"""
     config, params, expected = hf_case
     ids = expected["input_ids"]
-    float_logits = BitNetLM(config, ServingSpec("ffi", "float")).apply(serving_variables(pack(config, params, lm_head="float")), ids)
+    float_logits = BitNetLM(config, ServingSpec("ffi", "float")).apply(
+        serving_variables(pack(config, params, lm_head="float")), ids
+    )
     packed = pack(config, params, lm_head="int8")
     int8_logits = BitNetLM(config, ServingSpec("ffi", "int8")).apply(serving_variables(packed), ids)
     assert 1e-3 < relative_error(int8_logits, float_logits) < 1.5e-2
@@ -248,8 +278,10 @@ def test_bad_packed_folders(tmp_path):
 
 
 def test_pack_refuses_what_the_kernels_do_not_implement():
-    for overrides, message in [({"act_quant": "tensor"}, "act_quant='tensor'"),
-                               ({"weight_quant": "none"}, "'none' .* has no ternary weights")]:
+    for overrides, message in [
+        ({"act_quant": "tensor"}, "act_quant='tensor'"),
+        ({"weight_quant": "none"}, "'none' .* has no ternary weights"),
+    ]:
         config = BitNetConfig(**{**SMALL, **overrides})
         with pytest.raises(BitNetError, match=message):
             pack(config, init_params(config))
@@ -288,8 +320,9 @@ def test_packed_serving_picks_its_backend_from_the_platform(monkeypatch):
     cpu_apply = jax.jit(BitNetLM(config, ServingSpec(lm_head="float")).apply)
     assert "bitnet_ternary_matmul" in cpu_apply.lower(serving_variables(packed), ids).as_text()
     # Lowered for a GPU, the same model has no custom call that only CPU registers.
-    exported = jax.export.export(jax.jit(BitNetLM(config, ServingSpec(lm_head="float", platform="gpu")).apply),
-                                 platforms=["cuda"])(serving_variables(packed), ids)
+    exported = jax.export.export(
+        jax.jit(BitNetLM(config, ServingSpec(lm_head="float", platform="gpu")).apply), platforms=["cuda"]
+    )(serving_variables(packed), ids)
     assert "custom_call @bitnet" not in exported.mlir_module()
     # generate on (host arrays under) a GPU default backend: the XLA path, the same ids; 'ffi' is refused.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
@@ -302,9 +335,21 @@ def test_packed_serving_picks_its_backend_from_the_platform(monkeypatch):
 # Plain random weights (init_params as they come, no spread-out head): logits are near-tied
 # everywhere and sub-norm inputs hit exact .5 int8 ties, so here the exactness claims are checked
 # with a rule for ties rather than with margins.
-@pytest.mark.parametrize("overrides", [{}, {"weight_quant": "channel"}, {"act_bits": 4},
-                                       {"tie_word_embeddings": False, "hidden_size": 100, "intermediate_size": 300,
-                                        "num_attention_heads": 5, "num_key_value_heads": 5}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"weight_quant": "channel"},
+        {"act_bits": 4},
+        {
+            "tie_word_embeddings": False,
+            "hidden_size": 100,
+            "intermediate_size": 300,
+            "num_attention_heads": 5,
+            "num_key_value_heads": 5,
+        },
+    ],
+)
 def test_serving_on_plain_random_weights(overrides):
     """Serving (FFI kernels, and XLA integer ops) against the training forward.
 
@@ -323,8 +368,10 @@ def test_serving_on_plain_random_weights(overrides):
     def forward(model, variables):
         logits, sown = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids)
         return np.asarray(logits), {k: np.asarray(v) for k, v in sown.items()}
+
     training = forward(BitNetLM(config), {"params": params})
-    xla, ffi = (forward(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)), packed)
-                for backend in ("xla", "ffi"))
+    xla, ffi = (
+        forward(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)), packed) for backend in ("xla", "ffi")
+    )
     assert_same_forward(*training, *xla)
     assert_same_forward(*xla, *ffi)

@@ -5,23 +5,30 @@ subprocesses with 8 or 4 simulated CPU devices, so the rest of the suite keeps o
 
 Tolerance: with the features of a projection split over devices, the RMSNorms that follow reduce
 over a sharded axis (partial sums, then an all-reduce), a different float order than one device;
-a per-token int8 activation can then round the other way at a .5 boundary (see test_hf_parity).
-A relative error of 2e-3 admits such flips and fails any wrong shard (errors of order 1).
+a per-token int8 activation can then round the other way at a .5 boundary. So the sharded forward
+is compared with the one-device forward by `near_ties.assert_same_forward`: tokens no flipped code
+reached agree to float noise, and every flip sat at a near-tie.
 """
 
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
-SCRIPT = textwrap.dedent('''
+# Both scripts compare forwards with the near-tie rule (tests/near_ties.py), imported once each
+# script has set XLA_FLAGS.
+PRELUDE = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+
+SCRIPT = textwrap.dedent("""
     import os, re
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from bitnet_jax import BitNetConfig, BitNetLM, init_params
-    from bitnet_jax.model import serving_variables
-    from bitnet_jax.pack import pack
-    from bitnet_jax.serving import ServingSpec
+    from bitnet_jax.model.transformer import serving_variables
+    from bitnet_jax.serve.pack import pack
+    from bitnet_jax.kernels.ops import ServingSpec
+    from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host
 
     config = BitNetConfig.preset("tiny").replace(weight_quant="channel")
     rng = np.random.default_rng(0)
@@ -32,7 +39,8 @@ SCRIPT = textwrap.dedent('''
     params = pack(config, params, lm_head="float")
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)), jnp.int32)
     model = BitNetLM(config, ServingSpec("ffi", "float"))
-    want = jax.jit(model.apply)(serving_variables(params), ids)
+    run = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))
+    want = on_host(run(serving_variables(params), ids))
 
     def spec(path, x):  # packed row groups (and per-channel scales) over 'tensor'
         if path[-1].key == "w_packed" or (path[-1].key == "w_scale" and x.shape[-1] != 1):
@@ -44,23 +52,22 @@ SCRIPT = textwrap.dedent('''
     with jax.set_mesh(mesh):
         sharded = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.device_put(x, NamedSharding(mesh, spec(p, x))), params)
-        forward = jax.jit(model.apply)
-        got = forward(sharded, ids)
-        hlo = forward.lower(sharded, ids).compile().as_text()
+        got = on_host(run(sharded, ids))
+        hlo = jax.jit(model.apply).lower(sharded, ids).compile().as_text()
     calls = [l for l in hlo.splitlines() if "custom_call_target=\\"bitnet_ternary_matmul\\"" in l]
     print("calls", len(calls))
     print("local_shapes", sorted(set(re.findall(r"= (f32\\[[0-9,]+\\])", " ".join(calls)))))
     print("weight_all_gathers", len(re.findall(r"u8\\[[0-9,]+\\][^\\n]*all-gather\\(|all-gather\\([^\\n]*u8\\[", hlo)))
-    print("rel_error", float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)))
-''')
+    print("clean_tokens", assert_same_forward(*want, *got).mean())
+""")
 
 
 def _run(script: str, tmp_path) -> list[str]:
     """The script's output lines; it runs in a fresh process, in tmp_path: from the repository
     root, `-c` would import the source tree, which has no compiled extension, instead of the
     installed package."""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path)
+    script = PRELUDE + script
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()
 
@@ -71,18 +78,21 @@ def test_tensor_parallel_ffi_matches_one_device(tmp_path):
     # tiny: q/o/k/v/gate/up/down have N = 256, 128, 704; split 4 ways: 64, 32, 176 columns each.
     assert out["local_shapes"] == "['f32[2,9,176]', 'f32[2,9,32]', 'f32[2,9,64]']"
     assert out["weight_all_gathers"] == "0"
-    assert float(out["rel_error"]) < 2e-3
+    assert float(out["clean_tokens"]) >= 0.5  # checked in the script; here only that it ran
 
 
-K_SPLIT_SCRIPT = textwrap.dedent('''
+K_SPLIT_SCRIPT = textwrap.dedent("""
     import os, re
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from bitnet_jax import BitNetConfig, BitNetLM, init_params, layout, serving
-    from bitnet_jax.model import serving_variables
-    from bitnet_jax.pack import pack
-    from bitnet_jax.serving import ServingSpec
+    from bitnet_jax import BitNetConfig, BitNetLM, init_params
+    from bitnet_jax.kernels import layout
+    from bitnet_jax.kernels import ops as serving
+    from bitnet_jax.model.transformer import serving_variables
+    from bitnet_jax.serve.pack import pack
+    from bitnet_jax.kernels.ops import ServingSpec
+    from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host
 
     rng = np.random.default_rng(0)
     for parts, k, n, per_channel in [(2, 512, 36, False), (4, 1024, 12, True), (2, 1536, 8, True)]:
@@ -113,7 +123,8 @@ K_SPLIT_SCRIPT = textwrap.dedent('''
     params = pack(config, params, lm_head="float")
     ids = jnp.asarray(rng.integers(0, config.vocab_size, (2, 9)), jnp.int32)
     model = BitNetLM(config, ServingSpec("ffi", "float"))
-    want = jax.jit(model.apply)(serving_variables(params), ids)
+    run = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))
+    want = on_host(run(serving_variables(params), ids))
     mesh = jax.make_mesh((2,), ("tensor",), axis_types=(AxisType.Auto,))
     row_parallel = lambda path: any(getattr(k, "key", None) in ("o_proj", "down_proj") for k in path)
 
@@ -127,13 +138,12 @@ K_SPLIT_SCRIPT = textwrap.dedent('''
     with jax.set_mesh(mesh):
         sharded = jax.tree_util.tree_map_with_path(
             lambda p, x: jax.device_put(x, NamedSharding(mesh, spec(p, x))), serving_variables(params))
-        forward = jax.jit(model.apply)
-        got = forward(sharded, ids)
-        hlo = forward.lower(sharded, ids).compile().as_text()
+        got = on_host(run(sharded, ids))
+        hlo = jax.jit(model.apply).lower(sharded, ids).compile().as_text()
     print("i32_calls", hlo.count("custom_call_target=\\"bitnet_ternary_matmul_i32\\""))
     print("weight_all_gathers", len(re.findall(r"u8\\[[0-9,]+\\][^\\n]*all-gather\\(|all-gather\\([^\\n]*u8\\[", hlo)))
-    print("rel_error", float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)))
-''')
+    print("clean_tokens", assert_same_forward(*want, *got).mean())
+""")
 
 
 def test_row_parallel_ffi_is_exact_and_serves_o_proj_and_down_proj(tmp_path):
@@ -142,4 +152,4 @@ def test_row_parallel_ffi_is_exact_and_serves_o_proj_and_down_proj(tmp_path):
     out = dict(line.split(" ", 1) for line in lines if not line.startswith("exact"))
     assert int(out["i32_calls"]) >= 2  # o_proj and down_proj (inside the layer scan)
     assert out["weight_all_gathers"] == "0"
-    assert float(out["rel_error"]) < 2e-3
+    assert float(out["clean_tokens"]) >= 0.5  # checked in the script; here only that it ran

@@ -34,16 +34,17 @@ import sys
 from pathlib import Path
 
 import jax
+import near_ties
 import numpy as np
 import pytest
+import sharded_runs
 from jax.sharding import AbstractMesh
 
-import near_ties
-import sharded_runs
-from bitnet_jax import BitNetError, BitNetLM, cli, init_params, sharding
-from bitnet_jax.data import stdlib_root
-from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import load_run, prepare_corpus
+from bitnet_jax import BitNetError, BitNetLM, cli, init_params
+from bitnet_jax.data.pipeline import stdlib_root
+from bitnet_jax.train import sharding
+from bitnet_jax.train.loop import load_run, prepare_corpus
+from bitnet_jax.train.run_config import load_run_config
 
 CASE_IDS = [sharded_runs.case_name(*case) for case in sharded_runs.CASES]
 
@@ -61,18 +62,27 @@ def runs(tmp_path_factory):
     os.environ["BITNET_JAX_CACHE"] = str(cache)
     # Both sides must use one tokenizer: train it (and tokenize) once, before either side starts.
     (root / "scratch").mkdir()
-    prepare_corpus(load_run_config(None, sharded_runs.CLI_SETTINGS + [f"corpus={corpus}"]), str(root / "scratch"),
-                   str(cache))
+    prepare_corpus(
+        load_run_config(None, sharded_runs.CLI_SETTINGS + [f"corpus={corpus}"]), str(root / "scratch"), str(cache)
+    )
 
     out = root / "sharded"
     out.mkdir()
     # Less LLVM optimization: compiles take half the time, and the code reorders float sums no
     # more than sharding itself does.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                                      "--xla_llvm_disable_expensive_passes=true",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    worker = subprocess.Popen([sys.executable, str(Path(__file__).with_name("sharded_runs.py")), str(out), str(corpus)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    worker = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("sharded_runs.py")), str(out), str(corpus)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         reference = {wq: sharded_runs.train_steps(wq) for wq in sorted({wq for _, wq, _ in sharded_runs.CASES})}
         whole = root / "whole"
@@ -85,15 +95,25 @@ def runs(tmp_path_factory):
         else:
             os.environ["BITNET_JAX_CACHE"] = previous_cache
     assert worker.returncode == 0, output[-5000:]
-    return {"reference": reference, "whole": whole, "out": out, "arrays": dict(np.load(out / "results.npz")),
-            "results": json.loads((out / "results.json").read_text())}
+    return {
+        "reference": reference,
+        "whole": whole,
+        "out": out,
+        "arrays": dict(np.load(out / "results.npz")),
+        "results": json.loads((out / "results.json").read_text()),
+    }
 
 
 def case_results(runs, name):
     def under(prefix):
-        return {k[len(prefix):]: v for k, v in runs["arrays"].items() if k.startswith(prefix)}
-    return runs["results"]["cases"][name], under(f"{name}/params/"), runs["arrays"][f"{name}/logits"], \
-        under(f"{name}/sown/")
+        return {k[len(prefix) :]: v for k, v in runs["arrays"].items() if k.startswith(prefix)}
+
+    return (
+        runs["results"]["cases"][name],
+        under(f"{name}/params/"),
+        runs["arrays"][f"{name}/logits"],
+        under(f"{name}/sown/"),
+    )
 
 
 @pytest.mark.parametrize("case", sharded_runs.CASES, ids=CASE_IDS)
@@ -126,19 +146,30 @@ def test_resume_on_another_mesh_equals_uninterrupted_one_device_run(runs):
         np.testing.assert_allclose(got, want, rtol=2e-3, err_msg=key)
 
     run, params_whole, _ = load_run(str(runs["whole"]))
-    params = {k[len("resumed/params/"):]: v for k, v in runs["arrays"].items() if k.startswith("resumed/params/")}
+    params = {k[len("resumed/params/") :]: v for k, v in runs["arrays"].items() if k.startswith("resumed/params/")}
     sharded_runs.assert_same_training(init_params(run.model, run.seed), params_whole, params)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("mesh-product", ["mesh=(2, 2, 1)", "needs 4 devices; found 8", "multiply to 8"]),
-    ("mesh-wildcard", ["mesh=(3, -1, 1)", "cannot use all 8 devices", "multiply to 8"]),
-    ("batch", ["batch_size=12", "data x fsdp = 8 devices", "expected a multiple of 8", "Change batch_size"]),
-    ("micro-batch", ["batch_size=8", "data x fsdp = 4", "grad_accum_steps=4 micro-batches",
-                     "expected a multiple of 16"]),
-    ("param", ["layers/mlp/down_proj/kernel (2, 100, 64) cannot be split 8 ways over mesh axis tensor",
-               "not a multiple of 8", "Choose a mesh"]),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("mesh-product", ["mesh=(2, 2, 1)", "needs 4 devices; found 8", "multiply to 8"]),
+        ("mesh-wildcard", ["mesh=(3, -1, 1)", "cannot use all 8 devices", "multiply to 8"]),
+        ("batch", ["batch_size=12", "data x fsdp = 8 devices", "expected a multiple of 8", "Change batch_size"]),
+        (
+            "micro-batch",
+            ["batch_size=8", "data x fsdp = 4", "grad_accum_steps=4 micro-batches", "expected a multiple of 16"],
+        ),
+        (
+            "param",
+            [
+                "layers/mlp/down_proj/kernel (2, 100, 64) cannot be split 8 ways over mesh axis tensor",
+                "not a multiple of 8",
+                "Choose a mesh",
+            ],
+        ),
+    ],
+)
 def test_bad_mesh_on_8_devices(runs, name, expected):
     result = runs["results"]["errors"][name]
     assert result["status"] == 2 and result["err"].startswith("error: ")
@@ -169,8 +200,10 @@ def test_mesh_round_trips_through_run_json():
     assert type(run).from_dict(json.loads(json.dumps(run.to_dict())), source="json").mesh == (2, -1, 1)
 
 
-@pytest.mark.parametrize("shape, devices, want", [((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 2), 8, (2, 2, 2)),
-                                                  ((1, 2, 4), 8, (1, 2, 4)), ((-1, 1, 1), 1, (1, 1, 1))])
+@pytest.mark.parametrize(
+    "shape, devices, want",
+    [((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 2), 8, (2, 2, 2)), ((1, 2, 4), 8, (1, 2, 4)), ((-1, 1, 1), 1, (1, 1, 1))],
+)
 def test_wildcard_takes_the_remaining_devices(shape, devices, want):
     assert sharding.resolve_mesh_shape(shape, devices) == want
 
@@ -190,7 +223,8 @@ def test_parameters_carry_logical_axes_and_init_params_stays_plain():
     flat_specs = jax.tree_util.tree_flatten_with_path(sharding.param_specs(BitNetLM(config)), is_leaf=is_spec)[0]
     specs = {"/".join(p.key for p in path): tuple(spec) for path, spec in flat_specs}
     kernels = {
-        "embed_tokens/embedding": ("vocab", "embed"), "lm_head/kernel": ("embed", "vocab"),
+        "embed_tokens/embedding": ("vocab", "embed"),
+        "lm_head/kernel": ("embed", "vocab"),
         "layers/self_attn/q_proj/kernel": ("layers", "embed", "q_heads"),
         "layers/self_attn/k_proj/kernel": ("layers", "embed", "kv_heads"),
         "layers/self_attn/v_proj/kernel": ("layers", "embed", "kv_heads"),
@@ -217,6 +251,7 @@ def test_constraints_act_only_under_a_mesh():
     def forward(params, ids):
         with sharding.activation_sharding(mesh):
             return model.apply({"params": params}, ids)
+
     constrained = jax.jit(forward).lower(params, ids).as_text()
     assert "sharding_constraint" not in plain
     # embeddings, each layer's output (one in the scanned body), logits

@@ -6,11 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from bitnet_jax import cli, data, documents, token_records
+from bitnet_jax import cli
+from bitnet_jax.data import documents, token_records
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.data.sources import DataSource, parse_source
+from bitnet_jax.data.tokenizer import train_sentencepiece
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.run_config import load_run_config, RunConfig
-from bitnet_jax.sources import DataSource, parse_corpus, parse_source
-from bitnet_jax.tokenizer import train_sentencepiece
+from bitnet_jax.train.run_config import RunConfig, load_run_config
 
 DOCS = [f"def f{i}(x):\n    return x + {i}  # é {'word ' * (i % 5)}\n" for i in range(60)]
 
@@ -39,8 +41,9 @@ def _jsonl(path, docs, field="text"):
 
 
 def _streams(source, tokenizer, cache=None, fraction=0.1):
-    return documents.source_streams(source, tokenizer, default_suffixes=(".txt",), heldout_fraction=fraction,
-                                    cache_dir=cache)
+    return documents.source_streams(
+        source, tokenizer, default_suffixes=(".txt",), heldout_fraction=fraction, cache_dir=cache
+    )
 
 
 def _reference_stream(docs, tokenizer):
@@ -51,18 +54,25 @@ def _reference_stream(docs, tokenizer):
 
 
 # Config forms.
-@pytest.mark.parametrize("spec, expected", [
-    ("stdlib", DataSource("stdlib")),
-    ("/no/such/folder", DataSource("text", "/no/such/folder")),
-    ("jsonl:/d/a.jsonl", DataSource("jsonl", "/d/a.jsonl")),
-    ("parquet:/d/*.parquet", DataSource("parquet", "/d/*.parquet")),
-    ("array_record:/d/tok", DataSource("array_record", "/d/tok")),
-    ({"kind": "jsonl", "path": "a.jsonl", "field": "content", "weight": 0.7},
-     DataSource("jsonl", "a.jsonl", field="content", weight=0.7)),
-    ({"kind": "parquet", "path": "p", "column": "body"}, DataSource("parquet", "p", field="body")),
-    ({"kind": "text", "path": "t", "suffixes": [".md"], "weight": 2}, DataSource("text", "t", suffixes=(".md",),
-                                                                                  weight=2.0)),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("stdlib", DataSource("stdlib")),
+        ("/no/such/folder", DataSource("text", "/no/such/folder")),
+        ("jsonl:/d/a.jsonl", DataSource("jsonl", "/d/a.jsonl")),
+        ("parquet:/d/*.parquet", DataSource("parquet", "/d/*.parquet")),
+        ("array_record:/d/tok", DataSource("array_record", "/d/tok")),
+        (
+            {"kind": "jsonl", "path": "a.jsonl", "field": "content", "weight": 0.7},
+            DataSource("jsonl", "a.jsonl", field="content", weight=0.7),
+        ),
+        ({"kind": "parquet", "path": "p", "column": "body"}, DataSource("parquet", "p", field="body")),
+        (
+            {"kind": "text", "path": "t", "suffixes": [".md"], "weight": 2},
+            DataSource("text", "t", suffixes=(".md",), weight=2.0),
+        ),
+    ],
+)
 def test_source_forms_parse_and_round_trip(spec, expected):
     source = parse_source(spec)
     assert source == expected
@@ -78,17 +88,20 @@ def test_run_config_keeps_a_mixture_through_run_json():
     assert load_run_config(None).corpus == "stdlib" and load_run_config(None).sources == (DataSource("stdlib"),)
 
 
-@pytest.mark.parametrize("corpus, message", [
-    ("jsnl:/d/a.jsonl", "unknown source kind 'jsnl' (did you mean 'jsonl'?)"),
-    ({"kind": "csv", "path": "a"}, "unknown source kind 'csv'"),
-    ([{"kind": "jsonl", "path": "a", "weight": -1}], "corpus[0]: weight=-1 is invalid: expected a positive"),
-    ([{"kind": "jsonl", "path": "a", "weight": 0}, {"kind": "jsonl", "path": "b", "weight": 0}], "weight=0"),
-    ([{"kind": "jsonl", "path": "a", "feld": "x"}], "'feld' (did you mean 'field'?)"),
-    ([{"kind": "parquet", "path": "a", "field": "x"}], "it takes column, kind, path, weight"),
-    ({"kind": "jsonl"}, "needs a 'path'"),
-    ([], "non-empty list"),
-    (3, "expected a source"),
-])
+@pytest.mark.parametrize(
+    "corpus, message",
+    [
+        ("jsnl:/d/a.jsonl", "unknown source kind 'jsnl' (did you mean 'jsonl'?)"),
+        ({"kind": "csv", "path": "a"}, "unknown source kind 'csv'"),
+        ([{"kind": "jsonl", "path": "a", "weight": -1}], "corpus[0]: weight=-1 is invalid: expected a positive"),
+        ([{"kind": "jsonl", "path": "a", "weight": 0}, {"kind": "jsonl", "path": "b", "weight": 0}], "weight=0"),
+        ([{"kind": "jsonl", "path": "a", "feld": "x"}], "'feld' (did you mean 'field'?)"),
+        ([{"kind": "parquet", "path": "a", "field": "x"}], "it takes column, kind, path, weight"),
+        ({"kind": "jsonl"}, "needs a 'path'"),
+        ([], "non-empty list"),
+        (3, "expected a source"),
+    ],
+)
 def test_bad_sources_are_refused(corpus, message):
     with pytest.raises(BitNetError, match="RunConfig.corpus") as err:
         load_run_config(None, [f"corpus={corpus!r}"])
@@ -169,7 +182,7 @@ def test_parquet_documents_and_errors(tmp_path):
     with pytest.raises(BitNetError, match="column 'n' holds int64; expected strings"):
         _streams(parse_source({"kind": "parquet", "path": str(folder), "column": "n"}), tok)
     good = (folder / "part-0.parquet").read_bytes()
-    (folder / "part-0.parquet").write_bytes(good[:len(good) // 2])  # cut short
+    (folder / "part-0.parquet").write_bytes(good[: len(good) // 2])  # cut short
     with pytest.raises(BitNetError, match="part-0.parquet is not a readable Parquet file"):
         _streams(parse_source({"kind": "parquet", "path": str(folder), "column": "body"}), tok)
 
@@ -179,8 +192,9 @@ def test_tokenize_then_read_equals_on_the_fly(tmp_path, capsys):
     path = _jsonl(tmp_path / "a.jsonl", DOCS)
     sp = train_sentencepiece([], 300, tmp_path / "sp", texts=DOCS)
     out = tmp_path / "tok"
-    assert cli.main(["tokenize", "--corpus", f"jsonl:{path}", "--tokenizer", str(tmp_path / "sp"),
-                     "--out", str(out)]) == 0
+    assert (
+        cli.main(["tokenize", "--corpus", f"jsonl:{path}", "--tokenizer", str(tmp_path / "sp"), "--out", str(out)]) == 0
+    )
     assert "Wrote 60 documents" in capsys.readouterr().out
     meta = json.loads((out / "tokens.json").read_text())
     assert meta["dtype"] == "<u2" and meta["documents"] == 60 and meta["tokenizer"]["fingerprint"] == sp.fingerprint
@@ -192,8 +206,20 @@ def test_tokenize_then_read_equals_on_the_fly(tmp_path, capsys):
     for a, b in zip(on_the_fly, pretokenized):
         np.testing.assert_array_equal(a, b)
     # A tokenizer trained by the command itself lands in the folder, which load_tokenizer reads.
-    assert cli.main(["tokenize", "--corpus", f"{{'kind': 'jsonl', 'path': '{path}'}}", "--vocab-size", "300",
-                     "--out", str(tmp_path / "tok2")]) == 0
+    assert (
+        cli.main(
+            [
+                "tokenize",
+                "--corpus",
+                f"{{'kind': 'jsonl', 'path': '{path}'}}",
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "tok2"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "tok2" / "tokenizer.model").is_file()
 
 
@@ -239,7 +265,7 @@ def test_corrupt_array_record_is_refused(tmp_path, damage):
     if damage == "garbage":
         records.write_bytes(b"not an array record" * 50)
     elif damage == "cut short":
-        records.write_bytes(good[:len(good) // 2])
+        records.write_bytes(good[: len(good) // 2])
     elif damage == "no metadata":
         (out / "tokens.json").unlink()
     elif damage == "no lengths":
@@ -247,7 +273,8 @@ def test_corrupt_array_record_is_refused(tmp_path, damage):
     else:  # same count and total, so only reading a record shows it
         np.save(out / "tokens.lengths.npy", np.roll(np.load(out / "tokens.lengths.npy"), 1))
     message = {"no metadata": "no tokens.json", "no lengths": "tokens.lengths.npy is corrupt or incomplete"}.get(
-        damage, "tokens.array_record is corrupt or incomplete")
+        damage, "tokens.array_record is corrupt or incomplete"
+    )
     with pytest.raises(BitNetError, match=message):
         train, held = _streams(parse_source(f"array_record:{out}"), ByteTokenizer())
         np.asarray(train)
@@ -304,8 +331,9 @@ def test_a_source_too_small_for_a_window_is_named():
 @pytest.mark.parametrize("weights", [None, [3, 1, 1]], ids=["single", "mixture"])
 def test_process_shards_together_make_the_global_batch(weights):
     streams = _tagged_streams() if weights else _tagged_streams()[2]
-    make = lambda index, count: data.make_train_iterator(streams, 10, 8, 3, weights=weights, eos_id=-1,
-                                                         shard_index=index, shard_count=count)
+    make = lambda index, count: data.make_train_iterator(
+        streams, 10, 8, 3, weights=weights, eos_id=-1, shard_index=index, shard_count=count
+    )
     whole = _take(make(0, 1), 12)
     shards = [_take(make(i, 2), 12) for i in range(2)]
     for b, (s0, s1) in enumerate(zip(shards[0], shards[1])):
@@ -318,8 +346,9 @@ def test_process_shards_together_make_the_global_batch(weights):
 
 def test_worker_processes_give_the_same_batches_and_resume():
     streams = _tagged_streams()
-    make = lambda workers: data.make_train_iterator(streams, 10, 4, 2, weights=[1, 1, 2], eos_id=-1,
-                                                    worker_count=workers)
+    make = lambda workers: data.make_train_iterator(
+        streams, 10, 4, 2, weights=[1, 1, 2], eos_id=-1, worker_count=workers
+    )
     expected = _take(make(0), 6)
     it = make(1)
     _take(it, 2)

@@ -8,20 +8,31 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from bitnet_jax.errors import BitNetError
-from bitnet_jax.tokenizer import (
+from bitnet_jax.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     StreamDecoder,
     load_tokenizer,
     train_sentencepiece,
 )
+from bitnet_jax.errors import BitNetError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-CORPUS = [STDLIB / name for name in (
-    "textwrap.py", "string.py", "json/__init__.py", "json/decoder.py", "json/encoder.py",
-    "fnmatch.py", "shlex.py", "bisect.py", "heapq.py", "copy.py",
-)]
+CORPUS = [
+    STDLIB / name
+    for name in (
+        "textwrap.py",
+        "string.py",
+        "json/__init__.py",
+        "json/decoder.py",
+        "json/encoder.py",
+        "fnmatch.py",
+        "shlex.py",
+        "bisect.py",
+        "heapq.py",
+        "copy.py",
+    )
+]
 
 # Things code tokenizers get wrong: tabs, CRLF, runs of blank lines, deep indentation, trailing
 # spaces, leading whitespace at the very start, characters outside the training data (they go
@@ -36,7 +47,7 @@ TRICKY = (
     "    \n"
     "class A:\r\n"
     "    pass\r\n"
-    "s = '\\n' + \"\"\"\n  doc\n\"\"\"\n"
+    's = \'\\n\' + """\n  doc\n"""\n'
     "end"
 )
 
@@ -136,10 +147,14 @@ def test_hf_tokenizer_json(hf_folder, sp_tok, tmp_path):
     folder = tmp_path
     (folder / "tokenizer.json").write_bytes((hf_folder / "tokenizer.json").read_bytes())
     (folder / "tokenizer.model").write_bytes(sp_tok.path.read_bytes())  # tokenizer.json wins
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>",
-        "eos_token": {"content": "<|eot_id|>", "special": True},
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": {"content": "<|eot_id|>", "special": True},
+            }
+        )
+    )
     (folder / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
     tok = load_tokenizer(folder)
     assert isinstance(tok, HFTokenizer)
@@ -169,7 +184,7 @@ def test_hf_tokenizer_malformed_json(tmp_path):
 
 def _stream(tok, ids, step):
     decoder = StreamDecoder(tok)
-    parts = [decoder.push(ids[i:i + step]) for i in range(0, len(ids), step)]
+    parts = [decoder.push(ids[i : i + step]) for i in range(0, len(ids), step)]
     return parts + [decoder.flush()]
 
 

@@ -15,18 +15,45 @@ import numpy as np
 import pytest
 
 from bitnet_jax import BitNetError, cli
-from bitnet_jax.data import stdlib_root
-from bitnet_jax.train import load_run
+from bitnet_jax.data.pipeline import stdlib_root
+from bitnet_jax.train.loop import load_run
 
 # A few real stdlib modules make a corpus big enough for a 640-piece tokenizer and tiny batches.
-CORPUS_FILES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
-                "keyword.py", "linecache.py", "queue.py", "sched.py", "this.py", "tabnanny.py", "calendar.py"]
+CORPUS_FILES = [
+    "textwrap.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "bisect.py",
+    "heapq.py",
+    "colorsys.py",
+    "keyword.py",
+    "linecache.py",
+    "queue.py",
+    "sched.py",
+    "this.py",
+    "tabnanny.py",
+    "calendar.py",
+]
 TINY = [
-    "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-    "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=640",
-    "model.max_position_embeddings=64", "seq_len=32", "batch_size=4", "steps=6", "warmup_steps=2",
-    "log_every=1", "eval_every=3", "eval_batches=2", "checkpoint_every=3", "keep_checkpoints=3",
-    "heldout_fraction=0.1", "learning_rate=1e-2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.vocab_size=640",
+    "model.max_position_embeddings=64",
+    "seq_len=32",
+    "batch_size=4",
+    "steps=6",
+    "warmup_steps=2",
+    "log_every=1",
+    "eval_every=3",
+    "eval_batches=2",
+    "checkpoint_every=3",
+    "keep_checkpoints=3",
+    "heldout_fraction=0.1",
+    "learning_rate=1e-2",
 ]
 
 
@@ -45,8 +72,16 @@ def env(tmp_path_factory):
 
 
 def train_args(env, out, *extra):
-    return ["train", "--no-progress", "--out", str(out), "--set", f"corpus={env['corpus']}",
-            *[a for s in TINY for a in ("--set", s)], *[a for s in extra for a in ("--set", s)]]
+    return [
+        "train",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--set",
+        f"corpus={env['corpus']}",
+        *[a for s in TINY for a in ("--set", s)],
+        *[a for s in extra for a in ("--set", s)],
+    ]
 
 
 def read_metrics(run_dir):
@@ -77,8 +112,7 @@ def test_train_writes_a_self_contained_run_folder_and_generates(trained, capsys)
     assert run.steps == 6 and run.model.hidden_size == 64 and tokenizer.vocab_size == 640
     assert params["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 64, 128)
 
-    assert cli.main(["generate", "--model", str(out), "--prompt", "def ", "--max-new-tokens", "8",
-                     "--verbose"]) == 0
+    assert cli.main(["generate", "--model", str(out), "--prompt", "def ", "--max-new-tokens", "8", "--verbose"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("def ") and len(captured.out) > len("def \n")
     assert "tokens/s" in captured.err
@@ -147,8 +181,13 @@ def test_resume_with_a_different_model_is_refused(env, trained, capsys):
 def test_ctrl_c_keeps_the_last_checkpoint(env, signum):
     out = env["root"] / f"interrupted-{signum}"
     cmd = [sys.executable, "-m", "bitnet_jax.cli", *train_args(env, out, "steps=100000", "checkpoint_every=1000")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "BITNET_JAX_CACHE": env["cache"]})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "BITNET_JAX_CACHE": env["cache"]},
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
@@ -181,15 +220,18 @@ def test_corpus_too_small_for_one_batch(env, tmp_path, capsys):
     assert "needs at least" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("stepz=10", "stepz"),
-    ("steps=-1", "RunConfig.steps=-1 is invalid: expected a positive integer"),
-    ("model.hidden_sise=64", "hidden_sise"),
-    ("model.weight_quant=ternary", "weight_quant"),
-    ("seq_len=4096", "max_position_embeddings"),
-    ("async_checkpoints=1", "RunConfig.async_checkpoints=1 is invalid: expected True or False"),
-    ("steps", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("stepz=10", "stepz"),
+        ("steps=-1", "RunConfig.steps=-1 is invalid: expected a positive integer"),
+        ("model.hidden_sise=64", "hidden_sise"),
+        ("model.weight_quant=ternary", "weight_quant"),
+        ("seq_len=4096", "max_position_embeddings"),
+        ("async_checkpoints=1", "RunConfig.async_checkpoints=1 is invalid: expected True or False"),
+        ("steps", "expected key=value"),
+    ],
+)
 def test_bad_set_values(env, tmp_path, capsys, setting, message):
     assert cli.main(train_args(env, tmp_path / "run", setting)) == 2
     err = capsys.readouterr().err
@@ -210,10 +252,13 @@ def test_missing_config_file(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-new-tokens", "0"], "max_new_tokens"),
-    (["--prompt", "x " * 200], "context"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens"),
+        (["--prompt", "x " * 200], "context"),
+    ],
+)
 def test_generate_bad_requests(trained, capsys, args, message):
     argv = ["generate", "--model", str(trained)] + ([] if "--prompt" in args else ["--prompt", "def "])
     assert cli.main(argv + args) == 2

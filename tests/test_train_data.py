@@ -12,22 +12,48 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bitnet_jax import cli
-from bitnet_jax.data import stdlib_root
-from bitnet_jax.train import load_run
+from bitnet_jax.data.pipeline import stdlib_root
+from bitnet_jax.train.loop import load_run
 
-MODULES = ["textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "bisect.py", "heapq.py", "colorsys.py",
-           "keyword.py", "linecache.py", "queue.py", "sched.py", "tabnanny.py", "calendar.py"]
+MODULES = [
+    "textwrap.py",
+    "shlex.py",
+    "fnmatch.py",
+    "glob.py",
+    "bisect.py",
+    "heapq.py",
+    "colorsys.py",
+    "keyword.py",
+    "linecache.py",
+    "queue.py",
+    "sched.py",
+    "tabnanny.py",
+    "calendar.py",
+]
 TINY = [
-    "model.hidden_size=64", "model.intermediate_size=128", "model.num_hidden_layers=2",
-    "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.max_position_embeddings=64",
-    "seq_len=32", "batch_size=4", "steps=6", "warmup_steps=2", "log_every=1", "eval_every=3", "eval_batches=2",
-    "checkpoint_every=3", "keep_checkpoints=3", "heldout_fraction=0.1", "learning_rate=1e-2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.max_position_embeddings=64",
+    "seq_len=32",
+    "batch_size=4",
+    "steps=6",
+    "warmup_steps=2",
+    "log_every=1",
+    "eval_every=3",
+    "eval_batches=2",
+    "checkpoint_every=3",
+    "keep_checkpoints=3",
+    "heldout_fraction=0.1",
+    "learning_rate=1e-2",
 ]
 
 
 def _chunks(text, lines=30):
     rows = text.splitlines(keepends=True)
-    return ["".join(rows[i:i + lines]) for i in range(0, len(rows), lines)]
+    return ["".join(rows[i : i + lines]) for i in range(0, len(rows), lines)]
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +75,19 @@ def _args(out, *settings):
 
 
 def _mixture(env):
-    return (f"corpus=[{{'kind': 'jsonl', 'path': '{env / 'a.jsonl'}', 'field': 'content', 'weight': 3}}, "
-            f"'array_record:{env / 'tok'}']")
+    return (
+        f"corpus=[{{'kind': 'jsonl', 'path': '{env / 'a.jsonl'}', 'field': 'content', 'weight': 3}}, "
+        f"'array_record:{env / 'tok'}']"
+    )
 
 
 def _params_equal(run_a, run_b):
     _, params_a, _ = load_run(str(run_a))
     _, params_b, _ = load_run(str(run_b))
-    return all(np.array_equal(np.asarray(a), np.asarray(b))
-               for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)))
+    return all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b))
+    )
 
 
 def test_mixture_run_resumes_exactly(env, capsys):
@@ -82,38 +112,78 @@ def test_hugging_face_tokenizer_json(env, tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     texts = [json.loads(line)["content"] for line in (env / "a.jsonl").read_text().splitlines()]
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     (tmp_path / "hf").mkdir()
     tok.save(str(tmp_path / "hf" / "tokenizer.json"))
     out = tmp_path / "run"
-    assert cli.main(_args(out, f"corpus={{'kind': 'jsonl', 'path': '{env / 'a.jsonl'}', 'field': 'content'}}",
-                          f"tokenizer={tmp_path / 'hf' / 'tokenizer.json'}", f"model.vocab_size={tok.get_vocab_size()}",
-                          "model.bos_token_id=0", "model.eos_token_id=1", "steps=2", "eval_every=2")) == 0
+    assert (
+        cli.main(
+            _args(
+                out,
+                f"corpus={{'kind': 'jsonl', 'path': '{env / 'a.jsonl'}', 'field': 'content'}}",
+                f"tokenizer={tmp_path / 'hf' / 'tokenizer.json'}",
+                f"model.vocab_size={tok.get_vocab_size()}",
+                "model.bos_token_id=0",
+                "model.eos_token_id=1",
+                "steps=2",
+                "eval_every=2",
+            )
+        )
+        == 0
+    )
     _, _, loaded = load_run(str(out))
     assert loaded.eos_id == 1 and loaded.encode("def f(x):") == tok.encode("def f(x):").ids
 
 
-@pytest.mark.parametrize("corpus, message", [
-    ("jsonl:{bad}", "bad.jsonl, line 2: expected one JSON object per line"),
-    ("jsonl:{a}", "no field 'text'; this line has 'content'"),
-    ("[{{'kind': 'jsonl', 'path': '{a}', 'field': 'content'}}, 'array_record:{empty}']", "found no tokens.array_record"),
-])
+@pytest.mark.parametrize(
+    "corpus, message",
+    [
+        ("jsonl:{bad}", "bad.jsonl, line 2: expected one JSON object per line"),
+        ("jsonl:{a}", "no field 'text'; this line has 'content'"),
+        (
+            "[{{'kind': 'jsonl', 'path': '{a}', 'field': 'content'}}, 'array_record:{empty}']",
+            "found no tokens.array_record",
+        ),
+    ],
+)
 def test_bad_data_stops_the_run_with_a_message(env, tmp_path, capsys, corpus, message):
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
     (tmp_path / "empty").mkdir()
     corpus = corpus.format(bad=tmp_path / "bad.jsonl", a=env / "a.jsonl", empty=tmp_path / "empty")
-    assert cli.main(_args(tmp_path / "run", f"corpus={corpus}", "model.vocab_size=640",
-                          f"tokenizer={env / 'tok'}")) == 2
+    assert (
+        cli.main(_args(tmp_path / "run", f"corpus={corpus}", "model.vocab_size=640", f"tokenizer={env / 'tok'}")) == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
 def test_pretokenized_data_with_another_tokenizer_is_refused(env, tmp_path, capsys):
     other = tmp_path / "other"
-    assert cli.main(["tokenize", "--corpus", f"{{'kind': 'jsonl', 'path': '{env / 'a.jsonl'}', 'field': 'content'}}",
-                     "--vocab-size", "640", "--out", str(other)]) == 0
-    assert cli.main(_args(tmp_path / "run", f"corpus=array_record:{env / 'tok'}", "model.vocab_size=640",
-                          f"tokenizer={other}")) == 2
+    assert (
+        cli.main(
+            [
+                "tokenize",
+                "--corpus",
+                f"{{'kind': 'jsonl', 'path': '{env / 'a.jsonl'}', 'field': 'content'}}",
+                "--vocab-size",
+                "640",
+                "--out",
+                str(other),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli.main(
+            _args(tmp_path / "run", f"corpus=array_record:{env / 'tok'}", "model.vocab_size=640", f"tokenizer={other}")
+        )
+        == 2
+    )
     assert "tokenized with another tokenizer" in capsys.readouterr().err

@@ -8,18 +8,28 @@ import optax
 import pytest
 
 from bitnet_jax import BitNetConfig, BitNetError, BitNetLM, init_params
-from bitnet_jax.run_config import load_run_config
-from bitnet_jax.train import make_optimizer, make_train_step, training_loss
+from bitnet_jax.train.loop import make_optimizer, make_train_step, training_loss
+from bitnet_jax.train.run_config import load_run_config
 
-CONFIG = BitNetConfig.preset("tiny", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+CONFIG = BitNetConfig.preset(
+    "tiny",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=97,
+)
 
 
 def batch(b=8, t=12, seed=0):
     rng = np.random.default_rng(seed)
     segments = np.repeat(np.array([[1] * 7 + [2] * 5]), b, axis=0).astype(np.int32)  # two documents per row
-    return {"inputs": rng.integers(0, 97, (b, t), dtype=np.int32),
-            "targets": rng.integers(0, 97, (b, t), dtype=np.int32), "segment_ids": segments}
+    return {
+        "inputs": rng.integers(0, 97, (b, t), dtype=np.int32),
+        "targets": rng.integers(0, 97, (b, t), dtype=np.int32),
+        "segment_ids": segments,
+    }
 
 
 @pytest.mark.parametrize("accum", [2, 4])
@@ -41,19 +51,28 @@ def test_gradient_accumulation_equals_one_big_step(accum):
 def test_z_loss_adds_its_formula_and_reports_plain_cross_entropy():
     model, params, data = BitNetLM(CONFIG), init_params(CONFIG, seed=2), batch()
     objective, ce = training_loss(params, model, data, z_loss=1e-2)
-    logits = np.asarray(model.apply({"params": params}, data["inputs"], segment_ids_bt=data["segment_ids"]),
-                        np.float64)
+    logits = np.asarray(model.apply({"params": params}, data["inputs"], segment_ids_bt=data["segment_ids"]), np.float64)
     log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     want_ce = np.mean(log_z - np.take_along_axis(logits, data["targets"][..., None], -1)[..., 0])
     np.testing.assert_allclose(ce, want_ce, rtol=1e-5)
-    np.testing.assert_allclose(objective, want_ce + 1e-2 * np.mean(log_z ** 2), rtol=1e-5)
+    np.testing.assert_allclose(objective, want_ce + 1e-2 * np.mean(log_z**2), rtol=1e-5)
     assert training_loss(params, model, data)[0] == training_loss(params, model, data)[1]
 
 
 def test_z_loss_pulls_the_normalizer_toward_one():
-    run = load_run_config(None, ["model.hidden_size=64", "model.intermediate_size=96", "model.num_hidden_layers=2",
-                                 "model.num_attention_heads=4", "model.num_key_value_heads=2", "model.vocab_size=97",
-                                 "warmup_steps=0", "learning_rate=1e-2"])
+    run = load_run_config(
+        None,
+        [
+            "model.hidden_size=64",
+            "model.intermediate_size=96",
+            "model.num_hidden_layers=2",
+            "model.num_attention_heads=4",
+            "model.num_key_value_heads=2",
+            "model.vocab_size=97",
+            "warmup_steps=0",
+            "learning_rate=1e-2",
+        ],
+    )
     model, data = BitNetLM(run.model), batch()
     mean_log_z = []
     for z in (0.0, 1.0):

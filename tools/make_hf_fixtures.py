@@ -53,9 +53,8 @@ if os.environ.get("TORCH_COMPILE_DISABLE") != "1":
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
 import transformers
+from safetensors.torch import save_file
 from transformers import BitNetConfig, BitNetForCausalLM, GenerationConfig
 from transformers.integrations.bitnet import AutoBitLinear, BitLinear, pack_weights, unpack_weights
 
@@ -132,21 +131,53 @@ CASES = [
         name="online_bf16_gqa_tied",
         description="bf16 master weights, online autobitlinear, GQA 6q/2kv, tied embeddings, "
         "rope under rope_parameters (transformers 5 style)",
-        vocab=389, hidden=96, heads=6, kv_heads=2, intermediate=200, storage="online_bf16", tied=True,
-        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=256, bos=1, eos=2, seed=1023,
+        vocab=389,
+        hidden=96,
+        heads=6,
+        kv_heads=2,
+        intermediate=200,
+        storage="online_bf16",
+        tied=True,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        bos=1,
+        eos=2,
+        seed=1023,
     ),
     Case(
         name="online_fp32_mha_untied",
         description="fp32 master weights, online autobitlinear, MHA 5/5, untied lm_head, rope_theta 1e4",
-        vocab=457, hidden=80, heads=5, kv_heads=5, intermediate=136, storage="online_fp32", tied=False,
-        rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=128, bos=0, eos=3, seed=2015,
+        vocab=457,
+        hidden=80,
+        heads=5,
+        kv_heads=5,
+        intermediate=136,
+        storage="online_fp32",
+        tied=False,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=128,
+        bos=0,
+        eos=3,
+        seed=2015,
     ),
     Case(
         name="packed_autobitlinear",
         description="offline autobitlinear: uint8-packed ternary weights + weight_scale = mean|W| "
         "(fp32, multiplied into the output), bf16 embeddings/norms/lm_head, GQA 6q/3kv, untied",
-        vocab=331, hidden=72, heads=6, kv_heads=3, intermediate=164, storage="packed_autobitlinear",
-        tied=False, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=192, bos=5, eos=6,
+        vocab=331,
+        hidden=72,
+        heads=6,
+        kv_heads=3,
+        intermediate=164,
+        storage="packed_autobitlinear",
+        tied=False,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=192,
+        bos=5,
+        eos=6,
         seed=3029,
     ),
     Case(
@@ -154,16 +185,38 @@ CASES = [
         description="2B4T style: bitlinear offline, uint8-packed ternary weights + weight_scale = "
         "1/mean|W| (bf16, divided out), bf16 embeddings/norms, tied, GQA 8q/2kv, top-level "
         "rope_theta, byte-level BPE tokenizer with <|begin_of_text|>/<|end_of_text|>",
-        vocab=419, hidden=112, heads=8, kv_heads=2, intermediate=276, storage="packed_bitlinear",
-        tied=True, rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=4096, bos=417,
-        eos=418, seed=4020, config_style="2b4t",
+        vocab=419,
+        hidden=112,
+        heads=8,
+        kv_heads=2,
+        intermediate=276,
+        storage="packed_bitlinear",
+        tied=True,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4096,
+        bos=417,
+        eos=418,
+        seed=4020,
+        config_style="2b4t",
     ),
     Case(
         name="sharded_online_bf16",
         description="like online_bf16_gqa_tied with other shapes (GQA 10q/5kv, head_dim 12), "
         "saved as 3 safetensors shards with model.safetensors.index.json",
-        vocab=347, hidden=120, heads=10, kv_heads=5, intermediate=232, storage="online_bf16", tied=True,
-        rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=256, bos=1, eos=2, seed=5009,
+        vocab=347,
+        hidden=120,
+        heads=10,
+        kv_heads=5,
+        intermediate=232,
+        storage="online_bf16",
+        tied=True,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        bos=1,
+        eos=2,
+        seed=5009,
         shards=3,
     ),
 ]
@@ -415,8 +468,14 @@ def write_tokenizer(case: Case, folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
 
     def added(content):
-        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-                "single_word": False, "special": True}
+        return {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
 
     tok_cfg = {
         "added_tokens_decoder": {str(case.bos): added(bos_tok), str(case.eos): added(eos_tok)},
@@ -508,8 +567,14 @@ def greedy(case: Case, model, prompts: np.ndarray):
     # the eos logit to -inf, changing the greedy choice.)
     model.generation_config.eos_token_id = None
     gen_cfg = GenerationConfig(
-        do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None, bos_token_id=case.bos,
-        pad_token_id=case.eos, num_beams=1, return_dict_in_generate=True, output_logits=True,
+        do_sample=False,
+        max_new_tokens=NEW_TOKENS,
+        eos_token_id=None,
+        bos_token_id=case.bos,
+        pad_token_id=case.eos,
+        num_beams=1,
+        return_dict_in_generate=True,
+        output_logits=True,
     )
     new_ids, step_logits = [], []
     for p in prompts:

@@ -2,7 +2,7 @@
 // tells Python the packed layout and the kernel paths this CPU runs.
 //
 // Symbols are hidden in the module, so Python can't find the handlers by name; instead
-// `registrations()` returns {target name: capsule(handler pointer)}, and bitnet_jax/ffi.py passes
+// `registrations()` returns {target name: capsule(handler pointer)}, and bitnet_jax/kernels/ffi.py passes
 // each to jax.ffi.register_ffi_target.
 
 #include <string>
@@ -31,7 +31,7 @@ nb::capsule EncapsulateFfiHandler(T* fn) {
 }  // namespace
 
 NB_MODULE(_ffi_ext, m) {
-  m.doc() = "XLA FFI CPU handlers of bitnet_jax; see bitnet_jax/ffi.py.";
+  m.doc() = "XLA FFI CPU handlers of bitnet_jax; see bitnet_jax/kernels/ffi.py.";
   m.def("registrations", []() {
     nb::dict registrations;
     registrations["bitnet_act_quant_i8"] = EncapsulateFfiHandler(BitnetActQuantI8);
@@ -50,7 +50,7 @@ NB_MODULE(_ffi_ext, m) {
     layout["rows_per_group"] = bitnet::kRowsPerGroup;
     layout["int8_row_align"] = bitnet::kInt8RowAlign;
     return layout;
-  }, "The packed-layout constants of layout.h, for bitnet_jax/layout.py to check its mirror.");
+  }, "The packed-layout constants of layout.h, for bitnet_jax/kernels/layout.py to check its mirror.");
   m.def("available_isas", []() {
     nb::list names;
     for (bitnet::Isa isa : bitnet::AvailableIsas()) names.append(bitnet::IsaName(isa));

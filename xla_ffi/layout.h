@@ -1,5 +1,5 @@
 // Packed weight formats of bitnet_jax serving parameters: declared here once, mirrored by
-// bitnet_jax/layout.py (which checks its constants against `_ffi_ext.layout()` at test time).
+// bitnet_jax/kernels/layout.py (which checks its constants against `_ffi_ext.layout()` at test time).
 // Nothing else packs or unpacks.
 //
 // Ternary weights t[N, K] in {-1, 0, +1}, 2 bits per weight ("TQ2B" layout, version 1):
@@ -48,7 +48,7 @@ constexpr int CodeShift(int64_t k) { return static_cast<int>(2 * (k / kBlockByte
 
 constexpr int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The reference packer (the C++ tests use it; Python packs with bitnet_jax/layout.py):
+// The reference packer (the C++ tests use it; Python packs with bitnet_jax/kernels/layout.py):
 // t_nk int8 [n, k] in {-1, 0, 1} -> out uint8 [CeilDiv(n, 4), CeilDiv(k, 256) * 256].
 inline void PackTernary(const int8_t* t_nk, int64_t n, int64_t k, uint8_t* out) {
   const int64_t kb = CeilDiv(k, kBlockK);

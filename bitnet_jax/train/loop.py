@@ -33,12 +33,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from . import data, sharding
-from .corpus import Corpus, _check_tokenizer, prepare_corpus
-from .errors import BitNetError
-from .model import BitNetLM, init_params, is_bitlinear_kernel
-from .run_config import RunConfig
-from .tokenizer import copy_tokenizer, load_tokenizer
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.model.transformer import BitNetLM, init_params, is_bitlinear_kernel
+from bitnet_jax.train import sharding
+from bitnet_jax.train.corpus import Corpus, _check_tokenizer, prepare_corpus
+from bitnet_jax.train.run_config import RunConfig
 
 RUN_FILE = "run.json"
 
@@ -50,8 +51,11 @@ def learning_rate_schedule(run: RunConfig) -> optax.Schedule:
     stage2 = _stage2_step(run)
     warmup = optax.linear_schedule(0.0, run.learning_rate, max(run.warmup_steps, 1))
     stage1 = optax.cosine_decay_schedule(run.learning_rate, max(stage2 - run.warmup_steps, 1), alpha=0.5)
-    stage2_decay = optax.cosine_decay_schedule(run.stage2_learning_rate, max(run.steps - stage2, 1),
-                                               alpha=run.min_learning_rate / max(run.stage2_learning_rate, 1e-12))
+    stage2_decay = optax.cosine_decay_schedule(
+        run.stage2_learning_rate,
+        max(run.steps - stage2, 1),
+        alpha=run.min_learning_rate / max(run.stage2_learning_rate, 1e-12),
+    )
     return optax.join_schedules([warmup, stage1, stage2_decay], [run.warmup_steps, stage2])
 
 
@@ -67,11 +71,16 @@ def weight_decay_schedule(run: RunConfig) -> optax.Schedule:
 def make_optimizer(run: RunConfig) -> optax.GradientTransformation:
     # Decay matrices (kernels, embeddings) only, not norm weights.
     decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: path[-1].key in ("kernel", "embedding"), params)
+        lambda path, _: path[-1].key in ("kernel", "embedding"), params
+    )
     # `mask` is static: inject_hyperparams would otherwise take the callable for a schedule.
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-        learning_rate=learning_rate_schedule(run), b1=run.adam_b1, b2=run.adam_b2,
-        weight_decay=weight_decay_schedule(run), mask=decay_mask)
+        learning_rate=learning_rate_schedule(run),
+        b1=run.adam_b1,
+        b2=run.adam_b2,
+        weight_decay=weight_decay_schedule(run),
+        mask=decay_mask,
+    )
     return optax.chain(optax.clip_by_global_norm(run.grad_clip), adamw)
 
 
@@ -83,11 +92,13 @@ def compute_params(params, compute_dtype=jnp.float32):
     if jnp.dtype(compute_dtype) == jnp.float32:
         return params
     return jax.tree_util.tree_map_with_path(
-        lambda path, p: p if is_bitlinear_kernel(path) else p.astype(compute_dtype), params)
+        lambda path, p: p if is_bitlinear_kernel(path) else p.astype(compute_dtype), params
+    )
 
 
-def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0,
-                  compute_dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+def training_loss(
+    params, model: BitNetLM, batch, z_loss: float = 0.0, compute_dtype=jnp.float32
+) -> tuple[jax.Array, jax.Array]:
     """(objective, cross-entropy): the objective adds `z_loss * mean(logsumexp(logits)^2)`.
 
     The cast to `compute_dtype` happens here, inside the differentiated function, so gradients
@@ -102,9 +113,16 @@ def training_loss(params, model: BitNetLM, batch, z_loss: float = 0.0,
     return ce + z_loss * jnp.mean(jnp.square(log_z_bt)), ce
 
 
-def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
-                    z_loss: float = 0.0, compute_dtype=jnp.float32,
-                    shardings: sharding.TrainShardings | None = None, donate: bool = False):
+def make_train_step(
+    model: BitNetLM,
+    optimizer: optax.GradientTransformation,
+    *,
+    grad_accum_steps: int = 1,
+    z_loss: float = 0.0,
+    compute_dtype=jnp.float32,
+    shardings: sharding.TrainShardings | None = None,
+    donate: bool = False,
+):
     """A jitted `(params, opt_state, batch) -> (params, opt_state, cross_entropy)`.
 
     With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
@@ -149,12 +167,15 @@ def make_train_step(model: BitNetLM, optimizer: optax.GradientTransformation, *,
     if shardings is None:
         return jax.jit(train_step, donate_argnums=donate_argnums)
     s = shardings
-    return jax.jit(train_step, in_shardings=(s.params, s.opt_state, s.batch),
-                   out_shardings=(s.params, s.opt_state, s.replicated), donate_argnums=donate_argnums)
+    return jax.jit(
+        train_step,
+        in_shardings=(s.params, s.opt_state, s.batch),
+        out_shardings=(s.params, s.opt_state, s.replicated),
+        donate_argnums=donate_argnums,
+    )
 
 
-def make_eval_step(model: BitNetLM, shardings: sharding.TrainShardings | None = None,
-                   compute_dtype=jnp.float32):
+def make_eval_step(model: BitNetLM, shardings: sharding.TrainShardings | None = None, compute_dtype=jnp.float32):
     """Held-out cross-entropy, computed as training computes it (the same compute dtype)."""
     mesh = None if shardings is None else shardings.mesh
 
@@ -172,8 +193,9 @@ def make_model(run: RunConfig) -> BitNetLM:
 
 
 # The loop.
-def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True,
-          corpus: Corpus | None = None) -> dict:
+def train(
+    run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progress: bool = True, corpus: Corpus | None = None
+) -> dict:
     """Trains from scratch (or resumes from the latest checkpoint in `out_dir`); returns final metrics.
 
     `corpus` (from `prepare_corpus`) lets several runs share one tokenizer and token stream, as
@@ -204,6 +226,7 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
         if primary:
             copy_tokenizer(corpus.tokenizer, out_dir)
         return corpus
+
     corpus = _primary_first(prepare)
 
     # Donation is safe beside background checkpoint writes: orbax's `save` copies the arrays to
@@ -211,25 +234,50 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
     # copy), and XLA does not donate a buffer that a view still references: the step after a save
     # writes new buffers instead. tests/test_kill_resume.py checks that a save followed by donated
     # steps restores the saved values.
-    train_step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
-                                 compute_dtype=run.compute_dtype, shardings=shardings, donate=True)
+    train_step = make_train_step(
+        model,
+        optimizer,
+        grad_accum_steps=run.grad_accum_steps,
+        z_loss=run.z_loss,
+        compute_dtype=run.compute_dtype,
+        shardings=shardings,
+        donate=True,
+    )
     eval_step = make_eval_step(model, shardings, run.compute_dtype)
     eos_id = corpus.tokenizer.eos_id
     # Every process reads the same global batches (shard_count=1) and hands its own rows to its
     # devices (sharding.global_batch); the iterator state is then the same on every process.
-    train_iter = data.make_train_iterator(corpus.train_tokens, run.seq_len, run.batch_size, run.seed,
-                                          weights=corpus.weights, names=corpus.names, eos_id=eos_id,
-                                          worker_count=run.worker_count, shard_index=0, shard_count=1)
-    eval_batches = [sharding.global_batch(batch, shardings.batch) for batch in data.make_eval_batches(
-        corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id)]
+    train_iter = data.make_train_iterator(
+        corpus.train_tokens,
+        run.seq_len,
+        run.batch_size,
+        run.seed,
+        weights=corpus.weights,
+        names=corpus.names,
+        eos_id=eos_id,
+        worker_count=run.worker_count,
+        shard_index=0,
+        shard_count=1,
+    )
+    eval_batches = [
+        sharding.global_batch(batch, shardings.batch)
+        for batch in data.make_eval_batches(
+            corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id
+        )
+    ]
 
     unfinished = _unfinished_saves(out_dir)
     manager = _checkpoint_manager(out_dir, run)  # deletes the unfinished saves before its first save
     if unfinished:
-        then = ("the newest complete one is used" if manager.latest_step() is not None
-                else "there is no complete one: training starts from step 0")
-        say(f"The checkpoint of step {', '.join(map(str, unfinished))} is incomplete (the run stopped while "
-            f"saving it) and is deleted; {then}.")
+        then = (
+            "the newest complete one is used"
+            if manager.latest_step() is not None
+            else "there is no complete one: training starts from step 0"
+        )
+        say(
+            f"The checkpoint of step {', '.join(map(str, unfinished))} is incomplete (the run stopped while "
+            f"saving it) and is deleted; {then}."
+        )
     step = 0
     if manager.latest_step() is None:
         params = sharding.init_sharded(model, run.seed, shardings.params)
@@ -238,8 +286,9 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
         # Restored straight into this run's shardings, whatever mesh the checkpoint was saved from.
         params_like = _abstract(jax.eval_shape(lambda: init_params(run.model)), shardings.params)
         opt_state_like = _abstract(jax.eval_shape(optimizer.init, params_like), shardings.opt_state)
-        params, opt_state, step, iter_state, bad_steps = restore_checkpoint(manager, out_dir, params_like,
-                                                                            opt_state_like)
+        params, opt_state, step, iter_state, bad_steps = restore_checkpoint(
+            manager, out_dir, params_like, opt_state_like
+        )
         if bad_steps:  # set them aside, so that this run can save those steps again
             if primary:
                 _set_aside(out_dir, bad_steps)
@@ -272,13 +321,20 @@ def train(run: RunConfig, out_dir: str, *, cache_dir: str | None = None, progres
                     if not np.isfinite(loss):
                         raise BitNetError(f"The loss became {loss} at step {step}: lower learning_rate and retry.")
                     elapsed = time.perf_counter() - window_start
-                    last = {"step": step, "loss": loss, "learning_rate": float(schedule(step)),
-                            "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9)}
+                    last = {
+                        "step": step,
+                        "loss": loss,
+                        "learning_rate": float(schedule(step)),
+                        "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+                    }
                     if step % run.eval_every == 0 or step == run.steps:
                         last["eval_loss"] = evaluate()
                     record(last)
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                    **({"eval": f"{last['eval_loss']:.3f}"} if "eval_loss" in last else {}))
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}",
+                        tok_s=f"{last['tokens_per_s']:.0f}",
+                        **({"eval": f"{last['eval_loss']:.3f}"} if "eval_loss" in last else {}),
+                    )
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(1)
                 if step % run.checkpoint_every == 0 or step == run.steps:
@@ -310,6 +366,7 @@ def _sync(name: str):
     """A barrier across processes (nothing on one process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
@@ -331,6 +388,7 @@ def _stop_agreed(requested: bool, step: int, every: int) -> bool:
     if step % every:
         return False
     from jax.experimental import multihost_utils
+
     return bool(np.any(multihost_utils.process_allgather(np.array(requested))))
 
 
@@ -373,19 +431,25 @@ def save_checkpoint(manager, step, params, opt_state, iter_state):
     numbers (no dropout), the seed is in run.json, and the data order is the iterator state."""
     if step in (manager.all_steps() or []):
         return
-    manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave({"step": int(step), "data_iterator": _jsonable(iter_state)})))
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave({"step": int(step), "data_iterator": _jsonable(iter_state)}),
+        ),
+    )
 
 
 def restore_checkpoint(manager, run_dir, params_like, opt_state_like):
     """(params, opt_state, step, data-iterator state, unreadable newer steps) of the newest good checkpoint."""
-    args = ocp.args.Composite(params=ocp.args.StandardRestore(params_like),
-                              opt_state=ocp.args.StandardRestore(opt_state_like), meta=ocp.args.JsonRestore())
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(params_like),
+        opt_state=ocp.args.StandardRestore(opt_state_like),
+        meta=ocp.args.JsonRestore(),
+    )
     restored, bad_steps = _restore_newest_good(manager, run_dir, args)
-    return (restored.params, restored.opt_state, int(restored.meta["step"]), restored.meta["data_iterator"],
-            bad_steps)
+    return (restored.params, restored.opt_state, int(restored.meta["step"]), restored.meta["data_iterator"], bad_steps)
 
 
 def _restore_newest_good(manager, run_dir: str, args):
@@ -396,11 +460,16 @@ def _restore_newest_good(manager, run_dir: str, args):
         try:
             return manager.restore(step, args=args), bad_steps
         except Exception as e:  # orbax / tensorstore raise many types for damaged files
-            warnings.warn(f"{run_dir}: the checkpoint of step {step} is corrupt or incomplete "
-                          f"({type(e).__name__}: {str(e)[:200]}); trying an earlier one.", stacklevel=2)
+            warnings.warn(
+                f"{run_dir}: the checkpoint of step {step} is corrupt or incomplete "
+                f"({type(e).__name__}: {str(e)[:200]}); trying an earlier one.",
+                stacklevel=2,
+            )
             bad_steps.append(step)
-    raise BitNetError(f"{run_dir}: none of its checkpoints (steps {bad_steps}) can be read. Restore the "
-                      "checkpoints folder from a backup, or delete it to train from scratch.")
+    raise BitNetError(
+        f"{run_dir}: none of its checkpoints (steps {bad_steps}) can be read. Restore the "
+        "checkpoints folder from a backup, or delete it to train from scratch."
+    )
 
 
 def _unfinished_saves(out_dir: str) -> list[int]:
@@ -418,8 +487,10 @@ def _set_aside(out_dir: str, bad_steps: list[int]):
     aside = os.path.join(out_dir, "corrupt-checkpoints")
     os.makedirs(aside, exist_ok=True)
     for bad in bad_steps:
-        shutil.move(os.path.join(out_dir, "checkpoints", str(bad)),
-                    os.path.join(aside, f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        shutil.move(
+            os.path.join(out_dir, "checkpoints", str(bad)),
+            os.path.join(aside, f"{bad}-{time.strftime('%Y%m%d-%H%M%S')}"),
+        )
     print(f"Moved unreadable checkpoint(s) {bad_steps} to {aside}")
 
 
@@ -428,7 +499,9 @@ def load_run(run_dir: str):
     run = read_run_file(run_dir)
     manager = _checkpoint_manager(run_dir, run, read_only=True)
     if manager.latest_step() is None:
-        raise BitNetError(f"Run folder {run_dir} has no checkpoint yet: train it first (bitnet-jax train --out {run_dir}).")
+        raise BitNetError(
+            f"Run folder {run_dir} has no checkpoint yet: train it first (bitnet-jax train --out {run_dir})."
+        )
     # On this process's first device, whatever mesh the run was trained on.
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.eval_shape(lambda: init_params(run.model))
@@ -461,7 +534,8 @@ def _write_or_check_run_file(run: RunConfig, out_dir: str, write: bool = True):
             changed = [k for k, v in run.model.to_dict().items() if previous.model.to_dict()[k] != v]
             raise BitNetError(
                 f"{out_dir} holds a run with a different model (fields {changed} differ): use another --out "
-                "folder to start a new run, or the same config to resume.")
+                "folder to start a new run, or the same config to resume."
+            )
     if write:  # a temporary file renamed into place: a run killed here leaves the old file or the new one
         with open(path + ".tmp", "w") as f:
             json.dump(run.to_dict(), f, indent=2)
@@ -474,9 +548,12 @@ def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -
         # cleanup_tmp_directories: a save cut short leaves `<step>.orbax-checkpoint-tmp`, which
         # orbax never lists as a step, and otherwise deletes only when it saves that step again
         # (never, for the save on Ctrl-C at a step between `checkpoint_every` boundaries).
-        options = ocp.CheckpointManagerOptions(max_to_keep=run.keep_checkpoints, create=True,
-                                               enable_async_checkpointing=run.async_checkpoints,
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=run.keep_checkpoints,
+            create=True,
+            enable_async_checkpointing=run.async_checkpoints,
+            cleanup_tmp_directories=True,
+        )
         return ocp.CheckpointManager(directory, options=options)
     # Read-only (loading a run, safe while it trains): orbax warns about each of these settings
     # and about read-only mode itself; none of that is news to the user.
@@ -492,7 +569,8 @@ def _checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -
 
 def default_cache_dir() -> str:
     base = os.environ.get("BITNET_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bitnet_jax")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bitnet_jax"
+    )
     os.makedirs(base, exist_ok=True)
     return base
 
@@ -527,8 +605,9 @@ def _read_metrics(path: str, up_to: int) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise BitNetError(f"{path}, line {i + 1} is not JSON ({line[:80]!r}): fix or delete that line, "
-                                  "then run again.") from None
+                raise BitNetError(
+                    f"{path}, line {i + 1} is not JSON ({line[:80]!r}): fix or delete that line, then run again."
+                ) from None
     records = [r for r in records if r["step"] <= up_to]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -537,6 +616,7 @@ def _read_metrics(path: str, up_to: int) -> list[dict]:
 
 def plot_losses(history: list[dict], path: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -558,4 +638,5 @@ def plot_losses(history: list[dict], path: str):
 
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
+
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)

@@ -26,7 +26,7 @@ import time
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from .errors import BitNetError
+    from bitnet_jax.errors import BitNetError
 
     try:
         return args.func(args)
@@ -43,22 +43,44 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from scratch (resumes if --out holds a run)")
     train.add_argument("--config", help="a Python run config defining get_config(), e.g. configs/tiny.py")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set steps=100 --set model.weight_quant=channel")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set steps=100 --set model.weight_quant=channel",
+    )
     train.add_argument("--out", help="run folder (default: runs/<config name>)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     multi = train.add_argument_group(
-        "multi-process training", "Start one process per host (or per GPU) with the same arguments except "
+        "multi-process training",
+        "Start one process per host (or per GPU) with the same arguments except "
         "--process-id; the mesh then spans the devices of all of them. Unset flags fall back to the environment "
-        "variables named.")
-    multi.add_argument("--coordinator-address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                       metavar="HOST:PORT", help="process 0's address and a free port ($JAX_COORDINATOR_ADDRESS)")
-    multi.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
-                       help="how many processes take part ($JAX_NUM_PROCESSES)")
-    multi.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
-                       help="this process's rank, 0 .. N-1 ($JAX_PROCESS_ID)")
-    multi.add_argument("--distributed", action="store_true",
-                       help="multi-process with every setting detected by JAX (Slurm, Open MPI, Cloud TPU, Kubernetes)")
+        "variables named.",
+    )
+    multi.add_argument(
+        "--coordinator-address",
+        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        metavar="HOST:PORT",
+        help="process 0's address and a free port ($JAX_COORDINATOR_ADDRESS)",
+    )
+    multi.add_argument(
+        "--num-processes",
+        type=int,
+        default=_env_int("JAX_NUM_PROCESSES"),
+        help="how many processes take part ($JAX_NUM_PROCESSES)",
+    )
+    multi.add_argument(
+        "--process-id",
+        type=int,
+        default=_env_int("JAX_PROCESS_ID"),
+        help="this process's rank, 0 .. N-1 ($JAX_PROCESS_ID)",
+    )
+    multi.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process with every setting detected by JAX (Slurm, Open MPI, Cloud TPU, Kubernetes)",
+    )
     train.set_defaults(func=_train)
 
     gen = commands.add_parser("generate", help="generate text from a run folder or a Hugging Face BitNet folder")
@@ -69,18 +91,26 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--backend", choices=("ffi", "xla"), default=None,
-                     help="ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
-                          "folders on CPU, xla on GPU / TPU and for training parameters)")
+    gen.add_argument(
+        "--backend",
+        choices=("ffi", "xla"),
+        default=None,
+        help="ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
+        "folders on CPU, xla on GPU / TPU and for training parameters)",
+    )
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     gen.set_defaults(func=_generate)
 
     convert = commands.add_parser("convert", help="pack a model (run folder or HF BitNet folder) for serving")
     convert.add_argument("src", help="a bitnet-jax run folder or a local Hugging Face BitNet folder")
     convert.add_argument("dst", help="the packed folder to write")
-    convert.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default=None,
-                         help="int8: per-row int8 lm_head; int8-tied: also the tied input embedding (the "
-                              "default for tied models; int8 otherwise); float: as it is")
+    convert.add_argument(
+        "--lm-head",
+        choices=("int8", "int8-tied", "float"),
+        default=None,
+        help="int8: per-row int8 lm_head; int8-tied: also the tied input embedding (the "
+        "default for tied models; int8 otherwise); float: as it is",
+    )
     convert.set_defaults(func=_convert)
 
     chat = commands.add_parser("chat", help="interactive chat with a model (chat template from tokenizer_config.json)")
@@ -100,46 +130,71 @@ def _parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
     bench_train.add_argument("--json", help="also write the timings to this JSON file")
     bench_train.set_defaults(func=_bench_train)
-    bench_kernels = benches.add_parser("kernels", help="ternary / int8 FFI kernels against XLA's dense dot, 2B4T shapes")
+    bench_kernels = benches.add_parser(
+        "kernels", help="ternary / int8 FFI kernels against XLA's dense dot, 2B4T shapes"
+    )
     bench_kernels.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
     bench_kernels.add_argument("--rows", default="1,8,128", help="activation rows M (default 1,8,128)")
-    bench_kernels.add_argument("--isa", default=None, help="comma-separated kernel paths (default: the SIMD paths this CPU runs)")
+    bench_kernels.add_argument(
+        "--isa", default=None, help="comma-separated kernel paths (default: the SIMD paths this CPU runs)"
+    )
     bench_kernels.add_argument("--repeats", type=int, default=5)
     bench_kernels.add_argument("--json", help="also write the timings to this JSON file")
     bench_kernels.set_defaults(func=_bench_kernels)
     bench_gen = benches.add_parser("generate", help="prefill / decode speed and memory, FFI vs XLA dense")
     bench_gen.add_argument("--preset", default="b1.58-2b4t", help="model shape (default b1.58-2b4t)")
-    bench_gen.add_argument("--random-weights", action="store_true", required=True,
-                           help="random weights of the preset's shape, built in memory (no download)")
+    bench_gen.add_argument(
+        "--random-weights",
+        action="store_true",
+        required=True,
+        help="random weights of the preset's shape, built in memory (no download)",
+    )
     bench_gen.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
     bench_gen.add_argument("--backends", default="ffi,xla", help="comma-separated: ffi, xla (default both)")
-    bench_gen.add_argument("--lm-head", choices=("int8", "int8-tied", "float"), default=None,
-                           help="the FFI model's lm_head (default: the serving default, int8-tied for 2B4T)")
+    bench_gen.add_argument(
+        "--lm-head",
+        choices=("int8", "int8-tied", "float"),
+        default=None,
+        help="the FFI model's lm_head (default: the serving default, int8-tied for 2B4T)",
+    )
     bench_gen.add_argument("--prompt-tokens", type=int, default=128)
     bench_gen.add_argument("--new-tokens", type=int, default=128, help="decoded tokens timed, FFI (default 128)")
-    bench_gen.add_argument("--xla-new-tokens", type=int, default=16,
-                           help="decoded tokens timed on the (slow) XLA dense path (default 16)")
+    bench_gen.add_argument(
+        "--xla-new-tokens", type=int, default=16, help="decoded tokens timed on the (slow) XLA dense path (default 16)"
+    )
     bench_gen.add_argument("--xla-dtype", choices=("float32", "bfloat16"), default="float32")
     bench_gen.add_argument("--repeats", type=int, default=3)
     bench_gen.add_argument("--json", help="also write the results to this JSON file")
     bench_gen.set_defaults(func=_bench_generate)
 
     tok = commands.add_parser("tokenize", help="pre-tokenize a corpus once into an ArrayRecord token folder")
-    tok.add_argument("--corpus", required=True,
-                     help="one source as in a run config: a folder, 'jsonl:PATH', 'parquet:PATH', or a dict such as "
-                          "\"{'kind': 'jsonl', 'path': 'a.jsonl', 'field': 'content'}\"")
+    tok.add_argument(
+        "--corpus",
+        required=True,
+        help="one source as in a run config: a folder, 'jsonl:PATH', 'parquet:PATH', or a dict such as "
+        "\"{'kind': 'jsonl', 'path': 'a.jsonl', 'field': 'content'}\"",
+    )
     tok.add_argument("--out", required=True, help="the token folder to write (train with corpus='array_record:DIR')")
     tok.add_argument("--tokenizer", help="tokenizer.json / tokenizer.model or a folder with one (e.g. a run folder)")
-    tok.add_argument("--vocab-size", type=int, default=4096,
-                     help="without --tokenizer: train a sentencepiece tokenizer of this size (default 4096)")
+    tok.add_argument(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        help="without --tokenizer: train a sentencepiece tokenizer of this size (default 4096)",
+    )
     tok.add_argument("--seed", type=int, default=0, help="seed of that tokenizer's training")
     tok.set_defaults(func=_tokenize)
 
     ablate = commands.add_parser("ablate", help="train a grid of quantizer settings and a full-precision baseline")
     ablate.add_argument("--config", help="a Python run config, e.g. configs/tiny.py (the base of every run)")
-    ablate.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="quantizer values to combine, e.g. --grid weight_quant=tensor,channel,group:64 "
-                             "--grid act_quant=token,tensor --grid act_bits=8,4")
+    ablate.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="quantizer values to combine, e.g. --grid weight_quant=tensor,channel,group:64 "
+        "--grid act_quant=token,tensor --grid act_bits=8,4",
+    )
     ablate.add_argument("--steps", type=int, help="training steps of every run (default: the config's)")
     ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train, for all runs")
     ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="ablation folder (default runs/ablate)")
@@ -149,10 +204,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _convert(args) -> int:
-    from .hf import read_hf_config
-    from .pack import convert_hf, is_packed_folder, lm_head_kind, pack, save_packed
-    from .tokenizer import copy_tokenizer, load_tokenizer
-    from .train import is_run_folder
+    from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+    from bitnet_jax.interop.hf import read_hf_config
+    from bitnet_jax.serve.pack import convert_hf, is_packed_folder, lm_head_kind, pack, save_packed
+    from bitnet_jax.train.loop import is_run_folder
 
     if is_run_folder(args.src) or is_packed_folder(args.src):
         config, params, tokenizer = load_model(args.src)
@@ -171,19 +226,28 @@ def _convert(args) -> int:
 
 
 def _chat(args) -> int:
-    from .chat import chat_loop
+    from bitnet_jax.serve.chat import chat_loop
 
     config, params, tokenizer = load_model(args.model)
-    return chat_loop(config, params, tokenizer, args.model, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, system=args.system)
+    return chat_loop(
+        config,
+        params,
+        tokenizer,
+        args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        system=args.system,
+    )
 
 
 def _bench_kernels(args) -> int:
-    from .bench_serve import set_threads
+    from bitnet_jax.bench.serve import set_threads
 
     set_threads(args.threads)  # before JAX starts
-    from .bench_serve import bench_kernels, kernels_table, write_json
-    from .bench import cpu_name
+    from bitnet_jax.bench.serve import bench_kernels, kernels_table, write_json
+    from bitnet_jax.bench.train import cpu_name
 
     rows = tuple(int(r) for r in args.rows.split(","))
     isas = args.isa.split(",") if args.isa else None
@@ -198,10 +262,10 @@ def _bench_kernels(args) -> int:
 def _bench_generate(args) -> int:
     import multiprocessing
 
-    from .errors import BitNetError
-    from .bench import cpu_name
-    from .bench_serve import generate_table, write_json
-    from .config import PRESETS
+    from bitnet_jax.bench.serve import generate_table, write_json
+    from bitnet_jax.bench.train import cpu_name
+    from bitnet_jax.errors import BitNetError
+    from bitnet_jax.model.config import PRESETS
 
     if args.preset not in PRESETS:
         raise BitNetError(f"--preset {args.preset!r}: expected one of {sorted(PRESETS)}.")
@@ -216,9 +280,21 @@ def _bench_generate(args) -> int:
     for backend in backends:
         new_tokens = args.new_tokens if backend == "ffi" else args.xla_new_tokens
         with context.Pool(1) as pool:
-            results.append(pool.apply(_bench_generate_child, (args.preset, backend, args.threads, args.lm_head,
-                                                              args.prompt_tokens, new_tokens, args.repeats,
-                                                              args.xla_dtype)))
+            results.append(
+                pool.apply(
+                    _bench_generate_child,
+                    (
+                        args.preset,
+                        backend,
+                        args.threads,
+                        args.lm_head,
+                        args.prompt_tokens,
+                        new_tokens,
+                        args.repeats,
+                        args.xla_dtype,
+                    ),
+                )
+            )
         print(generate_table(results[-1:]).splitlines()[-1], flush=True)
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
     print(generate_table(results))
@@ -228,24 +304,31 @@ def _bench_generate(args) -> int:
 
 
 def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype):
-    from .bench_serve import set_threads
+    from bitnet_jax.bench.serve import set_threads
 
     set_threads(threads)
-    from .bench_serve import bench_generate
-    from .config import BitNetConfig
+    from bitnet_jax.bench.serve import bench_generate
+    from bitnet_jax.model.config import BitNetConfig
 
-    return bench_generate(BitNetConfig.preset(preset), backend, lm_head=lm_head, prompt_tokens=prompt_tokens,
-                          new_tokens=new_tokens, repeats=repeats, xla_dtype=xla_dtype)
+    return bench_generate(
+        BitNetConfig.preset(preset),
+        backend,
+        lm_head=lm_head,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        repeats=repeats,
+        xla_dtype=xla_dtype,
+    )
 
 
 def _tokenize(args) -> int:
     import ast
     import dataclasses
 
-    from .documents import tokenize_to_folder, training_documents
-    from .run_config import RunConfig
-    from .sources import parse_source
-    from .tokenizer import load_tokenizer, train_sentencepiece
+    from bitnet_jax.data.documents import tokenize_to_folder, training_documents
+    from bitnet_jax.data.sources import parse_source
+    from bitnet_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+    from bitnet_jax.train.run_config import RunConfig
 
     try:
         spec = ast.literal_eval(args.corpus)
@@ -263,8 +346,10 @@ def _tokenize(args) -> int:
         files = [d for d in docs if not isinstance(d, str)]
         tokenizer = train_sentencepiece(files, args.vocab_size, args.out, seed=args.seed, texts=texts)
     meta = tokenize_to_folder(source, tokenizer, args.out, suffixes)
-    print(f"Wrote {meta['documents']} documents, {meta['tokens']} tokens ({meta['dtype']}) of {source.name} to "
-          f"{args.out}; train on it with --set corpus=array_record:{args.out}")
+    print(
+        f"Wrote {meta['documents']} documents, {meta['tokens']} tokens ({meta['dtype']}) of {source.name} to "
+        f"{args.out}; train on it with --set corpus=array_record:{args.out}"
+    )
     return 0
 
 
@@ -281,7 +366,7 @@ def _init_distributed(args):
         return
     import jax
 
-    from .errors import BitNetError
+    from bitnet_jax.errors import BitNetError
 
     try:
         jax.distributed.initialize(*settings)
@@ -290,30 +375,33 @@ def _init_distributed(args):
             f"Multi-process start failed: {e} Expected --coordinator-address HOST:PORT, --num-processes N and "
             f"--process-id I (found {settings[0]!r}, {settings[1]!r}, {settings[2]!r}), or the environment "
             "variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or a cluster JAX detects "
-            "(Slurm, Open MPI, Cloud TPU) with --distributed.") from None
+            "(Slurm, Open MPI, Cloud TPU) with --distributed."
+        ) from None
 
 
 def _train(args) -> int:
-    from .run_config import load_run_config
-    from .train import train
+    from bitnet_jax.train.loop import train
+    from bitnet_jax.train.run_config import load_run_config
 
     run = load_run_config(args.config, args.set)
     _init_distributed(args)
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     out = args.out or os.path.join("runs", name)
     final = train(run, out, progress=not args.no_progress)
-    print(f"Done: step {final.get('step')}, eval loss {final.get('eval_loss', float('nan')):.3f}. "
-          f"Run folder: {out} (metrics.jsonl, loss.png, checkpoints/).")
+    print(
+        f"Done: step {final.get('step')}, eval loss {final.get('eval_loss', float('nan')):.3f}. "
+        f"Run folder: {out} (metrics.jsonl, loss.png, checkpoints/)."
+    )
     return 0
 
 
 def _generate(args) -> int:
     import numpy as np
 
-    from .generate import compile_generate, generate
-    from .hf import generation_stop_ids
-    from .pack import is_packed_folder, load_packed
-    from .tokenizer import StreamDecoder
+    from bitnet_jax.data.tokenizer import StreamDecoder
+    from bitnet_jax.interop.hf import generation_stop_ids
+    from bitnet_jax.serve.generate import compile_generate, generate
+    from bitnet_jax.serve.pack import is_packed_folder, load_packed
 
     # A packed folder: compile from the weights' shapes first, then load them, so that the
     # compiler's working memory is spent before the weights take theirs.
@@ -323,8 +411,9 @@ def _generate(args) -> int:
     if tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id] + prompt_ids
     stops = generation_stop_ids(args.model, config)
-    request = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops,
-                   backend=args.backend)
+    request = dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops, backend=args.backend
+    )
     compile_s = None
     if packed:
         start = time.perf_counter()
@@ -344,17 +433,20 @@ def _generate(args) -> int:
             sys.stdout.flush()
 
     start = time.perf_counter()
-    new_ids = generate(config, params, [prompt_ids], args.max_new_tokens, seed=args.seed, on_tokens=on_tokens,
-                       **request)
+    new_ids = generate(
+        config, params, [prompt_ids], args.max_new_tokens, seed=args.seed, on_tokens=on_tokens, **request
+    )
     end = time.perf_counter()
     sys.stdout.write(stream.flush() + "\n")
     if args.verbose:
         produced = int(np.sum(~np.isin(new_ids[0], stops))) + 1
         decode_s = end - first_token_at[0] if first_token_at else 0.0
         compiling = "compile included" if compile_s is None else f"compiled in {compile_s:.2f} s before loading"
-        print(f"[{len(prompt_ids)} prompt tokens, {produced} new; first token after {first_token_at[0] - start:.2f} s "
-              f"({compiling}); {max(len(first_token_at) - 1, 0) / max(decode_s, 1e-9):.1f} tokens/s after]",
-              file=sys.stderr)
+        print(
+            f"[{len(prompt_ids)} prompt tokens, {produced} new; first token after {first_token_at[0] - start:.2f} s "
+            f"({compiling}); {max(len(first_token_at) - 1, 0) / max(decode_s, 1e-9):.1f} tokens/s after]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -362,8 +454,8 @@ def _bench_train(args) -> int:
     import dataclasses
     import json
 
-    from .bench import bench_train, train_table
-    from .run_config import load_run_config
+    from bitnet_jax.bench.train import bench_train, train_table
+    from bitnet_jax.train.run_config import load_run_config
 
     run = load_run_config(args.config, args.set)
     timings = bench_train(run, repeats=args.repeats)
@@ -375,7 +467,7 @@ def _bench_train(args) -> int:
 
 
 def _ablate(args) -> int:
-    from .ablate import ablate, load_ablation
+    from bitnet_jax.research.ablate import ablate, load_ablation
 
     base, grid = load_ablation(args.config, args.set, args.grid, args.steps)
     ablate(base, grid, args.out, progress=not args.no_progress)
@@ -389,18 +481,17 @@ def load_model(path: str, *, shapes_only: bool = False):
     """(config, params, tokenizer) from a bitnet-jax run folder, a packed folder (`bitnet-jax
     convert`) or a Hugging Face BitNet folder. With `shapes_only`, a packed folder's params are
     its weights' abstract shapes (`pack.read_packed_folder`; `load_packed` reads the weights)."""
-    from .hf import load_hf
-    from .pack import is_packed_folder, load_packed, read_packed_folder
-    from .tokenizer import load_tokenizer
-    from .train import is_run_folder, load_run
+    from bitnet_jax.data.tokenizer import load_tokenizer
+    from bitnet_jax.interop.hf import load_hf
+    from bitnet_jax.serve.pack import is_packed_folder, load_packed, read_packed_folder
+    from bitnet_jax.train.loop import is_run_folder, load_run
 
     if is_run_folder(path):
         run, params, tokenizer = load_run(path)
         return run.model, params, tokenizer
     if is_packed_folder(path):
         config, params = (read_packed_folder if shapes_only else load_packed)(path)
-        return config, params, load_tokenizer(path, bos_id=config.bos_token_id,
-                                              eos_id=(config.eos_ids or (None,))[0])
+        return config, params, load_tokenizer(path, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
     config, params = load_hf(path)
     return config, params, load_tokenizer(path, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
 

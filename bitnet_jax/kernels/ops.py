@@ -1,6 +1,6 @@
 """Integer serving math: the pure-JAX ("xla") twins of the FFI kernels, and the serving switch.
 
-Serving parameters come from `bitnet_jax.pack` (the one convert step). Their linear layers hold
+Serving parameters come from `bitnet_jax.serve.pack` (the one convert step). Their linear layers hold
 2-bit ternary codes and scales (`layout.py`); a serving forward quantizes activations per row,
 multiplies in exact integers and rescales:
 
@@ -19,9 +19,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from . import layout
-from .errors import BitNetError
-from .quant import absmax_quantize, act_quantize, rescale
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.kernels import layout
+from bitnet_jax.model.quant import absmax_quantize, act_quantize, rescale
 
 BACKENDS = ("ffi", "xla")
 LM_HEADS = ("int8", "int8-tied", "float")
@@ -41,12 +41,14 @@ def serving_backend(platform: str, requested: str | None = None, *, grouped: boo
     if requested == "ffi" and platform != "cpu":
         raise BitNetError(
             f"backend='ffi': the FFI kernels are registered for CPU only, and this computation runs on "
-            f"{platform!r} devices. Use backend='xla' (or leave it unset): the same integer math in XLA ops.")
+            f"{platform!r} devices. Use backend='xla' (or leave it unset): the same integer math in XLA ops."
+        )
     if requested == "ffi" and grouped:
         raise BitNetError(
             "backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, and this "
             "model has a scale per group of inputs (weight_quant='group:G'). Use backend='xla' (or leave it "
-            "unset), which runs the same integer math in XLA ops.")
+            "unset), which runs the same integer math in XLA ops."
+        )
     if requested is not None:
         return requested
     return "ffi" if platform == "cpu" and not grouped else "xla"
@@ -94,8 +96,9 @@ class ServingSpec:
 TENSOR_AXIS = "tensor"
 
 
-def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str, layer=None, *,
-                   split: str = "n") -> jax.Array:
+def ternary_linear(
+    x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str, layer=None, *, split: str = "n"
+) -> jax.Array:
     """Serving BitLinear: float32 [..., N] from activations [..., K] and packed ternary weights
     (w_packed [G, X], w_scale [S]; or stacked [L, G, X], [L, S] with `layer` selecting one).
 
@@ -110,7 +113,7 @@ def ternary_linear(x_mk, w_packed, w_scale, n: int, act_bits: int, backend: str,
     if w_scale.ndim - (w_packed.ndim - 2) == 2:  # [(L,) K / group, N]: per group of inputs
         return _grouped_ternary(x_mk, w_packed, w_scale, n, act_bits, backend, layer)
     if backend == "ffi":
-        from . import ffi
+        from bitnet_jax.kernels import ffi
 
         parts = _tensor_parts()
         k = x_mk.shape[-1]
@@ -136,7 +139,8 @@ def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
         raise BitNetError(
             "The FFI kernels take one weight scale per tensor or per output channel; this model has a scale "
             "per group of inputs (weight_quant='group:G'). Serve it with backend='xla' (the same integer math "
-            "in XLA ops).")
+            "in XLA ops)."
+        )
     if w_packed.ndim == 3:
         w_packed, w_scale_cn = w_packed[layer], w_scale_cn[layer]
     k, c = x_mk.shape[-1], w_scale_cn.shape[0]
@@ -161,7 +165,7 @@ def _n_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
     the same rows identically, so the result equals the single-device call bit for bit."""
     from jax.sharding import PartitionSpec as P
 
-    from . import ffi
+    from bitnet_jax.kernels import ffi
 
     per_channel = w_scale.shape[-1] != 1
     lead = (None,) * (x_mk.ndim - 1)
@@ -169,8 +173,11 @@ def _n_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
     local = lambda x, w, s, i: ffi.ternary_matmul(x, w, s, n // parts, act_bits, i)
     return jax.shard_map(
-        local, in_specs=(P(), P(*stack, TENSOR_AXIS), P(*stack, TENSOR_AXIS) if per_channel else P(), P()),
-        out_specs=P(*lead, TENSOR_AXIS), check_vma=False)(x_mk, w_packed, w_scale, layer)
+        local,
+        in_specs=(P(), P(*stack, TENSOR_AXIS), P(*stack, TENSOR_AXIS) if per_channel else P(), P()),
+        out_specs=P(*lead, TENSOR_AXIS),
+        check_vma=False,
+    )(x_mk, w_packed, w_scale, layer)
 
 
 def _k_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
@@ -182,7 +189,7 @@ def _k_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
     equals the single-device call bit for bit."""
     from jax.sharding import PartitionSpec as P
 
-    from . import ffi
+    from bitnet_jax.kernels import ffi
 
     lead = (None,) * (x_mk.ndim - 1)
     stack = (None,) * (w_packed.ndim - 2)
@@ -196,14 +203,14 @@ def _k_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer):
         return rescale(acc, x_scale, s[i] if s.ndim == 2 else s)
 
     return jax.shard_map(
-        local, in_specs=(P(*lead, TENSOR_AXIS), P(*stack, None, TENSOR_AXIS), P(), P()),
-        out_specs=P(), check_vma=False)(x_mk, w_packed, w_scale, layer)
+        local, in_specs=(P(*lead, TENSOR_AXIS), P(*stack, None, TENSOR_AXIS), P(), P()), out_specs=P(), check_vma=False
+    )(x_mk, w_packed, w_scale, layer)
 
 
 def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array:
     """Int8-weight linear (the lm_head): float32 [..., N] from [..., K] and int8 rows [N, Kp]."""
     if backend == "ffi":
-        from . import ffi
+        from bitnet_jax.kernels import ffi
 
         return ffi.int8_matmul(x_mk, w_int8, w_scale, act_bits)
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
@@ -222,7 +229,7 @@ def float_embed(table_vd, ids, backend: str = "xla") -> jax.Array:
     once per call (0.66 GB for 2B4T), which the FFI op avoids.
     """
     if backend == "ffi":
-        from . import ffi
+        from bitnet_jax.kernels import ffi
 
         return ffi.embed_rows(table_vd, ids)
     if jnp.dtype(table_vd.dtype).itemsize == 2:

@@ -21,12 +21,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import BitNetError
+from bitnet_jax.errors import BitNetError
 
 LAYOUT_VERSION = 1
-BLOCK_K = 256        # weights per row block
-BLOCK_BYTES = 64     # bytes per row block (4 codes per byte)
-ROWS_PER_GROUP = 4   # rows interleaved block by block
+BLOCK_K = 256  # weights per row block
+BLOCK_BYTES = 64  # bytes per row block (4 codes per byte)
+ROWS_PER_GROUP = 4  # rows interleaved block by block
 INT8_ROW_ALIGN = 64  # int8 rows are padded to a multiple of this
 
 
@@ -45,8 +45,10 @@ def pack_ternary(t_nk) -> np.ndarray:
     if t_nk.ndim != 2:
         raise BitNetError(f"pack_ternary: expected weights [N, K]; found shape {t_nk.shape}.")
     if not np.all(np.isin(t_nk, (-1, 0, 1))):
-        raise BitNetError("pack_ternary: expected values in {-1, 0, 1}; quantize the weights first "
-                          "(bitnet_jax.quant.weight_quantize).")
+        raise BitNetError(
+            "pack_ternary: expected values in {-1, 0, 1}; quantize the weights first "
+            "(bitnet_jax.model.quant.weight_quantize)."
+        )
     n, k = t_nk.shape
     g, row_bytes = packed_ternary_shape(n, k)
     kb = row_bytes // (ROWS_PER_GROUP * BLOCK_BYTES)

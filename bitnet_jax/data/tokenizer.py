@@ -101,8 +101,7 @@ class SentencePieceTokenizer:
     # Set by train_sentencepiece: {"files", "bytes", "seconds"} of the training run.
     train_stats: dict | None = None
 
-    def __init__(self, model_path: str | os.PathLike, *, bos_id: int | None = None,
-                 eos_id: int | None = None):
+    def __init__(self, model_path: str | os.PathLike, *, bos_id: int | None = None, eos_id: int | None = None):
         self.path = Path(model_path)
         model_bytes = self.path.read_bytes()
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -114,8 +113,7 @@ class SentencePieceTokenizer:
         for name, value in (("bos_id", self.bos_id), ("eos_id", self.eos_id)):
             if value < 0:
                 raise BitNetError(
-                    f"{self.path} defines no {name}. Pass {name}=... to load_tokenizer "
-                    "(from the model config)."
+                    f"{self.path} defines no {name}. Pass {name}=... to load_tokenizer (from the model config)."
                 )
             _check_special(name, value, self.vocab_size, str(self.path))
         self.stop_ids = frozenset({self.eos_id})
@@ -147,8 +145,7 @@ class HFTokenizer:
     `<|end_of_text|>` differ), plus `generation_config.json`'s.
     """
 
-    def __init__(self, json_path: str | os.PathLike, *, bos_id: int | None = None,
-                 eos_id: int | None = None):
+    def __init__(self, json_path: str | os.PathLike, *, bos_id: int | None = None, eos_id: int | None = None):
         self.path = Path(json_path)
         folder = self.path.parent
         model_bytes = self.path.read_bytes()
@@ -188,8 +185,7 @@ class HFTokenizer:
         self.bos_id = first(bos_id, from_token("bos_token"), *config_bos, from_names(_KNOWN_BOS))
         self.eos_id = first(eos_id, from_token("eos_token"), *config_eos, from_names(_KNOWN_EOS))
         self.pad_id = first(from_token("pad_token"), *from_ids(model_config, "pad_token_id"))
-        for name, value, known in (("bos_id", self.bos_id, _KNOWN_BOS),
-                                   ("eos_id", self.eos_id, _KNOWN_EOS)):
+        for name, value, known in (("bos_id", self.bos_id, _KNOWN_BOS), ("eos_id", self.eos_id, _KNOWN_EOS)):
             if value is None:
                 raise BitNetError(
                     f"Found no {name} for {self.path}: looked in tokenizer_config.json, "
@@ -210,8 +206,7 @@ class HFTokenizer:
         return [e.ids for e in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(_check_ids(ids, self.vocab_size, str(self.path)),
-                                skip_special_tokens=True)
+        return self._tok.decode(_check_ids(ids, self.vocab_size, str(self.path)), skip_special_tokens=True)
 
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(_check_ids([token_id], self.vocab_size, str(self.path))[0])
@@ -230,8 +225,7 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def load_tokenizer(folder: str | os.PathLike, bos_id: int | None = None,
-                   eos_id: int | None = None) -> Tokenizer:
+def load_tokenizer(folder: str | os.PathLike, bos_id: int | None = None, eos_id: int | None = None) -> Tokenizer:
     """Loads `folder/tokenizer.json` if present, else `folder/tokenizer.model`.
 
     `folder` may also be the path of either file. `bos_id` / `eos_id` (e.g. from the model's
@@ -275,8 +269,7 @@ def copy_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
                 shutil.copy(source.parent / side, out / side)
 
 
-def _training_sentences(documents: Sequence[Path | str], max_bytes: int, seed: int,
-                        stats: dict) -> Iterator[str]:
+def _training_sentences(documents: Sequence[Path | str], max_bytes: int, seed: int, stats: dict) -> Iterator[str]:
     """Multi-line chunks of the documents (files, read when reached, or texts), in a seeded
     order, until max_bytes of UTF-8."""
     order = list(documents)
@@ -307,9 +300,15 @@ def _training_sentences(documents: Sequence[Path | str], max_bytes: int, seed: i
     stats["bytes"] = total
 
 
-def train_sentencepiece(text_files: Sequence[str | os.PathLike], vocab_size: int,
-                        out_dir: str | os.PathLike, *, max_bytes: int = 16_000_000,
-                        seed: int = 0, texts: Sequence[str] | None = None) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    text_files: Sequence[str | os.PathLike],
+    vocab_size: int,
+    out_dir: str | os.PathLike,
+    *,
+    max_bytes: int = 16_000_000,
+    seed: int = 0,
+    texts: Sequence[str] | None = None,
+) -> SentencePieceTokenizer:
     """Trains a BPE sentencepiece model for code and writes `out_dir/tokenizer.model`.
 
     Reads the files in an order shuffled by `seed` until `max_bytes` of text, so the result is a
@@ -349,15 +348,24 @@ def train_sentencepiece(text_files: Sequence[str | os.PathLike], vocab_size: int
             # Rare characters go through byte fallback instead of taking vocabulary slots.
             character_coverage=0.9999,
             max_sentence_length=_MAX_SENTENCE_BYTES,
-            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-            pad_piece="<pad>", bos_piece="<s>", eos_piece="</s>", unk_piece="<unk>",
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            pad_piece="<pad>",
+            bos_piece="<s>",
+            eos_piece="</s>",
+            unk_piece="<unk>",
             num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
     except RuntimeError as e:
-        hint = ("each distinct character of the text needs its own id besides the 260 "
-                "special and byte ids: use a larger vocab_size" if "required_chars" in str(e)
-                else "use a smaller vocab_size or more text")
+        hint = (
+            "each distinct character of the text needs its own id besides the 260 "
+            "special and byte ids: use a larger vocab_size"
+            if "required_chars" in str(e)
+            else "use a smaller vocab_size or more text"
+        )
         raise BitNetError(
             f"sentencepiece could not train a {vocab_size}-token vocabulary on "
             f"{stats.get('bytes', 0)} bytes from {len(documents)} documents ({e}); {hint}."
@@ -398,11 +406,11 @@ class StreamDecoder:
 
     def _emit(self, final: bool) -> str:
         decode = self._tokenizer.decode
-        emitted = decode(self._ids[self._prefix:self._read])
-        text = decode(self._ids[self._prefix:])
+        emitted = decode(self._ids[self._prefix : self._read])
+        text = decode(self._ids[self._prefix :])
         if len(text) > len(emitted) and (final or not text.endswith("\ufffd")):
             self._prefix, self._read = self._read, len(self._ids)
-            return text[len(emitted):]
+            return text[len(emitted) :]
         if final:
             self._prefix = self._read = len(self._ids)
         return ""

@@ -27,8 +27,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from array_record.python import array_record_module
 
-from .errors import BitNetError
-from .tokenizer import copy_tokenizer
+from bitnet_jax.data.tokenizer import copy_tokenizer
+from bitnet_jax.errors import BitNetError
 
 RECORDS_FILE = "tokens.array_record"
 LENGTHS_FILE = "tokens.lengths.npy"
@@ -40,8 +40,7 @@ def record_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def write_token_folder(out_dir: str | os.PathLike, docs: Iterable[Sequence[int]], tokenizer,
-                       source: str) -> dict:
+def write_token_folder(out_dir: str | os.PathLike, docs: Iterable[Sequence[int]], tokenizer, source: str) -> dict:
     """Writes `docs` (token ids per document) as a token folder; returns the metadata written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,10 +62,18 @@ def write_token_folder(out_dir: str | os.PathLike, docs: Iterable[Sequence[int]]
     os.replace(tmp, out / RECORDS_FILE)
     np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.uint32))
     copy_tokenizer(tokenizer, out)
-    meta = {"format": FORMAT, "dtype": dtype.str, "documents": n_docs, "tokens": n_tokens,
-            "tokenizer": {"fingerprint": tokenizer.fingerprint,
-                          "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id},
-            "source": source}
+    meta = {
+        "format": FORMAT,
+        "dtype": dtype.str,
+        "documents": n_docs,
+        "tokens": n_tokens,
+        "tokenizer": {
+            "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+        },
+        "source": source,
+    }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -76,8 +83,10 @@ def token_folder(path: str | os.PathLike) -> Path:
     p = Path(path)
     folder = p.parent if p.name == RECORDS_FILE else p
     if not (folder / RECORDS_FILE).is_file():
-        raise BitNetError(f"array_record:{path}: found no {RECORDS_FILE} in {folder}. Expected a folder written by "
-                          f"`bitnet-jax tokenize --out {folder}`; run that first.")
+        raise BitNetError(
+            f"array_record:{path}: found no {RECORDS_FILE} in {folder}. Expected a folder written by "
+            f"`bitnet-jax tokenize --out {folder}`; run that first."
+        )
     return folder
 
 
@@ -87,15 +96,20 @@ def read_meta(path: str | os.PathLike) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
-        raise BitNetError(f"{folder} has {RECORDS_FILE} but no {META_FILE} naming its tokenizer and dtype; "
-                          "write the folder again with `bitnet-jax tokenize`.") from None
+        raise BitNetError(
+            f"{folder} has {RECORDS_FILE} but no {META_FILE} naming its tokenizer and dtype; "
+            "write the folder again with `bitnet-jax tokenize`."
+        ) from None
     except ValueError as e:
-        raise BitNetError(f"{meta_path} is not valid JSON ({e}); write the folder again with "
-                          "`bitnet-jax tokenize`.") from None
+        raise BitNetError(
+            f"{meta_path} is not valid JSON ({e}); write the folder again with `bitnet-jax tokenize`."
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise BitNetError(f"{meta_path}: expected format {FORMAT!r}, found {found!r}; write the folder again "
-                          "with this version's `bitnet-jax tokenize`.")
+        raise BitNetError(
+            f"{meta_path}: expected format {FORMAT!r}, found {found!r}; write the folder again "
+            "with this version's `bitnet-jax tokenize`."
+        )
     return meta
 
 
@@ -117,8 +131,10 @@ def read_documents(path: str | os.PathLike) -> tuple[list[np.ndarray], dict]:
         raise _corrupt(records_path, f"it holds {len(records)} records, {META_FILE} says {meta['documents']}")
     bad = next((i for i, r in enumerate(records) if len(r) % dtype.itemsize), None)
     if bad is not None:
-        raise _corrupt(records_path, f"record {bad} has {len(records[bad])} bytes, not a multiple of "
-                                     f"{dtype.itemsize} ({dtype.name})")
+        raise _corrupt(
+            records_path,
+            f"record {bad} has {len(records[bad])} bytes, not a multiple of {dtype.itemsize} ({dtype.name})",
+        )
     docs = [np.frombuffer(r, dtype=dtype) for r in records]
     n_tokens = sum(len(d) for d in docs)
     if n_tokens != meta["tokens"]:
@@ -127,8 +143,9 @@ def read_documents(path: str | os.PathLike) -> tuple[list[np.ndarray], dict]:
 
 
 def _corrupt(path: Path, found: str) -> BitNetError:
-    return BitNetError(f"{path} is corrupt or incomplete: {found}. Expected the file `bitnet-jax tokenize` wrote; "
-                       "write it again.")
+    return BitNetError(
+        f"{path} is corrupt or incomplete: {found}. Expected the file `bitnet-jax tokenize` wrote; write it again."
+    )
 
 
 def open_stream(path: str | os.PathLike) -> tuple["DocumentStream", dict]:
@@ -141,8 +158,11 @@ def open_stream(path: str | os.PathLike) -> tuple["DocumentStream", dict]:
     except (OSError, ValueError) as e:
         raise _corrupt(folder / LENGTHS_FILE, f"{type(e).__name__}: {e}") from None
     if lengths.ndim != 1 or len(lengths) != meta["documents"] or int(lengths.sum()) != meta["tokens"]:
-        raise _corrupt(folder / LENGTHS_FILE, f"{len(lengths)} lengths summing to {int(lengths.sum())}, "
-                                              f"{META_FILE} says {meta['documents']} documents, {meta['tokens']} tokens")
+        raise _corrupt(
+            folder / LENGTHS_FILE,
+            f"{len(lengths)} lengths summing to {int(lengths.sum())}, "
+            f"{META_FILE} says {meta['documents']} documents, {meta['tokens']} tokens",
+        )
     try:
         reader = array_record_module.ArrayRecordReader(str(records_path))
         n_records = reader.num_records()
@@ -151,8 +171,9 @@ def open_stream(path: str | os.PathLike) -> tuple["DocumentStream", dict]:
         raise _corrupt(records_path, f"{type(e).__name__}: {e}") from None
     if n_records != meta["documents"]:
         raise _corrupt(records_path, f"it holds {n_records} records, {META_FILE} says {meta['documents']}")
-    stream = DocumentStream(records_path, np.arange(n_records), lengths, np.dtype(meta["dtype"]),
-                            eos_id=meta["tokenizer"]["eos_id"])
+    stream = DocumentStream(
+        records_path, np.arange(n_records), lengths, np.dtype(meta["dtype"]), eos_id=meta["tokenizer"]["eos_id"]
+    )
     return stream, meta
 
 
@@ -166,8 +187,9 @@ class DocumentStream:
 
     ndim = 1
 
-    def __init__(self, records_path: Path, doc_indices: np.ndarray, lengths: np.ndarray, record_dtype: np.dtype,
-                 eos_id: int):
+    def __init__(
+        self, records_path: Path, doc_indices: np.ndarray, lengths: np.ndarray, record_dtype: np.dtype, eos_id: int
+    ):
         self._path = str(records_path)
         self._docs = np.asarray(doc_indices, dtype=np.int64)  # [D] record index of each stream document
         self._lengths = np.asarray(lengths)[self._docs].astype(np.int64)  # [D] tokens, EOS not counted
@@ -196,17 +218,20 @@ class DocumentStream:
             return np.empty(0, self.dtype)
         first, last = np.searchsorted(self._ends, [start, stop - 1], side="right")
         pieces = []
-        for i, record in zip(range(first, last + 1), self._read(self._docs[first:last + 1])):
+        for i, record in zip(range(first, last + 1), self._read(self._docs[first : last + 1])):
             if len(record) != self._lengths[i] * self._record_dtype.itemsize:
-                raise _corrupt(Path(self._path), f"record {self._docs[i]} has {len(record)} bytes, {LENGTHS_FILE} "
-                                                 f"says {self._lengths[i]} tokens of {self._record_dtype.itemsize}")
+                raise _corrupt(
+                    Path(self._path),
+                    f"record {self._docs[i]} has {len(record)} bytes, {LENGTHS_FILE} "
+                    f"says {self._lengths[i]} tokens of {self._record_dtype.itemsize}",
+                )
             doc = np.frombuffer(record, dtype=self._record_dtype)
             pieces += [doc, np.array([self._eos_id], self._record_dtype)]
         offset = int(self._ends[first - 1]) if first else 0  # stream position of pieces[0][0]
-        return np.concatenate(pieces)[start - offset:stop - offset].astype(self.dtype)
+        return np.concatenate(pieces)[start - offset : stop - offset].astype(self.dtype)
 
     def __array__(self, dtype=None, copy=None):
-        tokens = self[0:len(self)]
+        tokens = self[0 : len(self)]
         return tokens if dtype is None else tokens.astype(dtype)
 
     def _read(self, records: np.ndarray) -> list[bytes]:

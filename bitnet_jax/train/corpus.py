@@ -12,10 +12,17 @@ import os
 
 import numpy as np
 
-from . import data, documents, token_records
-from .errors import BitNetError
-from .run_config import RunConfig
-from .tokenizer import HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, copy_tokenizer, load_tokenizer, train_sentencepiece
+from bitnet_jax.data import documents, token_records
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.data.tokenizer import (
+    HF_TOKENIZER_FILE,
+    SENTENCEPIECE_FILE,
+    copy_tokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.train.run_config import RunConfig
 
 
 @dataclasses.dataclass
@@ -32,17 +39,27 @@ def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
     sources = run.sources
     tokenizer = _tokenizer(run, out_dir, cache_dir)
     _check_tokenizer(tokenizer, run)
-    streams = [documents.source_streams(s, tokenizer, default_suffixes=run.corpus_suffixes,
-                                        heldout_fraction=run.heldout_fraction, cache_dir=cache_dir)
-               for s in sources]
+    streams = [
+        documents.source_streams(
+            s,
+            tokenizer,
+            default_suffixes=run.corpus_suffixes,
+            heldout_fraction=run.heldout_fraction,
+            cache_dir=cache_dir,
+        )
+        for s in sources
+    ]
     for source, (train, held) in zip(sources, streams):
         if len(train) == 0:
-            raise BitNetError(f"{source.name} leaves no training documents after holding out "
-                              f"{run.heldout_fraction:.0%} for evaluation; add documents or lower heldout_fraction.")
+            raise BitNetError(
+                f"{source.name} leaves no training documents after holding out "
+                f"{run.heldout_fraction:.0%} for evaluation; add documents or lower heldout_fraction."
+            )
     held = [h for _, h in streams]
     eval_tokens = held[0] if len(held) == 1 else np.concatenate(held)
-    return Corpus(tokenizer, [t for t, _ in streams], eval_tokens, [s.name for s in sources],
-                  [s.weight for s in sources])
+    return Corpus(
+        tokenizer, [t for t, _ in streams], eval_tokens, [s.name for s in sources], [s.weight for s in sources]
+    )
 
 
 def _tokenizer(run: RunConfig, out_dir: str, cache_dir: str):
@@ -67,8 +84,10 @@ def _trained_tokenizer(run: RunConfig, cache_dir: str):
         key_files += files
         extras += [extra] if extra else []
     # For the default corpus this is the key used before mixtures existed, so caches stay valid.
-    key = data.files_key(key_files, extra=f"spm-{run.model.vocab_size}-{run.tokenizer_max_bytes}-{run.seed}"
-                                          + "".join(f":{e}" for e in extras))
+    key = data.files_key(
+        key_files,
+        extra=f"spm-{run.model.vocab_size}-{run.tokenizer_max_bytes}-{run.seed}" + "".join(f":{e}" for e in extras),
+    )
     tokenizer_dir = os.path.join(cache_dir, f"tokenizer-{key}")
     if os.path.isfile(os.path.join(tokenizer_dir, SENTENCEPIECE_FILE)):
         return load_tokenizer(tokenizer_dir)
@@ -76,8 +95,9 @@ def _trained_tokenizer(run: RunConfig, cache_dir: str):
     texts = [d for d in docs if isinstance(d, str)]
     what = f"{len(files)} files" if not texts else f"{len(files) + len(texts)} documents"
     print(f"Training a {run.model.vocab_size}-piece sentencepiece tokenizer on {what}...")
-    return train_sentencepiece(files, run.model.vocab_size, tokenizer_dir, max_bytes=run.tokenizer_max_bytes,
-                               seed=run.seed, texts=texts)
+    return train_sentencepiece(
+        files, run.model.vocab_size, tokenizer_dir, max_bytes=run.tokenizer_max_bytes, seed=run.seed, texts=texts
+    )
 
 
 def _check_tokenizer(tokenizer, run: RunConfig):
@@ -85,4 +105,5 @@ def _check_tokenizer(tokenizer, run: RunConfig):
     if tokenizer.vocab_size != m.vocab_size or tokenizer.eos_id not in m.eos_ids:
         raise BitNetError(
             f"The tokenizer has vocab_size={tokenizer.vocab_size}, eos={tokenizer.eos_id}; the model config "
-            f"expects vocab_size={m.vocab_size}, eos={m.eos_token_id}. Use a fresh --out folder or make them agree.")
+            f"expects vocab_size={m.vocab_size}, eos={m.eos_token_id}. Use a fresh --out folder or make them agree."
+        )

@@ -4,9 +4,10 @@
 result for a Hugging Face folder, reading and packing it a layer at a time). Every BitLinear kernel
 [K, N] is quantized exactly as the training forward quantizes it (`quant.weight_quantize`: the
 same ternary values and scale), then packed to 2-bit codes (`layout.pack_ternary`) with its scale
-([1] per tensor, [N] per channel, [K / G, N] per group of G inputs). The lm_head (the tied embedding for 2B4T-style models) becomes
-int8 rows with one scale each (`lm_head="int8"`; for tied models, `"int8-tied"`, the serving
-default, also serves the input embedding from those rows) or stays float.
+([1] per tensor, [N] per channel, [K / G, N] per group of G inputs). The lm_head (the tied
+embedding for 2B4T-style models) becomes int8 rows with one scale each (`lm_head="int8"`; for
+tied models, `"int8-tied"`, the serving default, also serves the input embedding from those rows)
+or stays float.
 
 A converted folder holds `config.json` (the model config, all of `BitNetConfig`, with a `bitnet_jax`
 entry naming the format, layout version and lm_head), `model.safetensors` (parameter paths joined by '.') and
@@ -20,18 +21,18 @@ import os
 import stat
 
 import flax.linen as nn
-from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
-from . import layout
-from .config import BitNetConfig
-from .errors import BitNetError
-from .hf import HFCheckpoint, stack_layers
-from .host_memory import aligned_empty, release_freed_memory
-from .quant import weight_quantize
-from .serving import LM_HEADS
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.interop.hf import HFCheckpoint, stack_layers
+from bitnet_jax.kernels import layout
+from bitnet_jax.kernels.ops import LM_HEADS
+from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.quant import weight_quantize
+from bitnet_jax.serve.host_memory import aligned_empty, release_freed_memory
 
 PACKED_FORMAT = "bitnet_jax.packed"
 _LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -80,13 +81,23 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
     if is_packed(params):
         raise BitNetError("pack: these parameters are packed already.")
     layers = params["layers"]
-    out = {"layers": stack_layers(lambda i: _pack_layer(config, jax.tree.map(lambda a: a[i], layers)),
-                                  config.num_hidden_layers),
-           "norm": _to_numpy(params["norm"])}
+    out = {
+        "layers": stack_layers(
+            lambda i: _pack_layer(config, jax.tree.map(lambda a: a[i], layers)), config.num_hidden_layers
+        ),
+        "norm": _to_numpy(params["norm"]),
+    }
     embedding_vd = np.asarray(params["embed_tokens"]["embedding"])
     head_vd = embedding_vd if config.tie_word_embeddings else np.asarray(params["lm_head"]["kernel"]).T
-    out.update(_pack_ends(config, lm_head, lambda rows: embedding_vd[rows], lambda rows: head_vd[rows],
-                          lambda: _to_numpy(params["lm_head"])))
+    out.update(
+        _pack_ends(
+            config,
+            lm_head,
+            lambda rows: embedding_vd[rows],
+            lambda rows: head_vd[rows],
+            lambda: _to_numpy(params["lm_head"]),
+        )
+    )
     return out
 
 
@@ -100,13 +111,17 @@ def convert_hf(folder: str | os.PathLike, *, lm_head: str | None = None) -> tupl
         config = checkpoint.config
         lm_head = lm_head or default_lm_head(config)
         _check_packable(config, lm_head)
-        out = {"layers": stack_layers(lambda i: _pack_layer(config, _float32(checkpoint.layer(i))),
-                                      config.num_hidden_layers),
-               "norm": _float32(checkpoint.norm())}
+        out = {
+            "layers": stack_layers(
+                lambda i: _pack_layer(config, _float32(checkpoint.layer(i))), config.num_hidden_layers
+            ),
+            "norm": _float32(checkpoint.norm()),
+        }
         embedding = lambda rows: _float32(checkpoint.embedding(rows))
         head = embedding if config.tie_word_embeddings else lambda rows: _float32(checkpoint.lm_head(rows))
-        out.update(_pack_ends(config, lm_head, embedding, head,
-                              lambda: {"kernel": np.ascontiguousarray(head(slice(None)).T)}))
+        out.update(
+            _pack_ends(config, lm_head, embedding, head, lambda: {"kernel": np.ascontiguousarray(head(slice(None)).T)})
+        )
         checkpoint.warn_unused()
     return config, out
 
@@ -126,7 +141,8 @@ def _pack_layer(config: BitNetConfig, layer: dict) -> dict:
             scale = np.asarray(scale, np.float32)  # [1, 1], [1, N] or, per group, [K / G, 1, N]
             out[block][name] = {
                 "w_packed": layout.pack_ternary(np.asarray(w_t_kn, np.int8).T),
-                "w_scale": scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1)}
+                "w_scale": scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1),
+            }
             if "rms_norm" in source:
                 out[block][name]["rms_norm"] = _to_numpy(source["rms_norm"])
         for norm in ("attn_sub_norm", "ffn_sub_norm"):
@@ -172,20 +188,25 @@ def _to_numpy(tree):
 
 def _check_packable(config: BitNetConfig, lm_head: str):
     if config.weight_quant == "none":
-        raise BitNetError("pack: weight_quant='none' (the full-precision baseline) has no ternary weights to "
-                          "pack. Serve it unpacked (generate(..., backend='xla') on its training parameters).")
+        raise BitNetError(
+            "pack: weight_quant='none' (the full-precision baseline) has no ternary weights to "
+            "pack. Serve it unpacked (generate(..., backend='xla') on its training parameters)."
+        )
     if config.act_quant != "token":
         raise BitNetError(
             f"pack: act_quant={config.act_quant!r} has no packed kernel (the kernels quantize activations per "
-            "token). Serve this model unpacked (generate(..., backend='xla')).")
+            "token). Serve this model unpacked (generate(..., backend='xla'))."
+        )
     if lm_head not in LM_HEADS:
         raise BitNetError(f"pack: lm_head={lm_head!r}; expected one of {LM_HEADS}.")
     if lm_head == "int8-tied" and not config.tie_word_embeddings:
-        raise BitNetError("pack: lm_head='int8-tied' needs tied embeddings; this model has a separate lm_head "
-                          "(use lm_head='int8').")
+        raise BitNetError(
+            "pack: lm_head='int8-tied' needs tied embeddings; this model has a separate lm_head (use lm_head='int8')."
+        )
 
 
 # --- the converted folder ----------------------------------------------------------------------
+
 
 def save_packed(folder: str, config: BitNetConfig, params) -> None:
     """Writes packed parameters as a folder that `load_packed` (and `bitnet-jax generate`) reads.
@@ -193,11 +214,14 @@ def save_packed(folder: str, config: BitNetConfig, params) -> None:
     from safetensors.numpy import save_file
 
     if not is_packed(params):
-        raise BitNetError("save_packed: expected packed parameters (from bitnet_jax.pack).")
+        raise BitNetError("save_packed: expected packed parameters (from bitnet_jax.serve.pack).")
     os.makedirs(folder, exist_ok=True)
     hf = config.to_dict()
-    hf["bitnet_jax"] = {"format": PACKED_FORMAT, "layout_version": layout.LAYOUT_VERSION,
-                        "lm_head": lm_head_kind(params)}
+    hf["bitnet_jax"] = {
+        "format": PACKED_FORMAT,
+        "layout_version": layout.LAYOUT_VERSION,
+        "lm_head": lm_head_kind(params),
+    }
     flat = {".".join(path): np.ascontiguousarray(value) for path, value in flatten_dict(params).items()}
     tmp = os.path.join(folder, "model.safetensors.tmp")
     with open(tmp, "wb") as f:  # only to learn the mode that open() gives a new file under the umask
@@ -226,8 +250,8 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
     implies is there with its shape and dtype."""
     from safetensors import safe_open
 
-    from .model import BitNetLM, merge_serving_variables
-    from .serving import ServingSpec
+    from bitnet_jax.kernels.ops import ServingSpec
+    from bitnet_jax.model.transformer import BitNetLM, merge_serving_variables
 
     config_path = os.path.join(folder, "config.json")
     try:
@@ -243,7 +267,8 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
         raise BitNetError(
             f"{folder}: weights packed in layout version {version}, but this bitnet_jax reads version "
             f"{layout.LAYOUT_VERSION}. Convert the source model again with this version "
-            "(bitnet-jax convert SRC DST), or install the bitnet_jax that wrote it.")
+            "(bitnet-jax convert SRC DST), or install the bitnet_jax that wrote it."
+        )
     config = BitNetConfig.from_dict(hf, source=config_path)
     weights = os.path.join(folder, "model.safetensors")
     try:
@@ -251,8 +276,9 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
             flat = {}
             for name in handle.keys():
                 tensor = handle.get_slice(name)
-                flat[tuple(name.split("."))] = jax.ShapeDtypeStruct(tuple(tensor.get_shape()),
-                                                                    _SAFETENSORS_DTYPES[tensor.get_dtype()])
+                flat[tuple(name.split("."))] = jax.ShapeDtypeStruct(
+                    tuple(tensor.get_shape()), _SAFETENSORS_DTYPES[tensor.get_dtype()]
+                )
     except Exception as e:  # SafetensorError, OSError, KeyError (a dtype packing never writes)
         raise BitNetError(f"{weights}: cannot read the packed weights ({e!r}). Convert the model again.") from None
     params = unflatten_dict(flat)
@@ -277,18 +303,29 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
         offsets = _tensor_offsets(weights)
         with open(weights, "rb", buffering=0) as f:
             params = jax.tree.map_with_path(
-                lambda path, spec: jax.device_put(_read_tensor(f, offsets[".".join(k.key for k in path)], spec)),
-                shapes)
+                lambda path, spec: jax.device_put(_read_tensor(f, offsets[".".join(k.key for k in path)], spec)), shapes
+            )
     except (OSError, ValueError, KeyError) as e:
-        raise BitNetError(f"{weights}: cannot read the packed weights ({e}); the file is truncated or corrupt. "
-                          "Convert the model again.") from None
+        raise BitNetError(
+            f"{weights}: cannot read the packed weights ({e}); the file is truncated or corrupt. "
+            "Convert the model again."
+        ) from None
     release_freed_memory()
     return config, params
 
 
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
-                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-                       "BOOL": np.bool_}
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jnp.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def _tensor_offsets(file: str) -> dict[str, tuple[int, int]]:
@@ -297,8 +334,11 @@ def _tensor_offsets(file: str) -> dict[str, tuple[int, int]]:
     with open(file, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
-    return {name: (8 + length + info["data_offsets"][0], 8 + length + info["data_offsets"][1])
-            for name, info in header.items() if name != "__metadata__"}
+    return {
+        name: (8 + length + info["data_offsets"][0], 8 + length + info["data_offsets"][1])
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
 
 
 def _read_tensor(f, byte_range: tuple[int, int], spec) -> np.ndarray:
@@ -329,4 +369,5 @@ def _check_against(expected, params, where: str):
         if shape != tuple(spec.shape) or not dtype_ok:
             raise BitNetError(
                 f"{where}: tensor {name} is {got[path].dtype} {list(shape)}, but config.json implies "
-                f"{spec.dtype} {list(spec.shape)}; the weights and config.json disagree.")
+                f"{spec.dtype} {list(spec.shape)}; the weights and config.json disagree."
+            )

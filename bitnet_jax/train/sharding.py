@@ -29,8 +29,8 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .errors import BitNetError
-from .model import BitNetLM
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.model.transformer import BitNetLM
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a global batch is split over
@@ -42,7 +42,7 @@ RULES = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
-    ("layers", None),     # scanned layers run one after another: every device needs every layer
+    ("layers", None),  # scanned layers run one after another: every device needs every layer
     ("length", None),
     ("act_embed", None),  # whole rows of D on every tensor shard (Megatron-style blocks)
 )
@@ -56,13 +56,15 @@ def resolve_mesh_shape(shape, num_devices: int) -> tuple[int, int, int]:
         if num_devices % known:
             raise BitNetError(
                 f"mesh={shape} cannot use all {num_devices} devices: the fixed axes use {known}, which does not "
-                f"divide {num_devices}. Set mesh so that (data, fsdp, tensor) multiply to {num_devices}.")
+                f"divide {num_devices}. Set mesh so that (data, fsdp, tensor) multiply to {num_devices}."
+            )
         shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
         raise BitNetError(
             f"mesh={shape} (data, fsdp, tensor) needs {math.prod(shape)} devices; found {num_devices}. "
             f"Set mesh so that its axes multiply to {num_devices}, e.g. --set mesh=({num_devices},1,1), or use -1 "
-            "for one axis to take all remaining devices.")
+            "for one axis to take all remaining devices."
+        )
     return shape
 
 
@@ -84,7 +86,8 @@ def check_batch(batch_size: int, grad_accum_steps: int, mesh: Mesh):
         micro = f" in each of grad_accum_steps={grad_accum_steps} micro-batches" if grad_accum_steps > 1 else ""
         raise BitNetError(
             f"batch_size={batch_size} cannot be split evenly over data x fsdp = {split} devices{micro}: expected a "
-            f"multiple of {grad_accum_steps * split}. Change batch_size, grad_accum_steps or the mesh.")
+            f"multiple of {grad_accum_steps * split}. Change batch_size, grad_accum_steps or the mesh."
+        )
 
 
 @contextlib.contextmanager
@@ -122,7 +125,8 @@ def param_shardings(model: BitNetLM, mesh: Mesh) -> dict:
                 raise BitNetError(
                     f"Parameter {name} {tuple(shape.shape)} cannot be split {ways} ways over mesh axis {axes}: "
                     f"its size {dim} is not a multiple of {ways}. Choose a mesh whose {axes} size divides {dim}, "
-                    "or change the model size.")
+                    "or change the model size."
+                )
     return shardings
 
 
@@ -132,7 +136,7 @@ class TrainShardings(NamedTuple):
     mesh: Mesh
     params: dict
     opt_state: object
-    batch: NamedSharding      # [B, ...] arrays, B split over data x fsdp
+    batch: NamedSharding  # [B, ...] arrays, B split over data x fsdp
     replicated: NamedSharding  # scalars (the loss)
 
 
@@ -143,8 +147,14 @@ def train_shardings(model: BitNetLM, optimizer: optax.GradientTransformation, me
     # hyperparameters are scalars, replicated.
     abstract_state = jax.eval_shape(optimizer.init, nn.unbox(_abstract_variables(model))["params"])
     is_sharding = lambda x: isinstance(x, NamedSharding)
-    opt_state = optax.tree_map_params(optimizer, lambda _, s: s, abstract_state, params,
-                                      transform_non_params=lambda _: replicated, is_leaf=is_sharding)
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract_state,
+        params,
+        transform_non_params=lambda _: replicated,
+        is_leaf=is_sharding,
+    )
     return TrainShardings(mesh, params, opt_state, NamedSharding(mesh, P(BATCH_AXES)), replicated)
 
 
@@ -161,10 +171,12 @@ def global_batch(batch: dict, sharding: NamedSharding) -> dict:
 
     Each process passes only the rows its own devices hold; on one process that is all of them.
     """
+
     def put(x):
         x = np.asarray(x)
         rows = _process_rows(sharding, x.shape)
         return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+
     return {k: put(v) for k, v in batch.items()}
 
 
@@ -177,6 +189,8 @@ def _process_rows(sharding: NamedSharding, shape) -> slice:
     rows = slice(min(starts), max(stops))
     held = sum(stop - start for start, stop in {(a, b) for a, b in zip(starts, stops)})
     if held != rows.stop - rows.start:  # not with make_mesh, which keeps each process's devices together
-        raise RuntimeError(f"This process's devices hold batch rows {sorted(set(zip(starts, stops)))}, not one "
-                           "block: order the mesh devices by process.")
+        raise RuntimeError(
+            f"This process's devices hold batch rows {sorted(set(zip(starts, stops)))}, not one "
+            "block: order the mesh devices by process."
+        )
     return rows

@@ -19,10 +19,10 @@ import importlib.util
 import os
 from typing import Any
 
-from .config import BitNetConfig, check_known_keys
-from .errors import BitNetError
-from .sources import DataSource, parse_corpus
-from .model import REMAT_POLICIES
+from bitnet_jax.data.sources import DataSource, parse_corpus
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.model.config import BitNetConfig, check_known_keys
+from bitnet_jax.model.transformer import REMAT_POLICIES
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -36,7 +36,7 @@ class RunConfig:
 
     model: BitNetConfig
     # 'stdlib' (the embedded default), a folder of text files, 'jsonl:PATH', 'parquet:PATH',
-    # 'array_record:PATH', a dict, or a list of them with weights: see bitnet_jax/sources.py.
+    # 'array_record:PATH', a dict, or a list of them with weights: see bitnet_jax/data/sources.py.
     corpus: str | tuple = "stdlib"
     corpus_suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst")
     tokenizer: str = ""  # a tokenizer.json / tokenizer.model (or its folder); "" trains a sentencepiece
@@ -75,8 +75,18 @@ class RunConfig:
     tokenizer_max_bytes: int = 12_000_000
 
     def __post_init__(self):
-        positive = ("seq_len", "batch_size", "steps", "grad_accum_steps", "log_every", "eval_every", "eval_batches",
-                    "checkpoint_every", "keep_checkpoints", "tokenizer_max_bytes")
+        positive = (
+            "seq_len",
+            "batch_size",
+            "steps",
+            "grad_accum_steps",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "tokenizer_max_bytes",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -85,8 +95,14 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _bad(name, value, "a non-negative integer")
-        for name in ("learning_rate", "stage2_learning_rate", "min_learning_rate", "weight_decay", "grad_clip",
-                     "z_loss"):
+        for name in (
+            "learning_rate",
+            "stage2_learning_rate",
+            "min_learning_rate",
+            "weight_decay",
+            "grad_clip",
+            "z_loss",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 _bad(name, value, "a non-negative number")
@@ -99,8 +115,11 @@ class RunConfig:
         if self.compute_dtype not in COMPUTE_DTYPES:
             _bad("compute_dtype", self.compute_dtype, f"one of {COMPUTE_DTYPES}")
         if self.remat not in ("none", "full", *REMAT_POLICIES):
-            _bad("remat", self.remat, f"'none', 'full' (recompute whole layers) or a jax.checkpoint policy: "
-                                      f"{', '.join(REMAT_POLICIES)}")
+            _bad(
+                "remat",
+                self.remat,
+                f"'none', 'full' (recompute whole layers) or a jax.checkpoint policy: {', '.join(REMAT_POLICIES)}",
+            )
         if self.batch_size % self.grad_accum_steps:
             _bad("grad_accum_steps", self.grad_accum_steps, f"a divisor of batch_size={self.batch_size}")
         if self.seq_len > self.model.max_position_embeddings:
@@ -115,10 +134,18 @@ class RunConfig:
             _bad("tokenizer", self.tokenizer, "a path to tokenizer.json or tokenizer.model, or '' to train one")
         if isinstance(self.mesh, list):  # from JSON
             object.__setattr__(self, "mesh", tuple(self.mesh))
-        if (not isinstance(self.mesh, tuple) or len(self.mesh) != 3 or self.mesh.count(-1) > 1
-                or not all(isinstance(a, int) and not isinstance(a, bool) and (a >= 1 or a == -1) for a in self.mesh)):
-            _bad("mesh", self.mesh, "three positive integers (data, fsdp, tensor), one of which may be -1 for "
-                 "'all remaining devices', e.g. (2, 2, 2) or (-1, 1, 1)")
+        if (
+            not isinstance(self.mesh, tuple)
+            or len(self.mesh) != 3
+            or self.mesh.count(-1) > 1
+            or not all(isinstance(a, int) and not isinstance(a, bool) and (a >= 1 or a == -1) for a in self.mesh)
+        ):
+            _bad(
+                "mesh",
+                self.mesh,
+                "three positive integers (data, fsdp, tensor), one of which may be -1 for "
+                "'all remaining devices', e.g. (2, 2, 2) or (-1, 1, 1)",
+            )
         if isinstance(self.corpus_suffixes, list):
             object.__setattr__(self, "corpus_suffixes", tuple(self.corpus_suffixes))
         if not self.corpus_suffixes or not all(isinstance(s, str) for s in self.corpus_suffixes):
@@ -131,8 +158,11 @@ class RunConfig:
         check_known_keys(values, {f.name for f in dataclasses.fields(cls)}, source)
         preset = model.pop("preset", None)
         try:
-            model_config = (BitNetConfig.preset(preset, **model) if preset
-                            else BitNetConfig.from_dict(model, source=f"{source} [model]"))
+            model_config = (
+                BitNetConfig.preset(preset, **model)
+                if preset
+                else BitNetConfig.from_dict(model, source=f"{source} [model]")
+            )
         except BitNetError as e:
             raise BitNetError(f"{source}: model: {e}") from None
         try:
@@ -164,10 +194,12 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise BitNetError(f"--set {item!r}: expected key=value, e.g. --set steps=100 or --set model.hidden_size=128.")
+            raise BitNetError(
+                f"--set {item!r}: expected key=value, e.g. --set steps=100 or --set model.hidden_size=128."
+            )
         value = _parse_value(raw)
         if key.startswith("model."):
-            values["model"][key[len("model."):]] = value
+            values["model"][key[len("model.") :]] = value
         else:
             values[key] = value
     return RunConfig.from_dict(values, source=f"{source}{' with --set' if overrides else ''}")
@@ -175,8 +207,10 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
 
 def _read_config_file(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise BitNetError(f"Run config {path!r} does not exist: expected a Python file defining get_config(), "
-                          "such as configs/tiny.py.")
+        raise BitNetError(
+            f"Run config {path!r} does not exist: expected a Python file defining get_config(), "
+            "such as configs/tiny.py."
+        )
     spec = importlib.util.spec_from_file_location("_bitnet_run_config", path)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from .errors import BitNetError
+from bitnet_jax.errors import BitNetError
 
 # 2B4T: K x N of q/o, k/v, gate/up, down, and the tied lm_head.
 KERNEL_SHAPES = ((2560, 2560), (2560, 640), (2560, 6912), (6912, 2560), (2560, 128256))
@@ -46,17 +46,18 @@ def set_threads(threads: int | None) -> int:
 
 # --- kernels ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class KernelTiming:
-    kernel: str      # "ternary", "int8", "xla_f32", "xla_bf16"
-    isa: str         # kernel path, or "xla"
+    kernel: str  # "ternary", "int8", "xla_f32", "xla_bf16"
+    isa: str  # kernel path, or "xla"
     M: int
     K: int
     N: int
     threads: int
     median_us: float
     weight_bytes: int
-    gb_s: float      # weight bytes / median time
+    gb_s: float  # weight bytes / median time
     working_set_mb: float
     times_us: tuple[float, ...]
 
@@ -86,16 +87,22 @@ def _time(call, repeats: int) -> list[float]:
     return times
 
 
-def bench_kernels(*, rows=KERNEL_ROWS, shapes=KERNEL_SHAPES, isas: list[str] | None = None, repeats: int = 5,
-                  xla: bool = True, seed: int = 0) -> list[KernelTiming]:
+def bench_kernels(
+    *,
+    rows=KERNEL_ROWS,
+    shapes=KERNEL_SHAPES,
+    isas: list[str] | None = None,
+    repeats: int = 5,
+    xla: bool = True,
+    seed: int = 0,
+) -> list[KernelTiming]:
     """Times the serving kernels on every SIMD path (default: all this CPU runs; the scalar twin,
     a correctness reference, only when asked for) and XLA's dense f32 and bf16 dot on the same
     shapes. The lm_head shape (N = 128256) uses the int8 kernel, the others
     the ternary one."""
-    import jax
     import jax.numpy as jnp
 
-    from . import ffi, layout
+    from bitnet_jax.kernels import ffi, layout
 
     threads = len(os.sched_getaffinity(0))
     isas = isas or [isa for isa in ffi.available_isas() if isa != "scalar"] or ["scalar"]
@@ -121,17 +128,19 @@ def bench_kernels(*, rows=KERNEL_ROWS, shapes=KERNEL_SHAPES, isas: list[str] | N
                 call = _chain(fn, reps)
                 for isa in isas:
                     os.environ["BITNET_JAX_ISA"] = isa
-                    times = _time(lambda: call(x, weights, scale), repeats)
-                    results.append(_timing("int8" if int8 else "ternary", isa, m, k, n, threads, times, reps,
-                                           weight.nbytes))
+                    times = _time(lambda weights=weights: call(x, weights, scale), repeats)
+                    results.append(
+                        _timing("int8" if int8 else "ternary", isa, m, k, n, threads, times, reps, weight.nbytes)
+                    )
                 del weights
                 if xla:
                     for name, dtype in (("xla_f32", jnp.float32), ("xla_bf16", jnp.bfloat16)):
                         dense = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
                         reps = _reps(dense.nbytes, m)
                         denses = [dense.copy() for _ in range(reps)]
-                        call = _chain(lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32),
-                                      reps)
+                        call = _chain(
+                            lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32), reps
+                        )
                         times = _time(lambda: call(x, denses), repeats)
                         results.append(_timing(name, "xla", m, k, n, threads, times, reps, dense.nbytes))
                         del denses, dense
@@ -151,8 +160,19 @@ def _reps(nbytes: int, m: int) -> int:
 def _timing(kernel, isa, m, k, n, threads, times, reps, nbytes) -> KernelTiming:
     per_call = [t / reps for t in times]
     median = float(np.median(per_call))
-    return KernelTiming(kernel, isa, m, k, n, threads, median * 1e6, nbytes, nbytes / median / 1e9,
-                        reps * nbytes / 2**20, tuple(t * 1e6 for t in per_call))
+    return KernelTiming(
+        kernel,
+        isa,
+        m,
+        k,
+        n,
+        threads,
+        median * 1e6,
+        nbytes,
+        nbytes / median / 1e9,
+        reps * nbytes / 2**20,
+        tuple(t * 1e6 for t in per_call),
+    )
 
 
 def kernels_table(results: list[KernelTiming]) -> str:
@@ -180,8 +200,13 @@ def kernels_table(results: list[KernelTiming]) -> str:
         f32 = by_key.get((k, n, m, "xla_f32"))
         ratio = f"{f32.median_us / best.median_us:.1f}x" if f32 and best else "-"
         lines.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + f" | {ratio} |")
-    per_isa = ["", "Per kernel path (median us):", "", "| K x N | M | " + " | ".join(ours) + " |",
-               "|---" * (2 + len(ours)) + "|"]
+    per_isa = [
+        "",
+        "Per kernel path (median us):",
+        "",
+        "| K x N | M | " + " | ".join(ours) + " |",
+        "|---" * (2 + len(ours)) + "|",
+    ]
     for k, n, m in dict.fromkeys((r.K, r.N, r.M) for r in results):
         cells = [f"{by_key[(k, n, m, c)].median_us:.0f}" if (k, n, m, c) in by_key else "-" for c in ours]
         per_isa.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + " |")
@@ -190,23 +215,25 @@ def kernels_table(results: list[KernelTiming]) -> str:
 
 # --- generation ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class GenerateTiming:
-    backend: str           # "ffi" or "xla" (dense)
+    backend: str  # "ffi" or "xla" (dense)
     lm_head: str
     threads: int
     prompt_tokens: int
     new_tokens: int
     prefill_tok_s: float
     decode_tok_s: float
-    peak_rss_mb: float     # MB (10^6 bytes, as the 2B4T model card counts) while serving, after building the weights
-    weight_mb: float       # MB (10^6 bytes)
+    peak_rss_mb: float  # MB (10^6 bytes, as the 2B4T model card counts) while serving, after building the weights
+    weight_mb: float  # MB (10^6 bytes)
     isa: str
 
 
 # 81 bytes whose four 2-bit fields are all valid ternary codes (0, 1, 2).
-_VALID_CODE_BYTES = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3)
-                              for c in range(3) for d in range(3)], np.uint8)
+_VALID_CODE_BYTES = np.array(
+    [a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3) for c in range(3) for d in range(3)], np.uint8
+)
 
 
 def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstract: bool = False) -> dict:
@@ -218,8 +245,8 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
     """
     import jax
 
-    from . import layout
-    from .host_memory import aligned_empty, release_freed_memory
+    from bitnet_jax.kernels import layout
+    from bitnet_jax.serve.host_memory import aligned_empty, release_freed_memory
 
     rng = np.random.default_rng(seed)
 
@@ -233,28 +260,36 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
         else:
             rows = max(1, (16 << 20) // max(out[0].nbytes, 1))
             for start in range(0, shape[0], rows):
-                out[start:start + rows] = fill_rows(out[start:start + rows].shape)
+                out[start : start + rows] = fill_rows(out[start : start + rows].shape)
         return jax.device_put(out)
 
     d, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     heads = config.num_attention_heads * config.head_dim
     ones = lambda *shape: make(shape, np.float32)
-    params: dict = {"layers": {"self_attn": {"attn_sub_norm": {"weight": ones(layers, heads)}},
-                               "mlp": {"ffn_sub_norm": {"weight": ones(layers, f)}},
-                               "input_layernorm": {"weight": ones(layers, d)},
-                               "post_attention_layernorm": {"weight": ones(layers, d)}},
-                    "norm": {"weight": ones(d)}}
+    params: dict = {
+        "layers": {
+            "self_attn": {"attn_sub_norm": {"weight": ones(layers, heads)}},
+            "mlp": {"ffn_sub_norm": {"weight": ones(layers, f)}},
+            "input_layernorm": {"weight": ones(layers, d)},
+            "post_attention_layernorm": {"weight": ones(layers, d)},
+        },
+        "norm": {"weight": ones(d)},
+    }
     codes = lambda shape: _VALID_CODE_BYTES[rng.integers(0, 81, shape, dtype=np.uint8)]
     for block, names in _linear_shapes(config).items():
         for name, (k, n) in names.items():
             g, row_bytes = layout.packed_ternary_shape(n, k)
             scale = lambda shape, k=k: np.full(shape, 1.0 / math.sqrt(k), np.float32)
-            params["layers"][block][name] = {"w_packed": make((layers, g, row_bytes), np.uint8, codes),
-                                             "w_scale": make((layers, 1), np.float32, scale)}
+            params["layers"][block][name] = {
+                "w_packed": make((layers, g, row_bytes), np.uint8, codes),
+                "w_scale": make((layers, 1), np.float32, scale),
+            }
     v = config.vocab_size
     if lm_head in ("int8", "int8-tied"):
-        head = {"w_int8": make((v, -(-d // 64) * 64), np.int8, lambda shape: rng.integers(-127, 128, shape, np.int8)),
-                "w_scale": make((v,), np.float32, lambda shape: np.full(shape, 0.02 / 127, np.float32))}
+        head = {
+            "w_int8": make((v, -(-d // 64) * 64), np.int8, lambda shape: rng.integers(-127, 128, shape, np.int8)),
+            "w_scale": make((v,), np.float32, lambda shape: np.full(shape, 0.02 / 127, np.float32)),
+        }
         params["lm_head" if lm_head == "int8" else "embed_tokens"] = head
     if lm_head != "int8-tied":
         import ml_dtypes
@@ -269,15 +304,17 @@ def _linear_shapes(config) -> dict:
     """(K, N) of every BitLinear, by block and name."""
     d, f = config.hidden_size, config.intermediate_size
     heads, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {"self_attn": {"q_proj": (d, heads), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (heads, d)},
-            "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}}
+    return {
+        "self_attn": {"q_proj": (d, heads), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (heads, d)},
+        "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)},
+    }
 
 
 def dense_params(config, packed: dict, dtype) -> dict:
     """Dense XLA-path parameters (weight_quant='none') holding the same weights as `packed`."""
     import jax.numpy as jnp
 
-    from . import layout
+    from bitnet_jax.kernels import layout
 
     out = {"layers": {}, "norm": packed["norm"], "embed_tokens": {}}
     for key, value in packed["layers"].items():
@@ -291,19 +328,27 @@ def dense_params(config, packed: dict, dtype) -> dict:
                 continue
             k, n = _linear_shapes(config)[key][name]
             kernels = []
-            for l in range(p["w_packed"].shape[0]):
-                t = np.asarray(layout.unpack_ternary(p["w_packed"][l], n, k))
-                kernels.append(jnp.asarray((t.T * p["w_scale"][l, 0]), dtype))
+            for layer in range(p["w_packed"].shape[0]):
+                t = np.asarray(layout.unpack_ternary(p["w_packed"][layer], n, k))
+                kernels.append(jnp.asarray((t.T * p["w_scale"][layer, 0]), dtype))
             out["layers"][key][name] = {"kernel": jnp.stack(kernels)}
     embed = packed["embed_tokens"]
-    table = embed["embedding"] if "embedding" in embed else embed["w_int8"][:, :config.hidden_size]
+    table = embed["embedding"] if "embedding" in embed else embed["w_int8"][:, : config.hidden_size]
     out["embed_tokens"]["embedding"] = jnp.asarray(table, dtype)
     return out
 
 
-def bench_generate(config, backend: str, *, lm_head: str | None = None, prompt_tokens: int = 128,
-                   new_tokens: int = 128, repeats: int = 3, xla_dtype: str = "float32",
-                   seed: int = 0) -> GenerateTiming:
+def bench_generate(
+    config,
+    backend: str,
+    *,
+    lm_head: str | None = None,
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    xla_dtype: str = "float32",
+    seed: int = 0,
+) -> GenerateTiming:
     """Prefill and decode speed of one backend on random weights of the config's shape.
 
     One program generates 1 + new_tokens tokens, streaming them: prefill tokens/s =
@@ -317,9 +362,9 @@ def bench_generate(config, backend: str, *, lm_head: str | None = None, prompt_t
     import jax
     import jax.numpy as jnp
 
-    from . import ffi
-    from .generate import compile_generate, generate
-    from .pack import default_lm_head
+    from bitnet_jax.kernels import ffi
+    from bitnet_jax.serve.generate import compile_generate, generate
+    from bitnet_jax.serve.pack import default_lm_head
 
     lm_head = lm_head or default_lm_head(config)
     prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
@@ -348,9 +393,18 @@ def bench_generate(config, backend: str, *, lm_head: str | None = None, prompt_t
 
     run()  # warm up (and compile, for the dense path)
     prefill_s, decode_s = np.median([run() for _ in range(repeats)], axis=0)
-    return GenerateTiming(backend, lm_head, len(os.sched_getaffinity(0)), prompt_tokens, new_tokens,
-                          prompt_tokens / prefill_s, new_tokens / decode_s,
-                          _peak_rss_mb(), weight_bytes / 1e6, isa)
+    return GenerateTiming(
+        backend,
+        lm_head,
+        len(os.sched_getaffinity(0)),
+        prompt_tokens,
+        new_tokens,
+        prompt_tokens / prefill_s,
+        new_tokens / decode_s,
+        _peak_rss_mb(),
+        weight_bytes / 1e6,
+        isa,
+    )
 
 
 def _reset_peak_rss():
@@ -375,18 +429,24 @@ def _peak_rss_mb() -> float:
 
 
 def generate_table(results: list[GenerateTiming]) -> str:
-    lines = ["| backend | lm_head | path | threads | prefill tok/s | decode tok/s | peak RSS MB | weights MB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| backend | lm_head | path | threads | prefill tok/s | decode tok/s | peak RSS MB | weights MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.backend} | {r.lm_head} | {r.isa} | {r.threads} | {r.prefill_tok_s:.1f} "
-                     f"({r.prompt_tokens}-token prompt) | {r.decode_tok_s:.2f} ({r.new_tokens} tokens) | "
-                     f"{r.peak_rss_mb:.0f} | {r.weight_mb:.0f} |")
+        lines.append(
+            f"| {r.backend} | {r.lm_head} | {r.isa} | {r.threads} | {r.prefill_tok_s:.1f} "
+            f"({r.prompt_tokens}-token prompt) | {r.decode_tok_s:.2f} ({r.new_tokens} tokens) | "
+            f"{r.peak_rss_mb:.0f} | {r.weight_mb:.0f} |"
+        )
     ffi_rows = [r for r in results if r.backend == "ffi"]
     xla_rows = [r for r in results if r.backend == "xla"]
     if ffi_rows and xla_rows:
         lines.append("")
-        lines.append(f"FFI vs XLA dense: decode {ffi_rows[0].decode_tok_s / xla_rows[0].decode_tok_s:.1f}x, "
-                     f"prefill {ffi_rows[0].prefill_tok_s / xla_rows[0].prefill_tok_s:.1f}x.")
+        lines.append(
+            f"FFI vs XLA dense: decode {ffi_rows[0].decode_tok_s / xla_rows[0].decode_tok_s:.1f}x, "
+            f"prefill {ffi_rows[0].prefill_tok_s / xla_rows[0].prefill_tok_s:.1f}x."
+        )
     return "\n".join(lines)
 
 

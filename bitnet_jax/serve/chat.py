@@ -17,10 +17,12 @@ import re
 import sys
 from collections.abc import Callable
 
-from .errors import BitNetError
+from bitnet_jax.errors import BitNetError
 
-_PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}Assistant:{% endif %}")
+_PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
 _END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
@@ -39,8 +41,14 @@ def chat_template(folder: str) -> str | None:
     return template
 
 
-def render_chat(template: str | None, messages: list[dict], *, bos_token: str = "", eos_token: str = "",
-                add_generation_prompt: bool = True) -> str:
+def render_chat(
+    template: str | None,
+    messages: list[dict],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+    add_generation_prompt: bool = True,
+) -> str:
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -51,8 +59,9 @@ def render_chat(template: str | None, messages: list[dict], *, bos_token: str = 
     env.globals["raise_exception"] = raise_exception
     try:
         compiled = env.from_string(template or _PLAIN_TEMPLATE)
-        return compiled.render(messages=messages, bos_token=bos_token, eos_token=eos_token,
-                               add_generation_prompt=add_generation_prompt)
+        return compiled.render(
+            messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+        )
     except jinja2.TemplateError as e:
         raise BitNetError(f"chat template does not render: {e}") from None
 
@@ -85,7 +94,7 @@ def chat_prompt_ids(template: str | None, messages: list[dict], tokenizer) -> li
 def stop_ids(tokenizer, config, folder: str | None = None) -> tuple[int, ...]:
     """Ids that end a reply: the model folder's (`hf.generation_stop_ids`; the config's alone
     without a folder), the tokenizer's, and the end-of-turn tokens the vocabulary has."""
-    from .hf import generation_stop_ids
+    from bitnet_jax.interop.hf import generation_stop_ids
 
     ids = set(generation_stop_ids(folder, config) if folder else config.eos_ids)
     ids |= set(getattr(tokenizer, "stop_ids", ()) or ())
@@ -96,15 +105,26 @@ def stop_ids(tokenizer, config, folder: str | None = None) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def chat_loop(config, params, tokenizer, folder: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-              top_k: int | None = None, top_p: float | None = None, system: str | None = None,
-              read: Callable[[str], str] = input, write=sys.stdout) -> int:
+def chat_loop(
+    config,
+    params,
+    tokenizer,
+    folder: str,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    system: str | None = None,
+    read: Callable[[str], str] = input,
+    write=sys.stdout,
+) -> int:
     """Reads user turns until EOF or an empty line, streaming each reply."""
     import numpy as np
 
-    from .generate import generate
-    from .pack import is_packed, pack
-    from .tokenizer import StreamDecoder
+    from bitnet_jax.data.tokenizer import StreamDecoder
+    from bitnet_jax.serve.generate import generate
+    from bitnet_jax.serve.pack import is_packed, pack
 
     if not is_packed(params) and config.weight_quant in ("tensor", "channel") and config.act_quant == "token":
         params = pack(config, params)  # pack once for the whole chat
@@ -133,8 +153,17 @@ def chat_loop(config, params, tokenizer, folder: str, *, max_new_tokens: int = 2
                 reply.append(token)
 
         try:
-            generate(config, params, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     stop_ids=stops, on_tokens=on_tokens)
+            generate(
+                config,
+                params,
+                [ids],
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                stop_ids=stops,
+                on_tokens=on_tokens,
+            )
         except BitNetError as e:
             write.write(f"[{e}]\n")
             messages.pop()

@@ -26,10 +26,10 @@ import os
 import jax
 import numpy as np
 
-from .config import BitNetConfig
-from .errors import BitNetError
-from .model import init_params, is_bitlinear_kernel
-from .run_config import RunConfig, _parse_value, load_run_config
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.transformer import init_params, is_bitlinear_kernel
+from bitnet_jax.train.run_config import RunConfig, _parse_value, load_run_config
 
 # The fields a grid may vary: the quantizers, so that every grid point has one well-defined
 # full-precision baseline (the same model with quantization off). Architecture and training
@@ -56,22 +56,27 @@ def parse_grid(items: list[str]) -> dict[str, list]:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if key.startswith("model."):  # the spelling --set uses
-            key = key[len("model."):]
+            key = key[len("model.") :]
         if not sep or not key:
-            raise BitNetError(f"--grid {item!r}: expected key=value1,value2,..., e.g. --grid weight_quant=tensor,channel.")
+            raise BitNetError(
+                f"--grid {item!r}: expected key=value1,value2,..., e.g. --grid weight_quant=tensor,channel."
+            )
         if key not in GRID_KEYS:
             close = difflib.get_close_matches(key, GRID_KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            other = (" It is a model or training field: set it for all runs with --set."
-                     if key in _settable_keys() else "")
-            raise BitNetError(f"--grid {item!r}: unknown grid key {key!r}{hint}. Expected one of "
-                              f"{', '.join(GRID_KEYS)}.{other}")
+            other = (
+                " It is a model or training field: set it for all runs with --set." if key in _settable_keys() else ""
+            )
+            raise BitNetError(
+                f"--grid {item!r}: unknown grid key {key!r}{hint}. Expected one of {', '.join(GRID_KEYS)}.{other}"
+            )
         if key in grid:
             raise BitNetError(f"--grid {key} is given twice: list all its values in one --grid {key}=a,b,...")
         raws = [r.strip() for r in raw.split(",")]
         if not raw.strip() or any(not r for r in raws):
-            raise BitNetError(f"--grid {item!r}: empty value in the list; expected comma-separated values "
-                              f"such as --grid {key}=a,b.")
+            raise BitNetError(
+                f"--grid {item!r}: empty value in the list; expected comma-separated values such as --grid {key}=a,b."
+            )
         values = [_parse_value(r) for r in raws]
         if len(set(map(repr, values))) != len(values):
             raise BitNetError(f"--grid {item!r}: a value is repeated; list each value once.")
@@ -81,8 +86,9 @@ def parse_grid(items: list[str]) -> dict[str, list]:
     return grid
 
 
-def load_ablation(config_path: str | None, overrides: list[str], grid_items: list[str],
-                  steps: int | None = None) -> tuple[RunConfig, dict[str, list]]:
+def load_ablation(
+    config_path: str | None, overrides: list[str], grid_items: list[str], steps: int | None = None
+) -> tuple[RunConfig, dict[str, list]]:
     """The base run config (file, then --set, then --steps) and the parsed grid, all validated."""
     grid = parse_grid(grid_items)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
@@ -90,8 +96,10 @@ def load_ablation(config_path: str | None, overrides: list[str], grid_items: lis
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key.removeprefix("model.") in grid:
-            raise BitNetError(f"--set {item!r} conflicts with --grid {key.removeprefix('model.')}: the grid sets "
-                              "that field for every run; drop one of them.")
+            raise BitNetError(
+                f"--set {item!r} conflicts with --grid {key.removeprefix('model.')}: the grid sets "
+                "that field for every run; drop one of them."
+            )
     return load_run_config(config_path, [*overrides, *([f"steps={steps}"] if steps is not None else [])]), grid
 
 
@@ -128,11 +136,12 @@ def run_name(model: BitNetConfig) -> str:
     return name
 
 
-def ablate(base: RunConfig, grid: dict[str, list], out_dir: str, *, cache_dir: str | None = None,
-           progress: bool = True) -> list[dict]:
+def ablate(
+    base: RunConfig, grid: dict[str, list], out_dir: str, *, cache_dir: str | None = None, progress: bool = True
+) -> list[dict]:
     """Trains the baseline and every grid point (skipping finished runs), writes results.md,
     results.json and loss_curves.png in `out_dir`, and returns the rows of results.json."""
-    from . import train as training  # imports orbax; keep `ablate --help` and errors fast
+    from bitnet_jax.train import loop as training  # imports orbax; keep `ablate --help` and errors fast
 
     runs = plan_runs(base, grid)
     for item in runs:  # refuse folders of another ablation before any training starts
@@ -161,7 +170,7 @@ def ablate(base: RunConfig, grid: dict[str, list], out_dir: str, *, cache_dir: s
 
 
 def _check_existing(item: AblationRun, run_dir: str):
-    from .train import RUN_FILE, read_run_file
+    from bitnet_jax.train.loop import RUN_FILE, read_run_file
 
     if not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
         return
@@ -172,15 +181,19 @@ def _check_existing(item: AblationRun, run_dir: str):
     if changed:
         raise BitNetError(
             f"{run_dir} holds a run with other settings ({', '.join(changed)} differ): an ablation resumes "
-            "only with the same config, --set and --steps. Use another --out folder for a new ablation.")
+            "only with the same config, --set and --steps. Use another --out folder for a new ablation."
+        )
 
 
 def _finished(run: RunConfig, run_dir: str) -> bool:
     """Trained to its last step, evaluated there, and checkpointed there."""
     records = _read_metrics(run_dir)
     last_eval = [r for r in records if "eval_loss" in r]
-    return (bool(last_eval) and last_eval[-1]["step"] == run.steps
-            and os.path.isdir(os.path.join(run_dir, "checkpoints", str(run.steps))))
+    return (
+        bool(last_eval)
+        and last_eval[-1]["step"] == run.steps
+        and os.path.isdir(os.path.join(run_dir, "checkpoints", str(run.steps)))
+    )
 
 
 def _read_metrics(run_dir: str) -> list[dict]:
@@ -199,10 +212,16 @@ def _result_row(item: AblationRun, run_dir: str) -> dict:
     rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
     m = item.run.model
     return {
-        "name": item.name, "baseline": item.baseline, "weight_quant": m.weight_quant, "act_quant": m.act_quant,
-        "act_bits": m.act_bits, "linear_norm_eps": m.linear_norm_eps,
-        "final_eval_loss": curve[-1][1], "tokens_per_s": float(np.median(rates)) if rates else math.nan,
-        "packed_bytes": packed_param_bytes(m), "eval_curve": curve,
+        "name": item.name,
+        "baseline": item.baseline,
+        "weight_quant": m.weight_quant,
+        "act_quant": m.act_quant,
+        "act_bits": m.act_bits,
+        "linear_norm_eps": m.linear_norm_eps,
+        "final_eval_loss": curve[-1][1],
+        "tokens_per_s": float(np.median(rates)) if rates else math.nan,
+        "packed_bytes": packed_param_bytes(m),
+        "eval_curve": curve,
     }
 
 
@@ -231,7 +250,7 @@ def packed_param_bytes(model: BitNetConfig) -> int:
 
 def results_table(base: RunConfig, rows: list[dict]) -> str:
     """results.md: a header line that says the scale, then one markdown row per run."""
-    from .bench import cpu_name
+    from bitnet_jax.bench.train import cpu_name
 
     m = base.model
     tokens = base.steps * base.batch_size * base.seq_len
@@ -251,17 +270,23 @@ def results_table(base: RunConfig, rows: list[dict]) -> str:
             acts += f", input norm eps {row['linear_norm_eps']:g}"
         label = "full precision (baseline)" if row["baseline"] else row["name"]
         gap = "-" if row["baseline"] else f"{row['gap_to_baseline']:+.3f}"
-        lines.append(f"| {label} | {row['weight_quant']} | {acts} | {row['final_eval_loss']:.3f} | {gap} | "
-                     f"{row['tokens_per_s']:,.0f} | {row['packed_bytes'] / 1e6:.2f} | "
-                     f"{row['packed_bytes'] / fp_bytes:.2f}x |")
-    lines += ["", f"Packed params: ternary codes at {CODE_BITS} bits per weight plus f32 scales per granule; "
-              "embeddings, norms and (untied) lm_head in f32. Gap to FP: final eval loss minus the baseline's "
-              "(nats/token, lower is better)."]
+        lines.append(
+            f"| {label} | {row['weight_quant']} | {acts} | {row['final_eval_loss']:.3f} | {gap} | "
+            f"{row['tokens_per_s']:,.0f} | {row['packed_bytes'] / 1e6:.2f} | "
+            f"{row['packed_bytes'] / fp_bytes:.2f}x |"
+        )
+    lines += [
+        "",
+        f"Packed params: ternary codes at {CODE_BITS} bits per weight plus f32 scales per granule; "
+        "embeddings, norms and (untied) lm_head in f32. Gap to FP: final eval loss minus the baseline's "
+        "(nats/token, lower is better).",
+    ]
     return "\n".join(lines)
 
 
 def plot_curves(rows: list[dict], path: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -270,7 +295,11 @@ def plot_curves(rows: list[dict], path: str):
     colors = plt.get_cmap("tab10" if len(rows) <= 11 else "tab20")
     for i, row in enumerate(rows):
         steps, losses = zip(*row["eval_curve"])
-        style = dict(color="black", linestyle="--", linewidth=2) if row["baseline"] else dict(color=colors((i - 1) % colors.N))
+        style = (
+            dict(color="black", linestyle="--", linewidth=2)
+            if row["baseline"]
+            else dict(color=colors((i - 1) % colors.N))
+        )
         ax.plot(steps, losses, marker=".", label="full precision" if row["baseline"] else row["name"], **style)
     # Step 0 (ln V for every run) would squash the differences that matter; start the y axis
     # near the later evaluations.
@@ -292,4 +321,4 @@ def _with_model(base: RunConfig, **changes) -> RunConfig:
 
 
 def _settable_keys() -> set[str]:
-    return ({f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(BitNetConfig)})
+    return {f.name for f in dataclasses.fields(RunConfig)} | {f.name for f in dataclasses.fields(BitNetConfig)}

@@ -26,12 +26,17 @@ import os
 import re
 from typing import Any
 
-from .errors import BitNetError
+from bitnet_jax.errors import BitNetError
 
 KINDS = ("stdlib", "text", "jsonl", "parquet", "array_record")
 # The dict keys each kind takes besides "kind" and "weight"; "column" is parquet's name for "field".
-_KEYS = {"stdlib": (), "text": ("path", "suffixes"), "jsonl": ("path", "field"),
-         "parquet": ("path", "column"), "array_record": ("path",)}
+_KEYS = {
+    "stdlib": (),
+    "text": ("path", "suffixes"),
+    "jsonl": ("path", "field"),
+    "parquet": ("path", "column"),
+    "array_record": ("path",),
+}
 _PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(?!//)(.*)$")  # "kind:path", not "s3://..."
 
 
@@ -75,12 +80,15 @@ def parse_corpus(corpus: Any) -> tuple[DataSource, ...]:
         sources = tuple(parse_source(item, where=f"corpus[{i}]") for i, item in enumerate(corpus))
         total = sum(s.weight for s in sources)
         if not total > 0:
-            raise BitNetError(f"corpus: the mixture weights {[s.weight for s in sources]} sum to {total}; "
-                              "expected positive weights, e.g. 0.7 and 0.3.")
+            raise BitNetError(
+                f"corpus: the mixture weights {[s.weight for s in sources]} sum to {total}; "
+                "expected positive weights, e.g. 0.7 and 0.3."
+            )
         return sources
     raise BitNetError(
         f"corpus={corpus!r} is invalid: expected a source ('stdlib', a folder, 'jsonl:PATH', 'parquet:PATH', "
-        "'array_record:PATH', or a dict with 'kind' and 'path') or a non-empty list of them.")
+        "'array_record:PATH', or a dict with 'kind' and 'path') or a non-empty list of them."
+    )
 
 
 def parse_source(spec: Any, where: str = "corpus") -> DataSource:
@@ -90,8 +98,10 @@ def parse_source(spec: Any, where: str = "corpus") -> DataSource:
     if isinstance(spec, str):
         return _parse_string(spec, where)
     if not isinstance(spec, dict):
-        raise BitNetError(f"{where}={spec!r} is invalid: expected a string such as 'jsonl:/data/train.jsonl' "
-                          "or a dict such as {'kind': 'jsonl', 'path': ..., 'field': 'text', 'weight': 1}.")
+        raise BitNetError(
+            f"{where}={spec!r} is invalid: expected a string such as 'jsonl:/data/train.jsonl' "
+            "or a dict such as {'kind': 'jsonl', 'path': ..., 'field': 'text', 'weight': 1}."
+        )
     values = dict(spec)
     kind = _check_kind(values.pop("kind", None), where)
     known = {"kind", "weight", *_KEYS[kind]}
@@ -101,25 +111,34 @@ def parse_source(spec: Any, where: str = "corpus") -> DataSource:
         for key in unknown:
             close = difflib.get_close_matches(str(key), known, n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise BitNetError(f"{where}: unknown key(s) {', '.join(hints)} for a {kind!r} source; "
-                          f"it takes {', '.join(sorted(known))}.")
+        raise BitNetError(
+            f"{where}: unknown key(s) {', '.join(hints)} for a {kind!r} source; it takes {', '.join(sorted(known))}."
+        )
     weight = values.pop("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
-        raise BitNetError(f"{where}: weight={weight!r} is invalid: expected a positive number (weights are relative; "
-                          "leave a source out instead of giving it weight 0).")
+        raise BitNetError(
+            f"{where}: weight={weight!r} is invalid: expected a positive number (weights are relative; "
+            "leave a source out instead of giving it weight 0)."
+        )
     path = values.pop("path", "")
     if kind != "stdlib" and (not isinstance(path, str) or not path):
         raise BitNetError(f"{where}: a {kind!r} source needs a 'path' (a non-empty string); found {path!r}.")
     field = values.pop("field", values.pop("column", "text"))
     if not isinstance(field, str) or not field:
         key = "column" if kind == "parquet" else "field"
-        raise BitNetError(f"{where}: {key}={field!r} is invalid: expected the non-empty name of the "
-                          f"{'column' if kind == 'parquet' else 'JSON field'} that holds the text.")
+        raise BitNetError(
+            f"{where}: {key}={field!r} is invalid: expected the non-empty name of the "
+            f"{'column' if kind == 'parquet' else 'JSON field'} that holds the text."
+        )
     suffixes = values.pop("suffixes", ())
-    if isinstance(suffixes, str) or not isinstance(suffixes, (list, tuple)) or not all(
-            isinstance(s, str) and s for s in suffixes):
-        raise BitNetError(f"{where}: suffixes={suffixes!r} is invalid: expected a list of file suffixes "
-                          "such as ['.py', '.txt'].")
+    if (
+        isinstance(suffixes, str)
+        or not isinstance(suffixes, (list, tuple))
+        or not all(isinstance(s, str) and s for s in suffixes)
+    ):
+        raise BitNetError(
+            f"{where}: suffixes={suffixes!r} is invalid: expected a list of file suffixes such as ['.py', '.txt']."
+        )
     return DataSource(kind=kind, path=path, field=field, suffixes=tuple(suffixes), weight=float(weight))
 
 

@@ -2,9 +2,9 @@
 
 Prompts of different lengths are right-padded into one [B, T] batch. Every row keeps its own
 positions: the prefill (in chunks of 256 tokens for longer prompts) writes slots 0..T-1 of the
-cache and reads each row's next-token logits at its last real token; decode step i writes row b's token at slot `len_b + i`, the slot that
-the causal mask (`slot <= position`) exposes next, so pad slots are overwritten before any
-query can see them.
+cache and reads each row's next-token logits at its last real token; decode step i writes row b's
+token at slot `len_b + i`, the slot that the causal mask (`slot <= position`) exposes next, so pad
+slots are overwritten before any query can see them.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from .config import BitNetConfig
-from .errors import BitNetError
-from .host_memory import release_freed_memory
-from .model import BitNetLM, KVCache, serving_variables
-from .pack import is_packed, lm_head_kind, pack
-from .serving import ServingSpec, computation_platform, serving_backend
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.kernels.ops import ServingSpec, computation_platform, serving_backend
+from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.transformer import BitNetLM, KVCache, serving_variables
+from bitnet_jax.serve.host_memory import release_freed_memory
+from bitnet_jax.serve.pack import is_packed, lm_head_kind, pack
 
 # Prompt lengths are padded up to a multiple of this, so that prompts of similar length share one
 # compiled program.
@@ -36,11 +36,20 @@ _LENGTH_BUCKET = 16
 _PREFILL_CHUNK = 256
 
 
-def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             stop_ids: Sequence[int] | None = None,
-             on_tokens: Callable[[np.ndarray], None] | None = None,
-             backend: str | None = None) -> np.ndarray:
+def generate(
+    config: BitNetConfig,
+    params,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_ids: Sequence[int] | None = None,
+    on_tokens: Callable[[np.ndarray], None] | None = None,
+    backend: str | None = None,
+) -> np.ndarray:
     """Generates `max_new_tokens` tokens after each prompt.
 
     Args:
@@ -53,7 +62,7 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
       on_tokens: called from inside the decode loop with each step's tokens (int32 [B]), in
         order, as they are generated (for streaming).
       backend: 'ffi' (our C++ ternary kernels as XLA custom calls, CPU only) or 'xla' (XLA ops
-        only). Packed parameters (`bitnet_jax.pack`) run the integer serving model either way;
+        only). Packed parameters (`bitnet_jax.serve.pack`) run the integer serving model either way;
         unset, `serving.serving_backend` picks 'ffi' on CPU and 'xla' on GPU / TPU (and for
         per-group weight scales, which the kernels do not take), from the platform of the
         params' devices (or the mesh, or the default backend). Training parameters default to
@@ -66,8 +75,9 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
     The program is compiled once per batch size, prompt-length bucket, `max_new_tokens` and
     sampling settings (see `compile_generate` to compile it before the weights are loaded).
     """
-    request = _Request.make(config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                            on_tokens is not None, backend)
+    request = _Request.make(
+        config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, on_tokens is not None, backend
+    )
     stream = next(_stream_ids)
     if on_tokens is not None:
         _streams[stream] = on_tokens
@@ -78,10 +88,19 @@ def generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, t
         _streams.pop(stream, None)
 
 
-def compile_generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None,
-                     stop_ids: Sequence[int] | None = None, streaming: bool = False,
-                     backend: str | None = None) -> None:
+def compile_generate(
+    config: BitNetConfig,
+    params,
+    prompt_ids,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Sequence[int] | None = None,
+    streaming: bool = False,
+    backend: str | None = None,
+) -> None:
     """Compiles, without running it, the program that `generate` runs for these arguments.
 
     `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. from `pack.read_packed_folder`)
@@ -89,8 +108,9 @@ def compile_generate(config: BitNetConfig, params, prompt_ids, max_new_tokens: i
     weights are loaded keeps the compiler's working memory (100-150 MB, whatever the model size)
     off the serving peak; `streaming` says whether `generate` will get an `on_tokens` callback.
     """
-    request = _Request.make(config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids,
-                            streaming, backend)
+    request = _Request.make(
+        config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, streaming, backend
+    )
     _executable(request.static, request.args())
 
 
@@ -104,8 +124,9 @@ class _Request:
     static: dict
 
     @classmethod
-    def make(cls, config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, streaming,
-             backend) -> "_Request":
+    def make(
+        cls, config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, streaming, backend
+    ) -> "_Request":
         prompts = _as_prompt_list(prompt_ids)
         _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
         params, serving = _serving_params(config, params, backend)
@@ -116,9 +137,14 @@ class _Request:
         prompt_bt = np.zeros((len(prompts), t), np.int32)
         for row, prompt in zip(prompt_bt, prompts):
             row[: len(prompt)] = prompt
-        static = dict(config=config, serving=serving, max_new_tokens=int(max_new_tokens),
-                      sampling=(float(temperature), top_k, top_p), stop_ids=tuple(int(s) for s in (stop_ids or ())),
-                      streaming=bool(streaming))
+        static = dict(
+            config=config,
+            serving=serving,
+            max_new_tokens=int(max_new_tokens),
+            sampling=(float(temperature), top_k, top_p),
+            stop_ids=tuple(int(s) for s in (stop_ids or ())),
+            streaming=bool(streaming),
+        )
         return cls(params, prompt_bt, lengths_b, static)
 
     def args(self, seed: int = 0, stream: int = 0) -> tuple:
@@ -142,8 +168,12 @@ def _executable(static: dict, args: tuple):
     """The compiled program for these static settings and arguments: it depends on the settings,
     the mesh, and every argument's tree, shape, dtype and (non-default) placement."""
     leaves, tree = jax.tree.flatten(args)
-    key = (tuple(sorted(static.items())), jax.sharding.get_abstract_mesh(), tree,
-           tuple((tuple(x.shape), np.dtype(x.dtype), _placement(x)) for x in leaves))
+    key = (
+        tuple(sorted(static.items())),
+        jax.sharding.get_abstract_mesh(),
+        tree,
+        tuple((tuple(x.shape), np.dtype(x.dtype), _placement(x)) for x in leaves),
+    )
     if key in _executables:
         _executables.move_to_end(key)
         return _executables[key]
@@ -171,22 +201,27 @@ def _serving_params(config: BitNetConfig, params, backend: str | None):
     platform = computation_platform(params)
     grouped = config.weight_group_size > 0
     if is_packed(params):
-        return params, ServingSpec(serving_backend(platform, backend, grouped=grouped), lm_head_kind(params),
-                                   config.act_bits, platform)
+        return params, ServingSpec(
+            serving_backend(platform, backend, grouped=grouped), lm_head_kind(params), config.act_bits, platform
+        )
     if backend != "ffi":
         serving_backend(platform, backend)  # checks the name
         return params, None
     serving_backend(platform, backend, grouped=grouped)  # raises where the FFI kernels cannot run
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
-        raise BitNetError("backend='ffi' with abstract training parameters: pack them first (bitnet_jax.pack), "
-                          "or pass packed shapes.")
+        raise BitNetError(
+            "backend='ffi' with abstract training parameters: pack them first (bitnet_jax.serve.pack), "
+            "or pass packed shapes."
+        )
     return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits, platform)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids",
-                                             "streaming"))
-def _generate(params, prompt_bt, lengths_b, rng, stream, *, config, serving, max_new_tokens, sampling, stop_ids,
-              streaming):
+@functools.partial(
+    jax.jit, static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids", "streaming")
+)
+def _generate(
+    params, prompt_bt, lengths_b, rng, stream, *, config, serving, max_new_tokens, sampling, stop_ids, streaming
+):
     model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
     # Serving computes in f32; training parameters in their own dtype (bf16 stays bf16).
@@ -196,14 +231,20 @@ def _generate(params, prompt_bt, lengths_b, rng, stream, *, config, serving, max
     if t <= _PREFILL_CHUNK:
         logits_bv, cache = model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
     else:  # chunk by chunk; each row's logits come from the chunk that holds its last token
+
         def prefill(i, state):
             cache, logits_bv = state
             start = i * _PREFILL_CHUNK
             chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, _PREFILL_CHUNK, axis=1)
             positions_bc = jnp.broadcast_to(start + jnp.arange(_PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
             last_b = lengths_b - 1 - start
-            chunk_logits_bv, cache = model.apply(variables, chunk_bc, positions_bt=positions_bc, cache=cache,
-                                                 logits_index_b=jnp.clip(last_b, 0, _PREFILL_CHUNK - 1))
+            chunk_logits_bv, cache = model.apply(
+                variables,
+                chunk_bc,
+                positions_bt=positions_bc,
+                cache=cache,
+                logits_index_b=jnp.clip(last_b, 0, _PREFILL_CHUNK - 1),
+            )
             here_b = (last_b >= 0) & (last_b < _PREFILL_CHUNK)
             return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
 
@@ -239,8 +280,9 @@ def _generate(params, prompt_bt, lengths_b, rng, stream, *, config, serving, max
     return out_bn
 
 
-def sample(logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
-           top_p: float | None) -> jax.Array:
+def sample(
+    logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int | None, top_p: float | None
+) -> jax.Array:
     """Greedy (temperature 0) or temperature / top-k / top-p sampling; int32 [B]."""
     if temperature == 0.0:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
@@ -290,12 +332,14 @@ def _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, s
         if bad:
             raise BitNetError(
                 f"Prompt {row} has token ids outside the vocabulary [0, {config.vocab_size}): {bad[:5]}. "
-                "Was it encoded with this model's tokenizer?")
+                "Was it encoded with this model's tokenizer?"
+            )
         if len(prompt) + max_new_tokens > config.max_position_embeddings:
             raise BitNetError(
                 f"Prompt {row} has {len(prompt)} tokens and {max_new_tokens} new tokens were asked for, "
                 f"but the model's context is {config.max_position_embeddings} tokens: shorten the prompt "
-                f"or ask for at most {max(config.max_position_embeddings - len(prompt), 0)} new tokens.")
+                f"or ask for at most {max(config.max_position_embeddings - len(prompt), 0)} new tokens."
+            )
     for s in stop_ids or ():
         if not 0 <= int(s) < config.vocab_size:
             raise BitNetError(f"stop id {s} is outside the vocabulary [0, {config.vocab_size}).")

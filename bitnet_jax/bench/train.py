@@ -13,9 +13,9 @@ import time
 import jax
 import numpy as np
 
-from .errors import BitNetError
-from .model import BitNetLM, init_params
-from .run_config import RunConfig
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.model.transformer import BitNetLM
+from bitnet_jax.train.run_config import RunConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,19 +38,23 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
     state to each step. Each side is compiled and warmed up first; then the two steps alternate
     `repeats` times.
     """
-    from . import sharding
-    from .train import make_optimizer, make_train_step  # train imports orbax; keep it lazy
+    from bitnet_jax.train import sharding
+    from bitnet_jax.train.loop import make_optimizer, make_train_step  # train imports orbax; keep it lazy
 
     if repeats < 1 or warmup < 0:
-        raise BitNetError(f"bench_train: repeats={repeats}, warmup={warmup}; expected repeats >= 1 "
-                          "(timed steps per side) and warmup >= 0.")
+        raise BitNetError(
+            f"bench_train: repeats={repeats}, warmup={warmup}; expected repeats >= 1 "
+            "(timed steps per side) and warmup >= 0."
+        )
     fp_model = run.model.replace(weight_quant="none", act_quant="none")
     sides = {"qat": run.model, "fp": fp_model}
     rng = np.random.default_rng(seed)
     shape = (run.batch_size, run.seq_len)
-    batch = {"inputs": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
-             "targets": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
-             "segment_ids": np.ones(shape, np.int32)}
+    batch = {
+        "inputs": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
+        "targets": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+    }
     optimizer = make_optimizer(run)
     mesh = sharding.make_mesh(run.mesh)
     sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
@@ -58,8 +62,15 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
     for name, config in sides.items():
         model = BitNetLM(config, remat=run.remat)
         shardings = sharding.train_shardings(model, optimizer, mesh)
-        step = make_train_step(model, optimizer, grad_accum_steps=run.grad_accum_steps, z_loss=run.z_loss,
-                               compute_dtype=run.compute_dtype, shardings=shardings, donate=True)
+        step = make_train_step(
+            model,
+            optimizer,
+            grad_accum_steps=run.grad_accum_steps,
+            z_loss=run.z_loss,
+            compute_dtype=run.compute_dtype,
+            shardings=shardings,
+            donate=True,
+        )
         params = sharding.init_sharded(model, seed, shardings.params)
         state = (params, jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params))
         side_batch = sharding.global_batch(batch, shardings.batch)
@@ -78,8 +89,17 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
     timings = []
     for name, config in sides.items():
         median_ms = float(np.median(times[name]))
-        timings.append(StepTiming(name, config.weight_quant, config.act_quant, config.act_bits, median_ms,
-                                  tokens / (median_ms / 1e3), tuple(times[name])))
+        timings.append(
+            StepTiming(
+                name,
+                config.weight_quant,
+                config.act_quant,
+                config.act_bits,
+                median_ms,
+                tokens / (median_ms / 1e3),
+                tuple(times[name]),
+            )
+        )
     return timings
 
 
@@ -113,7 +133,7 @@ def train_table(run: RunConfig, timings: list[StepTiming]) -> str:
 
 
 def _mesh_shape(run: RunConfig) -> tuple[int, ...]:
-    from . import sharding
+    from bitnet_jax.train import sharding
 
     return tuple(sharding.make_mesh(run.mesh).devices.shape)
 
@@ -128,4 +148,5 @@ def cpu_name() -> str:
     except OSError:
         pass
     import platform
+
     return platform.processor() or platform.machine()

@@ -19,9 +19,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import data, token_records
-from .errors import BitNetError
-from .sources import DataSource
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.data import token_records
+from bitnet_jax.data.sources import DataSource
+from bitnet_jax.errors import BitNetError
 
 _SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
 
@@ -43,11 +44,14 @@ def source_files(source: DataSource, default_suffixes: Sequence[str]) -> tuple[l
     elif os.path.isfile(path):
         files = [Path(path)]
     else:
-        raise BitNetError(f"{source.name}: {path} does not exist. Expected a {source.kind} file, a folder of them "
-                          "or a glob pattern.")
+        raise BitNetError(
+            f"{source.name}: {path} does not exist. Expected a {source.kind} file, a folder of them or a glob pattern."
+        )
     if not files:
-        raise BitNetError(f"{source.name}: found no {' or '.join(_SUFFIXES[source.kind])} files there. Point the "
-                          "source at your data files.")
+        raise BitNetError(
+            f"{source.name}: found no {' or '.join(_SUFFIXES[source.kind])} files there. Point the "
+            "source at your data files."
+        )
     return files, Path(path)
 
 
@@ -56,9 +60,11 @@ def read_texts(source: DataSource, files: Sequence[Path]) -> list[str]:
     read = _read_jsonl if source.kind == "jsonl" else _read_parquet
     texts = [t for f in files for t in read(f, source.field) if t is not None and t.strip()]
     if not texts:
-        raise BitNetError(f"{source.name}: the {source.kind} data hold no non-empty documents in "
-                          f"{'field' if source.kind == 'jsonl' else 'column'} {source.field!r}. Expected text "
-                          "there; check the path and the field name.")
+        raise BitNetError(
+            f"{source.name}: the {source.kind} data hold no non-empty documents in "
+            f"{'field' if source.kind == 'jsonl' else 'column'} {source.field!r}. Expected text "
+            "there; check the path and the field name."
+        )
     return texts
 
 
@@ -71,19 +77,27 @@ def _read_jsonl(path: Path, field: str) -> list[str | None]:
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise BitNetError(f"{path}, line {line_no}: expected one JSON object per line, found invalid JSON "
-                                  f"({e}): {line.strip()[:80]!r}. Fix or remove that line.") from None
+                raise BitNetError(
+                    f"{path}, line {line_no}: expected one JSON object per line, found invalid JSON "
+                    f"({e}): {line.strip()[:80]!r}. Fix or remove that line."
+                ) from None
             if not isinstance(record, dict):
-                raise BitNetError(f"{path}, line {line_no}: expected a JSON object with a {field!r} field, found "
-                                  f"a JSON {type(record).__name__}.")
+                raise BitNetError(
+                    f"{path}, line {line_no}: expected a JSON object with a {field!r} field, found "
+                    f"a JSON {type(record).__name__}."
+                )
             if field not in record:
-                raise BitNetError(f"{path}, line {line_no}: no field {field!r}; this line has "
-                                  f"{', '.join(map(repr, record)) or 'no fields'}. Set the source's 'field' to "
-                                  "the one that holds the text.")
+                raise BitNetError(
+                    f"{path}, line {line_no}: no field {field!r}; this line has "
+                    f"{', '.join(map(repr, record)) or 'no fields'}. Set the source's 'field' to "
+                    "the one that holds the text."
+                )
             value = record[field]
             if value is not None and not isinstance(value, str):
-                raise BitNetError(f"{path}, line {line_no}: field {field!r} holds a JSON {type(value).__name__}; "
-                                  "expected a string of text.")
+                raise BitNetError(
+                    f"{path}, line {line_no}: field {field!r} holds a JSON {type(value).__name__}; "
+                    "expected a string of text."
+                )
             texts.append(value)
     return texts
 
@@ -98,15 +112,19 @@ def _read_parquet(path: Path, column: str) -> list[str | None]:
         pfile = pq.ParquetFile(path)
         schema = pfile.schema_arrow
         if column not in schema.names:
-            raise BitNetError(f"{path}: no column {column!r}; its columns are {', '.join(map(repr, schema.names))}. "
-                              "Set the source's 'column' to the one that holds the text.")
+            raise BitNetError(
+                f"{path}: no column {column!r}; its columns are {', '.join(map(repr, schema.names))}. "
+                "Set the source's 'column' to the one that holds the text."
+            )
         kind = schema.field(column).type
         if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
             raise BitNetError(f"{path}: column {column!r} holds {kind}; expected strings of text.")
         return pfile.read(columns=[column]).column(column).to_pylist()
     except (pyarrow.ArrowException, OSError) as e:
-        raise BitNetError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e}). Expected a complete "
-                          "Parquet file; write or copy it again.") from None
+        raise BitNetError(
+            f"{path} is not a readable Parquet file ({type(e).__name__}: {e}). Expected a complete "
+            "Parquet file; write or copy it again."
+        ) from None
 
 
 def split_indices(n: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +141,9 @@ def split_indices(n: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarr
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def training_documents(source: DataSource, default_suffixes: Sequence[str],
-                       heldout_fraction: float) -> tuple[list[Path] | list[str], list[Path], str]:
+def training_documents(
+    source: DataSource, default_suffixes: Sequence[str], heldout_fraction: float
+) -> tuple[list[Path] | list[str], list[Path], str]:
     """What a new tokenizer trains on: (train files or train texts, the files that key the tokenizer
     cache, a key suffix).
 
@@ -143,8 +162,14 @@ def training_documents(source: DataSource, default_suffixes: Sequence[str],
     return [texts[i] for i in train], files, f"{source.kind}:{source.field}:{heldout_fraction}"
 
 
-def source_streams(source: DataSource, tokenizer, *, default_suffixes: Sequence[str], heldout_fraction: float,
-                   cache_dir: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray]:
+def source_streams(
+    source: DataSource,
+    tokenizer,
+    *,
+    default_suffixes: Sequence[str],
+    heldout_fraction: float,
+    cache_dir: str | os.PathLike | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(train, held-out) token streams of one source."""
     files, root = source_files(source, default_suffixes)
     if source.kind in ("stdlib", "text"):
@@ -157,8 +182,9 @@ def source_streams(source: DataSource, tokenizer, *, default_suffixes: Sequence[
         return stream.select(train), stream.select(held)
     key = None
     if cache_dir is not None:
-        key = data.files_key(files, extra=f"tokens:{tokenizer.fingerprint}:{source.kind}:{source.field}:"
-                                          f"{heldout_fraction}")
+        key = data.files_key(
+            files, extra=f"tokens:{tokenizer.fingerprint}:{source.kind}:{source.field}:{heldout_fraction}"
+        )
         paths = [Path(cache_dir) / f"tokens-{key}-{side}.npy" for side in ("train", "heldout")]
         if all(p.is_file() for p in paths):
             return tuple(np.load(p, mmap_mode="r") for p in paths)
@@ -166,8 +192,9 @@ def source_streams(source: DataSource, tokenizer, *, default_suffixes: Sequence[
     streams = _split_streams(texts, heldout_fraction, lambda t: data.texts_to_stream(t, tokenizer))
     if key is None:
         return streams
-    return tuple(data.cached_stream(cache_dir, f"{key}-{side}", lambda s=s: s)
-                 for side, s in zip(("train", "heldout"), streams))
+    return tuple(
+        data.cached_stream(cache_dir, f"{key}-{side}", lambda s=s: s) for side, s in zip(("train", "heldout"), streams)
+    )
 
 
 def _split_streams(docs: Sequence, heldout_fraction: float, to_stream: Callable[[list], np.ndarray]):
@@ -183,7 +210,8 @@ def check_tokenizer(source: DataSource, meta: dict, tokenizer) -> None:
             f"{source.name} was tokenized with another tokenizer (fingerprint {expected['fingerprint']}, "
             f"vocab_size {expected['vocab_size']}) than this run's ({tokenizer.fingerprint}, vocab_size "
             f"{tokenizer.vocab_size}). Tokenize it again with this run's tokenizer, or set the run's tokenizer "
-            f"to {token_records.token_folder(source.path)}.")
+            f"to {token_records.token_folder(source.path)}."
+        )
 
 
 def read_all_texts(source: DataSource, default_suffixes: Sequence[str]) -> list[str]:
@@ -196,14 +224,19 @@ def read_all_texts(source: DataSource, default_suffixes: Sequence[str]) -> list[
     return read_texts(source, files)
 
 
-def tokenize_to_folder(source: DataSource, tokenizer, out_dir: str | os.PathLike,
-                       default_suffixes: Sequence[str] = (".py", ".txt", ".md", ".rst")) -> dict:
+def tokenize_to_folder(
+    source: DataSource,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    default_suffixes: Sequence[str] = (".py", ".txt", ".md", ".rst"),
+) -> dict:
     """Tokenizes every document of a text source into a token folder (`token_records`); returns its metadata.
 
     An `array_record:` source over the folder then gives the same streams as the source on the fly
     (for jsonl and parquet sources; text folders split by file there, by document index here).
     """
     texts = read_all_texts(source, default_suffixes)
-    docs = (tokenizer.encode_batch(texts[i:i + 1024]) for i in range(0, len(texts), 1024))
-    return token_records.write_token_folder(out_dir, (d for batch in docs for d in batch), tokenizer,
-                                            source=source.name)
+    docs = (tokenizer.encode_batch(texts[i : i + 1024]) for i in range(0, len(texts), 1024))
+    return token_records.write_token_folder(
+        out_dir, (d for batch in docs for d in batch), tokenizer, source=source.name
+    )

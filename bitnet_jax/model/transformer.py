@@ -31,13 +31,14 @@ import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
-from . import layout, serving as serve
-from .config import BitNetConfig
-from .quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul
+from bitnet_jax.kernels import layout
+from bitnet_jax.kernels import ops as serve
+from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul
 
 # The variable collection of packed serving weights (see TernaryLinear and `serving_variables`).
 PACKED = "packed"
@@ -96,8 +97,12 @@ class BitLinear(nn.Module):
     def __call__(self, x_bk):
         if self.quant.input_norm_eps is not None:
             x_bk = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bk)
-        kernel_kn = self.param("kernel", _logical(nn.initializers.normal(self.init_std), self.kernel_axes),
-                               (x_bk.shape[-1], self.features), jnp.float32)
+        kernel_kn = self.param(
+            "kernel",
+            _logical(nn.initializers.normal(self.init_std), self.kernel_axes),
+            (x_bk.shape[-1], self.features),
+            jnp.float32,
+        )
         # Flattened to one 2-D matmul, so the weight gradient is a plain [K, M] @ [M, N] dot;
         # accumulated in f32 whatever the parameter dtype.
         x_mk = x_bk.reshape(-1, x_bk.shape[-1])
@@ -116,7 +121,7 @@ class BitLinear(nn.Module):
 
 
 class TernaryLinear(nn.Module):
-    """Serving BitLinear on packed weights (from `bitnet_jax.pack`): never builds a float kernel.
+    """Serving BitLinear on packed weights (from `bitnet_jax.serve.pack`): never builds a float kernel.
 
     Its weights live in the "packed" collection, stacked over layers and broadcast into the
     layer scan: `w_packed` uint8 [L, G, KB*256] (layout.py) and `w_scale` float32 [L, 1] (per
@@ -144,8 +149,9 @@ class TernaryLinear(nn.Module):
         else:
             scale_shape = (self.features if self.per_channel else 1,)
         w_scale = self.variable(PACKED, "w_scale", jnp.ones, (self.num_layers, *scale_shape), jnp.float32).value
-        y = serve.ternary_linear(x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend,
-                                 layer, split=self.split)
+        y = serve.ternary_linear(
+            x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend, layer, split=self.split
+        )
         return y.astype(x_bk.dtype)
 
 
@@ -168,8 +174,9 @@ class Int8Embed(nn.Module):
         return serve.int8_linear(x_bd, self.w_int8, self.w_scale, self.spec.act_bits, self.spec.backend)
 
 
-def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str, layer,
-            axes: tuple[str, str]):
+def _linear(
+    config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str, layer, axes: tuple[str, str]
+):
     """The block's linear layer, as a function of x: fake-quant BitLinear (kernel with logical
     axes `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving."""
     if serving is None:
@@ -178,8 +185,16 @@ def _linear(config: BitNetConfig, serving: serve.ServingSpec | None, features: i
     # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
     # their inputs, which then arrive already split.
     split = "k" if axes[1] == "embed" else "n"
-    linear = TernaryLinear(features, serving, config.num_hidden_layers, config.weight_quant == "channel",
-                           config.weight_group_size, config.linear_norm_eps, split, name=name)
+    linear = TernaryLinear(
+        features,
+        serving,
+        config.num_hidden_layers,
+        config.weight_quant == "channel",
+        config.weight_group_size,
+        config.linear_norm_eps,
+        split,
+        name=name,
+    )
     return lambda x: linear(x, layer)
 
 
@@ -193,14 +208,14 @@ def serving_variables(params) -> dict:
     rest (norms, embeddings, an int8 lm_head) to "params"."""
     flat = traverse_util.flatten_dict(params)
     split = lambda packed: traverse_util.unflatten_dict(
-        {path: value for path, value in flat.items() if _is_packed_leaf(path) == packed})
+        {path: value for path, value in flat.items() if _is_packed_leaf(path) == packed}
+    )
     return {"params": split(False), PACKED: split(True)}
 
 
 def merge_serving_variables(variables) -> dict:
     """The inverse of `serving_variables`: one parameter tree."""
-    flat = {**traverse_util.flatten_dict(variables["params"]),
-            **traverse_util.flatten_dict(variables.get(PACKED, {}))}
+    flat = {**traverse_util.flatten_dict(variables["params"]), **traverse_util.flatten_dict(variables.get(PACKED, {}))}
     return traverse_util.unflatten_dict(flat)
 
 
@@ -223,8 +238,9 @@ def _write_cache(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, start_b: ja
     slots_bt = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
     rows_bt = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
     # Advanced indices around a slice: the indexed slots come out as [B, T, K, H], new's shape.
-    return cache_lbksh.at[layer, rows_bt, :, slots_bt].set(new_btkh.astype(cache_lbksh.dtype),
-                                                          indices_are_sorted=True, unique_indices=True)
+    return cache_lbksh.at[layer, rows_bt, :, slots_bt].set(
+        new_btkh.astype(cache_lbksh.dtype), indices_are_sorted=True, unique_indices=True
+    )
 
 
 class Attention(nn.Module):
@@ -253,7 +269,7 @@ class Attention(nn.Module):
             keys, values, kv = k_btkh, v_btkh, "bskh"
 
         q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores_bkgts = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, keys) * (h ** -0.5)
+        scores_bkgts = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, keys) * (h**-0.5)
         scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
         probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(values.dtype)
         out_btnh = jnp.einsum(f"bkgts,{kv}->btkgh", probs_bkgts, values).reshape(b, t, n * h)
@@ -288,7 +304,9 @@ class DecoderLayer(nn.Module):
         eps = self.config.rms_norm_eps
         residual_dtype = x_btd.dtype
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
-        h_btd, cache_kv = Attention(self.config, self.serving, name="self_attn")(h_btd, positions_bt, mask_bts, cache_kv, layer)
+        h_btd, cache_kv = Attention(self.config, self.serving, name="self_attn")(
+            h_btd, positions_bt, mask_bts, cache_kv, layer
+        )
         x_btd = x_btd + h_btd
         h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd), layer)
         # The residual stream keeps the embedding's dtype (bf16 params compute in bf16).
@@ -301,7 +319,7 @@ class BitNetLM(nn.Module):
     `BitNetLM(config).apply({"params": params}, input_ids_bt)` -> float32 logits [B, T, V].
 
     With `serving` set (a `ServingSpec`), the model runs on packed parameters from
-    `bitnet_jax.pack`: TernaryLinear layers and, for `lm_head='int8'`, an int8 lm_head
+    `bitnet_jax.serve.pack`: TernaryLinear layers and, for `lm_head='int8'`, an int8 lm_head
     (`'int8-tied'`: the tied embedding too).
 
     `remat` rematerializes each decoder layer in the backward pass instead of keeping its
@@ -324,8 +342,16 @@ class BitNetLM(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, input_ids_bt, *, positions_bt=None, attention_mask_bt=None, segment_ids_bt=None,
-                 cache: KVCache | None = None, logits_index_b=None):
+    def __call__(
+        self,
+        input_ids_bt,
+        *,
+        positions_bt=None,
+        attention_mask_bt=None,
+        segment_ids_bt=None,
+        cache: KVCache | None = None,
+        logits_index_b=None,
+    ):
         c = self.config
         b, t = input_ids_bt.shape
         if positions_bt is None:
@@ -336,8 +362,12 @@ class BitNetLM(nn.Module):
         if head == "int8-tied":
             embed = Int8Embed(c.vocab_size, c.hidden_size, self.serving, name="embed_tokens")
         else:
-            embed = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens",
-                             embedding_init=_logical(nn.initializers.normal(c.initializer_range), ("vocab", "embed")))
+            embed = nn.Embed(
+                c.vocab_size,
+                c.hidden_size,
+                name="embed_tokens",
+                embedding_init=_logical(nn.initializers.normal(c.initializer_range), ("vocab", "embed")),
+            )
         if self.serving is not None and head != "int8-tied":
             x_btd = serve.float_embed(embed.embedding, input_ids_bt, self.serving.backend)
         else:
@@ -350,13 +380,20 @@ class BitNetLM(nn.Module):
             layer = nn.remat(DecoderLayer, policy=remat_policy(self.remat), prevent_cse=False)
         # "intermediates": what a caller sows inside the layers (apply(..., mutable=["intermediates"]))
         # comes back stacked over layers, as the parameters are.
-        layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0}, variable_broadcast=PACKED,
-                         split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0),
-                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0, "intermediates": 0},
+            variable_broadcast=PACKED,
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
         cache_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        (x_btd, cache_out), _ = layers(c, self.serving, name="layers")((x_btd, cache_in), positions_bt, mask_bts,
-                                                                        layer_l)
+        (x_btd, cache_out), _ = layers(c, self.serving, name="layers")(
+            (x_btd, cache_in), positions_bt, mask_bts, layer_l
+        )
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:
@@ -404,8 +441,14 @@ def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
 
 
 # Policies of `jax.checkpoint_policies` that take no arguments and can be named in a config.
-REMAT_POLICIES = ("dots_saveable", "dots_with_no_batch_dims_saveable", "checkpoint_dots",
-                  "checkpoint_dots_with_no_batch_dims", "nothing_saveable", "everything_saveable")
+REMAT_POLICIES = (
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "nothing_saveable",
+    "everything_saveable",
+)
 
 
 def remat_policy(name: str):

@@ -29,16 +29,24 @@ import grain
 import numpy as np
 from absl import flags
 
+from bitnet_jax.data.tokenizer import EOS_ID, Tokenizer
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.tokenizer import EOS_ID, Tokenizer
 
 # Stdlib parts left out of the default corpus: third-party packages, the test suites (a
 # 20+ MB mix of fixtures and odd strings that would dwarf the library), and generated data that
 # is not code (pydoc's topic texts, the codec mapping tables in encodings/).
-_STDLIB_SKIP_DIRS = frozenset({
-    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
-    "pydoc_data", "encodings",
-})
+_STDLIB_SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "test",
+        "tests",
+        "idle_test",
+        "pydoc_data",
+        "encodings",
+    }
+)
 _STDLIB_SKIP_PREFIXES = ("_sysconfigdata",)  # build-machine configuration dumps
 _CACHE_FORMAT = "v1"
 _HELDOUT_FRACTION = 0.02
@@ -58,7 +66,8 @@ def stdlib_source_files() -> list[Path]:
     """
     root = stdlib_root()
     files = [
-        p for p in _walk(root, (".py",))
+        p
+        for p in _walk(root, (".py",))
         if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
         and not p.name.startswith(_STDLIB_SKIP_PREFIXES)
     ]
@@ -92,8 +101,7 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
-        found += [Path(dirpath, f) for f in filenames
-                  if f.endswith(suffixes) and not f.startswith(".")]
+        found += [Path(dirpath, f) for f in filenames if f.endswith(suffixes) and not f.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -103,8 +111,9 @@ def _unit_hash(text: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def split_files(files: Sequence[str | os.PathLike], root: str | os.PathLike,
-                heldout_fraction: float = _HELDOUT_FRACTION) -> tuple[list[Path], list[Path]]:
+def split_files(
+    files: Sequence[str | os.PathLike], root: str | os.PathLike, heldout_fraction: float = _HELDOUT_FRACTION
+) -> tuple[list[Path], list[Path]]:
     """Splits files into (train, held-out) by a stable hash of each path relative to `root`.
 
     A file is held out iff its hash is below `heldout_fraction`, so its side never depends on the
@@ -137,8 +146,9 @@ def files_key(files: Sequence[str | os.PathLike], extra: str = "") -> str:
     return key.hexdigest()[:24]
 
 
-def tokenize_files(files: Sequence[str | os.PathLike], tokenizer: Tokenizer,
-                   cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+def tokenize_files(
+    files: Sequence[str | os.PathLike], tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None
+) -> np.ndarray:
     """The token stream `doc_0 EOS doc_1 EOS ...` of the files, in order: [N] uint16 or int32.
 
     Empty (whitespace-only) files are skipped; no files give an empty stream. With `cache_dir`,
@@ -165,7 +175,7 @@ def docs_to_stream(docs: Sequence[Sequence[int]], eos_id: int, vocab_size: int) 
     tokens_n = np.empty(sum(len(d) + 1 for d in docs), _token_dtype(vocab_size))
     pos = 0
     for doc in docs:
-        tokens_n[pos:pos + len(doc)] = doc
+        tokens_n[pos : pos + len(doc)] = doc
         tokens_n[pos + len(doc)] = eos_id
         pos += len(doc) + 1
     return tokens_n
@@ -178,8 +188,7 @@ def texts_to_stream(texts: Sequence[str], tokenizer: Tokenizer) -> np.ndarray:
     return docs_to_stream(tokenizer.encode_batch(list(texts)), tokenizer.eos_id, tokenizer.vocab_size)
 
 
-def cached_stream(cache_dir: str | os.PathLike | None, key: str | None,
-                  build: Callable[[], np.ndarray]) -> np.ndarray:
+def cached_stream(cache_dir: str | os.PathLike | None, key: str | None, build: Callable[[], np.ndarray]) -> np.ndarray:
     """`build()`, saved as `cache_dir/tokens-<key>.npy` and memory-mapped from there next time."""
     if cache_dir is None or key is None:
         return build()
@@ -204,9 +213,13 @@ class TokenSplits:
     heldout_files: tuple[Path, ...]
 
 
-def tokenize_splits(files: Sequence[str | os.PathLike], root: str | os.PathLike,
-                    tokenizer: Tokenizer, cache_dir: str | os.PathLike | None = None,
-                    heldout_fraction: float = _HELDOUT_FRACTION) -> TokenSplits:
+def tokenize_splits(
+    files: Sequence[str | os.PathLike],
+    root: str | os.PathLike,
+    tokenizer: Tokenizer,
+    cache_dir: str | os.PathLike | None = None,
+    heldout_fraction: float = _HELDOUT_FRACTION,
+) -> TokenSplits:
     """`split_files` then `tokenize_files` on each side (each cached separately)."""
     train, heldout = split_files(files, root, heldout_fraction)
     return TokenSplits(
@@ -229,7 +242,7 @@ class _Windows:
 
     def __getitem__(self, i: int) -> np.ndarray:
         start = int(i) * self._seq_len
-        return np.asarray(self._tokens_n[start:start + self._seq_len + 1], dtype=np.int32)
+        return np.asarray(self._tokens_n[start : start + self._seq_len + 1], dtype=np.int32)
 
 
 def _windows_to_batch(windows_bw: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
@@ -254,8 +267,7 @@ def _check_stream(tokens: np.ndarray, seq_len: int, batch_size: int, what: str) 
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise BitNetError(f"{name} must be a positive integer; got {value!r}.")
     if np.ndim(tokens) != 1:
-        raise BitNetError(
-            f"Expected a 1-D token stream for the {what} data; got shape {np.shape(tokens)}.")
+        raise BitNetError(f"Expected a 1-D token stream for the {what} data; got shape {np.shape(tokens)}.")
     need = batch_size * seq_len + 1
     if len(tokens) < need:
         raise BitNetError(
@@ -274,12 +286,20 @@ def _shuffle_seed(seed: int, source: int = 0) -> int:
     return int.from_bytes(digest[:4], "big") >> 1  # leave room for the per-epoch increment
 
 
-def make_train_iterator(tokens: np.ndarray | list[np.ndarray], seq_len: int, batch_size: int,
-                        seed: int, *, weights: Sequence[float] | None = None,
-                        names: Sequence[str] | None = None, eos_id: int = EOS_ID,
-                        worker_count: int = 0, prefetch_batches: int = 2,
-                        shard_index: int | None = None,
-                        shard_count: int | None = None) -> grain.DatasetIterator:
+def make_train_iterator(
+    tokens: np.ndarray | list[np.ndarray],
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    *,
+    weights: Sequence[float] | None = None,
+    names: Sequence[str] | None = None,
+    eos_id: int = EOS_ID,
+    worker_count: int = 0,
+    prefetch_batches: int = 2,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+) -> grain.DatasetIterator:
     """An endless iterator of training batches {"inputs", "targets", "segment_ids"}: int32 [B, T].
 
     Windows are shuffled with `seed`, reshuffled every epoch; batches run across epoch borders
@@ -304,10 +324,13 @@ def make_train_iterator(tokens: np.ndarray | list[np.ndarray], seq_len: int, bat
         raise BitNetError("make_train_iterator got no token streams; pass at least one.")
     if shard_count is None or shard_index is None:
         import jax  # only here: the data pipeline itself does not need JAX
+
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if batch_size % shard_count:
-        raise BitNetError(f"batch_size={batch_size} must be a multiple of the number of processes "
-                          f"({shard_count}): each loads batch_size / processes rows.")
+        raise BitNetError(
+            f"batch_size={batch_size} must be a multiple of the number of processes "
+            f"({shard_count}): each loads batch_size / processes rows."
+        )
     if len(streams) == 1:
         _check_stream(streams[0], seq_len, batch_size, "training")
     else:
@@ -317,19 +340,22 @@ def make_train_iterator(tokens: np.ndarray | list[np.ndarray], seq_len: int, bat
             raise BitNetError(f"Expected one positive weight per source ({len(streams)}); got {weights}.")
         for stream, name in zip(streams, names):  # each source needs one window; repeats fill batches
             if np.ndim(stream) != 1 or len(stream) < seq_len + 1:
-                raise BitNetError(f"The training data of {name} have {len(stream)} tokens; one window of "
-                                  f"{seq_len}+1 tokens needs at least {seq_len + 1}. Add documents to that "
-                                  "source, drop it, or use a smaller seq_len.")
-    parts = [grain.MapDataset.source(_Windows(stream, seq_len)).shuffle(seed=_shuffle_seed(seed, i)).repeat()
-             for i, stream in enumerate(streams)]
+                raise BitNetError(
+                    f"The training data of {name} have {len(stream)} tokens; one window of "
+                    f"{seq_len}+1 tokens needs at least {seq_len + 1}. Add documents to that "
+                    "source, drop it, or use a smaller seq_len."
+                )
+    parts = [
+        grain.MapDataset.source(_Windows(stream, seq_len)).shuffle(seed=_shuffle_seed(seed, i)).repeat()
+        for i, stream in enumerate(streams)
+    ]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds.batch(batch_size // shard_count, drop_remainder=True).map(_ToBatch(eos_id))
     # One background thread overlaps batch building with the training step; the data are in
     # memory, so more threads only contend for the GIL.
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                   prefetch_buffer_size=prefetch_batches))
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
         if not flags.FLAGS.is_parsed():  # grain's worker processes expect parsed absl flags
             flags.FLAGS.mark_as_parsed()
@@ -337,9 +363,9 @@ def make_train_iterator(tokens: np.ndarray | list[np.ndarray], seq_len: int, bat
     return iter(iter_ds)
 
 
-def make_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int,
-                      max_batches: int | None = None, *,
-                      eos_id: int = EOS_ID) -> list[dict[str, np.ndarray]]:
+def make_eval_batches(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None, *, eos_id: int = EOS_ID
+) -> list[dict[str, np.ndarray]]:
     """Up to `max_batches` batches of consecutive, non-overlapping windows, in stream order."""
     _check_stream(tokens, seq_len, batch_size, "held-out")
     windows = _Windows(tokens, seq_len)

@@ -29,13 +29,13 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 
-from flax.traverse_util import flatten_dict, unflatten_dict
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 
-from .config import BitNetConfig
-from .errors import BitNetError
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.model.config import BitNetConfig
 
 _LINEARS = {
     "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -54,9 +54,11 @@ def load_hf(path: str | os.PathLike, dtype=jnp.float32) -> tuple[BitNetConfig, d
     """
     with HFCheckpoint(os.fspath(path)) as checkpoint:
         config = checkpoint.config
-        params = {"embed_tokens": {"embedding": checkpoint.embedding()},
-                  "layers": stack_layers(checkpoint.layer, config.num_hidden_layers),
-                  "norm": checkpoint.norm()}
+        params = {
+            "embed_tokens": {"embedding": checkpoint.embedding()},
+            "layers": stack_layers(checkpoint.layer, config.num_hidden_layers),
+            "norm": checkpoint.norm(),
+        }
         if not config.tie_word_embeddings:
             params["lm_head"] = {"kernel": checkpoint.lm_head().T}
         checkpoint.warn_unused()
@@ -84,12 +86,14 @@ def read_hf_config(folder: str) -> tuple[BitNetConfig, dict]:
     if not os.path.isdir(folder):
         raise BitNetError(
             f"Model folder {folder!r} does not exist or is not a folder: expected a local Hugging Face "
-            "BitNet folder (config.json + *.safetensors) or a bitnet-jax run folder.")
+            "BitNet folder (config.json + *.safetensors) or a bitnet-jax run folder."
+        )
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise BitNetError(
             f"{folder!r} has no config.json: expected a Hugging Face BitNet folder; found "
-            f"{sorted(os.listdir(folder))[:10]}.")
+            f"{sorted(os.listdir(folder))[:10]}."
+        )
     try:
         with open(config_path) as f:
             hf = json.load(f)
@@ -116,8 +120,10 @@ def generation_stop_ids(folder: str | os.PathLike, config: BitNetConfig) -> tupl
         if token is None:
             continue
         if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < config.vocab_size:
-            raise BitNetError(f"{path}: eos_token_id {token!r} is not a token id of this model (0.."
-                              f"{config.vocab_size - 1}); fix or remove the file.")
+            raise BitNetError(
+                f"{path}: eos_token_id {token!r} is not a token id of this model (0.."
+                f"{config.vocab_size - 1}); fix or remove the file."
+            )
         ids.add(token)
     return tuple(sorted(ids))
 
@@ -129,14 +135,15 @@ def _quantization_kind(hf: dict, folder: str) -> str:
         return "none"
     if quant.get("quant_method", "bitnet") != "bitnet":
         raise BitNetError(
-            f"{folder}/config.json: quantization_config.quant_method={quant.get('quant_method')!r}; "
-            "expected 'bitnet'.")
+            f"{folder}/config.json: quantization_config.quant_method={quant.get('quant_method')!r}; expected 'bitnet'."
+        )
     linear_class = quant.get("linear_class", "bitlinear")
     mode = quant.get("quantization_mode", "offline")
     if linear_class not in ("bitlinear", "autobitlinear") or mode not in ("online", "offline"):
         raise BitNetError(
             f"{folder}/config.json: linear_class={linear_class!r}, quantization_mode={mode!r}; expected "
-            "linear_class 'bitlinear' or 'autobitlinear' and quantization_mode 'online' or 'offline'.")
+            "linear_class 'bitlinear' or 'autobitlinear' and quantization_mode 'online' or 'offline'."
+        )
     if linear_class == "bitlinear":
         return "offline-bitlinear"  # transformers' BitLinear is always offline
     return "online" if mode == "online" else "offline-autobitlinear"
@@ -158,12 +165,20 @@ class HFCheckpoint:
         d = c.hidden_size
         heads_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         self._out_in = {  # [out, in] of each BitLinear, as transformers stores it
-            "q_proj": (heads_width, d), "k_proj": (kv_width, d), "v_proj": (kv_width, d), "o_proj": (d, heads_width),
-            "gate_proj": (c.intermediate_size, d), "up_proj": (c.intermediate_size, d),
+            "q_proj": (heads_width, d),
+            "k_proj": (kv_width, d),
+            "v_proj": (kv_width, d),
+            "o_proj": (d, heads_width),
+            "gate_proj": (c.intermediate_size, d),
+            "up_proj": (c.intermediate_size, d),
             "down_proj": (d, c.intermediate_size),
         }
-        self._norm_width = {"input_layernorm": d, "post_attention_layernorm": d,
-                            "self_attn.attn_sub_norm": heads_width, "mlp.ffn_sub_norm": c.intermediate_size}
+        self._norm_width = {
+            "input_layernorm": d,
+            "post_attention_layernorm": d,
+            "self_attn.attn_sub_norm": heads_width,
+            "mlp.ffn_sub_norm": c.intermediate_size,
+        }
 
     def __enter__(self):
         return self
@@ -185,7 +200,8 @@ class HFCheckpoint:
                 if self.config.linear_norm_eps is not None:
                     in_features = self._out_in[name][1]
                     layer[block][name]["rms_norm"] = {
-                        "weight": self._tensors.get(f"{prefix}.rms_norm.weight", (in_features,))}
+                        "weight": self._tensors.get(f"{prefix}.rms_norm.weight", (in_features,))
+                    }
         return layer
 
     def embedding(self, rows: slice | None = None) -> np.ndarray:
@@ -222,7 +238,8 @@ def _linear_kernel(tensors: "_TensorReader", prefix: str, out_in: tuple[int, int
             raise BitNetError(
                 f"{tensors.where(name)}: packed tensor {name} has shape {shape}; expected "
                 f"[{out_features}/4, {in_features}] for a [{out_features}, {in_features}] BitLinear "
-                "(config.json and the weights disagree).")
+                "(config.json and the weights disagree)."
+            )
         w_oi = unpack_hf_ternary(tensors.get(name, tuple(shape)))
     else:
         w_oi = tensors.get(name, out_in)
@@ -233,13 +250,15 @@ def _linear_kernel(tensors: "_TensorReader", prefix: str, out_in: tuple[int, int
     if scale.size != 1 or not np.isfinite(scale[0]) or scale[0] == 0:
         raise BitNetError(
             f"{tensors.where(name)}: {prefix}.weight_scale should hold one finite non-zero number; "
-            f"found {scale[:4]} (shape {scale.shape}).")
+            f"found {scale[:4]} (shape {scale.shape})."
+        )
     mean_abs = scale[0] if quant == "offline-autobitlinear" else 1.0 / scale[0]
     w_oi = w_oi.astype(np.float32, copy=False)
     if not np.all(np.isin(w_oi, (-1.0, 0.0, 1.0))):
         raise BitNetError(
             f"{tensors.where(name)}: {name} is offline-quantized but not ternary (values outside "
-            "{-1, 0, 1}); expected ternary or packed uint8 weights with quantization_mode 'offline'.")
+            "{-1, 0, 1}); expected ternary or packed uint8 weights with quantization_mode 'offline'."
+        )
     nonzero = np.count_nonzero(w_oi) / w_oi.size
     # Each master weight is 0 or +-(the scale rounded once to float32), so scaling in float32 (in
     # place: w_oi is a fresh array) needs no float64 copy of the weights.
@@ -293,10 +312,12 @@ class _TensorReader:
                 f"{folder} holds pickle-based weights ({pickles[:3]}); bitnet-jax reads only safetensors, "
                 "which cannot run code when loaded. Convert them once with transformers: "
                 "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)` "
-                "(safetensors is its default format).")
+                "(safetensors is its default format)."
+            )
         raise BitNetError(
             f"{folder} has no model.safetensors or model.safetensors.index.json; found {files[:10]}. "
-            "Expected a Hugging Face BitNet folder with safetensors weights.")
+            "Expected a Hugging Face BitNet folder with safetensors weights."
+        )
 
     def __enter__(self):
         return self
@@ -315,7 +336,8 @@ class _TensorReader:
             raise BitNetError(
                 f"{self.folder}: tensor {name!r} is missing from the checkpoint; expected it for the "
                 "architecture that config.json describes. Is the download complete, and does config.json "
-                "belong to these weights?")
+                "belong to these weights?"
+            )
         file = self._file_of[name]
         if file not in self._handles:
             if not os.path.isfile(file):
@@ -334,13 +356,15 @@ class _TensorReader:
         if shape is not None and found != list(shape):
             raise BitNetError(
                 f"{self.where(name)}: tensor {name} has shape {found}; expected {list(shape)} from config.json. "
-                "The weights and config.json do not belong together.")
+                "The weights and config.json do not belong together."
+            )
         try:
             array = handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except Exception as e:  # safetensors raises its own error types for truncated data
             raise BitNetError(
                 f"{self.where(name)}: cannot read tensor {name} ({e}); the file is truncated or corrupt: "
-                "download it again.") from None
+                "download it again."
+            ) from None
         self.used.add(name)
         return np.asarray(array)
 
@@ -353,7 +377,8 @@ def _open_safetensors(file: str):
         return safe_open(file, framework="np", backend="pread")
     except Exception as e:  # SafetensorError, OSError
         raise BitNetError(
-            f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt: download it again.") from None
+            f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt: download it again."
+        ) from None
 
 
 def _nested_set(tree: dict, keys: list[str], value):

@@ -13,7 +13,7 @@ import math
 import typing
 from typing import Any
 
-from .errors import BitNetError
+from bitnet_jax.errors import BitNetError
 
 WEIGHT_QUANT_HELP = "'tensor' (absmean per tensor), 'channel' (per output channel), 'group:G' or 'none'"
 ACT_QUANT_HELP = "'token' (absmax per token), 'tensor' or 'none'"
@@ -63,16 +63,30 @@ class BitNetConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
-                _bad("hidden_size", self.hidden_size,
-                     f"a multiple of num_attention_heads={self.num_attention_heads} (or set head_dim)")
+                _bad(
+                    "hidden_size",
+                    self.hidden_size,
+                    f"a multiple of num_attention_heads={self.num_attention_heads} (or set head_dim)",
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
                 _bad(name, getattr(self, name), "a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
-            _bad("num_key_value_heads", self.num_key_value_heads,
-                 f"a divisor of num_attention_heads={self.num_attention_heads}")
+            _bad(
+                "num_key_value_heads",
+                self.num_key_value_heads,
+                f"a divisor of num_attention_heads={self.num_attention_heads}",
+            )
         if self.head_dim % 2:
             _bad("head_dim", self.head_dim, "an even number (RoPE rotates pairs of features)")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
@@ -92,12 +106,18 @@ class BitNetConfig:
                 _bad("eos_token_id", self.eos_token_id, f"ids in [0, vocab_size={self.vocab_size}) or None")
         group = self.weight_group_size  # parses and validates weight_quant
         if group:
-            widths = {"hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
-                      "num_attention_heads*head_dim": self.num_attention_heads * self.head_dim}
+            widths = {
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_attention_heads*head_dim": self.num_attention_heads * self.head_dim,
+            }
             for name, width in widths.items():
                 if width % group:
-                    _bad("weight_quant", self.weight_quant,
-                         f"a group size that divides every BitLinear input width ({name}={width})")
+                    _bad(
+                        "weight_quant",
+                        self.weight_quant,
+                        f"a group size that divides every BitLinear input width ({name}={width})",
+                    )
         if self.act_quant not in ("token", "tensor", "none"):
             _bad("act_quant", self.act_quant, ACT_QUANT_HELP)
         if not 2 <= self.act_bits <= 8:
@@ -163,7 +183,8 @@ class BitNetConfig:
         if hf.get("model_type") != "bitnet":
             raise BitNetError(
                 f"{source} has model_type={hf.get('model_type')!r}; expected 'bitnet' "
-                "(a Hugging Face BitNetForCausalLM checkpoint such as microsoft/bitnet-b1.58-2B-4T).")
+                "(a Hugging Face BitNetForCausalLM checkpoint such as microsoft/bitnet-b1.58-2B-4T)."
+            )
         if hf.get("attention_bias"):
             raise BitNetError(f"{source} sets attention_bias=true; BitNet b1.58 models have no biases.")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -202,7 +223,8 @@ class BitNetConfig:
             raise BitNetError(
                 "Only the b1.58 recipe (weight_quant='tensor', act_quant='token', act_bits=8) has a "
                 f"Hugging Face equivalent; this config has {self.weight_quant!r}, {self.act_quant!r}, "
-                f"{self.act_bits}.")
+                f"{self.act_bits}."
+            )
         return {
             "architectures": ["BitNetForCausalLM"],
             "model_type": "bitnet",
@@ -237,22 +259,50 @@ class BitNetConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # BitNet b1.58 2B4T (microsoft/bitnet-b1.58-2B-4T).
     "b1.58-2b4t": dict(
-        vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
-        num_attention_heads=20, num_key_value_heads=5, max_position_embeddings=4096,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=128000, eos_token_id=128001),
+        vocab_size=128256,
+        hidden_size=2560,
+        intermediate_size=6912,
+        num_hidden_layers=30,
+        num_attention_heads=20,
+        num_key_value_heads=5,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_id=128001,
+    ),
     # The 700M size of the b1.58 paper's reproduction (LLaMA tokenizer + pad token, vocab 32002).
     "b1.58-700m": dict(
-        vocab_size=32002, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
-        num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2),
+        vocab_size=32002,
+        hidden_size=1536,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
     # Small enough to train in minutes on two CPU cores; used by the quickstart and the tests.
     "tiny": dict(
-        vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vocab_size=4096,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
 }
 
 
@@ -264,8 +314,10 @@ def check_known_keys(values: dict[str, Any], known: set[str], source: str, prefi
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1)
             hints.append(f"{prefix}{key!r}" + (f" (did you mean {prefix}{close[0]!r}?)" if close else ""))
-        raise BitNetError(f"Unknown key(s) in {source}: {', '.join(hints)}. "
-                          f"Known keys: {', '.join(prefix + k for k in sorted(known))}.")
+        raise BitNetError(
+            f"Unknown key(s) in {source}: {', '.join(hints)}. "
+            f"Known keys: {', '.join(prefix + k for k in sorted(known))}."
+        )
 
 
 def _bad(name: str, value: Any, expected: str):

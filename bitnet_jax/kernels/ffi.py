@@ -8,10 +8,10 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                           scale = 127 / max(amax, 1e-5)                  (float32, [..., 1])
                           x_q   = clamp(round(x * scale), -128, 127)     (int8, [..., K])
                         with round half-to-even, so it equals the pure-JAX
-                        `bitnet_jax.quant.act_quantize(x, "token", 8)` bit for bit.
+                        `bitnet_jax.model.quant.act_quantize(x, "token", 8)` bit for bit.
   bitnet_ternary_matmul / _i32, bitnet_int8_matmul / _i32
                         the serving matmuls on packed weights (see `ternary_matmul` below,
-                        xla_ffi/matmul.cc and bitnet_jax/layout.py).
+                        xla_ffi/matmul.cc and bitnet_jax/kernels/layout.py).
   bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
                         read in place (`embed_rows`, xla_ffi/embed.cc).
 
@@ -25,16 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import BitNetError
+from bitnet_jax.errors import BitNetError
 
 try:
-    from . import _ffi_ext
+    from bitnet_jax import _ffi_ext
 except ImportError as e:  # pragma: no cover - depends on how the package was installed
     raise ImportError(
         f"bitnet_jax._ffi_ext (the compiled XLA FFI kernels) is missing next to {__file__}. "
         "It is built by `pip install .`; a source checkout on sys.path (e.g. `python -m pytest` "
         "from the repository root) shadows the installed package, so run the `pytest` script "
-        "instead, or reinstall.") from e
+        "instead, or reinstall."
+    ) from e
 
 for _name, _capsule in _ffi_ext.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")
@@ -61,18 +62,18 @@ def act_quant_i8(x_k: jax.Array) -> tuple[jax.Array, jax.Array]:
     if x_k.ndim == 0:
         raise BitNetError(
             "act_quant_i8: expected an array of shape [..., K] (rank >= 1), got a scalar; "
-            "reshape it to [1] to quantize a single value")
+            "reshape it to [1] to quantize a single value"
+        )
     if not jnp.issubdtype(x_k.dtype, jnp.floating):
         raise BitNetError(
-            f"act_quant_i8: expected a floating-point array, got dtype {x_k.dtype}; "
-            "cast it with .astype(jnp.float32)")
+            f"act_quant_i8: expected a floating-point array, got dtype {x_k.dtype}; cast it with .astype(jnp.float32)"
+        )
     if x_k.shape[-1] == 0:
-        raise BitNetError(
-            f"act_quant_i8: expected a non-empty last axis K, got shape {x_k.shape}")
+        raise BitNetError(f"act_quant_i8: expected a non-empty last axis K, got shape {x_k.shape}")
     if x_k.dtype not in _NATIVE_DTYPES:
         x_k = x_k.astype(jnp.float32)
     out_types = (
-        jax.ShapeDtypeStruct(x_k.shape, jnp.int8),                 # x_q [..., K]
+        jax.ShapeDtypeStruct(x_k.shape, jnp.int8),  # x_q [..., K]
         jax.ShapeDtypeStruct(x_k.shape[:-1] + (1,), jnp.float32),  # scale [..., 1]
     )
     # Rows are independent, so a vmapped call is the same kernel on a batch-leading input.
@@ -81,7 +82,8 @@ def act_quant_i8(x_k: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # --- serving matmuls ------------------------------------------------------------------------------
-# Contracts in xla_ffi/matmul.cc; packed formats in bitnet_jax/layout.py (mirroring layout.h).
+# Contracts in xla_ffi/matmul.cc; packed formats in bitnet_jax/kernels/layout.py (mirroring layout.h).
+
 
 def available_isas() -> list[str]:
     """Kernel paths this CPU runs, scalar first (e.g. ['scalar', 'avx2', 'avx512'])."""
@@ -140,7 +142,7 @@ def ternary_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=None) 
     layer: with stacked weights (w_packed [L, G, X], w_scale [L, S]), the layer to use (an int32
       scalar, may be traced): the kernel reads it in place, where `w_packed[layer]` would copy.
     """
-    from . import layout
+    from bitnet_jax.kernels import layout
 
     x = _check_x("ternary_matmul", x)
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
@@ -151,7 +153,7 @@ def ternary_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=None) 
 def ternary_matmul_i32(x_q, w_packed, n: int, layer=None) -> jax.Array:
     """Exact integer product int32 [..., N] = sum_k x_q[..., k] * t[n, k] (x_q int8 [..., K]);
     `layer` as in `ternary_matmul`."""
-    from . import layout
+    from bitnet_jax.kernels import layout
 
     x_q = _check_x("ternary_matmul_i32", x_q, integer=True)
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
@@ -164,7 +166,7 @@ def int8_matmul(x, w_int8, w_scale, act_bits: int = 8) -> jax.Array:
 
     w_int8: int8 [N, Kp] from `layout.pack_int8`; w_scale: float32 [N].
     """
-    from . import layout
+    from bitnet_jax.kernels import layout
 
     x = _check_x("int8_matmul", x)
     attrs = dict(act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION))
@@ -173,7 +175,7 @@ def int8_matmul(x, w_int8, w_scale, act_bits: int = 8) -> jax.Array:
 
 def int8_matmul_i32(x_q, w_int8) -> jax.Array:
     """Exact integer product int32 [..., N] = sum_k x_q[..., k] * w8[n, k]."""
-    from . import layout
+    from bitnet_jax.kernels import layout
 
     x_q = _check_x("int8_matmul_i32", x_q, integer=True)
     attrs = dict(layout_version=np.int64(layout.LAYOUT_VERSION))
@@ -186,8 +188,10 @@ def embed_rows(table_vd, ids) -> jax.Array:
     every call otherwise. Ids must lie in [0, V) (an out-of-range id raises at run time)."""
     table_vd, ids = jnp.asarray(table_vd), jnp.asarray(ids, jnp.int32)
     if table_vd.ndim != 2 or table_vd.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-        raise BitNetError(f"embed_rows: expected a float32, bfloat16 or float16 table [V, D]; "
-                          f"found {table_vd.dtype} {table_vd.shape}.")
+        raise BitNetError(
+            f"embed_rows: expected a float32, bfloat16 or float16 table [V, D]; "
+            f"found {table_vd.dtype} {table_vd.shape}."
+        )
 
     @jax.custom_batching.custom_vmap
     def call(table_vd, ids):

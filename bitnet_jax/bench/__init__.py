@@ -1,0 +1,1 @@
+"""Benchmarks behind `bitnet-jax bench`: the train step (`train`), kernels and generation (`serve`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from bitnet_jax.cli.app import main
+
+sys.exit(main())

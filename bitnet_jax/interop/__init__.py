@@ -1,0 +1,1 @@
+"""Other formats: Hugging Face BitNet checkpoints (`hf`)."""

@@ -1,0 +1,1 @@
+"""Research tools: quantization ablations (`ablate`)."""
