@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from near_ties import assert_same_forward, forward_with_quantizer_inputs
+from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host
 
 from bitnet_jax import BitNetConfig, BitNetLM, generate, init_params, load_hf
 from bitnet_jax.errors import BitNetError
@@ -36,6 +36,11 @@ SMALL = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+
+
+def _forward(model, variables, ids):
+    """Logits and the quantizers' sowed inputs of one jitted forward, as numpy (near_ties)."""
+    return on_host(jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids))
 
 
 def relative_error(got, want):
@@ -101,13 +106,9 @@ def test_group_scales_pack_and_serve_on_the_xla_integer_path(tmp_path):
     assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 25, 96)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
 
-    def forward(model, variables):  # group scales: the training forward dequantizes, then sums in float
-        logits, sown = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids)
-        return np.asarray(logits), {k: np.asarray(v) for k, v in sown.items()}
-
     assert_same_forward(
-        *forward(BitNetLM(config), {"params": params}),
-        *forward(BitNetLM(config, ServingSpec("xla", "float")), serving_variables(packed)),
+        *_forward(BitNetLM(config), {"params": params}, ids),
+        *_forward(BitNetLM(config, ServingSpec("xla", "float")), serving_variables(packed), ids),
     )
     with pytest.raises(BitNetError, match="one weight scale per tensor or per output channel.*backend='xla'"):
         generate(config, packed, [[1, 2, 3]], 4, backend="ffi")
@@ -365,13 +366,10 @@ def test_serving_on_plain_random_weights(overrides):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 24)), jnp.int32)
     packed = serving_variables(pack(config, params, lm_head="float"))
 
-    def forward(model, variables):
-        logits, sown = jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids)
-        return np.asarray(logits), {k: np.asarray(v) for k, v in sown.items()}
-
-    training = forward(BitNetLM(config), {"params": params})
+    training = _forward(BitNetLM(config), {"params": params}, ids)
     xla, ffi = (
-        forward(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)), packed) for backend in ("xla", "ffi")
+        _forward(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)), packed, ids)
+        for backend in ("xla", "ffi")
     )
     assert_same_forward(*training, *xla)
     assert_same_forward(*xla, *ffi)
