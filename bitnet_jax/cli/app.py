@@ -206,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
 def _convert(args) -> int:
     from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
     from bitnet_jax.interop.hf import read_hf_config
+    from bitnet_jax.serve.load import load_model
     from bitnet_jax.serve.pack import convert_hf, is_packed_folder, lm_head_kind, pack, save_packed
     from bitnet_jax.train.loop import is_run_folder
 
@@ -227,6 +228,7 @@ def _convert(args) -> int:
 
 def _chat(args) -> int:
     from bitnet_jax.serve.chat import chat_loop
+    from bitnet_jax.serve.load import load_model
 
     config, params, tokenizer = load_model(args.model)
     return chat_loop(
@@ -401,6 +403,7 @@ def _generate(args) -> int:
     from bitnet_jax.data.tokenizer import StreamDecoder
     from bitnet_jax.interop.hf import generation_stop_ids
     from bitnet_jax.serve.generate import compile_generate, generate
+    from bitnet_jax.serve.load import load_model
     from bitnet_jax.serve.pack import is_packed_folder, load_packed
 
     # A packed folder: compile from the weights' shapes first, then load them, so that the
@@ -475,25 +478,6 @@ def _ablate(args) -> int:
         print(f.read(), end="")
     print(f"Ablation folder: {args.out} (results.md, results.json, loss_curves.png, one run folder per row).")
     return 0
-
-
-def load_model(path: str, *, shapes_only: bool = False):
-    """(config, params, tokenizer) from a bitnet-jax run folder, a packed folder (`bitnet-jax
-    convert`) or a Hugging Face BitNet folder. With `shapes_only`, a packed folder's params are
-    its weights' abstract shapes (`pack.read_packed_folder`; `load_packed` reads the weights)."""
-    from bitnet_jax.data.tokenizer import load_tokenizer
-    from bitnet_jax.interop.hf import load_hf
-    from bitnet_jax.serve.pack import is_packed_folder, load_packed, read_packed_folder
-    from bitnet_jax.train.loop import is_run_folder, load_run
-
-    if is_run_folder(path):
-        run, params, tokenizer = load_run(path)
-        return run.model, params, tokenizer
-    if is_packed_folder(path):
-        config, params = (read_packed_folder if shapes_only else load_packed)(path)
-        return config, params, load_tokenizer(path, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
-    config, params = load_hf(path)
-    return config, params, load_tokenizer(path, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
 
 
 if __name__ == "__main__":
