@@ -3,6 +3,7 @@
 import pytest
 
 from bitnet_jax import BitNetConfig, BitNetError
+from bitnet_jax.interop.hf import config_from_hf, config_to_hf
 from bitnet_jax.train.run_config import load_run_config
 
 
@@ -56,22 +57,19 @@ def test_hf_config_both_rope_layouts():
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
-    assert BitNetConfig.from_hf_dict({**base, "rope_theta": 123.0}).rope_theta == 123.0
-    assert (
-        BitNetConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}).rope_theta
-        == 7.0
-    )
+    assert config_from_hf({**base, "rope_theta": 123.0}).rope_theta == 123.0
+    assert config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}}).rope_theta == 7.0
     with pytest.raises(BitNetError, match="model_type='llama'"):
-        BitNetConfig.from_hf_dict({**base, "model_type": "llama"})
+        config_from_hf({**base, "model_type": "llama"})
     with pytest.raises(BitNetError, match="rope_type"):
-        BitNetConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+        config_from_hf({**base, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
 
 
 def test_hf_roundtrip():
     c = BitNetConfig.preset("tiny", tie_word_embeddings=False)
-    assert BitNetConfig.from_hf_dict(c.to_hf_dict()) == c
+    assert config_from_hf(config_to_hf(c)) == c
     with pytest.raises(BitNetError, match="Hugging Face equivalent"):
-        c.replace(act_bits=4).to_hf_dict()
+        config_to_hf(c.replace(act_bits=4))
 
 
 def test_run_config_overrides_and_errors(tmp_path):

@@ -276,7 +276,7 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
         "norm": {"weight": ones(d)},
     }
     codes = lambda shape: _VALID_CODE_BYTES[rng.integers(0, 81, shape, dtype=np.uint8)]
-    for block, names in _linear_shapes(config).items():
+    for block, names in config.linear_shapes.items():
         for name, (k, n) in names.items():
             g, row_bytes = layout.packed_ternary_shape(n, k)
             scale = lambda shape, k=k: np.full(shape, 1.0 / math.sqrt(k), np.float32)
@@ -300,16 +300,6 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
     return params
 
 
-def _linear_shapes(config) -> dict:
-    """(K, N) of every BitLinear, by block and name."""
-    d, f = config.hidden_size, config.intermediate_size
-    heads, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {
-        "self_attn": {"q_proj": (d, heads), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (heads, d)},
-        "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)},
-    }
-
-
 def dense_params(config, packed: dict, dtype) -> dict:
     """Dense XLA-path parameters (weight_quant='none') holding the same weights as `packed`."""
     import jax.numpy as jnp
@@ -326,7 +316,7 @@ def dense_params(config, packed: dict, dtype) -> dict:
             if "w_packed" not in p:
                 out["layers"][key][name] = p
                 continue
-            k, n = _linear_shapes(config)[key][name]
+            k, n = config.linear_shapes[key][name]
             kernels = []
             for layer in range(p["w_packed"].shape[0]):
                 t = np.asarray(layout.unpack_ternary(p["w_packed"][layer], n, k))

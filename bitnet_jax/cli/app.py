@@ -338,11 +338,12 @@ def _tokenize(args) -> int:
         spec = args.corpus
     source = parse_source(spec, where="--corpus")
     # Text folders take the run config's default suffixes, as in training.
-    suffixes = {f.name: f.default for f in dataclasses.fields(RunConfig)}["corpus_suffixes"]
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    suffixes = defaults["corpus_suffixes"]
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     else:
-        docs, _, _ = training_documents(source, suffixes, heldout_fraction=0.02)
+        docs, _, _ = training_documents(source, suffixes, defaults["heldout_fraction"])
         print(f"Training a {args.vocab_size}-piece sentencepiece tokenizer on {len(docs)} documents...")
         texts = [d for d in docs if isinstance(d, str)]
         files = [d for d in docs if not isinstance(d, str)]

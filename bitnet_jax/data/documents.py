@@ -40,7 +40,7 @@ def source_files(source: DataSource, default_suffixes: Sequence[str]) -> tuple[l
     if any(c in path for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(path, recursive=True) if os.path.isfile(p))
     elif os.path.isdir(path):
-        files = data._walk(Path(path), _SUFFIXES[source.kind])
+        files = data.walk_files(Path(path), _SUFFIXES[source.kind])
     elif os.path.isfile(path):
         files = [Path(path)]
     else:
@@ -134,7 +134,7 @@ def split_indices(n: int, heldout_fraction: float) -> tuple[np.ndarray, np.ndarr
     appending documents moves none of the earlier ones; if that holds out nothing and n >= 2,
     the document with the smallest hash is held out.
     """
-    hashes = np.array([data._unit_hash(f"doc:{i}") for i in range(n)])
+    hashes = np.array([data.unit_hash(f"doc:{i}") for i in range(n)])
     held = hashes < heldout_fraction
     if not held.any() and heldout_fraction > 0 and n >= 2:
         held[np.argmin(hashes)] = True
@@ -218,7 +218,7 @@ def read_all_texts(source: DataSource, default_suffixes: Sequence[str]) -> list[
     """Every non-empty document of a text source, in order (what `bitnet-jax tokenize` writes)."""
     files, _ = source_files(source, default_suffixes)
     if source.kind in ("stdlib", "text"):
-        return data._read_texts(files)
+        return data.read_text_files(files)
     if source.kind == "array_record":
         raise BitNetError(f"{source.name} is already tokenized; tokenize its text source instead.")
     return read_texts(source, files)

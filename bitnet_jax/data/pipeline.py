@@ -49,7 +49,8 @@ _STDLIB_SKIP_DIRS = frozenset(
 )
 _STDLIB_SKIP_PREFIXES = ("_sysconfigdata",)  # build-machine configuration dumps
 _CACHE_FORMAT = "v1"
-_HELDOUT_FRACTION = 0.02
+# The fraction of documents (or files) held out for evaluation, unless a run config says otherwise.
+HELDOUT_FRACTION = 0.02
 
 
 def stdlib_root() -> Path:
@@ -67,7 +68,7 @@ def stdlib_source_files() -> list[Path]:
     root = stdlib_root()
     files = [
         p
-        for p in _walk(root, (".py",))
+        for p in walk_files(root, (".py",))
         if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])
         and not p.name.startswith(_STDLIB_SKIP_PREFIXES)
     ]
@@ -88,7 +89,7 @@ def text_files(folder: str | os.PathLike, suffixes: Sequence[str] = (".py",)) ->
     if not root.is_dir():
         raise BitNetError(f"Text folder {root} does not exist or is not a folder; pass a folder.")
     suffixes = tuple(suffixes)
-    files = _walk(root, suffixes)
+    files = walk_files(root, suffixes)
     if not files:
         raise BitNetError(
             f"Found no files ending in {', '.join(suffixes)} under {root}. Pass a folder with "
@@ -97,7 +98,8 @@ def text_files(folder: str | os.PathLike, suffixes: Sequence[str] = (".py",)) ->
     return files
 
 
-def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def walk_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """Files under `root` ending in one of `suffixes`, hidden files and caches skipped, in path order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
@@ -105,14 +107,14 @@ def _walk(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
     """A stable value in [0, 1) for a string (unlike `hash`, the same in every process)."""
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
 def split_files(
-    files: Sequence[str | os.PathLike], root: str | os.PathLike, heldout_fraction: float = _HELDOUT_FRACTION
+    files: Sequence[str | os.PathLike], root: str | os.PathLike, heldout_fraction: float = HELDOUT_FRACTION
 ) -> tuple[list[Path], list[Path]]:
     """Splits files into (train, held-out) by a stable hash of each path relative to `root`.
 
@@ -123,7 +125,7 @@ def split_files(
     if not 0.0 <= heldout_fraction < 1.0:
         raise BitNetError(f"heldout_fraction must be in [0, 1); got {heldout_fraction}.")
     root = Path(root)
-    keyed = [(_unit_hash(Path(f).relative_to(root).as_posix()), Path(f)) for f in files]
+    keyed = [(unit_hash(Path(f).relative_to(root).as_posix()), Path(f)) for f in files]
     heldout = {f for h, f in keyed if h < heldout_fraction}
     if not heldout and heldout_fraction > 0 and len(keyed) >= 2:
         heldout = {min(keyed, key=lambda hf: hf[0])[1]}
@@ -160,10 +162,10 @@ def tokenize_files(
     if not paths:
         return np.empty(0, _token_dtype(tokenizer.vocab_size))
     key = files_key(paths, extra=f"tokens:{tokenizer.fingerprint}") if cache_dir is not None else None
-    return cached_stream(cache_dir, key, lambda: texts_to_stream(_read_texts(paths), tokenizer))
+    return cached_stream(cache_dir, key, lambda: texts_to_stream(read_text_files(paths), tokenizer))
 
 
-def _read_texts(paths: Sequence[Path]) -> list[str]:
+def read_text_files(paths: Sequence[Path]) -> list[str]:
     """The non-empty (not whitespace-only) files' texts, read as open() in text mode would."""
     texts = [p.read_bytes().decode("utf-8", errors="replace") for p in paths]
     # Same universal-newline translation as open() in text mode.
@@ -218,7 +220,7 @@ def tokenize_splits(
     root: str | os.PathLike,
     tokenizer: Tokenizer,
     cache_dir: str | os.PathLike | None = None,
-    heldout_fraction: float = _HELDOUT_FRACTION,
+    heldout_fraction: float = HELDOUT_FRACTION,
 ) -> TokenSplits:
     """`split_files` then `tokenize_files` on each side (each cached separately)."""
     train, heldout = split_files(files, root, heldout_fraction)

@@ -20,13 +20,12 @@ model, on a machine without the data).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import re
 from typing import Any
 
-from bitnet_jax.errors import BitNetError
+from bitnet_jax.errors import BitNetError, did_you_mean
 
 KINDS = ("stdlib", "text", "jsonl", "parquet", "array_record")
 # The dict keys each kind takes besides "kind" and "weight"; "column" is parquet's name for "field".
@@ -109,8 +108,7 @@ def parse_source(spec: Any, where: str = "corpus") -> DataSource:
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints.append(f"{key!r}" + did_you_mean(key, known))
         raise BitNetError(
             f"{where}: unknown key(s) {', '.join(hints)} for a {kind!r} source; it takes {', '.join(sorted(known))}."
         )
@@ -161,6 +159,5 @@ def _parse_string(spec: str, where: str) -> DataSource:
 def _check_kind(kind: Any, where: str) -> str:
     if kind in KINDS:
         return kind
-    close = difflib.get_close_matches(str(kind), KINDS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(kind, KINDS)
     raise BitNetError(f"{where}: unknown source kind {kind!r}{hint}; expected one of {', '.join(KINDS)}.")

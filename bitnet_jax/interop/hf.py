@@ -23,6 +23,7 @@ packs each one as it is read).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -37,10 +38,6 @@ from safetensors import safe_open
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
 
-_LINEARS = {
-    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
 # Buffers transformers may save that carry no parameters.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
@@ -99,7 +96,7 @@ def read_hf_config(folder: str) -> tuple[BitNetConfig, dict]:
             hf = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BitNetError(f"{config_path} is not valid JSON ({e}); restore it from the original checkpoint.") from None
-    return BitNetConfig.from_hf_dict(hf, source=config_path), hf
+    return config_from_hf(hf, source=config_path), hf
 
 
 def generation_stop_ids(folder: str | os.PathLike, config: BitNetConfig) -> tuple[int, ...]:
@@ -128,25 +125,125 @@ def generation_stop_ids(folder: str | os.PathLike, config: BitNetConfig) -> tupl
     return tuple(sorted(ids))
 
 
-def _quantization_kind(hf: dict, folder: str) -> str:
-    """'online', 'offline-autobitlinear', 'offline-bitlinear', or 'none' (plain nn.Linear)."""
+def config_from_hf(hf: dict, *, source: str = "config.json") -> BitNetConfig:
+    """Maps a Hugging Face BitNet `config.json` onto `BitNetConfig`.
+
+    Keys that only matter to transformers (dtype, architectures, ...) are ignored; keys that would
+    change the computation and that this implementation does not support are refused.
+    """
+    if hf.get("model_type") != "bitnet":
+        raise BitNetError(
+            f"{source} has model_type={hf.get('model_type')!r}; expected 'bitnet' "
+            "(a Hugging Face BitNetForCausalLM checkpoint such as microsoft/bitnet-b1.58-2B-4T)."
+        )
+    if hf.get("attention_bias"):
+        raise BitNetError(f"{source} sets attention_bias=true; BitNet b1.58 models have no biases.")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise BitNetError(f"{source} uses rope_type={rope_type!r}; only the default RoPE is supported.")
+    # 2B4T's config has a top-level rope_theta; transformers 5 saves it under rope_parameters.
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    values = {
+        "vocab_size": hf["vocab_size"],
+        "hidden_size": hf["hidden_size"],
+        "intermediate_size": hf["intermediate_size"],
+        "num_hidden_layers": hf["num_hidden_layers"],
+        "num_attention_heads": hf["num_attention_heads"],
+        "num_key_value_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        "head_dim": hf.get("head_dim"),
+        "max_position_embeddings": hf.get("max_position_embeddings", 2048),
+        "rope_theta": float(theta),
+        "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+        "hidden_act": hf.get("hidden_act", "relu2"),
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "bos_token_id": hf.get("bos_token_id"),
+        "eos_token_id": hf.get("eos_token_id"),
+        "pad_token_id": hf.get("pad_token_id"),
+        "initializer_range": float(hf.get("initializer_range", 0.02)),
+        "linear_norm_eps": quantization_config(hf, source).linear_norm_eps,
+    }
+    try:
+        return BitNetConfig.from_dict(values, source=source)
+    except BitNetError as e:
+        raise BitNetError(f"{source}: {e}") from None
+
+
+def config_to_hf(config: BitNetConfig) -> dict:
+    """A transformers-loadable `config.json` (online quantization of fp master weights)."""
+    if (config.weight_quant, config.act_quant, config.act_bits) != ("tensor", "token", 8):
+        raise BitNetError(
+            "Only the b1.58 recipe (weight_quant='tensor', act_quant='token', act_bits=8) has a "
+            f"Hugging Face equivalent; this config has {config.weight_quant!r}, {config.act_quant!r}, "
+            f"{config.act_bits}."
+        )
+    eos = config.eos_token_id
+    return {
+        "architectures": ["BitNetForCausalLM"],
+        "model_type": "bitnet",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.rms_norm_eps,
+        "hidden_act": config.hidden_act,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+        "pad_token_id": config.pad_token_id,
+        "initializer_range": config.initializer_range,
+        "attention_bias": False,
+        "quantization_config": {
+            "quant_method": "bitnet",
+            "linear_class": "autobitlinear",
+            "quantization_mode": "online",
+            "use_rms_norm": config.linear_norm_eps is not None,
+            "rms_norm_eps": config.linear_norm_eps or 1e-6,
+            "modules_to_not_convert": ["lm_head"],
+        },
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """What a `config.json`'s `quantization_config` says, parsed in this one place.
+
+    kind: 'online' (fp master weights, quantized in the forward pass), 'offline-autobitlinear' /
+      'offline-bitlinear' (ternary weights stored, with transformers' two opposite meanings of
+      `weight_scale`), or 'none' (plain nn.Linear, no quantization_config).
+    linear_norm_eps: the epsilon of the RMSNorm inside every BitLinear (`use_rms_norm`), or None.
+    """
+
+    kind: str
+    linear_norm_eps: float | None
+
+
+def quantization_config(hf: dict, source: str) -> QuantizationConfig:
     quant = hf.get("quantization_config")
     if not quant:
-        return "none"
+        return QuantizationConfig("none", None)
     if quant.get("quant_method", "bitnet") != "bitnet":
         raise BitNetError(
-            f"{folder}/config.json: quantization_config.quant_method={quant.get('quant_method')!r}; expected 'bitnet'."
+            f"{source}: quantization_config.quant_method={quant.get('quant_method')!r}; expected 'bitnet'."
         )
     linear_class = quant.get("linear_class", "bitlinear")
     mode = quant.get("quantization_mode", "offline")
     if linear_class not in ("bitlinear", "autobitlinear") or mode not in ("online", "offline"):
         raise BitNetError(
-            f"{folder}/config.json: linear_class={linear_class!r}, quantization_mode={mode!r}; expected "
+            f"{source}: linear_class={linear_class!r}, quantization_mode={mode!r}; expected "
             "linear_class 'bitlinear' or 'autobitlinear' and quantization_mode 'online' or 'offline'."
         )
     if linear_class == "bitlinear":
-        return "offline-bitlinear"  # transformers' BitLinear is always offline
-    return "online" if mode == "online" else "offline-autobitlinear"
+        kind = "offline-bitlinear"  # transformers' BitLinear is always offline
+    else:
+        kind = "online" if mode == "online" else "offline-autobitlinear"
+    eps = float(quant.get("rms_norm_eps") or 1e-6) if quant.get("use_rms_norm") else None
+    return QuantizationConfig(kind, eps)
 
 
 class HFCheckpoint:
@@ -159,20 +256,11 @@ class HFCheckpoint:
     def __init__(self, folder: str):
         self.folder = folder
         self.config, hf = read_hf_config(folder)
-        self._quant = _quantization_kind(hf, folder)
+        self._quant = quantization_config(hf, os.path.join(folder, "config.json")).kind
         self._tensors = _TensorReader(folder)
         c = self.config
         d = c.hidden_size
-        heads_width, kv_width = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-        self._out_in = {  # [out, in] of each BitLinear, as transformers stores it
-            "q_proj": (heads_width, d),
-            "k_proj": (kv_width, d),
-            "v_proj": (kv_width, d),
-            "o_proj": (d, heads_width),
-            "gate_proj": (c.intermediate_size, d),
-            "up_proj": (c.intermediate_size, d),
-            "down_proj": (d, c.intermediate_size),
-        }
+        heads_width = c.num_attention_heads * c.head_dim
         self._norm_width = {
             "input_layernorm": d,
             "post_attention_layernorm": d,
@@ -193,12 +281,12 @@ class HFCheckpoint:
         for norm in _LAYER_NORMS:
             weight = self._tensors.get(f"model.layers.{i}.{norm}.weight", (self._norm_width[norm],))
             _nested_set(layer, norm.split(".") + ["weight"], weight)
-        for block, names in _LINEARS.items():
-            for name in names:
+        for block, shapes in self.config.linear_shapes.items():
+            for name, (in_features, out_features) in shapes.items():
                 prefix = f"model.layers.{i}.{block}.{name}"
-                layer[block][name] = {"kernel": _linear_kernel(self._tensors, prefix, self._out_in[name], self._quant)}
+                out_in = (out_features, in_features)  # as transformers stores W
+                layer[block][name] = {"kernel": _linear_kernel(self._tensors, prefix, out_in, self._quant)}
                 if self.config.linear_norm_eps is not None:
-                    in_features = self._out_in[name][1]
                     layer[block][name]["rms_norm"] = {
                         "weight": self._tensors.get(f"{prefix}.rms_norm.weight", (in_features,))
                     }

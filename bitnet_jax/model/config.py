@@ -1,23 +1,33 @@
 """`BitNetConfig`: the architecture and quantization of a BitNet b1.58 model, declared once.
 
 The field names follow Hugging Face's `BitNetConfig` where one exists, so that a `config.json`
-maps onto this class key for key (`from_hf_dict` / `to_hf_dict`). The quantization fields are
-ours: they make the granularity of the quantizers a config switch for research ablations.
+maps onto this class key for key (`bitnet_jax.interop.hf.config_from_hf` / `config_to_hf`). The
+quantization fields are ours: they make the granularity of the quantizers a config switch for
+research ablations.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import typing
 from typing import Any
 
-from bitnet_jax.errors import BitNetError
+from bitnet_jax.errors import BitNetError, did_you_mean
 
 WEIGHT_QUANT_HELP = "'tensor' (absmean per tensor), 'channel' (per output channel), 'group:G' or 'none'"
 ACT_QUANT_HELP = "'token' (absmax per token), 'tensor' or 'none'"
 ACTIVATIONS = ("relu2", "silu")
+# Policies of `jax.checkpoint_policies` that take no arguments and can be named in a run config's
+# `remat` (beside 'none' and 'full'); `transformer.remat_policy` applies them.
+REMAT_POLICIES = (
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots",
+    "checkpoint_dots_with_no_batch_dims",
+    "nothing_saveable",
+    "everything_saveable",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +153,17 @@ class BitNetConfig:
         return int(size)
 
     @property
+    def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """(in, out) features of every BitLinear of a decoder layer, by block and name: the one list
+        of the linear layers that loaders, packing and benchmarks walk."""
+        d, f = self.hidden_size, self.intermediate_size
+        heads, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        return {
+            "self_attn": {"q_proj": (d, heads), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (heads, d)},
+            "mlp": {"gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)},
+        }
+
+    @property
     def num_params(self) -> int:
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
         qo = self.num_attention_heads * self.head_dim
@@ -171,89 +192,6 @@ class BitNetConfig:
         if isinstance(values["eos_token_id"], tuple):
             values["eos_token_id"] = list(values["eos_token_id"])
         return values
-
-    # Hugging Face config.json interop.
-    @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json") -> "BitNetConfig":
-        """Maps a Hugging Face BitNet `config.json` onto this class.
-
-        Keys that only matter to transformers (dtype, architectures, ...) are ignored; keys that
-        would change the computation and that this implementation does not support are refused.
-        """
-        if hf.get("model_type") != "bitnet":
-            raise BitNetError(
-                f"{source} has model_type={hf.get('model_type')!r}; expected 'bitnet' "
-                "(a Hugging Face BitNetForCausalLM checkpoint such as microsoft/bitnet-b1.58-2B-4T)."
-            )
-        if hf.get("attention_bias"):
-            raise BitNetError(f"{source} sets attention_bias=true; BitNet b1.58 models have no biases.")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise BitNetError(f"{source} uses rope_type={rope_type!r}; only the default RoPE is supported.")
-        theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
-        quant = hf.get("quantization_config") or {}
-        values = {
-            "vocab_size": hf["vocab_size"],
-            "hidden_size": hf["hidden_size"],
-            "intermediate_size": hf["intermediate_size"],
-            "num_hidden_layers": hf["num_hidden_layers"],
-            "num_attention_heads": hf["num_attention_heads"],
-            "num_key_value_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            "head_dim": hf.get("head_dim"),
-            "max_position_embeddings": hf.get("max_position_embeddings", 2048),
-            "rope_theta": float(theta),
-            "rms_norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "hidden_act": hf.get("hidden_act", "relu2"),
-            "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "bos_token_id": hf.get("bos_token_id"),
-            "eos_token_id": hf.get("eos_token_id"),
-            "pad_token_id": hf.get("pad_token_id"),
-            "initializer_range": float(hf.get("initializer_range", 0.02)),
-            "linear_norm_eps": float(quant.get("rms_norm_eps") or 1e-6) if quant.get("use_rms_norm") else None,
-        }
-        try:
-            return cls.from_dict(values, source=source)
-        except BitNetError as e:
-            raise BitNetError(f"{source}: {e}") from None
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        """A transformers-loadable `config.json` (online quantization of fp master weights)."""
-        if (self.weight_quant, self.act_quant, self.act_bits) != ("tensor", "token", 8):
-            raise BitNetError(
-                "Only the b1.58 recipe (weight_quant='tensor', act_quant='token', act_bits=8) has a "
-                f"Hugging Face equivalent; this config has {self.weight_quant!r}, {self.act_quant!r}, "
-                f"{self.act_bits}."
-            )
-        return {
-            "architectures": ["BitNetForCausalLM"],
-            "model_type": "bitnet",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_theta": self.rope_theta,
-            "rms_norm_eps": self.rms_norm_eps,
-            "hidden_act": self.hidden_act,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "initializer_range": self.initializer_range,
-            "attention_bias": False,
-            "quantization_config": {
-                "quant_method": "bitnet",
-                "linear_class": "autobitlinear",
-                "quantization_mode": "online",
-                "use_rms_norm": self.linear_norm_eps is not None,
-                "rms_norm_eps": self.linear_norm_eps or 1e-6,
-                "modules_to_not_convert": ["lm_head"],
-            },
-        }
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -312,8 +250,7 @@ def check_known_keys(values: dict[str, Any], known: set[str], source: str, prefi
     if unknown:
         hints = []
         for key in unknown:
-            close = difflib.get_close_matches(key, known, n=1)
-            hints.append(f"{prefix}{key!r}" + (f" (did you mean {prefix}{close[0]!r}?)" if close else ""))
+            hints.append(f"{prefix}{key!r}" + did_you_mean(key, known, prefix))
         raise BitNetError(
             f"Unknown key(s) in {source}: {', '.join(hints)}. "
             f"Known keys: {', '.join(prefix + k for k in sorted(known))}."

@@ -37,7 +37,7 @@ from flax import traverse_util
 
 from bitnet_jax.kernels import layout
 from bitnet_jax.kernels import ops as serve
-from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig
 from bitnet_jax.model.quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul
 
 # The variable collection of packed serving weights (see TernaryLinear and `serving_variables`).
@@ -438,17 +438,6 @@ def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
     if segment_ids_bt is not None:
         mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
     return mask_bts
-
-
-# Policies of `jax.checkpoint_policies` that take no arguments and can be named in a config.
-REMAT_POLICIES = (
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "checkpoint_dots",
-    "checkpoint_dots_with_no_batch_dims",
-    "nothing_saveable",
-    "everything_saveable",
-)
 
 
 def remat_policy(name: str):

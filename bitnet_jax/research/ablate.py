@@ -17,7 +17,6 @@ Running the same ablation again skips finished runs and resumes unfinished ones.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import json
 import math
@@ -26,10 +25,10 @@ import os
 import jax
 import numpy as np
 
-from bitnet_jax.errors import BitNetError
+from bitnet_jax.errors import BitNetError, did_you_mean
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.transformer import init_params, is_bitlinear_kernel
-from bitnet_jax.train.run_config import RunConfig, _parse_value, load_run_config
+from bitnet_jax.train.run_config import RunConfig, load_run_config, parse_value
 
 # The fields a grid may vary: the quantizers, so that every grid point has one well-defined
 # full-precision baseline (the same model with quantization off). Architecture and training
@@ -62,8 +61,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
                 f"--grid {item!r}: expected key=value1,value2,..., e.g. --grid weight_quant=tensor,channel."
             )
         if key not in GRID_KEYS:
-            close = difflib.get_close_matches(key, GRID_KEYS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = did_you_mean(key, GRID_KEYS)
             other = (
                 " It is a model or training field: set it for all runs with --set." if key in _settable_keys() else ""
             )
@@ -77,7 +75,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
             raise BitNetError(
                 f"--grid {item!r}: empty value in the list; expected comma-separated values such as --grid {key}=a,b."
             )
-        values = [_parse_value(r) for r in raws]
+        values = [parse_value(r) for r in raws]
         if len(set(map(repr, values))) != len(values):
             raise BitNetError(f"--grid {item!r}: a value is repeated; list each value once.")
         grid[key] = values

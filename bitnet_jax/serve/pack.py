@@ -35,7 +35,6 @@ from bitnet_jax.model.quant import weight_quantize
 from bitnet_jax.serve.host_memory import aligned_empty, release_freed_memory
 
 PACKED_FORMAT = "bitnet_jax.packed"
-_LINEARS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 # Rows of an int8 table quantized at once: the float temporaries of a 2B4T embedding
 # [128256, 2560] stay at ~40 MB each instead of 1.3 GB.
 _INT8_ROWS_PER_STEP = 4096
@@ -134,8 +133,8 @@ def _float32(tree):
 def _pack_layer(config: BitNetConfig, layer: dict) -> dict:
     """One layer's serving parameters from its training parameters (no leading layer axis)."""
     out = {"self_attn": {}, "mlp": {}}
-    for block, names in _LINEARS.items():
-        for name in names:
+    for block, shapes in config.linear_shapes.items():
+        for name in shapes:
             source = layer[block][name]
             w_t_kn, scale = _quantize(jnp.asarray(source["kernel"], jnp.float32), config.weight_quant)
             scale = np.asarray(scale, np.float32)  # [1, 1], [1, N] or, per group, [K / G, 1, N]

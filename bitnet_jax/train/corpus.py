@@ -38,7 +38,7 @@ def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
     """Finds the tokenizer (training one if needed) and tokenizes both splits of every source (cached)."""
     sources = run.sources
     tokenizer = _tokenizer(run, out_dir, cache_dir)
-    _check_tokenizer(tokenizer, run)
+    check_run_tokenizer(tokenizer, run)
     streams = [
         documents.source_streams(
             s,
@@ -100,7 +100,8 @@ def _trained_tokenizer(run: RunConfig, cache_dir: str):
     )
 
 
-def _check_tokenizer(tokenizer, run: RunConfig):
+def check_run_tokenizer(tokenizer, run: RunConfig):
+    """Refuses a tokenizer whose vocabulary size or end-of-sequence id the run's model does not expect."""
     m = run.model
     if tokenizer.vocab_size != m.vocab_size or tokenizer.eos_id not in m.eos_ids:
         raise BitNetError(

@@ -38,7 +38,7 @@ from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.transformer import BitNetLM, init_params, is_bitlinear_kernel
 from bitnet_jax.train import sharding
-from bitnet_jax.train.corpus import Corpus, _check_tokenizer, prepare_corpus
+from bitnet_jax.train.corpus import Corpus, check_run_tokenizer, prepare_corpus
 from bitnet_jax.train.run_config import RunConfig
 
 RUN_FILE = "run.json"
@@ -222,7 +222,7 @@ def train(
             _write_or_check_run_file(run, out_dir)
         if corpus is None:
             return prepare_corpus(run, out_dir, cache_dir)
-        _check_tokenizer(corpus.tokenizer, run)
+        check_run_tokenizer(corpus.tokenizer, run)
         if primary:
             copy_tokenizer(corpus.tokenizer, out_dir)
         return corpus

@@ -19,10 +19,10 @@ import importlib.util
 import os
 from typing import Any
 
+from bitnet_jax.data.pipeline import HELDOUT_FRACTION
 from bitnet_jax.data.sources import DataSource, parse_corpus
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.model.config import BitNetConfig, check_known_keys
-from bitnet_jax.model.transformer import REMAT_POLICIES
+from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig, check_known_keys
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -41,7 +41,7 @@ class RunConfig:
     corpus_suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst")
     tokenizer: str = ""  # a tokenizer.json / tokenizer.model (or its folder); "" trains a sentencepiece
     worker_count: int = 0  # grain worker processes preparing batches (0: a thread of this process)
-    heldout_fraction: float = 0.02
+    heldout_fraction: float = HELDOUT_FRACTION
     seq_len: int = 256
     batch_size: int = 16
     steps: int = 300
@@ -197,7 +197,7 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             raise BitNetError(
                 f"--set {item!r}: expected key=value, e.g. --set steps=100 or --set model.hidden_size=128."
             )
-        value = _parse_value(raw)
+        value = parse_value(raw)
         if key.startswith("model."):
             values["model"][key[len("model.") :]] = value
         else:
@@ -225,7 +225,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A `--set` / `--grid` value: a Python literal where it parses as one (1, 0.5, None, 'x'), else the string."""
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
