@@ -16,7 +16,8 @@ import numpy as np
 
 from bitnet_jax import generate
 from bitnet_jax.kernels.ops import ServingSpec
-from bitnet_jax.model.transformer import BitNetLM, serving_variables
+from bitnet_jax.model.serving_layers import serving_variables
+from bitnet_jax.model.transformer import BitNetLM
 from bitnet_jax.serve.pack import pack
 from bitnet_jax.train.loop import load_run
 

@@ -14,8 +14,9 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
+from bitnet_jax.model.layers import BitLinear
 from bitnet_jax.model.quant import act_ratio, weight_ratio
-from bitnet_jax.model.transformer import BitLinear, TernaryLinear
+from bitnet_jax.model.serving_layers import TernaryLinear
 
 
 def _sow_quantizer_inputs(next_fun, args, kwargs, context):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bitnet_jax.model import quant
+from bitnet_jax.model.layers import BitLinear, QuantSpec
 from bitnet_jax.model.quant import act_quantize, fake_quant_act, fake_quant_weight, weight_quantize
-from bitnet_jax.model.transformer import BitLinear, QuantSpec
 
 
 def ref_weight(w, mode):

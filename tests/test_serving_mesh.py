@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from bitnet_jax import BitNetConfig, BitNetLM, init_params
-    from bitnet_jax.model.transformer import serving_variables
+    from bitnet_jax.model.serving_layers import serving_variables
     from bitnet_jax.serve.pack import pack
     from bitnet_jax.kernels.ops import ServingSpec
     from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host
@@ -89,7 +89,7 @@ K_SPLIT_SCRIPT = textwrap.dedent("""
     from bitnet_jax import BitNetConfig, BitNetLM, init_params
     from bitnet_jax.kernels import layout
     from bitnet_jax.kernels import ops as serving
-    from bitnet_jax.model.transformer import serving_variables
+    from bitnet_jax.model.serving_layers import serving_variables
     from bitnet_jax.serve.pack import pack
     from bitnet_jax.kernels.ops import ServingSpec
     from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host

@@ -6,10 +6,15 @@
     bitnet-jax bench train [--config FILE] [--set key=value ...] [--repeats N] [--json FILE]
     bitnet-jax tokenize --corpus SOURCE --out DIR [--tokenizer PATH | --vocab-size N]
     bitnet-jax convert SRC DST [--lm-head int8|int8-tied|float]
+    bitnet-jax convert SRC OUT.gguf --format i2_s|tq2_0|tq1_0 [--lm-head f16|q8_0|q6_k]
     bitnet-jax chat --model DIR [--temperature T --top-k K --top-p P] [--system TEXT]
+    bitnet-jax serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY]
     bitnet-jax bench kernels [--threads N] [--json FILE]
     bitnet-jax bench generate --preset b1.58-2b4t --random-weights [--threads N] [--json FILE]
+    bitnet-jax bench serve --preset b1.58-2b4t --random-weights [--clients 1,2,4,8] [--json FILE]
     bitnet-jax ablate --config FILE --grid key=v1,v2 [--grid ...] [--steps N] [--set key=value ...] [--out DIR]
+    bitnet-jax eval --model SRC [--corpus SPEC] [--max-tokens N] [--context W --stride S] [--json FILE]
+    bitnet-jax lm-eval --model bitnet-jax --model_args pretrained=DIR --tasks ... (lm_eval's arguments)
 
 Errors caused by the input (`BitNetError`) print one message and exit with status 2.
 """
@@ -25,7 +30,11 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # the rest is lm-eval's own command line: argparse would claim its --model
+        args = argparse.Namespace(func=_lm_eval, lm_eval_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     from bitnet_jax.errors import BitNetError
 
     try:
@@ -102,14 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     convert = commands.add_parser("convert", help="pack a model (run folder or HF BitNet folder) for serving")
-    convert.add_argument("src", help="a bitnet-jax run folder or a local Hugging Face BitNet folder")
-    convert.add_argument("dst", help="the packed folder to write")
+    convert.add_argument("src", help="a bitnet-jax run or packed folder, a Hugging Face BitNet folder or a GGUF file")
+    convert.add_argument("dst", help="the packed folder to write (with --format: the .gguf file)")
     convert.add_argument(
         "--lm-head",
-        choices=("int8", "int8-tied", "float"),
+        choices=("int8", "int8-tied", "float", "f16", "q8_0", "q6_k"),
         default=None,
         help="int8: per-row int8 lm_head; int8-tied: also the tied input embedding (the "
-        "default for tied models; int8 otherwise); float: as it is",
+        "default for tied models; int8 otherwise); float: as it is; f16 (default), q8_0, q6_k: for a .gguf DST",
+    )
+    convert.add_argument(
+        "--format", choices=("i2_s", "tq2_0", "tq1_0"), default=None, help="DST is a GGUF file of this type"
     )
     convert.set_defaults(func=_convert)
 
@@ -121,6 +133,23 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=None)
     chat.add_argument("--system", default=None, help="a system message")
     chat.set_defaults(func=_chat)
+
+    srv = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and a chat page")
+    srv.add_argument("--model", required=True, help="a packed, run or Hugging Face folder")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=8, help="slots decoded together in one step (default 8)")
+    srv.add_argument("--max-context", type=int, default=2048, help="prompt + reply tokens per slot (default 2048)")
+    srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    srv.add_argument(
+        "--api-key",
+        default=os.environ.get("BITNET_JAX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 ($BITNET_JAX_API_KEY)",
+    )
+    srv.add_argument("--model-name", help="the model's name in the API (default: the folder's name)")
+    srv.add_argument("--backend", choices=("ffi", "xla"), default=None, help="as for generate")
+    srv.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on Ctrl-C")
+    srv.set_defaults(func=_serve)
 
     bench = commands.add_parser("bench", help="benchmarks, measured side by side in one run")
     benches = bench.add_subparsers(dest="bench", required=True)
@@ -166,6 +195,16 @@ def _parser() -> argparse.ArgumentParser:
     bench_gen.add_argument("--repeats", type=int, default=3)
     bench_gen.add_argument("--json", help="also write the results to this JSON file")
     bench_gen.set_defaults(func=_bench_generate)
+    bench_srv = benches.add_parser("serve", help="the HTTP server under 1, 2, 4, 8 concurrent streaming clients")
+    bench_srv.add_argument("--preset", default="b1.58-2b4t", help="model shape (default b1.58-2b4t)")
+    bench_srv.add_argument("--random-weights", action="store_true", required=True, help="as for bench generate")
+    bench_srv.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
+    bench_srv.add_argument("--clients", default="1,2,4,8", help="concurrent clients per level (default 1,2,4,8)")
+    bench_srv.add_argument("--prompt-tokens", type=int, default=128)
+    bench_srv.add_argument("--new-tokens", type=int, default=128)
+    bench_srv.add_argument("--max-context", type=int, default=2048, help="cache slots per row (default 2048)")
+    bench_srv.add_argument("--json", help="also write the results to this JSON file")
+    bench_srv.set_defaults(func=_bench_serve)
 
     tok = commands.add_parser("tokenize", help="pre-tokenize a corpus once into an ArrayRecord token folder")
     tok.add_argument(
@@ -200,16 +239,42 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="ablation folder (default runs/ablate)")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
     ablate.set_defaults(func=_ablate)
+
+    ev = commands.add_parser("eval", help="cross-entropy, perplexity and bits per byte of a model on a corpus")
+    ev.add_argument("--model", required=True, help="a run, packed or Hugging Face folder")
+    ev.add_argument(
+        "--corpus",
+        help="a corpus spec as in a run config (all its documents); default: the run folder's held-out split",
+    )
+    ev.add_argument("--max-tokens", type=int, help="score at most this many tokens (documents in order)")
+    ev.add_argument("--context", type=int, help="window length W (default: the run's seq_len, else the model's)")
+    ev.add_argument("--stride", type=int, help="tokens a window advances by (default W/2); 1..W")
+    ev.add_argument("--batch-size", type=int, help="windows of W tokens per batch (default: by logits memory)")
+    ev.add_argument("--backend", choices=("ffi", "xla"), default=None, help="packed models: as for generate")
+    ev.add_argument("--json", help="also write the report to this JSON file")
+    ev.set_defaults(func=_eval)
+    lm_eval = commands.add_parser(
+        "lm-eval",
+        help="EleutherAI's lm_eval command with the bitnet-jax model registered (needs the 'eval' extra)",
+        add_help=False,
+    )
+    lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    lm_eval.set_defaults(func=_lm_eval)
     return parser
 
 
 def _convert(args) -> int:
     from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
     from bitnet_jax.interop.hf import read_hf_config
+    from bitnet_jax.model.serving_layers import lm_head_kind
     from bitnet_jax.serve.load import load_model
-    from bitnet_jax.serve.pack import convert_hf, is_packed_folder, lm_head_kind, pack, save_packed
+    from bitnet_jax.serve.pack import convert_hf, is_packed_folder, pack, save_packed
     from bitnet_jax.train.loop import is_run_folder
 
+    if args.format or args.dst.endswith(".gguf") or args.src.endswith(".gguf"):
+        from bitnet_jax.interop.gguf_export import convert_gguf
+
+        return convert_gguf(args.src, args.dst, fmt=args.format, lm_head=args.lm_head)
     if is_run_folder(args.src) or is_packed_folder(args.src):
         config, params, tokenizer = load_model(args.src)
         packed = pack(config, params, lm_head=args.lm_head)
@@ -224,6 +289,23 @@ def _convert(args) -> int:
         shutil.copy(os.path.join(args.src, "generation_config.json"), args.dst)
     print(f"Packed {args.src} -> {args.dst} (2-bit ternary layers, lm_head {lm_head_kind(packed)}).")
     return 0
+
+
+def _serve(args) -> int:
+    from bitnet_jax.serve.server import serve
+
+    return serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_context=args.max_context,
+        max_queue=args.max_queue,
+        api_key=args.api_key,
+        model_name=args.model_name,
+        backend=args.backend,
+        shutdown_timeout=args.shutdown_timeout,
+    )
 
 
 def _chat(args) -> int:
@@ -300,6 +382,34 @@ def _bench_generate(args) -> int:
         print(generate_table(results[-1:]).splitlines()[-1], flush=True)
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
     print(generate_table(results))
+    if args.json:
+        write_json(args.json, results)
+    return 0
+
+
+def _bench_serve(args) -> int:
+    from bitnet_jax.bench.serve import set_threads
+
+    set_threads(args.threads)  # before JAX starts
+    from bitnet_jax.bench.serve import write_json
+    from bitnet_jax.bench.server import bench_serve, serve_table
+    from bitnet_jax.bench.train import cpu_name
+    from bitnet_jax.errors import BitNetError
+    from bitnet_jax.model.config import BitNetConfig
+
+    try:
+        clients = tuple(int(c) for c in args.clients.split(","))
+    except ValueError:
+        raise BitNetError(f"--clients {args.clients}: expected comma-separated counts, e.g. 1,2,4,8.") from None
+    results = bench_serve(
+        BitNetConfig.preset(args.preset),
+        clients=clients,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        max_context=args.max_context,
+    )
+    print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
+    print(serve_table(results))
     if args.json:
         write_json(args.json, results)
     return 0
@@ -479,6 +589,28 @@ def _ablate(args) -> int:
         print(f.read(), end="")
     print(f"Ablation folder: {args.out} (results.md, results.json, loss_curves.png, one run folder per row).")
     return 0
+
+
+def _eval(args) -> int:
+    from bitnet_jax.research.eval import eval_command, parse_corpus_arg
+
+    eval_command(
+        args.model,
+        None if args.corpus is None else parse_corpus_arg(args.corpus),
+        max_tokens=args.max_tokens,
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        backend=args.backend,
+        json_path=args.json,
+    )
+    return 0
+
+
+def _lm_eval(args) -> int:
+    from bitnet_jax.research.lm_eval_adapter import run_lm_eval
+
+    return run_lm_eval(args.lm_eval_args)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,18 @@
 """The BitNet b1.58 decoder in Flax Linen, numerically matching transformers' `BitNetForCausalLM`.
 
-Axis letters used in array names and einsum strings:
+Axis letters used in array names and einsum strings, the one glossary of `model/` (`layers.py`
+and `serving_layers.py` use it too):
   B batch            T query positions       S key/value positions (cache slots)
   D model width      F FFN width             V vocabulary
   N query heads      K key/value heads       G query heads per KV head (N = K * G)
   H head dim         L layers
+  M rows of a flattened matmul (B * T)       I, O input / output features of a linear layer
+`kernels/` speaks the language of GEMM kernels instead (M rows, N outputs, K inputs, G 4-row
+groups of the packed layout): `kernels/layout.py` defines those letters for its modules.
+
+The blocks receive slices of the config, not the config: `AttentionShape`, `MLPShape`, the norm
+epsilon, and a `LinearSpec` (quantizers, init, and for serving the packed stack) that builds each
+linear layer.
 
 Parameters and activations also carry logical axis names (`embed`, `mlp`, `q_heads`, `kv_heads`,
 `vocab`, `layers`; `batch`, `length`, `act_embed` for activations) that `sharding.py` maps onto a
@@ -33,15 +41,11 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from bitnet_jax.kernels import layout
-from bitnet_jax.kernels import ops as serve
+from bitnet_jax.kernels.ops import ServingSpec, float_embed
 from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig
-from bitnet_jax.model.quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul
-
-# The variable collection of packed serving weights (see TernaryLinear and `serving_variables`).
-PACKED = "packed"
+from bitnet_jax.model.layers import BitLinear, QuantSpec, RMSNorm, logical
+from bitnet_jax.model.serving_layers import PACKED, Int8Embed, TernaryLinear
 
 # Added to masked attention scores: large enough to zero them after softmax, finite so that a
 # fully masked row (a padding query) gives a uniform average instead of NaN.
@@ -61,162 +65,69 @@ class KVCache(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantSpec:
-    """The quantizer settings a BitLinear needs (a slice of BitNetConfig)."""
+class LinearSpec:
+    """What every linear layer of a block needs: its quantizers, its init, and, for serving, the
+    packed stack it reads (the layers receive this, not the whole config)."""
 
-    weight: str = "tensor"
-    act: str = "token"
-    act_bits: int = 8
-    input_norm_eps: float | None = None  # an RMSNorm before activation quantization, if set
+    quant: QuantSpec
+    init_std: float
+    num_layers: int
+    serving: ServingSpec | None = None
 
     @classmethod
-    def of(cls, config: BitNetConfig) -> "QuantSpec":
-        return cls(config.weight_quant, config.act_quant, config.act_bits, config.linear_norm_eps)
+    def of(cls, config: BitNetConfig, serving: ServingSpec | None) -> "LinearSpec":
+        return cls(QuantSpec.of(config), config.initializer_range, config.num_hidden_layers, serving)
 
-
-class RMSNorm(nn.Module):
-    eps: float
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return weight * x32.astype(x.dtype)
-
-
-class BitLinear(nn.Module):
-    """`y = Q_act(x) @ Q_weight(W)`, quantize-dequantize in the forward pass, STE backward."""
-
-    features: int
-    quant: QuantSpec
-    init_std: float = 0.02
-    kernel_axes: tuple[str, str] | None = None  # logical (in, out) axis names, for sharding
-
-    @nn.compact
-    def __call__(self, x_bk):
-        if self.quant.input_norm_eps is not None:
-            x_bk = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bk)
-        kernel_kn = self.param(
-            "kernel",
-            _logical(nn.initializers.normal(self.init_std), self.kernel_axes),
-            (x_bk.shape[-1], self.features),
-            jnp.float32,
-        )
-        # Flattened to one 2-D matmul, so the weight gradient is a plain [K, M] @ [M, N] dot;
-        # accumulated in f32 whatever the parameter dtype.
-        x_mk = x_bk.reshape(-1, x_bk.shape[-1])
+    def __call__(self, features: int, name: str, layer, axes: tuple[str, str]):
+        """The linear layer as a function of x: fake-quant BitLinear (kernel with logical axes
+        `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving."""
+        if self.serving is None:
+            return BitLinear(features, self.quant, self.init_std, axes, name=name)
+        # Megatron-style, as training shards the kernels (sharding.RULES): projections out of the
+        # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
+        # their inputs, which then arrive already split.
+        split = "k" if axes[1] == "embed" else "n"
         q = self.quant
-        if has_exact_matmul(q.weight, q.act):
-            # Integer codes times integer codes, rescaled: what the serving kernels compute.
-            y_mn = bitlinear_matmul(x_mk, kernel_kn, q.weight, q.act, q.act_bits)
-        else:
-            # Group scales (or no quantization on one side): quantize-dequantize, then a float
-            # matmul. Quantized from the kernel's own dtype (f32 master weights keep f32
-            # statistics), then cast to the activations' dtype so that bf16 compute runs a bf16 matmul.
-            w_kn = fake_quant_weight(kernel_kn, q.weight).astype(x_bk.dtype)
-            x_mk = fake_quant_act(x_bk, q.act, q.act_bits).reshape(x_mk.shape)
-            y_mn = jnp.dot(x_mk, w_kn, preferred_element_type=jnp.float32)
-        return y_mn.astype(x_bk.dtype).reshape(*x_bk.shape[:-1], self.features)
-
-
-class TernaryLinear(nn.Module):
-    """Serving BitLinear on packed weights (from `bitnet_jax.serve.pack`): never builds a float kernel.
-
-    Its weights live in the "packed" collection, stacked over layers and broadcast into the
-    layer scan: `w_packed` uint8 [L, G, KB*256] (layout.py) and `w_scale` float32 [L, 1] (per
-    tensor), [L, N] (per channel) or [L, K / group, N] (per group of inputs). The FFI kernel
-    reads layer `layer` of the stack in place; a scanned parameter would instead be sliced,
-    i.e. copied, on every step.
-    """
-
-    features: int
-    spec: serve.ServingSpec
-    num_layers: int
-    per_channel: bool = False
-    group_size: int = 0  # G of 'group:G' (config.weight_group_size): a scale per G inputs and output
-    input_norm_eps: float | None = None
-    split: str = "n"  # how a 'tensor' mesh axis splits it (serving.ternary_linear)
-
-    @nn.compact
-    def __call__(self, x_bk, layer):
-        if self.input_norm_eps is not None:
-            x_bk = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bk)
-        packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bk.shape[-1]))
-        w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
-        if self.group_size:
-            scale_shape = (x_bk.shape[-1] // self.group_size, self.features)
-        else:
-            scale_shape = (self.features if self.per_channel else 1,)
-        w_scale = self.variable(PACKED, "w_scale", jnp.ones, (self.num_layers, *scale_shape), jnp.float32).value
-        y = serve.ternary_linear(
-            x_bk, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend, layer, split=self.split
+        linear = TernaryLinear(
+            features,
+            self.serving,
+            self.num_layers,
+            per_channel=q.weight == "channel",
+            group_size=q.group_size,
+            input_norm_eps=q.input_norm_eps,
+            split=split,
+            name=name,
         )
-        return y.astype(x_bk.dtype)
+        return lambda x: linear(x, layer)
 
 
-class Int8Embed(nn.Module):
-    """Serving embedding / lm_head held as int8 rows [V, Dp] with one scale per row."""
+@dataclasses.dataclass(frozen=True)
+class AttentionShape:
+    """The attention block's sizes (a slice of BitNetConfig)."""
 
-    num_embeddings: int
-    features: int
-    spec: serve.ServingSpec
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    hidden_size: int  # D
+    rope_theta: float
 
-    def setup(self):
-        padded = -(-self.features // layout.INT8_ROW_ALIGN) * layout.INT8_ROW_ALIGN
-        self.w_int8 = self.param("w_int8", nn.initializers.zeros, (self.num_embeddings, padded), jnp.int8)
-        self.w_scale = self.param("w_scale", nn.initializers.ones, (self.num_embeddings,), jnp.float32)
-
-    def __call__(self, ids):
-        return serve.int8_embed(ids, self.w_int8, self.w_scale, self.features)
-
-    def attend(self, x_bd):
-        return serve.int8_linear(x_bd, self.w_int8, self.w_scale, self.spec.act_bits, self.spec.backend)
+    @classmethod
+    def of(cls, config: BitNetConfig) -> "AttentionShape":
+        c = config
+        return cls(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.rope_theta)
 
 
-def _linear(
-    config: BitNetConfig, serving: serve.ServingSpec | None, features: int, name: str, layer, axes: tuple[str, str]
-):
-    """The block's linear layer, as a function of x: fake-quant BitLinear (kernel with logical
-    axes `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving."""
-    if serving is None:
-        return BitLinear(features, QuantSpec.of(config), config.initializer_range, axes, name=name)
-    # Megatron-style, as training shards the kernels (sharding.RULES): projections out of the
-    # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
-    # their inputs, which then arrive already split.
-    split = "k" if axes[1] == "embed" else "n"
-    linear = TernaryLinear(
-        features,
-        serving,
-        config.num_hidden_layers,
-        config.weight_quant == "channel",
-        config.weight_group_size,
-        config.linear_norm_eps,
-        split,
-        name=name,
-    )
-    return lambda x: linear(x, layer)
+@dataclasses.dataclass(frozen=True)
+class MLPShape:
+    """The FFN block's sizes and activation (a slice of BitNetConfig)."""
 
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    activation: str  # 'relu2' (squared ReLU, b1.58) or 'silu'
 
-def _is_packed_leaf(path: tuple[str, ...]) -> bool:
-    return path[0] == "layers" and path[-1] in ("w_packed", "w_scale")
-
-
-def serving_variables(params) -> dict:
-    """Flax variables for `BitNetLM(config, serving).apply` from packed parameters: the packed
-    weights of the layers go to the "packed" collection (broadcast into the layer scan), the
-    rest (norms, embeddings, an int8 lm_head) to "params"."""
-    flat = traverse_util.flatten_dict(params)
-    split = lambda packed: traverse_util.unflatten_dict(
-        {path: value for path, value in flat.items() if _is_packed_leaf(path) == packed}
-    )
-    return {"params": split(False), PACKED: split(True)}
-
-
-def merge_serving_variables(variables) -> dict:
-    """The inverse of `serving_variables`: one parameter tree."""
-    flat = {**traverse_util.flatten_dict(variables["params"]), **traverse_util.flatten_dict(variables.get(PACKED, {}))}
-    return traverse_util.unflatten_dict(flat)
+    @classmethod
+    def of(cls, config: BitNetConfig) -> "MLPShape":
+        return cls(config.hidden_size, config.intermediate_size, config.hidden_act)
 
 
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
@@ -244,20 +155,21 @@ def _write_cache(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, start_b: ja
 
 
 class Attention(nn.Module):
-    config: BitNetConfig
-    serving: serve.ServingSpec | None = None
+    shape: AttentionShape
+    norm_eps: float
+    linear: LinearSpec
 
     @nn.compact
     def __call__(self, x_btd, positions_bt, mask_bts, cache_kv, layer=None):
-        c = self.config
-        n, k, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        a = self.shape
+        n, k, h = a.num_heads, a.num_kv_heads, a.head_dim
         b, t, _ = x_btd.shape
-        linear = lambda features, name, axes: _linear(c, self.serving, features, name, layer, axes)
+        linear = lambda features, name, axes: self.linear(features, name, layer, axes)
         q_btnh = linear(n * h, "q_proj", ("embed", "q_heads"))(x_btd).reshape(b, t, n, h)
         k_btkh = linear(k * h, "k_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
         v_btkh = linear(k * h, "v_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
-        q_btnh = apply_rope(q_btnh, positions_bt, c.rope_theta)
-        k_btkh = apply_rope(k_btkh, positions_bt, c.rope_theta)
+        q_btnh = apply_rope(q_btnh, positions_bt, a.rope_theta)
+        k_btkh = apply_rope(k_btkh, positions_bt, a.rope_theta)
 
         if cache_kv is not None:  # keys and values of all cache slots, this step's included
             k_lbksh = _write_cache(cache_kv[0], k_btkh, layer, positions_bt[:, 0])
@@ -273,42 +185,46 @@ class Attention(nn.Module):
         scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
         probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(values.dtype)
         out_btnh = jnp.einsum(f"bkgts,{kv}->btkgh", probs_bkgts, values).reshape(b, t, n * h)
-        out_btnh = RMSNorm(c.rms_norm_eps, name="attn_sub_norm")(out_btnh)
-        return linear(c.hidden_size, "o_proj", ("q_heads", "embed"))(out_btnh), cache_kv
+        out_btnh = RMSNorm(self.norm_eps, name="attn_sub_norm")(out_btnh)
+        return linear(a.hidden_size, "o_proj", ("q_heads", "embed"))(out_btnh), cache_kv
 
 
 class MLP(nn.Module):
-    config: BitNetConfig
-    serving: serve.ServingSpec | None = None
+    shape: MLPShape
+    norm_eps: float
+    linear: LinearSpec
 
     @nn.compact
     def __call__(self, x_btd, layer=None):
-        c = self.config
-        linear = lambda features, name, axes: _linear(c, self.serving, features, name, layer, axes)
-        gate_btf = linear(c.intermediate_size, "gate_proj", ("embed", "mlp"))(x_btd)
-        up_btf = linear(c.intermediate_size, "up_proj", ("embed", "mlp"))(x_btd)
-        act_btf = jnp.square(jax.nn.relu(gate_btf)) if c.hidden_act == "relu2" else jax.nn.silu(gate_btf)
-        h_btf = RMSNorm(c.rms_norm_eps, name="ffn_sub_norm")(act_btf * up_btf)
-        return linear(c.hidden_size, "down_proj", ("mlp", "embed"))(h_btf)
+        m = self.shape
+        linear = lambda features, name, axes: self.linear(features, name, layer, axes)
+        gate_btf = linear(m.intermediate_size, "gate_proj", ("embed", "mlp"))(x_btd)
+        up_btf = linear(m.intermediate_size, "up_proj", ("embed", "mlp"))(x_btd)
+        act_btf = jnp.square(jax.nn.relu(gate_btf)) if m.activation == "relu2" else jax.nn.silu(gate_btf)
+        h_btf = RMSNorm(self.norm_eps, name="ffn_sub_norm")(act_btf * up_btf)
+        return linear(m.hidden_size, "down_proj", ("mlp", "embed"))(h_btf)
 
 
 class DecoderLayer(nn.Module):
-    config: BitNetConfig
-    serving: serve.ServingSpec | None = None
+    attention: AttentionShape
+    mlp: MLPShape
+    norm_eps: float
+    linear: LinearSpec
 
     @nn.compact
     def __call__(self, carry, positions_bt, mask_bts, layer):
         # The carry of the layer scan: the residual stream and the whole stacked KV cache (or
         # None), which each layer updates at its own index, so the scan never slices or restacks it.
         x_btd, cache_kv = carry
-        eps = self.config.rms_norm_eps
+        eps = self.norm_eps
         residual_dtype = x_btd.dtype
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
-        h_btd, cache_kv = Attention(self.config, self.serving, name="self_attn")(
+        h_btd, cache_kv = Attention(self.attention, eps, self.linear, name="self_attn")(
             h_btd, positions_bt, mask_bts, cache_kv, layer
         )
         x_btd = x_btd + h_btd
-        h_btd = MLP(self.config, self.serving, name="mlp")(RMSNorm(eps, name="post_attention_layernorm")(x_btd), layer)
+        h_btd = RMSNorm(eps, name="post_attention_layernorm")(x_btd)
+        h_btd = MLP(self.mlp, eps, self.linear, name="mlp")(h_btd, layer)
         # The residual stream keeps the embedding's dtype (bf16 params compute in bf16).
         return (_residual_constraint((x_btd + h_btd).astype(residual_dtype)), cache_kv), None
 
@@ -338,7 +254,7 @@ class BitNetLM(nn.Module):
     """
 
     config: BitNetConfig
-    serving: serve.ServingSpec | None = None
+    serving: ServingSpec | None = None
     remat: str = "none"
 
     @nn.compact
@@ -366,10 +282,10 @@ class BitNetLM(nn.Module):
                 c.vocab_size,
                 c.hidden_size,
                 name="embed_tokens",
-                embedding_init=_logical(nn.initializers.normal(c.initializer_range), ("vocab", "embed")),
+                embedding_init=logical(nn.initializers.normal(c.initializer_range), ("vocab", "embed")),
             )
         if self.serving is not None and head != "int8-tied":
-            x_btd = serve.float_embed(embed.embedding, input_ids_bt, self.serving.backend)
+            x_btd = float_embed(embed.embedding, input_ids_bt, self.serving.backend)
         else:
             x_btd = embed(input_ids_bt)
         x_btd = _residual_constraint(x_btd)
@@ -391,9 +307,9 @@ class BitNetLM(nn.Module):
         )
         cache_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
-        (x_btd, cache_out), _ = layers(c, self.serving, name="layers")(
-            (x_btd, cache_in), positions_bt, mask_bts, layer_l
-        )
+        linear = LinearSpec.of(c, self.serving)
+        decoder = layers(AttentionShape.of(c), MLPShape.of(c), c.rms_norm_eps, linear, name="layers")
+        (x_btd, cache_out), _ = decoder((x_btd, cache_in), positions_bt, mask_bts, layer_l)
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:
@@ -403,7 +319,7 @@ class BitNetLM(nn.Module):
         elif c.tie_word_embeddings:
             logits = embed.attend(x_btd)
         else:
-            init = _logical(nn.initializers.normal(c.initializer_range), ("embed", "vocab"))
+            init = logical(nn.initializers.normal(c.initializer_range), ("embed", "vocab"))
             logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=init, name="lm_head")(x_btd)
         logits = logits.astype(jnp.float32)
         if logits.ndim == 3:  # [B, T, V]; split over vocab too, the largest activation of training
@@ -411,11 +327,6 @@ class BitNetLM(nn.Module):
         if cache is None:
             return logits
         return logits, KVCache(*cache_out)
-
-
-def _logical(init, axes):
-    """`init` annotated with logical axis names (boxed params; `init_params` unboxes them)."""
-    return init if axes is None else nn.with_logical_partitioning(init, axes)
 
 
 def _residual_constraint(x_btd):

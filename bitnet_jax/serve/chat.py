@@ -27,7 +27,11 @@ _END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
 def chat_template(folder: str) -> str | None:
-    """The chat template of a model folder, or None."""
+    """The chat template of a model folder (or GGUF file), or None."""
+    if str(folder).endswith(".gguf"):  # in the file's metadata
+        from bitnet_jax.interop.gguf import gguf_chat_template
+
+        return gguf_chat_template(folder)
     path = os.path.join(folder, "tokenizer_config.json")
     try:
         with open(path) as f:
@@ -123,8 +127,9 @@ def chat_loop(
     import numpy as np
 
     from bitnet_jax.data.tokenizer import StreamDecoder
+    from bitnet_jax.model.serving_layers import is_packed
     from bitnet_jax.serve.generate import generate
-    from bitnet_jax.serve.pack import is_packed, pack
+    from bitnet_jax.serve.pack import pack
 
     if not is_packed(params) and config.weight_quant in ("tensor", "channel") and config.act_quant == "token":
         params = pack(config, params)  # pack once for the whole chat

@@ -23,9 +23,10 @@ from jax.experimental import io_callback
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels.ops import ServingSpec, computation_platform, serving_backend
 from bitnet_jax.model.config import BitNetConfig
-from bitnet_jax.model.transformer import BitNetLM, KVCache, serving_variables
+from bitnet_jax.model.serving_layers import is_packed, lm_head_kind, serving_variables
+from bitnet_jax.model.transformer import BitNetLM, KVCache
 from bitnet_jax.serve.host_memory import release_freed_memory
-from bitnet_jax.serve.pack import is_packed, lm_head_kind, pack
+from bitnet_jax.serve.pack import pack
 
 # Prompt lengths are padded up to a multiple of this, so that prompts of similar length share one
 # compiled program.
@@ -131,9 +132,7 @@ class _Request:
         _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
         params, serving = _serving_params(config, params, backend)
         lengths_b = np.array([len(p) for p in prompts], np.int32)
-        longest = int(lengths_b.max())
-        bucket = _LENGTH_BUCKET if longest <= _PREFILL_CHUNK else _PREFILL_CHUNK
-        t = -(-longest // bucket) * bucket
+        t = padded_prompt_length(int(lengths_b.max()))
         prompt_bt = np.zeros((len(prompts), t), np.int32)
         for row, prompt in zip(prompt_bt, prompts):
             row[: len(prompt)] = prompt
@@ -228,28 +227,7 @@ def _generate(
     cache_dtype = jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
     variables = serving_variables(params) if serving is not None else {"params": params}
     cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=cache_dtype)
-    if t <= _PREFILL_CHUNK:
-        logits_bv, cache = model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
-    else:  # chunk by chunk; each row's logits come from the chunk that holds its last token
-
-        def prefill(i, state):
-            cache, logits_bv = state
-            start = i * _PREFILL_CHUNK
-            chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, _PREFILL_CHUNK, axis=1)
-            positions_bc = jnp.broadcast_to(start + jnp.arange(_PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
-            last_b = lengths_b - 1 - start
-            chunk_logits_bv, cache = model.apply(
-                variables,
-                chunk_bc,
-                positions_bt=positions_bc,
-                cache=cache,
-                logits_index_b=jnp.clip(last_b, 0, _PREFILL_CHUNK - 1),
-            )
-            here_b = (last_b >= 0) & (last_b < _PREFILL_CHUNK)
-            return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
-
-        logits_bv = jnp.zeros((b, config.vocab_size), jnp.float32)
-        cache, logits_bv = jax.lax.fori_loop(0, t // _PREFILL_CHUNK, prefill, (cache, logits_bv))
+    logits_bv, cache = prefill(model, variables, prompt_bt, lengths_b, cache)
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0
 
@@ -278,6 +256,45 @@ def _generate(
 
     _, out_bn, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_bn, cache, done_b, rng))
     return out_bn
+
+
+def padded_prompt_length(longest: int) -> int:
+    """The length T that prompts of at most `longest` tokens are right-padded to: a multiple of
+    _LENGTH_BUCKET up to _PREFILL_CHUNK, of _PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
+    bucket = _LENGTH_BUCKET if longest <= _PREFILL_CHUNK else _PREFILL_CHUNK
+    return -(-longest // bucket) * bucket
+
+
+def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCache):
+    """Writes right-padded prompts [B, T] (T from `padded_prompt_length`) into cache slots
+    0..T-1; returns (each row's next-token logits at its last real token [B, V], cache).
+
+    Traced inside a jitted program: `generate`'s, and the continuous-batching engine's
+    (`serve.batching`), which prefills one slot with it so that its rows get this very math."""
+    b, t = prompt_bt.shape
+    if t <= _PREFILL_CHUNK:
+        return model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
+
+    # Chunk by chunk; each row's logits come from the chunk that holds its last token.
+    def chunk(i, state):
+        cache, logits_bv = state
+        start = i * _PREFILL_CHUNK
+        chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, _PREFILL_CHUNK, axis=1)
+        positions_bc = jnp.broadcast_to(start + jnp.arange(_PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
+        last_b = lengths_b - 1 - start
+        chunk_logits_bv, cache = model.apply(
+            variables,
+            chunk_bc,
+            positions_bt=positions_bc,
+            cache=cache,
+            logits_index_b=jnp.clip(last_b, 0, _PREFILL_CHUNK - 1),
+        )
+        here_b = (last_b >= 0) & (last_b < _PREFILL_CHUNK)
+        return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
+
+    logits_bv = jnp.zeros((b, model.config.vocab_size), jnp.float32)
+    cache, logits_bv = jax.lax.fori_loop(0, t // _PREFILL_CHUNK, chunk, (cache, logits_bv))
+    return logits_bv, cache
 
 
 def sample(

@@ -32,6 +32,7 @@ from bitnet_jax.kernels import layout
 from bitnet_jax.kernels.ops import LM_HEADS
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.quant import weight_quantize
+from bitnet_jax.model.serving_layers import is_packed, lm_head_kind
 from bitnet_jax.serve.host_memory import aligned_empty, release_freed_memory
 
 PACKED_FORMAT = "bitnet_jax.packed"
@@ -39,21 +40,6 @@ PACKED_FORMAT = "bitnet_jax.packed"
 # [128256, 2560] stay at ~40 MB each instead of 1.3 GB.
 _INT8_ROWS_PER_STEP = 4096
 _quantize = jax.jit(weight_quantize, static_argnums=1)
-
-
-def is_packed(params) -> bool:
-    """True for serving parameters made by `pack`."""
-    try:
-        return "w_packed" in params["layers"]["self_attn"]["q_proj"]
-    except (KeyError, TypeError):
-        return False
-
-
-def lm_head_kind(params) -> str:
-    """'int8', 'int8-tied' or 'float': how packed parameters hold the lm_head."""
-    if "w_int8" in params["embed_tokens"]:
-        return "int8-tied"
-    return "int8" if "w_int8" in params.get("lm_head", {}) else "float"
 
 
 def default_lm_head(config: BitNetConfig) -> str:
@@ -250,7 +236,8 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
     from safetensors import safe_open
 
     from bitnet_jax.kernels.ops import ServingSpec
-    from bitnet_jax.model.transformer import BitNetLM, merge_serving_variables
+    from bitnet_jax.model.serving_layers import merge_serving_variables
+    from bitnet_jax.model.transformer import BitNetLM
 
     config_path = os.path.join(folder, "config.json")
     try:

@@ -1,0 +1,87 @@
+"""The layers every BitNet block is built from: RMSNorm and the fake-quant BitLinear.
+
+Axis letters (the model's glossary is in `transformer.py`): M rows of a flattened matmul (tokens),
+I input features, O output features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """The quantizer settings a BitLinear needs (a slice of BitNetConfig)."""
+
+    weight: str = "tensor"
+    act: str = "token"
+    act_bits: int = 8
+    input_norm_eps: float | None = None  # an RMSNorm before activation quantization, if set
+
+    @classmethod
+    def of(cls, config: BitNetConfig) -> "QuantSpec":
+        return cls(config.weight_quant, config.act_quant, config.act_bits, config.linear_norm_eps)
+
+    @property
+    def group_size(self) -> int:
+        """G of 'group:G' (a weight scale per output and run of G inputs), else 0."""
+        kind, _, size = self.weight.partition(":")
+        return int(size) if kind == "group" else 0
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return weight * x32.astype(x.dtype)
+
+
+class BitLinear(nn.Module):
+    """`y = Q_act(x) @ Q_weight(W)`, quantize-dequantize in the forward pass, STE backward."""
+
+    features: int
+    quant: QuantSpec
+    init_std: float = 0.02
+    kernel_axes: tuple[str, str] | None = None  # logical (in, out) axis names, for sharding
+
+    @nn.compact
+    def __call__(self, x_bi):
+        if self.quant.input_norm_eps is not None:
+            x_bi = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bi)
+        kernel_io = self.param(
+            "kernel",
+            logical(nn.initializers.normal(self.init_std), self.kernel_axes),
+            (x_bi.shape[-1], self.features),
+            jnp.float32,
+        )
+        # Flattened to one 2-D matmul, so the weight gradient is a plain [I, M] @ [M, O] dot;
+        # accumulated in f32 whatever the parameter dtype.
+        x_mi = x_bi.reshape(-1, x_bi.shape[-1])
+        q = self.quant
+        if has_exact_matmul(q.weight, q.act):
+            # Integer codes times integer codes, rescaled: what the serving kernels compute.
+            y_mo = bitlinear_matmul(x_mi, kernel_io, q.weight, q.act, q.act_bits)
+        else:
+            # Group scales (or no quantization on one side): quantize-dequantize, then a float
+            # matmul. Quantized from the kernel's own dtype (f32 master weights keep f32
+            # statistics), then cast to the activations' dtype so that bf16 compute runs a bf16 matmul.
+            w_io = fake_quant_weight(kernel_io, q.weight).astype(x_bi.dtype)
+            x_mi = fake_quant_act(x_bi, q.act, q.act_bits).reshape(x_mi.shape)
+            y_mo = jnp.dot(x_mi, w_io, preferred_element_type=jnp.float32)
+        return y_mo.astype(x_bi.dtype).reshape(*x_bi.shape[:-1], self.features)
+
+
+def logical(init, axes):
+    """`init` annotated with logical axis names (boxed params; `init_params` unboxes them)."""
+    return init if axes is None else nn.with_logical_partitioning(init, axes)

@@ -1,0 +1,112 @@
+"""The serving layers: the same decoder on packed weights (`bitnet_jax.serve.pack`), and the tree
+those weights form. This is the one place where `model/` calls `kernels/`.
+
+Packed parameters are the training tree with every BitLinear `kernel` replaced by `w_packed`
+(2-bit codes, `kernels/layout.py`) and `w_scale`, and the embedding and / or lm_head replaced by
+int8 rows (`w_int8`, `w_scale`) where the lm_head kind says so. The layers' packed weights live in
+their own variable collection (`PACKED`), broadcast into the layer scan instead of scanned over,
+so that a kernel reads layer `layer` of the stack in place rather than a copy of it.
+
+Axis letters: M rows of a flattened matmul, I input features, O output features, L layers,
+V vocabulary, D model width; `kernels/layout.py` names the packed array's own axes.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+from flax import traverse_util
+
+from bitnet_jax.kernels import layout, ops
+from bitnet_jax.model.layers import RMSNorm
+
+# The variable collection of the layers' packed weights.
+PACKED = "packed"
+
+
+class TernaryLinear(nn.Module):
+    """Serving BitLinear on packed weights: never builds a float kernel.
+
+    Weights, stacked over layers: `w_packed` uint8 [L, *layout.packed_ternary_shape(O, I)] and
+    `w_scale` float32 [L, 1] (per tensor), [L, O] (per channel) or [L, I / group, O] (per group
+    of inputs).
+    """
+
+    features: int
+    spec: ops.ServingSpec
+    num_layers: int
+    per_channel: bool = False
+    group_size: int = 0  # G of 'group:G': a scale per G inputs and output
+    input_norm_eps: float | None = None
+    split: str = "n"  # how a 'tensor' mesh axis splits it (ops.ternary_linear)
+
+    @nn.compact
+    def __call__(self, x_bi, layer):
+        if self.input_norm_eps is not None:
+            x_bi = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bi)
+        packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bi.shape[-1]))
+        w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
+        if self.group_size:
+            scale_shape = (x_bi.shape[-1] // self.group_size, self.features)
+        else:
+            scale_shape = (self.features if self.per_channel else 1,)
+        w_scale = self.variable(PACKED, "w_scale", jnp.ones, (self.num_layers, *scale_shape), jnp.float32).value
+        y = ops.ternary_linear(
+            x_bi, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend, layer, split=self.split
+        )
+        return y.astype(x_bi.dtype)
+
+
+class Int8Embed(nn.Module):
+    """Serving embedding / lm_head held as int8 rows [V, Dp] with one scale per row."""
+
+    num_embeddings: int
+    features: int
+    spec: ops.ServingSpec
+
+    def setup(self):
+        padded = -(-self.features // layout.INT8_ROW_ALIGN) * layout.INT8_ROW_ALIGN
+        self.w_int8 = self.param("w_int8", nn.initializers.zeros, (self.num_embeddings, padded), jnp.int8)
+        self.w_scale = self.param("w_scale", nn.initializers.ones, (self.num_embeddings,), jnp.float32)
+
+    def __call__(self, ids):
+        return ops.int8_embed(ids, self.w_int8, self.w_scale, self.features)
+
+    def attend(self, x_bd):
+        return ops.int8_linear(x_bd, self.w_int8, self.w_scale, self.spec.act_bits, self.spec.backend)
+
+
+def is_packed(params) -> bool:
+    """True for serving parameters made by `pack`."""
+    try:
+        return "w_packed" in params["layers"]["self_attn"]["q_proj"]
+    except (KeyError, TypeError):
+        return False
+
+
+def lm_head_kind(params) -> str:
+    """'int8', 'int8-tied' or 'float': how packed parameters hold the lm_head."""
+    if "w_int8" in params["embed_tokens"]:
+        return "int8-tied"
+    return "int8" if "w_int8" in params.get("lm_head", {}) else "float"
+
+
+def _is_packed_leaf(path: tuple[str, ...]) -> bool:
+    return path[0] == "layers" and path[-1] in ("w_packed", "w_scale")
+
+
+def serving_variables(params) -> dict:
+    """Flax variables for `BitNetLM(config, serving).apply` from packed parameters: the packed
+    weights of the layers go to the `PACKED` collection (broadcast into the layer scan), the
+    rest (norms, embeddings, an int8 lm_head) to "params"."""
+    flat = traverse_util.flatten_dict(params)
+    split = lambda packed: traverse_util.unflatten_dict(
+        {path: value for path, value in flat.items() if _is_packed_leaf(path) == packed}
+    )
+    return {"params": split(False), PACKED: split(True)}
+
+
+def merge_serving_variables(variables) -> dict:
+    """The inverse of `serving_variables`: one parameter tree."""
+    flat = {**traverse_util.flatten_dict(variables["params"]), **traverse_util.flatten_dict(variables.get(PACKED, {}))}
+    return traverse_util.unflatten_dict(flat)
