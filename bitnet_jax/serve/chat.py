@@ -126,10 +126,10 @@ def chat_loop(
     """Reads user turns until EOF or an empty line, streaming each reply."""
     import numpy as np
 
-    from bitnet_jax.data.tokenizer import StreamDecoder
     from bitnet_jax.model.serving_layers import is_packed
     from bitnet_jax.serve.generate import generate
     from bitnet_jax.serve.pack import pack
+    from bitnet_jax.serve.streaming import StreamDecoder
 
     if not is_packed(params) and config.weight_quant in ("tensor", "channel") and config.act_quant == "token":
         params = pack(config, params)  # pack once for the whole chat

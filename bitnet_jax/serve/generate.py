@@ -104,7 +104,7 @@ def compile_generate(
 ) -> None:
     """Compiles, without running it, the program that `generate` runs for these arguments.
 
-    `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. from `pack.read_packed_folder`)
+    `params` may be abstract (`jax.ShapeDtypeStruct` leaves, e.g. from `packed_folder.read_packed_folder`)
     and only the shape of `prompt_ids` matters (the length is bucketed). Compiling before the
     weights are loaded keeps the compiler's working memory (100-150 MB, whatever the model size)
     off the serving peak; `streaming` says whether `generate` will get an `on_tokens` callback.
@@ -130,7 +130,7 @@ class _Request:
     ) -> "_Request":
         prompts = _as_prompt_list(prompt_ids)
         _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
-        params, serving = _serving_params(config, params, backend)
+        params, serving = serving_params(config, params, backend)
         lengths_b = np.array([len(p) for p in prompts], np.int32)
         t = padded_prompt_length(int(lengths_b.max()))
         prompt_bt = np.zeros((len(prompts), t), np.int32)
@@ -195,7 +195,7 @@ def _emit_stream(stream, tokens_b):
     _streams[int(stream)](tokens_b)
 
 
-def _serving_params(config: BitNetConfig, params, backend: str | None):
+def serving_params(config: BitNetConfig, params, backend: str | None):
     """(params, ServingSpec or None) for the requested backend, on the params' platform."""
     platform = computation_platform(params)
     grouped = config.weight_group_size > 0

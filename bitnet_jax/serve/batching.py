@@ -1,0 +1,501 @@
+"""Continuous batching: many requests share one jitted decode step over a fixed number of slots.
+
+The engine owns a KV cache of `max_batch` rows, each `max_context` slots long, and one thread
+that loops:
+
+  1. admit: each waiting request takes a free row; one jitted prefill writes its prompt into that
+     row (`generate.prefill`, on a fresh batch-1 cache of the full row length) and samples its
+     first token;
+  2. step: one jitted decode step runs every row at once, each at its own position with its own
+     temperature, top-p and random key; rows without a request run too (the shapes stay fixed, so
+     the step compiles once) and their results are ignored;
+  3. each request takes its token, turns it into text (`StreamDecoder`), and leaves when it meets
+     a stop id, a stop string, `max_tokens` or a cancel; its row is free for the next admit.
+
+Batch invariance: a greedy request gets the same tokens alone or beside others. Every operation
+of a row's forward pass is computed per row (activations are quantized per token, the kernels'
+integer sums are exact, norms, attention and the lm_head reduce within a row), the prefill runs
+at batch 1 on a cache of one fixed length, and unused cache slots are masked to exactly zero
+weight. `bitnet_jax.generate` on one prompt with `padded_prompt_length(len(prompt)) +
+max_new_tokens == max_context` runs the same per-row math (tests/test_server.py checks both).
+
+Requests come in through `submit` from any thread and leave through their `on_event` callback,
+called on the engine thread; JAX releases the GIL while a step runs, so an asyncio server
+thread stays responsive.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.serving_layers import is_packed, serving_variables
+from bitnet_jax.model.transformer import BitNetLM, KVCache
+from bitnet_jax.serve.generate import padded_prompt_length, prefill, serving_params
+from bitnet_jax.serve.pack import pack
+from bitnet_jax.serve.streaming import StreamDecoder
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(BitNetError):
+    """Every slot is busy and the waiting queue is at its bound: try again later."""
+
+
+class EngineStopped(BitNetError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class ContextTooLong(BitNetError):
+    """The prompt plus max_tokens do not fit in the server's context."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """What one client asks for (already tokenized)."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()  # the reply ends after one of these (its text is not shown)
+    stop_strings: tuple[str, ...] = ()  # the reply ends before the first of these in its text
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A piece of a reply, delivered in order; the last one has `finish_reason` set.
+
+    finish_reason: 'stop' (a stop id or stop string), 'length' (max_tokens), 'cancelled', or
+    'error' (then `error` says why). `token_ids` are the tokens sampled since the previous event,
+    a final stop id included; `text` is their text, less what a stop string cuts off (text that
+    might begin a stop string is held back until it is known not to).
+    """
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class Ticket:
+    """A submitted request; `cancel()` (from any thread) frees its slot at the next step."""
+
+    def __init__(self, engine: "Engine", request: GenerationRequest, on_event: Callable[[Event], None]):
+        self.request = request
+        self._engine = engine
+        self._on_event = on_event
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self._engine._cancel(self)
+
+
+@dataclasses.dataclass
+class _Active:
+    """A request in a slot, with its reply so far."""
+
+    ticket: Ticket
+    decoder: StreamDecoder
+    completion_tokens: int = 0
+    text: str = ""  # the reply's text so far (before any stop string)
+    sent: int = 0  # characters of `text` already delivered
+    new_ids: list = dataclasses.field(default_factory=list)  # sampled since the last event
+
+
+class Engine:
+    """Fixed slots, one decode step for all of them; see the module docstring.
+
+    Args:
+      config, params, tokenizer: as `bitnet_jax.load_model` returns them. Training parameters
+        that the serving kernels take are packed here, once (`pack`'s default int8 lm_head).
+      max_batch: slots (rows of the KV cache, rows of every decode step).
+      max_context: cache slots per row: the longest prompt plus reply a request may have. It is
+        rounded down to a length prompts are padded to (a multiple of 16, or of 256 above 256)
+        and capped at the model's `max_position_embeddings`.
+      max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond them.
+      backend: 'ffi', 'xla' or None, as for `generate`.
+    """
+
+    def __init__(
+        self,
+        config: BitNetConfig,
+        params,
+        tokenizer,
+        *,
+        max_batch: int = 8,
+        max_context: int = 2048,
+        max_queue: int = 64,
+        backend: str | None = None,
+    ):
+        if max_batch < 1:
+            raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
+        if max_queue < 0:
+            raise BitNetError(f"max_queue={max_queue}: expected 0 or more waiting requests.")
+        context = _round_down(min(int(max_context), config.max_position_embeddings))
+        if context < 16:
+            raise BitNetError(f"max_context={max_context}: expected at least 16 tokens.")
+        if not is_packed(params) and config.weight_quant in ("tensor", "channel") and config.act_quant == "token":
+            # Once, as `bitnet-jax chat` does: the int8 lm_head kernel, like the ternary ones,
+            # computes each row alone, which keeps replies independent of the batch.
+            params = pack(config, params)
+        params, serving = serving_params(config, params, backend)
+        self.config, self.params, self.tokenizer = config, params, tokenizer
+        self.max_batch, self.max_context, self.max_queue = max_batch, context, max_queue
+        self._serving = serving
+        self._variables = serving_variables(params) if serving is not None else {"params": params}
+        self._cache_dtype = jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
+        self._cache = KVCache.zeros(config, max_batch, context, dtype=self._cache_dtype)
+        b = max_batch
+        self._tokens_b = np.zeros(b, np.int32)
+        self._positions_b = np.zeros(b, np.int32)  # where each row's token in _tokens_b is written
+        self._temperature_b = np.zeros(b, np.float32)
+        self._top_p_b = np.ones(b, np.float32)
+        self._keys_b2 = np.zeros((b, 2), np.uint32)
+        self._slots: list[_Active | None] = [None] * b
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.stats = collections.Counter()  # submitted, completed, cancelled, error, steps, tokens, peak_active
+
+    # -- the client side (any thread) -------------------------------------------------------
+
+    def submit(self, request: GenerationRequest, on_event: Callable[[Event], None]) -> Ticket:
+        """Queues a request; `on_event` gets its reply, on the engine thread. Raises BitNetError
+        for a request the model cannot take, QueueFull or EngineStopped."""
+        self.check(request)
+        ticket = Ticket(self, request, on_event)
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("The server is shutting down and takes no new requests.")
+            # Those beyond the free slots wait (a slot is taken at the engine's next admit).
+            if len(self._waiting) - sum(a is None for a in self._slots) >= self.max_queue:
+                raise QueueFull(
+                    f"All {self.max_batch} slots are busy and {len(self._waiting)} requests are waiting "
+                    f"(the queue holds {self.max_queue}): retry later."
+                )
+            self._waiting.append(ticket)
+            self.stats["submitted"] += 1
+            self._wakeup.notify()
+        return ticket
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raises BitNetError (a message for the client) if the request cannot run here."""
+        prompt, vocab = request.prompt_ids, self.config.vocab_size
+        if not prompt:
+            raise BitNetError("The prompt is empty: expected at least one token.")
+        bad = [i for i in prompt if not 0 <= i < vocab]
+        if bad:
+            raise BitNetError(f"The prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}.")
+        if request.max_tokens < 1:
+            raise BitNetError(f"max_tokens={request.max_tokens}: expected at least 1.")
+        if len(prompt) + request.max_tokens > self.max_context:
+            raise ContextTooLong(
+                f"The prompt has {len(prompt)} tokens and max_tokens is {request.max_tokens}, but this server's "
+                f"context is {self.max_context} tokens: shorten the prompt or ask for at most "
+                f"{max(self.max_context - len(prompt), 0)} tokens."
+            )
+        if not request.temperature >= 0 or not np.isfinite(request.temperature):
+            raise BitNetError(f"temperature={request.temperature}: expected a finite number >= 0.")
+        if not 0 < request.top_p <= 1:
+            raise BitNetError(f"top_p={request.top_p}: expected a number in (0, 1].")
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine thread is serving (started, not stopping, not failed)."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def load(self) -> dict:
+        """Slots in use and requests waiting."""
+        with self._lock:
+            active = sum(a is not None for a in self._slots)
+            return {"slots": self.max_batch, "active": active, "waiting": len(self._waiting)}
+
+    def _cancel(self, ticket: Ticket) -> None:
+        with self._lock:
+            ticket.cancelled = True
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+                self.stats["cancelled"] += 1
+            self._wakeup.notify()
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Compiles the decode step and the shortest prefill, then starts the engine thread."""
+        self._warm_up()
+        self._thread = threading.Thread(target=self._run, name="bitnet-jax-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Takes no new requests, ends the ones in flight with finish_reason 'cancelled', and
+        waits (at most `timeout` seconds) for the thread to finish its current step."""
+        with self._lock:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _warm_up(self) -> None:
+        # Row 0 takes a one-token prompt and decodes once; it is free again afterwards.
+        self._prefill_row(0, (self.tokenizer.bos_id or 0,), GenerationRequest((0,), 1))
+        self._step()
+        jax.block_until_ready(self._cache)
+        self.stats.clear()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._stopping and not self._waiting and not any(self._slots):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                    admitted = []
+                    for row, active in enumerate(self._slots):
+                        if active is None and self._waiting:
+                            admitted.append((row, self._waiting.popleft()))
+                for row, ticket in admitted:
+                    self._admit(row, ticket)
+                self._drop_cancelled()
+                if any(self._slots):
+                    token_b = self._step()
+                    for row, active in enumerate(self._slots):
+                        if active is not None:
+                            self._take(row, int(token_b[row]))
+        except Exception as e:  # a failed step: every request in flight gets the error
+            logger.exception("the serving engine failed")
+            self._end_all("error", f"The server's engine failed: {type(e).__name__}: {e}")
+            with self._lock:
+                self._stopping = True
+            raise
+        self._end_all("cancelled", "The server is shutting down.")
+
+    def _admit(self, row: int, ticket: Ticket) -> None:
+        if ticket.cancelled:
+            return
+        request = ticket.request
+        self._slots[row] = _Active(ticket, StreamDecoder(self.tokenizer))
+        try:
+            token = self._prefill_row(row, request.prompt_ids, request)
+        except Exception as e:
+            logger.exception("prefill failed")
+            self._finish(row, "error", error=f"Prefill failed: {type(e).__name__}: {e}")
+            return
+        self._take(row, token)
+
+    def _prefill_row(self, row: int, prompt_ids: Sequence[int], request: GenerationRequest) -> int:
+        n = len(prompt_ids)
+        prompt_1t = np.zeros((1, padded_prompt_length(n)), np.int32)
+        prompt_1t[0, :n] = prompt_ids
+        token, key_2, self._cache = _prefill_slot(
+            self._variables,
+            self._cache,
+            np.int32(row),
+            prompt_1t,
+            np.array([n], np.int32),
+            jax.random.PRNGKey(request.seed),
+            np.float32(request.temperature),
+            np.float32(request.top_p),
+            config=self.config,
+            serving=self._serving,
+            cache_dtype=self._cache_dtype,
+        )
+        token = int(token)
+        self._tokens_b[row], self._positions_b[row] = token, n
+        self._temperature_b[row], self._top_p_b[row] = request.temperature, request.top_p
+        self._keys_b2[row] = np.asarray(key_2)
+        return token
+
+    def _step(self) -> np.ndarray:
+        token_b, keys_b2, self._cache = _decode_step(
+            self._variables,
+            self._cache,
+            self._tokens_b,
+            self._positions_b,
+            self._keys_b2,
+            self._temperature_b,
+            self._top_p_b,
+            config=self.config,
+            serving=self._serving,
+        )
+        token_b = np.asarray(token_b)
+        self._keys_b2 = np.array(keys_b2)
+        self._tokens_b = token_b.copy()
+        self._positions_b = self._positions_b + 1
+        active = sum(a is not None for a in self._slots)
+        self.stats["steps"] += 1
+        self.stats["peak_active"] = max(self.stats["peak_active"], active)
+        return token_b
+
+    def _take(self, row: int, token: int) -> None:
+        """Row `row`'s request takes its next sampled token."""
+        active = self._slots[row]
+        request = active.ticket.request
+        active.completion_tokens += 1
+        active.new_ids.append(token)
+        self.stats["tokens"] += 1
+        if active.ticket.cancelled:
+            self._finish(row, "cancelled")
+        elif token in request.stop_ids:
+            self._finish(row, "stop", text=self._text(active, active.decoder.flush(), final=True)[0])
+        else:
+            text, stopped = self._text(active, active.decoder.push(token), final=False)
+            if stopped:
+                self._finish(row, "stop", text=text)
+            elif active.completion_tokens >= request.max_tokens:
+                tail, stopped = self._text(active, active.decoder.flush(), final=True)
+                self._finish(row, "stop" if stopped else "length", text=text + tail)
+            elif text:
+                self._emit(active, Event(text, tuple(active.new_ids)))
+                active.new_ids.clear()
+
+    @staticmethod
+    def _text(active: _Active, piece: str, final: bool) -> tuple[str, bool]:
+        """(text that may be delivered now, whether a stop string ended the reply)."""
+        active.text += piece
+        stops = active.ticket.request.stop_strings
+        hits = [i for i in (active.text.find(s, active.sent) for s in stops) if i >= 0]
+        if hits:
+            end, stopped = min(hits), True
+        else:
+            # Hold back the longest tail that could still grow into a stop string.
+            tail = active.text[active.sent :]
+            hold = 0 if final else max((_overlap(tail, s) for s in stops), default=0)
+            end, stopped = len(active.text) - hold, False
+        text, active.sent = active.text[active.sent : end], end
+        return text, stopped
+
+    def _finish(self, row: int, reason: str, *, text: str = "", error: str | None = None) -> None:
+        active = self._slots[row]
+        self._slots[row] = None
+        self._temperature_b[row], self._top_p_b[row] = 0.0, 1.0
+        self.stats["completed" if reason in ("stop", "length") else reason] += 1
+        event = Event(
+            text,
+            tuple(active.new_ids),
+            reason,
+            len(active.ticket.request.prompt_ids),
+            active.completion_tokens,
+            error,
+        )
+        self._emit(active, event)
+
+    def _emit(self, active: _Active, event: Event) -> None:
+        try:
+            active.ticket._on_event(event)
+        except Exception:  # the client side is gone (e.g. its event loop closed)
+            logger.debug("on_event failed; cancelling the request", exc_info=True)
+            active.ticket.cancelled = True
+
+    def _drop_cancelled(self) -> None:
+        for row, active in enumerate(self._slots):
+            if active is not None and active.ticket.cancelled:
+                self._finish(row, "cancelled")
+
+    def _end_all(self, reason: str, error: str) -> None:
+        for row, active in enumerate(self._slots):
+            if active is not None:
+                self._finish(row, reason, error=error)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for ticket in waiting:
+            self.stats[reason] += 1
+            try:
+                ticket._on_event(Event("", finish_reason=reason, error=error))
+            except Exception:
+                pass
+
+
+def _round_down(context: int) -> int:
+    step = 16 if context <= 256 else 256
+    return context // step * step
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0
+
+
+def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
+    """`generate.sample` with sampling settings per row: greedy where temperature is 0, else
+    softmax sampling at the row's temperature from the smallest set of tokens whose probability
+    reaches its top_p. Each row splits its own key as `generate` splits its one key, so a row
+    seeded like a `generate` call draws what that call draws. Returns (token_b, next keys_b2).
+
+    The sampling work (a sort of every row for top-p, Gumbel noise over the vocabulary) runs
+    only in steps where some row needs it (`lax.cond`): an all-greedy step is an argmax."""
+    split_b22 = jax.vmap(jax.random.split)(keys_b2)
+    keys_b2, draw_b2 = split_b22[:, 0], split_b22[:, 1]
+    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    sampling_b = temperature_b > 0
+
+    def top_p_filter(scaled_bv):
+        sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        keep_bv = (jnp.cumsum(probs_bv, axis=-1) - probs_bv) < top_p_b[:, None]  # preceding mass < top_p
+        cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+        return jnp.where((top_p_b[:, None] < 1.0) & (scaled_bv < cutoff_b1), -jnp.inf, scaled_bv)
+
+    def draw(_):
+        scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
+        narrowing = jnp.any(sampling_b & (top_p_b < 1.0))
+        scaled_bv = jax.lax.cond(narrowing, top_p_filter, lambda x: x, scaled_bv)
+        sampled_b = jax.vmap(lambda key, row_v: jax.random.categorical(key, row_v))(draw_b2, scaled_bv)
+        return jnp.where(sampling_b, sampled_b.astype(jnp.int32), greedy_b)
+
+    token_b = jax.lax.cond(jnp.any(sampling_b), draw, lambda _: greedy_b, None)
+    return token_b, keys_b2
+
+
+@functools.partial(jax.jit, static_argnames=("config", "serving", "cache_dtype"), donate_argnames=("cache",))
+def _prefill_slot(
+    variables, cache, row, prompt_1t, length_1, key_2, temperature, top_p, *, config, serving, cache_dtype
+):
+    """Prefills one row of the engine's cache; (first token, its row's next key, cache)."""
+    model = BitNetLM(config, serving)
+    # A fresh row of the full length, as `generate` starts from: the same math for this prompt.
+    fresh = KVCache.zeros(config, 1, cache.k_lbksh.shape[3], dtype=cache_dtype)
+    logits_1v, fresh = prefill(model, variables, prompt_1t, length_1, fresh)
+    cache = KVCache(*(jax.lax.dynamic_update_slice_in_dim(c, f, row, axis=1) for c, f in zip(cache, fresh)))
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
+    return token_1[0], key_12[0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
+def _decode_step(variables, cache, tokens_b, positions_b, keys_b2, temperature_b, top_p_b, *, config, serving):
+    """One token for every row: row b's token is written at its position and the next sampled."""
+    model = BitNetLM(config, serving)
+    logits_b1v, cache = model.apply(variables, tokens_b[:, None], positions_bt=positions_b[:, None], cache=cache)
+    token_b, keys_b2 = sample_rows(logits_b1v[:, 0], keys_b2, temperature_b, top_p_b)
+    return token_b, keys_b2, cache
+
+
+def wait_idle(engine: Engine, timeout: float = 30.0) -> bool:
+    """Waits until no request is in a slot or waiting (for tests and clean shutdowns)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        load = engine.load()
+        if not load["active"] and not load["waiting"]:
+            return True
+        time.sleep(0.01)
+    return False

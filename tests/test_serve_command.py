@@ -1,0 +1,80 @@
+"""`bitnet-jax serve` as a command: it serves on 127.0.0.1, and SIGTERM lets the request in flight
+finish, then exits 0."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from bitnet_jax.cli import main
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
+    folder = tmp_path / "packed"
+    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(folder)]) == 0
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "bitnet_jax.cli", "serve", "--model", str(folder), "--port", str(port)]
+    command += ["--max-batch", "8", "--max-context", "128", "--model-name", "tiny"]  # test_server.py's shapes
+    with open(tmp_path / "server.log", "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "the server did not answer /health"
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+        first_piece, events = threading.Event(), []
+
+        def stream():
+            body = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=40, stream=True)
+            with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line:
+                        events.append(line)
+                        first_piece.set()
+
+        client = threading.Thread(target=stream)
+        client.start()
+        assert first_piece.wait(120)
+        server.send_signal(signal.SIGTERM)
+        client.join(120)
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    # The stream in flight was finished, not cut: every token, the finish reason, [DONE].
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert "Stopped." in (tmp_path / "server.log").read_text()
+
+
+def test_bench_serve_small(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,2", "--prompt-tokens", "8"]
+    assert main(argv + ["--new-tokens", "4", "--max-context", "32", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| clients | aggregate decode tok/s |" in table and "Aggregate decode with 2 clients" in table
+    rows = json.loads(out.read_text())
+    assert [r["clients"] for r in rows] == [1, 2] and all(r["new_tokens"] == 4 for r in rows)
+    assert all(r["aggregate_decode_tok_s"] > 0 and r["ttft_p90_s"] >= r["ttft_median_s"] > 0 for r in rows)

@@ -1,0 +1,404 @@
+"""`bitnet-jax serve` on 127.0.0.1: the official `openai` client, every bad input, a load test and
+batch invariance, on the tiny packed Hugging Face fixture (2 layers, vocab 419).
+
+Exactness: every greedy reply is compared token for token (through its text) with the same
+request run alone through `bitnet_jax.generate`. This holds exactly, not up to near-ties, because
+the two run the same per-row math: the engine prefills a request on a fresh batch-1 cache of
+`max_context` slots with `generate.prefill` (the code `generate` runs), and the reference call
+asks for `max_context - padded_prompt_length(len(prompt))` new tokens, so that its cache has the
+same length (`reference_ids`). Decoding beside other rows changes no row's numbers: activations
+are quantized per token, the FFI kernels' integer sums are exact, the lm_head is the int8 kernel,
+and the float work (norms, RoPE, attention over the same cache length) reduces within a row;
+masked cache slots get a softmax weight of exactly 0 whatever they hold.
+"""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+
+from bitnet_jax import generate
+from bitnet_jax.cli import main
+from bitnet_jax.interop.hf import generation_stop_ids
+from bitnet_jax.serve.batching import Engine, GenerationRequest, sample_rows, wait_idle
+from bitnet_jax.serve.chat import chat_prompt_ids, stop_ids
+from bitnet_jax.serve.generate import padded_prompt_length, sample
+from bitnet_jax.serve.load import load_model
+from bitnet_jax.serve.server import create_app, running
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+MODEL = "tiny"
+CONTEXT = 128
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve") / "packed"
+    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    config, params, tokenizer = load_model(folder)
+    engine = Engine(config, params, tokenizer, max_batch=8, max_context=CONTEXT)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def url(engine, folder):
+    with running(create_app(engine, model_name=MODEL, folder=folder)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def reference_ids(engine, prompt_ids, max_tokens, stops=(), **sampling) -> list[int]:
+    """The request run alone through `generate`, with the engine's cache length (see the module
+    docstring), cut where the engine cuts it: after max_tokens or at the first stop id."""
+    new = engine.max_context - padded_prompt_length(len(prompt_ids))
+    ids = [int(i) for i in generate(engine.config, engine.params, [list(prompt_ids)], new, **sampling)[0]]
+    ids = ids[:max_tokens]
+    first_stop = next((j for j, i in enumerate(ids) if i in stops), None)
+    return ids if first_stop is None else ids[: first_stop + 1]
+
+
+def reference_text(engine, prompt_ids, max_tokens, stops, **sampling) -> tuple[str, int, str]:
+    """(text, completion_tokens, finish_reason) the server must answer (greedy by default)."""
+    ids = reference_ids(engine, prompt_ids, max_tokens, stops, **sampling)
+    stopped = ids[-1] in stops
+    return engine.tokenizer.decode([i for i in ids if i not in stops]), len(ids), "stop" if stopped else "length"
+
+
+def completion_prompt(engine, text):
+    return [engine.tokenizer.bos_id, *engine.tokenizer.encode(text)]
+
+
+def test_openai_client_completions_chat_and_streaming(client, engine, folder, url):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    stops = tuple(generation_stop_ids(folder, engine.config))
+
+    reply = client.completions.create(model=MODEL, prompt="hello", max_tokens=12, temperature=0)
+    prompt = completion_prompt(engine, "hello")
+    text, produced, reason = reference_text(engine, prompt, 12, stops)
+    assert (reply.choices[0].text, reply.choices[0].finish_reason) == (text, reason)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), produced)
+    assert reply.usage.total_tokens == len(prompt) + produced
+
+    ids_reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    assert ids_reply.choices[0].text == text  # token ids in, the same reply
+
+    messages = [{"role": "system", "content": "Hi."}, {"role": "user", "content": "hey"}]
+    chat_stops = stop_ids(engine.tokenizer, engine.config, folder)
+    chat_ids = chat_prompt_ids(None, messages, engine.tokenizer)  # the fixture has no template
+    want, produced, reason = reference_text(engine, chat_ids, 20, chat_stops)
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (want, reason)
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (len(chat_ids), produced)
+
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-2].choices[0].finish_reason == reason and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == produced
+    assert len({c.id for c in chunks}) == 1
+
+    # The wire format: `data: <json>` events, a blank line after each, `data: [DONE]` last.
+    body = dict(model=MODEL, prompt="hello", max_tokens=12, temperature=0, stream=True)
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    pieces = [json.loads(e[6:]) for e in events[:-2]]
+    assert {p["object"] for p in pieces} == {"text_completion"}
+    assert "".join(p["choices"][0]["text"] for p in pieces) == text
+    assert pieces[-1]["choices"][0]["finish_reason"] == reason
+
+
+def test_sdk_errors_api_key_queue_and_shutdown(engine, folder):
+    with running(create_app(engine, model_name=MODEL, folder=folder, api_key="s3cret")) as url:
+        with pytest.raises(openai.AuthenticationError) as info:
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        assert info.value.code == "invalid_api_key"
+        missing = httpx.post(url + "/v1/completions", json=_completion())
+        assert missing.status_code == 401 and "no API key" in missing.json()["error"]["message"]
+        assert httpx.get(url + "/health").status_code == 200  # health and the page need no key
+        assert httpx.get(url + "/").status_code == 200
+        ok = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=0).usage.completion_tokens
+        with pytest.raises(openai.BadRequestError, match="temperature"):
+            ok.completions.create(model=MODEL, prompt="hi", max_tokens=2, temperature=3)
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            ok.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+    # An engine that is not started never frees a slot: one slot, room for one waiting request.
+    idle = Engine(engine.config, engine.params, engine.tokenizer, max_batch=1, max_context=CONTEXT, max_queue=1)
+    with running(create_app(idle, model_name=MODEL)) as url:
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        # A client that gives up while its request waits takes the request out of the queue.
+        for stream in (False, True):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/v1/completions", json=_completion(stream=stream), timeout=0.5).read()
+            deadline = time.monotonic() + 30
+            while idle.load()["waiting"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert idle.load()["waiting"] == 0
+        assert idle.stats["cancelled"] == 2
+        for _ in range(2):
+            idle.submit(GenerationRequest((1, 2), 4), lambda event: None)
+        with pytest.raises(openai.RateLimitError) as info:
+            sdk.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert info.value.response.headers["retry-after"] == "1"
+        idle.stop()
+        with pytest.raises(openai.InternalServerError, match="shutting down"):
+            sdk.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+
+
+def _chat(**fields):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **fields}
+
+
+def _completion(**fields):
+    return {"model": MODEL, "prompt": "hi", "max_tokens": 4, **fields}
+
+
+# (name, method, path, body: a dict as JSON or raw bytes, status, words the message must hold)
+BAD_REQUESTS = [
+    ("malformed JSON", "POST", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, "not valid JSON"),
+    ("body not an object", "POST", "/v1/completions", b"[1, 2]", 400, "JSON object"),
+    ("missing model", "POST", "/v1/completions", {"prompt": "hi"}, 400, "'model'"),
+    ("missing messages", "POST", "/v1/chat/completions", {"model": MODEL}, 400, "'messages'"),
+    ("missing prompt", "POST", "/v1/completions", {"model": MODEL}, 400, "'prompt'"),
+    ("max_tokens a string", "POST", "/v1/completions", _completion(max_tokens="4"), 400, "'max_tokens'"),
+    ("max_tokens a float", "POST", "/v1/completions", _completion(max_tokens=4.0), 400, "'max_tokens'"),
+    ("stream not a bool", "POST", "/v1/chat/completions", _chat(stream="yes"), 400, "'stream'"),
+    ("messages a string", "POST", "/v1/chat/completions", _chat(messages="hi"), 400, "'messages'"),
+    (
+        "content a number",
+        "POST",
+        "/v1/chat/completions",
+        _chat(messages=[{"role": "user", "content": 5}]),
+        400,
+        "content",
+    ),
+    ("unknown model", "POST", "/v1/chat/completions", _chat(model="gpt-4o"), 404, "does not exist"),
+    ("empty messages", "POST", "/v1/chat/completions", _chat(messages=[]), 400, "empty"),
+    ("role tool", "POST", "/v1/chat/completions", _chat(messages=[{"role": "tool", "content": "x"}]), 400, "role"),
+    ("over the context", "POST", "/v1/completions", _completion(max_tokens=CONTEXT), 400, "context is 128 tokens"),
+    ("prompt over the context", "POST", "/v1/completions", _completion(prompt=[1] * 200), 400, "context is 128"),
+    ("max_tokens 0", "POST", "/v1/completions", _completion(max_tokens=0), 400, "'max_tokens' is 0"),
+    ("max_tokens -3", "POST", "/v1/chat/completions", _chat(max_tokens=-3), 400, "'max_tokens' is -3"),
+    ("temperature < 0", "POST", "/v1/chat/completions", _chat(temperature=-0.5), 400, "'temperature' is -0.5"),
+    ("temperature a string", "POST", "/v1/completions", _completion(temperature="hot"), 400, "'temperature'"),
+    (
+        "temperature NaN",
+        "POST",
+        "/v1/completions",
+        b'{"model": "tiny", "prompt": "hi", "temperature": NaN}',
+        400,
+        "finite",
+    ),
+    ("top_p 0", "POST", "/v1/completions", _completion(top_p=0), 400, "'top_p' is 0"),
+    ("top_p 1.5", "POST", "/v1/chat/completions", _chat(top_p=1.5), 400, "'top_p' is 1.5"),
+    (
+        "token id beyond vocab",
+        "POST",
+        "/v1/completions",
+        _completion(prompt=[5, 100000]),
+        400,
+        "outside the vocabulary",
+    ),
+    ("negative token id", "POST", "/v1/completions", _completion(prompt=[-1]), 400, "outside the vocabulary"),
+    ("empty id list", "POST", "/v1/completions", _completion(prompt=[]), 400, "empty"),
+    ("lone surrogate", "POST", "/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', 400, "cannot encode"),
+    (
+        "lone surrogate chat",
+        "POST",
+        "/v1/chat/completions",
+        _chat(messages=[{"role": "user", "content": "\ud800"}]),
+        400,
+        "cannot encode",
+    ),
+    ("two prompts", "POST", "/v1/completions", _completion(prompt=["a", "b"]), 400, "one per request"),
+    ("n = 2", "POST", "/v1/chat/completions", _chat(n=2), 400, "'n' is 2"),
+    ("five stop strings", "POST", "/v1/completions", _completion(stop=list("abcde")), 400, "'stop'"),
+    ("5 MB body", "POST", "/v1/completions", b'{"prompt": "' + b"x" * (5 << 20) + b'"}', 413, "larger than"),
+    ("wrong path", "POST", "/v1/complete", _completion(), 404, "No route"),
+    ("wrong method", "GET", "/v1/chat/completions", None, 405, "not allowed"),
+    ("wrong method on models", "DELETE", "/v1/models", None, 405, "not allowed"),
+]
+
+
+def test_every_bad_input_gets_an_openai_error_and_the_server_keeps_serving(url, engine):
+    failures = []
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for name, method, path, body, status, words in BAD_REQUESTS:
+            if isinstance(body, bytes):
+                content = body
+            else:
+                content = None if body is None else json.dumps(body).encode("utf-8", "surrogatepass")
+            response = http.request(method, path, content=content, headers={"content-type": "application/json"})
+            error = (
+                response.json().get("error", {}) if response.headers.get("content-type") == "application/json" else {}
+            )
+            if response.status_code != status or set(error) != {"message", "type", "param", "code"}:
+                failures.append((name, response.status_code, response.text[:200]))
+            elif words not in error["message"] or not error["type"]:
+                failures.append((name, "message", error["message"]))
+        assert not failures, failures
+        good = http.post("/v1/chat/completions", json=_chat(temperature=0))
+        assert good.status_code == 200 and good.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert wait_idle(engine)
+
+
+def test_load_32_requests_from_8_clients(url, engine, folder):
+    """8 client threads send 32 requests (prompts of 1 to 30 tokens, 1 to 60 new tokens, every
+    other one streamed, two streams dropped after their first piece): each of the 30 others gets
+    exactly its own reply, equal to `generate` on that request alone."""
+    rng = np.random.default_rng(0)
+    stops = tuple(generation_stop_ids(folder, engine.config))
+    requests = []
+    for i in range(32):
+        prompt = [int(t) for t in rng.integers(0, 417, int(rng.integers(1, 31)))]
+        requests.append(dict(prompt=prompt, max_tokens=int(rng.integers(1, 61)), stream=i % 2 == 1))
+    drop = {5, 19}
+    for i in drop:
+        requests[i].update(max_tokens=CONTEXT - 32, stream=True)
+    before = dict(engine.stats)
+    replies: dict[int, list] = {}
+    lock = threading.Lock()
+
+    def run(i, http):
+        body = dict(model=MODEL, temperature=0, **requests[i])
+        if not body["stream"]:
+            answer = http.post("/v1/completions", json=body).json()
+            text, reason, usage = answer["choices"][0]["text"], answer["choices"][0]["finish_reason"], answer["usage"]
+        else:
+            text, reason, usage = "", None, None
+            body["stream_options"] = {"include_usage": True}
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"]:
+                        text += chunk["choices"][0]["text"]
+                        reason = chunk["choices"][0]["finish_reason"] or reason
+                        if i in drop:
+                            break  # leaves mid-stream: the connection closes
+                    usage = chunk.get("usage") or usage
+        with lock:
+            replies.setdefault(i, []).append((text, reason, usage))
+
+    def client(worker):
+        with httpx.Client(base_url=url, timeout=120) as http:
+            for i in range(worker, 32, 8):
+                run(i, http)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(replies) == list(range(32)) and all(len(r) == 1 for r in replies.values())
+    assert wait_idle(engine)
+    after = dict(engine.stats)
+    assert after.get("cancelled", 0) - before.get("cancelled", 0) == 2  # the dropped streams' slots
+    assert after["completed"] - before["completed"] == 30
+    for i, request in enumerate(requests):
+        if i in drop:
+            continue
+        text, reason, usage = replies[i][0]
+        want, produced, want_reason = reference_text(engine, request["prompt"], request["max_tokens"], stops)
+        assert (text, reason) == (want, want_reason), i
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(request["prompt"]), produced), i
+
+
+def test_batch_invariance_greedy_alone_equals_beside_seven_others(engine):
+    """The same greedy request alone, and joining while 7 others of other lengths decode."""
+
+    def run(requests):
+        events = {i: [] for i in range(len(requests))}
+        for i, request in enumerate(requests):
+            engine.submit(request, events[i].append)
+        assert wait_idle(engine)
+        return [[t for e in events[i] for t in e.token_ids] for i in range(len(requests))]
+
+    target = GenerationRequest((417, 40, 41, 42, 43, 7, 99), 40)
+    others = [GenerationRequest(tuple(range(3, 3 + 4 * k)), 60 - k) for k in range(1, 8)]
+    (alone,) = run([target])
+    peak = engine.stats["peak_active"]
+    engine.stats["peak_active"] = 0
+    together = run(others + [target])
+    assert engine.stats["peak_active"] == 8  # all eight decoded in the same steps
+    engine.stats["peak_active"] = max(peak, 8)
+    assert together[-1] == alone == reference_ids(engine, target.prompt_ids, 40)
+    for request, ids in zip(others, together):
+        assert ids == reference_ids(engine, request.prompt_ids, request.max_tokens)
+
+
+def test_stop_strings_and_seeded_sampling(client, engine):
+    prompt = completion_prompt(engine, "hello")
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0).choices[0].text
+    stop = free[9:12]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=["zzzz", stop])
+    assert cut.choices[0].text == free[: free.index(stop)] and cut.choices[0].finish_reason == "stop"
+    # Streamed token by token, text that may begin the stop string is held back, never sent.
+    streamed = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+    # Seeded sampling is reproducible; a top_p that keeps one token is greedy decoding.
+    sampled = dict(temperature=0.9, top_p=0.8, seed=1234)
+    a = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, **sampled).choices[0].text
+    assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, **sampled).choices[0].text == a
+    narrow = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=1.5, top_p=1e-6)
+    assert narrow.choices[0].text == free
+
+
+def test_sample_rows_draws_what_generate_sample_draws():
+    """Each row of `sample_rows` (settings per row) is `generate.sample` (settings per call) on
+    that row alone with the key `generate` would use: so a seeded request draws in the server
+    what it draws in `generate`, whatever shares its step."""
+    logits_bv = jax.random.normal(jax.random.PRNGKey(0), (3, 50)) * 3
+    keys_b2 = jnp.stack([jax.random.PRNGKey(s) for s in (1, 2, 3)])
+    temperature_b, top_p_b = jnp.array([0.0, 0.7, 1.3]), jnp.array([1.0, 0.9, 1.0])
+    token_b, next_b2 = jax.jit(sample_rows)(logits_bv, keys_b2, temperature_b, top_p_b)
+    for row in range(3):
+        key, draw = jax.random.split(keys_b2[row])
+        t, p = float(temperature_b[row]), float(top_p_b[row])
+        want = jax.jit(sample, static_argnums=(2, 3, 4))(logits_bv[row : row + 1], draw, t, None, p if p < 1 else None)
+        assert int(token_b[row]) == int(want[0]) and np.array_equal(next_b2[row], key)
+    greedy_b, _ = jax.jit(sample_rows)(logits_bv, keys_b2, jnp.zeros(3), top_p_b)  # the all-greedy branch
+    assert np.array_equal(greedy_b, np.argmax(logits_bv, axis=-1))
+
+
+def test_page_is_served(url):
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text and "<script src" not in page.text  # no CDN, one file
+    assert httpx.get(url + "/health").json() == {"status": "ok", "slots": 8, "active": 0, "waiting": 0}
