@@ -6,57 +6,34 @@ import os
 import shutil
 
 import pytest
+from tiny_run import CORPUS_FILES, RUN
 
 from bitnet_jax import BitNetConfig, cli
 from bitnet_jax.data.pipeline import stdlib_root
-from bitnet_jax.research.ablate import packed_param_bytes, parse_grid, plan_runs
+from bitnet_jax.model.transformer import init_params
+from bitnet_jax.research.ablate import parse_grid, plan_runs, stored_param_bytes
 from bitnet_jax.train.run_config import load_run_config
 
-CORPUS_FILES = [
-    "textwrap.py",
-    "shlex.py",
-    "fnmatch.py",
-    "glob.py",
-    "bisect.py",
-    "heapq.py",
-    "colorsys.py",
-    "keyword.py",
-    "linecache.py",
-    "queue.py",
-    "sched.py",
-    "this.py",
-    "tabnanny.py",
-    "calendar.py",
-]
-TINY = [
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.num_key_value_heads=2",
-    "model.vocab_size=640",
-    "model.max_position_embeddings=64",
-    "seq_len=32",
-    "batch_size=4",
-    "warmup_steps=1",
-    "log_every=1",
-    "eval_every=2",
-    "eval_batches=2",
-    "checkpoint_every=2",
-    "heldout_fraction=0.1",
-    "learning_rate=1e-2",
-]
+# The shared tiny run as it is, 6 steps evaluated and saved every 3: an eval curve of three points,
+# a run that can be resumed halfway, and its w-tensor_a-token-8 run the very programs that
+# test_train.py runs (compiled once in the suite).
+TINY = RUN
 
-# Packed parameter bytes of TINY, counted by hand. Per layer, BitLinear kernels [in, out]: q and o
-# 64x64, k and v 64x32 (2 KV heads of 16), gate, up 64x128 and down 128x64: 36864 weights, 73728 in
-# the 2 layers. Floats: per layer 3 norms of 64 and the FFN sub-norm of 128 (640 in all), the tied
-# embedding 640x64 = 40960, the final norm 64: 41664, at 4 bytes each.
+# Bytes of TINY as `convert` writes it, counted by hand from kernels/layout.py's formats. Per layer,
+# BitLinear kernels [in K, out N]: q and o 64x64, k and v 64x32 (2 KV heads of 16), gate, up 64x128
+# and down 128x64: 36864 weights, 73728 in the 2 layers. Packed, a kernel is uint8
+# [ceil(N / 4), ceil(K / 256) * 256]: K pads to one block of 256, so q, o, down take 16 x 256,
+# k, v 8 x 256, gate, up 32 x 256: 32768 bytes per layer, 65536 in all (padding included).
+# Floats: per layer 3 norms of 64 and the FFN sub-norm of 128 (640 in all), the final norm 64;
+# the tied embedding 640x64 = 40960.
 TINY_PACKED_BYTES = {
+    # not packable: the f32 training parameters, 73728 + 640 + 64 + 40960 floats
     "none": 4 * (73728 + 41664),  # 461568
-    # codes at 2 bits: 73728 / 4 bytes; one f32 scale per kernel: 7 per layer
-    "tensor": 18432 + 4 * 14 + 4 * 41664,  # 185144
+    # one f32 scale per kernel (7 per layer); norms in f32; the tied embedding as the default
+    # 'int8-tied' table: int8 [640, 64] (64 is already a multiple of 64) plus one f32 scale per row
+    "tensor": 65536 + 4 * 14 + 4 * 704 + 640 * 64 + 4 * 640,  # 111928
     # per layer (64/32)x64 + 2 x (64/32)x32 + (64/32)x64 + 2 x (64/32)x128 + (128/32)x64 = 1152 scales
-    "group:32": 18432 + 4 * 2304 + 4 * 41664,  # 194304
+    "group:32": 65536 + 4 * 2304 + 4 * 704 + 640 * 64 + 4 * 640,  # 121088
 }
 
 
@@ -72,7 +49,7 @@ def env(tmp_path_factory):
     os.environ.pop("BITNET_JAX_CACHE", None)
 
 
-def ablate_args(env, out, *grid, steps="4", extra=()):
+def ablate_args(env, out, *grid, steps="6", extra=()):
     sets = [f"corpus={env['corpus']}", *TINY, *extra]
     return [
         "ablate",
@@ -100,12 +77,12 @@ def test_ablate_tables_every_run_then_skips_and_resumes(env, capsys):
     # Again with a larger grid and one run's last checkpoint lost: the finished baseline is
     # skipped, the damaged run resumes, only the new grid point trains from scratch.
     baseline_metrics = (out / "w-none_a-none" / "metrics.jsonl").read_text()
-    shutil.rmtree(out / "w-tensor_a-token-8" / "checkpoints" / "4")
+    shutil.rmtree(out / "w-tensor_a-token-8" / "checkpoints" / "6")
     assert cli.main(ablate_args(env, out, "weight_quant=tensor,group:32", "act_bits=8")) == 0
     printed = capsys.readouterr().out
     assert "w-none_a-none: finished earlier, skipped" in printed
-    assert "w-tensor_a-token-8: training 4 steps" in printed and "Resumed from step 2" in printed
-    assert "w-group32_a-token-8: training 4 steps" in printed and printed.count("Resumed") == 1
+    assert "w-tensor_a-token-8: training 6 steps" in printed and "Resumed from step 3" in printed
+    assert "w-group32_a-token-8: training 6 steps" in printed and printed.count("Resumed") == 1
     assert (out / "w-none_a-none" / "metrics.jsonl").read_text() == baseline_metrics
 
     names = ["w-none_a-none", "w-tensor_a-token-8", "w-group32_a-token-8"]
@@ -122,9 +99,9 @@ def test_ablate_tables_every_run_then_skips_and_resumes(env, capsys):
         model = json.loads((run_dir / "run.json").read_text())["model"]
         assert (model["weight_quant"], model["act_quant"]) == (row["weight_quant"], row["act_quant"])
         metrics = read_metrics(run_dir)
-        assert metrics[-1]["step"] == 4 and row["final_eval_loss"] == metrics[-1]["eval_loss"]
+        assert metrics[-1]["step"] == 6 and row["final_eval_loss"] == metrics[-1]["eval_loss"]
         assert row["gap_to_baseline"] == pytest.approx(metrics[-1]["eval_loss"] - fp_loss)
-        assert [s for s, _ in row["eval_curve"]] == [0, 2, 4]
+        assert [s for s, _ in row["eval_curve"]] == [0, 3, 6]
         assert row["tokens_per_s"] > 0
         assert row["packed_bytes"] == TINY_PACKED_BYTES[row["weight_quant"]]
     assert rows[1]["final_eval_loss"] != rows[2]["final_eval_loss"]
@@ -135,8 +112,11 @@ def test_ablate_tables_every_run_then_skips_and_resumes(env, capsys):
         f"| w-group32_a-token-8 | group:32 | token, 8-bit | {rows[2]['final_eval_loss']:.3f} | "
         f"{rows[2]['gap_to_baseline']:+.3f} |" in table
     )
-    assert "4 steps of 4 x 32 tokens" in table
-    assert table.count("| 0.46 | 1.00x |") == 1 and "| 0.19 | 0.40x |" in table and "| 0.19 | 0.42x |" in table
+    assert "6 steps of 4 x 32 tokens" in table
+    # bytes | stored as | vs FP: 111928 / 461568 = 0.24, 121088 / 461568 = 0.26
+    assert table.count("| 461,568 | float32 (not packable) | 1.00x |") == 1
+    assert "| 111,928 | packed, lm_head int8-tied | 0.24x |" in table
+    assert "| 121,088 | packed, lm_head int8-tied | 0.26x |" in table
 
 
 def test_ablate_refuses_a_folder_with_other_settings(env, tmp_path, capsys):
@@ -153,7 +133,9 @@ def test_ablate_refuses_a_folder_with_other_settings(env, tmp_path, capsys):
 
 
 def test_packed_bytes_against_a_hand_count():
-    # Per layer, BitLinear kernels [in, out]: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x96, down 96x64.
+    # Per layer, BitLinear kernels [in K, out N]: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x96,
+    # down 96x64. Packed uint8 [ceil(N / 4), ceil(K / 256) * 256]: every K here pads to one block of
+    # 256, so a kernel takes N / 4 * 256 = 64 N bytes.
     config = BitNetConfig.preset(
         "tiny",
         hidden_size=64,
@@ -164,19 +146,32 @@ def test_packed_bytes_against_a_hand_count():
         vocab_size=97,
     )
     weights = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 96 * 2 + 96 * 64  # 30720 per layer
-    floats = 2 * (64 + 64 + 64 + 96) + 97 * 64 + 64  # norms per layer, tied embedding, final norm
-    assert packed_param_bytes(config.replace(weight_quant="none")) == 4 * (2 * weights + floats)
+    codes = 64 * (64 + 32 + 32 + 64 + 96 + 96 + 64)  # 28672 per layer, padding included
+    norms = 2 * (64 + 64 + 64 + 96) + 64  # per layer, final norm
+    floats = norms + 97 * 64  # and the tied embedding
+
+    def count(c):
+        return stored_param_bytes(c, init_params(c))
+
+    assert count(config.replace(weight_quant="none")) == (4 * (2 * weights + floats), "float32 (not packable)")
+    # Tied: the default 'int8-tied' table, int8 [97, 64] (64 is a multiple of the 64-byte row
+    # alignment) plus an f32 scale per row, serves both ends.
+    int8_table = 97 * 64 + 4 * 97
     scales = {
         "tensor": 7,
         "channel": 64 + 32 + 32 + 64 + 96 + 96 + 64,
         "group:32": 2 * 64 + 2 * 32 + 2 * 32 + 2 * 64 + 2 * 96 + 2 * 96 + 3 * 64,
     }
     for mode, per_layer in scales.items():
-        assert packed_param_bytes(config.replace(weight_quant=mode)) == 2 * (weights // 4) + 4 * (
-            2 * per_layer + floats
+        assert count(config.replace(weight_quant=mode)) == (
+            2 * codes + 4 * (2 * per_layer + norms) + int8_table,
+            "packed, lm_head int8-tied",
         )
-    untied = config.replace(weight_quant="tensor", tie_word_embeddings=False)
-    assert packed_param_bytes(untied) == packed_param_bytes(config.replace(weight_quant="tensor")) + 4 * 64 * 97
+    # Untied: the f32 embedding [97, 64] stays, the lm_head becomes the int8 table ('int8').
+    untied = count(config.replace(weight_quant="tensor", tie_word_embeddings=False))
+    assert untied == (2 * codes + 4 * (14 + norms) + 4 * 97 * 64 + int8_table, "packed, lm_head int8")
+    # act_quant='tensor' has no packed kernel: its float bytes.
+    assert count(config.replace(act_quant="tensor")) == (4 * (2 * weights + floats), "float32 (not packable)")
 
 
 def test_plan_runs_puts_the_baseline_first_and_runs_each_model_once():

@@ -2,16 +2,36 @@
 full-precision baseline and tabulates the result.
 
 Every run of an ablation is an ordinary run folder under the ablation's folder, trained on one
-shared tokenization with the same seed, so the runs differ only in their quantizers:
+shared tokenization with the same seeds, so the variants differ only in their quantizers:
 
-  <out>/tokenizer.model     the tokenizer all runs use
-  <out>/<run name>/         one `bitnet-jax train` run folder per grid point (see train.py)
-  <out>/results.md          one row per run: settings, final eval loss, gap to the baseline,
-                            tokens/s, parameter bytes when packed
-  <out>/results.json        the same, plus each run's eval-loss curve
-  <out>/loss_curves.png     eval loss against step, all runs on one plot
+  <out>/tokenizer.model       the tokenizer all runs use
+  <out>/<variant>/            one `bitnet-jax train` run folder per grid point (see train.py), for
+                              the first seed; `<variant>_seed<S>/` for the other `--seeds`
+  <out>/results.md            one row per variant: settings, final eval loss and bits per byte
+                              (mean and spread over seeds), gap to the baseline, train tokens/s,
+                              bytes as served, decode tokens/s
+  <out>/results.json          the same, plus every seed's numbers and the eval-loss curves
+  <out>/loss_curves.png       eval loss against step (mean over seeds), all variants on one plot
+  <out>/quality_vs_bytes.png  bits per byte against bytes as served, one point per variant
 
-Running the same ablation again skips finished runs and resumes unfinished ones.
+What each variant is measured on, after training:
+  final eval loss   the run's last evaluation (metrics.jsonl), nats per token;
+  bits per byte     `research.eval` scoring of the trained (fake-quant) parameters on the first
+                    `eval_batches * batch_size * seq_len` tokens of the held-out documents, in
+                    windows of `seq_len`: total NLL in bits / UTF-8 bytes, tokenizer-independent;
+  bytes             the sum of `nbytes` of the arrays `bitnet-jax convert` writes
+                    (`serve.pack.pack` with its default lm_head: codes with their padding,
+                    scales, norms, the int8 embedding / lm_head); for a variant that cannot be
+                    packed (weight_quant='none', act_quant other than 'token'), the float
+                    training parameters, and the table says so;
+  decode tokens/s   `bitnet_jax.generate` of the packed model (FFI kernels where they take the
+                    granularity, else the XLA integer path; unpackable variants: the fake-quant
+                    forward in XLA ops), greedy, DECODE_NEW_TOKENS new tokens after a
+                    DECODE_PROMPT_TOKENS-token held-out prompt, the median of DECODE_REPEATS
+                    timed calls after one that compiles; the first seed's parameters.
+
+Running the same ablation again skips finished runs and resumes unfinished ones (the measurements
+above are taken again from the run folders: they are cheap beside training).
 """
 
 from __future__ import annotations
@@ -27,7 +47,6 @@ import numpy as np
 
 from bitnet_jax.errors import BitNetError, did_you_mean
 from bitnet_jax.model.config import BitNetConfig
-from bitnet_jax.model.transformer import init_params, is_bitlinear_kernel
 from bitnet_jax.train.run_config import RunConfig, load_run_config, parse_value
 
 # The fields a grid may vary: the quantizers, so that every grid point has one well-defined
@@ -35,10 +54,10 @@ from bitnet_jax.train.run_config import RunConfig, load_run_config, parse_value
 # fields are set for all runs alike with --set.
 GRID_KEYS = ("weight_quant", "act_quant", "act_bits", "linear_norm_eps")
 BASELINE = {"weight_quant": "none", "act_quant": "none"}
-# Packed layout counted by `packed_param_bytes`: ternary codes at 2 bits (4 per byte), one f32
-# scale per granule.
-CODE_BITS = 2
-SCALE_BYTES = 4
+# Decode speed: new tokens after a prompt of held-out tokens, median of timed calls.
+DECODE_PROMPT_TOKENS = 16
+DECODE_NEW_TOKENS = 32
+DECODE_REPEATS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +65,11 @@ class AblationRun:
     name: str  # its folder under the ablation folder
     run: RunConfig
     baseline: bool
+    variant: str = ""  # the grid point (its first seed's folder name); "" for `name`
+
+    def __post_init__(self):
+        if not self.variant:
+            object.__setattr__(self, "variant", self.name)
 
 
 def parse_grid(items: list[str]) -> dict[str, list]:
@@ -85,12 +109,13 @@ def parse_grid(items: list[str]) -> dict[str, list]:
 
 
 def load_ablation(
-    config_path: str | None, overrides: list[str], grid_items: list[str], steps: int | None = None
+    config_path: str | None, overrides: list[str], grid_items: list[str], steps: int | None = None, seeds: int = 1
 ) -> tuple[RunConfig, dict[str, list]]:
     """The base run config (file, then --set, then --steps) and the parsed grid, all validated."""
     grid = parse_grid(grid_items)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise BitNetError(f"--steps {steps}: expected a positive number of training steps per run.")
+    _check_seeds(seeds)
     for item in overrides:
         key = item.partition("=")[0].strip()
         if key.removeprefix("model.") in grid:
@@ -101,10 +126,27 @@ def load_ablation(
     return load_run_config(config_path, [*overrides, *([f"steps={steps}"] if steps is not None else [])]), grid
 
 
-def plan_runs(base: RunConfig, grid: dict[str, list]) -> list[AblationRun]:
+def _check_seeds(seeds: int):
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise BitNetError(f"--seeds {seeds}: expected a positive number of seeds per variant (1: the run's seed only).")
+
+
+def plan_runs(base: RunConfig, grid: dict[str, list], seeds: int = 1) -> list[AblationRun]:
     """The baseline followed by every grid point, each validated by BitNetConfig (before any
-    training starts). Grid points that compute the same model (the baseline itself, or several
-    act_bits with act_quant=none) are run once."""
+    training starts), each with `seeds` seeds (base.seed, base.seed + 1, ...; all of a variant's
+    runs follow one another). Grid points that compute the same model (the baseline itself, or
+    several act_bits with act_quant=none) are run once."""
+    _check_seeds(seeds)
+    runs = []
+    for item in _plan_variants(base, grid):
+        for k in range(seeds):
+            seed = base.seed + k
+            name = item.name if k == 0 else f"{item.name}_seed{seed}"
+            runs.append(AblationRun(name, dataclasses.replace(item.run, seed=seed), item.baseline, item.name))
+    return runs
+
+
+def _plan_variants(base: RunConfig, grid: dict[str, list]) -> list[AblationRun]:
     baseline = AblationRun(run_name(base.model.replace(**BASELINE)), _with_model(base, **BASELINE), True)
     runs, seen = [baseline], {baseline.name}
     keys = list(grid)
@@ -135,40 +177,71 @@ def run_name(model: BitNetConfig) -> str:
 
 
 def ablate(
-    base: RunConfig, grid: dict[str, list], out_dir: str, *, cache_dir: str | None = None, progress: bool = True
+    base: RunConfig,
+    grid: dict[str, list],
+    out_dir: str,
+    *,
+    seeds: int = 1,
+    cache_dir: str | None = None,
+    progress: bool = True,
 ) -> list[dict]:
-    """Trains the baseline and every grid point (skipping finished runs), writes results.md,
-    results.json and loss_curves.png in `out_dir`, and returns the rows of results.json."""
-    from bitnet_jax.train import loop as training  # imports orbax; keep `ablate --help` and errors fast
+    """Trains the baseline and every grid point, `seeds` seeds each (skipping finished runs),
+    measures every variant (module doc), writes results.md, results.json, loss_curves.png and
+    quality_vs_bytes.png in `out_dir`, and returns the rows of results.json (one per variant)."""
+    # These import orbax: kept lazy so that `ablate --help` and its errors stay fast.
+    from bitnet_jax.research.eval import split_documents
+    from bitnet_jax.train import loop as training
+    from bitnet_jax.train.corpus import prepare_corpus
+    from bitnet_jax.train.run_folder import default_cache_dir
 
-    runs = plan_runs(base, grid)
+    runs = plan_runs(base, grid, seeds)
     for item in runs:  # refuse folders of another ablation before any training starts
         _check_existing(item, os.path.join(out_dir, item.name))
-    cache_dir = cache_dir or training.default_cache_dir()
+    cache_dir = cache_dir or default_cache_dir()
     os.makedirs(out_dir, exist_ok=True)
     # One tokenizer and one token stream for all runs: they share the data, not just the recipe.
-    corpus = training.prepare_corpus(base, out_dir, cache_dir)
+    corpus = prepare_corpus(base, out_dir, cache_dir)
+    teacher = None
     for i, item in enumerate(runs, 1):
         run_dir = os.path.join(out_dir, item.name)
         if _finished(item.run, run_dir):
             print(f"[{i}/{len(runs)}] {item.name}: finished earlier, skipped")
             continue
         print(f"[{i}/{len(runs)}] {item.name}: training {item.run.steps} steps")
-        training.train(item.run, run_dir, cache_dir=cache_dir, progress=progress, corpus=corpus)
-    rows = [_result_row(item, os.path.join(out_dir, item.name)) for item in runs]
+        if base.teacher and teacher is None:  # --set teacher=...: one teacher distills into every run
+            from bitnet_jax.serve.load import load_training_model
+
+            teacher = load_training_model(base.teacher)[:2]
+        training.train(item.run, run_dir, cache_dir=cache_dir, progress=progress, corpus=corpus, teacher=teacher)
+    docs = split_documents(np.asarray(corpus.eval_tokens), corpus.tokenizer.eos_id)
+    if not docs:
+        raise BitNetError(
+            "The held-out split holds no documents, so the variants cannot be scored: raise heldout_fraction "
+            "or give a corpus of several documents."
+        )
+    variants = {}
+    for item in runs:
+        variants.setdefault(item.variant, []).append(item)
+    rows = []
+    for i, items in enumerate(variants.values(), 1):
+        print(f"[{i}/{len(variants)}] {items[0].variant}: measuring (bits per byte, bytes, decode speed)")
+        rows.append(_result_row(items, out_dir, corpus.tokenizer, docs))
     fp_loss = rows[0]["final_eval_loss"]
+    fp_bpb = rows[0]["bits_per_byte"]
     for row in rows:
         row["gap_to_baseline"] = row["final_eval_loss"] - fp_loss
+        row["bits_per_byte_gap"] = row["bits_per_byte"] - fp_bpb
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(results_table(base, rows) + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"run_config": base.to_dict(), "grid": grid, "runs": rows}, f, indent=2)
+        json.dump({"run_config": base.to_dict(), "grid": grid, "seeds": seeds, "runs": rows}, f, indent=2)
     plot_curves(rows, os.path.join(out_dir, "loss_curves.png"))
+    plot_quality_vs_bytes(rows, os.path.join(out_dir, "quality_vs_bytes.png"))
     return rows
 
 
 def _check_existing(item: AblationRun, run_dir: str):
-    from bitnet_jax.train.loop import RUN_FILE, read_run_file
+    from bitnet_jax.train.run_folder import RUN_FILE, read_run_file
 
     if not os.path.isfile(os.path.join(run_dir, RUN_FILE)):
         return
@@ -202,65 +275,130 @@ def _read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _result_row(item: AblationRun, run_dir: str) -> dict:
-    records = _read_metrics(run_dir)
-    curve = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    # The first logged window of a run includes compilation; the median of the others is the
-    # steady rate (a resumed run's extra compile window is an outlier the median ignores).
-    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
-    m = item.run.model
+def _result_row(items: list[AblationRun], out_dir: str, tokenizer, docs: list[np.ndarray]) -> dict:
+    """One variant's row: its seeds' losses and bits per byte (each, mean, spread), and the bytes
+    and decode speed of its first seed's parameters."""
+    from bitnet_jax.train.run_folder import load_run
+
+    first = items[0]
+    run_dirs = [os.path.join(out_dir, item.name) for item in items]
+    curves, losses, bpbs, rates = [], [], [], []
+    for item, run_dir in zip(items, run_dirs):
+        records = _read_metrics(run_dir)
+        curves.append([(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r])
+        losses.append(curves[-1][-1][1])
+        # The first logged window of a run includes compilation; the median of the others is the
+        # steady rate (a resumed run's extra compile window is an outlier the median ignores).
+        rates += [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]
+        run, params, _ = load_run(run_dir)
+        bpbs.append(heldout_bits_per_byte(run, params, tokenizer, docs))
+        if item is first:
+            size, stored_as = stored_param_bytes(run.model, params)
+            decode_rate, decode_path = decode_tokens_per_s(run.model, params, np.concatenate(docs))
+    # Every seed evaluates at the same steps: the curve is their mean.
+    curve = [(step, float(np.mean([c[j][1] for c in curves]))) for j, (step, _) in enumerate(curves[0])]
+    m = first.run.model
     return {
-        "name": item.name,
-        "baseline": item.baseline,
+        "name": first.variant,
+        "baseline": first.baseline,
         "weight_quant": m.weight_quant,
         "act_quant": m.act_quant,
         "act_bits": m.act_bits,
         "linear_norm_eps": m.linear_norm_eps,
-        "final_eval_loss": curve[-1][1],
+        "seeds": [item.run.seed for item in items],
+        "final_eval_losses": losses,
+        "final_eval_loss": float(np.mean(losses)),
+        "final_eval_loss_std": _spread(losses),
+        "bits_per_byte_per_seed": bpbs,
+        "bits_per_byte": float(np.mean(bpbs)),
+        "bits_per_byte_std": _spread(bpbs),
         "tokens_per_s": float(np.median(rates)) if rates else math.nan,
-        "packed_bytes": packed_param_bytes(m),
+        "packed_bytes": size,
+        "stored_as": stored_as,
+        "decode_tokens_per_s": decode_rate,
+        "decode_path": decode_path,
         "eval_curve": curve,
     }
 
 
-def packed_param_bytes(model: BitNetConfig) -> int:
-    """Bytes of the parameters stored for serving: each BitLinear kernel as ternary codes at
-    `CODE_BITS` bits plus one f32 scale per granule of `weight_quant` (tensor: 1, channel: one per
-    output, group:G: one per output and G inputs); embeddings, norms and lm_head stay in their
-    float dtype. With weight_quant='none' every parameter counts at its float size."""
-    shapes = jax.eval_shape(lambda: init_params(model))
-    total = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-        if not is_bitlinear_kernel(path) or model.weight_quant == "none":
-            total += leaf.size * leaf.dtype.itemsize
-            continue
-        layers, k, n = leaf.shape  # the scanned kernels are [L, in, out]
-        codes = layers * math.ceil(k * n * CODE_BITS / 8)
-        if model.weight_quant == "tensor":
-            scales = layers
-        elif model.weight_quant == "channel":
-            scales = layers * n
-        else:
-            scales = layers * (k // model.weight_group_size) * n
-        total += codes + scales * SCALE_BYTES
-    return total
+def _spread(values: list[float]) -> float:
+    """The sample standard deviation over seeds (NaN for one seed: no spread measured)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def heldout_bits_per_byte(run: RunConfig, params, tokenizer, docs: list[np.ndarray]) -> float:
+    """Bits per byte of training parameters (the fake-quant forward) on the first
+    `eval_batches * batch_size * seq_len` held-out tokens, as `bitnet-jax eval` scores them in
+    windows of `seq_len` (the positions the model was trained on)."""
+    from bitnet_jax.research.eval import Scorer, evaluate
+
+    scorer = Scorer(run.model, params, context=run.seq_len)
+    budget = run.eval_batches * run.batch_size * run.seq_len
+    return evaluate(scorer, tokenizer, docs, max_tokens=budget).bits_per_byte
+
+
+def stored_param_bytes(config: BitNetConfig, params) -> tuple[int, str]:
+    """(bytes, how stored) of the parameters `bitnet-jax convert` writes from these training
+    parameters: the sum of the `nbytes` of the real arrays of `serve.pack.pack` with its default
+    lm_head (2-bit codes with their block padding, scales, norms, the int8 embedding or lm_head).
+    A model `pack` refuses (weight_quant='none', act_quant other than 'token') is served from its
+    training parameters: their float bytes, 'float32 (not packable)'."""
+    from bitnet_jax.serve.pack import default_lm_head, pack
+
+    try:
+        packed = pack(config, params)
+    except BitNetError:  # pack's own rule of what it can pack
+        return sum(np.asarray(x).nbytes for x in jax.tree.leaves(params)), "float32 (not packable)"
+    return sum(x.nbytes for x in jax.tree.leaves(packed)), f"packed, lm_head {default_lm_head(config)}"
+
+
+def decode_tokens_per_s(config: BitNetConfig, params, tokens: np.ndarray) -> tuple[float, str]:
+    """(new tokens per second, path) of greedy `bitnet_jax.generate` on the packed model:
+    DECODE_NEW_TOKENS after the first DECODE_PROMPT_TOKENS of `tokens` (prefill included, small
+    beside the decode), the median of DECODE_REPEATS timed calls after a compiling one. The path
+    is 'ffi' where the FFI kernels take the granularity, 'xla path' where the packed model runs
+    in XLA integer ops (per-group scales, non-CPU devices), 'xla path (unpacked)' where it cannot
+    be packed and the fake-quant forward serves it."""
+    import time
+
+    from bitnet_jax.serve.generate import generate, serving_params
+    from bitnet_jax.serve.pack import pack
+
+    try:
+        served = pack(config, params)
+    except BitNetError:  # the same rule as stored_param_bytes
+        served = params
+    spec = serving_params(config, served, None)[1]
+    path = "xla path (unpacked)" if spec is None else "ffi" if spec.backend == "ffi" else "xla path"
+    prompt = np.asarray(tokens[:DECODE_PROMPT_TOKENS], np.int32)
+    generate(config, served, prompt, DECODE_NEW_TOKENS)  # compiles
+    seconds = []
+    for _ in range(DECODE_REPEATS):
+        start = time.perf_counter()
+        generate(config, served, prompt, DECODE_NEW_TOKENS)
+        seconds.append(time.perf_counter() - start)
+    return DECODE_NEW_TOKENS / float(np.median(seconds)), path
 
 
 def results_table(base: RunConfig, rows: list[dict]) -> str:
-    """results.md: a header line that says the scale, then one markdown row per run."""
+    """results.md: a header line that says the scale, then one markdown row per variant."""
     from bitnet_jax.bench.train import cpu_name
 
     m = base.model
     tokens = base.steps * base.batch_size * base.seq_len
+    seeds = rows[0]["seeds"]
     fp_bytes = rows[0]["packed_bytes"]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]} ({len(seeds)} per variant)"
+    scored = base.eval_batches * base.batch_size * base.seq_len
     lines = [
         f"{m.num_hidden_layers} layers x {m.hidden_size} wide, vocab {m.vocab_size} "
         f"({m.num_params / 1e6:.1f}M parameters); {base.steps} steps of {base.batch_size} x {base.seq_len} tokens "
-        f"({tokens / 1e6:.2f}M tokens) per run, seed {base.seed}, eval loss on {base.eval_batches} held-out batches; "
+        f"({tokens / 1e6:.2f}M tokens) per run, {seed_text}, eval loss on {base.eval_batches} held-out batches; "
         f"{cpu_name()} ({jax.default_backend()}, {os.cpu_count()} cores), runs one after another.",
         "",
-        "| run | weights | activations | final eval loss | gap to FP | tokens/s | packed params (MB) | vs FP |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| run | weights | activations | final eval loss | gap to FP | bits/byte | train tokens/s "
+        "| bytes | stored as | vs FP | decode tok/s | decode path |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for row in rows:
         acts = "none" if row["act_quant"] == "none" else f"{row['act_quant']}, {row['act_bits']}-bit"
@@ -269,17 +407,27 @@ def results_table(base: RunConfig, rows: list[dict]) -> str:
         label = "full precision (baseline)" if row["baseline"] else row["name"]
         gap = "-" if row["baseline"] else f"{row['gap_to_baseline']:+.3f}"
         lines.append(
-            f"| {label} | {row['weight_quant']} | {acts} | {row['final_eval_loss']:.3f} | {gap} | "
-            f"{row['tokens_per_s']:,.0f} | {row['packed_bytes'] / 1e6:.2f} | "
-            f"{row['packed_bytes'] / fp_bytes:.2f}x |"
+            f"| {label} | {row['weight_quant']} | {acts} | "
+            f"{_mean_spread(row['final_eval_loss'], row['final_eval_loss_std'])} | {gap} | "
+            f"{_mean_spread(row['bits_per_byte'], row['bits_per_byte_std'])} | {row['tokens_per_s']:,.0f} | "
+            f"{row['packed_bytes']:,} | {row['stored_as']} | {row['packed_bytes'] / fp_bytes:.2f}x | "
+            f"{row['decode_tokens_per_s']:,.0f} | {row['decode_path']} |"
         )
+    spread = "" if len(seeds) == 1 else " (mean ± standard deviation over the seeds)"
     lines += [
         "",
-        f"Packed params: ternary codes at {CODE_BITS} bits per weight plus f32 scales per granule; "
-        "embeddings, norms and (untied) lm_head in f32. Gap to FP: final eval loss minus the baseline's "
-        "(nats/token, lower is better).",
+        f"Final eval loss{spread}: nats/token at the last step; gap to FP: minus the baseline's (lower is better). "
+        f"Bits/byte{spread}: the trained model scored by `research.eval` on the first {scored:,} held-out tokens. "
+        "Bytes: what `bitnet-jax convert` writes (sum of the packed arrays: 2-bit codes padded to blocks of 256 "
+        "inputs and 4 rows, scales, norms, int8 embedding / lm_head); a variant that cannot be packed counts its "
+        f"float32 training parameters. Decode: greedy `generate`, {DECODE_NEW_TOKENS} new tokens after a "
+        f"{DECODE_PROMPT_TOKENS}-token prompt, median of {DECODE_REPEATS}, the first seed's model.",
     ]
     return "\n".join(lines)
+
+
+def _mean_spread(mean: float, std: float) -> str:
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
 def plot_curves(rows: list[dict], path: str):
@@ -309,6 +457,43 @@ def plot_curves(rows: list[dict], path: str):
     ax.set_ylabel("held-out cross-entropy (nats/token)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_quality_vs_bytes(rows: list[dict], path: str):
+    """Bits per byte (mean, with the seeds' spread as error bars) against bytes as served."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in rows:
+        err = None if math.isnan(row["bits_per_byte_std"]) else row["bits_per_byte_std"]
+        packed = not row["stored_as"].startswith("float")
+        ax.errorbar(
+            row["packed_bytes"] / 1e6,
+            row["bits_per_byte"],
+            yerr=err,
+            fmt="o" if packed else "s",
+            color="black" if row["baseline"] else ("tab:blue" if packed else "tab:orange"),
+            capsize=3,
+        )
+        label = "full precision" if row["baseline"] else row["name"]
+        ax.annotate(
+            label,
+            (row["packed_bytes"] / 1e6, row["bits_per_byte"]),
+            fontsize=6,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    ax.set_xscale("log")
+    ax.margins(x=0.2)  # room for the labels of the outermost points
+    ax.set_xlabel("bytes as served (MB, log scale; circles packed, squares float)")
+    ax.set_ylabel("held-out bits per byte (lower is better)")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
