@@ -19,7 +19,7 @@ from bitnet_jax.kernels.ops import ServingSpec
 from bitnet_jax.model.serving_layers import serving_variables
 from bitnet_jax.model.transformer import BitNetLM
 from bitnet_jax.serve.pack import pack
-from bitnet_jax.train.loop import load_run
+from bitnet_jax.train.run_folder import load_run
 
 
 def main(run_dir: str, texts: list[str]):

@@ -20,7 +20,7 @@ CHILD = """
 import importlib, sys
 import numpy as np
 generate_module = importlib.import_module("bitnet_jax.serve.generate")  # bitnet_jax.serve.generate is the function
-from bitnet_jax.serve.pack import load_packed, read_packed_folder
+from bitnet_jax.serve.packed_folder import load_packed, read_packed_folder
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -61,7 +61,7 @@ def main():
                     (
                         "import sys; from bitnet_jax.model.config import BitNetConfig; "
                         "from bitnet_jax.bench.serve import random_packed_params; "
-                        "from bitnet_jax.serve.pack import save_packed; "
+                        "from bitnet_jax.serve.packed_folder import save_packed; "
                         "config = BitNetConfig.preset('b1.58-2b4t'); "
                         "save_packed(sys.argv[1], config, random_packed_params(config, lm_head='int8-tied'))"
                     ),

@@ -5,6 +5,7 @@ Public API:
   BitNetLM       the Flax Linen model: `BitNetLM(config).apply({"params": p}, ids)` -> logits
   init_params    fresh parameters for training from scratch
   load_hf        read a local Hugging Face BitNet folder -> (config, params)
+  load_gguf      read a bitnet.cpp / llama.cpp BitNet GGUF file -> (config, packed params)
   load_model     a run, packed or Hugging Face folder -> (config, params, tokenizer)
   generate       jitted prefill + decode loop with a KV cache -> new token ids
   pack           training parameters -> packed serving parameters (2-bit ternary, int8 lm_head)
@@ -12,12 +13,14 @@ Public API:
 """
 
 from bitnet_jax.errors import BitNetError
+from bitnet_jax.interop.gguf import load_gguf
 from bitnet_jax.interop.hf import load_hf
 from bitnet_jax.model.config import PRESETS, BitNetConfig
 from bitnet_jax.model.transformer import BitNetLM, KVCache, init_params
 from bitnet_jax.serve.generate import generate
 from bitnet_jax.serve.load import load_model
-from bitnet_jax.serve.pack import load_packed, pack, save_packed
+from bitnet_jax.serve.pack import pack
+from bitnet_jax.serve.packed_folder import load_packed, save_packed
 
 __all__ = [
     "PRESETS",
@@ -27,6 +30,7 @@ __all__ = [
     "KVCache",
     "generate",
     "init_params",
+    "load_gguf",
     "load_hf",
     "load_model",
     "load_packed",

@@ -13,7 +13,7 @@ class BitNetError(ValueError):
 
 
 def did_you_mean(word, choices, prefix: str = "") -> str:
-    """' (did you mean 'x'?)' naming the choice closest to `word`, or '' if none is close: the
-    hint every "unknown name" message appends."""
+    """' (did you mean 'x'?)' naming the choice closest to `word` (written with `prefix`, e.g.
+    'model.'), or '' if none is close: the hint every "unknown name" message appends."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
-    return f" (did you mean {prefix}{close[0]!r}?)" if close else ""
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""

@@ -69,3 +69,22 @@ def test_saved_files_get_the_umask_mode(tmp_path, umask):
         os.umask(previous)
     for name in ("model.safetensors", "config.json"):
         assert os.stat(tmp_path / "out" / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_convert_a_packed_folder(tmp_path):
+    # Same lm_head: the same tensors. Another lm_head: built from the dequantized int8 rows, the
+    # ternary layers untouched.
+    src = FIXTURES / "packed_bitlinear"
+    assert main(["convert", str(src), str(tmp_path / "a")]) == 0
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+    assert main(["convert", str(tmp_path / "a"), str(tmp_path / "c"), "--lm-head", "float"]) == 0
+    c = load_file(tmp_path / "c" / "model.safetensors")
+    assert "embed_tokens.embedding" in c and "embed_tokens.w_int8" in a
+    rows = a["embed_tokens.w_int8"][:, : c["embed_tokens.embedding"].shape[1]].astype(np.float32)
+    np.testing.assert_array_equal(c["embed_tokens.embedding"], rows * a["embed_tokens.w_scale"][:, None])
+    for name in (n for n in a if "w_packed" in n):
+        np.testing.assert_array_equal(c[name], a[name], err_msg=name)

@@ -240,7 +240,7 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
     """Random packed serving parameters of the config's shape, built without float weights.
 
     Each array is filled a slice at a time in 64-byte-aligned host memory, which JAX adopts
-    without a copy (as `pack.load_packed` does), so building holds no second copy of anything.
+    without a copy (as `packed_folder.load_packed` does), so building holds no second copy of anything.
     With `abstract`, the same tree of `jax.ShapeDtypeStruct`s, for compiling first.
     """
     import jax

@@ -39,7 +39,7 @@ def bench_train(run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int 
     `repeats` times.
     """
     from bitnet_jax.train import sharding
-    from bitnet_jax.train.loop import make_optimizer, make_train_step  # train imports orbax; keep it lazy
+    from bitnet_jax.train.step import make_optimizer, make_train_step
 
     if repeats < 1 or warmup < 0:
         raise BitNetError(

@@ -3,7 +3,8 @@
 Both backends share one small interface (`Tokenizer`): `encode` never adds BOS/EOS (the data
 pipeline and the sampler decide where those go), `decode` drops control/special tokens.
 
-Sentencepiece models trained here (`train_sentencepiece`) are byte-level-safe BPE models for code:
+Sentencepiece models trained here (`tokenizer_training.train_sentencepiece`) are byte-level-safe
+BPE models for code:
 - ids: pad=0 `<pad>`, bos=1 `<s>`, eos=2 `</s>`, unk=3 `<unk>`, then the 256 byte-fallback pieces
   `<0x00>`..`<0xFF>` (ids 4..259), then the learned merges;
 - identity normalization, no dummy prefix, no whitespace folding: `decode(encode(text)) == text`
@@ -11,24 +12,17 @@ Sentencepiece models trained here (`train_sentencepiece`) are byte-level-safe BP
   the character U+2581 (LOWER ONE EIGHTH BLOCK) is its internal space symbol and comes back as " ";
 - newlines are ordinary characters: training sentences are multi-line chunks of the files, so
   pieces such as `":\\n"` and `"\\n\\n"` are learned like any other.
-
-Byte fallback and multi-byte UTF-8 make per-token decoding wrong for streamed output;
-`StreamDecoder` yields only completed text.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import random
 import shutil
-import time
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
-import numpy as np
 import sentencepiece as spm
 import tokenizers
 
@@ -40,8 +34,6 @@ HF_TOKENIZER_FILE = "tokenizer.json"
 
 # Training sentences are chunks of whole lines of about this many bytes: several lines, so that
 # pieces spanning a newline can be learned, and far below the trainer's sentence-length limit.
-_CHUNK_BYTES = 2048
-_MAX_SENTENCE_BYTES = 1 << 16
 # Special tokens looked up by name when no config file names them (LLaMA-3, LLaMA-2, GPT-2).
 _KNOWN_BOS = ("<|begin_of_text|>", "<s>", "<bos>")
 _KNOWN_EOS = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>")
@@ -267,150 +259,3 @@ def copy_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
         for side in _HF_SIDE_FILES:
             if (source.parent / side).is_file() and (out / side).resolve() != (source.parent / side).resolve():
                 shutil.copy(source.parent / side, out / side)
-
-
-def _training_sentences(documents: Sequence[Path | str], max_bytes: int, seed: int, stats: dict) -> Iterator[str]:
-    """Multi-line chunks of the documents (files, read when reached, or texts), in a seeded
-    order, until max_bytes of UTF-8."""
-    order = list(documents)
-    random.Random(seed).shuffle(order)
-    total = 0
-    for doc in order:
-        text = doc if isinstance(doc, str) else Path(doc).read_text(encoding="utf-8", errors="replace")
-        chunk: list[str] = []
-        chunk_bytes = 0
-        for line in text.splitlines(keepends=True):
-            n = len(line.encode("utf-8"))
-            if n > _MAX_SENTENCE_BYTES:  # a generated blob, not code; skip it
-                continue
-            if chunk and chunk_bytes + n > _CHUNK_BYTES:
-                yield "".join(chunk)
-                chunk, chunk_bytes = [], 0
-            if total + n > max_bytes:
-                if chunk:
-                    yield "".join(chunk)
-                stats["bytes"] = total
-                return
-            chunk.append(line)
-            chunk_bytes += n
-            total += n
-        if chunk:
-            yield "".join(chunk)
-        stats["files"] = stats.get("files", 0) + 1
-    stats["bytes"] = total
-
-
-def train_sentencepiece(
-    text_files: Sequence[str | os.PathLike],
-    vocab_size: int,
-    out_dir: str | os.PathLike,
-    *,
-    max_bytes: int = 16_000_000,
-    seed: int = 0,
-    texts: Sequence[str] | None = None,
-) -> SentencePieceTokenizer:
-    """Trains a BPE sentencepiece model for code and writes `out_dir/tokenizer.model`.
-
-    Reads the files in an order shuffled by `seed` until `max_bytes` of text, so the result is a
-    function of (files, vocab_size, max_bytes, seed). Pass only training-split files. The
-    stdlib (~10 MB) with vocab_size 4096 trains in a few seconds on 2 cores. `texts` (documents
-    held in memory, e.g. read from JSON Lines) are used along with the files.
-    """
-    files = [Path(f) for f in text_files]
-    documents = [*files, *(texts or ())]
-    if not documents:
-        raise BitNetError("train_sentencepiece got no text files or texts; pass at least one.")
-    min_vocab = 4 + 256 + 1
-    if vocab_size < min_vocab:
-        raise BitNetError(
-            f"vocab_size={vocab_size} is too small: 4 special ids and 256 byte pieces need "
-            f"{min_vocab - 1}, plus at least one merge. Use vocab_size >= {min_vocab}."
-        )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stats: dict = {}
-    model = io.BytesIO()
-    spm.set_random_generator_seed(seed)
-    start = time.perf_counter()
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(documents, max_bytes, seed, stats),
-            model_writer=model,
-            model_type="bpe",
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            # Code needs its whitespace: keep every character as is and never fold spaces.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            split_by_whitespace=True,
-            allow_whitespace_only_pieces=True,
-            # Rare characters go through byte fallback instead of taking vocabulary slots.
-            character_coverage=0.9999,
-            max_sentence_length=_MAX_SENTENCE_BYTES,
-            pad_id=PAD_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            unk_id=UNK_ID,
-            pad_piece="<pad>",
-            bos_piece="<s>",
-            eos_piece="</s>",
-            unk_piece="<unk>",
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
-    except RuntimeError as e:
-        hint = (
-            "each distinct character of the text needs its own id besides the 260 "
-            "special and byte ids: use a larger vocab_size"
-            if "required_chars" in str(e)
-            else "use a smaller vocab_size or more text"
-        )
-        raise BitNetError(
-            f"sentencepiece could not train a {vocab_size}-token vocabulary on "
-            f"{stats.get('bytes', 0)} bytes from {len(documents)} documents ({e}); {hint}."
-        ) from e
-    path = out / SENTENCEPIECE_FILE
-    tmp = path.with_suffix(".model.tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)
-    tokenizer = SentencePieceTokenizer(path)
-    tokenizer.train_stats = {**stats, "seconds": time.perf_counter() - start}
-    return tokenizer
-
-
-class StreamDecoder:
-    """Turns a growing sequence of token ids into text increments, for printing as generated.
-
-    Decoding token by token is wrong: a character can span several byte-fallback tokens, and
-    some tokenizers drop the leading space of the first token of a decode. So each `push`
-    re-decodes a short window starting at the last emitted boundary, and holds text back while
-    it ends in an incomplete UTF-8 sequence (U+FFFD). `"".join(pushes) + flush()` equals
-    `tokenizer.decode(all_ids)`.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0  # decode from here, so the window starts like the full decode does
-        self._read = 0  # ids before this index have been emitted
-
-    def push(self, ids: int | Sequence[int]) -> str:
-        """Adds one id or several; returns the newly completed text (possibly "")."""
-        self._ids.extend([int(ids)] if np.ndim(ids) == 0 else [int(i) for i in ids])
-        return self._emit(final=False)
-
-    def flush(self) -> str:
-        """Returns whatever is held back (e.g. an incomplete character at the end)."""
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        decode = self._tokenizer.decode
-        emitted = decode(self._ids[self._prefix : self._read])
-        text = decode(self._ids[self._prefix :])
-        if len(text) > len(emitted) and (final or not text.endswith("\ufffd")):
-            self._prefix, self._read = self._read, len(self._ids)
-            return text[len(emitted) :]
-        if final:
-            self._prefix = self._read = len(self._ids)
-        return ""

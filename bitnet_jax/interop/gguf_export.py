@@ -168,7 +168,8 @@ def save_gguf(
     embedding (and of an untied lm_head). Refuses what the format cannot hold exactly."""
     import gguf
 
-    from bitnet_jax.serve.pack import is_packed, lm_head_kind, pack
+    from bitnet_jax.model.serving_layers import is_packed, lm_head_kind
+    from bitnet_jax.serve.pack import pack
 
     _check_exportable(config, format, lm_head)
     if not is_packed(params):
@@ -309,9 +310,11 @@ def convert_gguf(src: str, dst: str, *, fmt: str | None = None, lm_head: str | N
     folder, or a GGUF file) -> DST.gguf of `fmt`, or SRC.gguf -> a packed folder DST."""
     from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
     from bitnet_jax.interop.gguf import is_gguf_file, load_gguf, load_gguf_tokenizer
+    from bitnet_jax.model.serving_layers import lm_head_kind
     from bitnet_jax.serve.chat import chat_template
     from bitnet_jax.serve.load import load_model
-    from bitnet_jax.serve.pack import convert_hf, is_packed_folder, lm_head_kind, save_packed
+    from bitnet_jax.serve.pack import convert_hf
+    from bitnet_jax.serve.packed_folder import is_packed_folder, save_packed
     from bitnet_jax.train.run_folder import is_run_folder
 
     if fmt is None and dst.endswith(".gguf"):

@@ -37,6 +37,7 @@ from safetensors import safe_open
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.quant import ternary_master_weights
 
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
 # Buffers transformers may save that carry no parameters.
@@ -169,8 +170,12 @@ def config_from_hf(hf: dict, *, source: str = "config.json") -> BitNetConfig:
         raise BitNetError(f"{source}: {e}") from None
 
 
-def config_to_hf(config: BitNetConfig) -> dict:
-    """A transformers-loadable `config.json` (online quantization of fp master weights)."""
+def config_to_hf(config: BitNetConfig, *, quantization_mode: str = "online") -> dict:
+    """A transformers-loadable `config.json`: 'online' quantization of full-precision master
+    weights, or 'offline' ternary weights with `weight_scale = mean|W|` (`linear_class:
+    autobitlinear` either way; see `hf_export`)."""
+    if quantization_mode not in ("online", "offline"):
+        raise BitNetError(f"quantization_mode={quantization_mode!r}; expected 'online' or 'offline'.")
     if (config.weight_quant, config.act_quant, config.act_bits) != ("tensor", "token", 8):
         raise BitNetError(
             "Only the b1.58 recipe (weight_quant='tensor', act_quant='token', act_bits=8) has a "
@@ -201,7 +206,7 @@ def config_to_hf(config: BitNetConfig) -> dict:
         "quantization_config": {
             "quant_method": "bitnet",
             "linear_class": "autobitlinear",
-            "quantization_mode": "online",
+            "quantization_mode": quantization_mode,
             "use_rms_norm": config.linear_norm_eps is not None,
             "rms_norm_eps": config.linear_norm_eps or 1e-6,
             "modules_to_not_convert": ["lm_head"],
@@ -347,11 +352,7 @@ def _linear_kernel(tensors: "_TensorReader", prefix: str, out_in: tuple[int, int
             f"{tensors.where(name)}: {name} is offline-quantized but not ternary (values outside "
             "{-1, 0, 1}); expected ternary or packed uint8 weights with quantization_mode 'offline'."
         )
-    nonzero = np.count_nonzero(w_oi) / w_oi.size
-    # Each master weight is 0 or +-(the scale rounded once to float32), so scaling in float32 (in
-    # place: w_oi is a fresh array) needs no float64 copy of the weights.
-    w_oi *= np.float32(mean_abs / max(nonzero, 1.0 / w_oi.size))
-    return w_oi.T
+    return ternary_master_weights(w_oi, mean_abs).T
 
 
 def unpack_hf_ternary(packed_ri: np.ndarray) -> np.ndarray:

@@ -44,11 +44,7 @@ def serving_backend(platform: str, requested: str | None = None, *, grouped: boo
             f"{platform!r} devices. Use backend='xla' (or leave it unset): the same integer math in XLA ops."
         )
     if requested == "ffi" and grouped:
-        raise BitNetError(
-            "backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, and this "
-            "model has a scale per group of inputs (weight_quant='group:G'). Use backend='xla' (or leave it "
-            "unset), which runs the same integer math in XLA ops."
-        )
+        _refuse_ffi_group_scales()
     if requested is not None:
         return requested
     return "ffi" if platform == "cpu" and not grouped else "xla"
@@ -66,6 +62,14 @@ def computation_platform(tree=None) -> str:
     if not mesh.empty:
         return mesh.devices.flat[0].platform
     return jax.default_backend()
+
+
+def _refuse_ffi_group_scales():
+    raise BitNetError(
+        "backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, and this "
+        "model has a scale per group of inputs (weight_quant='group:G'). Use backend='xla' (or leave it "
+        "unset), which runs the same integer math in XLA ops."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +139,8 @@ def ternary_linear(
 def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
     """Per-group weight scales: one exact int32 sum per group of K / C inputs, scaled and added
     in float32 (the FFI kernels take one scale per tensor or output row only)."""
-    if backend == "ffi":
-        raise BitNetError(
-            "The FFI kernels take one weight scale per tensor or per output channel; this model has a scale "
-            "per group of inputs (weight_quant='group:G'). Serve it with backend='xla' (the same integer math "
-            "in XLA ops)."
-        )
+    if backend == "ffi":  # a ServingSpec built by hand for a grouped model
+        _refuse_ffi_group_scales()
     if w_packed.ndim == 3:
         w_packed, w_scale_cn = w_packed[layer], w_scale_cn[layer]
     k, c = x_mk.shape[-1], w_scale_cn.shape[0]

@@ -250,7 +250,7 @@ def check_known_keys(values: dict[str, Any], known: set[str], source: str, prefi
     if unknown:
         hints = []
         for key in unknown:
-            hints.append(f"{prefix}{key!r}" + did_you_mean(key, known, prefix))
+            hints.append(f"{prefix + key!r}" + did_you_mean(key, known, prefix))
         raise BitNetError(
             f"Unknown key(s) in {source}: {', '.join(hints)}. "
             f"Known keys: {', '.join(prefix + k for k in sorted(known))}."

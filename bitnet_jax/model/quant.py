@@ -74,6 +74,33 @@ def weight_dequantize(w_t: jax.Array, scale: jax.Array) -> jax.Array:
     return w_t * scale
 
 
+def ternary_master_weights(t, scale, mode: str = "tensor"):
+    """Master weights for ternary codes and their scales, such that `weight_quantize(w, mode)`
+    gives back the same codes and scales: in each granule, `w = t * scale / p` with p the fraction
+    of non-zero codes, so mean|w| = scale and round(w / scale) = t (|t| / p >= 1 rounds to +-1).
+    How weights stored quantized (Hugging Face offline checkpoints, packed folders, GGUF files)
+    become trainable again, and how `hf_export` writes packed models as master weights.
+
+    t: codes in {-1, 0, 1}: any shape for 'tensor' (scale: one number), [K, N] for 'channel'
+    (scale [N]) and 'group:G' (scale [K / G, N]). numpy in, float32 numpy out; a float32 `t` is
+    scaled in place and returned (a 2B4T layer read from disk is not copied). float32 is enough:
+    every weight of a granule is 0 or +-(one float32 number)."""
+    import numpy as np
+
+    w = np.asarray(t, np.float32)
+    scale = np.asarray(scale, np.float64)
+    if mode == "tensor":
+        nonzero = max(np.count_nonzero(w) / max(w.size, 1), 1.0 / max(w.size, 1))
+        w *= np.float32(float(scale.reshape(-1)[0]) / nonzero)
+        return w
+    k, n = w.shape
+    group = k if mode == "channel" else int(mode.partition(":")[2])
+    w_cgn = w.reshape(k // group, group, n)  # a view: scaling it scales w
+    nonzero_c1n = np.maximum(np.count_nonzero(w_cgn, axis=1, keepdims=True) / group, 1.0 / group)
+    w_cgn *= (scale.reshape(-1, 1, n) / nonzero_c1n).astype(np.float32)
+    return w
+
+
 def act_quantize(x: jax.Array, mode: str, bits: int) -> tuple[jax.Array, jax.Array]:
     """Absmax quantization of activations [..., K] per token ('token') or per tensor ('tensor').
 

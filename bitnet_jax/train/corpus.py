@@ -19,8 +19,8 @@ from bitnet_jax.data.tokenizer import (
     SENTENCEPIECE_FILE,
     copy_tokenizer,
     load_tokenizer,
-    train_sentencepiece,
 )
+from bitnet_jax.data.tokenizer_training import train_sentencepiece
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.train.run_config import RunConfig
 

@@ -40,6 +40,9 @@ class RunConfig:
     corpus: str | tuple = "stdlib"
     corpus_suffixes: tuple[str, ...] = (".py", ".txt", ".md", ".rst")
     tokenizer: str = ""  # a tokenizer.json / tokenizer.model (or its folder); "" trains a sentencepiece
+    # A model to start from (a Hugging Face, run or packed folder, or a GGUF file: its weights; the
+    # CLI also takes its architecture and tokenizer, see `load_run_config`); "" trains from scratch.
+    init: str = ""
     worker_count: int = 0  # grain worker processes preparing batches (0: a thread of this process)
     heldout_fraction: float = HELDOUT_FRACTION
     seq_len: int = 256
@@ -56,6 +59,18 @@ class RunConfig:
     grad_clip: float = 1.0
     grad_accum_steps: int = 1  # micro-batches per optimizer step (batch_size is the global batch)
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2), which keeps the softmax normalizer near 1
+    # Warm start (Nielsen et al. 2025, arXiv 2502.11895): the first floor(quant_start * steps) steps
+    # train the model with its quantizers off (full precision, same parameters), the rest are
+    # quantization-aware; one compiled step per phase. 0: quantized from the first step.
+    quant_start: float = 0.0
+    # Knowledge distillation from a teacher: a run, packed or Hugging Face folder or a GGUF file
+    # (`bitnet_jax.serve.load.load_training_model`) with this model's vocabulary, any architecture
+    # and quantization; "" trains on the data alone. The objective is (1 - kd_weight) * CE +
+    # kd_weight * kd_temperature^2 * KL(softmax(teacher / T) || softmax(student / T)) (step.py,
+    # `Distillation`); the logged loss stays the cross-entropy.
+    teacher: str = ""
+    kd_temperature: float = 1.0
+    kd_weight: float = 0.5
     # Device mesh (data, fsdp, tensor), see sharding.py; -1 = all devices left over. The default
     # is data parallelism over every device (one device: plain single-device training).
     mesh: tuple[int, int, int] = (-1, 1, 1)
@@ -106,6 +121,32 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 _bad(name, value, "a non-negative number")
+        if (
+            isinstance(self.quant_start, bool)
+            or not isinstance(self.quant_start, (int, float))
+            or not 0 <= self.quant_start < 1
+        ):
+            _bad(
+                "quant_start", self.quant_start, "a fraction of the steps in [0, 1) (0: quantized from the first step)"
+            )
+        if not isinstance(self.teacher, str):
+            _bad(
+                "teacher",
+                self.teacher,
+                "a path to a teacher model (run, packed or Hugging Face folder, GGUF file) or ''",
+            )
+        if (
+            isinstance(self.kd_temperature, bool)
+            or not isinstance(self.kd_temperature, (int, float))
+            or not self.kd_temperature > 0
+        ):
+            _bad("kd_temperature", self.kd_temperature, "a positive number (1: the plain softmax)")
+        if (
+            isinstance(self.kd_weight, bool)
+            or not isinstance(self.kd_weight, (int, float))
+            or not 0 <= self.kd_weight <= 1
+        ):
+            _bad("kd_weight", self.kd_weight, "a number in [0, 1] (the distillation term's share of the loss)")
         for name in ("stage2_start", "heldout_fraction", "adam_b1", "adam_b2"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
@@ -184,13 +225,20 @@ class RunConfig:
         return parse_corpus(self.corpus)
 
 
-def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
-    """Reads a config file (`get_config()` returning a dict) and applies `key=value` overrides."""
+def load_run_config(
+    path: str | None, overrides: list[str] = (), *, init_model: BitNetConfig | None = None
+) -> RunConfig:
+    """Reads a config file (`get_config()` returning a dict) and applies `key=value` overrides.
+
+    `init_model`: the architecture of the model a fine-tuning run starts from (`init`). It
+    replaces the file's model settings; a `--set model.key=value` that contradicts it is refused
+    (the weights fix the architecture and their quantization)."""
     values: dict[str, Any] = {"model": {"preset": "tiny"}}
     source = "defaults"
     if path:
         values, source = _read_config_file(path), path
     values = {**values, "model": dict(values.get("model") or {})}
+    model_sets: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -199,9 +247,21 @@ def load_run_config(path: str | None, overrides: list[str] = ()) -> RunConfig:
             )
         value = parse_value(raw)
         if key.startswith("model."):
-            values["model"][key[len("model.") :]] = value
+            model_sets[key[len("model.") :]] = value
         else:
             values[key] = value
+    if init_model is None:
+        values["model"].update(model_sets)
+    else:
+        start = init_model.to_dict()
+        check_known_keys(model_sets, set(start), "--set", prefix="model.")
+        differ = [f"model.{k}={v!r} (the weights have {start[k]!r})" for k, v in model_sets.items() if v != start[k]]
+        if differ:
+            raise BitNetError(
+                f"--set {', '.join(differ)}: a run that starts from {values.get('init') or 'a model'} takes its "
+                "architecture and quantization from it. Drop these settings, or train from scratch."
+            )
+        values["model"] = start
     return RunConfig.from_dict(values, source=f"{source}{' with --set' if overrides else ''}")
 
 
