@@ -1,5 +1,70 @@
+import contextlib
 import os
+import shutil
+import tempfile
+
+import pytest
 
 # Tests run on CPU with float32 matmuls at full precision.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+# One persistent compilation cache for the session, this process and the subprocesses it starts
+# (they inherit the environment): the tests build many programs more than once (each `train` run
+# jits its step anew, init_params jits each time), and at the tiny sizes here compiling is most of
+# a run's time. A hit is the executable that the same program, options and flags compiled to, so
+# no result can change; jax still reports it as a backend compile, so tests that count compiles
+# count the same. Set in the environment before jax is imported; removed at the end.
+_COMPILATION_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix="bitnet-jax-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
+
+
+def pytest_unconfigure(config):
+    if _COMPILATION_CACHE is not None:
+        shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """tiny_run.CORPUS_FILES as a text folder, and one tokenizer / token cache (BITNET_JAX_CACHE)
+    for every test that trains on it: the tokenizer is trained once."""
+    from tiny_run import CORPUS_FILES
+
+    from bitnet_jax.data.pipeline import stdlib_root
+
+    root = tmp_path_factory.mktemp("tiny_corpus")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in CORPUS_FILES:
+        shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
+    return {"corpus": str(corpus), "cache": str(root / "cache")}
+
+
+@pytest.fixture(scope="session")
+def one_device_cli_run(tiny_corpus, tmp_path_factory):
+    """`bitnet-jax train` with sharded_runs.CLI_SETTINGS on one device, uninterrupted: the run that
+    test_sharding.py's run resumed on another mesh and test_multiprocess.py's two-process run must
+    equal. Trained once for both."""
+    import sharded_runs
+
+    from bitnet_jax import cli
+
+    out = tmp_path_factory.mktemp("one_device") / "whole"
+    with _environ("BITNET_JAX_CACHE", tiny_corpus["cache"]):
+        assert cli.main(sharded_runs.cli_args(tiny_corpus["corpus"], str(out))) == 0
+    return out

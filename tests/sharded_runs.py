@@ -18,38 +18,19 @@ import time
 
 import jax
 import numpy as np
+import tiny_run
 from near_ties import forward_with_quantizer_inputs
 
 from bitnet_jax import BitNetLM, cli, init_params
 from bitnet_jax.train import sharding
-from bitnet_jax.train.loop import load_run, make_optimizer, make_train_step
 from bitnet_jax.train.run_config import load_run_config
-
-CORPUS_FILES = [
-    "textwrap.py",
-    "shlex.py",
-    "fnmatch.py",
-    "glob.py",
-    "bisect.py",
-    "heapq.py",
-    "colorsys.py",
-    "keyword.py",
-    "linecache.py",
-    "queue.py",
-    "sched.py",
-    "this.py",
-    "tabnanny.py",
-    "calendar.py",
-]
+from bitnet_jax.train.run_folder import load_run
+from bitnet_jax.train.step import make_optimizer, make_train_step
 
 # A model small enough to compile quickly, with every sharded size divisible by 8. lr 1e-3: at
 # larger rates, float noise grows faster along the trajectory (see test_sharding.py).
 MODEL = [
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.num_key_value_heads=2",
+    *tiny_run.MODEL,
     "model.vocab_size=128",
     "model.initializer_range=0.1",
 ]  # logits of O(1) at init, so the loss sees the weights
@@ -63,27 +44,9 @@ STEPS = 4
 # straddles two devices.
 CASES = [((8, 1, 1), "tensor", 1), ((1, 8, 1), "group:16", 1), ((2, 2, 2), "channel", 2), ((1, 2, 4), "tensor", 1)]
 
-# The end-to-end run through the CLI (train, interrupt, resume on another mesh).
-CLI_SETTINGS = [
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.num_key_value_heads=2",
-    "model.vocab_size=640",
-    "model.max_position_embeddings=64",
-    "seq_len=32",
-    "batch_size=8",
-    "steps=6",
-    "warmup_steps=2",
-    "log_every=1",
-    "eval_every=3",
-    "eval_batches=1",
-    "checkpoint_every=3",
-    "keep_checkpoints=3",
-    "heldout_fraction=0.1",
-    "learning_rate=1e-3",
-]
+# The end-to-end run through the CLI (train, interrupt, resume on another mesh): the shared tiny
+# run with 8 rows per batch, so that it splits over 8 devices, at lr 1e-3 like the steps above.
+CLI_SETTINGS = [*tiny_run.RUN, "batch_size=8", "eval_batches=1", "learning_rate=1e-3"]
 
 
 def case_name(mesh, weight_quant, accum) -> str:

@@ -54,7 +54,8 @@ def test_bench_train_medians_and_rates_on_a_scripted_clock(monkeypatch):
         return state, seconds[len(calls) - 1]
 
     monkeypatch.setattr(bench, "_timed", scripted)
-    run = load_run_config(None, SMALL)
+    # The quantization of the test above: the same two programs, compiled once in the session.
+    run = load_run_config(None, SMALL + ["model.weight_quant=group:32"])
     qat, fp = bench.bench_train(run, repeats=4, warmup=1)
 
     assert len(calls) == 12 and calls[4] is calls[0] and calls[5] is calls[2] and calls[4] is not calls[5]
@@ -63,7 +64,7 @@ def test_bench_train_medians_and_rates_on_a_scripted_clock(monkeypatch):
     assert (qat.median_ms, fp.median_ms) == pytest.approx((25, 5))
     assert (qat.tokens_per_s, fp.tokens_per_s) == pytest.approx((2560, 12800))
     table = bench.train_table(run, [qat, fp])
-    assert "| QAT (BitNet b1.58) | tensor | token, 8-bit | 25.0 | 2,560 |" in table
+    assert "| QAT (BitNet b1.58) | group:32 | token, 8-bit | 25.0 | 2,560 |" in table
     assert "| full precision | none | none | 5.0 | 12,800 |" in table
     assert "median of 4 interleaved runs" in table and "QAT / full-precision step time: 5.00x" in table
 

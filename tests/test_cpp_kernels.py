@@ -134,8 +134,9 @@ def test_ffi_handlers_compile_for_aarch64(tmp_path):
         )
     sources = sorted(p for p in SOURCES.glob("*.cc") if p.name != "ffi_ext.cc")
     assert {"matmul.cc", "act_quant.cc", "gemm.cc", "cpu_isa.cc"} <= {p.name for p in sources}
-    for source in sources:
-        done = subprocess.run(
+    # All at once: each compile is one process, so they share the CPU cores.
+    compiles = {
+        source: subprocess.Popen(
             [
                 ARM_CXX,
                 "-std=c++17",
@@ -149,7 +150,12 @@ def test_ffi_handlers_compile_for_aarch64(tmp_path):
                 "-o",
                 str(tmp_path / f"{source.stem}.o"),
             ],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
-        assert done.returncode == 0, f"{source.name} does not compile for aarch64:\n{done.stderr}"
+        for source in sources
+    }
+    errors = {source: done.communicate()[1] for source, done in compiles.items()}
+    for source, done in compiles.items():
+        assert done.returncode == 0, f"{source.name} does not compile for aarch64:\n{errors[source]}"

@@ -26,22 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_train import CORPUS_FILES, read_metrics, train_args
+from test_train import read_metrics, train_args
+from tiny_run import CORPUS_FILES
 
 import bitnet_jax
 from bitnet_jax import BitNetError
 from bitnet_jax.data.pipeline import stdlib_root
-from bitnet_jax.train.loop import (
-    _checkpoint_manager,
-    _read_metrics,
-    _unfinished_saves,
-    make_model,
-    make_optimizer,
-    make_train_step,
+from bitnet_jax.train import run_folder
+from bitnet_jax.train.run_config import load_run_config
+from bitnet_jax.train.run_folder import (
+    checkpoint_manager,
     read_run_file,
     save_checkpoint,
+    unfinished_saves,
 )
-from bitnet_jax.train.run_config import load_run_config
+from bitnet_jax.train.step import make_model, make_optimizer, make_train_step
 
 N = 4  # the step killed at; runs are 2N steps long
 RUN = [f"steps={2 * N}", "checkpoint_every=2", "keep_checkpoints=3", "eval_every=4"]
@@ -133,7 +132,7 @@ def uninterrupted(env):
 
 def saved(run_dir, step: int):
     """Everything the checkpoint of `step` holds, read by orbax as it was saved."""
-    manager = _checkpoint_manager(str(run_dir), read_run_file(str(run_dir)), read_only=True)
+    manager = checkpoint_manager(str(run_dir), read_run_file(str(run_dir)), read_only=True)
     return manager.restore(
         step,
         args=ocp.args.Composite(
@@ -246,7 +245,7 @@ def test_an_async_save_keeps_its_values_while_donated_steps_run(tmp_path, monkey
 
     monkeypatch.setattr(os, "mkdir", held_mkdir)
 
-    manager = _checkpoint_manager(str(tmp_path), run)
+    manager = checkpoint_manager(str(tmp_path), run)
     try:
         save_checkpoint(manager, 1, params, opt_state, {"position": 1})
         for batch in batches[1:]:
@@ -289,15 +288,15 @@ def test_a_save_cut_short_that_is_never_redone_is_cleaned_away(tmp_path, monkeyp
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "rename", cut_short)
-        manager = _checkpoint_manager(str(tmp_path), run)
+        manager = checkpoint_manager(str(tmp_path), run)
         save_checkpoint(manager, 5, tree, tree, {"position": 5})
         with pytest.raises(Exception, match="stopped before the rename"):
             manager.wait_until_finished()
     [cut] = os.listdir(tmp_path / "checkpoints")
     assert cut.startswith("5.orbax-checkpoint-tmp")  # some orbax releases add a suffix
-    assert _unfinished_saves(str(tmp_path)) == [5]
+    assert unfinished_saves(str(tmp_path)) == [5]
 
-    manager = _checkpoint_manager(str(tmp_path), run)  # as a resumed run makes it
+    manager = checkpoint_manager(str(tmp_path), run)  # as a resumed run makes it
     assert manager.latest_step() is None
     save_checkpoint(manager, 6, tree, tree, {"position": 6})
     manager.wait_until_finished()
@@ -307,8 +306,8 @@ def test_a_save_cut_short_that_is_never_redone_is_cleaned_away(tmp_path, monkeyp
 def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "eval_loss": 6.5}\n{"step": 1, "loss": 6.4}\n{"step": 2, "lo')
-    assert _read_metrics(str(path), up_to=5) == [{"step": 0, "eval_loss": 6.5}, {"step": 1, "loss": 6.4}]
+    assert run_folder.read_metrics(str(path), up_to=5) == [{"step": 0, "eval_loss": 6.5}, {"step": 1, "loss": 6.4}]
     assert path.read_text() == '{"step": 0, "eval_loss": 6.5}\n{"step": 1, "loss": 6.4}\n'
     path.write_text('{"step": 0, "eval_loss": 6.5}\n{"step": 1, "lo\n{"step": 2, "loss": 6.4}\n')
     with pytest.raises(BitNetError, match="line 2 is not JSON"):  # damage elsewhere is not a kill
-        _read_metrics(str(path), up_to=5)
+        run_folder.read_metrics(str(path), up_to=5)

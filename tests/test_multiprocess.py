@@ -7,7 +7,6 @@ Tolerances are those of test_sharding.py (same model, data and steps), for the s
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,9 +16,8 @@ import numpy as np
 import pytest
 import sharded_runs
 
-from bitnet_jax import cli, init_params
-from bitnet_jax.data.pipeline import stdlib_root
-from bitnet_jax.train.loop import load_run
+from bitnet_jax import init_params
+from bitnet_jax.train.run_folder import load_run
 
 REPO = Path(__file__).parents[1]
 
@@ -35,17 +33,13 @@ def read_metrics(run_dir):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_corpus):
     root = tmp_path_factory.mktemp("multiprocess")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in sharded_runs.CORPUS_FILES:
-        shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
     previous = os.environ.get("BITNET_JAX_CACHE")
-    os.environ["BITNET_JAX_CACHE"] = str(root / "cache")
+    os.environ["BITNET_JAX_CACHE"] = tiny_corpus["cache"]
     yield {
         "root": root,
-        "corpus": str(corpus),
+        "corpus": tiny_corpus["corpus"],
         "env": {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
     }
     if previous is None:
@@ -54,11 +48,10 @@ def env(tmp_path_factory):
         os.environ["BITNET_JAX_CACHE"] = previous
 
 
-def test_two_processes_train_like_one(env):
-    # The one-process reference first: it also trains the tokenizer that both processes then read.
-    whole = env["root"] / "whole"
-    assert cli.main(sharded_runs.cli_args(env["corpus"], str(whole))) == 0
-
+def test_two_processes_train_like_one(env, one_device_cli_run):
+    # The one-process reference first (conftest.py): it also trained the tokenizer that both
+    # processes then read.
+    whole = one_device_cli_run
     out, port = env["root"] / "two", free_port()
     args = sharded_runs.cli_args(env["corpus"], str(out), "mesh=(2,1,2)")
     procs = [

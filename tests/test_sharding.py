@@ -28,7 +28,6 @@ n u = 5e-4), so at init the excuse for a flipped weight is never needed in pract
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,29 +40,25 @@ import sharded_runs
 from jax.sharding import AbstractMesh
 
 from bitnet_jax import BitNetError, BitNetLM, cli, init_params
-from bitnet_jax.data.pipeline import stdlib_root
 from bitnet_jax.train import sharding
-from bitnet_jax.train.loop import load_run, prepare_corpus
+from bitnet_jax.train.corpus import prepare_corpus
 from bitnet_jax.train.run_config import load_run_config
+from bitnet_jax.train.run_folder import load_run
 
 CASE_IDS = [sharded_runs.case_name(*case) for case in sharded_runs.CASES]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_corpus, request):
     """Starts the 8-device runs, computes the one-device references meanwhile, and returns both."""
     root = tmp_path_factory.mktemp("sharding")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in sharded_runs.CORPUS_FILES:
-        shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
-    cache = root / "cache"
+    corpus, cache = tiny_corpus["corpus"], tiny_corpus["cache"]
     previous_cache = os.environ.get("BITNET_JAX_CACHE")
-    os.environ["BITNET_JAX_CACHE"] = str(cache)
+    os.environ["BITNET_JAX_CACHE"] = cache
     # Both sides must use one tokenizer: train it (and tokenize) once, before either side starts.
     (root / "scratch").mkdir()
     prepare_corpus(
-        load_run_config(None, sharded_runs.CLI_SETTINGS + [f"corpus={corpus}"]), str(root / "scratch"), str(cache)
+        load_run_config(None, sharded_runs.CLI_SETTINGS + [f"corpus={corpus}"]), str(root / "scratch"), cache
     )
 
     out = root / "sharded"
@@ -77,7 +72,7 @@ def runs(tmp_path_factory):
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
     worker = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("sharded_runs.py")), str(out), str(corpus)],
+        [sys.executable, str(Path(__file__).with_name("sharded_runs.py")), str(out), corpus],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -85,8 +80,7 @@ def runs(tmp_path_factory):
     )
     try:
         reference = {wq: sharded_runs.train_steps(wq) for wq in sorted({wq for _, wq, _ in sharded_runs.CASES})}
-        whole = root / "whole"
-        assert cli.main(sharded_runs.cli_args(str(corpus), str(whole))) == 0
+        whole = request.getfixturevalue("one_device_cli_run")  # trained here unless test_multiprocess.py did
         output, _ = worker.communicate(timeout=900)
     finally:
         worker.kill()

@@ -13,48 +13,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from tiny_run import CORPUS_FILES, RUN
 
 from bitnet_jax import BitNetError, cli
 from bitnet_jax.data.pipeline import stdlib_root
-from bitnet_jax.train.loop import load_run
-
-# A few real stdlib modules make a corpus big enough for a 640-piece tokenizer and tiny batches.
-CORPUS_FILES = [
-    "textwrap.py",
-    "shlex.py",
-    "fnmatch.py",
-    "glob.py",
-    "bisect.py",
-    "heapq.py",
-    "colorsys.py",
-    "keyword.py",
-    "linecache.py",
-    "queue.py",
-    "sched.py",
-    "this.py",
-    "tabnanny.py",
-    "calendar.py",
-]
-TINY = [
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.num_key_value_heads=2",
-    "model.vocab_size=640",
-    "model.max_position_embeddings=64",
-    "seq_len=32",
-    "batch_size=4",
-    "steps=6",
-    "warmup_steps=2",
-    "log_every=1",
-    "eval_every=3",
-    "eval_batches=2",
-    "checkpoint_every=3",
-    "keep_checkpoints=3",
-    "heldout_fraction=0.1",
-    "learning_rate=1e-2",
-]
+from bitnet_jax.train.run_folder import load_run
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +42,7 @@ def train_args(env, out, *extra):
         str(out),
         "--set",
         f"corpus={env['corpus']}",
-        *[a for s in TINY for a in ("--set", s)],
+        *[a for s in RUN for a in ("--set", s)],
         *[a for s in extra for a in ("--set", s)],
     ]
 
@@ -90,7 +53,8 @@ def read_metrics(run_dir):
 
 @pytest.fixture(scope="module")
 def trained(env):
-    """One finished 6-step run (the CLI's own output is checked in the first test)."""
+    """One finished 6-step run (the CLI's own output is checked in the first test), also the
+    uninterrupted run that the resumed ones must equal."""
     out = env["root"] / "run"
     assert cli.main(train_args(env, out)) == 0
     return out
@@ -118,9 +82,9 @@ def test_train_writes_a_self_contained_run_folder_and_generates(trained, capsys)
     assert "tokens/s" in captured.err
 
 
-def test_resumed_run_equals_uninterrupted_run(env, capsys):
-    whole, resumed = env["root"] / "whole", env["root"] / "resumed"
-    assert cli.main(train_args(env, whole)) == 0
+def test_resumed_run_equals_uninterrupted_run(env, trained, capsys):
+    # `trained` is the uninterrupted run: a fresh run of the same settings.
+    whole, resumed = trained, env["root"] / "resumed"
     assert cli.main(train_args(env, resumed)) == 0
     # Lose the work after step 3, as a run killed between checkpoints would.
     shutil.rmtree(resumed / "checkpoints" / "6")
