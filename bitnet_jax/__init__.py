@@ -6,20 +6,23 @@ Public API:
   init_params    fresh parameters for training from scratch
   load_hf        read a local Hugging Face BitNet folder -> (config, params)
   load_gguf      read a bitnet.cpp / llama.cpp BitNet GGUF file -> (config, packed params)
-  load_model     a run, packed or Hugging Face folder -> (config, params, tokenizer)
+  load_model     a run, packed or Hugging Face folder or a GGUF file -> (config, params, tokenizer)
+  export_hf      write a folder that transformers' BitNetForCausalLM loads
   generate       jitted prefill + decode loop with a KV cache -> new token ids
   pack           training parameters -> packed serving parameters (2-bit ternary, int8 lm_head)
+  unpack         packed parameters -> training parameters that quantize back to the same codes
   BitNetError    the error raised for bad input, with a message meant for people
 """
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.gguf import load_gguf
 from bitnet_jax.interop.hf import load_hf
+from bitnet_jax.interop.hf_export import export_hf
 from bitnet_jax.model.config import PRESETS, BitNetConfig
 from bitnet_jax.model.transformer import BitNetLM, KVCache, init_params
 from bitnet_jax.serve.generate import generate
 from bitnet_jax.serve.load import load_model
-from bitnet_jax.serve.pack import pack
+from bitnet_jax.serve.pack import pack, unpack
 from bitnet_jax.serve.packed_folder import load_packed, save_packed
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "BitNetError",
     "BitNetLM",
     "KVCache",
+    "export_hf",
     "generate",
     "init_params",
     "load_gguf",
@@ -36,5 +40,6 @@ __all__ = [
     "load_packed",
     "pack",
     "save_packed",
+    "unpack",
 ]
 __version__ = "0.1.0"

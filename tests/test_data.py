@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax.data import pipeline as data
-from bitnet_jax.data.tokenizer import train_sentencepiece
+from bitnet_jax.data.tokenizer_training import train_sentencepiece
 from bitnet_jax.errors import BitNetError
 
 

@@ -27,7 +27,8 @@ from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_hos
 
 from bitnet_jax import BitNetConfig, BitNetError, BitNetLM, init_params, load_gguf, load_model, pack, save_packed
 from bitnet_jax.cli import main
-from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer, train_sentencepiece
+from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+from bitnet_jax.data.tokenizer_training import train_sentencepiece
 from bitnet_jax.interop import gguf_export
 from bitnet_jax.interop.gguf import Metadata, open_gguf
 from bitnet_jax.interop.gguf_export import quantize_q6_k, save_gguf

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bitnet_jax import BitNetConfig, BitNetError, BitNetLM, init_params
-from bitnet_jax.train.loop import compute_params, make_model, make_optimizer, make_train_step, training_loss
 from bitnet_jax.train.run_config import load_run_config
+from bitnet_jax.train.step import compute_params, make_model, make_optimizer, make_train_step, training_loss
 
 # initializer_range=0.3: logits far from uniform at init, so the loss depends on every layer
 # (with 0.02 it sits at ln V whatever the precision, and comparing it would prove nothing).

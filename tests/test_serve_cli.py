@@ -11,12 +11,14 @@ import pytest
 
 from bitnet_jax import BitNetConfig, generate
 from bitnet_jax.cli import main
-from bitnet_jax.data.tokenizer import StreamDecoder, load_tokenizer, train_sentencepiece
+from bitnet_jax.data.tokenizer import load_tokenizer
+from bitnet_jax.data.tokenizer_training import train_sentencepiece
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import ffi
 from bitnet_jax.serve.chat import chat_loop, chat_prompt_ids, render_chat, stop_ids
 from bitnet_jax.serve.load import load_model
-from bitnet_jax.serve.pack import load_packed
+from bitnet_jax.serve.packed_folder import load_packed
+from bitnet_jax.serve.streaming import StreamDecoder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 # A LLaMA-3-style template (the shape of 2B4T's), written here for the test.

@@ -21,7 +21,8 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels.ops import ServingSpec, computation_platform, serving_backend
 from bitnet_jax.model.serving_layers import is_packed, lm_head_kind, serving_variables
 from bitnet_jax.serve.generate import compile_generate
-from bitnet_jax.serve.pack import load_packed, pack, read_packed_folder, save_packed
+from bitnet_jax.serve.pack import pack
+from bitnet_jax.serve.packed_folder import load_packed, read_packed_folder, save_packed
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = [case["name"] for case in json.loads((FIXTURES / "manifest.json").read_text())["cases"]]

@@ -10,7 +10,7 @@ from bitnet_jax import cli
 from bitnet_jax.data import documents, token_records
 from bitnet_jax.data import pipeline as data
 from bitnet_jax.data.sources import DataSource, parse_source
-from bitnet_jax.data.tokenizer import train_sentencepiece
+from bitnet_jax.data.tokenizer_training import train_sentencepiece
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.train.run_config import RunConfig, load_run_config
 

@@ -8,14 +8,10 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from bitnet_jax.data.tokenizer import (
-    HFTokenizer,
-    SentencePieceTokenizer,
-    StreamDecoder,
-    load_tokenizer,
-    train_sentencepiece,
-)
+from bitnet_jax.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from bitnet_jax.data.tokenizer_training import train_sentencepiece
 from bitnet_jax.errors import BitNetError
+from bitnet_jax.serve.streaming import StreamDecoder
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS = [

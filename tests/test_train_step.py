@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from bitnet_jax import BitNetConfig, BitNetError, BitNetLM, init_params
-from bitnet_jax.train.loop import make_optimizer, make_train_step, training_loss
 from bitnet_jax.train.run_config import load_run_config
+from bitnet_jax.train.step import make_optimizer, make_train_step, training_loss
 
 CONFIG = BitNetConfig.preset(
     "tiny",
