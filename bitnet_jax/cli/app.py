@@ -1,18 +1,19 @@
 """The `bitnet-jax` command line: `train` a model from scratch, `generate` text from one.
 
-    bitnet-jax train --config configs/tiny.py [--set key=value ...] [--out DIR]
+    bitnet-jax train --config configs/tiny.py [--set key=value ...] [--out DIR] [--init SRC]
         [--coordinator-address HOST:PORT --num-processes N --process-id I | --distributed]
     bitnet-jax generate --model DIR --prompt TEXT [--max-new-tokens N] [--temperature T]
     bitnet-jax bench train [--config FILE] [--set key=value ...] [--repeats N] [--json FILE]
     bitnet-jax tokenize --corpus SOURCE --out DIR [--tokenizer PATH | --vocab-size N]
     bitnet-jax convert SRC DST [--lm-head int8|int8-tied|float]
     bitnet-jax convert SRC OUT.gguf --format i2_s|tq2_0|tq1_0 [--lm-head f16|q8_0|q6_k]
+    bitnet-jax export-hf SRC OUT [--packed] [--dtype bfloat16|float32] [--force]
     bitnet-jax chat --model DIR [--temperature T --top-k K --top-p P] [--system TEXT]
     bitnet-jax serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY]
     bitnet-jax bench kernels [--threads N] [--json FILE]
     bitnet-jax bench generate --preset b1.58-2b4t --random-weights [--threads N] [--json FILE]
     bitnet-jax bench serve --preset b1.58-2b4t --random-weights [--clients 1,2,4,8] [--json FILE]
-    bitnet-jax ablate --config FILE --grid key=v1,v2 [--grid ...] [--steps N] [--set key=value ...] [--out DIR]
+    bitnet-jax ablate --config FILE --grid key=v1,v2 [--grid ...] [--steps N] [--seeds N] [--set k=v ...] [--out DIR]
     bitnet-jax eval --model SRC [--corpus SPEC] [--max-tokens N] [--context W --stride S] [--json FILE]
     bitnet-jax lm-eval --model bitnet-jax --model_args pretrained=DIR --tasks ... (lm_eval's arguments)
 
@@ -22,6 +23,7 @@ Errors caused by the input (`BitNetError`) print one message and exit with statu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -90,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="multi-process with every setting detected by JAX (Slurm, Open MPI, Cloud TPU, Kubernetes)",
     )
+    train.add_argument(
+        "--init",
+        metavar="SRC",
+        help="fine-tune: start from this model (Hugging Face, run or packed folder, or GGUF file); its "
+        "architecture and tokenizer are the run's",
+    )
     train.set_defaults(func=_train)
 
     gen = commands.add_parser("generate", help="generate text from a run folder or a Hugging Face BitNet folder")
@@ -124,6 +132,20 @@ def _parser() -> argparse.ArgumentParser:
         "--format", choices=("i2_s", "tq2_0", "tq1_0"), default=None, help="DST is a GGUF file of this type"
     )
     convert.set_defaults(func=_convert)
+
+    export_hf = commands.add_parser(
+        "export-hf", help="write a Hugging Face BitNet folder (transformers' BitNetForCausalLM loads it)"
+    )
+    export_hf.add_argument("src", help="a bitnet-jax run or packed folder, a Hugging Face BitNet folder or a GGUF file")
+    export_hf.add_argument("out", help="the folder to write")
+    export_hf.add_argument(
+        "--packed", action="store_true", help="ternary weights packed 4 per byte with one scale each (offline)"
+    )
+    export_hf.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="master weights' dtype (default bf16)"
+    )
+    export_hf.add_argument("--force", action="store_true", help="replace OUT if it exists and is not empty")
+    export_hf.set_defaults(func=_export_hf)
 
     chat = commands.add_parser("chat", help="interactive chat with a model (chat template from tokenizer_config.json)")
     chat.add_argument("--model", required=True, help="a packed, run or Hugging Face folder")
@@ -235,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
         "--grid act_quant=token,tensor --grid act_bits=8,4",
     )
     ablate.add_argument("--steps", type=int, help="training steps of every run (default: the config's)")
+    ablate.add_argument(
+        "--seeds", type=int, default=1, help="seeds per variant: the config's seed, seed+1, ... (default 1)"
+    )
     ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train, for all runs")
     ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="ablation folder (default runs/ablate)")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -263,13 +288,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _export_hf(args) -> int:
+    from bitnet_jax.interop.hf import generation_stop_ids
+    from bitnet_jax.interop.hf_export import export_hf
+    from bitnet_jax.serve.chat import chat_template
+    from bitnet_jax.serve.load import load_model
+
+    config, params, tokenizer = load_model(args.src)
+    stops = generation_stop_ids(args.src, config) if os.path.isdir(args.src) else config.eos_ids
+    export_hf(
+        config,
+        params,
+        tokenizer,
+        args.out,
+        packed=args.packed,
+        dtype=args.dtype,
+        chat_template=chat_template(args.src),
+        stop_ids=stops,
+        force=args.force,
+    )
+    kind = "packed ternary weights" if args.packed else f"{args.dtype} master weights"
+    print(f"Exported {args.src} -> {args.out} (Hugging Face BitNet folder, {kind}).")
+    return 0
+
+
 def _convert(args) -> int:
     from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
     from bitnet_jax.interop.hf import read_hf_config
-    from bitnet_jax.model.serving_layers import lm_head_kind
+    from bitnet_jax.model.serving_layers import is_packed, lm_head_kind
     from bitnet_jax.serve.load import load_model
-    from bitnet_jax.serve.pack import convert_hf, is_packed_folder, pack, save_packed
-    from bitnet_jax.train.loop import is_run_folder
+    from bitnet_jax.serve.pack import convert_hf, pack, unpack
+    from bitnet_jax.serve.packed_folder import is_packed_folder, save_packed
+    from bitnet_jax.train.run_folder import is_run_folder
 
     if args.format or args.dst.endswith(".gguf") or args.src.endswith(".gguf"):
         from bitnet_jax.interop.gguf_export import convert_gguf
@@ -277,7 +327,12 @@ def _convert(args) -> int:
         return convert_gguf(args.src, args.dst, fmt=args.format, lm_head=args.lm_head)
     if is_run_folder(args.src) or is_packed_folder(args.src):
         config, params, tokenizer = load_model(args.src)
-        packed = pack(config, params, lm_head=args.lm_head)
+        if not is_packed(params):
+            packed = pack(config, params, lm_head=args.lm_head)
+        elif (args.lm_head or lm_head_kind(params)) == lm_head_kind(params):
+            packed = params  # a copy of a packed folder
+        else:  # another lm_head: from the dequantized rows of this one (the float table is gone)
+            packed = pack(config, unpack(config, params), lm_head=args.lm_head)
     else:  # a Hugging Face folder: packed as it is read, so that its float weights never all sit in memory
         config, _ = read_hf_config(args.src)
         tokenizer = load_tokenizer(args.src, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
@@ -439,7 +494,8 @@ def _tokenize(args) -> int:
 
     from bitnet_jax.data.documents import tokenize_to_folder, training_documents
     from bitnet_jax.data.sources import parse_source
-    from bitnet_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+    from bitnet_jax.data.tokenizer import load_tokenizer
+    from bitnet_jax.data.tokenizer_training import train_sentencepiece
     from bitnet_jax.train.run_config import RunConfig
 
     try:
@@ -496,11 +552,29 @@ def _train(args) -> int:
     from bitnet_jax.train.loop import train
     from bitnet_jax.train.run_config import load_run_config
 
-    run = load_run_config(args.config, args.set)
+    overrides = [*args.set, *([f"init={args.init}"] if args.init else [])]
+    # `init` (from --init, --set or the config file) decides what the model settings mean.
+    init = load_run_config(args.config, [o for o in overrides if not o.startswith("model.")]).init
+    initial_params = None
+    if init:  # fine-tuning: architecture, weights and tokenizer come from the model
+        from bitnet_jax.serve.load import load_training_model
+
+        config, initial_params, tokenizer = load_training_model(init)
+        run = load_run_config(args.config, overrides, init_model=config)
+        if not run.tokenizer:
+            run = dataclasses.replace(run, tokenizer=str(tokenizer.path))
+    else:
+        run = load_run_config(args.config, overrides)
+    teacher = None
+    if run.teacher:  # distillation: the teacher's config and training parameters (train checks its vocabulary)
+        from bitnet_jax.serve.load import load_training_model
+
+        teacher_config, teacher_params, _ = load_training_model(run.teacher)
+        teacher = (teacher_config, teacher_params)
     _init_distributed(args)
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "default"
     out = args.out or os.path.join("runs", name)
-    final = train(run, out, progress=not args.no_progress)
+    final = train(run, out, progress=not args.no_progress, initial_params=initial_params, teacher=teacher)
     print(
         f"Done: step {final.get('step')}, eval loss {final.get('eval_loss', float('nan')):.3f}. "
         f"Run folder: {out} (metrics.jsonl, loss.png, checkpoints/)."
@@ -511,11 +585,11 @@ def _train(args) -> int:
 def _generate(args) -> int:
     import numpy as np
 
-    from bitnet_jax.data.tokenizer import StreamDecoder
     from bitnet_jax.interop.hf import generation_stop_ids
     from bitnet_jax.serve.generate import compile_generate, generate
     from bitnet_jax.serve.load import load_model
-    from bitnet_jax.serve.pack import is_packed_folder, load_packed
+    from bitnet_jax.serve.packed_folder import is_packed_folder, load_packed
+    from bitnet_jax.serve.streaming import StreamDecoder
 
     # A packed folder: compile from the weights' shapes first, then load them, so that the
     # compiler's working memory is spent before the weights take theirs.
@@ -583,11 +657,14 @@ def _bench_train(args) -> int:
 def _ablate(args) -> int:
     from bitnet_jax.research.ablate import ablate, load_ablation
 
-    base, grid = load_ablation(args.config, args.set, args.grid, args.steps)
-    ablate(base, grid, args.out, progress=not args.no_progress)
+    base, grid = load_ablation(args.config, args.set, args.grid, args.steps, args.seeds)
+    ablate(base, grid, args.out, seeds=args.seeds, progress=not args.no_progress)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read(), end="")
-    print(f"Ablation folder: {args.out} (results.md, results.json, loss_curves.png, one run folder per row).")
+    print(
+        f"Ablation folder: {args.out} (results.md, results.json, loss_curves.png, quality_vs_bytes.png, "
+        "one run folder per variant and seed)."
+    )
     return 0
 
 
