@@ -55,6 +55,15 @@ def tiny_corpus(tmp_path_factory):
     return {"corpus": str(corpus), "cache": str(root / "cache")}
 
 
+@pytest.fixture(scope="module")
+def tiny_env(tiny_corpus, tmp_path_factory, request):
+    """{"root": a fresh folder for this module's runs, "corpus": the tiny corpus}, with the shared
+    tokenizer / token cache set as BITNET_JAX_CACHE while the module's tests run."""
+    os.environ["BITNET_JAX_CACHE"] = tiny_corpus["cache"]
+    yield {"root": tmp_path_factory.mktemp(request.module.__name__), "corpus": tiny_corpus["corpus"]}
+    os.environ.pop("BITNET_JAX_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def one_device_cli_run(tiny_corpus, tmp_path_factory):
     """`bitnet-jax train` with sharded_runs.CLI_SETTINGS on one device, uninterrupted: the run that

@@ -9,10 +9,9 @@ import statistics
 import struct
 
 import pytest
-from tiny_run import CORPUS_FILES, RUN
+from tiny_run import RUN
 
 from bitnet_jax import BitNetConfig, cli
-from bitnet_jax.data.pipeline import stdlib_root
 from bitnet_jax.model.transformer import init_params
 from bitnet_jax.research.ablate import decode_tokens_per_s
 
@@ -21,15 +20,8 @@ SCORED_TOKENS = 256
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablate_report")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in CORPUS_FILES:
-        shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
-    os.environ["BITNET_JAX_CACHE"] = str(root / "cache")
-    yield {"root": root, "corpus": str(corpus)}
-    os.environ.pop("BITNET_JAX_CACHE", None)
+def env(tiny_env):
+    return tiny_env
 
 
 def ablate_args(env, out, *extra):

@@ -7,8 +7,6 @@ a reader proven on files we did not write (`load_hf`, tests/test_hf_parity.py).
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -30,15 +28,8 @@ SMALL = ["seq_len=32", "batch_size=2", "eval_batches=1", "heldout_fraction=0.2",
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    folder = root / "corpus"
-    folder.mkdir()
-    for name in CORPUS_FILES:
-        shutil.copy(stdlib_root() / name, folder / f"{name}.txt")
-    os.environ["BITNET_JAX_CACHE"] = str(root / "cache")
-    yield folder
-    os.environ.pop("BITNET_JAX_CACHE", None)
+def corpus(tiny_env):
+    return tiny_env["corpus"]
 
 
 def _args(out, corpus, *sets, init=SOURCE):

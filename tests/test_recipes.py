@@ -3,17 +3,15 @@ and knowledge distillation (`teacher`, `kd_temperature`, `kd_weight`), each agai
 written here: separate full-precision and QAT runs, a numpy loss, an undistilled run."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from tiny_run import CORPUS_FILES, RUN
+from tiny_run import RUN
 
 from bitnet_jax import BitNetConfig, BitNetError, cli
-from bitnet_jax.data.pipeline import stdlib_root
 from bitnet_jax.model.transformer import BitNetLM, init_params
 from bitnet_jax.train.loop import train
 from bitnet_jax.train.run_config import load_run_config
@@ -27,15 +25,8 @@ FULL_PRECISION = ["model.weight_quant=none", "model.act_quant=none"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipes")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in CORPUS_FILES:
-        shutil.copy(stdlib_root() / name, corpus / f"{name}.txt")
-    os.environ["BITNET_JAX_CACHE"] = str(root / "cache")
-    yield {"root": root, "corpus": str(corpus)}
-    os.environ.pop("BITNET_JAX_CACHE", None)
+def env(tiny_env):
+    return tiny_env
 
 
 def train_args(env, out, *extra):
