@@ -39,7 +39,7 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.quant import ternary_master_weights
 
-_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
 # Buffers transformers may save that carry no parameters.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -283,7 +283,7 @@ class HFCheckpoint:
         """Layer i's parameters: `load_hf(...)["layers"]` without the leading layer axis, norms as
         stored, kernels [in, out] as float32 master weights."""
         layer: dict = {"self_attn": {}, "mlp": {}}
-        for norm in _LAYER_NORMS:
+        for norm in LAYER_NORMS:
             weight = self._tensors.get(f"model.layers.{i}.{norm}.weight", (self._norm_width[norm],))
             _nested_set(layer, norm.split(".") + ["weight"], weight)
         for block, shapes in self.config.linear_shapes.items():

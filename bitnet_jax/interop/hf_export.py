@@ -34,19 +34,13 @@ import ml_dtypes
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.interop.hf import config_to_hf, pack_hf_ternary
+from bitnet_jax.interop.hf import LAYER_NORMS, config_to_hf, pack_hf_ternary
 from bitnet_jax.kernels import layout
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.quant import ternary_master_weights, weight_quantize
-from bitnet_jax.model.serving_layers import is_packed
+from bitnet_jax.model.serving_layers import float_rows, is_packed
 
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-_LAYER_NORMS = {
-    "input_layernorm": ("input_layernorm",),
-    "post_attention_layernorm": ("post_attention_layernorm",),
-    "self_attn.attn_sub_norm": ("self_attn", "attn_sub_norm"),
-    "mlp.ffn_sub_norm": ("mlp", "ffn_sub_norm"),
-}
 _quantize = jax.jit(weight_quantize, static_argnums=1)
 
 
@@ -119,8 +113,8 @@ def hf_tensors(config: BitNetConfig, params, *, packed: bool, dtype) -> dict[str
     out: dict[str, np.ndarray] = {}
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}"
-        for hf_name, path in _LAYER_NORMS.items():
-            out[f"{prefix}.{hf_name}.weight"] = _get(layers, path)["weight"][i].astype(dtype)
+        for hf_name in LAYER_NORMS:
+            out[f"{prefix}.{hf_name}.weight"] = _get(layers, hf_name.split("."))["weight"][i].astype(dtype)
         for block, shapes in config.linear_shapes.items():
             for name, (in_features, out_features) in shapes.items():
                 p = layers[block][name]
@@ -134,7 +128,7 @@ def hf_tensors(config: BitNetConfig, params, *, packed: bool, dtype) -> dict[str
                 if "rms_norm" in p:
                     out[f"{module}.rms_norm.weight"] = p["rms_norm"]["weight"][i].astype(dtype)
     out["model.norm.weight"] = params["norm"]["weight"].astype(dtype)
-    out["model.embed_tokens.weight"] = _embedding(params, config).astype(dtype)
+    out["model.embed_tokens.weight"] = float_rows(params["embed_tokens"], config.hidden_size).astype(dtype)
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = _lm_head(params, config).astype(dtype)
     return {name: np.ascontiguousarray(value) for name, value in out.items()}
@@ -162,23 +156,11 @@ def _master_weight(p, i, t_oi, scale, source_packed):
     return ternary_master_weights(t_oi, scale)
 
 
-def _embedding(params, config: BitNetConfig) -> np.ndarray:
-    embed = params["embed_tokens"]
-    if "embedding" in embed:
-        return np.asarray(embed["embedding"], np.float32)
-    return _dequantize_int8(embed, config)
-
-
 def _lm_head(params, config: BitNetConfig) -> np.ndarray:
     head = params["lm_head"]
     if "kernel" in head:
         return np.asarray(head["kernel"], np.float32).T
-    return _dequantize_int8(head, config)
-
-
-def _dequantize_int8(rows, config: BitNetConfig) -> np.ndarray:
-    w8 = np.asarray(rows["w_int8"])[:, : config.hidden_size]
-    return w8.astype(np.float32) * np.asarray(rows["w_scale"], np.float32)[:, None]
+    return float_rows(head, config.hidden_size)
 
 
 def _write_tokenizer_config(folder: str, tokenizer, chat_template: str | None) -> None:

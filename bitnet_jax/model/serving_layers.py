@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from bitnet_jax.kernels import layout, ops
@@ -89,6 +90,15 @@ def lm_head_kind(params) -> str:
     if "w_int8" in params["embed_tokens"]:
         return "int8-tied"
     return "int8" if "w_int8" in params.get("lm_head", {}) else "float"
+
+
+def float_rows(table, hidden_size: int) -> np.ndarray:
+    """The float32 rows [V, D] of a packed embedding or lm_head table: a float `embedding` as it is,
+    int8 rows (`w_int8`, `w_scale`) dequantized."""
+    if "embedding" in table:
+        return np.asarray(table["embedding"], np.float32)
+    w8_vd = np.asarray(table["w_int8"])[:, :hidden_size].astype(np.float32)
+    return w8_vd * np.asarray(table["w_scale"], np.float32)[:, None]
 
 
 def _is_packed_leaf(path: tuple[str, ...]) -> bool:

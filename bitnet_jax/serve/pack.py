@@ -26,7 +26,7 @@ from bitnet_jax.kernels import layout
 from bitnet_jax.kernels.ops import LM_HEADS
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.quant import ternary_master_weights, weight_quantize
-from bitnet_jax.model.serving_layers import is_packed
+from bitnet_jax.model.serving_layers import float_rows, is_packed
 
 # Rows of an int8 table quantized at once: the float temporaries of a 2B4T embedding
 # [128256, 2560] stay at ~40 MB each instead of 1.3 GB.
@@ -101,12 +101,7 @@ def unpack(config: BitNetConfig, packed) -> dict:
                     out[block][name]["rms_norm"] = p["rms_norm"]
         return out
 
-    def rows(table) -> np.ndarray:  # [V, D] float32
-        if "embedding" in table:
-            return np.asarray(table["embedding"], np.float32)
-        w8 = table["w_int8"][:, : config.hidden_size].astype(np.float32)
-        return w8 * table["w_scale"].astype(np.float32)[:, None]
-
+    rows = lambda table: float_rows(table, config.hidden_size)
     params = {
         "embed_tokens": {"embedding": rows(packed["embed_tokens"])},
         "layers": stack_layers(layer, config.num_hidden_layers),
