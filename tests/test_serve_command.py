@@ -31,7 +31,9 @@ def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
     command = [sys.executable, "-m", "bitnet_jax.cli", "serve", "--model", str(folder), "--port", str(port)]
     command += ["--max-batch", "8", "--max-context", "128", "--model-name", "tiny"]  # test_server.py's shapes
     with open(tmp_path / "server.log", "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # cwd=tmp_path: from the repository root, `-m` would import the source checkout (which has no
+        # compiled _ffi_ext) instead of the installed package.
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 300
         while True:
