@@ -5,8 +5,9 @@ product on odd shapes,
     out-of-bounds access or undefined behaviour on the way), one test per path, a path this CPU
     cannot run skipped with the reason;
   * cross-built for aarch64 (xla_ffi/cmake/aarch64-linux-gnu.cmake) and run under qemu-user: the
-    build off x86-64 holds the scalar paths alone, and they must be exact there too. Skipped, with
-    the reason, where the cross compiler or qemu is not installed (.ci/run installs them).
+    scalar and both NEON paths exact there, on an emulated core with the dot-product extension
+    and on one without, where the run-time check must leave that path out. Skipped, with the
+    reason, where the cross compiler or qemu is not installed (.ci/run installs them).
 """
 
 import os
@@ -114,13 +115,22 @@ def test_kernels_exact_on_aarch64_under_qemu(tmp_path):
         f"-DCMAKE_TOOLCHAIN_FILE={SOURCES / 'cmake' / 'aarch64-linux-gnu.cmake'}",
     )
     assert _elf_machine(binary) == 183, "the cross build did not produce an AArch64 binary"  # EM_AARCH64
-    run = subprocess.run([QEMU, "-L", ARM_SYSROOT, str(binary)], capture_output=True, text=True)
-    output = run.stdout + run.stderr
-    assert run.returncode == 0, output
-    assert run.stdout.strip().endswith("OK"), output
-    # Off x86-64 the scalar paths are all there is: checked, and nothing else.
-    assert _checked_paths(run.stdout) == {"scalar": "checked", "avx2": "not checked", "avx512": "not checked"}, output
-    assert re.search(r"^scalar: checked \d+ shapes$", run.stdout, re.M), output
+    # qemu's "max" core has the dot-product extension; the Cortex-A57 (Armv8.0-A) does not, and
+    # the run-time check (getauxval) must leave that path out there.
+    for cpu, has_dot in (("max", True), ("cortex-a57", False)):
+        run = subprocess.run([QEMU, "-cpu", cpu, "-L", ARM_SYSROOT, str(binary)], capture_output=True, text=True)
+        output = f"qemu-aarch64 -cpu {cpu}:\n{run.stdout}{run.stderr}"
+        assert run.returncode == 0, output
+        assert run.stdout.strip().endswith("OK"), output
+        assert _checked_paths(run.stdout) == {
+            "scalar": "checked",
+            "avx2": "not checked",
+            "avx512": "not checked",
+            "neon": "checked",
+            "neon_dot": "checked" if has_dot else "not checked",
+        }, output
+        if not has_dot:
+            assert re.search(r"^neon_dot: not checked, this CPU cannot run it$", run.stdout, re.M), output
 
 
 def test_ffi_handlers_compile_for_aarch64(tmp_path):

@@ -1,11 +1,11 @@
 """The serving matmul kernels (xla_ffi/matmul.cc, gemm.cc) against pure-JAX references.
 
-Every kernel path (scalar, AVX2, AVX-512 VNNI, forced with BITNET_JAX_ISA; those this CPU cannot
-run are skipped, saying so) must give integer results identical to `jnp.dot` on unpacked int32
-values, on odd shapes: K not a multiple of the 256-wide block, N not a multiple of the 4-row
-group, M (rows) on both sides of the 4-row tile and large. The fused float ops must equal the
-reference written in the same order (act_quantize, exact integer dot, * (1 / x_scale) * w_scale)
-bit for bit.
+Every kernel path (scalar, AVX2, AVX-512 VNNI, NEON, NEON dot-product, forced with BITNET_JAX_ISA;
+those this CPU cannot run are skipped, saying so) must give integer results identical to `jnp.dot`
+on unpacked int32 values, on odd shapes: K not a multiple of the 256-wide block, N not a multiple
+of the 4-row group, M (rows) on both sides of the 4-row tile and large. The fused float ops must
+equal the reference written in the same order (act_quantize, exact integer
+dot, * (1 / x_scale) * w_scale) bit for bit.
 """
 
 import jax

@@ -3,6 +3,13 @@
 #include <cstdlib>
 #include <cstring>
 
+#if BITNET_JAX_ARM_SIMD && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)  // Linux's bit (uapi asm/hwcap.h); glibc before 2.28 lacks the name
+#endif
+#endif
+
 namespace bitnet {
 
 namespace {
@@ -19,20 +26,55 @@ bool CpuRuns(Isa isa) {
     case Isa::kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    case Isa::kNeon:
+    case Isa::kNeonDot:
+      return false;  // not in this build (IsaBuilt)
+  }
+  return false;
+}
+#elif BITNET_JAX_ARM_SIMD
+#if defined(__linux__)
+// The kernel's hardware capabilities: what the core has and the kernel lets user space run.
+bool CpuHasDotProd() { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#else
+// No detection for other OSes yet: the plain NEON path runs on every aarch64 core.
+bool CpuHasDotProd() { return false; }
+#endif
+
+bool CpuRuns(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar:
+    case Isa::kNeon:  // Advanced SIMD is part of the AArch64 base architecture
+      return true;
+    case Isa::kNeonDot:
+      return CpuHasDotProd();
+    case Isa::kAvx2:
+    case Isa::kAvx512Vnni:
+      return false;  // not in this build (IsaBuilt)
   }
   return false;
 }
 #else
-// Not x86-64: the build holds no SIMD path (cpu_isa.h).
+// Neither x86-64 nor aarch64: the build holds no SIMD path (cpu_isa.h).
 bool CpuRuns(Isa isa) { return isa == Isa::kScalar; }
 #endif
 
 bool ParseIsa(const char* name, Isa* isa) {
-  if (std::strcmp(name, "scalar") == 0) *isa = Isa::kScalar;
-  else if (std::strcmp(name, "avx2") == 0) *isa = Isa::kAvx2;
-  else if (std::strcmp(name, "avx512") == 0) *isa = Isa::kAvx512Vnni;
-  else return false;
-  return true;
+  for (Isa a : kAllIsas) {
+    if (std::strcmp(name, IsaName(a)) == 0) {
+      *isa = a;
+      return true;
+    }
+  }
+  return false;
+}
+
+// "a, b, c": the names of `isas`.
+template <typename Isas>
+std::string JoinNames(const Isas& isas) {
+  std::string names;
+  for (Isa a : isas) names += std::string(names.empty() ? "" : ", ") + IsaName(a);
+  return names;
 }
 
 }  // namespace
@@ -42,6 +84,8 @@ const char* IsaName(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512Vnni: return "avx512";
+    case Isa::kNeon: return "neon";
+    case Isa::kNeonDot: return "neon_dot";
   }
   return "unknown";
 }
@@ -64,13 +108,11 @@ bool SelectIsa(Isa* isa, std::string* error) {
     *isa = available.back();
     return true;
   }
-  std::string names;
-  for (Isa a : available) names += std::string(names.empty() ? "" : ", ") + IsaName(a);
   Isa wanted;
   if (!ParseIsa(forced, &wanted)) {
-    *error = std::string("BITNET_JAX_ISA=") + forced +
-             " is not a kernel path: expected one of scalar, avx2, avx512 (this CPU runs: " +
-             names + "); unset it to use the fastest";
+    *error = std::string("BITNET_JAX_ISA=") + forced + " is not a kernel path: expected one of " +
+             JoinNames(kAllIsas) + " (this CPU runs: " + JoinNames(available) +
+             "); unset it to use the fastest";
     return false;
   }
   for (Isa a : available) {
@@ -80,7 +122,7 @@ bool SelectIsa(Isa* isa, std::string* error) {
     }
   }
   *error = std::string("BITNET_JAX_ISA=") + forced + " asks for a path this CPU cannot run (it runs: " +
-           names + ")";
+           JoinNames(available) + ")";
   return false;
 }
 

@@ -21,6 +21,8 @@
 
 #if BITNET_JAX_X86_SIMD
 #include <immintrin.h>
+#elif BITNET_JAX_ARM_SIMD
+#include <arm_neon.h>
 #endif
 
 namespace bitnet {
@@ -82,6 +84,13 @@ float QuantizeRow(const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
 }
 
 #if BITNET_JAX_X86_SIMD
+
+// GCC 12's AVX-512 headers build some results from _mm*_undefined_*() and then warn that they are
+// (maybe) used uninitialized; the warning is about the header, not this code. Silenced for these
+// functions only, as every includer gets them.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // The same quantizer, 16 (AVX-512) or 8 (AVX2) floats at a time, with identical results: the
 // products are the same float32 multiplications, cvtps2dq rounds to nearest-even as nearbyint
@@ -175,18 +184,72 @@ BITNET_QUANT_AVX2 float QuantizeRowAvx2(const T* x, int64_t k, int bits, int8_t*
   return scale;
 }
 
+#pragma GCC diagnostic pop
+
 // QuantizeRow on kernel path `isa` (every path gives the same results).
 template <typename T>
 float QuantizeRowOn(Isa isa, const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
   switch (isa) {
     case Isa::kAvx512Vnni: return QuantizeRowAvx512(x, k, bits, q, q_sum);
     case Isa::kAvx2: return QuantizeRowAvx2(x, k, bits, q, q_sum);
-    case Isa::kScalar: break;
+    case Isa::kScalar:
+    case Isa::kNeon:
+    case Isa::kNeonDot:  // not in this build (IsaBuilt)
+      break;
   }
   return QuantizeRow(x, k, bits, q, q_sum);
 }
 
-#else  // !BITNET_JAX_X86_SIMD
+#elif BITNET_JAX_ARM_SIMD
+
+// The same quantizer, 8 floats (two NEON registers) at a time, with identical results: the same
+// float32 multiplications, fcvtns rounds to nearest-even as nearbyint does in the default mode,
+// and NaN is handled as above: fmax / fmin keep a NaN product (inf * 0, or any in a NaN row) and
+// fcvtns converts it to 0, as XLA does. Both NEON paths use it: the dot-product extension has
+// nothing to add here. The last k % 8 elements take the scalar steps.
+inline float32x4_t Load4(const float* p) { return vld1q_f32(p); }
+inline float32x4_t Load4(const uint16_t* p) {
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+}
+
+template <typename T>
+float QuantizeRowNeon(const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
+  const int64_t body = k - k % 8;
+  float32x4_t vmax = vdupq_n_f32(0.0f);
+  for (int64_t i = 0; i < body; i += 4) vmax = vmaxq_f32(vmax, vabsq_f32(Load4(x + i)));
+  // fmax and fmaxv return NaN when an operand is NaN: a NaN in the body makes amax, hence the
+  // scale, NaN (RowScale); the scalar steps over the tail record theirs in has_nan.
+  float amax = vmaxvq_f32(vmax);
+  bool has_nan = false;
+  AbsMaxSteps(x, body, k, &amax, &has_nan);
+  const float scale = RowScale(amax, has_nan, bits);
+  const float q_max = static_cast<float>((1 << (bits - 1)) - 1), q_min = -q_max - 1.0f;
+  const float32x4_t vscale = vdupq_n_f32(scale), lo = vdupq_n_f32(q_min), hi = vdupq_n_f32(q_max);
+  int32x4_t vsum = vdupq_n_s32(0);
+  for (int64_t i = 0; i < body; i += 8) {
+    int32x4_t qi[2];
+    for (int half = 0; half < 2; ++half) {
+      const float32x4_t v = vmulq_f32(Load4(x + i + 4 * half), vscale);
+      qi[half] = vcvtnq_s32_f32(vminq_f32(vmaxq_f32(v, lo), hi));
+      vsum = vaddq_s32(vsum, qi[half]);
+    }
+    // int32 -> int8 (values are in range): two narrowing moves, 8 bytes in order.
+    vst1_s8(q + i, vmovn_s16(vcombine_s16(vmovn_s32(qi[0]), vmovn_s32(qi[1]))));
+  }
+  int32_t sum = vaddvq_s32(vsum);
+  sum += QuantizeSteps(x, body, k, scale, bits, q);
+  *q_sum += sum;
+  return scale;
+}
+
+// QuantizeRow on kernel path `isa` (every path gives the same results).
+template <typename T>
+float QuantizeRowOn(Isa isa, const T* x, int64_t k, int bits, int8_t* q, int32_t* q_sum) {
+  if (isa == Isa::kNeon || isa == Isa::kNeonDot) return QuantizeRowNeon(x, k, bits, q, q_sum);
+  return QuantizeRow(x, k, bits, q, q_sum);
+}
+
+#else  // neither x86-64 nor aarch64
 
 // The scalar steps are the only quantizer in this build (AvailableIsas is {kScalar}).
 template <typename T>
@@ -194,7 +257,7 @@ float QuantizeRowOn(Isa, const T* x, int64_t k, int bits, int8_t* q, int32_t* q_
   return QuantizeRow(x, k, bits, q, q_sum);
 }
 
-#endif  // BITNET_JAX_X86_SIMD
+#endif
 
 }  // namespace bitnet
 

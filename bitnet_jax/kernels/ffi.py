@@ -15,8 +15,9 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
   bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
                         read in place (`embed_rows`, xla_ffi/embed.cc).
 
-Kernel paths (scalar, AVX2, AVX-512 VNNI) are chosen at run time from the CPU, or forced with
-the environment variable BITNET_JAX_ISA=scalar|avx2|avx512 (read at every call).
+Kernel paths (scalar; AVX2, AVX-512 VNNI on x86-64; NEON, NEON with sdot on aarch64) are chosen at
+run time from the CPU, or forced with the environment variable
+BITNET_JAX_ISA=scalar|avx2|avx512|neon|neon_dot (read at every call).
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def act_quant_i8(x_k: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def available_isas() -> list[str]:
-    """Kernel paths this CPU runs, scalar first (e.g. ['scalar', 'avx2', 'avx512'])."""
+    """Kernel paths this CPU runs, scalar first (e.g. ['scalar', 'avx2', 'avx512'] or
+    ['scalar', 'neon', 'neon_dot'])."""
     return list(_ffi_ext.available_isas())
 
 

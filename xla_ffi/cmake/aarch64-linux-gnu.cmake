@@ -1,10 +1,11 @@
 # CMake toolchain for 64-bit ARM Linux with Debian's cross compiler (apt-get install
 # g++-aarch64-linux-gnu qemu-user). Used to prove that the kernels build and stay exact off x86
-# (only the scalar paths exist there) without an ARM machine; tests/test_cpp_kernels.py runs:
+# (the scalar and NEON paths) without an ARM machine; tests/test_cpp_kernels.py runs:
 #   cmake -S xla_ffi -B build-arm64 -DCMAKE_TOOLCHAIN_FILE=xla_ffi/cmake/aarch64-linux-gnu.cmake \
 #         -DBITNET_JAX_BUILD_PYTHON=OFF -DBITNET_JAX_BUILD_TESTS=ON
 #   cmake --build build-arm64 --target kernel_test
-#   qemu-aarch64 -L /usr/aarch64-linux-gnu build-arm64/kernel_test
+#   qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu build-arm64/kernel_test         # with sdot
+#   qemu-aarch64 -cpu cortex-a57 -L /usr/aarch64-linux-gnu build-arm64/kernel_test  # without
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 

@@ -1,20 +1,25 @@
 // Exactness test of the integer kernels (gemm.h) on every path this CPU runs, against a naive
-// product of unpacked values. Built by CMake with -DBITNET_JAX_BUILD_TESTS=ON, and with
-// -DBITNET_JAX_SANITIZE=ON under AddressSanitizer and UndefinedBehaviorSanitizer; also cross-built
-// for aarch64 and run under qemu-user (tests/test_cpp_kernels.py does all three). It prints one
-// line per kernel path, "<path>: checked N shapes" or "<path>: not checked, <why>", so that a
-// path this machine could not run is never mistaken for one that passed. Exit status 0 iff every
-// result matches.
+// product of unpacked values, and of each path's activation quantizer (quantize.h) against its
+// scalar steps, bit for bit (tests/test_ffi_act_quant.py checks those against JAX). Built by CMake
+// with -DBITNET_JAX_BUILD_TESTS=ON, and with -DBITNET_JAX_SANITIZE=ON under AddressSanitizer and
+// UndefinedBehaviorSanitizer; also cross-built for aarch64 and run under qemu-user
+// (tests/test_cpp_kernels.py does all three). It prints one line per kernel path, "<path>: checked
+// N shapes" or "<path>: not checked, <why>", so that a path this machine could not run is never
+// mistaken for one that passed. Exit status 0 iff every result matches.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "../cpu_isa.h"
 #include "../gemm.h"
 #include "../layout.h"
+#include "../quantize.h"
 
 namespace {
 
@@ -98,6 +103,71 @@ void TestInt8(bitnet::Isa isa, const Shape& s, std::mt19937& rng) {
     }
 }
 
+// bfloat16 rows: the high halves of float32 values (truncated; any bf16 will do).
+std::vector<uint16_t> ToBf16(const std::vector<float>& x) {
+  std::vector<uint16_t> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &x[i], sizeof(bits));
+    out[i] = static_cast<uint16_t>(bits >> 16);
+  }
+  return out;
+}
+
+template <typename T>
+void ExpectSameQuantization(bitnet::Isa isa, const std::vector<T>& x, int bits, const char* what) {
+  const int64_t k = static_cast<int64_t>(x.size());
+  std::vector<int8_t> q(k, 99), q_want(k, 99);
+  int32_t sum = 5, sum_want = 5;  // QuantizeRow adds to the sum it is given
+  const float scale = bitnet::QuantizeRowOn(isa, x.data(), k, bits, q.data(), &sum);
+  const float scale_want = bitnet::QuantizeRow(x.data(), k, bits, q_want.data(), &sum_want);
+  const bool ok = std::memcmp(&scale, &scale_want, sizeof(scale)) == 0 && sum == sum_want && q == q_want;
+  if (!ok && ++failures <= 20) {
+    const int64_t at = std::mismatch(q.begin(), q.end(), q_want.begin()).first - q.begin();
+    std::printf("FAIL quantize isa=%s %s k=%lld bits=%d: scale %a want %a, sum %d want %d, first q "
+                "mismatch at %lld\n",
+                bitnet::IsaName(isa), what, (long long)k, bits, scale, scale_want, sum, sum_want,
+                (long long)at);
+  }
+}
+
+// Rows of odd lengths (the SIMD bodies and their scalar tails), float32 and bfloat16: random
+// values; rows with a NaN or an inf; all zeros; tiny (amax below the 1e-5 floor); and halves
+// under scale 1 (8 bits, amax 127), which must round to even.
+void TestQuantize(bitnet::Isa isa, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int64_t k : {1, 3, 7, 8, 9, 16, 31, 64, 300, 2563}) {
+    std::vector<std::pair<const char*, std::vector<float>>> rows;
+    std::vector<float> x(k);
+    for (auto& v : x) v = normal(rng);
+    rows.emplace_back("random", x);
+    x[k / 2] = NAN;
+    rows.emplace_back("nan", x);
+    x[k / 2] = -INFINITY;
+    rows.emplace_back("inf", x);
+    rows.emplace_back("zeros", std::vector<float>(k, 0.0f));
+    for (auto& v : x) v = normal(rng) * 1e-7f;
+    rows.emplace_back("tiny", x);
+    for (int64_t i = 0; i < k; ++i) x[i] = static_cast<float>(i % 9) - 4.5f;
+    x[k - 1] = -126.5f;
+    x[0] = 127.0f;
+    rows.emplace_back("halves", x);
+    for (const auto& [what, row] : rows) {
+      for (int bits : {8, 4, 2}) {
+        ExpectSameQuantization(isa, row, bits, what);
+        ExpectSameQuantization(isa, ToBf16(row), bits, what);
+      }
+    }
+  }
+}
+
+// Why kernel_test cannot check path `isa` here.
+const char* WhyNotChecked(bitnet::Isa isa) {
+  if (bitnet::IsaBuilt(isa)) return "this CPU cannot run it";
+  return isa == bitnet::Isa::kNeon || isa == bitnet::Isa::kNeonDot ? "this build is not aarch64"
+                                                                    : "this build is not x86-64";
+}
+
 }  // namespace
 
 int main() {
@@ -105,8 +175,7 @@ int main() {
   const std::vector<bitnet::Isa>& available = bitnet::AvailableIsas();
   for (bitnet::Isa isa : bitnet::kAllIsas) {
     if (std::find(available.begin(), available.end(), isa) == available.end()) {
-      std::printf("%s: not checked, %s\n", bitnet::IsaName(isa),
-                  BITNET_JAX_X86_SIMD ? "this CPU cannot run it" : "this build is not x86-64 (scalar only)");
+      std::printf("%s: not checked, %s\n", bitnet::IsaName(isa), WhyNotChecked(isa));
       continue;
     }
     for (const Shape& s : kShapes) {
@@ -117,6 +186,7 @@ int main() {
       TestTernary(isa, s, rng, -128);
       TestTernary(isa, s, rng, 127);
     }
+    TestQuantize(isa, rng);
     std::printf("%s: checked %zu shapes\n", bitnet::IsaName(isa), sizeof(kShapes) / sizeof(kShapes[0]));
   }
   std::printf(failures ? "FAILED: %d mismatches\n" : "OK\n", failures);
