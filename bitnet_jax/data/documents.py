@@ -7,11 +7,18 @@ Each source gives a train and a held-out token stream (`doc EOS doc EOS ...`, se
   documents, so an `array_record` folder tokenized from a JSONL source splits exactly as it does.
 Whitespace-only (and null) documents are skipped everywhere. Streams of text sources are cached
 like `data.tokenize_files`'s, keyed by the files' contents, the field and the tokenizer.
+
+`chat` sources hold one conversation per JSON line (`chat.read_conversations`), split by index
+like `jsonl`; each is rendered by the tokenizer's chat template (`chat.chat_training_ids`) into a
+`data.MaskedStream` whose loss flags mark the assistant tokens, cached keyed by the files, the
+tokenizer and the template.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,12 +26,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from bitnet_jax.data import chat, token_records
 from bitnet_jax.data import pipeline as data
-from bitnet_jax.data import token_records
 from bitnet_jax.data.sources import DataSource
 from bitnet_jax.errors import BitNetError
 
-_SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+_SUFFIXES = {"jsonl": (".jsonl", ".json"), "chat": (".jsonl", ".json"), "parquet": (".parquet",)}
+# Bump when the rendering or masking of chat sources changes: it keys their cached streams.
+_CHAT_FORMAT = "chat-v1"
 
 
 def source_files(source: DataSource, default_suffixes: Sequence[str]) -> tuple[list[Path], Path]:
@@ -157,6 +166,12 @@ def training_documents(
         return train, train, ""
     if source.kind == "array_record":
         raise BitNetError(f"{source.name} is already tokenized; its folder holds the tokenizer to use.")
+    if source.kind == "chat":
+        raise BitNetError(
+            f"{source.name}: chat data are rendered by the model's chat template, and a tokenizer trained "
+            "here has none. Use the tokenizer of a model that has one: `train --init SRC`, `--set "
+            "tokenizer=FOLDER` or `tokenize --tokenizer FOLDER` (its tokenizer_config.json holding a chat_template)."
+        )
     texts = read_texts(source, files)
     train, _ = split_indices(len(texts), heldout_fraction)
     return [texts[i] for i in train], files, f"{source.kind}:{source.field}:{heldout_fraction}"
@@ -170,8 +185,10 @@ def source_streams(
     heldout_fraction: float,
     cache_dir: str | os.PathLike | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) token streams of one source."""
+    """(train, held-out) token streams of one source (`data.MaskedStream`s for a chat source)."""
     files, root = source_files(source, default_suffixes)
+    if source.kind == "chat":
+        return chat_streams(source, files, tokenizer, heldout_fraction, cache_dir)
     if source.kind in ("stdlib", "text"):
         train, held = data.split_files(files, root, heldout_fraction)
         return data.tokenize_files(train, tokenizer, cache_dir), data.tokenize_files(held, tokenizer, cache_dir)
@@ -179,6 +196,9 @@ def source_streams(
         stream, meta = token_records.open_stream(root)
         check_tokenizer(source, meta, tokenizer)
         train, held = split_indices(meta["documents"], heldout_fraction)
+        if meta.get("flags"):  # a chat source's: masked streams, split as the source splits
+            flags = token_records.open_flags_stream(root, separator=data.DOC_END)
+            return tuple(data.MaskedStream(stream.select(i), flags.select(i)) for i in (train, held))
         return stream.select(train), stream.select(held)
     key = None
     if cache_dir is not None:
@@ -194,6 +214,72 @@ def source_streams(
         return streams
     return tuple(
         data.cached_stream(cache_dir, f"{key}-{side}", lambda s=s: s) for side, s in zip(("train", "heldout"), streams)
+    )
+
+
+def chat_streams(
+    source: DataSource,
+    files: Sequence[Path],
+    tokenizer,
+    heldout_fraction: float,
+    cache_dir: str | os.PathLike | None,
+) -> tuple[data.MaskedStream, data.MaskedStream]:
+    """(train, held-out) masked streams of a chat source: conversations rendered by the tokenizer's
+    chat template, LOSS on assistant tokens. Every record is read and rendered (both splits), so
+    a bad one stops the run before it starts."""
+    template = _chat_template(source, tokenizer)
+    if cache_dir is None:
+        return _render_chat_streams(source, files, template, tokenizer, heldout_fraction)
+    digest = hashlib.sha256(template.encode()).hexdigest()[:16]
+    key = data.files_key(files, extra=f"{_CHAT_FORMAT}:{tokenizer.fingerprint}:{digest}:{heldout_fraction}")
+    built = functools.cache(lambda: _render_chat_streams(source, files, template, tokenizer, heldout_fraction))
+    return tuple(
+        data.MaskedStream(
+            data.cached_stream(cache_dir, f"{key}-{side}", lambda i=i: built()[i].tokens),
+            data.cached_stream(cache_dir, f"{key}-{side}-flags", lambda i=i: built()[i].flags),
+        )
+        for i, side in enumerate(("train", "heldout"))
+    )
+
+
+def _chat_template(source: DataSource, tokenizer) -> str:
+    template = chat.tokenizer_chat_template(tokenizer)
+    if not template:
+        raise BitNetError(
+            f"{source.name}: the tokenizer ({tokenizer.path}) has no chat template (no chat_template in the "
+            f"tokenizer_config.json beside it), so the conversations cannot be rendered as the model expects. "
+            "Fine-tune a chat model (--init SRC with a template), or add its chat_template to that file."
+        )
+    return template
+
+
+def _chat_documents(
+    source: DataSource, files: Sequence[Path], template: str, tokenizer
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(token ids, loss mask) of every conversation of a chat source, in file order."""
+    docs, masks = [], []
+    for path in files:
+        for line_no, messages in chat.read_conversations(path):
+            try:
+                ids, mask = chat.chat_training_ids(template, messages, tokenizer)
+            except BitNetError as e:
+                raise BitNetError(f"{path}, line {line_no}: {e}") from None
+            docs.append(ids)
+            masks.append(mask)
+    if not docs:
+        raise BitNetError(f"{source.name}: the chat data hold no conversations; expected one JSON object per line.")
+    return docs, masks
+
+
+def _render_chat_streams(
+    source: DataSource, files: Sequence[Path], template: str, tokenizer, heldout_fraction: float
+) -> tuple[data.MaskedStream, data.MaskedStream]:
+    docs, masks = _chat_documents(source, files, template, tokenizer)
+    return tuple(
+        data.masked_docs_to_stream(
+            [docs[i] for i in side], [masks[i] for i in side], tokenizer.eos_id, tokenizer.vocab_size
+        )
+        for side in split_indices(len(docs), heldout_fraction)
     )
 
 
@@ -221,6 +307,8 @@ def read_all_texts(source: DataSource, default_suffixes: Sequence[str]) -> list[
         return data.read_text_files(files)
     if source.kind == "array_record":
         raise BitNetError(f"{source.name} is already tokenized; tokenize its text source instead.")
+    if source.kind == "chat":
+        raise BitNetError(f"{source.name} holds conversations, not text documents; render them with the chat template.")
     return read_texts(source, files)
 
 
@@ -233,8 +321,15 @@ def tokenize_to_folder(
     """Tokenizes every document of a text source into a token folder (`token_records`); returns its metadata.
 
     An `array_record:` source over the folder then gives the same streams as the source on the fly
-    (for jsonl and parquet sources; text folders split by file there, by document index here).
+    (for jsonl, parquet and chat sources; text folders split by file there, by document index here).
+    A chat source's conversations are rendered by the tokenizer's chat template, their loss flags
+    written beside them.
     """
+    if source.kind == "chat":
+        files, _ = source_files(source, default_suffixes)
+        docs, masks = _chat_documents(source, files, _chat_template(source, tokenizer), tokenizer)
+        flags = (np.asarray(m, np.uint8) * data.LOSS for m in masks)
+        return token_records.write_token_folder(out_dir, docs, tokenizer, source=source.name, flags=flags)
     texts = read_all_texts(source, default_suffixes)
     docs = (tokenizer.encode_batch(texts[i : i + 1024]) for i in range(0, len(texts), 1024))
     return token_records.write_token_folder(

@@ -14,6 +14,14 @@ token of the stream is predicted once per epoch. `segment_ids` number the docume
 window from 1; the id increases on the token after each EOS, so an EOS belongs to the document
 it ends. `eos_id` defaults to the id `train_sentencepiece` reserves (2); pass
 `tokenizer.eos_id` for any other tokenizer, or segment ids come out wrong.
+
+Chat sources give a `MaskedStream`: the same token stream plus one flag byte per token, `LOSS`
+(the token is a training target: assistant tokens only) and `DOC_END` (the EOS that ends a
+document; a conversation may hold the EOS id itself, when its template ends turns with
+`eos_token`, and must stay one segment). When any stream of a run is masked, every batch gets a
+`loss_mask` (int32 [B, T], 1 where the target counts) and segment ids follow `DOC_END`; plain
+streams then have LOSS on every token and DOC_END on every EOS, which gives the same segment ids
+and an all-ones mask. Runs on plain streams alone get batches without `loss_mask`, as before.
 """
 
 from __future__ import annotations
@@ -205,6 +213,62 @@ def cached_stream(cache_dir: str | os.PathLike | None, key: str | None, build: C
     return np.load(cache_path, mmap_mode="r")
 
 
+# The bits of a MaskedStream's per-token flags.
+LOSS = 1  # the token is a training target (its prediction counts in the loss)
+DOC_END = 2  # the token ends a document: the next token starts a new segment
+
+
+@dataclass(frozen=True)
+class MaskedStream:
+    """A token stream `doc EOS doc EOS ...` with one flag byte per token (`LOSS`, `DOC_END`).
+
+    Supports what the pipeline uses of a 1-D stream: `len`, `ndim`, and `window(start, stop)`.
+    """
+
+    tokens: np.ndarray  # [N] uint16 or int32
+    flags: np.ndarray  # [N] uint8
+
+    ndim = 1
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def window(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.tokens[start:stop]), np.asarray(self.flags[start:stop])
+
+
+def plain_flags(tokens_n: np.ndarray, eos_id: int) -> np.ndarray:
+    """The flags of a plain stream: every token a target, every EOS a document end."""
+    return np.where(np.asarray(tokens_n) == eos_id, LOSS | DOC_END, LOSS).astype(np.uint8)
+
+
+def masked_docs_to_stream(
+    docs: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], eos_id: int, vocab_size: int
+) -> MaskedStream:
+    """`doc_0 EOS doc_1 EOS ...` with LOSS where a document's mask is 1; each EOS, which ends a
+    document and is no target (the model never has to predict it), is flagged DOC_END alone."""
+    tokens_n = docs_to_stream(docs, eos_id, vocab_size)
+    flags_n = np.full(len(tokens_n), DOC_END, np.uint8)
+    pos = 0
+    for doc, mask in zip(docs, masks):
+        flags_n[pos : pos + len(doc)] = np.asarray(mask, np.uint8) * LOSS
+        pos += len(doc) + 1
+    return MaskedStream(tokens_n, flags_n)
+
+
+def concat_streams(streams: Sequence, eos_id: int):
+    """One stream of several (held-out splits of several sources): masked if any of them is."""
+    if len(streams) == 1:
+        return streams[0]
+    if not any(isinstance(s, MaskedStream) for s in streams):
+        return np.concatenate([np.asarray(s) for s in streams])
+    parts = [s if isinstance(s, MaskedStream) else MaskedStream(np.asarray(s), plain_flags(s, eos_id)) for s in streams]
+    dtype = np.result_type(*(p.tokens.dtype for p in parts))
+    return MaskedStream(
+        np.concatenate([np.asarray(p.tokens, dtype) for p in parts]), np.concatenate([p.flags for p in parts])
+    )
+
+
 @dataclass(frozen=True)
 class TokenSplits:
     """Token streams of the train and held-out files of one corpus."""
@@ -233,27 +297,46 @@ def tokenize_splits(
 
 
 class _Windows:
-    """Window i of a token stream: tokens [i*T, i*T + T + 1) as int32 [T+1]."""
+    """Window i of a token stream: tokens [i*T, i*T + T + 1) as int32 [T+1]; with `masked`,
+    {"tokens": int32 [T+1], "flags": uint8 [T+1]} (a plain stream's flags made by `plain_flags`)."""
 
-    def __init__(self, tokens_n: np.ndarray, seq_len: int):
-        self._tokens_n = tokens_n
+    def __init__(self, stream, seq_len: int, *, masked: bool = False, eos_id: int = EOS_ID):
+        self._stream = stream
         self._seq_len = seq_len
+        self._masked = masked
+        self._eos_id = eos_id
 
     def __len__(self) -> int:
-        return (len(self._tokens_n) - 1) // self._seq_len
+        return (len(self._stream) - 1) // self._seq_len
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int) -> np.ndarray | dict[str, np.ndarray]:
         start = int(i) * self._seq_len
-        return np.asarray(self._tokens_n[start : start + self._seq_len + 1], dtype=np.int32)
+        stop = start + self._seq_len + 1
+        if isinstance(self._stream, MaskedStream):
+            tokens, flags = self._stream.window(start, stop)
+            return {"tokens": tokens.astype(np.int32), "flags": flags}
+        tokens = np.asarray(self._stream[start:stop], dtype=np.int32)
+        return {"tokens": tokens, "flags": plain_flags(tokens, self._eos_id)} if self._masked else tokens
 
 
-def _windows_to_batch(windows_bw: np.ndarray, eos_id: int) -> dict[str, np.ndarray]:
-    """[B, T+1] windows -> {"inputs", "targets", "segment_ids"}, each int32 [B, T]."""
-    inputs_bt = windows_bw[:, :-1].astype(np.int32)
-    targets_bt = windows_bw[:, 1:].astype(np.int32)
-    # Documents ended strictly before position t: EOS count over inputs[:t].
-    ended_bt = np.cumsum(inputs_bt == eos_id, axis=1, dtype=np.int32) - (inputs_bt == eos_id)
-    return {"inputs": inputs_bt, "targets": targets_bt, "segment_ids": ended_bt + 1}
+def _windows_to_batch(windows_bw: np.ndarray | dict[str, np.ndarray], eos_id: int) -> dict[str, np.ndarray]:
+    """[B, T+1] windows -> {"inputs", "targets", "segment_ids"}, each int32 [B, T]; masked windows
+    ({"tokens", "flags"}) add "loss_mask" (the LOSS flag of each target) and end segments at
+    DOC_END instead of at every EOS."""
+    if isinstance(windows_bw, dict):
+        tokens_bw, flags_bw = windows_bw["tokens"], windows_bw["flags"]
+        ends_bt = (flags_bw[:, :-1] & DOC_END) != 0
+    else:
+        tokens_bw, flags_bw = windows_bw, None
+        ends_bt = windows_bw[:, :-1] == eos_id
+    inputs_bt = tokens_bw[:, :-1].astype(np.int32)
+    targets_bt = tokens_bw[:, 1:].astype(np.int32)
+    # Documents ended strictly before position t: document ends over inputs[:t].
+    ended_bt = np.cumsum(ends_bt, axis=1, dtype=np.int32) - ends_bt
+    batch = {"inputs": inputs_bt, "targets": targets_bt, "segment_ids": ended_bt + 1}
+    if flags_bw is not None:
+        batch["loss_mask"] = ((flags_bw[:, 1:] & LOSS) != 0).astype(np.int32)
+    return batch
 
 
 class _ToBatch(grain.transforms.Map):
@@ -302,7 +385,8 @@ def make_train_iterator(
     shard_index: int | None = None,
     shard_count: int | None = None,
 ) -> grain.DatasetIterator:
-    """An endless iterator of training batches {"inputs", "targets", "segment_ids"}: int32 [B, T].
+    """An endless iterator of training batches {"inputs", "targets", "segment_ids"}: int32 [B, T]
+    (and "loss_mask" when a stream is a `MaskedStream`).
 
     Windows are shuffled with `seed`, reshuffled every epoch; batches run across epoch borders
     (every window appears once per epoch). Deterministic for a seed, and checkpointable:
@@ -347,8 +431,11 @@ def make_train_iterator(
                     f"{seq_len}+1 tokens needs at least {seq_len + 1}. Add documents to that "
                     "source, drop it, or use a smaller seq_len."
                 )
+    masked = any(isinstance(s, MaskedStream) for s in streams)
     parts = [
-        grain.MapDataset.source(_Windows(stream, seq_len)).shuffle(seed=_shuffle_seed(seed, i)).repeat()
+        grain.MapDataset.source(_Windows(stream, seq_len, masked=masked, eos_id=eos_id))
+        .shuffle(seed=_shuffle_seed(seed, i))
+        .repeat()
         for i, stream in enumerate(streams)
     ]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
@@ -368,14 +455,18 @@ def make_train_iterator(
 def make_eval_batches(
     tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None, *, eos_id: int = EOS_ID
 ) -> list[dict[str, np.ndarray]]:
-    """Up to `max_batches` batches of consecutive, non-overlapping windows, in stream order."""
+    """Up to `max_batches` batches of consecutive, non-overlapping windows, in stream order (with
+    "loss_mask" for a `MaskedStream`)."""
     _check_stream(tokens, seq_len, batch_size, "held-out")
-    windows = _Windows(tokens, seq_len)
+    windows = _Windows(tokens, seq_len, eos_id=eos_id)
     n_batches = len(windows) // batch_size
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     batches = []
     for b in range(n_batches):
-        windows_bw = np.stack([windows[b * batch_size + i] for i in range(batch_size)])
+        rows = [windows[b * batch_size + i] for i in range(batch_size)]
+        windows_bw = (
+            {k: np.stack([r[k] for r in rows]) for k in rows[0]} if isinstance(rows[0], dict) else np.stack(rows)
+        )
         batches.append(_windows_to_batch(windows_bw, eos_id))
     return batches

@@ -8,9 +8,12 @@
     "jsonl:/data/train.jsonl"              JSON Lines, one document per line in the field "text"
     "parquet:/data/shards/"                Parquet files (a file, a folder or a glob), column "text"
     "array_record:/data/tok"               documents pre-tokenized by `bitnet-jax tokenize`
+    "chat:/data/sft.jsonl"                 conversations {"messages": [...]}, one per line (a file,
+                                           a folder or a glob), rendered by the chat template
     {"kind": "jsonl", "path": "/data/*.jsonl", "field": "content", "weight": 0.7}
     {"kind": "parquet", "path": "/data/wiki", "column": "text", "weight": 0.3}
     {"kind": "text", "path": "/data/code", "suffixes": [".py"], "weight": 1}
+    {"kind": "chat", "path": "/data/sft/*.jsonl", "weight": 0.5}
 
 Weights are relative (0.7 / 0.3 and 7 / 3 mix the same way) and only matter in a list. This
 module only parses; `documents.py` reads the data (so a run config can be loaded, e.g. to serve a
@@ -27,7 +30,7 @@ from typing import Any
 
 from bitnet_jax.errors import BitNetError, did_you_mean
 
-KINDS = ("stdlib", "text", "jsonl", "parquet", "array_record")
+KINDS = ("stdlib", "text", "jsonl", "parquet", "array_record", "chat")
 # The dict keys each kind takes besides "kind" and "weight"; "column" is parquet's name for "field".
 _KEYS = {
     "stdlib": (),
@@ -35,6 +38,7 @@ _KEYS = {
     "jsonl": ("path", "field"),
     "parquet": ("path", "column"),
     "array_record": ("path",),
+    "chat": ("path",),
 }
 _PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(?!//)(.*)$")  # "kind:path", not "s3://..."
 
@@ -86,7 +90,7 @@ def parse_corpus(corpus: Any) -> tuple[DataSource, ...]:
         return sources
     raise BitNetError(
         f"corpus={corpus!r} is invalid: expected a source ('stdlib', a folder, 'jsonl:PATH', 'parquet:PATH', "
-        "'array_record:PATH', or a dict with 'kind' and 'path') or a non-empty list of them."
+        "'array_record:PATH', 'chat:PATH', or a dict with 'kind' and 'path') or a non-empty list of them."
     )
 
 

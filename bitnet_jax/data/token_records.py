@@ -6,7 +6,10 @@ A token folder holds
   tokens.lengths.npy    [documents] uint32: each document's token count, so training can find
                         a window's documents without reading the others
   tokens.json           {"format", "dtype", "documents", "tokens", "tokenizer": {"fingerprint",
-                        "vocab_size", "eos_id"}, "source"}
+                        "vocab_size", "eos_id"}, "source", "flags"}
+  tokens.flags.array_record  (chat sources only, "flags": true) one record per document: one
+                        byte per token, the loss flag of `pipeline.MaskedStream` (1 on assistant
+                        tokens); the document ends are implied, as in the token records
   tokenizer.model or tokenizer.json (+ its config files): a copy of the tokenizer, so the folder is
                         self-contained and `load_tokenizer(folder)` gives the tokenizer back
 
@@ -19,6 +22,7 @@ short; the counts in tokens.json are what catches that.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -31,6 +35,7 @@ from bitnet_jax.data.tokenizer import copy_tokenizer
 from bitnet_jax.errors import BitNetError
 
 RECORDS_FILE = "tokens.array_record"
+FLAGS_FILE = "tokens.flags.array_record"
 LENGTHS_FILE = "tokens.lengths.npy"
 META_FILE = "tokens.json"
 FORMAT = "bitnet-jax-tokens-v1"
@@ -40,26 +45,43 @@ def record_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
 
 
-def write_token_folder(out_dir: str | os.PathLike, docs: Iterable[Sequence[int]], tokenizer, source: str) -> dict:
-    """Writes `docs` (token ids per document) as a token folder; returns the metadata written."""
+def write_token_folder(
+    out_dir: str | os.PathLike,
+    docs: Iterable[Sequence[int]],
+    tokenizer,
+    source: str,
+    flags: Iterable[Sequence[int]] | None = None,
+) -> dict:
+    """Writes `docs` (token ids per document) as a token folder; returns the metadata written.
+    `flags` (chat sources): one flag byte per token of each document, written beside them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = record_dtype(tokenizer.vocab_size)
-    tmp = out / f"{RECORDS_FILE}.tmp"
+    tmp, flags_tmp = out / f"{RECORDS_FILE}.tmp", out / f"{FLAGS_FILE}.tmp"
     # group_size:1 keeps each record its own chunk, so reading one document decodes only it.
     writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    flags_writer = None if flags is None else array_record_module.ArrayRecordWriter(str(flags_tmp), "group_size:1")
     lengths = []
     try:
-        for doc in docs:
+        for doc, doc_flags in zip(docs, itertools.repeat(None) if flags is None else flags):
             writer.write(np.asarray(doc, dtype=dtype).tobytes())
             lengths.append(len(doc))
+            if flags_writer is not None:
+                if len(doc_flags) != len(doc):
+                    raise ValueError(f"document {len(lengths) - 1}: {len(doc)} tokens but {len(doc_flags)} flags")
+                flags_writer.write(np.asarray(doc_flags, dtype=np.uint8).tobytes())
     finally:
         writer.close()
+        if flags_writer is not None:
+            flags_writer.close()
     if not lengths:
         tmp.unlink()
+        flags_tmp.unlink(missing_ok=True)
         raise BitNetError(f"{source} holds no non-empty documents; nothing to tokenize.")
     n_docs, n_tokens = len(lengths), int(sum(lengths))
     os.replace(tmp, out / RECORDS_FILE)
+    if flags_writer is not None:
+        os.replace(flags_tmp, out / FLAGS_FILE)
     np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.uint32))
     copy_tokenizer(tokenizer, out)
     meta = {
@@ -73,6 +95,7 @@ def write_token_folder(out_dir: str | os.PathLike, docs: Iterable[Sequence[int]]
             "eos_id": tokenizer.eos_id,
         },
         "source": source,
+        "flags": flags is not None,
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -177,6 +200,26 @@ def open_stream(path: str | os.PathLike) -> tuple["DocumentStream", dict]:
     return stream, meta
 
 
+def open_flags_stream(path: str | os.PathLike, separator: int) -> "DocumentStream":
+    """The per-token flags of a token folder written with them (`meta["flags"]`), as a lazy stream
+    parallel to `open_stream`'s tokens, `separator` in the place of each document's EOS."""
+    folder = token_folder(path)
+    meta = read_meta(folder)
+    flags_path = folder / FLAGS_FILE
+    if not meta.get("flags") or not flags_path.is_file():
+        raise BitNetError(f"{folder} holds no {FLAGS_FILE}; expected the folder of a chat source.")
+    lengths = np.load(folder / LENGTHS_FILE)
+    try:
+        reader = array_record_module.ArrayRecordReader(str(flags_path))
+        n_records = reader.num_records()
+        reader.close()
+    except Exception as e:  # riegeli reports damage as RuntimeError or ValueError, depending on where
+        raise _corrupt(flags_path, f"{type(e).__name__}: {e}") from None
+    if n_records != meta["documents"]:
+        raise _corrupt(flags_path, f"it holds {n_records} records, {META_FILE} says {meta['documents']}")
+    return DocumentStream(flags_path, np.arange(n_records), lengths, np.dtype(np.uint8), eos_id=separator)
+
+
 class DocumentStream:
     """The token stream `doc EOS doc EOS ...` of some records of a token folder, read on demand.
 
@@ -196,7 +239,7 @@ class DocumentStream:
         self._ends = np.cumsum(self._lengths + 1)  # [D] stream offset just past each document's EOS
         self._record_dtype = record_dtype
         self._eos_id = eos_id
-        self.dtype = np.dtype(np.uint16) if record_dtype.itemsize == 2 else np.dtype(np.int32)
+        self.dtype = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}.get(record_dtype.itemsize, np.dtype(np.int32))
         self._reader = None
 
     def select(self, positions: np.ndarray) -> "DocumentStream":

@@ -242,20 +242,20 @@ def load_tokenizer(folder: str | os.PathLike, bos_id: int | None = None, eos_id:
     )
 
 
-# Files a Hugging Face tokenizer folder may hold besides tokenizer.json: its special-token settings.
-_HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# Files a tokenizer folder may hold besides tokenizer.json / tokenizer.model: its special-token
+# settings and its chat template (tokenizer_config.json's `chat_template`, or chat_template.jinja).
+_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 def copy_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike) -> None:
-    """Copies a loaded tokenizer's file (and a tokenizer.json's side files) into `out_dir`, so that
-    `load_tokenizer(out_dir)` gives the same tokenizer back."""
+    """Copies a loaded tokenizer's file and the side files beside it into `out_dir`, so that
+    `load_tokenizer(out_dir)` gives the same tokenizer back, with the same chat template."""
     source = Path(tokenizer.path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = HF_TOKENIZER_FILE if isinstance(tokenizer, HFTokenizer) else SENTENCEPIECE_FILE
     if (out / name).resolve() != source.resolve():
         shutil.copy(source, out / name)
-    if isinstance(tokenizer, HFTokenizer):
-        for side in _HF_SIDE_FILES:
-            if (source.parent / side).is_file() and (out / side).resolve() != (source.parent / side).resolve():
-                shutil.copy(source.parent / side, out / side)
+    for side in _SIDE_FILES:
+        if (source.parent / side).is_file() and (out / side).resolve() != (source.parent / side).resolve():
+            shutil.copy(source.parent / side, out / side)

@@ -165,15 +165,17 @@ def _lm_head(params, config: BitNetConfig) -> np.ndarray:
 
 def _write_tokenizer_config(folder: str, tokenizer, chat_template: str | None) -> None:
     """tokenizer_config.json: kept if the tokenizer brought one (the chat template added if it
-    lacks one), else written for transformers' Llama tokenizers."""
+    lacks one), else written for transformers' Llama tokenizers; a sentencepiece tokenizer's (a
+    GGUF file's brings only its special tokens and template) is completed with those keys."""
     from bitnet_jax.data.tokenizer import HFTokenizer
 
     path = os.path.join(folder, "tokenizer_config.json")
+    fast = isinstance(tokenizer, HFTokenizer)
+    values = {}
     if os.path.isfile(path):
         with open(path) as f:
             values = json.load(f)
-    else:
-        fast = isinstance(tokenizer, HFTokenizer)
+    if not values or not fast:
         token = lambda i: None if i is None or i < 0 else tokenizer.id_to_token(i)
         values = {
             "tokenizer_class": "PreTrainedTokenizerFast" if fast else "LlamaTokenizer",
@@ -181,6 +183,7 @@ def _write_tokenizer_config(folder: str, tokenizer, chat_template: str | None) -
             "eos_token": token(tokenizer.eos_id),
             "add_bos_token": True,
             "add_eos_token": False,
+            **values,
         }
     if chat_template and not values.get("chat_template"):
         values["chat_template"] = chat_template

@@ -213,7 +213,7 @@ def ablate(
 
             teacher = load_training_model(base.teacher)[:2]
         training.train(item.run, run_dir, cache_dir=cache_dir, progress=progress, corpus=corpus, teacher=teacher)
-    docs = split_documents(np.asarray(corpus.eval_tokens), corpus.tokenizer.eos_id)
+    docs = split_documents(corpus.eval_tokens, corpus.tokenizer.eos_id)
     if not docs:
         raise BitNetError(
             "The held-out split holds no documents, so the variants cannot be scored: raise heldout_fraction "
@@ -278,6 +278,7 @@ def _read_metrics(run_dir: str) -> list[dict]:
 def _result_row(items: list[AblationRun], out_dir: str, tokenizer, docs: list[np.ndarray]) -> dict:
     """One variant's row: its seeds' losses and bits per byte (each, mean, spread), and the bytes
     and decode speed of its first seed's parameters."""
+    from bitnet_jax.research.eval import document_ids
     from bitnet_jax.train.run_folder import load_run
 
     first = items[0]
@@ -294,7 +295,9 @@ def _result_row(items: list[AblationRun], out_dir: str, tokenizer, docs: list[np
         bpbs.append(heldout_bits_per_byte(run, params, tokenizer, docs))
         if item is first:
             size, stored_as = stored_param_bytes(run.model, params)
-            decode_rate, decode_path = decode_tokens_per_s(run.model, params, np.concatenate(docs))
+            decode_rate, decode_path = decode_tokens_per_s(
+                run.model, params, np.concatenate(list(map(document_ids, docs)))
+            )
     # Every seed evaluates at the same steps: the curve is their mean.
     curve = [(step, float(np.mean([c[j][1] for c in curves]))) for j, (step, _) in enumerate(curves[0])]
     m = first.run.model

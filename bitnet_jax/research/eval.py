@@ -11,7 +11,10 @@ reports, over all scored tokens,
 Scoring convention (lm-evaluation-harness's `loglikelihood_rolling`): a document x_1 .. x_n is
 scored as sum_j log p(x_j | p, x_<j), where p is one prefix token (the tokenizer's BOS, as
 `bitnet-jax generate` starts prompts) that is context only; the end of the document is not
-scored. Documents are scored independently of one another.
+scored. Documents are scored independently of one another. A conversation of a `chat:` source
+(`ChatDocument`) is scored as training scores it: only its assistant tokens (the loss mask), each
+given the conversation before it, which starts with the template's BOS; bits per byte count the
+bytes of those tokens alone.
 
 Sliding windows: the model sees at most `context` (W) tokens at once. A sequence longer than that
 is scored in windows of W tokens that advance by `stride` (S) tokens; each window scores only the
@@ -44,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.data import documents
+from bitnet_jax.data import pipeline as data
 from bitnet_jax.data.sources import parse_corpus
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
@@ -89,6 +93,20 @@ class EvalResult:
             "perplexity": self.perplexity,
             "bits_per_byte": self.bits_per_byte,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatDocument:
+    """A conversation of a chat source: its token ids (from the template's BOS) and its loss mask;
+    the tokens the mask marks (the assistant's) are scored, the others are context only."""
+
+    ids: np.ndarray  # [n] int32
+    loss_mask: np.ndarray  # [n] bool
+
+
+def document_ids(doc: np.ndarray | ChatDocument) -> np.ndarray:
+    """A document's token ids, whichever kind it is."""
+    return doc.ids if isinstance(doc, ChatDocument) else doc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,9 +284,9 @@ def corpus_documents(
             )[0]
             for s in sources
         ]
-        stream = streams[0] if len(streams) == 1 else np.concatenate(streams)
+        stream = data.concat_streams(streams, tokenizer.eos_id)
         what = ", ".join(s.name for s in sources)
-    docs = split_documents(np.asarray(stream), tokenizer.eos_id)
+    docs = split_documents(stream, tokenizer.eos_id)
     if not docs:
         raise BitNetError(
             f"The evaluation corpus ({what}) holds no text to score. Point --corpus at documents with text"
@@ -277,36 +295,70 @@ def corpus_documents(
     return what, docs
 
 
-def split_documents(stream_n: np.ndarray, eos_id: int) -> list[np.ndarray]:
-    """The non-empty documents of a token stream `doc EOS doc EOS ...` (pipeline.py's format)."""
-    ends = np.flatnonzero(stream_n == eos_id)
+def split_documents(stream, eos_id: int) -> list[np.ndarray | ChatDocument]:
+    """The non-empty documents of a token stream `doc EOS doc EOS ...` (pipeline.py's format).
+
+    A `MaskedStream` (chat sources) splits at its DOC_END flags (a conversation may hold the EOS
+    id) and gives `ChatDocument`s, except for documents whose every token is a target: those are
+    the plain-text documents of a mixed corpus (a conversation starts with BOS, never a target)."""
+    if not isinstance(stream, data.MaskedStream):
+        stream_n = np.asarray(stream)
+        ends = np.flatnonzero(stream_n == eos_id)
+    else:
+        stream_n, flags_n = np.asarray(stream.tokens), np.asarray(stream.flags)
+        ends = np.flatnonzero(flags_n & data.DOC_END)
     starts = np.concatenate([[0], ends + 1])
     ends = np.concatenate([ends, [len(stream_n)]])
-    return [stream_n[a:b].astype(np.int32) for a, b in zip(starts, ends) if b > a]
+    docs = []
+    for a, b in zip(starts, ends):
+        if b <= a:
+            continue
+        ids = stream_n[a:b].astype(np.int32)
+        loss = None if not isinstance(stream, data.MaskedStream) else (flags_n[a:b] & data.LOSS) != 0
+        docs.append(ids if loss is None or loss.all() else ChatDocument(ids, loss))
+    return docs
 
 
-def evaluate(scorer: Scorer, tokenizer, docs: Sequence[np.ndarray], *, max_tokens: int | None = None) -> EvalResult:
-    """Scores documents (token ids, no BOS / EOS) as the module doc says; at most `max_tokens`
-    scored tokens, taking documents in order and cutting the last one short."""
+def evaluate(
+    scorer: Scorer, tokenizer, docs: Sequence[np.ndarray | ChatDocument], *, max_tokens: int | None = None
+) -> EvalResult:
+    """Scores documents (token ids, no BOS / EOS; or `ChatDocument`s) as the module doc says; at
+    most `max_tokens` scored tokens, taking documents in order and cutting the last one short."""
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise BitNetError(f"max_tokens={max_tokens!r}: expected a positive integer.")
     budget = math.inf if max_tokens is None else max_tokens
-    kept = []
+    prefix = prefix_id(tokenizer)
+    seqs, scored = [], []  # each sequence [n], and which of its targets 1 .. n-1 are scored: bool [n - 1]
     for doc in docs:
         if budget <= 0:
             break
-        kept.append(np.asarray(doc[: int(min(len(doc), budget))], np.int32))
-        budget -= len(kept[-1])
-    kept = [d for d in kept if len(d)]
-    if not kept:
+        if isinstance(doc, ChatDocument):
+            seq, mask = np.asarray(doc.ids, np.int32), np.asarray(doc.loss_mask[1:], bool)
+        else:
+            seq = np.concatenate([[prefix], np.asarray(doc, np.int32)]).astype(np.int32)
+            mask = np.ones(len(doc), bool)
+        if mask.sum() > budget:  # cut just after the budget-th scored target
+            last = int(np.flatnonzero(mask)[int(budget) - 1])
+            seq, mask = seq[: last + 2], mask[: last + 1]
+        budget -= int(mask.sum())
+        if mask.any():
+            seqs.append(seq)
+            scored.append(mask)
+    if not seqs:
         raise BitNetError("No tokens to score: the documents are empty.")
-    prefix = prefix_id(tokenizer)
-    scored = scorer.score([np.concatenate([[prefix], d]) for d in kept])
-    nll = -sum(float(np.sum(logp)) for logp, _ in scored)
-    n_bytes = sum(len(tokenizer.decode(d.tolist()).encode("utf-8")) for d in kept)
+    results = scorer.score(seqs)
+    nll = -sum(float(np.sum(logp[mask])) for (logp, _), mask in zip(results, scored))
+    n_bytes = sum(_scored_bytes(tokenizer, seq, mask) for seq, mask in zip(seqs, scored))
     if n_bytes == 0:
         raise BitNetError("The scored tokens spell no text (0 bytes): bits per byte is undefined.")
-    return EvalResult(documents=len(kept), tokens=sum(len(d) for d in kept), bytes=n_bytes, nll=nll)
+    return EvalResult(documents=len(seqs), tokens=int(sum(m.sum() for m in scored)), bytes=n_bytes, nll=nll)
+
+
+def _scored_bytes(tokenizer, seq: np.ndarray, mask: np.ndarray) -> int:
+    """UTF-8 bytes of the text the scored targets spell, each run of consecutive ones decoded whole."""
+    edges = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    runs = zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))
+    return sum(len(tokenizer.decode(seq[1 + a : 1 + b].tolist()).encode("utf-8")) for a, b in runs)
 
 
 def prefix_id(tokenizer) -> int:

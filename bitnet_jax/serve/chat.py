@@ -1,28 +1,21 @@
 """`bitnet-jax chat`: an interactive chat that renders the model's own chat template.
 
-The template is `chat_template` from the model folder's `tokenizer_config.json` (a jinja2
-string, as transformers renders it: sandboxed, `trim_blocks` / `lstrip_blocks`, with
-`bos_token`, `eos_token` (the tokenizer's own strings, e.g. '<|begin_of_text|>'),
-`add_generation_prompt` and `raise_exception` defined). Models without one get a plain
-"User: ... / Assistant:" transcript. Generation stops at the model folder's stop ids
-(`hf.generation_stop_ids`), the tokenizer's, and `<|eot_id|>` where the vocabulary has it (2B4T
-ends chat turns with it).
+The template and its rendering are `data/chat.py`'s (`chat:` training sources render with the
+same code); models without one get a plain "User: ... / Assistant:" transcript. Generation stops
+at the model folder's stop ids (`hf.generation_stop_ids`), the tokenizer's, and `<|eot_id|>`
+where the vocabulary has it (2B4T ends chat turns with it).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import sys
 from collections.abc import Callable
 
+from bitnet_jax.data.chat import chat_prompt_ids, read_chat_template, render_chat
 from bitnet_jax.errors import BitNetError
 
-_PLAIN_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
+__all__ = ["chat_loop", "chat_prompt_ids", "chat_template", "render_chat", "stop_ids"]
+
 _END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>")
 
 
@@ -32,67 +25,7 @@ def chat_template(folder: str) -> str | None:
         from bitnet_jax.interop.gguf import gguf_chat_template
 
         return gguf_chat_template(folder)
-    path = os.path.join(folder, "tokenizer_config.json")
-    try:
-        with open(path) as f:
-            template = json.load(f).get("chat_template")
-    except OSError:
-        return None
-    except ValueError as e:
-        raise BitNetError(f"{path}: not valid JSON ({e}).") from None
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    return template
-
-
-def render_chat(
-    template: str | None,
-    messages: list[dict],
-    *,
-    bos_token: str = "",
-    eos_token: str = "",
-    add_generation_prompt: bool = True,
-) -> str:
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise BitNetError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        compiled = env.from_string(template or _PLAIN_TEMPLATE)
-        return compiled.render(
-            messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
-        )
-    except jinja2.TemplateError as e:
-        raise BitNetError(f"chat template does not render: {e}") from None
-
-
-def chat_prompt_ids(template: str | None, messages: list[dict], tokenizer) -> list[int]:
-    """Token ids of the rendered conversation.
-
-    The template gets the tokenizer's BOS / EOS strings, and those strings in the rendered text
-    become their ids: `encode` of a sentencepiece model would spell '<s>' out as characters. BOS
-    is prepended where the text does not start with it (the model was trained with it there).
-    """
-    bos_id, eos_id = tokenizer.bos_id, tokenizer.eos_id
-    token = lambda i: "" if i is None else tokenizer.id_to_token(i)
-    text = render_chat(template, messages, bos_token=token(bos_id), eos_token=token(eos_id))
-    specials = {token(i): i for i in (bos_id, eos_id) if i is not None}
-    # Longest first, so that a special string containing another is matched whole.
-    pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
-    parts = re.split(f"({pattern})", text) if specials else [text]
-    ids: list[int] = []
-    for i, part in enumerate(parts):
-        if i % 2:  # re.split puts the captured special strings at odd indices
-            ids.append(specials[part])
-        elif part:
-            ids.extend(tokenizer.encode(part))
-    if bos_id is not None and ids[:1] != [bos_id]:
-        ids.insert(0, bos_id)
-    return ids
+    return read_chat_template(folder)
 
 
 def stop_ids(tokenizer, config, folder: str | None = None) -> tuple[int, ...]:

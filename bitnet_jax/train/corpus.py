@@ -28,8 +28,8 @@ from bitnet_jax.train.run_config import RunConfig
 @dataclasses.dataclass
 class Corpus:
     tokenizer: object
-    train_tokens: list[np.ndarray]  # one [N] stream per source
-    eval_tokens: np.ndarray  # [N] the sources' held-out streams, in source order
+    train_tokens: list[np.ndarray | data.MaskedStream]  # one [N] stream per source (masked: chat sources)
+    eval_tokens: np.ndarray | data.MaskedStream  # [N] the sources' held-out streams, in source order
     names: list[str]  # the sources, as messages name them
     weights: list[float]
 
@@ -55,8 +55,7 @@ def prepare_corpus(run: RunConfig, out_dir: str, cache_dir: str) -> Corpus:
                 f"{source.name} leaves no training documents after holding out "
                 f"{run.heldout_fraction:.0%} for evaluation; add documents or lower heldout_fraction."
             )
-    held = [h for _, h in streams]
-    eval_tokens = held[0] if len(held) == 1 else np.concatenate(held)
+    eval_tokens = data.concat_streams([h for _, h in streams], tokenizer.eos_id)
     return Corpus(
         tokenizer, [t for t, _ in streams], eval_tokens, [s.name for s in sources], [s.weight for s in sources]
     )

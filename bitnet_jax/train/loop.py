@@ -136,12 +136,14 @@ def train(
         shard_index=0,
         shard_count=1,
     )
-    eval_batches = [
-        sharding.global_batch(batch, shardings.batch)
-        for batch in data.make_eval_batches(
-            corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id
-        )
-    ]
+    host_eval_batches = data.make_eval_batches(
+        corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id
+    )
+    eval_batches = [sharding.global_batch(batch, shardings.batch) for batch in host_eval_batches]
+    # With a loss mask (chat data) a batch's loss is the mean over its masked-in targets: weighting
+    # the batches by their counts makes the held-out loss the mean over all of them.
+    counts = [int(np.sum(b["loss_mask"])) for b in host_eval_batches if "loss_mask" in b]
+    eval_weights = counts if counts and sum(counts) > 0 else None
 
     unfinished = unfinished_saves(out_dir)
     manager = checkpoint_manager(out_dir, run)  # deletes the unfinished saves before its first save
@@ -182,7 +184,9 @@ def train(
         train_iter.set_state(iter_state)
         say(f"Resumed from step {step} in {out_dir}")
 
-    evaluate = lambda: float(np.mean([eval_step(step)(params, batch) for batch in eval_batches]))
+    evaluate = lambda: float(
+        np.average([eval_step(step)(params, batch) for batch in eval_batches], weights=eval_weights)
+    )
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     history = read_metrics(metrics_path, up_to=step) if primary else []
     record = (lambda r: (history.append(r), append_metrics(metrics_path, r))) if primary else (lambda r: None)

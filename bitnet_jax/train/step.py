@@ -84,13 +84,24 @@ class Distillation:
     weight: float
 
 
-def distillation_kl(student_logits_btv, teacher_logits_btv, temperature: float) -> jax.Array:
-    """T^2 * mean over tokens of KL(softmax(teacher / T) || softmax(student / T)), in f32."""
+def distillation_kl(student_logits_btv, teacher_logits_btv, temperature: float, loss_mask_bt=None) -> jax.Array:
+    """T^2 * mean over tokens (the masked-in ones, with `loss_mask_bt`) of
+    KL(softmax(teacher / T) || softmax(student / T)), in f32."""
     t = temperature
     teacher_logp_btv = jax.nn.log_softmax(teacher_logits_btv.astype(jnp.float32) / t, axis=-1)
     student_logp_btv = jax.nn.log_softmax(student_logits_btv.astype(jnp.float32) / t, axis=-1)
     kl_bt = jnp.sum(jnp.exp(teacher_logp_btv) * (teacher_logp_btv - student_logp_btv), axis=-1)
-    return t * t * jnp.mean(kl_bt)
+    return t * t * token_mean(kl_bt, loss_mask_bt)
+
+
+def token_mean(x_bt, loss_mask_bt=None) -> jax.Array:
+    """The mean of a per-token quantity over all tokens, or over those where `loss_mask_bt` is 1
+    (chat data: the assistant tokens); 0 where the mask keeps none. With no mask it is exactly
+    `jnp.mean`, so plain-text losses are unchanged."""
+    if loss_mask_bt is None:
+        return jnp.mean(x_bt)
+    mask_bt = loss_mask_bt.astype(jnp.float32)
+    return jnp.sum(x_bt * mask_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)
 
 
 def training_loss(
@@ -106,24 +117,28 @@ def training_loss(
     with `distill` mixes the cross-entropy with the distillation term (`Distillation`), the
     teacher's logits computed here from `teacher_params` (no gradient flows into them).
 
+    A batch with a "loss_mask" (int [B, T], from chat data: 1 on assistant tokens) takes every
+    mean over the masked-in targets only; a batch without one, over all of them.
+
     The cast to `compute_dtype` happens here, inside the differentiated function, so gradients
     flow back through it and reach the f32 master parameters in f32. Logits are f32 either way.
     """
     params = compute_params(params, compute_dtype)
     logits_btv = model.apply({"params": params}, batch["inputs"], segment_ids_bt=batch["segment_ids"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]).mean()
+    mask_bt = batch.get("loss_mask")
+    ce = token_mean(optax.softmax_cross_entropy_with_integer_labels(logits_btv, batch["targets"]), mask_bt)
     objective = ce
     if distill is not None:
         teacher = jax.lax.stop_gradient(compute_params(teacher_params, compute_dtype))
         teacher_logits_btv = distill.model.apply(
             {"params": teacher}, batch["inputs"], segment_ids_bt=batch["segment_ids"]
         )
-        kd = distillation_kl(logits_btv, teacher_logits_btv, distill.temperature)
+        kd = distillation_kl(logits_btv, teacher_logits_btv, distill.temperature, mask_bt)
         objective = (1.0 - distill.weight) * ce + distill.weight * kd
     if not z_loss:
         return objective, ce
     log_z_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    return objective + z_loss * jnp.mean(jnp.square(log_z_bt)), ce
+    return objective + z_loss * token_mean(jnp.square(log_z_bt), mask_bt), ce
 
 
 def make_train_step(
@@ -143,7 +158,9 @@ def make_train_step(
 
     With `grad_accum_steps = k > 1` the batch [B, T] is split into k micro-batches of B/k rows
     whose gradients are averaged (a `lax.scan`, so memory is that of one micro-batch); the update
-    equals one step on the whole batch up to float summation order.
+    equals one step on the whole batch up to float summation order. With a "loss_mask", each
+    micro-batch's mean is weighted by its share of the batch's masked-in tokens, so that the
+    result is still the whole batch's mean over those tokens.
 
     With `shardings` (`sharding.train_shardings`) the step is compiled for their mesh: parameters
     and optimizer state stay in their shards, the batch comes in split over data x fsdp. Without,
@@ -165,13 +182,21 @@ def make_train_step(
         micro = jax.tree.map(lambda x: x.reshape(-1, grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
         micro = nn.with_logical_constraint(micro, jax.tree.map(lambda _: (None, "batch"), micro))
 
-        def accumulate(total, micro_batch):
+        if "loss_mask" in batch:
+            # Micro-batch j's mean over its n_j masked-in tokens, times n_j / n: the batch's mean.
+            counts_k = jnp.sum(micro["loss_mask"].astype(jnp.float32), axis=(1, 2))
+            weights_k, divisor = counts_k / jnp.maximum(jnp.sum(counts_k), 1.0), 1.0
+        else:  # the plain mean of the micro-batches' means (weights of 1 change no bit)
+            weights_k, divisor = jnp.ones((grad_accum_steps,), jnp.float32), grad_accum_steps
+
+        def accumulate(total, micro_batch_and_weight):
+            micro_batch, weight = micro_batch_and_weight
             (_, ce), grads = grad_fn(params, model, micro_batch, z_loss, compute_dtype, distill, teacher_params)
-            return jax.tree.map(jnp.add, total, (ce, grads)), None
+            return jax.tree.map(lambda t, x: t + weight * x, total, (ce, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        total, _ = jax.lax.scan(accumulate, zeros, micro)
-        return jax.tree.map(lambda x: x / grad_accum_steps, total)
+        total, _ = jax.lax.scan(accumulate, zeros, (micro, weights_k))
+        return jax.tree.map(lambda x: x / divisor, total)
 
     def train_step(params, opt_state, batch, teacher_params=None):
         with sharding.activation_sharding(mesh):
