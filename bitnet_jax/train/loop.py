@@ -94,95 +94,11 @@ def train(
 
     corpus = _primary_first(prepare)
 
-    # Donation is safe beside background checkpoint writes: orbax's `save` copies the arrays to
-    # host memory before it returns. On CPU that copy is a numpy view of the device buffer (zero
-    # copy), and XLA does not donate a buffer that a view still references: the step after a save
-    # writes new buffers instead. tests/test_kill_resume.py checks that a save followed by donated
-    # steps restores the saved values.
-    # Warm start: the full-precision model trains steps 1 .. switch, the quantized one the rest;
-    # one compiled step each (the phase's model is static in its program), the same parameters,
-    # optimizer state and schedules throughout, so a resume on either side of the switch picks
-    # the step the uninterrupted run would. Evaluations use the model that trained the step.
-    switch = quant_switch_step(run)
-    phase_models = [model] if switch == 0 else [make_model(run, full_precision=True), model]
-    train_steps = [
-        make_train_step(
-            m,
-            optimizer,
-            grad_accum_steps=run.grad_accum_steps,
-            z_loss=run.z_loss,
-            compute_dtype=run.compute_dtype,
-            shardings=shardings,
-            donate=True,
-            distill=distill,
-        )
-        for m in phase_models
-    ]
-    eval_steps = [make_eval_step(m, shardings, run.compute_dtype) for m in phase_models]
-    train_step = lambda done: train_steps[0 if done < switch else -1]  # the step after `done` steps
-    eval_step = lambda done: eval_steps[0 if done <= switch else -1]  # the model that trained step `done`
-    eos_id = corpus.tokenizer.eos_id
-    # Every process reads the same global batches (shard_count=1) and hands its own rows to its
-    # devices (sharding.global_batch); the iterator state is then the same on every process.
-    train_iter = data.make_train_iterator(
-        corpus.train_tokens,
-        run.seq_len,
-        run.batch_size,
-        run.seed,
-        weights=corpus.weights,
-        names=corpus.names,
-        eos_id=eos_id,
-        worker_count=run.worker_count,
-        shard_index=0,
-        shard_count=1,
+    train_step, eval_step = _phase_steps(run, model, optimizer, shardings, distill)
+    train_iter, eval_batches, eval_weights = _batches(run, corpus, shardings)
+    manager, params, opt_state, step = _start_state(
+        run, out_dir, model, optimizer, shardings, train_iter, initial_params, say
     )
-    host_eval_batches = data.make_eval_batches(
-        corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id
-    )
-    eval_batches = [sharding.global_batch(batch, shardings.batch) for batch in host_eval_batches]
-    # With a loss mask (chat data) a batch's loss is the mean over its masked-in targets: weighting
-    # the batches by their counts makes the held-out loss the mean over all of them.
-    counts = [int(np.sum(b["loss_mask"])) for b in host_eval_batches if "loss_mask" in b]
-    eval_weights = counts if counts and sum(counts) > 0 else None
-
-    unfinished = unfinished_saves(out_dir)
-    manager = checkpoint_manager(out_dir, run)  # deletes the unfinished saves before its first save
-    if unfinished:
-        then = (
-            "the newest complete one is used"
-            if manager.latest_step() is not None
-            else "there is no complete one: training starts from step 0"
-        )
-        say(
-            f"The checkpoint of step {', '.join(map(str, unfinished))} is incomplete (the run stopped while "
-            f"saving it) and is deleted; {then}."
-        )
-    step = 0
-    if manager.latest_step() is None and initial_params is not None:
-        params = _placed(initial_params, run, shardings.params)
-        opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-        say(f"Starting from {run.init or 'the given parameters'}")
-    elif manager.latest_step() is None:
-        if run.init:
-            raise BitNetError(
-                f"This run starts from {run.init}: pass its parameters (bitnet-jax train --init {run.init})."
-            )
-        params = sharding.init_sharded(model, run.seed, shardings.params)
-        opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    else:
-        # Restored straight into this run's shardings, whatever mesh the checkpoint was saved from.
-        params_like = abstract_like(jax.eval_shape(lambda: init_params(run.model)), shardings.params)
-        opt_state_like = abstract_like(jax.eval_shape(optimizer.init, params_like), shardings.opt_state)
-        params, opt_state, step, iter_state, bad_steps = restore_checkpoint(
-            manager, out_dir, params_like, opt_state_like
-        )
-        if bad_steps:  # set them aside, so that this run can save those steps again
-            if primary:
-                set_aside(out_dir, bad_steps)
-            _sync("corrupt checkpoints set aside")
-            manager = checkpoint_manager(out_dir, run)  # re-reads the steps
-        train_iter.set_state(iter_state)
-        say(f"Resumed from step {step} in {out_dir}")
 
     evaluate = lambda: float(
         np.average([eval_step(step)(params, batch) for batch in eval_batches], weights=eval_weights)
@@ -249,6 +165,113 @@ def train(
             if primary:
                 plot_losses(history, os.path.join(out_dir, "loss.png"))
     return last
+
+
+def _phase_steps(run: RunConfig, model, optimizer, shardings, distill):
+    """(train_step(done), eval_step(done)): the compiled steps for the step after `done` steps and
+    for evaluating after `done` steps.
+
+    Warm start: the full-precision model trains steps 1 .. switch, the quantized one the rest; one
+    compiled step each (the phase's model is static in its program), the same parameters,
+    optimizer state and schedules throughout, so a resume on either side of the switch picks the
+    step the uninterrupted run would. Evaluations use the model that trained the step.
+
+    Donation is safe beside background checkpoint writes: orbax's `save` copies the arrays to
+    host memory before it returns. On CPU that copy is a numpy view of the device buffer (zero
+    copy), and XLA does not donate a buffer that a view still references: the step after a save
+    writes new buffers instead. tests/test_kill_resume.py checks that a save followed by donated
+    steps restores the saved values.
+    """
+    switch = quant_switch_step(run)
+    phase_models = [model] if switch == 0 else [make_model(run, full_precision=True), model]
+    train_steps = [
+        make_train_step(
+            m,
+            optimizer,
+            grad_accum_steps=run.grad_accum_steps,
+            z_loss=run.z_loss,
+            compute_dtype=run.compute_dtype,
+            shardings=shardings,
+            donate=True,
+            distill=distill,
+        )
+        for m in phase_models
+    ]
+    eval_steps = [make_eval_step(m, shardings, run.compute_dtype) for m in phase_models]
+    train_step = lambda done: train_steps[0 if done < switch else -1]
+    eval_step = lambda done: eval_steps[0 if done <= switch else -1]
+    return train_step, eval_step
+
+
+def _batches(run: RunConfig, corpus: Corpus, shardings):
+    """(the training batch iterator, the held-out batches on the mesh, their weights or None)."""
+    eos_id = corpus.tokenizer.eos_id
+    # Every process reads the same global batches (shard_count=1) and hands its own rows to its
+    # devices (sharding.global_batch); the iterator state is then the same on every process.
+    train_iter = data.make_train_iterator(
+        corpus.train_tokens,
+        run.seq_len,
+        run.batch_size,
+        run.seed,
+        weights=corpus.weights,
+        names=corpus.names,
+        eos_id=eos_id,
+        worker_count=run.worker_count,
+        shard_index=0,
+        shard_count=1,
+    )
+    host_eval_batches = data.make_eval_batches(
+        corpus.eval_tokens, run.seq_len, run.batch_size, run.eval_batches, eos_id=eos_id
+    )
+    eval_batches = [sharding.global_batch(batch, shardings.batch) for batch in host_eval_batches]
+    # With a loss mask (chat data) a batch's loss is the mean over its masked-in targets: weighting
+    # the batches by their counts makes the held-out loss the mean over all of them.
+    counts = [int(np.sum(b["loss_mask"])) for b in host_eval_batches if "loss_mask" in b]
+    eval_weights = counts if counts and sum(counts) > 0 else None
+    return train_iter, eval_batches, eval_weights
+
+
+def _start_state(run: RunConfig, out_dir: str, model, optimizer, shardings, train_iter, initial_params, say):
+    """(checkpoint manager, params, opt_state, steps done): restored from the newest complete
+    checkpoint in `out_dir` (the data iterator with them), else `initial_params`, else a fresh
+    initialization."""
+    primary = jax.process_index() == 0
+    unfinished = unfinished_saves(out_dir)
+    manager = checkpoint_manager(out_dir, run)  # deletes the unfinished saves before its first save
+    if unfinished:
+        then = (
+            "the newest complete one is used"
+            if manager.latest_step() is not None
+            else "there is no complete one: training starts from step 0"
+        )
+        say(
+            f"The checkpoint of step {', '.join(map(str, unfinished))} is incomplete (the run stopped while "
+            f"saving it) and is deleted; {then}."
+        )
+    if manager.latest_step() is None:
+        if initial_params is not None:
+            params = _placed(initial_params, run, shardings.params)
+            say(f"Starting from {run.init or 'the given parameters'}")
+        elif run.init:
+            raise BitNetError(
+                f"This run starts from {run.init}: pass its parameters (bitnet-jax train --init {run.init})."
+            )
+        else:
+            params = sharding.init_sharded(model, run.seed, shardings.params)
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+        return manager, params, opt_state, 0
+    # Restored straight into this run's shardings, whatever mesh the checkpoint was saved from.
+    params_like = abstract_like(jax.eval_shape(lambda: init_params(run.model)), shardings.params)
+    opt_state_like = abstract_like(jax.eval_shape(optimizer.init, params_like), shardings.opt_state)
+    params, opt_state, step, iter_state, bad_steps = restore_checkpoint(manager, out_dir, params_like, opt_state_like)
+    if bad_steps:  # set them aside, so that this run can save those steps again
+        if primary:
+            set_aside(out_dir, bad_steps)
+        _sync("corrupt checkpoints set aside")
+        manager = checkpoint_manager(out_dir, run)  # re-reads the steps
+    train_iter.set_state(iter_state)
+    say(f"Resumed from step {step} in {out_dir}")
+    return manager, params, opt_state, step
 
 
 def _distillation(run: RunConfig, teacher, replicated) -> tuple[Distillation | None, tuple]:
