@@ -14,6 +14,7 @@ import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
+from bitnet_jax.model.hadamard import rotate_input
 from bitnet_jax.model.layers import BitLinear
 from bitnet_jax.model.quant import act_ratio, weight_ratio
 from bitnet_jax.model.serving_layers import TernaryLinear
@@ -22,7 +23,8 @@ from bitnet_jax.model.serving_layers import TernaryLinear
 def _sow_quantizer_inputs(next_fun, args, kwargs, context):
     """A Flax method interceptor: every BitLinear sows what its quantizers round, before rounding
     (`weight_ratio`, `act_ratio`), and the weight scale; every serving TernaryLinear, what its
-    kernel's per-token activation quantizer rounds (its weights are fixed codes)."""
+    kernel's per-token activation quantizer rounds (its weights are fixed codes). An H-BitLinear's
+    quantizer rounds its rotated input."""
     out = next_fun(*args, **kwargs)
     module = context.module
     if context.method_name != "__call__":
@@ -32,10 +34,12 @@ def _sow_quantizer_inputs(next_fun, args, kwargs, context):
         ratio, scale = weight_ratio(nn.unbox(module.get_variable("params", "kernel")), module.quant.weight)
         module.sow("intermediates", "weight_ratio", ratio)
         module.sow("intermediates", "weight_scale", scale)
-        module.sow("intermediates", "act_ratio", act_ratio(args[0], module.quant.act, module.quant.act_bits)[0])
+        x = rotate_input(args[0], module.hadamard)
+        module.sow("intermediates", "act_ratio", act_ratio(x, module.quant.act, module.quant.act_bits)[0])
     elif isinstance(module, TernaryLinear):
         assert module.input_norm_eps is None, "the input RMSNorm would sit between x and the quantizer"
-        module.sow("intermediates", "act_ratio", act_ratio(args[0], "token", module.spec.act_bits)[0])
+        x = rotate_input(args[0], module.hadamard)
+        module.sow("intermediates", "act_ratio", act_ratio(x, "token", module.spec.act_bits)[0])
     return out
 
 

@@ -112,6 +112,11 @@ def _check_exportable(config: BitNetConfig, fmt: str, lm_head: str) -> None:
             f"GGUF export: weight_quant={c.weight_quant!r}; TQ1_0 / TQ2_0 hold one scale per 256 weights, "
             f"so only 'group:256' or 'tensor' models fit. {keep}."
         )
+    if c.hadamard:
+        raise BitNetError(
+            f"GGUF export: hadamard={c.hadamard}; bitnet.cpp and llama.cpp do not rotate the inputs of o_proj and "
+            f"down_proj (BitNet v2), which this model's weights expect. {keep}."
+        )
     if (c.act_quant, c.act_bits, c.linear_norm_eps) != ("token", 8, None):
         raise BitNetError(
             f"GGUF export: act_quant={c.act_quant!r}, act_bits={c.act_bits}, linear_norm_eps={c.linear_norm_eps}; "

@@ -182,6 +182,14 @@ def config_to_hf(config: BitNetConfig, *, quantization_mode: str = "online") -> 
             f"Hugging Face equivalent; this config has {config.weight_quant!r}, {config.act_quant!r}, "
             f"{config.act_bits}."
         )
+    if config.hadamard:
+        # Not recorded under another key either: transformers would ignore it and quietly run the
+        # rotated-basis weights on unrotated inputs.
+        raise BitNetError(
+            f"hadamard={config.hadamard}: transformers' BitNet has no online Hadamard transform, so a Hugging "
+            "Face folder cannot say that o_proj and down_proj rotate their inputs. Serve the model from its run "
+            "or a packed folder (bitnet-jax convert RUN OUT), or train it with hadamard=0."
+        )
     eos = config.eos_token_id
     return {
         "architectures": ["BitNetForCausalLM"],

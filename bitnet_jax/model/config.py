@@ -44,6 +44,13 @@ class BitNetConfig:
       linear_norm_eps: if set, an RMSNorm with this epsilon inside every BitLinear before
         activation quantization (Hugging Face's `quantization_config.use_rms_norm`); b1.58 2B4T
         does not use one.
+      hadamard: BitNet v2's online Hadamard transform (arXiv 2504.18415) on the inputs of o_proj
+        and down_proj, before their activation quantizer, so that low-bit (4-bit) activations
+        keep their outliers in check (`model/hadamard.py`). 0: off (b1.58). A power of two n: a
+        block-diagonal Walsh-Hadamard rotation of n-wide blocks, n dividing both input widths
+        (num_attention_heads * head_dim and intermediate_size). -1: per projection, the largest
+        power of two that divides its input width (the whole width when it is a power of two,
+        as in the paper). The two projections' weights are trained in the rotated basis.
     """
 
     vocab_size: int = 128256
@@ -66,6 +73,7 @@ class BitNetConfig:
     act_quant: str = "token"
     act_bits: int = 8
     linear_norm_eps: float | None = None
+    hadamard: int = 0
 
     def __post_init__(self):
         _check_types(self)
@@ -132,6 +140,10 @@ class BitNetConfig:
             _bad("act_quant", self.act_quant, ACT_QUANT_HELP)
         if not 2 <= self.act_bits <= 8:
             _bad("act_bits", self.act_bits, "an integer from 2 to 8")
+        widths = self.hadamard_widths
+        common = min(width & -width for width in widths.values())  # the largest power of two dividing all
+        for name, width in widths.items():
+            hadamard_block(self.hadamard, width, f"{name}={width}", f"{common} is the largest dividing both")
 
     # Derived values.
     @property
@@ -151,6 +163,15 @@ class BitNetConfig:
         if kind != "group" or not size.isdigit() or int(size) < 1:
             _bad("weight_quant", self.weight_quant, WEIGHT_QUANT_HELP)
         return int(size)
+
+    @property
+    def hadamard_widths(self) -> dict[str, int]:
+        """The input widths of the projections `hadamard` rotates (o_proj, down_proj), by the
+        config fields that make them."""
+        return {
+            "num_attention_heads*head_dim": self.num_attention_heads * self.head_dim,
+            "intermediate_size": self.intermediate_size,
+        }
 
     @property
     def linear_shapes(self) -> dict[str, dict[str, tuple[int, int]]]:
@@ -242,6 +263,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         pad_token_id=0,
     ),
 }
+
+
+HADAMARD_HELP = (
+    "0 (off), -1 (per projection, the largest power of two dividing its input width) or a power of "
+    "two n >= 2 that divides num_attention_heads*head_dim and intermediate_size"
+)
+
+
+def hadamard_block(setting: int, width: int, what: str = "", hint: str = "") -> int:
+    """The block size of the Hadamard rotation of an input `width` wide for a `hadamard` setting
+    (see `BitNetConfig`): 0 when off. Refuses a setting this width cannot take; `what` names the
+    width in the message, `hint` suggests a value."""
+    if setting == 0:
+        return 0
+    what = what or f"width {width}"
+    if setting == -1:
+        block = width & -width  # the lowest set bit: the largest power of two dividing width
+        if block < 2:
+            _bad("hadamard", setting, f"{HADAMARD_HELP}; {what} is odd, so no block of 2 or more divides it")
+        return block
+    if setting < 2 or setting & (setting - 1):
+        _bad("hadamard", setting, HADAMARD_HELP)
+    if width % setting:
+        hint = hint or f"{width & -width} is the largest that does"
+        _bad(
+            "hadamard",
+            setting,
+            f"{HADAMARD_HELP}; it does not divide {what} ({hint}, and -1 takes each width's largest)",
+        )
+    return setting
 
 
 def check_known_keys(values: dict[str, Any], known: set[str], source: str, prefix: str = ""):

@@ -19,6 +19,7 @@ import numpy as np
 from flax import traverse_util
 
 from bitnet_jax.kernels import layout, ops
+from bitnet_jax.model.hadamard import rotate_input
 from bitnet_jax.model.layers import RMSNorm
 
 # The variable collection of the layers' packed weights.
@@ -31,6 +32,10 @@ class TernaryLinear(nn.Module):
     Weights, stacked over layers: `w_packed` uint8 [L, *layout.packed_ternary_shape(O, I)] and
     `w_scale` float32 [L, 1] (per tensor), [L, O] (per channel) or [L, I / group, O] (per group
     of inputs).
+
+    With `hadamard` set, the input is rotated as the training BitLinear rotates it, by the same
+    function, before the kernels quantize it: the packed codes are those of the rotated-basis
+    weights, so the kernels need not know (`model/hadamard.py`).
     """
 
     features: int
@@ -40,11 +45,13 @@ class TernaryLinear(nn.Module):
     group_size: int = 0  # G of 'group:G': a scale per G inputs and output
     input_norm_eps: float | None = None
     split: str = "n"  # how a 'tensor' mesh axis splits it (ops.ternary_linear)
+    hadamard: int = 0  # a BitNetConfig.hadamard setting; 0: no rotation
 
     @nn.compact
     def __call__(self, x_bi, layer):
         if self.input_norm_eps is not None:
             x_bi = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bi)
+        x_bi = rotate_input(x_bi, self.hadamard)
         packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bi.shape[-1]))
         w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
         if self.group_size:

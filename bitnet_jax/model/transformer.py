@@ -21,7 +21,8 @@ returns plain arrays.
 
 The decoder is LLaMA-like with BitNet's changes: every projection inside the blocks is a
 `BitLinear` (ternary weights, int8 activations, straight-through gradients), the FFN is gated
-squared ReLU, and two extra "subln" RMSNorms sit before `o_proj` and `down_proj`. Embeddings,
+squared ReLU, and two extra "subln" RMSNorms sit before `o_proj` and `down_proj` (which, with
+`config.hadamard`, also rotate their inputs: BitNet v2's H-BitLinear, `hadamard.py`). Embeddings,
 norms and the lm_head stay in full precision. The layers are one `nn.scan`, so parameters of
 the blocks are stacked on a leading L axis and compile time does not grow with depth.
 
@@ -73,16 +74,20 @@ class LinearSpec:
     init_std: float
     num_layers: int
     serving: ServingSpec | None = None
+    hadamard: int = 0  # BitNetConfig.hadamard: the rotation of the layers built with rotate=True
 
     @classmethod
     def of(cls, config: BitNetConfig, serving: ServingSpec | None) -> "LinearSpec":
-        return cls(QuantSpec.of(config), config.initializer_range, config.num_hidden_layers, serving)
+        c = config
+        return cls(QuantSpec.of(c), c.initializer_range, c.num_hidden_layers, serving, c.hadamard)
 
-    def __call__(self, features: int, name: str, layer, axes: tuple[str, str]):
+    def __call__(self, features: int, name: str, layer, axes: tuple[str, str], rotate: bool = False):
         """The linear layer as a function of x: fake-quant BitLinear (kernel with logical axes
-        `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving."""
+        `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving.
+        `rotate`: an H-BitLinear (BitNet v2) when the config's `hadamard` is on."""
+        hadamard = self.hadamard if rotate else 0
         if self.serving is None:
-            return BitLinear(features, self.quant, self.init_std, axes, name=name)
+            return BitLinear(features, self.quant, self.init_std, axes, hadamard, name=name)
         # Megatron-style, as training shards the kernels (sharding.RULES): projections out of the
         # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
         # their inputs, which then arrive already split.
@@ -96,6 +101,7 @@ class LinearSpec:
             group_size=q.group_size,
             input_norm_eps=q.input_norm_eps,
             split=split,
+            hadamard=hadamard,
             name=name,
         )
         return lambda x: linear(x, layer)
@@ -164,29 +170,38 @@ class Attention(nn.Module):
         a = self.shape
         n, k, h = a.num_heads, a.num_kv_heads, a.head_dim
         b, t, _ = x_btd.shape
-        linear = lambda features, name, axes: self.linear(features, name, layer, axes)
+        linear = lambda features, name, axes, rotate=False: self.linear(features, name, layer, axes, rotate)
         q_btnh = linear(n * h, "q_proj", ("embed", "q_heads"))(x_btd).reshape(b, t, n, h)
         k_btkh = linear(k * h, "k_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
         v_btkh = linear(k * h, "v_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
         q_btnh = apply_rope(q_btnh, positions_bt, a.rope_theta)
         k_btkh = apply_rope(k_btkh, positions_bt, a.rope_theta)
+        out_btnh, cache_kv = grouped_attention(q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer)
+        out_btnh = RMSNorm(self.norm_eps, name="attn_sub_norm")(out_btnh.reshape(b, t, n * h))
+        # BitNet v2 rotates the inputs of o_proj and down_proj, whose sub-norm outputs hold outliers.
+        return linear(a.hidden_size, "o_proj", ("q_heads", "embed"), rotate=True)(out_btnh), cache_kv
 
-        if cache_kv is not None:  # keys and values of all cache slots, this step's included
-            k_lbksh = _write_cache(cache_kv[0], k_btkh, layer, positions_bt[:, 0])
-            v_lbksh = _write_cache(cache_kv[1], v_btkh, layer, positions_bt[:, 0])
-            cache_kv = (k_lbksh, v_lbksh)
-            # The cache keeps slots next to the head dim, the layout the dots below want.
-            keys, values, kv = k_lbksh[layer], v_lbksh[layer], "bksh"
-        else:
-            keys, values, kv = k_btkh, v_btkh, "bskh"
 
-        q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores_bkgts = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, keys) * (h**-0.5)
-        scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
-        probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(values.dtype)
-        out_btnh = jnp.einsum(f"bkgts,{kv}->btkgh", probs_bkgts, values).reshape(b, t, n * h)
-        out_btnh = RMSNorm(self.norm_eps, name="attn_sub_norm")(out_btnh)
-        return linear(a.hidden_size, "o_proj", ("q_heads", "embed"))(out_btnh), cache_kv
+def grouped_attention(q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer):
+    """Grouped-query attention of this step's queries over its keys and values, or, with a cache,
+    over every slot of layer `layer` of the stacked cache after writing this step's into it.
+    Returns (out [B, T, N, H], the cache or None). (Also timed alone by `bench generate --profile`.)"""
+    b, t, n, h = q_btnh.shape
+    k = k_btkh.shape[2]
+    if cache_kv is not None:  # keys and values of all cache slots, this step's included
+        k_lbksh = _write_cache(cache_kv[0], k_btkh, layer, positions_bt[:, 0])
+        v_lbksh = _write_cache(cache_kv[1], v_btkh, layer, positions_bt[:, 0])
+        cache_kv = (k_lbksh, v_lbksh)
+        # The cache keeps slots next to the head dim, the layout the dots below want.
+        keys, values, kv = k_lbksh[layer], v_lbksh[layer], "bksh"
+    else:
+        keys, values, kv = k_btkh, v_btkh, "bskh"
+
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    scores_bkgts = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, keys) * (h**-0.5)
+    scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
+    probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(values.dtype)
+    return jnp.einsum(f"bkgts,{kv}->btkgh", probs_bkgts, values).reshape(b, t, n, h), cache_kv
 
 
 class MLP(nn.Module):
@@ -197,12 +212,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_btd, layer=None):
         m = self.shape
-        linear = lambda features, name, axes: self.linear(features, name, layer, axes)
+        linear = lambda features, name, axes, rotate=False: self.linear(features, name, layer, axes, rotate)
         gate_btf = linear(m.intermediate_size, "gate_proj", ("embed", "mlp"))(x_btd)
         up_btf = linear(m.intermediate_size, "up_proj", ("embed", "mlp"))(x_btd)
         act_btf = jnp.square(jax.nn.relu(gate_btf)) if m.activation == "relu2" else jax.nn.silu(gate_btf)
         h_btf = RMSNorm(self.norm_eps, name="ffn_sub_norm")(act_btf * up_btf)
-        return linear(m.hidden_size, "down_proj", ("mlp", "embed"))(h_btf)
+        return linear(m.hidden_size, "down_proj", ("mlp", "embed"), rotate=True)(h_btf)
 
 
 class DecoderLayer(nn.Module):

@@ -52,8 +52,10 @@ from bitnet_jax.train.run_config import RunConfig, load_run_config, parse_value
 # The fields a grid may vary: the quantizers, so that every grid point has one well-defined
 # full-precision baseline (the same model with quantization off). Architecture and training
 # fields are set for all runs alike with --set.
-GRID_KEYS = ("weight_quant", "act_quant", "act_bits", "linear_norm_eps")
-BASELINE = {"weight_quant": "none", "act_quant": "none"}
+GRID_KEYS = ("weight_quant", "act_quant", "act_bits", "linear_norm_eps", "hadamard")
+# The baseline is unrotated too: without quantizers a Hadamard rotation changes nothing the model
+# can express (model/hadamard.py).
+BASELINE = {"weight_quant": "none", "act_quant": "none", "hadamard": 0}
 # Decode speed: new tokens after a prompt of held-out tokens, median of timed calls.
 DECODE_PROMPT_TOKENS = 16
 DECODE_NEW_TOKENS = 32
@@ -159,6 +161,8 @@ def _plan_variants(base: RunConfig, grid: dict[str, list]) -> list[AblationRun]:
             raise BitNetError(f"--grid point ({setting}): {e}") from None
         if model.act_quant == "none":  # act_bits is unused: one run stands for all of them
             model = model.replace(act_bits=base.model.act_bits)
+        if model.act_quant == model.weight_quant == "none":  # so is hadamard
+            model = model.replace(hadamard=0)
         name = run_name(model)
         if name not in seen:
             seen.add(name)
@@ -173,6 +177,8 @@ def run_name(model: BitNetConfig) -> str:
     name = f"w-{model.weight_quant.replace(':', '')}_a-{acts}"
     if model.linear_norm_eps is not None:
         name += f"_ln-{model.linear_norm_eps:g}"
+    if model.hadamard:
+        name += "_h-max" if model.hadamard == -1 else f"_h-{model.hadamard}"
     return name
 
 
@@ -308,6 +314,7 @@ def _result_row(items: list[AblationRun], out_dir: str, tokenizer, docs: list[np
         "act_quant": m.act_quant,
         "act_bits": m.act_bits,
         "linear_norm_eps": m.linear_norm_eps,
+        "hadamard": m.hadamard,
         "seeds": [item.run.seed for item in items],
         "final_eval_losses": losses,
         "final_eval_loss": float(np.mean(losses)),
@@ -407,6 +414,8 @@ def results_table(base: RunConfig, rows: list[dict]) -> str:
         acts = "none" if row["act_quant"] == "none" else f"{row['act_quant']}, {row['act_bits']}-bit"
         if row["linear_norm_eps"] is not None:
             acts += f", input norm eps {row['linear_norm_eps']:g}"
+        if row["hadamard"]:
+            acts += f", Hadamard {'max' if row['hadamard'] == -1 else row['hadamard']}"
         label = "full precision (baseline)" if row["baseline"] else row["name"]
         gap = "-" if row["baseline"] else f"{row['gap_to_baseline']:+.3f}"
         lines.append(
