@@ -12,6 +12,7 @@
 #include "cpu_isa.h"
 #include "embed.h"
 #include "layout.h"
+#include "machine.h"
 #include "matmul.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
@@ -40,6 +41,8 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_int8_matmul"] = EncapsulateFfiHandler(BitnetInt8Matmul);
     registrations["bitnet_int8_matmul_i32"] = EncapsulateFfiHandler(BitnetInt8MatmulI32);
     registrations["bitnet_embed_rows"] = EncapsulateFfiHandler(BitnetEmbedRows);
+    registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
+    registrations["bitnet_int8_peak"] = EncapsulateFfiHandler(BitnetInt8Peak);
     return registrations;
   });
   m.def("layout", []() {
@@ -62,4 +65,10 @@ NB_MODULE(_ffi_ext, m) {
     if (!bitnet::SelectIsa(&isa, &error)) throw nb::value_error(error.c_str());
     return std::string(bitnet::IsaName(isa));
   }, "The path the kernels take now (BITNET_JAX_ISA, else the widest available).");
+  m.def("int8_peak_instructions", []() {
+    nb::dict instructions;
+    for (bitnet::Isa isa : bitnet::AvailableIsas())
+      instructions[bitnet::IsaName(isa)] = bitnet::Int8PeakInstruction(isa);
+    return instructions;
+  }, "{path: the instruction bitnet_int8_peak times on it} for the paths this CPU runs.");
 }

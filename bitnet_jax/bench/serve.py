@@ -8,6 +8,11 @@ Kernels are timed with their weights cycling through copies that together exceed
 cache (`working_set_mb`), so GB/s is weight traffic from DRAM, as in a real model whose layers
 stream past the cache one after another; each timed call runs a chain of calls inside one jit,
 so Python dispatch is not in the numbers.
+
+Both print their figures against this machine's limits, measured in the same run
+(bench/machine.py): kernel GB/s against the streaming read bandwidth and GOPS against the int8
+multiply-add peak of the kernel's path; decode tok/s against the roofline, read bandwidth / bytes
+read per token (bench/roofline.py), and prefill's ternary-matmul GOPS against the int8 peak.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import time
 
 import numpy as np
 
+from bitnet_jax.bench.machine import MachineLimits
+from bitnet_jax.bench.profile import DecodeProfile, profile_decode
+from bitnet_jax.bench.roofline import decode_bytes, decode_context, matmul_ops, ternary_ops_per_token
 from bitnet_jax.errors import BitNetError
 
 # 2B4T: K x N of q/o, k/v, gate/up, down, and the tied lm_head.
@@ -60,6 +68,13 @@ class KernelTiming:
     gb_s: float  # weight bytes / median time
     working_set_mb: float
     times_us: tuple[float, ...]
+    gops: float = 0.0  # 10^9 operations / s: 2 * M * K * N per call (a multiply and an add per term)
+    # Against this machine's limits (`with_kernel_limits`): the read bandwidth on as many threads,
+    # and the int8 multiply-add peak of this kernel's path (None for XLA's float dots).
+    read_gb_s: float | None = None
+    of_read_gb_s: float | None = None
+    int8_peak_gops: float | None = None
+    of_int8_peak: float | None = None
 
 
 def _chain(fn, reps: int):
@@ -172,7 +187,25 @@ def _timing(kernel, isa, m, k, n, threads, times, reps, nbytes) -> KernelTiming:
         nbytes / median / 1e9,
         reps * nbytes / 2**20,
         tuple(t * 1e6 for t in per_call),
+        matmul_ops(m, k, n) / median / 1e9,
     )
+
+
+def with_kernel_limits(r: KernelTiming, limits: MachineLimits) -> KernelTiming:
+    """`r` with the machine's read bandwidth on its thread count and its path's int8 peak."""
+    read = limits.read_gb_s(r.threads)
+    peak = None if r.isa == "xla" else limits.int8_peak_gops(r.isa, r.threads)
+    return dataclasses.replace(
+        r,
+        read_gb_s=read,
+        of_read_gb_s=r.gb_s / read if read else None,
+        int8_peak_gops=peak,
+        of_int8_peak=r.gops / peak if peak else None,
+    )
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def kernels_table(results: list[KernelTiming]) -> str:
@@ -202,14 +235,20 @@ def kernels_table(results: list[KernelTiming]) -> str:
         lines.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + f" | {ratio} |")
     per_isa = [
         "",
-        "Per kernel path (median us):",
+        "Per kernel path: weight GB/s against the machine's read bandwidth on as many threads, and GOPS",
+        "(2 * M * K * N / time) against the int8 multiply-add peak of the path (bench/machine.py):",
         "",
-        "| K x N | M | " + " | ".join(ours) + " |",
-        "|---" * (2 + len(ours)) + "|",
+        "| K x N | M | path | us | GB/s | of read BW | GOPS | of int8 peak |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for k, n, m in dict.fromkeys((r.K, r.N, r.M) for r in results):
-        cells = [f"{by_key[(k, n, m, c)].median_us:.0f}" if (k, n, m, c) in by_key else "-" for c in ours]
-        per_isa.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + " |")
+        for c in ours:
+            r = by_key.get((k, n, m, c))
+            if r is not None:
+                per_isa.append(
+                    f"| {k} x {n} | {m} | {c} | {r.median_us:.0f} | {r.gb_s:.1f} | {_percent(r.of_read_gb_s)} "
+                    f"| {r.gops:.1f} | {_percent(r.of_int8_peak)} |"
+                )
     return "\n".join(lines + per_isa)
 
 
@@ -228,6 +267,24 @@ class GenerateTiming:
     peak_rss_mb: float  # MB (10^6 bytes, as the 2B4T model card counts) while serving, after building the weights
     weight_mb: float  # MB (10^6 bytes)
     isa: str
+    # What a decoded token reads (bench/roofline.py: counted from the parameter arrays and the
+    # cache's shape), MB (10^6 bytes), at the mean context of the timed decode steps.
+    layers_mb: float = 0.0
+    head_mb: float = 0.0
+    other_mb: float = 0.0
+    kv_mb: float = 0.0
+    decode_context: float = 0.0
+    mb_per_token: float = 0.0
+    # Prefill: the ternary matmuls' int8 operations over the whole prefill time (a lower bound on
+    # the matmuls' own rate: attention, norms and the lm_head row are in the time too).
+    prefill_ternary_gops: float = 0.0
+    # Against this machine's limits (`with_generate_limits`).
+    read_gb_s: float | None = None
+    roofline_tok_s: float | None = None  # read_gb_s / mb_per_token
+    decode_of_roofline: float | None = None
+    int8_peak_gops: float | None = None  # the FFI path's, on as many threads
+    prefill_of_int8_peak: float | None = None
+    profile: DecodeProfile | None = None  # `profile=True`, FFI backend: the decode step's pieces
 
 
 # 81 bytes whose four 2-bit fields are all valid ternary codes (0, 1, 2).
@@ -338,6 +395,7 @@ def bench_generate(
     repeats: int = 3,
     xla_dtype: str = "float32",
     seed: int = 0,
+    profile: bool = False,
 ) -> GenerateTiming:
     """Prefill and decode speed of one backend on random weights of the config's shape.
 
@@ -346,6 +404,7 @@ def bench_generate(
     token to the last; medians of `repeats` runs after a warm-up run. Peak RSS is the high-water
     mark from just after the weights are built (/proc/self/clear_refs).
     `lm_head` is the FFI model's (default: the serving default, `pack.default_lm_head`).
+    `profile` (FFI backend): also time the pieces of a decode step alone (bench/profile.py).
     """
     import gc
 
@@ -353,7 +412,13 @@ def bench_generate(
     import jax.numpy as jnp
 
     from bitnet_jax.kernels import ffi
-    from bitnet_jax.serve.generate import compile_generate, generate
+    from bitnet_jax.serve.generate import (
+        compile_generate,
+        generate,
+        kv_cache_dtype,
+        padded_prompt_length,
+        serving_params,
+    )
     from bitnet_jax.serve.pack import default_lm_head
 
     lm_head = lm_head or default_lm_head(config)
@@ -373,6 +438,8 @@ def bench_generate(
         lm_head, isa = f"tied {xla_dtype}", "xla"
     gc.collect()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    traffic = decode_bytes(config, params, kv_cache_dtype(params, serving_params(config, params, None)[1]))
+    context = decode_context(prompt_tokens, new_tokens)
     _reset_peak_rss()
 
     def run():
@@ -383,6 +450,16 @@ def bench_generate(
 
     run()  # warm up (and compile, for the dense path)
     prefill_s, decode_s = np.median([run() for _ in range(repeats)], axis=0)
+    peak_rss_mb = _peak_rss_mb()  # before the profile, whose pieces are not serving
+    pieces = None
+    if profile and backend == "ffi":
+        pieces = profile_decode(
+            config,
+            params,
+            position=prompt_tokens + (new_tokens - 1) // 2,  # the middle of the timed steps
+            cache_slots=padded_prompt_length(prompt_tokens) + 1 + new_tokens,  # as `generate` allocates
+            step_ms=1e3 * decode_s / new_tokens,
+        )
     return GenerateTiming(
         backend,
         lm_head,
@@ -391,9 +468,33 @@ def bench_generate(
         new_tokens,
         prompt_tokens / prefill_s,
         new_tokens / decode_s,
-        _peak_rss_mb(),
+        peak_rss_mb,
         weight_bytes / 1e6,
         isa,
+        layers_mb=traffic.layers / 1e6,
+        head_mb=traffic.head / 1e6,
+        other_mb=traffic.other / 1e6,
+        kv_mb=traffic.kv_per_slot * context / 1e6,
+        decode_context=context,
+        mb_per_token=traffic.per_token(context) / 1e6,
+        prefill_ternary_gops=ternary_ops_per_token(config) * prompt_tokens / prefill_s / 1e9,
+        profile=pieces,
+    )
+
+
+def with_generate_limits(r: GenerateTiming, limits: MachineLimits) -> GenerateTiming:
+    """`r` with its decode roofline (read bandwidth on its thread count / bytes per token) and,
+    for the FFI backend, its prefill against the int8 peak of its kernel path."""
+    read = limits.read_gb_s(r.threads)
+    roofline = read * 1e3 / r.mb_per_token if read and r.mb_per_token else None
+    peak = limits.int8_peak_gops(r.isa, r.threads) if r.backend == "ffi" else None
+    return dataclasses.replace(
+        r,
+        read_gb_s=read,
+        roofline_tok_s=roofline,
+        decode_of_roofline=r.decode_tok_s / roofline if roofline else None,
+        int8_peak_gops=peak,
+        prefill_of_int8_peak=r.prefill_ternary_gops / peak if peak else None,
     )
 
 
@@ -418,6 +519,44 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6
 
 
+def limits_tables(results: list[GenerateTiming]) -> str:
+    """Decode against the memory roofline and prefill against the int8 peak (results joined with
+    the machine's limits by `with_generate_limits`)."""
+    lines = [
+        "Decode against memory bandwidth: MB read per token = decoder-layer weights + lm_head + other",
+        "(norms, an embedding row) + KV cache at the mean context of the timed steps; roofline =",
+        "read GB/s on as many threads / MB per token.",
+        "",
+        "| backend | MB/token: layers + head + other + KV (context) = total | read GB/s | roofline tok/s "
+        "| decode tok/s | of roofline |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.backend} | {r.layers_mb:.1f} + {r.head_mb:.1f} + {r.other_mb:.2f} + {r.kv_mb:.1f} "
+            f"({r.decode_context:g}) = {r.mb_per_token:.1f} | {_number(r.read_gb_s, '.1f')} "
+            f"| {_number(r.roofline_tok_s, '.1f')} | {r.decode_tok_s:.2f} | {_percent(r.decode_of_roofline)} |"
+        )
+    lines += [
+        "",
+        "Prefill against the int8 multiply-add peak: ternary-matmul GOPS = 2 * K * N per BitLinear and",
+        "prompt token / the whole prefill time (attention and the rest are in that time too).",
+        "",
+        "| backend | path | threads | prefill tok/s | ternary GOPS | int8 peak GOPS | of peak |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.backend} | {r.isa} | {r.threads} | {r.prefill_tok_s:.1f} | {r.prefill_ternary_gops:.1f} "
+            f"| {_number(r.int8_peak_gops, ',.0f')} | {_percent(r.prefill_of_int8_peak)} |"
+        )
+    return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def generate_table(results: list[GenerateTiming]) -> str:
     lines = [
         "| backend | lm_head | path | threads | prefill tok/s | decode tok/s | peak RSS MB | weights MB |",
@@ -440,6 +579,10 @@ def generate_table(results: list[GenerateTiming]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, results) -> None:
+def write_json(path: str, results, limits: MachineLimits | None = None) -> None:
+    """One object per result; with `limits`, each also carries them ("machine_limits")."""
+    rows = [dataclasses.asdict(r) for r in results]
+    if limits is not None:
+        rows = [{**row, "machine_limits": dataclasses.asdict(limits)} for row in rows]
     with open(path, "w") as f:
-        json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
+        json.dump(rows, f, indent=2)

@@ -190,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
         "--isa", default=None, help="comma-separated kernel paths (default: the SIMD paths this CPU runs)"
     )
     bench_kernels.add_argument("--repeats", type=int, default=5)
+    bench_kernels.add_argument("--read-buffer-mb", type=int, default=None, help=_READ_BUFFER_HELP)
     bench_kernels.add_argument("--json", help="also write the timings to this JSON file")
     bench_kernels.set_defaults(func=_bench_kernels)
     bench_gen = benches.add_parser("generate", help="prefill / decode speed and memory, FFI vs XLA dense")
@@ -215,6 +216,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_gen.add_argument("--xla-dtype", choices=("float32", "bfloat16"), default="float32")
     bench_gen.add_argument("--repeats", type=int, default=3)
+    bench_gen.add_argument("--read-buffer-mb", type=int, default=None, help=_READ_BUFFER_HELP)
+    bench_gen.add_argument(
+        "--profile", action="store_true", help="FFI: also time each piece of a decode step alone (per-token breakdown)"
+    )
     bench_gen.add_argument("--json", help="also write the results to this JSON file")
     bench_gen.set_defaults(func=_bench_generate)
     bench_srv = benches.add_parser("serve", help="the HTTP server under 1, 2, 4, 8 concurrent streaming clients")
@@ -381,27 +386,45 @@ def _chat(args) -> int:
     )
 
 
+_READ_BUFFER_HELP = "MB read to measure this machine's read bandwidth (default: 1 GiB, or 8x the last-level cache)"
+
+
+def _read_buffer_bytes(args) -> int | None:
+    from bitnet_jax.errors import BitNetError
+
+    if args.read_buffer_mb is None:
+        return None
+    if args.read_buffer_mb < 1:
+        raise BitNetError(f"--read-buffer-mb {args.read_buffer_mb}: expected a positive size in MB.")
+    return args.read_buffer_mb << 20
+
+
 def _bench_kernels(args) -> int:
     from bitnet_jax.bench.serve import set_threads
 
     set_threads(args.threads)  # before JAX starts
-    from bitnet_jax.bench.serve import bench_kernels, kernels_table, write_json
+    from bitnet_jax.bench.machine import limits_table, measure_limits
+    from bitnet_jax.bench.serve import bench_kernels, kernels_table, with_kernel_limits, write_json
     from bitnet_jax.bench.train import cpu_name
 
     rows = tuple(int(r) for r in args.rows.split(","))
     isas = args.isa.split(",") if args.isa else None
-    results = bench_kernels(rows=rows, isas=isas, repeats=args.repeats)
+    limits = measure_limits(paths=isas, buffer_bytes=_read_buffer_bytes(args))
+    print(limits_table(limits) + "\n", flush=True)
+    results = [with_kernel_limits(r, limits) for r in bench_kernels(rows=rows, isas=isas, repeats=args.repeats)]
     print(f"CPU: {cpu_name()}, threads: {results[0].threads}\n")
     print(kernels_table(results))
     if args.json:
-        write_json(args.json, results)
+        write_json(args.json, results, limits)
     return 0
 
 
 def _bench_generate(args) -> int:
     import multiprocessing
 
-    from bitnet_jax.bench.serve import generate_table, write_json
+    from bitnet_jax.bench.machine import limits_table
+    from bitnet_jax.bench.profile import profile_table
+    from bitnet_jax.bench.serve import generate_table, limits_tables, with_generate_limits, write_json
     from bitnet_jax.bench.train import cpu_name
     from bitnet_jax.errors import BitNetError
     from bitnet_jax.model.config import PRESETS
@@ -413,8 +436,12 @@ def _bench_generate(args) -> int:
     backends = args.backends.split(",")
     if not set(backends) <= {"ffi", "xla"}:
         raise BitNetError(f"--backends {args.backends}: expected a comma-separated list of ffi, xla.")
-    # One child process per backend: each measures its own peak memory, with a fresh XLA.
+    # One child process per backend: each measures its own peak memory, with a fresh XLA. The
+    # machine's limits first, in a child of their own (their read buffer stays out of the peaks).
     context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        limits = pool.apply(_bench_limits_child, (args.threads, _read_buffer_bytes(args)))
+    print(limits_table(limits) + "\n", flush=True)
     results = []
     for backend in backends:
         new_tokens = args.new_tokens if backend == "ffi" else args.xla_new_tokens
@@ -431,14 +458,20 @@ def _bench_generate(args) -> int:
                         new_tokens,
                         args.repeats,
                         args.xla_dtype,
+                        args.profile,
                     ),
                 )
             )
         print(generate_table(results[-1:]).splitlines()[-1], flush=True)
+    results = [with_generate_limits(r, limits) for r in results]
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
     print(generate_table(results))
+    print("\n" + limits_tables(results))
+    for r in results:
+        if r.profile is not None:
+            print("\n" + profile_table(r.profile))
     if args.json:
-        write_json(args.json, results)
+        write_json(args.json, results, limits)
     return 0
 
 
@@ -470,7 +503,17 @@ def _bench_serve(args) -> int:
     return 0
 
 
-def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype):
+def _bench_limits_child(threads, buffer_bytes):
+    from bitnet_jax.bench.serve import set_threads
+
+    set_threads(threads)
+    from bitnet_jax.bench.machine import measure_limits
+    from bitnet_jax.kernels import ffi
+
+    return measure_limits(paths=[ffi.selected_isa()], buffer_bytes=buffer_bytes)
+
+
+def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype, profile):
     from bitnet_jax.bench.serve import set_threads
 
     set_threads(threads)
@@ -485,6 +528,7 @@ def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_
         new_tokens=new_tokens,
         repeats=repeats,
         xla_dtype=xla_dtype,
+        profile=profile,
     )
 
 

@@ -215,6 +215,12 @@ def serving_params(config: BitNetConfig, params, backend: str | None):
     return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits, platform)
 
 
+def kv_cache_dtype(params, serving: ServingSpec | None):
+    """The KV cache's dtype: serving computes in f32; training parameters in their own dtype (bf16
+    stays bf16). `serving` as `serving_params` returns it."""
+    return jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
+
+
 @functools.partial(
     jax.jit, static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids", "streaming")
 )
@@ -223,10 +229,8 @@ def _generate(
 ):
     model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
-    # Serving computes in f32; training parameters in their own dtype (bf16 stays bf16).
-    cache_dtype = jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
     variables = serving_variables(params) if serving is not None else {"params": params}
-    cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=cache_dtype)
+    cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=kv_cache_dtype(params, serving))
     logits_bv, cache = prefill(model, variables, prompt_bt, lengths_b, cache)
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0
