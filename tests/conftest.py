@@ -21,6 +21,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _COMPILATION_CACHE
 
 
+# Two workers (pytest-xdist, `-n` in pyproject.toml's addopts) share the suite on a 2-core machine:
+# most of a test's time is XLA compiling on one thread. Tests are handed out a whole file at a time
+# (a module's fixtures, often a trained tiny model, are built once, on one worker), except that
+# the files in SHARED_SESSION_FIXTURES go to one worker together, so that the session fixture they
+# share is built once.
+SHARED_SESSION_FIXTURES = {"test_sharding.py": "one_device_cli_run", "test_multiprocess.py": "one_device_cli_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(SHARED_SESSION_FIXTURES.get(name, name)))
+
+
 def pytest_unconfigure(config):
     if _COMPILATION_CACHE is not None:
         shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)
