@@ -16,6 +16,7 @@ from cpu_paths import KNOWN_ISAS, skip_unless_runs
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import ffi, layout
+from bitnet_jax.model import quant
 from bitnet_jax.model.quant import act_quantize
 
 # (M, K, N): odd K and N, M around the tile size of 4, and a prefill-sized M.
@@ -61,6 +62,12 @@ def test_layout_mirror_matches_the_header():
         "int8_row_align": layout.INT8_ROW_ALIGN,
     }
     assert "scalar" in ffi.available_isas()
+
+
+def test_quantizer_eps_mirror_matches_the_header():
+    # The activation quantizers divide by max(amax, eps): the kernels and the XLA path (and the
+    # fake-quant training model) agree only if they floor at the same float32 value.
+    assert np.float32(ffi._ffi_ext.quant_eps()) == np.float32(quant.EPS)
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 255), (7, 513), (64, 256)])

@@ -16,6 +16,7 @@
 #include "matmul.h"
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
+#include "quantize.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -54,6 +55,8 @@ NB_MODULE(_ffi_ext, m) {
     layout["int8_row_align"] = bitnet::kInt8RowAlign;
     return layout;
   }, "The packed-layout constants of layout.h, for bitnet_jax/kernels/layout.py to check its mirror.");
+  m.def("quant_eps", []() { return bitnet::kQuantEps; },
+        "The quantizers' scale floor (quantize.h), for tests to check against model/quant.py's EPS.");
   m.def("available_isas", []() {
     nb::list names;
     for (bitnet::Isa isa : bitnet::AvailableIsas()) names.append(bitnet::IsaName(isa));

@@ -27,6 +27,7 @@
 
 namespace bitnet {
 
+// The scale floor; model/quant.py EPS mirrors it (tests/test_ffi_matmul.py checks the two agree).
 constexpr float kQuantEps = 1e-5f;
 
 inline float LoadF32(const float* p, int64_t i) { return p[i]; }
