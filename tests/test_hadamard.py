@@ -141,14 +141,16 @@ def _forward(model, variables, ids):
     return on_host(jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids))
 
 
-def assert_serving_matches_fake_quant(config, params, ids, prompts, new_tokens):
-    """Packed logits on both backends agree with the fake-quant forward (near_ties' rule), and
-    greedy tokens are the same on all three paths."""
+def assert_serving_matches_fake_quant(config, params, ids, prompts=None, new_tokens=0):
+    """Packed logits on both backends agree with the fake-quant forward (near_ties' rule), and,
+    given prompts, greedy tokens are the same on all three paths."""
     packed = pack(config, params, lm_head="float")
     want = _forward(BitNetLM(config), {"params": params}, ids)
     for backend in ("ffi", "xla"):
         spec = ServingSpec(backend, "float", config.act_bits)
         assert_same_forward(*want, *_forward(BitNetLM(config, spec), serving_variables(packed), ids))
+    if not prompts:
+        return
     fake_quant_ids = generate(config, params, prompts, new_tokens)
     np.testing.assert_array_equal(generate(config, packed, prompts, new_tokens, backend="ffi"), fake_quant_ids)
     np.testing.assert_array_equal(generate(config, packed, prompts, new_tokens, backend="xla"), fake_quant_ids)
@@ -164,7 +166,7 @@ def assert_serving_matches_fake_quant(config, params, ids, prompts, new_tokens):
 def test_packed_serving_equals_fake_quant_on_random_weights(overrides):
     config = BitNetConfig(**{**SMALL, **overrides})
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 300, (2, 21)), jnp.int32)
-    assert_serving_matches_fake_quant(config, _trained_like(config), ids, [[1, 5, 9, 33], [1, 7]], 12)
+    assert_serving_matches_fake_quant(config, _trained_like(config), ids)  # greedy: on the trained model below
 
 
 def test_bad_settings_are_refused():

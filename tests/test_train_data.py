@@ -9,28 +9,12 @@ import jax
 import numpy as np
 import pytest
 import tokenizers
-from tiny_run import RUN
+from tiny_run import CORPUS_FILES, RUN
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from bitnet_jax import cli
 from bitnet_jax.data.pipeline import stdlib_root
 from bitnet_jax.train.run_folder import load_run
-
-MODULES = [
-    "textwrap.py",
-    "shlex.py",
-    "fnmatch.py",
-    "glob.py",
-    "bisect.py",
-    "heapq.py",
-    "colorsys.py",
-    "keyword.py",
-    "linecache.py",
-    "queue.py",
-    "sched.py",
-    "tabnanny.py",
-    "calendar.py",
-]
 
 
 def _chunks(text, lines=30):
@@ -42,7 +26,7 @@ def _chunks(text, lines=30):
 def env(tmp_path_factory):
     """Two JSON Lines files of stdlib code chunks, and the second pre-tokenized with a new tokenizer."""
     root = tmp_path_factory.mktemp("train_data")
-    docs = [c for name in MODULES for c in _chunks((stdlib_root() / name).read_text(encoding="utf-8"))]
+    docs = [c for name in CORPUS_FILES for c in _chunks((stdlib_root() / name).read_text(encoding="utf-8"))]
     for name, part in (("a.jsonl", docs[::2]), ("b.jsonl", docs[1::2])):
         (root / name).write_text("".join(json.dumps({"content": d}) + "\n" for d in part))
     os.environ["BITNET_JAX_CACHE"] = str(root / "cache")
