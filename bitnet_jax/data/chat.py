@@ -220,25 +220,3 @@ def check_conversation(record) -> list[dict]:
             "assistant's reply or remove the record."
         )
     return messages
-
-
-def read_conversations(path: Path) -> list[tuple[int, list[dict]]]:
-    """(line number, messages) of each conversation of a chat JSON Lines file, one record per
-    non-blank line; errors name the file and the line."""
-    conversations = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise BitNetError(
-                    f"{path}, line {line_no}: expected one JSON object per line, found invalid JSON "
-                    f"({e}): {line.strip()[:80]!r}. Fix or remove that line."
-                ) from None
-            try:
-                conversations.append((line_no, check_conversation(record)))
-            except BitNetError as e:
-                raise BitNetError(f"{path}, line {line_no}: {e}") from None
-    return conversations

@@ -8,7 +8,7 @@ Each source gives a train and a held-out token stream (`doc EOS doc EOS ...`, se
 Whitespace-only (and null) documents are skipped everywhere. Streams of text sources are cached
 like `data.tokenize_files`'s, keyed by the files' contents, the field and the tokenizer.
 
-`chat` sources hold one conversation per JSON line (`chat.read_conversations`), split by index
+`chat` sources hold one conversation per JSON line (`_read_conversations`), split by index
 like `jsonl`; each is rendered by the tokenizer's chat template (`chat.chat_training_ids`) into a
 `data.MaskedStream` whose loss flags mark the assistant tokens, cached keyed by the files, the
 tokenizer and the template.
@@ -77,37 +77,55 @@ def read_texts(source: DataSource, files: Sequence[Path]) -> list[str]:
     return texts
 
 
-def _read_jsonl(path: Path, field: str) -> list[str | None]:
-    texts = []
+def _json_lines(path: Path):
+    """(line number, parsed record) of each non-blank line of a JSON Lines file (blank lines, a
+    trailing newline say, are no records); invalid JSON is an error naming file and line."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
-                continue  # blank lines (a trailing newline, say) are no documents
+                continue
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except ValueError as e:
                 raise BitNetError(
                     f"{path}, line {line_no}: expected one JSON object per line, found invalid JSON "
                     f"({e}): {line.strip()[:80]!r}. Fix or remove that line."
                 ) from None
-            if not isinstance(record, dict):
-                raise BitNetError(
-                    f"{path}, line {line_no}: expected a JSON object with a {field!r} field, found "
-                    f"a JSON {type(record).__name__}."
-                )
-            if field not in record:
-                raise BitNetError(
-                    f"{path}, line {line_no}: no field {field!r}; this line has "
-                    f"{', '.join(map(repr, record)) or 'no fields'}. Set the source's 'field' to "
-                    "the one that holds the text."
-                )
-            value = record[field]
-            if value is not None and not isinstance(value, str):
-                raise BitNetError(
-                    f"{path}, line {line_no}: field {field!r} holds a JSON {type(value).__name__}; "
-                    "expected a string of text."
-                )
-            texts.append(value)
+
+
+def _read_conversations(path: Path) -> list[tuple[int, list[dict]]]:
+    """(line number, messages) of each conversation of a chat JSON Lines file; errors name the
+    file and the line."""
+    conversations = []
+    for line_no, record in _json_lines(path):
+        try:
+            conversations.append((line_no, chat.check_conversation(record)))
+        except BitNetError as e:
+            raise BitNetError(f"{path}, line {line_no}: {e}") from None
+    return conversations
+
+
+def _read_jsonl(path: Path, field: str) -> list[str | None]:
+    texts = []
+    for line_no, record in _json_lines(path):
+        if not isinstance(record, dict):
+            raise BitNetError(
+                f"{path}, line {line_no}: expected a JSON object with a {field!r} field, found "
+                f"a JSON {type(record).__name__}."
+            )
+        if field not in record:
+            raise BitNetError(
+                f"{path}, line {line_no}: no field {field!r}; this line has "
+                f"{', '.join(map(repr, record)) or 'no fields'}. Set the source's 'field' to "
+                "the one that holds the text."
+            )
+        value = record[field]
+        if value is not None and not isinstance(value, str):
+            raise BitNetError(
+                f"{path}, line {line_no}: field {field!r} holds a JSON {type(value).__name__}; "
+                "expected a string of text."
+            )
+        texts.append(value)
     return texts
 
 
@@ -259,7 +277,7 @@ def _chat_documents(
     """(token ids, loss mask) of every conversation of a chat source, in file order."""
     docs, masks = [], []
     for path in files:
-        for line_no, messages in chat.read_conversations(path):
+        for line_no, messages in _read_conversations(path):
             try:
                 ids, mask = chat.chat_training_ids(template, messages, tokenizer)
             except BitNetError as e:
