@@ -186,18 +186,24 @@ def open_stream(path: str | os.PathLike) -> tuple["DocumentStream", dict]:
             f"{len(lengths)} lengths summing to {int(lengths.sum())}, "
             f"{META_FILE} says {meta['documents']} documents, {meta['tokens']} tokens",
         )
-    try:
-        reader = array_record_module.ArrayRecordReader(str(records_path))
-        n_records = reader.num_records()
-        reader.close()
-    except Exception as e:  # riegeli reports damage as RuntimeError or ValueError, depending on where
-        raise _corrupt(records_path, f"{type(e).__name__}: {e}") from None
-    if n_records != meta["documents"]:
-        raise _corrupt(records_path, f"it holds {n_records} records, {META_FILE} says {meta['documents']}")
+    n_records = _checked_record_count(records_path, meta["documents"])
     stream = DocumentStream(
         records_path, np.arange(n_records), lengths, np.dtype(meta["dtype"]), eos_id=meta["tokenizer"]["eos_id"]
     )
     return stream, meta
+
+
+def _checked_record_count(path: Path, documents: int) -> int:
+    """The number of records of an array_record file, which must be `documents` (meta.json's)."""
+    try:
+        reader = array_record_module.ArrayRecordReader(str(path))
+        n_records = reader.num_records()
+        reader.close()
+    except Exception as e:  # riegeli reports damage as RuntimeError or ValueError, depending on where
+        raise _corrupt(path, f"{type(e).__name__}: {e}") from None
+    if n_records != documents:
+        raise _corrupt(path, f"it holds {n_records} records, {META_FILE} says {documents}")
+    return n_records
 
 
 def open_flags_stream(path: str | os.PathLike, separator: int) -> "DocumentStream":
@@ -209,14 +215,7 @@ def open_flags_stream(path: str | os.PathLike, separator: int) -> "DocumentStrea
     if not meta.get("flags") or not flags_path.is_file():
         raise BitNetError(f"{folder} holds no {FLAGS_FILE}; expected the folder of a chat source.")
     lengths = np.load(folder / LENGTHS_FILE)
-    try:
-        reader = array_record_module.ArrayRecordReader(str(flags_path))
-        n_records = reader.num_records()
-        reader.close()
-    except Exception as e:  # riegeli reports damage as RuntimeError or ValueError, depending on where
-        raise _corrupt(flags_path, f"{type(e).__name__}: {e}") from None
-    if n_records != meta["documents"]:
-        raise _corrupt(flags_path, f"it holds {n_records} records, {META_FILE} says {meta['documents']}")
+    n_records = _checked_record_count(flags_path, meta["documents"])
     return DocumentStream(flags_path, np.arange(n_records), lengths, np.dtype(np.uint8), eos_id=separator)
 
 
