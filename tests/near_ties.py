@@ -11,13 +11,16 @@ a near-tie.
 """
 
 import flax.linen as nn
+import jax
 import numpy as np
 from flax import traverse_util
 
+from bitnet_jax.kernels.ops import BACKENDS, ServingSpec
 from bitnet_jax.model.hadamard import rotate_input
 from bitnet_jax.model.layers import BitLinear
 from bitnet_jax.model.quant import act_ratio, weight_ratio
-from bitnet_jax.model.serving_layers import TernaryLinear
+from bitnet_jax.model.serving_layers import TernaryLinear, serving_variables
+from bitnet_jax.model.transformer import BitNetLM
 
 
 def _sow_quantizer_inputs(next_fun, args, kwargs, context):
@@ -34,11 +37,11 @@ def _sow_quantizer_inputs(next_fun, args, kwargs, context):
         ratio, scale = weight_ratio(nn.unbox(module.get_variable("params", "kernel")), module.quant.weight)
         module.sow("intermediates", "weight_ratio", ratio)
         module.sow("intermediates", "weight_scale", scale)
-        x = rotate_input(args[0], module.hadamard)
+        x = rotate_input(args[0], module.hadamard, module.hadamard_seed)
         module.sow("intermediates", "act_ratio", act_ratio(x, module.quant.act, module.quant.act_bits)[0])
     elif isinstance(module, TernaryLinear):
         assert module.input_norm_eps is None, "the input RMSNorm would sit between x and the quantizer"
-        x = rotate_input(args[0], module.hadamard)
+        x = rotate_input(args[0], module.hadamard, module.hadamard_seed)
         module.sow("intermediates", "act_ratio", act_ratio(x, "token", module.spec.act_bits)[0])
     return out
 
@@ -55,6 +58,11 @@ def on_host(outputs):
     """`forward_with_quantizer_inputs`' outputs as numpy arrays."""
     logits, sown = outputs
     return np.asarray(logits), {name: np.asarray(values) for name, values in sown.items()}
+
+
+def jitted_forward(model, variables, ids):
+    """Logits and the quantizers' sowed inputs of one jitted forward, as numpy."""
+    return on_host(jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids))
 
 
 # The linear layers of a decoder layer, in the order the forward pass runs them.
@@ -136,3 +144,13 @@ def _weights_flipped(ref_sown, got_sown, linear: str, layer: int) -> bool:
     margin, allowed = np.abs(np.abs(ratio_ref) - 0.5), np.abs(ratio_ref) * (bound + 3 * F32_EPS)
     assert np.all(margin[flipped] <= allowed[flipped]), (where, margin[flipped])
     return bool(flipped.any())
+
+
+def assert_packed_matches_fake_quant(config, params, packed, ids, backends=BACKENDS):
+    """Packed serving against fake-quant training on the same weights: the forward of `packed`
+    (`pack(config, params, lm_head="float")`) on each of `backends` against the training forward
+    of `params`, by `assert_same_forward`."""
+    want = jitted_forward(BitNetLM(config), {"params": params}, ids)
+    for backend in backends:
+        spec = ServingSpec(backend, "float", config.act_bits)
+        assert_same_forward(*want, *jitted_forward(BitNetLM(config, spec), serving_variables(packed), ids))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
-from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host
+from near_ties import assert_same_forward, jitted_forward
 
 from bitnet_jax import BitNetConfig, BitNetError, BitNetLM, init_params, load_gguf, load_model, pack, save_packed
 from bitnet_jax.cli import main
@@ -259,13 +259,9 @@ def test_import_gives_the_fake_quant_logits(case, tmp_path):
     # flipped at a near-tie (tests/near_ties.py, the rule the serving tests use).
     backend = "xla" if groups else "ffi"
     assert_same_forward(
-        *_sown_forward(BitNetLM(c), {"params": master_params(c, layers, ends, decoded)}),
-        *_sown_forward(BitNetLM(config, ServingSpec(backend, "float")), serving_variables(_on_device(params))),
+        *jitted_forward(BitNetLM(c), {"params": master_params(c, layers, ends, decoded)}, IDS),
+        *jitted_forward(BitNetLM(config, ServingSpec(backend, "float")), serving_variables(_on_device(params)), IDS),
     )
-
-
-def _sown_forward(model, variables):
-    return on_host(jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, IDS))
 
 
 def _on_device(params):

@@ -1,8 +1,9 @@
 """BitNet v2's Hadamard-rotated activations (`model.hadamard`, `model/hadamard.py`): the fast
-transform against Sylvester's matrix built here in numpy, the rotated model against the unrotated
-one in full precision, fake-quant training against packed serving (FFI and XLA) on random and on
-trained weights, the setting through configs, run, packed and ablation folders, and the
-refusals. (hadamard=0 leaves every computation as it was: the other test files prove that.)
+transform against Sylvester's matrix built here in numpy, with and without the random signs of
+`model.hadamard_seed` (their SHA-256 stream against its spec, rederived here), the rotated model
+against the unrotated one in full precision, fake-quant training against packed serving (FFI
+and XLA) on random and on trained weights, the settings through configs, run, packed and
+ablation folders, and the refusals. (hadamard=0 leaves every computation as it was: the other test files prove that.)
 
 Tolerance of fake-quant against packed: both paths rotate with the same function, on inputs that
 agree to float summation order, and an orthonormal H keeps the norm of their difference (random
@@ -15,20 +16,21 @@ equals the fake-quant forward bit for bit, rotated or not; the FFI path differs 
 (3e-4 allowed), the same with and without the rotation.
 """
 
+import hashlib
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host
+from near_ties import assert_packed_matches_fake_quant, assert_same_forward, jitted_forward
 from tiny_run import RUN
 
 from bitnet_jax import BitNetConfig, BitNetLM, cli, generate, init_params
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import config_from_hf, config_to_hf
 from bitnet_jax.kernels.ops import ServingSpec
-from bitnet_jax.model.hadamard import hadamard_transform, rotate_input, rotate_kernel
+from bitnet_jax.model.hadamard import hadamard_signs, hadamard_transform, rotate_input, rotate_kernel
 from bitnet_jax.model.serving_layers import serving_variables
 from bitnet_jax.research.ablate import parse_grid, plan_runs
 from bitnet_jax.serve.load import load_model
@@ -97,6 +99,98 @@ def test_gradient_is_the_transposed_transform_and_rotate_kernel_undoes_the_rotat
     assert rotate_input(xj, 0) is xj  # off: not even a copy
 
 
+def reference_signs(seed: int, width: int) -> np.ndarray:
+    """`hadamard_signs` from its documented spec, bit by bit: input i is negated where bit i (least
+    significant first in each byte) of the concatenated SHA-256 digests of
+    "bitnet-jax hadamard signs seed=S width=W chunk=C" is 1."""
+    signs = []
+    for i in range(width):
+        chunk, bit = divmod(i, 256)
+        digest = hashlib.sha256(f"bitnet-jax hadamard signs seed={seed} width={width} chunk={chunk}".encode()).digest()
+        signs.append(-1.0 if digest[bit // 8] >> (bit % 8) & 1 else 1.0)
+    return np.array(signs)
+
+
+def test_signs_are_the_documented_sha256_stream_and_fixed_by_seed_and_width():
+    for seed, width in [(0, 64), (3, 192), (12345, 600)]:  # 600: three digests, the last one cut
+        signs = hadamard_signs(seed, width)
+        assert signs.dtype == np.float32 and signs.shape == (width,) and not signs.flags.writeable
+        np.testing.assert_array_equal(signs, reference_signs(seed, width))
+        assert abs(signs.mean()) < 4 / np.sqrt(width)  # about as many of each
+    # Folders store only the seed: the derivation must never change. Pinned on its first use.
+    assert hadamard_signs(0, 64)[:16].astype(int).tolist() == [1, -1, -1, 1, -1, 1, 1, 1, -1, 1, -1, 1, -1, 1, 1, 1]
+    np.testing.assert_array_equal(hadamard_signs(7, 128), hadamard_signs(7, 128).copy())  # same seed, same signs
+    assert (hadamard_signs(7, 128) != hadamard_signs(8, 128)).sum() > 32  # another seed, other signs
+    assert (hadamard_signs(7, 128)[:64] != hadamard_signs(7, 64)).sum() > 16  # per width, not a prefix
+
+
+def signed_h(width: int, block: int, seed: int) -> np.ndarray:
+    """R = D H: the rows of the block-diagonal Sylvester rotation negated by the seed's signs."""
+    return np.diag(reference_signs(seed, width)) @ block_diagonal_h(width, block)
+
+
+@pytest.mark.parametrize("block", [2, 8, 64])
+def test_signed_transform_is_sylvester_after_the_signs_and_inverted_by_its_transpose(block):
+    width, seed = 3 * block, 11
+    r = signed_h(width, block, seed)
+    np.testing.assert_allclose(r @ r.T, np.eye(width), atol=1e-12)  # still orthonormal...
+    assert not np.allclose(r, r.T)  # ...but not symmetric: no longer its own inverse
+    x = np.random.default_rng(block).normal(size=(2, 5, width)).astype(np.float32)
+    y = np.asarray(rotate_input(jnp.asarray(x), block, seed))
+    np.testing.assert_allclose(y, x.astype(np.float64) @ r, rtol=0, atol=1e-5 * np.abs(x).max())
+    np.testing.assert_array_equal(y, np.asarray(hadamard_transform(jnp.asarray(x), block, hadamard_signs(seed, width))))
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+    # The inverse is R^T = H D: the plain transform, then the signs; the signed one does not undo itself.
+    undone = np.asarray(hadamard_transform(jnp.asarray(y), block)) * hadamard_signs(seed, width)
+    np.testing.assert_allclose(undone, x, atol=1e-5)
+    assert np.abs(np.asarray(rotate_input(jnp.asarray(y), block, seed)) - x).max() > 0.1
+    # Still no matmul, bf16 in and out; and seed None is the unsigned transform, bit for bit.
+    assert "dot_general" not in str(jax.make_jaxpr(lambda v: rotate_input(v, block, seed))(x))
+    assert rotate_input(jnp.asarray(x, jnp.bfloat16), block, seed).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(rotate_input(jnp.asarray(x), block, None)), np.asarray(hadamard_transform(jnp.asarray(x), block))
+    )
+
+
+def test_signs_spread_an_input_that_lines_up_with_a_walsh_function():
+    """What the signs are for: H maps its own row (a Walsh function, e.g. a channel pattern the
+    network learns) onto one channel, an outlier of sqrt(128) x the rms; D H spreads it."""
+    walsh = sylvester(128)[5:6].astype(np.float32)
+
+    def peak(y):
+        return np.abs(y).max() / np.sqrt(np.mean(np.square(y)))
+
+    assert peak(np.asarray(rotate_input(jnp.asarray(walsh), -1))) == pytest.approx(np.sqrt(128))
+    assert peak(np.asarray(rotate_input(jnp.asarray(walsh), -1, 0))) < 4  # measured 2.47
+
+
+def test_signed_gradient_is_the_transposed_rotation_and_rotate_kernel_undoes_it():
+    """JAX transposes the sign multiply with the adds: the backward pass is g R^T = g H D, the
+    same as jax.grad of a dense-matrix rotation (no custom gradient assumes R = R^T)."""
+    block, width, seed = 16, 48, 4
+    r = signed_h(width, block, seed)
+    rng = np.random.default_rng(0)
+    x, g = rng.normal(size=(2, 3, width)).astype(np.float32), rng.normal(size=(2, 3, width)).astype(np.float32)
+    _, vjp = jax.vjp(lambda v: rotate_input(v, block, seed), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(g))[0]), g @ r.T, atol=1e-5)
+    r32 = jnp.asarray(r, jnp.float32)
+
+    def loss(rotate):
+        return lambda v: jnp.sum(jnp.sin(rotate(v)) * g)
+
+    got = jax.grad(loss(lambda v: rotate_input(v, block, seed)))(jnp.asarray(x))
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(jax.grad(loss(lambda v: v @ r32))(jnp.asarray(x))), atol=1e-5
+    )
+    # rotate_kernel is R^T W on the input axis of a stacked [L, I, O] kernel: (x R)(R^T W) = x W.
+    w = rng.normal(size=(2, width, 7)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(rotate_kernel(jnp.asarray(w), block, seed)), r.T @ w, atol=1e-5)
+    xw = np.asarray(rotate_input(jnp.asarray(x[0]), block, seed) @ rotate_kernel(jnp.asarray(w[0]), block, seed))
+    np.testing.assert_allclose(xw, x[0] @ w[0], atol=1e-4)
+    xj = jnp.asarray(x)
+    assert rotate_input(xj, 0, seed) is xj  # hadamard off: the seed does nothing
+
+
 def _with_kernels(params, fn):
     """params with fn(kernel) applied to the kernels of o_proj and down_proj only."""
     return jax.tree_util.tree_map_with_path(
@@ -104,22 +198,27 @@ def _with_kernels(params, fn):
     )
 
 
-@pytest.mark.parametrize("setting", [-1, 32])
-def test_rotated_full_precision_model_is_the_unrotated_model_in_the_rotated_basis(setting):
+@pytest.mark.parametrize("setting, seed", [(-1, None), (32, None), (-1, 7), (32, 0)])
+def test_rotated_full_precision_model_is_the_unrotated_model_in_the_rotated_basis(setting, seed):
     """Without quantizers, rotating the inputs of o_proj and down_proj (and no other layer) and
-    holding their weights as H^T W computes the unrotated model: the rotation sits where it
-    should, on the right axis, and changes the basis only."""
+    holding their weights as R^T W computes the unrotated model: the rotation sits where it
+    should, on the right axis, with the signs of each projection's width, and changes the basis
+    only."""
     plain = BitNetConfig(**SMALL, weight_quant="none", act_quant="none")
-    rotated = plain.replace(hadamard=setting)
+    rotated = plain.replace(hadamard=setting, hadamard_seed=seed)
     params = init_params(plain, seed=3)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 9)), jnp.int32)
     want = np.asarray(BitNetLM(plain).apply({"params": params}, ids))
     got = np.asarray(
-        BitNetLM(rotated).apply({"params": _with_kernels(params, lambda w: rotate_kernel(w, setting))}, ids)
+        BitNetLM(rotated).apply({"params": _with_kernels(params, lambda w: rotate_kernel(w, setting, seed))}, ids)
     )
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
     moved = np.asarray(BitNetLM(rotated).apply({"params": params}, ids))  # the same weights, unrotated
     assert np.abs(moved - want).max() > 1e-2 * np.abs(want).max()
+    if seed is not None:  # kernels rotated without the signs do not fit the signed inputs
+        unsigned = _with_kernels(params, lambda w: rotate_kernel(w, setting))
+        moved = np.asarray(BitNetLM(rotated).apply({"params": unsigned}, ids))
+        assert np.abs(moved - want).max() > 1e-2 * np.abs(want).max()
 
 
 def _trained_like(config, seed=0):
@@ -137,18 +236,11 @@ def _trained_like(config, seed=0):
     return params
 
 
-def _forward(model, variables, ids):
-    return on_host(jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids))
-
-
 def assert_serving_matches_fake_quant(config, params, ids, prompts=None, new_tokens=0):
     """Packed logits on both backends agree with the fake-quant forward (near_ties' rule), and,
     given prompts, greedy tokens are the same on all three paths."""
     packed = pack(config, params, lm_head="float")
-    want = _forward(BitNetLM(config), {"params": params}, ids)
-    for backend in ("ffi", "xla"):
-        spec = ServingSpec(backend, "float", config.act_bits)
-        assert_same_forward(*want, *_forward(BitNetLM(config, spec), serving_variables(packed), ids))
+    assert_packed_matches_fake_quant(config, params, packed, ids)
     if not prompts:
         return
     fake_quant_ids = generate(config, params, prompts, new_tokens)
@@ -161,6 +253,8 @@ def assert_serving_matches_fake_quant(config, params, ids, prompts=None, new_tok
     [
         {"hadamard": -1, "act_bits": 4},  # blocks of 128 (o_proj) and 64 (down_proj)
         {"hadamard": 8, "weight_quant": "channel", "tie_word_embeddings": False},
+        {"hadamard": -1, "hadamard_seed": 5, "act_bits": 4},  # signs over 128 and 192 inputs
+        {"hadamard": 32, "hadamard_seed": 0},  # 8-bit activations, per-tensor weights
     ],
 )
 def test_packed_serving_equals_fake_quant_on_random_weights(overrides):
@@ -182,9 +276,20 @@ def test_bad_settings_are_refused():
         BitNetConfig(**SMALL, hadamard=128)
     with pytest.raises(BitNetError, match="hadamard=-1 is invalid.*intermediate_size=193 is odd"):
         BitNetConfig(**{**SMALL, "intermediate_size": 193}, hadamard=-1)
+    with pytest.raises(BitNetError, match=r"hadamard_seed=-1 is invalid: expected None \(no sign flips\) or a non-neg"):
+        BitNetConfig(**SMALL, hadamard=-1, hadamard_seed=-1)
+    for bad in (True, "3", 1.0):
+        with pytest.raises(BitNetError, match=r"hadamard_seed=.* is invalid: expected a value of type int \| None"):
+            BitNetConfig(**SMALL, hadamard=-1, hadamard_seed=bad)
+    with pytest.raises(BitNetError, match="'hadamard_sed' \\(did you mean 'hadamard_seed'\\?\\)"):
+        BitNetConfig.from_dict({**SMALL, "hadamard_sed": 3})
     # Through --set and --grid (the tiny preset: o_proj 256 wide, down_proj 704 = 11 x 64).
     with pytest.raises(BitNetError, match="hadamard=128 is invalid.*does not divide intermediate_size=704"):
         load_run_config(None, ["model.hadamard=128"])
+    with pytest.raises(BitNetError, match="hadamard_seed=-2 is invalid"):
+        load_run_config(None, ["model.hadamard=-1", "model.hadamard_seed=-2"])
+    with pytest.raises(BitNetError, match="'hadamard_seeds' \\(did you mean 'hadamard_seed'\\?\\)"):
+        load_run_config(None, ["model.hadamard_seeds=1"])
     base = load_run_config(None, [])
     with pytest.raises(BitNetError, match=r"--grid point \(hadamard=128\): BitNetConfig.hadamard=128 is invalid"):
         plan_runs(base, parse_grid(["hadamard=0,128"]))
@@ -192,6 +297,8 @@ def test_bad_settings_are_refused():
     config = BitNetConfig(**SMALL, hadamard=-1)
     with pytest.raises(BitNetError, match="hadamard=-1: transformers' BitNet has no online Hadamard transform"):
         config_to_hf(config)
+    with pytest.raises(BitNetError, match="hadamard=-1: transformers' BitNet has no online Hadamard transform"):
+        config_to_hf(config.replace(hadamard_seed=3))
 
 
 def test_setting_round_trips_through_configs_and_folders(tmp_path):
@@ -215,6 +322,56 @@ def test_setting_round_trips_through_configs_and_folders(tmp_path):
     assert names == ["w-none_a-none", "w-tensor_a-token-4", "w-tensor_a-token-4_h-max", "w-tensor_a-token-4_h-64"]
     grid = parse_grid(["weight_quant=none", "act_quant=none", "hadamard=0,-1"])
     assert [r.name for r in plan_runs(base, grid)] == ["w-none_a-none"]
+
+
+@pytest.mark.parametrize("seed", [0, 2**40 + 3])
+def test_signs_seed_round_trips_through_configs_and_folders(tmp_path, seed):
+    """hadamard_seed travels as hadamard does, and the folder alone reproduces the signs: the
+    packed folder serves what the parameters it was packed from compute."""
+    config = BitNetConfig(**SMALL, hadamard=-1, hadamard_seed=seed)
+    assert config.replace(hadamard_seed=None) == BitNetConfig(**SMALL, hadamard=-1)  # None is the default
+    assert BitNetConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    run = load_run_config(None, ["model.hadamard=64", f"model.hadamard_seed={seed}"])
+    assert (run.model.hadamard, run.model.hadamard_seed) == (64, seed)
+    assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict())), source="run.json") == run
+    assert load_run_config(None, ["model.hadamard_seed=None"]).model.hadamard_seed is None
+    params = _trained_like(config)
+    save_packed(str(tmp_path / "m"), config, pack(config, params, lm_head="float"))
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["hadamard_seed"] == seed
+    loaded, packed = load_packed(str(tmp_path / "m"))
+    assert loaded == config
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, 300, (1, 12)), jnp.int32)
+    want = jitted_forward(BitNetLM(config), {"params": params}, ids)
+    assert_same_forward(
+        *want, *jitted_forward(BitNetLM(loaded, ServingSpec("xla", "float", 8)), serving_variables(packed), ids)
+    )
+    # A folder written before the field existed is unsigned.
+    values = json.loads((tmp_path / "m" / "config.json").read_text())
+    del values["hadamard_seed"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(values))
+    assert load_packed(str(tmp_path / "m"))[0] == config.replace(hadamard_seed=None)
+
+
+def test_signs_seed_is_a_grid_key():
+    """A seed alone names its runs (`_h-max-signs3`), and is dropped where nothing is rotated, so
+    that `--set model.hadamard_seed=S --grid hadamard=0,-1` compares plain, and signed, runs."""
+    base = load_run_config(None, ["model.act_bits=4", "model.hadamard_seed=3"])
+    names = [r.name for r in plan_runs(base, parse_grid(["hadamard=0,-1"]))]
+    assert names == ["w-none_a-none", "w-tensor_a-token-4", "w-tensor_a-token-4_h-max-signs3"]
+    runs = plan_runs(base, parse_grid(["hadamard=0,-1"]))
+    assert [r.run.model.hadamard_seed for r in runs] == [None, None, 3]
+    base = load_run_config(None, ["model.act_bits=4", "model.hadamard=-1"])
+    names = [r.name for r in plan_runs(base, parse_grid(["hadamard_seed=None,0,1"]))]
+    assert names == [
+        "w-none_a-none",
+        "w-tensor_a-token-4_h-max",
+        "w-tensor_a-token-4_h-max-signs0",
+        "w-tensor_a-token-4_h-max-signs1",
+    ]
+    with pytest.raises(
+        BitNetError, match=r"--grid point \(hadamard_seed=-1\): BitNetConfig.hadamard_seed=-1 is invalid"
+    ):
+        plan_runs(base, parse_grid(["hadamard_seed=0,-1"]))
 
 
 @pytest.fixture(scope="module")

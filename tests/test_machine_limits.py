@@ -137,7 +137,7 @@ def test_generate_roofline_arithmetic():
 
     r = GenerateTiming("ffi", "int8-tied", 2, 128, 128, 120.0, 20.0, 900.0, 850.0, "avx2")
     r = with_generate_limits(
-        GenerateTiming(**{**r.__dict__, "mb_per_token": 800.0, "prefill_ternary_gops": 150.0}),
+        dataclasses.replace(r, layers_mb=700.0, kv_mb=100.0, prefill_ternary_gops=150.0),  # 800 MB per token
         _limits(20.0, 500.0, "avx2", 2),
     )
     assert (r.read_gb_s, r.roofline_tok_s, r.decode_of_roofline) == pytest.approx((20.0, 25.0, 0.8))

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from near_ties import assert_same_forward, forward_with_quantizer_inputs, on_host
+from near_ties import assert_packed_matches_fake_quant, assert_same_forward, jitted_forward
 
 from bitnet_jax import BitNetConfig, BitNetLM, generate, init_params, load_hf
 from bitnet_jax.errors import BitNetError
@@ -37,11 +37,6 @@ SMALL = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-
-
-def _forward(model, variables, ids):
-    """Logits and the quantizers' sowed inputs of one jitted forward, as numpy (near_ties)."""
-    return on_host(jax.jit(lambda v, i: forward_with_quantizer_inputs(model, v, i))(variables, ids))
 
 
 def relative_error(got, want):
@@ -107,10 +102,7 @@ def test_group_scales_pack_and_serve_on_the_xla_integer_path(tmp_path):
     assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 25, 96)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
 
-    assert_same_forward(
-        *_forward(BitNetLM(config), {"params": params}, ids),
-        *_forward(BitNetLM(config, ServingSpec("xla", "float")), serving_variables(packed), ids),
-    )
+    assert_packed_matches_fake_quant(config, params, packed, ids, backends=("xla",))
     with pytest.raises(BitNetError, match="one weight scale per tensor or per output channel.*backend='xla'"):
         generate(config, packed, [[1, 2, 3]], 4, backend="ffi")
     save_packed(str(tmp_path / "m"), config, packed)
@@ -292,13 +284,16 @@ def test_pack_refuses_what_the_kernels_do_not_implement():
         pack(config, init_params(config), lm_head="fp8")
     with pytest.raises(BitNetError, match="backend='cuda'"):
         generate(config, init_params(config), [[1]], 2, backend="cuda")
+    # A spec names the kind its parameters were packed with; only `pack` picks a default.
+    with pytest.raises(ValueError, match="lm_head=None; expected one of .*lm_head_kind"):
+        ServingSpec("xla")
 
 
 @pytest.mark.parametrize("platform, default", [("cpu", "ffi"), ("gpu", "xla"), ("tpu", "xla")])
 def test_serving_backend_follows_the_platform(platform, default):
     # The FFI targets are registered for CPU only; everywhere else the XLA integer path serves.
     assert serving_backend(platform) == default
-    assert ServingSpec(platform=platform).backend == default
+    assert ServingSpec(lm_head="float", platform=platform).backend == default
     assert serving_backend(platform, "xla") == "xla"
     assert serving_backend(platform, grouped=True) == "xla"  # per-group scales: no FFI kernel
     if platform == "cpu":
@@ -307,7 +302,7 @@ def test_serving_backend_follows_the_platform(platform, default):
         with pytest.raises(BitNetError, match=f"registered for CPU only.*runs on '{platform}'.*backend='xla'"):
             serving_backend(platform, "ffi")
         with pytest.raises(BitNetError, match="CPU only"):
-            ServingSpec("ffi", platform=platform)
+            ServingSpec("ffi", "float", platform=platform)
 
 
 def test_packed_serving_picks_its_backend_from_the_platform(monkeypatch):
@@ -316,7 +311,7 @@ def test_packed_serving_picks_its_backend_from_the_platform(monkeypatch):
     prompts = [[1, 5, 7], [9]]
     # On this CPU the default stays the FFI kernels.
     assert computation_platform(packed) == computation_platform() == "cpu"
-    assert ServingSpec().backend == "ffi"
+    assert ServingSpec(lm_head="float").backend == "ffi"
     ffi_ids = generate(config, packed, prompts, 6)
     ids = jnp.asarray(prompts[0])[None]
     cpu_apply = jax.jit(BitNetLM(config, ServingSpec(lm_head="float")).apply)
@@ -367,9 +362,9 @@ def test_serving_on_plain_random_weights(overrides):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 24)), jnp.int32)
     packed = serving_variables(pack(config, params, lm_head="float"))
 
-    training = _forward(BitNetLM(config), {"params": params}, ids)
+    training = jitted_forward(BitNetLM(config), {"params": params}, ids)
     xla, ffi = (
-        _forward(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)), packed, ids)
+        jitted_forward(BitNetLM(config, ServingSpec(backend, "float", config.act_bits)), packed, ids)
         for backend in ("xla", "ffi")
     )
     assert_same_forward(*training, *xla)

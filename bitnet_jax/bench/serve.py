@@ -274,7 +274,9 @@ class GenerateTiming:
     other_mb: float = 0.0
     kv_mb: float = 0.0
     decode_context: float = 0.0
-    mb_per_token: float = 0.0
+    # Their sum, derived (`__post_init__`) rather than passed, so that it cannot disagree with
+    # them; a field (not a property) so that the JSON rows keep it, in this place.
+    mb_per_token: float = dataclasses.field(init=False)
     # Prefill: the ternary matmuls' int8 operations over the whole prefill time (a lower bound on
     # the matmuls' own rate: attention, norms and the lm_head row are in the time too).
     prefill_ternary_gops: float = 0.0
@@ -285,6 +287,9 @@ class GenerateTiming:
     int8_peak_gops: float | None = None  # the FFI path's, on as many threads
     prefill_of_int8_peak: float | None = None
     profile: DecodeProfile | None = None  # `profile=True`, FFI backend: the decode step's pieces
+
+    def __post_init__(self):
+        object.__setattr__(self, "mb_per_token", self.layers_mb + self.head_mb + self.other_mb + self.kv_mb)
 
 
 # 81 bytes whose four 2-bit fields are all valid ternary codes (0, 1, 2).
@@ -403,7 +408,7 @@ def bench_generate(
     prompt_tokens / time to the first token; decode tokens/s = new_tokens / time from the first
     token to the last; medians of `repeats` runs after a warm-up run. Peak RSS is the high-water
     mark from just after the weights are built (/proc/self/clear_refs).
-    `lm_head` is the FFI model's (default: the serving default, `pack.default_lm_head`).
+    `lm_head` is the FFI model's (default: the serving default, `ops.default_lm_head`).
     `profile` (FFI backend): also time the pieces of a decode step alone (bench/profile.py).
     """
     import gc
@@ -412,6 +417,7 @@ def bench_generate(
     import jax.numpy as jnp
 
     from bitnet_jax.kernels import ffi
+    from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.generate import (
         compile_generate,
         generate,
@@ -419,7 +425,6 @@ def bench_generate(
         padded_prompt_length,
         serving_params,
     )
-    from bitnet_jax.serve.pack import default_lm_head
 
     lm_head = lm_head or default_lm_head(config)
     prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
@@ -476,7 +481,6 @@ def bench_generate(
         other_mb=traffic.other / 1e6,
         kv_mb=traffic.kv_per_slot * context / 1e6,
         decode_context=context,
-        mb_per_token=traffic.per_token(context) / 1e6,
         prefill_ternary_gops=ternary_ops_per_token(config) * prompt_tokens / prefill_s / 1e9,
         profile=pieces,
     )

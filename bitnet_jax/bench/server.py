@@ -70,8 +70,8 @@ def bench_serve(
     import httpx
 
     from bitnet_jax.bench.serve import _peak_rss_mb, _reset_peak_rss, random_packed_params
+    from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.batching import Engine
-    from bitnet_jax.serve.pack import default_lm_head
     from bitnet_jax.serve.server import create_app, running
 
     # No stop ids: every request decodes exactly `new_tokens` tokens.

@@ -54,13 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from scratch (resumes if --out holds a run)")
     train.add_argument("--config", help="a Python run config defining get_config(), e.g. configs/tiny.py")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set steps=100 --set model.weight_quant=channel",
-    )
+    _add_set(train, "override a config field, e.g. --set steps=100 --set model.weight_quant=channel")
     train.add_argument("--out", help="run folder (default: runs/<config name>)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     multi = train.add_argument_group(
@@ -103,16 +97,11 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a run folder or a Hugging Face BitNet folder")
     gen.add_argument("--model", required=True, help="a bitnet-jax run folder or a local Hugging Face BitNet folder")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
+    _add_sampling(gen, max_new_tokens=64)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument(
-        "--backend",
-        choices=("ffi", "xla"),
-        default=None,
-        help="ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
+    _add_backend(
+        gen,
+        "ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
         "folders on CPU, xla on GPU / TPU and for training parameters)",
     )
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
@@ -149,10 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="interactive chat with a model (chat template from tokenizer_config.json)")
     chat.add_argument("--model", required=True, help="a packed, run or Hugging Face folder")
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    chat.add_argument("--top-k", type=int, default=None)
-    chat.add_argument("--top-p", type=float, default=None)
+    _add_sampling(chat, max_new_tokens=256)
     chat.add_argument("--system", default=None, help="a system message")
     chat.set_defaults(func=_chat)
 
@@ -169,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer KEY' on /v1 ($BITNET_JAX_API_KEY)",
     )
     srv.add_argument("--model-name", help="the model's name in the API (default: the folder's name)")
-    srv.add_argument("--backend", choices=("ffi", "xla"), default=None, help="as for generate")
+    _add_backend(srv, "as for generate")
     srv.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on Ctrl-C")
     srv.set_defaults(func=_serve)
 
@@ -177,31 +163,24 @@ def _parser() -> argparse.ArgumentParser:
     benches = bench.add_subparsers(dest="bench", required=True)
     bench_train = benches.add_parser("train", help="train-step time of QAT against the same model in full precision")
     bench_train.add_argument("--config", help="a run config (default: the tiny preset with RunConfig defaults)")
-    bench_train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train")
+    _add_set(bench_train, "as for train")
     bench_train.add_argument("--repeats", type=int, default=5, help="timed steps per side (default 5)")
-    bench_train.add_argument("--json", help="also write the timings to this JSON file")
+    _add_json(bench_train, "timings")
     bench_train.set_defaults(func=_bench_train)
     bench_kernels = benches.add_parser(
         "kernels", help="ternary / int8 FFI kernels against XLA's dense dot, 2B4T shapes"
     )
-    bench_kernels.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
+    _add_threads(bench_kernels)
     bench_kernels.add_argument("--rows", default="1,8,128", help="activation rows M (default 1,8,128)")
     bench_kernels.add_argument(
         "--isa", default=None, help="comma-separated kernel paths (default: the SIMD paths this CPU runs)"
     )
     bench_kernels.add_argument("--repeats", type=int, default=5)
-    bench_kernels.add_argument("--read-buffer-mb", type=int, default=None, help=_READ_BUFFER_HELP)
-    bench_kernels.add_argument("--json", help="also write the timings to this JSON file")
+    _add_read_buffer(bench_kernels)
+    _add_json(bench_kernels, "timings")
     bench_kernels.set_defaults(func=_bench_kernels)
     bench_gen = benches.add_parser("generate", help="prefill / decode speed and memory, FFI vs XLA dense")
-    bench_gen.add_argument("--preset", default="b1.58-2b4t", help="model shape (default b1.58-2b4t)")
-    bench_gen.add_argument(
-        "--random-weights",
-        action="store_true",
-        required=True,
-        help="random weights of the preset's shape, built in memory (no download)",
-    )
-    bench_gen.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
+    _add_random_model(bench_gen, "random weights of the preset's shape, built in memory (no download)")
     bench_gen.add_argument("--backends", default="ffi,xla", help="comma-separated: ffi, xla (default both)")
     bench_gen.add_argument(
         "--lm-head",
@@ -216,21 +195,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_gen.add_argument("--xla-dtype", choices=("float32", "bfloat16"), default="float32")
     bench_gen.add_argument("--repeats", type=int, default=3)
-    bench_gen.add_argument("--read-buffer-mb", type=int, default=None, help=_READ_BUFFER_HELP)
+    _add_read_buffer(bench_gen)
     bench_gen.add_argument(
         "--profile", action="store_true", help="FFI: also time each piece of a decode step alone (per-token breakdown)"
     )
-    bench_gen.add_argument("--json", help="also write the results to this JSON file")
+    _add_json(bench_gen, "results")
     bench_gen.set_defaults(func=_bench_generate)
     bench_srv = benches.add_parser("serve", help="the HTTP server under 1, 2, 4, 8 concurrent streaming clients")
-    bench_srv.add_argument("--preset", default="b1.58-2b4t", help="model shape (default b1.58-2b4t)")
-    bench_srv.add_argument("--random-weights", action="store_true", required=True, help="as for bench generate")
-    bench_srv.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
+    _add_random_model(bench_srv, "as for bench generate")
     bench_srv.add_argument("--clients", default="1,2,4,8", help="concurrent clients per level (default 1,2,4,8)")
     bench_srv.add_argument("--prompt-tokens", type=int, default=128)
     bench_srv.add_argument("--new-tokens", type=int, default=128)
     bench_srv.add_argument("--max-context", type=int, default=2048, help="cache slots per row (default 2048)")
-    bench_srv.add_argument("--json", help="also write the results to this JSON file")
+    _add_json(bench_srv, "results")
     bench_srv.set_defaults(func=_bench_serve)
 
     tok = commands.add_parser("tokenize", help="pre-tokenize a corpus once into an ArrayRecord token folder")
@@ -265,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     ablate.add_argument(
         "--seeds", type=int, default=1, help="seeds per variant: the config's seed, seed+1, ... (default 1)"
     )
-    ablate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as for train, for all runs")
+    _add_set(ablate, "as for train, for all runs")
     ablate.add_argument("--out", default=os.path.join("runs", "ablate"), help="ablation folder (default runs/ablate)")
     ablate.add_argument("--no-progress", action="store_true", help="no progress bars")
     ablate.set_defaults(func=_ablate)
@@ -280,8 +257,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--context", type=int, help="window length W (default: the run's seq_len, else the model's)")
     ev.add_argument("--stride", type=int, help="tokens a window advances by (default W/2); 1..W")
     ev.add_argument("--batch-size", type=int, help="windows of W tokens per batch (default: by logits memory)")
-    ev.add_argument("--backend", choices=("ffi", "xla"), default=None, help="packed models: as for generate")
-    ev.add_argument("--json", help="also write the report to this JSON file")
+    _add_backend(ev, "packed models: as for generate")
+    _add_json(ev, "report")
     ev.set_defaults(func=_eval)
     lm_eval = commands.add_parser(
         "lm-eval",
@@ -291,6 +268,52 @@ def _parser() -> argparse.ArgumentParser:
     lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     lm_eval.set_defaults(func=_lm_eval)
     return parser
+
+
+# Arguments that several commands share, each group declared once.
+
+
+def _add_set(parser: argparse.ArgumentParser, help: str) -> None:
+    """--set KEY=VALUE, repeatable: run config overrides (train, bench train, ablate)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def _add_sampling(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
+    """How many tokens to generate and how to pick them (generate, chat)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+
+
+def _add_backend(parser: argparse.ArgumentParser, help: str) -> None:
+    """--backend for packed models (generate, serve, eval); unset, `ops.serving_backend` decides."""
+    parser.add_argument("--backend", choices=("ffi", "xla"), default=None, help=help)
+
+
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, default=None, help="CPUs to use (default: all allowed)")
+
+
+def _add_random_model(parser: argparse.ArgumentParser, random_weights_help: str) -> None:
+    """The model a benchmark builds in memory, and the CPUs it runs on (bench generate, bench serve)."""
+    parser.add_argument("--preset", default="b1.58-2b4t", help="model shape (default b1.58-2b4t)")
+    parser.add_argument("--random-weights", action="store_true", required=True, help=random_weights_help)
+    _add_threads(parser)
+
+
+def _add_read_buffer(parser: argparse.ArgumentParser) -> None:
+    """The buffer that measures this machine's read bandwidth (bench kernels, bench generate)."""
+    parser.add_argument(
+        "--read-buffer-mb",
+        type=int,
+        default=None,
+        help="MB read to measure this machine's read bandwidth (default: 1 GiB, or 8x the last-level cache)",
+    )
+
+
+def _add_json(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--json", help=f"also write the {what} to this JSON file")
 
 
 def _export_hf(args) -> int:
@@ -327,9 +350,7 @@ def _convert(args) -> int:
     from bitnet_jax.train.run_folder import is_run_folder
 
     if args.format or args.dst.endswith(".gguf") or args.src.endswith(".gguf"):
-        from bitnet_jax.interop.gguf_export import convert_gguf
-
-        return convert_gguf(args.src, args.dst, fmt=args.format, lm_head=args.lm_head)
+        return _convert_gguf(args)
     if is_run_folder(args.src) or is_packed_folder(args.src):
         config, params, tokenizer = load_model(args.src)
         if not is_packed(params):
@@ -348,6 +369,52 @@ def _convert(args) -> int:
     if os.path.isfile(os.path.join(args.src, "generation_config.json")):
         shutil.copy(os.path.join(args.src, "generation_config.json"), args.dst)
     print(f"Packed {args.src} -> {args.dst} (2-bit ternary layers, lm_head {lm_head_kind(packed)}).")
+    return 0
+
+
+def _convert_gguf(args) -> int:
+    """`convert` with a GGUF file on either side: SRC (a run, packed or Hugging Face folder, or a
+    GGUF file) -> DST.gguf of --format, or SRC.gguf -> a packed folder DST."""
+    from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+    from bitnet_jax.errors import BitNetError
+    from bitnet_jax.interop.gguf import is_gguf_file, load_gguf, load_gguf_tokenizer
+    from bitnet_jax.interop.gguf_export import ARCH_OF, FORMATS, save_gguf
+    from bitnet_jax.model.serving_layers import lm_head_kind
+    from bitnet_jax.serve.chat import chat_template
+    from bitnet_jax.serve.load import load_model
+    from bitnet_jax.serve.pack import convert_hf
+    from bitnet_jax.serve.packed_folder import is_packed_folder, save_packed
+    from bitnet_jax.train.run_folder import is_run_folder
+
+    src, dst, fmt, lm_head = args.src, args.dst, args.format, args.lm_head
+    if fmt is None and dst.endswith(".gguf"):
+        raise BitNetError(f"convert: {dst} is a GGUF file; name its type with --format ({', '.join(FORMATS)}).")
+    if fmt is not None:
+        if not dst.endswith(".gguf"):
+            raise BitNetError(f"convert --format {fmt}: the output {dst!r} should be a file name ending in .gguf.")
+        if os.path.isdir(dst):
+            raise BitNetError(f"convert: {dst} is a folder; expected the name of the GGUF file to write.")
+        if src.endswith(".gguf") or is_gguf_file(src) or is_run_folder(src) or is_packed_folder(src):
+            config, params, tokenizer = load_model(src)
+        else:  # a Hugging Face folder, packed a layer at a time (its float weights never all in memory)
+            config, params = convert_hf(src, lm_head="float")
+            tokenizer = load_tokenizer(src, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
+        save_gguf(
+            dst,
+            config,
+            params,
+            tokenizer,
+            format=fmt,
+            lm_head=lm_head or "f16",
+            chat_template=chat_template(src),
+            name=os.path.basename(os.path.normpath(src)),
+        )
+        print(f"Exported {src} -> {dst} ({fmt.upper()} ternary layers, {lm_head or 'f16'} embedding, {ARCH_OF[fmt]}).")
+        return 0
+    config, params = load_gguf(src, lm_head=lm_head)
+    save_packed(dst, config, params)
+    copy_tokenizer(load_gguf_tokenizer(src, config), dst)
+    print(f"Packed {src} -> {dst} ({config.weight_quant} scales, lm_head {lm_head_kind(params)}).")
     return 0
 
 
@@ -384,9 +451,6 @@ def _chat(args) -> int:
         top_p=args.top_p,
         system=args.system,
     )
-
-
-_READ_BUFFER_HELP = "MB read to measure this machine's read bandwidth (default: 1 GiB, or 8x the last-level cache)"
 
 
 def _read_buffer_bytes(args) -> int | None:

@@ -399,8 +399,7 @@ def load_gguf(path: str | os.PathLike, *, lm_head: str | None = None) -> tuple[B
     module docstring for the formats and for which scales serve through the FFI kernels.
     """
     from bitnet_jax.interop.hf import stack_layers
-    from bitnet_jax.kernels.ops import LM_HEADS
-    from bitnet_jax.serve.pack import default_lm_head
+    from bitnet_jax.kernels.ops import LM_HEADS, default_lm_head
 
     model = GGUFModel(path)
     c = model.config

@@ -17,18 +17,15 @@ The file is written under a temporary name in the target's folder and renamed wh
 
 from __future__ import annotations
 
-import functools
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.gguf import I2_S, I2_S_CHUNK, I2_S_TAIL, LINEARS, NORMS, TQ_BLOCK
 from bitnet_jax.interop.gguf_vocab import add_vocab
-from bitnet_jax.kernels import layout
 from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.serving_layers import float_rows, lm_head_rows, ternary_codes
 
 FORMATS = ("i2_s", "tq2_0", "tq1_0")
 LM_HEAD_TYPES = ("f16", "q8_0", "q6_k")
@@ -173,12 +170,7 @@ def save_gguf(
     embedding (and of an untied lm_head). Refuses what the format cannot hold exactly."""
     import gguf
 
-    from bitnet_jax.model.serving_layers import is_packed, lm_head_kind
-    from bitnet_jax.serve.pack import pack
-
     _check_exportable(config, format, lm_head)
-    if not is_packed(params):
-        params = pack(config, params, lm_head="float")  # the serving codes and scales, exactly
     c = config
     path = os.fspath(path)
     arch = ARCH_OF[format]
@@ -190,12 +182,11 @@ def save_gguf(
     try:
         _add_metadata(writer, c, format, name, arch)
         add_vocab(writer, tokenizer, c, chat_template)
-        embedding_vd, head_vd = _ends(c, params, lm_head_kind(params))
-        data, kw = _float_table(embedding_vd, lm_head)
+        data, kw = _float_table(float_rows(params["embed_tokens"], c.hidden_size), lm_head)
         writer.add_tensor("token_embd.weight", data, **kw)
         writer.add_tensor("output_norm.weight", np.asarray(params["norm"]["weight"], np.float32))
-        if head_vd is not None:
-            data, kw = _float_table(head_vd, lm_head)
+        if not c.tie_word_embeddings:  # (a tied model's 'int8' lm_head is a copy of the embedding)
+            data, kw = _float_table(lm_head_rows(params, c.hidden_size), lm_head)
             writer.add_tensor("output.weight", data, **kw)
         layers = params["layers"]
         for i in range(c.num_hidden_layers):
@@ -242,23 +233,6 @@ def _add_metadata(writer, c: BitNetConfig, fmt: str, name: str, arch: str) -> No
         writer.add_string(f"{arch}.hidden_activation", _HIDDEN_ACT[c.hidden_act])
 
 
-def _ends(c: BitNetConfig, params, kind: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(token embedding [V, D], untied lm_head [V, D] or None) as float32, from packed parameters."""
-    d = c.hidden_size
-
-    def from_int8(table) -> np.ndarray:
-        return np.asarray(table["w_int8"])[:, :d].astype(np.float32) * np.asarray(table["w_scale"])[:, None]
-
-    if kind == "int8-tied":
-        return from_int8(params["embed_tokens"]), None
-    embedding = np.asarray(params["embed_tokens"]["embedding"], np.float32)
-    if c.tie_word_embeddings:
-        return embedding, None  # an 'int8' lm_head of a tied model is a copy of the embedding
-    if kind == "int8":
-        return embedding, from_int8(params["lm_head"])
-    return embedding, np.asarray(params["lm_head"]["kernel"], np.float32).T
-
-
 def _float_table(w_vd: np.ndarray, kind: str):
     """(data, add_tensor keywords) of a [V, D] table in `kind` ('f16', 'q8_0', 'q6_k')."""
     import gguf
@@ -278,10 +252,9 @@ def _linear_tensors(c: BitNetConfig, fmt: str, i: int, gguf_name: str, source, o
     """(name, data, add_tensor keywords) of one layer's linear in `fmt`."""
     import gguf
 
-    w_packed = np.asarray(source["w_packed"][i])
-    w_scale = np.asarray(source["w_scale"][i], np.float32)
     k, n = next(shapes[our_name] for shapes in c.linear_shapes.values() if our_name in shapes)
-    t_nk = np.asarray(_unpack(w_packed, n, k))
+    # The serving codes and scales, exactly: unpacked, or quantized as `pack` quantizes them.
+    t_nk, w_scale = ternary_codes({key: value[i] for key, value in source.items()}, k, n, c.weight_quant)
     name = f"blk.{i}.{gguf_name}"
     if fmt == "i2_s":
         # int8 view: the writer then neither needs nor converts a ggml type it does not know (I2_S).
@@ -303,51 +276,3 @@ def _linear_tensors(c: BitNetConfig, fmt: str, i: int, gguf_name: str, source, o
         (f"{name}.weight", encode_tq(t_nk, qtype, None), {"raw_dtype": qtype}),
         (f"{name}.scale", w_scale.reshape(1), {}),
     ]
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _unpack(w_packed, n: int, k: int):
-    return layout.unpack_ternary(w_packed, n, k, jnp.int8)  # jitted: one compile per shape, not per op
-
-
-def convert_gguf(src: str, dst: str, *, fmt: str | None = None, lm_head: str | None = None) -> int:
-    """`bitnet-jax convert` with a GGUF file on either side: SRC (a run, packed or Hugging Face
-    folder, or a GGUF file) -> DST.gguf of `fmt`, or SRC.gguf -> a packed folder DST."""
-    from bitnet_jax.data.tokenizer import copy_tokenizer, load_tokenizer
-    from bitnet_jax.interop.gguf import is_gguf_file, load_gguf, load_gguf_tokenizer
-    from bitnet_jax.model.serving_layers import lm_head_kind
-    from bitnet_jax.serve.chat import chat_template
-    from bitnet_jax.serve.load import load_model
-    from bitnet_jax.serve.pack import convert_hf
-    from bitnet_jax.serve.packed_folder import is_packed_folder, save_packed
-    from bitnet_jax.train.run_folder import is_run_folder
-
-    if fmt is None and dst.endswith(".gguf"):
-        raise BitNetError(f"convert: {dst} is a GGUF file; name its type with --format ({', '.join(FORMATS)}).")
-    if fmt is not None:
-        if not dst.endswith(".gguf"):
-            raise BitNetError(f"convert --format {fmt}: the output {dst!r} should be a file name ending in .gguf.")
-        if os.path.isdir(dst):
-            raise BitNetError(f"convert: {dst} is a folder; expected the name of the GGUF file to write.")
-        if src.endswith(".gguf") or is_gguf_file(src) or is_run_folder(src) or is_packed_folder(src):
-            config, params, tokenizer = load_model(src)
-        else:  # a Hugging Face folder, packed a layer at a time (its float weights never all in memory)
-            config, params = convert_hf(src, lm_head="float")
-            tokenizer = load_tokenizer(src, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
-        save_gguf(
-            dst,
-            config,
-            params,
-            tokenizer,
-            format=fmt,
-            lm_head=lm_head or "f16",
-            chat_template=chat_template(src),
-            name=os.path.basename(os.path.normpath(src)),
-        )
-        print(f"Exported {src} -> {dst} ({fmt.upper()} ternary layers, {lm_head or 'f16'} embedding, {ARCH_OF[fmt]}).")
-        return 0
-    config, params = load_gguf(src, lm_head=lm_head)
-    save_packed(dst, config, params)
-    copy_tokenizer(load_gguf_tokenizer(src, config), dst)
-    print(f"Packed {src} -> {dst} ({config.weight_quant} scales, lm_head {lm_head_kind(params)}).")
-    return 0

@@ -35,13 +35,11 @@ import numpy as np
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import LAYER_NORMS, config_to_hf, pack_hf_ternary
-from bitnet_jax.kernels import layout
 from bitnet_jax.model.config import BitNetConfig
-from bitnet_jax.model.quant import ternary_master_weights, weight_quantize
-from bitnet_jax.model.serving_layers import float_rows, is_packed
+from bitnet_jax.model.quant import ternary_master_weights
+from bitnet_jax.model.serving_layers import float_rows, is_packed, lm_head_rows, ternary_codes
 
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-_quantize = jax.jit(weight_quantize, static_argnums=1)
 
 
 def export_hf(
@@ -119,7 +117,9 @@ def hf_tensors(config: BitNetConfig, params, *, packed: bool, dtype) -> dict[str
             for name, (in_features, out_features) in shapes.items():
                 p = layers[block][name]
                 module = f"{prefix}.{block}.{name}"
-                t_oi, scale = _ternary(p, i, in_features, out_features, config, source_packed)
+                layer_p = jax.tree.map(lambda a: a[i], p)
+                t_oi, scale = ternary_codes(layer_p, in_features, out_features, config.weight_quant)
+                scale = float(scale.reshape(-1)[0])  # one per tensor: the only granularity `config_to_hf` lets through
                 if packed:
                     out[f"{module}.weight"] = pack_hf_ternary(t_oi)
                     out[f"{module}.weight_scale"] = np.asarray([scale], np.float32)
@@ -130,7 +130,7 @@ def hf_tensors(config: BitNetConfig, params, *, packed: bool, dtype) -> dict[str
     out["model.norm.weight"] = params["norm"]["weight"].astype(dtype)
     out["model.embed_tokens.weight"] = float_rows(params["embed_tokens"], config.hidden_size).astype(dtype)
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = _lm_head(params, config).astype(dtype)
+        out["lm_head.weight"] = lm_head_rows(params, config.hidden_size).astype(dtype)
     return {name: np.ascontiguousarray(value) for name, value in out.items()}
 
 
@@ -140,27 +140,10 @@ def _get(tree, path):
     return tree
 
 
-def _ternary(p, i, in_features, out_features, config, source_packed):
-    """(ternary codes [out, in] int8, scale) of layer i's BitLinear; one scale per tensor, the only
-    granularity `config_to_hf` lets through."""
-    if source_packed:
-        t_oi = np.asarray(layout.unpack_ternary(p["w_packed"][i], out_features, in_features))
-        return t_oi, float(np.asarray(p["w_scale"][i]).reshape(-1)[0])
-    t_io, scale = _quantize(np.asarray(p["kernel"][i], np.float32), config.weight_quant)
-    return np.asarray(t_io, np.int8).T, float(np.asarray(scale).reshape(-1)[0])
-
-
 def _master_weight(p, i, t_oi, scale, source_packed):
     if not source_packed:
         return np.asarray(p["kernel"][i], np.float32).T
     return ternary_master_weights(t_oi, scale)
-
-
-def _lm_head(params, config: BitNetConfig) -> np.ndarray:
-    head = params["lm_head"]
-    if "kernel" in head:
-        return np.asarray(head["kernel"], np.float32).T
-    return float_rows(head, config.hidden_size)
 
 
 def _write_tokenizer_config(folder: str, tokenizer, chat_template: str | None) -> None:

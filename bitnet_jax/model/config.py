@@ -51,6 +51,11 @@ class BitNetConfig:
         (num_attention_heads * head_dim and intermediate_size). -1: per projection, the largest
         power of two that divides its input width (the whole width when it is a power of two,
         as in the paper). The two projections' weights are trained in the rotated basis.
+      hadamard_seed: None (the plain Walsh-Hadamard rotation) or a seed of random sign flips
+        before it, `x -> x D H` with D a fixed +-1 diagonal (the randomized Hadamard transform of
+        QuaRot / SpinQuant, which spreads even inputs that line up with a Walsh function). The
+        signs are derived from (seed, input width) alone, so the config reproduces them
+        (`model/hadamard.py`). Inert while hadamard is 0.
     """
 
     vocab_size: int = 128256
@@ -74,6 +79,7 @@ class BitNetConfig:
     act_bits: int = 8
     linear_norm_eps: float | None = None
     hadamard: int = 0
+    hadamard_seed: int | None = None
 
     def __post_init__(self):
         _check_types(self)
@@ -144,6 +150,12 @@ class BitNetConfig:
         common = min(width & -width for width in widths.values())  # the largest power of two dividing all
         for name, width in widths.items():
             hadamard_block(self.hadamard, width, f"{name}={width}", f"{common} is the largest dividing both")
+        if self.hadamard_seed is not None and self.hadamard_seed < 0:
+            _bad(
+                "hadamard_seed",
+                self.hadamard_seed,
+                "None (no sign flips) or a non-negative integer that seeds the signs of the Hadamard rotation",
+            )
 
     # Derived values.
     @property

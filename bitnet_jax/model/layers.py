@@ -52,7 +52,8 @@ class BitLinear(nn.Module):
     """`y = Q_act(x) @ Q_weight(W)`, quantize-dequantize in the forward pass, STE backward.
 
     With `hadamard` set (a `BitNetConfig.hadamard` setting; o_proj and down_proj get it), BitNet
-    v2's H-BitLinear: `y = Q_act(x H) @ Q_weight(W)`, the input rotated (`model/hadamard.py`)
+    v2's H-BitLinear: `y = Q_act(x H) @ Q_weight(W)`, the input rotated (`model/hadamard.py`;
+    `x D H`, random signs first, with `hadamard_seed`)
     after the input norm and before the activation quantizer. The kernel is not rotated: it is
     trained in the rotated basis from the start, as in the paper, and its ternary codes are
     those of that basis (what `pack` stores, and what serving multiplies the rotated input by).
@@ -63,12 +64,13 @@ class BitLinear(nn.Module):
     init_std: float = 0.02
     kernel_axes: tuple[str, str] | None = None  # logical (in, out) axis names, for sharding
     hadamard: int = 0  # 0: no rotation
+    hadamard_seed: int | None = None  # BitNetConfig.hadamard_seed; None: no sign flips
 
     @nn.compact
     def __call__(self, x_bi):
         if self.quant.input_norm_eps is not None:
             x_bi = RMSNorm(self.quant.input_norm_eps, name="rms_norm")(x_bi)
-        x_bi = rotate_input(x_bi, self.hadamard)
+        x_bi = rotate_input(x_bi, self.hadamard, self.hadamard_seed)
         kernel_io = self.param(
             "kernel",
             logical(nn.initializers.normal(self.init_std), self.kernel_axes),

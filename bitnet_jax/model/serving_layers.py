@@ -14,6 +14,7 @@ V vocabulary, D model width; `kernels/layout.py` names the packed array's own ax
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -21,6 +22,7 @@ from flax import traverse_util
 from bitnet_jax.kernels import layout, ops
 from bitnet_jax.model.hadamard import rotate_input
 from bitnet_jax.model.layers import RMSNorm
+from bitnet_jax.model.quant import weight_quantize
 
 # The variable collection of the layers' packed weights.
 PACKED = "packed"
@@ -46,12 +48,13 @@ class TernaryLinear(nn.Module):
     input_norm_eps: float | None = None
     split: str = "n"  # how a 'tensor' mesh axis splits it (ops.ternary_linear)
     hadamard: int = 0  # a BitNetConfig.hadamard setting; 0: no rotation
+    hadamard_seed: int | None = None  # BitNetConfig.hadamard_seed; None: no sign flips
 
     @nn.compact
     def __call__(self, x_bi, layer):
         if self.input_norm_eps is not None:
             x_bi = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bi)
-        x_bi = rotate_input(x_bi, self.hadamard)
+        x_bi = rotate_input(x_bi, self.hadamard, self.hadamard_seed)
         packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bi.shape[-1]))
         w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
         if self.group_size:
@@ -106,6 +109,33 @@ def float_rows(table, hidden_size: int) -> np.ndarray:
         return np.asarray(table["embedding"], np.float32)
     w8_vd = np.asarray(table["w_int8"])[:, :hidden_size].astype(np.float32)
     return w8_vd * np.asarray(table["w_scale"], np.float32)[:, None]
+
+
+def lm_head_rows(params, hidden_size: int) -> np.ndarray:
+    """The float32 rows [V, D] of an untied lm_head, from training or packed parameters: a float
+    `kernel` [D, V] transposed, int8 rows dequantized."""
+    head = params["lm_head"]
+    if "kernel" in head:
+        return np.asarray(head["kernel"], np.float32).T
+    return float_rows(head, hidden_size)
+
+
+_quantize = jax.jit(weight_quantize, static_argnums=1)
+_unpack_ternary = jax.jit(layout.unpack_ternary, static_argnums=(1, 2))  # one compile per shape, not per op
+
+
+def ternary_codes(linear, in_features: int, out_features: int, weight_quant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int8 [O, I] in {-1, 0, 1}, float32 scales as packed: [1] per tensor, [O] per
+    channel, [I / G, O] per group of G inputs) of one layer's BitLinear: unpacked from packed
+    parameters (`w_packed`, `w_scale`), or from training ones (`kernel` [I, O]) quantized exactly
+    as the training forward quantizes them (`quant.weight_quantize`). The one place both trees are
+    read as codes: `pack` stores these, `unpack` and the exporters read them back."""
+    if "w_packed" in linear:
+        t_oi = _unpack_ternary(linear["w_packed"], out_features, in_features)
+        return np.asarray(t_oi), np.asarray(linear["w_scale"], np.float32)
+    t_io, scale = _quantize(jnp.asarray(linear["kernel"], jnp.float32), weight_quant)
+    scale = np.asarray(scale, np.float32)  # [1, 1], [1, O] or, per group, [I / G, 1, O]
+    return np.asarray(t_io, np.int8).T, scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1)
 
 
 def _is_packed_leaf(path: tuple[str, ...]) -> bool:

@@ -75,11 +75,12 @@ class LinearSpec:
     num_layers: int
     serving: ServingSpec | None = None
     hadamard: int = 0  # BitNetConfig.hadamard: the rotation of the layers built with rotate=True
+    hadamard_seed: int | None = None  # BitNetConfig.hadamard_seed: its sign flips
 
     @classmethod
     def of(cls, config: BitNetConfig, serving: ServingSpec | None) -> "LinearSpec":
         c = config
-        return cls(QuantSpec.of(c), c.initializer_range, c.num_hidden_layers, serving, c.hadamard)
+        return cls(QuantSpec.of(c), c.initializer_range, c.num_hidden_layers, serving, c.hadamard, c.hadamard_seed)
 
     def __call__(self, features: int, name: str, layer, axes: tuple[str, str], rotate: bool = False):
         """The linear layer as a function of x: fake-quant BitLinear (kernel with logical axes
@@ -87,7 +88,7 @@ class LinearSpec:
         `rotate`: an H-BitLinear (BitNet v2) when the config's `hadamard` is on."""
         hadamard = self.hadamard if rotate else 0
         if self.serving is None:
-            return BitLinear(features, self.quant, self.init_std, axes, hadamard, name=name)
+            return BitLinear(features, self.quant, self.init_std, axes, hadamard, self.hadamard_seed, name=name)
         # Megatron-style, as training shards the kernels (sharding.RULES): projections out of the
         # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
         # their inputs, which then arrive already split.
@@ -102,6 +103,7 @@ class LinearSpec:
             input_norm_eps=q.input_norm_eps,
             split=split,
             hadamard=hadamard,
+            hadamard_seed=self.hadamard_seed,
             name=name,
         )
         return lambda x: linear(x, layer)

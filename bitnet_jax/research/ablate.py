@@ -52,10 +52,10 @@ from bitnet_jax.train.run_config import RunConfig, load_run_config, parse_value
 # The fields a grid may vary: the quantizers, so that every grid point has one well-defined
 # full-precision baseline (the same model with quantization off). Architecture and training
 # fields are set for all runs alike with --set.
-GRID_KEYS = ("weight_quant", "act_quant", "act_bits", "linear_norm_eps", "hadamard")
+GRID_KEYS = ("weight_quant", "act_quant", "act_bits", "linear_norm_eps", "hadamard", "hadamard_seed")
 # The baseline is unrotated too: without quantizers a Hadamard rotation changes nothing the model
 # can express (model/hadamard.py).
-BASELINE = {"weight_quant": "none", "act_quant": "none", "hadamard": 0}
+BASELINE = {"weight_quant": "none", "act_quant": "none", "hadamard": 0, "hadamard_seed": None}
 # Decode speed: new tokens after a prompt of held-out tokens, median of timed calls.
 DECODE_PROMPT_TOKENS = 16
 DECODE_NEW_TOKENS = 32
@@ -163,6 +163,8 @@ def _plan_variants(base: RunConfig, grid: dict[str, list]) -> list[AblationRun]:
             model = model.replace(act_bits=base.model.act_bits)
         if model.act_quant == model.weight_quant == "none":  # so is hadamard
             model = model.replace(hadamard=0)
+        if model.hadamard == 0:  # and then its signs
+            model = model.replace(hadamard_seed=None)
         name = run_name(model)
         if name not in seen:
             seen.add(name)
@@ -179,6 +181,8 @@ def run_name(model: BitNetConfig) -> str:
         name += f"_ln-{model.linear_norm_eps:g}"
     if model.hadamard:
         name += "_h-max" if model.hadamard == -1 else f"_h-{model.hadamard}"
+        if model.hadamard_seed is not None:
+            name += f"-signs{model.hadamard_seed}"
     return name
 
 
@@ -315,6 +319,7 @@ def _result_row(items: list[AblationRun], out_dir: str, tokenizer, docs: list[np
         "act_bits": m.act_bits,
         "linear_norm_eps": m.linear_norm_eps,
         "hadamard": m.hadamard,
+        "hadamard_seed": m.hadamard_seed,
         "seeds": [item.run.seed for item in items],
         "final_eval_losses": losses,
         "final_eval_loss": float(np.mean(losses)),
@@ -353,7 +358,8 @@ def stored_param_bytes(config: BitNetConfig, params) -> tuple[int, str]:
     lm_head (2-bit codes with their block padding, scales, norms, the int8 embedding or lm_head).
     A model `pack` refuses (weight_quant='none', act_quant other than 'token') is served from its
     training parameters: their float bytes, 'float32 (not packable)'."""
-    from bitnet_jax.serve.pack import default_lm_head, pack
+    from bitnet_jax.kernels.ops import default_lm_head
+    from bitnet_jax.serve.pack import pack
 
     try:
         packed = pack(config, params)
@@ -416,6 +422,8 @@ def results_table(base: RunConfig, rows: list[dict]) -> str:
             acts += f", input norm eps {row['linear_norm_eps']:g}"
         if row["hadamard"]:
             acts += f", Hadamard {'max' if row['hadamard'] == -1 else row['hadamard']}"
+            if row["hadamard_seed"] is not None:
+                acts += f" with signs of seed {row['hadamard_seed']}"
         label = "full precision (baseline)" if row["baseline"] else row["name"]
         gap = "-" if row["baseline"] else f"{row['gap_to_baseline']:+.3f}"
         lines.append(

@@ -17,28 +17,19 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import HFCheckpoint, stack_layers
 from bitnet_jax.kernels import layout
-from bitnet_jax.kernels.ops import LM_HEADS
+from bitnet_jax.kernels.ops import LM_HEADS, default_lm_head
 from bitnet_jax.model.config import BitNetConfig
-from bitnet_jax.model.quant import ternary_master_weights, weight_quantize
-from bitnet_jax.model.serving_layers import float_rows, is_packed
+from bitnet_jax.model.quant import ternary_master_weights
+from bitnet_jax.model.serving_layers import float_rows, is_packed, lm_head_rows, ternary_codes
 
 # Rows of an int8 table quantized at once: the float temporaries of a 2B4T embedding
 # [128256, 2560] stay at ~40 MB each instead of 1.3 GB.
 _INT8_ROWS_PER_STEP = 4096
-_quantize = jax.jit(weight_quantize, static_argnums=1)
-
-
-def default_lm_head(config: BitNetConfig) -> str:
-    """The serving default: 'int8-tied' for tied models (one int8 table for both ends: 2B4T then
-    serves in 1.17 GB instead of 1.82), else 'int8'. On a trained model the tied table costs 0.31%
-    relative logit error against the float head, 0.23% for 'int8' alone (README, "lm_head")."""
-    return "int8-tied" if config.tie_word_embeddings else "int8"
 
 
 def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
@@ -51,7 +42,7 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
       params: training parameters (ours, or from `load_hf`), float32 or bfloat16.
       lm_head: 'int8' (per-row int8 lm_head, 2x smaller than bf16; the input embedding keeps
         its float table), 'int8-tied' (tied models: one int8 table for both ends, the smallest)
-        or 'float'; None for `default_lm_head(config)`.
+        or 'float'; None for `ops.default_lm_head(config)`.
     """
     lm_head = lm_head or default_lm_head(config)
     _check_packable(config, lm_head)
@@ -95,8 +86,8 @@ def unpack(config: BitNetConfig, packed) -> dict:
             out[block] = {norm: value for norm, value in source[block].items() if "w_packed" not in value}
             for name, (k, n) in shapes.items():
                 p = source[block][name]
-                t_kn = np.asarray(layout.unpack_ternary(p["w_packed"], n, k)).T
-                out[block][name] = {"kernel": ternary_master_weights(t_kn, p["w_scale"], config.weight_quant)}
+                t_nk, w_scale = ternary_codes(p, k, n, config.weight_quant)
+                out[block][name] = {"kernel": ternary_master_weights(t_nk.T, w_scale, config.weight_quant)}
                 if "rms_norm" in p:
                     out[block][name]["rms_norm"] = p["rms_norm"]
         return out
@@ -108,8 +99,7 @@ def unpack(config: BitNetConfig, packed) -> dict:
         "norm": packed["norm"],
     }
     if not config.tie_word_embeddings:
-        head = packed["lm_head"]
-        params["lm_head"] = {"kernel": np.asarray(head["kernel"], np.float32) if "kernel" in head else rows(head).T}
+        params["lm_head"] = {"kernel": lm_head_rows(packed, config.hidden_size).T}
     return params
 
 
@@ -147,14 +137,10 @@ def _pack_layer(config: BitNetConfig, layer: dict) -> dict:
     """One layer's serving parameters from its training parameters (no leading layer axis)."""
     out = {"self_attn": {}, "mlp": {}}
     for block, shapes in config.linear_shapes.items():
-        for name in shapes:
+        for name, (k, n) in shapes.items():
             source = layer[block][name]
-            w_t_kn, scale = _quantize(jnp.asarray(source["kernel"], jnp.float32), config.weight_quant)
-            scale = np.asarray(scale, np.float32)  # [1, 1], [1, N] or, per group, [K / G, 1, N]
-            out[block][name] = {
-                "w_packed": layout.pack_ternary(np.asarray(w_t_kn, np.int8).T),
-                "w_scale": scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1),
-            }
+            t_nk, w_scale = ternary_codes(source, k, n, config.weight_quant)
+            out[block][name] = {"w_packed": layout.pack_ternary(t_nk), "w_scale": w_scale}
             if "rms_norm" in source:
                 out[block][name]["rms_norm"] = _to_numpy(source["rms_norm"])
         for norm in ("attn_sub_norm", "ffn_sub_norm"):
