@@ -143,11 +143,65 @@ BITNET_AVX2 void TernaryRowAvx2(const int8_t* x, int64_t kp, const int32_t* x_su
   for (int mi = 0; mi < MT; ++mi) out[mi * out_stride] = HsumAvx2(acc[mi]) - x_sum[mi];
 }
 
+// Decode at one activation row, where the weights must stream at memory speed: the 4 rows of a
+// group together, so that the group's blocks are read front to back as one stream, each
+// activation vector is loaded once for 4 rows, and the blocks kAvx2PrefetchBytes ahead are
+// prefetched (the row-by-row kernel above read 64 of every 256 bytes per pass and left the
+// hardware prefetcher behind: 2560 x 6912 on one Zen 3 core, 8.4 -> 12.9 GB/s; 2 cores 13.5 ->
+// 19 GB/s of a 22-24 GB/s read bandwidth).
+// Per row, a block adds 8 maddubs results of magnitude <= 2 * 2 * 128 = 512 to each int16
+// lane, so kAvx2WidenBlocks blocks stay within int16 (64 * -512 = -32768, 64 * 508 = 32512)
+// before one madd widens them to int32.
+constexpr int64_t kAvx2PrefetchBytes = 2048;
+constexpr int64_t kAvx2WidenBlocks = 8;
+static_assert(kAvx2WidenBlocks * 8 * 512 <= 32768, "int16 partial sums must not overflow");
+
+BITNET_AVX2 void TernaryGroup1Avx2(const int8_t* x, const int32_t* x_sum, int64_t kb,
+                                   const uint8_t* w_g, int64_t n0, int64_t n_total, int32_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kRowsPerGroup];
+  for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t b0 = 0; b0 < kb; b0 += kAvx2WidenBlocks) {
+    const int64_t b_end = std::min(kb, b0 + kAvx2WidenBlocks);
+    __m256i part[kRowsPerGroup];
+    for (int r = 0; r < kRowsPerGroup; ++r) part[r] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b_end; ++b) {
+      const uint8_t* block = w_g + b * kGroupBlockBytes;
+      const int8_t* x_b = x + b * kBlockK;
+      for (int line = 0; line < 4; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(block + kAvx2PrefetchBytes + 64 * line), _MM_HINT_T0);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256i packed[kRowsPerGroup];
+        for (int r = 0; r < kRowsPerGroup; ++r)
+          packed[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + r * kBlockBytes + 32 * h));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_b + 64 * j + 32 * h));
+#pragma GCC unroll 4
+          for (int r = 0; r < kRowsPerGroup; ++r) {
+            const __m256i codes = _mm256_and_si256(packed[r], mask);
+            packed[r] = _mm256_srli_epi16(packed[r], 2);
+            part[r] = _mm256_add_epi16(part[r], _mm256_maddubs_epi16(codes, xv));
+          }
+        }
+      }
+    }
+    for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[r], ones));
+  }
+  for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) out[n0 + r] = HsumAvx2(acc[r]) - x_sum[0];
+}
+
 template <int MT>
 BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_sum, int64_t kb,
                                   const uint8_t* w_g, int64_t n0, int64_t n_total, int32_t* acc) {
-  for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
-    TernaryRowAvx2<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
+  if constexpr (MT == 1) {
+    TernaryGroup1Avx2(x, x_sum, kb, w_g, n0, n_total, acc);
+  } else {
+    for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
+      TernaryRowAvx2<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
+    }
   }
 }
 

@@ -37,6 +37,8 @@ const Shape kShapes[] = {
     // Prefill panels (from 17 rows; 32 output rows, 12-row tiles, K in chunks of 1024): partial
     // panels, tiles and chunks.
     {16, 1000, 70}, {18, 256, 32}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129},
+    // One row past several int16 widening chunks (8 blocks on AVX2), N not a multiple of 4.
+    {1, 4100, 7},
 };
 
 int failures = 0;
@@ -182,11 +184,12 @@ int main() {
       TestTernary(isa, s, rng);
       TestInt8(isa, s, rng);
     }
-    for (const Shape& s : {Shape{1, 2560, 8}, Shape{20, 6912, 40}}) {
+    for (const Shape& s : {Shape{1, 2560, 8}, Shape{1, 6912, 6}, Shape{20, 6912, 40}}) {
       TestTernary(isa, s, rng, -128);
       TestTernary(isa, s, rng, 127);
     }
     TestQuantize(isa, rng);
+    failures += CheckAttention(isa);
     std::printf("%s: checked %zu shapes\n", bitnet::IsaName(isa), sizeof(kShapes) / sizeof(kShapes[0]));
   }
   std::printf(failures ? "FAILED: %d mismatches\n" : "OK\n", failures);
