@@ -27,7 +27,7 @@ import pytest
 from bitnet_jax import generate
 from bitnet_jax.cli import main
 from bitnet_jax.interop.hf import generation_stop_ids
-from bitnet_jax.serve.batching import Engine, GenerationRequest, sample_rows, wait_idle
+from bitnet_jax.serve.batching import Engine, GenerationRequest, sample_rows, step_widths, wait_idle
 from bitnet_jax.serve.chat import chat_prompt_ids, stop_ids
 from bitnet_jax.serve.generate import padded_prompt_length, sample
 from bitnet_jax.serve.load import load_model
@@ -349,7 +349,10 @@ def test_batch_invariance_greedy_alone_equals_beside_seven_others(engine):
 
     target = GenerationRequest((417, 40, 41, 42, 43, 7, 99), 40)
     others = [GenerationRequest(tuple(range(3, 3 + 4 * k)), 60 - k) for k in range(1, 8)]
+    before = dict(engine.stats)
     (alone,) = run([target])
+    # Alone, it ran at the narrowest width: one row of the kernels per step, not eight.
+    assert engine.stats["rows"] - before.get("rows", 0) == engine.stats["steps"] - before.get("steps", 0) > 0
     peak = engine.stats["peak_active"]
     engine.stats["peak_active"] = 0
     together = run(others + [target])
@@ -395,6 +398,14 @@ def test_sample_rows_draws_what_generate_sample_draws():
         assert int(token_b[row]) == int(want[0]) and np.array_equal(next_b2[row], key)
     greedy_b, _ = jax.jit(sample_rows)(logits_bv, keys_b2, jnp.zeros(3), top_p_b)  # the all-greedy branch
     assert np.array_equal(greedy_b, np.argmax(logits_bv, axis=-1))
+
+
+def test_step_widths():
+    assert step_widths(1) == (1,)
+    assert step_widths(2) == (1, 2)
+    assert step_widths(8) == (1, 2, 4, 8)
+    assert step_widths(6) == (1, 2, 4, 6)
+    assert step_widths(9) == (1, 2, 4, 8, 9)
 
 
 def test_page_is_served(url):

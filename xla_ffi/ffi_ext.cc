@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "act_quant.h"
+#include "attention.h"
 #include "cpu_isa.h"
 #include "embed.h"
 #include "layout.h"
@@ -42,6 +43,7 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_int8_matmul"] = EncapsulateFfiHandler(BitnetInt8Matmul);
     registrations["bitnet_int8_matmul_i32"] = EncapsulateFfiHandler(BitnetInt8MatmulI32);
     registrations["bitnet_embed_rows"] = EncapsulateFfiHandler(BitnetEmbedRows);
+    registrations["bitnet_decode_attention"] = EncapsulateFfiHandler(BitnetDecodeAttention);
     registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
     registrations["bitnet_int8_peak"] = EncapsulateFfiHandler(BitnetInt8Peak);
     return registrations;

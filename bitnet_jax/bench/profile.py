@@ -30,7 +30,7 @@ PIECES = ("ternary matmuls", "lm_head", "attention", "norms and RoPE")
 @dataclasses.dataclass(frozen=True)
 class DecodeProfile:
     position: int  # the decode position profiled (the mean of the timed steps)
-    cache_slots: int  # the cache length of the generate program, which attention reads whole
+    cache_slots: int  # the cache length of the generate program (XLA's attention reads every slot)
     step_ms: float  # the measured decode step: 1000 / decode tok/s
     pieces_ms: dict  # {piece: median ms per token}, in PIECES order
     rest_ms: float  # step_ms - the pieces
@@ -111,7 +111,9 @@ def profile_decode(
 
         def layer(carry, index):
             q, cache_kv = carry
-            out_b1nh, cache_kv = grouped_attention(q, kv_b1kh, kv_b1kh, positions_b1, mask_b1s, cache_kv, index)
+            out_b1nh, cache_kv = grouped_attention(
+                q, kv_b1kh, kv_b1kh, positions_b1, mask_b1s, cache_kv, index, backend=spec.backend
+            )
             return (chained(q, out_b1nh), cache_kv), None
 
         (q, cache_kv), _ = jax.lax.scan(layer, (q_b1nh, (cache.k_lbksh, cache.v_lbksh)), layers_l)

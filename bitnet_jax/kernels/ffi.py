@@ -14,6 +14,9 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                         xla_ffi/matmul.cc and bitnet_jax/kernels/layout.py).
   bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
                         read in place (`embed_rows`, xla_ffi/embed.cc).
+  bitnet_decode_attention
+                        grouped-query attention over one layer of the stacked KV cache, read
+                        in place (`decode_attention`, xla_ffi/attention.cc).
 
 Kernel paths (scalar; AVX2, AVX-512 VNNI on x86-64; NEON, NEON with sdot on aarch64) are chosen at
 run time from the CPU, or forced with the environment variable
@@ -208,3 +211,58 @@ def embed_rows(table_vd, ids) -> jax.Array:
         return jax.lax.map(lambda a: call(*a), (table_vd, ids)), True
 
     return call(table_vd, ids)
+
+
+def decode_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b=None) -> jax.Array:
+    """Grouped-query attention over layer `layer` of a stacked KV cache, read in place: float32
+    out [B, T, N, H] with, for query (b, t), cache row r = cache_rows_b[b] and G = N // K,
+
+        out[b, t, n] = sum_{s <= positions_bt[b, t]} softmax_s(q[b, t, n] . k[layer, r, n // G, s] * H**-0.5)
+                       * v[layer, r, n // G, s]
+
+    q_btnh: float32 [B, T, N, H]; k_lbksh, v_lbksh: float32 [L, Bc, K, S, H], N a multiple of K.
+    layer: int32 scalar (may be traced), in [0, L). positions_bt: int32 [B, T], each < S (a larger
+      one raises at run time); a negative position gives zeros (a row with nothing to attend).
+    cache_rows_b: int32 [B], each in [0, Bc); default 0..B-1 (then Bc must be at least B).
+
+    Where `k_lbksh[layer]` and a masked einsum copy the layer's S slots at every call and attend
+    to all of them, the kernel reads only slots 0..position of the rows asked for. Each row's
+    result is the same bits whatever the batch, the other rows' positions and the thread count
+    (fixed chunks of slots, merged in a fixed order: xla_ffi/attention.cc). CPU only.
+    """
+    q_btnh, k_lbksh, v_lbksh = jnp.asarray(q_btnh), jnp.asarray(k_lbksh), jnp.asarray(v_lbksh)
+    for name, x in (("q_btnh", q_btnh), ("k_lbksh", k_lbksh), ("v_lbksh", v_lbksh)):
+        if x.dtype != jnp.float32:
+            raise BitNetError(f"decode_attention: expected float32 {name}; found {x.dtype}. Cast it with .astype.")
+    if q_btnh.ndim != 4 or k_lbksh.ndim != 5 or v_lbksh.shape != k_lbksh.shape:
+        raise BitNetError(
+            f"decode_attention: expected q [B, T, N, H] and caches k, v [L, Bc, K, S, H] of one shape; found "
+            f"q {q_btnh.shape}, k {k_lbksh.shape}, v {v_lbksh.shape}."
+        )
+    b, t, n, h = q_btnh.shape
+    kv = k_lbksh.shape[2]
+    if k_lbksh.shape[4] != h or kv == 0 or n % kv:
+        raise BitNetError(
+            f"decode_attention: q {q_btnh.shape} does not fit the cache {k_lbksh.shape}: expected the same head "
+            f"dim H and N query heads a multiple of the K kv heads."
+        )
+    if cache_rows_b is None:
+        if b > k_lbksh.shape[1]:
+            raise BitNetError(
+                f"decode_attention: {b} query rows but the cache has {k_lbksh.shape[1]} rows; pass cache_rows_b "
+                "to say which cache row each query row reads."
+            )
+        cache_rows_b = jnp.arange(b, dtype=jnp.int32)
+    layer = _int32_operand("layer", layer, ())
+    positions_bt = _int32_operand("positions_bt", positions_bt, (b, t))
+    cache_rows_b = _int32_operand("cache_rows_b", cache_rows_b, (b,))
+    out_type = jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32)
+    call = jax.ffi.ffi_call("bitnet_decode_attention", out_type, vmap_method="sequential")
+    return call(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b)
+
+
+def _int32_operand(name: str, x, shape: tuple) -> jax.Array:
+    x = jnp.asarray(x)
+    if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+        raise BitNetError(f"decode_attention: expected integer {name} of shape {shape}; found {x.dtype} {x.shape}.")
+    return x.astype(jnp.int32)

@@ -237,6 +237,37 @@ def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array
     return rescale(acc, x_scale, w_scale)
 
 
+# Queries per row up to which attention over the cache runs as the FFI kernel: decode steps and
+# short prompts. A prefill chunk (256 queries) attends as a [T, S] matmul, which XLA does well.
+FFI_ATTENTION_MAX_T = 16
+
+
+def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
+    """Whether attention over a stacked KV cache runs as the FFI kernel (`cached_attention`): on the
+    FFI backend, for float32 queries and cache, at most FFI_ATTENTION_MAX_T queries per row, and
+    outside a multi-device mesh (a bare custom call there would see the sharded cache all-gathered)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (
+        backend == "ffi"
+        and q_btnh.shape[1] <= FFI_ATTENTION_MAX_T
+        and q_btnh.dtype == jnp.float32
+        and k_lbksh.dtype == jnp.float32
+        and (mesh.empty or mesh.size == 1)
+    )
+
+
+def cached_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b=None) -> jax.Array:
+    """Attention of queries [B, T, N, H] over layer `layer` of the stacked cache [L, B, K, S, H],
+    query (b, t) over slots 0..positions_bt[b, t], as the FFI kernel (`ffi.decode_attention`): it
+    reads the layer in place, and only the filled slots. A position past the cache (a batching
+    server's idle row keeps counting) attends every slot, as the mask `slot <= position` makes it
+    do in XLA ops. `cache_rows_b`: the cache row of each query row (default row b)."""
+    from bitnet_jax.kernels import ffi
+
+    last_slot = k_lbksh.shape[3] - 1
+    return ffi.decode_attention(q_btnh, k_lbksh, v_lbksh, layer, jnp.minimum(positions_bt, last_slot), cache_rows_b)
+
+
 def float_embed(table_vd, ids, backend: str = "xla") -> jax.Array:
     """Rows of a float embedding table as float32 [..., D] (serving computes in f32).
 

@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bitnet_jax.kernels import ops
 from bitnet_jax.kernels.ops import ServingSpec, float_embed
 from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig
 from bitnet_jax.model.layers import BitLinear, QuantSpec, RMSNorm, logical
@@ -150,12 +151,14 @@ def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.
     return rotated.astype(x_btnh.dtype)
 
 
-def _write_cache(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, start_b: jax.Array) -> jax.Array:
+def _write_cache(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, start_b: jax.Array, rows_b=None) -> jax.Array:
     """Writes each row's new keys (or values) into layer `layer` of the stacked cache, at the
-    row's own start slot: a scatter of the few slots written, done in place by XLA, not a copy."""
+    row's own start slot and cache row (`rows_b`, default row b): a scatter of the few slots
+    written, done in place by XLA, not a copy."""
     b, t = new_btkh.shape[:2]
     slots_bt = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
-    rows_bt = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    rows_b = jnp.arange(b) if rows_b is None else rows_b
+    rows_bt = jnp.broadcast_to(rows_b[:, None], (b, t))
     # Advanced indices around a slice: the indexed slots come out as [B, T, K, H], new's shape.
     return cache_lbksh.at[layer, rows_bt, :, slots_bt].set(
         new_btkh.astype(cache_lbksh.dtype), indices_are_sorted=True, unique_indices=True
@@ -168,7 +171,7 @@ class Attention(nn.Module):
     linear: LinearSpec
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, mask_bts, cache_kv, layer=None):
+    def __call__(self, x_btd, positions_bt, mask_bts, cache_kv, layer=None, cache_rows_b=None):
         a = self.shape
         n, k, h = a.num_heads, a.num_kv_heads, a.head_dim
         b, t, _ = x_btd.shape
@@ -178,24 +181,37 @@ class Attention(nn.Module):
         v_btkh = linear(k * h, "v_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
         q_btnh = apply_rope(q_btnh, positions_bt, a.rope_theta)
         k_btkh = apply_rope(k_btkh, positions_bt, a.rope_theta)
-        out_btnh, cache_kv = grouped_attention(q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer)
+        backend = "xla" if self.linear.serving is None else self.linear.serving.backend
+        out_btnh, cache_kv = grouped_attention(
+            q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer, backend=backend, cache_rows_b=cache_rows_b
+        )
         out_btnh = RMSNorm(self.norm_eps, name="attn_sub_norm")(out_btnh.reshape(b, t, n * h))
         # BitNet v2 rotates the inputs of o_proj and down_proj, whose sub-norm outputs hold outliers.
         return linear(a.hidden_size, "o_proj", ("q_heads", "embed"), rotate=True)(out_btnh), cache_kv
 
 
-def grouped_attention(q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer):
+def grouped_attention(
+    q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer, backend="xla", cache_rows_b=None
+):
     """Grouped-query attention of this step's queries over its keys and values, or, with a cache,
     over every slot of layer `layer` of the stacked cache after writing this step's into it.
-    Returns (out [B, T, N, H], the cache or None). (Also timed alone by `bench generate --profile`.)"""
+    Returns (out [B, T, N, H], the cache or None). (Also timed alone by `bench generate --profile`.)
+
+    With a cache, mask_bts is the cache's mask, slot <= position (`_attention_mask`); on the FFI
+    backend, decode steps instead attend with the FFI kernel (`ops.ffi_attends`), which reads
+    the slots up to each position in place, where the einsums below read a copy of every slot."""
     b, t, n, h = q_btnh.shape
     k = k_btkh.shape[2]
     if cache_kv is not None:  # keys and values of all cache slots, this step's included
-        k_lbksh = _write_cache(cache_kv[0], k_btkh, layer, positions_bt[:, 0])
-        v_lbksh = _write_cache(cache_kv[1], v_btkh, layer, positions_bt[:, 0])
+        k_lbksh = _write_cache(cache_kv[0], k_btkh, layer, positions_bt[:, 0], cache_rows_b)
+        v_lbksh = _write_cache(cache_kv[1], v_btkh, layer, positions_bt[:, 0], cache_rows_b)
         cache_kv = (k_lbksh, v_lbksh)
+        if ops.ffi_attends(backend, q_btnh, k_lbksh):
+            return ops.cached_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b), cache_kv
         # The cache keeps slots next to the head dim, the layout the dots below want.
         keys, values, kv = k_lbksh[layer], v_lbksh[layer], "bksh"
+        if cache_rows_b is not None:  # a gathered copy of those rows (the FFI kernel reads them in place)
+            keys, values = keys[cache_rows_b], values[cache_rows_b]
     else:
         keys, values, kv = k_btkh, v_btkh, "bskh"
 
@@ -229,7 +245,7 @@ class DecoderLayer(nn.Module):
     linear: LinearSpec
 
     @nn.compact
-    def __call__(self, carry, positions_bt, mask_bts, layer):
+    def __call__(self, carry, positions_bt, mask_bts, cache_rows_b, layer):
         # The carry of the layer scan: the residual stream and the whole stacked KV cache (or
         # None), which each layer updates at its own index, so the scan never slices or restacks it.
         x_btd, cache_kv = carry
@@ -237,7 +253,7 @@ class DecoderLayer(nn.Module):
         residual_dtype = x_btd.dtype
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
         h_btd, cache_kv = Attention(self.attention, eps, self.linear, name="self_attn")(
-            h_btd, positions_bt, mask_bts, cache_kv, layer
+            h_btd, positions_bt, mask_bts, cache_kv, layer, cache_rows_b
         )
         x_btd = x_btd + h_btd
         h_btd = RMSNorm(eps, name="post_attention_layernorm")(x_btd)
@@ -266,6 +282,8 @@ class BitNetLM(nn.Module):
       attention_mask_bt: 1 for real tokens, 0 for padding keys (no cache only).
       segment_ids_bt: packed documents; a query attends only to keys of its own segment.
       cache: a `KVCache`; the call then returns `(logits, new_cache)`.
+      cache_rows_b: int32 [B], with a cache: the cache row each input row reads and writes
+        (default row b), so that a batching server can run a few of its cache's rows.
       logits_index_b: int32 [B]; when given, logits are computed only at that position of each
         row and have shape [B, V] (the next-token logits of prompts of different lengths).
     """
@@ -283,6 +301,7 @@ class BitNetLM(nn.Module):
         attention_mask_bt=None,
         segment_ids_bt=None,
         cache: KVCache | None = None,
+        cache_rows_b=None,
         logits_index_b=None,
     ):
         c = self.config
@@ -318,7 +337,7 @@ class BitNetLM(nn.Module):
             variable_axes={"params": 0, "intermediates": 0},
             variable_broadcast=PACKED,
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
@@ -326,7 +345,7 @@ class BitNetLM(nn.Module):
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         linear = LinearSpec.of(c, self.serving)
         decoder = layers(AttentionShape.of(c), MLPShape.of(c), c.rms_norm_eps, linear, name="layers")
-        (x_btd, cache_out), _ = decoder((x_btd, cache_in), positions_bt, mask_bts, layer_l)
+        (x_btd, cache_out), _ = decoder((x_btd, cache_in), positions_bt, mask_bts, cache_rows_b, layer_l)
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:

@@ -6,17 +6,21 @@ that loops:
   1. admit: each waiting request takes a free row; one jitted prefill writes its prompt into that
      row (`generate.prefill`, on a fresh batch-1 cache of the full row length) and samples its
      first token;
-  2. step: one jitted decode step runs every row at once, each at its own position with its own
-     temperature, top-p and random key; rows without a request run too (the shapes stay fixed, so
-     the step compiles once) and their results are ignored;
+  2. step: one jitted decode step runs the rows that hold a request, each at its own position
+     with its own temperature, top-p and random key. The step is compiled for a few widths
+     (1, 2, 4, ... up to `max_batch`, all at start-up) and runs at the narrowest that holds the
+     active rows, padded with free rows whose results are ignored; it names the cache rows it
+     reads and writes (`cache_rows_b`), so a lone request costs one row of the kernels, and the
+     FFI attention kernel reads only each row's filled slots, in place;
   3. each request takes its token, turns it into text (`StreamDecoder`), and leaves when it meets
      a stop id, a stop string, `max_tokens` or a cancel; its row is free for the next admit.
 
-Batch invariance: a greedy request gets the same tokens alone or beside others. Every operation
-of a row's forward pass is computed per row (activations are quantized per token, the kernels'
-integer sums are exact, norms, attention and the lm_head reduce within a row), the prefill runs
-at batch 1 on a cache of one fixed length, and unused cache slots are masked to exactly zero
-weight. `bitnet_jax.generate` on one prompt with `padded_prompt_length(len(prompt)) +
+Batch invariance: a greedy request gets the same tokens alone or beside others, at any step
+width. Every operation of a row's forward pass is computed per row (activations are quantized
+per token, the kernels' integer sums are exact, norms, attention and the lm_head reduce within a
+row; the FFI attention kernel's sums are cut at fixed slot indices, whatever the batch), the
+prefill runs at batch 1 on a cache of one fixed length, and unused cache slots are masked to
+exactly zero weight. `bitnet_jax.generate` on one prompt with `padded_prompt_length(len(prompt)) +
 max_new_tokens == max_context` runs the same per-row math (tests/test_server.py checks both).
 
 Requests come in through `submit` from any thread and leave through their `on_event` callback,
@@ -167,12 +171,13 @@ class Engine:
         self._top_p_b = np.ones(b, np.float32)
         self._keys_b2 = np.zeros((b, 2), np.uint32)
         self._slots: list[_Active | None] = [None] * b
+        self._widths = step_widths(b)
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.stats = collections.Counter()  # submitted, completed, cancelled, error, steps, tokens, peak_active
+        self.stats = collections.Counter()  # submitted, completed, cancelled, error, steps, rows, tokens, peak_active
 
     # -- the client side (any thread) -------------------------------------------------------
 
@@ -253,9 +258,11 @@ class Engine:
             self._thread.join(timeout)
 
     def _warm_up(self) -> None:
-        # Row 0 takes a one-token prompt and decodes once; it is free again afterwards.
+        # Row 0 takes a one-token prompt, then a step of every width runs (all rows are free: what
+        # the steps write is overwritten by the prefill of the row's next request).
         self._prefill_row(0, (self.tokenizer.bos_id or 0,), GenerationRequest((0,), 1))
-        self._step()
+        for width in self._widths:
+            self._run_step(np.arange(width, dtype=np.int32), np.zeros(width, np.int32))
         jax.block_until_ready(self._cache)
         self.stats.clear()
 
@@ -324,25 +331,40 @@ class Engine:
         return token
 
     def _step(self) -> np.ndarray:
-        token_b, keys_b2, self._cache = _decode_step(
+        """One token for every active row, at the narrowest compiled width that holds them; returns
+        the tokens by row (rows without a request get 0)."""
+        active = [row for row, a in enumerate(self._slots) if a is not None]
+        width = next(w for w in self._widths if w >= len(active))
+        free = [row for row, a in enumerate(self._slots) if a is None]
+        rows_w = np.array(active + free[: width - len(active)], np.int32)
+        # Padding rows write their slot 0, which the prefill of their next request overwrites.
+        positions_w = np.where(np.arange(width) < len(active), self._positions_b[rows_w], 0).astype(np.int32)
+        token_w, keys_w2 = self._run_step(rows_w, positions_w)
+        taken = rows_w[: len(active)]
+        self._keys_b2[taken] = keys_w2[: len(active)]
+        self._tokens_b[taken] = token_w[: len(active)]
+        self._positions_b[taken] += 1
+        self.stats["steps"] += 1
+        self.stats["rows"] += width  # rows computed, padding included
+        self.stats["peak_active"] = max(self.stats["peak_active"], len(active))
+        token_b = np.zeros(self.max_batch, np.int32)
+        token_b[taken] = token_w[: len(active)]
+        return token_b
+
+    def _run_step(self, rows_w: np.ndarray, positions_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        token_w, keys_w2, self._cache = _decode_step(
             self._variables,
             self._cache,
-            self._tokens_b,
-            self._positions_b,
-            self._keys_b2,
-            self._temperature_b,
-            self._top_p_b,
+            rows_w,
+            self._tokens_b[rows_w],
+            positions_w,
+            self._keys_b2[rows_w],
+            self._temperature_b[rows_w],
+            self._top_p_b[rows_w],
             config=self.config,
             serving=self._serving,
         )
-        token_b = np.asarray(token_b)
-        self._keys_b2 = np.array(keys_b2)
-        self._tokens_b = token_b.copy()
-        self._positions_b = self._positions_b + 1
-        active = sum(a is not None for a in self._slots)
-        self.stats["steps"] += 1
-        self.stats["peak_active"] = max(self.stats["peak_active"], active)
-        return token_b
+        return np.asarray(token_w), np.asarray(keys_w2)
 
     def _take(self, row: int, token: int) -> None:
         """Row `row`'s request takes its next sampled token."""
@@ -423,6 +445,14 @@ class Engine:
                 pass
 
 
+def step_widths(max_batch: int) -> tuple[int, ...]:
+    """The widths the decode step is compiled for: powers of two below `max_batch`, and it."""
+    widths = [1]
+    while widths[-1] * 2 < max_batch:
+        widths.append(widths[-1] * 2)
+    return tuple(widths) + ((max_batch,) if max_batch > 1 else ())
+
+
 def _round_down(context: int) -> int:
     step = 16 if context <= 256 else 256
     return context // step * step
@@ -482,10 +512,13 @@ def _prefill_slot(
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
-def _decode_step(variables, cache, tokens_b, positions_b, keys_b2, temperature_b, top_p_b, *, config, serving):
-    """One token for every row: row b's token is written at its position and the next sampled."""
+def _decode_step(variables, cache, rows_b, tokens_b, positions_b, keys_b2, temperature_b, top_p_b, *, config, serving):
+    """One token for each of the cache rows `rows_b`: row b's token is written at its position and
+    the next sampled."""
     model = BitNetLM(config, serving)
-    logits_b1v, cache = model.apply(variables, tokens_b[:, None], positions_bt=positions_b[:, None], cache=cache)
+    logits_b1v, cache = model.apply(
+        variables, tokens_b[:, None], positions_bt=positions_b[:, None], cache=cache, cache_rows_b=rows_b
+    )
     token_b, keys_b2 = sample_rows(logits_b1v[:, 0], keys_b2, temperature_b, top_p_b)
     return token_b, keys_b2, cache
 

@@ -21,6 +21,9 @@
 #include "../layout.h"
 #include "../quantize.h"
 
+// attention_test.cc: the decode attention kernels on path `isa`; returns the failures.
+int CheckAttention(bitnet::Isa isa);
+
 namespace {
 
 using bitnet::CeilDiv;

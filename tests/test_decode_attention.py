@@ -1,0 +1,239 @@
+"""The decode attention kernel (xla_ffi/attention.cc, `ffi.decode_attention`) against the XLA
+attention of model/transformer.py, on every kernel path this CPU runs (forced with
+BITNET_JAX_ISA; the others are skipped, saying why): odd head dims, grouped heads, several
+chunks of 128 slots merged, positions at 0, S - 1 and around chunk edges, a nonzero layer, rows
+with nothing to attend. A row's output must be the same bits alone or in any batch, with any
+cache row, and on one thread or two. Bad input is an error, never a read out of bounds.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from cpu_paths import KNOWN_ISAS, skip_unless_runs
+
+from bitnet_jax.errors import BitNetError
+from bitnet_jax.kernels import ffi
+from bitnet_jax.model.transformer import _MASKED, grouped_attention
+
+U = 2.0**-24  # float32's unit roundoff
+
+# (H, G, K, B, T, S): head dims 64, 128, 80 and 76 (not a whole number of 8-float vectors); 1, 2
+# and 4 query heads per kv head; up to 600 slots (5 chunks of 128); one query per row and four.
+SHAPES = [
+    (64, 1, 2, 1, 1, 600),
+    (128, 4, 2, 3, 4, 600),
+    (80, 2, 3, 2, 4, 300),
+    (76, 4, 1, 3, 1, 513),
+    (128, 2, 1, 2, 1, 129),
+]
+LAYERS = 3
+LAYER = 2
+
+
+@pytest.fixture(params=KNOWN_ISAS)
+def isa(request, monkeypatch):
+    skip_unless_runs(request.param, ffi.available_isas(), "bitnet_jax._ffi_ext")
+    monkeypatch.setenv("BITNET_JAX_ISA", request.param)
+    assert ffi.selected_isa() == request.param
+    return request.param
+
+
+def _inputs(h, g, k, b, t, s, seed=0):
+    rng = np.random.default_rng(seed)
+    q_btnh = rng.standard_normal((b, t, k * g, h), np.float32)
+    k_lbksh = rng.standard_normal((LAYERS, b, k, s, h), np.float32)
+    v_lbksh = rng.standard_normal((LAYERS, b, k, s, h), np.float32)
+    return q_btnh, k_lbksh, v_lbksh
+
+
+def _positions(b, t, s, seed=0):
+    """Per row and query, first S - 1 (every chunk), 0, the edges of the 128-slot chunks and -1
+    (nothing to attend), then random ones."""
+    special = [s - 1, 0, 129, -1, 127, 128, 255, 256]
+    rng = np.random.default_rng(seed + 1)
+    picks = [p for p in special if p < s] + list(rng.integers(0, s, b * t))
+    return np.asarray(picks[: b * t], np.int32).reshape(b, t)
+
+
+def xla_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b):
+    """The XLA path of `grouped_attention` on a cache: every slot of the layer scored, masked to
+    slot <= position, softmax, weighted values; rows with a negative position zeroed (the kernel's
+    contract; the mask alone would average every slot there)."""
+    keys, values = k_lbksh[layer][rows_b], v_lbksh[layer][rows_b]  # [B, K, S, H]
+    b, t, n, h = q_btnh.shape
+    k, s = keys.shape[1], keys.shape[2]
+    scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btnh.reshape(b, t, k, n // k, h), keys) * (h**-0.5)
+    mask_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+    probs_bkgts = jax.nn.softmax(jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED), axis=-1)
+    out_btnh = jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, values).reshape(b, t, n, h)
+    return jnp.where(positions_bt[:, :, None, None] >= 0, out_btnh, 0.0)
+
+
+def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b):
+    """Per output element, the float32 rounding allowed between the kernel and the XLA path.
+
+    Each side, first order in u = 2^-24: a score (a dot of H products, scaled) is off by at most
+    (H + 1) u a_j, a_j = H^-0.5 sum_i |q_i k_ji| <= A; subtracting the max (and, for the kernel,
+    merging chunk maxima) and the exp add at most 4uA + 3u, so each weight exp(s_j - max) has a
+    relative error d <= (H + 5) u A + 3u. The sums of weights and of weighted values have at most
+    S + 1 terms in sequence (S the cache slots: XLA adds the masked zeros too), and the division
+    rounds once: |out - exact| <= (2d + (2S + 5) u) sum_j p_j |v_j|. Two sides: twice that.
+    The order of the sums differs between the sides, so nothing tighter holds on every CPU.
+    """
+    q, keys, values = (np.asarray(x, np.float64) for x in (q_btnh, k_lbksh[layer][rows_b], v_lbksh[layer][rows_b]))
+    b, t, n, h = q.shape
+    k, s = keys.shape[1], keys.shape[2]
+    tol = np.zeros(q.shape)
+    for bi, ti, ni in np.ndindex(b, t, n):
+        last = positions_bt[bi, ti]
+        if last < 0:
+            continue
+        keys_sh, values_sh = keys[bi, ni // (n // k), : last + 1], values[bi, ni // (n // k), : last + 1]
+        scores = keys_sh @ q[bi, ti, ni] / np.sqrt(h)
+        a_max = np.max(np.abs(keys_sh) @ np.abs(q[bi, ti, ni])) / np.sqrt(h)
+        p = np.exp(scores - scores.max())
+        p /= p.sum()
+        d = (h + 5) * U * a_max + 3 * U
+        tol[bi, ti, ni] = 2 * (2 * d + (2 * s + 5) * U) * (p @ np.abs(values_sh))
+    return tol
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-G{}-K{}-B{}-T{}-S{}".format(*s))
+def test_matches_xla_attention(isa, shape):
+    h, g, k, b, t, s = shape
+    q, k_cache, v_cache = _inputs(*shape)
+    positions = _positions(b, t, s)
+    rows = np.arange(b)
+    got = np.asarray(jax.jit(ffi.decode_attention)(q, k_cache, v_cache, LAYER, positions))
+    want = np.asarray(xla_attention(q, k_cache, v_cache, LAYER, positions, rows))
+    tol = tolerance(q, k_cache, v_cache, LAYER, positions, rows)
+    _assert_within(got, want, tol)
+    assert np.all(got[positions < 0] == 0)
+
+
+def _assert_within(got, want, tol):
+    excess = np.abs(got - want) - tol
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert np.all(excess <= 0), (
+        f"{np.sum(excess > 0)} of {excess.size} outputs outside the rounding bound; worst at [b, t, n, h] = "
+        f"{worst}: got {got[worst]}, want {want[worst]}, bound {tol[worst]:.3g}"
+    )
+
+
+def test_batch_invariance(isa):
+    """A row's output is the same bits alone, beside other rows at other positions, at another
+    index of the batch, and reading another row of a larger cache (`cache_rows_b`)."""
+    h, g, k, s = 128, 4, 2, 600
+    q, k_cache, v_cache = _inputs(h, g, k, 3, 2, s, seed=7)
+    positions = np.array([[300, 301], [5, 599], [-1, 130]], np.int32)
+    call = jax.jit(ffi.decode_attention)
+    batch = np.asarray(call(q, k_cache, v_cache, LAYER, positions))
+    for row in range(3):
+        one = slice(row, row + 1)
+        alone = np.asarray(call(q[one], k_cache[:, one], v_cache[:, one], LAYER, positions[one]))
+        assert alone.tobytes() == batch[row : row + 1].tobytes(), f"row {row} alone differs from row {row} in the batch"
+    # Rows reversed and each reading its own cache row through cache_rows_b.
+    reversed_out = np.asarray(call(q[::-1], k_cache, v_cache, LAYER, positions[::-1], np.array([2, 1, 0], np.int32)))
+    assert reversed_out[::-1].tobytes() == batch.tobytes()
+
+
+# Writes the kernel's output on fixed inputs to argv[1]; with argv[2] == "1", on one CPU only.
+_THREADS_SCRIPT = textwrap.dedent("""
+    import os, sys
+    if sys.argv[2] == "1":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # before JAX: XLA sizes its pool from it
+    import numpy as np, jax
+    from bitnet_jax.kernels import ffi
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((2, 4, 8, 128), np.float32)
+    k, v = (rng.standard_normal((2, 2, 2, 700, 128), np.float32) for _ in range(2))
+    positions = np.array([[699, 600, 256, 3], [100, 128, 0, 511]], np.int32)
+    np.save(sys.argv[1], np.asarray(jax.jit(ffi.decode_attention)(q, k, v, 1, positions)))
+""")
+
+
+def test_same_bits_on_one_thread_and_all(tmp_path):
+    """The chunks of a row are merged in slot order whichever thread computed them: a run
+    restricted to one CPU gives the bits of a run on all of them."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("this process may use one CPU only: nothing to compare a one-thread run with")
+    script = tmp_path / "threads.py"
+    script.write_text(_THREADS_SCRIPT)
+    outputs = {}
+    for cpus in ("1", "all"):
+        outputs[cpus] = tmp_path / f"{cpus}.npy"
+        run = subprocess.run([sys.executable, str(script), str(outputs[cpus]), cpus], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    assert np.load(outputs["1"]).tobytes() == np.load(outputs["all"]).tobytes()
+
+
+def _cache_step(backend, q, k_new, v_new, positions, cache, layer):
+    mask = jnp.arange(cache[0].shape[3])[None, None, :] <= positions[:, :, None]
+    return grouped_attention(q, k_new, v_new, positions, mask, cache, layer, backend=backend)
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_model_attention_takes_the_kernel_on_ffi(t):
+    """`grouped_attention` with a cache on the FFI backend: the same cache write, the kernel's
+    attention (a custom call, no slice of the layer) within rounding of the XLA path, also for a
+    position past the cache (a batching server's idle row), which attends every slot on both."""
+    h, g, k, b, s = 64, 2, 2, 3, 40
+    q, k_cache, v_cache = _inputs(h, g, k, b, t, s, seed=5)
+    rng = np.random.default_rng(6)
+    k_new, v_new = (rng.standard_normal((b, t, k, h), np.float32) for _ in range(2))
+    positions = np.array([[3], [s - t], [s + 5]], np.int32) + np.arange(t, dtype=np.int32)
+    args = (q, k_new, v_new, positions, (k_cache, v_cache), LAYER)
+    step = jax.jit(_cache_step, static_argnums=0)
+    got, got_cache = step("ffi", *args)
+    want, want_cache = step("xla", *args)
+    for a, b_ in zip(got_cache, want_cache):
+        assert np.asarray(a).tobytes() == np.asarray(b_).tobytes()
+    clamped = np.minimum(positions, s - 1)
+    tol = tolerance(q, *want_cache, LAYER, clamped, np.arange(b))
+    _assert_within(np.asarray(got), np.asarray(want), tol)
+    ffi_hlo, xla_hlo = step.lower("ffi", *args).as_text(), step.lower("xla", *args).as_text()
+    assert "bitnet_decode_attention" in ffi_hlo and "dynamic_slice" not in ffi_hlo  # the layer read in place
+    assert "bitnet_decode_attention" not in xla_hlo and "dynamic_slice" in xla_hlo
+
+
+def test_prefill_chunks_keep_the_xla_path():
+    """More than FFI_ATTENTION_MAX_T queries per row: scores as a matmul, in XLA ops."""
+    from bitnet_jax.kernels.ops import FFI_ATTENTION_MAX_T
+
+    t = FFI_ATTENTION_MAX_T + 1
+    q, k_cache, v_cache = _inputs(64, 1, 1, 1, t, 64)
+    k_new = np.zeros((1, t, 1, 64), np.float32)
+    positions = np.arange(t, dtype=np.int32)[None]
+    hlo = jax.jit(_cache_step, static_argnums=0).lower("ffi", q, k_new, k_new, positions, (k_cache, v_cache), 0)
+    assert "bitnet_decode_attention" not in hlo.as_text()
+
+
+def test_bad_input_is_an_error():
+    q, k_cache, v_cache = _inputs(64, 2, 2, 2, 1, 50)
+    positions = np.array([[3], [49]], np.int32)
+    with pytest.raises(BitNetError, match="expected float32 q_btnh"):
+        ffi.decode_attention(q.astype(np.float16), k_cache, v_cache, 0, positions)
+    with pytest.raises(BitNetError, match="caches k, v"):
+        ffi.decode_attention(q, k_cache, v_cache[:, :, :, :10], 0, positions)
+    with pytest.raises(BitNetError, match="multiple of the K kv heads"):
+        ffi.decode_attention(q[:, :, :3], k_cache, v_cache, 0, positions)
+    with pytest.raises(BitNetError, match="positions_bt of shape"):
+        ffi.decode_attention(q, k_cache, v_cache, 0, positions[:, 0])
+    with pytest.raises(BitNetError, match="pass cache_rows_b"):
+        ffi.decode_attention(np.concatenate([q, q, q]), k_cache, v_cache, 0, np.concatenate([positions] * 3))
+    # Values only known at run time (traced): checked by the kernel.
+    call = jax.jit(ffi.decode_attention)
+    for layer, pos, rows, message in [
+        (LAYERS, positions, None, "layer 3 is outside the cache's 3 layers"),
+        (-1, positions, None, "layer -1 is outside"),
+        (0, np.array([[3], [50]], np.int32), None, "position 50 of query \\[1, 0\\] is past the cache's 50 slots"),
+        (0, positions, np.array([0, 2], np.int32), "cache_rows\\[1\\] = 2 is outside the cache's 2 rows"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(call(q, k_cache, v_cache, layer, pos, rows))

@@ -1,0 +1,228 @@
+// bitnet_decode_attention: grouped-query attention of a few queries per row over the stacked KV
+// cache, read in place.
+//
+//   q           f32 [B, T, N, H]       queries (N = K * G: query head n reads kv head n / G)
+//   k_cache     f32 [L, Bc, K, S, H]   the whole stacked cache; only layer `layer` is read
+//   v_cache     f32 [L, Bc, K, S, H]
+//   layer       int32 []               in [0, L)
+//   positions   int32 [B, T]           query (b, t) attends slots 0..positions[b, t] (< S) of its
+//                                      cache row; a negative position gives zeros
+//   cache_rows  int32 [B]              the cache row of query row b, in [0, Bc) (a server that
+//                                      runs only some of its rows passes theirs)
+//   -> out      f32 [B, T, N, H]       softmax_s((q . k_s) * H^-0.5) weighting v_s
+//
+// The alternative in XLA ops slices the layer out of the stack (a copy of every slot, at every
+// step) and attends to all S slots under a mask; this reads only the filled slots of the rows
+// asked for, each key and value row once for the G query heads that share it.
+//
+// Work is split over (query, kv head, chunk of kAttentionChunk slots) on XLA's intra-op pool;
+// each chunk's partial softmax goes to its own slot of a buffer, and a second pass merges a
+// query's partials in slot order (attention_kernel.h). Nothing in a row's arithmetic depends on
+// the batch, the other rows' positions or the threads, so a row's output is the same bits alone
+// or in any batch (what the batching server's invariance rests on).
+//
+// Shapes, the layer, positions and cache rows are checked; a bad one is an error (a Python
+// exception at the call site), never an out-of-bounds read.
+
+#include "attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attention_kernel.h"
+#include "cpu_isa.h"
+#include "ffi_util.h"
+#include "parallel.h"
+
+namespace ffi = xla::ffi;
+
+namespace bitnet {
+namespace {
+
+// (query, kv head) outputs per parallel task of the merge: each is only G * H * chunks flops.
+constexpr int64_t kMinMergesPerTask = 16;
+
+ffi::Error Invalid(const std::string& message) {
+  return ffi::Error::InvalidArgument("bitnet_decode_attention: " + message);
+}
+
+using Dims = ffi::AnyBuffer::Dimensions;
+
+bool SameDims(Dims a, Dims b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+}
+
+// Chunk `chunk` of query `query` (= b * T + t) against kv head `kv_head`.
+struct WorkItem {
+  int64_t query;
+  int64_t kv_head;
+  int64_t chunk;
+};
+
+// A call's work items and partials. Work items run query-major, then kv head, then chunk, so
+// that the partials of one (query, kv head) are adjacent and in slot order.
+struct Plan {
+  std::vector<WorkItem> items;
+  std::vector<int64_t> chunks;      // per query
+  std::vector<int64_t> first_item;  // per query
+  std::vector<float> partials;      // per item, PartialFloats(G, H) floats
+};
+
+// Storage per handler thread, reused (a fresh allocation per call costs page faults, as in
+// matmul.cc). The parallel bodies run on pool threads too, so they use the pointer returned on the
+// handler's thread: a thread_local named inside them would be their own thread's, empty, copy.
+Plan* ThreadPlan() {
+  thread_local Plan plan;
+  return &plan;
+}
+
+// The sizes of a call, from its operands' shapes.
+struct Sizes {
+  int64_t b, t, n, h;           // queries [B, T, N, H]
+  int64_t layers, rows, kv, s;  // caches [L, Bc, K, S, H]
+};
+
+ffi::Error CheckShapes(Dims q_dims, Dims c_dims, Dims v_dims, Dims layer_dims, Dims p_dims, Dims r_dims,
+                       Dims out_dims, Sizes* z) {
+  if (q_dims.size() != 4) return Invalid("expected queries q [B, T, N, H], got shape " + ShapeString(q_dims));
+  if (c_dims.size() != 5) {
+    return Invalid("expected the stacked cache k_cache [L, B, K, S, H], got shape " + ShapeString(c_dims));
+  }
+  if (!SameDims(v_dims, c_dims)) {
+    return Invalid("v_cache " + ShapeString(v_dims) + " must have the shape of k_cache " + ShapeString(c_dims));
+  }
+  *z = {q_dims[0], q_dims[1], q_dims[2], q_dims[3], c_dims[0], c_dims[1], c_dims[2], c_dims[3]};
+  if (c_dims[4] != z->h) {
+    return Invalid("the cache's head dim " + std::to_string(c_dims[4]) + " differs from the queries' " +
+                   std::to_string(z->h) + " (q " + ShapeString(q_dims) + ", cache " + ShapeString(c_dims) + ")");
+  }
+  if (z->kv < 1 || z->n % z->kv != 0) {
+    return Invalid("the queries' " + std::to_string(z->n) + " heads are not a multiple of the cache's " +
+                   std::to_string(z->kv) + " kv heads");
+  }
+  if (!SameDims(out_dims, q_dims)) {
+    return Invalid("the output must have the shape of q " + ShapeString(q_dims) + ", got " + ShapeString(out_dims));
+  }
+  if (layer_dims.size() != 0) return Invalid("expected a scalar int32 layer, got shape " + ShapeString(layer_dims));
+  if (p_dims.size() != 2 || p_dims[0] != z->b || p_dims[1] != z->t) {
+    return Invalid("expected positions int32 [B, T] = [" + std::to_string(z->b) + ", " + std::to_string(z->t) +
+                   "], got shape " + ShapeString(p_dims));
+  }
+  if (r_dims.size() != 1 || r_dims[0] != z->b) {
+    return Invalid("expected cache_rows int32 [B] = [" + std::to_string(z->b) + "], got shape " +
+                   ShapeString(r_dims));
+  }
+  return ffi::Error::Success();
+}
+
+// The indices the kernel reads memory at: the layer, each query's row of the cache and last slot.
+ffi::Error CheckIndices(int64_t layer, const int32_t* positions, const int32_t* cache_rows, const Sizes& z) {
+  if (layer < 0 || layer >= z.layers) {
+    return Invalid("layer " + std::to_string(layer) + " is outside the cache's " + std::to_string(z.layers) +
+                   " layers");
+  }
+  for (int64_t i = 0; i < z.b; ++i) {
+    if (cache_rows[i] < 0 || cache_rows[i] >= z.rows) {
+      return Invalid("cache_rows[" + std::to_string(i) + "] = " + std::to_string(cache_rows[i]) +
+                     " is outside the cache's " + std::to_string(z.rows) + " rows");
+    }
+  }
+  for (int64_t i = 0; i < z.b * z.t; ++i) {
+    if (positions[i] >= z.s) {
+      return Invalid("position " + std::to_string(positions[i]) + " of query [" + std::to_string(i / z.t) + ", " +
+                     std::to_string(i % z.t) + "] is past the cache's " + std::to_string(z.s) +
+                     " slots: a query attends slots 0..position, so position must be < " + std::to_string(z.s));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
+                               ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer_buf,
+                               ffi::Buffer<ffi::S32> positions_buf, ffi::Buffer<ffi::S32> cache_rows_buf,
+                               ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  Sizes z;
+  if (auto e = CheckShapes(q.dimensions(), k_cache.dimensions(), v_cache.dimensions(), layer_buf.dimensions(),
+                           positions_buf.dimensions(), cache_rows_buf.dimensions(), out->dimensions(), &z);
+      e.failure()) {
+    return e;
+  }
+  const int64_t layer = layer_buf.typed_data()[0];
+  const int32_t* positions = positions_buf.typed_data();
+  const int32_t* cache_rows = cache_rows_buf.typed_data();
+  if (auto e = CheckIndices(layer, positions, cache_rows, z); e.failure()) return e;
+  const int64_t b = z.b, t = z.t, n = z.n, h = z.h, rows = z.rows, kv = z.kv, s = z.s;
+  Isa isa;
+  std::string isa_error;
+  if (!SelectIsa(&isa, &isa_error)) return Invalid(isa_error);
+  if (b * t * n * h == 0) return ffi::Error::Success();
+
+  const int64_t g = n / kv;
+  const int64_t partial_floats = PartialFloats(g, h);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(h)));
+  Plan* plan = ThreadPlan();
+  plan->items.clear();
+  plan->chunks.assign(b * t, 0);
+  plan->first_item.assign(b * t, 0);
+  for (int64_t i = 0; i < b * t; ++i) {
+    const int64_t chunks = positions[i] < 0 ? 0 : positions[i] / kAttentionChunk + 1;
+    plan->chunks[i] = chunks;
+    plan->first_item[i] = static_cast<int64_t>(plan->items.size());
+    for (int64_t kh = 0; kh < kv; ++kh) {
+      for (int64_t c = 0; c < chunks; ++c) plan->items.push_back({i, kh, c});
+    }
+  }
+  plan->partials.resize(plan->items.size() * partial_floats);
+
+  const float* q_data = q.typed_data();
+  const int64_t layer_offset = layer * rows * kv * s * h;
+  const float* k_layer = k_cache.typed_data() + layer_offset;
+  const float* v_layer = v_cache.typed_data() + layer_offset;
+  ParallelFor(pool, static_cast<int64_t>(plan->items.size()), 1, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> scratch;
+    scratch.resize(g * kAttentionChunk);
+    for (int64_t i = begin; i < end; ++i) {
+      const WorkItem& w = plan->items[i];
+      const int64_t first_slot = w.chunk * kAttentionChunk;
+      const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[w.query] + 1 - first_slot);
+      const int64_t row = cache_rows[w.query / t];
+      const int64_t offset = ((row * kv + w.kv_head) * s + first_slot) * h;
+      AttendChunk(isa, q_data + (w.query * n + w.kv_head * g) * h, g, h, k_layer + offset, v_layer + offset, slots,
+                  scale, scratch.data(), plan->partials.data() + i * partial_floats);
+    }
+  });
+
+  float* out_data = out->typed_data();
+  ParallelFor(pool, b * t * kv, kMinMergesPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t query = i / kv, kh = i % kv;
+      float* out_gh = out_data + (query * n + kh * g) * h;
+      const int64_t chunks = plan->chunks[query];
+      if (chunks == 0) {
+        std::fill(out_gh, out_gh + g * h, 0.0f);
+      } else {
+        const float* first = plan->partials.data() + (plan->first_item[query] + kh * chunks) * partial_floats;
+        MergeChunks(first, chunks, g, h, out_gh);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace bitnet
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetDecodeAttention, bitnet::DecodeAttentionImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()    // q: queries [B, T, N, H]
+        .Arg<ffi::Buffer<ffi::F32>>()    // k_cache: the stacked key cache [L, Bc, K, S, H], read in place
+        .Arg<ffi::Buffer<ffi::F32>>()    // v_cache: the stacked value cache, k_cache's shape
+        .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, the layer of the caches to read
+        .Arg<ffi::Buffer<ffi::S32>>()    // positions: int32 [B, T], the last slot each query attends
+        .Arg<ffi::Buffer<ffi::S32>>()    // cache_rows: int32 [B], the cache row of each query row
+        .Ret<ffi::Buffer<ffi::F32>>());  // out: [B, T, N, H]

@@ -1,0 +1,52 @@
+// Decode attention kernels behind bitnet_decode_attention (attention.cc): a chunk of cache slots
+// attended by the G query heads that share one kv head, and the merge of such chunks.
+//
+// A query's slots are cut at fixed multiples of kAttentionChunk; each chunk yields a partial
+// softmax (its max score, its sum of exp(score - max), its exp-weighted sum of values), and the
+// partials of a query are merged in slot order ("flash decoding"). Where the cuts fall depends on
+// nothing but the slot index, so a query's result depends on its own inputs alone: not on the
+// batch, the other rows' positions, or which thread ran which chunk.
+//
+// Each kernel has a scalar twin and SIMD versions (AVX2 + FMA on x86-64) with the same contract;
+// `isa` picks one (the caller gets it from SelectIsa). They differ only in float rounding.
+#ifndef BITNET_JAX_XLA_FFI_ATTENTION_KERNEL_H_
+#define BITNET_JAX_XLA_FFI_ATTENTION_KERNEL_H_
+
+#include <cstdint>
+
+#include "cpu_isa.h"
+
+namespace bitnet {
+
+// Slots per chunk: enough work per chunk that its partial (G * (H + 2) floats) and the merge are
+// noise beside reading its keys and values, few enough that a short context still splits over
+// threads.
+constexpr int64_t kAttentionChunk = 128;
+
+// Floats in one chunk's partial for g query heads of head dim h: max [g], sum [g], acc [g, h].
+constexpr int64_t PartialFloats(int64_t g, int64_t h) { return g * (h + 2); }
+
+// exp(x[i]) in place for n values x[i] <= 0 (scores minus their max): a degree-6 polynomial
+// on the reduced argument (Cephes' expf), relative error within 2 ulp (kernel_test checks it).
+// Inputs below -87 give exp(-87) ~ 1.6e-38, a normal float: beside a sum of at least 1 (the max
+// score's own term) it is far below rounding.
+void ExpNonPositive(Isa isa, float* x, int64_t n);
+
+// The partial softmax of one chunk, for g query heads over n slots (1 <= n <= kAttentionChunk):
+//   q_gh     float [g, h]: the queries of the g heads that share this kv head
+//   k_nh     float [n, h]: keys of the chunk's slots (row stride h)
+//   v_nh     float [n, h]: values, the same slots
+//   scratch  float [g, kAttentionChunk], the caller's (overwritten)
+//   partial  float [PartialFloats(g, h)], out: with s_gj = (q_g . k_j) * scale,
+//            max_g = max_j s_gj, sum_g = sum_j exp(s_gj - max_g),
+//            acc_gh = sum_j exp(s_gj - max_g) * v_jh
+void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* k_nh, const float* v_nh,
+                 int64_t n, float scale, float* scratch, float* partial);
+
+// out_gh [g, h] = the softmax-weighted values of a query from the partials of its chunks
+// (float [chunks, PartialFloats(g, h)], in slot order), merged in that order.
+void MergeChunks(const float* partials, int64_t chunks, int64_t g, int64_t h, float* out_gh);
+
+}  // namespace bitnet
+
+#endif  // BITNET_JAX_XLA_FFI_ATTENTION_KERNEL_H_

@@ -1,0 +1,122 @@
+// The decode attention kernels (attention_kernel.h) on one path, against double precision: the
+// exp within 2 ulp, and chunked attention (AttendChunk per chunk of slots, MergeChunks) within
+// the float32 rounding bound derived below, on odd head dims, group sizes and slot counts.
+// Part of kernel_test (kernel_test.cc calls CheckAttention for every path this CPU runs).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "../attention_kernel.h"
+#include "../cpu_isa.h"
+
+namespace {
+
+int failures = 0;
+
+// Distance to the next float above |x|'s binade floor: one unit in the last place of x.
+double Ulp(double x) { return std::ldexp(1.0, std::ilogb(x) - 23); }
+
+void CheckExp(bitnet::Isa isa) {
+  std::vector<float> x;
+  for (int i = 0; i <= 200000; ++i) x.push_back(-87.0f * static_cast<float>(i) / 200000.0f);
+  for (float v : {-0.0f, -1e-30f, -1e-7f, -0.34657359f, -0.34657360f, -86.99999f, -87.0f}) x.push_back(v);
+  std::vector<float> y = x;
+  bitnet::ExpNonPositive(isa, y.data(), static_cast<int64_t>(y.size()));
+  double worst = 0.0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double want = std::exp(static_cast<double>(x[i]));
+    worst = std::max(worst, std::abs(y[i] - want) / Ulp(want));
+  }
+  // Below the clamp: exp(-87), a normal float, never a denormal or garbage.
+  std::vector<float> low = {-87.5f, -100.0f, -1e30f, -INFINITY};
+  bitnet::ExpNonPositive(isa, low.data(), static_cast<int64_t>(low.size()));
+  bool low_ok = true;
+  for (float v : low) low_ok &= std::abs(v - std::exp(-87.0)) <= 2 * Ulp(std::exp(-87.0));
+  if (worst > 2.0 || !low_ok) {
+    ++failures;
+    std::printf("FAIL exp isa=%s: worst error %.2f ulp (want <= 2), below -87 %s\n", bitnet::IsaName(isa), worst,
+                low_ok ? "ok" : "wrong");
+  }
+}
+
+// One query's G heads over `slots` slots, chunk by chunk as the FFI handler cuts them, against
+// the softmax-weighted values in double precision.
+//
+// Tolerance, from float32 rounding (u = 2^-24), first order: a score's dot product of H terms
+// and its scaling are off by at most (H + 1) u a_j, with a_j = scale * sum_i |q_i k_ji| <= A;
+// subtracting the chunk max, merging maxes and the exps add 2uA + 2uA + 3u, so every weight
+// exp(s_j - max) carries a relative error of at most d = (H + 5) u A + 3u. The sums of weights
+// and of weighted values run over at most S + 1 terms in sequence (within a chunk, then over
+// chunks), and the division rounds once: |out - exact| <= (2d + (2S + 5) u) * sum_j p_j |v_j|.
+void CheckChunkedAttention(bitnet::Isa isa, int64_t g, int64_t h, int64_t slots, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> q(g * h), k(slots * h), v(slots * h);
+  for (auto& x : q) x = normal(rng);
+  for (auto& x : k) x = normal(rng);
+  for (auto& x : v) x = normal(rng);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(h)));
+  const int64_t chunks = (slots + bitnet::kAttentionChunk - 1) / bitnet::kAttentionChunk;
+  const int64_t stride = bitnet::PartialFloats(g, h);
+  std::vector<float> scratch(g * bitnet::kAttentionChunk), partials(chunks * stride), out(g * h);
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t first = c * bitnet::kAttentionChunk;
+    const int64_t n = std::min(bitnet::kAttentionChunk, slots - first);
+    bitnet::AttendChunk(isa, q.data(), g, h, k.data() + first * h, v.data() + first * h, n, scale,
+                        scratch.data(), partials.data() + c * stride);
+  }
+  bitnet::MergeChunks(partials.data(), chunks, g, h, out.data());
+
+  const double u = std::ldexp(1.0, -24);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    std::vector<double> s(slots);
+    double a_max = 0.0;
+    for (int64_t j = 0; j < slots; ++j) {
+      double dot = 0.0, abs_dot = 0.0;
+      for (int64_t i = 0; i < h; ++i) {
+        dot += static_cast<double>(q[gi * h + i]) * k[j * h + i];
+        abs_dot += std::abs(static_cast<double>(q[gi * h + i]) * k[j * h + i]);
+      }
+      s[j] = dot / std::sqrt(static_cast<double>(h));
+      a_max = std::max(a_max, abs_dot / std::sqrt(static_cast<double>(h)));
+    }
+    const double m = *std::max_element(s.begin(), s.end());
+    double total = 0.0;
+    for (double& x : s) total += (x = std::exp(x - m));
+    const double d = (h + 5) * u * a_max + 3 * u;
+    for (int64_t i = 0; i < h; ++i) {
+      double want = 0.0, magnitude = 0.0;
+      for (int64_t j = 0; j < slots; ++j) {
+        want += s[j] / total * v[j * h + i];
+        magnitude += s[j] / total * std::abs(static_cast<double>(v[j * h + i]));
+      }
+      const double tol = (2 * d + (2.0 * slots + 5) * u) * magnitude;
+      const double got = out[gi * h + i];
+      if (!(std::abs(got - want) <= tol) && ++failures <= 20) {
+        std::printf("FAIL attention isa=%s g=%lld h=%lld slots=%lld at [%lld, %lld]: got %.9g want %.9g (tol %.3g)\n",
+                    bitnet::IsaName(isa), (long long)g, (long long)h, (long long)slots, (long long)gi, (long long)i,
+                    got, want, tol);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Failures on path `isa` (printed, at most 20 lines).
+int CheckAttention(bitnet::Isa isa) {
+  failures = 0;
+  std::mt19937 rng(4321);
+  CheckExp(isa);
+  // Head dims below, at and past a vector (8 floats), odd ones; slot counts below, at and past
+  // the 4-slot blocks and the 128-slot chunks.
+  for (int64_t g : {1, 2, 4, 5}) {
+    for (int64_t h : {1, 3, 8, 13, 64, 72, 80, 128}) {
+      for (int64_t slots : {1, 3, 4, 5, 9, 127, 128, 129, 300, 513}) CheckChunkedAttention(isa, g, h, slots, rng);
+    }
+  }
+  return failures;
+}
