@@ -4,6 +4,7 @@ import shutil
 import tempfile
 
 import pytest
+from cpu_paths import KNOWN_ISAS, skip_unless_runs
 
 # Tests run on CPU with float32 matmuls at full precision.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -91,3 +92,14 @@ def one_device_cli_run(tiny_corpus, tmp_path_factory):
     with _environ("BITNET_JAX_CACHE", tiny_corpus["cache"]):
         assert cli.main(sharded_runs.cli_args(tiny_corpus["corpus"], str(out))) == 0
     return out
+
+
+@pytest.fixture(params=KNOWN_ISAS)
+def isa(request, monkeypatch):
+    """Each kernel path (BITNET_JAX_ISA) in turn; the ones this CPU cannot run skip with the reason."""
+    from bitnet_jax.kernels import ffi
+
+    skip_unless_runs(request.param, ffi.available_isas(), "bitnet_jax._ffi_ext")
+    monkeypatch.setenv("BITNET_JAX_ISA", request.param)
+    assert ffi.selected_isa() == request.param
+    return request.param

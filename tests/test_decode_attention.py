@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cpu_paths import KNOWN_ISAS, skip_unless_runs
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import ffi
@@ -34,14 +33,6 @@ SHAPES = [
 ]
 LAYERS = 3
 LAYER = 2
-
-
-@pytest.fixture(params=KNOWN_ISAS)
-def isa(request, monkeypatch):
-    skip_unless_runs(request.param, ffi.available_isas(), "bitnet_jax._ffi_ext")
-    monkeypatch.setenv("BITNET_JAX_ISA", request.param)
-    assert ffi.selected_isa() == request.param
-    return request.param
 
 
 def _inputs(h, g, k, b, t, s, seed=0):

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from cpu_paths import KNOWN_ISAS, skip_unless_runs
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import ffi, layout
@@ -31,14 +30,6 @@ SHAPES = [
     (17, 777, 17),
     (130, 513, 9),
 ]
-
-
-@pytest.fixture(params=KNOWN_ISAS)
-def isa(request, monkeypatch):
-    skip_unless_runs(request.param, ffi.available_isas(), "bitnet_jax._ffi_ext")
-    monkeypatch.setenv("BITNET_JAX_ISA", request.param)
-    assert ffi.selected_isa() == request.param
-    return request.param
 
 
 def _ternary(rng, n, k):
