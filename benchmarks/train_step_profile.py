@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.bench.train import train_step_flops
+from bitnet_jax.bench.train import full_precision, random_batch, train_step_flops
 from bitnet_jax.model.transformer import BitNetLM, init_params
 from bitnet_jax.train.run_config import load_run_config
 from bitnet_jax.train.step import make_optimizer, make_train_step, training_loss
@@ -163,14 +163,8 @@ def main():
     args = parser.parse_args()
 
     run = load_run_config(args.config, args.set)
-    sides = {"QAT": run.model, "FP": run.model.replace(weight_quant="none", act_quant="none")}
-    rng = np.random.default_rng(0)
-    shape = (run.batch_size, run.seq_len)
-    batch = {
-        "inputs": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
-        "targets": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
-        "segment_ids": np.ones(shape, np.int32),
-    }
+    sides = {"QAT": run.model, "FP": full_precision(run.model)}
+    batch = random_batch(run)
     optimizer = make_optimizer(run)
     dtype = run.compute_dtype
     programs, states = {}, {}

@@ -82,6 +82,22 @@ def train_step_flops(config, batch_size: int, seq_len: int) -> int:
     return 6 * matmul_params * tokens + attention
 
 
+def full_precision(model):
+    """The run's model with quantization off: the baseline `bench train` times beside it."""
+    return model.replace(weight_quant="none", act_quant="none")
+
+
+def random_batch(run: RunConfig, seed: int = 0) -> dict:
+    """A training batch of the run's shape: random ids, one segment per row."""
+    rng = np.random.default_rng(seed)
+    shape = (run.batch_size, run.seq_len)
+    return {
+        "inputs": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
+        "targets": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
+        "segment_ids": np.ones(shape, np.int32),
+    }
+
+
 def bench_train(
     run: RunConfig, *, repeats: int = 5, warmup: int = 2, seed: int = 0, peak_min_s: float = 0.03
 ) -> list[StepTiming]:
@@ -103,15 +119,8 @@ def bench_train(
             f"bench_train: repeats={repeats}, warmup={warmup}; expected repeats >= 1 "
             "(timed steps per side) and warmup >= 0."
         )
-    fp_model = run.model.replace(weight_quant="none", act_quant="none")
-    sides = {"qat": run.model, "fp": fp_model}
-    rng = np.random.default_rng(seed)
-    shape = (run.batch_size, run.seq_len)
-    batch = {
-        "inputs": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
-        "targets": rng.integers(0, run.model.vocab_size, shape, dtype=np.int32),
-        "segment_ids": np.ones(shape, np.int32),
-    }
+    sides = {"qat": run.model, "fp": full_precision(run.model)}
+    batch = random_batch(run, seed)
     optimizer = make_optimizer(run)
     mesh = sharding.make_mesh(run.mesh)
     sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
