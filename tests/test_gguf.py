@@ -421,6 +421,23 @@ def test_export_refuses_what_the_format_cannot_hold(quant, fmt, says, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("fmt", ["i2_s", "tq2_0"])
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        # bitnet.cpp's bitnet-b1.58 graph (and llama.cpp's 'bitnet' one) multiplies by token_embd and
+        # never uses an output.weight; it sizes attn_sub_norm to hidden_size and refuses other widths.
+        (dict(tie_word_embeddings=False), "never uses it), and this model's lm_head is untied"),
+        (dict(head_dim=128), "of hidden_size=256 (attn_sub_norm has that width); this model's are 512 wide"),
+    ],
+)
+def test_export_refuses_what_the_engines_do_not_run(overrides, says, fmt, tmp_path):
+    c = _model(fmt).replace(**overrides)
+    with pytest.raises(BitNetError, match=re.escape(says)):
+        save_gguf(tmp_path / "x.gguf", c, None, load_tokenizer(HF_FIXTURE), format=fmt)  # refused before reading
+    assert os.listdir(tmp_path) == []
+
+
 def test_export_refuses_non_f16_group_scales_and_leaves_nothing(tmp_path):
     c = _model("tq2_0", "group:256")
     with pytest.raises(BitNetError, match="not an f16 number"):

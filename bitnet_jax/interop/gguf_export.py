@@ -7,10 +7,12 @@
 (layouts: `interop/gguf.py`). A 'group:256' model goes to TQ2_0 / TQ1_0 with each block's d its
 group's scale. Nothing is approximated: a model that a format cannot hold exactly is refused with
 a message that names one that can (per-channel scales fit none of them; 'group:256' scales only
-TQ*, and only when they are f16 numbers; llama.cpp's 'bitnet' graph has no separate lm_head and
-q / o projections as wide as the model, and its MLP is SiLU-gated: relu2 models such as 2B4T go to
-I2_S). The token embedding (and an untied lm_head) is written
-as `lm_head`: 'f16', 'q8_0' or 'q6_k'; that is the one lossy choice, the user's.
+TQ*, and only when they are f16 numbers; llama.cpp's 'bitnet' graph is SiLU-gated: relu2 models
+such as 2B4T go to I2_S). Both engines' graphs multiply the final hidden state by the token
+embedding (bitnet.cpp loads an `output.weight` and never uses it) and size `attn_sub_norm` to
+the model's width, so an untied lm_head, and q / o projections narrower or wider than the model,
+fit no GGUF file. The token embedding is written as `lm_head`: 'f16', 'q8_0' or 'q6_k'; that is
+the one lossy choice, the user's.
 
 The file is written under a temporary name in the target's folder and renamed when complete.
 """
@@ -25,7 +27,7 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.gguf import I2_S, I2_S_CHUNK, I2_S_TAIL, LINEARS, NORMS, TQ_BLOCK
 from bitnet_jax.interop.gguf_vocab import add_vocab
 from bitnet_jax.model.config import BitNetConfig
-from bitnet_jax.model.serving_layers import float_rows, lm_head_rows, ternary_codes
+from bitnet_jax.model.serving_layers import float_rows, ternary_codes
 
 FORMATS = ("i2_s", "tq2_0", "tq1_0")
 LM_HEAD_TYPES = ("f16", "q8_0", "q6_k")
@@ -134,24 +136,28 @@ def _check_exportable(config: BitNetConfig, fmt: str, lm_head: str) -> None:
             f"GGUF export: hidden_act={c.hidden_act!r}; bitnet.cpp's bitnet-b1.58 graph squares the ReLU. "
             "Use --format tq2_0 (llama.cpp reads the activation from the file)."
         )
-    if fmt != "i2_s":
-        if c.hidden_act != "silu":
-            # llama.cpp's 'bitnet' graph (src/models/bitnet.cpp) builds silu(gate) * up whatever the
-            # metadata say: a relu2 model would run there, wrongly.
-            raise BitNetError(
-                f"GGUF export: hidden_act={c.hidden_act!r}, and llama.cpp's 'bitnet' graph computes a SiLU-gated "
-                "MLP. Use --format i2_s (bitnet.cpp's bitnet-b1.58 graph squares the ReLU)."
-            )
-        if not c.tie_word_embeddings:
-            raise BitNetError(
-                "GGUF export: llama.cpp's 'bitnet' graph has no separate lm_head (it multiplies by the token "
-                "embedding), and this model's is untied. Use --format i2_s (bitnet.cpp reads output.weight)."
-            )
-        if c.num_attention_heads * c.head_dim != c.hidden_size:
-            raise BitNetError(
-                f"GGUF export: llama.cpp's 'bitnet' graph takes q / o projections of hidden_size={c.hidden_size}; "
-                f"this model's are {c.num_attention_heads * c.head_dim} wide. Use --format i2_s."
-            )
+    if fmt != "i2_s" and c.hidden_act != "silu":
+        # llama.cpp's 'bitnet' graph (src/models/bitnet.cpp) builds silu(gate) * up whatever the
+        # metadata say: a relu2 model would run there, wrongly.
+        raise BitNetError(
+            f"GGUF export: hidden_act={c.hidden_act!r}, and llama.cpp's 'bitnet' graph computes a SiLU-gated "
+            "MLP. Use --format i2_s (bitnet.cpp's bitnet-b1.58 graph squares the ReLU)."
+        )
+    # Both engines' graphs end with the token embedding as the lm_head (bitnet.cpp's build_bitnet_158
+    # loads an output.weight and never uses it), and both create attn_sub_norm with hidden_size
+    # entries (bitnet.cpp refuses the file otherwise: "tensor 'blk.0.attn_sub_norm.weight' has wrong
+    # shape"). Checked in bitnet.cpp's llama.cpp tree of microsoft/BitNet 1876a3e.
+    engines = "bitnet.cpp's bitnet-b1.58 graph and llama.cpp's 'bitnet' graph"
+    if not c.tie_word_embeddings:
+        raise BitNetError(
+            f"GGUF export: {engines} use the token embedding as the lm_head (bitnet.cpp loads an "
+            f"output.weight and never uses it), and this model's lm_head is untied. {keep}."
+        )
+    if c.num_attention_heads * c.head_dim != c.hidden_size:
+        raise BitNetError(
+            f"GGUF export: {engines} take q / o projections of hidden_size={c.hidden_size} (attn_sub_norm has "
+            f"that width); this model's are {c.num_attention_heads * c.head_dim} wide. {keep}."
+        )
 
 
 def save_gguf(
@@ -167,7 +173,8 @@ def save_gguf(
 ) -> None:
     """Writes `config`'s model (training or packed parameters) as a GGUF file of `format`
     ('i2_s', 'tq2_0', 'tq1_0'); `lm_head` ('f16', 'q8_0', 'q6_k') is the type of the token
-    embedding (and of an untied lm_head). Refuses what the format cannot hold exactly."""
+    embedding, which the engines also use as the lm_head. Refuses what the format cannot hold
+    exactly."""
     import gguf
 
     _check_exportable(config, format, lm_head)
@@ -185,9 +192,6 @@ def save_gguf(
         data, kw = _float_table(float_rows(params["embed_tokens"], c.hidden_size), lm_head)
         writer.add_tensor("token_embd.weight", data, **kw)
         writer.add_tensor("output_norm.weight", np.asarray(params["norm"]["weight"], np.float32))
-        if not c.tie_word_embeddings:  # (a tied model's 'int8' lm_head is a copy of the embedding)
-            data, kw = _float_table(lm_head_rows(params, c.hidden_size), lm_head)
-            writer.add_tensor("output.weight", data, **kw)
         layers = params["layers"]
         for i in range(c.num_hidden_layers):
             for path_in_layer, gguf_name in NORMS.items():
