@@ -1,8 +1,9 @@
-"""What the int8 lm_head choices cost on a *trained* model (the HF test fixtures are random).
+"""What the quantized lm_head choices cost on a *trained* model (the HF test fixtures are random).
 
     python benchmarks/lm_head_trade.py RUN_DIR [TEXT_FILE ...]
 
-Loads a `bitnet-jax train` run, packs it three ways (`lm_head` float, int8, int8-tied) and, on
+Loads a `bitnet-jax train` run, packs it with each lm_head kind (float, int8, int4, and for a tied
+model int8-tied and int4-tied) and, on
 held-out text (default: this repository's README, which no run trains on), reports against the
 float head on the same packed layers: relative logit error, next-token argmax agreement, and
 how many greedy continuations (32 tokens after each of 16 prompts) are identical.
@@ -30,8 +31,9 @@ def main(run_dir: str, texts: list[str]):
     windows = ids[: (len(ids) // seq) * seq].reshape(-1, seq)[:16]
     prompts = [list(w[:32]) for w in windows]
 
+    heads = ["int8", "int4"] + (["int8-tied", "int4-tied"] if config.tie_word_embeddings else [])
     logits, greedy = {}, {}
-    for head in ("float", "int8", "int8-tied"):
+    for head in ("float", *heads):
         packed = pack(config, params, lm_head=head)
         apply = jax.jit(BitNetLM(config, ServingSpec("ffi", head, config.act_bits)).apply)
         logits[head] = np.asarray(apply(serving_variables(packed), windows))
@@ -43,7 +45,7 @@ def main(run_dir: str, texts: list[str]):
     )
     print("| lm_head | relative logit error | argmax agreement | identical greedy continuations (32 tokens) |")
     print("|---|---:|---:|---:|")
-    for head in ("int8", "int8-tied"):
+    for head in heads:
         err = np.linalg.norm(logits[head] - ref) / np.linalg.norm(ref)
         agree = np.mean(logits[head].argmax(-1) == ref.argmax(-1))
         same = int(np.sum(np.all(greedy[head] == greedy["float"], axis=1)))

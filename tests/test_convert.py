@@ -2,7 +2,6 @@
 against packing the whole model at once (`pack(*load_hf(folder))`), bit for bit, and the file
 modes of a converted folder."""
 
-import importlib
 import os
 import warnings
 from pathlib import Path
@@ -14,9 +13,8 @@ from safetensors.numpy import load_file
 
 from bitnet_jax import load_hf, pack, save_packed
 from bitnet_jax.cli import main
+from bitnet_jax.model import serving_layers
 from bitnet_jax.serve.pack import convert_hf
-
-pack_module = importlib.import_module("bitnet_jax.serve.pack")  # (`bitnet_jax.serve.pack` is the function)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 CASES = [  # (fixture, lm_head): every weight layout, sharding, tied and untied, each lm_head kind
@@ -27,6 +25,8 @@ CASES = [  # (fixture, lm_head): every weight layout, sharding, tied and untied,
     ("online_fp32_mha_untied", "float"),
     ("sharded_online_bf16", "int8-tied"),
     ("online_bf16_gqa_tied", "float"),
+    ("online_bf16_gqa_tied", "int4-tied"),
+    ("online_fp32_mha_untied", "int4"),
 ]
 
 
@@ -41,8 +41,8 @@ def assert_same_bits(got: dict, expected: dict):
 
 @pytest.mark.parametrize("case, lm_head", CASES)
 def test_layer_by_layer_equals_packing_all_at_once(case, lm_head, monkeypatch):
-    # Int8 tables in uneven blocks of rows, as a 2B4T embedding is quantized (fixtures are < 4096 rows).
-    monkeypatch.setattr(pack_module, "_INT8_ROWS_PER_STEP", 96)
+    # Quantized tables in uneven blocks of rows, as a 2B4T embedding is quantized (fixtures are < 4096 rows).
+    monkeypatch.setattr(serving_layers, "_TABLE_ROWS_PER_STEP", 96)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neither path may leave a tensor unread
         config, params = load_hf(FIXTURES / case)

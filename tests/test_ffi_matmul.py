@@ -51,6 +51,7 @@ def test_layout_mirror_matches_the_header():
         "block_bytes": layout.BLOCK_BYTES,
         "rows_per_group": layout.ROWS_PER_GROUP,
         "int8_row_align": layout.INT8_ROW_ALIGN,
+        "int4_group_k": layout.INT4_GROUP_K,
     }
     assert "scalar" in ffi.available_isas()
 

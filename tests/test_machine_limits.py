@@ -86,7 +86,7 @@ def _safetensors_sizes(path) -> dict[str, tuple[int, tuple[int, ...]]]:
     return {name: (t["data_offsets"][1] - t["data_offsets"][0], tuple(t["shape"])) for name, t in header.items()}
 
 
-@pytest.mark.parametrize("lm_head", ["int8-tied", "int8", "float"])
+@pytest.mark.parametrize("lm_head", ["int8-tied", "int8", "int4-tied", "int4", "float"])
 def test_decode_bytes_match_the_packed_folder(tmp_path, lm_head):
     """Bytes per decoded token, counted from the arrays, against a count from the packed folder's
     safetensors header and the config's cache dimensions."""

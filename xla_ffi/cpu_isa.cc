@@ -21,8 +21,9 @@ bool CpuRuns(Isa isa) {
     case Isa::kScalar:
       return true;
     case Isa::kAvx2:
-      // libgcc's checks include the OS (XSAVE) support of the wider registers.
-      return __builtin_cpu_supports("avx2");
+      // libgcc's checks include the OS (XSAVE) support of the wider registers. Every AVX2 CPU
+      // has FMA and F16C too (the AVX2 kernels use both); checked all the same.
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     case Isa::kAvx512Vnni:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");

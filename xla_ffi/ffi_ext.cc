@@ -42,6 +42,8 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_ternary_matmul_i32"] = EncapsulateFfiHandler(BitnetTernaryMatmulI32);
     registrations["bitnet_int8_matmul"] = EncapsulateFfiHandler(BitnetInt8Matmul);
     registrations["bitnet_int8_matmul_i32"] = EncapsulateFfiHandler(BitnetInt8MatmulI32);
+    registrations["bitnet_int4_matmul"] = EncapsulateFfiHandler(BitnetInt4Matmul);
+    registrations["bitnet_int4_matmul_dot"] = EncapsulateFfiHandler(BitnetInt4MatmulDot);
     registrations["bitnet_embed_rows"] = EncapsulateFfiHandler(BitnetEmbedRows);
     registrations["bitnet_decode_attention"] = EncapsulateFfiHandler(BitnetDecodeAttention);
     registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
@@ -55,6 +57,7 @@ NB_MODULE(_ffi_ext, m) {
     layout["block_bytes"] = bitnet::kBlockBytes;
     layout["rows_per_group"] = bitnet::kRowsPerGroup;
     layout["int8_row_align"] = bitnet::kInt8RowAlign;
+    layout["int4_group_k"] = bitnet::kInt4GroupK;
     return layout;
   }, "The packed-layout constants of layout.h, for bitnet_jax/kernels/layout.py to check its mirror.");
   m.def("quant_eps", []() { return bitnet::kQuantEps; },

@@ -9,13 +9,18 @@
 //   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
 //   bitnet_int8_matmul         x [..., K] f32|bf16, w int8 [N, Kp], w_scale f32 [N] -> y f32
 //   bitnet_int8_matmul_i32     x_q int8 [..., K], w int8 [N, Kp] -> acc int32 [..., N]
+//   bitnet_int4_matmul         x [..., K] f32|bf16, w uint8 [N, Kp / 2] (I4G), w_scale f16
+//                              [N, Kp / 32] -> y f32 [..., N] = dot * (1 / x_scale)
+//   bitnet_int4_matmul_dot     x_q int8 [..., K], w, w_scale -> dot f32 [..., N] (gemm.h's order)
 //
 // The fused ops quantize each activation row (quantize.h, the same arithmetic as the pure-JAX
 // reference), multiply in exact int32 (gemm.h), then scale: y = (float(acc) * (1 / x_scale)) *
 // w_scale in that order, with -ffp-contract=off, so a pure-JAX reference written the same way is
 // bit-exact. (A reciprocal, not a division: XLA rewrites `a / broadcast(b)` into
 // `a * broadcast(1 / b)`, so that is what the fake-quant model computes too.)
-// The i32 variants expose the integer product alone, for exact tests of every SIMD path.
+// The i32 variants expose the integer product alone, for exact tests of every SIMD path; the int4
+// head's product is a float sum of scaled group sums in one fixed order (gemm.h), which the _dot
+// variant exposes alone.
 //
 // Handlers check shapes, dtypes and the layout version and return an error (a Python exception
 // at the call site), never crash. Work is split over output rows on XLA's intra-op thread pool.
@@ -116,6 +121,24 @@ ffi::Error CheckInt8Weights(const std::string& op, ffi::AnyBuffer::Dimensions w_
                            std::to_string(*kp) + "] (rows padded to a multiple of " +
                            std::to_string(kInt8RowAlign) + "), got " + ShapeString(w_dims) +
                            " (pack them with bitnet_jax.layout.pack_int8)");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error CheckInt4Weights(const std::string& op, ffi::AnyBuffer::Dimensions w_dims,
+                            ffi::AnyBuffer::Dimensions s_dims, int64_t k, int64_t* kp) {
+  *kp = CeilDiv(k, kInt4GroupK) * kInt4GroupK;
+  const int64_t groups = *kp / kInt4GroupK;
+  if (w_dims.size() != 2 || w_dims[1] != groups * kInt4GroupBytes || w_dims[0] < 1) {
+    return Invalid(op, "int4 weights for K=" + std::to_string(k) + " inputs must be uint8 [N, " +
+                           std::to_string(groups * kInt4GroupBytes) + "] (two per byte, rows padded to a multiple of " +
+                           std::to_string(kInt4GroupK) + " inputs), got " + ShapeString(w_dims) +
+                           " (pack them with bitnet_jax.layout.pack_int4)");
+  }
+  if (s_dims.size() != 2 || s_dims[0] != w_dims[0] || s_dims[1] != groups) {
+    return Invalid(op, "expected w_scale of shape [" + std::to_string(w_dims[0]) + ", " + std::to_string(groups) +
+                           "] (float16, one per row and group of " + std::to_string(kInt4GroupK) + " inputs), got " +
+                           ShapeString(s_dims));
   }
   return ffi::Error::Success();
 }
@@ -244,6 +267,19 @@ void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t ro
   });
 }
 
+// Int4 dot products into y (rows x n), split over output rows; with x_inv set, each chunk then
+// scales its own columns: y = dot * x_inv[m].
+void RunInt4(ffi::ThreadPool& pool, Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const uint8_t* w,
+             const uint16_t* w_scale, int64_t n, float* y, const float* x_inv = nullptr) {
+  ParallelFor(pool, n, kMinRowsPerChunk, [&](int64_t begin, int64_t end) {
+    Int4GemmF32(isa, x_q, rows, kp, w, w_scale, begin, end, n, y);
+    if (x_inv == nullptr) return;
+    for (int64_t m = 0; m < rows; ++m) {
+      for (int64_t j = begin; j < end; ++j) y[m * n + j] *= x_inv[m];
+    }
+  });
+}
+
 // Drops the leading layer axis of a stacked operand: the dimensions of one layer, and its offset.
 struct LayerView {
   ffi::AnyBuffer::Dimensions dims;
@@ -358,6 +394,49 @@ ffi::Error Int8MatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi
   return ffi::Error::Success();
 }
 
+ffi::Error Int4MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w,
+                          ffi::Buffer<ffi::F16> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t act_bits,
+                          int64_t layout_version) {
+  const std::string op = "bitnet_int4_matmul";
+  Rows shape;
+  int64_t kp;
+  Isa isa;
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x.dimensions(), &shape); e.failure()) return e;
+  if (auto e = CheckInt4Weights(op, w.dimensions(), w_scale.dimensions(), shape.k, &kp); e.failure()) return e;
+  const int64_t n = w.dimensions()[0];
+  if (auto e = CheckOutput(op, x.dimensions(), y->dimensions(), n); e.failure()) return e;
+  if (auto e = Select(op, &isa); e.failure()) return e;
+  if (shape.rows == 0) return ffi::Error::Success();
+  QuantizedRows xq;
+  if (auto e = QuantizeInput(op, pool, isa, x, shape, kp, act_bits, &xq); e.failure()) return e;
+  std::vector<float> x_inv(shape.rows);
+  for (int64_t m = 0; m < shape.rows; ++m) x_inv[m] = 1.0f / xq.scale[m];
+  RunInt4(pool, isa, xq.q, shape.rows, kp, w.typed_data(), reinterpret_cast<const uint16_t*>(w_scale.typed_data()), n,
+          y->typed_data(), x_inv.data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Int4MatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi::Buffer<ffi::U8> w,
+                             ffi::Buffer<ffi::F16> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> dot,
+                             int64_t layout_version) {
+  const std::string op = "bitnet_int4_matmul_dot";
+  Rows shape;
+  int64_t kp;
+  Isa isa;
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x_q.dimensions(), &shape); e.failure()) return e;
+  if (auto e = CheckInt4Weights(op, w.dimensions(), w_scale.dimensions(), shape.k, &kp); e.failure()) return e;
+  const int64_t n = w.dimensions()[0];
+  if (auto e = CheckOutput(op, x_q.dimensions(), dot->dimensions(), n); e.failure()) return e;
+  if (auto e = Select(op, &isa); e.failure()) return e;
+  if (shape.rows == 0) return ffi::Error::Success();
+  const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kp);
+  RunInt4(pool, isa, xq.q, shape.rows, kp, w.typed_data(), reinterpret_cast<const uint16_t*>(w_scale.typed_data()), n,
+          dot->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace bitnet
 
@@ -403,4 +482,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::S8>>()     // x_q: int8 activations [..., K]
         .Arg<ffi::Buffer<ffi::S8>>()     // w: int8 rows [N, Kp]
         .Ret<ffi::Buffer<ffi::S32>>()    // acc: int32 [..., N]
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetInt4Matmul, bitnet::Int4MatmulImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()           // x: activations [..., K], float32 or bfloat16
+        .Arg<ffi::Buffer<ffi::U8>>()     // w: int4 codes [N, Kp / 2], I4G (layout.h)
+        .Arg<ffi::Buffer<ffi::F16>>()    // w_scale: float16 [N, Kp / 32]
+        .Ret<ffi::Buffer<ffi::F32>>()    // y: [..., N]
+        .Attr<int64_t>("act_bits")
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetInt4MatmulDot, bitnet::Int4MatmulDotImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::S8>>()     // x_q: int8 activations [..., K]
+        .Arg<ffi::Buffer<ffi::U8>>()     // w: int4 codes [N, Kp / 2]
+        .Arg<ffi::Buffer<ffi::F16>>()    // w_scale: float16 [N, Kp / 32]
+        .Ret<ffi::Buffer<ffi::F32>>()    // dot: [..., N], gemm.h's order, not scaled by x
         .Attr<int64_t>("layout_version"));

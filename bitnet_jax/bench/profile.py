@@ -6,7 +6,7 @@ of the timed decode steps:
 
   ternary matmuls   every BitLinear of every layer (`ops.ternary_linear` on the stacked weights);
                     the activation quantization is inside: the kernels fuse it
-  lm_head           the model's head on the final hidden state (`Int8Embed.attend`, or the float table)
+  lm_head           the model's head on the final hidden state (`Int8Embed` / `Int4Embed.attend`, or the float table)
   attention         every layer's cache write, scores, mask, softmax and weighted values
                     (`transformer.grouped_attention`), and the mask
   norms and RoPE    every RMSNorm (4 per layer and the final one) and RoPE of queries and keys
@@ -63,7 +63,7 @@ def profile_decode(
 
     from bitnet_jax.kernels import ops
     from bitnet_jax.model.layers import RMSNorm
-    from bitnet_jax.model.serving_layers import Int8Embed
+    from bitnet_jax.model.serving_layers import TABLES
     from bitnet_jax.model.transformer import KVCache, _attention_mask, apply_rope, grouped_attention
     from bitnet_jax.serve.generate import kv_cache_dtype, serving_params
 
@@ -96,8 +96,9 @@ def profile_decode(
     pieces = {"ternary matmuls": _median_ms(ternary, (packed, inputs), repeats)}
 
     head_table = params.get("lm_head", params["embed_tokens"])
-    if "w_int8" in head_table:
-        head = lambda table, x: Int8Embed(c.vocab_size, d, spec).apply({"params": table}, x, method="attend")
+    kind = next((kind for kind in TABLES if f"w_{kind}" in head_table), None)
+    if kind is not None:
+        head = lambda table, x: TABLES[kind](c.vocab_size, d, spec).apply({"params": table}, x, method="attend")
     elif "embedding" in head_table:
         head = lambda table, x: nn.Embed(c.vocab_size, d).apply({"params": table}, x, method="attend")
     else:

@@ -57,7 +57,7 @@ def set_threads(threads: int | None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class KernelTiming:
-    kernel: str  # "ternary", "int8", "xla_f32", "xla_bf16"
+    kernel: str  # "ternary", "int8", "int4", "xla_f32", "xla_bf16"
     isa: str  # kernel path, or "xla"
     M: int
     K: int
@@ -113,11 +113,11 @@ def bench_kernels(
 ) -> list[KernelTiming]:
     """Times the serving kernels on every SIMD path (default: all this CPU runs; the scalar twin,
     a correctness reference, only when asked for) and XLA's dense f32 and bf16 dot on the same
-    shapes. The lm_head shape (N = 128256) uses the int8 kernel, the others
+    shapes. The lm_head shape (N = 128256) runs the int8 and the int4 kernels, the others
     the ternary one."""
     import jax.numpy as jnp
 
-    from bitnet_jax.kernels import ffi, layout
+    from bitnet_jax.kernels import ffi
 
     threads = len(os.sched_getaffinity(0))
     isas = isas or [isa for isa in ffi.available_isas() if isa != "scalar"] or ["scalar"]
@@ -126,45 +126,53 @@ def bench_kernels(
     results = []
     try:
         for k, n in shapes:
-            int8 = n > 100_000
-            if int8:
-                w8, scale = layout.quantize_int8_rows(rng.standard_normal((n, k), np.float32))
-                weight = jnp.asarray(layout.pack_int8(w8))
-                scale = jnp.asarray(scale)
-                fn = lambda x, w, s: ffi.int8_matmul(x, w, s)
-            else:
-                weight = jnp.asarray(layout.pack_ternary(rng.integers(-1, 2, (n, k), dtype=np.int8)))
-                scale = jnp.ones((1,), jnp.float32)
-                fn = lambda x, w, s, n=n: ffi.ternary_matmul(x, w, s, n)
-            for m in rows:
+            for kernel, weight, fn in _kernel_variants(rng, k, n):
+                nbytes = sum(a.nbytes for a in weight)
+                for m in rows:
+                    x = jnp.asarray(rng.standard_normal((m, k), np.float32))
+                    reps = _reps(nbytes, m)
+                    weights = [tuple(a.copy() for a in weight) for _ in range(reps)]
+                    call = _chain(fn, reps)
+                    for isa in isas:
+                        os.environ["BITNET_JAX_ISA"] = isa
+                        times = _time(lambda weights=weights: call(x, weights), repeats)
+                        results.append(_timing(kernel, isa, m, k, n, threads, times, reps, nbytes))
+                    del weights
+            for m in rows if xla else ():
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32))
-                reps = _reps(weight.nbytes, m)
-                weights = [weight.copy() for _ in range(reps)]
-                call = _chain(fn, reps)
-                for isa in isas:
-                    os.environ["BITNET_JAX_ISA"] = isa
-                    times = _time(lambda weights=weights: call(x, weights, scale), repeats)
-                    results.append(
-                        _timing("int8" if int8 else "ternary", isa, m, k, n, threads, times, reps, weight.nbytes)
-                    )
-                del weights
-                if xla:
-                    for name, dtype in (("xla_f32", jnp.float32), ("xla_bf16", jnp.bfloat16)):
-                        dense = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
-                        reps = _reps(dense.nbytes, m)
-                        denses = [dense.copy() for _ in range(reps)]
-                        call = _chain(
-                            lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32), reps
-                        )
-                        times = _time(lambda: call(x, denses), repeats)
-                        results.append(_timing(name, "xla", m, k, n, threads, times, reps, dense.nbytes))
-                        del denses, dense
+                for name, dtype in (("xla_f32", jnp.float32), ("xla_bf16", jnp.bfloat16)):
+                    dense = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
+                    reps = _reps(dense.nbytes, m)
+                    denses = [dense.copy() for _ in range(reps)]
+                    call = _chain(lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32), reps)
+                    times = _time(lambda denses=denses: call(x, denses), repeats)
+                    results.append(_timing(name, "xla", m, k, n, threads, times, reps, dense.nbytes))
+                    del denses, dense
     finally:
         if previous is None:
             os.environ.pop("BITNET_JAX_ISA", None)
         else:
             os.environ["BITNET_JAX_ISA"] = previous
     return results
+
+
+def _kernel_variants(rng, k: int, n: int) -> list:
+    """(kernel name, weight arrays, fn(x, weights)) for a shape: the ternary kernel, or for the
+    lm_head shape (N > 100,000) the int8 and the int4 kernels on the same random rows."""
+    import jax.numpy as jnp
+
+    from bitnet_jax.kernels import ffi, layout
+
+    if n <= 100_000:
+        packed = jnp.asarray(layout.pack_ternary(rng.integers(-1, 2, (n, k), dtype=np.int8)))
+        return [("ternary", (packed, jnp.ones((1,), jnp.float32)), lambda x, w, n=n: ffi.ternary_matmul(x, *w, n))]
+    w_nk = rng.standard_normal((n, k), np.float32)
+    w8, scale8 = layout.quantize_int8_rows(w_nk)
+    q4, scale4 = layout.quantize_int4_groups(w_nk)
+    return [
+        ("int8", (jnp.asarray(layout.pack_int8(w8)), jnp.asarray(scale8)), lambda x, w: ffi.int8_matmul(x, *w)),
+        ("int4", (jnp.asarray(layout.pack_int4(q4)), jnp.asarray(scale4)), lambda x, w: ffi.int4_matmul(x, *w)),
+    ]
 
 
 def _reps(nbytes: int, m: int) -> int:
@@ -298,6 +306,10 @@ _VALID_CODE_BYTES = np.array(
 )
 
 
+# 225 bytes whose two nibbles are both valid int4 codes (1 .. 15: q = -7 .. 7).
+_INT4_CODE_BYTES = np.array([a | b << 4 for a in range(1, 16) for b in range(1, 16)], np.uint8)
+
+
 def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstract: bool = False) -> dict:
     """Random packed serving parameters of the config's shape, built without float weights.
 
@@ -307,7 +319,7 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
     """
     import jax
 
-    from bitnet_jax.kernels import layout
+    from bitnet_jax.kernels import layout, ops
     from bitnet_jax.serve.host_memory import aligned_empty, release_freed_memory
 
     rng = np.random.default_rng(seed)
@@ -347,13 +359,22 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
                 "w_scale": make((layers, 1), np.float32, scale),
             }
     v = config.vocab_size
-    if lm_head in ("int8", "int8-tied"):
+    table, shared = ops.head_table(lm_head)
+    if table == "int8":
         head = {
             "w_int8": make((v, -(-d // 64) * 64), np.int8, lambda shape: rng.integers(-127, 128, shape, np.int8)),
             "w_scale": make((v,), np.float32, lambda shape: np.full(shape, 0.02 / 127, np.float32)),
         }
-        params["lm_head" if lm_head == "int8" else "embed_tokens"] = head
-    if lm_head != "int8-tied":
+    elif table == "int4":
+        row_bytes = layout.int4_row_bytes(d)
+        groups = row_bytes * 2 // layout.INT4_GROUP_K
+        head = {  # nibbles 1..15 (q = -7..7) in both halves of every byte
+            "w_int4": make((v, row_bytes), np.uint8, lambda shape: _INT4_CODE_BYTES[rng.integers(0, 225, shape)]),
+            "w_scale": make((v, groups), np.float16, lambda shape: np.full(shape, 0.02 / 7, np.float16)),
+        }
+    if table is not None:
+        params["embed_tokens" if shared else "lm_head"] = head
+    if not shared:
         import ml_dtypes
 
         normal = lambda shape: (rng.standard_normal(shape, np.float32) * 0.02).astype(ml_dtypes.bfloat16)
@@ -367,6 +388,7 @@ def dense_params(config, packed: dict, dtype) -> dict:
     import jax.numpy as jnp
 
     from bitnet_jax.kernels import layout
+    from bitnet_jax.model.serving_layers import float_rows
 
     out = {"layers": {}, "norm": packed["norm"], "embed_tokens": {}}
     for key, value in packed["layers"].items():
@@ -384,9 +406,7 @@ def dense_params(config, packed: dict, dtype) -> dict:
                 t = np.asarray(layout.unpack_ternary(p["w_packed"][layer], n, k))
                 kernels.append(jnp.asarray((t.T * p["w_scale"][layer, 0]), dtype))
             out["layers"][key][name] = {"kernel": jnp.stack(kernels)}
-    embed = packed["embed_tokens"]
-    table = embed["embedding"] if "embedding" in embed else embed["w_int8"][:, : config.hidden_size]
-    out["embed_tokens"]["embedding"] = jnp.asarray(table, dtype)
+    out["embed_tokens"]["embedding"] = jnp.asarray(float_rows(packed["embed_tokens"], config.hidden_size), dtype)
     return out
 
 

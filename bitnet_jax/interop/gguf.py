@@ -46,6 +46,7 @@ import numpy as np
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import layout
 from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.model.serving_layers import check_lm_head, pack_ends
 
 ARCHITECTURES = ("bitnet-b1.58", "bitnet")
 I2_S = 36  # bitnet.cpp's GGML type id
@@ -68,7 +69,6 @@ NORMS = {  # path in a layer -> GGUF name
     ("mlp", "ffn_sub_norm"): "ffn_sub_norm",
 }
 ACTIVATIONS = {"relu2": "relu2", "relu_sqr": "relu2", "silu": "silu", "swiglu": "silu", "swish": "silu"}
-_INT8_ROWS_PER_STEP = 4096  # embedding rows dequantized at once (2B4T: ~40 MB of float32 each)
 
 
 def _gguf():
@@ -394,20 +394,17 @@ def load_gguf(path: str | os.PathLike, *, lm_head: str | None = None) -> tuple[B
     """(config, packed serving parameters) from a bitnet.cpp or llama.cpp BitNet GGUF file.
 
     The parameters are what `serve.pack.pack` gives (run them with `generate` or
-    `BitNetLM(config, ServingSpec(...))`); `lm_head` is as in `pack` ('int8', 'int8-tied' or
-    'float'; None: the serving default). The ternary layers are never dequantized: see the
+    `BitNetLM(config, ServingSpec(...))`); `lm_head` is as in `pack` (one of `ops.LM_HEADS`;
+    None: the serving default). The ternary layers are never dequantized: see the
     module docstring for the formats and for which scales serve through the FFI kernels.
     """
     from bitnet_jax.interop.hf import stack_layers
-    from bitnet_jax.kernels.ops import LM_HEADS, default_lm_head
+    from bitnet_jax.kernels.ops import default_lm_head
 
     model = GGUFModel(path)
     c = model.config
     lm_head = lm_head or default_lm_head(c)
-    if lm_head not in LM_HEADS:
-        raise BitNetError(f"load_gguf: lm_head={lm_head!r}; expected one of {LM_HEADS}.")
-    if lm_head == "int8-tied" and not c.tie_word_embeddings:
-        raise BitNetError(f"load_gguf: lm_head='int8-tied' needs tied embeddings; {model.path} has output.weight.")
+    check_lm_head(lm_head, c.tie_word_embeddings, f"load_gguf({model.path})")
     d, f, qo = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim
     out_in = {name: (n, k) for block in c.linear_shapes.values() for name, (k, n) in block.items()}
     norm_width = {"input_layernorm": d, "post_attention_layernorm": d, "attn_sub_norm": qo, "ffn_sub_norm": f}
@@ -455,24 +452,14 @@ def _ends(model: GGUFModel, c: BitNetConfig, lm_head: str) -> dict:
     """embed_tokens and lm_head of the serving parameters (as `pack` lays them out)."""
     v, d = c.vocab_size, c.hidden_size
     head_name = "token_embd.weight" if c.tie_word_embeddings else "output.weight"
-
-    def int8_rows(name: str) -> dict:
-        w_int8 = np.empty((v, -(-d // layout.INT8_ROW_ALIGN) * layout.INT8_ROW_ALIGN), np.int8)
-        scale = np.empty(v, np.float32)
-        for start in range(0, v, _INT8_ROWS_PER_STEP):
-            rows = slice(start, min(start + _INT8_ROWS_PER_STEP, v))
-            w8, s = layout.quantize_int8_rows(model.float_rows(name, (v, d), rows))
-            w_int8[rows], scale[rows] = layout.pack_int8(w8), s
-        return {"w_int8": w_int8, "w_scale": scale}
-
-    if lm_head == "int8-tied":
-        return {"embed_tokens": int8_rows("token_embd.weight")}
-    out = {"embed_tokens": {"embedding": model.float_rows("token_embd.weight", (v, d))}}
-    if lm_head == "int8":
-        out["lm_head"] = int8_rows(head_name)
-    elif not c.tie_word_embeddings:
-        out["lm_head"] = {"kernel": np.ascontiguousarray(model.float_rows("output.weight", (v, d)).T)}
-    return out
+    return pack_ends(
+        lm_head,
+        c.tie_word_embeddings,
+        v,
+        lambda rows: model.float_rows("token_embd.weight", (v, d), rows),
+        lambda rows: model.float_rows(head_name, (v, d), rows),
+        lambda: {"kernel": np.ascontiguousarray(model.float_rows("output.weight", (v, d)).T)},
+    )
 
 
 def is_gguf_file(path: str | os.PathLike) -> bool:

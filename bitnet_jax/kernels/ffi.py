@@ -9,7 +9,7 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                           x_q   = clamp(round(x * scale), -128, 127)     (int8, [..., K])
                         with round half-to-even, so it equals the pure-JAX
                         `bitnet_jax.model.quant.act_quantize(x, "token", 8)` bit for bit.
-  bitnet_ternary_matmul / _i32, bitnet_int8_matmul / _i32
+  bitnet_ternary_matmul / _i32, bitnet_int8_matmul / _i32, bitnet_int4_matmul / _dot
                         the serving matmuls on packed weights (see `ternary_matmul` below,
                         xla_ffi/matmul.cc and bitnet_jax/kernels/layout.py).
   bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
@@ -185,6 +185,30 @@ def int8_matmul_i32(x_q, w_int8) -> jax.Array:
     x_q = _check_x("int8_matmul_i32", x_q, integer=True)
     attrs = dict(layout_version=np.int64(layout.LAYOUT_VERSION))
     return _rowwise("bitnet_int8_matmul_i32", jnp.int32, w_int8.shape[0], attrs, x_q, w_int8)
+
+
+def int4_matmul(x, w_int4, w_scale, act_bits: int = 8) -> jax.Array:
+    """Int4-weight matmul (the 4-bit lm_head): y [..., N] float32 = dot(Q(x), q, scale) * (1 / x_scale),
+    dot the kernel's float sum of group sums times their scales (`int4_matmul_dot`).
+
+    w_int4: uint8 [N, Kp / 2] from `layout.pack_int4`; w_scale: float16 [N, Kp / 32].
+    """
+    from bitnet_jax.kernels import layout
+
+    x = _check_x("int4_matmul", x)
+    attrs = dict(act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_int4_matmul", jnp.float32, w_int4.shape[0], attrs, x, w_int4, w_scale)
+
+
+def int4_matmul_dot(x_q, w_int4, w_scale) -> jax.Array:
+    """float32 [..., N]: sum over groups g of (sum_k x_q[..., k] * q[n, k] over g) * w_scale[n, g], in
+    the one order that every kernel path follows (xla_ffi/gemm.h): 8 lanes of 4 neighbouring inputs
+    each, accumulated group by group, then summed ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    from bitnet_jax.kernels import layout
+
+    x_q = _check_x("int4_matmul_dot", x_q, integer=True)
+    attrs = dict(layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_int4_matmul_dot", jnp.float32, w_int4.shape[0], attrs, x_q, w_int4, w_scale)
 
 
 def embed_rows(table_vd, ids) -> jax.Array:

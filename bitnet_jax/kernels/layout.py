@@ -13,6 +13,10 @@ activations; rows are interleaved in groups of 4 so a GEMV streams one contiguou
 Int8 weights (the lm_head) w8 [N, K] as int8 [N, Kp8] with K zero-padded to a multiple of 64,
 values in [-127, 127], one float32 scale per row.
 
+Int4 weights (the 4-bit lm_head) q [N, K] in [-7, 7] as uint8 [N, Kp4 / 2], K zero-padded to a
+multiple of 32, with a float16 scale per row and group of 32 inputs ([N, Kp4 / 32]):
+  packed[n, 16c + i] = (q[n, 32c + i] + 8) | (q[n, 32c + 16 + i] + 8) << 4    (i < 16)
+
 Axis letters: N output features, K input features, G row groups, B blocks along K.
 """
 
@@ -28,6 +32,7 @@ BLOCK_K = 256  # weights per row block
 BLOCK_BYTES = 64  # bytes per row block (4 codes per byte)
 ROWS_PER_GROUP = 4  # rows interleaved block by block
 INT8_ROW_ALIGN = 64  # int8 rows are padded to a multiple of this
+INT4_GROUP_K = 32  # inputs per int4 scale; int4 rows are padded to a multiple of this
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -96,3 +101,54 @@ def quantize_int8_rows(w_nk) -> tuple[np.ndarray, np.ndarray]:
     scale_n = np.where(amax_n > 0, amax_n / 127.0, 1.0).astype(np.float32)
     w8_nk = np.clip(np.rint(w_nk / scale_n[:, None]), -127, 127).astype(np.int8)
     return w8_nk, scale_n
+
+
+def int4_row_bytes(k: int) -> int:
+    """Bytes of one packed int4 row of K weights."""
+    return _ceil_div(k, INT4_GROUP_K) * INT4_GROUP_K // 2
+
+
+def pack_int4(q_nk) -> np.ndarray:
+    """Int4 codes [N, K] (int8 values in [-7, 7]) -> uint8 [N, Kp / 2] (I4G, K padded with zeros to a
+    multiple of INT4_GROUP_K)."""
+    q_nk = np.asarray(q_nk)
+    if q_nk.ndim != 2 or q_nk.dtype != np.int8 or (q_nk.size and (q_nk.min() < -7 or q_nk.max() > 7)):
+        raise BitNetError(f"pack_int4: expected int8 codes [N, K] in [-7, 7]; found {q_nk.dtype} {q_nk.shape}.")
+    n, k = q_nk.shape
+    kp = _ceil_div(k, INT4_GROUP_K) * INT4_GROUP_K
+    u_ncj = np.full((n, kp), 8, np.uint8)
+    u_ncj[:, :k] = q_nk + 8
+    u_ncj = u_ncj.reshape(n, kp // INT4_GROUP_K, 2, INT4_GROUP_K // 2)  # [n, group, nibble, byte]
+    return (u_ncj[:, :, 0] | (u_ncj[:, :, 1] << 4)).reshape(n, kp // 2)
+
+
+def unpack_int4(packed_nb, k: int):
+    """uint8 [N, Kp / 2] -> int8 codes [N, K]. jnp ops: works inside jit (and on any leading axes)."""
+    packed_nb = jnp.asarray(packed_nb)
+    lead, row_bytes = packed_nb.shape[:-1], packed_nb.shape[-1]
+    bytes_ncb = packed_nb.reshape(*lead, row_bytes // (INT4_GROUP_K // 2), 1, INT4_GROUP_K // 2)
+    u_ncjb = jnp.concatenate([bytes_ncb & 15, bytes_ncb >> 4], axis=-2)  # low nibbles first
+    return (u_ncjb.reshape(*lead, 2 * row_bytes)[..., :k].astype(jnp.int8) - 8).astype(jnp.int8)
+
+
+def quantize_int4_groups(w_nk) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int4 quantization per row and group of INT4_GROUP_K inputs: (q [N, K] int8 in
+    [-7, 7], scale float16 [N, Kp / 32]), w ~= q * scale. Each scale is absmax / 7 rounded to
+    float16 first, and the codes are rounded against that stored scale."""
+    w_nk = np.asarray(w_nk, np.float32)
+    n, k = w_nk.shape
+    kp = _ceil_div(k, INT4_GROUP_K) * INT4_GROUP_K
+    w_ncg = np.zeros((n, kp), np.float32)
+    w_ncg[:, :k] = w_nk
+    w_ncg = w_ncg.reshape(n, kp // INT4_GROUP_K, INT4_GROUP_K)
+    amax_nc = np.max(np.abs(w_ncg), axis=-1)
+    if not np.all(np.isfinite(amax_nc)) or np.max(amax_nc, initial=0.0) / 7 > np.finfo(np.float16).max:
+        raise BitNetError(
+            "quantize_int4_groups: weights must be finite and below 7 * 65504 in magnitude (float16 scales); "
+            "use an int8 lm_head for this model."
+        )
+    scale_nc = (amax_nc / 7).astype(np.float16)
+    s32_nc = scale_nc.astype(np.float32)[..., None]
+    safe = np.where(s32_nc > 0, s32_nc, 1.0)
+    q_ncg = np.where(s32_nc > 0, np.clip(np.rint(w_ncg / safe), -7, 7), 0).astype(np.int8)
+    return q_ncg.reshape(n, kp)[:, :k], scale_nc

@@ -28,7 +28,14 @@ if TYPE_CHECKING:
     from bitnet_jax.model.config import BitNetConfig
 
 BACKENDS = ("ffi", "xla")
-LM_HEADS = ("int8", "int8-tied", "float")
+LM_HEADS = ("int8", "int8-tied", "int4", "int4-tied", "float")
+
+
+def head_table(lm_head: str) -> tuple[str | None, bool]:
+    """(the quantized table's kind, 'int8' / 'int4' / None for a float head; whether the input
+    embedding reads the same table) of an lm_head kind of LM_HEADS."""
+    kind = lm_head.removesuffix("-tied")
+    return (None if kind == "float" else kind), lm_head.endswith("-tied")
 
 
 def default_lm_head(config: BitNetConfig) -> str:
@@ -36,7 +43,8 @@ def default_lm_head(config: BitNetConfig) -> str:
     `pack`, `load_gguf` and the benchmarks. 'int8-tied' for tied models (one int8 table for both
     ends: 2B4T then serves in 1.17 GB instead of 1.82), else 'int8'. On a trained model the tied
     table costs 0.31% relative logit error against the float head, 0.23% for 'int8' alone
-    (README, "lm_head")."""
+    (README, "lm_head"); 'int4' / 'int4-tied' read 44% fewer head bytes per token for more error,
+    so they are asked for, not defaulted to."""
     return "int8-tied" if config.tie_word_embeddings else "int8"
 
 
@@ -92,7 +100,8 @@ class ServingSpec:
     backend: 'ffi' (our C++ kernels as XLA custom calls) or 'xla' (the same math in XLA ops);
       unset, `serving_backend` picks it for `platform`.
     lm_head: 'int8' (per-row int8 lm_head; the input embedding keeps its float table),
-      'int8-tied' (tied models: one int8 table serves both ends, the smallest) or 'float': the
+      'int8-tied' (tied models: one int8 table serves both ends), 'int4' / 'int4-tied' (the same
+      with 4-bit codes and a float16 scale per 32 inputs, the smallest) or 'float': the
       kind the parameters were packed with (`serving_layers.lm_head_kind(params)`). Required:
       which kind a model gets is `default_lm_head`'s rule, applied where it is packed.
     act_bits: bits of the per-token activation quantizer.
@@ -237,6 +246,27 @@ def int8_linear(x_mk, w_int8, w_scale, act_bits: int, backend: str) -> jax.Array
     return rescale(acc, x_scale, w_scale)
 
 
+def int4_linear(x_mk, w_int4, w_scale, act_bits: int, backend: str) -> jax.Array:
+    """Int4-weight linear (the 4-bit lm_head): float32 [..., N] from [..., K], codes uint8 [N, Kp / 2]
+    and float16 scales [N, Kp / 32]: exact int32 sums per group of 32 inputs, scaled and added in
+    float32, times 1 / x_scale. The FFI kernel adds the same terms in one fixed order of its own
+    (`ffi.int4_matmul_dot`), so the two backends agree to float32 rounding, not bit for bit."""
+    if backend == "ffi":
+        from bitnet_jax.kernels import ffi
+
+        return ffi.int4_matmul(x_mk, w_int4, w_scale, act_bits)
+    k = x_mk.shape[-1]
+    c = w_scale.shape[-1]
+    x_q, x_scale = act_quantize(x_mk, "token", act_bits)
+    kp = c * layout.INT4_GROUP_K
+    x_q = jnp.pad(x_q.astype(jnp.int8), [(0, 0)] * (x_mk.ndim - 1) + [(0, kp - k)])
+    q_ncg = layout.unpack_int4(w_int4, kp).reshape(-1, c, layout.INT4_GROUP_K)
+    x_q_cg = x_q.reshape(*x_mk.shape[:-1], c, layout.INT4_GROUP_K)
+    acc_ncx = jnp.einsum("...cg,ncg->...nc", x_q_cg, q_ncg, preferred_element_type=jnp.int32)
+    dot = jnp.sum(acc_ncx.astype(jnp.float32) * w_scale.astype(jnp.float32), axis=-1)
+    return dot * (1 / jax.lax.optimization_barrier(x_scale))
+
+
 # Queries per row up to which attention over the cache runs as the FFI kernel: decode steps and
 # short prompts. A prefill chunk (256 queries) attends as a [T, S] matmul, which XLA does well.
 FFI_ATTENTION_MAX_T = 16
@@ -290,3 +320,10 @@ def float_embed(table_vd, ids, backend: str = "xla") -> jax.Array:
 def int8_embed(ids, w_int8, w_scale, dim: int) -> jax.Array:
     """Rows of an int8 embedding table, dequantized to float32 [..., D]."""
     return w_int8[ids, :dim].astype(jnp.float32) * w_scale[ids][..., None]
+
+
+def int4_embed(ids, w_int4, w_scale, dim: int) -> jax.Array:
+    """Rows of an int4 embedding table (codes and float16 group scales), dequantized to float32 [..., D]."""
+    q = layout.unpack_int4(w_int4[ids], w_int4.shape[-1] * 2).astype(jnp.float32)
+    s = jnp.repeat(w_scale[ids].astype(jnp.float32), layout.INT4_GROUP_K, axis=-1)
+    return (q * s)[..., :dim]

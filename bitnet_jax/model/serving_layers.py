@@ -3,7 +3,8 @@ those weights form. This is the one place where `model/` calls `kernels/`.
 
 Packed parameters are the training tree with every BitLinear `kernel` replaced by `w_packed`
 (2-bit codes, `kernels/layout.py`) and `w_scale`, and the embedding and / or lm_head replaced by
-int8 rows (`w_int8`, `w_scale`) where the lm_head kind says so. The layers' packed weights live in
+a quantized table where the lm_head kind says so: int8 rows (`w_int8`, `w_scale` per row) or
+int4 rows (`w_int4`, `w_scale` float16 per row and group of 32 inputs). The layers' packed weights live in
 their own variable collection (`PACKED`), broadcast into the layer scan instead of scanned over,
 so that a kernel reads layer `layer` of the stack in place rather than a copy of it.
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import layout, ops
 from bitnet_jax.model.hadamard import rotate_input
 from bitnet_jax.model.layers import RMSNorm
@@ -87,6 +89,31 @@ class Int8Embed(nn.Module):
         return ops.int8_linear(x_bd, self.w_int8, self.w_scale, self.spec.act_bits, self.spec.backend)
 
 
+class Int4Embed(nn.Module):
+    """Serving embedding / lm_head held as 4-bit codes [V, Dp / 2] with a float16 scale per row and
+    group of 32 inputs [V, Dp / 32] (`layout.pack_int4`)."""
+
+    num_embeddings: int
+    features: int
+    spec: ops.ServingSpec
+
+    def setup(self):
+        row_bytes = layout.int4_row_bytes(self.features)
+        groups = row_bytes * 2 // layout.INT4_GROUP_K
+        self.w_int4 = self.param("w_int4", nn.initializers.zeros, (self.num_embeddings, row_bytes), jnp.uint8)
+        self.w_scale = self.param("w_scale", nn.initializers.ones, (self.num_embeddings, groups), jnp.float16)
+
+    def __call__(self, ids):
+        return ops.int4_embed(ids, self.w_int4, self.w_scale, self.features)
+
+    def attend(self, x_bd):
+        return ops.int4_linear(x_bd, self.w_int4, self.w_scale, self.spec.act_bits, self.spec.backend)
+
+
+# The serving module of each quantized table kind (ops.head_table).
+TABLES = {"int8": Int8Embed, "int4": Int4Embed}
+
+
 def is_packed(params) -> bool:
     """True for serving parameters made by `pack`."""
     try:
@@ -95,20 +122,87 @@ def is_packed(params) -> bool:
         return False
 
 
+def _table_kind(table) -> str | None:
+    """'int8' or 'int4' for a quantized table, None for a float one."""
+    return next((kind for kind in TABLES if f"w_{kind}" in table), None)
+
+
 def lm_head_kind(params) -> str:
-    """'int8', 'int8-tied' or 'float': how packed parameters hold the lm_head."""
-    if "w_int8" in params["embed_tokens"]:
-        return "int8-tied"
-    return "int8" if "w_int8" in params.get("lm_head", {}) else "float"
+    """How packed parameters hold the lm_head: one of ops.LM_HEADS."""
+    tied = _table_kind(params["embed_tokens"])
+    if tied:
+        return f"{tied}-tied"
+    return _table_kind(params.get("lm_head", {})) or "float"
 
 
 def float_rows(table, hidden_size: int) -> np.ndarray:
     """The float32 rows [V, D] of a packed embedding or lm_head table: a float `embedding` as it is,
-    int8 rows (`w_int8`, `w_scale`) dequantized."""
+    int8 or int4 rows dequantized."""
     if "embedding" in table:
         return np.asarray(table["embedding"], np.float32)
+    if "w_int4" in table:
+        q_vd = np.asarray(layout.unpack_int4(table["w_int4"], hidden_size), np.float32)
+        scale_vd = np.repeat(np.asarray(table["w_scale"], np.float32), layout.INT4_GROUP_K, axis=1)
+        return q_vd * scale_vd[:, :hidden_size]
     w8_vd = np.asarray(table["w_int8"])[:, :hidden_size].astype(np.float32)
     return w8_vd * np.asarray(table["w_scale"], np.float32)[:, None]
+
+
+# Rows of a table quantized at once: the float temporaries of a 2B4T embedding [128256, 2560]
+# stay at ~40 MB each instead of 1.3 GB.
+_TABLE_ROWS_PER_STEP = 4096
+
+
+def quantized_table(kind: str, rows_of, n: int) -> dict:
+    """The packed table ('int8': `w_int8`, `w_scale` per row; 'int4': `w_int4`, `w_scale` per row and
+    group of 32) of the [N, K] matrix whose rows `rows_of(rows)` gives (a slice of rows as float
+    [R, K]). Quantized a block of rows at a time, which gives the same bytes as all at once: every
+    row has its own scales."""
+    codes = scales = None
+    for start in range(0, n, _TABLE_ROWS_PER_STEP):
+        rows = slice(start, min(start + _TABLE_ROWS_PER_STEP, n))
+        codes_r, scales_r = _quantize_rows(kind, np.asarray(rows_of(rows), np.float32))
+        if codes is None:
+            codes = np.empty((n, *codes_r.shape[1:]), codes_r.dtype)
+            scales = np.empty((n, *scales_r.shape[1:]), scales_r.dtype)
+        codes[rows], scales[rows] = codes_r, scales_r
+    return {f"w_{kind}": codes, "w_scale": scales}
+
+
+def _quantize_rows(kind: str, w_rk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "int8":
+        q_rk, scale_r = layout.quantize_int8_rows(w_rk)
+        return layout.pack_int8(q_rk), scale_r
+    q_rk, scale_rc = layout.quantize_int4_groups(w_rk)
+    return layout.pack_int4(q_rk), scale_rc
+
+
+def pack_ends(lm_head: str, tied: bool, vocab_size: int, embedding_rows, head_rows, float_head) -> dict:
+    """`embed_tokens` and `lm_head` of packed parameters for lm_head kind `lm_head` (ops.LM_HEADS),
+    from `embedding_rows(rows)` and `head_rows(rows)` (a slice of the rows of the embedding and the
+    lm_head as float [V, D]) and `float_head()` (an untied float lm_head's parameters). `tied`:
+    whether the model ties its embeddings. The one layout of the two ends: `pack`, `convert_hf`
+    and `load_gguf` all build them here."""
+    table, shared = ops.head_table(lm_head)
+    if shared:
+        return {"embed_tokens": quantized_table(table, embedding_rows, vocab_size)}
+    out = {"embed_tokens": {"embedding": embedding_rows(slice(None))}}
+    if table is not None:
+        out["lm_head"] = quantized_table(table, head_rows, vocab_size)
+    elif not tied:
+        out["lm_head"] = float_head()
+    return out
+
+
+def check_lm_head(lm_head: str, tied: bool, where: str):
+    """Refuses an lm_head kind that is not in ops.LM_HEADS, or a '-tied' one for an untied model."""
+    if lm_head not in ops.LM_HEADS:
+        raise BitNetError(f"{where}: lm_head={lm_head!r}; expected one of {ops.LM_HEADS}.")
+    if ops.head_table(lm_head)[1] and not tied:
+        raise BitNetError(
+            f"{where}: lm_head={lm_head!r} needs tied embeddings; this model has a separate lm_head "
+            f"(use lm_head={lm_head.removesuffix('-tied')!r})."
+        )
 
 
 def lm_head_rows(params, hidden_size: int) -> np.ndarray:

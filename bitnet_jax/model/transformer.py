@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.kernels import ops
-from bitnet_jax.kernels.ops import ServingSpec, float_embed
+from bitnet_jax.kernels.ops import ServingSpec, float_embed, head_table
 from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig
 from bitnet_jax.model.layers import BitLinear, QuantSpec, RMSNorm, logical
-from bitnet_jax.model.serving_layers import PACKED, Int8Embed, TernaryLinear
+from bitnet_jax.model.serving_layers import PACKED, TABLES, TernaryLinear
 
 # Added to masked attention scores: large enough to zero them after softmax, finite so that a
 # fully masked row (a padding query) gives a uniform average instead of NaN.
@@ -268,8 +268,8 @@ class BitNetLM(nn.Module):
     `BitNetLM(config).apply({"params": params}, input_ids_bt)` -> float32 logits [B, T, V].
 
     With `serving` set (a `ServingSpec`), the model runs on packed parameters from
-    `bitnet_jax.serve.pack`: TernaryLinear layers and, for `lm_head='int8'`, an int8 lm_head
-    (`'int8-tied'`: the tied embedding too).
+    `bitnet_jax.serve.pack`: TernaryLinear layers and, for `lm_head='int8'` or `'int4'`, a
+    quantized lm_head table (`'int8-tied'`, `'int4-tied'`: the tied embedding reads it too).
 
     `remat` rematerializes each decoder layer in the backward pass instead of keeping its
     activations: "none", "full" (keep only the layer's input), or the name of an argument-free
@@ -310,9 +310,9 @@ class BitNetLM(nn.Module):
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         mask_bts = _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache)
 
-        head = "float" if self.serving is None else self.serving.lm_head
-        if head == "int8-tied":
-            embed = Int8Embed(c.vocab_size, c.hidden_size, self.serving, name="embed_tokens")
+        table, shared = head_table("float" if self.serving is None else self.serving.lm_head)
+        if shared:
+            embed = TABLES[table](c.vocab_size, c.hidden_size, self.serving, name="embed_tokens")
         else:
             embed = nn.Embed(
                 c.vocab_size,
@@ -320,7 +320,7 @@ class BitNetLM(nn.Module):
                 name="embed_tokens",
                 embedding_init=logical(nn.initializers.normal(c.initializer_range), ("vocab", "embed")),
             )
-        if self.serving is not None and head != "int8-tied":
+        if self.serving is not None and not shared:
             x_btd = float_embed(embed.embedding, input_ids_bt, self.serving.backend)
         else:
             x_btd = embed(input_ids_bt)
@@ -350,8 +350,8 @@ class BitNetLM(nn.Module):
 
         if logits_index_b is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        if head == "int8":
-            logits = Int8Embed(c.vocab_size, c.hidden_size, self.serving, name="lm_head").attend(x_btd)
+        if table is not None and not shared:
+            logits = TABLES[table](c.vocab_size, c.hidden_size, self.serving, name="lm_head").attend(x_btd)
         elif c.tie_word_embeddings:
             logits = embed.attend(x_btd)
         else:

@@ -6,8 +6,9 @@ result for a Hugging Face folder, reading and packing it a layer at a time). Eve
 same ternary values and scale), then packed to 2-bit codes (`layout.pack_ternary`) with its scale
 ([1] per tensor, [N] per channel, [K / G, N] per group of G inputs). The lm_head (the tied
 embedding for 2B4T-style models) becomes int8 rows with one scale each (`lm_head="int8"`; for
-tied models, `"int8-tied"`, the serving default, also serves the input embedding from those rows)
-or stays float.
+tied models, `"int8-tied"`, the serving default, also serves the input embedding from those rows),
+int4 rows with a float16 scale per 32 inputs (`"int4"`, `"int4-tied"`), or stays float
+(`serving_layers.pack_ends`).
 
 `packed_folder.py` writes the result to disk and reads it back without repacking.
 """
@@ -22,14 +23,10 @@ import numpy as np
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import HFCheckpoint, stack_layers
 from bitnet_jax.kernels import layout
-from bitnet_jax.kernels.ops import LM_HEADS, default_lm_head
+from bitnet_jax.kernels.ops import default_lm_head
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.quant import ternary_master_weights
-from bitnet_jax.model.serving_layers import float_rows, is_packed, lm_head_rows, ternary_codes
-
-# Rows of an int8 table quantized at once: the float temporaries of a 2B4T embedding
-# [128256, 2560] stay at ~40 MB each instead of 1.3 GB.
-_INT8_ROWS_PER_STEP = 4096
+from bitnet_jax.model.serving_layers import check_lm_head, float_rows, is_packed, lm_head_rows, pack_ends, ternary_codes
 
 
 def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
@@ -41,8 +38,9 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
         [K / G, N] per group of G inputs ('group:G'; served by the XLA integer path).
       params: training parameters (ours, or from `load_hf`), float32 or bfloat16.
       lm_head: 'int8' (per-row int8 lm_head, 2x smaller than bf16; the input embedding keeps
-        its float table), 'int8-tied' (tied models: one int8 table for both ends, the smallest)
-        or 'float'; None for `ops.default_lm_head(config)`.
+        its float table), 'int8-tied' (tied models: one int8 table for both ends), 'int4' /
+        'int4-tied' (4-bit codes, a float16 scale per 32 inputs: 1.8x smaller than int8, for more
+        error) or 'float'; None for `ops.default_lm_head(config)`.
     """
     lm_head = lm_head or default_lm_head(config)
     _check_packable(config, lm_head)
@@ -58,9 +56,10 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
     embedding_vd = np.asarray(params["embed_tokens"]["embedding"])
     head_vd = embedding_vd if config.tie_word_embeddings else np.asarray(params["lm_head"]["kernel"]).T
     out.update(
-        _pack_ends(
-            config,
+        pack_ends(
             lm_head,
+            config.tie_word_embeddings,
+            config.vocab_size,
             lambda rows: embedding_vd[rows],
             lambda rows: head_vd[rows],
             lambda: _to_numpy(params["lm_head"]),
@@ -73,7 +72,7 @@ def unpack(config: BitNetConfig, packed) -> dict:
     """Training parameters from packed ones, the inverse of `pack` for the ternary layers: every
     BitLinear kernel becomes master weights that quantize back to the same codes and scales
     (`quant.ternary_master_weights`), so that training can continue from a packed folder or a
-    GGUF file. An int8 embedding or lm_head comes back as its dequantized rows (the float table
+    GGUF file. An int8 or int4 embedding or lm_head comes back as its dequantized rows (the float table
     it was made from is gone)."""
     if not is_packed(packed):
         raise BitNetError("unpack: expected packed parameters (from bitnet_jax.serve.pack or a GGUF file).")
@@ -122,7 +121,14 @@ def convert_hf(folder: str | os.PathLike, *, lm_head: str | None = None) -> tupl
         embedding = lambda rows: _float32(checkpoint.embedding(rows))
         head = embedding if config.tie_word_embeddings else lambda rows: _float32(checkpoint.lm_head(rows))
         out.update(
-            _pack_ends(config, lm_head, embedding, head, lambda: {"kernel": np.ascontiguousarray(head(slice(None)).T)})
+            pack_ends(
+                lm_head,
+                config.tie_word_embeddings,
+                config.vocab_size,
+                embedding,
+                head,
+                lambda: {"kernel": np.ascontiguousarray(head(slice(None)).T)},
+            )
         )
         checkpoint.warn_unused()
     return config, out
@@ -151,35 +157,6 @@ def _pack_layer(config: BitNetConfig, layer: dict) -> dict:
     return out
 
 
-def _pack_ends(config: BitNetConfig, lm_head: str, embedding_rows, head_rows, float_head) -> dict:
-    """`embed_tokens` and `lm_head` of the serving parameters, from `embedding_rows(rows)` and
-    `head_rows(rows)` (a slice of the rows of the embedding and the lm_head as [V, D])
-    and `float_head()` (an untied lm_head's training parameters)."""
-    v = config.vocab_size
-    if lm_head == "int8-tied":
-        return {"embed_tokens": _int8_rows(embedding_rows, v)}
-    out = {"embed_tokens": {"embedding": embedding_rows(slice(None))}}
-    if lm_head == "int8":
-        out["lm_head"] = _int8_rows(head_rows, v)
-    elif not config.tie_word_embeddings:
-        out["lm_head"] = float_head()
-    return out
-
-
-def _int8_rows(rows_of, n: int) -> dict:
-    """The per-row int8 table of the [N, K] matrix whose rows `rows_of(rows)` gives. Quantized a
-    block of rows at a time, which gives the same bytes as all at once: every row has its own scale."""
-    w_int8 = scale_n = None
-    for start in range(0, n, _INT8_ROWS_PER_STEP):
-        rows = slice(start, min(start + _INT8_ROWS_PER_STEP, n))
-        w8_rk, scale_r = layout.quantize_int8_rows(np.asarray(rows_of(rows), np.float32))
-        w8_rkp = layout.pack_int8(w8_rk)
-        if w_int8 is None:
-            w_int8, scale_n = np.empty((n, w8_rkp.shape[1]), np.int8), np.empty(n, np.float32)
-        w_int8[rows], scale_n[rows] = w8_rkp, scale_r
-    return {"w_int8": w_int8, "w_scale": scale_n}
-
-
 def _to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
 
@@ -195,9 +172,4 @@ def _check_packable(config: BitNetConfig, lm_head: str):
             f"pack: act_quant={config.act_quant!r} has no packed kernel (the kernels quantize activations per "
             "token). Serve this model unpacked (generate(..., backend='xla'))."
         )
-    if lm_head not in LM_HEADS:
-        raise BitNetError(f"pack: lm_head={lm_head!r}; expected one of {LM_HEADS}.")
-    if lm_head == "int8-tied" and not config.tie_word_embeddings:
-        raise BitNetError(
-            "pack: lm_head='int8-tied' needs tied embeddings; this model has a separate lm_head (use lm_head='int8')."
-        )
+    check_lm_head(lm_head, config.tie_word_embeddings, "pack")

@@ -108,6 +108,65 @@ void TestInt8(bitnet::Isa isa, const Shape& s, std::mt19937& rng) {
     }
 }
 
+// Float16 bits of a power of two 2^e (-14 <= e <= 15, the normal range), and of a few other scales.
+uint16_t HalfPow2(int e) { return static_cast<uint16_t>((e + 15) << 10); }
+
+// Int4 (I4G): each path against gemm.h's order written out here, bit for bit, on random codes and
+// random float16 scales (normal, subnormal, negative); and against the exact integer product when
+// every scale is a power of two small enough that no float step rounds.
+void TestInt4(bitnet::Isa isa, const Shape& s, std::mt19937& rng, bool pow2_scales) {
+  std::uniform_int_distribution<int> code(-7, 7), byte(-128, 127), half(0, 0xffff), e(-2, 0);
+  const int64_t kp = CeilDiv(s.k, bitnet::kInt4GroupK) * bitnet::kInt4GroupK, groups = kp / bitnet::kInt4GroupK;
+  std::vector<int8_t> q(s.n * s.k), x(s.rows * kp, 0);
+  for (auto& v : q) v = static_cast<int8_t>(code(rng));
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t i = 0; i < s.k; ++i) x[m * kp + i] = static_cast<int8_t>(byte(rng));
+  x[0] = -128;
+  q[0] = -7;
+  std::vector<uint16_t> scale(s.n * groups);
+  for (auto& v : scale) {
+    do {
+      v = static_cast<uint16_t>(pow2_scales ? HalfPow2(e(rng)) : half(rng));
+    } while (((v >> 10) & 0x1f) == 0x1f);  // no inf / NaN scales
+  }
+  std::vector<uint8_t> w(s.n * groups * bitnet::kInt4GroupBytes);
+  bitnet::PackInt4(q.data(), s.n, s.k, w.data());
+
+  std::vector<float> dot(s.rows * s.n, -7.0f);
+  const int64_t mid = s.n / 2;
+  bitnet::Int4GemmF32(isa, x.data(), s.rows, kp, w.data(), scale.data(), 0, mid, s.n, dot.data());
+  bitnet::Int4GemmF32(isa, x.data(), s.rows, kp, w.data(), scale.data(), mid, s.n, s.n, dot.data());
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t n = 0; n < s.n; ++n) {
+      float lane[8] = {};
+      int64_t exact = 0;  // with power-of-two scales: sum_k q * x * scale, in units of 2^-2
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sg = bitnet::HalfToFloat(scale[n * groups + g]);
+        for (int l = 0; l < 8; ++l) {
+          int32_t p = 0;
+          for (int j = 0; j < 4; ++j) {
+            const int64_t k = 32 * g + 4 * l + j;
+            if (k < s.k) p += q[n * s.k + k] * x[m * kp + k];
+          }
+          lane[l] = lane[l] + static_cast<float>(p) * sg;
+          exact += static_cast<int64_t>(p) * static_cast<int64_t>(sg * 4.0f);
+        }
+      }
+      const float want = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+      const float got = dot[m * s.n + n];
+      int32_t got_bits, want_bits;
+      std::memcpy(&got_bits, &got, 4);
+      std::memcpy(&want_bits, &want, 4);
+      Expect(got_bits == want_bits, "int4 order", bitnet::IsaName(isa), s, m, n, got_bits, want_bits);
+      // Scales 2^-2 .. 1: every partial sum is a multiple of 2^-2 of magnitude at most
+      // 2560 * 128 * 7 < 2^21.2 (K <= 2560), below 2^24 units: every float step is exact.
+      if (pow2_scales && s.k <= 2560) {
+        Expect(got * 4.0f == static_cast<float>(exact), "int4 exact", bitnet::IsaName(isa), s, m, n,
+               static_cast<int64_t>(got * 4.0f), exact);
+      }
+    }
+}
+
 // bfloat16 rows: the high halves of float32 values (truncated; any bf16 will do).
 std::vector<uint16_t> ToBf16(const std::vector<float>& x) {
   std::vector<uint16_t> out(x.size());
@@ -186,8 +245,11 @@ int main() {
     for (const Shape& s : kShapes) {
       TestTernary(isa, s, rng);
       TestInt8(isa, s, rng);
+      TestInt4(isa, s, rng, /*pow2_scales=*/false);
+      TestInt4(isa, s, rng, /*pow2_scales=*/true);
     }
     for (const Shape& s : {Shape{1, 2560, 8}, Shape{1, 6912, 6}, Shape{20, 6912, 40}}) {
+      TestInt4(isa, s, rng, /*pow2_scales=*/true);
       TestTernary(isa, s, rng, -128);
       TestTernary(isa, s, rng, 127);
     }
