@@ -9,7 +9,8 @@ Architectures (`general.architecture`) and tensor names (GGUF -> bitnet-jax, per
   'bitnet-b1.58'  bitnet.cpp (microsoft/BitNet's llama.cpp fork; BitNet b1.58 2B4T): relu2 MLP.
   'bitnet'        upstream llama.cpp: MLP activation from `bitnet.hidden_activation` ('silu' when
                   absent, as llama.cpp defaults; 'relu2' for 2B4T-style models).
-  token_embd.weight [V, D] -> embed_tokens; output.weight (absent: tied) -> lm_head;
+  token_embd.weight [V, D] -> embed_tokens; output.weight (absent: tied) -> lm_head (with a
+                  warning: both engines' graphs multiply by token_embd and never read it);
   output_norm.weight -> norm; blk.i.attn_norm / ffn_norm -> input_ / post_attention_layernorm;
   blk.i.attn_q / attn_k / attn_v / attn_output -> self_attn.q_proj / k_proj / v_proj / o_proj;
   blk.i.ffn_gate / ffn_up / ffn_down -> mlp.gate_proj / up_proj / down_proj;
@@ -405,6 +406,12 @@ def load_gguf(path: str | os.PathLike, *, lm_head: str | None = None) -> tuple[B
     c = model.config
     lm_head = lm_head or default_lm_head(c)
     check_lm_head(lm_head, c.tie_word_embeddings, f"load_gguf({model.path})")
+    if not c.tie_word_embeddings:
+        warnings.warn(
+            f"{model.path}: has an output.weight, which bitnet-jax uses as the lm_head; bitnet.cpp's "
+            "bitnet-b1.58 graph and llama.cpp's bitnet graph never read it (they multiply by token_embd), "
+            "so their logits on this file differ from bitnet-jax's."
+        )
     d, f, qo = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim
     out_in = {name: (n, k) for block in c.linear_shapes.values() for name, (k, n) in block.items()}
     norm_width = {"input_layernorm": d, "post_attention_layernorm": d, "attn_sub_norm": qo, "ffn_sub_norm": f}
