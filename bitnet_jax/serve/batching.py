@@ -46,7 +46,7 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache
-from bitnet_jax.serve.generate import padded_prompt_length, prefill, serving_params
+from bitnet_jax.serve.generate import kv_cache_dtype, padded_prompt_length, prefill, serving_params
 from bitnet_jax.serve.pack import pack
 from bitnet_jax.serve.streaming import StreamDecoder
 
@@ -162,7 +162,7 @@ class Engine:
         self.max_batch, self.max_context, self.max_queue = max_batch, context, max_queue
         self._serving = serving
         self._variables = serving_variables(params) if serving is not None else {"params": params}
-        self._cache_dtype = jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
+        self._cache_dtype = kv_cache_dtype(params, serving)
         self._cache = KVCache.zeros(config, max_batch, context, dtype=self._cache_dtype)
         b = max_batch
         self._tokens_b = np.zeros(b, np.int32)
