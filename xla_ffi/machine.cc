@@ -120,7 +120,7 @@ BITNET_AVX2 uint64_t SumBytesAvx2(const uint8_t* p, int64_t n) {
   return lanes[0] + lanes[1] + lanes[2] + lanes[3] + SumBytesScalar(p + i, n - i);
 }
 
-// The ternary AVX2 kernel's inner loop (gemm.cc, TernaryRowAvx2): vpmaddubsw (u8 x s8, pairs
+// The ternary AVX2 kernel's inner loop (gemm_x86.cc, TernaryRowAvx2): vpmaddubsw (u8 x s8, pairs
 // summed into int16) added into int16 partial sums, widened every 8 steps with vpmaddwd against
 // ones into int32. One round: 8 steps x 4 accumulators x 32 multiply-adds. Each step is written
 // in assembly (AT&T order: vpmaddubsw s8, u8, dst), so that the compiler can neither compute a

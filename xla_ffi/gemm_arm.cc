@@ -1,0 +1,211 @@
+// The aarch64 paths of the ternary and int8 kernels (gemm.h; the overview is at the top of
+// gemm.cc): NEON with the dot-product extension (sdot, under its own target attribute) and plain
+// NEON, baseline on every aarch64 core. Both take the GEMV tiles at every row count (no prefill
+// panels). Compiles to nothing off aarch64 (BITNET_JAX_ARM_SIMD, cpu_isa.h).
+
+#include "gemm_paths.h"
+
+#include <algorithm>
+
+#include "cpu_isa.h"
+#include "layout.h"
+
+#if BITNET_JAX_ARM_SIMD
+
+#include <arm_neon.h>
+
+namespace bitnet {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// NEON with the dot-product extension (Armv8.2-A sdot)
+
+// GCC 12's arm_neon.h declares vdotq_s32 under the target "arch=armv8.2-a+dotprod", and an
+// always-inline intrinsic inlines only into a caller with that target ("+dotprod" alone is
+// refused as a target mismatch).
+#define BITNET_NEON_DOT __attribute__((target("arch=armv8.2-a+dotprod")))
+
+// All 4 rows of a group against MT activation rows: 4 * MT accumulators. A row block is four
+// 16-byte quarters; quarter h shifted right by 2j and masked is the codes of k = 64j + 16h ..
+// 64j + 16h + 15, in order. sdot multiplies them (as s8 in 0..2) with 16 activations and adds
+// each 4 products into an int32 lane: exact for every int8 activation.
+template <int MT>
+BITNET_NEON_DOT void TernaryGroupNeonDot(const int8_t* x, int64_t kp, const int32_t* x_sum,
+                                         int64_t kb, const uint8_t* w_g, int64_t n0,
+                                         int64_t n_total, int32_t* acc_out) {
+  const uint8x16_t mask = vdupq_n_u8(3);
+  int32x4_t acc[kRowsPerGroup][MT];
+  for (int r = 0; r < kRowsPerGroup; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc[r][mi] = vdupq_n_s32(0);
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* block = w_g + b * kGroupBlockBytes;
+    const int8_t* x_b = x + b * kBlockK;
+    for (int h = 0; h < 4; ++h) {
+      uint8x16_t packed[kRowsPerGroup];
+      for (int r = 0; r < kRowsPerGroup; ++r) packed[r] = vld1q_u8(block + r * kBlockBytes + 16 * h);
+      // Kept rolled: unrolled, GCC 12 hoists the next steps' loads and spills the 16 accumulators.
+#pragma GCC unroll 1
+      for (int j = 0; j < 4; ++j) {
+        int8x16_t xv[MT];
+        for (int mi = 0; mi < MT; ++mi) xv[mi] = vld1q_s8(x_b + mi * kp + 64 * j + 16 * h);
+        for (int r = 0; r < kRowsPerGroup; ++r) {
+          const int8x16_t codes = vreinterpretq_s8_u8(vandq_u8(packed[r], mask));
+          packed[r] = vshrq_n_u8(packed[r], 2);
+          for (int mi = 0; mi < MT; ++mi) acc[r][mi] = vdotq_s32(acc[r][mi], codes, xv[mi]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = vaddvq_s32(acc[r][mi]) - x_sum[mi];
+}
+
+// Up to 4 int8 rows against MT activation rows, 16 k at a time. sdot is signed x signed, so
+// every int8 pair (-128 * -128 included) multiplies exactly; 4 products fit an int32 lane.
+template <int MT>
+BITNET_NEON_DOT void Int8RowsNeonDot(const int8_t* x, int64_t kp, const int8_t* w, int64_t n0,
+                                     int64_t n_rows, int64_t n_total, int32_t* acc_out) {
+  int32x4_t acc[4][MT];
+  for (int r = 0; r < 4; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc[r][mi] = vdupq_n_s32(0);
+  const int8_t* w_rows[4];
+  for (int r = 0; r < 4; ++r) w_rows[r] = w + (n0 + std::min<int64_t>(r, n_rows - 1)) * kp;
+  for (int64_t k = 0; k < kp; k += 16) {
+    int8x16_t xv[MT];
+    for (int mi = 0; mi < MT; ++mi) xv[mi] = vld1q_s8(x + mi * kp + k);
+    for (int r = 0; r < 4; ++r) {
+      const int8x16_t wv = vld1q_s8(w_rows[r] + k);
+      for (int mi = 0; mi < MT; ++mi) acc[r][mi] = vdotq_s32(acc[r][mi], wv, xv[mi]);
+    }
+  }
+  for (int r = 0; r < n_rows; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = vaddvq_s32(acc[r][mi]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plain NEON (Armv8.0 Advanced SIMD, every aarch64 core): widening multiplies instead of sdot.
+
+// One weight row against MT activation rows, the codes unpacked as in TernaryGroupNeonDot.
+// smlal adds code * x (|.| <= 256) into int16 lanes: each lane takes 32 products per block,
+// at most 8192 in size, then widens once per block into int32 (sadalp).
+template <int MT>
+void TernaryRowNeon(const int8_t* x, int64_t kp, const int32_t* x_sum, int64_t kb,
+                    const uint8_t* w_row, int32_t* out, int64_t out_stride) {
+  const uint8x16_t mask = vdupq_n_u8(3);
+  int32x4_t acc[MT];
+  for (int mi = 0; mi < MT; ++mi) acc[mi] = vdupq_n_s32(0);
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* block = w_row + b * kGroupBlockBytes;
+    const int8_t* x_b = x + b * kBlockK;
+    int16x8_t part[MT];
+    for (int mi = 0; mi < MT; ++mi) part[mi] = vdupq_n_s16(0);
+    for (int h = 0; h < 4; ++h) {
+      uint8x16_t packed = vld1q_u8(block + 16 * h);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int8x16_t codes = vreinterpretq_s8_u8(vandq_u8(packed, mask));
+        packed = vshrq_n_u8(packed, 2);
+        for (int mi = 0; mi < MT; ++mi) {
+          const int8x16_t xv = vld1q_s8(x_b + mi * kp + 64 * j + 16 * h);
+          part[mi] = vmlal_s8(part[mi], vget_low_s8(codes), vget_low_s8(xv));
+          part[mi] = vmlal_high_s8(part[mi], codes, xv);
+        }
+      }
+    }
+    for (int mi = 0; mi < MT; ++mi) acc[mi] = vpadalq_s16(acc[mi], part[mi]);
+  }
+  for (int mi = 0; mi < MT; ++mi) out[mi * out_stride] = vaddvq_s32(acc[mi]) - x_sum[mi];
+}
+
+template <int MT>
+void TernaryGroupNeon(const int8_t* x, int64_t kp, const int32_t* x_sum, int64_t kb,
+                      const uint8_t* w_g, int64_t n0, int64_t n_total, int32_t* acc) {
+  for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
+    TernaryRowNeon<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
+  }
+}
+
+// Int8 x int8 into int16 products (smull: exact, -128 * -128 = 16384 included), added pairwise
+// into int32 (sadalp) before two of them could overflow int16.
+template <int MT>
+void Int8RowNeon(const int8_t* x, int64_t kp, const int8_t* w_row, int32_t* out, int64_t out_stride) {
+  int32x4_t acc[MT];
+  for (int mi = 0; mi < MT; ++mi) acc[mi] = vdupq_n_s32(0);
+  for (int64_t k = 0; k < kp; k += 16) {
+    const int8x16_t wv = vld1q_s8(w_row + k);
+    for (int mi = 0; mi < MT; ++mi) {
+      const int8x16_t xv = vld1q_s8(x + mi * kp + k);
+      acc[mi] = vpadalq_s16(acc[mi], vmull_s8(vget_low_s8(wv), vget_low_s8(xv)));
+      acc[mi] = vpadalq_s16(acc[mi], vmull_high_s8(wv, xv));
+    }
+  }
+  for (int mi = 0; mi < MT; ++mi) out[mi * out_stride] = vaddvq_s32(acc[mi]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernels as tiles for ForRowTiles.
+
+template <int MT>
+struct TernaryTileNeonDot {
+  static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp, int64_t kb,
+                  const uint8_t* w_g, int64_t n0, int64_t n_total) {
+    TernaryGroupNeonDot<MT>(x, kp, x_sum, kb, w_g, n0, n_total, acc);
+  }
+};
+
+template <int MT>
+struct TernaryTileNeon {
+  static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp, int64_t kb,
+                  const uint8_t* w_g, int64_t n0, int64_t n_total) {
+    TernaryGroupNeon<MT>(x, kp, x_sum, kb, w_g, n0, n_total, acc);
+  }
+};
+
+template <int MT>
+struct Int8TileNeonDot {
+  static void Run(const int8_t* x, const int32_t*, int32_t* acc, int64_t kp, const int8_t* w,
+                  int64_t n0, int64_t n_rows, int64_t n_total) {
+    Int8RowsNeonDot<MT>(x, kp, w, n0, n_rows, n_total, acc);
+  }
+};
+
+template <int MT>
+struct Int8TileNeon {
+  static void Run(const int8_t* x, const int32_t*, int32_t* acc, int64_t kp, const int8_t* w,
+                  int64_t n0, int64_t n_rows, int64_t n_total) {
+    for (int64_t r = 0; r < n_rows; ++r) Int8RowNeon<MT>(x, kp, w + (n0 + r) * kp, acc + n0 + r, n_total);
+  }
+};
+
+}  // namespace
+
+void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
+                       const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
+                       int32_t* acc) {
+  // Group-major, as on x86: one group's weights stay in L1 while every row tile passes over them.
+  const int64_t kp = kb * kBlockK;
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
+    const int64_t n0 = g * kRowsPerGroup;
+    if (isa == Isa::kNeonDot)
+      ForRowTiles<TernaryTileNeonDot>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
+    else
+      ForRowTiles<TernaryTileNeon>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
+  }
+}
+
+void Int8GemmI32Arm(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+                    int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+    const int64_t n_rows = std::min<int64_t>(4, n_end - n0);
+    if (isa == Isa::kNeonDot)
+      ForRowTiles<Int8TileNeonDot>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
+    else
+      ForRowTiles<Int8TileNeon>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
+  }
+}
+
+}  // namespace bitnet
+
+#endif  // BITNET_JAX_ARM_SIMD

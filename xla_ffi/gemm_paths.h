@@ -1,0 +1,63 @@
+// Inside the ternary and int8 kernels of gemm.h: what gemm.cc (the scalar twins and the entry
+// points) shares with the SIMD files gemm_x86.cc and gemm_arm.cc. Not part of the public API.
+#ifndef BITNET_JAX_XLA_FFI_GEMM_PATHS_H_
+#define BITNET_JAX_XLA_FFI_GEMM_PATHS_H_
+
+#include <cstdint>
+
+#include "cpu_isa.h"
+
+namespace bitnet {
+
+// Unnamed, as when the kernels shared one file: each SIMD file gets its own ForRowTiles, local to
+// it, whose instantiations (each called once) the compiler inlines into the entry points.
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Tiling over activation rows (SIMD paths): full tiles of kMaxTileRows, then one smaller tile.
+
+constexpr int kMaxTileRows = 4;
+
+template <template <int> class Kernel, int Tile = kMaxTileRows, typename... Args>
+void ForRowTiles(int64_t rows, int64_t kp, const int8_t* x_q, const int32_t* x_sum,
+                 int32_t* acc, int64_t acc_stride, Args... args) {
+  int64_t m = 0;
+  for (; m + Tile <= rows; m += Tile)
+    Kernel<Tile>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...);
+  for (; m + kMaxTileRows <= rows; m += kMaxTileRows)
+    Kernel<kMaxTileRows>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...);
+  switch (rows - m) {
+    case 3: Kernel<3>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...); break;
+    case 2: Kernel<2>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...); break;
+    case 1: Kernel<1>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Each architecture's entry points, which gemm.h's TernaryGroupsPerTask, TernaryGemmI32 and
+// Int8GemmI32 call with the same arguments and contracts once `isa` is a SIMD path this build
+// holds (the scalar twins, in gemm.cc, take kScalar and every path IsaBuilt says is absent).
+
+#if BITNET_JAX_X86_SIMD
+// gemm_x86.cc; isa is kAvx2 or kAvx512Vnni (TernaryGroupsPerTaskX86: any isa).
+int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows);
+void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
+                       const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
+                       int32_t* acc);
+void Int8GemmI32X86(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+                    int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
+#elif BITNET_JAX_ARM_SIMD
+// gemm_arm.cc; isa is kNeon or kNeonDot.
+void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
+                       const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
+                       int32_t* acc);
+void Int8GemmI32Arm(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+                    int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
+#endif
+
+}  // namespace bitnet
+
+#endif  // BITNET_JAX_XLA_FFI_GEMM_PATHS_H_

@@ -1,0 +1,446 @@
+// The x86-64 paths of the ternary and int8 kernels (gemm.h; the overview is at the top of gemm.cc):
+// AVX2 and AVX-512 VNNI, each function with its own target attribute. Decode takes the GEMV tiles
+// on both; prefill on AVX-512 (kPanelMinRows activation rows and more) the unpacked 32-row panels.
+// Compiles to nothing off x86-64 (BITNET_JAX_X86_SIMD, cpu_isa.h).
+
+#include "gemm_paths.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_isa.h"
+#include "layout.h"
+
+#if BITNET_JAX_X86_SIMD
+
+// GCC 12's AVX-512 headers build some results from _mm*_undefined_*() and then warn that they
+// "may be used uninitialized"; the warning is about the header, not this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+namespace bitnet {
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// AVX2
+
+#define BITNET_AVX2 __attribute__((target("avx2,fma")))
+
+BITNET_AVX2 inline int32_t HsumAvx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+// One weight row (every block of row r of group w_g) against MT activation rows. A row block is
+// two 32-byte halves; each half, shifted by 2j and masked, holds the codes of 32 consecutive k.
+// maddubs(code u8 <= 2, x s8) sums pairs to at most 2 * 2 * 128 = 512 in int16, so the 8
+// products of a block add up in int16 without saturation before widening once to int32.
+template <int MT>
+BITNET_AVX2 void TernaryRowAvx2(const int8_t* x, int64_t kp, const int32_t* x_sum, int64_t kb,
+                                const uint8_t* w_row, int32_t* out, int64_t out_stride) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[MT];
+  for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm256_setzero_si256();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* block = w_row + b * kGroupBlockBytes;
+    const int8_t* x_b = x + b * kBlockK;
+    __m256i part[MT];
+    for (int mi = 0; mi < MT; ++mi) part[mi] = _mm256_setzero_si256();
+    for (int h = 0; h < 2; ++h) {
+      __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * h));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i codes = _mm256_and_si256(packed, mask);
+        packed = _mm256_srli_epi16(packed, 2);
+        for (int mi = 0; mi < MT; ++mi) {
+          const __m256i xv = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(x_b + mi * kp + 64 * j + 32 * h));
+          part[mi] = _mm256_add_epi16(part[mi], _mm256_maddubs_epi16(codes, xv));
+        }
+      }
+    }
+    for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm256_add_epi32(acc[mi], _mm256_madd_epi16(part[mi], ones));
+  }
+  for (int mi = 0; mi < MT; ++mi) out[mi * out_stride] = HsumAvx2(acc[mi]) - x_sum[mi];
+}
+
+// Decode at one activation row, where the weights must stream at memory speed: the 4 rows of a
+// group together, so that the group's blocks are read front to back as one stream, each
+// activation vector is loaded once for 4 rows, and the blocks kAvx2PrefetchBytes ahead are
+// prefetched (the row-by-row kernel above read 64 of every 256 bytes per pass and left the
+// hardware prefetcher behind: 2560 x 6912 on one Zen 3 core, 8.4 -> 12.9 GB/s; 2 cores 13.5 ->
+// 19 GB/s of a 22-24 GB/s read bandwidth).
+// Per row, a block adds 8 maddubs results of magnitude <= 2 * 2 * 128 = 512 to each int16
+// lane, so kAvx2WidenBlocks blocks stay within int16 (64 * -512 = -32768, 64 * 508 = 32512)
+// before one madd widens them to int32.
+constexpr int64_t kAvx2PrefetchBytes = 2048;
+constexpr int64_t kAvx2WidenBlocks = 8;
+static_assert(kAvx2WidenBlocks * 8 * 512 <= 32768, "int16 partial sums must not overflow");
+
+BITNET_AVX2 void TernaryGroup1Avx2(const int8_t* x, const int32_t* x_sum, int64_t kb,
+                                   const uint8_t* w_g, int64_t n0, int64_t n_total, int32_t* out) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[kRowsPerGroup];
+  for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t b0 = 0; b0 < kb; b0 += kAvx2WidenBlocks) {
+    const int64_t b_end = std::min(kb, b0 + kAvx2WidenBlocks);
+    __m256i part[kRowsPerGroup];
+    for (int r = 0; r < kRowsPerGroup; ++r) part[r] = _mm256_setzero_si256();
+    for (int64_t b = b0; b < b_end; ++b) {
+      const uint8_t* block = w_g + b * kGroupBlockBytes;
+      const int8_t* x_b = x + b * kBlockK;
+      for (int line = 0; line < 4; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(block + kAvx2PrefetchBytes + 64 * line), _MM_HINT_T0);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        __m256i packed[kRowsPerGroup];
+        for (int r = 0; r < kRowsPerGroup; ++r)
+          packed[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + r * kBlockBytes + 32 * h));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_b + 64 * j + 32 * h));
+#pragma GCC unroll 4
+          for (int r = 0; r < kRowsPerGroup; ++r) {
+            const __m256i codes = _mm256_and_si256(packed[r], mask);
+            packed[r] = _mm256_srli_epi16(packed[r], 2);
+            part[r] = _mm256_add_epi16(part[r], _mm256_maddubs_epi16(codes, xv));
+          }
+        }
+      }
+    }
+    for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(part[r], ones));
+  }
+  for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) out[n0 + r] = HsumAvx2(acc[r]) - x_sum[0];
+}
+
+template <int MT>
+BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_sum, int64_t kb,
+                                  const uint8_t* w_g, int64_t n0, int64_t n_total, int32_t* acc) {
+  if constexpr (MT == 1) {
+    TernaryGroup1Avx2(x, x_sum, kb, w_g, n0, n_total, acc);
+  } else {
+    for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
+      TernaryRowAvx2<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
+    }
+  }
+}
+
+// Int8 x int8 widened to int16 and multiplied with madd: exact for every int8 pair, including
+// -128 (the sign/abs tricks of maddubs are not).
+template <int MT>
+BITNET_AVX2 void Int8RowAvx2(const int8_t* x, int64_t kp, const int8_t* w_row, int32_t* out,
+                             int64_t out_stride) {
+  __m256i acc[MT];
+  for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kp; k += 16) {
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_row + k)));
+    for (int mi = 0; mi < MT; ++mi) {
+      const __m256i xv =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + mi * kp + k)));
+      acc[mi] = _mm256_add_epi32(acc[mi], _mm256_madd_epi16(wv, xv));
+    }
+  }
+  for (int mi = 0; mi < MT; ++mi) out[mi * out_stride] = HsumAvx2(acc[mi]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI
+
+#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+// acc += u8 . s8 (4-way dot products into int32 lanes). GCC compiles the intrinsic as if it
+// were not destructive: it copies every accumulator before the instruction and spills the copies
+// (measured: a 2x slower inner loop). The inline assembly names the accumulator as read-write.
+BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+#else
+  acc = _mm512_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+
+// (GCC 12's HsumAvx512 trips -Wmaybe-uninitialized in its own header.)
+BITNET_AVX512 inline int32_t HsumAvx512(__m512i v) {
+  const __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(t);
+}
+
+// All 4 rows of a group against MT activation rows: 4 * MT accumulators. Each 64-byte row block
+// is loaded once; shifted by 2j and masked it is the codes of k = 64j..64j+63, multiplied with
+// one 64-byte load of activations by vpdpbusd (u8 code x s8 activation, 4-way sums into int32).
+template <int MT>
+BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum,
+                                      int64_t kb, const uint8_t* w_g, int64_t n0, int64_t n_total,
+                                      int32_t* acc_out) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  __m512i acc[kRowsPerGroup][MT];
+  for (int r = 0; r < kRowsPerGroup; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_setzero_si512();
+  for (int64_t b = 0; b < kb; ++b) {
+    const uint8_t* block = w_g + b * kGroupBlockBytes;
+    const int8_t* x_b = x + b * kBlockK;
+    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes + 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes + 128), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes + 192), _MM_HINT_T0);
+    __m512i packed[kRowsPerGroup];
+    for (int r = 0; r < kRowsPerGroup; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      __m512i xv[MT];
+      for (int mi = 0; mi < MT; ++mi) xv[mi] = _mm512_loadu_si512(x_b + mi * kp + 64 * j);
+      for (int r = 0; r < kRowsPerGroup; ++r) {
+        const __m512i codes = _mm512_and_si512(packed[r], mask);
+        packed[r] = _mm512_srli_epi16(packed[r], 2);
+        for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[r][mi], codes, xv[mi]);
+      }
+    }
+  }
+  for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r)
+    for (int mi = 0; mi < MT; ++mi)
+      acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
+}
+
+// Prefill, many activation rows: panels of 32 output rows (8 groups) whose codes are unpacked
+// once into the order vpdpbusd wants them: for every k-quad q (k = 4q..4q+3), the 4 codes of each
+// of the 32 rows, i.e. two registers of 16 lanes, one output row per lane. The micro-kernel
+// broadcasts one quad of activations per x row and accumulates 16 whole outputs per register:
+// no horizontal sums, and results leave as vector stores. Per quad step: 2 code loads and MT
+// broadcasts feed 2 * MT vpdpbusd.
+constexpr int64_t kPanelRows = 32;
+constexpr int64_t kPanelGroups = kPanelRows / kRowsPerGroup;
+constexpr int kPanelTileRows = 12;  // 2 x 12 accumulators + 2 code registers
+// AVX2 has no panel path: a maddubs panel kernel (8 x 8 transposes, int16 sums widened every 32
+// quads) measured no faster than the GEMV tiles (one Xeon core, 2560 x 6912, 128 rows: 149 vs
+// 141-155 GOPS), since both issue a maddubs and an int16 add per 32 multiply-adds.
+// Fewer activation rows take the GEMV tiles, which need no unpacking: faster up to 16 rows
+// (measured on one core, 2560 x 6912: 8 rows 0.87 vs 1.44 ms, 16 rows 1.67 vs 2.13, 24 rows 2.71 vs 2.29).
+constexpr int64_t kPanelMinRows = 17;
+// K chunk: 32 x 1024 codes + 12 x 1024 activations = 44 KB, within a 48 KB L1.
+constexpr int64_t kPanelChunkQuads = 256;
+
+// In place: r[i] lane j <- r[j] lane i, for 16 x 16 dwords (four shuffle stages).
+BITNET_AVX512 inline void Transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// codes_q: [kp / 4][kPanelRows][4] int8. Packed dword d of a row block holds, at shift 2j, the
+// codes of quad 16j + d of the block; transposing 16 rows' blocks puts dword d of every row in
+// one register, which shifted and masked is that quad for 16 output rows. Rows at or past group
+// `g_end` get code 1 (t = 0); their outputs are never stored.
+BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
+                                     int8_t* codes_q) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  for (int64_t b = 0; b < kb; ++b) {
+    for (int64_t half = 0; half < kPanelRows / 16; ++half) {
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t pr = 16 * half + i, g = g0 + pr / kRowsPerGroup;
+        r[i] = g < g_end ? _mm512_loadu_si512(w + (g * kb + b) * kGroupBlockBytes + (pr % kRowsPerGroup) * kBlockBytes)
+                         : _mm512_set1_epi8(0x55);
+      }
+      Transpose16x16(r);
+      for (int j = 0; j < 4; ++j) {
+        for (int d = 0; d < 16; ++d) {
+          const int64_t q = b * (kBlockK / 4) + 16 * j + d;
+          _mm512_storeu_si512(codes_q + (q * kPanelRows + 16 * half) * 4,
+                              _mm512_and_si512(_mm512_srli_epi32(r[d], 2 * j), mask));
+        }
+      }
+    }
+  }
+}
+
+// MT activation rows x one panel, over the k-quads [q_begin, q_end): acc_out[m, n0 + i] for
+// i < 32 and n0 + i < n_end is set (first K chunk: minus x_sum[m], for t = code - 1) or added to.
+template <int MT>
+BITNET_AVX512 void PanelTileAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum,
+                                   const int8_t* codes_q, int64_t q_begin, int64_t q_end, int64_t n0,
+                                   int64_t n_end, int64_t n_total, int32_t* acc_out) {
+  __m512i acc[MT][2];
+#pragma GCC unroll 16
+  for (int mi = 0; mi < MT; ++mi) acc[mi][0] = acc[mi][1] = _mm512_setzero_si512();
+  const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
+  const int64_t kq = kp / 4;  // quads per x row
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    const __m512i c0 = _mm512_loadu_si512(codes_q + q * kPanelRows * 4);
+    const __m512i c1 = _mm512_loadu_si512(codes_q + q * kPanelRows * 4 + 64);
+#pragma GCC unroll 16
+    for (int mi = 0; mi < MT; ++mi) {
+      const __m512i xv = _mm512_set1_epi32(x32[mi * kq + q]);
+      Dpbusd(acc[mi][0], c0, xv);
+      Dpbusd(acc[mi][1], c1, xv);
+    }
+  }
+  const int64_t valid = std::min<int64_t>(kPanelRows, n_end - n0);
+  const __mmask16 m0 = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+  const __mmask16 m1 = valid >= 32 ? 0xFFFF : valid <= 16 ? 0 : static_cast<__mmask16>((1u << (valid - 16)) - 1);
+  const bool first = q_begin == 0;
+#pragma GCC unroll 16
+  for (int mi = 0; mi < MT; ++mi) {
+    int32_t* out = acc_out + mi * n_total + n0;
+    const __m512i base0 = first ? _mm512_set1_epi32(-x_sum[mi]) : _mm512_maskz_loadu_epi32(m0, out);
+    const __m512i base1 = first ? _mm512_set1_epi32(-x_sum[mi]) : _mm512_maskz_loadu_epi32(m1, out + 16);
+    _mm512_mask_storeu_epi32(out, m0, _mm512_add_epi32(acc[mi][0], base0));
+    _mm512_mask_storeu_epi32(out + 16, m1, _mm512_add_epi32(acc[mi][1], base1));
+  }
+}
+
+// Up to 4 int8 rows against MT activation rows. vpdpbusd wants one unsigned operand: use
+// x + 128 (x ^ 0x80 as u8, exact for every int8) and subtract 128 * sum_k w[n, k], which a second
+// vpdpbusd against a vector of ones accumulates on the side.
+template <int MT>
+BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, int64_t kp, const int8_t* w, int64_t n0,
+                                  int64_t n_rows, int64_t n_total, int32_t* acc_out) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i acc[4][MT];
+  __m512i w_sum[4];
+  for (int r = 0; r < 4; ++r) {
+    w_sum[r] = _mm512_setzero_si512();
+    for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_setzero_si512();
+  }
+  const int8_t* w_rows[4];
+  for (int r = 0; r < 4; ++r) w_rows[r] = w + (n0 + std::min<int64_t>(r, n_rows - 1)) * kp;
+  for (int64_t k = 0; k < kp; k += 64) {
+    __m512i xv[MT];
+    for (int mi = 0; mi < MT; ++mi) xv[mi] = _mm512_xor_si512(_mm512_loadu_si512(x + mi * kp + k), flip);
+    for (int r = 0; r < 4; ++r) {
+      // Four row streams: prefetch each well ahead, the hardware prefetcher tracks fewer.
+      _mm_prefetch(reinterpret_cast<const char*>(w_rows[r] + k + 1024), _MM_HINT_T0);
+      const __m512i wv = _mm512_loadu_si512(w_rows[r] + k);
+      Dpbusd(w_sum[r], ones, wv);
+      for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[r][mi], xv[mi], wv);
+    }
+  }
+  for (int r = 0; r < n_rows; ++r) {
+    const int32_t correction = 128 * HsumAvx512(w_sum[r]);
+    for (int mi = 0; mi < MT; ++mi)
+      acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - correction;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernels as tiles for ForRowTiles.
+
+template <int MT>
+struct TernaryTileAvx2 {
+  static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp, int64_t kb,
+                  const uint8_t* w_g, int64_t n0, int64_t n_total) {
+    TernaryGroupAvx2<MT>(x, kp, x_sum, kb, w_g, n0, n_total, acc);
+  }
+};
+
+template <int MT>
+struct TernaryTileAvx512 {
+  static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp, int64_t kb,
+                  const uint8_t* w_g, int64_t n0, int64_t n_total) {
+    TernaryGroupAvx512<MT>(x, kp, x_sum, kb, w_g, n0, n_total, acc);
+  }
+};
+
+template <int MT>
+struct PanelTileAvx512Op {
+  static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp,
+                  const int8_t* codes_q, int64_t q_begin, int64_t q_end, int64_t n0, int64_t n_end,
+                  int64_t n_total) {
+    PanelTileAvx512<MT>(x, kp, x_sum, codes_q, q_begin, q_end, n0, n_end, n_total, acc);
+  }
+};
+
+template <int MT>
+struct Int8TileAvx2 {
+  static void Run(const int8_t* x, const int32_t*, int32_t* acc, int64_t kp, const int8_t* w,
+                  int64_t n0, int64_t n_rows, int64_t n_total) {
+    for (int64_t r = 0; r < n_rows; ++r) Int8RowAvx2<MT>(x, kp, w + (n0 + r) * kp, acc + n0 + r, n_total);
+  }
+};
+
+template <int MT>
+struct Int8TileAvx512 {
+  static void Run(const int8_t* x, const int32_t*, int32_t* acc, int64_t kp, const int8_t* w,
+                  int64_t n0, int64_t n_rows, int64_t n_total) {
+    Int8RowsAvx512<MT>(x, kp, w, n0, n_rows, n_total, acc);
+  }
+};
+
+}  // namespace
+
+int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows) {
+  return isa == Isa::kAvx512Vnni && rows >= kPanelMinRows ? kPanelGroups : 1;
+}
+
+void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
+                       const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
+                       int32_t* acc) {
+  const int64_t kp = kb * kBlockK;
+  // Prefill: panel by panel (see PanelTileAvx512).
+  if (isa == Isa::kAvx512Vnni && rows >= kPanelMinRows) {
+    thread_local std::vector<int8_t> codes_q;  // reused: no page faults per call
+    codes_q.resize(kPanelRows * kp);
+    const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
+      UnpackPanelAvx512(w, kb, g0, g_end, codes_q.data());
+      // K in chunks, so that a chunk of the panel's codes and of a tile's activations share L1.
+      for (int64_t q0 = 0; q0 < kp / 4; q0 += kPanelChunkQuads) {
+        ForRowTiles<PanelTileAvx512Op, kPanelTileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q.data(),
+                                                       q0, std::min(kp / 4, q0 + kPanelChunkQuads),
+                                                       g0 * kRowsPerGroup, n_end, n_total);
+      }
+    }
+    return;
+  }
+  // Decode, group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile
+  // of x passes over them.
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
+    const int64_t n0 = g * kRowsPerGroup;
+    if (isa == Isa::kAvx512Vnni)
+      ForRowTiles<TernaryTileAvx512>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
+    else
+      ForRowTiles<TernaryTileAvx2>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
+  }
+}
+
+void Int8GemmI32X86(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+                    int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+    const int64_t n_rows = std::min<int64_t>(4, n_end - n0);
+    if (isa == Isa::kAvx512Vnni)
+      ForRowTiles<Int8TileAvx512>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
+    else
+      ForRowTiles<Int8TileAvx2>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
+  }
+}
+
+}  // namespace bitnet
+
+#endif  // BITNET_JAX_X86_SIMD
