@@ -141,26 +141,6 @@ def test_ffi_greedy_equals_xla_greedy(lm_head):
         np.testing.assert_array_equal(ffi_ids, generate(config, params, prompts, 24, backend="ffi"))
 
 
-def test_bfloat16_kv_cache():
-    """A bfloat16 cache (half the memory): the cache has that dtype, and the FFI path (its attention
-    kernel widens the slots) and the XLA path, which hold the same cache bits, give the same
-    greedy tokens (as test_ffi_greedy_equals_xla_greedy for the float32 cache). Bad settings are
-    refused."""
-    from bitnet_jax.serve.generate import kv_cache_dtype, serving_params
-
-    config = BitNetConfig(**SMALL)
-    packed = pack(config, _trained_like(config, seed=1), lm_head="int8")
-    _, spec = serving_params(config, packed, None, "bfloat16")
-    assert kv_cache_dtype(packed, spec) == jnp.bfloat16
-    prompts = [[1, 5, 9, 33], [1, 7]]
-    ffi_ids = generate(config, packed, prompts, 16, kv_cache="bfloat16")
-    np.testing.assert_array_equal(ffi_ids, generate(config, packed, prompts, 16, kv_cache="bfloat16", backend="xla"))
-    with pytest.raises(BitNetError, match="kv_cache='float16'; expected one of"):
-        generate(config, packed, prompts, 4, kv_cache="float16")
-    with pytest.raises(BitNetError, match="kv_cache='bfloat16' is for serving models"):
-        generate(config, _trained_like(config), prompts, 4, kv_cache="bfloat16")
-
-
 def test_sampling_is_reproducible_on_the_ffi_path():
     config = BitNetConfig(**SMALL)
     packed = pack(config, _trained_like(config), lm_head="int8")

@@ -2,8 +2,8 @@
 // cache, read in place.
 //
 //   q           f32 [B, T, N, H]       queries (N = K * G: query head n reads kv head n / G)
-//   k_cache     f32 | bf16 [L, Bc, K, S, H]   the whole stacked cache; only layer `layer` is read
-//   v_cache     the same dtype and shape   (a bf16 cache is widened a chunk at a time, exactly)
+//   k_cache     f32 [L, Bc, K, S, H]   the whole stacked cache; only layer `layer` is read
+//   v_cache     f32 [L, Bc, K, S, H]
 //   layer       int32 []               in [0, L)
 //   positions   int32 [B, T]           query (b, t) attends slots 0..positions[b, t] (< S) of its
 //                                      cache row; a negative position gives zeros
@@ -140,19 +140,8 @@ ffi::Error CheckIndices(int64_t layer, const int32_t* positions, const int32_t* 
   return ffi::Error::Success();
 }
 
-// A chunk of cache rows [n, h] as float32: a float32 cache as it is, a bfloat16 one widened into
-// `widened` (exact: a bfloat16 is the high half of a float32).
-const float* ChunkAsFloat(const void* layer, bool bf16, int64_t offset, int64_t count, std::vector<float>& widened) {
-  if (!bf16) return static_cast<const float*>(layer) + offset;
-  const uint16_t* from = static_cast<const uint16_t*>(layer) + offset;
-  widened.resize(count);
-  uint32_t* to = reinterpret_cast<uint32_t*>(widened.data());
-  for (int64_t i = 0; i < count; ++i) to[i] = static_cast<uint32_t>(from[i]) << 16;
-  return widened.data();
-}
-
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k_cache,
-                               ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer_buf,
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
+                               ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer_buf,
                                ffi::Buffer<ffi::S32> positions_buf, ffi::Buffer<ffi::S32> cache_rows_buf,
                                ffi::Result<ffi::Buffer<ffi::F32>> out) {
   Sizes z;
@@ -165,13 +154,6 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   const int32_t* positions = positions_buf.typed_data();
   const int32_t* cache_rows = cache_rows_buf.typed_data();
   if (auto e = CheckIndices(layer, positions, cache_rows, z); e.failure()) return e;
-  const ffi::DataType dtype = k_cache.element_type();
-  if ((dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16) || v_cache.element_type() != dtype) {
-    return Invalid("expected k_cache and v_cache both float32 or both bfloat16, got XLA dtype codes " +
-                   std::to_string(static_cast<int>(dtype)) + " and " +
-                   std::to_string(static_cast<int>(v_cache.element_type())));
-  }
-  const bool bf16 = dtype == ffi::DataType::BF16;
   const int64_t b = z.b, t = z.t, n = z.n, h = z.h, rows = z.rows, kv = z.kv, s = z.s;
   Isa isa;
   std::string isa_error;
@@ -197,10 +179,10 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 
   const float* q_data = q.typed_data();
   const int64_t layer_offset = layer * rows * kv * s * h;
-  const void* k_layer = static_cast<const char*>(k_cache.untyped_data()) + layer_offset * (bf16 ? 2 : 4);
-  const void* v_layer = static_cast<const char*>(v_cache.untyped_data()) + layer_offset * (bf16 ? 2 : 4);
+  const float* k_layer = k_cache.typed_data() + layer_offset;
+  const float* v_layer = v_cache.typed_data() + layer_offset;
   ParallelFor(pool, static_cast<int64_t>(plan->items.size()), 1, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> scratch, k_widened, v_widened;
+    thread_local std::vector<float> scratch;
     scratch.resize(g * kAttentionChunk);
     for (int64_t i = begin; i < end; ++i) {
       const WorkItem& w = plan->items[i];
@@ -208,10 +190,8 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
       const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[w.query] + 1 - first_slot);
       const int64_t row = cache_rows[w.query / t];
       const int64_t offset = ((row * kv + w.kv_head) * s + first_slot) * h;
-      const float* k_nh = ChunkAsFloat(k_layer, bf16, offset, slots * h, k_widened);
-      const float* v_nh = ChunkAsFloat(v_layer, bf16, offset, slots * h, v_widened);
-      AttendChunk(isa, q_data + (w.query * n + w.kv_head * g) * h, g, h, k_nh, v_nh, slots, scale, scratch.data(),
-                  plan->partials.data() + i * partial_floats);
+      AttendChunk(isa, q_data + (w.query * n + w.kv_head * g) * h, g, h, k_layer + offset, v_layer + offset, slots,
+                  scale, scratch.data(), plan->partials.data() + i * partial_floats);
     }
   });
 
@@ -240,8 +220,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()    // q: queries [B, T, N, H]
-        .Arg<ffi::AnyBuffer>()           // k_cache: the stacked key cache [L, Bc, K, S, H], f32 or bf16, in place
-        .Arg<ffi::AnyBuffer>()           // v_cache: the stacked value cache, k_cache's shape and dtype
+        .Arg<ffi::Buffer<ffi::F32>>()    // k_cache: the stacked key cache [L, Bc, K, S, H], read in place
+        .Arg<ffi::Buffer<ffi::F32>>()    // v_cache: the stacked value cache, k_cache's shape
         .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, the layer of the caches to read
         .Arg<ffi::Buffer<ffi::S32>>()    // positions: int32 [B, T], the last slot each query attends
         .Arg<ffi::Buffer<ffi::S32>>()    // cache_rows: int32 [B], the cache row of each query row

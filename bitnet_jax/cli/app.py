@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 
-from bitnet_jax.kernels.ops import KV_CACHES, LM_HEADS
+from bitnet_jax.kernels.ops import LM_HEADS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +106,6 @@ def _parser() -> argparse.ArgumentParser:
         "ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
         "folders on CPU, xla on GPU / TPU and for training parameters)",
     )
-    _add_kv_cache(gen)
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     gen.set_defaults(func=_generate)
 
@@ -161,7 +160,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--model-name", help="the model's name in the API (default: the folder's name)")
     _add_backend(srv, "as for generate")
-    _add_kv_cache(srv)
     srv.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on Ctrl-C")
     srv.set_defaults(func=_serve)
 
@@ -194,7 +192,6 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="the FFI model's lm_head (default: the serving default, int8-tied for 2B4T)",
     )
-    _add_kv_cache(bench_gen)
     bench_gen.add_argument("--prompt-tokens", type=int, default=128)
     bench_gen.add_argument("--new-tokens", type=int, default=128, help="decoded tokens timed, FFI (default 128)")
     bench_gen.add_argument(
@@ -296,17 +293,6 @@ def _add_sampling(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> No
 def _add_backend(parser: argparse.ArgumentParser, help: str) -> None:
     """--backend for packed models (generate, serve, eval); unset, `ops.serving_backend` decides."""
     parser.add_argument("--backend", choices=("ffi", "xla"), default=None, help=help)
-
-
-def _add_kv_cache(parser: argparse.ArgumentParser) -> None:
-    """--kv-cache for serving (generate, serve, bench generate)."""
-    parser.add_argument(
-        "--kv-cache",
-        choices=KV_CACHES,
-        default=None,
-        help="the KV cache's dtype (default float32; bfloat16 halves its memory and the bytes a decoded token "
-        "reads at long context)",
-    )
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:
@@ -449,7 +435,6 @@ def _serve(args) -> int:
         api_key=args.api_key,
         model_name=args.model_name,
         backend=args.backend,
-        kv_cache=args.kv_cache,
         shutdown_timeout=args.shutdown_timeout,
     )
 
@@ -542,7 +527,6 @@ def _bench_generate(args) -> int:
                         args.repeats,
                         args.xla_dtype,
                         args.profile,
-                        args.kv_cache,
                     ),
                 )
             )
@@ -597,9 +581,7 @@ def _bench_limits_child(threads, buffer_bytes):
     return measure_limits(paths=[ffi.selected_isa()], buffer_bytes=buffer_bytes)
 
 
-def _bench_generate_child(
-    preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype, profile, kv_cache
-):
+def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype, profile):
     from bitnet_jax.bench.serve import set_threads
 
     set_threads(threads)
@@ -615,7 +597,6 @@ def _bench_generate_child(
         repeats=repeats,
         xla_dtype=xla_dtype,
         profile=profile,
-        kv_cache=kv_cache,
     )
 
 
@@ -731,12 +712,7 @@ def _generate(args) -> int:
         prompt_ids = [tokenizer.bos_id] + prompt_ids
     stops = generation_stop_ids(args.model, config)
     request = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_ids=stops,
-        backend=args.backend,
-        kv_cache=args.kv_cache,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops, backend=args.backend
     )
     compile_s = None
     if packed:

@@ -47,8 +47,6 @@ del _name, _capsule
 
 # Input dtypes the kernel reads directly; other floating dtypes are cast to float32 first.
 _NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-# KV cache dtypes `decode_attention` reads in place.
-CACHE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 def act_quant_i8(x_k: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -246,9 +244,7 @@ def decode_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b
         out[b, t, n] = sum_{s <= positions_bt[b, t]} softmax_s(q[b, t, n] . k[layer, r, n // G, s] * H**-0.5)
                        * v[layer, r, n // G, s]
 
-    q_btnh: float32 [B, T, N, H]; k_lbksh, v_lbksh: float32 or bfloat16 [L, Bc, K, S, H] (one dtype;
-      bfloat16 slots are widened exactly, a chunk at a time, and the math stays float32), N a
-      multiple of K.
+    q_btnh: float32 [B, T, N, H]; k_lbksh, v_lbksh: float32 [L, Bc, K, S, H], N a multiple of K.
     layer: int32 scalar (may be traced), in [0, L). positions_bt: int32 [B, T], each < S (a larger
       one raises at run time); a negative position gives zeros (a row with nothing to attend).
     cache_rows_b: int32 [B], each in [0, Bc); default 0..B-1 (then Bc must be at least B).
@@ -259,13 +255,9 @@ def decode_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b
     (fixed chunks of slots, merged in a fixed order: xla_ffi/attention.cc). CPU only.
     """
     q_btnh, k_lbksh, v_lbksh = jnp.asarray(q_btnh), jnp.asarray(k_lbksh), jnp.asarray(v_lbksh)
-    if q_btnh.dtype != jnp.float32:
-        raise BitNetError(f"decode_attention: expected float32 q_btnh; found {q_btnh.dtype}. Cast it with .astype.")
-    if k_lbksh.dtype not in CACHE_DTYPES or v_lbksh.dtype != k_lbksh.dtype:
-        raise BitNetError(
-            f"decode_attention: expected caches both float32 or both bfloat16; found {k_lbksh.dtype} and "
-            f"{v_lbksh.dtype}."
-        )
+    for name, x in (("q_btnh", q_btnh), ("k_lbksh", k_lbksh), ("v_lbksh", v_lbksh)):
+        if x.dtype != jnp.float32:
+            raise BitNetError(f"decode_attention: expected float32 {name}; found {x.dtype}. Cast it with .astype.")
     if q_btnh.ndim != 4 or k_lbksh.ndim != 5 or v_lbksh.shape != k_lbksh.shape:
         raise BitNetError(
             f"decode_attention: expected q [B, T, N, H] and caches k, v [L, Bc, K, S, H] of one shape; found "

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 BACKENDS = ("ffi", "xla")
 LM_HEADS = ("int8", "int8-tied", "int4", "int4-tied", "float")
-KV_CACHES = ("float32", "bfloat16")  # the serving KV cache's dtype
 
 
 def head_table(lm_head: str) -> tuple[str | None, bool]:
@@ -108,15 +107,12 @@ class ServingSpec:
     act_bits: bits of the per-token activation quantizer.
     platform: where the model runs ('cpu', 'gpu', 'tpu'; default `jax.default_backend()`), so that
       'ffi' is never chosen, nor accepted, where its custom calls do not exist.
-    kv_cache: the KV cache's dtype, 'float32' or 'bfloat16' (half the bytes per slot, read per
-      decoded token; attention math stays float32).
     """
 
     backend: str | None = None
     lm_head: str | None = None  # required (a keyword default only so that `backend` may come first)
     act_bits: int = 8
     platform: str | None = None
-    kv_cache: str = "float32"
 
     def __post_init__(self):
         if self.lm_head not in LM_HEADS:
@@ -124,8 +120,6 @@ class ServingSpec:
                 f"ServingSpec: lm_head={self.lm_head!r}; expected one of {LM_HEADS}, the kind the parameters "
                 "were packed with (bitnet_jax.model.serving_layers.lm_head_kind(params))."
             )
-        if self.kv_cache not in KV_CACHES:
-            raise BitNetError(f"ServingSpec: kv_cache={self.kv_cache!r}; expected one of {KV_CACHES}.")
         # Resolved here, once, so that the layers only ever see 'ffi' or 'xla'.
         object.__setattr__(self, "backend", serving_backend(self.platform or jax.default_backend(), self.backend))
 
@@ -280,15 +274,14 @@ FFI_ATTENTION_MAX_T = 16
 
 def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
     """Whether attention over a stacked KV cache runs as the FFI kernel (`cached_attention`): on the
-    FFI backend, for float32 queries and a float32 or bfloat16 cache, at most FFI_ATTENTION_MAX_T
-    queries per row, and outside a multi-device mesh (a bare custom call there would see the
-    sharded cache all-gathered)."""
+    FFI backend, for float32 queries and cache, at most FFI_ATTENTION_MAX_T queries per row, and
+    outside a multi-device mesh (a bare custom call there would see the sharded cache all-gathered)."""
     mesh = jax.sharding.get_abstract_mesh()
     return (
         backend == "ffi"
         and q_btnh.shape[1] <= FFI_ATTENTION_MAX_T
         and q_btnh.dtype == jnp.float32
-        and k_lbksh.dtype in (jnp.float32, jnp.bfloat16)
+        and k_lbksh.dtype == jnp.float32
         and (mesh.empty or mesh.size == 1)
     )
 

@@ -218,11 +218,7 @@ def grouped_attention(
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     scores_bkgts = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, keys) * (h**-0.5)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
-    # Probabilities in the wider of the queries' and values' dtypes: bf16 training stays bf16, and
-    # float32 serving over a bf16 cache weights the values in float32, as the FFI kernel does.
-    probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(
-        jnp.promote_types(q_btnh.dtype, values.dtype)
-    )
+    probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(values.dtype)
     return jnp.einsum(f"bkgts,{kv}->btkgh", probs_bkgts, values).reshape(b, t, n, h), cache_kv
 
 

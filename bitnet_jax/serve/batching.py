@@ -133,7 +133,6 @@ class Engine:
         and capped at the model's `max_position_embeddings`.
       max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond them.
       backend: 'ffi', 'xla' or None, as for `generate`.
-      kv_cache: the KV cache's dtype, 'float32' (default) or 'bfloat16' (half the memory), as for `generate`.
     """
 
     def __init__(
@@ -146,7 +145,6 @@ class Engine:
         max_context: int = 2048,
         max_queue: int = 64,
         backend: str | None = None,
-        kv_cache: str | None = None,
     ):
         if max_batch < 1:
             raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
@@ -159,7 +157,7 @@ class Engine:
             # Once, as `bitnet-jax chat` does: the int8 lm_head kernel, like the ternary ones,
             # computes each row alone, which keeps replies independent of the batch.
             params = pack(config, params)
-        params, serving = serving_params(config, params, backend, kv_cache)
+        params, serving = serving_params(config, params, backend)
         self.config, self.params, self.tokenizer = config, params, tokenizer
         self.max_batch, self.max_context, self.max_queue = max_batch, context, max_queue
         self._serving = serving

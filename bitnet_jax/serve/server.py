@@ -581,7 +581,6 @@ def serve(
     api_key: str | None = None,
     model_name: str | None = None,
     backend: str | None = None,
-    kv_cache: str | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
 ) -> int:
@@ -595,14 +594,7 @@ def serve(
 
     config, params, tokenizer = load_model(model)
     engine = Engine(
-        config,
-        params,
-        tokenizer,
-        max_batch=max_batch,
-        max_context=max_context,
-        max_queue=max_queue,
-        backend=backend,
-        kv_cache=kv_cache,
+        config, params, tokenizer, max_batch=max_batch, max_context=max_context, max_queue=max_queue, backend=backend
     )
     del params
     name = model_name or os.path.basename(os.path.normpath(model))
