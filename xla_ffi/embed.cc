@@ -7,12 +7,12 @@
 
 #include "embed.h"
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
 
 #include "ffi_util.h"
+#include "float16.h"
 
 namespace ffi = xla::ffi;
 
@@ -25,27 +25,6 @@ float WidenBf16(uint16_t bits) {
   const uint32_t wide = static_cast<uint32_t>(bits) << 16;
   float f;
   std::memcpy(&f, &wide, sizeof(f));
-  return f;
-}
-
-// IEEE half: sign, 5-bit exponent (bias 15), 10-bit mantissa; subnormals, inf and NaN included.
-float WidenF16(uint16_t bits) {
-  const uint32_t sign = static_cast<uint32_t>(bits & 0x8000) << 16;
-  const int exponent = (bits >> 10) & 0x1f;
-  const uint32_t mantissa = bits & 0x3ff;
-  float magnitude;
-  if (exponent == 0) {
-    magnitude = std::ldexp(static_cast<float>(mantissa), -24);  // subnormal (or zero)
-  } else if (exponent == 31) {
-    magnitude = mantissa ? NAN : INFINITY;
-  } else {
-    magnitude = std::ldexp(static_cast<float>(mantissa | 0x400), exponent - 25);
-  }
-  uint32_t out;
-  std::memcpy(&out, &magnitude, sizeof(out));
-  out |= sign;
-  float f;
-  std::memcpy(&f, &out, sizeof(f));
   return f;
 }
 
@@ -88,7 +67,7 @@ ffi::Error EmbedRowsImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> ids, ffi::R
       Gather(static_cast<const uint16_t*>(table.untyped_data()), d, id, count, WidenBf16, y);
       break;
     case ffi::DataType::F16:
-      Gather(static_cast<const uint16_t*>(table.untyped_data()), d, id, count, WidenF16, y);
+      Gather(static_cast<const uint16_t*>(table.untyped_data()), d, id, count, bitnet::HalfToFloat, y);
       break;
     default:
       return ffi::Error::InvalidArgument(op + "expected a float32, bfloat16 or float16 table, got XLA dtype code " +

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "float16.h"
 #include "gemm.h"
 #include "layout.h"
 

@@ -32,7 +32,6 @@
 #define BITNET_JAX_XLA_FFI_LAYOUT_H_
 
 #include <cstdint>
-#include <cstring>
 
 namespace bitnet {
 
@@ -79,27 +78,6 @@ inline void PackTernary(const int8_t* t_nk, int64_t n, int64_t k, uint8_t* out) 
 
 // The weight of byte `byte`'s nibble `high` (0 or 1) in an I4G row: q = nibble - 8.
 constexpr int Int4Weight(uint8_t byte, int high) { return ((byte >> (4 * high)) & 15) - 8; }
-
-// An I4G scale (IEEE float16 bits) as float32: exact for every float16, subnormals included.
-inline float HalfToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
-  float magnitude;
-  if (exponent == 0) {
-    magnitude = static_cast<float>(mantissa) * 0x1p-24f;  // subnormal (or zero): exact in float32
-  } else if (exponent == 31) {
-    magnitude = mantissa ? __builtin_nanf("") : __builtin_inff();
-  } else {
-    const uint32_t bits = ((exponent + 112) << 23) | (mantissa << 13);
-    std::memcpy(&magnitude, &bits, sizeof(bits));
-  }
-  uint32_t out;
-  std::memcpy(&out, &magnitude, sizeof(out));
-  out |= sign;
-  float result;
-  std::memcpy(&result, &out, sizeof(result));
-  return result;
-}
 
 // The reference packer of I4G codes (the C++ tests use it; Python packs with layout.py):
 // q_nk int8 [n, k] in [-7, 7] -> out uint8 [n, CeilDiv(k, 32) * 16].

@@ -267,15 +267,16 @@ void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t ro
   });
 }
 
-// Int4 dot products into y (rows x n), split over output rows; with x_inv set, each chunk then
-// scales its own columns: y = dot * x_inv[m].
+// Int4 dot products into y (rows x n), split over output rows; with x_scale set, each chunk then
+// scales its own columns: y = dot * (1 / x_scale[m]).
 void RunInt4(ffi::ThreadPool& pool, Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const uint8_t* w,
-             const uint16_t* w_scale, int64_t n, float* y, const float* x_inv = nullptr) {
+             const uint16_t* w_scale, int64_t n, float* y, const float* x_scale = nullptr) {
   ParallelFor(pool, n, kMinRowsPerChunk, [&](int64_t begin, int64_t end) {
     Int4GemmF32(isa, x_q, rows, kp, w, w_scale, begin, end, n, y);
-    if (x_inv == nullptr) return;
+    if (x_scale == nullptr) return;
     for (int64_t m = 0; m < rows; ++m) {
-      for (int64_t j = begin; j < end; ++j) y[m * n + j] *= x_inv[m];
+      const float x_inv = 1.0f / x_scale[m];
+      for (int64_t j = begin; j < end; ++j) y[m * n + j] *= x_inv;
     }
   });
 }
@@ -410,10 +411,8 @@ ffi::Error Int4MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
   if (shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
   if (auto e = QuantizeInput(op, pool, isa, x, shape, kp, act_bits, &xq); e.failure()) return e;
-  std::vector<float> x_inv(shape.rows);
-  for (int64_t m = 0; m < shape.rows; ++m) x_inv[m] = 1.0f / xq.scale[m];
   RunInt4(pool, isa, xq.q, shape.rows, kp, w.typed_data(), reinterpret_cast<const uint16_t*>(w_scale.typed_data()), n,
-          y->typed_data(), x_inv.data());
+          y->typed_data(), xq.scale);
   return ffi::Error::Success();
 }
 

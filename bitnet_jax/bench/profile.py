@@ -63,7 +63,7 @@ def profile_decode(
 
     from bitnet_jax.kernels import ops
     from bitnet_jax.model.layers import RMSNorm
-    from bitnet_jax.model.serving_layers import TABLES
+    from bitnet_jax.model.serving_layers import TABLES, table_kind
     from bitnet_jax.model.transformer import KVCache, _attention_mask, apply_rope, grouped_attention
     from bitnet_jax.serve.generate import kv_cache_dtype, serving_params
 
@@ -96,7 +96,7 @@ def profile_decode(
     pieces = {"ternary matmuls": _median_ms(ternary, (packed, inputs), repeats)}
 
     head_table = params.get("lm_head", params["embed_tokens"])
-    kind = next((kind for kind in TABLES if f"w_{kind}" in head_table), None)
+    kind = table_kind(head_table)
     if kind is not None:
         head = lambda table, x: TABLES[kind](c.vocab_size, d, spec).apply({"params": table}, x, method="attend")
     elif "embedding" in head_table:

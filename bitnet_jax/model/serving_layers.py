@@ -122,17 +122,17 @@ def is_packed(params) -> bool:
         return False
 
 
-def _table_kind(table) -> str | None:
-    """'int8' or 'int4' for a quantized table, None for a float one."""
+def table_kind(table) -> str | None:
+    """'int8' or 'int4' for a packed embedding / lm_head table that is quantized, None for a float one."""
     return next((kind for kind in TABLES if f"w_{kind}" in table), None)
 
 
 def lm_head_kind(params) -> str:
     """How packed parameters hold the lm_head: one of ops.LM_HEADS."""
-    tied = _table_kind(params["embed_tokens"])
+    tied = table_kind(params["embed_tokens"])
     if tied:
         return f"{tied}-tied"
-    return _table_kind(params.get("lm_head", {})) or "float"
+    return table_kind(params.get("lm_head", {})) or "float"
 
 
 def float_rows(table, hidden_size: int) -> np.ndarray:

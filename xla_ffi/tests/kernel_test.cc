@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../cpu_isa.h"
+#include "../float16.h"
 #include "../gemm.h"
 #include "../layout.h"
 #include "../quantize.h"
