@@ -3,7 +3,9 @@ attention of model/transformer.py, on every kernel path this CPU runs (forced wi
 BITNET_JAX_ISA; the others are skipped, saying why): odd head dims, grouped heads, several
 chunks of 128 slots merged, positions at 0, S - 1 and around chunk edges, a nonzero layer, rows
 with nothing to attend. A row's output must be the same bits alone or in any batch, with any
-cache row, and on one thread or two. Bad input is an error, never a read out of bounds.
+cache row, and on one thread or two. Bad input is an error, never a read out of bounds. The same
+for an int8 cache with per-slot scales (`KVCache.zeros(..., dtype=jnp.int8)`), against the XLA
+attention over its dequantized values.
 """
 
 import os
@@ -18,7 +20,7 @@ import pytest
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import ffi
-from bitnet_jax.model.transformer import _MASKED, grouped_attention
+from bitnet_jax.model.transformer import _MASKED, KVCache, grouped_attention, quantize_kv
 
 U = 2.0**-24  # float32's unit roundoff
 
@@ -66,7 +68,7 @@ def xla_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b):
     return jnp.where(positions_bt[:, :, None, None] >= 0, out_btnh, 0.0)
 
 
-def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b):
+def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b, int8_cache=False):
     """Per output element, the float32 rounding allowed between the kernel and the XLA path.
 
     Each side, first order in u = 2^-24: a score (a dot of H products, scaled) is off by at most
@@ -76,6 +78,12 @@ def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b):
     S + 1 terms in sequence (S the cache slots: XLA adds the masked zeros too), and the division
     rounds once: |out - exact| <= (2d + (2S + 5) u) sum_j p_j |v_j|. Two sides: twice that.
     The order of the sums differs between the sides, so nothing tighter holds on every CPU.
+
+    `int8_cache`: the kernel reads codes and scales, XLA their float32 product. The kernel scales
+    a score in two roundings (k_scale * H^-0.5, then the product: one more than a float cache) and
+    a weight by v_scale in one; XLA's dequantized keys and values are each one rounding off the
+    exact scale * code, which moves a score by at most uA and a value by u|v|. So d grows by
+    2u + uA on either side.
     """
     q, keys, values = (np.asarray(x, np.float64) for x in (q_btnh, k_lbksh[layer][rows_b], v_lbksh[layer][rows_b]))
     b, t, n, h = q.shape
@@ -90,7 +98,7 @@ def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b):
         a_max = np.max(np.abs(keys_sh) @ np.abs(q[bi, ti, ni])) / np.sqrt(h)
         p = np.exp(scores - scores.max())
         p /= p.sum()
-        d = (h + 5) * U * a_max + 3 * U
+        d = (h + 5) * U * a_max + 3 * U + (2 * U + U * a_max if int8_cache else 0.0)
         tol[bi, ti, ni] = 2 * (2 * d + (2 * s + 5) * U) * (p @ np.abs(values_sh))
     return tol
 
@@ -164,13 +172,93 @@ def test_same_bits_on_one_thread_and_all(tmp_path):
     assert np.load(outputs["1"]).tobytes() == np.load(outputs["all"]).tobytes()
 
 
+def _int8_cache(k_lbksh, v_lbksh):
+    """(codes, codes, scales, scales) of a float cache, as `KVCache.write` quantizes each slot."""
+    (k_q, k_scale), (v_q, v_scale) = (quantize_kv(jnp.swapaxes(x, 2, 3)) for x in (k_lbksh, v_lbksh))
+    return (
+        np.asarray(jnp.swapaxes(k_q, 2, 3)),
+        np.asarray(jnp.swapaxes(v_q, 2, 3)),
+        np.asarray(jnp.swapaxes(k_scale, 2, 3)),
+        np.asarray(jnp.swapaxes(v_scale, 2, 3)),
+    )
+
+
+def _dequantized(codes, scales):
+    """The float32 values XLA attends over (`KVCache.layer`): one rounding off scale * code."""
+    return codes.astype(np.float32) * scales[..., None]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "H{}-G{}-K{}-B{}-T{}-S{}".format(*s))
+def test_int8_cache_matches_xla_attention(isa, shape):
+    h, g, k, b, t, s = shape
+    q, k_cache, v_cache = _inputs(*shape)
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    positions = _positions(b, t, s)
+    rows = np.arange(b)
+    got = np.asarray(jax.jit(ffi.decode_attention)(q, k_q, v_q, LAYER, positions, None, k_scale, v_scale))
+    keys, values = _dequantized(k_q, k_scale), _dequantized(v_q, v_scale)
+    want = np.asarray(xla_attention(q, keys, values, LAYER, positions, rows))
+    _assert_within(got, want, tolerance(q, keys, values, LAYER, positions, rows, int8_cache=True))
+    assert np.all(got[positions < 0] == 0)
+
+
+def test_int8_cache_batch_invariance(isa):
+    """As test_batch_invariance, on an int8 cache."""
+    q, k_cache, v_cache = _inputs(128, 4, 2, 3, 2, 600, seed=8)
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    positions = np.array([[300, 301], [5, 599], [-1, 130]], np.int32)
+    call = jax.jit(ffi.decode_attention)
+    batch = np.asarray(call(q, k_q, v_q, LAYER, positions, None, k_scale, v_scale))
+    for row in range(3):
+        one = slice(row, row + 1)
+        k_one, v_one, k_scale_one, v_scale_one = (x[:, one] for x in (k_q, v_q, k_scale, v_scale))
+        alone = np.asarray(call(q[one], k_one, v_one, LAYER, positions[one], None, k_scale_one, v_scale_one))
+        assert alone.tobytes() == batch[row : row + 1].tobytes(), f"row {row} alone differs from row {row} in the batch"
+    rows = np.array([2, 1, 0], np.int32)
+    reversed_out = np.asarray(call(q[::-1], k_q, v_q, LAYER, positions[::-1], rows, k_scale, v_scale))
+    assert reversed_out[::-1].tobytes() == batch.tobytes()
+
+
+def test_quantize_kv():
+    """Codes in [-127, 127] with the head's absmax at +-127, each value within half a step of
+    scale * code (the rounding; plus float32 rounding of x / scale, a few ulps of 127), an all-zero
+    head exactly zero, and a head's scale independent of the others."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 4, 72), np.float32) * rng.uniform(0.01, 100, (2, 3, 4, 1)).astype(np.float32)
+    x[1, 2, 3] = 0.0
+    codes, scale = (np.asarray(a) for a in quantize_kv(jnp.asarray(x)))
+    assert codes.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (2, 3, 4)
+    np.testing.assert_array_equal(np.max(np.abs(codes.astype(np.int32)), axis=-1)[scale > 0], 127)
+    step_error = np.abs(codes * scale[..., None].astype(np.float64) - x) / np.where(scale > 0, scale, 1)[..., None]
+    assert np.all(step_error <= 0.5 + 128 * 4 * U)
+    assert scale[1, 2, 3] == 0 and np.all(codes[1, 2, 3] == 0)
+    one_head = np.asarray(quantize_kv(jnp.asarray(x[:1, :1, :1]))[0])
+    np.testing.assert_array_equal(one_head, codes[:1, :1, :1])
+
+
+def test_int8_kv_cache_layout():
+    from bitnet_jax import BitNetConfig
+
+    config = BitNetConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    f32, int8 = (KVCache.zeros(config, 2, 40, dtype) for dtype in (jnp.float32, jnp.int8))
+    assert not f32.quantized and f32.k_scale_lbks is None
+    assert int8.quantized and int8.k_lbksh.dtype == jnp.int8 and int8.k_scale_lbks.shape == (3, 2, 2, 40)
+    nbytes = lambda cache: sum(x.nbytes for x in jax.tree.leaves(cache))
+    # Codes a quarter of float32's bytes; one float32 scale per slot and kv head beside H codes.
+    assert nbytes(int8) == nbytes(f32) // 4 + 2 * 3 * 2 * 2 * 40 * 4
+
+
 def _cache_step(backend, q, k_new, v_new, positions, cache, layer):
-    mask = jnp.arange(cache[0].shape[3])[None, None, :] <= positions[:, :, None]
+    mask = jnp.arange(cache.k_lbksh.shape[3])[None, None, :] <= positions[:, :, None]
     return grouped_attention(q, k_new, v_new, positions, mask, cache, layer, backend=backend)
 
 
+@pytest.mark.parametrize("int8_cache", [False, True], ids=["f32-cache", "int8-cache"])
 @pytest.mark.parametrize("t", [1, 4])
-def test_model_attention_takes_the_kernel_on_ffi(t):
+def test_model_attention_takes_the_kernel_on_ffi(t, int8_cache):
     """`grouped_attention` with a cache on the FFI backend: the same cache write, the kernel's
     attention (a custom call, no slice of the layer) within rounding of the XLA path, also for a
     position past the cache (a batching server's idle row), which attends every slot on both."""
@@ -179,14 +267,19 @@ def test_model_attention_takes_the_kernel_on_ffi(t):
     rng = np.random.default_rng(6)
     k_new, v_new = (rng.standard_normal((b, t, k, h), np.float32) for _ in range(2))
     positions = np.array([[3], [s - t], [s + 5]], np.int32) + np.arange(t, dtype=np.int32)
-    args = (q, k_new, v_new, positions, (k_cache, v_cache), LAYER)
+    cache = KVCache(k_cache, v_cache) if not int8_cache else KVCache(*_int8_cache(k_cache, v_cache))
+    args = (q, k_new, v_new, positions, cache, LAYER)
     step = jax.jit(_cache_step, static_argnums=0)
     got, got_cache = step("ffi", *args)
     want, want_cache = step("xla", *args)
-    for a, b_ in zip(got_cache, want_cache):
+    for a, b_ in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache), strict=True):
         assert np.asarray(a).tobytes() == np.asarray(b_).tobytes()
     clamped = np.minimum(positions, s - 1)
-    tol = tolerance(q, *want_cache, LAYER, clamped, np.arange(b))
+    if int8_cache:
+        keys, values = (_dequantized(np.asarray(c), np.asarray(sc)) for c, sc in zip(want_cache[:2], want_cache[2:]))
+        tol = tolerance(q, keys, values, LAYER, clamped, np.arange(b), int8_cache=True)
+    else:
+        tol = tolerance(q, *want_cache[:2], LAYER, clamped, np.arange(b))
     _assert_within(np.asarray(got), np.asarray(want), tol)
     ffi_hlo, xla_hlo = step.lower("ffi", *args).as_text(), step.lower("xla", *args).as_text()
     assert "bitnet_decode_attention" in ffi_hlo and "dynamic_slice" not in ffi_hlo  # the layer read in place
@@ -201,7 +294,7 @@ def test_prefill_chunks_keep_the_xla_path():
     q, k_cache, v_cache = _inputs(64, 1, 1, 1, t, 64)
     k_new = np.zeros((1, t, 1, 64), np.float32)
     positions = np.arange(t, dtype=np.int32)[None]
-    hlo = jax.jit(_cache_step, static_argnums=0).lower("ffi", q, k_new, k_new, positions, (k_cache, v_cache), 0)
+    hlo = jax.jit(_cache_step, static_argnums=0).lower("ffi", q, k_new, k_new, positions, KVCache(k_cache, v_cache), 0)
     assert "bitnet_decode_attention" not in hlo.as_text()
 
 
@@ -218,6 +311,13 @@ def test_bad_input_is_an_error():
         ffi.decode_attention(q, k_cache, v_cache, 0, positions[:, 0])
     with pytest.raises(BitNetError, match="pass cache_rows_b"):
         ffi.decode_attention(np.concatenate([q, q, q]), k_cache, v_cache, 0, np.concatenate([positions] * 3))
+    k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+    with pytest.raises(BitNetError, match="an int8 cache needs k_scale_lbks"):
+        ffi.decode_attention(q, k_q, v_q, 0, positions)
+    with pytest.raises(BitNetError, match="both float32, or both int8"):
+        ffi.decode_attention(q, k_q, v_cache, 0, positions, None, k_scale, v_scale)
+    with pytest.raises(BitNetError, match="expected float32 scales of shape"):
+        ffi.decode_attention(q, k_q, v_q, 0, positions, None, k_scale[..., :10], v_scale)
     # Values only known at run time (traced): checked by the kernel.
     call = jax.jit(ffi.decode_attention)
     for layer, pos, rows, message in [

@@ -54,6 +54,11 @@ def test_generate_cli_streams_and_reports_speed(packed_folder, capsys):
     )
     out, err = capsys.readouterr()
     assert out.startswith("hello") and "first token after" in err and "tokens/s" in err
+    args = ["generate", "--model", str(packed_folder), "--prompt", "hello", "--max-new-tokens", "6", "--kv-cache"]
+    assert main([*args, "int8"]) == 0 and capsys.readouterr().out.startswith("hello")
+    with pytest.raises(SystemExit):  # not a choice: argparse's usage error
+        main([*args, "bfloat16"])
+    assert "invalid choice: 'bfloat16'" in capsys.readouterr().err
     assert main(["generate", "--model", str(packed_folder), "--prompt", "hi", "--max-new-tokens", "5000"]) == 2
     assert "context is 4096 tokens" in capsys.readouterr().err
 
@@ -158,6 +163,9 @@ def test_bench_generate_small():
     for r in (ffi, xla):
         assert r.prefill_tok_s > 0 and r.decode_tok_s > 0 and r.peak_rss_mb > 0
     assert ffi.weight_mb < xla.weight_mb  # 2-bit layers and an int8 lm_head against f32
+    int8 = bench_generate(config, "ffi", prompt_tokens=16, new_tokens=4, repeats=1, kv_cache="int8")
+    h = config.head_dim  # per slot, kv head and layer: H int8 codes and a float32 scale, against 4H bytes
+    assert int8.kv_mb == pytest.approx(ffi.kv_mb * (h + 4) / (4 * h)) and int8.decode_tok_s > 0
     assert "FFI vs XLA dense" in generate_table([ffi, xla])
 
 

@@ -363,6 +363,33 @@ def test_batch_invariance_greedy_alone_equals_beside_seven_others(engine):
         assert ids == reference_ids(engine, request.prompt_ids, request.max_tokens)
 
 
+def test_int8_kv_cache_engine_is_batch_invariant(engine):
+    """With an int8 KV cache (`--kv-cache int8`), a greedy request returns the same tokens alone,
+    beside three others, and through `generate` with the same cache: each slot's keys and values
+    are quantized per slot and kv head, nothing depends on the other rows."""
+    int8 = Engine(engine.config, engine.params, engine.tokenizer, max_batch=4, max_context=CONTEXT, kv_cache="int8")
+    assert int8._cache.k_lbksh.dtype == jnp.int8
+    int8.start()
+    try:
+
+        def run(requests):
+            events = {i: [] for i in range(len(requests))}
+            for i, request in enumerate(requests):
+                int8.submit(request, events[i].append)
+            assert wait_idle(int8)
+            return [[t for e in events[i] for t in e.token_ids] for i in range(len(requests))]
+
+        target = GenerationRequest((417, 40, 41, 42, 43, 7, 99), 30)
+        others = [GenerationRequest(tuple(range(3, 3 + 5 * k)), 40 - k) for k in range(1, 4)]
+        (alone,) = run([target])
+        together = run(others + [target])
+        new = CONTEXT - padded_prompt_length(len(target.prompt_ids))
+        via_generate = generate(int8.config, int8.params, [list(target.prompt_ids)], new, kv_cache="int8")[0]
+        assert together[-1] == alone == [int(i) for i in via_generate[:30]]
+    finally:
+        int8.stop()
+
+
 def test_stop_strings_and_seeded_sampling(client, engine):
     prompt = completion_prompt(engine, "hello")
     free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0).choices[0].text

@@ -141,6 +141,29 @@ def test_ffi_greedy_equals_xla_greedy(lm_head):
         np.testing.assert_array_equal(ffi_ids, generate(config, params, prompts, 24, backend="ffi"))
 
 
+def test_int8_kv_cache_greedy_on_ffi_equals_xla():
+    """An int8 KV cache: the FFI decode kernel over its codes and scales gives the greedy tokens
+    of the XLA path over the dequantized cache (the same values, float order apart), for prompts
+    whose prefill takes the kernel (<= 16 tokens) and the XLA attention (17)."""
+    config = BitNetConfig(**SMALL)
+    packed = pack(config, _trained_like(config, seed=1), lm_head="int8")
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
+    ffi_ids = generate(config, packed, prompts, 24, kv_cache="int8")
+    np.testing.assert_array_equal(ffi_ids, generate(config, packed, prompts, 24, kv_cache="int8", backend="xla"))
+    # Batch invariance holds with it: each row alone gives its tokens in the batch.
+    for row, prompt in enumerate(prompts):
+        np.testing.assert_array_equal(generate(config, packed, [prompt], 24, kv_cache="int8")[0], ffi_ids[row])
+
+
+def test_kv_cache_choices_are_checked():
+    config = BitNetConfig(**SMALL)
+    params = init_params(config)
+    with pytest.raises(BitNetError, match="kv_cache='int8' is for serving models"):
+        generate(config, params, [[1, 2]], 2, kv_cache="int8")  # training parameters, XLA path
+    with pytest.raises(BitNetError, match="kv_cache='bfloat16'; expected one of"):
+        generate(config, pack(config, params), [[1, 2]], 2, kv_cache="bfloat16")
+
+
 def test_sampling_is_reproducible_on_the_ffi_path():
     config = BitNetConfig(**SMALL)
     packed = pack(config, _trained_like(config), lm_head="int8")

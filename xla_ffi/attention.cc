@@ -11,6 +11,12 @@
 //                                      runs only some of its rows passes theirs)
 //   -> out      f32 [B, T, N, H]       softmax_s((q . k_s) * H^-0.5) weighting v_s
 //
+// bitnet_decode_attention_i8 reads an int8 cache, a quarter of the bytes, with a float scale per
+// slot and kv head (slot s of kv head k holds k_scale[.., k, s] * k_cache[.., k, s, :]):
+//   k_cache, v_cache   s8  [L, Bc, K, S, H]
+//   k_scale, v_scale   f32 [L, Bc, K, S]
+// and the other operands as above; its arithmetic is AttendChunkInt8's (attention_kernel.h).
+//
 // The alternative in XLA ops slices the layer out of the stack (a copy of every slot, at every
 // step) and attends to all S slots under a mask; this reads only the filled slots of the rows
 // asked for, each key and value row once for the G query heads that share it.
@@ -30,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attention_kernel.h"
@@ -86,7 +93,7 @@ struct Sizes {
 };
 
 ffi::Error CheckShapes(Dims q_dims, Dims c_dims, Dims v_dims, Dims layer_dims, Dims p_dims, Dims r_dims,
-                       Dims out_dims, Sizes* z) {
+                       Dims out_dims, const Dims* scale_dims, Sizes* z) {
   if (q_dims.size() != 4) return Invalid("expected queries q [B, T, N, H], got shape " + ShapeString(q_dims));
   if (c_dims.size() != 5) {
     return Invalid("expected the stacked cache k_cache [L, B, K, S, H], got shape " + ShapeString(c_dims));
@@ -102,6 +109,15 @@ ffi::Error CheckShapes(Dims q_dims, Dims c_dims, Dims v_dims, Dims layer_dims, D
   if (z->kv < 1 || z->n % z->kv != 0) {
     return Invalid("the queries' " + std::to_string(z->n) + " heads are not a multiple of the cache's " +
                    std::to_string(z->kv) + " kv heads");
+  }
+  if (scale_dims != nullptr) {  // the int8 cache's k_scale, v_scale: [L, Bc, K, S]
+    for (int i = 0; i < 2; ++i) {
+      const Dims d = scale_dims[i];
+      if (d.size() != 4 || !std::equal(d.begin(), d.end(), c_dims.begin())) {
+        return Invalid(std::string(i == 0 ? "k_scale " : "v_scale ") + ShapeString(d) +
+                       " must be the cache's shape without the head dim, [L, B, K, S] of " + ShapeString(c_dims));
+      }
+    }
   }
   if (!SameDims(out_dims, q_dims)) {
     return Invalid("the output must have the shape of q " + ShapeString(q_dims) + ", got " + ShapeString(out_dims));
@@ -140,19 +156,11 @@ ffi::Error CheckIndices(int64_t layer, const int32_t* positions, const int32_t* 
   return ffi::Error::Success();
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
-                               ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer_buf,
-                               ffi::Buffer<ffi::S32> positions_buf, ffi::Buffer<ffi::S32> cache_rows_buf,
-                               ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  Sizes z;
-  if (auto e = CheckShapes(q.dimensions(), k_cache.dimensions(), v_cache.dimensions(), layer_buf.dimensions(),
-                           positions_buf.dimensions(), cache_rows_buf.dimensions(), out->dimensions(), &z);
-      e.failure()) {
-    return e;
-  }
-  const int64_t layer = layer_buf.typed_data()[0];
-  const int32_t* positions = positions_buf.typed_data();
-  const int32_t* cache_rows = cache_rows_buf.typed_data();
+// The caches' element type T: float, or int8_t with per-slot scales (k_scale, v_scale: null for float).
+template <typename T>
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const T* k_data, const T* v_data,
+                           const float* k_scale, const float* v_scale, const Sizes& z, const int32_t* positions,
+                           const int32_t* cache_rows, int64_t layer, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   if (auto e = CheckIndices(layer, positions, cache_rows, z); e.failure()) return e;
   const int64_t b = z.b, t = z.t, n = z.n, h = z.h, rows = z.rows, kv = z.kv, s = z.s;
   Isa isa;
@@ -178,20 +186,26 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   plan->partials.resize(plan->items.size() * partial_floats);
 
   const float* q_data = q.typed_data();
-  const int64_t layer_offset = layer * rows * kv * s * h;
-  const float* k_layer = k_cache.typed_data() + layer_offset;
-  const float* v_layer = v_cache.typed_data() + layer_offset;
+  const int64_t layer_slots = layer * rows * kv * s;  // the layer's first slot, in slots
+  const T* k_layer = k_data + layer_slots * h;
+  const T* v_layer = v_data + layer_slots * h;
   ParallelFor(pool, static_cast<int64_t>(plan->items.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
-    scratch.resize(g * kAttentionChunk);
+    scratch.resize(ScratchFloats(g, h));
     for (int64_t i = begin; i < end; ++i) {
       const WorkItem& w = plan->items[i];
       const int64_t first_slot = w.chunk * kAttentionChunk;
       const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[w.query] + 1 - first_slot);
       const int64_t row = cache_rows[w.query / t];
-      const int64_t offset = ((row * kv + w.kv_head) * s + first_slot) * h;
-      AttendChunk(isa, q_data + (w.query * n + w.kv_head * g) * h, g, h, k_layer + offset, v_layer + offset, slots,
-                  scale, scratch.data(), plan->partials.data() + i * partial_floats);
+      const int64_t slot = (row * kv + w.kv_head) * s + first_slot;  // within the layer
+      const float* q_gh = q_data + (w.query * n + w.kv_head * g) * h;
+      float* partial = plan->partials.data() + i * partial_floats;
+      if constexpr (std::is_same_v<T, int8_t>) {
+        AttendChunkInt8(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, k_scale + layer_slots + slot,
+                        v_scale + layer_slots + slot, slots, scale, scratch.data(), partial);
+      } else {
+        AttendChunk(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, slots, scale, scratch.data(), partial);
+      }
     }
   });
 
@@ -212,16 +226,60 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   return ffi::Error::Success();
 }
 
+ffi::Error DecodeAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
+                              ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer,
+                              ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> cache_rows,
+                              ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  Sizes z;
+  if (auto e = CheckShapes(q.dimensions(), k_cache.dimensions(), v_cache.dimensions(), layer.dimensions(),
+                           positions.dimensions(), cache_rows.dimensions(), out->dimensions(), nullptr, &z);
+      e.failure()) {
+    return e;
+  }
+  return DecodeAttention<float>(pool, q, k_cache.typed_data(), v_cache.typed_data(), nullptr, nullptr, z,
+                                positions.typed_data(), cache_rows.typed_data(), layer.typed_data()[0], out);
+}
+
+ffi::Error DecodeAttentionI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k_cache,
+                             ffi::Buffer<ffi::S8> v_cache, ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
+                             ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> positions,
+                             ffi::Buffer<ffi::S32> cache_rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  Sizes z;
+  const Dims scale_dims[2] = {k_scale.dimensions(), v_scale.dimensions()};
+  if (auto e = CheckShapes(q.dimensions(), k_cache.dimensions(), v_cache.dimensions(), layer.dimensions(),
+                           positions.dimensions(), cache_rows.dimensions(), out->dimensions(), scale_dims, &z);
+      e.failure()) {
+    return e;
+  }
+  return DecodeAttention<int8_t>(pool, q, k_cache.typed_data(), v_cache.typed_data(), k_scale.typed_data(),
+                                 v_scale.typed_data(), z, positions.typed_data(), cache_rows.typed_data(),
+                                 layer.typed_data()[0], out);
+}
+
 }  // namespace
 }  // namespace bitnet
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    BitnetDecodeAttention, bitnet::DecodeAttentionImpl,
+    BitnetDecodeAttention, bitnet::DecodeAttentionF32,
     ffi::Ffi::Bind()
         .Ctx<ffi::ThreadPool>()
         .Arg<ffi::Buffer<ffi::F32>>()    // q: queries [B, T, N, H]
         .Arg<ffi::Buffer<ffi::F32>>()    // k_cache: the stacked key cache [L, Bc, K, S, H], read in place
         .Arg<ffi::Buffer<ffi::F32>>()    // v_cache: the stacked value cache, k_cache's shape
+        .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, the layer of the caches to read
+        .Arg<ffi::Buffer<ffi::S32>>()    // positions: int32 [B, T], the last slot each query attends
+        .Arg<ffi::Buffer<ffi::S32>>()    // cache_rows: int32 [B], the cache row of each query row
+        .Ret<ffi::Buffer<ffi::F32>>());  // out: [B, T, N, H]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetDecodeAttentionI8, bitnet::DecodeAttentionI8,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::F32>>()    // q: queries [B, T, N, H]
+        .Arg<ffi::Buffer<ffi::S8>>()     // k_cache: the stacked int8 key cache [L, Bc, K, S, H], read in place
+        .Arg<ffi::Buffer<ffi::S8>>()     // v_cache: the stacked int8 value cache, k_cache's shape
+        .Arg<ffi::Buffer<ffi::F32>>()    // k_scale: [L, Bc, K, S], each slot's key scale
+        .Arg<ffi::Buffer<ffi::F32>>()    // v_scale: [L, Bc, K, S], each slot's value scale
         .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, the layer of the caches to read
         .Arg<ffi::Buffer<ffi::S32>>()    // positions: int32 [B, T], the last slot each query attends
         .Arg<ffi::Buffer<ffi::S32>>()    // cache_rows: int32 [B], the cache row of each query row

@@ -5,5 +5,6 @@
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BitnetDecodeAttention);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BitnetDecodeAttentionI8);
 
 #endif  // BITNET_JAX_XLA_FFI_ATTENTION_H_

@@ -8,6 +8,9 @@
 //   1. scores, four slots at a time (four independent FMA chains, one horizontal reduction);
 //   2. per head, max, exp(score - max) in place and its sum;
 //   3. the exp-weighted values, four slots per load and store of the accumulator.
+// An int8 cache (AttendChunkInt8) takes the same passes over its slots widened to float, four rows
+// at a time into a buffer in L1, once for all G heads: the same arithmetic on a quarter of the
+// bytes.
 
 #include "attention_kernel.h"
 
@@ -57,16 +60,20 @@ float ExpScalar(float x) {
   return y * two_n;
 }
 
-void AttendChunkScalar(const float* q_gh, int64_t g, int64_t h, const float* k_nh, const float* v_nh, int64_t n,
-                       float scale, float* scratch, float* partial) {
+// T is the cache's element type: float, or int8_t with per-slot scales (k_scale_n, v_scale_n;
+// null for float). Slots are widened exactly to float; the scales enter as AttendChunkInt8 says.
+template <typename T>
+void AttendChunkScalar(const float* q_gh, int64_t g, int64_t h, const T* k_nh, const T* v_nh, const float* k_scale_n,
+                       const float* v_scale_n, int64_t n, float scale, float* scratch, float* partial) {
   float* max_g = partial;
   float* sum_g = partial + g;
   float* acc_gh = partial + 2 * g;
   for (int64_t j = 0; j < n; ++j) {
+    const float slot_scale = k_scale_n ? k_scale_n[j] * scale : scale;
     for (int64_t gi = 0; gi < g; ++gi) {
       float dot = 0.0f;
-      for (int64_t i = 0; i < h; ++i) dot += q_gh[gi * h + i] * k_nh[j * h + i];
-      scratch[gi * kAttentionChunk + j] = dot * scale;
+      for (int64_t i = 0; i < h; ++i) dot += q_gh[gi * h + i] * static_cast<float>(k_nh[j * h + i]);
+      scratch[gi * kAttentionChunk + j] = dot * slot_scale;
     }
   }
   for (int64_t gi = 0; gi < g; ++gi) {
@@ -76,12 +83,15 @@ void AttendChunkScalar(const float* q_gh, int64_t g, int64_t h, const float* k_n
     for (int64_t j = 0; j < n; ++j) sum += (p[j] = ExpScalar(p[j] - m));
     max_g[gi] = m;
     sum_g[gi] = sum;
+    if (v_scale_n) {
+      for (int64_t j = 0; j < n; ++j) p[j] *= v_scale_n[j];
+    }
   }
   std::fill(acc_gh, acc_gh + g * h, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
     for (int64_t gi = 0; gi < g; ++gi) {
       const float p = scratch[gi * kAttentionChunk + j];
-      for (int64_t i = 0; i < h; ++i) acc_gh[gi * h + i] += p * v_nh[j * h + i];
+      for (int64_t i = 0; i < h; ++i) acc_gh[gi * h + i] += p * static_cast<float>(v_nh[j * h + i]);
     }
   }
 }
@@ -140,8 +150,8 @@ BITNET_AVX2 void ExpNonPositiveAvx2(float* x, int64_t n) {
   }
 }
 
-// Scores of one query against slots j..j+3 (rows k0, k0 + h, ...), scaled, into s[0..3].
-BITNET_AVX2 inline void Scores4(const float* q, const float* k0, int64_t h, __m256 scale, __m256i tail,
+// Scores of one query against slots j..j+3 (rows k0, k0 + h, ...), times each slot's scale, into s[0..3].
+BITNET_AVX2 inline void Scores4(const float* q, const float* k0, int64_t h, __m128 slot_scales, __m256i tail,
                                 float* s) {
   const float *k1 = k0 + h, *k2 = k1 + h, *k3 = k2 + h;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -160,15 +170,15 @@ BITNET_AVX2 inline void Scores4(const float* q, const float* k0, int64_t h, __m2
     a2 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k2 + i, tail), a2);
     a3 = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k3 + i, tail), a3);
   }
-  _mm_storeu_ps(s, _mm_mul_ps(Hsum4(a0, a1, a2, a3), _mm256_castps256_ps128(scale)));
+  _mm_storeu_ps(s, _mm_mul_ps(Hsum4(a0, a1, a2, a3), slot_scales));
 }
 
-BITNET_AVX2 inline float Score1(const float* q, const float* k, int64_t h, float scale, __m256i tail) {
+BITNET_AVX2 inline float Score1(const float* q, const float* k, int64_t h, float slot_scale, __m256i tail) {
   __m256 a = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= h; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a);
   if (i < h) a = _mm256_fmadd_ps(_mm256_maskload_ps(q + i, tail), _mm256_maskload_ps(k + i, tail), a);
-  return Hsum(a) * scale;
+  return Hsum(a) * slot_scale;
 }
 
 // acc[0, h) += p0 * v0 + p1 * v1 + p2 * v2 + p3 * v3, in that order; rows v0, v0 + h, ...
@@ -205,24 +215,51 @@ BITNET_AVX2 inline void Accumulate1(float* acc, const float* v, int64_t h, float
   }
 }
 
-BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const float* k_nh, const float* v_nh,
-                                 int64_t n, float scale, float* scratch, float* partial) {
+// `count` consecutive cache rows of h elements as floats: float rows in place; int8 rows widened
+// (exactly) into `widened` [count * h], once for all the query heads that read them.
+BITNET_AVX2 inline const float* FloatRows(const float* rows, int64_t, int64_t, float*) { return rows; }
+BITNET_AVX2 inline const float* FloatRows(const int8_t* rows, int64_t count, int64_t h, float* widened) {
+  const int64_t total = count * h;
+  int64_t i = 0;
+  for (; i + 8 <= total; i += 8) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows + i));
+    _mm256_storeu_ps(widened + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+  }
+  for (; i < total; ++i) widened[i] = static_cast<float>(rows[i]);
+  return widened;
+}
+
+// As AttendChunkScalar<T>.
+template <typename T>
+BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const T* k_nh, const T* v_nh,
+                                 const float* k_scale_n, const float* v_scale_n, int64_t n, float scale,
+                                 float* scratch, float* partial) {
   float* max_g = partial;
   float* sum_g = partial + g;
   float* acc_gh = partial + 2 * g;
   const __m256i h_tail = FirstLanes(h % 8);  // lanes of the last, partial vector of a row
-  const __m256 scale_v = _mm256_set1_ps(scale);
+  const __m128 scale_v = _mm_set1_ps(scale);
   const int64_t n4 = n / 4 * 4;
+
+  float* widened = scratch + g * kAttentionChunk;  // 4 rows, for an int8 cache
 
   // 1. Scores.
   for (int64_t j = 0; j < n4; j += 4) {
-    for (int64_t gi = 0; gi < g; ++gi) Scores4(q_gh + gi * h, k_nh + j * h, h, scale_v, h_tail, scratch + gi * kAttentionChunk + j);
+    const __m128 slot_scales = k_scale_n ? _mm_mul_ps(_mm_loadu_ps(k_scale_n + j), scale_v) : scale_v;
+    const float* k4 = FloatRows(k_nh + j * h, 4, h, widened);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      Scores4(q_gh + gi * h, k4, h, slot_scales, h_tail, scratch + gi * kAttentionChunk + j);
+    }
   }
   for (int64_t j = n4; j < n; ++j) {
-    for (int64_t gi = 0; gi < g; ++gi) scratch[gi * kAttentionChunk + j] = Score1(q_gh + gi * h, k_nh + j * h, h, scale, h_tail);
+    const float slot_scale = k_scale_n ? k_scale_n[j] * scale : scale;
+    const float* k1 = FloatRows(k_nh + j * h, 1, h, widened);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      scratch[gi * kAttentionChunk + j] = Score1(q_gh + gi * h, k1, h, slot_scale, h_tail);
+    }
   }
 
-  // 2. Max, exp(score - max) in place, sum.
+  // 2. Max, exp(score - max) in place, sum; then the weights times each value row's scale.
   const __m256i n_tail = FirstLanes(n % 8);
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = scratch + gi * kAttentionChunk;
@@ -242,15 +279,20 @@ BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const 
     }
     max_g[gi] = m;
     sum_g[gi] = Hsum(sum);
+    if (v_scale_n) {
+      for (j = 0; j < n; ++j) p[j] *= v_scale_n[j];
+    }
   }
 
-  // 3. Exp-weighted values.
+  // 3. Weighted values.
   std::fill(acc_gh, acc_gh + g * h, 0.0f);
   for (int64_t j = 0; j < n4; j += 4) {
-    for (int64_t gi = 0; gi < g; ++gi) Accumulate4(acc_gh + gi * h, v_nh + j * h, h, scratch + gi * kAttentionChunk + j, h_tail);
+    const float* v4 = FloatRows(v_nh + j * h, 4, h, widened);
+    for (int64_t gi = 0; gi < g; ++gi) Accumulate4(acc_gh + gi * h, v4, h, scratch + gi * kAttentionChunk + j, h_tail);
   }
   for (int64_t j = n4; j < n; ++j) {
-    for (int64_t gi = 0; gi < g; ++gi) Accumulate1(acc_gh + gi * h, v_nh + j * h, h, scratch[gi * kAttentionChunk + j], h_tail);
+    const float* v1 = FloatRows(v_nh + j * h, 1, h, widened);
+    for (int64_t gi = 0; gi < g; ++gi) Accumulate1(acc_gh + gi * h, v1, h, scratch[gi * kAttentionChunk + j], h_tail);
   }
 }
 
@@ -276,12 +318,25 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
                  int64_t n, float scale, float* scratch, float* partial) {
 #if BITNET_JAX_X86_SIMD
   if (UsesAvx2(isa)) {
-    AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, n, scale, scratch, partial);
+    AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
     return;
   }
 #endif
   (void)isa;
-  AttendChunkScalar(q_gh, g, h, k_nh, v_nh, n, scale, scratch, partial);
+  AttendChunkScalar(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
+}
+
+void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
+                     const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
+                     float* partial) {
+#if BITNET_JAX_X86_SIMD
+  if (UsesAvx2(isa)) {
+    AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    return;
+  }
+#endif
+  (void)isa;
+  AttendChunkScalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
 }
 
 // Every path: a few operations per head and chunk, beside the chunk's G * n * H of AttendChunk.

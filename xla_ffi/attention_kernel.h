@@ -26,6 +26,10 @@ constexpr int64_t kAttentionChunk = 128;
 // Floats in one chunk's partial for g query heads of head dim h: max [g], sum [g], acc [g, h].
 constexpr int64_t PartialFloats(int64_t g, int64_t h) { return g * (h + 2); }
 
+// Floats of the scratch buffer AttendChunk and AttendChunkInt8 take: the scores of g heads for a
+// chunk, and four cache rows of an int8 cache widened to float.
+constexpr int64_t ScratchFloats(int64_t g, int64_t h) { return g * kAttentionChunk + 4 * h; }
+
 // exp(x[i]) in place for n values x[i] <= 0 (scores minus their max): a degree-6 polynomial
 // on the reduced argument (Cephes' expf), relative error within 2 ulp (kernel_test checks it).
 // Inputs below -87 give exp(-87) ~ 1.6e-38, a normal float: beside a sum of at least 1 (the max
@@ -36,12 +40,20 @@ void ExpNonPositive(Isa isa, float* x, int64_t n);
 //   q_gh     float [g, h]: the queries of the g heads that share this kv head
 //   k_nh     float [n, h]: keys of the chunk's slots (row stride h)
 //   v_nh     float [n, h]: values, the same slots
-//   scratch  float [g, kAttentionChunk], the caller's (overwritten)
+//   scratch  float [ScratchFloats(g, h)], the caller's (overwritten)
 //   partial  float [PartialFloats(g, h)], out: with s_gj = (q_g . k_j) * scale,
 //            max_g = max_j s_gj, sum_g = sum_j exp(s_gj - max_g),
 //            acc_gh = sum_j exp(s_gj - max_g) * v_jh
 void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* k_nh, const float* v_nh,
                  int64_t n, float scale, float* scratch, float* partial);
+
+// AttendChunk over an int8 cache with a float scale per slot (the cache holds k_scale_n[j] * k_nh[j]
+// and v_scale_n[j] * v_nh[j]): s_gj = (q_g . k_j) * (k_scale_n[j] * scale), the dot in float over
+// the exactly widened int8 values; max_g and sum_g as above; acc_gh = sum_j (exp(s_gj - max_g) *
+// v_scale_n[j]) * v_jh.
+void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
+                     const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
+                     float* partial);
 
 // out_gh [g, h] = the softmax-weighted values of a query from the partials of its chunks
 // (float [chunks, PartialFloats(g, h)], in slot order), merged in that order.

@@ -46,6 +46,7 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_int4_matmul_dot"] = EncapsulateFfiHandler(BitnetInt4MatmulDot);
     registrations["bitnet_embed_rows"] = EncapsulateFfiHandler(BitnetEmbedRows);
     registrations["bitnet_decode_attention"] = EncapsulateFfiHandler(BitnetDecodeAttention);
+    registrations["bitnet_decode_attention_i8"] = EncapsulateFfiHandler(BitnetDecodeAttentionI8);
     registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
     registrations["bitnet_int8_peak"] = EncapsulateFfiHandler(BitnetInt8Peak);
     return registrations;

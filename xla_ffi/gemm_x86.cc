@@ -124,6 +124,11 @@ BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_
   if constexpr (MT == 1) {
     TernaryGroup1Avx2(x, x_sum, kb, w_g, n0, n_total, acc);
   } else {
+    // Row by row, each pass reads 64 of every 256 bytes of the group, which the hardware
+    // prefetcher does not follow (see above): fetch the next group (the next kb * 256 bytes of
+    // the stream) while this one is computed from L1. A prefetch past the weights is harmless.
+    const char* next = reinterpret_cast<const char*>(w_g + kb * kGroupBlockBytes);
+    for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
     for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
       TernaryRowAvx2<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
     }

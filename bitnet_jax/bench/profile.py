@@ -54,7 +54,7 @@ def _median_ms(fn, args, repeats: int, carry: tuple[int, int] | None = None) -> 
 
 
 def profile_decode(
-    config, params, *, position: int, cache_slots: int, step_ms: float, repeats: int = 10
+    config, params, *, position: int, cache_slots: int, step_ms: float, repeats: int = 10, kv_cache: str | None = None
 ) -> DecodeProfile:
     """Times each piece of a decode step of packed `params` (see the module docstring)."""
     import flax.linen as nn
@@ -67,7 +67,7 @@ def profile_decode(
     from bitnet_jax.model.transformer import KVCache, _attention_mask, apply_rope, grouped_attention
     from bitnet_jax.serve.generate import kv_cache_dtype, serving_params
 
-    _, spec = serving_params(config, params, None)
+    _, spec = serving_params(config, params, None, kv_cache)
     c = config
     n, k, h, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
     layers_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
@@ -117,8 +117,8 @@ def profile_decode(
             )
             return (chained(q, out_b1nh), cache_kv), None
 
-        (q, cache_kv), _ = jax.lax.scan(layer, (q_b1nh, (cache.k_lbksh, cache.v_lbksh)), layers_l)
-        return q, KVCache(*cache_kv)
+        (q, cache), _ = jax.lax.scan(layer, (q_b1nh, cache), layers_l)
+        return q, cache
 
     attention = jax.jit(attention, donate_argnums=2)  # the cache is written in place, as in the loop
     pieces["attention"] = _median_ms(attention, (normal(1, 1, n, h), normal(1, 1, k, h), cache), repeats, carry=(1, 2))

@@ -57,7 +57,7 @@ def decode_bytes(config, params, cache_dtype) -> DecodeBytes:
         else:
             other += _nbytes(leaf)
     slot = jax.eval_shape(lambda: KVCache.zeros(config, 1, 1, dtype=cache_dtype))
-    return DecodeBytes(layers, head, other, sum(_nbytes(x) for x in slot))
+    return DecodeBytes(layers, head, other, sum(_nbytes(x) for x in jax.tree.leaves(slot)))
 
 
 def decode_context(prompt_tokens: int, new_tokens: int) -> float:

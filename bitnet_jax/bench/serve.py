@@ -295,6 +295,7 @@ class GenerateTiming:
     int8_peak_gops: float | None = None  # the FFI path's, on as many threads
     prefill_of_int8_peak: float | None = None
     profile: DecodeProfile | None = None  # `profile=True`, FFI backend: the decode step's pieces
+    kv_cache: str = "float32"  # the FFI model's KV cache dtype (ops.KV_CACHES)
 
     def __post_init__(self):
         object.__setattr__(self, "mb_per_token", self.layers_mb + self.head_mb + self.other_mb + self.kv_mb)
@@ -421,6 +422,7 @@ def bench_generate(
     xla_dtype: str = "float32",
     seed: int = 0,
     profile: bool = False,
+    kv_cache: str | None = None,
 ) -> GenerateTiming:
     """Prefill and decode speed of one backend on random weights of the config's shape.
 
@@ -430,6 +432,7 @@ def bench_generate(
     mark from just after the weights are built (/proc/self/clear_refs).
     `lm_head` is the FFI model's (default: the serving default, `ops.default_lm_head`).
     `profile` (FFI backend): also time the pieces of a decode step alone (bench/profile.py).
+    `kv_cache`: the FFI model's KV cache dtype (default float32).
     """
     import gc
 
@@ -451,10 +454,11 @@ def bench_generate(
     if backend == "ffi":
         # As `bitnet-jax generate` serves: compile from the shapes, then make the weights.
         shapes = random_packed_params(config, lm_head=lm_head, seed=seed, abstract=True)
-        compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True)
+        compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True, kv_cache=kv_cache)
         params = random_packed_params(config, lm_head=lm_head, seed=seed)
         isa = ffi.selected_isa()
     else:
+        kv_cache = None  # the dense path's cache has the weights' dtype
         packed = random_packed_params(config, lm_head=lm_head, seed=seed)
         config = config.replace(weight_quant="none")
         params = dense_params(config, packed, jnp.dtype(xla_dtype))
@@ -463,14 +467,15 @@ def bench_generate(
         lm_head, isa = f"tied {xla_dtype}", "xla"
     gc.collect()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    traffic = decode_bytes(config, params, kv_cache_dtype(params, serving_params(config, params, None)[1]))
+    traffic = decode_bytes(config, params, kv_cache_dtype(params, serving_params(config, params, None, kv_cache)[1]))
     context = decode_context(prompt_tokens, new_tokens)
     _reset_peak_rss()
 
     def run():
         token_times = []
         start = time.perf_counter()
-        generate(config, params, prompt, 1 + new_tokens, on_tokens=lambda _: token_times.append(time.perf_counter()))
+        on_tokens = lambda _: token_times.append(time.perf_counter())
+        generate(config, params, prompt, 1 + new_tokens, on_tokens=on_tokens, kv_cache=kv_cache)
         return token_times[0] - start, token_times[-1] - token_times[0]
 
     run()  # warm up (and compile, for the dense path)
@@ -484,6 +489,7 @@ def bench_generate(
             position=prompt_tokens + (new_tokens - 1) // 2,  # the middle of the timed steps
             cache_slots=padded_prompt_length(prompt_tokens) + 1 + new_tokens,  # as `generate` allocates
             step_ms=1e3 * decode_s / new_tokens,
+            kv_cache=kv_cache,
         )
     return GenerateTiming(
         backend,
@@ -503,6 +509,7 @@ def bench_generate(
         decode_context=context,
         prefill_ternary_gops=ternary_ops_per_token(config) * prompt_tokens / prefill_s / 1e9,
         profile=pieces,
+        kv_cache=kv_cache or "float32",
     )
 
 
@@ -581,6 +588,10 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _head_and_cache(r: GenerateTiming) -> str:
+    return r.lm_head if r.kv_cache == "float32" else f"{r.lm_head}, {r.kv_cache} KV cache"
+
+
 def generate_table(results: list[GenerateTiming]) -> str:
     lines = [
         "| backend | lm_head | path | threads | prefill tok/s | decode tok/s | peak RSS MB | weights MB |",
@@ -588,7 +599,7 @@ def generate_table(results: list[GenerateTiming]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r.backend} | {r.lm_head} | {r.isa} | {r.threads} | {r.prefill_tok_s:.1f} "
+            f"| {r.backend} | {_head_and_cache(r)} | {r.isa} | {r.threads} | {r.prefill_tok_s:.1f} "
             f"({r.prompt_tokens}-token prompt) | {r.decode_tok_s:.2f} ({r.new_tokens} tokens) | "
             f"{r.peak_rss_mb:.0f} | {r.weight_mb:.0f} |"
         )

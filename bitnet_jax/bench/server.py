@@ -36,6 +36,8 @@ class ServeTiming:
     slots: int
     max_context: int
     threads: int
+    lm_head: str
+    kv_cache: str
 
 
 class _IdTokenizer:
@@ -61,9 +63,11 @@ def bench_serve(
     new_tokens: int = 128,
     max_context: int = 2048,
     lm_head: str | None = None,
+    kv_cache: str | None = None,
     seed: int = 0,
 ) -> list[ServeTiming]:
-    """Times the server at each client count (see the module docstring)."""
+    """Times the server at each client count (see the module docstring). `lm_head` and `kv_cache`
+    as for `bench generate` (defaults: the serving default head, a float32 cache)."""
     import gc
     import os
 
@@ -76,8 +80,11 @@ def bench_serve(
 
     # No stop ids: every request decodes exactly `new_tokens` tokens.
     config = config.replace(eos_token_id=None)
-    params = random_packed_params(config, lm_head=lm_head or default_lm_head(config), seed=seed)
-    engine = Engine(config, params, _IdTokenizer(), max_batch=max(clients), max_context=max_context)
+    lm_head, kv_cache = lm_head or default_lm_head(config), kv_cache or "float32"
+    params = random_packed_params(config, lm_head=lm_head, seed=seed)
+    engine = Engine(
+        config, params, _IdTokenizer(), max_batch=max(clients), max_context=max_context, kv_cache=kv_cache
+    )
     del params
     gc.collect()
     engine.start()  # compiles the decode step and a one-token prefill
@@ -131,6 +138,8 @@ def bench_serve(
                     engine.max_batch,
                     engine.max_context,
                     len(os.sched_getaffinity(0)),
+                    lm_head,
+                    kv_cache,
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)
@@ -155,6 +164,7 @@ def serve_table(results: list[ServeTiming]) -> str:
         gain = most.aggregate_decode_tok_s / one.aggregate_decode_tok_s
         lines.append(
             f"Aggregate decode with {most.clients} clients: {gain:.2f}x one client's "
-            f"({most.slots} slots of {most.max_context} tokens, {most.threads} threads)."
+            f"({most.slots} slots of {most.max_context} tokens, {most.threads} threads; {most.lm_head} lm_head, "
+            f"{most.kv_cache} KV cache)."
         )
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 
-from bitnet_jax.kernels.ops import LM_HEADS
+from bitnet_jax.kernels.ops import KV_CACHES, LM_HEADS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
         "ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
         "folders on CPU, xla on GPU / TPU and for training parameters)",
     )
+    _add_kv_cache(gen)
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")
     gen.set_defaults(func=_generate)
 
@@ -160,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--model-name", help="the model's name in the API (default: the folder's name)")
     _add_backend(srv, "as for generate")
+    _add_kv_cache(srv)
     srv.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get on Ctrl-C")
     srv.set_defaults(func=_serve)
 
@@ -186,12 +188,8 @@ def _parser() -> argparse.ArgumentParser:
     bench_gen = benches.add_parser("generate", help="prefill / decode speed and memory, FFI vs XLA dense")
     _add_random_model(bench_gen, "random weights of the preset's shape, built in memory (no download)")
     bench_gen.add_argument("--backends", default="ffi,xla", help="comma-separated: ffi, xla (default both)")
-    bench_gen.add_argument(
-        "--lm-head",
-        choices=LM_HEADS,
-        default=None,
-        help="the FFI model's lm_head (default: the serving default, int8-tied for 2B4T)",
-    )
+    _add_lm_head(bench_gen, "the FFI model's lm_head")
+    _add_kv_cache(bench_gen)
     bench_gen.add_argument("--prompt-tokens", type=int, default=128)
     bench_gen.add_argument("--new-tokens", type=int, default=128, help="decoded tokens timed, FFI (default 128)")
     bench_gen.add_argument(
@@ -211,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     bench_srv.add_argument("--prompt-tokens", type=int, default=128)
     bench_srv.add_argument("--new-tokens", type=int, default=128)
     bench_srv.add_argument("--max-context", type=int, default=2048, help="cache slots per row (default 2048)")
+    _add_lm_head(bench_srv, "the model's lm_head")
+    _add_kv_cache(bench_srv)
     _add_json(bench_srv, "results")
     bench_srv.set_defaults(func=_bench_serve)
 
@@ -293,6 +293,24 @@ def _add_sampling(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> No
 def _add_backend(parser: argparse.ArgumentParser, help: str) -> None:
     """--backend for packed models (generate, serve, eval); unset, `ops.serving_backend` decides."""
     parser.add_argument("--backend", choices=("ffi", "xla"), default=None, help=help)
+
+
+def _add_lm_head(parser: argparse.ArgumentParser, what: str) -> None:
+    """--lm-head for the benchmarks on random weights (bench generate, bench serve)."""
+    parser.add_argument(
+        "--lm-head", choices=LM_HEADS, default=None, help=f"{what} (default: the serving default, int8-tied for 2B4T)"
+    )
+
+
+def _add_kv_cache(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache for serving (generate, serve, bench generate)."""
+    parser.add_argument(
+        "--kv-cache",
+        choices=KV_CACHES,
+        default=None,
+        help="the KV cache's dtype (default float32; int8, with a scale per slot and kv head, takes a quarter of "
+        "its memory and of the bytes a decoded token reads at long context)",
+    )
 
 
 def _add_threads(parser: argparse.ArgumentParser) -> None:
@@ -435,6 +453,7 @@ def _serve(args) -> int:
         api_key=args.api_key,
         model_name=args.model_name,
         backend=args.backend,
+        kv_cache=args.kv_cache,
         shutdown_timeout=args.shutdown_timeout,
     )
 
@@ -527,6 +546,7 @@ def _bench_generate(args) -> int:
                         args.repeats,
                         args.xla_dtype,
                         args.profile,
+                        args.kv_cache,
                     ),
                 )
             )
@@ -563,6 +583,8 @@ def _bench_serve(args) -> int:
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         max_context=args.max_context,
+        lm_head=args.lm_head,
+        kv_cache=args.kv_cache,
     )
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
     print(serve_table(results))
@@ -581,7 +603,9 @@ def _bench_limits_child(threads, buffer_bytes):
     return measure_limits(paths=[ffi.selected_isa()], buffer_bytes=buffer_bytes)
 
 
-def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype, profile):
+def _bench_generate_child(
+    preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype, profile, kv_cache
+):
     from bitnet_jax.bench.serve import set_threads
 
     set_threads(threads)
@@ -597,6 +621,7 @@ def _bench_generate_child(preset, backend, threads, lm_head, prompt_tokens, new_
         repeats=repeats,
         xla_dtype=xla_dtype,
         profile=profile,
+        kv_cache=kv_cache,
     )
 
 
@@ -712,7 +737,12 @@ def _generate(args) -> int:
         prompt_ids = [tokenizer.bos_id] + prompt_ids
     stops = generation_stop_ids(args.model, config)
     request = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_ids=stops, backend=args.backend
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_ids=stops,
+        backend=args.backend,
+        kv_cache=args.kv_cache,
     )
     compile_s = None
     if packed:

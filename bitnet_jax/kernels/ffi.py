@@ -14,9 +14,10 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                         xla_ffi/matmul.cc and bitnet_jax/kernels/layout.py).
   bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
                         read in place (`embed_rows`, xla_ffi/embed.cc).
-  bitnet_decode_attention
-                        grouped-query attention over one layer of the stacked KV cache, read
-                        in place (`decode_attention`, xla_ffi/attention.cc).
+  bitnet_decode_attention / _i8
+                        grouped-query attention over one layer of the stacked KV cache (float32,
+                        or int8 with per-slot scales), read in place (`decode_attention`,
+                        xla_ffi/attention.cc).
 
 Kernel paths (scalar; AVX2, AVX-512 VNNI on x86-64; NEON, NEON with sdot on aarch64) are chosen at
 run time from the CPU, or forced with the environment variable
@@ -237,14 +238,18 @@ def embed_rows(table_vd, ids) -> jax.Array:
     return call(table_vd, ids)
 
 
-def decode_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b=None) -> jax.Array:
+def decode_attention(
+    q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b=None, k_scale_lbks=None, v_scale_lbks=None
+) -> jax.Array:
     """Grouped-query attention over layer `layer` of a stacked KV cache, read in place: float32
     out [B, T, N, H] with, for query (b, t), cache row r = cache_rows_b[b] and G = N // K,
 
         out[b, t, n] = sum_{s <= positions_bt[b, t]} softmax_s(q[b, t, n] . k[layer, r, n // G, s] * H**-0.5)
                        * v[layer, r, n // G, s]
 
-    q_btnh: float32 [B, T, N, H]; k_lbksh, v_lbksh: float32 [L, Bc, K, S, H], N a multiple of K.
+    q_btnh: float32 [B, T, N, H]; k_lbksh, v_lbksh: float32 [L, Bc, K, S, H], N a multiple of K;
+      or int8 codes of that shape with float32 scales k_scale_lbks, v_scale_lbks [L, Bc, K, S]
+      (the cache then holds k = k_scale[..., None] * k_codes, a quarter of the bytes to read).
     layer: int32 scalar (may be traced), in [0, L). positions_bt: int32 [B, T], each < S (a larger
       one raises at run time); a negative position gives zeros (a row with nothing to attend).
     cache_rows_b: int32 [B], each in [0, Bc); default 0..B-1 (then Bc must be at least B).
@@ -255,9 +260,19 @@ def decode_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b
     (fixed chunks of slots, merged in a fixed order: xla_ffi/attention.cc). CPU only.
     """
     q_btnh, k_lbksh, v_lbksh = jnp.asarray(q_btnh), jnp.asarray(k_lbksh), jnp.asarray(v_lbksh)
-    for name, x in (("q_btnh", q_btnh), ("k_lbksh", k_lbksh), ("v_lbksh", v_lbksh)):
-        if x.dtype != jnp.float32:
-            raise BitNetError(f"decode_attention: expected float32 {name}; found {x.dtype}. Cast it with .astype.")
+    if q_btnh.dtype != jnp.float32:
+        raise BitNetError(f"decode_attention: expected float32 q_btnh; found {q_btnh.dtype}. Cast it with .astype.")
+    int8_cache = k_lbksh.dtype == jnp.int8
+    if k_lbksh.dtype not in (jnp.float32, jnp.int8) or v_lbksh.dtype != k_lbksh.dtype:
+        raise BitNetError(
+            f"decode_attention: expected caches both float32, or both int8 with scales; found {k_lbksh.dtype} and "
+            f"{v_lbksh.dtype}."
+        )
+    if int8_cache != (k_scale_lbks is not None) or int8_cache != (v_scale_lbks is not None):
+        raise BitNetError(
+            "decode_attention: an int8 cache needs k_scale_lbks and v_scale_lbks (float32 [L, Bc, K, S]), and a "
+            "float32 cache takes none."
+        )
     if q_btnh.ndim != 4 or k_lbksh.ndim != 5 or v_lbksh.shape != k_lbksh.shape:
         raise BitNetError(
             f"decode_attention: expected q [B, T, N, H] and caches k, v [L, Bc, K, S, H] of one shape; found "
@@ -281,8 +296,17 @@ def decode_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b
     positions_bt = _int32_operand("positions_bt", positions_bt, (b, t))
     cache_rows_b = _int32_operand("cache_rows_b", cache_rows_b, (b,))
     out_type = jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32)
-    call = jax.ffi.ffi_call("bitnet_decode_attention", out_type, vmap_method="sequential")
-    return call(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b)
+    if not int8_cache:
+        call = jax.ffi.ffi_call("bitnet_decode_attention", out_type, vmap_method="sequential")
+        return call(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b)
+    scales = [jnp.asarray(x) for x in (k_scale_lbks, v_scale_lbks)]
+    if any(x.dtype != jnp.float32 or x.shape != k_lbksh.shape[:-1] for x in scales):
+        raise BitNetError(
+            f"decode_attention: expected float32 scales of shape {k_lbksh.shape[:-1]} (the cache's without the head "
+            f"dim); found {[(str(x.dtype), x.shape) for x in scales]}."
+        )
+    call = jax.ffi.ffi_call("bitnet_decode_attention_i8", out_type, vmap_method="sequential")
+    return call(q_btnh, k_lbksh, v_lbksh, *scales, layer, positions_bt, cache_rows_b)
 
 
 def _int32_operand(name: str, x, shape: tuple) -> jax.Array:

@@ -26,9 +26,11 @@ from bitnet_jax.model.quant import absmax_quantize, act_quantize, rescale
 
 if TYPE_CHECKING:
     from bitnet_jax.model.config import BitNetConfig
+    from bitnet_jax.model.transformer import KVCache
 
 BACKENDS = ("ffi", "xla")
 LM_HEADS = ("int8", "int8-tied", "int4", "int4-tied", "float")
+KV_CACHES = ("float32", "int8")  # the serving KV cache's dtype (int8: with a scale per slot and kv head)
 
 
 def head_table(lm_head: str) -> tuple[str | None, bool]:
@@ -107,12 +109,16 @@ class ServingSpec:
     act_bits: bits of the per-token activation quantizer.
     platform: where the model runs ('cpu', 'gpu', 'tpu'; default `jax.default_backend()`), so that
       'ffi' is never chosen, nor accepted, where its custom calls do not exist.
+    kv_cache: the KV cache's dtype, 'float32' or 'int8' (a quarter of the bytes per slot, read per
+      decoded token: each slot's keys and values per kv head quantized by their absmax,
+      `model.transformer.quantize_kv`; attention math stays float32).
     """
 
     backend: str | None = None
     lm_head: str | None = None  # required (a keyword default only so that `backend` may come first)
     act_bits: int = 8
     platform: str | None = None
+    kv_cache: str = "float32"
 
     def __post_init__(self):
         if self.lm_head not in LM_HEADS:
@@ -120,6 +126,8 @@ class ServingSpec:
                 f"ServingSpec: lm_head={self.lm_head!r}; expected one of {LM_HEADS}, the kind the parameters "
                 "were packed with (bitnet_jax.model.serving_layers.lm_head_kind(params))."
             )
+        if self.kv_cache not in KV_CACHES:
+            raise BitNetError(f"ServingSpec: kv_cache={self.kv_cache!r}; expected one of {KV_CACHES}.")
         # Resolved here, once, so that the layers only ever see 'ffi' or 'xla'.
         object.__setattr__(self, "backend", serving_backend(self.platform or jax.default_backend(), self.backend))
 
@@ -274,19 +282,20 @@ FFI_ATTENTION_MAX_T = 16
 
 def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
     """Whether attention over a stacked KV cache runs as the FFI kernel (`cached_attention`): on the
-    FFI backend, for float32 queries and cache, at most FFI_ATTENTION_MAX_T queries per row, and
-    outside a multi-device mesh (a bare custom call there would see the sharded cache all-gathered)."""
+    FFI backend, for float32 queries and a float32 or int8 cache, at most FFI_ATTENTION_MAX_T
+    queries per row, and outside a multi-device mesh (a bare custom call there would see the
+    sharded cache all-gathered)."""
     mesh = jax.sharding.get_abstract_mesh()
     return (
         backend == "ffi"
         and q_btnh.shape[1] <= FFI_ATTENTION_MAX_T
         and q_btnh.dtype == jnp.float32
-        and k_lbksh.dtype == jnp.float32
+        and k_lbksh.dtype in (jnp.float32, jnp.int8)
         and (mesh.empty or mesh.size == 1)
     )
 
 
-def cached_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b=None) -> jax.Array:
+def cached_attention(q_btnh, cache: KVCache, layer, positions_bt, cache_rows_b=None) -> jax.Array:
     """Attention of queries [B, T, N, H] over layer `layer` of the stacked cache [L, B, K, S, H],
     query (b, t) over slots 0..positions_bt[b, t], as the FFI kernel (`ffi.decode_attention`): it
     reads the layer in place, and only the filled slots. A position past the cache (a batching
@@ -294,8 +303,10 @@ def cached_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b
     do in XLA ops. `cache_rows_b`: the cache row of each query row (default row b)."""
     from bitnet_jax.kernels import ffi
 
-    last_slot = k_lbksh.shape[3] - 1
-    return ffi.decode_attention(q_btnh, k_lbksh, v_lbksh, layer, jnp.minimum(positions_bt, last_slot), cache_rows_b)
+    positions_bt = jnp.minimum(positions_bt, cache.k_lbksh.shape[3] - 1)
+    return ffi.decode_attention(
+        q_btnh, cache.k_lbksh, cache.v_lbksh, layer, positions_bt, cache_rows_b, cache.k_scale_lbks, cache.v_scale_lbks
+    )
 
 
 def float_embed(table_vd, ids, backend: str = "xla") -> jax.Array:

@@ -55,15 +55,74 @@ _MASKED = -1e30
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer; slot s holds the token at absolute position s."""
+    """Keys and values of every layer; slot s holds the token at absolute position s.
+
+    A float cache holds them as they are. An int8 cache (a quarter of float32's bytes, for serving)
+    holds each slot's keys (and values) per kv head as int8 codes with one float32 scale,
+    k = k_scale_lbks[..., None] * k_lbksh (`quantize_kv`); the scales are None for a float cache.
+    """
 
     k_lbksh: jax.Array
     v_lbksh: jax.Array
+    k_scale_lbks: jax.Array | None = None
+    v_scale_lbks: jax.Array | None = None
 
     @classmethod
     def zeros(cls, config: BitNetConfig, batch: int, length: int, dtype=jnp.float32) -> "KVCache":
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        if jnp.dtype(dtype) != jnp.int8:
+            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        scales = lambda: jnp.zeros(shape[:-1], jnp.float32)
+        return cls(jnp.zeros(shape, jnp.int8), jnp.zeros(shape, jnp.int8), scales(), scales())
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale_lbks is not None
+
+    def write(self, layer, k_btkh, v_btkh, start_b, rows_b=None) -> "KVCache":
+        """This step's keys and values [B, T, K, H] written into layer `layer`, row b's at slots
+        start_b[b].. of cache row rows_b[b] (default b): a scatter of the few slots written, done
+        in place by XLA, not a copy. An int8 cache quantizes them first (`quantize_kv`)."""
+        if not self.quantized:
+            return KVCache(
+                _write_slots(self.k_lbksh, k_btkh, layer, start_b, rows_b),
+                _write_slots(self.v_lbksh, v_btkh, layer, start_b, rows_b),
+            )
+        (k_q, k_scale), (v_q, v_scale) = quantize_kv(k_btkh), quantize_kv(v_btkh)
+        return KVCache(
+            *(
+                _write_slots(cache, new, layer, start_b, rows_b)
+                for cache, new in (
+                    (self.k_lbksh, k_q),
+                    (self.v_lbksh, v_q),
+                    (self.k_scale_lbks, k_scale),
+                    (self.v_scale_lbks, v_scale),
+                )
+            )
+        )
+
+    def layer(self, layer, rows_b=None) -> tuple[jax.Array, jax.Array]:
+        """(keys, values) [B, K, S, H] of layer `layer` (of the cache rows `rows_b`, default all):
+        a copy, dequantized to float32 for an int8 cache."""
+        keys, values = self.k_lbksh[layer], self.v_lbksh[layer]
+        if self.quantized:
+            keys = keys.astype(jnp.float32) * self.k_scale_lbks[layer][..., None]
+            values = values.astype(jnp.float32) * self.v_scale_lbks[layer][..., None]
+        if rows_b is not None:
+            keys, values = keys[rows_b], values[rows_b]
+        return keys, values
+
+
+def quantize_kv(x_btkh: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes [B, T, K, H], float32 scales [B, T, K]) of keys or values: per slot and kv head,
+    scale = max|x| / 127 and code = round(x / scale), so that scale * code is within scale / 2 of
+    x, a relative error of at most 1/254 of the head's largest entry. An all-zero head gets scale
+    0 and codes 0 (exactly zero again)."""
+    x = x_btkh.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)[..., None]
+    codes = jnp.clip(jnp.round(x / safe), -127, 127).astype(jnp.int8)
+    return codes, scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,17 +210,16 @@ def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.
     return rotated.astype(x_btnh.dtype)
 
 
-def _write_cache(cache_lbksh: jax.Array, new_btkh: jax.Array, layer, start_b: jax.Array, rows_b=None) -> jax.Array:
-    """Writes each row's new keys (or values) into layer `layer` of the stacked cache, at the
-    row's own start slot and cache row (`rows_b`, default row b): a scatter of the few slots
-    written, done in place by XLA, not a copy."""
-    b, t = new_btkh.shape[:2]
+def _write_slots(cache_lbks_: jax.Array, new_btk_: jax.Array, layer, start_b: jax.Array, rows_b=None) -> jax.Array:
+    """`KVCache.write` for one array: [L, B, K, S, ...] written at [layer, rows_b[b], :, start_b[b] + t]
+    with new [B, T, K, ...]."""
+    b, t = new_btk_.shape[:2]
     slots_bt = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
     rows_b = jnp.arange(b) if rows_b is None else rows_b
     rows_bt = jnp.broadcast_to(rows_b[:, None], (b, t))
-    # Advanced indices around a slice: the indexed slots come out as [B, T, K, H], new's shape.
-    return cache_lbksh.at[layer, rows_bt, :, slots_bt].set(
-        new_btkh.astype(cache_lbksh.dtype), indices_are_sorted=True, unique_indices=True
+    # Advanced indices around a slice: the indexed slots come out as [B, T, K, ...], new's shape.
+    return cache_lbks_.at[layer, rows_bt, :, slots_bt].set(
+        new_btk_.astype(cache_lbks_.dtype), indices_are_sorted=True, unique_indices=True
     )
 
 
@@ -203,15 +261,12 @@ def grouped_attention(
     b, t, n, h = q_btnh.shape
     k = k_btkh.shape[2]
     if cache_kv is not None:  # keys and values of all cache slots, this step's included
-        k_lbksh = _write_cache(cache_kv[0], k_btkh, layer, positions_bt[:, 0], cache_rows_b)
-        v_lbksh = _write_cache(cache_kv[1], v_btkh, layer, positions_bt[:, 0], cache_rows_b)
-        cache_kv = (k_lbksh, v_lbksh)
-        if ops.ffi_attends(backend, q_btnh, k_lbksh):
-            return ops.cached_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b), cache_kv
-        # The cache keeps slots next to the head dim, the layout the dots below want.
-        keys, values, kv = k_lbksh[layer], v_lbksh[layer], "bksh"
-        if cache_rows_b is not None:  # a gathered copy of those rows (the FFI kernel reads them in place)
-            keys, values = keys[cache_rows_b], values[cache_rows_b]
+        cache_kv = cache_kv.write(layer, k_btkh, v_btkh, positions_bt[:, 0], cache_rows_b)
+        if ops.ffi_attends(backend, q_btnh, cache_kv.k_lbksh):
+            return ops.cached_attention(q_btnh, cache_kv, layer, positions_bt, cache_rows_b), cache_kv
+        # The cache keeps slots next to the head dim, the layout the dots below want; a copy of the
+        # layer (and of the rows asked for), which the FFI kernel reads in place instead.
+        (keys, values), kv = cache_kv.layer(layer, cache_rows_b), "bksh"
     else:
         keys, values, kv = k_btkh, v_btkh, "bskh"
 
@@ -341,7 +396,7 @@ class BitNetLM(nn.Module):
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        cache_in = None if cache is None else (cache.k_lbksh, cache.v_lbksh)
+        cache_in = cache
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         linear = LinearSpec.of(c, self.serving)
         decoder = layers(AttentionShape.of(c), MLPShape.of(c), c.rms_norm_eps, linear, name="layers")
@@ -362,7 +417,7 @@ class BitNetLM(nn.Module):
             logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is None:
             return logits
-        return logits, KVCache(*cache_out)
+        return logits, cache_out
 
 
 def _residual_constraint(x_btd):

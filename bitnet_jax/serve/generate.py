@@ -50,6 +50,7 @@ def generate(
     stop_ids: Sequence[int] | None = None,
     on_tokens: Callable[[np.ndarray], None] | None = None,
     backend: str | None = None,
+    kv_cache: str | None = None,
 ) -> np.ndarray:
     """Generates `max_new_tokens` tokens after each prompt.
 
@@ -69,6 +70,10 @@ def generate(
         params' devices (or the mesh, or the default backend). Training parameters default to
         the fake-quant forward in XLA ops, and with 'ffi' are packed first (lm_head kept in
         float), which costs a conversion per call: pack once for repeated use.
+      kv_cache: the serving KV cache's dtype, 'float32' (default) or 'int8' (a quarter of the
+        memory and of the bytes read per token at long context; each slot's keys and values
+        per kv head quantized by their absmax, `model.transformer.quantize_kv`). Serving models
+        only: training parameters on the XLA path keep a cache of their own dtype.
 
     Returns:
       int32 numpy array [B, max_new_tokens] of the new tokens only.
@@ -77,7 +82,17 @@ def generate(
     sampling settings (see `compile_generate` to compile it before the weights are loaded).
     """
     request = _Request.make(
-        config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, on_tokens is not None, backend
+        config,
+        params,
+        prompt_ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        stop_ids,
+        on_tokens is not None,
+        backend,
+        kv_cache,
     )
     stream = next(_stream_ids)
     if on_tokens is not None:
@@ -101,6 +116,7 @@ def compile_generate(
     stop_ids: Sequence[int] | None = None,
     streaming: bool = False,
     backend: str | None = None,
+    kv_cache: str | None = None,
 ) -> None:
     """Compiles, without running it, the program that `generate` runs for these arguments.
 
@@ -110,7 +126,7 @@ def compile_generate(
     off the serving peak; `streaming` says whether `generate` will get an `on_tokens` callback.
     """
     request = _Request.make(
-        config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, streaming, backend
+        config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, streaming, backend, kv_cache
     )
     _executable(request.static, request.args())
 
@@ -126,11 +142,22 @@ class _Request:
 
     @classmethod
     def make(
-        cls, config, params, prompt_ids, max_new_tokens, temperature, top_k, top_p, stop_ids, streaming, backend
+        cls,
+        config,
+        params,
+        prompt_ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        stop_ids,
+        streaming,
+        backend,
+        kv_cache,
     ) -> "_Request":
         prompts = _as_prompt_list(prompt_ids)
         _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
-        params, serving = serving_params(config, params, backend)
+        params, serving = serving_params(config, params, backend, kv_cache)
         lengths_b = np.array([len(p) for p in prompts], np.int32)
         t = padded_prompt_length(int(lengths_b.max()))
         prompt_bt = np.zeros((len(prompts), t), np.int32)
@@ -195,16 +222,22 @@ def _emit_stream(stream, tokens_b):
     _streams[int(stream)](tokens_b)
 
 
-def serving_params(config: BitNetConfig, params, backend: str | None):
-    """(params, ServingSpec or None) for the requested backend, on the params' platform."""
+def serving_params(config: BitNetConfig, params, backend: str | None, kv_cache: str | None = None):
+    """(params, ServingSpec or None) for the requested backend and KV cache dtype (None: float32),
+    on the params' platform."""
     platform = computation_platform(params)
     grouped = config.weight_group_size > 0
+    kv_cache = kv_cache or "float32"
     if is_packed(params):
-        return params, ServingSpec(
-            serving_backend(platform, backend, grouped=grouped), lm_head_kind(params), config.act_bits, platform
-        )
+        backend = serving_backend(platform, backend, grouped=grouped)
+        return params, ServingSpec(backend, lm_head_kind(params), config.act_bits, platform, kv_cache)
     if backend != "ffi":
         serving_backend(platform, backend)  # checks the name
+        if kv_cache != "float32":
+            raise BitNetError(
+                f"kv_cache={kv_cache!r} is for serving models (packed, or backend='ffi'); training parameters "
+                "on the XLA path keep a cache of their own dtype."
+            )
         return params, None
     serving_backend(platform, backend, grouped=grouped)  # raises where the FFI kernels cannot run
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
@@ -212,13 +245,13 @@ def serving_params(config: BitNetConfig, params, backend: str | None):
             "backend='ffi' with abstract training parameters: pack them first (bitnet_jax.serve.pack), "
             "or pass packed shapes."
         )
-    return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits, platform)
+    return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits, platform, kv_cache)
 
 
 def kv_cache_dtype(params, serving: ServingSpec | None):
-    """The KV cache's dtype: serving computes in f32; training parameters in their own dtype (bf16
-    stays bf16). `serving` as `serving_params` returns it."""
-    return jnp.float32 if serving is not None else params["embed_tokens"]["embedding"].dtype
+    """The KV cache's dtype: serving's `kv_cache` (float32 unless asked); training parameters their
+    own dtype (bf16 stays bf16). `serving` as `serving_params` returns it."""
+    return jnp.dtype(serving.kv_cache) if serving is not None else params["embed_tokens"]["embedding"].dtype
 
 
 @functools.partial(

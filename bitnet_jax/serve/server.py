@@ -581,6 +581,7 @@ def serve(
     api_key: str | None = None,
     model_name: str | None = None,
     backend: str | None = None,
+    kv_cache: str | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
 ) -> int:
@@ -594,7 +595,14 @@ def serve(
 
     config, params, tokenizer = load_model(model)
     engine = Engine(
-        config, params, tokenizer, max_batch=max_batch, max_context=max_context, max_queue=max_queue, backend=backend
+        config,
+        params,
+        tokenizer,
+        max_batch=max_batch,
+        max_context=max_context,
+        max_queue=max_queue,
+        backend=backend,
+        kv_cache=kv_cache,
     )
     del params
     name = model_name or os.path.basename(os.path.normpath(model))

@@ -1,6 +1,7 @@
 // The decode attention kernels (attention_kernel.h) on one path, against double precision: the
 // exp within 2 ulp, and chunked attention (AttendChunk per chunk of slots, MergeChunks) within
-// the float32 rounding bound derived below, on odd head dims, group sizes and slot counts.
+// the float32 rounding bound derived below, on odd head dims, group sizes and slot counts, for a
+// float cache and for an int8 cache with per-slot scales (AttendChunkInt8).
 // Part of kernel_test (kernel_test.cc calls CheckAttention for every path this CPU runs).
 
 #include <algorithm>
@@ -52,21 +53,54 @@ void CheckExp(bitnet::Isa isa) {
 // exp(s_j - max) carries a relative error of at most d = (H + 5) u A + 3u. The sums of weights
 // and of weighted values run over at most S + 1 terms in sequence (within a chunk, then over
 // chunks), and the division rounds once: |out - exact| <= (2d + (2S + 5) u) * sum_j p_j |v_j|.
-void CheckChunkedAttention(bitnet::Isa isa, int64_t g, int64_t h, int64_t slots, std::mt19937& rng) {
+//
+// With an int8 cache the reference is the cache's exact values, scale_j * int8_j. The int8 values
+// widen exactly; a score's scaling is two roundings (k_scale_j * scale, then the product), within
+// the (H + 1) u a_j above plus u; a weight times v_scale_j rounds once more: d grows by 2u.
+void CheckChunkedAttention(bitnet::Isa isa, int64_t g, int64_t h, int64_t slots, bool int8_cache, std::mt19937& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> q(g * h), k(slots * h), v(slots * h);
+  std::uniform_int_distribution<int> code(-127, 127);
+  std::uniform_real_distribution<float> slot_scale(0.002f, 0.05f);
+  std::vector<float> q(g * h), k(slots * h), v(slots * h), k_scale(slots), v_scale(slots);
+  std::vector<int8_t> k8(slots * h), v8(slots * h);
   for (auto& x : q) x = normal(rng);
-  for (auto& x : k) x = normal(rng);
-  for (auto& x : v) x = normal(rng);
+  if (int8_cache) {
+    for (int64_t j = 0; j < slots; ++j) {
+      k_scale[j] = slot_scale(rng);
+      v_scale[j] = slot_scale(rng);
+      for (int64_t i = 0; i < h; ++i) {
+        k8[j * h + i] = static_cast<int8_t>(code(rng));
+        v8[j * h + i] = static_cast<int8_t>(code(rng));
+      }
+    }
+  } else {
+    for (auto& x : k) x = normal(rng);
+    for (auto& x : v) x = normal(rng);
+  }
+  // The exact values the reference below reads (for int8: a float times a small integer, exact
+  // in double).
+  std::vector<double> kd(slots * h), vd(slots * h);
+  for (int64_t j = 0; j < slots; ++j) {
+    for (int64_t i = 0; i < h; ++i) {
+      kd[j * h + i] = int8_cache ? static_cast<double>(k_scale[j]) * k8[j * h + i] : k[j * h + i];
+      vd[j * h + i] = int8_cache ? static_cast<double>(v_scale[j]) * v8[j * h + i] : v[j * h + i];
+    }
+  }
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(h)));
   const int64_t chunks = (slots + bitnet::kAttentionChunk - 1) / bitnet::kAttentionChunk;
   const int64_t stride = bitnet::PartialFloats(g, h);
-  std::vector<float> scratch(g * bitnet::kAttentionChunk), partials(chunks * stride), out(g * h);
+  std::vector<float> scratch(bitnet::ScratchFloats(g, h)), partials(chunks * stride), out(g * h);
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t first = c * bitnet::kAttentionChunk;
     const int64_t n = std::min(bitnet::kAttentionChunk, slots - first);
-    bitnet::AttendChunk(isa, q.data(), g, h, k.data() + first * h, v.data() + first * h, n, scale,
-                        scratch.data(), partials.data() + c * stride);
+    if (int8_cache) {
+      bitnet::AttendChunkInt8(isa, q.data(), g, h, k8.data() + first * h, v8.data() + first * h,
+                              k_scale.data() + first, v_scale.data() + first, n, scale, scratch.data(),
+                              partials.data() + c * stride);
+    } else {
+      bitnet::AttendChunk(isa, q.data(), g, h, k.data() + first * h, v.data() + first * h, n, scale,
+                          scratch.data(), partials.data() + c * stride);
+    }
   }
   bitnet::MergeChunks(partials.data(), chunks, g, h, out.data());
 
@@ -77,8 +111,8 @@ void CheckChunkedAttention(bitnet::Isa isa, int64_t g, int64_t h, int64_t slots,
     for (int64_t j = 0; j < slots; ++j) {
       double dot = 0.0, abs_dot = 0.0;
       for (int64_t i = 0; i < h; ++i) {
-        dot += static_cast<double>(q[gi * h + i]) * k[j * h + i];
-        abs_dot += std::abs(static_cast<double>(q[gi * h + i]) * k[j * h + i]);
+        dot += static_cast<double>(q[gi * h + i]) * kd[j * h + i];
+        abs_dot += std::abs(static_cast<double>(q[gi * h + i]) * kd[j * h + i]);
       }
       s[j] = dot / std::sqrt(static_cast<double>(h));
       a_max = std::max(a_max, abs_dot / std::sqrt(static_cast<double>(h)));
@@ -86,18 +120,18 @@ void CheckChunkedAttention(bitnet::Isa isa, int64_t g, int64_t h, int64_t slots,
     const double m = *std::max_element(s.begin(), s.end());
     double total = 0.0;
     for (double& x : s) total += (x = std::exp(x - m));
-    const double d = (h + 5) * u * a_max + 3 * u;
+    const double d = (h + 5) * u * a_max + (int8_cache ? 5 : 3) * u;
     for (int64_t i = 0; i < h; ++i) {
       double want = 0.0, magnitude = 0.0;
       for (int64_t j = 0; j < slots; ++j) {
-        want += s[j] / total * v[j * h + i];
-        magnitude += s[j] / total * std::abs(static_cast<double>(v[j * h + i]));
+        want += s[j] / total * vd[j * h + i];
+        magnitude += s[j] / total * std::abs(vd[j * h + i]);
       }
       const double tol = (2 * d + (2.0 * slots + 5) * u) * magnitude;
       const double got = out[gi * h + i];
       if (!(std::abs(got - want) <= tol) && ++failures <= 20) {
-        std::printf("FAIL attention isa=%s g=%lld h=%lld slots=%lld at [%lld, %lld]: got %.9g want %.9g (tol %.3g)\n",
-                    bitnet::IsaName(isa), (long long)g, (long long)h, (long long)slots, (long long)gi, (long long)i,
+        std::printf("FAIL attention%s isa=%s g=%lld h=%lld slots=%lld at [%lld, %lld]: got %.9g want %.9g (tol %.3g)\n",
+                    int8_cache ? " (int8 cache)" : "", bitnet::IsaName(isa), (long long)g, (long long)h, (long long)slots, (long long)gi, (long long)i,
                     got, want, tol);
       }
     }
@@ -115,7 +149,9 @@ int CheckAttention(bitnet::Isa isa) {
   // the 4-slot blocks and the 128-slot chunks.
   for (int64_t g : {1, 2, 4, 5}) {
     for (int64_t h : {1, 3, 8, 13, 64, 72, 80, 128}) {
-      for (int64_t slots : {1, 3, 4, 5, 9, 127, 128, 129, 300, 513}) CheckChunkedAttention(isa, g, h, slots, rng);
+      for (int64_t slots : {1, 3, 4, 5, 9, 127, 128, 129, 300, 513}) {
+        for (bool int8_cache : {false, true}) CheckChunkedAttention(isa, g, h, slots, int8_cache, rng);
+      }
     }
   }
   return failures;
