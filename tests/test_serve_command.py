@@ -49,6 +49,7 @@ def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
 
         def stream():
             body = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=40, stream=True)
+            body.update(temperature=0, stream_options={"include_usage": True})  # greedy: one reply, every run
             with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
                 for line in response.iter_lines():
                     if line:
@@ -67,7 +68,11 @@ def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
     # The stream in flight was finished, not cut: every token, the finish reason, [DONE].
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    (usage,) = [c["usage"] for c in chunks if c.get("usage")]
+    # Ended as a whole reply ends: at max_tokens, or earlier at a stop token (the fixture's
+    # greedy reply may reach one; OpenAI's default temperature 1 made that a matter of chance).
+    assert finish == ["length" if usage["completion_tokens"] == 40 else "stop"]
     assert "Stopped." in (tmp_path / "server.log").read_text()
 
 

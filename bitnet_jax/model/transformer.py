@@ -252,8 +252,9 @@ def grouped_attention(
     q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer, backend="xla", cache_rows_b=None
 ):
     """Grouped-query attention of this step's queries over its keys and values, or, with a cache,
-    over every slot of layer `layer` of the stacked cache after writing this step's into it.
-    Returns (out [B, T, N, H], the cache or None). (Also timed alone by `bench generate --profile`.)
+    over every slot of layer `layer` of the stacked cache (`cache_kv`, a `KVCache`, float or int8)
+    after writing this step's into it. Returns (out [B, T, N, H], the cache or None). (Also timed
+    alone by `bench generate --profile`.)
 
     With a cache, mask_bts is the cache's mask, slot <= position (`_attention_mask`); on the FFI
     backend, decode steps instead attend with the FFI kernel (`ops.ffi_attends`), which reads
