@@ -337,25 +337,26 @@ def test_load_32_requests_from_8_clients(url, engine, folder):
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(request["prompt"]), produced), i
 
 
+def run_requests(engine, requests) -> list[list[int]]:
+    """Submits the requests together and returns each one's generated ids, once all have ended."""
+    events = {i: [] for i in range(len(requests))}
+    for i, request in enumerate(requests):
+        engine.submit(request, events[i].append)
+    assert wait_idle(engine)
+    return [[t for e in events[i] for t in e.token_ids] for i in range(len(requests))]
+
+
 def test_batch_invariance_greedy_alone_equals_beside_seven_others(engine):
     """The same greedy request alone, and joining while 7 others of other lengths decode."""
-
-    def run(requests):
-        events = {i: [] for i in range(len(requests))}
-        for i, request in enumerate(requests):
-            engine.submit(request, events[i].append)
-        assert wait_idle(engine)
-        return [[t for e in events[i] for t in e.token_ids] for i in range(len(requests))]
-
     target = GenerationRequest((417, 40, 41, 42, 43, 7, 99), 40)
     others = [GenerationRequest(tuple(range(3, 3 + 4 * k)), 60 - k) for k in range(1, 8)]
     before = dict(engine.stats)
-    (alone,) = run([target])
+    (alone,) = run_requests(engine, [target])
     # Alone, it ran at the narrowest width: one row of the kernels per step, not eight.
     assert engine.stats["rows"] - before.get("rows", 0) == engine.stats["steps"] - before.get("steps", 0) > 0
     peak = engine.stats["peak_active"]
     engine.stats["peak_active"] = 0
-    together = run(others + [target])
+    together = run_requests(engine, others + [target])
     assert engine.stats["peak_active"] == 8  # all eight decoded in the same steps
     engine.stats["peak_active"] = max(peak, 8)
     assert together[-1] == alone == reference_ids(engine, target.prompt_ids, 40)
@@ -371,21 +372,11 @@ def test_int8_kv_cache_engine_is_batch_invariant(engine):
     assert int8._cache.k_lbksh.dtype == jnp.int8
     int8.start()
     try:
-
-        def run(requests):
-            events = {i: [] for i in range(len(requests))}
-            for i, request in enumerate(requests):
-                int8.submit(request, events[i].append)
-            assert wait_idle(int8)
-            return [[t for e in events[i] for t in e.token_ids] for i in range(len(requests))]
-
         target = GenerationRequest((417, 40, 41, 42, 43, 7, 99), 30)
         others = [GenerationRequest(tuple(range(3, 3 + 5 * k)), 40 - k) for k in range(1, 4)]
-        (alone,) = run([target])
-        together = run(others + [target])
-        new = CONTEXT - padded_prompt_length(len(target.prompt_ids))
-        via_generate = generate(int8.config, int8.params, [list(target.prompt_ids)], new, kv_cache="int8")[0]
-        assert together[-1] == alone == [int(i) for i in via_generate[:30]]
+        (alone,) = run_requests(int8, [target])
+        together = run_requests(int8, others + [target])
+        assert together[-1] == alone == reference_ids(int8, target.prompt_ids, 30, kv_cache="int8")
     finally:
         int8.stop()
 

@@ -83,23 +83,12 @@ class KVCache(NamedTuple):
         """This step's keys and values [B, T, K, H] written into layer `layer`, row b's at slots
         start_b[b].. of cache row rows_b[b] (default b): a scatter of the few slots written, done
         in place by XLA, not a copy. An int8 cache quantizes them first (`quantize_kv`)."""
-        if not self.quantized:
-            return KVCache(
-                _write_slots(self.k_lbksh, k_btkh, layer, start_b, rows_b),
-                _write_slots(self.v_lbksh, v_btkh, layer, start_b, rows_b),
-            )
-        (k_q, k_scale), (v_q, v_scale) = quantize_kv(k_btkh), quantize_kv(v_btkh)
-        return KVCache(
-            *(
-                _write_slots(cache, new, layer, start_b, rows_b)
-                for cache, new in (
-                    (self.k_lbksh, k_q),
-                    (self.v_lbksh, v_q),
-                    (self.k_scale_lbks, k_scale),
-                    (self.v_scale_lbks, v_scale),
-                )
-            )
-        )
+        if self.quantized:
+            (k_q, k_scale), (v_q, v_scale) = quantize_kv(k_btkh), quantize_kv(v_btkh)
+            new = KVCache(k_q, v_q, k_scale, v_scale)
+        else:
+            new = KVCache(k_btkh, v_btkh)
+        return jax.tree.map(lambda cache, x: _write_slots(cache, x, layer, start_b, rows_b), self, new)
 
     def layer(self, layer, rows_b=None) -> tuple[jax.Array, jax.Array]:
         """(keys, values) [B, K, S, H] of layer `layer` (of the cache rows `rows_b`, default all):
@@ -397,11 +386,10 @@ class BitNetLM(nn.Module):
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        cache_in = cache
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         linear = LinearSpec.of(c, self.serving)
         decoder = layers(AttentionShape.of(c), MLPShape.of(c), c.rms_norm_eps, linear, name="layers")
-        (x_btd, cache_out), _ = decoder((x_btd, cache_in), positions_bt, mask_bts, cache_rows_b, layer_l)
+        (x_btd, cache_out), _ = decoder((x_btd, cache), positions_bt, mask_bts, cache_rows_b, layer_l)
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:
