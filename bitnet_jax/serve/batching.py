@@ -4,8 +4,8 @@ The engine owns a KV cache of `max_batch` rows, each `max_context` slots long, a
 that loops:
 
   1. admit: each waiting request takes a free row; one jitted prefill writes its prompt into that
-     row (`generate.prefill`, on a fresh batch-1 cache of the full row length) and samples its
-     first token;
+     row (`generate.prefill_fresh`: a fresh batch-1 cache as long as the padded prompt, made as
+     long as the row with zeros) and samples its first token;
   2. step: one jitted decode step runs the rows that hold a request, each at its own position
      with its own temperature, top-p and random key. The step is compiled for a few widths
      (1, 2, 4, ... up to `max_batch`, all at start-up) and runs at the narrowest that holds the
@@ -19,8 +19,8 @@ Batch invariance: a greedy request gets the same tokens alone or beside others, 
 width. Every operation of a row's forward pass is computed per row (activations are quantized
 per token, the kernels' integer sums are exact, norms, attention and the lm_head reduce within a
 row; the FFI attention kernel's sums are cut at fixed slot indices, whatever the batch), the
-prefill runs at batch 1 on a cache of one fixed length, and unused cache slots are masked to
-exactly zero weight. `bitnet_jax.generate` on one prompt with `padded_prompt_length(len(prompt)) +
+prefill runs at batch 1 on a cache as long as the padded prompt, and unused cache slots are
+masked to exactly zero weight. `bitnet_jax.generate` on one prompt with `padded_prompt_length(len(prompt)) +
 max_new_tokens == max_context` runs the same per-row math (tests/test_server.py checks both).
 
 Requests come in through `submit` from any thread and leave through their `on_event` callback,
@@ -46,7 +46,7 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache
-from bitnet_jax.serve.generate import kv_cache_dtype, padded_prompt_length, prefill, serving_params
+from bitnet_jax.serve.generate import kv_cache_dtype, padded_prompt_length, prefill_fresh, serving_params
 from bitnet_jax.serve.pack import pack
 from bitnet_jax.serve.streaming import StreamDecoder
 
@@ -505,9 +505,8 @@ def _prefill_slot(
 ):
     """Prefills one row of the engine's cache; (first token, its row's next key, cache)."""
     model = BitNetLM(config, serving)
-    # A fresh row of the full length, as `generate` starts from: the same math for this prompt.
-    fresh = KVCache.zeros(config, 1, cache.k_lbksh.shape[3], dtype=cache_dtype)
-    logits_1v, fresh = prefill(model, variables, prompt_1t, length_1, fresh)
+    # A fresh row, as `generate` starts from.
+    logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, cache.k_lbksh.shape[3], cache_dtype)
     cache = jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f, row, axis=1), cache, fresh)
     token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
     return token_1[0], key_12[0], cache

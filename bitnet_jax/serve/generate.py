@@ -263,8 +263,9 @@ def _generate(
     model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
     variables = serving_variables(params) if serving is not None else {"params": params}
-    cache = KVCache.zeros(config, b, t + max_new_tokens, dtype=kv_cache_dtype(params, serving))
-    logits_bv, cache = prefill(model, variables, prompt_bt, lengths_b, cache)
+    logits_bv, cache = prefill_fresh(
+        model, variables, prompt_bt, lengths_b, t + max_new_tokens, kv_cache_dtype(params, serving)
+    )
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0
 
@@ -332,6 +333,21 @@ def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCac
     logits_bv = jnp.zeros((b, model.config.vocab_size), jnp.float32)
     cache, logits_bv = jax.lax.fori_loop(0, t // _PREFILL_CHUNK, chunk, (cache, logits_bv))
     return logits_bv, cache
+
+
+def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots: int, dtype):
+    """`prefill` into a new cache: (next-token logits [B, V], a KVCache with `slots` slots a row).
+
+    Prefill attends over every slot of the cache it writes, so it runs on a cache as long as the
+    padded prompt (or `slots`, if fewer), not on the whole context: for a 128-token prompt in a
+    2048-slot serving row that is 16 times less attention work. Zeros fill the remaining slots,
+    as in a cache made whole; decode steps write a slot before they read it. `generate` and the
+    batching engine both start rows here, so a prompt gets the same math in both."""
+    t = prompt_bt.shape[1]
+    cache = KVCache.zeros(model.config, prompt_bt.shape[0], min(t, slots), dtype=dtype)
+    logits_bv, cache = prefill(model, variables, prompt_bt, lengths_b, cache)
+    pad_slots = lambda c: jnp.pad(c, [(0, 0)] * 3 + [(0, slots - c.shape[3])] + [(0, 0)] * (c.ndim - 4))
+    return logits_bv, jax.tree.map(pad_slots, cache)
 
 
 def sample(
