@@ -183,27 +183,18 @@ struct Int8TileNeon {
 void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                        const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                        int32_t* acc) {
-  // Group-major, as on x86: one group's weights stay in L1 while every row tile passes over them.
-  const int64_t kp = kb * kBlockK;
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
-    const int64_t n0 = g * kRowsPerGroup;
-    if (isa == Isa::kNeonDot)
-      ForRowTiles<TernaryTileNeonDot>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
-    else
-      ForRowTiles<TernaryTileNeon>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
-  }
+  if (isa == Isa::kNeonDot)
+    TernaryGroupsGemv<TernaryTileNeonDot>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
+  else
+    TernaryGroupsGemv<TernaryTileNeon>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
 }
 
 void Int8GemmI32Arm(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
-    const int64_t n_rows = std::min<int64_t>(4, n_end - n0);
-    if (isa == Isa::kNeonDot)
-      ForRowTiles<Int8TileNeonDot>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
-    else
-      ForRowTiles<Int8TileNeon>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
-  }
+  if (isa == Isa::kNeonDot)
+    Int8RowsGemv<Int8TileNeonDot>(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
+  else
+    Int8RowsGemv<Int8TileNeon>(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
 }
 
 }  // namespace bitnet

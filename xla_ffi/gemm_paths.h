@@ -3,9 +3,11 @@
 #ifndef BITNET_JAX_XLA_FFI_GEMM_PATHS_H_
 #define BITNET_JAX_XLA_FFI_GEMM_PATHS_H_
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cpu_isa.h"
+#include "layout.h"
 
 namespace bitnet {
 
@@ -31,6 +33,33 @@ void ForRowTiles(int64_t rows, int64_t kp, const int8_t* x_q, const int32_t* x_s
     case 2: Kernel<2>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...); break;
     case 1: Kernel<1>::Run(x_q + m * kp, x_sum ? x_sum + m : nullptr, acc + m * acc_stride, args...); break;
     default: break;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMV loops over output rows, with an architecture's tiles (each SIMD file picks its tile
+// per path and calls these).
+
+// Ternary, group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile of
+// x passes over them. Tile<MT>::Run(x, x_sum, acc, kp, kb, w_g, n0, n_total) multiplies the group
+// at w_g (output rows n0..n0+3) with MT activation rows.
+template <template <int> class Tile>
+void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb, const uint8_t* w,
+                       int64_t g_begin, int64_t g_end, int64_t n_total, int32_t* acc) {
+  const int64_t kp = kb * kBlockK;
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
+    ForRowTiles<Tile>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, g * kRowsPerGroup, n_total);
+  }
+}
+
+// Int8, 4 output rows at a time: Tile<MT>::Run(x, nullptr, acc, kp, w, n0, n_rows, n_total).
+template <template <int> class Tile>
+void Int8RowsGemv(const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w, int64_t n_begin, int64_t n_end,
+                  int64_t n_total, int32_t* acc) {
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+    const int64_t n_rows = std::min<int64_t>(4, n_end - n0);
+    ForRowTiles<Tile>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
   }
 }
 

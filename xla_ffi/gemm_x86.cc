@@ -70,9 +70,7 @@ BITNET_AVX2 inline void RowBlockAvx2(const uint8_t* block, const int8_t* x_b, in
 // One weight row (every block of row r of group w_g) against MT activation rows.
 // maddubs(code u8 <= 2, x s8) sums pairs to at most 2 * 2 * 128 = 512 in int16, so the 16
 // products of kAvx2RowWidenBlocks blocks add up in int16 without saturation before widening
-// once to int32.
-// With MaddubsAdd, on one Zen 3 core, 6912 x 2560 weights at 8 activation rows: 1.79 -> 1.18 ms
-// (82% of the int8 peak loop); 2560 x 6912: 2.29 -> 1.72 ms.
+// once to int32. (Timings: benchmarks/RESULTS.md, "the AVX2 kernel as the peak loop".)
 constexpr int64_t kAvx2RowWidenBlocks = 2;
 static_assert(kAvx2RowWidenBlocks * 8 * 512 <= 32768, "int16 partial sums must not overflow");
 
@@ -97,11 +95,10 @@ BITNET_AVX2 void TernaryRowAvx2(const int8_t* x, int64_t kp, const int32_t* x_su
 }
 
 // Decode at one activation row, where the weights must stream at memory speed: the 4 rows of a
-// group together, so that the group's blocks are read front to back as one stream, each
+// group together, so that the group's blocks are read front to back as one stream (row by row,
+// each pass reads 64 of every 256 bytes, which the hardware prefetcher does not follow), each
 // activation vector is loaded once for 4 rows, and the blocks kAvx2PrefetchBytes ahead are
-// prefetched (the row-by-row kernel above read 64 of every 256 bytes per pass and left the
-// hardware prefetcher behind: 2560 x 6912 on one Zen 3 core, 8.4 -> 12.9 GB/s; 2 cores 13.5 ->
-// 19 GB/s of a 22-24 GB/s read bandwidth).
+// prefetched.
 // Per row, a block adds 8 maddubs results of magnitude <= 2 * 2 * 128 = 512 to each int16
 // lane, so kAvx2WidenBlocks blocks stay within int16 (64 * -512 = -32768, 64 * 508 = 32512)
 // before one madd widens them to int32.
@@ -153,8 +150,8 @@ BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_
     TernaryGroup1Avx2(x, x_sum, kb, w_g, n0, n_total, acc);
   } else {
     // Row by row, each pass reads 64 of every 256 bytes of the group, which the hardware
-    // prefetcher does not follow (see above): fetch the next group (the next kb * 256 bytes of
-    // the stream) while this one is computed from L1. A prefetch past the weights is harmless.
+    // prefetcher does not follow: fetch the next group (the next kb * 256 bytes of the stream)
+    // while this one is computed from L1. A prefetch past the weights is harmless.
     const char* next = reinterpret_cast<const char*>(w_g + kb * kGroupBlockBytes);
     for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
     for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
@@ -187,8 +184,9 @@ BITNET_AVX2 void Int8RowAvx2(const int8_t* x, int64_t kp, const int8_t* w_row, i
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 // acc += u8 . s8 (4-way dot products into int32 lanes). GCC compiles the intrinsic as if it
-// were not destructive: it copies every accumulator before the instruction and spills the copies
-// (measured: a 2x slower inner loop). The inline assembly names the accumulator as read-write.
+// were not destructive: it copies every accumulator before the instruction and spills the
+// copies, which halves the inner loop's speed. The inline assembly names the accumulator as
+// read-write.
 BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
 #if defined(__GNUC__) && !defined(__clang__)
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
@@ -251,11 +249,10 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
 constexpr int64_t kPanelRows = 32;
 constexpr int64_t kPanelGroups = kPanelRows / kRowsPerGroup;
 constexpr int kPanelTileRows = 12;  // 2 x 12 accumulators + 2 code registers
-// AVX2 has no panel path: a maddubs panel kernel (8 x 8 transposes, int16 sums widened every 32
-// quads) measured no faster than the GEMV tiles (one Xeon core, 2560 x 6912, 128 rows: 149 vs
-// 141-155 GOPS), since both issue a maddubs and an int16 add per 32 multiply-adds.
-// Fewer activation rows take the GEMV tiles, which need no unpacking: faster up to 16 rows
-// (measured on one core, 2560 x 6912: 8 rows 0.87 vs 1.44 ms, 16 rows 1.67 vs 2.13, 24 rows 2.71 vs 2.29).
+// AVX2 has no panel path: both it and the GEMV tiles issue a maddubs and an int16 add per 32
+// multiply-adds, and a maddubs panel kernel was no faster (benchmarks/RESULTS.md).
+// Fewer activation rows take the GEMV tiles, which need no unpacking: on the Xeon they are the
+// faster up to 16 rows, the panels from 24.
 constexpr int64_t kPanelMinRows = 17;
 // K chunk: 32 x 1024 codes + 12 x 1024 activations = 44 KB, within a 48 KB L1.
 constexpr int64_t kPanelChunkQuads = 256;
@@ -451,27 +448,19 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
     }
     return;
   }
-  // Decode, group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile
-  // of x passes over them.
-  for (int64_t g = g_begin; g < g_end; ++g) {
-    const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
-    const int64_t n0 = g * kRowsPerGroup;
-    if (isa == Isa::kAvx512Vnni)
-      ForRowTiles<TernaryTileAvx512>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
-    else
-      ForRowTiles<TernaryTileAvx2>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, n0, n_total);
-  }
+  // Decode, and prefill on AVX2: the GEMV tiles.
+  if (isa == Isa::kAvx512Vnni)
+    TernaryGroupsGemv<TernaryTileAvx512>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
+  else
+    TernaryGroupsGemv<TernaryTileAvx2>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
 }
 
 void Int8GemmI32X86(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
-    const int64_t n_rows = std::min<int64_t>(4, n_end - n0);
-    if (isa == Isa::kAvx512Vnni)
-      ForRowTiles<Int8TileAvx512>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
-    else
-      ForRowTiles<Int8TileAvx2>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
-  }
+  if (isa == Isa::kAvx512Vnni)
+    Int8RowsGemv<Int8TileAvx512>(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
+  else
+    Int8RowsGemv<Int8TileAvx2>(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
 }
 
 }  // namespace bitnet

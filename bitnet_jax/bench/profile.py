@@ -64,7 +64,7 @@ def profile_decode(
     from bitnet_jax.kernels import ops
     from bitnet_jax.model.layers import RMSNorm
     from bitnet_jax.model.serving_layers import TABLES, table_kind
-    from bitnet_jax.model.transformer import KVCache, _attention_mask, apply_rope, grouped_attention
+    from bitnet_jax.model.transformer import KVCache, apply_rope, build_attention_mask, grouped_attention
     from bitnet_jax.serve.generate import kv_cache_dtype, serving_params
 
     _, spec = serving_params(config, params, None, kv_cache)
@@ -108,7 +108,7 @@ def profile_decode(
     cache = KVCache.zeros(c, 1, cache_slots, dtype=kv_cache_dtype(params, spec))
 
     def attention(q_b1nh, kv_b1kh, cache):
-        mask_b1s = _attention_mask(positions_b1, None, None, cache)
+        mask_b1s = build_attention_mask(positions_b1, None, None, cache)
 
         def layer(carry, index):
             q, cache_kv = carry

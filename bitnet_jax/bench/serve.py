@@ -469,7 +469,7 @@ def bench_generate(
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     traffic = decode_bytes(config, params, kv_cache_dtype(params, serving_params(config, params, None, kv_cache)[1]))
     context = decode_context(prompt_tokens, new_tokens)
-    _reset_peak_rss()
+    reset_peak_rss()
 
     def run():
         token_times = []
@@ -480,7 +480,7 @@ def bench_generate(
 
     run()  # warm up (and compile, for the dense path)
     prefill_s, decode_s = np.median([run() for _ in range(repeats)], axis=0)
-    peak_rss_mb = _peak_rss_mb()  # before the profile, whose pieces are not serving
+    peak_rss = peak_rss_mb()  # before the profile, whose pieces are not serving
     pieces = None
     if profile and backend == "ffi":
         pieces = profile_decode(
@@ -499,7 +499,7 @@ def bench_generate(
         new_tokens,
         prompt_tokens / prefill_s,
         new_tokens / decode_s,
-        peak_rss_mb,
+        peak_rss,
         weight_bytes / 1e6,
         isa,
         layers_mb=traffic.layers / 1e6,
@@ -529,7 +529,7 @@ def with_generate_limits(r: GenerateTiming, limits: MachineLimits) -> GenerateTi
     )
 
 
-def _reset_peak_rss():
+def reset_peak_rss():
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -537,7 +537,7 @@ def _reset_peak_rss():
         pass  # not Linux: the peak then includes building the weights
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     try:
         with open("/proc/self/status") as f:
             for line in f:

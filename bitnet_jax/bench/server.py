@@ -73,7 +73,7 @@ def bench_serve(
 
     import httpx
 
-    from bitnet_jax.bench.serve import _peak_rss_mb, _reset_peak_rss, random_packed_params
+    from bitnet_jax.bench.serve import peak_rss_mb, random_packed_params, reset_peak_rss
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.batching import Engine
     from bitnet_jax.serve.server import create_app, running
@@ -108,7 +108,7 @@ def bench_serve(
             return [int(i) for i in rng.integers(0, config.vocab_size, prompt_tokens)]
 
         request(prompt(), [], [])  # compiles the prefill of this prompt length
-        _reset_peak_rss()
+        reset_peak_rss()
         for n in clients:
             times = [[] for _ in range(n)]
             usage: list[int] = []
@@ -132,7 +132,7 @@ def bench_serve(
                     float(np.median(decoded / (lasts - firsts))),
                     float(np.median(ttft)),
                     float(np.percentile(ttft, 90)),
-                    _peak_rss_mb(),
+                    peak_rss_mb(),
                     engine.max_batch,
                     engine.max_context,
                     len(os.sched_getaffinity(0)),

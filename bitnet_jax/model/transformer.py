@@ -245,7 +245,7 @@ def grouped_attention(
     after writing this step's into it. Returns (out [B, T, N, H], the cache or None). (Also timed
     alone by `bench generate --profile`.)
 
-    With a cache, mask_bts is the cache's mask, slot <= position (`_attention_mask`); on the FFI
+    With a cache, mask_bts is the cache's mask, slot <= position (`build_attention_mask`); on the FFI
     backend, decode steps instead attend with the FFI kernel (`ops.ffi_attends`), which reads
     the slots up to each position in place, where the einsums below read a copy of every slot."""
     b, t, n, h = q_btnh.shape
@@ -353,7 +353,7 @@ class BitNetLM(nn.Module):
         b, t = input_ids_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask_bts = _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache)
+        mask_bts = build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache)
 
         table, shared = head_table("float" if self.serving is None else self.serving.lm_head)
         if shared:
@@ -415,7 +415,7 @@ def _residual_constraint(x_btd):
     return nn.with_logical_constraint(x_btd, ("batch", "length", "act_embed"))
 
 
-def _attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
+def build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
     """Boolean [B, T, S]: may query t attend to key s."""
     b, t = positions_bt.shape
     if cache is not None:
