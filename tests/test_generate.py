@@ -88,7 +88,7 @@ def test_bad_requests(prompts, n, message):
 
 def test_long_prompts_prefill_chunk_by_chunk_and_equal_full_forward(monkeypatch):
     generate_module = importlib.import_module("bitnet_jax.serve.generate")  # bitnet_jax.serve.generate is the function
-    monkeypatch.setattr(generate_module, "_PREFILL_CHUNK", 16)
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 16)
     monkeypatch.setattr(generate_module, "_executables", collections.OrderedDict())  # programs of 256-token chunks
     rng = np.random.default_rng(3)
     # Padded to 48 tokens: three chunks; the rows' last tokens fall in the third, first and third.

@@ -3,10 +3,11 @@ batch invariance, on the tiny packed Hugging Face fixture (2 layers, vocab 419).
 
 Exactness: every greedy reply is compared token for token (through its text) with the same
 request run alone through `bitnet_jax.generate`. This holds exactly, not up to near-ties, because
-the two run the same per-row math: the engine prefills a request on a fresh batch-1 cache of
-`max_context` slots with `generate.prefill` (the code `generate` runs), and the reference call
-asks for `max_context - padded_prompt_length(len(prompt))` new tokens, so that its cache has the
-same length (`reference_ids`). Decoding beside other rows changes no row's numbers: activations
+the two run the same per-row math: the engine prefills a request with `generate.prefill_fresh`
+(or, past one chunk, `generate.prefill_chunk` a chunk at a time: the code `generate` runs) on a
+cache as long as the padded prompt, and the reference call asks for
+`max_context - padded_prompt_length(len(prompt))` new tokens, so that its decode cache has the
+engine's length (`reference_ids`). Decoding beside other rows changes no row's numbers: activations
 are quantized per token, the FFI kernels' integer sums are exact, the lm_head is the int8 kernel,
 and the float work (norms, RoPE, attention over the same cache length) reduces within a row;
 masked cache slots get a softmax weight of exactly 0 whatever they hold.
@@ -379,6 +380,52 @@ def test_int8_kv_cache_engine_is_batch_invariant(engine):
         assert together[-1] == alone == reference_ids(int8, target.prompt_ids, 30, kv_cache="int8")
     finally:
         int8.stop()
+
+
+def test_long_prompts_prefill_between_decode_steps(engine):
+    """A prompt longer than one prefill chunk (256 tokens) is read one chunk per engine step, so a
+    request already decoding keeps getting tokens meanwhile; and its reply is still exactly
+    `generate`'s: each chunk runs `generate.prefill_chunk` on the row's prompt slots, as
+    `generate`'s prefill loop does on its fresh cache."""
+    long_engine = Engine(engine.config, engine.params, engine.tokenizer, max_batch=2, max_context=1536)
+    long_engine.start()
+    try:
+        rng = np.random.default_rng(7)
+        prompt = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 1100))  # 5 chunks
+        (alone,) = run_requests(long_engine, [GenerationRequest(prompt, 12)])  # compiles its chunk
+        assert alone == reference_ids(long_engine, prompt, 12)
+
+        # A request decodes (long enough to outlast the 5 chunks) when the long one arrives.
+        steps = long_engine.stats
+        short_events, long_events, steps_at_first_long = [], [], []
+        short_done = threading.Event()
+
+        def on_short(event):
+            short_events.append(event)
+            if event.finish_reason:
+                short_done.set()
+
+        def on_long(event):
+            if not long_events:
+                steps_at_first_long.append(steps["steps"])  # on the engine thread
+            long_events.append(event)
+
+        long_engine.submit(GenerationRequest((417, 40, 41, 42), 1200), on_short)
+        deadline = time.monotonic() + 60
+        while not short_events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        chunks, steps_at_submit = steps["prefill_chunks"], steps["steps"]
+        long_engine.submit(GenerationRequest(prompt, 12), on_long)
+        assert short_done.wait(120) and wait_idle(long_engine) and not short_events[-1].error
+        assert steps["prefill_chunks"] - chunks == 5
+        # A decode step runs after each chunk: 4 before the last chunk gives the first token. (A
+        # prefill in one call lets through at most 2: the step running when the request came and
+        # the one before its admission.)
+        assert steps_at_first_long[0] - steps_at_submit >= 4
+        assert [t for e in long_events for t in e.token_ids] == alone  # beside a decoding row too
+        assert long_events[-1].finish_reason == "length"
+    finally:
+        long_engine.stop()
 
 
 def test_stop_strings_and_seeded_sampling(client, engine):

@@ -5,7 +5,10 @@ that loops:
 
   1. admit: each waiting request takes a free row; one jitted prefill writes its prompt into that
      row (`generate.prefill_fresh`: a fresh batch-1 cache as long as the padded prompt, made as
-     long as the row with zeros) and samples its first token;
+     long as the row with zeros) and samples its first token. A prompt longer than one prefill
+     chunk (256 tokens) is written one chunk per loop instead (`generate.prefill_chunk` on the
+     row's prompt slots, the same math), oldest first, so that the rows already decoding get a
+     step after every chunk rather than waiting for the whole prompt;
   2. step: one jitted decode step runs the rows that hold a request, each at its own position
      with its own temperature, top-p and random key. The step is compiled for a few widths
      (1, 2, 4, ... up to `max_batch`, all at start-up) and runs at the narrowest that holds the
@@ -33,10 +36,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +50,14 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache
-from bitnet_jax.serve.generate import kv_cache_dtype, padded_prompt_length, prefill_fresh, serving_params
+from bitnet_jax.serve.generate import (
+    PREFILL_CHUNK,
+    kv_cache_dtype,
+    padded_prompt_length,
+    prefill_chunk,
+    prefill_fresh,
+    serving_params,
+)
 from bitnet_jax.serve.pack import pack
 from bitnet_jax.serve.streaming import StreamDecoder
 
@@ -119,6 +130,17 @@ class _Active:
     text: str = ""  # the reply's text so far (before any stop string)
     sent: int = 0  # characters of `text` already delivered
     new_ids: list = dataclasses.field(default_factory=list)  # sampled since the last event
+    prefill: "_Prefill | None" = None  # a long prompt still being prefilled, chunk by chunk
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A prompt longer than one prefill chunk, right-padded, and where its next chunk starts."""
+
+    prompt_1t: np.ndarray
+    order: int  # admissions before it: the oldest is prefilled first
+    start: int = 0
+    logits_1v: jax.Array | None = None  # the next-token logits, once the last chunk has run
 
 
 class Engine:
@@ -173,6 +195,7 @@ class Engine:
         self._top_p_b = np.ones(b, np.float32)
         self._keys_b2 = np.zeros((b, 2), np.uint32)
         self._slots: list[_Active | None] = [None] * b
+        self._admissions = itertools.count()
         self._widths = step_widths(b)
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._lock = threading.Lock()
@@ -262,7 +285,8 @@ class Engine:
     def _warm_up(self) -> None:
         # Row 0 takes a one-token prompt, then a step of every width runs (all rows are free: what
         # the steps write is overwritten by the prefill of the row's next request).
-        self._prefill_row(0, (self.tokenizer.bos_id or 0,), GenerationRequest((0,), 1))
+        first = self.tokenizer.bos_id or 0
+        self._prefill_row(0, np.full((1, padded_prompt_length(1)), first, np.int32), GenerationRequest((first,), 1))
         for width in self._widths:
             self._run_step(np.arange(width, dtype=np.int32), np.zeros(width, np.int32))
         jax.block_until_ready(self._cache)
@@ -283,11 +307,11 @@ class Engine:
                 for row, ticket in admitted:
                     self._admit(row, ticket)
                 self._drop_cancelled()
-                if any(self._slots):
-                    token_b = self._step()
-                    for row, active in enumerate(self._slots):
-                        if active is not None:
-                            self._take(row, int(token_b[row]))
+                self._prefill_next_chunk()
+                rows = self._decoding_rows()
+                if rows:
+                    for row, token in zip(rows, self._step(rows)):
+                        self._take(row, int(token))
         except Exception as e:  # a failed step: every request in flight gets the error
             logger.exception("the serving engine failed")
             self._end_all("error", f"The server's engine failed: {type(e).__name__}: {e}")
@@ -300,25 +324,36 @@ class Engine:
         if ticket.cancelled:
             return
         request = ticket.request
-        self._slots[row] = _Active(ticket, StreamDecoder(self.tokenizer))
+        active = self._slots[row] = _Active(ticket, StreamDecoder(self.tokenizer))
+        n = len(request.prompt_ids)
+        prompt_1t = np.zeros((1, padded_prompt_length(n)), np.int32)
+        prompt_1t[0, :n] = request.prompt_ids
+        if prompt_1t.shape[1] > PREFILL_CHUNK:
+            # Chunk by chunk, one per engine step (`_prefill_next_chunk`), so that the rows
+            # already decoding keep getting tokens while a long prompt is read.
+            active.prefill = _Prefill(prompt_1t, next(self._admissions))
+            return
+        self._guarded_prefill(row, lambda: self._prefill_row(row, prompt_1t, request))
+
+    def _guarded_prefill(self, row: int, prefill: Callable[[], int | None]) -> None:
+        """Runs a prefill of row `row`; its first token, if it returns one, goes to the request. A
+        failure ends that request alone."""
         try:
-            token = self._prefill_row(row, request.prompt_ids, request)
+            token = prefill()
         except Exception as e:
             logger.exception("prefill failed")
             self._finish(row, "error", error=f"Prefill failed: {type(e).__name__}: {e}")
             return
-        self._take(row, token)
+        if token is not None:
+            self._take(row, token)
 
-    def _prefill_row(self, row: int, prompt_ids: Sequence[int], request: GenerationRequest) -> int:
-        n = len(prompt_ids)
-        prompt_1t = np.zeros((1, padded_prompt_length(n)), np.int32)
-        prompt_1t[0, :n] = prompt_ids
+    def _prefill_row(self, row: int, prompt_1t: np.ndarray, request: GenerationRequest) -> int:
         token, key_2, self._cache = _prefill_slot(
             self._variables,
             self._cache,
             np.int32(row),
             prompt_1t,
-            np.array([n], np.int32),
+            np.array([len(request.prompt_ids)], np.int32),
             jax.random.PRNGKey(request.seed),
             np.float32(request.temperature),
             np.float32(request.top_p),
@@ -326,16 +361,54 @@ class Engine:
             serving=self._serving,
             cache_dtype=self._cache_dtype,
         )
-        token = int(token)
-        self._tokens_b[row], self._positions_b[row] = token, n
+        return self._started(row, int(token), key_2, request)
+
+    def _started(self, row: int, token: int, key_2, request: GenerationRequest) -> int:
+        """Row `row`'s prompt is in the cache and `token` sampled after it: the row decodes next."""
+        self._tokens_b[row], self._positions_b[row] = token, len(request.prompt_ids)
         self._temperature_b[row], self._top_p_b[row] = request.temperature, request.top_p
         self._keys_b2[row] = np.asarray(key_2)
         return token
 
-    def _step(self) -> np.ndarray:
-        """One token for every active row, at the narrowest compiled width that holds them; returns
-        the tokens by row (rows without a request get 0)."""
-        active = [row for row, a in enumerate(self._slots) if a is not None]
+    def _prefill_next_chunk(self) -> None:
+        """The next chunk of the long prompt admitted first (of those still being prefilled)."""
+        pending = [row for row, a in enumerate(self._slots) if a is not None and a.prefill is not None]
+        if not pending:
+            return
+        row = min(pending, key=lambda r: self._slots[r].prefill.order)
+        active = self._slots[row]
+        state, request = active.prefill, active.ticket.request
+
+        def chunk() -> int | None:
+            token, key_2, state.logits_1v, self._cache = _prefill_chunk(
+                self._variables,
+                self._cache,
+                np.int32(row),
+                state.prompt_1t,
+                np.array([len(request.prompt_ids)], np.int32),
+                np.int32(state.start),
+                state.logits_1v if state.logits_1v is not None else np.zeros((1, self.config.vocab_size), np.float32),
+                jax.random.PRNGKey(request.seed),
+                np.float32(request.temperature),
+                np.float32(request.top_p),
+                config=self.config,
+                serving=self._serving,
+            )
+            state.start += PREFILL_CHUNK
+            self.stats["prefill_chunks"] += 1
+            if state.start < state.prompt_1t.shape[1]:
+                return None
+            active.prefill = None
+            return self._started(row, int(token), key_2, request)
+
+        self._guarded_prefill(row, chunk)
+
+    def _decoding_rows(self) -> list[int]:
+        return [row for row, a in enumerate(self._slots) if a is not None and a.prefill is None]
+
+    def _step(self, active: list[int]) -> np.ndarray:
+        """One token for each of the rows `active` (decoding), at the narrowest compiled width that
+        holds them; returns their tokens, in that order."""
         width = next(w for w in self._widths if w >= len(active))
         free = [row for row, a in enumerate(self._slots) if a is None]
         rows_w = np.array(active + free[: width - len(active)], np.int32)
@@ -349,9 +422,7 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["rows"] += width  # rows computed, padding included
         self.stats["peak_active"] = max(self.stats["peak_active"], len(active))
-        token_b = np.zeros(self.max_batch, np.int32)
-        token_b[taken] = token_w[: len(active)]
-        return token_b
+        return token_w[: len(active)]
 
     def _run_step(self, rows_w: np.ndarray, positions_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         token_w, keys_w2, self._cache = _decode_step(
@@ -510,6 +581,27 @@ def _prefill_slot(
     cache = jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f, row, axis=1), cache, fresh)
     token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
     return token_1[0], key_12[0], cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
+def _prefill_chunk(
+    variables, cache, row, prompt_1t, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
+):
+    """One chunk of a long prompt into row `row`, as `prefill_fresh` runs it: on the row's first
+    T slots (T the padded prompt's length), zeros before the first chunk, and the rest of the row
+    zeroed with it. Returns (a token sampled from the logits so far, its row's next key, the
+    logits, cache): the token is the request's first once the last chunk has run."""
+    model = BitNetLM(config, serving)
+    t = prompt_1t.shape[1]
+    first = start == 0
+    row_cache = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, row, 1, axis=1), cache)
+    row_cache = jax.tree.map(lambda c: jnp.where(first, jnp.zeros_like(c), c), row_cache)
+    prompt_part = jax.tree.map(lambda c: c[:, :, :, :t], row_cache)
+    prompt_part, logits_1v = prefill_chunk(model, variables, prompt_1t, length_1, start, prompt_part, logits_1v)
+    row_cache = jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=3), row_cache, prompt_part)
+    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, row, axis=1), cache, row_cache)
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
+    return token_1[0], key_12[0], logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))

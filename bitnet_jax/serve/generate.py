@@ -34,7 +34,7 @@ _LENGTH_BUCKET = 16
 # Longer prompts are prefilled this many tokens at a time (and padded to a multiple of it): the
 # attention scores of a chunk are [chunk, cache slots], where a whole 2048-token prompt's were
 # [2048, slots] (0.35 GB per tensor for 2B4T), and the activations stay small.
-_PREFILL_CHUNK = 256
+PREFILL_CHUNK = 256
 
 
 def generate(
@@ -298,8 +298,8 @@ def _generate(
 
 def padded_prompt_length(longest: int) -> int:
     """The length T that prompts of at most `longest` tokens are right-padded to: a multiple of
-    _LENGTH_BUCKET up to _PREFILL_CHUNK, of _PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
-    bucket = _LENGTH_BUCKET if longest <= _PREFILL_CHUNK else _PREFILL_CHUNK
+    _LENGTH_BUCKET up to PREFILL_CHUNK, of PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
+    bucket = _LENGTH_BUCKET if longest <= PREFILL_CHUNK else PREFILL_CHUNK
     return -(-longest // bucket) * bucket
 
 
@@ -310,29 +310,34 @@ def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCac
     Traced inside a jitted program: `generate`'s, and the continuous-batching engine's
     (`serve.batching`), which prefills one slot with it so that its rows get this very math."""
     b, t = prompt_bt.shape
-    if t <= _PREFILL_CHUNK:
+    if t <= PREFILL_CHUNK:
         return model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1)
 
-    # Chunk by chunk; each row's logits come from the chunk that holds its last token.
     def chunk(i, state):
-        cache, logits_bv = state
-        start = i * _PREFILL_CHUNK
-        chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, _PREFILL_CHUNK, axis=1)
-        positions_bc = jnp.broadcast_to(start + jnp.arange(_PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
-        last_b = lengths_b - 1 - start
-        chunk_logits_bv, cache = model.apply(
-            variables,
-            chunk_bc,
-            positions_bt=positions_bc,
-            cache=cache,
-            logits_index_b=jnp.clip(last_b, 0, _PREFILL_CHUNK - 1),
-        )
-        here_b = (last_b >= 0) & (last_b < _PREFILL_CHUNK)
-        return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
+        return prefill_chunk(model, variables, prompt_bt, lengths_b, i * PREFILL_CHUNK, *state)
 
     logits_bv = jnp.zeros((b, model.config.vocab_size), jnp.float32)
-    cache, logits_bv = jax.lax.fori_loop(0, t // _PREFILL_CHUNK, chunk, (cache, logits_bv))
+    cache, logits_bv = jax.lax.fori_loop(0, t // PREFILL_CHUNK, chunk, (cache, logits_bv))
     return logits_bv, cache
+
+
+def prefill_chunk(model: BitNetLM, variables: dict, prompt_bt, lengths_b, start, cache: KVCache, logits_bv):
+    """One step of `prefill` for prompts longer than PREFILL_CHUNK: their tokens [start, start +
+    PREFILL_CHUNK) written into the cache; returns (cache, logits), where a row's logits [B, V]
+    become its next-token logits at the chunk that holds its last token and are kept otherwise.
+    (The batching engine runs a long prompt's chunks one at a time, between decode steps.)"""
+    chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, PREFILL_CHUNK, axis=1)
+    positions_bc = jnp.broadcast_to(start + jnp.arange(PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
+    last_b = lengths_b - 1 - start
+    chunk_logits_bv, cache = model.apply(
+        variables,
+        chunk_bc,
+        positions_bt=positions_bc,
+        cache=cache,
+        logits_index_b=jnp.clip(last_b, 0, PREFILL_CHUNK - 1),
+    )
+    here_b = (last_b >= 0) & (last_b < PREFILL_CHUNK)
+    return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
 
 
 def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots: int, dtype):
