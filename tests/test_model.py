@@ -159,3 +159,43 @@ def test_params_are_stacked_per_layer():
     assert params["layers"]["self_attn"]["k_proj"]["kernel"].shape == (2, 48, 16)
     assert params["layers"]["mlp"]["down_proj"]["kernel"].shape == (2, 80, 48)
     assert "lm_head" not in params
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cache_free_attention_equals_grouped_einsums(dtype):
+    """Training attention (no cache) is `jax.nn.dot_product_attention` (a fused kernel where the
+    backend has one); it must equal the explicit grouped-query einsums with a float32 softmax (the
+    cache path's math, written out here in numpy-order float32) under causal, padding and segment
+    masks. Bounds, from what may differ between two correct implementations:
+      float32: the order of each output's T-term sum and where the 1/sqrt(H) scale is applied,
+        each within a few float32 roundings of the largest term: 8 * T * eps32 * max|v|.
+      bfloat16: q.k is rounded to bfloat16 (relative 2^-8) wherever the scale is applied, which moves
+        each softmax weight by up to 2 * 2^-8 * max|score|; probabilities and the output are rounded
+        to bfloat16 once more (2^-8 each): (2 * 2^-8 * max|score| + 2 * 2^-8) * max|v|."""
+    from bitnet_jax.model.transformer import build_attention_mask, grouped_attention
+
+    rng = np.random.default_rng(11)
+    b, t, n, k, h = 2, 37, 8, 2, 16
+    q, keys, values = (jnp.asarray(rng.standard_normal((b, t, heads, h)), dtype) for heads in (n, k, k))
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    padding = jnp.asarray(rng.random((b, t)) > 0.2, jnp.int32).at[:, 0].set(1)
+    segments = jnp.asarray(np.sort(rng.integers(0, 3, (b, t)), axis=1))
+    mask = build_attention_mask(positions, padding, segments, None)
+    out, cache = grouped_attention(q, keys, values, positions, mask, None, 0)
+    assert cache is None and out.shape == (b, t, n, h) and out.dtype == dtype
+
+    qf, kf, vf = (np.asarray(a, np.float32) for a in (q, keys, values))
+    scores = np.einsum("btkgh,bskh->bkgts", qf.reshape(b, t, k, n // k, h), kf) / np.sqrt(h)
+    # A query whose every key is masked (a padded position opening a segment) spreads its weight
+    # evenly, as the model's finite mask value does; rows with a key get exactly 0 on masked ones.
+    scores = np.where(np.asarray(mask)[:, None, None], scores, -1e30)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bkgts,bskh->btkgh", probs, vf).reshape(b, t, n, h)
+    v_max = np.abs(vf).max()
+    if dtype == jnp.float32:
+        bound = 8 * t * np.finfo(np.float32).eps * v_max
+    else:
+        score_max = np.abs(np.where(np.asarray(mask)[:, None, None], scores, 0)).max()
+        bound = (2 * 2**-8 * score_max + 2 * 2**-8) * v_max
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=0, atol=bound)

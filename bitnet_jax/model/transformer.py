@@ -250,21 +250,22 @@ def grouped_attention(
     the slots up to each position in place, where the einsums below read a copy of every slot."""
     b, t, n, h = q_btnh.shape
     k = k_btkh.shape[2]
-    if cache_kv is not None:  # keys and values of all cache slots, this step's included
-        cache_kv = cache_kv.write(layer, k_btkh, v_btkh, positions_bt[:, 0], cache_rows_b)
-        if ops.ffi_attends(backend, q_btnh, cache_kv.k_lbksh):
-            return ops.cached_attention(q_btnh, cache_kv, layer, positions_bt, cache_rows_b), cache_kv
-        # The cache keeps slots next to the head dim, the layout the dots below want; a copy of the
-        # layer (and of the rows asked for), which the FFI kernel reads in place instead.
-        (keys, values), kv = cache_kv.layer(layer, cache_rows_b), "bksh"
-    else:
-        keys, values, kv = k_btkh, v_btkh, "bskh"
-
+    if cache_kv is None:
+        # Training and cache-free forwards: JAX's attention op, which takes grouped kv heads and
+        # the boolean mask as they are and is a fused kernel where the backend has one (cuDNN on
+        # NVIDIA GPUs); on CPU it is the same einsums and float32 softmax as the cache path below.
+        return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_bts[:, None], scale=h**-0.5), None
+    cache_kv = cache_kv.write(layer, k_btkh, v_btkh, positions_bt[:, 0], cache_rows_b)
+    if ops.ffi_attends(backend, q_btnh, cache_kv.k_lbksh):
+        return ops.cached_attention(q_btnh, cache_kv, layer, positions_bt, cache_rows_b), cache_kv
+    # The cache keeps slots next to the head dim, the layout the dots below want; a copy of the
+    # layer (and of the rows asked for), which the FFI kernel reads in place instead.
+    keys, values = cache_kv.layer(layer, cache_rows_b)
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    scores_bkgts = jnp.einsum(f"btkgh,{kv}->bkgts", q_btkgh, keys) * (h**-0.5)
+    scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, keys) * (h**-0.5)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
     probs_bkgts = jax.nn.softmax(scores_bkgts.astype(jnp.float32), axis=-1).astype(values.dtype)
-    return jnp.einsum(f"bkgts,{kv}->btkgh", probs_bkgts, values).reshape(b, t, n, h), cache_kv
+    return jnp.einsum("bkgts,bksh->btkgh", probs_bkgts, values).reshape(b, t, n, h), cache_kv
 
 
 class MLP(nn.Module):
