@@ -252,8 +252,9 @@ def grouped_attention(
     k = k_btkh.shape[2]
     if cache_kv is None:
         # Training and cache-free forwards: JAX's attention op, which takes grouped kv heads and
-        # the boolean mask as they are and is a fused kernel where the backend has one (cuDNN on
-        # NVIDIA GPUs); on CPU it is the same einsums and float32 softmax as the cache path below.
+        # the boolean mask as they are and leaves the implementation to JAX (a fused cuDNN kernel
+        # on NVIDIA GPUs where the inputs fit it; not measured here). On CPU it is XLA einsums
+        # with a float32 softmax, as in the cache path below.
         return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_bts[:, None], scale=h**-0.5), None
     cache_kv = cache_kv.write(layer, k_btkh, v_btkh, positions_bt[:, 0], cache_rows_b)
     if ops.ffi_attends(backend, q_btnh, cache_kv.k_lbksh):
