@@ -25,6 +25,7 @@ def main():
     args = parser.parse_args()
 
     from bitnet_jax.bench.serve import random_packed_params
+    from bitnet_jax.bench.server import IdTokenizer
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.model.config import BitNetConfig
     from bitnet_jax.serve.batching import Engine, GenerationRequest, wait_idle
@@ -32,17 +33,8 @@ def main():
     config = BitNetConfig.preset("b1.58-2b4t").replace(eos_token_id=None)
     params = random_packed_params(config, lm_head=default_lm_head(config))
 
-    class Ids:  # random weights have no tokenizer
-        bos_id, eos_id, stop_ids = None, None, ()
-
-        def decode(self, ids):
-            return "".join(f"<{int(i)}>" for i in ids)
-
-        def id_to_token(self, i):
-            return f"<{i}>"
-
     context = -(-(args.prompt_tokens + 64) // 256) * 256
-    engine = Engine(config, params, Ids(), max_batch=2, max_context=context, kv_cache=args.kv_cache)
+    engine = Engine(config, params, IdTokenizer(), max_batch=2, max_context=context, kv_cache=args.kv_cache)
     engine.start()
     rng = np.random.default_rng(0)
     long_prompt = tuple(int(i) for i in rng.integers(0, config.vocab_size, args.prompt_tokens))

@@ -396,7 +396,7 @@ def test_long_prompts_prefill_between_decode_steps(engine):
         assert alone == reference_ids(long_engine, prompt, 12)
 
         # A request decodes (long enough to outlast the 5 chunks) when the long one arrives.
-        steps = long_engine.stats
+        stats = long_engine.stats
         short_events, long_events, steps_at_first_long = [], [], []
         short_done = threading.Event()
 
@@ -407,17 +407,17 @@ def test_long_prompts_prefill_between_decode_steps(engine):
 
         def on_long(event):
             if not long_events:
-                steps_at_first_long.append(steps["steps"])  # on the engine thread
+                steps_at_first_long.append(stats["steps"])  # on the engine thread
             long_events.append(event)
 
         long_engine.submit(GenerationRequest((417, 40, 41, 42), 1200), on_short)
         deadline = time.monotonic() + 60
         while not short_events and time.monotonic() < deadline:
             time.sleep(0.01)
-        chunks, steps_at_submit = steps["prefill_chunks"], steps["steps"]
+        chunks, steps_at_submit = stats["prefill_chunks"], stats["steps"]
         long_engine.submit(GenerationRequest(prompt, 12), on_long)
         assert short_done.wait(120) and wait_idle(long_engine) and not short_events[-1].error
-        assert steps["prefill_chunks"] - chunks == 5
+        assert stats["prefill_chunks"] - chunks == 5
         # A decode step runs after each chunk: 4 before the last chunk gives the first token. (A
         # prefill in one call lets through at most 2: the step running when the request came and
         # the one before its admission.)

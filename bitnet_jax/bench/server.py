@@ -40,7 +40,7 @@ class ServeTiming:
     kv_cache: str
 
 
-class _IdTokenizer:
+class IdTokenizer:
     """Random weights have no tokenizer: token i is the text "<i>" (one chunk per token)."""
 
     bos_id, eos_id, stop_ids = None, None, ()
@@ -82,7 +82,7 @@ def bench_serve(
     config = config.replace(eos_token_id=None)
     lm_head, kv_cache = lm_head or default_lm_head(config), kv_cache or "float32"
     params = random_packed_params(config, lm_head=lm_head, seed=seed)
-    engine = Engine(config, params, _IdTokenizer(), max_batch=max(clients), max_context=max_context, kv_cache=kv_cache)
+    engine = Engine(config, params, IdTokenizer(), max_batch=max(clients), max_context=max_context, kv_cache=kv_cache)
     del params
     gc.collect()
     engine.start()  # compiles the decode step and a one-token prefill

@@ -140,7 +140,7 @@ class _Prefill:
     prompt_1t: np.ndarray
     order: int  # admissions before it: the oldest is prefilled first
     start: int = 0
-    logits_1v: jax.Array | None = None  # the next-token logits, once the last chunk has run
+    logits_1v: jax.Array | None = None  # carried between chunks; the next-token logits after the last
 
 
 class Engine:

@@ -344,12 +344,13 @@ def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots:
     """`prefill` into a new cache: (next-token logits [B, V], a KVCache with `slots` slots a row).
 
     Prefill attends over every slot of the cache it writes, so it runs on a cache as long as the
-    padded prompt (or `slots`, if fewer), not on the whole context: for a 128-token prompt in a
-    2048-slot serving row that is 16 times less attention work. Zeros fill the remaining slots,
+    padded prompt (at most `slots`: both callers size the context to hold it), not on the whole
+    context: for a 128-token prompt in a 2048-slot serving row that is 16 times less attention
+    work. Zeros fill the remaining slots,
     as in a cache made whole; decode steps write a slot before they read it. `generate` and the
     batching engine both start rows here, so a prompt gets the same math in both."""
     t = prompt_bt.shape[1]
-    cache = KVCache.zeros(model.config, prompt_bt.shape[0], min(t, slots), dtype=dtype)
+    cache = KVCache.zeros(model.config, prompt_bt.shape[0], t, dtype=dtype)
     logits_bv, cache = prefill(model, variables, prompt_bt, lengths_b, cache)
     pad_slots = lambda c: jnp.pad(c, [(0, 0)] * 3 + [(0, slots - c.shape[3])] + [(0, 0)] * (c.ndim - 4))
     return logits_bv, jax.tree.map(pad_slots, cache)
