@@ -38,6 +38,7 @@
 #include "matmul.h"
 #include "parallel.h"
 #include "quantize.h"
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -149,9 +150,9 @@ ffi::Error Select(const std::string& op, Isa* isa) {
   return ffi::Error::Success();
 }
 
-// Activations padded with zeros to kp columns: int8 rows plus their sums and scales. The
-// storage is per thread and reused (a fresh allocation per call costs page faults at prefill
-// sizes); a handler runs on one thread from start to end, so nothing else uses it meanwhile.
+// Activations padded with zeros to kp columns: int8 rows (from a cache line, scratch.h) plus their
+// sums and scales. The storage is per thread and reused; a handler runs on one thread from start
+// to end, so nothing else uses it meanwhile.
 struct QuantizedRows {
   int8_t* q = nullptr;
   int32_t* sum = nullptr;
@@ -161,10 +162,9 @@ struct QuantizedRows {
     thread_local std::vector<int8_t> q_storage;
     thread_local std::vector<int32_t> sum_storage;
     thread_local std::vector<float> scale_storage;
-    q_storage.resize(rows * kp);
     sum_storage.resize(rows);
     scale_storage.resize(rows);
-    return {q_storage.data(), sum_storage.data(), scale_storage.data()};
+    return {CacheLineScratch(q_storage, rows * kp), sum_storage.data(), scale_storage.data()};
   }
 };
 
