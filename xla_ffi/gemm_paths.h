@@ -53,13 +53,14 @@ void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, in
   }
 }
 
-// Int8, 4 output rows at a time: Tile<MT>::Run(x, nullptr, acc, kp, w, n0, n_rows, n_total).
+// Int8, 4 output rows at a time: Tile<MT>::Run(x, x_aux, acc, kp, w, n0, n_rows, n_total), where
+// x_aux (one int32 per activation row, or null) is whatever the path's tiles want per row.
 template <template <int> class Tile>
-void Int8RowsGemv(const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w, int64_t n_begin, int64_t n_end,
-                  int64_t n_total, int32_t* acc) {
+void Int8RowsGemv(const int8_t* x_q, const int32_t* x_aux, int64_t rows, int64_t kp, const int8_t* w,
+                  int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
     const int64_t n_rows = std::min<int64_t>(4, n_end - n0);
-    ForRowTiles<Tile>(rows, kp, x_q, nullptr, acc, n_total, kp, w, n0, n_rows, n_total);
+    ForRowTiles<Tile>(rows, kp, x_q, x_aux, acc, n_total, kp, w, n0, n_rows, n_total);
   }
 }
 
