@@ -27,8 +27,8 @@ constexpr int64_t kAttentionChunk = 128;
 constexpr int64_t PartialFloats(int64_t g, int64_t h) { return g * (h + 2); }
 
 // Floats of the scratch buffer AttendChunk and AttendChunkInt8 take: the scores of g heads for a
-// chunk, and four cache rows of an int8 cache widened to float.
-constexpr int64_t ScratchFloats(int64_t g, int64_t h) { return g * kAttentionChunk + 4 * h; }
+// chunk, and the chunk's slot scales.
+constexpr int64_t ScratchFloats(int64_t g, int64_t /*h*/) { return (g + 1) * kAttentionChunk; }
 
 // exp(x[i]) in place for n values x[i] <= 0 (scores minus their max): a degree-6 polynomial
 // on the reduced argument (Cephes' expf), relative error within 2 ulp (kernel_test checks it).

@@ -1,0 +1,66 @@
+"""The decode-attention FFI kernel alone, as a decoded token of the 2B4T shape calls it: one query
+row, 30 layers (one jitted loop over the layer index, so no Python dispatch between layers),
+20 query heads over 5 kv heads of dim 128, at a given context, on a float32 or int8 cache.
+Prints the median time per token and the cache bytes it read per second.
+
+    python benchmarks/decode_attention.py [--context 2080] [--cache int8|float32] [--repeats 7]
+
+Used for the A/B runs of xla_ffi/attention_kernel.cc (swap the extension between runs);
+`bitnet-jax bench generate --profile` is the figure of record (the attention piece there also
+holds the cache writes and the mask).
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax.kernels import ffi
+
+LAYERS, KV_HEADS, HEAD_DIM, HEADS = 30, 5, 128, 20
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=2080, help="slots each query attends (position + 1)")
+    parser.add_argument("--cache", choices=("int8", "float32"), default="int8")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    slots = args.context + 32  # a cache longer than the context, as generate's
+    rng = np.random.default_rng(0)
+    shape = (LAYERS, 1, KV_HEADS, slots, HEAD_DIM)
+    if args.cache == "int8":
+        k, v = (jnp.asarray(rng.integers(-127, 128, shape, dtype=np.int8)) for _ in range(2))
+        scales = [jnp.asarray(rng.uniform(0.01, 0.02, shape[:-1]).astype(np.float32)) for _ in range(2)]
+    else:
+        k, v = (jnp.asarray(rng.normal(size=shape).astype(np.float32)) for _ in range(2))
+        scales = [None, None]
+    q = jnp.asarray(rng.normal(size=(1, 1, HEADS, HEAD_DIM)).astype(np.float32))
+    positions = jnp.full((1, 1), args.context - 1, jnp.int32)
+
+    @jax.jit
+    def token(q, k, v, k_scale, v_scale):
+        def layer(index, q):  # each layer's output feeds the next query, so no call is skipped
+            out = ffi.decode_attention(q, k, v, index, positions, k_scale_lbks=k_scale, v_scale_lbks=v_scale)
+            return q + 1e-3 * out
+
+        return jax.lax.fori_loop(0, LAYERS, layer, q)
+
+    token(q, k, v, *scales).block_until_ready()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        token(q, k, v, *scales).block_until_ready()
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    read = LAYERS * KV_HEADS * args.context * HEAD_DIM * 2 * k.dtype.itemsize
+    print(
+        f"{args.cache} cache, context {args.context}: {seconds * 1e3:.2f} ms per token ({LAYERS} layers), "
+        f"{read / seconds / 1e9:.1f} GB/s of cache read (median of {args.repeats})"
+    )
+
+
+if __name__ == "__main__":
+    main()
