@@ -137,7 +137,9 @@ def test_sliding_windows_score_every_token_once_with_its_promised_context(model)
     # Scoring from target 45 of 50 on: one window of the last W inputs (lm-eval's left truncation).
     ((logp, _),) = Scorer(FLOAT_CONFIG, model["params"], context=w, stride=w).score([seqs[1]], [45])
     assert np.isnan(logp[:44]).all()
-    (want,) = reference_logprobs(model["params"], [seqs[1]], [[max(1, j - (49 - w)) for j in range(1, 50)]], FLOAT_CONFIG)
+    (want,) = reference_logprobs(
+        model["params"], [seqs[1]], [[max(1, j - (49 - w)) for j in range(1, 50)]], FLOAT_CONFIG
+    )
     np.testing.assert_allclose(logp[44:], want[44:], atol=2e-4)
 
 
