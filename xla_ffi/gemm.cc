@@ -90,16 +90,16 @@ void TernaryGemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
 #endif
 }
 
-void Int8GemmI32(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+void Int8GemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                  int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
   if (isa == Isa::kScalar || !IsaBuilt(isa)) {
     Int8Scalar(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
     return;
   }
 #if BITNET_JAX_X86_SIMD
-  Int8GemmI32X86(isa, x_q, rows, kp, w, n_begin, n_end, n_total, acc);
+  Int8GemmI32X86(isa, x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
 #elif BITNET_JAX_ARM_SIMD
-  Int8GemmI32Arm(isa, x_q, rows, kp, w, n_begin, n_end, n_total, acc);
+  Int8GemmI32Arm(isa, x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
 #endif
 }
 

@@ -27,8 +27,9 @@ int64_t TernaryGroupsPerTask(Isa isa, int64_t rows);
 
 // Int8: acc[m, n] = sum_k x_q[m, k] * w[n, k] for n in [n_begin, n_end), m < rows.
 //   x_q int8 [rows, kp], w int8 [N, kp], kp a multiple of kInt8RowAlign (zero-padded); any int8
-//   values. acc int32 [rows, n_total].
-void Int8GemmI32(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+//   values. x_sum int32 [rows] = sum_k x_q[m, k] (the AVX-512 path multiplies w + 128, an
+//   unsigned operand, and takes 128 * x_sum off). acc int32 [rows, n_total].
+void Int8GemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                  int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
 
 // Int4 (I4G, layout.h; int4_gemm.cc): dot[m, n] for n in [n_begin, n_end), m < rows, row stride

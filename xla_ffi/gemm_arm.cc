@@ -189,12 +189,12 @@ void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
     TernaryGroupsGemv<TernaryTileNeon>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
 }
 
-void Int8GemmI32Arm(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+void Int8GemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
   if (isa == Isa::kNeonDot)
-    Int8RowsGemv<Int8TileNeonDot>(x_q, nullptr, rows, kp, w, n_begin, n_end, n_total, acc);
+    Int8RowsGemv<Int8TileNeonDot>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
   else
-    Int8RowsGemv<Int8TileNeon>(x_q, nullptr, rows, kp, w, n_begin, n_end, n_total, acc);
+    Int8RowsGemv<Int8TileNeon>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
 }
 
 }  // namespace bitnet

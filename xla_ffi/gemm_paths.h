@@ -53,14 +53,13 @@ void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, in
   }
 }
 
-// Int8, 4 output rows at a time: Tile<MT>::Run(x, x_aux, acc, kp, w, n0, n_rows, n_total), where
-// x_aux (one int32 per activation row, or null) is whatever the path's tiles want per row.
+// Int8, 4 output rows at a time: Tile<MT>::Run(x, x_sum, acc, kp, w, n0, n_rows, n_total).
 template <template <int> class Tile>
-void Int8RowsGemv(const int8_t* x_q, const int32_t* x_aux, int64_t rows, int64_t kp, const int8_t* w,
+void Int8RowsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                   int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
   for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
     const int64_t n_rows = std::min<int64_t>(4, n_end - n0);
-    ForRowTiles<Tile>(rows, kp, x_q, x_aux, acc, n_total, kp, w, n0, n_rows, n_total);
+    ForRowTiles<Tile>(rows, kp, x_q, x_sum, acc, n_total, kp, w, n0, n_rows, n_total);
   }
 }
 
@@ -77,14 +76,14 @@ int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows);
 void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                        const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                        int32_t* acc);
-void Int8GemmI32X86(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
 #elif BITNET_JAX_ARM_SIMD
 // gemm_arm.cc; isa is kNeon or kNeonDot.
 void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                        const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                        int32_t* acc);
-void Int8GemmI32Arm(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+void Int8GemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
 #endif
 

@@ -346,12 +346,11 @@ BITNET_AVX512 void PanelTileAvx512(const int8_t* x, int64_t kp, const int32_t* x
 }
 
 // Up to 4 int8 weight rows against MT activation rows, one weight row after the other: each row
-// is one sequential stream. (Reading the 4 rows side by side, 4 streams 2.5 KB apart, ran at half
-// the speed on a Zen 4: 9-10 GB/s on one core against 19-20.) vpdpbusd wants one unsigned
-// operand: the weights, as w ^ 0x80 = w + 128 (exact for every int8), so the sum is
-// sum_k w x + 128 * sum_k x, and x_sum128[m] = 128 * sum_k x[m, k] comes off at the end.
+// is one sequential stream (4 rows side by side, 4 streams 2.5 KB apart, ran at half the speed on
+// a Zen 4: benchmarks/RESULTS.md). vpdpbusd wants one unsigned operand: the weights, as
+// w ^ 0x80 = w + 128 (exact for every int8), so the sum is sum_k w x + 128 * x_sum[m].
 template <int MT>
-BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, const int32_t* x_sum128, int64_t kp, const int8_t* w,
+BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, const int32_t* x_sum, int64_t kp, const int8_t* w,
                                   int64_t n0, int64_t n_rows, int64_t n_total, int32_t* acc_out) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t r = 0; r < n_rows; ++r) {
@@ -360,23 +359,12 @@ BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, const int32_t* x_sum128, int6
     for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm512_setzero_si512();
     for (int64_t k = 0; k < kp; k += 64) {
       // The stream 4 KB ahead: at several activation rows the hardware prefetcher alone left a
-      // Zen 4 core waiting (8 rows of the 2560 x 128256 head: 51 -> 40 ms, medians of 5).
-      // Past the end of the weights it is harmless (a prefetch never faults).
+      // Zen 4 core waiting. Past the end of the weights it is harmless (a prefetch never faults).
       _mm_prefetch(reinterpret_cast<const char*>(w_row + k + 4096), _MM_HINT_T0);
       const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w_row + k), flip);
       for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[mi], wv, _mm512_loadu_si512(x + mi * kp + k));
     }
-    for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[mi]) - x_sum128[mi];
-  }
-}
-
-// 128 * sum_k x[m, k] for m < rows (exact: vpdpbusd of ones against x).
-BITNET_AVX512 void ActivationSums128Avx512(const int8_t* x, int64_t rows, int64_t kp, int32_t* out) {
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int64_t m = 0; m < rows; ++m) {
-    __m512i sum = _mm512_setzero_si512();
-    for (int64_t k = 0; k < kp; k += 64) Dpbusd(sum, ones, _mm512_loadu_si512(x + m * kp + k));
-    out[m] = 128 * HsumAvx512(sum);
+    for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[mi]) - 128 * x_sum[mi];
   }
 }
 
@@ -418,9 +406,9 @@ struct Int8TileAvx2 {
 
 template <int MT>
 struct Int8TileAvx512 {
-  static void Run(const int8_t* x, const int32_t* x_sum128, int32_t* acc, int64_t kp, const int8_t* w,
+  static void Run(const int8_t* x, const int32_t* x_sum, int32_t* acc, int64_t kp, const int8_t* w,
                   int64_t n0, int64_t n_rows, int64_t n_total) {
-    Int8RowsAvx512<MT>(x, x_sum128, kp, w, n0, n_rows, n_total, acc);
+    Int8RowsAvx512<MT>(x, x_sum, kp, w, n0, n_rows, n_total, acc);
   }
 };
 
@@ -457,16 +445,12 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
     TernaryGroupsGemv<TernaryTileAvx2>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
 }
 
-void Int8GemmI32X86(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w,
+void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
-  if (isa == Isa::kAvx512Vnni) {
-    thread_local std::vector<int32_t> x_sum128;
-    x_sum128.resize(rows);
-    ActivationSums128Avx512(x_q, rows, kp, x_sum128.data());
-    Int8RowsGemv<Int8TileAvx512>(x_q, x_sum128.data(), rows, kp, w, n_begin, n_end, n_total, acc);
-  } else {
-    Int8RowsGemv<Int8TileAvx2>(x_q, nullptr, rows, kp, w, n_begin, n_end, n_total, acc);
-  }
+  if (isa == Isa::kAvx512Vnni)
+    Int8RowsGemv<Int8TileAvx512>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
+  else
+    Int8RowsGemv<Int8TileAvx2>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
 }
 
 }  // namespace bitnet

@@ -260,7 +260,7 @@ void RunTernary(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t
 void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kp,
              const int8_t* w, int64_t n, int32_t* acc, const Rescale& rescale = {}) {
   ParallelFor(pool, n, kMinRowsPerChunk, [&](int64_t begin, int64_t end) {
-    Int8GemmI32(isa, xq.q, rows, kp, w, begin, end, n, acc);
+    Int8GemmI32(isa, xq.q, xq.sum, rows, kp, w, begin, end, n, acc);
     if (rescale.y != nullptr) {
       RescaleInPlace(rescale.y, xq, rescale.w_scale, rescale.per_tensor, rows, n, begin, end);
     }

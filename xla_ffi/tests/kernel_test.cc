@@ -97,10 +97,13 @@ void TestInt8(bitnet::Isa isa, const Shape& s, std::mt19937& rng) {
     for (int64_t i = 0; i < s.k; ++i) x[m * kp + i] = static_cast<int8_t>(byte(rng));
   w[0] = -128;
   x[0] = -128;  // -128 * -128 = 16384: the product that int16 tricks overflow
+  std::vector<int32_t> x_sum(s.rows, 0);
+  for (int64_t m = 0; m < s.rows; ++m)
+    for (int64_t i = 0; i < s.k; ++i) x_sum[m] += x[m * kp + i];
   std::vector<int32_t> acc(s.rows * s.n, -7);
   const int64_t mid = s.n / 2;
-  bitnet::Int8GemmI32(isa, x.data(), s.rows, kp, w.data(), 0, mid, s.n, acc.data());
-  bitnet::Int8GemmI32(isa, x.data(), s.rows, kp, w.data(), mid, s.n, s.n, acc.data());
+  bitnet::Int8GemmI32(isa, x.data(), x_sum.data(), s.rows, kp, w.data(), 0, mid, s.n, acc.data());
+  bitnet::Int8GemmI32(isa, x.data(), x_sum.data(), s.rows, kp, w.data(), mid, s.n, s.n, acc.data());
   for (int64_t m = 0; m < s.rows; ++m)
     for (int64_t n = 0; n < s.n; ++n) {
       int64_t want = 0;
