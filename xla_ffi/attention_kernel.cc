@@ -1,8 +1,7 @@
 // Decode attention kernels (attention_kernel.h): a scalar twin, and AVX2 + FMA on x86-64.
 //
-// AVX-512 CPUs run the AVX2 kernels (they have AVX2; an AVX-512 version, with twice the
-// registers for the blocks below, is still to be written). aarch64 and other builds run the
-// scalar twin.
+// AVX-512 CPUs run the AVX2 kernels (they have AVX2; the same blocks in 512-bit registers were
+// slower on a Zen 4, which splits them in two). aarch64 and other builds run the scalar twin.
 //
 // Per chunk, in three passes over the G query heads that share a kv head, in blocks of up to 4
 // heads, so that each key and value vector is read (and, from an int8 cache, widened exactly to
@@ -13,13 +12,7 @@
 //      the chunk's slots.
 // While pass 1 reads the keys, it prefetches the chunk's value rows (pass 3 reads them 16
 // elements of every row at a time, a stride the hardware prefetcher follows too late) and the
-// key rows 16 slots ahead.
-//
-// One Zen 4 core, an int8 cache, G = 4, H = 128: a token's 2550 chunks at a 2048-token context,
-// medians of 4 alternated runs, from memory / with the chunks in L2:
-//   one head and 4 slots at a time, rows widened into an L1 buffer, the value accumulators
-//   loaded and stored at every slot (the kernel before these blocks): 20.5 / 15.7 ms;
-//   the blocks without the prefetches: 21.0 / 12.3 ms; with them: 13.7-15.8 / 11.4 ms.
+// key rows 16 slots ahead. (Measurements: benchmarks/RESULTS.md, benchmarks/decode_attention.py.)
 
 #include "attention_kernel.h"
 
@@ -248,15 +241,16 @@ BITNET_AVX2 inline void ValuesBlock(const float* p, const T* v, int64_t h, int64
 }
 
 // Passes 1 and 3 for a block of GB heads: q, p (their scratch rows) and acc_gh point at its first.
+// Pass 1 prefetches when v_prefetch is set (the value rows, read next by pass 3).
 template <int GB, typename T>
 BITNET_AVX2 void ScoreHeadsAvx2(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
                                 __m256i tail, float* p, const T* v_prefetch) {
   int64_t j = 0;
   for (; j + 2 <= n; j += 2) {
     if (v_prefetch) {
-      // The first block of heads: the value rows of these slots, and the key rows 16 slots on
-      // (past the chunk, or the cache: harmless, a prefetch never faults; hence the addresses
-      // as integers, not pointers past an array).
+      // The value rows of these slots, and the key rows 16 slots on (past the chunk, or the
+      // cache: harmless, a prefetch never faults; hence the addresses as integers, not pointers
+      // past an array).
       const int64_t bytes = 2 * h * static_cast<int64_t>(sizeof(T));
       const uintptr_t values = reinterpret_cast<uintptr_t>(v_prefetch + j * h);
       const uintptr_t keys = reinterpret_cast<uintptr_t>(k_nh + j * h) + 16 * h * sizeof(T);
@@ -295,11 +289,12 @@ BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const 
   for (int64_t g0 = 0; g0 < g; g0 += 4) {
     const float* q = q_gh + g0 * h;
     float* p = scratch + g0 * kAttentionChunk;
+    const T* v_prefetch = g0 == 0 ? v_nh : nullptr;  // the first block of heads prefetches
     switch (std::min<int64_t>(4, g - g0)) {
-      case 4: ScoreHeadsAvx2<4>(q, h, k_nh, slot_scales, n, h_tail, p, g0 == 0 ? v_nh : nullptr); break;
-      case 3: ScoreHeadsAvx2<3>(q, h, k_nh, slot_scales, n, h_tail, p, g0 == 0 ? v_nh : nullptr); break;
-      case 2: ScoreHeadsAvx2<2>(q, h, k_nh, slot_scales, n, h_tail, p, g0 == 0 ? v_nh : nullptr); break;
-      default: ScoreHeadsAvx2<1>(q, h, k_nh, slot_scales, n, h_tail, p, g0 == 0 ? v_nh : nullptr); break;
+      case 4: ScoreHeadsAvx2<4>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
+      case 3: ScoreHeadsAvx2<3>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
+      case 2: ScoreHeadsAvx2<2>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
+      default: ScoreHeadsAvx2<1>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
     }
   }
 
