@@ -14,10 +14,7 @@
 
 #if BITNET_JAX_X86_SIMD
 
-// GCC 12's AVX-512 headers build some results from _mm*_undefined_*() and then warn that they
-// "may be used uninitialized"; the warning is about the header, not this code.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
+#include "x86_simd.h"
 
 namespace bitnet {
 
@@ -26,25 +23,11 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // AVX2
 
-#define BITNET_AVX2 __attribute__((target("avx2,fma")))
-
 BITNET_AVX2 inline int32_t HsumAvx2(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
   return _mm_cvtsi128_si32(s);
-}
-
-// acc += maddubs(codes, x) in int16 lanes. From the intrinsics GCC emits the add into the
-// product's register and a move back to the accumulator, and it loads x into a register first;
-// the inline assembly names the accumulator as read-write and lets x be a memory operand, so a
-// step is the peak loop's two instructions (machine.cc, PeakAvx2).
-BITNET_AVX2 inline void MaddubsAdd(__m256i& acc, __m256i codes, __m256i x) {
-  __m256i t;
-  asm("vpmaddubsw %[x], %[c], %[t]\n\t"
-      "vpaddw %[t], %[acc], %[acc]"
-      : [acc] "+x"(acc), [t] "=&x"(t)
-      : [c] "x"(codes), [x] "xm"(x));
 }
 
 // part[mi] += the products of one row block with the 256 activations of row mi at x_b. Each
@@ -181,20 +164,6 @@ BITNET_AVX2 void Int8RowAvx2(const int8_t* x, int64_t kp, const int8_t* w_row, i
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI
-
-#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-
-// acc += u8 . s8 (4-way dot products into int32 lanes). GCC compiles the intrinsic as if it
-// were not destructive: it copies every accumulator before the instruction and spills the
-// copies, which halves the inner loop's speed. The inline assembly names the accumulator as
-// read-write.
-BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
-#if defined(__GNUC__) && !defined(__clang__)
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
-#else
-  acc = _mm512_dpbusd_epi32(acc, u8, s8);
-#endif
-}
 
 // (GCC 12's HsumAvx512 trips -Wmaybe-uninitialized in its own header.)
 BITNET_AVX512 inline int32_t HsumAvx512(__m512i v) {

@@ -1,0 +1,49 @@
+// What the x86-64 kernel files share: the target attributes of their AVX2 and AVX-512 VNNI
+// functions, and the two multiply-add steps written as inline assembly. Include it only where
+// BITNET_JAX_X86_SIMD is set (cpu_isa.h).
+#ifndef BITNET_JAX_XLA_FFI_X86_SIMD_H_
+#define BITNET_JAX_XLA_FFI_X86_SIMD_H_
+
+#include "cpu_isa.h"
+
+#if !BITNET_JAX_X86_SIMD
+#error "x86_simd.h is for x86-64 builds (BITNET_JAX_X86_SIMD)"
+#endif
+
+// GCC 12's AVX-512 headers build some results from _mm*_undefined_*() and then warn that they
+// "may be used uninitialized"; the warning is about the header, not this code.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#define BITNET_AVX2 __attribute__((target("avx2,fma")))
+#define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+namespace bitnet {
+
+// acc += maddubs(codes, x) in int16 lanes. From the intrinsics GCC emits the add into the
+// product's register and a move back to the accumulator, and it loads x into a register first;
+// the inline assembly names the accumulator as read-write and lets x be a memory operand, so a
+// step is the peak loop's two instructions (machine.cc, PeakAvx2).
+BITNET_AVX2 inline void MaddubsAdd(__m256i& acc, __m256i codes, __m256i x) {
+  __m256i t;
+  asm("vpmaddubsw %[x], %[c], %[t]\n\t"
+      "vpaddw %[t], %[acc], %[acc]"
+      : [acc] "+x"(acc), [t] "=&x"(t)
+      : [c] "x"(codes), [x] "xm"(x));
+}
+
+// acc += u8 . s8 (4-way dot products into int32 lanes). GCC compiles the intrinsic as if it
+// were not destructive: it copies every accumulator before the instruction and spills the
+// copies, which halves the inner loop's speed. The inline assembly names the accumulator as
+// read-write.
+BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+#else
+  acc = _mm512_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+
+}  // namespace bitnet
+
+#endif  // BITNET_JAX_XLA_FFI_X86_SIMD_H_
