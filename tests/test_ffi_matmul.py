@@ -52,6 +52,7 @@ def test_layout_mirror_matches_the_header():
         "rows_per_group": layout.ROWS_PER_GROUP,
         "int8_row_align": layout.INT8_ROW_ALIGN,
         "int4_group_k": layout.INT4_GROUP_K,
+        "ternary_group_align": layout.TERNARY_GROUP_ALIGN,
     }
     assert "scalar" in ffi.available_isas()
 

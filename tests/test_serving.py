@@ -103,7 +103,7 @@ def test_group_scales_pack_and_serve_on_the_xla_integer_path(tmp_path):
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
 
     assert_packed_matches_fake_quant(config, params, packed, ids, backends=("xla",))
-    with pytest.raises(BitNetError, match="one weight scale per tensor or per output channel.*backend='xla'"):
+    with pytest.raises(BitNetError, match="per group of a multiple of 64 inputs.*per group of 8 inputs.*backend='xla'"):
         generate(config, packed, [[1, 2, 3]], 4, backend="ffi")
     save_packed(str(tmp_path / "m"), config, packed)
     config2, packed2 = load_packed(str(tmp_path / "m"))
@@ -318,9 +318,13 @@ def test_serving_backend_follows_the_platform(platform, default):
     assert serving_backend(platform) == default
     assert ServingSpec(lm_head="float", platform=platform).backend == default
     assert serving_backend(platform, "xla") == "xla"
-    assert serving_backend(platform, grouped=True) == "xla"  # per-group scales: no FFI kernel
+    # Group scales: the FFI kernel takes groups of whole 64-weight strips (xla_ffi/gemm.h).
+    assert serving_backend(platform, group_size=32) == "xla"
+    assert serving_backend(platform, group_size=64) == serving_backend(platform, group_size=256) == default
     if platform == "cpu":
-        assert serving_backend(platform, "ffi") == "ffi"
+        assert serving_backend(platform, "ffi") == serving_backend(platform, "ffi", group_size=128) == "ffi"
+        with pytest.raises(BitNetError, match=r"per group of 32 inputs \(weight_quant='group:32'\).*backend='xla'"):
+            serving_backend(platform, "ffi", group_size=32)
     else:
         with pytest.raises(BitNetError, match=f"registered for CPU only.*runs on '{platform}'.*backend='xla'"):
             serving_backend(platform, "ffi")

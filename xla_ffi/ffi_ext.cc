@@ -12,6 +12,7 @@
 #include "attention.h"
 #include "cpu_isa.h"
 #include "embed.h"
+#include "gemm.h"
 #include "layout.h"
 #include "machine.h"
 #include "matmul.h"
@@ -40,6 +41,8 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_act_quant_i8"] = EncapsulateFfiHandler(BitnetActQuantI8);
     registrations["bitnet_ternary_matmul"] = EncapsulateFfiHandler(BitnetTernaryMatmul);
     registrations["bitnet_ternary_matmul_i32"] = EncapsulateFfiHandler(BitnetTernaryMatmulI32);
+    registrations["bitnet_ternary_group_matmul"] = EncapsulateFfiHandler(BitnetTernaryGroupMatmul);
+    registrations["bitnet_ternary_group_matmul_dot"] = EncapsulateFfiHandler(BitnetTernaryGroupMatmulDot);
     registrations["bitnet_int8_matmul"] = EncapsulateFfiHandler(BitnetInt8Matmul);
     registrations["bitnet_int8_matmul_i32"] = EncapsulateFfiHandler(BitnetInt8MatmulI32);
     registrations["bitnet_int4_matmul"] = EncapsulateFfiHandler(BitnetInt4Matmul);
@@ -59,6 +62,7 @@ NB_MODULE(_ffi_ext, m) {
     layout["rows_per_group"] = bitnet::kRowsPerGroup;
     layout["int8_row_align"] = bitnet::kInt8RowAlign;
     layout["int4_group_k"] = bitnet::kInt4GroupK;
+    layout["ternary_group_align"] = bitnet::kTernaryGroupAlign;
     return layout;
   }, "The packed-layout constants of layout.h, for bitnet_jax/kernels/layout.py to check its mirror.");
   m.def("quant_eps", []() { return bitnet::kQuantEps; },

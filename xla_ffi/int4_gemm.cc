@@ -29,14 +29,9 @@ namespace bitnet {
 
 namespace {
 
-constexpr int kLanes = 8;
+constexpr int kLanes = kFloatLanes;
 constexpr int kLaneK = kInt4GroupK / kLanes;  // 4 products per lane and group
 static_assert(kLaneK == 4, "a lane is one maddubs + madd pair (AVX2), one sdot lane (NEON)");
-
-// gemm.h's final sum of the 8 lanes.
-inline float SumLanes(const float lane[kLanes]) {
-  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Scalar twin: the layout read literally.
@@ -55,7 +50,7 @@ float Int4DotScalar(const int8_t* x, const uint8_t* w_row, const uint16_t* s_row
       lane[l] = lane[l] + static_cast<float>(p) * scale;
     }
   }
-  return SumLanes(lane);
+  return SumFloatLanes(lane);
 }
 
 void Int4RowsScalar(const int8_t* x_q, int64_t rows, int64_t kp, const uint8_t* w, const uint16_t* w_scale,
@@ -115,7 +110,7 @@ BITNET_AVX2_F16C void Int4TileAvx2(const int8_t* x, int64_t kp, const int32_t* x
   alignas(32) float lanes[kLanes];
   for (int m = 0; m < MT; ++m) {
     _mm256_store_ps(lanes, lane[m]);
-    dot[m * dot_stride] = SumLanes(lanes);
+    dot[m * dot_stride] = SumFloatLanes(lanes);
   }
 }
 
@@ -198,7 +193,7 @@ BITNET_NEON_DOT float Int4DotNeonDot(const int8_t* x, const uint8_t* w_row, cons
   float lanes[kLanes];
   vst1q_f32(lanes, lane_lo);
   vst1q_f32(lanes + 4, lane_hi);
-  return SumLanes(lanes);
+  return SumFloatLanes(lanes);
 }
 
 }  // namespace

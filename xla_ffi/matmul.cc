@@ -7,6 +7,12 @@
 //                              the call then reads layer `layer` in place, so a scan over
 //                              stacked layers passes the whole stack and nothing is copied.
 //   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
+//   bitnet_ternary_group_matmul
+//                              x [..., K] f32|bf16, w packed, w_scale f32 [K / G, N] (a scale per
+//                              output row and group of G inputs, G a multiple of 64), layer
+//                              -> y f32 [..., N] = dot * (1 / x_scale); stacked like the above
+//   bitnet_ternary_group_matmul_dot
+//                              x_q int8 [..., K], w, w_scale, layer -> dot f32 [..., N] (gemm.h's order)
 //   bitnet_int8_matmul         x [..., K] f32|bf16, w int8 [N, Kp], w_scale f32 [N] -> y f32
 //   bitnet_int8_matmul_i32     x_q int8 [..., K], w int8 [N, Kp] -> acc int32 [..., N]
 //   bitnet_int4_matmul         x [..., K] f32|bf16, w uint8 [N, Kp / 2] (I4G), w_scale f16
@@ -144,6 +150,21 @@ ffi::Error CheckInt4Weights(const std::string& op, ffi::AnyBuffer::Dimensions w_
   return ffi::Error::Success();
 }
 
+// Group scales of ternary weights: float32 [C, N], C groups of G = K / C inputs, G a multiple of
+// kTernaryGroupAlign.
+ffi::Error CheckGroupScale(const std::string& op, ffi::AnyBuffer::Dimensions s_dims, int64_t k, int64_t n,
+                           int64_t* group_k, int64_t* groups) {
+  if (s_dims.size() != 2 || s_dims[1] != n || s_dims[0] < 1 || k % s_dims[0] != 0 ||
+      (k / s_dims[0]) % kTernaryGroupAlign != 0) {
+    return Invalid(op, "expected w_scale float32 [K / G, " + std::to_string(n) + "] for K=" + std::to_string(k) +
+                           " inputs in groups of G, G a multiple of " + std::to_string(kTernaryGroupAlign) +
+                           ", got " + ShapeString(s_dims));
+  }
+  *groups = s_dims[0];
+  *group_k = k / *groups;
+  return ffi::Error::Success();
+}
+
 ffi::Error Select(const std::string& op, Isa* isa) {
   std::string error;
   if (!SelectIsa(isa, &error)) return Invalid(op, error);
@@ -267,6 +288,26 @@ void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t ro
   });
 }
 
+// Ternary group-scale dot products into y (rows x n), split over output row groups; with
+// x_scale set, each chunk then scales its own columns: y = dot * (1 / x_scale[m]).
+void RunTernaryGroup(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
+                     const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t n, float* y,
+                     const float* x_scale = nullptr) {
+  thread_local std::vector<int32_t> lane_storage;  // read by the pool's threads while this call waits
+  lane_storage.resize(rows * groups * kFloatLanes);
+  TernaryGroupLaneSums(xq.q, rows, kb * kBlockK, group_k, groups, lane_storage.data());
+  const int32_t* x_lane = lane_storage.data();
+  ParallelFor(pool, CeilDiv(n, kRowsPerGroup), kMinGroupsPerChunk, [&](int64_t begin, int64_t end) {
+    TernaryGroupGemmF32(isa, xq.q, x_lane, rows, kb, w, w_scale, group_k, groups, begin, end, n, y);
+    if (x_scale == nullptr) return;
+    const int64_t n_end = std::min(n, end * kRowsPerGroup);
+    for (int64_t m = 0; m < rows; ++m) {
+      const float x_inv = 1.0f / x_scale[m];
+      for (int64_t j = begin * kRowsPerGroup; j < n_end; ++j) y[m * n + j] *= x_inv;
+    }
+  });
+}
+
 // Int4 dot products into y (rows x n), split over output rows; with x_scale set, each chunk then
 // scales its own columns: y = dot * (1 / x_scale[m]).
 void RunInt4(ffi::ThreadPool& pool, Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const uint8_t* w,
@@ -351,6 +392,67 @@ ffi::Error TernaryMatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, 
   if (shape.rows == 0) return ffi::Error::Success();
   const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kb * kBlockK);
   RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data() + w_view.offset, n, acc->typed_data());
+  return ffi::Error::Success();
+}
+
+// The checks shared by the two group-scale handlers: the layer's weights and scales, and the path.
+struct GroupOperands {
+  Rows shape;
+  int64_t kb = 0, group_k = 0, groups = 0;
+  Isa isa = Isa::kScalar;
+  const uint8_t* w = nullptr;
+  const float* w_scale = nullptr;
+};
+
+ffi::Error CheckGroupOperands(const std::string& op, ffi::AnyBuffer::Dimensions x_dims, ffi::Buffer<ffi::U8> w,
+                              ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
+                              ffi::AnyBuffer::Dimensions out_dims, int64_t n, int64_t layout_version,
+                              GroupOperands* out) {
+  LayerView w_view, s_view;
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (layer_buf.element_count() != 1) return Invalid(op, "expected a scalar int32 layer index");
+  const int64_t layer = layer_buf.typed_data()[0];
+  if (auto e = SelectLayer(op, "w", w.dimensions(), 2, layer, &w_view); e.failure()) return e;
+  if (auto e = SelectLayer(op, "w_scale", w_scale.dimensions(), 2, layer, &s_view); e.failure()) return e;
+  if (auto e = CheckActivations(op, x_dims, &out->shape); e.failure()) return e;
+  if (auto e = CheckTernaryWeights(op, w_view.dims, out->shape.k, n, &out->kb); e.failure()) return e;
+  if (auto e = CheckGroupScale(op, s_view.dims, out->shape.k, n, &out->group_k, &out->groups); e.failure()) return e;
+  if (auto e = CheckOutput(op, x_dims, out_dims, n); e.failure()) return e;
+  if (auto e = Select(op, &out->isa); e.failure()) return e;
+  out->w = w.typed_data() + w_view.offset;
+  out->w_scale = w_scale.typed_data() + s_view.offset;
+  return ffi::Error::Success();
+}
+
+ffi::Error TernaryGroupMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w,
+                                  ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
+                                  ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t n, int64_t act_bits,
+                                  int64_t layout_version) {
+  const std::string op = "bitnet_ternary_group_matmul";
+  GroupOperands g;
+  if (auto e = CheckGroupOperands(op, x.dimensions(), w, w_scale, layer_buf, y->dimensions(), n, layout_version, &g);
+      e.failure())
+    return e;
+  if (g.shape.rows == 0) return ffi::Error::Success();
+  QuantizedRows xq;
+  if (auto e = QuantizeInput(op, pool, g.isa, x, g.shape, g.kb * kBlockK, act_bits, &xq); e.failure()) return e;
+  RunTernaryGroup(pool, g.isa, xq, g.shape.rows, g.kb, g.w, g.w_scale, g.group_k, g.groups, n, y->typed_data(),
+                  xq.scale);
+  return ffi::Error::Success();
+}
+
+ffi::Error TernaryGroupMatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi::Buffer<ffi::U8> w,
+                                     ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
+                                     ffi::Result<ffi::Buffer<ffi::F32>> dot, int64_t n, int64_t layout_version) {
+  const std::string op = "bitnet_ternary_group_matmul_dot";
+  GroupOperands g;
+  if (auto e =
+          CheckGroupOperands(op, x_q.dimensions(), w, w_scale, layer_buf, dot->dimensions(), n, layout_version, &g);
+      e.failure())
+    return e;
+  if (g.shape.rows == 0) return ffi::Error::Success();
+  const QuantizedRows xq = PadRows(x_q.typed_data(), g.shape, g.kb * kBlockK);
+  RunTernaryGroup(pool, g.isa, xq, g.shape.rows, g.kb, g.w, g.w_scale, g.group_k, g.groups, n, dot->typed_data());
   return ffi::Error::Success();
 }
 
@@ -460,6 +562,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes [G, KB * 256], or stacked [L, G, KB * 256]
         .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, which layer of a stacked w
         .Ret<ffi::Buffer<ffi::S32>>()    // acc: sum_k x_q * t, int32 [..., N]
+        .Attr<int64_t>("n")
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetTernaryGroupMatmul, bitnet::TernaryGroupMatmulImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()           // x: activations [..., K], float32 or bfloat16
+        .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes [G, KB * 256], or stacked [L, G, KB * 256]
+        .Arg<ffi::Buffer<ffi::F32>>()    // w_scale: [K / group, N], or stacked [L, K / group, N]
+        .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, which layer of stacked w / w_scale
+        .Ret<ffi::Buffer<ffi::F32>>()    // y: [..., N]
+        .Attr<int64_t>("n")
+        .Attr<int64_t>("act_bits")
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetTernaryGroupMatmulDot, bitnet::TernaryGroupMatmulDotImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::Buffer<ffi::S8>>()     // x_q: int8 activations [..., K]
+        .Arg<ffi::Buffer<ffi::U8>>()     // w: packed ternary codes
+        .Arg<ffi::Buffer<ffi::F32>>()    // w_scale: [K / group, N] (or stacked)
+        .Arg<ffi::Buffer<ffi::S32>>()    // layer
+        .Ret<ffi::Buffer<ffi::F32>>()    // dot: [..., N], gemm.h's order, not scaled by x
         .Attr<int64_t>("n")
         .Attr<int64_t>("layout_version"));
 

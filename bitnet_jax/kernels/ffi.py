@@ -9,7 +9,8 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                           x_q   = clamp(round(x * scale), -128, 127)     (int8, [..., K])
                         with round half-to-even, so it equals the pure-JAX
                         `bitnet_jax.model.quant.act_quantize(x, "token", 8)` bit for bit.
-  bitnet_ternary_matmul / _i32, bitnet_int8_matmul / _i32, bitnet_int4_matmul / _dot
+  bitnet_ternary_matmul / _i32, bitnet_ternary_group_matmul / _dot, bitnet_int8_matmul / _i32,
+  bitnet_int4_matmul / _dot
                         the serving matmuls on packed weights (see `ternary_matmul` below,
                         xla_ffi/matmul.cc and bitnet_jax/kernels/layout.py).
   bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
@@ -165,6 +166,35 @@ def ternary_matmul_i32(x_q, w_packed, n: int, layer=None) -> jax.Array:
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
     attrs = dict(n=np.int64(n), layout_version=np.int64(layout.LAYOUT_VERSION))
     return _rowwise("bitnet_ternary_matmul_i32", jnp.int32, n, attrs, x_q, w_packed, layer)
+
+
+def ternary_group_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=None) -> jax.Array:
+    """Serving BitLinear with a scale per output row and group of G inputs ('group:G'), in one custom
+    call: y [..., N] float32 = dot(Q(x), t, w_scale) * (1 / x_scale), dot the kernel's float sum of
+    scaled group sums (`ternary_group_matmul_dot`).
+
+    w_scale: float32 [K / G, N], G a multiple of `layout.TERNARY_GROUP_ALIGN`; stacked weights
+    ([L, G, X], [L, K / G, N]) with `layer` as in `ternary_matmul`.
+    """
+    from bitnet_jax.kernels import layout
+
+    x = _check_x("ternary_group_matmul", x)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    attrs = dict(n=np.int64(n), act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_ternary_group_matmul", jnp.float32, n, attrs, x, w_packed, w_scale, layer)
+
+
+def ternary_group_matmul_dot(x_q, w_packed, w_scale, n: int, layer=None) -> jax.Array:
+    """float32 [..., N]: sum over groups c of (sum_k x_q[..., k] * t[n, k] over group c) * w_scale[c, n],
+    in the one order that every kernel path follows (xla_ffi/gemm.h): 8 lanes, lane l the inputs
+    with k % 32 in [4l, 4l + 4), accumulated group by group, then summed
+    ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    from bitnet_jax.kernels import layout
+
+    x_q = _check_x("ternary_group_matmul_dot", x_q, integer=True)
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    attrs = dict(n=np.int64(n), layout_version=np.int64(layout.LAYOUT_VERSION))
+    return _rowwise("bitnet_ternary_group_matmul_dot", jnp.float32, n, attrs, x_q, w_packed, w_scale, layer)
 
 
 def int8_matmul(x, w_int8, w_scale, act_bits: int = 8) -> jax.Array:

@@ -33,6 +33,7 @@ BLOCK_BYTES = 64  # bytes per row block (4 codes per byte)
 ROWS_PER_GROUP = 4  # rows interleaved block by block
 INT8_ROW_ALIGN = 64  # int8 rows are padded to a multiple of this
 INT4_GROUP_K = 32  # inputs per int4 scale; int4 rows are padded to a multiple of this
+TERNARY_GROUP_ALIGN = 64  # group:G models take the FFI kernel when G is a multiple of this (whole strips)
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -50,14 +50,16 @@ def default_lm_head(config: BitNetConfig) -> str:
     return "int8-tied" if config.tie_word_embeddings else "int8"
 
 
-def serving_backend(platform: str, requested: str | None = None, *, grouped: bool = False) -> str:
+def serving_backend(platform: str, requested: str | None = None, *, group_size: int = 0) -> str:
     """The serving backend for a packed model whose computation runs on `platform` ('cpu', 'gpu',
     'tpu', ... as `jax.Device.platform` names them): the one rule that chooses it.
 
     The FFI kernels are XLA custom calls registered for CPU only, and take one weight scale per
-    tensor or output row: unset, the backend is 'ffi' on CPU and 'xla' (the same integer math in
-    XLA ops) elsewhere and for per-group scales (`grouped`). An explicit 'ffi' that cannot run is
-    an error here, not an "unknown custom call target" from the compiler later.
+    tensor, per output row, or per output row and group of `group_size` inputs (weight_quant
+    'group:G') when G is a multiple of `layout.TERNARY_GROUP_ALIGN`: unset, the backend is 'ffi'
+    on CPU where they take the model's scales and 'xla' (the same integer math in XLA ops)
+    elsewhere. An explicit 'ffi' that cannot run is an error here, not an "unknown custom call
+    target" from the compiler later.
     """
     if requested not in (None, *BACKENDS):
         raise BitNetError(f"backend={requested!r}: expected one of {BACKENDS} (or None for the default).")
@@ -66,11 +68,18 @@ def serving_backend(platform: str, requested: str | None = None, *, grouped: boo
             f"backend='ffi': the FFI kernels are registered for CPU only, and this computation runs on "
             f"{platform!r} devices. Use backend='xla' (or leave it unset): the same integer math in XLA ops."
         )
-    if requested == "ffi" and grouped:
-        _refuse_ffi_group_scales()
+    if requested == "ffi" and not ffi_takes_groups(group_size):
+        _refuse_ffi_group_scales(group_size)
     if requested is not None:
         return requested
-    return "ffi" if platform == "cpu" and not grouped else "xla"
+    return "ffi" if platform == "cpu" and ffi_takes_groups(group_size) else "xla"
+
+
+def ffi_takes_groups(group_size: int) -> bool:
+    """Whether the FFI kernels take weight scales per group of `group_size` inputs (0: per tensor
+    or per channel, which they always take): the group must be whole 64-weight strips of the
+    packed layout (xla_ffi/gemm.h, TernaryGroupGemmF32)."""
+    return group_size % layout.TERNARY_GROUP_ALIGN == 0
 
 
 def computation_platform(tree=None) -> str:
@@ -87,11 +96,12 @@ def computation_platform(tree=None) -> str:
     return jax.default_backend()
 
 
-def _refuse_ffi_group_scales():
+def _refuse_ffi_group_scales(group_size: int):
     raise BitNetError(
-        "backend='ffi': the FFI kernels take one weight scale per tensor or per output channel, and this "
-        "model has a scale per group of inputs (weight_quant='group:G'). Use backend='xla' (or leave it "
-        "unset), which runs the same integer math in XLA ops."
+        f"backend='ffi': the FFI kernels take weight scales per tensor, per output channel, or per group "
+        f"of a multiple of {layout.TERNARY_GROUP_ALIGN} inputs, and this model has a scale per group of "
+        f"{group_size} inputs (weight_quant='group:{group_size}'). Use backend='xla' (or leave it unset), "
+        "which runs the same integer math in XLA ops."
     )
 
 
@@ -173,12 +183,19 @@ def ternary_linear(
 
 def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
     """Per-group weight scales: one exact int32 sum per group of K / C inputs, scaled and added
-    in float32 (the FFI kernels take one scale per tensor or output row only)."""
-    if backend == "ffi":  # a ServingSpec built by hand for a grouped model
-        _refuse_ffi_group_scales()
+    in float32. The FFI kernel (`ffi.ternary_group_matmul`) adds the same terms in one fixed order
+    of its own, so the two backends agree to float32 rounding, not bit for bit. Under a mesh with
+    a 'tensor' axis the XLA ops run, which XLA partitions (the kernel has no shard_map split)."""
+    k, c = x_mk.shape[-1], w_scale_cn.shape[-2]
+    if backend == "ffi":
+        if not ffi_takes_groups(k // c):  # a ServingSpec built by hand for such a model
+            _refuse_ffi_group_scales(k // c)
+        if _tensor_parts() == 1:
+            from bitnet_jax.kernels import ffi
+
+            return ffi.ternary_group_matmul(x_mk, w_packed, w_scale_cn, n, act_bits, layer)
     if w_packed.ndim == 3:
         w_packed, w_scale_cn = w_packed[layer], w_scale_cn[layer]
-    k, c = x_mk.shape[-1], w_scale_cn.shape[0]
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
     t_ncg = layout.unpack_ternary(w_packed, n, k).reshape(n, c, k // c)
     x_q_cg = x_q.astype(jnp.int8).reshape(*x_mk.shape[:-1], c, k // c)

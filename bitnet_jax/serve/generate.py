@@ -65,8 +65,8 @@ def generate(
         order, as they are generated (for streaming).
       backend: 'ffi' (our C++ ternary kernels as XLA custom calls, CPU only) or 'xla' (XLA ops
         only). Packed parameters (`bitnet_jax.serve.pack`) run the integer serving model either way;
-        unset, `serving.serving_backend` picks 'ffi' on CPU and 'xla' on GPU / TPU (and for
-        per-group weight scales, which the kernels do not take), from the platform of the
+        unset, `ops.serving_backend` picks 'ffi' on CPU and 'xla' on GPU / TPU (and for
+        group:G weight scales with G not a multiple of 64, which the kernels do not take), from the platform of the
         params' devices (or the mesh, or the default backend). Training parameters default to
         the fake-quant forward in XLA ops, and with 'ffi' are packed first (lm_head kept in
         float), which costs a conversion per call: pack once for repeated use.
@@ -226,10 +226,10 @@ def serving_params(config: BitNetConfig, params, backend: str | None, kv_cache: 
     """(params, ServingSpec or None) for the requested backend and KV cache dtype (None: float32),
     on the params' platform."""
     platform = computation_platform(params)
-    grouped = config.weight_group_size > 0
+    group_size = config.weight_group_size
     kv_cache = kv_cache or "float32"
     if is_packed(params):
-        backend = serving_backend(platform, backend, grouped=grouped)
+        backend = serving_backend(platform, backend, group_size=group_size)
         return params, ServingSpec(backend, lm_head_kind(params), config.act_bits, platform, kv_cache)
     if backend != "ffi":
         serving_backend(platform, backend)  # checks the name
@@ -239,7 +239,7 @@ def serving_params(config: BitNetConfig, params, backend: str | None, kv_cache: 
                 "on the XLA path keep a cache of their own dtype."
             )
         return params, None
-    serving_backend(platform, backend, grouped=grouped)  # raises where the FFI kernels cannot run
+    serving_backend(platform, backend, group_size=group_size)  # raises where the FFI kernels cannot run
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         raise BitNetError(
             "backend='ffi' with abstract training parameters: pack them first (bitnet_jax.serve.pack), "

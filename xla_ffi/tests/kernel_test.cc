@@ -171,6 +171,72 @@ void TestInt4(bitnet::Isa isa, const Shape& s, std::mt19937& rng, bool pow2_scal
     }
 }
 
+// Ternary with group scales: each path against gemm.h's order written out here, bit for bit, on
+// random codes and scales; and, with power-of-two scales small enough that no float step rounds,
+// against the exact sum of t * x * scale. `extreme` as in TestTernary (for the int16 stages).
+struct GroupShape {
+  int64_t rows, k, n, group_k;
+};
+
+const GroupShape kGroupShapes[] = {
+    {1, 64, 1, 64},     {1, 256, 4, 64},     {2, 320, 5, 64},     {3, 320, 7, 320},  {4, 512, 8, 128},
+    {5, 768, 3, 256},   {1, 640, 13, 128},   {9, 1024, 6, 512},   {1, 2560, 9, 64},  {6, 2560, 11, 256},
+    {17, 1280, 10, 64}, {1, 4096, 5, 4096},  {2, 4224, 4, 2112},
+};
+
+void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, bool pow2_scales, int extreme = 0) {
+  std::uniform_int_distribution<int> tern(-1, 1), byte(-128, 127), e(-3, 0);
+  std::normal_distribution<float> normal(0.0f, 0.05f);
+  const Shape s{g.rows, g.k, g.n};
+  const int64_t kb = CeilDiv(g.k, bitnet::kBlockK), kp = kb * bitnet::kBlockK, groups = g.k / g.group_k;
+  const int64_t row_groups = CeilDiv(g.n, bitnet::kRowsPerGroup);
+  std::vector<int8_t> t(g.n * g.k), x(g.rows * kp, 0);
+  for (auto& v : t) v = static_cast<int8_t>(extreme ? 1 : tern(rng));
+  for (int64_t m = 0; m < g.rows; ++m)
+    for (int64_t i = 0; i < g.k; ++i) x[m * kp + i] = static_cast<int8_t>(extreme ? extreme : byte(rng));
+  x[0] = -128;
+  std::vector<float> scale(groups * g.n);
+  for (auto& v : scale) v = pow2_scales ? std::ldexp(1.0f, e(rng)) : normal(rng);
+  std::vector<uint8_t> w(row_groups * kb * bitnet::kGroupBlockBytes);
+  bitnet::PackTernary(t.data(), g.n, g.k, w.data());
+  std::vector<int32_t> x_lane(g.rows * groups * 8);
+  bitnet::TernaryGroupLaneSums(x.data(), g.rows, kp, g.group_k, groups, x_lane.data());
+
+  std::vector<float> dot(g.rows * g.n, -7.0f);
+  const int64_t mid = row_groups / 2;
+  bitnet::TernaryGroupGemmF32(isa, x.data(), x_lane.data(), g.rows, kb, w.data(), scale.data(), g.group_k, groups, 0,
+                              mid, g.n, dot.data());
+  bitnet::TernaryGroupGemmF32(isa, x.data(), x_lane.data(), g.rows, kb, w.data(), scale.data(), g.group_k, groups,
+                              mid, row_groups, g.n, dot.data());
+  for (int64_t m = 0; m < g.rows; ++m)
+    for (int64_t n = 0; n < g.n; ++n) {
+      float lane[8] = {};
+      int64_t exact = 0;  // with power-of-two scales: sum_k t * x * scale, in units of 2^-3
+      for (int64_t c = 0; c < groups; ++c) {
+        const float sc = scale[c * g.n + n];
+        for (int l = 0; l < 8; ++l) {
+          int32_t p = 0;
+          for (int64_t k = c * g.group_k; k < (c + 1) * g.group_k; ++k)
+            if ((k % 32) / 4 == l) p += t[n * g.k + k] * x[m * kp + k];
+          lane[l] = lane[l] + static_cast<float>(p) * sc;
+          exact += static_cast<int64_t>(p) * static_cast<int64_t>(sc * 8.0f);
+        }
+      }
+      const float want = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+      const float got = dot[m * g.n + n];
+      int32_t got_bits, want_bits;
+      std::memcpy(&got_bits, &got, 4);
+      std::memcpy(&want_bits, &want, 4);
+      Expect(got_bits == want_bits, "ternary group order", bitnet::IsaName(isa), s, m, n, got_bits, want_bits);
+      // Scales 2^-3 .. 1: every partial sum is a multiple of 2^-3 of magnitude at most
+      // 4224 * 128 < 2^20.1, below 2^24 units: every float step is exact.
+      if (pow2_scales) {
+        Expect(got * 8.0f == static_cast<float>(exact), "ternary group exact", bitnet::IsaName(isa), s, m, n,
+               static_cast<int64_t>(got * 8.0f), exact);
+      }
+    }
+}
+
 // bfloat16 rows: the high halves of float32 values (truncated; any bf16 will do).
 std::vector<uint16_t> ToBf16(const std::vector<float>& x) {
   std::vector<uint16_t> out(x.size());
@@ -257,6 +323,13 @@ int main() {
       TestTernary(isa, s, rng, -128);
       TestTernary(isa, s, rng, 127);
     }
+    for (const GroupShape& g : kGroupShapes) {
+      TestTernaryGroup(isa, g, rng, /*pow2_scales=*/false);
+      TestTernaryGroup(isa, g, rng, /*pow2_scales=*/true);
+    }
+    // The int16 sums' extremes, across several widenings (4096-wide groups: 64 strips).
+    TestTernaryGroup(isa, {2, 4096, 4, 4096}, rng, /*pow2_scales=*/true, -128);
+    TestTernaryGroup(isa, {1, 4096, 4, 4096}, rng, /*pow2_scales=*/true, 127);
     TestQuantize(isa, rng);
     failures += CheckAttention(isa);
     std::printf("%s: checked %zu shapes\n", bitnet::IsaName(isa), sizeof(kShapes) / sizeof(kShapes[0]));
