@@ -167,6 +167,15 @@ def test_bench_generate_small():
     h = config.head_dim  # per slot, kv head and layer: H int8 codes and a float32 scale, against 4H bytes
     assert int8.kv_mb == pytest.approx(ffi.kv_mb * (h + 4) / (4 * h)) and int8.decode_tok_s > 0
     assert "FFI vs XLA dense" in generate_table([ffi, xla])
+    # Group scales: random packed weights with a scale per 64 inputs, on the kernel and on the XLA
+    # integer path; the scales are bytes each decoded token reads.
+    grouped = config.replace(weight_quant="group:64")
+    group_ffi = bench_generate(grouped, "ffi", prompt_tokens=16, new_tokens=4, repeats=1)
+    group_xla = bench_generate(grouped, "xla-packed", prompt_tokens=16, new_tokens=4, repeats=1)
+    scales = sum(k // 64 * n * 4 for names in config.linear_shapes.values() for k, n in names.values())
+    assert group_ffi.layers_mb == pytest.approx(ffi.layers_mb + config.num_hidden_layers * (scales - 7 * 4) / 1e6)
+    assert group_xla.isa == "xla" and group_xla.decode_tok_s > 0
+    assert "FFI vs the XLA integer path" in generate_table([group_ffi, group_xla])
 
 
 def test_bad_serving_requests(capsys, tmp_path):
@@ -174,4 +183,6 @@ def test_bad_serving_requests(capsys, tmp_path):
     assert "--threads 0: expected a positive number" in capsys.readouterr().err
     assert main(["bench", "generate", "--random-weights", "--threads", "0"]) == 2
     assert main(["bench", "generate", "--random-weights", "--preset", "huge"]) == 2
+    assert main(["bench", "generate", "--random-weights", "--preset", "tiny", "--weight-quant", "group:7"]) == 2
+    assert main(["bench", "generate", "--random-weights", "--backends", "ffi,xla-int"]) == 2
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2

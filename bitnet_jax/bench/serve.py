@@ -57,7 +57,7 @@ def set_threads(threads: int | None) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class KernelTiming:
-    kernel: str  # "ternary", "int8", "int4", "xla_f32", "xla_bf16"
+    kernel: str  # "ternary", "ternary-g64", "int8", "int4", "xla_f32", "xla_bf16"
     isa: str  # kernel path, or "xla"
     M: int
     K: int
@@ -156,16 +156,24 @@ def bench_kernels(
     return results
 
 
+GROUP_BENCH_K = 64  # the group size bench kernels times the group-scale kernel at (the ablations' default)
+
+
 def _kernel_variants(rng, k: int, n: int) -> list:
-    """(kernel name, weight arrays, fn(x, weights)) for a shape: the ternary kernel, or for the
-    lm_head shape (N > 100,000) the int8 and the int4 kernels on the same random rows."""
+    """(kernel name, weight arrays, fn(x, weights)) for a shape: the ternary kernel with one scale
+    and with a scale per 64 inputs ('ternary-g64'), or for the lm_head shape (N > 100,000) the
+    int8 and the int4 kernels on the same random rows."""
     import jax.numpy as jnp
 
     from bitnet_jax.kernels import ffi, layout
 
     if n <= 100_000:
         packed = jnp.asarray(layout.pack_ternary(rng.integers(-1, 2, (n, k), dtype=np.int8)))
-        return [("ternary", (packed, jnp.ones((1,), jnp.float32)), lambda x, w, n=n: ffi.ternary_matmul(x, *w, n))]
+        variants = [("ternary", (packed, jnp.ones((1,), jnp.float32)), lambda x, w, n=n: ffi.ternary_matmul(x, *w, n))]
+        if k % GROUP_BENCH_K == 0:  # the same codes with a scale per 64 inputs (weight_quant='group:64')
+            scales = jnp.asarray(rng.uniform(0.5, 1.5, (k // GROUP_BENCH_K, n)).astype(np.float32))
+            variants.append(("ternary-g64", (packed, scales), lambda x, w, n=n: ffi.ternary_group_matmul(x, *w, n)))
+        return variants
     w_nk = rng.standard_normal((n, k), np.float32)
     w8, scale8 = layout.quantize_int8_rows(w_nk)
     q4, scale4 = layout.quantize_int4_groups(w_nk)
@@ -265,7 +273,7 @@ def kernels_table(results: list[KernelTiming]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateTiming:
-    backend: str  # "ffi" or "xla" (dense)
+    backend: str  # "ffi", "xla-packed" (the XLA integer path) or "xla" (dense)
     lm_head: str
     threads: int
     prompt_tokens: int
@@ -351,13 +359,15 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
         "norm": {"weight": ones(d)},
     }
     codes = lambda shape: _VALID_CODE_BYTES[rng.integers(0, 81, shape, dtype=np.uint8)]
+    group = config.weight_group_size
     for block, names in config.linear_shapes.items():
         for name, (k, n) in names.items():
             g, row_bytes = layout.packed_ternary_shape(n, k)
             scale = lambda shape, k=k: np.full(shape, 1.0 / math.sqrt(k), np.float32)
+            scale_shape = (layers, k // group, n) if group else (layers, 1)
             params["layers"][block][name] = {
                 "w_packed": make((layers, g, row_bytes), np.uint8, codes),
-                "w_scale": make((layers, 1), np.float32, scale),
+                "w_scale": make(scale_shape, np.float32, scale),
             }
     v = config.vocab_size
     table, shared = ops.head_table(lm_head)
@@ -405,7 +415,9 @@ def dense_params(config, packed: dict, dtype) -> dict:
             kernels = []
             for layer in range(p["w_packed"].shape[0]):
                 t = np.asarray(layout.unpack_ternary(p["w_packed"][layer], n, k))
-                kernels.append(jnp.asarray((t.T * p["w_scale"][layer, 0]), dtype))
+                scale = np.asarray(p["w_scale"][layer])  # [1] per tensor, [K / G, N] per group
+                scale_kn = np.repeat(scale, k // scale.shape[0], axis=0) if scale.ndim == 2 else scale[0]
+                kernels.append(jnp.asarray(t.T * scale_kn, dtype))
             out["layers"][key][name] = {"kernel": jnp.stack(kernels)}
     out["embed_tokens"]["embedding"] = jnp.asarray(float_rows(packed["embed_tokens"], config.hidden_size), dtype)
     return out
@@ -424,7 +436,10 @@ def bench_generate(
     profile: bool = False,
     kv_cache: str | None = None,
 ) -> GenerateTiming:
-    """Prefill and decode speed of one backend on random weights of the config's shape.
+    """Prefill and decode speed of one backend on random weights of the config's shape (its
+    weight_quant decides the packed scales: per tensor, or per group of inputs): 'ffi' (packed
+    weights on the FFI kernels), 'xla-packed' (the same packed weights on the XLA integer path) or
+    'xla' (dense float weights in XLA ops).
 
     One program generates 1 + new_tokens tokens, streaming them: prefill tokens/s =
     prompt_tokens / time to the first token; decode tokens/s = new_tokens / time from the first
@@ -451,7 +466,11 @@ def bench_generate(
 
     lm_head = lm_head or default_lm_head(config)
     prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
-    if backend == "ffi":
+    serve_backend = None  # the default for packed parameters: the FFI kernels on CPU
+    if backend == "xla-packed":
+        params = random_packed_params(config, lm_head=lm_head, seed=seed)
+        serve_backend, isa = "xla", "xla"
+    elif backend == "ffi":
         # As `bitnet-jax generate` serves: compile from the shapes, then make the weights.
         shapes = random_packed_params(config, lm_head=lm_head, seed=seed, abstract=True)
         compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True, kv_cache=kv_cache)
@@ -475,7 +494,7 @@ def bench_generate(
         token_times = []
         start = time.perf_counter()
         on_tokens = lambda _: token_times.append(time.perf_counter())
-        generate(config, params, prompt, 1 + new_tokens, on_tokens=on_tokens, kv_cache=kv_cache)
+        generate(config, params, prompt, 1 + new_tokens, on_tokens=on_tokens, backend=serve_backend, kv_cache=kv_cache)
         return token_times[0] - start, token_times[-1] - token_times[0]
 
     run()  # warm up (and compile, for the dense path)
@@ -604,13 +623,14 @@ def generate_table(results: list[GenerateTiming]) -> str:
             f"{r.peak_rss_mb:.0f} | {r.weight_mb:.0f} |"
         )
     ffi_rows = [r for r in results if r.backend == "ffi"]
-    xla_rows = [r for r in results if r.backend == "xla"]
-    if ffi_rows and xla_rows:
-        lines.append("")
-        lines.append(
-            f"FFI vs XLA dense: decode {ffi_rows[0].decode_tok_s / xla_rows[0].decode_tok_s:.1f}x, "
-            f"prefill {ffi_rows[0].prefill_tok_s / xla_rows[0].prefill_tok_s:.1f}x."
-        )
+    for other, name in (("xla", "XLA dense"), ("xla-packed", "the XLA integer path")):
+        other_rows = [r for r in results if r.backend == other]
+        if ffi_rows and other_rows:
+            lines.append("")
+            lines.append(
+                f"FFI vs {name}: decode {ffi_rows[0].decode_tok_s / other_rows[0].decode_tok_s:.1f}x, "
+                f"prefill {ffi_rows[0].prefill_tok_s / other_rows[0].prefill_tok_s:.1f}x."
+            )
     return "\n".join(lines)
 
 

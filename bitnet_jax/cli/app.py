@@ -187,7 +187,17 @@ def _parser() -> argparse.ArgumentParser:
     bench_kernels.set_defaults(func=_bench_kernels)
     bench_gen = benches.add_parser("generate", help="prefill / decode speed and memory, FFI vs XLA dense")
     _add_random_model(bench_gen, "random weights of the preset's shape, built in memory (no download)")
-    bench_gen.add_argument("--backends", default="ffi,xla", help="comma-separated: ffi, xla (default both)")
+    bench_gen.add_argument(
+        "--backends",
+        default="ffi,xla",
+        help="comma-separated: ffi, xla (dense float weights), xla-packed (the packed weights on the XLA integer "
+        "path) (default ffi,xla)",
+    )
+    bench_gen.add_argument(
+        "--weight-quant",
+        default=None,
+        help="the model's weight scales, e.g. group:64 (default: the preset's, one per tensor)",
+    )
     _add_lm_head(bench_gen, "the FFI model's lm_head")
     _add_kv_cache(bench_gen)
     bench_gen.add_argument("--prompt-tokens", type=int, default=128)
@@ -514,15 +524,17 @@ def _bench_generate(args) -> int:
     from bitnet_jax.bench.serve import generate_table, limits_tables, with_generate_limits, write_json
     from bitnet_jax.bench.train import cpu_name
     from bitnet_jax.errors import BitNetError
-    from bitnet_jax.model.config import PRESETS
+    from bitnet_jax.model.config import PRESETS, BitNetConfig
 
     if args.preset not in PRESETS:
         raise BitNetError(f"--preset {args.preset!r}: expected one of {sorted(PRESETS)}.")
     if args.threads is not None and args.threads < 1:
         raise BitNetError(f"--threads {args.threads}: expected a positive number of threads.")
     backends = args.backends.split(",")
-    if not set(backends) <= {"ffi", "xla"}:
-        raise BitNetError(f"--backends {args.backends}: expected a comma-separated list of ffi, xla.")
+    if not set(backends) <= {"ffi", "xla", "xla-packed"}:
+        raise BitNetError(f"--backends {args.backends}: expected a comma-separated list of ffi, xla, xla-packed.")
+    overrides = {} if args.weight_quant is None else {"weight_quant": args.weight_quant}
+    BitNetConfig.preset(args.preset, **overrides)  # validates --weight-quant before any child starts
     # One child process per backend: each measures its own peak memory, with a fresh XLA. The
     # machine's limits first, in a child of their own (their read buffer stays out of the peaks).
     context = multiprocessing.get_context("spawn")
@@ -538,6 +550,7 @@ def _bench_generate(args) -> int:
                     _bench_generate_child,
                     (
                         args.preset,
+                        overrides,
                         backend,
                         args.threads,
                         args.lm_head,
@@ -552,7 +565,8 @@ def _bench_generate(args) -> int:
             )
         print(generate_table(results[-1:]).splitlines()[-1], flush=True)
     results = [with_generate_limits(r, limits) for r in results]
-    print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
+    scales = f", weight_quant={args.weight_quant}" if args.weight_quant else ""
+    print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights{scales}\n")
     print(generate_table(results))
     print("\n" + limits_tables(results))
     for r in results:
@@ -604,7 +618,7 @@ def _bench_limits_child(threads, buffer_bytes):
 
 
 def _bench_generate_child(
-    preset, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype, profile, kv_cache
+    preset, overrides, backend, threads, lm_head, prompt_tokens, new_tokens, repeats, xla_dtype, profile, kv_cache
 ):
     from bitnet_jax.bench.serve import set_threads
 
@@ -613,7 +627,7 @@ def _bench_generate_child(
     from bitnet_jax.model.config import BitNetConfig
 
     return bench_generate(
-        BitNetConfig.preset(preset),
+        BitNetConfig.preset(preset, **overrides),
         backend,
         lm_head=lm_head,
         prompt_tokens=prompt_tokens,
