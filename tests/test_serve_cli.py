@@ -181,6 +181,8 @@ def test_bench_generate_small():
 def test_bad_serving_requests(capsys, tmp_path):
     assert main(["bench", "kernels", "--threads", "0"]) == 2
     assert "--threads 0: expected a positive number" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--shapes", "2560by6912"]) == 2
+    assert "--shapes 2560by6912: expected comma-separated KxN" in capsys.readouterr().err
     assert main(["bench", "generate", "--random-weights", "--threads", "0"]) == 2
     assert main(["bench", "generate", "--random-weights", "--preset", "huge"]) == 2
     assert main(["bench", "generate", "--random-weights", "--preset", "tiny", "--weight-quant", "group:7"]) == 2

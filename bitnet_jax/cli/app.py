@@ -179,6 +179,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_threads(bench_kernels)
     bench_kernels.add_argument("--rows", default="1,8,128", help="activation rows M (default 1,8,128)")
     bench_kernels.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated KxN weight shapes, e.g. 2560x6912,6912x2560 (default: 2B4T's linears and lm_head)",
+    )
+    bench_kernels.add_argument(
         "--isa", default=None, help="comma-separated kernel paths (default: the SIMD paths this CPU runs)"
     )
     bench_kernels.add_argument("--repeats", type=int, default=5)
@@ -504,11 +509,23 @@ def _bench_kernels(args) -> int:
     from bitnet_jax.bench.serve import bench_kernels, kernels_table, with_kernel_limits, write_json
     from bitnet_jax.bench.train import cpu_name
 
+    from bitnet_jax.bench.serve import KERNEL_SHAPES
+    from bitnet_jax.errors import BitNetError
+
     rows = tuple(int(r) for r in args.rows.split(","))
     isas = args.isa.split(",") if args.isa else None
+    shapes = KERNEL_SHAPES
+    if args.shapes:
+        try:
+            shapes = tuple(tuple(int(d) for d in shape.split("x", 1)) for shape in args.shapes.split(","))
+        except ValueError:
+            raise BitNetError(f"--shapes {args.shapes}: expected comma-separated KxN, e.g. 2560x6912.") from None
+        if any(len(shape) != 2 or min(shape) < 1 for shape in shapes):
+            raise BitNetError(f"--shapes {args.shapes}: expected comma-separated KxN with K, N >= 1.")
     limits = measure_limits(paths=isas, buffer_bytes=_read_buffer_bytes(args))
     print(limits_table(limits) + "\n", flush=True)
-    results = [with_kernel_limits(r, limits) for r in bench_kernels(rows=rows, isas=isas, repeats=args.repeats)]
+    timings = bench_kernels(rows=rows, shapes=shapes, isas=isas, repeats=args.repeats)
+    results = [with_kernel_limits(r, limits) for r in timings]
     print(f"CPU: {cpu_name()}, threads: {results[0].threads}\n")
     print(kernels_table(results))
     if args.json:
