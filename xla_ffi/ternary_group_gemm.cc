@@ -262,6 +262,64 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
     }
 }
 
+// Decode (one activation row, the 4 rows of a group): as GroupTileAvx512<4, 1>, with each group's
+// scaling done on two rows per register. Two rows' 16-lane sums fold into one register (lanes l and
+// l + 8 of each row added: its 8 lanes of gemm.h, row a in the low half, row b in the high half),
+// so the subtraction, conversion, scaling and addition run once per two rows, and the 4 rows'
+// scales come in one load.
+BITNET_AVX512 void GroupDecodeAvx512(const GroupTile& t) {
+  const __m512i mask = _mm512_set1_epi8(3);
+  const __m512i low_pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i high_pair = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __mmask8 valid = static_cast<__mmask8>((1u << t.valid_rows) - 1);
+  __m512i acc[kRowsPerGroup];
+  __m512 lane[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // rows (0, 1) and (2, 3)
+  for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm512_setzero_si512();
+  const int64_t strips_per_group = t.group_k / kStripK, strips = t.groups * strips_per_group;
+  int64_t c = 0, in_group = 0;
+  for (int64_t s0 = 0; s0 < strips; s0 += 4) {
+    const uint8_t* block = t.w_rows + (s0 / 4) * kGroupBlockBytes;
+    const int8_t* x_b = t.x + (s0 / 4) * kBlockK;
+    for (int line = 0; line < 4; ++line)
+      _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64 * line), _MM_HINT_T0);
+    __m512i packed[kRowsPerGroup];
+    for (int r = 0; r < kRowsPerGroup; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      if (s0 + j == strips) break;
+      const __m512i xv = _mm512_loadu_si512(x_b + kStripK * j);
+      for (int r = 0; r < kRowsPerGroup; ++r) {
+        const __m512i codes = _mm512_and_si512(packed[r], mask);
+        packed[r] = _mm512_srli_epi16(packed[r], 2);
+        Dpbusd(acc[r], codes, xv);
+      }
+      if (++in_group == strips_per_group) {
+        const __m512i x_lane = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.x_lane + c * kFloatLanes)));
+        const __m512 scales = _mm512_castps128_ps512(_mm_maskz_loadu_ps(valid, t.scale + c * t.n_total));
+        for (int pair = 0; pair < 2; ++pair) {
+          const __m512i a = acc[2 * pair], b = acc[2 * pair + 1];
+          const __m512i sum8 = _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
+          const __m512 scale = _mm512_permutexvar_ps(pair == 0 ? low_pair : high_pair, scales);
+          const __m512 p = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum8, x_lane));
+          lane[pair] = _mm512_add_ps(lane[pair], _mm512_mul_ps(p, scale));
+        }
+        for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm512_setzero_si512();
+        ++c;
+        in_group = 0;
+      }
+    }
+  }
+  alignas(64) float lanes[2 * kFloatLanes];
+  for (int pair = 0; pair < 2; ++pair) {
+    _mm512_store_ps(lanes, lane[pair]);
+    for (int half = 0; half < 2; ++half) {
+      const int r = 2 * pair + half;
+      if (r < t.valid_rows) t.dot[r] = SumFloatLanes(lanes + kFloatLanes * half);
+    }
+  }
+}
+
 template <int R, int MT>
 struct Avx2Tile {
   static void Run(const GroupTile& t) { GroupTileAvx2<R, MT>(t); }
@@ -269,7 +327,13 @@ struct Avx2Tile {
 
 template <int R, int MT>
 struct Avx512Tile {
-  static void Run(const GroupTile& t) { GroupTileAvx512<R, MT>(t); }
+  static void Run(const GroupTile& t) {
+    if constexpr (R == kRowsPerGroup && MT == 1) {
+      GroupDecodeAvx512(t);
+    } else {
+      GroupTileAvx512<R, MT>(t);
+    }
+  }
 };
 
 #elif BITNET_JAX_ARM_SIMD
