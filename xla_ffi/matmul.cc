@@ -344,33 +344,106 @@ ffi::Error SelectLayer(const std::string& op, const char* what, ffi::AnyBuffer::
   return ffi::Error::Success();
 }
 
-ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w,
-                             ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
-                             ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t n, int64_t act_bits,
-                             int64_t layout_version) {
-  const std::string op = "bitnet_ternary_matmul";
+// ---------------------------------------------------------------------------------------------
+// Each weight kind's operands, checked once for its handlers (fused, and integer-only for tests):
+// the layout version, the selected layer, the activations' shape against the weights (and their
+// scales) and the output, then the kernel path. Every failure names the op and what was expected.
+
+// Which scales a ternary handler takes.
+enum class TernaryScales { kNone, kPerRow, kPerGroup };
+
+struct TernaryOperands {
   Rows shape;
-  int64_t kb;
-  Isa isa;
+  int64_t kb = 0;
+  Isa isa = Isa::kScalar;
+  const uint8_t* w = nullptr;       // the selected layer's codes
+  const float* w_scale = nullptr;   // and scales: [1] or [N] (kPerRow), [groups, N] (kPerGroup)
+  bool per_tensor = false;          // kPerRow with one scale
+  int64_t group_k = 0, groups = 0;  // kPerGroup
+};
+
+// w_scale is nullptr for kNone.
+ffi::Error CheckTernaryOperands(const std::string& op, TernaryScales scales, ffi::AnyBuffer::Dimensions x_dims,
+                                ffi::Buffer<ffi::U8> w, const ffi::Buffer<ffi::F32>* w_scale,
+                                ffi::Buffer<ffi::S32> layer_buf, ffi::AnyBuffer::Dimensions out_dims, int64_t n,
+                                int64_t layout_version, TernaryOperands* out) {
   LayerView w_view, s_view;
   if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
   if (layer_buf.element_count() != 1) return Invalid(op, "expected a scalar int32 layer index");
   const int64_t layer = layer_buf.typed_data()[0];
   if (auto e = SelectLayer(op, "w", w.dimensions(), 2, layer, &w_view); e.failure()) return e;
-  if (auto e = SelectLayer(op, "w_scale", w_scale.dimensions(), 1, layer, &s_view); e.failure()) return e;
-  if (auto e = CheckActivations(op, x.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckTernaryWeights(op, w_view.dims, shape.k, n, &kb); e.failure()) return e;
-  if (auto e = CheckScale(op, s_view.dims, n, /*per_tensor_ok=*/true); e.failure()) return e;
-  if (auto e = CheckOutput(op, x.dimensions(), y->dimensions(), n); e.failure()) return e;
-  if (auto e = Select(op, &isa); e.failure()) return e;
-  if (shape.rows == 0) return ffi::Error::Success();
+  if (scales != TernaryScales::kNone) {
+    const size_t scale_rank = scales == TernaryScales::kPerGroup ? 2 : 1;
+    if (auto e = SelectLayer(op, "w_scale", w_scale->dimensions(), scale_rank, layer, &s_view); e.failure()) return e;
+  }
+  if (auto e = CheckActivations(op, x_dims, &out->shape); e.failure()) return e;
+  if (auto e = CheckTernaryWeights(op, w_view.dims, out->shape.k, n, &out->kb); e.failure()) return e;
+  if (scales == TernaryScales::kPerRow) {
+    if (auto e = CheckScale(op, s_view.dims, n, /*per_tensor_ok=*/true); e.failure()) return e;
+    out->per_tensor = s_view.dims[0] == 1;
+  } else if (scales == TernaryScales::kPerGroup) {
+    if (auto e = CheckGroupScale(op, s_view.dims, out->shape.k, n, &out->group_k, &out->groups); e.failure()) return e;
+  }
+  if (auto e = CheckOutput(op, x_dims, out_dims, n); e.failure()) return e;
+  if (auto e = Select(op, &out->isa); e.failure()) return e;
+  out->w = w.typed_data() + w_view.offset;
+  if (scales != TernaryScales::kNone) out->w_scale = w_scale->typed_data() + s_view.offset;
+  return ffi::Error::Success();
+}
+
+// Int8 rows [N, Kp] (and, fused, their scales [N]); int4 rows with their group scales.
+struct RowOperands {
+  Rows shape;
+  int64_t kp = 0, n = 0;
+  Isa isa = Isa::kScalar;
+};
+
+ffi::Error CheckInt8Operands(const std::string& op, ffi::AnyBuffer::Dimensions x_dims,
+                             ffi::AnyBuffer::Dimensions w_dims, const ffi::AnyBuffer::Dimensions* s_dims,
+                             ffi::AnyBuffer::Dimensions out_dims, int64_t layout_version, RowOperands* out) {
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x_dims, &out->shape); e.failure()) return e;
+  if (auto e = CheckInt8Weights(op, w_dims, out->shape.k, &out->kp); e.failure()) return e;
+  out->n = w_dims[0];
+  if (s_dims != nullptr) {
+    if (auto e = CheckScale(op, *s_dims, out->n, /*per_tensor_ok=*/false); e.failure()) return e;
+  }
+  if (auto e = CheckOutput(op, x_dims, out_dims, out->n); e.failure()) return e;
+  return Select(op, &out->isa);
+}
+
+ffi::Error CheckInt4Operands(const std::string& op, ffi::AnyBuffer::Dimensions x_dims,
+                             ffi::AnyBuffer::Dimensions w_dims, ffi::AnyBuffer::Dimensions s_dims,
+                             ffi::AnyBuffer::Dimensions out_dims, int64_t layout_version, RowOperands* out) {
+  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
+  if (auto e = CheckActivations(op, x_dims, &out->shape); e.failure()) return e;
+  if (auto e = CheckInt4Weights(op, w_dims, s_dims, out->shape.k, &out->kp); e.failure()) return e;
+  out->n = w_dims[0];
+  if (auto e = CheckOutput(op, x_dims, out_dims, out->n); e.failure()) return e;
+  return Select(op, &out->isa);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The handlers.
+
+ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w,
+                             ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
+                             ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t n, int64_t act_bits,
+                             int64_t layout_version) {
+  const std::string op = "bitnet_ternary_matmul";
+  TernaryOperands t;
+  if (auto e = CheckTernaryOperands(op, TernaryScales::kPerRow, x.dimensions(), w, &w_scale, layer_buf,
+                                    y->dimensions(), n, layout_version, &t);
+      e.failure())
+    return e;
+  if (t.shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
-  if (auto e = QuantizeInput(op, pool, isa, x, shape, kb * kBlockK, act_bits, &xq); e.failure()) return e;
+  if (auto e = QuantizeInput(op, pool, t.isa, x, t.shape, t.kb * kBlockK, act_bits, &xq); e.failure()) return e;
   // The int32 products go into y's own memory (int32 and float32 have the same size) and are
   // rescaled there.
   float* y_data = y->typed_data();
-  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data() + w_view.offset, n, reinterpret_cast<int32_t*>(y_data),
-             {y_data, w_scale.typed_data() + s_view.offset, s_view.dims[0] == 1});
+  RunTernary(pool, t.isa, xq, t.shape.rows, t.kb, t.w, n, reinterpret_cast<int32_t*>(y_data),
+             {y_data, t.w_scale, t.per_tensor});
   return ffi::Error::Success();
 }
 
@@ -378,49 +451,14 @@ ffi::Error TernaryMatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, 
                                 ffi::Buffer<ffi::S32> layer_buf, ffi::Result<ffi::Buffer<ffi::S32>> acc, int64_t n,
                                 int64_t layout_version) {
   const std::string op = "bitnet_ternary_matmul_i32";
-  Rows shape;
-  int64_t kb;
-  Isa isa;
-  LayerView w_view;
-  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
-  if (layer_buf.element_count() != 1) return Invalid(op, "expected a scalar int32 layer index");
-  if (auto e = SelectLayer(op, "w", w.dimensions(), 2, layer_buf.typed_data()[0], &w_view); e.failure()) return e;
-  if (auto e = CheckActivations(op, x_q.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckTernaryWeights(op, w_view.dims, shape.k, n, &kb); e.failure()) return e;
-  if (auto e = CheckOutput(op, x_q.dimensions(), acc->dimensions(), n); e.failure()) return e;
-  if (auto e = Select(op, &isa); e.failure()) return e;
-  if (shape.rows == 0) return ffi::Error::Success();
-  const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kb * kBlockK);
-  RunTernary(pool, isa, xq, shape.rows, kb, w.typed_data() + w_view.offset, n, acc->typed_data());
-  return ffi::Error::Success();
-}
-
-// The checks shared by the two group-scale handlers: the layer's weights and scales, and the path.
-struct GroupOperands {
-  Rows shape;
-  int64_t kb = 0, group_k = 0, groups = 0;
-  Isa isa = Isa::kScalar;
-  const uint8_t* w = nullptr;
-  const float* w_scale = nullptr;
-};
-
-ffi::Error CheckGroupOperands(const std::string& op, ffi::AnyBuffer::Dimensions x_dims, ffi::Buffer<ffi::U8> w,
-                              ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
-                              ffi::AnyBuffer::Dimensions out_dims, int64_t n, int64_t layout_version,
-                              GroupOperands* out) {
-  LayerView w_view, s_view;
-  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
-  if (layer_buf.element_count() != 1) return Invalid(op, "expected a scalar int32 layer index");
-  const int64_t layer = layer_buf.typed_data()[0];
-  if (auto e = SelectLayer(op, "w", w.dimensions(), 2, layer, &w_view); e.failure()) return e;
-  if (auto e = SelectLayer(op, "w_scale", w_scale.dimensions(), 2, layer, &s_view); e.failure()) return e;
-  if (auto e = CheckActivations(op, x_dims, &out->shape); e.failure()) return e;
-  if (auto e = CheckTernaryWeights(op, w_view.dims, out->shape.k, n, &out->kb); e.failure()) return e;
-  if (auto e = CheckGroupScale(op, s_view.dims, out->shape.k, n, &out->group_k, &out->groups); e.failure()) return e;
-  if (auto e = CheckOutput(op, x_dims, out_dims, n); e.failure()) return e;
-  if (auto e = Select(op, &out->isa); e.failure()) return e;
-  out->w = w.typed_data() + w_view.offset;
-  out->w_scale = w_scale.typed_data() + s_view.offset;
+  TernaryOperands t;
+  if (auto e = CheckTernaryOperands(op, TernaryScales::kNone, x_q.dimensions(), w, nullptr, layer_buf,
+                                    acc->dimensions(), n, layout_version, &t);
+      e.failure())
+    return e;
+  if (t.shape.rows == 0) return ffi::Error::Success();
+  const QuantizedRows xq = PadRows(x_q.typed_data(), t.shape, t.kb * kBlockK);
+  RunTernary(pool, t.isa, xq, t.shape.rows, t.kb, t.w, n, acc->typed_data());
   return ffi::Error::Success();
 }
 
@@ -429,14 +467,15 @@ ffi::Error TernaryGroupMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::B
                                   ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t n, int64_t act_bits,
                                   int64_t layout_version) {
   const std::string op = "bitnet_ternary_group_matmul";
-  GroupOperands g;
-  if (auto e = CheckGroupOperands(op, x.dimensions(), w, w_scale, layer_buf, y->dimensions(), n, layout_version, &g);
+  TernaryOperands t;
+  if (auto e = CheckTernaryOperands(op, TernaryScales::kPerGroup, x.dimensions(), w, &w_scale, layer_buf,
+                                    y->dimensions(), n, layout_version, &t);
       e.failure())
     return e;
-  if (g.shape.rows == 0) return ffi::Error::Success();
+  if (t.shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
-  if (auto e = QuantizeInput(op, pool, g.isa, x, g.shape, g.kb * kBlockK, act_bits, &xq); e.failure()) return e;
-  RunTernaryGroup(pool, g.isa, xq, g.shape.rows, g.kb, g.w, g.w_scale, g.group_k, g.groups, n, y->typed_data(),
+  if (auto e = QuantizeInput(op, pool, t.isa, x, t.shape, t.kb * kBlockK, act_bits, &xq); e.failure()) return e;
+  RunTernaryGroup(pool, t.isa, xq, t.shape.rows, t.kb, t.w, t.w_scale, t.group_k, t.groups, n, y->typed_data(),
                   xq.scale);
   return ffi::Error::Success();
 }
@@ -445,14 +484,14 @@ ffi::Error TernaryGroupMatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> 
                                      ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
                                      ffi::Result<ffi::Buffer<ffi::F32>> dot, int64_t n, int64_t layout_version) {
   const std::string op = "bitnet_ternary_group_matmul_dot";
-  GroupOperands g;
-  if (auto e =
-          CheckGroupOperands(op, x_q.dimensions(), w, w_scale, layer_buf, dot->dimensions(), n, layout_version, &g);
+  TernaryOperands t;
+  if (auto e = CheckTernaryOperands(op, TernaryScales::kPerGroup, x_q.dimensions(), w, &w_scale, layer_buf,
+                                    dot->dimensions(), n, layout_version, &t);
       e.failure())
     return e;
-  if (g.shape.rows == 0) return ffi::Error::Success();
-  const QuantizedRows xq = PadRows(x_q.typed_data(), g.shape, g.kb * kBlockK);
-  RunTernaryGroup(pool, g.isa, xq, g.shape.rows, g.kb, g.w, g.w_scale, g.group_k, g.groups, n, dot->typed_data());
+  if (t.shape.rows == 0) return ffi::Error::Success();
+  const QuantizedRows xq = PadRows(x_q.typed_data(), t.shape, t.kb * kBlockK);
+  RunTernaryGroup(pool, t.isa, xq, t.shape.rows, t.kb, t.w, t.w_scale, t.group_k, t.groups, n, dot->typed_data());
   return ffi::Error::Success();
 }
 
@@ -460,21 +499,16 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                           ffi::Buffer<ffi::F32> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> y,
                           int64_t act_bits, int64_t layout_version) {
   const std::string op = "bitnet_int8_matmul";
-  Rows shape;
-  int64_t kp;
-  Isa isa;
-  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
-  if (auto e = CheckActivations(op, x.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckInt8Weights(op, w.dimensions(), shape.k, &kp); e.failure()) return e;
-  const int64_t n = w.dimensions()[0];
-  if (auto e = CheckScale(op, w_scale.dimensions(), n, /*per_tensor_ok=*/false); e.failure()) return e;
-  if (auto e = CheckOutput(op, x.dimensions(), y->dimensions(), n); e.failure()) return e;
-  if (auto e = Select(op, &isa); e.failure()) return e;
-  if (shape.rows == 0) return ffi::Error::Success();
+  RowOperands r;
+  const ffi::AnyBuffer::Dimensions s_dims = w_scale.dimensions();
+  if (auto e = CheckInt8Operands(op, x.dimensions(), w.dimensions(), &s_dims, y->dimensions(), layout_version, &r);
+      e.failure())
+    return e;
+  if (r.shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
-  if (auto e = QuantizeInput(op, pool, isa, x, shape, kp, act_bits, &xq); e.failure()) return e;
+  if (auto e = QuantizeInput(op, pool, r.isa, x, r.shape, r.kp, act_bits, &xq); e.failure()) return e;
   float* y_data = y->typed_data();
-  RunInt8(pool, isa, xq, shape.rows, kp, w.typed_data(), n, reinterpret_cast<int32_t*>(y_data),
+  RunInt8(pool, r.isa, xq, r.shape.rows, r.kp, w.typed_data(), r.n, reinterpret_cast<int32_t*>(y_data),
           {y_data, w_scale.typed_data(), /*per_tensor=*/false});
   return ffi::Error::Success();
 }
@@ -482,18 +516,13 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
 ffi::Error Int8MatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi::Buffer<ffi::S8> w,
                              ffi::Result<ffi::Buffer<ffi::S32>> acc, int64_t layout_version) {
   const std::string op = "bitnet_int8_matmul_i32";
-  Rows shape;
-  int64_t kp;
-  Isa isa;
-  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
-  if (auto e = CheckActivations(op, x_q.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckInt8Weights(op, w.dimensions(), shape.k, &kp); e.failure()) return e;
-  const int64_t n = w.dimensions()[0];
-  if (auto e = CheckOutput(op, x_q.dimensions(), acc->dimensions(), n); e.failure()) return e;
-  if (auto e = Select(op, &isa); e.failure()) return e;
-  if (shape.rows == 0) return ffi::Error::Success();
-  const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kp);
-  RunInt8(pool, isa, xq, shape.rows, kp, w.typed_data(), n, acc->typed_data());
+  RowOperands r;
+  if (auto e = CheckInt8Operands(op, x_q.dimensions(), w.dimensions(), nullptr, acc->dimensions(), layout_version, &r);
+      e.failure())
+    return e;
+  if (r.shape.rows == 0) return ffi::Error::Success();
+  const QuantizedRows xq = PadRows(x_q.typed_data(), r.shape, r.kp);
+  RunInt8(pool, r.isa, xq, r.shape.rows, r.kp, w.typed_data(), r.n, acc->typed_data());
   return ffi::Error::Success();
 }
 
@@ -501,20 +530,16 @@ ffi::Error Int4MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ff
                           ffi::Buffer<ffi::F16> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> y, int64_t act_bits,
                           int64_t layout_version) {
   const std::string op = "bitnet_int4_matmul";
-  Rows shape;
-  int64_t kp;
-  Isa isa;
-  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
-  if (auto e = CheckActivations(op, x.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckInt4Weights(op, w.dimensions(), w_scale.dimensions(), shape.k, &kp); e.failure()) return e;
-  const int64_t n = w.dimensions()[0];
-  if (auto e = CheckOutput(op, x.dimensions(), y->dimensions(), n); e.failure()) return e;
-  if (auto e = Select(op, &isa); e.failure()) return e;
-  if (shape.rows == 0) return ffi::Error::Success();
+  RowOperands r;
+  if (auto e = CheckInt4Operands(op, x.dimensions(), w.dimensions(), w_scale.dimensions(), y->dimensions(),
+                                 layout_version, &r);
+      e.failure())
+    return e;
+  if (r.shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
-  if (auto e = QuantizeInput(op, pool, isa, x, shape, kp, act_bits, &xq); e.failure()) return e;
-  RunInt4(pool, isa, xq.q, shape.rows, kp, w.typed_data(), reinterpret_cast<const uint16_t*>(w_scale.typed_data()), n,
-          y->typed_data(), xq.scale);
+  if (auto e = QuantizeInput(op, pool, r.isa, x, r.shape, r.kp, act_bits, &xq); e.failure()) return e;
+  RunInt4(pool, r.isa, xq.q, r.shape.rows, r.kp, w.typed_data(), reinterpret_cast<const uint16_t*>(w_scale.typed_data()),
+          r.n, y->typed_data(), xq.scale);
   return ffi::Error::Success();
 }
 
@@ -522,19 +547,15 @@ ffi::Error Int4MatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi
                              ffi::Buffer<ffi::F16> w_scale, ffi::Result<ffi::Buffer<ffi::F32>> dot,
                              int64_t layout_version) {
   const std::string op = "bitnet_int4_matmul_dot";
-  Rows shape;
-  int64_t kp;
-  Isa isa;
-  if (auto e = CheckLayoutVersion(op, layout_version); e.failure()) return e;
-  if (auto e = CheckActivations(op, x_q.dimensions(), &shape); e.failure()) return e;
-  if (auto e = CheckInt4Weights(op, w.dimensions(), w_scale.dimensions(), shape.k, &kp); e.failure()) return e;
-  const int64_t n = w.dimensions()[0];
-  if (auto e = CheckOutput(op, x_q.dimensions(), dot->dimensions(), n); e.failure()) return e;
-  if (auto e = Select(op, &isa); e.failure()) return e;
-  if (shape.rows == 0) return ffi::Error::Success();
-  const QuantizedRows xq = PadRows(x_q.typed_data(), shape, kp);
-  RunInt4(pool, isa, xq.q, shape.rows, kp, w.typed_data(), reinterpret_cast<const uint16_t*>(w_scale.typed_data()), n,
-          dot->typed_data());
+  RowOperands r;
+  if (auto e = CheckInt4Operands(op, x_q.dimensions(), w.dimensions(), w_scale.dimensions(), dot->dimensions(),
+                                 layout_version, &r);
+      e.failure())
+    return e;
+  if (r.shape.rows == 0) return ffi::Error::Success();
+  const QuantizedRows xq = PadRows(x_q.typed_data(), r.shape, r.kp);
+  RunInt4(pool, r.isa, xq.q, r.shape.rows, r.kp, w.typed_data(), reinterpret_cast<const uint16_t*>(w_scale.typed_data()),
+          r.n, dot->typed_data());
   return ffi::Error::Success();
 }
 
