@@ -506,10 +506,8 @@ def _bench_kernels(args) -> int:
 
     set_threads(args.threads)  # before JAX starts
     from bitnet_jax.bench.machine import limits_table, measure_limits
-    from bitnet_jax.bench.serve import bench_kernels, kernels_table, with_kernel_limits, write_json
+    from bitnet_jax.bench.serve import KERNEL_SHAPES, bench_kernels, kernels_table, with_kernel_limits, write_json
     from bitnet_jax.bench.train import cpu_name
-
-    from bitnet_jax.bench.serve import KERNEL_SHAPES
     from bitnet_jax.errors import BitNetError
 
     rows = tuple(int(r) for r in args.rows.split(","))
