@@ -32,7 +32,7 @@ Ternary tensor types:
   TQ2_0 / TQ1_0 (llama.cpp): blocks of 256 weights along K, each with an f16 scale d (W = t * d).
     A tensor whose blocks all have the same d (blocks of all-zero codes match any d) maps to
     'tensor' (FFI kernels); otherwise to 'group:256', one scale per output row and run of 256
-    inputs, served by the XLA integer path (the FFI kernels take one scale per tensor or row).
+    inputs (the FFI group-scale kernel).
     Codes are read with gguf.quants' own TQ decoders on blocks whose d is set to 1.
 Embeddings, lm_head and norms: F32, F16, BF16, Q8_0, Q6_K (dequantized to float32).
 """

@@ -34,8 +34,8 @@ def pack(config: BitNetConfig, params, *, lm_head: str | None = None) -> dict:
 
     Args:
       config: the model's config. Its activation quantizer must be per token. Weight scales are
-        kept at the config's granularity: [1] per tensor, [N] per channel (the FFI kernels' two),
-        [K / G, N] per group of G inputs ('group:G'; served by the XLA integer path).
+        kept at the config's granularity: [1] per tensor, [N] per channel, [K / G, N] per group of
+        G inputs ('group:G'; the FFI kernels serve G a multiple of 64, the XLA integer path others).
       params: training parameters (ours, or from `load_hf`), float32 or bfloat16.
       lm_head: 'int8' (per-row int8 lm_head, 2x smaller than bf16; the input embedding keeps
         its float table), 'int8-tied' (tied models: one int8 table for both ends), 'int4' /
