@@ -46,14 +46,21 @@ IDS = jnp.array([[417, 5, 17, 200, 33, 301, 64, 9, 120, 250]])
 # --- an independent writer ----------------------------------------------------------------------
 
 
-def _i2_s_bytes(t_nk, scale):
-    """bitnet.cpp's I2_S (x86): weight j of the row-major tensor, in chunk j // 128 at position
-    p = j % 128, is 2 bits of byte 32 * (j // 128) + p % 32 at bit 6 - 2 * (p // 32), as code
-    t + 1; the n / 4 code bytes are followed by the f32 scale and 28 bytes of padding."""
+I2_S_CHUNKS = {"x86": 128, "arm": 64}  # QK_I2_S of bitnet.cpp's x86 and ARM builds
+
+
+def _i2_s_bytes(t_nk, scale, layout="x86"):
+    """bitnet.cpp's I2_S (`quantize_i2_s`): with C = QK_I2_S (128 on x86, 64 on ARM) and B = C / 4,
+    weight j of the row-major tensor, in chunk j // C at position p = j % C, is 2 bits of byte
+    B * (j // C) + p % B at bit 6 - 2 * (p // B), as code t + 1; the n / 4 code bytes are followed
+    by the f32 scale and 28 bytes of padding."""
+    chunk = I2_S_CHUNKS[layout]
+    span = chunk // 4
     flat = np.asarray(t_nk).reshape(-1)
     j = np.arange(flat.size)
     out = np.zeros(flat.size // 4 + 32, np.uint8)
-    np.bitwise_or.at(out, 32 * (j // 128) + j % 128 % 32, ((flat + 1) << (6 - 2 * (j % 128 // 32))).astype(np.uint8))
+    p = j % chunk
+    np.bitwise_or.at(out, span * (j // chunk) + p % span, ((flat + 1) << (6 - 2 * (p // span))).astype(np.uint8))
     out[flat.size // 4 : flat.size // 4 + 4] = np.frombuffer(np.float32(scale).tobytes(), np.uint8)
     return out.view(np.int8)
 
@@ -96,7 +103,9 @@ def make_case(c, seed):
     return layers, ends
 
 
-def write_fixture(path, c, layers, ends, *, arch, fmt, tables, upstream_scale=False, meta=None, skip=(), hook=None):
+def write_fixture(
+    path, c, layers, ends, *, arch, fmt, tables, upstream_scale=False, meta=None, skip=(), hook=None, i2s_layout="x86"
+):
     """A GGUF file as bitnet.cpp's / llama.cpp's converters lay it out. `tables` maps token_embd /
     output to a ggml type name; returns the float tables the file holds (as its readers decode them)."""
     tok = load_tokenizer(HF_FIXTURE)
@@ -156,7 +165,7 @@ def write_fixture(path, c, layers, ends, *, arch, fmt, tables, upstream_scale=Fa
             t, s = layer[ours]
             n, k = t.shape
             if fmt == "i2_s":
-                w.add_tensor(name, _i2_s_bytes(t, s), raw_shape=(n, k), raw_dtype=36)
+                w.add_tensor(name, _i2_s_bytes(t, s, i2s_layout), raw_shape=(n, k), raw_dtype=36)
             elif (
                 upstream_scale and i == 0 and np.ndim(s) == 0
             ):  # llama.cpp's 'bitnet' on layer 0: codes with d = 1, then .scale
@@ -266,6 +275,60 @@ def test_import_gives_the_fake_quant_logits(case, tmp_path):
         *jitted_forward(BitNetLM(c), {"params": master_params(c, layers, ends, decoded)}, IDS),
         *jitted_forward(BitNetLM(config, ServingSpec(backend, "float")), serving_variables(_on_device(params)), IDS),
     )
+
+
+def test_arm_i2_s_layout(tmp_path):
+    """bitnet.cpp built for ARM writes I2_S in 64-weight chunks of 16 bytes. Read with
+    i2s_layout='arm', a file from the independent writer gives its codes and scales exactly, also at
+    widths of 64s that the x86 layout's 128-weight chunks do not take; export writes the same bytes;
+    read as x86 (the file does not say which), the codes come out shuffled."""
+    c = _config(hidden_size=320, intermediate_size=576, num_attention_heads=5, num_key_value_heads=5)
+    layers, ends = make_case(c, seed=11)
+    path = str(tmp_path / "arm.gguf")
+    tables = {"token_embd": "F16"}
+    write_fixture(path, c, layers, ends, arch="bitnet-b1.58", fmt="i2_s", tables=tables, i2s_layout="arm")
+    config, params = load_gguf(path, lm_head="float", i2s_layout="arm")
+    assert config == c
+    for i, layer in enumerate(layers):
+        for name in LINEARS:
+            t, s = layer[name]
+            block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            got = params["layers"][block][name]
+            assert np.array_equal(jax.jit(_unpack, static_argnums=(1, 2))(got["w_packed"][i], *t.shape), t), name
+            assert np.array_equal(got["w_scale"][i], np.array([s], np.float32)), name
+
+    out = str(tmp_path / "again.gguf")
+    save_gguf(out, config, params, load_tokenizer(HF_FIXTURE), format="i2_s", lm_head="f16", i2s_layout="arm")
+    theirs, ours = open_gguf(path), open_gguf(out)
+    for name in (f"blk.1.{gguf_name}.weight" for gguf_name in LINEARS.values()):
+        want = next(t.data for t in theirs.tensors if t.name == name)
+        assert np.array_equal(next(t.data for t in ours.tensors if t.name == name), want), name
+    with pytest.raises(BitNetError, match="hidden_size=320 is not a multiple of 128"):
+        save_gguf(str(tmp_path / "x86.gguf"), config, params, load_tokenizer(HF_FIXTURE), format="i2_s")
+
+    _, as_x86 = load_gguf(path, lm_head="float")  # 320 x 320 and 576 x 320 are whole 128-chunks too
+    q = as_x86["layers"]["self_attn"]["q_proj"]["w_packed"][0]
+    assert not np.array_equal(q, params["layers"]["self_attn"]["q_proj"]["w_packed"][0])
+    with pytest.raises(BitNetError, match=r"i2s_layout='risc-v': expected one of \['arm', 'x86'\]"):
+        load_gguf(path, i2s_layout="risc-v")
+
+
+def test_cli_convert_arm_i2_s(tmp_path, capsys):
+    c = _model("i2_s")
+    src = tmp_path / "packed"
+    save_packed(str(src), c, pack(c, _trained_like(c), lm_head="float"))
+    copy_tokenizer(load_tokenizer(HF_FIXTURE), src)
+    out = tmp_path / "arm.gguf"
+    assert main(["convert", str(src), str(out), "--format", "i2_s", "--i2s-layout", "arm"]) == 0
+    assert "I2_S ternary layers, arm layout" in capsys.readouterr().out
+    assert main(["convert", str(out), str(tmp_path / "back"), "--i2s-layout", "arm"]) == 0
+    config, params, _ = load_model(str(tmp_path / "back"))
+    want = load_model(str(src))[1]
+    for block, name in (("self_attn", "o_proj"), ("mlp", "down_proj")):
+        assert np.array_equal(params["layers"][block][name]["w_packed"], want["layers"][block][name]["w_packed"])
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["convert", str(out), str(tmp_path / "bad"), "--i2s-layout", "mips"])
+    assert "invalid choice: 'mips'" in capsys.readouterr().err
 
 
 def _on_device(params):

@@ -125,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--format", choices=("i2_s", "tq2_0", "tq1_0"), default=None, help="DST is a GGUF file of this type"
     )
+    convert.add_argument(
+        "--i2s-layout",
+        choices=("x86", "arm"),
+        default="x86",
+        help="the I2_S code layout of a GGUF file read or written: that of a bitnet.cpp built for x86 (default; "
+        "also its converter's) or for ARM (its llama-quantize there); the file does not say which",
+    )
     convert.set_defaults(func=_convert)
 
     export_hf = commands.add_parser(
@@ -432,7 +439,7 @@ def _convert_gguf(args) -> int:
         if os.path.isdir(dst):
             raise BitNetError(f"convert: {dst} is a folder; expected the name of the GGUF file to write.")
         if src.endswith(".gguf") or is_gguf_file(src) or is_run_folder(src) or is_packed_folder(src):
-            config, params, tokenizer = load_model(src)
+            config, params, tokenizer = load_model(src, i2s_layout=args.i2s_layout)
         else:  # a Hugging Face folder, packed a layer at a time (its float weights never all in memory)
             config, params = convert_hf(src, lm_head="float")
             tokenizer = load_tokenizer(src, bos_id=config.bos_token_id, eos_id=(config.eos_ids or (None,))[0])
@@ -445,10 +452,15 @@ def _convert_gguf(args) -> int:
             lm_head=lm_head or "f16",
             chat_template=chat_template(src),
             name=os.path.basename(os.path.normpath(src)),
+            i2s_layout=args.i2s_layout,
         )
-        print(f"Exported {src} -> {dst} ({fmt.upper()} ternary layers, {lm_head or 'f16'} embedding, {ARCH_OF[fmt]}).")
+        layout = f", {args.i2s_layout} layout" if fmt == "i2_s" else ""
+        print(
+            f"Exported {src} -> {dst} ({fmt.upper()} ternary layers{layout}, {lm_head or 'f16'} embedding, "
+            f"{ARCH_OF[fmt]})."
+        )
         return 0
-    config, params = load_gguf(src, lm_head=lm_head)
+    config, params = load_gguf(src, lm_head=lm_head, i2s_layout=args.i2s_layout)
     save_packed(dst, config, params)
     copy_tokenizer(load_gguf_tokenizer(src, config), dst)
     print(f"Packed {src} -> {dst} ({config.weight_quant} scales, lm_head {lm_head_kind(params)}).")

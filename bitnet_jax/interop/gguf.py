@@ -27,8 +27,11 @@ Ternary tensor types:
     followed by 32 bytes whose first 4 are the tensor's float32 scale s (the rest is padding):
     W = t * s. This is the x86 layout (QK_I2_S = 128, ACT_PARALLEL: `quantize_i2_s` in
     src/ggml-bitnet-mad.cpp, `quantize_to_i2_s` in utils/convert-hf-to-gguf-bitnet.py, read by
-    `ggml_vec_dot_i2_i8_s`); bitnet.cpp built for ARM writes 64-weight chunks of 16 bytes instead,
-    which this reader does not take. I2_S maps to weight_quant 'tensor' (the FFI kernels).
+    `ggml_vec_dot_i2_i8_s`). bitnet.cpp built for ARM (QK_I2_S = 64) writes the ARM layout: chunks
+    of 64 weights in 16 bytes, byte c*16 + p holding weights 64c + p, 64c + 16 + p, 64c + 32 + p
+    and 64c + 48 + p, same bits and tail. The file does not say which layout it holds (`i2s_layout`
+    names it; default 'x86', what bitnet.cpp's converter writes). I2_S maps to weight_quant
+    'tensor' (the FFI kernels).
   TQ2_0 / TQ1_0 (llama.cpp): blocks of 256 weights along K, each with an f16 scale d (W = t * d).
     A tensor whose blocks all have the same d (blocks of all-zero codes match any d) maps to
     'tensor' (FFI kernels); otherwise to 'group:256', one scale per output row and run of 256
@@ -51,7 +54,9 @@ from bitnet_jax.model.serving_layers import check_lm_head, pack_ends
 
 ARCHITECTURES = ("bitnet-b1.58", "bitnet")
 I2_S = 36  # bitnet.cpp's GGML type id
-I2_S_CHUNK = 128  # weights per 32-byte chunk (x86 layout)
+# Weights per chunk of I2_S codes (a chunk is a quarter as many bytes), by the bitnet.cpp build that
+# wrote the file: QK_I2_S in src/ggml-bitnet-mad.cpp.
+I2_S_LAYOUTS = {"x86": 128, "arm": 64}
 I2_S_TAIL = 32  # bytes after the codes; the first 4 are the float32 scale
 TQ_BLOCK = 256
 LINEARS = {  # (block, ours) -> GGUF name
@@ -208,13 +213,26 @@ class Metadata:
 # --- ternary tensors --------------------------------------------------------------------------
 
 
-def decode_i2_s(data: np.ndarray, n: int, k: int, where: str) -> tuple[np.ndarray, np.float32]:
-    """I2_S bytes (module docstring) -> (ternary int8 [N, K], scale)."""
-    if (n * k) % I2_S_CHUNK:
-        raise BitNetError(f"{where}: I2_S holds whole 128-weight chunks; {n}x{k} weights is not a multiple of 128.")
-    bytes_c32 = data[: n * k // 4].reshape(-1, 32)
-    codes_c4p = np.stack([(bytes_c32 >> (6 - 2 * g)) & 3 for g in range(4)], axis=1)  # [chunk, 4, 32]
-    codes = codes_c4p.reshape(n, k)
+def i2_s_chunk(layout: str) -> int:
+    """Weights per chunk of an I2_S layout name ('x86' or 'arm'; module docstring)."""
+    if layout not in I2_S_LAYOUTS:
+        raise BitNetError(
+            f"i2s_layout={layout!r}: expected one of {sorted(I2_S_LAYOUTS)} (the bitnet.cpp build's CPU)."
+        )
+    return I2_S_LAYOUTS[layout]
+
+
+def decode_i2_s(data: np.ndarray, n: int, k: int, where: str, layout: str = "x86") -> tuple[np.ndarray, np.float32]:
+    """I2_S bytes of `layout` (module docstring) -> (ternary int8 [N, K], scale)."""
+    chunk = i2_s_chunk(layout)
+    if (n * k) % chunk:
+        raise BitNetError(
+            f"{where}: I2_S ({layout} layout) holds whole {chunk}-weight chunks; {n}x{k} weights is not a "
+            f"multiple of {chunk}."
+        )
+    bytes_cp = data[: n * k // 4].reshape(-1, chunk // 4)  # byte p of a chunk: weights p + i * chunk / 4
+    codes_cip = np.stack([(bytes_cp >> (6 - 2 * i)) & 3 for i in range(4)], axis=1)  # [chunk, 4, chunk / 4]
+    codes = codes_cip.reshape(n, k)
     if np.any(codes == 3):
         raise BitNetError(f"{where}: I2_S code 3 found (only 0, 1, 2 encode -1, 0, +1); the tensor is corrupt.")
     scale = data[n * k // 4 : n * k // 4 + 4].copy().view(np.float32)[0]
@@ -259,8 +277,10 @@ class _Linear:
 class GGUFModel:
     """A BitNet GGUF file: its config, its metadata, and its tensors on demand."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, i2s_layout: str = "x86"):
         self.path = os.fspath(path)
+        i2_s_chunk(i2s_layout)  # a known layout, before the file is read
+        self.i2s_layout = i2s_layout
         self.reader = open_gguf(self.path)
         self.meta = Metadata(self.reader, self.path)
         self.tensors = {t.name: t for t in self.reader.tensors}
@@ -374,7 +394,7 @@ class GGUFModel:
         where = f"{self.path}: tensor {name}"
         factor = self.scale_factor(f"blk.{i}.{gguf_name}.scale")
         if int(t.tensor_type) == I2_S:
-            t_nk, scale = decode_i2_s(t.data, n, k, where)
+            t_nk, scale = decode_i2_s(t.data, n, k, where, self.i2s_layout)
             return _Linear(layout.pack_ternary(t_nk), np.float32(scale * factor), None)
         if k % TQ_BLOCK:
             raise BitNetError(f"{where}: {k} inputs is not a multiple of {TQ_BLOCK} ({type_name(int(t.tensor_type))}).")
@@ -391,18 +411,22 @@ def type_name_list(types: tuple[str, ...]) -> str:
     return types[0] if len(types) == 1 else ", ".join(types[:-1]) + " or " + types[-1]
 
 
-def load_gguf(path: str | os.PathLike, *, lm_head: str | None = None) -> tuple[BitNetConfig, dict]:
+def load_gguf(
+    path: str | os.PathLike, *, lm_head: str | None = None, i2s_layout: str = "x86"
+) -> tuple[BitNetConfig, dict]:
     """(config, packed serving parameters) from a bitnet.cpp or llama.cpp BitNet GGUF file.
 
     The parameters are what `serve.pack.pack` gives (run them with `generate` or
     `BitNetLM(config, ServingSpec(...))`); `lm_head` is as in `pack` (one of `ops.LM_HEADS`;
-    None: the serving default). The ternary layers are never dequantized: see the
-    module docstring for the formats and for which scales serve through the FFI kernels.
+    None: the serving default). `i2s_layout`: the I2_S code layout, 'x86' or 'arm' (which
+    bitnet.cpp build wrote the file; the file does not say). The ternary layers are never
+    dequantized: see the module docstring for the formats and for which scales serve through
+    the FFI kernels.
     """
     from bitnet_jax.interop.hf import stack_layers
     from bitnet_jax.kernels.ops import default_lm_head
 
-    model = GGUFModel(path)
+    model = GGUFModel(path, i2s_layout)
     c = model.config
     lm_head = lm_head or default_lm_head(c)
     check_lm_head(lm_head, c.tie_word_embeddings, f"load_gguf({model.path})")

@@ -1,7 +1,7 @@
 """GGUF export: a bitnet-jax model -> a file for the engine that owns the format (`save_gguf`).
 
   format  architecture    engine      ternary tensors
-  i2_s    'bitnet-b1.58'  bitnet.cpp  I2_S (x86 layout), one float32 scale per tensor in its tail
+  i2_s    'bitnet-b1.58'  bitnet.cpp  I2_S (x86 or ARM layout), one float32 scale per tensor in its tail
   tq2_0   'bitnet'        llama.cpp   TQ2_0 blocks with d = 1, the scale in `blk.i.<linear>.scale`
   tq1_0   'bitnet'        llama.cpp   TQ1_0, likewise
 (layouts: `interop/gguf.py`). A 'group:256' model goes to TQ2_0 / TQ1_0 with each block's d its
@@ -24,7 +24,7 @@ import os
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.interop.gguf import I2_S, I2_S_CHUNK, I2_S_TAIL, LINEARS, NORMS, TQ_BLOCK
+from bitnet_jax.interop.gguf import I2_S, I2_S_TAIL, LINEARS, NORMS, TQ_BLOCK, i2_s_chunk
 from bitnet_jax.interop.gguf_vocab import add_vocab
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import float_rows, ternary_codes
@@ -36,9 +36,11 @@ _FILE_TYPE = {"i2_s": 40, "tq2_0": 37, "tq1_0": 36}  # llama_ftype: MOSTLY_I2_S 
 _HIDDEN_ACT = {"relu2": "relu2", "silu": "silu"}
 
 
-def encode_i2_s(t_nk: np.ndarray, scale: float) -> np.ndarray:
-    """Ternary [N, K] and its scale -> I2_S bytes [N*K/4 + 32] (layout in `interop/gguf.py`)."""
-    codes = (np.asarray(t_nk, np.int8).reshape(-1, 4, 32) + 1).astype(np.uint8)  # [chunk, 4, 32]
+def encode_i2_s(t_nk: np.ndarray, scale: float, layout: str = "x86") -> np.ndarray:
+    """Ternary [N, K] and its scale -> I2_S bytes [N*K/4 + 32] of `layout` ('x86' or 'arm'; see
+    `interop/gguf.py`)."""
+    span = i2_s_chunk(layout) // 4
+    codes = (np.asarray(t_nk, np.int8).reshape(-1, 4, span) + 1).astype(np.uint8)  # [chunk, 4, span]
     out = np.zeros(t_nk.size // 4 + I2_S_TAIL, np.uint8)
     out[: t_nk.size // 4] = (codes[:, 0] << 6 | codes[:, 1] << 4 | codes[:, 2] << 2 | codes[:, 3]).reshape(-1)
     out[t_nk.size // 4 : t_nk.size // 4 + 4] = np.frombuffer(np.float32(scale).tobytes(), np.uint8)
@@ -82,7 +84,7 @@ def quantize_q6_k(w_nk: np.ndarray) -> np.ndarray:
     return blocks.reshape(n, -1)
 
 
-def _check_exportable(config: BitNetConfig, fmt: str, lm_head: str) -> None:
+def _check_exportable(config: BitNetConfig, fmt: str, lm_head: str, i2s_layout: str) -> None:
     c = config
     if fmt not in FORMATS:
         raise BitNetError(f"--format {fmt!r}: expected one of {FORMATS}.")
@@ -123,10 +125,11 @@ def _check_exportable(config: BitNetConfig, fmt: str, lm_head: str) -> None:
         )
     widths = {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size}
     widths["num_attention_heads*head_dim"] = c.num_attention_heads * c.head_dim
-    unit = I2_S_CHUNK if fmt == "i2_s" else TQ_BLOCK
+    chunk = i2_s_chunk(i2s_layout)
+    unit = chunk if fmt == "i2_s" else TQ_BLOCK
     for name, width in widths.items():
         if width % unit:
-            other = " (--format i2_s takes multiples of 128)" if fmt != "i2_s" and width % I2_S_CHUNK == 0 else ""
+            other = f" (--format i2_s takes multiples of {chunk})" if fmt != "i2_s" and width % chunk == 0 else ""
             raise BitNetError(
                 f"GGUF export: {name}={width} is not a multiple of {unit}, the input width that "
                 f"{fmt.upper()}'s kernels take{other}. {keep}."
@@ -170,14 +173,16 @@ def save_gguf(
     lm_head: str = "f16",
     chat_template: str | None = None,
     name: str = "bitnet-jax",
+    i2s_layout: str = "x86",
 ) -> None:
     """Writes `config`'s model (training or packed parameters) as a GGUF file of `format`
     ('i2_s', 'tq2_0', 'tq1_0'); `lm_head` ('f16', 'q8_0', 'q6_k') is the type of the token
-    embedding, which the engines also use as the lm_head. Refuses what the format cannot hold
+    embedding, which the engines also use as the lm_head; `i2s_layout` ('x86' or 'arm') the
+    I2_S code layout, for a bitnet.cpp built for that CPU. Refuses what the format cannot hold
     exactly."""
     import gguf
 
-    _check_exportable(config, format, lm_head)
+    _check_exportable(config, format, lm_head, i2s_layout)
     c = config
     path = os.fspath(path)
     arch = ARCH_OF[format]
@@ -201,7 +206,7 @@ def save_gguf(
                 writer.add_tensor(f"blk.{i}.{gguf_name}.weight", np.asarray(node["weight"][i], np.float32))
             for (block, our_name), gguf_name in LINEARS.items():
                 source = layers[block][our_name]
-                for tensor_name, data, kw in _linear_tensors(c, format, i, gguf_name, source, our_name):
+                for tensor_name, data, kw in _linear_tensors(c, format, i, gguf_name, source, our_name, i2s_layout):
                     writer.add_tensor(tensor_name, data, **kw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -252,7 +257,7 @@ def _float_table(w_vd: np.ndarray, kind: str):
     return quantize_q6_k(w_vd), {"raw_dtype": gguf.GGMLQuantizationType.Q6_K}
 
 
-def _linear_tensors(c: BitNetConfig, fmt: str, i: int, gguf_name: str, source, our_name: str):
+def _linear_tensors(c: BitNetConfig, fmt: str, i: int, gguf_name: str, source, our_name: str, i2s_layout: str):
     """(name, data, add_tensor keywords) of one layer's linear in `fmt`."""
     import gguf
 
@@ -262,7 +267,7 @@ def _linear_tensors(c: BitNetConfig, fmt: str, i: int, gguf_name: str, source, o
     name = f"blk.{i}.{gguf_name}"
     if fmt == "i2_s":
         # int8 view: the writer then neither needs nor converts a ggml type it does not know (I2_S).
-        data = encode_i2_s(t_nk, float(w_scale.reshape(-1)[0])).view(np.int8)
+        data = encode_i2_s(t_nk, float(w_scale.reshape(-1)[0]), i2s_layout).view(np.int8)
         return [(f"{name}.weight", data, {"raw_shape": (n, k), "raw_dtype": I2_S})]
     qtype = gguf.GGMLQuantizationType.TQ2_0 if fmt == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     if w_scale.ndim == 2:  # [K / 256, N]: each block's d is its group's scale, which must be an f16 number

@@ -18,8 +18,9 @@ from bitnet_jax.serve.packed_folder import is_packed_folder, load_packed, read_p
 from bitnet_jax.train.run_folder import is_run_folder, load_run
 
 
-def load_model(path: str | os.PathLike, *, shapes_only: bool = False):
-    """(config, params, tokenizer) from a run folder, a packed folder or a Hugging Face folder.
+def load_model(path: str | os.PathLike, *, shapes_only: bool = False, i2s_layout: str = "x86"):
+    """(config, params, tokenizer) from a run folder, a packed folder, a Hugging Face folder or a
+    GGUF file (`i2s_layout`: its I2_S code layout, as `load_gguf` takes it).
 
     With `shapes_only`, a packed folder's params are its weights' abstract shapes
     (`packed_folder.read_packed_folder`; `load_packed` reads the weights), so that the serving program can
@@ -27,7 +28,7 @@ def load_model(path: str | os.PathLike, *, shapes_only: bool = False):
     """
     path = os.fspath(path)
     if path.endswith(".gguf") or is_gguf_file(path):  # bitnet.cpp / llama.cpp: packed as it is read
-        config, params = load_gguf(path)
+        config, params = load_gguf(path, i2s_layout=i2s_layout)
         return config, params, load_gguf_tokenizer(path, config)
     if is_run_folder(path):
         run, params, tokenizer = load_run(path)
