@@ -382,6 +382,22 @@ def test_int8_kv_cache_engine_is_batch_invariant(engine):
         int8.stop()
 
 
+@pytest.mark.parametrize("backend", ["ffi", "xla"])
+def test_a_reused_row_gives_the_same_reply(engine, backend):
+    """Prefill writes only a row's prompt slots, so a row that held a longer request keeps that
+    request's keys and values past the next prompt; no step may read them (attention reads, or
+    weighs, only the slots up to its position, each written first). One row: a long request, then
+    a short one, whose reply must equal `generate`'s on a fresh cache, on either backend."""
+    one = Engine(engine.config, engine.params, engine.tokenizer, max_batch=1, max_context=CONTEXT, backend=backend)
+    one.start()
+    try:
+        short = GenerationRequest((417, 40, 41), 20)
+        run_requests(one, [GenerationRequest(tuple(range(5, 45)), 70)])  # fills about 110 slots of the row
+        assert run_requests(one, [short]) == [reference_ids(one, short.prompt_ids, 20, backend=backend)]
+    finally:
+        one.stop()
+
+
 def test_long_prompts_prefill_between_decode_steps(engine):
     """A prompt longer than one prefill chunk (256 tokens) is read one chunk per engine step, so a
     request already decoding keeps getting tokens meanwhile; and its reply is still exactly

@@ -570,15 +570,38 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
     return token_b, keys_b2
 
 
+def _row_prompt_start(c: jax.Array, row) -> tuple:
+    """Where row `row`'s slots begin in a stacked cache array ([L, B, K, S, H] or, scales, [L, B, K, S])."""
+    return (0, row) + (0,) * (c.ndim - 2)
+
+
+def _row_prompt_part(cache: KVCache, row, slots: int) -> KVCache:
+    """The first `slots` slots of row `row`: [L, 1, K, slots(, H)] per array."""
+    sizes = lambda c: (c.shape[0], 1, c.shape[2], slots) + c.shape[4:]
+    return jax.tree.map(lambda c: jax.lax.dynamic_slice(c, _row_prompt_start(c, row), sizes(c)), cache)
+
+
+def _write_row_prompt_part(cache: KVCache, row, part: KVCache) -> KVCache:
+    return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice(c, p, _row_prompt_start(c, row)), cache, part)
+
+
+# Prefill writes only a row's prompt slots; the slots past them keep what an earlier request left.
+# No step reads them before writing them: a decode step writes its position's slot before
+# attending, the FFI attention reads only slots up to the position, and the XLA attention's mask
+# gives the others weight zero (their values are finite: written by earlier requests, or the
+# cache's initial zeros). So a reply is the same as on a zeroed row (test_server.py checks), and
+# prefill neither copies nor zeroes a whole row of the context.
+
+
 @functools.partial(jax.jit, static_argnames=("config", "serving", "cache_dtype"), donate_argnames=("cache",))
 def _prefill_slot(
     variables, cache, row, prompt_1t, length_1, key_2, temperature, top_p, *, config, serving, cache_dtype
 ):
     """Prefills one row of the engine's cache; (first token, its row's next key, cache)."""
     model = BitNetLM(config, serving)
-    # A fresh row, as `generate` starts from.
-    logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, cache.k_lbksh.shape[3], cache_dtype)
-    cache = jax.tree.map(lambda c, f: jax.lax.dynamic_update_slice_in_dim(c, f, row, axis=1), cache, fresh)
+    # The prompt's slots of a fresh row, as `generate` starts from.
+    logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, prompt_1t.shape[1], cache_dtype)
+    cache = _write_row_prompt_part(cache, row, fresh)
     token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
     return token_1[0], key_12[0], cache
 
@@ -588,18 +611,14 @@ def _prefill_chunk(
     variables, cache, row, prompt_1t, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
 ):
     """One chunk of a long prompt into row `row`, as `prefill_fresh` runs it: on the row's first
-    T slots (T the padded prompt's length), zeros before the first chunk, and the rest of the row
-    zeroed with it. Returns (a token sampled from the logits so far, its row's next key, the
-    logits, cache): the token is the request's first once the last chunk has run."""
+    T slots (T the padded prompt's length), zeroed before the first chunk. Returns (a token
+    sampled from the logits so far, its row's next key, the logits, cache): the token is the
+    request's first once the last chunk has run."""
     model = BitNetLM(config, serving)
-    t = prompt_1t.shape[1]
-    first = start == 0
-    row_cache = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, row, 1, axis=1), cache)
-    row_cache = jax.tree.map(lambda c: jnp.where(first, jnp.zeros_like(c), c), row_cache)
-    prompt_part = jax.tree.map(lambda c: c[:, :, :, :t], row_cache)
-    prompt_part, logits_1v = prefill_chunk(model, variables, prompt_1t, length_1, start, prompt_part, logits_1v)
-    row_cache = jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice_in_dim(c, p, 0, axis=3), row_cache, prompt_part)
-    cache = jax.tree.map(lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, row, axis=1), cache, row_cache)
+    part = _row_prompt_part(cache, row, prompt_1t.shape[1])
+    part = jax.tree.map(lambda c: jnp.where(start == 0, jnp.zeros_like(c), c), part)
+    part, logits_1v = prefill_chunk(model, variables, prompt_1t, length_1, start, part, logits_1v)
+    cache = _write_row_prompt_part(cache, row, part)
     token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
     return token_1[0], key_12[0], logits_1v, cache
 
