@@ -138,6 +138,24 @@ void TernaryGroupRows(const int8_t* x_q, const int32_t* x_lane, int64_t rows, in
 constexpr int64_t kAvx2WidenStrips = 32;
 static_assert(kAvx2WidenStrips * 2 * 512 <= 32768, "int16 partial sums must not overflow");
 
+// gemm.h's step for group c on 8 lanes: lane + float(sum_code_x - x_lane) * scale, where
+// sum_code_x holds the lanes' sums of code * x (code = t + 1) and x_lane their sums of x.
+BITNET_AVX2_SHARED inline __m256 AddScaledGroup(__m256 lane, __m256i sum_code_x, const int32_t* x_lane, __m256 scale) {
+  const __m256i p = _mm256_sub_epi32(sum_code_x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_lane)));
+  return _mm256_add_ps(lane, _mm256_mul_ps(_mm256_cvtepi32_ps(p), scale));
+}
+
+// Each tile output's 8 lanes summed in gemm.h's order into dot (rows below valid_rows only).
+template <int R, int MT>
+BITNET_AVX2_SHARED inline void StoreDots(const GroupTile& t, const __m256 (&lane)[R][MT]) {
+  alignas(32) float lanes[kFloatLanes];
+  for (int r = 0; r < R && r < t.valid_rows; ++r)
+    for (int mi = 0; mi < MT; ++mi) {
+      _mm256_store_ps(lanes, lane[r][mi]);
+      t.dot[mi * t.n_total + r] = SumFloatLanes(lanes);
+    }
+}
+
 template <int R, int MT>
 BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
   const __m256i mask = _mm256_set1_epi8(3);
@@ -184,10 +202,7 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
         for (int r = 0; r < R; ++r) {
           const __m256 scale = _mm256_set1_ps(ScaleOf(t, r, c));
           for (int mi = 0; mi < MT; ++mi) {
-            const __m256i x_lane =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.x_lane + (mi * t.groups + c) * kFloatLanes));
-            const __m256i p = _mm256_sub_epi32(acc[r][mi], x_lane);
-            lane[r][mi] = _mm256_add_ps(lane[r][mi], _mm256_mul_ps(_mm256_cvtepi32_ps(p), scale));
+            lane[r][mi] = AddScaledGroup(lane[r][mi], acc[r][mi], t.x_lane + (mi * t.groups + c) * kFloatLanes, scale);
             acc[r][mi] = _mm256_setzero_si256();
           }
         }
@@ -196,12 +211,7 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
       }
     }
   }
-  alignas(32) float lanes[kFloatLanes];
-  for (int r = 0; r < R && r < t.valid_rows; ++r)
-    for (int mi = 0; mi < MT; ++mi) {
-      _mm256_store_ps(lanes, lane[r][mi]);
-      t.dot[mi * t.n_total + r] = SumFloatLanes(lanes);
-    }
+  StoreDots<R, MT>(t, lane);
 }
 
 template <int R, int MT>
@@ -242,10 +252,7 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
             // Lanes l and l + 8 hold k % 64 in [4l, 4l + 4) and [32 + 4l, 32 + 4l + 4): lane l of gemm.h.
             const __m256i sum8 =
                 _mm256_add_epi32(_mm512_castsi512_si256(acc[r][mi]), _mm512_extracti64x4_epi64(acc[r][mi], 1));
-            const __m256i x_lane =
-                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.x_lane + (mi * t.groups + c) * kFloatLanes));
-            const __m256i p = _mm256_sub_epi32(sum8, x_lane);
-            lane[r][mi] = _mm256_add_ps(lane[r][mi], _mm256_mul_ps(_mm256_cvtepi32_ps(p), scale));
+            lane[r][mi] = AddScaledGroup(lane[r][mi], sum8, t.x_lane + (mi * t.groups + c) * kFloatLanes, scale);
             acc[r][mi] = _mm512_setzero_si512();
           }
         }
@@ -254,12 +261,7 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
       }
     }
   }
-  alignas(32) float lanes[kFloatLanes];
-  for (int r = 0; r < R && r < t.valid_rows; ++r)
-    for (int mi = 0; mi < MT; ++mi) {
-      _mm256_store_ps(lanes, lane[r][mi]);
-      t.dot[mi * t.n_total + r] = SumFloatLanes(lanes);
-    }
+  StoreDots<R, MT>(t, lane);
 }
 
 // Decode (one activation row, the 4 rows of a group): as GroupTileAvx512<4, 1>, with each group's

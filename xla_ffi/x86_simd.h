@@ -17,6 +17,9 @@
 
 #define BITNET_AVX2 __attribute__((target("avx2,fma")))
 #define BITNET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+// 256-bit helpers that functions of both targets inline: GCC inlines only into a caller whose
+// target holds the callee's, and the AVX-512 target implies AVX2 but not FMA.
+#define BITNET_AVX2_SHARED __attribute__((target("avx2")))
 
 namespace bitnet {
 
