@@ -314,10 +314,7 @@ def test_arm_i2_s_layout(tmp_path):
 
 
 def test_cli_convert_arm_i2_s(tmp_path, capsys):
-    c = _model("i2_s")
-    src = tmp_path / "packed"
-    save_packed(str(src), c, pack(c, _trained_like(c), lm_head="float"))
-    copy_tokenizer(load_tokenizer(HF_FIXTURE), src)
+    src = _packed_source(tmp_path, "i2_s", "float")
     out = tmp_path / "arm.gguf"
     assert main(["convert", str(src), str(out), "--format", "i2_s", "--i2s-layout", "arm"]) == 0
     assert "I2_S ternary layers, arm layout" in capsys.readouterr().out
@@ -435,11 +432,17 @@ def test_export_import_round_trip(fmt, tmp_path):
     assert ("blk.0.attn_q.scale" in names) == (fmt == "tq2_0")
 
 
+def _packed_source(tmp_path, fmt, lm_head):
+    """A packed folder of `_model(fmt)` with the fixture's tokenizer: a `convert` source."""
+    src = tmp_path / "packed"
+    save_packed(str(src), _model(fmt), pack(_model(fmt), _trained_like(_model(fmt)), lm_head=lm_head))
+    copy_tokenizer(load_tokenizer(HF_FIXTURE), src)
+    return src
+
+
 def test_cli_convert_both_ways_and_generate(tmp_path, capsys):
     c = _model("tq2_0")
-    src = tmp_path / "packed"
-    save_packed(str(src), c, pack(c, _trained_like(c), lm_head="int8-tied"))
-    copy_tokenizer(load_tokenizer(HF_FIXTURE), src)
+    src = _packed_source(tmp_path, "tq2_0", "int8-tied")
     out = tmp_path / "m.gguf"
     assert main(["convert", str(src), str(out), "--format", "tq2_0", "--lm-head", "q8_0"]) == 0
     assert main(["convert", str(out), str(tmp_path / "back")]) == 0
