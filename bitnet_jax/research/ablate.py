@@ -321,12 +321,7 @@ def _result_row(items: list[AblationRun], out_dir: str, tokenizer, docs: list[np
         "hadamard": m.hadamard,
         "hadamard_seed": m.hadamard_seed,
         "seeds": [item.run.seed for item in items],
-        "final_eval_losses": losses,
-        "final_eval_loss": float(np.mean(losses)),
-        "final_eval_loss_std": _spread(losses),
-        "bits_per_byte_per_seed": bpbs,
-        "bits_per_byte": float(np.mean(bpbs)),
-        "bits_per_byte_std": _spread(bpbs),
+        **seed_statistics(losses, bpbs),
         "tokens_per_s": float(np.median(rates)) if rates else math.nan,
         "packed_bytes": size,
         "stored_as": stored_as,
@@ -336,9 +331,19 @@ def _result_row(items: list[AblationRun], out_dir: str, tokenizer, docs: list[np
     }
 
 
-def _spread(values: list[float]) -> float:
-    """The sample standard deviation over seeds (NaN for one seed: no spread measured)."""
-    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+def seed_statistics(losses: list[float], bits_per_byte: list[float]) -> dict:
+    """A variant's final held-out losses and bits per byte over its seeds, with their means and
+    sample standard deviations (NaN for one seed: no spread measured), under the keys of
+    results.json."""
+    spread = lambda values: float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return {
+        "final_eval_losses": list(losses),
+        "final_eval_loss": float(np.mean(losses)),
+        "final_eval_loss_std": spread(losses),
+        "bits_per_byte_per_seed": list(bits_per_byte),
+        "bits_per_byte": float(np.mean(bits_per_byte)),
+        "bits_per_byte_std": spread(bits_per_byte),
+    }
 
 
 def heldout_bits_per_byte(run: RunConfig, params, tokenizer, docs: list[np.ndarray]) -> float:
