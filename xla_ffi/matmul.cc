@@ -288,6 +288,14 @@ void RunInt8(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t ro
   });
 }
 
+// In place, columns [n_begin, n_end) of every row of the float dot products y: y = dot * (1 / x_scale[m]).
+void ScaleByInverse(float* y, const float* x_scale, int64_t rows, int64_t n, int64_t n_begin, int64_t n_end) {
+  for (int64_t m = 0; m < rows; ++m) {
+    const float x_inv = 1.0f / x_scale[m];
+    for (int64_t j = n_begin; j < n_end; ++j) y[m * n + j] *= x_inv;
+  }
+}
+
 // Ternary group-scale dot products into y (rows x n), split over output row groups; with
 // x_scale set, each chunk then scales its own columns: y = dot * (1 / x_scale[m]).
 void RunTernaryGroup(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
@@ -299,12 +307,7 @@ void RunTernaryGroup(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, in
   const int32_t* x_lane = lane_storage.data();
   ParallelFor(pool, CeilDiv(n, kRowsPerGroup), kMinGroupsPerChunk, [&](int64_t begin, int64_t end) {
     TernaryGroupGemmF32(isa, xq.q, x_lane, rows, kb, w, w_scale, group_k, groups, begin, end, n, y);
-    if (x_scale == nullptr) return;
-    const int64_t n_end = std::min(n, end * kRowsPerGroup);
-    for (int64_t m = 0; m < rows; ++m) {
-      const float x_inv = 1.0f / x_scale[m];
-      for (int64_t j = begin * kRowsPerGroup; j < n_end; ++j) y[m * n + j] *= x_inv;
-    }
+    if (x_scale != nullptr) ScaleByInverse(y, x_scale, rows, n, begin * kRowsPerGroup, std::min(n, end * kRowsPerGroup));
   });
 }
 
@@ -314,11 +317,7 @@ void RunInt4(ffi::ThreadPool& pool, Isa isa, const int8_t* x_q, int64_t rows, in
              const uint16_t* w_scale, int64_t n, float* y, const float* x_scale = nullptr) {
   ParallelFor(pool, n, kMinRowsPerChunk, [&](int64_t begin, int64_t end) {
     Int4GemmF32(isa, x_q, rows, kp, w, w_scale, begin, end, n, y);
-    if (x_scale == nullptr) return;
-    for (int64_t m = 0; m < rows; ++m) {
-      const float x_inv = 1.0f / x_scale[m];
-      for (int64_t j = begin; j < end; ++j) y[m * n + j] *= x_inv;
-    }
+    if (x_scale != nullptr) ScaleByInverse(y, x_scale, rows, n, begin, end);
   });
 }
 

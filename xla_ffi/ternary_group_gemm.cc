@@ -214,8 +214,10 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
   StoreDots<R, MT>(t, lane);
 }
 
+// More than one activation row: R = 1 weight row (one row's decode takes GroupDecodeAvx512).
 template <int R, int MT>
 BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
+  static_assert(R == 1, "the 4 rows of a group at one activation row take GroupDecodeAvx512");
   const __m512i mask = _mm512_set1_epi8(3);
   __m512i acc[R][MT];
   __m256 lane[R][MT];
@@ -228,11 +230,7 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
   int64_t c = 0, in_group = 0;
   for (int64_t s0 = 0; s0 < strips; s0 += 4) {
     const uint8_t* block = t.w_rows + (s0 / 4) * kGroupBlockBytes;
-    const int8_t* x_b = t.x + (s0 / 4) * kBlockK;
-    if (R == kRowsPerGroup) {
-      for (int line = 0; line < 4; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64 * line), _MM_HINT_T0);
-    }
+    const int8_t* x_b = t.x + (s0 / 4) * kBlockK;  // (the caller prefetches the row group)
     __m512i packed[R];
     for (int r = 0; r < R; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
 #pragma GCC unroll 4

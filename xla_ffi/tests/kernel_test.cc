@@ -112,6 +112,19 @@ void TestInt8(bitnet::Isa isa, const Shape& s, std::mt19937& rng) {
     }
 }
 
+// The float lanes' final sum in gemm.h's order, written out here (not the kernels' SumFloatLanes).
+float SumLanesInOrder(const float lane[8]) {
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+// got and want the same float32, bit for bit.
+void ExpectSameBits(float got, float want, const char* what, bitnet::Isa isa, const Shape& s, int64_t m, int64_t n) {
+  int32_t got_bits, want_bits;
+  std::memcpy(&got_bits, &got, 4);
+  std::memcpy(&want_bits, &want, 4);
+  Expect(got_bits == want_bits, what, bitnet::IsaName(isa), s, m, n, got_bits, want_bits);
+}
+
 // Float16 bits of a power of two 2^e (-14 <= e <= 15, the normal range), and of a few other scales.
 uint16_t HalfPow2(int e) { return static_cast<uint16_t>((e + 15) << 10); }
 
@@ -156,12 +169,8 @@ void TestInt4(bitnet::Isa isa, const Shape& s, std::mt19937& rng, bool pow2_scal
           exact += static_cast<int64_t>(p) * static_cast<int64_t>(sg * 4.0f);
         }
       }
-      const float want = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
       const float got = dot[m * s.n + n];
-      int32_t got_bits, want_bits;
-      std::memcpy(&got_bits, &got, 4);
-      std::memcpy(&want_bits, &want, 4);
-      Expect(got_bits == want_bits, "int4 order", bitnet::IsaName(isa), s, m, n, got_bits, want_bits);
+      ExpectSameBits(got, SumLanesInOrder(lane), "int4 order", isa, s, m, n);
       // Scales 2^-2 .. 1: every partial sum is a multiple of 2^-2 of magnitude at most
       // 2560 * 128 * 7 < 2^21.2 (K <= 2560), below 2^24 units: every float step is exact.
       if (pow2_scales && s.k <= 2560) {
@@ -222,12 +231,8 @@ void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, b
           exact += static_cast<int64_t>(p) * static_cast<int64_t>(sc * 8.0f);
         }
       }
-      const float want = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
       const float got = dot[m * g.n + n];
-      int32_t got_bits, want_bits;
-      std::memcpy(&got_bits, &got, 4);
-      std::memcpy(&want_bits, &want, 4);
-      Expect(got_bits == want_bits, "ternary group order", bitnet::IsaName(isa), s, m, n, got_bits, want_bits);
+      ExpectSameBits(got, SumLanesInOrder(lane), "ternary group order", isa, s, m, n);
       // Scales 2^-3 .. 1: every partial sum is a multiple of 2^-3 of magnitude at most
       // 4224 * 128 < 2^20.1, below 2^24 units: every float step is exact.
       if (pow2_scales) {
