@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from float_lanes import lane_sums, sum_in_lane_order
 from near_ties import assert_packed_matches_fake_quant
 
 from bitnet_jax.errors import BitNetError
@@ -46,24 +47,9 @@ def _ternary(rng, n, k):
     return rng.integers(-1, 2, size=(n, k)).astype(np.int8)
 
 
-def _lane_sums(x_q, t, group):
-    """p [M, N, C, 8]: the exact int64 sums of gemm.h's lanes: lane l of group c holds the inputs
-    k of the group with k % 32 in [4l, 4l + 4)."""
-    m, k = x_q.shape
-    prod = x_q.astype(np.int64)[:, None, :] * t.astype(np.int64)[None]  # [M, N, K]
-    return prod.reshape(m, t.shape[0], k // group, group // 32, 8, 4).sum(axis=(3, 5))
-
-
 def _dot_in_kernel_order(x_q, t, scale_cn):
-    """xla_ffi/gemm.h's TernaryGroupGemmF32, in numpy float32 steps (no fused multiply-add)."""
-    group = x_q.shape[1] // scale_cn.shape[0]
-    p = _lane_sums(x_q, t, group).astype(np.float32)
-    s = np.asarray(scale_cn, np.float32)
-    lane = np.zeros(p.shape[:2] + (8,), np.float32)
-    for c in range(p.shape[2]):
-        lane = lane + p[:, :, c, :] * s[c][None, :, None]
-    l = [lane[..., i] for i in range(8)]  # noqa: E741
-    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+    """xla_ffi/gemm.h's TernaryGroupGemmF32, in numpy float32 steps (tests/float_lanes.py)."""
+    return sum_in_lane_order(lane_sums(x_q, t, x_q.shape[1] // scale_cn.shape[0]), np.asarray(scale_cn).T)
 
 
 def _order_bound(x_q, t, scale_cn, x_scale):
@@ -74,7 +60,7 @@ def _order_bound(x_q, t, scale_cn, x_scale):
     |scale| (the terms' magnitudes); then both multiply by 1 / x_scale (one more rounding each,
     at most u of the result, which is at most T / x_scale)."""
     group = x_q.shape[1] // scale_cn.shape[0]
-    p = _lane_sums(np.abs(x_q), np.abs(t), group).sum(-1)  # [M, N, C]: sum_k |t x_q| per group
+    p = lane_sums(np.abs(x_q), np.abs(t), group).sum(-1)  # [M, N, C]: sum_k |t x_q| per group
     magnitude = (p * np.abs(np.asarray(scale_cn, np.float64)).T[None]).sum(-1)
     return (2 * scale_cn.shape[0] + 10) * F32_EPS * magnitude / np.asarray(x_scale, np.float64).reshape(-1, 1)
 

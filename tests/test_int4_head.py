@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from float_lanes import lane_sums, sum_in_lane_order
 
 from bitnet_jax import generate
 from bitnet_jax.errors import BitNetError
@@ -47,23 +48,15 @@ def _finite_halves(rng, shape):
 
 
 def _lane_sums(x_q, q):
-    """p [M, N, groups, 8]: the exact int64 sums of 4 neighbouring products, gemm.h's lanes."""
-    m, k = x_q.shape
-    kp = -(-k // 32) * 32
-    xp, qp = np.zeros((m, kp), np.int64), np.zeros((q.shape[0], kp), np.int64)
-    xp[:, :k], qp[:, :k] = x_q, q
-    return (xp[:, None, :] * qp[None]).reshape(m, q.shape[0], kp // 32, 8, 4).sum(-1)
+    """p [M, N, groups, 8]: gemm.h's lane sums over groups of 32, K padded with zeros to whole groups."""
+    kp = -(-x_q.shape[1] // 32) * 32
+    pad = lambda a: np.pad(np.asarray(a), [(0, 0), (0, kp - a.shape[1])])
+    return lane_sums(pad(x_q), pad(q), 32)
 
 
 def _dot_in_kernel_order(x_q, q, scale):
-    """xla_ffi/gemm.h's Int4GemmF32, in numpy float32 steps."""
-    p = _lane_sums(x_q, q).astype(np.float32)
-    s = np.asarray(scale, np.float32)
-    lane = np.zeros(p.shape[:2] + (8,), np.float32)
-    for g in range(p.shape[2]):
-        lane = lane + p[:, :, g, :] * s[None, :, g, None]
-    l = [lane[..., i] for i in range(8)]  # noqa: E741
-    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+    """xla_ffi/gemm.h's Int4GemmF32, in numpy float32 steps (scale [N, groups])."""
+    return sum_in_lane_order(_lane_sums(x_q, q), scale)
 
 
 def _order_bound(x_q, q, scale, x_scale):
