@@ -3,9 +3,9 @@ attention of model/transformer.py, on every kernel path this CPU runs (forced wi
 BITNET_JAX_ISA; the others are skipped, saying why): odd head dims, grouped heads, several
 chunks of 128 slots merged, positions at 0, S - 1 and around chunk edges, a nonzero layer, rows
 with nothing to attend. A row's output must be the same bits alone or in any batch, with any
-cache row, and on one thread or two. Bad input is an error, never a read out of bounds. The same
-for an int8 cache with per-slot scales (`KVCache.zeros(..., dtype=jnp.int8)`), against the XLA
-attention over its dequantized values.
+cache row, with its slots in pages anywhere in the cache, and on one thread or two. Bad input is
+an error, never a read out of bounds. The same for an int8 cache with per-slot scales
+(`KVCache.zeros(..., dtype=jnp.int8)`), against the XLA attention over its dequantized values.
 """
 
 import os
@@ -140,6 +140,71 @@ def test_batch_invariance(isa):
     # Rows reversed and each reading its own cache row through cache_rows_b.
     reversed_out = np.asarray(call(q[::-1], k_cache, v_cache, LAYER, positions[::-1], np.array([2, 1, 0], np.int32)))
     assert reversed_out[::-1].tobytes() == batch.tobytes()
+
+
+def _paged(cache_lbks_, page_len, order):
+    """A contiguous cache [L, B, K, S, ...] cut into pages of page_len slots, stored in the rows
+    of a pool in the shuffled `order` (page j of row b: pool row order[b * P + j]), behind one
+    scratch row of other values. Returns (pool [L, 1 + B * P, K, page_len, ...], pages [B, P])."""
+    layers, b, k, s = cache_lbks_.shape[:4]
+    p = s // page_len
+    pages = cache_lbks_.reshape((layers, b, k, p, page_len) + cache_lbks_.shape[4:]).swapaxes(2, 3)
+    pages = pages.reshape((layers, b * p, k, page_len) + cache_lbks_.shape[4:])
+    pool = np.full((layers, 1 + b * p) + pages.shape[2:], 7, cache_lbks_.dtype)
+    pool[:, 1 + order] = pages
+    return pool, (1 + order).reshape(b, p).astype(np.int32)
+
+
+@pytest.mark.parametrize("cache", ["float32", "int8"])
+def test_paged_cache_gives_the_same_bits(isa, cache):
+    """A paged cache (slot s of row b at slot s % S of pool row pages[b, s // S]) gives the bits
+    of the same slots in one row each, whatever the order of the pages in the pool: each chunk
+    of 128 slots lies in one page and the chunks are merged in slot order."""
+    h, g, k, b, t, s, page_len = 128, 4, 2, 3, 2, 512, 128
+    q, k_cache, v_cache = _inputs(h, g, k, b, t, s, seed=11)
+    positions = np.array([[511, 0], [128, 300], [-1, 255]], np.int32)
+    order = np.random.default_rng(5).permutation(b * s // page_len)
+    call = jax.jit(ffi.decode_attention)
+    if cache == "float32":
+        want = np.asarray(call(q, k_cache, v_cache, LAYER, positions))
+        (k_pool, pages), (v_pool, _) = _paged(k_cache, page_len, order), _paged(v_cache, page_len, order)
+        got = np.asarray(call(q, k_pool, v_pool, LAYER, positions, cache_pages_bp=pages))
+    else:
+        k_q, v_q, k_scale, v_scale = _int8_cache(k_cache, v_cache)
+        want = np.asarray(call(q, k_q, v_q, LAYER, positions, None, k_scale, v_scale))
+        pools = [_paged(x, page_len, order)[0] for x in (k_q, v_q, k_scale, v_scale)]
+        pages = _paged(k_q, page_len, order)[1]
+        got = np.asarray(call(q, pools[0], pools[1], LAYER, positions, None, pools[2], pools[3], cache_pages_bp=pages))
+    assert got.tobytes() == want.tobytes()
+    # And the XLA attention over the same pages (`KVCache.layer` gathers them) agrees with the
+    # kernel within float32 rounding, as on a contiguous cache.
+    if cache == "float32":
+        keys, values = KVCache(jnp.asarray(k_pool), jnp.asarray(v_pool)).layer(LAYER, jnp.asarray(pages))
+        assert keys.shape == (b, k, s, h)
+        np.testing.assert_array_equal(np.asarray(keys), k_cache[LAYER])
+        np.testing.assert_array_equal(np.asarray(values), v_cache[LAYER])
+
+
+def test_paged_cache_bad_input_is_an_error():
+    q, k_cache, v_cache = _inputs(64, 2, 2, 2, 1, 256)
+    positions = np.array([[3], [200]], np.int32)
+    call = jax.jit(ffi.decode_attention)
+    pages = np.array([[0, 1], [1, 0]], np.int32)
+    with pytest.raises(BitNetError, match="cache_rows_b or cache_pages_bp, not both"):
+        call(q, k_cache, v_cache, 0, positions, np.array([0, 1], np.int32), cache_pages_bp=pages)
+    with pytest.raises(BitNetError, match="cache_pages_bp of shape \\[B, P\\]"):
+        call(q, k_cache, v_cache, 0, positions, cache_pages_bp=pages[0])
+    for cache_pages, pos, message in [
+        (np.array([[0, 1], [1, 2]], np.int32), positions, "pages\\[1, 1\\] = 2 is outside the cache's 2 rows"),
+        (pages, np.array([[3], [512]], np.int32), "position 512 of query \\[1, 0\\] is past its row's 512 slots"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(call(q, k_cache, v_cache, 0, pos, cache_pages_bp=cache_pages))
+    # Pages must hold whole chunks of 128 slots (the kernel's unit of work and of summation).
+    with pytest.raises(Exception, match="pages of a multiple of 128 slots"):
+        jax.block_until_ready(
+            call(q, k_cache[:, :, :, :200], v_cache[:, :, :, :200], 0, positions, cache_pages_bp=pages)
+        )
 
 
 # Writes the kernel's output on fixed inputs to argv[1]; with argv[2] == "1", on one CPU only.
@@ -323,8 +388,8 @@ def test_bad_input_is_an_error():
     for layer, pos, rows, message in [
         (LAYERS, positions, None, "layer 3 is outside the cache's 3 layers"),
         (-1, positions, None, "layer -1 is outside"),
-        (0, np.array([[3], [50]], np.int32), None, "position 50 of query \\[1, 0\\] is past the cache's 50 slots"),
-        (0, positions, np.array([0, 2], np.int32), "cache_rows\\[1\\] = 2 is outside the cache's 2 rows"),
+        (0, np.array([[3], [50]], np.int32), None, "position 50 of query \\[1, 0\\] is past its row's 50 slots"),
+        (0, positions, np.array([0, 2], np.int32), "pages\\[1, 0\\] = 2 is outside the cache's 2 rows"),
     ]:
         with pytest.raises(Exception, match=message):
             jax.block_until_ready(call(q, k_cache, v_cache, layer, pos, rows))

@@ -80,10 +80,11 @@ def test_bench_serve_small(tmp_path, capsys):
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,2", "--prompt-tokens", "8"]
     argv += ["--new-tokens", "4", "--max-context", "32", "--lm-head", "int4-tied", "--kv-cache", "int8"]
-    assert main(argv + ["--json", str(out)]) == 0
+    assert main(argv + ["--kv-cache-tokens", "40", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| clients | aggregate decode tok/s |" in table and "Aggregate decode with 2 clients" in table
     rows = json.loads(out.read_text())
     assert [r["clients"] for r in rows] == [1, 2] and all(r["new_tokens"] == 4 for r in rows)
     assert all(r["lm_head"] == "int4-tied" and r["kv_cache"] == "int8" for r in rows)
+    assert all(r["kv_cache_tokens"] == 32 for r in rows)  # one page of the 32-token context
     assert all(r["aggregate_decode_tok_s"] > 0 and r["ttft_p90_s"] >= r["ttft_median_s"] > 0 for r in rows)

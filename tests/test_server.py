@@ -27,6 +27,7 @@ import pytest
 
 from bitnet_jax import generate
 from bitnet_jax.cli import main
+from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import generation_stop_ids
 from bitnet_jax.serve.batching import Engine, GenerationRequest, sample_rows, step_widths, wait_idle
 from bitnet_jax.serve.chat import chat_prompt_ids, stop_ids
@@ -398,6 +399,40 @@ def test_a_reused_row_gives_the_same_reply(engine, backend):
         one.stop()
 
 
+@pytest.mark.parametrize("backend", ["ffi", "xla"])
+def test_a_small_kv_pool_makes_requests_wait_for_pages(engine, backend):
+    """With `kv_cache_tokens` below max_batch * max_context, a request waits for the pages its
+    prompt and max_tokens need (first come, first served) even while a row is free; each reply is
+    still `generate`'s alone, its pages wherever the pool had them free (reused, out of order)."""
+    with pytest.raises(BitNetError, match="at least one request of the whole context, 768 tokens"):
+        Engine(engine.config, engine.params, engine.tokenizer, max_context=768, kv_cache_tokens=700)
+    small = Engine(
+        engine.config, engine.params, engine.tokenizer, max_batch=4, max_context=768, kv_cache_tokens=800,
+        backend=backend,
+    )  # fmt: skip
+    assert (small.page_len, small.kv_pages) == (256, 3)
+    rng = np.random.default_rng(3)
+    prompt = lambda n: tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, n))
+    # Pages: 2 (a 300-token prompt is padded to 512), 1, 2, 1.
+    requests = [
+        GenerationRequest(prompt(300), 20),
+        GenerationRequest(prompt(10), 40),
+        GenerationRequest(prompt(270), 10),
+        GenerationRequest(prompt(5), 30),
+    ]
+    assert [small.pages_needed(r) for r in requests] == [2, 1, 2, 1]
+    small.start()
+    try:
+        replies = run_requests(small, requests)
+        # The first two take all 3 pages; the third waits for 2, and the fourth behind it.
+        assert small.stats["peak_active"] == 2
+        assert small.load()["kv_pages_free"] == 3
+        for request, ids in zip(requests, replies):
+            assert ids == reference_ids(small, request.prompt_ids, request.max_tokens, backend=backend)
+    finally:
+        small.stop()
+
+
 def test_long_prompts_prefill_between_decode_steps(engine):
     """A prompt longer than one prefill chunk (256 tokens) is read one chunk per engine step, so a
     request already decoding keeps getting tokens meanwhile; and its reply is still exactly
@@ -493,4 +528,5 @@ def test_page_is_served(url):
     page = httpx.get(url + "/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in page.text and "<script src" not in page.text  # no CDN, one file
-    assert httpx.get(url + "/health").json() == {"status": "ok", "slots": 8, "active": 0, "waiting": 0}
+    health = {"status": "ok", "slots": 8, "active": 0, "waiting": 0, "kv_pages": 8, "kv_pages_free": 8}
+    assert httpx.get(url + "/health").json() == health

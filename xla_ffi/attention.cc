@@ -5,10 +5,13 @@
 //   k_cache     f32 [L, Bc, K, S, H]   the whole stacked cache; only layer `layer` is read
 //   v_cache     f32 [L, Bc, K, S, H]
 //   layer       int32 []               in [0, L)
-//   positions   int32 [B, T]           query (b, t) attends slots 0..positions[b, t] (< S) of its
-//                                      cache row; a negative position gives zeros
-//   cache_rows  int32 [B]              the cache row of query row b, in [0, Bc) (a server that
-//                                      runs only some of its rows passes theirs)
+//   positions   int32 [B, T]           query (b, t) attends slots 0..positions[b, t] (< P * S) of
+//                                      its row; a negative position gives zeros
+//   pages       int32 [B, P]           where query row b's slots are: slot s is slot s % S of cache
+//                                      row pages[b, s / S], in [0, Bc). P = 1: one cache row per
+//                                      query row (a server that runs only some of its rows passes
+//                                      theirs); P > 1: a paged cache, pages of S slots (S a
+//                                      multiple of kAttentionChunk, so no chunk spans two pages)
 //   -> out      f32 [B, T, N, H]       softmax_s((q . k_s) * H^-0.5) weighting v_s
 //
 // bitnet_decode_attention_i8 reads an int8 cache, a quarter of the bytes, with a float scale per
@@ -25,7 +28,8 @@
 // each chunk's partial softmax goes to its own slot of a buffer, and a second pass merges a
 // query's partials in slot order (attention_kernel.h). Nothing in a row's arithmetic depends on
 // the batch, the other rows' positions or the threads, so a row's output is the same bits alone
-// or in any batch (what the batching server's invariance rests on).
+// or in any batch (what the batching server's invariance rests on), and the same whether its slots
+// lie in one cache row or in pages of whole chunks anywhere in the cache.
 //
 // Shapes, the layer, positions and cache rows are checked; a bad one is an error (a Python
 // exception at the call site), never an out-of-bounds read.
@@ -90,6 +94,7 @@ Plan* ThreadPlan() {
 struct Sizes {
   int64_t b, t, n, h;           // queries [B, T, N, H]
   int64_t layers, rows, kv, s;  // caches [L, Bc, K, S, H]
+  int64_t pages;                // pages per query row, P
 };
 
 ffi::Error CheckShapes(Dims q_dims, Dims c_dims, Dims v_dims, Dims layer_dims, Dims p_dims, Dims r_dims,
@@ -127,30 +132,40 @@ ffi::Error CheckShapes(Dims q_dims, Dims c_dims, Dims v_dims, Dims layer_dims, D
     return Invalid("expected positions int32 [B, T] = [" + std::to_string(z->b) + ", " + std::to_string(z->t) +
                    "], got shape " + ShapeString(p_dims));
   }
-  if (r_dims.size() != 1 || r_dims[0] != z->b) {
-    return Invalid("expected cache_rows int32 [B] = [" + std::to_string(z->b) + "], got shape " +
+  if (r_dims.size() != 2 || r_dims[0] != z->b || r_dims[1] < 1) {
+    return Invalid("expected pages int32 [B, P] = [" + std::to_string(z->b) + ", P >= 1], got shape " +
                    ShapeString(r_dims));
+  }
+  z->pages = r_dims[1];
+  if (z->pages > 1 && z->s % kAttentionChunk != 0) {
+    return Invalid("a paged cache needs pages of a multiple of " + std::to_string(kAttentionChunk) +
+                   " slots (the kernel's chunk), got " + std::to_string(z->s) + " (cache " + ShapeString(c_dims) +
+                   ", pages " + ShapeString(r_dims) + ")");
   }
   return ffi::Error::Success();
 }
 
-// The indices the kernel reads memory at: the layer, each query's row of the cache and last slot.
-ffi::Error CheckIndices(int64_t layer, const int32_t* positions, const int32_t* cache_rows, const Sizes& z) {
+// The indices the kernel reads memory at: the layer, each query's last slot and the pages up to it.
+ffi::Error CheckIndices(int64_t layer, const int32_t* positions, const int32_t* pages, const Sizes& z) {
   if (layer < 0 || layer >= z.layers) {
     return Invalid("layer " + std::to_string(layer) + " is outside the cache's " + std::to_string(z.layers) +
                    " layers");
   }
-  for (int64_t i = 0; i < z.b; ++i) {
-    if (cache_rows[i] < 0 || cache_rows[i] >= z.rows) {
-      return Invalid("cache_rows[" + std::to_string(i) + "] = " + std::to_string(cache_rows[i]) +
-                     " is outside the cache's " + std::to_string(z.rows) + " rows");
+  const int64_t row_slots = z.pages * z.s;
+  for (int64_t i = 0; i < z.b * z.t; ++i) {
+    if (positions[i] >= row_slots) {
+      return Invalid("position " + std::to_string(positions[i]) + " of query [" + std::to_string(i / z.t) + ", " +
+                     std::to_string(i % z.t) + "] is past its row's " + std::to_string(row_slots) +
+                     " slots: a query attends slots 0..position, so position must be < " + std::to_string(row_slots));
     }
   }
-  for (int64_t i = 0; i < z.b * z.t; ++i) {
-    if (positions[i] >= z.s) {
-      return Invalid("position " + std::to_string(positions[i]) + " of query [" + std::to_string(i / z.t) + ", " +
-                     std::to_string(i % z.t) + "] is past the cache's " + std::to_string(z.s) +
-                     " slots: a query attends slots 0..position, so position must be < " + std::to_string(z.s));
+  for (int64_t i = 0; i < z.b; ++i) {
+    for (int64_t p = 0; p < z.pages; ++p) {
+      const int32_t row = pages[i * z.pages + p];
+      if (row < 0 || row >= z.rows) {
+        return Invalid("pages[" + std::to_string(i) + ", " + std::to_string(p) + "] = " + std::to_string(row) +
+                       " is outside the cache's " + std::to_string(z.rows) + " rows");
+      }
     }
   }
   return ffi::Error::Success();
@@ -160,8 +175,8 @@ ffi::Error CheckIndices(int64_t layer, const int32_t* positions, const int32_t* 
 template <typename T>
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const T* k_data, const T* v_data,
                            const float* k_scale, const float* v_scale, const Sizes& z, const int32_t* positions,
-                           const int32_t* cache_rows, int64_t layer, ffi::Result<ffi::Buffer<ffi::F32>> out) {
-  if (auto e = CheckIndices(layer, positions, cache_rows, z); e.failure()) return e;
+                           const int32_t* pages, int64_t layer, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+  if (auto e = CheckIndices(layer, positions, pages, z); e.failure()) return e;
   const int64_t b = z.b, t = z.t, n = z.n, h = z.h, rows = z.rows, kv = z.kv, s = z.s;
   Isa isa;
   std::string isa_error;
@@ -196,8 +211,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
       const WorkItem& w = plan->items[i];
       const int64_t first_slot = w.chunk * kAttentionChunk;
       const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[w.query] + 1 - first_slot);
-      const int64_t row = cache_rows[w.query / t];
-      const int64_t slot = (row * kv + w.kv_head) * s + first_slot;  // within the layer
+      const int64_t row = pages[(w.query / t) * z.pages + first_slot / s];
+      const int64_t slot = (row * kv + w.kv_head) * s + first_slot % s;  // within the layer
       const float* q_gh = q_data + (w.query * n + w.kv_head * g) * h;
       float* partial = plan->partials.data() + i * partial_floats;
       if constexpr (std::is_same_v<T, int8_t>) {
@@ -228,31 +243,31 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
 
 ffi::Error DecodeAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
                               ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> layer,
-                              ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> cache_rows,
+                              ffi::Buffer<ffi::S32> positions, ffi::Buffer<ffi::S32> pages,
                               ffi::Result<ffi::Buffer<ffi::F32>> out) {
   Sizes z;
   if (auto e = CheckShapes(q.dimensions(), k_cache.dimensions(), v_cache.dimensions(), layer.dimensions(),
-                           positions.dimensions(), cache_rows.dimensions(), out->dimensions(), nullptr, &z);
+                           positions.dimensions(), pages.dimensions(), out->dimensions(), nullptr, &z);
       e.failure()) {
     return e;
   }
   return DecodeAttention<float>(pool, q, k_cache.typed_data(), v_cache.typed_data(), nullptr, nullptr, z,
-                                positions.typed_data(), cache_rows.typed_data(), layer.typed_data()[0], out);
+                                positions.typed_data(), pages.typed_data(), layer.typed_data()[0], out);
 }
 
 ffi::Error DecodeAttentionI8(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k_cache,
                              ffi::Buffer<ffi::S8> v_cache, ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale,
                              ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> positions,
-                             ffi::Buffer<ffi::S32> cache_rows, ffi::Result<ffi::Buffer<ffi::F32>> out) {
+                             ffi::Buffer<ffi::S32> pages, ffi::Result<ffi::Buffer<ffi::F32>> out) {
   Sizes z;
   const Dims scale_dims[2] = {k_scale.dimensions(), v_scale.dimensions()};
   if (auto e = CheckShapes(q.dimensions(), k_cache.dimensions(), v_cache.dimensions(), layer.dimensions(),
-                           positions.dimensions(), cache_rows.dimensions(), out->dimensions(), scale_dims, &z);
+                           positions.dimensions(), pages.dimensions(), out->dimensions(), scale_dims, &z);
       e.failure()) {
     return e;
   }
   return DecodeAttention<int8_t>(pool, q, k_cache.typed_data(), v_cache.typed_data(), k_scale.typed_data(),
-                                 v_scale.typed_data(), z, positions.typed_data(), cache_rows.typed_data(),
+                                 v_scale.typed_data(), z, positions.typed_data(), pages.typed_data(),
                                  layer.typed_data()[0], out);
 }
 
@@ -268,7 +283,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::F32>>()    // v_cache: the stacked value cache, k_cache's shape
         .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, the layer of the caches to read
         .Arg<ffi::Buffer<ffi::S32>>()    // positions: int32 [B, T], the last slot each query attends
-        .Arg<ffi::Buffer<ffi::S32>>()    // cache_rows: int32 [B], the cache row of each query row
+        .Arg<ffi::Buffer<ffi::S32>>()    // pages: int32 [B, P], the cache rows of each query row's slots
         .Ret<ffi::Buffer<ffi::F32>>());  // out: [B, T, N, H]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
@@ -282,5 +297,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::F32>>()    // v_scale: [L, Bc, K, S], each slot's value scale
         .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, the layer of the caches to read
         .Arg<ffi::Buffer<ffi::S32>>()    // positions: int32 [B, T], the last slot each query attends
-        .Arg<ffi::Buffer<ffi::S32>>()    // cache_rows: int32 [B], the cache row of each query row
+        .Arg<ffi::Buffer<ffi::S32>>()    // pages: int32 [B, P], the cache rows of each query row's slots
         .Ret<ffi::Buffer<ffi::F32>>());  // out: [B, T, N, H]

@@ -38,6 +38,7 @@ class ServeTiming:
     threads: int
     lm_head: str
     kv_cache: str
+    kv_cache_tokens: int = 0  # slots in the engine's page pool
 
 
 class IdTokenizer:
@@ -64,10 +65,12 @@ def bench_serve(
     max_context: int = 2048,
     lm_head: str | None = None,
     kv_cache: str | None = None,
+    kv_cache_tokens: int | None = None,
     seed: int = 0,
 ) -> list[ServeTiming]:
     """Times the server at each client count (see the module docstring). `lm_head` and `kv_cache`
-    as for `bench generate` (defaults: the serving default head, a float32 cache)."""
+    as for `bench generate` (defaults: the serving default head, a float32 cache);
+    `kv_cache_tokens` as for `Engine` (default: every slot can hold `max_context`)."""
     import gc
     import os
 
@@ -82,7 +85,15 @@ def bench_serve(
     config = config.replace(eos_token_id=None)
     lm_head, kv_cache = lm_head or default_lm_head(config), kv_cache or "float32"
     params = random_packed_params(config, lm_head=lm_head, seed=seed)
-    engine = Engine(config, params, IdTokenizer(), max_batch=max(clients), max_context=max_context, kv_cache=kv_cache)
+    engine = Engine(
+        config,
+        params,
+        IdTokenizer(),
+        max_batch=max(clients),
+        max_context=max_context,
+        kv_cache=kv_cache,
+        kv_cache_tokens=kv_cache_tokens,
+    )
     del params
     gc.collect()
     engine.start()  # compiles the decode step and a one-token prefill
@@ -138,6 +149,7 @@ def bench_serve(
                     len(os.sched_getaffinity(0)),
                     lm_head,
                     kv_cache,
+                    engine.kv_pages * engine.page_len,
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)
@@ -162,7 +174,7 @@ def serve_table(results: list[ServeTiming]) -> str:
         gain = most.aggregate_decode_tok_s / one.aggregate_decode_tok_s
         lines.append(
             f"Aggregate decode with {most.clients} clients: {gain:.2f}x one client's "
-            f"({most.slots} slots of {most.max_context} tokens, {most.threads} threads; {most.lm_head} lm_head, "
-            f"{most.kv_cache} KV cache)."
+            f"({most.slots} slots of up to {most.max_context} tokens, {most.kv_cache_tokens} KV cache slots, "
+            f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache)."
         )
     return "\n".join(lines)

@@ -161,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=8, help="slots decoded together in one step (default 8)")
     srv.add_argument("--max-context", type=int, default=2048, help="prompt + reply tokens per slot (default 2048)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    _add_kv_cache_tokens(srv)
     srv.add_argument(
         "--api-key",
         default=os.environ.get("BITNET_JAX_API_KEY"),
@@ -230,7 +231,10 @@ def _parser() -> argparse.ArgumentParser:
     bench_srv.add_argument("--clients", default="1,2,4,8", help="concurrent clients per level (default 1,2,4,8)")
     bench_srv.add_argument("--prompt-tokens", type=int, default=128)
     bench_srv.add_argument("--new-tokens", type=int, default=128)
-    bench_srv.add_argument("--max-context", type=int, default=2048, help="cache slots per row (default 2048)")
+    bench_srv.add_argument(
+        "--max-context", type=int, default=2048, help="prompt + reply tokens per slot (default 2048)"
+    )
+    _add_kv_cache_tokens(bench_srv)
     _add_lm_head(bench_srv, "the model's lm_head")
     _add_kv_cache(bench_srv)
     _add_json(bench_srv, "results")
@@ -321,6 +325,16 @@ def _add_lm_head(parser: argparse.ArgumentParser, what: str) -> None:
     """--lm-head for the benchmarks on random weights (bench generate, bench serve)."""
     parser.add_argument(
         "--lm-head", choices=LM_HEADS, default=None, help=f"{what} (default: the serving default, int8-tied for 2B4T)"
+    )
+
+
+def _add_kv_cache_tokens(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache-tokens for the batching server (serve, bench serve)."""
+    parser.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        help="KV cache slots shared by all slots, in pages of 256 (default max-batch x max-context); "
+        "fewer bound the memory, and requests wait for the pages they need",
     )
 
 
@@ -481,6 +495,7 @@ def _serve(args) -> int:
         model_name=args.model_name,
         backend=args.backend,
         kv_cache=args.kv_cache,
+        kv_cache_tokens=args.kv_cache_tokens,
         shutdown_timeout=args.shutdown_timeout,
     )
 
@@ -626,6 +641,7 @@ def _bench_serve(args) -> int:
         max_context=args.max_context,
         lm_head=args.lm_head,
         kv_cache=args.kv_cache,
+        kv_cache_tokens=args.kv_cache_tokens,
     )
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
     print(serve_table(results))

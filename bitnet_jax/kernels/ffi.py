@@ -269,7 +269,15 @@ def embed_rows(table_vd, ids) -> jax.Array:
 
 
 def decode_attention(
-    q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b=None, k_scale_lbks=None, v_scale_lbks=None
+    q_btnh,
+    k_lbksh,
+    v_lbksh,
+    layer,
+    positions_bt,
+    cache_rows_b=None,
+    k_scale_lbks=None,
+    v_scale_lbks=None,
+    cache_pages_bp=None,
 ) -> jax.Array:
     """Grouped-query attention over layer `layer` of a stacked KV cache, read in place: float32
     out [B, T, N, H] with, for query (b, t), cache row r = cache_rows_b[b] and G = N // K,
@@ -277,12 +285,18 @@ def decode_attention(
         out[b, t, n] = sum_{s <= positions_bt[b, t]} softmax_s(q[b, t, n] . k[layer, r, n // G, s] * H**-0.5)
                        * v[layer, r, n // G, s]
 
+    or, for a paged cache (`cache_pages_bp`), slot s of query row b at slot s % S of cache row
+    cache_pages_bp[b, s // S]: the same sum, the same bits, wherever the pages lie.
+
     q_btnh: float32 [B, T, N, H]; k_lbksh, v_lbksh: float32 [L, Bc, K, S, H], N a multiple of K;
       or int8 codes of that shape with float32 scales k_scale_lbks, v_scale_lbks [L, Bc, K, S]
       (the cache then holds k = k_scale[..., None] * k_codes, a quarter of the bytes to read).
     layer: int32 scalar (may be traced), in [0, L). positions_bt: int32 [B, T], each < S (a larger
       one raises at run time); a negative position gives zeros (a row with nothing to attend).
     cache_rows_b: int32 [B], each in [0, Bc); default 0..B-1 (then Bc must be at least B).
+    cache_pages_bp: instead of cache_rows_b, int32 [B, P], each in [0, Bc): the cache rows that
+      hold query row b's slots, S each (a paged cache; S a multiple of 128, the kernel's chunk,
+      when P > 1); positions then go up to P * S - 1.
 
     Where `k_lbksh[layer]` and a masked einsum copy the layer's S slots at every call and attend
     to all of them, the kernel reads only slots 0..position of the rows asked for. Each row's
@@ -315,20 +329,30 @@ def decode_attention(
             f"decode_attention: q {q_btnh.shape} does not fit the cache {k_lbksh.shape}: expected the same head "
             f"dim H and N query heads a multiple of the K kv heads."
         )
-    if cache_rows_b is None:
+    if cache_pages_bp is not None:
+        if cache_rows_b is not None:
+            raise BitNetError("decode_attention: pass cache_rows_b or cache_pages_bp, not both.")
+        cache_pages_bp = jnp.asarray(cache_pages_bp)
+        if cache_pages_bp.ndim != 2 or cache_pages_bp.shape[0] != b:
+            raise BitNetError(
+                f"decode_attention: expected cache_pages_bp of shape [B, P] = [{b}, P]; found {cache_pages_bp.shape}."
+            )
+        pages = _int32_operand("cache_pages_bp", cache_pages_bp, cache_pages_bp.shape)
+    elif cache_rows_b is None:
         if b > k_lbksh.shape[1]:
             raise BitNetError(
                 f"decode_attention: {b} query rows but the cache has {k_lbksh.shape[1]} rows; pass cache_rows_b "
                 "to say which cache row each query row reads."
             )
-        cache_rows_b = jnp.arange(b, dtype=jnp.int32)
+        pages = jnp.arange(b, dtype=jnp.int32)[:, None]
+    else:
+        pages = _int32_operand("cache_rows_b", cache_rows_b, (b,))[:, None]
     layer = _int32_operand("layer", layer, ())
     positions_bt = _int32_operand("positions_bt", positions_bt, (b, t))
-    cache_rows_b = _int32_operand("cache_rows_b", cache_rows_b, (b,))
     out_type = jax.ShapeDtypeStruct(q_btnh.shape, jnp.float32)
     if not int8_cache:
         call = jax.ffi.ffi_call("bitnet_decode_attention", out_type, vmap_method="sequential")
-        return call(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, cache_rows_b)
+        return call(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, pages)
     scales = [jnp.asarray(x) for x in (k_scale_lbks, v_scale_lbks)]
     if any(x.dtype != jnp.float32 or x.shape != k_lbksh.shape[:-1] for x in scales):
         raise BitNetError(
@@ -336,7 +360,7 @@ def decode_attention(
             f"dim); found {[(str(x.dtype), x.shape) for x in scales]}."
         )
     call = jax.ffi.ffi_call("bitnet_decode_attention_i8", out_type, vmap_method="sequential")
-    return call(q_btnh, k_lbksh, v_lbksh, *scales, layer, positions_bt, cache_rows_b)
+    return call(q_btnh, k_lbksh, v_lbksh, *scales, layer, positions_bt, pages)
 
 
 def _int32_operand(name: str, x, shape: tuple) -> jax.Array:

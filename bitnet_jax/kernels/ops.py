@@ -312,17 +312,27 @@ def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
     )
 
 
-def cached_attention(q_btnh, cache: KVCache, layer, positions_bt, cache_rows_b=None) -> jax.Array:
+def cached_attention(q_btnh, cache: KVCache, layer, positions_bt, cache_rows=None) -> jax.Array:
     """Attention of queries [B, T, N, H] over layer `layer` of the stacked cache [L, B, K, S, H],
     query (b, t) over slots 0..positions_bt[b, t], as the FFI kernel (`ffi.decode_attention`): it
-    reads the layer in place, and only the filled slots. A position past the cache (a batching
+    reads the layer in place, and only the filled slots. A position past the row (a batching
     server's idle row keeps counting) attends every slot, as the mask `slot <= position` makes it
-    do in XLA ops. `cache_rows_b`: the cache row of each query row (default row b)."""
+    do in XLA ops. `cache_rows`: the cache row of each query row [B] (default row b), or its
+    pages [B, P] (`KVCache`)."""
     from bitnet_jax.kernels import ffi
 
-    positions_bt = jnp.minimum(positions_bt, cache.k_lbksh.shape[3] - 1)
+    positions_bt = jnp.minimum(positions_bt, cache.row_slots(cache_rows) - 1)
+    rows, pages = (cache_rows, None) if cache_rows is None or cache_rows.ndim == 1 else (None, cache_rows)
     return ffi.decode_attention(
-        q_btnh, cache.k_lbksh, cache.v_lbksh, layer, positions_bt, cache_rows_b, cache.k_scale_lbks, cache.v_scale_lbks
+        q_btnh,
+        cache.k_lbksh,
+        cache.v_lbksh,
+        layer,
+        positions_bt,
+        rows,
+        cache.k_scale_lbks,
+        cache.v_scale_lbks,
+        cache_pages_bp=pages,
     )
 
 

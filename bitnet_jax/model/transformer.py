@@ -57,6 +57,12 @@ _MASKED = -1e30
 class KVCache(NamedTuple):
     """Keys and values of every layer; slot s holds the token at absolute position s.
 
+    Rows [L, Bc, K, S, H]: where a sequence's slots are is said by the caller, per input row,
+    as `cache_rows` (the `BitNetLM` call's cache_rows_b / cache_pages_bp): int32 [B], one cache
+    row of S slots each (default row b), or int32 [B, P], a paged cache: slot s of input row b
+    is slot s % S of cache row (page) cache_rows[b, s // S], so a row holds P * S slots in
+    pages that may lie anywhere (`page_slots`).
+
     A float cache holds them as they are. An int8 cache (a quarter of float32's bytes, for serving)
     holds each slot's keys (and values) per kv head as int8 codes with one float32 scale,
     k = k_scale_lbks[..., None] * k_lbksh (`quantize_kv`); the scales are None for a float cache.
@@ -79,27 +85,50 @@ class KVCache(NamedTuple):
     def quantized(self) -> bool:
         return self.k_scale_lbks is not None
 
-    def write(self, layer, k_btkh, v_btkh, start_b, rows_b=None) -> "KVCache":
-        """This step's keys and values [B, T, K, H] written into layer `layer`, row b's at slots
-        start_b[b].. of cache row rows_b[b] (default b): a scatter of the few slots written, done
-        in place by XLA, not a copy. An int8 cache quantizes them first (`quantize_kv`)."""
+    def write(self, layer, k_btkh, v_btkh, start_b, rows=None) -> "KVCache":
+        """This step's keys and values [B, T, K, H] written into layer `layer`, row b's at its
+        slots start_b[b].. (in cache row rows[b], default b, or in its pages rows[b, :]): a
+        scatter of the few slots written, done in place by XLA, not a copy. Slots past the
+        row's end are dropped. An int8 cache quantizes them first (`quantize_kv`)."""
         if self.quantized:
             (k_q, k_scale), (v_q, v_scale) = quantize_kv(k_btkh), quantize_kv(v_btkh)
             new = KVCache(k_q, v_q, k_scale, v_scale)
         else:
             new = KVCache(k_btkh, v_btkh)
-        return jax.tree.map(lambda cache, x: _write_slots(cache, x, layer, start_b, rows_b), self, new)
+        return jax.tree.map(lambda cache, x: _write_slots(cache, x, layer, start_b, rows), self, new)
 
-    def layer(self, layer, rows_b=None) -> tuple[jax.Array, jax.Array]:
-        """(keys, values) [B, K, S, H] of layer `layer` (of the cache rows `rows_b`, default all):
-        a copy, dequantized to float32 for an int8 cache."""
+    def layer(self, layer, rows=None) -> tuple[jax.Array, jax.Array]:
+        """(keys, values) [B, K, S', H] of layer `layer` (of the cache rows or pages `rows`,
+        default every row; S' = P * S for pages): a copy, dequantized to float32 for an int8 cache."""
         keys, values = self.k_lbksh[layer], self.v_lbksh[layer]
         if self.quantized:
             keys = keys.astype(jnp.float32) * self.k_scale_lbks[layer][..., None]
             values = values.astype(jnp.float32) * self.v_scale_lbks[layer][..., None]
-        if rows_b is not None:
-            keys, values = keys[rows_b], values[rows_b]
-        return keys, values
+        if rows is None:
+            return keys, values
+        if rows.ndim == 1:
+            return keys[rows], values[rows]
+        b, p = rows.shape
+        # [B, P, K, S, H] -> [B, K, P * S, H]: the pages of a row one after the other.
+        gather = lambda c: jnp.moveaxis(c[rows], 1, 2).reshape(b, c.shape[1], p * c.shape[2], c.shape[3])
+        return gather(keys), gather(values)
+
+    def row_slots(self, rows=None) -> int:
+        """Slots per input row: S, or P * S with pages `rows` [B, P]."""
+        s = self.k_lbksh.shape[3]
+        return s if rows is None or rows.ndim == 1 else rows.shape[1] * s
+
+
+def page_slots(rows: jax.Array, slots_bt: jax.Array, page_len: int) -> tuple[jax.Array, jax.Array]:
+    """(cache row, slot in that row) [B, T] of input row b's slot slots_bt[b, t], for `rows` as
+    `KVCache` takes them: [B] (the row itself, the slot as it is) or pages [B, P] (cache row
+    rows[b, s // page_len], slot s % page_len). A slot past the row's P * page_len slots gets
+    row -1, which a scatter drops (and a gather must not be asked for)."""
+    if rows.ndim == 1:
+        return jnp.broadcast_to(rows[:, None], slots_bt.shape), slots_bt
+    p = rows.shape[1]
+    page_bt = jnp.take_along_axis(rows, jnp.clip(slots_bt // page_len, 0, p - 1), axis=1)
+    return jnp.where(slots_bt < p * page_len, page_bt, -1), slots_bt % page_len
 
 
 def quantize_kv(x_btkh: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -199,16 +228,21 @@ def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.
     return rotated.astype(x_btnh.dtype)
 
 
-def _write_slots(cache_lbks_: jax.Array, new_btk_: jax.Array, layer, start_b: jax.Array, rows_b=None) -> jax.Array:
-    """`KVCache.write` for one array: [L, B, K, S, ...] written at [layer, rows_b[b], :, start_b[b] + t]
-    with new [B, T, K, ...]."""
+def _write_slots(cache_lbks_: jax.Array, new_btk_: jax.Array, layer, start_b: jax.Array, rows=None) -> jax.Array:
+    """`KVCache.write` for one array: [L, Bc, K, S, ...] written at input row b's slots
+    start_b[b] + t (`page_slots`) with new [B, T, K, ...]."""
     b, t = new_btk_.shape[:2]
     slots_bt = start_b[:, None] + jnp.arange(t, dtype=start_b.dtype)[None, :]
-    rows_b = jnp.arange(b) if rows_b is None else rows_b
-    rows_bt = jnp.broadcast_to(rows_b[:, None], (b, t))
+    rows = jnp.arange(b, dtype=jnp.int32) if rows is None else rows
+    rows_bt, slots_bt = page_slots(rows, slots_bt, cache_lbks_.shape[3])
+    # Out of bounds (past a row's slots) is dropped, as a scatter's default mode does for any
+    # index outside the array; -1 must not wrap around to the last row.
+    rows_bt = jnp.where(rows_bt < 0, cache_lbks_.shape[1], rows_bt)
     # Advanced indices around a slice: the indexed slots come out as [B, T, K, ...], new's shape.
+    # Pages promise neither order nor uniqueness (a server's idle rows may share one scratch page).
+    contiguous = rows.ndim == 1
     return cache_lbks_.at[layer, rows_bt, :, slots_bt].set(
-        new_btk_.astype(cache_lbks_.dtype), indices_are_sorted=True, unique_indices=True
+        new_btk_.astype(cache_lbks_.dtype), indices_are_sorted=contiguous, unique_indices=contiguous, mode="drop"
     )
 
 
@@ -218,7 +252,7 @@ class Attention(nn.Module):
     linear: LinearSpec
 
     @nn.compact
-    def __call__(self, x_btd, positions_bt, mask_bts, cache_kv, layer=None, cache_rows_b=None):
+    def __call__(self, x_btd, positions_bt, mask_bts, cache_kv, layer=None, cache_rows=None):
         a = self.shape
         n, k, h = a.num_heads, a.num_kv_heads, a.head_dim
         b, t, _ = x_btd.shape
@@ -230,20 +264,19 @@ class Attention(nn.Module):
         k_btkh = apply_rope(k_btkh, positions_bt, a.rope_theta)
         backend = "xla" if self.linear.serving is None else self.linear.serving.backend
         out_btnh, cache_kv = grouped_attention(
-            q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer, backend=backend, cache_rows_b=cache_rows_b
+            q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer, backend=backend, cache_rows=cache_rows
         )
         out_btnh = RMSNorm(self.norm_eps, name="attn_sub_norm")(out_btnh.reshape(b, t, n * h))
         # BitNet v2 rotates the inputs of o_proj and down_proj, whose sub-norm outputs hold outliers.
         return linear(a.hidden_size, "o_proj", ("q_heads", "embed"), rotate=True)(out_btnh), cache_kv
 
 
-def grouped_attention(
-    q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer, backend="xla", cache_rows_b=None
-):
+def grouped_attention(q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, layer, backend="xla", cache_rows=None):
     """Grouped-query attention of this step's queries over its keys and values, or, with a cache,
     over every slot of layer `layer` of the stacked cache (`cache_kv`, a `KVCache`, float or int8)
-    after writing this step's into it. Returns (out [B, T, N, H], the cache or None). (Also timed
-    alone by `bench generate --profile`.)
+    after writing this step's into it (input row b's slots in cache row cache_rows[b], default
+    b, or in its pages cache_rows[b, :]: `KVCache`). Returns (out [B, T, N, H], the cache or
+    None). (Also timed alone by `bench generate --profile`.)
 
     With a cache, mask_bts is the cache's mask, slot <= position (`build_attention_mask`); on the FFI
     backend, decode steps instead attend with the FFI kernel (`ops.ffi_attends`), which reads
@@ -256,12 +289,12 @@ def grouped_attention(
         # on NVIDIA GPUs where the inputs fit it; not measured here). On CPU it is XLA einsums
         # with a float32 softmax, as in the cache path below.
         return jax.nn.dot_product_attention(q_btnh, k_btkh, v_btkh, mask=mask_bts[:, None], scale=h**-0.5), None
-    cache_kv = cache_kv.write(layer, k_btkh, v_btkh, positions_bt[:, 0], cache_rows_b)
+    cache_kv = cache_kv.write(layer, k_btkh, v_btkh, positions_bt[:, 0], cache_rows)
     if ops.ffi_attends(backend, q_btnh, cache_kv.k_lbksh):
-        return ops.cached_attention(q_btnh, cache_kv, layer, positions_bt, cache_rows_b), cache_kv
+        return ops.cached_attention(q_btnh, cache_kv, layer, positions_bt, cache_rows), cache_kv
     # The cache keeps slots next to the head dim, the layout the dots below want; a copy of the
     # layer (and of the rows asked for), which the FFI kernel reads in place instead.
-    keys, values = cache_kv.layer(layer, cache_rows_b)
+    keys, values = cache_kv.layer(layer, cache_rows)
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, keys) * (h**-0.5)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
@@ -292,7 +325,7 @@ class DecoderLayer(nn.Module):
     linear: LinearSpec
 
     @nn.compact
-    def __call__(self, carry, positions_bt, mask_bts, cache_rows_b, layer):
+    def __call__(self, carry, positions_bt, mask_bts, cache_rows, layer):
         # The carry of the layer scan: the residual stream and the whole stacked KV cache (or
         # None), which each layer updates at its own index, so the scan never slices or restacks it.
         x_btd, cache_kv = carry
@@ -300,7 +333,7 @@ class DecoderLayer(nn.Module):
         residual_dtype = x_btd.dtype
         h_btd = RMSNorm(eps, name="input_layernorm")(x_btd)
         h_btd, cache_kv = Attention(self.attention, eps, self.linear, name="self_attn")(
-            h_btd, positions_bt, mask_bts, cache_kv, layer, cache_rows_b
+            h_btd, positions_bt, mask_bts, cache_kv, layer, cache_rows
         )
         x_btd = x_btd + h_btd
         h_btd = RMSNorm(eps, name="post_attention_layernorm")(x_btd)
@@ -331,6 +364,9 @@ class BitNetLM(nn.Module):
       cache: a `KVCache`; the call then returns `(logits, new_cache)`.
       cache_rows_b: int32 [B], with a cache: the cache row each input row reads and writes
         (default row b), so that a batching server can run a few of its cache's rows.
+      cache_pages_bp: instead of cache_rows_b, int32 [B, P]: a paged cache, input row b's slot s
+        in slot s % S of cache row (page) cache_pages_bp[b, s // S] (`KVCache`), so that a server
+        gives each request only the pages its tokens need.
       logits_index_b: int32 [B]; when given, logits are computed only at that position of each
         row and have shape [B, V] (the next-token logits of prompts of different lengths).
     """
@@ -349,13 +385,17 @@ class BitNetLM(nn.Module):
         segment_ids_bt=None,
         cache: KVCache | None = None,
         cache_rows_b=None,
+        cache_pages_bp=None,
         logits_index_b=None,
     ):
         c = self.config
         b, t = input_ids_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        mask_bts = build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache)
+        if cache_rows_b is not None and cache_pages_bp is not None:
+            raise ValueError("pass cache_rows_b or cache_pages_bp, not both")
+        cache_rows = cache_pages_bp if cache_pages_bp is not None else cache_rows_b
+        mask_bts = build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache, cache_rows)
 
         table, shared = head_table("float" if self.serving is None else self.serving.lm_head)
         if shared:
@@ -391,7 +431,7 @@ class BitNetLM(nn.Module):
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
         linear = LinearSpec.of(c, self.serving)
         decoder = layers(AttentionShape.of(c), MLPShape.of(c), c.rms_norm_eps, linear, name="layers")
-        (x_btd, cache_out), _ = decoder((x_btd, cache), positions_bt, mask_bts, cache_rows_b, layer_l)
+        (x_btd, cache_out), _ = decoder((x_btd, cache), positions_bt, mask_bts, cache_rows, layer_l)
         x_btd = RMSNorm(c.rms_norm_eps, name="norm")(x_btd)
 
         if logits_index_b is not None:
@@ -417,13 +457,14 @@ def _residual_constraint(x_btd):
     return nn.with_logical_constraint(x_btd, ("batch", "length", "act_embed"))
 
 
-def build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache):
-    """Boolean [B, T, S]: may query t attend to key s."""
+def build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache, cache_rows=None):
+    """Boolean [B, T, S]: may query t attend to key s (with a cache, S its slots per row:
+    `KVCache.row_slots`)."""
     b, t = positions_bt.shape
     if cache is not None:
         if attention_mask_bt is not None or segment_ids_bt is not None:
             raise ValueError("attention_mask_bt / segment_ids_bt are not supported with a KV cache")
-        s = cache.k_lbksh.shape[3]
+        s = cache.row_slots(cache_rows)
         return jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
     mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     if attention_mask_bt is not None:

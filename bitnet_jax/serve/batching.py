@@ -1,11 +1,19 @@
 """Continuous batching: many requests share one jitted decode step over a fixed number of slots.
 
-The engine owns a KV cache of `max_batch` rows, each `max_context` slots long, and one thread
-that loops:
+The engine owns a paged KV cache and one thread that loops. The cache is a pool of pages of
+`page_len` slots (256, or the whole context when it is shorter); a request holds the pages its
+prompt and `max_tokens` need, from admission until it ends, and each of the `max_batch` rows
+reads its request's pages through a page table (`KVCache`'s pages [B, P]; the FFI attention
+kernel reads them in place). The pool holds `kv_cache_tokens` slots (default `max_batch *
+max_context`: every row can reach the full context at once); a smaller pool bounds the memory
+while any one request may still use the whole context, and requests wait for pages as they wait
+for rows. Page 0 is scratch: the rows a step runs as padding, and a row's pages past its
+allocation, point there.
 
-  1. admit: each waiting request takes a free row; one jitted prefill writes its prompt into that
-     row (`generate.prefill_fresh`: a fresh batch-1 cache as long as the padded prompt, made as
-     long as the row with zeros) and samples its first token. A prompt longer than one prefill
+  1. admit: while a row is free and the pool has the pages the oldest waiting request needs
+     (first come, first served), it takes them; one jitted prefill writes its prompt into its
+     pages (`generate.prefill_fresh` on a fresh batch-1 cache as long as the padded prompt) and
+     samples its first token. A prompt longer than one prefill
      chunk (256 tokens) is written one chunk per loop instead (`generate.prefill_chunk` on the
      row's prompt slots, the same math), oldest first, so that the rows already decoding get a
      step after every chunk rather than waiting for the whole prompt;
@@ -13,15 +21,17 @@ that loops:
      with its own temperature, top-p and random key. The step is compiled for a few widths
      (1, 2, 4, ... up to `max_batch`, all at start-up) and runs at the narrowest that holds the
      active rows, padded with free rows whose results are ignored; it names the cache rows it
-     reads and writes (`cache_rows_b`), so a lone request costs one row of the kernels, and the
-     FFI attention kernel reads only each row's filled slots, in place;
+     reads and writes (their page tables), so a lone request costs one row of the kernels, and
+     the FFI attention kernel reads only each row's filled slots, in place;
   3. each request takes its token, turns it into text (`StreamDecoder`), and leaves when it meets
-     a stop id, a stop string, `max_tokens` or a cancel; its row is free for the next admit.
+     a stop id, a stop string, `max_tokens` or a cancel; its row and pages are free for the
+     next admit.
 
 Batch invariance: a greedy request gets the same tokens alone or beside others, at any step
 width. Every operation of a row's forward pass is computed per row (activations are quantized
 per token, the kernels' integer sums are exact, norms, attention and the lm_head reduce within a
-row; the FFI attention kernel's sums are cut at fixed slot indices, whatever the batch), the
+row; the FFI attention kernel's sums are cut at fixed slot indices, whatever the batch and
+wherever the pages lie, since a page holds whole chunks), the
 prefill runs at batch 1 on a cache as long as the padded prompt, and unused cache slots are
 masked to exactly zero weight. `bitnet_jax.generate` on one prompt with `padded_prompt_length(len(prompt)) +
 max_new_tokens == max_context` runs the same per-row math (tests/test_server.py checks both).
@@ -49,7 +59,7 @@ import numpy as np
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
-from bitnet_jax.model.transformer import BitNetLM, KVCache
+from bitnet_jax.model.transformer import BitNetLM, KVCache, page_slots
 from bitnet_jax.serve.generate import (
     PREFILL_CHUNK,
     kv_cache_dtype,
@@ -62,6 +72,10 @@ from bitnet_jax.serve.pack import pack
 from bitnet_jax.serve.streaming import StreamDecoder
 
 logger = logging.getLogger(__name__)
+
+# Slots per page of the engine's KV cache: whole chunks of the FFI attention kernel (128 slots)
+# and the length long prompts are padded to a multiple of, so a row of any context is whole pages.
+PAGE_LEN = 256
 
 
 class QueueFull(BitNetError):
@@ -131,6 +145,7 @@ class _Active:
     sent: int = 0  # characters of `text` already delivered
     new_ids: list = dataclasses.field(default_factory=list)  # sampled since the last event
     prefill: "_Prefill | None" = None  # a long prompt still being prefilled, chunk by chunk
+    pages: list = dataclasses.field(default_factory=list)  # the pool pages it holds, in slot order
 
 
 @dataclasses.dataclass
@@ -150,9 +165,11 @@ class Engine:
       config, params, tokenizer: as `bitnet_jax.load_model` returns them. Training parameters
         that the serving kernels take are packed here, once (`pack`'s default int8 lm_head).
       max_batch: slots (rows of the KV cache, rows of every decode step).
-      max_context: cache slots per row: the longest prompt plus reply a request may have. It is
-        rounded down to a length prompts are padded to (a multiple of 16, or of 256 above 256)
-        and capped at the model's `max_position_embeddings`.
+      max_context: the longest prompt plus reply a request may have. It is rounded down to a
+        length prompts are padded to (a multiple of 16, or of 256 above 256) and capped at the
+        model's `max_position_embeddings`.
+      kv_cache_tokens: KV cache slots in the page pool, shared by all rows (default `max_batch *
+        max_context`); rounded down to whole pages, and at least one request of `max_context`.
       max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond them.
       backend: 'ffi', 'xla' or None, as for `generate`.
       kv_cache: the KV cache's dtype, 'float32' (default) or 'int8' (a quarter of the memory), as for `generate`.
@@ -169,6 +186,7 @@ class Engine:
         max_queue: int = 64,
         backend: str | None = None,
         kv_cache: str | None = None,
+        kv_cache_tokens: int | None = None,
     ):
         if max_batch < 1:
             raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
@@ -187,8 +205,19 @@ class Engine:
         self._serving = serving
         self._variables = serving_variables(params) if serving is not None else {"params": params}
         self._cache_dtype = kv_cache_dtype(params, serving)
-        self._cache = KVCache.zeros(config, max_batch, context, dtype=self._cache_dtype)
+        self.page_len = min(context, PAGE_LEN)  # a multiple of 16, or 256: whole attention chunks
+        pool_tokens = max_batch * context if kv_cache_tokens is None else int(kv_cache_tokens)
+        self.kv_pages = pool_tokens // self.page_len
+        if self.kv_pages < context // self.page_len:
+            raise BitNetError(
+                f"kv_cache_tokens={kv_cache_tokens}: the KV cache must hold at least one request of the whole "
+                f"context, {context} tokens (pages of {self.page_len})."
+            )
+        # Row 0 of the pool is the scratch page.
+        self._cache = KVCache.zeros(config, 1 + self.kv_pages, self.page_len, dtype=self._cache_dtype)
+        self._free_pages = list(range(self.kv_pages, 0, -1))  # popped from the end: lowest first
         b = max_batch
+        self._pages_bp = np.zeros((b, context // self.page_len), np.int32)  # 0: the scratch page
         self._tokens_b = np.zeros(b, np.int32)
         self._positions_b = np.zeros(b, np.int32)  # where each row's token in _tokens_b is written
         self._temperature_b = np.zeros(b, np.float32)
@@ -255,7 +284,13 @@ class Engine:
         """Slots in use and requests waiting."""
         with self._lock:
             active = sum(a is not None for a in self._slots)
-            return {"slots": self.max_batch, "active": active, "waiting": len(self._waiting)}
+            return {
+                "slots": self.max_batch,
+                "active": active,
+                "waiting": len(self._waiting),
+                "kv_pages": self.kv_pages,
+                "kv_pages_free": len(self._free_pages),
+            }
 
     def _cancel(self, ticket: Ticket) -> None:
         with self._lock:
@@ -286,11 +321,29 @@ class Engine:
         # Row 0 takes a one-token prompt, then a step of every width runs (all rows are free: what
         # the steps write is overwritten by the prefill of the row's next request).
         first = self.tokenizer.bos_id or 0
-        self._prefill_row(0, np.full((1, padded_prompt_length(1)), first, np.int32), GenerationRequest((first,), 1))
+        request = GenerationRequest((first,), 1)
+        self._take_pages(0, request)
+        self._prefill_row(0, np.full((1, padded_prompt_length(1)), first, np.int32), request)
+        self._free_row_pages(0, self._pages_bp[0, : self.pages_needed(request)].tolist())
         for width in self._widths:
             self._run_step(np.arange(width, dtype=np.int32), np.zeros(width, np.int32))
         jax.block_until_ready(self._cache)
         self.stats.clear()
+
+    def pages_needed(self, request: GenerationRequest) -> int:
+        """Pool pages a request holds: its padded prompt (prefill writes the padding too) and
+        every token of its reply."""
+        n = len(request.prompt_ids)
+        return -(-max(padded_prompt_length(n), n + request.max_tokens) // self.page_len)
+
+    def _take_pages(self, row: int, request: GenerationRequest) -> list[int]:
+        pages = [self._free_pages.pop() for _ in range(self.pages_needed(request))]
+        self._pages_bp[row, : len(pages)] = pages
+        return pages
+
+    def _free_row_pages(self, row: int, pages: list[int]) -> None:
+        self._pages_bp[row] = 0
+        self._free_pages.extend(reversed(pages))
 
     def _run(self) -> None:
         try:
@@ -300,10 +353,17 @@ class Engine:
                         self._wakeup.wait()
                     if self._stopping:
                         break
-                    admitted = []
+                    # First come, first served: a request that waits for pages holds back the
+                    # later ones, whose pages would otherwise keep it waiting.
+                    admitted, free_pages = [], len(self._free_pages)
                     for row, active in enumerate(self._slots):
-                        if active is None and self._waiting:
-                            admitted.append((row, self._waiting.popleft()))
+                        if active is not None or not self._waiting:
+                            continue
+                        need = self.pages_needed(self._waiting[0].request)
+                        if need > free_pages:
+                            break
+                        free_pages -= need
+                        admitted.append((row, self._waiting.popleft()))
                 for row, ticket in admitted:
                     self._admit(row, ticket)
                 self._drop_cancelled()
@@ -325,6 +385,7 @@ class Engine:
             return
         request = ticket.request
         active = self._slots[row] = _Active(ticket, StreamDecoder(self.tokenizer))
+        active.pages = self._take_pages(row, request)
         n = len(request.prompt_ids)
         prompt_1t = np.zeros((1, padded_prompt_length(n)), np.int32)
         prompt_1t[0, :n] = request.prompt_ids
@@ -351,7 +412,7 @@ class Engine:
         token, key_2, self._cache = _prefill_slot(
             self._variables,
             self._cache,
-            np.int32(row),
+            self._pages_bp[row],
             prompt_1t,
             np.array([len(request.prompt_ids)], np.int32),
             jax.random.PRNGKey(request.seed),
@@ -383,7 +444,7 @@ class Engine:
             token, key_2, state.logits_1v, self._cache = _prefill_chunk(
                 self._variables,
                 self._cache,
-                np.int32(row),
+                self._pages_bp[row],
                 state.prompt_1t,
                 np.array([len(request.prompt_ids)], np.int32),
                 np.int32(state.start),
@@ -412,7 +473,7 @@ class Engine:
         width = next(w for w in self._widths if w >= len(active))
         free = [row for row, a in enumerate(self._slots) if a is None]
         rows_w = np.array(active + free[: width - len(active)], np.int32)
-        # Padding rows write their slot 0, which the prefill of their next request overwrites.
+        # Padding rows (free: every page the scratch page) write slot 0 of the scratch page.
         positions_w = np.where(np.arange(width) < len(active), self._positions_b[rows_w], 0).astype(np.int32)
         token_w, keys_w2 = self._run_step(rows_w, positions_w)
         taken = rows_w[: len(active)]
@@ -428,7 +489,7 @@ class Engine:
         token_w, keys_w2, self._cache = _decode_step(
             self._variables,
             self._cache,
-            rows_w,
+            self._pages_bp[rows_w],
             self._tokens_b[rows_w],
             positions_w,
             self._keys_b2[rows_w],
@@ -480,6 +541,7 @@ class Engine:
     def _finish(self, row: int, reason: str, *, text: str = "", error: str | None = None) -> None:
         active = self._slots[row]
         self._slots[row] = None
+        self._free_row_pages(row, active.pages)
         self._temperature_b[row], self._top_p_b[row] = 0.0, 1.0
         self.stats["completed" if reason in ("stop", "length") else reason] += 1
         event = Event(
@@ -570,19 +632,27 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
     return token_b, keys_b2
 
 
-def _row_prompt_start(c: jax.Array, row) -> tuple:
-    """Where row `row`'s slots begin in a stacked cache array ([L, B, K, S, H] or, scales, [L, B, K, S])."""
-    return (0, row) + (0,) * (c.ndim - 2)
+def _row_prompt_part(cache: KVCache, pages_p, slots: int) -> KVCache:
+    """The first `slots` slots of the row whose pages are `pages_p` [P]: [L, 1, K, slots(, H)] per array."""
+
+    def gather(c):  # [L, P, K, page_len, ...] -> [L, K, P * page_len, ...]
+        pages = jnp.moveaxis(c[:, pages_p], 1, 2)
+        row = pages.reshape(pages.shape[:2] + (-1,) + pages.shape[4:])
+        return row[:, None, :, :slots]
+
+    return jax.tree.map(gather, cache)
 
 
-def _row_prompt_part(cache: KVCache, row, slots: int) -> KVCache:
-    """The first `slots` slots of row `row`: [L, 1, K, slots(, H)] per array."""
-    sizes = lambda c: (c.shape[0], 1, c.shape[2], slots) + c.shape[4:]
-    return jax.tree.map(lambda c: jax.lax.dynamic_slice(c, _row_prompt_start(c, row), sizes(c)), cache)
+def _write_row_prompt_part(cache: KVCache, pages_p, part: KVCache) -> KVCache:
+    """`part` ([L, 1, K, T(, H)] per array) written into slots 0..T-1 of the row whose pages are `pages_p`."""
 
+    def write(c, x):
+        t = x.shape[3]
+        rows_t, slots_t = page_slots(pages_p[None], jnp.arange(t)[None], c.shape[3])
+        # Two advanced indices around a slice: the indexed dims come first, [T, L, K, ...].
+        return c.at[:, rows_t[0], :, slots_t[0]].set(jnp.moveaxis(x[:, 0], 2, 0), unique_indices=True)
 
-def _write_row_prompt_part(cache: KVCache, row, part: KVCache) -> KVCache:
-    return jax.tree.map(lambda c, p: jax.lax.dynamic_update_slice(c, p, _row_prompt_start(c, row)), cache, part)
+    return jax.tree.map(write, cache, part)
 
 
 # Prefill writes only a row's prompt slots; the slots past them keep what an earlier request left.
@@ -595,41 +665,43 @@ def _write_row_prompt_part(cache: KVCache, row, part: KVCache) -> KVCache:
 
 @functools.partial(jax.jit, static_argnames=("config", "serving", "cache_dtype"), donate_argnames=("cache",))
 def _prefill_slot(
-    variables, cache, row, prompt_1t, length_1, key_2, temperature, top_p, *, config, serving, cache_dtype
+    variables, cache, pages_p, prompt_1t, length_1, key_2, temperature, top_p, *, config, serving, cache_dtype
 ):
-    """Prefills one row of the engine's cache; (first token, its row's next key, cache)."""
+    """Prefills the row whose pages are `pages_p`; (first token, its row's next key, cache)."""
     model = BitNetLM(config, serving)
     # The prompt's slots of a fresh row, as `generate` starts from.
     logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, prompt_1t.shape[1], cache_dtype)
-    cache = _write_row_prompt_part(cache, row, fresh)
+    cache = _write_row_prompt_part(cache, pages_p, fresh)
     token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
     return token_1[0], key_12[0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
 def _prefill_chunk(
-    variables, cache, row, prompt_1t, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
+    variables, cache, pages_p, prompt_1t, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
 ):
-    """One chunk of a long prompt into row `row`, as `prefill_fresh` runs it: on the row's first
-    T slots (T the padded prompt's length), zeroed before the first chunk. Returns (a token
-    sampled from the logits so far, its row's next key, the logits, cache): the token is the
-    request's first once the last chunk has run."""
+    """One chunk of a long prompt into the row whose pages are `pages_p`, as `prefill_fresh` runs
+    it: on the row's first T slots (T the padded prompt's length), zeroed before the first chunk.
+    Returns (a token sampled from the logits so far, its row's next key, the logits, cache): the
+    token is the request's first once the last chunk has run."""
     model = BitNetLM(config, serving)
-    part = _row_prompt_part(cache, row, prompt_1t.shape[1])
+    part = _row_prompt_part(cache, pages_p, prompt_1t.shape[1])
     part = jax.tree.map(lambda c: jnp.where(start == 0, jnp.zeros_like(c), c), part)
     part, logits_1v = prefill_chunk(model, variables, prompt_1t, length_1, start, part, logits_1v)
-    cache = _write_row_prompt_part(cache, row, part)
+    cache = _write_row_prompt_part(cache, pages_p, part)
     token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
     return token_1[0], key_12[0], logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
-def _decode_step(variables, cache, rows_b, tokens_b, positions_b, keys_b2, temperature_b, top_p_b, *, config, serving):
-    """One token for each of the cache rows `rows_b`: row b's token is written at its position and
-    the next sampled."""
+def _decode_step(
+    variables, cache, pages_bp, tokens_b, positions_b, keys_b2, temperature_b, top_p_b, *, config, serving
+):
+    """One token for each row whose pages are `pages_bp` [B, P]: row b's token is written at its
+    position and the next sampled."""
     model = BitNetLM(config, serving)
     logits_b1v, cache = model.apply(
-        variables, tokens_b[:, None], positions_bt=positions_b[:, None], cache=cache, cache_rows_b=rows_b
+        variables, tokens_b[:, None], positions_bt=positions_b[:, None], cache=cache, cache_pages_bp=pages_bp
     )
     token_b, keys_b2 = sample_rows(logits_b1v[:, 0], keys_b2, temperature_b, top_p_b)
     return token_b, keys_b2, cache

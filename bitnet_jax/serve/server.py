@@ -582,6 +582,7 @@ def serve(
     model_name: str | None = None,
     backend: str | None = None,
     kv_cache: str | None = None,
+    kv_cache_tokens: int | None = None,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
 ) -> int:
@@ -603,10 +604,15 @@ def serve(
         max_queue=max_queue,
         backend=backend,
         kv_cache=kv_cache,
+        kv_cache_tokens=kv_cache_tokens,
     )
     del params
     name = model_name or os.path.basename(os.path.normpath(model))
-    print(f"Compiling the decode step for {max_batch} slots of {engine.max_context} tokens...", flush=True)
+    print(
+        f"Compiling the decode step for {max_batch} slots of up to {engine.max_context} tokens "
+        f"({engine.kv_pages * engine.page_len} KV cache slots)...",
+        flush=True,
+    )
     engine.start()
     app = create_app(engine, model_name=name, folder=model, api_key=api_key)
     server = uvicorn.Server(
