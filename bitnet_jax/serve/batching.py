@@ -68,6 +68,7 @@ from bitnet_jax.serve.generate import (
     prefill_fresh,
     serving_params,
 )
+from bitnet_jax.serve.host_memory import release_freed_memory
 from bitnet_jax.serve.pack import pack
 from bitnet_jax.serve.streaming import StreamDecoder
 
@@ -231,6 +232,7 @@ class Engine:
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._prefill_buckets: set[int] = set()  # padded prompt lengths whose prefill has run
         self.stats = collections.Counter()  # submitted, completed, cancelled, error, steps, rows, tokens, peak_active
 
     # -- the client side (any thread) -------------------------------------------------------
@@ -328,6 +330,7 @@ class Engine:
         for width in self._widths:
             self._run_step(np.arange(width, dtype=np.int32), np.zeros(width, np.int32))
         jax.block_until_ready(self._cache)
+        release_freed_memory()  # what compiling the steps freed (some 100 MB glibc would keep)
         self.stats.clear()
 
     def pages_needed(self, request: GenerationRequest) -> int:
@@ -405,6 +408,10 @@ class Engine:
             logger.exception("prefill failed")
             self._finish(row, "error", error=f"Prefill failed: {type(e).__name__}: {e}")
             return
+        bucket = padded_prompt_length(len(self._slots[row].ticket.request.prompt_ids))
+        if bucket not in self._prefill_buckets:  # compiled just now: hand back what compiling freed
+            self._prefill_buckets.add(bucket)
+            release_freed_memory()
         if token is not None:
             self._take(row, token)
 
