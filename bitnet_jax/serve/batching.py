@@ -320,13 +320,13 @@ class Engine:
             self._thread.join(timeout)
 
     def _warm_up(self) -> None:
-        # Row 0 takes a one-token prompt, then a step of every width runs (all rows are free: what
-        # the steps write is overwritten by the prefill of the row's next request).
+        # Row 0 takes a one-token prompt and gives its pages back, then a step of every width runs
+        # (all rows are free: they write the scratch page).
         first = self.tokenizer.bos_id or 0
         request = GenerationRequest((first,), 1)
-        self._take_pages(0, request)
+        pages = self._take_pages(0, request)
         self._prefill_row(0, np.full((1, padded_prompt_length(1)), first, np.int32), request)
-        self._free_row_pages(0, self._pages_bp[0, : self.pages_needed(request)].tolist())
+        self._free_row_pages(0, pages)
         for width in self._widths:
             self._run_step(np.arange(width, dtype=np.int32), np.zeros(width, np.int32))
         jax.block_until_ready(self._cache)
