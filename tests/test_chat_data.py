@@ -190,6 +190,32 @@ def test_batches_carry_the_mask_and_keep_each_conversation_one_segment(chat_mode
     assert 0 < loss.mean() < 0.5
 
 
+def test_chat_batches_are_the_same_from_worker_processes_and_across_hosts(chat_model, tmp_path):
+    """A chat source's loss mask travels with its tokens through grain's worker processes
+    (`worker_count`, the stream pickled into each) and through the per-host shards of a
+    multi-process run: the same batches, mask and segments included, as one process builds."""
+    tok = load_tokenizer(chat_model)
+    train, _ = _streams(_write_jsonl(tmp_path / "chat.jsonl", _conversations(12)), tok)
+    make = lambda **kw: data.make_train_iterator(train, 16, 4, 7, eos_id=tok.eos_id, shard_index=0, shard_count=1, **kw)
+    take = lambda it, n: [next(it) for _ in range(n)]
+    expected = take(make(), 5)
+    assert all(b["loss_mask"].any() for b in expected)
+    workers = make(worker_count=1)
+    try:
+        from_workers = take(workers, 5)
+    finally:
+        workers.close()
+    hosts = [take(data.make_train_iterator(train, 16, 4, 7, eos_id=tok.eos_id, shard_index=i, shard_count=2), 5)
+             for i in range(2)]  # fmt: skip
+    for b, want in enumerate(expected):
+        for key in ("inputs", "targets", "segment_ids", "loss_mask"):
+            np.testing.assert_array_equal(from_workers[b][key], want[key], err_msg=f"{key}, batch {b}")
+            # Each host gets every second window of the global order: rows 0, 2 and 1, 3.
+            together = np.empty_like(want[key])
+            together[0::2], together[1::2] = hosts[0][b][key], hosts[1][b][key]
+            np.testing.assert_array_equal(together, want[key], err_msg=f"{key}, batch {b}, hosts")
+
+
 def test_mixed_corpus_masks_chat_and_counts_every_plain_token(chat_model, tmp_path):
     tok = load_tokenizer(chat_model)
     chat_path = _write_jsonl(tmp_path / "chat.jsonl", _conversations(10))
