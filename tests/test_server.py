@@ -330,6 +330,7 @@ def test_load_32_requests_from_8_clients(url, engine, folder):
     after = dict(engine.stats)
     assert after.get("cancelled", 0) - before.get("cancelled", 0) == 2  # the dropped streams' slots
     assert after["completed"] - before["completed"] == 30
+    assert engine.load()["kv_pages_free"] == engine.kv_pages  # and their pages: none leaked
     for i, request in enumerate(requests):
         if i in drop:
             continue

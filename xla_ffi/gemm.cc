@@ -71,8 +71,9 @@ void Int8Scalar(const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w, in
 
 #if BITNET_JAX_X86_SIMD
 int64_t TernaryGroupsPerTask(Isa isa, int64_t rows) { return TernaryGroupsPerTaskX86(isa, rows); }
+#elif BITNET_JAX_ARM_SIMD
+int64_t TernaryGroupsPerTask(Isa isa, int64_t rows) { return TernaryGroupsPerTaskArm(isa, rows); }
 #else
-// NEON has no prefill panels: every row count takes the GEMV tiles.
 int64_t TernaryGroupsPerTask(Isa, int64_t) { return 1; }
 #endif
 

@@ -1,14 +1,17 @@
 // The aarch64 paths of the ternary and int8 kernels (gemm.h; the overview is at the top of
 // gemm.cc): NEON with the dot-product extension (sdot, under its own target attribute) and plain
-// NEON, baseline on every aarch64 core. Both take the GEMV tiles at every row count (no prefill
-// panels). Compiles to nothing off aarch64 (BITNET_JAX_ARM_SIMD, cpu_isa.h).
+// NEON, baseline on every aarch64 core. Decode takes the GEMV tiles on both; prefill with sdot
+// (kNeonPanelMinRows activation rows and more) unpacked 16-row panels, plain NEON the GEMV tiles.
+// Compiles to nothing off aarch64 (BITNET_JAX_ARM_SIMD, cpu_isa.h).
 
 #include "gemm_paths.h"
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "layout.h"
+#include "scratch.h"
 
 #if BITNET_JAX_ARM_SIMD
 
@@ -59,6 +62,102 @@ BITNET_NEON_DOT void TernaryGroupNeonDot(const int8_t* x, int64_t kp, const int3
   }
   for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r)
     for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = vaddvq_s32(acc[r][mi]) - x_sum[mi];
+}
+
+// Prefill, many activation rows: panels of 16 output rows (4 groups) whose codes are unpacked once
+// into the order of sdot by lane: for every k-quad q (k = 4q..4q+3), t = code - 1 of each of the
+// 16 rows, 4 bytes a row, i.e. four registers of 4 rows each. The micro-kernel loads 16
+// activations (4 quads) per x row; lane j times the codes of quad 4i + j (vdotq_laneq_s32) adds
+// to 4 output rows per register: 16 whole outputs in 4 accumulators per x row, no horizontal
+// sums, no x_sum correction (the codes are t itself). Per quad: 4 code loads feed 4 * MT sdot,
+// where the GEMV tile spends a mask and a shift per 4 (not timed: no ARM machine here).
+constexpr int64_t kNeonPanelRows = 16;
+constexpr int64_t kNeonPanelGroups = kNeonPanelRows / kRowsPerGroup;
+constexpr int kNeonPanelTileRows = 4;  // 4 x 4 accumulators + 4 code and 4 activation registers
+// From as many rows as the x86 panels (there measured; here an assumption).
+constexpr int64_t kNeonPanelMinRows = 17;
+// K chunk: 16 x 1024 codes + 4 x 1024 activations = 20 KB, within a 32 KB L1.
+constexpr int64_t kNeonPanelChunkQuads = 256;
+
+// codes_q: [kp / 4][kNeonPanelRows][4] int8. Byte e of quarter h of a row block, shifted by 2j,
+// holds the code of k = 64j + 16h + e: one quarter is quads 16j + 4h .. 16j + 4h + 3 of its row,
+// and a 4 x 4 transpose of 32-bit lanes over the group's 4 rows gives each quad's 4 rows. Rows at
+// or past group `g_end` get t = 0; their outputs are never stored.
+BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
+                                        int8_t* codes_q) {
+  const uint8x16_t mask = vdupq_n_u8(3);
+  const int8x16_t one = vdupq_n_s8(1);
+  for (int64_t pg = 0; pg < kNeonPanelGroups; ++pg) {
+    const int64_t g = g0 + pg;
+    for (int64_t b = 0; b < kb; ++b) {
+      for (int h = 0; h < 4; ++h) {
+        uint8x16_t packed[kRowsPerGroup];
+        for (int r = 0; r < kRowsPerGroup; ++r) {
+          packed[r] = g < g_end ? vld1q_u8(w + (g * kb + b) * kGroupBlockBytes + r * kBlockBytes + 16 * h)
+                                : vdupq_n_u8(0x55);  // code 1 everywhere: t = 0
+        }
+        for (int j = 0; j < 4; ++j) {
+          int32x4_t v[kRowsPerGroup];
+          for (int r = 0; r < kRowsPerGroup; ++r) {
+            v[r] = vreinterpretq_s32_s8(vsubq_s8(vreinterpretq_s8_u8(vandq_u8(packed[r], mask)), one));
+            packed[r] = vshrq_n_u8(packed[r], 2);
+          }
+          const int32x4_t t0 = vtrn1q_s32(v[0], v[1]), t1 = vtrn2q_s32(v[0], v[1]);
+          const int32x4_t t2 = vtrn1q_s32(v[2], v[3]), t3 = vtrn2q_s32(v[2], v[3]);
+          const auto pair = [](int32x4_t a) { return vreinterpretq_s64_s32(a); };
+          const int64x2_t quads[4] = {vtrn1q_s64(pair(t0), pair(t2)), vtrn1q_s64(pair(t1), pair(t3)),
+                                      vtrn2q_s64(pair(t0), pair(t2)), vtrn2q_s64(pair(t1), pair(t3))};
+          for (int i = 0; i < 4; ++i) {
+            const int64_t q = b * (kBlockK / 4) + 16 * j + 4 * h + i;
+            vst1q_s8(codes_q + (q * kNeonPanelRows + kRowsPerGroup * pg) * 4, vreinterpretq_s8_s64(quads[i]));
+          }
+        }
+      }
+    }
+  }
+}
+
+// Quad 4i + J of the panel (codes at c_q) against the activation quads xv[mi] (lane J).
+template <int MT, int J>
+BITNET_NEON_DOT inline void PanelQuadNeonDot(const int8_t* c_q, const int8x16_t (&xv)[MT], int32x4_t (&acc)[MT][4]) {
+  int8x16_t c[4];
+  for (int v = 0; v < 4; ++v) c[v] = vld1q_s8(c_q + 16 * v);
+  for (int mi = 0; mi < MT; ++mi)
+    for (int v = 0; v < 4; ++v) acc[mi][v] = vdotq_laneq_s32(acc[mi][v], c[v], xv[mi], J);
+}
+
+// MT activation rows x one panel, over the k-quads [q_begin, q_end) (multiples of 4): acc_out[m,
+// n0 + i] for i < 16 and n0 + i < n_end is set (the first K chunk) or added to.
+template <int MT>
+BITNET_NEON_DOT void PanelTileNeonDot(const int8_t* x, int64_t kp, const int8_t* codes_q, int64_t q_begin,
+                                      int64_t q_end, int64_t n0, int64_t n_end, int64_t n_total, int32_t* acc_out) {
+  int32x4_t acc[MT][4];
+  for (int mi = 0; mi < MT; ++mi)
+    for (int v = 0; v < 4; ++v) acc[mi][v] = vdupq_n_s32(0);
+  for (int64_t q = q_begin; q < q_end; q += 4) {
+    int8x16_t xv[MT];
+    for (int mi = 0; mi < MT; ++mi) xv[mi] = vld1q_s8(x + mi * kp + 4 * q);
+    const int8_t* c_q = codes_q + q * kNeonPanelRows * 4;
+    PanelQuadNeonDot<MT, 0>(c_q, xv, acc);
+    PanelQuadNeonDot<MT, 1>(c_q + kNeonPanelRows * 4, xv, acc);
+    PanelQuadNeonDot<MT, 2>(c_q + 2 * kNeonPanelRows * 4, xv, acc);
+    PanelQuadNeonDot<MT, 3>(c_q + 3 * kNeonPanelRows * 4, xv, acc);
+  }
+  const int64_t valid = std::min<int64_t>(kNeonPanelRows, n_end - n0);
+  const bool first = q_begin == 0;
+  for (int mi = 0; mi < MT; ++mi) {
+    int32_t* out = acc_out + mi * n_total + n0;
+    for (int v = 0; v < 4; ++v) {
+      if (4 * v + 4 <= valid) {
+        const int32x4_t sum = first ? acc[mi][v] : vaddq_s32(acc[mi][v], vld1q_s32(out + 4 * v));
+        vst1q_s32(out + 4 * v, sum);
+      } else {
+        int32_t lanes[4];
+        vst1q_s32(lanes, acc[mi][v]);
+        for (int64_t i = 4 * v; i < valid; ++i) out[i] = first ? lanes[i - 4 * v] : out[i] + lanes[i - 4 * v];
+      }
+    }
+  }
 }
 
 // Up to 4 int8 rows against MT activation rows, 16 k at a time. sdot is signed x signed, so
@@ -163,6 +262,14 @@ struct TernaryTileNeon {
 };
 
 template <int MT>
+struct PanelTileNeonDotOp {
+  static void Run(const int8_t* x, const int32_t*, int32_t* acc, int64_t kp, const int8_t* codes_q,
+                  int64_t q_begin, int64_t q_end, int64_t n0, int64_t n_end, int64_t n_total) {
+    PanelTileNeonDot<MT>(x, kp, codes_q, q_begin, q_end, n0, n_end, n_total, acc);
+  }
+};
+
+template <int MT>
 struct Int8TileNeonDot {
   static void Run(const int8_t* x, const int32_t*, int32_t* acc, int64_t kp, const int8_t* w,
                   int64_t n0, int64_t n_rows, int64_t n_total) {
@@ -180,9 +287,29 @@ struct Int8TileNeon {
 
 }  // namespace
 
+int64_t TernaryGroupsPerTaskArm(Isa isa, int64_t rows) {
+  return isa == Isa::kNeonDot && rows >= kNeonPanelMinRows ? kNeonPanelGroups : 1;
+}
+
 void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                        const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                        int32_t* acc) {
+  const int64_t kp = kb * kBlockK;
+  // Prefill with sdot: panel by panel (see PanelTileNeonDot).
+  if (isa == Isa::kNeonDot && rows >= kNeonPanelMinRows) {
+    thread_local std::vector<int8_t> codes_storage;
+    int8_t* codes_q = CacheLineScratch(codes_storage, kNeonPanelRows * kp);
+    const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
+    for (int64_t g0 = g_begin; g0 < g_end; g0 += kNeonPanelGroups) {
+      UnpackPanelNeonDot(w, kb, g0, g_end, codes_q);
+      for (int64_t q0 = 0; q0 < kp / 4; q0 += kNeonPanelChunkQuads) {
+        ForRowTiles<PanelTileNeonDotOp, kNeonPanelTileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q, q0,
+                                                            std::min(kp / 4, q0 + kNeonPanelChunkQuads),
+                                                            g0 * kRowsPerGroup, n_end, n_total);
+      }
+    }
+    return;
+  }
   if (isa == Isa::kNeonDot)
     TernaryGroupsGemv<TernaryTileNeonDot>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
   else

@@ -79,7 +79,8 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
 void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
 #elif BITNET_JAX_ARM_SIMD
-// gemm_arm.cc; isa is kNeon or kNeonDot.
+// gemm_arm.cc; isa is kNeon or kNeonDot (TernaryGroupsPerTaskArm: any isa).
+int64_t TernaryGroupsPerTaskArm(Isa isa, int64_t rows);
 void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                        const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                        int32_t* acc);

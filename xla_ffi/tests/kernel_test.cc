@@ -38,8 +38,8 @@ struct Shape {
 const Shape kShapes[] = {
     {1, 1, 1},   {1, 256, 4},  {2, 255, 5},  {3, 257, 7},   {4, 512, 8},   {5, 300, 3},
     {7, 513, 9}, {8, 640, 13}, {9, 1000, 6}, {16, 768, 33}, {17, 777, 17}, {33, 2560, 11},
-    // Prefill panels (from 17 rows; 32 output rows, 12-row tiles, K in chunks of 1024): partial
-    // panels, tiles and chunks.
+    // Prefill panels (from 17 rows; AVX-512: 32 output rows, 12-row tiles; NEON sdot: 16 output
+    // rows, 4-row tiles; K in chunks of 1024): partial panels, tiles and chunks.
     {16, 1000, 70}, {18, 256, 32}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129},
     // One row past several int16 widening chunks (8 blocks on AVX2), N not a multiple of 4.
     {1, 4100, 7},
