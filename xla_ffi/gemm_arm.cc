@@ -7,11 +7,9 @@
 #include "gemm_paths.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "cpu_isa.h"
 #include "layout.h"
-#include "scratch.h"
 
 #if BITNET_JAX_ARM_SIMD
 
@@ -294,20 +292,10 @@ int64_t TernaryGroupsPerTaskArm(Isa isa, int64_t rows) {
 void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                        const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                        int32_t* acc) {
-  const int64_t kp = kb * kBlockK;
   // Prefill with sdot: panel by panel (see PanelTileNeonDot).
   if (isa == Isa::kNeonDot && rows >= kNeonPanelMinRows) {
-    thread_local std::vector<int8_t> codes_storage;
-    int8_t* codes_q = CacheLineScratch(codes_storage, kNeonPanelRows * kp);
-    const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
-    for (int64_t g0 = g_begin; g0 < g_end; g0 += kNeonPanelGroups) {
-      UnpackPanelNeonDot(w, kb, g0, g_end, codes_q);
-      for (int64_t q0 = 0; q0 < kp / 4; q0 += kNeonPanelChunkQuads) {
-        ForRowTiles<PanelTileNeonDotOp, kNeonPanelTileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q, q0,
-                                                            std::min(kp / 4, q0 + kNeonPanelChunkQuads),
-                                                            g0 * kRowsPerGroup, n_end, n_total);
-      }
-    }
+    TernaryPanels<PanelTileNeonDotOp, kNeonPanelTileRows, kNeonPanelRows, kNeonPanelChunkQuads>(
+        UnpackPanelNeonDot, x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
     return;
   }
   if (isa == Isa::kNeonDot)

@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "layout.h"
+#include "scratch.h"
 
 namespace bitnet {
 
@@ -50,6 +52,28 @@ void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, in
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
     ForRowTiles<Tile>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, g * kRowsPerGroup, n_total);
+  }
+}
+
+// Ternary prefill by panels of PanelRows output rows (whole groups) from group g_begin: each is
+// unpacked once by `unpack(w, kb, g0, g_end, codes_q)` into per-thread scratch in the order the
+// architecture's tile wants, then multiplied with every row tile of x by
+// Tile<MT>::Run(x, x_sum, acc, kp, codes_q, q_begin, q_end, n0, n_end, n_total), K in chunks of
+// ChunkQuads k-quads, so that a chunk of the panel's codes and of a tile's activations share L1.
+template <template <int> class Tile, int TileRows, int64_t PanelRows, int64_t ChunkQuads, typename Unpack>
+void TernaryPanels(Unpack unpack, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
+                   const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total, int32_t* acc) {
+  constexpr int64_t kGroups = PanelRows / kRowsPerGroup;
+  const int64_t kp = kb * kBlockK;
+  thread_local std::vector<int8_t> codes_storage;
+  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * kp);
+  const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kGroups) {
+    unpack(w, kb, g0, g_end, codes_q);
+    for (int64_t q0 = 0; q0 < kp / 4; q0 += ChunkQuads) {
+      ForRowTiles<Tile, TileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q, q0,
+                                  std::min(kp / 4, q0 + ChunkQuads), g0 * kRowsPerGroup, n_end, n_total);
+    }
   }
 }
 

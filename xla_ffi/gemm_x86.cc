@@ -6,11 +6,9 @@
 #include "gemm_paths.h"
 
 #include <algorithm>
-#include <vector>
 
 #include "cpu_isa.h"
 #include "layout.h"
-#include "scratch.h"
 
 #if BITNET_JAX_X86_SIMD
 
@@ -390,21 +388,10 @@ int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows) {
 void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                        const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total,
                        int32_t* acc) {
-  const int64_t kp = kb * kBlockK;
   // Prefill: panel by panel (see PanelTileAvx512).
   if (isa == Isa::kAvx512Vnni && rows >= kPanelMinRows) {
-    thread_local std::vector<int8_t> codes_storage;
-    int8_t* codes_q = CacheLineScratch(codes_storage, kPanelRows * kp);
-    const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
-    for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
-      UnpackPanelAvx512(w, kb, g0, g_end, codes_q);
-      // K in chunks, so that a chunk of the panel's codes and of a tile's activations share L1.
-      for (int64_t q0 = 0; q0 < kp / 4; q0 += kPanelChunkQuads) {
-        ForRowTiles<PanelTileAvx512Op, kPanelTileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q,
-                                                       q0, std::min(kp / 4, q0 + kPanelChunkQuads),
-                                                       g0 * kRowsPerGroup, n_end, n_total);
-      }
-    }
+    TernaryPanels<PanelTileAvx512Op, kPanelTileRows, kPanelRows, kPanelChunkQuads>(
+        UnpackPanelAvx512, x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
     return;
   }
   // Decode, and prefill on AVX2: the GEMV tiles.
