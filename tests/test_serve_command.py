@@ -30,6 +30,7 @@ def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "bitnet_jax.cli", "serve", "--model", str(folder), "--port", str(port)]
     command += ["--max-batch", "8", "--max-context", "128", "--model-name", "tiny"]  # test_server.py's shapes
+    command += ["--kv-cache-tokens", "512"]  # 4 requests of the whole context at once
     with open(tmp_path / "server.log", "w") as log:
         # cwd=tmp_path: from the repository root, `-m` would import the source checkout (which has no
         # compiled _ffi_ext) instead of the installed package.
@@ -40,7 +41,9 @@ def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
             assert server.poll() is None, (tmp_path / "server.log").read_text()
             assert time.monotonic() < deadline, "the server did not answer /health"
             try:
-                if httpx.get(url + "/health").status_code == 200:
+                health = httpx.get(url + "/health")
+                if health.status_code == 200:
+                    assert health.json()["kv_pages"] == 4  # pages of the 128-token context
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
