@@ -108,15 +108,19 @@ class KVCache(NamedTuple):
             return keys, values
         if rows.ndim == 1:
             return keys[rows], values[rows]
-        b, p = rows.shape
-        # [B, P, K, S, H] -> [B, K, P * S, H]: the pages of a row one after the other.
-        gather = lambda c: jnp.moveaxis(c[rows], 1, 2).reshape(b, c.shape[1], p * c.shape[2], c.shape[3])
-        return gather(keys), gather(values)
+        return join_pages(keys[rows], 1), join_pages(values[rows], 1)
 
     def row_slots(self, rows=None) -> int:
         """Slots per input row: S, or P * S with pages `rows` [B, P]."""
         s = self.k_lbksh.shape[3]
         return s if rows is None or rows.ndim == 1 else rows.shape[1] * s
+
+
+def join_pages(pages_: jax.Array, axis: int) -> jax.Array:
+    """A row's pages [..., P, K, S, ...] (P at `axis`) as the row [..., K, P * S, ...]: its pages
+    one after the other."""
+    row = jnp.moveaxis(pages_, axis, axis + 1)
+    return row.reshape(row.shape[: axis + 1] + (-1,) + row.shape[axis + 3 :])
 
 
 def page_slots(rows: jax.Array, slots_bt: jax.Array, page_len: int) -> tuple[jax.Array, jax.Array]:

@@ -59,7 +59,7 @@ import numpy as np
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
-from bitnet_jax.model.transformer import BitNetLM, KVCache, page_slots
+from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
 from bitnet_jax.serve.generate import (
     PREFILL_CHUNK,
     kv_cache_dtype,
@@ -642,12 +642,7 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
 def _row_prompt_part(cache: KVCache, pages_p, slots: int) -> KVCache:
     """The first `slots` slots of the row whose pages are `pages_p` [P]: [L, 1, K, slots(, H)] per array."""
 
-    def gather(c):  # [L, P, K, page_len, ...] -> [L, K, P * page_len, ...]
-        pages = jnp.moveaxis(c[:, pages_p], 1, 2)
-        row = pages.reshape(pages.shape[:2] + (-1,) + pages.shape[4:])
-        return row[:, None, :, :slots]
-
-    return jax.tree.map(gather, cache)
+    return jax.tree.map(lambda c: join_pages(c[:, pages_p], 1)[:, None, :, :slots], cache)
 
 
 def _write_row_prompt_part(cache: KVCache, pages_p, part: KVCache) -> KVCache:
