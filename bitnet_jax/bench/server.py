@@ -38,7 +38,7 @@ class ServeTiming:
     threads: int
     lm_head: str
     kv_cache: str
-    kv_cache_tokens: int = 0  # slots in the engine's page pool
+    kv_cache_tokens: int  # slots in the engine's page pool
 
 
 class IdTokenizer:
@@ -149,7 +149,7 @@ def bench_serve(
                     len(os.sched_getaffinity(0)),
                     lm_head,
                     kv_cache,
-                    engine.kv_pages * engine.page_len,
+                    engine.kv_cache_tokens,
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)

@@ -333,6 +333,11 @@ class Engine:
         release_freed_memory()  # what compiling the steps freed (some 100 MB glibc would keep)
         self.stats.clear()
 
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Slots in the page pool (the scratch page not counted)."""
+        return self.kv_pages * self.page_len
+
     def pages_needed(self, request: GenerationRequest) -> int:
         """Pool pages a request holds: its padded prompt (prefill writes the padding too) and
         every token of its reply."""

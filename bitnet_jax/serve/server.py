@@ -610,7 +610,7 @@ def serve(
     name = model_name or os.path.basename(os.path.normpath(model))
     print(
         f"Compiling the decode step for {max_batch} slots of up to {engine.max_context} tokens "
-        f"({engine.kv_pages * engine.page_len} KV cache slots)...",
+        f"({engine.kv_cache_tokens} KV cache slots)...",
         flush=True,
     )
     engine.start()
