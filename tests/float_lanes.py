@@ -1,5 +1,5 @@
-"""The float order of xla_ffi/gemm.h's kernels that return float sums of scaled group sums (the int4
-lm_head, ternary with group scales), written out in numpy for tests to compare them with, bit for bit.
+"""The float order of xla_ffi/gemm.h's int4 lm_head kernel (Int4GemmF32), a float sum of scaled
+group sums, written out in numpy for tests to compare it with, bit for bit.
 
 Every kernel path keeps 8 float lanes, lane l the exact integer sum of a group's products at
 k % 32 in [4l, 4l + 4); it adds each group's scaled lanes in turn (product and sum each rounded in

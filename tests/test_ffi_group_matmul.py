@@ -3,9 +3,9 @@ multiple of 64): references written here, the XLA path, and group:G models serve
 
 The kernel's result is a float sum of scaled integer group sums, so "exact" has two parts, as for
 the int4 lm_head (tests/test_int4_head.py):
-  * every kernel path adds the same terms in the one order of xla_ffi/gemm.h
-    (TernaryGroupGemmF32), which `_dot_in_kernel_order` writes out in numpy float32 steps: equal
-    bit for bit, on any CPU;
+  * every kernel path (the GEMV tiles, the AVX-512 prefill panels) adds the same terms in the one
+    order of xla_ffi/gemm.h (TernaryGroupGemmF32: group after group), which `_dot_in_kernel_order`
+    writes out in numpy float32 steps: equal bit for bit, on any CPU;
   * with power-of-two scales small enough that no float step rounds, the result is the exact
     integer product.
 The XLA path sums per-group products in XLA's own order; it is checked against the kernel with a
@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from float_lanes import lane_sums, sum_in_lane_order
 from near_ties import assert_packed_matches_fake_quant
 
 from bitnet_jax.errors import BitNetError
@@ -30,7 +29,8 @@ F32_EPS = 2.0**-24  # float32 unit roundoff
 
 # (M, K, N, G): one group and many; groups across 256-wide blocks (320 = 5 strips) and K past the
 # last block's end; one activation row (decode: 4 weight rows at a time) and tiles of 2-4 rows;
-# N not a multiple of the 4-row group; a group of 4096 inputs, past the AVX2 kernel's int16 widening.
+# N not a multiple of the 4-row group; a group of 4096 inputs, past the AVX2 kernel's int16 widening;
+# 17 rows and more (AVX-512: the prefill panels), over two 32-row panels and part of a third.
 SHAPES = [
     (1, 64, 1, 64),
     (1, 320, 5, 64),
@@ -40,6 +40,7 @@ SHAPES = [
     (1, 2560, 13, 64),
     (17, 640, 11, 128),
     (2, 4096, 4, 4096),
+    (33, 1280, 70, 64),
 ]
 
 
@@ -47,20 +48,33 @@ def _ternary(rng, n, k):
     return rng.integers(-1, 2, size=(n, k)).astype(np.int8)
 
 
+def _group_sums(x_q, t, group: int):
+    """p [M, N, K / group]: the exact int64 group sums of x_q [M, K] times t [N, K]."""
+    prod = np.asarray(x_q, np.int64)[:, None, :] * np.asarray(t, np.int64)[None]  # [M, N, K]
+    return prod.reshape(prod.shape[0], prod.shape[1], -1, group).sum(-1)
+
+
 def _dot_in_kernel_order(x_q, t, scale_cn):
-    """xla_ffi/gemm.h's TernaryGroupGemmF32, in numpy float32 steps (tests/float_lanes.py)."""
-    return sum_in_lane_order(lane_sums(x_q, t, x_q.shape[1] // scale_cn.shape[0]), np.asarray(scale_cn).T)
+    """xla_ffi/gemm.h's TernaryGroupGemmF32 in numpy float32 steps: d = 0, then for each group c in
+    order d = d + float(p[c]) * scale[c] (product and sum each rounded). |p| <= 4096 * 128 < 2^24:
+    its conversion to float32 is exact."""
+    p = _group_sums(x_q, t, x_q.shape[1] // scale_cn.shape[0])
+    scale = np.asarray(scale_cn, np.float32)
+    d = np.zeros(p.shape[:2], np.float32)
+    for c in range(p.shape[2]):
+        d = d + p[:, :, c].astype(np.float32) * scale[c][None]
+    return d
 
 
 def _order_bound(x_q, t, scale_cn, x_scale):
     """How far two float32 sums of the same scaled group sums, in different orders, may be apart.
-    The kernel's lane products round once and its sums of C groups and then 8 lanes at most C + 3
-    times per term; XLA's per-group products round once and any order of C terms rounds at most
-    C - 1 times. Each rounding is at most u of the running sum, itself at most T = sum_k |t x_q|
-    |scale| (the terms' magnitudes); then both multiply by 1 / x_scale (one more rounding each,
-    at most u of the result, which is at most T / x_scale)."""
+    Each of the C terms rounds once when scaled, and any order of C terms rounds at most C - 1
+    times (the kernel's and XLA's alike). Each rounding is at most u of the running sum, itself at
+    most T = sum_k |t x_q| |scale| (the terms' magnitudes); then both multiply by 1 / x_scale (one
+    more rounding each, at most u of the result, which is at most T / x_scale). 2C + 10 units of
+    T covers both sides with room."""
     group = x_q.shape[1] // scale_cn.shape[0]
-    p = lane_sums(np.abs(x_q), np.abs(t), group).sum(-1)  # [M, N, C]: sum_k |t x_q| per group
+    p = _group_sums(np.abs(x_q), np.abs(t), group)  # [M, N, C]: sum_k |t x_q| per group
     magnitude = (p * np.abs(np.asarray(scale_cn, np.float64)).T[None]).sum(-1)
     return (2 * scale_cn.shape[0] + 10) * F32_EPS * magnitude / np.asarray(x_scale, np.float64).reshape(-1, 1)
 

@@ -95,6 +95,16 @@ void Int8RowsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t
 // holds (the scalar twins, in gemm.cc, take kScalar and every path IsaBuilt says is absent).
 
 #if BITNET_JAX_X86_SIMD
+// The AVX-512 prefill panels (gemm_x86.cc), which the group-scale kernel (ternary_group_gemm.cc)
+// shares: panels of kAvx512PanelRows output rows, taken from kAvx512PanelMinRows activation rows.
+// UnpackPanelAvx512 writes codes_q [kb * kBlockK / 4][kAvx512PanelRows][4] int8: for every k-quad,
+// the 4 codes (t + 1) of each output row of row groups g0 .. g0 + 7; rows at or past g_end get
+// code 1 (t = 0).
+constexpr int64_t kAvx512PanelRows = 32;
+constexpr int64_t kAvx512PanelMinRows = 17;
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void UnpackPanelAvx512(
+    const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int8_t* codes_q);
+
 // gemm_x86.cc; isa is kAvx2 or kAvx512Vnni (TernaryGroupsPerTaskX86: any isa).
 int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows);
 void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,

@@ -214,14 +214,14 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
 // broadcasts one quad of activations per x row and accumulates 16 whole outputs per register:
 // no horizontal sums, and results leave as vector stores. Per quad step: 2 code loads and MT
 // broadcasts feed 2 * MT vpdpbusd.
-constexpr int64_t kPanelRows = 32;
+constexpr int64_t kPanelRows = kAvx512PanelRows;  // gemm_paths.h
 constexpr int64_t kPanelGroups = kPanelRows / kRowsPerGroup;
 constexpr int kPanelTileRows = 12;  // 2 x 12 accumulators + 2 code registers
 // AVX2 has no panel path: both it and the GEMV tiles issue a maddubs and an int16 add per 32
 // multiply-adds, and a maddubs panel kernel was no faster (benchmarks/RESULTS.md).
 // Fewer activation rows take the GEMV tiles, which need no unpacking: on the Xeon they are the
 // faster up to 16 rows, the panels from 24.
-constexpr int64_t kPanelMinRows = 17;
+constexpr int64_t kPanelMinRows = kAvx512PanelMinRows;
 // K chunk: 32 x 1024 codes + 12 x 1024 activations = 44 KB, within a 48 KB L1.
 constexpr int64_t kPanelChunkQuads = 256;
 
@@ -250,10 +250,13 @@ BITNET_AVX512 inline void Transpose16x16(__m512i r[16]) {
   }
 }
 
+}  // namespace
+
 // codes_q: [kp / 4][kPanelRows][4] int8. Packed dword d of a row block holds, at shift 2j, the
 // codes of quad 16j + d of the block; transposing 16 rows' blocks puts dword d of every row in
 // one register, which shifted and masked is that quad for 16 output rows. Rows at or past group
-// `g_end` get code 1 (t = 0); their outputs are never stored.
+// `g_end` get code 1 (t = 0); their outputs are never stored. (Declared in gemm_paths.h: the
+// group-scale kernel unpacks its panels with it too.)
 BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
                                      int8_t* codes_q) {
   const __m512i mask = _mm512_set1_epi8(3);
@@ -276,6 +279,8 @@ BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, i
     }
   }
 }
+
+namespace {
 
 // MT activation rows x one panel, over the k-quads [q_begin, q_end): acc_out[m, n0 + i] for
 // i < 32 and n0 + i < n_end is set (first K chunk: minus x_sum[m], for t = code - 1) or added to.

@@ -301,13 +301,17 @@ void ScaleByInverse(float* y, const float* x_scale, int64_t rows, int64_t n, int
 void RunTernaryGroup(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
                      const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t n, float* y,
                      const float* x_scale = nullptr) {
-  thread_local std::vector<int32_t> lane_storage;  // read by the pool's threads while this call waits
-  lane_storage.resize(rows * groups * kFloatLanes);
-  TernaryGroupLaneSums(xq.q, rows, kb * kBlockK, group_k, groups, lane_storage.data());
-  const int32_t* x_lane = lane_storage.data();
-  ParallelFor(pool, CeilDiv(n, kRowsPerGroup), kMinGroupsPerChunk, [&](int64_t begin, int64_t end) {
-    TernaryGroupGemmF32(isa, xq.q, x_lane, rows, kb, w, w_scale, group_k, groups, begin, end, n, y);
-    if (x_scale != nullptr) ScaleByInverse(y, x_scale, rows, n, begin * kRowsPerGroup, std::min(n, end * kRowsPerGroup));
+  thread_local std::vector<int32_t> x_group_storage;  // read by the pool's threads while this call waits
+  x_group_storage.resize(groups * rows);
+  TernaryGroupSums(xq.q, rows, kb * kBlockK, group_k, groups, x_group_storage.data());
+  const int32_t* x_group = x_group_storage.data();
+  const int64_t row_groups = CeilDiv(n, kRowsPerGroup);
+  // Chunks of whole tasks (the kernel's own unit of output rows), at least kMinGroupsPerChunk groups.
+  const int64_t task = TernaryGroupGemmGroupsPerTask(isa, rows);
+  ParallelFor(pool, CeilDiv(row_groups, task), CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
+    const int64_t g_begin = begin * task, g_end = std::min(row_groups, end * task);
+    TernaryGroupGemmF32(isa, xq.q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n, y);
+    if (x_scale != nullptr) ScaleByInverse(y, x_scale, rows, n, g_begin * kRowsPerGroup, std::min(n, g_end * kRowsPerGroup));
   });
 }
 

@@ -2,33 +2,36 @@
 // a scalar twin, AVX2 and AVX-512 VNNI on x86-64, and NEON with the dot-product extension on
 // aarch64 (plain NEON takes the scalar twin).
 //
-// A row's dot product is a float sum of exact per-group integer sums times the group's scale. As in
-// the int4 kernel, every path keeps the same 8 float lanes, lane l holding the products at
-// k % 32 in [4l, 4l + 4) of a group, and adds them in gemm.h's order with no fused multiply-adds
-// (this file is built with -ffp-contract=off): the paths agree bit for bit, so a result never
-// depends on the CPU, the batch or the thread count.
+// A row's dot product is a float sum, group after group, of exact integer group sums times the
+// group's scale, with no fused multiply-adds (this file is built with -ffp-contract=off): the paths
+// agree bit for bit, so a result never depends on the CPU, the batch or the thread count.
+// Codes are t + 1, so the integer sums are sum (t + 1) * x; subtracting the group's sum of x
+// (x_group, computed once per call) leaves sum t * x exactly.
 //
-// A group is whole 64-weight strips of a row block (layout.h: the block shifted right by 2j and
-// masked holds the codes of k = 64j .. 64j + 63). On AVX2 a strip is two 32-code halves, each a
-// maddubs with 32 activations, and one madd of the int16 sums gives the 8 lanes. On AVX-512 a
-// strip is one vpdpbusd of 64 codes into 16 int32 lanes, and lanes l and l + 8 add up to lane l.
-// With NEON sdot a strip is four 16-code quarters, each 4 lanes of 4 products: quarters 0 and 2
-// give lanes 0..3, quarters 1 and 3 lanes 4..7.
-// Codes are t + 1, so the integer sums are sum (t + 1) * x; subtracting the lane's sum of x
-// (x_lane, computed once per call) leaves sum t * x exactly.
+// GEMV tiles (decode, and prefill where no panel path exists): a group is whole 64-weight strips
+// of a row block (layout.h: the block shifted right by 2j and masked holds the codes of
+// k = 64j .. 64j + 63). On AVX2 a strip is two 32-code halves, each a maddubs with 32
+// activations; on AVX-512 one vpdpbusd of 64 codes; with NEON sdot four 16-code quarters. Each
+// output keeps its integer lanes through a group; at the group's end a tile's (up to) 4 outputs
+// are summed across lanes together (integer, so in any order) and scaled in one 4-lane float step.
+// One activation row takes the 4 rows of a row group together, front to back, as one stream; more
+// activation rows take one weight row at a time with a tile of up to 4 of them.
 //
-// Decode (one activation row) reads the 4 rows of a row group together, front to back, as one
-// stream; more activation rows take one weight row at a time with a tile of up to 4 of them, each
-// unpacked strip shared by the tile.
+// Prefill on AVX-512 (from kAvx512PanelMinRows activation rows): the per-tensor kernel's 32-row
+// panels (gemm_x86.cc's unpacking), whose vpdpbusd lanes are whole outputs, so a group's scaling
+// is one subtraction, conversion, multiply and add per 16 outputs.
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "layout.h"
 
 #if BITNET_JAX_X86_SIMD
+#include "gemm_paths.h"
+#include "scratch.h"
 #include "x86_simd.h"
 #elif BITNET_JAX_ARM_SIMD
 #include <arm_neon.h>
@@ -40,10 +43,6 @@ namespace {
 
 constexpr int64_t kStripK = kBlockK / 4;  // weights per strip: a row block shifted by 2j and masked
 static_assert(kTernaryGroupAlign == kStripK, "a group is whole strips");
-static_assert(kStripK % 32 == 0, "a strip holds whole sets of the 8 lanes of 4 inputs");
-
-// Lane of input k within its group: every path's lane l holds k % 32 in [4l, 4l + 4).
-constexpr int LaneOf(int64_t k) { return static_cast<int>((k % 32) / 4); }
 
 // ---------------------------------------------------------------------------------------------
 // Scalar twin: the layout and gemm.h's order read literally.
@@ -57,18 +56,17 @@ void TernaryGroupScalar(const int8_t* x_q, int64_t rows, int64_t kb, const uint8
       const int64_t n = g * kRowsPerGroup + r;
       if (n >= n_total) break;
       for (int64_t m = 0; m < rows; ++m) {
-        float lane[kFloatLanes] = {};
+        float d = 0.0f;
         for (int64_t c = 0; c < groups; ++c) {
-          int32_t p[kFloatLanes] = {};
+          int32_t p = 0;
           for (int64_t k = c * group_k; k < (c + 1) * group_k; ++k) {
             const uint8_t* block = w + (g * kb + k / kBlockK) * kGroupBlockBytes + r * kBlockBytes;
             const int32_t t = ((block[CodeByte(k % kBlockK)] >> CodeShift(k % kBlockK)) & 3) - 1;
-            p[LaneOf(k)] += t * x_q[m * kp + k];
+            p += t * x_q[m * kp + k];
           }
-          const float scale = w_scale[c * n_total + n];
-          for (int l = 0; l < kFloatLanes; ++l) lane[l] = lane[l] + static_cast<float>(p[l]) * scale;
+          d = d + static_cast<float>(p) * w_scale[c * n_total + n];
         }
-        dot[m * n_total + n] = SumFloatLanes(lane);
+        dot[m * n_total + n] = d;
       }
     }
   }
@@ -76,22 +74,19 @@ void TernaryGroupScalar(const int8_t* x_q, int64_t rows, int64_t kb, const uint8
 
 #if BITNET_JAX_X86_SIMD || BITNET_JAX_ARM_SIMD
 
-// The operands of one tile: R weight rows of a row group (from row r0) against MT activation rows.
+// The operands of one GEMV tile: R weight rows of a row group (from row r0) against MT activation
+// rows, R * MT <= 4 outputs; output o = r * MT + mi (R or MT is 1).
 struct GroupTile {
   const int8_t* x;        // the tile's first activation row; rows kp apart
   int64_t kp;
-  const int32_t* x_lane;  // the tile's first row of x_lane [rows, groups, 8]
+  const int32_t* x_group; // x_group + m0: group c of the tile's row mi at [c * rows + mi]
+  int64_t rows;
   const uint8_t* w_rows;  // row r0's first block in its row group: w_g + r0 * kBlockBytes
   const float* scale;     // w_scale + n0 (n0 = the tile's first output row); groups n_total apart
   int64_t valid_rows;     // of the R weight rows, those below n_total
   int64_t group_k, groups, n_total;
   float* dot;             // dot + m0 * n_total + n0; rows n_total apart
 };
-
-// The tile's scale of weight row r for group c (0 for padding rows, whose outputs are dropped).
-inline float ScaleOf(const GroupTile& t, int r, int64_t c) {
-  return r < t.valid_rows ? t.scale[c * t.n_total + r] : 0.0f;
-}
 
 constexpr int64_t kPrefetchBytes = 2048;
 
@@ -100,7 +95,7 @@ constexpr int64_t kPrefetchBytes = 2048;
 // activation rows, after prefetching the next group (each pass over a row reads 64 of every 256
 // bytes, which the hardware prefetcher does not follow).
 template <template <int, int> class Tile>
-void TernaryGroupRows(const int8_t* x_q, const int32_t* x_lane, int64_t rows, int64_t kb, const uint8_t* w,
+void TernaryGroupRows(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb, const uint8_t* w,
                       const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin, int64_t g_end,
                       int64_t n_total, float* dot) {
   const int64_t kp = kb * kBlockK;
@@ -109,15 +104,15 @@ void TernaryGroupRows(const int8_t* x_q, const int32_t* x_lane, int64_t rows, in
     const int64_t n0 = g * kRowsPerGroup;
     const int64_t valid = std::min<int64_t>(kRowsPerGroup, n_total - n0);
     if (rows == 1) {
-      Tile<kRowsPerGroup, 1>::Run({x_q, kp, x_lane, w_g, w_scale + n0, valid, group_k, groups, n_total, dot + n0});
+      Tile<kRowsPerGroup, 1>::Run({x_q, kp, x_group, rows, w_g, w_scale + n0, valid, group_k, groups, n_total, dot + n0});
       continue;
     }
     const uint8_t* next = w_g + kb * kGroupBlockBytes;
     for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) __builtin_prefetch(next + line);
     for (int64_t r = 0; r < valid; ++r) {
       for (int64_t m = 0; m < rows; m += 4) {
-        const GroupTile t{x_q + m * kp, kp, x_lane + m * groups * kFloatLanes, w_g + r * kBlockBytes,
-                          w_scale + n0 + r, 1, group_k, groups, n_total, dot + m * n_total + n0 + r};
+        const GroupTile t{x_q + m * kp, kp, x_group + m, rows, w_g + r * kBlockBytes, w_scale + n0 + r, 1,
+                          group_k, groups, n_total, dot + m * n_total + n0 + r};
         switch (std::min<int64_t>(4, rows - m)) {
           case 1: Tile<1, 1>::Run(t); break;
           case 2: Tile<1, 2>::Run(t); break;
@@ -133,40 +128,74 @@ void TernaryGroupRows(const int8_t* x_q, const int32_t* x_lane, int64_t rows, in
 
 #if BITNET_JAX_X86_SIMD
 
+// ---------------------------------------------------------------------------------------------
+// x86-64 GEMV tiles. Their group step works on 4 outputs in the lanes of one __m128: the 128-bit
+// helpers below are inlined by both targets.
+
+// The 8 int32 lanes of each of a, b, c, d summed: [sum a, sum b, sum c, sum d] (exact).
+BITNET_AVX2_SHARED inline __m128i Sum4(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+// The first `count` of 4 lanes set (count 0..4).
+BITNET_AVX2_SHARED inline __m128i FirstLanes(int64_t count) {
+  return _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int32_t>(count)), _mm_setr_epi32(0, 1, 2, 3));
+}
+
+// Group c's sums of x for the tile's outputs: one activation row for all 4 weight rows (R = 4),
+// or the MT rows' own (R = 1; lanes past MT are not read).
+template <int R, int MT>
+BITNET_AVX2_SHARED inline __m128i GroupXSums(const GroupTile& t, int64_t c) {
+  if constexpr (R > 1) {
+    return _mm_set1_epi32(t.x_group[c * t.rows]);
+  } else if constexpr (MT == 4) {
+    return _mm_loadu_si128(reinterpret_cast<const __m128i*>(t.x_group + c * t.rows));
+  } else {
+    return _mm_maskload_epi32(t.x_group + c * t.rows, FirstLanes(MT));
+  }
+}
+
+// Group c's scales for the tile's outputs: the R weight rows' (R = 4; 0 for rows past valid_rows,
+// whose outputs are dropped), or the one row's for every activation row (R = 1).
+template <int R, int MT>
+BITNET_AVX2_SHARED inline __m128 GroupScales(const GroupTile& t, int64_t c, __m128i valid_lanes) {
+  if constexpr (R > 1) {
+    return _mm_maskload_ps(t.scale + c * t.n_total, valid_lanes);
+  } else {
+    return _mm_set1_ps(t.scale[c * t.n_total]);
+  }
+}
+
+// gemm.h's step for group c on the tile's 4 outputs: d + float(sum_code_x - x_sum) * scale, where
+// sum_code_x holds the outputs' sums of code * x (code = t + 1) and x_sum their sums of x.
+BITNET_AVX2_SHARED inline __m128 AddScaledGroup(__m128 d, __m128i sum_code_x, __m128i x_sum, __m128 scale) {
+  return _mm_add_ps(d, _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sum_code_x, x_sum)), scale));
+}
+
+// The tile's outputs (rows below valid_rows) into dot.
+template <int R, int MT>
+BITNET_AVX2_SHARED inline void StoreDots(const GroupTile& t, __m128 d) {
+  alignas(16) float out[4];
+  _mm_store_ps(out, d);
+  for (int r = 0; r < R && r < t.valid_rows; ++r)
+    for (int mi = 0; mi < MT; ++mi) t.dot[mi * t.n_total + r] = out[r * MT + mi];
+}
+
 // Strips between two widenings of AVX2's int16 sums: per strip, a lane adds two maddubs results of
 // magnitude at most 2 * 2 * 128 = 512.
 constexpr int64_t kAvx2WidenStrips = 32;
 static_assert(kAvx2WidenStrips * 2 * 512 <= 32768, "int16 partial sums must not overflow");
 
-// gemm.h's step for group c on 8 lanes: lane + float(sum_code_x - x_lane) * scale, where
-// sum_code_x holds the lanes' sums of code * x (code = t + 1) and x_lane their sums of x.
-BITNET_AVX2_SHARED inline __m256 AddScaledGroup(__m256 lane, __m256i sum_code_x, const int32_t* x_lane, __m256 scale) {
-  const __m256i p = _mm256_sub_epi32(sum_code_x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_lane)));
-  return _mm256_add_ps(lane, _mm256_mul_ps(_mm256_cvtepi32_ps(p), scale));
-}
-
-// Each tile output's 8 lanes summed in gemm.h's order into dot (rows below valid_rows only).
-template <int R, int MT>
-BITNET_AVX2_SHARED inline void StoreDots(const GroupTile& t, const __m256 (&lane)[R][MT]) {
-  alignas(32) float lanes[kFloatLanes];
-  for (int r = 0; r < R && r < t.valid_rows; ++r)
-    for (int mi = 0; mi < MT; ++mi) {
-      _mm256_store_ps(lanes, lane[r][mi]);
-      t.dot[mi * t.n_total + r] = SumFloatLanes(lanes);
-    }
-}
-
 template <int R, int MT>
 BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
+  static_assert(R * MT <= 4, "a tile's group step takes 4 outputs");
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i part[R][MT], acc[R][MT];
-  __m256 lane[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int mi = 0; mi < MT; ++mi) {
-      part[r][mi] = acc[r][mi] = _mm256_setzero_si256();
-      lane[r][mi] = _mm256_setzero_ps();
-    }
+  const __m128i valid_lanes = FirstLanes(t.valid_rows);
+  __m256i part[4], acc[4];  // output o = r * MT + mi; those past R * MT stay 0
+  for (int o = 0; o < 4; ++o) part[o] = acc[o] = _mm256_setzero_si256();
+  __m128 d = _mm_setzero_ps();
   const int64_t strips_per_group = t.group_k / kStripK, strips = t.groups * strips_per_group;
   int64_t c = 0, in_group = 0;
   for (int64_t s0 = 0; s0 < strips; s0 += 4) {
@@ -187,50 +216,50 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
         for (int r = 0; r < R; ++r) {
           const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + r * kBlockBytes + 32 * h));
           const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(packed, 2 * j), mask);
-          for (int mi = 0; mi < MT; ++mi) MaddubsAdd(part[r][mi], codes, xv[mi]);
+          for (int mi = 0; mi < MT; ++mi) MaddubsAdd(part[r * MT + mi], codes, xv[mi]);
         }
       }
       const bool group_end = ++in_group == strips_per_group;
       if (group_end || in_group % kAvx2WidenStrips == 0) {
-        for (int r = 0; r < R; ++r)
-          for (int mi = 0; mi < MT; ++mi) {
-            acc[r][mi] = _mm256_add_epi32(acc[r][mi], _mm256_madd_epi16(part[r][mi], ones));
-            part[r][mi] = _mm256_setzero_si256();
-          }
+        for (int o = 0; o < R * MT; ++o) {
+          acc[o] = _mm256_add_epi32(acc[o], _mm256_madd_epi16(part[o], ones));
+          part[o] = _mm256_setzero_si256();
+        }
       }
       if (group_end) {
-        for (int r = 0; r < R; ++r) {
-          const __m256 scale = _mm256_set1_ps(ScaleOf(t, r, c));
-          for (int mi = 0; mi < MT; ++mi) {
-            lane[r][mi] = AddScaledGroup(lane[r][mi], acc[r][mi], t.x_lane + (mi * t.groups + c) * kFloatLanes, scale);
-            acc[r][mi] = _mm256_setzero_si256();
-          }
-        }
+        d = AddScaledGroup(d, Sum4(acc[0], acc[1], acc[2], acc[3]), GroupXSums<R, MT>(t, c),
+                           GroupScales<R, MT>(t, c, valid_lanes));
+        for (int o = 0; o < R * MT; ++o) acc[o] = _mm256_setzero_si256();
         ++c;
         in_group = 0;
       }
     }
   }
-  StoreDots<R, MT>(t, lane);
+  StoreDots<R, MT>(t, d);
 }
 
-// More than one activation row: R = 1 weight row (one row's decode takes GroupDecodeAvx512).
+// The 16 int32 lanes of v added in pairs (l and l + 8) into 8: the same total.
+BITNET_AVX512 inline __m256i Fold16(__m512i v) {
+  return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+}
+
 template <int R, int MT>
 BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
-  static_assert(R == 1, "the 4 rows of a group at one activation row take GroupDecodeAvx512");
+  static_assert(R * MT <= 4, "a tile's group step takes 4 outputs");
   const __m512i mask = _mm512_set1_epi8(3);
-  __m512i acc[R][MT];
-  __m256 lane[R][MT];
-  for (int r = 0; r < R; ++r)
-    for (int mi = 0; mi < MT; ++mi) {
-      acc[r][mi] = _mm512_setzero_si512();
-      lane[r][mi] = _mm256_setzero_ps();
-    }
+  const __m128i valid_lanes = FirstLanes(t.valid_rows);
+  __m512i acc[4];  // output o = r * MT + mi; those past R * MT stay 0
+  for (int o = 0; o < 4; ++o) acc[o] = _mm512_setzero_si512();
+  __m128 d = _mm_setzero_ps();
   const int64_t strips_per_group = t.group_k / kStripK, strips = t.groups * strips_per_group;
   int64_t c = 0, in_group = 0;
   for (int64_t s0 = 0; s0 < strips; s0 += 4) {
     const uint8_t* block = t.w_rows + (s0 / 4) * kGroupBlockBytes;
-    const int8_t* x_b = t.x + (s0 / 4) * kBlockK;  // (the caller prefetches the row group)
+    const int8_t* x_b = t.x + (s0 / 4) * kBlockK;
+    if (R == kRowsPerGroup) {
+      for (int line = 0; line < 4; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64 * line), _MM_HINT_T0);
+    }
     __m512i packed[R];
     for (int r = 0; r < R; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
 #pragma GCC unroll 4
@@ -241,83 +270,18 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
       for (int r = 0; r < R; ++r) {
         const __m512i codes = _mm512_and_si512(packed[r], mask);
         packed[r] = _mm512_srli_epi16(packed[r], 2);
-        for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[r][mi], codes, xv[mi]);
+        for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[r * MT + mi], codes, xv[mi]);
       }
       if (++in_group == strips_per_group) {
-        for (int r = 0; r < R; ++r) {
-          const __m256 scale = _mm256_set1_ps(ScaleOf(t, r, c));
-          for (int mi = 0; mi < MT; ++mi) {
-            // Lanes l and l + 8 hold k % 64 in [4l, 4l + 4) and [32 + 4l, 32 + 4l + 4): lane l of gemm.h.
-            const __m256i sum8 =
-                _mm256_add_epi32(_mm512_castsi512_si256(acc[r][mi]), _mm512_extracti64x4_epi64(acc[r][mi], 1));
-            lane[r][mi] = AddScaledGroup(lane[r][mi], sum8, t.x_lane + (mi * t.groups + c) * kFloatLanes, scale);
-            acc[r][mi] = _mm512_setzero_si512();
-          }
-        }
+        const __m128i sums = Sum4(Fold16(acc[0]), Fold16(acc[1]), Fold16(acc[2]), Fold16(acc[3]));
+        d = AddScaledGroup(d, sums, GroupXSums<R, MT>(t, c), GroupScales<R, MT>(t, c, valid_lanes));
+        for (int o = 0; o < R * MT; ++o) acc[o] = _mm512_setzero_si512();
         ++c;
         in_group = 0;
       }
     }
   }
-  StoreDots<R, MT>(t, lane);
-}
-
-// Decode (one activation row, the 4 rows of a group): as GroupTileAvx512<4, 1>, with each group's
-// scaling done on two rows per register. Two rows' 16-lane sums fold into one register (lanes l and
-// l + 8 of each row added: its 8 lanes of gemm.h, row a in the low half, row b in the high half),
-// so the subtraction, conversion, scaling and addition run once per two rows, and the 4 rows'
-// scales come in one load.
-BITNET_AVX512 void GroupDecodeAvx512(const GroupTile& t) {
-  const __m512i mask = _mm512_set1_epi8(3);
-  const __m512i low_pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  const __m512i high_pair = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-  const __mmask8 valid = static_cast<__mmask8>((1u << t.valid_rows) - 1);
-  __m512i acc[kRowsPerGroup];
-  __m512 lane[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // rows (0, 1) and (2, 3)
-  for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm512_setzero_si512();
-  const int64_t strips_per_group = t.group_k / kStripK, strips = t.groups * strips_per_group;
-  int64_t c = 0, in_group = 0;
-  for (int64_t s0 = 0; s0 < strips; s0 += 4) {
-    const uint8_t* block = t.w_rows + (s0 / 4) * kGroupBlockBytes;
-    const int8_t* x_b = t.x + (s0 / 4) * kBlockK;
-    for (int line = 0; line < 4; ++line)
-      _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64 * line), _MM_HINT_T0);
-    __m512i packed[kRowsPerGroup];
-    for (int r = 0; r < kRowsPerGroup; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      if (s0 + j == strips) break;
-      const __m512i xv = _mm512_loadu_si512(x_b + kStripK * j);
-      for (int r = 0; r < kRowsPerGroup; ++r) {
-        const __m512i codes = _mm512_and_si512(packed[r], mask);
-        packed[r] = _mm512_srli_epi16(packed[r], 2);
-        Dpbusd(acc[r], codes, xv);
-      }
-      if (++in_group == strips_per_group) {
-        const __m512i x_lane = _mm512_broadcast_i64x4(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.x_lane + c * kFloatLanes)));
-        const __m512 scales = _mm512_castps128_ps512(_mm_maskz_loadu_ps(valid, t.scale + c * t.n_total));
-        for (int pair = 0; pair < 2; ++pair) {
-          const __m512i a = acc[2 * pair], b = acc[2 * pair + 1];
-          const __m512i sum8 = _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
-          const __m512 scale = _mm512_permutexvar_ps(pair == 0 ? low_pair : high_pair, scales);
-          const __m512 p = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum8, x_lane));
-          lane[pair] = _mm512_add_ps(lane[pair], _mm512_mul_ps(p, scale));
-        }
-        for (int r = 0; r < kRowsPerGroup; ++r) acc[r] = _mm512_setzero_si512();
-        ++c;
-        in_group = 0;
-      }
-    }
-  }
-  alignas(64) float lanes[2 * kFloatLanes];
-  for (int pair = 0; pair < 2; ++pair) {
-    _mm512_store_ps(lanes, lane[pair]);
-    for (int half = 0; half < 2; ++half) {
-      const int r = 2 * pair + half;
-      if (r < t.valid_rows) t.dot[r] = SumFloatLanes(lanes + kFloatLanes * half);
-    }
-  }
+  StoreDots<R, MT>(t, d);
 }
 
 template <int R, int MT>
@@ -327,14 +291,106 @@ struct Avx2Tile {
 
 template <int R, int MT>
 struct Avx512Tile {
-  static void Run(const GroupTile& t) {
-    if constexpr (R == kRowsPerGroup && MT == 1) {
-      GroupDecodeAvx512(t);
-    } else {
-      GroupTileAvx512<R, MT>(t);
+  static void Run(const GroupTile& t) { GroupTileAvx512<R, MT>(t); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 prefill: the 32-row panels of the per-tensor kernel (UnpackPanelAvx512, gemm_paths.h),
+// whose register lanes are 16 whole outputs. A tile of MT activation rows keeps, per row, two
+// int32 registers for the group in progress and two float registers for d; at each group's end
+// the group sums are scaled into d, 16 outputs per step.
+
+constexpr int kGroupPanelTileRows = 6;  // 6 x (2 int + 2 float) accumulators + 2 codes + 2 scales
+// K chunk: whole groups of about 256 k-quads, whose 32 KB of panel codes and a tile's 6 KB of
+// activations stay in L1 while every tile passes over them (d goes through dot between chunks).
+constexpr int64_t kGroupPanelChunkQuads = 256;
+
+struct GroupPanel {
+  const int8_t* x;        // the tile's first activation row; rows kp apart
+  int64_t kp;
+  const int32_t* x_group; // x_group + m0: group c of the tile's row mi at [c * rows + mi]
+  int64_t rows;
+  const int8_t* codes_q;  // the unpacked panel
+  const float* scale;     // w_scale + n0; groups n_total apart
+  int64_t n_total;
+  int64_t group_q;        // k-quads per group
+  __mmask16 valid[2];     // the panel's outputs below n_total, 16 per register
+  float* dot;             // dot + m0 * n_total + n0; rows n_total apart
+};
+
+// Groups [c_begin, c_end) of one panel for MT activation rows: d starts at 0 (c_begin = 0) or at
+// what dot holds from the chunk before, and goes back to dot.
+template <int MT>
+BITNET_AVX512 void GroupPanelTileAvx512(const GroupPanel& p, int64_t c_begin, int64_t c_end) {
+  __m512 d[MT][2];
+#pragma GCC unroll 8
+  for (int mi = 0; mi < MT; ++mi)
+    for (int h = 0; h < 2; ++h)
+      d[mi][h] = c_begin == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(p.valid[h], p.dot + mi * p.n_total + 16 * h);
+  const int32_t* x32 = reinterpret_cast<const int32_t*>(p.x);
+  const int64_t kq = p.kp / 4;  // quads per x row
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    __m512i acc[MT][2];
+#pragma GCC unroll 8
+    for (int mi = 0; mi < MT; ++mi) acc[mi][0] = acc[mi][1] = _mm512_setzero_si512();
+    for (int64_t q = c * p.group_q; q < (c + 1) * p.group_q; ++q) {
+      const __m512i c0 = _mm512_loadu_si512(p.codes_q + q * kAvx512PanelRows * 4);
+      const __m512i c1 = _mm512_loadu_si512(p.codes_q + q * kAvx512PanelRows * 4 + 64);
+#pragma GCC unroll 8
+      for (int mi = 0; mi < MT; ++mi) {
+        const __m512i xv = _mm512_set1_epi32(x32[mi * kq + q]);
+        Dpbusd(acc[mi][0], c0, xv);
+        Dpbusd(acc[mi][1], c1, xv);
+      }
+    }
+    const __m512 s0 = _mm512_maskz_loadu_ps(p.valid[0], p.scale + c * p.n_total);
+    const __m512 s1 = _mm512_maskz_loadu_ps(p.valid[1], p.scale + c * p.n_total + 16);
+#pragma GCC unroll 8
+    for (int mi = 0; mi < MT; ++mi) {
+      const __m512i x_sum = _mm512_set1_epi32(p.x_group[c * p.rows + mi]);
+      d[mi][0] = _mm512_add_ps(d[mi][0], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[mi][0], x_sum)), s0));
+      d[mi][1] = _mm512_add_ps(d[mi][1], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[mi][1], x_sum)), s1));
     }
   }
-};
+#pragma GCC unroll 8
+  for (int mi = 0; mi < MT; ++mi)
+    for (int h = 0; h < 2; ++h) _mm512_mask_storeu_ps(p.dot + mi * p.n_total + 16 * h, p.valid[h], d[mi][h]);
+}
+
+void GroupPanelsAvx512(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb, const uint8_t* w,
+                       const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin, int64_t g_end,
+                       int64_t n_total, float* dot) {
+  constexpr int64_t kPanelGroups = kAvx512PanelRows / kRowsPerGroup;
+  const int64_t kp = kb * kBlockK, group_q = group_k / 4;
+  const int64_t chunk_groups = std::max<int64_t>(1, kGroupPanelChunkQuads / group_q);
+  thread_local std::vector<int8_t> codes_storage;
+  int8_t* codes_q = CacheLineScratch(codes_storage, kAvx512PanelRows * kp);
+  const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
+    UnpackPanelAvx512(w, kb, g0, g_end, codes_q);
+    const int64_t n0 = g0 * kRowsPerGroup, valid = std::min(kAvx512PanelRows, n_end - n0);
+    const auto lanes = [](int64_t count) {
+      return count >= 16 ? static_cast<__mmask16>(0xFFFF)
+                         : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1);
+    };
+    for (int64_t c0 = 0; c0 < groups; c0 += chunk_groups) {
+      const int64_t c1 = std::min(groups, c0 + chunk_groups);
+      for (int64_t m = 0; m < rows; m += kGroupPanelTileRows) {
+        const GroupPanel p{x_q + m * kp, kp, x_group + m, rows, codes_q, w_scale + n0, n_total, group_q,
+                           {lanes(valid), lanes(valid - 16)}, dot + m * n_total + n0};
+        switch (std::min<int64_t>(kGroupPanelTileRows, rows - m)) {
+          case 1: GroupPanelTileAvx512<1>(p, c0, c1); break;
+          case 2: GroupPanelTileAvx512<2>(p, c0, c1); break;
+          case 3: GroupPanelTileAvx512<3>(p, c0, c1); break;
+          case 4: GroupPanelTileAvx512<4>(p, c0, c1); break;
+          case 5: GroupPanelTileAvx512<5>(p, c0, c1); break;
+          default: GroupPanelTileAvx512<kGroupPanelTileRows>(p, c0, c1); break;
+        }
+      }
+    }
+  }
+}
+static_assert(kGroupPanelTileRows == 6, "GroupPanelsAvx512's switch covers tiles of 1 .. 6 rows");
 
 #elif BITNET_JAX_ARM_SIMD
 
@@ -343,15 +399,11 @@ struct Avx512Tile {
 
 template <int R, int MT>
 BITNET_NEON_DOT void GroupTileNeonDot(const GroupTile& t) {
+  static_assert(R * MT <= 4, "a tile's group step takes 4 outputs");
   const uint8x16_t mask = vdupq_n_u8(3);
-  int32x4_t acc[R][MT][2];  // [..][0]: lanes 0..3, [..][1]: lanes 4..7
-  float32x4_t lane[R][MT][2];
-  for (int r = 0; r < R; ++r)
-    for (int mi = 0; mi < MT; ++mi)
-      for (int half = 0; half < 2; ++half) {
-        acc[r][mi][half] = vdupq_n_s32(0);
-        lane[r][mi][half] = vdupq_n_f32(0.0f);
-      }
+  int32x4_t acc[4][2];  // output o = r * MT + mi; two registers of 4 lanes; those past R * MT stay 0
+  for (int o = 0; o < 4; ++o) acc[o][0] = acc[o][1] = vdupq_n_s32(0);
+  float32x4_t d = vdupq_n_f32(0.0f);
   const int64_t strips_per_group = t.group_k / kStripK, strips = t.groups * strips_per_group;
   int64_t c = 0, in_group = 0;
   for (int64_t s0 = 0; s0 < strips; s0 += 4) {
@@ -369,32 +421,32 @@ BITNET_NEON_DOT void GroupTileNeonDot(const GroupTile& t) {
         for (int r = 0; r < R; ++r) {
           const uint8x16_t packed = vld1q_u8(block + r * kBlockBytes + 16 * h);
           const int8x16_t codes = vreinterpretq_s8_u8(vandq_u8(vshlq_u8(packed, shift), mask));
-          for (int mi = 0; mi < MT; ++mi) acc[r][mi][h & 1] = vdotq_s32(acc[r][mi][h & 1], codes, xv[mi]);
+          for (int mi = 0; mi < MT; ++mi) acc[r * MT + mi][h & 1] = vdotq_s32(acc[r * MT + mi][h & 1], codes, xv[mi]);
         }
       }
       if (++in_group == strips_per_group) {
-        for (int r = 0; r < R; ++r) {
-          const float32x4_t scale = vdupq_n_f32(ScaleOf(t, r, c));
-          for (int mi = 0; mi < MT; ++mi)
-            for (int half = 0; half < 2; ++half) {
-              const int32x4_t x_lane = vld1q_s32(t.x_lane + (mi * t.groups + c) * kFloatLanes + 4 * half);
-              const int32x4_t p = vsubq_s32(acc[r][mi][half], x_lane);
-              lane[r][mi][half] = vaddq_f32(lane[r][mi][half], vmulq_f32(vcvtq_f32_s32(p), scale));
-              acc[r][mi][half] = vdupq_n_s32(0);
-            }
-        }
+        int32x4_t v[4];
+        for (int o = 0; o < 4; ++o) v[o] = vaddq_s32(acc[o][0], acc[o][1]);
+        const int32x4_t sums = vpaddq_s32(vpaddq_s32(v[0], v[1]), vpaddq_s32(v[2], v[3]));  // exact
+        int32_t x_sum[4] = {};
+        float scale[4] = {};
+        for (int r = 0; r < R; ++r)
+          for (int mi = 0; mi < MT; ++mi) {
+            x_sum[r * MT + mi] = t.x_group[c * t.rows + mi];
+            scale[r * MT + mi] = r < t.valid_rows ? t.scale[c * t.n_total + r] : 0.0f;
+          }
+        const float32x4_t p = vcvtq_f32_s32(vsubq_s32(sums, vld1q_s32(x_sum)));
+        d = vaddq_f32(d, vmulq_f32(p, vld1q_f32(scale)));
+        for (int o = 0; o < 4; ++o) acc[o][0] = acc[o][1] = vdupq_n_s32(0);
         ++c;
         in_group = 0;
       }
     }
   }
-  float lanes[kFloatLanes];
+  float out[4];
+  vst1q_f32(out, d);
   for (int r = 0; r < R && r < t.valid_rows; ++r)
-    for (int mi = 0; mi < MT; ++mi) {
-      vst1q_f32(lanes, lane[r][mi][0]);
-      vst1q_f32(lanes + 4, lane[r][mi][1]);
-      t.dot[mi * t.n_total + r] = SumFloatLanes(lanes);
-    }
+    for (int mi = 0; mi < MT; ++mi) t.dot[mi * t.n_total + r] = out[r * MT + mi];
 }
 
 template <int R, int MT>
@@ -406,36 +458,50 @@ struct NeonDotTile {
 
 }  // namespace
 
-void TernaryGroupLaneSums(const int8_t* x_q, int64_t rows, int64_t kp, int64_t group_k, int64_t groups,
-                          int32_t* x_lane) {
-  std::fill(x_lane, x_lane + rows * groups * kFloatLanes, 0);
-  for (int64_t m = 0; m < rows; ++m) {
-    int32_t* row = x_lane + m * groups * kFloatLanes;
-    for (int64_t k = 0; k < groups * group_k; ++k) row[(k / group_k) * kFloatLanes + LaneOf(k)] += x_q[m * kp + k];
-  }
+void TernaryGroupSums(const int8_t* x_q, int64_t rows, int64_t kp, int64_t group_k, int64_t groups,
+                      int32_t* x_group) {
+  for (int64_t c = 0; c < groups; ++c)
+    for (int64_t m = 0; m < rows; ++m) {
+      int32_t sum = 0;
+      for (int64_t k = c * group_k; k < (c + 1) * group_k; ++k) sum += x_q[m * kp + k];
+      x_group[c * rows + m] = sum;
+    }
 }
 
-void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_lane, int64_t rows, int64_t kb,
+int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows) {
+#if BITNET_JAX_X86_SIMD
+  if (isa == Isa::kAvx512Vnni && rows >= kAvx512PanelMinRows) return kAvx512PanelRows / kRowsPerGroup;
+#endif
+  (void)isa;
+  (void)rows;
+  return 1;
+}
+
+void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb,
                          const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
                          int64_t g_end, int64_t n_total, float* dot) {
 #if BITNET_JAX_X86_SIMD
+  if (isa == Isa::kAvx512Vnni && rows >= kAvx512PanelMinRows) {
+    GroupPanelsAvx512(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    return;
+  }
   if (isa == Isa::kAvx512Vnni) {
-    TernaryGroupRows<Avx512Tile>(x_q, x_lane, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    TernaryGroupRows<Avx512Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
     return;
   }
   if (isa == Isa::kAvx2) {
-    TernaryGroupRows<Avx2Tile>(x_q, x_lane, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    TernaryGroupRows<Avx2Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
     return;
   }
 #elif BITNET_JAX_ARM_SIMD
   if (isa == Isa::kNeonDot) {
-    TernaryGroupRows<NeonDotTile>(x_q, x_lane, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    TernaryGroupRows<NeonDotTile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
     return;
   }
 #endif
   // The scalar path, and plain NEON (no 4-way dot product: the scalar twin is as good a start).
   (void)isa;
-  (void)x_lane;
+  (void)x_group;
   TernaryGroupScalar(x_q, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
 }
 
