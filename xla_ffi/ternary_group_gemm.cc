@@ -8,7 +8,7 @@
 // Codes are t + 1, so the integer sums are sum (t + 1) * x; subtracting the group's sum of x
 // (x_group, computed once per call) leaves sum t * x exactly.
 //
-// GEMV tiles (decode, and prefill where no panel path exists): a group is whole 64-weight strips
+// GEMV tiles (decode, 2-16 rows, and NEON prefill): a group is whole 64-weight strips
 // of a row block (layout.h: the block shifted right by 2j and masked holds the codes of
 // k = 64j .. 64j + 63). On AVX2 a strip is two 32-code halves, each a maddubs with 32
 // activations; on AVX-512 one vpdpbusd of 64 codes; with NEON sdot four 16-code quarters. Each
@@ -17,9 +17,10 @@
 // One activation row takes the 4 rows of a row group together, front to back, as one stream; more
 // activation rows take one weight row at a time with a tile of up to 4 of them.
 //
-// Prefill on AVX-512 (from kAvx512PanelMinRows activation rows): the per-tensor kernel's 32-row
-// panels (gemm_x86.cc's unpacking), whose vpdpbusd lanes are whole outputs, so a group's scaling
-// is one subtraction, conversion, multiply and add per 16 outputs.
+// Prefill (from 17 activation rows) on panels whose vector lanes are whole outputs, so a group's
+// scaling is one subtraction, conversion, multiply and add per register of outputs: on AVX-512
+// the per-tensor kernel's 32-row panels (gemm_x86.cc's unpacking) with vpdpbusd, on AVX2 panels
+// of 16 rows with maddubs (per tensor, AVX2 has no panel path: see gemm_x86.cc).
 
 #include <algorithm>
 #include <cstdint>
@@ -295,38 +296,82 @@ struct Avx512Tile {
 };
 
 // ---------------------------------------------------------------------------------------------
-// AVX-512 prefill: the 32-row panels of the per-tensor kernel (UnpackPanelAvx512, gemm_paths.h),
-// whose register lanes are 16 whole outputs. A tile of MT activation rows keeps, per row, two
-// int32 registers for the group in progress and two float registers for d; at each group's end
-// the group sums are scaled into d, 16 outputs per step.
-
-constexpr int kGroupPanelTileRows = 6;  // 6 x (2 int + 2 float) accumulators + 2 codes + 2 scales
-// K chunk: whole groups of about 256 k-quads, whose 32 KB of panel codes and a tile's 6 KB of
-// activations stay in L1 while every tile passes over them (d goes through dot between chunks).
-constexpr int64_t kGroupPanelChunkQuads = 256;
+// Prefill panels: output rows unpacked into vector lanes, so that a register's lanes are whole
+// outputs and a group's step is one subtraction, conversion, multiply and add per register of
+// outputs. A tile of MT activation rows keeps, per row, integer registers for the group in
+// progress; d, each output's float sum, starts at 0 and stays in registers (AVX-512) or goes
+// through dot (AVX2, 16 registers) from group to group, in gemm.h's order either way.
 
 struct GroupPanel {
   const int8_t* x;        // the tile's first activation row; rows kp apart
   int64_t kp;
   const int32_t* x_group; // x_group + m0: group c of the tile's row mi at [c * rows + mi]
   int64_t rows;
-  const int8_t* codes_q;  // the unpacked panel
+  const int8_t* codes_q;  // the unpacked panel: [kp / 4][panel rows][4] codes
   const float* scale;     // w_scale + n0; groups n_total apart
   int64_t n_total;
   int64_t group_q;        // k-quads per group
-  __mmask16 valid[2];     // the panel's outputs below n_total, 16 per register
+  int64_t valid;          // the panel's outputs below n_total
   float* dot;             // dot + m0 * n_total + n0; rows n_total apart
 };
 
-// Groups [c_begin, c_end) of one panel for MT activation rows: d starts at 0 (c_begin = 0) or at
-// what dot holds from the chunk before, and goes back to dot.
+// K chunk: whole groups of about this many k-quads, whose panel codes and a tile's activations
+// stay in L1 while every tile passes over them (d goes through dot between chunks).
+constexpr int64_t kGroupPanelChunkQuads = 256;
+
+// Tile<MT>::Run(p, c_begin, c_end) for the MT = mt (1 .. MaxMT) activation rows left.
+template <template <int> class Tile, int MaxMT>
+inline void RunPanelTile(int64_t mt, const GroupPanel& p, int64_t c_begin, int64_t c_end) {
+  if constexpr (MaxMT > 1) {
+    if (mt < MaxMT) return RunPanelTile<Tile, MaxMT - 1>(mt, p, c_begin, c_end);
+  }
+  Tile<MaxMT>::Run(p, c_begin, c_end);
+}
+
+// The row groups [g_begin, g_end) in panels of PanelRows output rows, each unpacked by
+// unpack(w, kb, g0, g_end, codes_q) into per-thread scratch, then multiplied by tiles of up to
+// TileRows activation rows, K chunk by K chunk.
+template <int64_t PanelRows, int TileRows, template <int> class Tile, typename Unpack>
+void GroupPanels(Unpack unpack, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb,
+                 const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
+                 int64_t g_end, int64_t n_total, float* dot) {
+  constexpr int64_t kPanelGroups = PanelRows / kRowsPerGroup;
+  const int64_t kp = kb * kBlockK, group_q = group_k / 4;
+  const int64_t chunk_groups = std::max<int64_t>(1, kGroupPanelChunkQuads / group_q);
+  thread_local std::vector<int8_t> codes_storage;
+  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * kp);
+  const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
+    unpack(w, kb, g0, g_end, codes_q);
+    const int64_t n0 = g0 * kRowsPerGroup, valid = std::min(PanelRows, n_end - n0);
+    for (int64_t c0 = 0; c0 < groups; c0 += chunk_groups) {
+      const int64_t c1 = std::min(groups, c0 + chunk_groups);
+      for (int64_t m = 0; m < rows; m += TileRows) {
+        const GroupPanel p{x_q + m * kp, kp, x_group + m, rows, codes_q, w_scale + n0, n_total, group_q, valid,
+                           dot + m * n_total + n0};
+        RunPanelTile<Tile, TileRows>(std::min<int64_t>(TileRows, rows - m), p, c0, c1);
+      }
+    }
+  }
+}
+
+// AVX-512: the per-tensor kernel's 32-row panels (UnpackPanelAvx512, gemm_paths.h), two registers
+// of 16 outputs; per activation row 2 int32 and 2 float accumulators (tiles of 6 rows: 24
+// registers, with 2 of codes and 2 of scales).
+constexpr int kAvx512GroupPanelTileRows = 6;
+
+BITNET_AVX512 inline __mmask16 FirstLanes16(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1);
+}
+
 template <int MT>
 BITNET_AVX512 void GroupPanelTileAvx512(const GroupPanel& p, int64_t c_begin, int64_t c_end) {
+  const __mmask16 valid[2] = {FirstLanes16(p.valid), FirstLanes16(p.valid - 16)};
   __m512 d[MT][2];
 #pragma GCC unroll 8
   for (int mi = 0; mi < MT; ++mi)
     for (int h = 0; h < 2; ++h)
-      d[mi][h] = c_begin == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(p.valid[h], p.dot + mi * p.n_total + 16 * h);
+      d[mi][h] = c_begin == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(valid[h], p.dot + mi * p.n_total + 16 * h);
   const int32_t* x32 = reinterpret_cast<const int32_t*>(p.x);
   const int64_t kq = p.kp / 4;  // quads per x row
   for (int64_t c = c_begin; c < c_end; ++c) {
@@ -343,8 +388,8 @@ BITNET_AVX512 void GroupPanelTileAvx512(const GroupPanel& p, int64_t c_begin, in
         Dpbusd(acc[mi][1], c1, xv);
       }
     }
-    const __m512 s0 = _mm512_maskz_loadu_ps(p.valid[0], p.scale + c * p.n_total);
-    const __m512 s1 = _mm512_maskz_loadu_ps(p.valid[1], p.scale + c * p.n_total + 16);
+    const __m512 s0 = _mm512_maskz_loadu_ps(valid[0], p.scale + c * p.n_total);
+    const __m512 s1 = _mm512_maskz_loadu_ps(valid[1], p.scale + c * p.n_total + 16);
 #pragma GCC unroll 8
     for (int mi = 0; mi < MT; ++mi) {
       const __m512i x_sum = _mm512_set1_epi32(p.x_group[c * p.rows + mi]);
@@ -354,43 +399,117 @@ BITNET_AVX512 void GroupPanelTileAvx512(const GroupPanel& p, int64_t c_begin, in
   }
 #pragma GCC unroll 8
   for (int mi = 0; mi < MT; ++mi)
-    for (int h = 0; h < 2; ++h) _mm512_mask_storeu_ps(p.dot + mi * p.n_total + 16 * h, p.valid[h], d[mi][h]);
+    for (int h = 0; h < 2; ++h) _mm512_mask_storeu_ps(p.dot + mi * p.n_total + 16 * h, valid[h], d[mi][h]);
 }
 
-void GroupPanelsAvx512(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb, const uint8_t* w,
-                       const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin, int64_t g_end,
-                       int64_t n_total, float* dot) {
-  constexpr int64_t kPanelGroups = kAvx512PanelRows / kRowsPerGroup;
-  const int64_t kp = kb * kBlockK, group_q = group_k / 4;
-  const int64_t chunk_groups = std::max<int64_t>(1, kGroupPanelChunkQuads / group_q);
-  thread_local std::vector<int8_t> codes_storage;
-  int8_t* codes_q = CacheLineScratch(codes_storage, kAvx512PanelRows * kp);
-  const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
-  for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
-    UnpackPanelAvx512(w, kb, g0, g_end, codes_q);
-    const int64_t n0 = g0 * kRowsPerGroup, valid = std::min(kAvx512PanelRows, n_end - n0);
-    const auto lanes = [](int64_t count) {
-      return count >= 16 ? static_cast<__mmask16>(0xFFFF)
-                         : static_cast<__mmask16>((1u << std::max<int64_t>(count, 0)) - 1);
-    };
-    for (int64_t c0 = 0; c0 < groups; c0 += chunk_groups) {
-      const int64_t c1 = std::min(groups, c0 + chunk_groups);
-      for (int64_t m = 0; m < rows; m += kGroupPanelTileRows) {
-        const GroupPanel p{x_q + m * kp, kp, x_group + m, rows, codes_q, w_scale + n0, n_total, group_q,
-                           {lanes(valid), lanes(valid - 16)}, dot + m * n_total + n0};
-        switch (std::min<int64_t>(kGroupPanelTileRows, rows - m)) {
-          case 1: GroupPanelTileAvx512<1>(p, c0, c1); break;
-          case 2: GroupPanelTileAvx512<2>(p, c0, c1); break;
-          case 3: GroupPanelTileAvx512<3>(p, c0, c1); break;
-          case 4: GroupPanelTileAvx512<4>(p, c0, c1); break;
-          case 5: GroupPanelTileAvx512<5>(p, c0, c1); break;
-          default: GroupPanelTileAvx512<kGroupPanelTileRows>(p, c0, c1); break;
+template <int MT>
+struct GroupPanelTileAvx512Op {
+  static void Run(const GroupPanel& p, int64_t c_begin, int64_t c_end) { GroupPanelTileAvx512<MT>(p, c_begin, c_end); }
+};
+
+// AVX2: panels of 16 output rows, codes_q [kp / 4][16][4]: a quad's codes are two registers of 8
+// outputs (4 codes each). maddubs of codes with 4 broadcast activations gives each output two
+// int16 pair sums, added in int16 over at most kAvx2PanelWidenQuads quads (a pair sum is at most
+// 2 * 2 * 128 = 512 in magnitude) and widened to int32 by one madd with ones.
+constexpr int64_t kAvx2GroupPanelRows = 16;
+constexpr int64_t kAvx2GroupPanelMinRows = 17;
+constexpr int kAvx2GroupPanelTileRows = 3;  // 3 x (2 int16 + 2 int32) accumulators + 2 codes + 1 activation
+constexpr int64_t kAvx2PanelWidenQuads = 32;
+static_assert(kAvx2PanelWidenQuads * 512 <= 32768, "int16 pair sums must not overflow");
+
+// In place: r[i] lane j <- r[j] lane i, for 8 x 8 dwords.
+BITNET_AVX2 inline void Transpose8x8(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// As UnpackPanelAvx512 (gemm_x86.cc), for 16 rows: packed dword d of a row block holds, at shift
+// 2j, the codes of quad 16j + d of the block; transposing 8 rows' dwords puts dword d of those
+// rows in one register. Rows at or past group g_end get code 1 (t = 0).
+BITNET_AVX2 void UnpackPanelAvx2(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int8_t* codes_q) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  for (int64_t b = 0; b < kb; ++b) {
+    for (int64_t half = 0; half < kAvx2GroupPanelRows / 8; ++half) {
+      for (int64_t dh = 0; dh < 2; ++dh) {  // dwords 8 dh .. 8 dh + 7 of each row's block
+        __m256i r[8];
+        for (int64_t i = 0; i < 8; ++i) {
+          const int64_t pr = 8 * half + i, g = g0 + pr / kRowsPerGroup;
+          r[i] = g < g_end ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                 w + (g * kb + b) * kGroupBlockBytes + (pr % kRowsPerGroup) * kBlockBytes + 32 * dh))
+                           : _mm256_set1_epi8(0x55);
         }
+        Transpose8x8(r);
+        for (int j = 0; j < 4; ++j)
+          for (int d = 0; d < 8; ++d) {
+            const int64_t q = b * (kBlockK / 4) + 16 * j + 8 * dh + d;
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes_q + (q * kAvx2GroupPanelRows + 8 * half) * 4),
+                                _mm256_and_si256(_mm256_srli_epi32(r[d], 2 * j), mask));
+          }
       }
     }
   }
 }
-static_assert(kGroupPanelTileRows == 6, "GroupPanelsAvx512's switch covers tiles of 1 .. 6 rows");
+
+// The group sums of quads [q_begin, q_end) (at most kAvx2PanelWidenQuads) for MT activation rows
+// into part: int16 pair sums, 8 outputs per register.
+template <int MT>
+BITNET_AVX2 void GroupPanelTileAvx2(const GroupPanel& p, int64_t c_begin, int64_t c_end) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i valid[2] = {_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(p.valid)), lane_index),
+                            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(p.valid - 8)), lane_index)};
+  const int32_t* x32 = reinterpret_cast<const int32_t*>(p.x);
+  const int64_t kq = p.kp / 4;  // quads per x row
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    __m256i acc[MT][2];
+    for (int mi = 0; mi < MT; ++mi) acc[mi][0] = acc[mi][1] = _mm256_setzero_si256();
+    for (int64_t q0 = c * p.group_q; q0 < (c + 1) * p.group_q; q0 += kAvx2PanelWidenQuads) {
+      const int64_t q_end = std::min((c + 1) * p.group_q, q0 + kAvx2PanelWidenQuads);
+      __m256i part[MT][2];
+      for (int mi = 0; mi < MT; ++mi) part[mi][0] = part[mi][1] = _mm256_setzero_si256();
+      for (int64_t q = q0; q < q_end; ++q) {
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.codes_q + q * kAvx2GroupPanelRows * 4));
+        const __m256i c1 =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.codes_q + q * kAvx2GroupPanelRows * 4 + 32));
+        for (int mi = 0; mi < MT; ++mi) {
+          const __m256i xv = _mm256_set1_epi32(x32[mi * kq + q]);
+          MaddubsAdd(part[mi][0], c0, xv);
+          MaddubsAdd(part[mi][1], c1, xv);
+        }
+      }
+      for (int mi = 0; mi < MT; ++mi)
+        for (int h = 0; h < 2; ++h) acc[mi][h] = _mm256_add_epi32(acc[mi][h], _mm256_madd_epi16(part[mi][h], ones));
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 scale = _mm256_maskload_ps(p.scale + c * p.n_total + 8 * h, valid[h]);
+      for (int mi = 0; mi < MT; ++mi) {
+        float* out = p.dot + mi * p.n_total + 8 * h;
+        const __m256 d = c == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out, valid[h]);
+        const __m256i x_sum = _mm256_set1_epi32(p.x_group[c * p.rows + mi]);
+        const __m256 term = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[mi][h], x_sum)), scale);
+        _mm256_maskstore_ps(out, valid[h], _mm256_add_ps(d, term));
+      }
+    }
+  }
+}
+
+template <int MT>
+struct GroupPanelTileAvx2Op {
+  static void Run(const GroupPanel& p, int64_t c_begin, int64_t c_end) { GroupPanelTileAvx2<MT>(p, c_begin, c_end); }
+};
 
 #elif BITNET_JAX_ARM_SIMD
 
@@ -471,6 +590,7 @@ void TernaryGroupSums(const int8_t* x_q, int64_t rows, int64_t kp, int64_t group
 int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni && rows >= kAvx512PanelMinRows) return kAvx512PanelRows / kRowsPerGroup;
+  if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) return kAvx2GroupPanelRows / kRowsPerGroup;
 #endif
   (void)isa;
   (void)rows;
@@ -482,7 +602,13 @@ void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int
                          int64_t g_end, int64_t n_total, float* dot) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni && rows >= kAvx512PanelMinRows) {
-    GroupPanelsAvx512(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    GroupPanels<kAvx512PanelRows, kAvx512GroupPanelTileRows, GroupPanelTileAvx512Op>(
+        UnpackPanelAvx512, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    return;
+  }
+  if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) {
+    GroupPanels<kAvx2GroupPanelRows, kAvx2GroupPanelTileRows, GroupPanelTileAvx2Op>(
+        UnpackPanelAvx2, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
     return;
   }
   if (isa == Isa::kAvx512Vnni) {
