@@ -32,7 +32,8 @@ int64_t TernaryGroupsPerTask(Isa isa, int64_t rows);
 void Int8GemmI32(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                  int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
 
-// The int4 kernel below keeps 8 float lanes and adds them up last, in this order on every path: ((lane0 + lane4) + (lane2 + lane6)) + ((lane1 + lane5) + (lane3 + lane7)).
+// The int4 kernel below keeps 8 float lanes and adds them up last, in this order on every path:
+// ((lane0 + lane4) + (lane2 + lane6)) + ((lane1 + lane5) + (lane3 + lane7)).
 constexpr int kFloatLanes = 8;
 inline float SumFloatLanes(const float lane[kFloatLanes]) {
   return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));

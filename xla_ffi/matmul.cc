@@ -261,15 +261,21 @@ struct Rescale {
   bool per_tensor = false;
 };
 
+// fn(g_begin, g_end) over the row groups of n output rows on the pool, in chunks of whole tasks
+// (`task` row groups: the kernel's own unit of output rows) of at least kMinGroupsPerChunk groups.
+template <typename Fn>
+void ForRowGroupChunks(ffi::ThreadPool& pool, int64_t n, int64_t task, const Fn& fn) {
+  const int64_t groups = CeilDiv(n, kRowsPerGroup);
+  ParallelFor(pool, CeilDiv(groups, task), CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
+    fn(begin * task, std::min(groups, end * task));
+  });
+}
+
 // The int32 products into acc (rows x n), split over output row groups on the pool; with
 // rescale.y set, each chunk then rescales its own columns.
 void RunTernary(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
                 const uint8_t* w, int64_t n, int32_t* acc, const Rescale& rescale = {}) {
-  const int64_t groups = CeilDiv(n, kRowsPerGroup);
-  // Chunks of whole tasks (the kernel's own unit of output rows), at least kMinGroupsPerChunk groups.
-  const int64_t task = TernaryGroupsPerTask(isa, rows);
-  ParallelFor(pool, CeilDiv(groups, task), CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
-    const int64_t g_begin = begin * task, g_end = std::min(groups, end * task);
+  ForRowGroupChunks(pool, n, TernaryGroupsPerTask(isa, rows), [&](int64_t g_begin, int64_t g_end) {
     TernaryGemmI32(isa, xq.q, xq.sum, rows, kb, w, g_begin, g_end, n, acc);
     if (rescale.y != nullptr) {
       RescaleInPlace(rescale.y, xq, rescale.w_scale, rescale.per_tensor, rows, n, g_begin * kRowsPerGroup,
@@ -305,11 +311,7 @@ void RunTernaryGroup(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, in
   x_group_storage.resize(groups * rows);
   TernaryGroupSums(xq.q, rows, kb * kBlockK, group_k, groups, x_group_storage.data());
   const int32_t* x_group = x_group_storage.data();
-  const int64_t row_groups = CeilDiv(n, kRowsPerGroup);
-  // Chunks of whole tasks (the kernel's own unit of output rows), at least kMinGroupsPerChunk groups.
-  const int64_t task = TernaryGroupGemmGroupsPerTask(isa, rows);
-  ParallelFor(pool, CeilDiv(row_groups, task), CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
-    const int64_t g_begin = begin * task, g_end = std::min(row_groups, end * task);
+  ForRowGroupChunks(pool, n, TernaryGroupGemmGroupsPerTask(isa, rows), [&](int64_t g_begin, int64_t g_end) {
     TernaryGroupGemmF32(isa, xq.q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n, y);
     if (x_scale != nullptr) ScaleByInverse(y, x_scale, rows, n, g_begin * kRowsPerGroup, std::min(n, g_end * kRowsPerGroup));
   });
