@@ -5,10 +5,15 @@ import tempfile
 
 import pytest
 from cpu_paths import KNOWN_ISAS, skip_unless_runs
+from xla_flags import FAST_COMPILE, with_flags
 
 # Tests run on CPU with float32 matmuls at full precision.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# Compile the tests' programs with LLVM's optimization turned down (tests/xla_flags.py says why
+# that changes no result); a user's own XLA_FLAGS stay and come first.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = with_flags(FAST_COMPILE)
 
 # One persistent compilation cache for the session, this process and the subprocesses it starts
 # (they inherit the environment): the tests build many programs more than once (each `train` run
@@ -26,14 +31,42 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # most of a test's time is XLA compiling on one thread. Tests are handed out a whole file at a time
 # (a module's fixtures, often a trained tiny model, are built once, on one worker), except that
 # the files in SHARED_SESSION_FIXTURES go to one worker together, so that the session fixture they
-# share is built once.
+# share is built once. The grouping is our own scheduler (xdist's public hook below), not
+# `--dist loadgroup`: that one marks a group by rewriting a private field of the test item, which
+# pytest 9.2 no longer reads, so every test was dealt out alone and both workers built the same
+# fixtures (the 8-device runs and the sanitized kernel build each twice).
 SHARED_SESSION_FIXTURES = {"test_sharding.py": "one_device_cli_run", "test_multiprocess.py": "one_device_cli_run"}
+# Handed out first, longest first, so that the longest files do not start last and leave one
+# worker idle at the end (seconds per file: the last `--durations=0` run).
+LONGEST_FIRST = (
+    "test_sharding.py",
+    "test_multiprocess.py",
+    "test_serving.py",
+    "test_cpp_kernels.py",
+    "test_hadamard.py",
+)
+
+
+def _work_unit(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return SHARED_SESSION_FIXTURES.get(os.path.basename(path), path)
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(SHARED_SESSION_FIXTURES.get(name, name)))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        """xdist's scope scheduling with a work unit per file, or per SHARED_SESSION_FIXTURES group."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    return FileGroups(config, log)
 
 
 def pytest_unconfigure(config):

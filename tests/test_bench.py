@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from xla_flags import device_count_flags
 
 from bitnet_jax import cli
 from bitnet_jax.bench import train as bench
@@ -140,7 +141,7 @@ def test_bench_train_on_a_mesh_of_simulated_devices(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["bench", "train", "--repeats", "2", "--json", str(out), "--set", "mesh=[2,1,2]"]
     argv += [a for s in SMALL for a in ("--set", s)]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": device_count_flags(4)}
     result = subprocess.run(
         [sys.executable, "-m", "bitnet_jax.cli", *argv],
         cwd=tmp_path,

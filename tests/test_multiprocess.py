@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sharded_runs
+from xla_flags import device_count_flags
 
 from bitnet_jax import init_params
 from bitnet_jax.train.run_folder import load_run
@@ -68,7 +69,7 @@ def test_two_processes_train_like_one(env, one_device_cli_run):
                 "--process-id",
                 str(i),
             ],
-            env={**env["env"], "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+            env={**env["env"], "XLA_FLAGS": device_count_flags(2)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

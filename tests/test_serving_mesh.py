@@ -21,7 +21,7 @@ PRELUDE = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
 
 SCRIPT = textwrap.dedent("""
     import os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from bitnet_jax import BitNetConfig, BitNetLM, init_params
@@ -83,7 +83,7 @@ def test_tensor_parallel_ffi_matches_one_device(tmp_path):
 
 K_SPLIT_SCRIPT = textwrap.dedent("""
     import os, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from bitnet_jax import BitNetConfig, BitNetLM, init_params

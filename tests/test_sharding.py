@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import sharded_runs
 from jax.sharding import AbstractMesh
+from xla_flags import device_count_flags
 
 from bitnet_jax import BitNetError, BitNetLM, cli, init_params
 from bitnet_jax.train import sharding
@@ -63,12 +64,10 @@ def runs(tmp_path_factory, tiny_corpus, request):
 
     out = root / "sharded"
     out.mkdir()
-    # Less LLVM optimization: compiles take half the time, and the code reorders float sums no
-    # more than sharding itself does.
+    # The suite's flags (tests/xla_flags.py: less LLVM optimization) with 8 simulated devices.
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true",
+        "XLA_FLAGS": device_count_flags(8),
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
     }
     worker = subprocess.Popen(
