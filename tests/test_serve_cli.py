@@ -188,3 +188,20 @@ def test_bad_serving_requests(capsys, tmp_path):
     assert main(["bench", "generate", "--random-weights", "--preset", "tiny", "--weight-quant", "group:7"]) == 2
     assert main(["bench", "generate", "--random-weights", "--backends", "ffi,xla-int"]) == 2
     assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+
+
+def test_serving_imports_no_training_libraries():
+    """Serving a folder imports neither orbax (and its tensorstore) nor grain nor optax: in a fresh
+    process, `import bitnet_jax` and the serving modules took 245 MB resident with them and 211 MB
+    without, a share of the <= 1.2 GB that 2B4T serving may use (benchmarks/RESULTS.md)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bitnet_jax, bitnet_jax.cli.app, bitnet_jax.serve.load, bitnet_jax.serve.generate, "
+        "bitnet_jax.serve.chat, bitnet_jax.bench.serve\n"
+        "print(sorted(m for m in ('orbax.checkpoint', 'tensorstore', 'grain', 'optax') if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout

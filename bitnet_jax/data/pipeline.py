@@ -37,6 +37,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from bitnet_jax.data.sources import HELDOUT_FRACTION
 from bitnet_jax.data.tokenizer import EOS_ID, Tokenizer
 from bitnet_jax.errors import BitNetError
 
@@ -57,8 +58,6 @@ _STDLIB_SKIP_DIRS = frozenset(
 )
 _STDLIB_SKIP_PREFIXES = ("_sysconfigdata",)  # build-machine configuration dumps
 _CACHE_FORMAT = "v1"
-# The fraction of documents (or files) held out for evaluation, unless a run config says otherwise.
-HELDOUT_FRACTION = 0.02
 
 
 def stdlib_root() -> Path:

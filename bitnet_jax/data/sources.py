@@ -30,6 +30,10 @@ from typing import Any
 
 from bitnet_jax.errors import BitNetError, did_you_mean
 
+# The fraction of documents (or files) held out for evaluation, unless a run config says otherwise.
+# (Here, not in pipeline.py, so that reading a run config does not import grain.)
+HELDOUT_FRACTION = 0.02
+
 KINDS = ("stdlib", "text", "jsonl", "parquet", "array_record", "chat")
 # The dict keys each kind takes besides "kind" and "weight"; "column" is parquet's name for "field".
 _KEYS = {

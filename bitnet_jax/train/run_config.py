@@ -19,8 +19,7 @@ import importlib.util
 import os
 from typing import Any
 
-from bitnet_jax.data.pipeline import HELDOUT_FRACTION
-from bitnet_jax.data.sources import DataSource, parse_corpus
+from bitnet_jax.data.sources import HELDOUT_FRACTION, DataSource, parse_corpus
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig, check_known_keys
 

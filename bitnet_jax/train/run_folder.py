@@ -21,17 +21,28 @@ import re
 import shutil
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.model.transformer import init_params
 from bitnet_jax.train.run_config import RunConfig
 
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+
 RUN_FILE = "run.json"
+
+
+def _orbax():
+    """orbax.checkpoint, imported when a checkpoint is first touched: serving a packed or Hugging
+    Face folder imports this module but never needs orbax (nor its tensorstore, ~20 MB resident)."""
+    import orbax.checkpoint
+
+    return orbax.checkpoint
 
 
 def abstract_like(tree, shardings):
@@ -45,6 +56,7 @@ def save_checkpoint(manager, step, params, opt_state, iter_state):
 
     This is all a resumed run needs to continue bit for bit: the train step draws no random
     numbers (no dropout), the seed is in run.json, and the data order is the iterator state."""
+    ocp = _orbax()
     if step in (manager.all_steps() or []):
         return
     manager.save(
@@ -59,6 +71,7 @@ def save_checkpoint(manager, step, params, opt_state, iter_state):
 
 def restore_checkpoint(manager, run_dir, params_like, opt_state_like):
     """(params, opt_state, step, data-iterator state, unreadable newer steps) of the newest good checkpoint."""
+    ocp = _orbax()
     args = ocp.args.Composite(
         params=ocp.args.StandardRestore(params_like),
         opt_state=ocp.args.StandardRestore(opt_state_like),
@@ -91,6 +104,7 @@ def _restore_newest_good(manager, run_dir: str, args):
 def unfinished_saves(out_dir: str) -> list[int]:
     """Steps whose save was cut short (the process was killed): orbax writes a checkpoint to
     `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only when it is complete."""
+    ocp = _orbax()
     directory = os.path.join(out_dir, "checkpoints")
     if not os.path.isdir(directory):
         return []
@@ -112,6 +126,7 @@ def set_aside(out_dir: str, bad_steps: list[int]):
 
 def load_run(run_dir: str):
     """(RunConfig, params, tokenizer) of the newest readable checkpoint of a run folder."""
+    ocp = _orbax()
     run = read_run_file(run_dir)
     manager = checkpoint_manager(run_dir, run, read_only=True)
     if manager.latest_step() is None:
@@ -159,6 +174,7 @@ def write_or_check_run_file(run: RunConfig, out_dir: str, write: bool = True):
 
 
 def checkpoint_manager(out_dir: str, run: RunConfig, read_only: bool = False) -> ocp.CheckpointManager:
+    ocp = _orbax()
     directory = os.path.abspath(os.path.join(out_dir, "checkpoints"))
     if not read_only:
         # cleanup_tmp_directories: a save cut short leaves `<step>.orbax-checkpoint-tmp`, which
