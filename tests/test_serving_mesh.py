@@ -16,12 +16,13 @@ import textwrap
 from pathlib import Path
 
 # Both scripts compare forwards with the near-tie rule (tests/near_ties.py), imported once each
-# script has set XLA_FLAGS.
+# script has set XLA_FLAGS (the suite's, tests/xla_flags.py, with a simulated device count).
 PRELUDE = f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
 
 SCRIPT = textwrap.dedent("""
     import os, re
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    from xla_flags import device_count_flags
+    os.environ["XLA_FLAGS"] = device_count_flags(8)
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from bitnet_jax import BitNetConfig, BitNetLM, init_params
@@ -83,7 +84,8 @@ def test_tensor_parallel_ffi_matches_one_device(tmp_path):
 
 K_SPLIT_SCRIPT = textwrap.dedent("""
     import os, re
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    from xla_flags import device_count_flags
+    os.environ["XLA_FLAGS"] = device_count_flags(4)
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from bitnet_jax import BitNetConfig, BitNetLM, init_params
