@@ -10,6 +10,7 @@ import pytest
 from test_model import CONFIG
 
 from bitnet_jax import BitNetError, BitNetLM, generate, init_params
+from bitnet_jax.model.transformer import KVCache
 
 PARAMS = init_params(CONFIG, seed=7)
 
@@ -96,3 +97,39 @@ def test_long_prompts_prefill_chunk_by_chunk_and_equal_full_forward(monkeypatch)
     out = generate(CONFIG, PARAMS, prompts, 5)
     for row, prompt in zip(out, prompts):
         assert list(row) == greedy_by_full_forward(prompt, 5)
+
+
+@pytest.mark.parametrize("chunk", [256, 16])
+def test_prefill_into_the_whole_cache_equals_prefill_into_the_prompts_slots(monkeypatch, chunk):
+    """`prefill_fresh` writes the prompt into a cache as long as the context and attends over the
+    prompt's T slots only: bit for bit the logits and cache of a prefill into a T-slot cache that
+    is then padded with zeros to the context (what it did before, at the cost of a second cache).
+    A prefill that read the whole row would sum its softmax over more slots, and one that sliced
+    the wrong slots would see other keys: either changes the bits. (chunk 16: the 48-token prompts
+    are prefilled in three chunks, each attending over the same 48 slots.)"""
+    generate_module = importlib.import_module("bitnet_jax.serve.generate")
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", chunk)
+    model = BitNetLM(CONFIG)
+    rng = np.random.default_rng(5)
+    prompt_bt = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, 48)), jnp.int32)
+    lengths_b = jnp.asarray([48, 29], jnp.int32)
+    slots = 80
+
+    @jax.jit
+    def padded_prompt_cache(prompt_bt, lengths_b):
+        cache = KVCache.zeros(CONFIG, 2, 48)
+        logits_bv, cache = generate_module.prefill(model, {"params": PARAMS}, prompt_bt, lengths_b, cache)
+        pad = lambda c: jnp.pad(c, [(0, 0)] * 3 + [(0, slots - 48), (0, 0)])
+        return logits_bv, jax.tree.map(pad, cache)
+
+    whole = jax.jit(lambda p, n: generate_module.prefill_fresh(model, {"params": PARAMS}, p, n, slots, jnp.float32))
+    expected, got = padded_prompt_cache(prompt_bt, lengths_b), whole(prompt_bt, lengths_b)
+    assert got[1].k_lbksh.shape[3] == slots
+    for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+
+
+def test_attend_slots_must_lie_within_the_cache():
+    cache = KVCache.zeros(CONFIG, 1, 16)
+    with pytest.raises(ValueError, match="attend_slots=17: expected 1..16"):
+        BitNetLM(CONFIG).apply({"params": PARAMS}, jnp.zeros((1, 4), jnp.int32), cache=cache, attend_slots=17)

@@ -97,18 +97,19 @@ class KVCache(NamedTuple):
             new = KVCache(k_btkh, v_btkh)
         return jax.tree.map(lambda cache, x: _write_slots(cache, x, layer, start_b, rows), self, new)
 
-    def layer(self, layer, rows=None) -> tuple[jax.Array, jax.Array]:
+    def layer(self, layer, rows=None, slots=None) -> tuple[jax.Array, jax.Array]:
         """(keys, values) [B, K, S', H] of layer `layer` (of the cache rows or pages `rows`,
-        default every row; S' = P * S for pages): a copy, dequantized to float32 for an int8 cache."""
+        default every row; S' = P * S for pages, or the first `slots` of them): a copy,
+        dequantized to float32 for an int8 cache."""
         keys, values = self.k_lbksh[layer], self.v_lbksh[layer]
         if self.quantized:
             keys = keys.astype(jnp.float32) * self.k_scale_lbks[layer][..., None]
             values = values.astype(jnp.float32) * self.v_scale_lbks[layer][..., None]
-        if rows is None:
-            return keys, values
-        if rows.ndim == 1:
-            return keys[rows], values[rows]
-        return join_pages(keys[rows], 1), join_pages(values[rows], 1)
+        if rows is not None and rows.ndim == 1:
+            keys, values = keys[rows], values[rows]
+        elif rows is not None:
+            keys, values = join_pages(keys[rows], 1), join_pages(values[rows], 1)
+        return keys[:, :, :slots], values[:, :, :slots]
 
     def row_slots(self, rows=None) -> int:
         """Slots per input row: S, or P * S with pages `rows` [B, P]."""
@@ -297,8 +298,8 @@ def grouped_attention(q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, 
     if ops.ffi_attends(backend, q_btnh, cache_kv.k_lbksh):
         return ops.cached_attention(q_btnh, cache_kv, layer, positions_bt, cache_rows), cache_kv
     # The cache keeps slots next to the head dim, the layout the dots below want; a copy of the
-    # layer (and of the rows asked for), which the FFI kernel reads in place instead.
-    keys, values = cache_kv.layer(layer, cache_rows)
+    # layer (of the rows and slots the mask covers), which the FFI kernel reads in place instead.
+    keys, values = cache_kv.layer(layer, cache_rows, slots=mask_bts.shape[-1])
     q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
     scores_bkgts = jnp.einsum("btkgh,bksh->bkgts", q_btkgh, keys) * (h**-0.5)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED)
@@ -373,6 +374,9 @@ class BitNetLM(nn.Module):
         gives each request only the pages its tokens need.
       logits_index_b: int32 [B]; when given, logits are computed only at that position of each
         row and have shape [B, V] (the next-token logits of prompts of different lengths).
+      attend_slots: with a cache, a static int: attention reads only each row's first
+        `attend_slots` slots (a prompt prefilled into a cache longer than it: the slots past it
+        are not written yet). Default: every slot of the row.
     """
 
     config: BitNetConfig
@@ -391,6 +395,7 @@ class BitNetLM(nn.Module):
         cache_rows_b=None,
         cache_pages_bp=None,
         logits_index_b=None,
+        attend_slots: int | None = None,
     ):
         c = self.config
         b, t = input_ids_bt.shape
@@ -399,7 +404,9 @@ class BitNetLM(nn.Module):
         if cache_rows_b is not None and cache_pages_bp is not None:
             raise ValueError("pass cache_rows_b or cache_pages_bp, not both")
         cache_rows = cache_pages_bp if cache_pages_bp is not None else cache_rows_b
-        mask_bts = build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache, cache_rows)
+        mask_bts = build_attention_mask(
+            positions_bt, attention_mask_bt, segment_ids_bt, cache, cache_rows, attend_slots
+        )
 
         table, shared = head_table("float" if self.serving is None else self.serving.lm_head)
         if shared:
@@ -461,14 +468,18 @@ def _residual_constraint(x_btd):
     return nn.with_logical_constraint(x_btd, ("batch", "length", "act_embed"))
 
 
-def build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache, cache_rows=None):
+def build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache, cache_rows=None, slots=None):
     """Boolean [B, T, S]: may query t attend to key s (with a cache, S its slots per row:
-    `KVCache.row_slots`)."""
+    `KVCache.row_slots`, or the first `slots` of them)."""
     b, t = positions_bt.shape
     if cache is not None:
         if attention_mask_bt is not None or segment_ids_bt is not None:
             raise ValueError("attention_mask_bt / segment_ids_bt are not supported with a KV cache")
         s = cache.row_slots(cache_rows)
+        if slots is not None:
+            if not 0 < slots <= s:
+                raise ValueError(f"attend_slots={slots}: expected 1..{s}, the cache's slots per row")
+            s = slots
         return jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
     mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     if attention_mask_bt is not None:
