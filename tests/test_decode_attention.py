@@ -185,6 +185,29 @@ def test_paged_cache_gives_the_same_bits(isa, cache):
         np.testing.assert_array_equal(np.asarray(values), v_cache[LAYER])
 
 
+@pytest.mark.parametrize("cache", ["float32", "int8"])
+def test_prefill_chunk_gives_each_query_the_bits_it_gets_alone(isa, cache):
+    """The kernel splits its work two ways: a prefill chunk's many (query, kv head) outputs one
+    task each, which attends over the output's chunks of 128 slots in order and merges them; a
+    decode step's few outputs one task per chunk, merged in a second pass (attention.cc). Each
+    query of a 256-query chunk (512 outputs: the first way on up to 128 threads) must get the
+    bits it gets alone (2 outputs: the second way on any number of threads)."""
+    h, g, k, t, s = 128, 4, 2, 256, 700
+    q, k_cache, v_cache = _inputs(h, g, k, 1, t, s, seed=9)
+    positions = (150 + 2 * np.arange(t, dtype=np.int32))[None]  # 150..660: 2 to 6 chunks
+    positions[0, 7] = -1  # nothing to attend
+    caches = (k_cache, v_cache) if cache == "float32" else _int8_cache(k_cache, v_cache)
+    call = jax.jit(
+        lambda q, positions: ffi.decode_attention(q, caches[0], caches[1], LAYER, positions, None, *caches[2:])
+    )
+    chunk = np.asarray(call(q, positions))
+    for ti in (0, 7, 52, 53, 180, 255):  # positions 150, -1, 254, 256 (a chunk's first slot), 510, 660
+        alone = np.asarray(call(q[:, ti : ti + 1], positions[:, ti : ti + 1]))
+        assert alone.tobytes() == chunk[:, ti : ti + 1].tobytes(), (
+            f"query {ti} alone differs from query {ti} in the chunk"
+        )
+
+
 def test_paged_cache_bad_input_is_an_error():
     q, k_cache, v_cache = _inputs(64, 2, 2, 2, 1, 256)
     positions = np.array([[3], [200]], np.int32)
@@ -322,7 +345,7 @@ def _cache_step(backend, q, k_new, v_new, positions, cache, layer):
 
 
 @pytest.mark.parametrize("int8_cache", [False, True], ids=["f32-cache", "int8-cache"])
-@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("t", [1, 4, 40])
 def test_model_attention_takes_the_kernel_on_ffi(t, int8_cache):
     """`grouped_attention` with a cache on the FFI backend: the same cache write, the kernel's
     attention (a custom call, no slice of the layer) within rounding of the XLA path, also for a
@@ -349,18 +372,6 @@ def test_model_attention_takes_the_kernel_on_ffi(t, int8_cache):
     ffi_hlo, xla_hlo = step.lower("ffi", *args).as_text(), step.lower("xla", *args).as_text()
     assert "bitnet_decode_attention" in ffi_hlo and "dynamic_slice" not in ffi_hlo  # the layer read in place
     assert "bitnet_decode_attention" not in xla_hlo and "dynamic_slice" in xla_hlo
-
-
-def test_prefill_chunks_keep_the_xla_path():
-    """More than FFI_ATTENTION_MAX_T queries per row: scores as a matmul, in XLA ops."""
-    from bitnet_jax.kernels.ops import FFI_ATTENTION_MAX_T
-
-    t = FFI_ATTENTION_MAX_T + 1
-    q, k_cache, v_cache = _inputs(64, 1, 1, 1, t, 64)
-    k_new = np.zeros((1, t, 1, 64), np.float32)
-    positions = np.arange(t, dtype=np.int32)[None]
-    hlo = jax.jit(_cache_step, static_argnums=0).lower("ffi", q, k_new, k_new, positions, KVCache(k_cache, v_cache), 0)
-    assert "bitnet_decode_attention" not in hlo.as_text()
 
 
 def test_bad_input_is_an_error():

@@ -1,5 +1,5 @@
-// bitnet_decode_attention: grouped-query attention of a few queries per row over the stacked KV
-// cache, read in place.
+// bitnet_decode_attention: grouped-query attention of a decode step's or a prefill chunk's
+// queries over the stacked KV cache, read in place.
 //
 //   q           f32 [B, T, N, H]       queries (N = K * G: query head n reads kv head n / G)
 //   k_cache     f32 [L, Bc, K, S, H]   the whole stacked cache; only layer `layer` is read
@@ -24,9 +24,12 @@
 // step) and attends to all S slots under a mask; this reads only the filled slots of the rows
 // asked for, each key and value row once for the G query heads that share it.
 //
-// Work is split over (query, kv head, chunk of kAttentionChunk slots) on XLA's intra-op pool;
-// each chunk's partial softmax goes to its own slot of a buffer, and a second pass merges a
-// query's partials in slot order (attention_kernel.h). Nothing in a row's arithmetic depends on
+// Work is split on XLA's intra-op pool over (query, kv head) outputs where there are enough of
+// them for the threads (prefill chunks, batches), a task computing an output's chunks of
+// kAttentionChunk slots and merging their partial softmaxes in slot order (attention_kernel.h);
+// otherwise (a decode step of a row or two) over (query, kv head, chunk), each chunk's partial to
+// its own slot of a buffer, and a second pass merges each output's partials in slot order. Both
+// run the same arithmetic on the same chunks. Nothing in a row's arithmetic depends on
 // the batch, the other rows' positions or the threads, so a row's output is the same bits alone
 // or in any batch (what the batching server's invariance rests on), and the same whether its slots
 // lie in one cache row or in pages of whole chunks anywhere in the cache.
@@ -55,6 +58,10 @@ namespace {
 
 // (query, kv head) outputs per parallel task of the merge: each is only G * H * chunks flops.
 constexpr int64_t kMinMergesPerTask = 16;
+
+// (query, kv head) outputs per thread from which a task is a whole output, all its chunks, rather
+// than one chunk: enough tasks for the threads to share them evenly.
+constexpr int64_t kMinHeadTasksPerThread = 4;
 
 ffi::Error Invalid(const std::string& message) {
   return ffi::Error::InvalidArgument("bitnet_decode_attention: " + message);
@@ -186,12 +193,58 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
   const int64_t g = n / kv;
   const int64_t partial_floats = PartialFloats(g, h);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(h)));
+  const float* q_data = q.typed_data();
+  float* out_data = out->typed_data();
+  const int64_t layer_slots = layer * rows * kv * s;  // the layer's first slot, in slots
+  const T* k_layer = k_data + layer_slots * h;
+  const T* v_layer = v_data + layer_slots * h;
+  auto chunks_of = [&](int64_t query) { return positions[query] < 0 ? 0 : positions[query] / kAttentionChunk + 1; };
+  // The partial softmax of chunk `chunk` of `query` against `kv_head`: every task's arithmetic.
+  auto attend = [&](int64_t query, int64_t kv_head, int64_t chunk, float* scratch, float* partial) {
+    const int64_t first_slot = chunk * kAttentionChunk;
+    const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[query] + 1 - first_slot);
+    const int64_t row = pages[(query / t) * z.pages + first_slot / s];
+    const int64_t slot = (row * kv + kv_head) * s + first_slot % s;  // within the layer
+    const float* q_gh = q_data + (query * n + kv_head * g) * h;
+    if constexpr (std::is_same_v<T, int8_t>) {
+      AttendChunkInt8(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, k_scale + layer_slots + slot,
+                      v_scale + layer_slots + slot, slots, scale, scratch, partial);
+    } else {
+      AttendChunk(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, slots, scale, scratch, partial);
+    }
+  };
+
+  const int64_t heads = b * t * kv;  // (query, kv head) outputs
+  if (heads >= kMinHeadTasksPerThread * std::max<int64_t>(1, pool.num_threads())) {
+    // Enough outputs to keep every thread busy (prefill chunks, batches): a task computes one
+    // output's chunks in slot order, into its thread's buffer, and merges them.
+    ParallelFor(pool, heads, 1, [&](int64_t begin, int64_t end) {
+      thread_local std::vector<float> scratch, partials;
+      scratch.resize(ScratchFloats(g, h));
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t query = i / kv, kh = i % kv, chunks = chunks_of(query);
+        float* out_gh = out_data + (query * n + kh * g) * h;
+        if (chunks == 0) {
+          std::fill(out_gh, out_gh + g * h, 0.0f);
+          continue;
+        }
+        partials.resize(chunks * partial_floats);
+        for (int64_t c = 0; c < chunks; ++c) attend(query, kh, c, scratch.data(), partials.data() + c * partial_floats);
+        MergeChunks(partials.data(), chunks, g, h, out_gh);
+      }
+    });
+    return ffi::Error::Success();
+  }
+
+  // A few outputs (a decode step of one or two rows): a task per chunk, so that one output's
+  // chunks spread over the threads, each partial to its own slot of a buffer; a second pass
+  // merges each output's partials in slot order.
   Plan* plan = ThreadPlan();
   plan->items.clear();
   plan->chunks.assign(b * t, 0);
   plan->first_item.assign(b * t, 0);
   for (int64_t i = 0; i < b * t; ++i) {
-    const int64_t chunks = positions[i] < 0 ? 0 : positions[i] / kAttentionChunk + 1;
+    const int64_t chunks = chunks_of(i);
     plan->chunks[i] = chunks;
     plan->first_item[i] = static_cast<int64_t>(plan->items.size());
     for (int64_t kh = 0; kh < kv; ++kh) {
@@ -199,33 +252,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
     }
   }
   plan->partials.resize(plan->items.size() * partial_floats);
-
-  const float* q_data = q.typed_data();
-  const int64_t layer_slots = layer * rows * kv * s;  // the layer's first slot, in slots
-  const T* k_layer = k_data + layer_slots * h;
-  const T* v_layer = v_data + layer_slots * h;
   ParallelFor(pool, static_cast<int64_t>(plan->items.size()), 1, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
     scratch.resize(ScratchFloats(g, h));
     for (int64_t i = begin; i < end; ++i) {
       const WorkItem& w = plan->items[i];
-      const int64_t first_slot = w.chunk * kAttentionChunk;
-      const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[w.query] + 1 - first_slot);
-      const int64_t row = pages[(w.query / t) * z.pages + first_slot / s];
-      const int64_t slot = (row * kv + w.kv_head) * s + first_slot % s;  // within the layer
-      const float* q_gh = q_data + (w.query * n + w.kv_head * g) * h;
-      float* partial = plan->partials.data() + i * partial_floats;
-      if constexpr (std::is_same_v<T, int8_t>) {
-        AttendChunkInt8(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, k_scale + layer_slots + slot,
-                        v_scale + layer_slots + slot, slots, scale, scratch.data(), partial);
-      } else {
-        AttendChunk(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, slots, scale, scratch.data(), partial);
-      }
+      attend(w.query, w.kv_head, w.chunk, scratch.data(), plan->partials.data() + i * partial_floats);
     }
   });
-
-  float* out_data = out->typed_data();
-  ParallelFor(pool, b * t * kv, kMinMergesPerTask, [&](int64_t begin, int64_t end) {
+  ParallelFor(pool, heads, kMinMergesPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t query = i / kv, kh = i % kv;
       float* out_gh = out_data + (query * n + kh * g) * h;

@@ -284,8 +284,9 @@ def grouped_attention(q_btnh, k_btkh, v_btkh, positions_bt, mask_bts, cache_kv, 
     None). (Also timed alone by `bench generate --profile`.)
 
     With a cache, mask_bts is the cache's mask, slot <= position (`build_attention_mask`); on the FFI
-    backend, decode steps instead attend with the FFI kernel (`ops.ffi_attends`), which reads
-    the slots up to each position in place, where the einsums below read a copy of every slot."""
+    backend, decode steps and prefill chunks instead attend with the FFI kernel (`ops.ffi_attends`),
+    which reads the slots up to each position in place, where the einsums below read a copy of
+    every slot the mask covers."""
     b, t, n, h = q_btnh.shape
     k = k_btkh.shape[2]
     if cache_kv is None:
