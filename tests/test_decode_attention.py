@@ -20,6 +20,7 @@ import pytest
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import ffi
+from bitnet_jax.kernels.ops import ATTENTION_SIMD_ISAS, FFI_ATTENTION_MAX_T
 from bitnet_jax.model.transformer import _MASKED, KVCache, grouped_attention, quantize_kv
 
 U = 2.0**-24  # float32's unit roundoff
@@ -349,7 +350,10 @@ def _cache_step(backend, q, k_new, v_new, positions, cache, layer):
 def test_model_attention_takes_the_kernel_on_ffi(t, int8_cache):
     """`grouped_attention` with a cache on the FFI backend: the same cache write, the kernel's
     attention (a custom call, no slice of the layer) within rounding of the XLA path, also for a
-    position past the cache (a batching server's idle row), which attends every slot on both."""
+    position past the cache (a batching server's idle row), which attends every slot on both.
+    (t = 40: a prefill chunk, which takes the kernel on its SIMD paths only.)"""
+    if t > FFI_ATTENTION_MAX_T and ffi.selected_isa() not in ATTENTION_SIMD_ISAS:
+        pytest.skip(f"the kernel path here, {ffi.selected_isa()}, leaves prefill chunks to XLA")
     h, g, k, b, s = 64, 2, 2, 3, 40
     q, k_cache, v_cache = _inputs(h, g, k, b, t, s, seed=5)
     rng = np.random.default_rng(6)
@@ -372,6 +376,20 @@ def test_model_attention_takes_the_kernel_on_ffi(t, int8_cache):
     ffi_hlo, xla_hlo = step.lower("ffi", *args).as_text(), step.lower("xla", *args).as_text()
     assert "bitnet_decode_attention" in ffi_hlo and "dynamic_slice" not in ffi_hlo  # the layer read in place
     assert "bitnet_decode_attention" not in xla_hlo and "dynamic_slice" in xla_hlo
+
+
+def test_prefill_chunks_take_the_kernel_on_its_simd_paths(isa):
+    """More than FFI_ATTENTION_MAX_T queries per row (a prefill chunk) attend with the kernel where
+    it has SIMD code, and as XLA's matmul over the [T, S] square where it would run its scalar
+    twin; decode steps take the kernel on every path."""
+    for t, kernel in [(FFI_ATTENTION_MAX_T + 1, isa in ATTENTION_SIMD_ISAS), (1, True)]:
+        q, k_cache, v_cache = _inputs(64, 1, 1, 1, t, 64)
+        k_new = np.zeros((1, t, 1, 64), np.float32)
+        positions = np.arange(t, dtype=np.int32)[None]
+        # A new function each time, so that no trace made under another BITNET_JAX_ISA is reused.
+        step = jax.jit(lambda *args: _cache_step("ffi", *args))
+        hlo = step.lower(q, k_new, k_new, positions, KVCache(k_cache, v_cache), 0).as_text()
+        assert ("bitnet_decode_attention" in hlo) == kernel, (isa, t)
 
 
 def test_bad_input_is_an_error():

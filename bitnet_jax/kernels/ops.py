@@ -292,19 +292,31 @@ def int4_linear(x_mk, w_int4, w_scale, act_bits: int, backend: str) -> jax.Array
     return dot * (1 / jax.lax.optimization_barrier(x_scale))
 
 
+# Queries per row up to which attention over the cache takes the FFI kernel on every kernel path
+# (decode steps, short prompts). More queries (prefill chunks) take it where the kernel has SIMD
+# code, ATTENTION_SIMD_ISAS: its scalar twin (aarch64, a forced scalar path) would be slower there
+# than XLA's matmul over the [T, S] square.
+FFI_ATTENTION_MAX_T = 16
+ATTENTION_SIMD_ISAS = ("avx2", "avx512")
+
+
 def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
     """Whether attention over a stacked KV cache runs as the FFI kernel (`cached_attention`): on the
     FFI backend, for float32 queries and a float32 or int8 cache, outside a multi-device mesh (a
-    bare custom call there would see the sharded cache all-gathered). Decode steps and prefill
-    chunks alike: the kernel reads each query's slots up to its position, where XLA ops score
-    every slot of the row into a [T, S] matrix: twice the causal work and, for a 2B4T 256-token chunk
-    at a 2048-token context, 126 MB of scores (benchmarks/RESULTS.md)."""
+    bare custom call there would see the sharded cache all-gathered); for more than
+    FFI_ATTENTION_MAX_T queries per row, only on a SIMD kernel path. The kernel reads each query's
+    slots up to its position, where XLA ops score every slot of the row into a [T, S] matrix:
+    twice the causal work and, for a 2B4T 256-token prefill chunk at 2048 tokens, 126 MB of scores
+    (benchmarks/RESULTS.md)."""
+    from bitnet_jax.kernels import ffi
+
     mesh = jax.sharding.get_abstract_mesh()
     return (
         backend == "ffi"
         and q_btnh.dtype == jnp.float32
         and k_lbksh.dtype in (jnp.float32, jnp.int8)
         and (mesh.empty or mesh.size == 1)
+        and (q_btnh.shape[1] <= FFI_ATTENTION_MAX_T or ffi.selected_isa() in ATTENTION_SIMD_ISAS)
     )
 
 
