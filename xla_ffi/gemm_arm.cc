@@ -69,18 +69,18 @@ BITNET_NEON_DOT void TernaryGroupNeonDot(const int8_t* x, int64_t kp, const int3
 // to 4 output rows per register: 16 whole outputs in 4 accumulators per x row, no horizontal
 // sums, no x_sum correction (the codes are t itself). Per quad: 4 code loads feed 4 * MT sdot,
 // where the GEMV tile spends a mask and a shift per 4 (not timed: no ARM machine here).
-constexpr int64_t kNeonPanelRows = 16;
-constexpr int64_t kNeonPanelGroups = kNeonPanelRows / kRowsPerGroup;
+constexpr int64_t kNeonPanelGroups = kNeonPanelRows / kRowsPerGroup;  // kNeonPanelRows: gemm_paths.h
 constexpr int kNeonPanelTileRows = 4;  // 4 x 4 accumulators + 4 code and 4 activation registers
-// From as many rows as the x86 panels (there measured; here an assumption).
-constexpr int64_t kNeonPanelMinRows = 17;
 // K chunk: 16 x 1024 codes + 4 x 1024 activations = 20 KB, within a 32 KB L1.
 constexpr int64_t kNeonPanelChunkQuads = 256;
+
+}  // namespace
 
 // codes_q: [kp / 4][kNeonPanelRows][4] int8. Byte e of quarter h of a row block, shifted by 2j,
 // holds the code of k = 64j + 16h + e: one quarter is quads 16j + 4h .. 16j + 4h + 3 of its row,
 // and a 4 x 4 transpose of 32-bit lanes over the group's 4 rows gives each quad's 4 rows. Rows at
-// or past group `g_end` get t = 0; their outputs are never stored.
+// or past group `g_end` get t = 0; their outputs are never stored. (Declared in gemm_paths.h: the
+// group-scale kernel unpacks its panels with it too.)
 BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
                                         int8_t* codes_q) {
   const uint8x16_t mask = vdupq_n_u8(3);
@@ -115,14 +115,7 @@ BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0
   }
 }
 
-// Quad 4i + J of the panel (codes at c_q) against the activation quads xv[mi] (lane J).
-template <int MT, int J>
-BITNET_NEON_DOT inline void PanelQuadNeonDot(const int8_t* c_q, const int8x16_t (&xv)[MT], int32x4_t (&acc)[MT][4]) {
-  int8x16_t c[4];
-  for (int v = 0; v < 4; ++v) c[v] = vld1q_s8(c_q + 16 * v);
-  for (int mi = 0; mi < MT; ++mi)
-    for (int v = 0; v < 4; ++v) acc[mi][v] = vdotq_laneq_s32(acc[mi][v], c[v], xv[mi], J);
-}
+namespace {
 
 // MT activation rows x one panel, over the k-quads [q_begin, q_end) (multiples of 4): acc_out[m,
 // n0 + i] for i < 16 and n0 + i < n_end is set (the first K chunk) or added to.

@@ -11,6 +11,10 @@
 #include "layout.h"
 #include "scratch.h"
 
+#if BITNET_JAX_ARM_SIMD
+#include <arm_neon.h>
+#endif
+
 namespace bitnet {
 
 // Unnamed, as when the kernels shared one file: each SIMD file gets its own ForRowTiles, local to
@@ -87,6 +91,21 @@ void Int8RowsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t
   }
 }
 
+#if BITNET_JAX_ARM_SIMD
+// The sdot panels' step (UnpackPanelNeonDot's layout, below): quad 4i + J of a panel (codes at
+// c_q: four registers of 4 output rows) times lane J of each activation row's 16 bytes (xv[mi],
+// quads 4i .. 4i + 3), into 4 accumulators of 4 outputs per activation row.
+template <int MT, int J>
+__attribute__((target("arch=armv8.2-a+dotprod"))) inline void PanelQuadNeonDot(const int8_t* c_q,
+                                                                               const int8x16_t (&xv)[MT],
+                                                                               int32x4_t (&acc)[MT][4]) {
+  int8x16_t c[4];
+  for (int v = 0; v < 4; ++v) c[v] = vld1q_s8(c_q + 16 * v);
+  for (int mi = 0; mi < MT; ++mi)
+    for (int v = 0; v < 4; ++v) acc[mi][v] = vdotq_laneq_s32(acc[mi][v], c[v], xv[mi], J);
+}
+#endif
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -113,6 +132,16 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
 void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
 #elif BITNET_JAX_ARM_SIMD
+// The sdot prefill panels (gemm_arm.cc), which the group-scale kernel (ternary_group_gemm.cc)
+// shares: panels of kNeonPanelRows output rows, taken from kNeonPanelMinRows activation rows.
+// UnpackPanelNeonDot writes codes_q [kb * kBlockK / 4][kNeonPanelRows][4] int8: for every k-quad,
+// t = code - 1 of each output row of row groups g0 .. g0 + 3; rows at or past g_end get t = 0.
+constexpr int64_t kNeonPanelRows = 16;
+// From as many rows as the x86 panels (there measured; here an assumption).
+constexpr int64_t kNeonPanelMinRows = 17;
+__attribute__((target("arch=armv8.2-a+dotprod"))) void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0,
+                                                                          int64_t g_end, int8_t* codes_q);
+
 // gemm_arm.cc; isa is kNeon or kNeonDot (TernaryGroupsPerTaskArm: any isa).
 int64_t TernaryGroupsPerTaskArm(Isa isa, int64_t rows);
 void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,

@@ -8,7 +8,7 @@
 // Codes are t + 1, so the integer sums are sum (t + 1) * x; subtracting the group's sum of x
 // (x_group, computed once per call) leaves sum t * x exactly.
 //
-// GEMV tiles (decode, 2-16 rows, and NEON prefill): a group is whole 64-weight strips
+// GEMV tiles (decode and 2-16 rows): a group is whole 64-weight strips
 // of a row block (layout.h: the block shifted right by 2j and masked holds the codes of
 // k = 64j .. 64j + 63). On AVX2 a strip is two 32-code halves, each a maddubs with 32
 // activations; on AVX-512 one vpdpbusd of 64 codes; with NEON sdot four 16-code quarters. Each
@@ -20,7 +20,8 @@
 // Prefill (from 17 activation rows) on panels whose vector lanes are whole outputs, so a group's
 // scaling is one subtraction, conversion, multiply and add per register of outputs: on AVX-512
 // the per-tensor kernel's 32-row panels (gemm_x86.cc's unpacking) with vpdpbusd, on AVX2 panels
-// of 16 rows with maddubs (per tensor, AVX2 has no panel path: see gemm_x86.cc).
+// of 16 rows with maddubs (per tensor, AVX2 has no panel path: see gemm_x86.cc), with sdot the
+// per-tensor kernel's 16-row panels (gemm_arm.cc's unpacking; plain NEON has none).
 
 #include <algorithm>
 #include <cstdint>
@@ -30,9 +31,11 @@
 #include "gemm.h"
 #include "layout.h"
 
-#if BITNET_JAX_X86_SIMD
+#if BITNET_JAX_X86_SIMD || BITNET_JAX_ARM_SIMD
 #include "gemm_paths.h"
 #include "scratch.h"
+#endif
+#if BITNET_JAX_X86_SIMD
 #include "x86_simd.h"
 #elif BITNET_JAX_ARM_SIMD
 #include <arm_neon.h>
@@ -120,6 +123,66 @@ void TernaryGroupRows(const int8_t* x_q, const int32_t* x_group, int64_t rows, i
           case 3: Tile<1, 3>::Run(t); break;
           default: Tile<1, 4>::Run(t); break;
         }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill panels: output rows unpacked into vector lanes, so that a register's lanes are whole
+// outputs and a group's step is one subtraction, conversion, multiply and add per register of
+// outputs. A tile of MT activation rows keeps, per row, integer registers for the group in
+// progress; d, each output's float sum, starts at 0 and stays in registers (AVX-512, NEON) or
+// goes through dot (AVX2, 16 registers) from group to group, in gemm.h's order either way.
+
+struct GroupPanel {
+  const int8_t* x;        // the tile's first activation row; rows kp apart
+  int64_t kp;
+  const int32_t* x_group; // x_group + m0: group c of the tile's row mi at [c * rows + mi]
+  int64_t rows;
+  const int8_t* codes_q;  // the unpacked panel: [kp / 4][panel rows][4] codes
+  const float* scale;     // w_scale + n0; groups n_total apart
+  int64_t n_total;
+  int64_t group_q;        // k-quads per group
+  int64_t valid;          // the panel's outputs below n_total
+  float* dot;             // dot + m0 * n_total + n0; rows n_total apart
+};
+
+// K chunk: whole groups of about this many k-quads, whose panel codes and a tile's activations
+// stay in L1 while every tile passes over them (d goes through dot between chunks).
+constexpr int64_t kGroupPanelChunkQuads = 256;
+
+// Tile<MT>::Run(p, c_begin, c_end) for the MT = mt (1 .. MaxMT) activation rows left.
+template <template <int> class Tile, int MaxMT>
+inline void RunPanelTile(int64_t mt, const GroupPanel& p, int64_t c_begin, int64_t c_end) {
+  if constexpr (MaxMT > 1) {
+    if (mt < MaxMT) return RunPanelTile<Tile, MaxMT - 1>(mt, p, c_begin, c_end);
+  }
+  Tile<MaxMT>::Run(p, c_begin, c_end);
+}
+
+// The row groups [g_begin, g_end) in panels of PanelRows output rows, each unpacked by
+// unpack(w, kb, g0, g_end, codes_q) into per-thread scratch, then multiplied by tiles of up to
+// TileRows activation rows, K chunk by K chunk.
+template <int64_t PanelRows, int TileRows, template <int> class Tile, typename Unpack>
+void GroupPanels(Unpack unpack, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb,
+                 const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
+                 int64_t g_end, int64_t n_total, float* dot) {
+  constexpr int64_t kPanelGroups = PanelRows / kRowsPerGroup;
+  const int64_t kp = kb * kBlockK, group_q = group_k / 4;
+  const int64_t chunk_groups = std::max<int64_t>(1, kGroupPanelChunkQuads / group_q);
+  thread_local std::vector<int8_t> codes_storage;
+  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * kp);
+  const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
+    unpack(w, kb, g0, g_end, codes_q);
+    const int64_t n0 = g0 * kRowsPerGroup, valid = std::min(PanelRows, n_end - n0);
+    for (int64_t c0 = 0; c0 < groups; c0 += chunk_groups) {
+      const int64_t c1 = std::min(groups, c0 + chunk_groups);
+      for (int64_t m = 0; m < rows; m += TileRows) {
+        const GroupPanel p{x_q + m * kp, kp, x_group + m, rows, codes_q, w_scale + n0, n_total, group_q, valid,
+                           dot + m * n_total + n0};
+        RunPanelTile<Tile, TileRows>(std::min<int64_t>(TileRows, rows - m), p, c0, c1);
       }
     }
   }
@@ -294,66 +357,6 @@ template <int R, int MT>
 struct Avx512Tile {
   static void Run(const GroupTile& t) { GroupTileAvx512<R, MT>(t); }
 };
-
-// ---------------------------------------------------------------------------------------------
-// Prefill panels: output rows unpacked into vector lanes, so that a register's lanes are whole
-// outputs and a group's step is one subtraction, conversion, multiply and add per register of
-// outputs. A tile of MT activation rows keeps, per row, integer registers for the group in
-// progress; d, each output's float sum, starts at 0 and stays in registers (AVX-512) or goes
-// through dot (AVX2, 16 registers) from group to group, in gemm.h's order either way.
-
-struct GroupPanel {
-  const int8_t* x;        // the tile's first activation row; rows kp apart
-  int64_t kp;
-  const int32_t* x_group; // x_group + m0: group c of the tile's row mi at [c * rows + mi]
-  int64_t rows;
-  const int8_t* codes_q;  // the unpacked panel: [kp / 4][panel rows][4] codes
-  const float* scale;     // w_scale + n0; groups n_total apart
-  int64_t n_total;
-  int64_t group_q;        // k-quads per group
-  int64_t valid;          // the panel's outputs below n_total
-  float* dot;             // dot + m0 * n_total + n0; rows n_total apart
-};
-
-// K chunk: whole groups of about this many k-quads, whose panel codes and a tile's activations
-// stay in L1 while every tile passes over them (d goes through dot between chunks).
-constexpr int64_t kGroupPanelChunkQuads = 256;
-
-// Tile<MT>::Run(p, c_begin, c_end) for the MT = mt (1 .. MaxMT) activation rows left.
-template <template <int> class Tile, int MaxMT>
-inline void RunPanelTile(int64_t mt, const GroupPanel& p, int64_t c_begin, int64_t c_end) {
-  if constexpr (MaxMT > 1) {
-    if (mt < MaxMT) return RunPanelTile<Tile, MaxMT - 1>(mt, p, c_begin, c_end);
-  }
-  Tile<MaxMT>::Run(p, c_begin, c_end);
-}
-
-// The row groups [g_begin, g_end) in panels of PanelRows output rows, each unpacked by
-// unpack(w, kb, g0, g_end, codes_q) into per-thread scratch, then multiplied by tiles of up to
-// TileRows activation rows, K chunk by K chunk.
-template <int64_t PanelRows, int TileRows, template <int> class Tile, typename Unpack>
-void GroupPanels(Unpack unpack, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb,
-                 const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
-                 int64_t g_end, int64_t n_total, float* dot) {
-  constexpr int64_t kPanelGroups = PanelRows / kRowsPerGroup;
-  const int64_t kp = kb * kBlockK, group_q = group_k / 4;
-  const int64_t chunk_groups = std::max<int64_t>(1, kGroupPanelChunkQuads / group_q);
-  thread_local std::vector<int8_t> codes_storage;
-  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * kp);
-  const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
-  for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
-    unpack(w, kb, g0, g_end, codes_q);
-    const int64_t n0 = g0 * kRowsPerGroup, valid = std::min(PanelRows, n_end - n0);
-    for (int64_t c0 = 0; c0 < groups; c0 += chunk_groups) {
-      const int64_t c1 = std::min(groups, c0 + chunk_groups);
-      for (int64_t m = 0; m < rows; m += TileRows) {
-        const GroupPanel p{x_q + m * kp, kp, x_group + m, rows, codes_q, w_scale + n0, n_total, group_q, valid,
-                           dot + m * n_total + n0};
-        RunPanelTile<Tile, TileRows>(std::min<int64_t>(TileRows, rows - m), p, c0, c1);
-      }
-    }
-  }
-}
 
 // AVX-512: the per-tensor kernel's 32-row panels (UnpackPanelAvx512, gemm_paths.h), two registers
 // of 16 outputs; per activation row 2 int32 and 2 float accumulators (tiles of 6 rows: 24
@@ -573,6 +576,55 @@ struct NeonDotTile {
   static void Run(const GroupTile& t) { GroupTileNeonDot<R, MT>(t); }
 };
 
+// Prefill with sdot: the per-tensor kernel's 16-row panels (UnpackPanelNeonDot, gemm_paths.h),
+// whose codes are t itself, so a group's integer sums need no x_sum correction: quad 4i + J of
+// the panel is four registers of 4 outputs, times lane J of 16 activations (vdotq_laneq_s32). Per
+// activation row 4 int32 and 4 float accumulators (tiles of 3 rows: 24 registers, with 4 of codes
+// and 3 of activations).
+constexpr int kNeonGroupPanelTileRows = 3;
+
+template <int MT>
+BITNET_NEON_DOT void GroupPanelTileNeonDot(const GroupPanel& p, int64_t c_begin, int64_t c_end) {
+  float32x4_t d[MT][4];
+  for (int mi = 0; mi < MT; ++mi)
+    for (int v = 0; v < 4; ++v) {
+      float lanes[4] = {};
+      for (int i = 0; i < 4 && 4 * v + i < p.valid && c_begin > 0; ++i) lanes[i] = p.dot[mi * p.n_total + 4 * v + i];
+      d[mi][v] = vld1q_f32(lanes);
+    }
+  for (int64_t c = c_begin; c < c_end; ++c) {
+    int32x4_t acc[MT][4];
+    for (int mi = 0; mi < MT; ++mi)
+      for (int v = 0; v < 4; ++v) acc[mi][v] = vdupq_n_s32(0);
+    for (int64_t q = c * p.group_q; q < (c + 1) * p.group_q; q += 4) {  // a group is whole 16-quad strips
+      int8x16_t xv[MT];
+      for (int mi = 0; mi < MT; ++mi) xv[mi] = vld1q_s8(p.x + mi * p.kp + 4 * q);
+      const int8_t* c_q = p.codes_q + q * kNeonPanelRows * 4;
+      PanelQuadNeonDot<MT, 0>(c_q, xv, acc);
+      PanelQuadNeonDot<MT, 1>(c_q + kNeonPanelRows * 4, xv, acc);
+      PanelQuadNeonDot<MT, 2>(c_q + 2 * kNeonPanelRows * 4, xv, acc);
+      PanelQuadNeonDot<MT, 3>(c_q + 3 * kNeonPanelRows * 4, xv, acc);
+    }
+    for (int v = 0; v < 4; ++v) {
+      float lanes[4] = {};  // 0 for outputs past valid, which are never stored
+      for (int i = 0; i < 4 && 4 * v + i < p.valid; ++i) lanes[i] = p.scale[c * p.n_total + 4 * v + i];
+      const float32x4_t scale = vld1q_f32(lanes);
+      for (int mi = 0; mi < MT; ++mi) d[mi][v] = vaddq_f32(d[mi][v], vmulq_f32(vcvtq_f32_s32(acc[mi][v]), scale));
+    }
+  }
+  for (int mi = 0; mi < MT; ++mi)
+    for (int v = 0; v < 4; ++v) {
+      float lanes[4];
+      vst1q_f32(lanes, d[mi][v]);
+      for (int i = 0; i < 4 && 4 * v + i < p.valid; ++i) p.dot[mi * p.n_total + 4 * v + i] = lanes[i];
+    }
+}
+
+template <int MT>
+struct GroupPanelTileNeonDotOp {
+  static void Run(const GroupPanel& p, int64_t c_begin, int64_t c_end) { GroupPanelTileNeonDot<MT>(p, c_begin, c_end); }
+};
+
 #endif  // BITNET_JAX_ARM_SIMD
 
 }  // namespace
@@ -591,6 +643,8 @@ int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni && rows >= kAvx512PanelMinRows) return kAvx512PanelRows / kRowsPerGroup;
   if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) return kAvx2GroupPanelRows / kRowsPerGroup;
+#elif BITNET_JAX_ARM_SIMD
+  if (isa == Isa::kNeonDot && rows >= kNeonPanelMinRows) return kNeonPanelRows / kRowsPerGroup;
 #endif
   (void)isa;
   (void)rows;
@@ -620,6 +674,11 @@ void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int
     return;
   }
 #elif BITNET_JAX_ARM_SIMD
+  if (isa == Isa::kNeonDot && rows >= kNeonPanelMinRows) {
+    GroupPanels<kNeonPanelRows, kNeonGroupPanelTileRows, GroupPanelTileNeonDotOp>(
+        UnpackPanelNeonDot, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    return;
+  }
   if (isa == Isa::kNeonDot) {
     TernaryGroupRows<NeonDotTile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
     return;
