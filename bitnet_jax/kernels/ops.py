@@ -308,16 +308,19 @@ def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
     slots up to its position, where XLA ops score every slot of the row into a [T, S] matrix:
     twice the causal work and, for a 2B4T 256-token prefill chunk at 2048 tokens, 126 MB of scores
     (benchmarks/RESULTS.md)."""
-    from bitnet_jax.kernels import ffi
-
     mesh = jax.sharding.get_abstract_mesh()
-    return (
+    if not (
         backend == "ffi"
         and q_btnh.dtype == jnp.float32
         and k_lbksh.dtype in (jnp.float32, jnp.int8)
         and (mesh.empty or mesh.size == 1)
-        and (q_btnh.shape[1] <= FFI_ATTENTION_MAX_T or ffi.selected_isa() in ATTENTION_SIMD_ISAS)
-    )
+    ):
+        return False
+    if q_btnh.shape[1] <= FFI_ATTENTION_MAX_T:
+        return True
+    from bitnet_jax.kernels import ffi  # only here: the XLA backends never load the extension
+
+    return ffi.selected_isa() in ATTENTION_SIMD_ISAS
 
 
 def cached_attention(q_btnh, cache: KVCache, layer, positions_bt, cache_rows=None) -> jax.Array:
