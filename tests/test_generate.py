@@ -130,6 +130,11 @@ def test_prefill_into_the_whole_cache_equals_prefill_into_the_prompts_slots(monk
 
 
 def test_attend_slots_must_lie_within_the_cache():
-    cache = KVCache.zeros(CONFIG, 1, 16)
+    cache, ids = KVCache.zeros(CONFIG, 1, 16), jnp.zeros((1, 4), jnp.int32)
+    apply = lambda **kwargs: BitNetLM(CONFIG).apply({"params": PARAMS}, ids, **kwargs)
     with pytest.raises(ValueError, match="attend_slots=17: expected 1..16"):
-        BitNetLM(CONFIG).apply({"params": PARAMS}, jnp.zeros((1, 4), jnp.int32), cache=cache, attend_slots=17)
+        apply(cache=cache, attend_slots=17)
+    with pytest.raises(ValueError, match="attend_slots=0: expected 1..16"):
+        apply(cache=cache, attend_slots=0)
+    with pytest.raises(ValueError, match="attend_slots is for calls with a KV cache"):
+        apply(attend_slots=4)

@@ -377,7 +377,7 @@ class BitNetLM(nn.Module):
         row and have shape [B, V] (the next-token logits of prompts of different lengths).
       attend_slots: with a cache, a static int: attention reads only each row's first
         `attend_slots` slots (a prompt prefilled into a cache longer than it: the slots past it
-        are not written yet). Default: every slot of the row.
+        are not written yet), so every position must be below it. Default: every slot of the row.
     """
 
     config: BitNetConfig
@@ -482,6 +482,8 @@ def build_attention_mask(positions_bt, attention_mask_bt, segment_ids_bt, cache,
                 raise ValueError(f"attend_slots={slots}: expected 1..{s}, the cache's slots per row")
             s = slots
         return jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+    if slots is not None:
+        raise ValueError("attend_slots is for calls with a KV cache (cache=...)")
     mask_bts = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     if attention_mask_bt is not None:
         mask_bts = mask_bts & (attention_mask_bt[:, None, :] != 0)
