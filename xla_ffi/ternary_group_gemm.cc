@@ -583,15 +583,20 @@ struct NeonDotTile {
 // and 3 of activations).
 constexpr int kNeonGroupPanelTileRows = 3;
 
+// The 4 floats at `from` whose outputs 4v .. 4v + 3 lie below `valid` (0 for the others).
+BITNET_NEON_DOT inline float32x4_t LoadValid4(const float* from, int v, int64_t valid) {
+  if (4 * v + 4 <= valid) return vld1q_f32(from);
+  float lanes[4] = {};
+  for (int i = 0; 4 * v + i < valid; ++i) lanes[i] = from[i];
+  return vld1q_f32(lanes);
+}
+
 template <int MT>
 BITNET_NEON_DOT void GroupPanelTileNeonDot(const GroupPanel& p, int64_t c_begin, int64_t c_end) {
   float32x4_t d[MT][4];
   for (int mi = 0; mi < MT; ++mi)
-    for (int v = 0; v < 4; ++v) {
-      float lanes[4] = {};
-      for (int i = 0; i < 4 && 4 * v + i < p.valid && c_begin > 0; ++i) lanes[i] = p.dot[mi * p.n_total + 4 * v + i];
-      d[mi][v] = vld1q_f32(lanes);
-    }
+    for (int v = 0; v < 4; ++v)
+      d[mi][v] = c_begin == 0 ? vdupq_n_f32(0.0f) : LoadValid4(p.dot + mi * p.n_total + 4 * v, v, p.valid);
   for (int64_t c = c_begin; c < c_end; ++c) {
     int32x4_t acc[MT][4];
     for (int mi = 0; mi < MT; ++mi)
@@ -606,17 +611,20 @@ BITNET_NEON_DOT void GroupPanelTileNeonDot(const GroupPanel& p, int64_t c_begin,
       PanelQuadNeonDot<MT, 3>(c_q + 3 * kNeonPanelRows * 4, xv, acc);
     }
     for (int v = 0; v < 4; ++v) {
-      float lanes[4] = {};  // 0 for outputs past valid, which are never stored
-      for (int i = 0; i < 4 && 4 * v + i < p.valid; ++i) lanes[i] = p.scale[c * p.n_total + 4 * v + i];
-      const float32x4_t scale = vld1q_f32(lanes);
+      const float32x4_t scale = LoadValid4(p.scale + c * p.n_total + 4 * v, v, p.valid);
       for (int mi = 0; mi < MT; ++mi) d[mi][v] = vaddq_f32(d[mi][v], vmulq_f32(vcvtq_f32_s32(acc[mi][v]), scale));
     }
   }
   for (int mi = 0; mi < MT; ++mi)
     for (int v = 0; v < 4; ++v) {
-      float lanes[4];
-      vst1q_f32(lanes, d[mi][v]);
-      for (int i = 0; i < 4 && 4 * v + i < p.valid; ++i) p.dot[mi * p.n_total + 4 * v + i] = lanes[i];
+      float* out = p.dot + mi * p.n_total + 4 * v;
+      if (4 * v + 4 <= p.valid) {
+        vst1q_f32(out, d[mi][v]);
+      } else {
+        float lanes[4];
+        vst1q_f32(lanes, d[mi][v]);
+        for (int i = 0; 4 * v + i < p.valid; ++i) out[i] = lanes[i];
+      }
     }
 }
 
