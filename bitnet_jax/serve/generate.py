@@ -352,8 +352,9 @@ def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots:
     Prefill attends over the prompt's T slots only (`attend_slots`), not over the whole context:
     for a 128-token prompt in a 2048-slot row that is 16 times less attention work. The math is
     that of a prefill into a T-slot cache, and the cache is written in place: no second,
-    prompt-sized cache is made and copied into it (at a 2048-token prompt that copy was 80 MB of
-    peak memory with an int8 cache). The slots past T stay zero; decode steps write a slot
+    prompt-sized cache is made and copied into it (80 MB at a 2048-token prompt with an int8
+    cache; on the FFI backend XLA had laid that copy over prefill's attention scores, so it was
+    not what set the peak there). The slots past T stay zero; decode steps write a slot
     before they read it. `generate` and the batching engine both start rows here, so a prompt
     gets the same math in both."""
     t = prompt_bt.shape[1]
