@@ -64,6 +64,35 @@ def test_sampling_is_reproducible_and_restricted():
     assert len(samples) > 1
 
 
+def test_greedy_tokens_are_argmax_ties_nans_and_infinities_included():
+    """`greedy_tokens` replaces jnp.argmax for speed; it must pick the very same index: the first
+    of tied maxima, the first NaN of a row that has any, and -0.0 and 0.0 as equal."""
+    from bitnet_jax.serve.generate import greedy_tokens
+
+    rng = np.random.default_rng(0)
+    rows = [rng.standard_normal(1000, np.float32) for _ in range(12)]
+    rows[1][[3, 500, 999]] = 9.0  # tied maxima: the first
+    rows[2][[10, 700]] = np.nan  # NaNs win, the first of them
+    rows[3][[900]] = np.nan
+    rows[3][[5]] = np.inf
+    rows[4][:] = -np.inf
+    rows[5][:] = 0.0
+    rows[5][[0, 7]] = [-0.0, 0.0]
+    rows[6][[998]] = np.inf
+    rows[7][:] = np.round(rows[7])  # many ties
+    rows[8][[20, 30]] = [-np.nan, np.nan]  # a NaN with its sign bit set
+    rows[9][:] = -np.abs(rows[9])  # all negative: the one nearest zero
+    rows[10][:] = -np.inf
+    rows[10][[400, 401]] = [-3.0, np.finfo(np.float32).min]
+    logits = np.stack(rows)
+    expected = np.asarray(jnp.argmax(logits, axis=-1))
+    got = np.asarray(jax.jit(greedy_tokens)(logits))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(expected[1:6], [3, 10, 900, 0, 0])
+    assert expected[8] == 20 and expected[10] == 400
+
+
 def test_streaming_callback_sees_every_token_in_order():
     seen = []
     out = generate(CONFIG, PARAMS, [[5, 6], [7]], 5, on_tokens=lambda t: seen.append(np.asarray(t).copy()))

@@ -62,6 +62,7 @@ from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
 from bitnet_jax.serve.generate import (
     PREFILL_CHUNK,
+    greedy_tokens,
     kv_cache_dtype,
     padded_prompt_length,
     prefill_chunk,
@@ -623,7 +624,7 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
     only in steps where some row needs it (`lax.cond`): an all-greedy step is an argmax."""
     split_b22 = jax.vmap(jax.random.split)(keys_b2)
     keys_b2, draw_b2 = split_b22[:, 0], split_b22[:, 1]
-    greedy_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    greedy_b = greedy_tokens(logits_bv)
     sampling_b = temperature_b > 0
 
     def top_p_filter(scaled_bv):

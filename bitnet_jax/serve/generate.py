@@ -218,8 +218,9 @@ _streams: dict[int, Callable[[np.ndarray], None]] = {}
 _stream_ids = itertools.count(1)
 
 
-def _emit_stream(stream, tokens_b):
-    _streams[int(stream)](tokens_b)
+def _emit_stream(stream_and_tokens):
+    stream_and_tokens = np.asarray(stream_and_tokens)  # one transfer: [stream id, tokens...]
+    _streams[int(stream_and_tokens[0])](stream_and_tokens[1:])
 
 
 def serving_params(config: BitNetConfig, params, backend: str | None, kv_cache: str | None = None):
@@ -273,7 +274,7 @@ def _generate(
         rng, key = jax.random.split(rng)
         token_b = jnp.where(done_b, fill, sample(logits_bv, key, *sampling))
         if streaming:
-            io_callback(_emit_stream, None, stream, token_b, ordered=True)
+            io_callback(_emit_stream, None, jnp.concatenate([stream[None], token_b]), ordered=True)
         done_b = done_b | jnp.isin(token_b, stop_ids_arr)
         return out_bn.at[:, i].set(token_b), done_b, rng
 
@@ -362,12 +363,32 @@ def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots:
     return prefill(model, variables, prompt_bt, lengths_b, cache, attend_slots=t)
 
 
+def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits_bv, axis=-1)` as int32 [B]: the first index of each row's maximum, or of
+    its first NaN where it has one, -0.0 and 0.0 being equal, as argmax has it.
+
+    Two plain integer reductions (the largest key, then the smallest index that holds it) instead
+    of argmax's one reduction over (value, index) pairs, which XLA:CPU runs an element at a time:
+    over a 128,256-token vocabulary, 0.07 ms a row instead of 0.58 ms on a Zen 4 (1.4% of a 2B4T
+    decode step). The key orders floats as integers (the bits, with the magnitude bits of
+    negatives flipped), after mapping -0.0 to 0.0 and every NaN to the largest key: a float
+    maximum would not do, for XLA:CPU's does not propagate NaN. tests/test_generate.py checks it
+    against argmax, ties, zeros, infinities and NaNs included."""
+    x_bv = jnp.where(logits_bv == 0, 0.0, logits_bv).astype(jnp.float32)
+    bits_bv = jax.lax.bitcast_convert_type(x_bv, jnp.int32)
+    key_bv = jnp.where(bits_bv < 0, bits_bv ^ jnp.int32(0x7FFFFFFF), bits_bv)
+    key_bv = jnp.where(jnp.isnan(x_bv), jnp.iinfo(jnp.int32).max, key_bv)
+    top_b1 = jnp.max(key_bv, axis=-1, keepdims=True)
+    index_bv = jax.lax.broadcasted_iota(jnp.int32, key_bv.shape, key_bv.ndim - 1)
+    return jnp.min(jnp.where(key_bv == top_b1, index_bv, key_bv.shape[-1]), axis=-1)
+
+
 def sample(
     logits_bv: jax.Array, key: jax.Array, temperature: float, top_k: int | None, top_p: float | None
 ) -> jax.Array:
     """Greedy (temperature 0) or temperature / top-k / top-p sampling; int32 [B]."""
     if temperature == 0.0:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits_bv)
     logits_bv = logits_bv.astype(jnp.float32) / temperature
     if top_k is not None and top_k < logits_bv.shape[-1]:
         kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
