@@ -2,6 +2,8 @@
 
 import collections
 import importlib
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -93,10 +95,69 @@ def test_greedy_tokens_are_argmax_ties_nans_and_infinities_included():
     assert expected[8] == 20 and expected[10] == 400
 
 
-def test_streaming_callback_sees_every_token_in_order():
-    seen = []
-    out = generate(CONFIG, PARAMS, [[5, 6], [7]], 5, on_tokens=lambda t: seen.append(np.asarray(t).copy()))
+@pytest.mark.parametrize("path", ["ffi", "callback"])
+def test_streaming_callback_sees_every_token_in_order(monkeypatch, path):
+    """On CPU a decode step queues its tokens for a Python thread (`kernels.ffi.TokenStream`);
+    other platforms stream through io_callback, forced here onto the CPU."""
+    import bitnet_jax.serve.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "_stream_path", lambda params: path)
+    seen, threads = [], set()
+
+    def on_tokens(tokens_b):
+        assert isinstance(tokens_b, np.ndarray) and tokens_b.dtype == np.int32 and tokens_b.shape == (2,)
+        time.sleep(0.02)  # slower than a step: the program ends first, the calls must still all be made
+        seen.append(tokens_b.copy())
+        threads.add(threading.get_ident())
+
+    out = generate(CONFIG, PARAMS, [[5, 6], [7]], 5, on_tokens=on_tokens)
+    np.testing.assert_array_equal(np.stack(seen, axis=1), out)  # all delivered before generate returned
+    if path == "ffi":  # io_callback may run it on the caller's thread, when XLA runs the program there
+        assert threading.get_ident() not in threads
+
+
+@pytest.mark.parametrize("path", ["ffi", "callback"])
+def test_an_exception_in_on_tokens_is_raised_by_generate(monkeypatch, path):
+    import bitnet_jax.serve.generate as generate_module
+
+    monkeypatch.setattr(generate_module, "_stream_path", lambda params: path)
+    calls = []
+
+    def on_tokens(tokens_b):
+        calls.append(tokens_b)
+        if len(calls) == 2:
+            time.sleep(0.2)  # the program runs on meanwhile: what it pushed is dropped, not delivered
+            raise KeyError("the reader went away")
+
+    with pytest.raises(Exception) as raised:
+        generate(CONFIG, PARAMS, [[5, 6]], 40, on_tokens=on_tokens)
+    assert "the reader went away" in str(raised.value)
+    assert len(calls) == 2  # never called again after it raised
+    if path == "ffi":
+        assert isinstance(raised.value, KeyError)
+    seen = []  # the next call streams as usual
+    out = generate(CONFIG, PARAMS, [[5, 6]], 4, on_tokens=seen.append)
     np.testing.assert_array_equal(np.stack(seen, axis=1), out)
+
+
+def test_a_push_after_on_tokens_raised_fails_the_program_and_one_to_no_stream_too():
+    from bitnet_jax.kernels.ffi import TokenStream, push_tokens
+
+    push = jax.jit(lambda t: push_tokens(t) or t)
+    with pytest.raises(Exception, match="no open stream 987654"):
+        jax.block_until_ready(push(jnp.array([987654, 1, 2], jnp.int32)))
+
+    def on_tokens(tokens_b):
+        raise KeyError(f"cannot take {tokens_b.tolist()}")
+
+    with pytest.raises(KeyError, match=r"cannot take \[1, 2\]"):
+        with TokenStream(987655, on_tokens) as stream:
+            jax.block_until_ready(push(jnp.array([987655, 1, 2], jnp.int32)))
+            for _ in range(1000):
+                if stream.error is None:
+                    time.sleep(0.01)
+            with pytest.raises(Exception, match=r"consumer stopped: on_tokens raised KeyError.*cannot take \[1, 2\]"):
+                jax.block_until_ready(push(jnp.array([987655, 3, 4], jnp.int32)))
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,10 @@
 // `registrations()` returns {target name: capsule(handler pointer)}, and bitnet_jax/kernels/ffi.py passes
 // each to jax.ffi.register_ffi_target.
 
+#include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "act_quant.h"
 #include "attention.h"
@@ -19,6 +21,7 @@
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
 #include "quantize.h"
+#include "token_stream.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -52,6 +55,7 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_decode_attention_i8"] = EncapsulateFfiHandler(BitnetDecodeAttentionI8);
     registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
     registrations["bitnet_int8_peak"] = EncapsulateFfiHandler(BitnetInt8Peak);
+    registrations["bitnet_stream_tokens"] = EncapsulateFfiHandler(BitnetStreamTokens);
     return registrations;
   });
   m.def("layout", []() {
@@ -78,6 +82,25 @@ NB_MODULE(_ffi_ext, m) {
     if (!bitnet::SelectIsa(&isa, &error)) throw nb::value_error(error.c_str());
     return std::string(bitnet::IsaName(isa));
   }, "The path the kernels take now (BITNET_JAX_ISA, else the widest available).");
+  // Token streams (token_stream.h), driven by bitnet_jax/serve/generate.py.
+  m.def("token_stream_open", &bitnet::OpenTokenStream, nb::arg("stream"), "Opens stream `stream` (empty).");
+  m.def("token_stream_pop", [](int64_t stream) -> nb::object {
+    std::vector<int32_t> tokens;
+    bool got;
+    {
+      nb::gil_scoped_release release;
+      got = bitnet::PopTokens(stream, &tokens);
+    }
+    if (!got) return nb::none();
+    return nb::bytes(reinterpret_cast<const char*>(tokens.data()), tokens.size() * sizeof(int32_t));
+  }, nb::arg("stream"),
+        "A step's tokens (int32 bytes) once the program has pushed them, or None once the stream is finished "
+        "and drained; waits with the GIL released.");
+  m.def("token_stream_finish", &bitnet::FinishTokenStream, nb::arg("stream"),
+        "No more pushes: token_stream_pop returns None once the queue is empty.");
+  m.def("token_stream_cancel", &bitnet::CancelTokenStream, nb::arg("stream"), nb::arg("reason"),
+        "Makes the program's next push fail with `reason`.");
+  m.def("token_stream_close", &bitnet::CloseTokenStream, nb::arg("stream"), "Forgets the stream.");
   m.def("int8_peak_instructions", []() {
     nb::dict instructions;
     for (bitnet::Isa isa : bitnet::AvailableIsas())

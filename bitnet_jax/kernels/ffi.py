@@ -19,6 +19,8 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                         grouped-query attention over one layer of the stacked KV cache (float32,
                         or int8 with per-slot scales), read in place (`decode_attention`,
                         xla_ffi/attention.cc).
+  bitnet_stream_tokens  a decode step's tokens into a queue that a Python thread reads
+                        (`push_tokens`, `TokenStream`, xla_ffi/token_stream.cc).
 
 Kernel paths (scalar; AVX2, AVX-512 VNNI on x86-64; NEON, NEON with sdot on aarch64) are chosen at
 run time from the CPU, or forced with the environment variable
@@ -26,6 +28,9 @@ BITNET_JAX_ISA=scalar|avx2|avx512|neon|neon_dot (read at every call).
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -368,3 +373,48 @@ def _int32_operand(name: str, x, shape: tuple) -> jax.Array:
     if x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
         raise BitNetError(f"decode_attention: expected integer {name} of shape {shape}; found {x.dtype} {x.shape}.")
     return x.astype(jnp.int32)
+
+
+def push_tokens(stream_and_tokens_1b: jax.Array) -> None:
+    """Inside a jitted program on CPU: appends a step's tokens to an open `TokenStream`.
+    `stream_and_tokens_1b`: int32 [1 + B], the stream's id and then the B tokens. The program
+    fails if the stream is not open, or if its consumer has raised."""
+    jax.ffi.ffi_call("bitnet_stream_tokens", (), has_side_effect=True)(stream_and_tokens_1b.astype(jnp.int32))
+
+
+class TokenStream:
+    """Calls `on_tokens(tokens_b)` (int32 numpy [B]) on a thread of its own for each step that a
+    program pushes to stream `stream_id` (`push_tokens`), in order.
+
+    The program's thread only queues the tokens (xla_ffi/token_stream.cc), so a decode step does
+    not wait for Python. Use as a context manager around running the program: on exit every
+    pushed step has been delivered, and an exception that `on_tokens` raised is raised (the
+    program itself stops at its next push, with an error that names it)."""
+
+    def __init__(self, stream_id: int, on_tokens: Callable[[np.ndarray], None]):
+        self._id = int(stream_id)
+        self._on_tokens = on_tokens
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._deliver, name=f"bitnet-token-stream-{self._id}", daemon=True)
+
+    def __enter__(self) -> "TokenStream":
+        _ffi_ext.token_stream_open(self._id)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ffi_ext.token_stream_finish(self._id)
+        self._thread.join()
+        _ffi_ext.token_stream_close(self._id)
+        if self.error is not None:
+            raise self.error
+
+    def _deliver(self) -> None:
+        while (step := _ffi_ext.token_stream_pop(self._id)) is not None:
+            if self.error is not None:
+                continue  # drain what the program pushed before it saw the cancellation
+            try:
+                self._on_tokens(np.frombuffer(step, np.int32))
+            except BaseException as e:  # handed to the caller by __exit__
+                self.error = e
+                _ffi_ext.token_stream_cancel(self._id, f"on_tokens raised {type(e).__name__}: {e}")
