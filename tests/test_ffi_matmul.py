@@ -117,6 +117,44 @@ def test_fused_ternary_matmul_bit_exact(isa, m, k, n, per_row):
     np.testing.assert_array_equal(np.asarray(got16), np.asarray(_ternary_reference(x16, t, w_scale)))
 
 
+@pytest.mark.parametrize("m", [1, 3, 40])
+def test_ternary_matmuls_give_each_projection_the_bits_of_its_own_call(isa, m):
+    """Several projections of one x in one call (q, k, v): each output must be exactly what
+    `ternary_matmul` gives it, on stacked layers, per-tensor and per-row scales, a projection
+    smaller than one task of row groups and one not a whole group, decode and prefill row counts."""
+    rng = np.random.default_rng(m)
+    k, layers = 700, 3
+    projections, tables = [], []
+    for n, per_row in ((300, False), (37, True), (6, False), (130, True)):
+        t = np.stack([_ternary(rng, n, k) for _ in range(layers)])
+        w_scale = rng.uniform(0.01, 0.1, size=(layers, n if per_row else 1)).astype(np.float32)
+        projections.append((jnp.stack([layout.pack_ternary(t[i]) for i in range(layers)]), jnp.asarray(w_scale), n))
+        tables.append((t, w_scale))
+    x = rng.normal(size=(m, k)).astype(np.float32) * 3
+    for layer in (0, 2):
+        got = jax.jit(lambda x, layer: ffi.ternary_matmuls(x, projections, 8, layer))(x, layer)
+        assert len(got) == len(projections)
+        for y, (w_packed, w_scale, n), (t, scale) in zip(got, projections, tables):
+            alone = ffi.ternary_matmul(x, w_packed, w_scale, n, 8, layer)
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(alone))
+            np.testing.assert_array_equal(np.asarray(y), np.asarray(_ternary_reference(x, t[layer], scale[layer])))
+    # A batch axis under vmap folds into the rows.
+    xb = rng.normal(size=(2, m, k)).astype(np.float32)
+    batched = jax.vmap(lambda x: ffi.ternary_matmuls(x, projections[:2]))(xb)
+    for y, (w_packed, w_scale, n) in zip(batched, projections[:2]):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(ffi.ternary_matmul(xb, w_packed, w_scale, n)))
+
+
+def test_ternary_matmuls_refuses_projections_that_do_not_fit_x():
+    rng = np.random.default_rng(0)
+    good = (layout.pack_ternary(_ternary(rng, 8, 256)), jnp.ones((1,), jnp.float32), 8)
+    other_k = (layout.pack_ternary(_ternary(rng, 8, 512)), jnp.ones((1,), jnp.float32), 8)
+    with pytest.raises(Exception, match=r"bitnet_ternary_matmuls \(projection 1\).*K=256"):
+        jax.block_until_ready(ffi.ternary_matmuls(jnp.ones((1, 256)), [good, other_k]))
+    with pytest.raises(BitNetError, match="at least one"):
+        ffi.ternary_matmuls(jnp.ones((1, 256)), [])
+
+
 @pytest.mark.parametrize("k", [7, 37, 300])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_fused_quantization_special_rows_bit_exact(isa, k, bits):

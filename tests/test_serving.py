@@ -141,6 +141,29 @@ def test_ffi_greedy_equals_xla_greedy(lm_head):
         np.testing.assert_array_equal(ffi_ids, generate(config, params, prompts, 24, backend="ffi"))
 
 
+def test_q_k_v_and_gate_up_run_as_one_ffi_call_each_with_the_bits_of_separate_calls(monkeypatch):
+    """On the FFI backend a layer's q, k and v (and gate and up) are one custom call
+    (`ops.ternary_linears`): the program must hold those calls, and its logits must be bit for
+    bit those of one call per projection (that path forced), prefill and batch rows alike."""
+    from bitnet_jax.kernels import ops
+
+    config = BitNetConfig(**SMALL)
+    packed = pack(config, _trained_like(config, seed=2), lm_head="int8")
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 21)), jnp.int32)
+    forward = lambda: jax.jit(BitNetLM(config, ServingSpec("ffi", "int8", config.act_bits)).apply)
+    hlo = forward().lower(serving_variables(packed), ids).as_text()
+    assert hlo.count("@bitnet_ternary_matmuls(") == 2 and hlo.count("@bitnet_ternary_matmul(") == 2  # + o, down
+    fused = np.asarray(forward()(serving_variables(packed), ids))
+
+    separate = lambda x, projections, act_bits, backend, layer=None, split="n": tuple(
+        ops.ternary_linear(x, w, s, n, act_bits, backend, layer, split=split) for w, s, n in projections
+    )
+    monkeypatch.setattr(ops, "ternary_linears", separate)
+    hlo = forward().lower(serving_variables(packed), ids).as_text()
+    assert "bitnet_ternary_matmuls" not in hlo
+    np.testing.assert_array_equal(fused, np.asarray(forward()(serving_variables(packed), ids)))
+
+
 def test_int8_kv_cache_greedy_on_ffi_equals_xla():
     """An int8 KV cache: the FFI decode kernel over its codes and scales gives the greedy tokens
     of the XLA path over the dequantized cache (the same values, float order apart), for prompts

@@ -43,6 +43,7 @@ NB_MODULE(_ffi_ext, m) {
     nb::dict registrations;
     registrations["bitnet_act_quant_i8"] = EncapsulateFfiHandler(BitnetActQuantI8);
     registrations["bitnet_ternary_matmul"] = EncapsulateFfiHandler(BitnetTernaryMatmul);
+    registrations["bitnet_ternary_matmuls"] = EncapsulateFfiHandler(BitnetTernaryMatmuls);
     registrations["bitnet_ternary_matmul_i32"] = EncapsulateFfiHandler(BitnetTernaryMatmulI32);
     registrations["bitnet_ternary_group_matmul"] = EncapsulateFfiHandler(BitnetTernaryGroupMatmul);
     registrations["bitnet_ternary_group_matmul_dot"] = EncapsulateFfiHandler(BitnetTernaryGroupMatmulDot);

@@ -6,6 +6,11 @@
 //                              w and w_scale may carry a leading layer axis ([L, G, X], [L, S]):
 //                              the call then reads layer `layer` in place, so a scan over
 //                              stacked layers passes the whole stack and nothing is copied.
+//   bitnet_ternary_matmuls     x [..., K], layer, then (w, w_scale) of P projections of x
+//                              -> y_p f32 [..., N_p]: P bitnet_ternary_matmul results, the same
+//                              bits, from one quantization of x and one split of all P
+//                              projections' output rows over the threads (q, k and v of a decode
+//                              step: k and v alone are too small to keep both threads streaming)
 //   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
 //   bitnet_ternary_group_matmul
 //                              x [..., K] f32|bf16, w packed, w_scale f32 [K / G, N] (a scale per
@@ -452,6 +457,56 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+ffi::Error TernaryMatmulsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> layer_buf,
+                              ffi::RemainingArgs weights, ffi::RemainingRets ys, ffi::Span<const int64_t> ns,
+                              int64_t act_bits, int64_t layout_version) {
+  const std::string op = "bitnet_ternary_matmuls";
+  const size_t p = ns.size();
+  if (p < 1 || weights.size() != 2 * p || ys.size() != p) {
+    return Invalid(op, "expected (w, w_scale) and an output for each of the " + std::to_string(p) +
+                           " projections in `ns`, got " + std::to_string(weights.size()) + " weight operands and " +
+                           std::to_string(ys.size()) + " outputs");
+  }
+  std::vector<TernaryOperands> t(p);
+  std::vector<float*> y(p);
+  for (size_t i = 0; i < p; ++i) {
+    auto w = weights.get<ffi::Buffer<ffi::U8>>(2 * i);
+    auto w_scale = weights.get<ffi::Buffer<ffi::F32>>(2 * i + 1);
+    auto out = ys.get<ffi::Buffer<ffi::F32>>(i);
+    if (!w.has_value() || !w_scale.has_value() || !out.has_value()) {
+      return Invalid(op, "projection " + std::to_string(i) + ": expected w uint8, w_scale float32 and a float32 output");
+    }
+    const std::string op_i = op + " (projection " + std::to_string(i) + ")";
+    if (auto e = CheckTernaryOperands(op_i, TernaryScales::kPerRow, x.dimensions(), *w, &*w_scale, layer_buf,
+                                      (*out)->dimensions(), ns[i], layout_version, &t[i]);
+        e.failure())
+      return e;
+    y[i] = (*out)->typed_data();
+  }
+  const TernaryOperands& t0 = t[0];  // the activations' shape, kb and path are every projection's
+  if (t0.shape.rows == 0) return ffi::Error::Success();
+  QuantizedRows xq;
+  if (auto e = QuantizeInput(op, pool, t0.isa, x, t0.shape, t0.kb * kBlockK, act_bits, &xq); e.failure()) return e;
+  // Every projection's row groups, in tasks of the kernel's unit, as one range over the threads;
+  // a chunk that spans two projections runs its part of each.
+  const int64_t task = TernaryGroupsPerTask(t0.isa, t0.shape.rows);
+  std::vector<int64_t> first_task(p + 1, 0);
+  for (size_t i = 0; i < p; ++i) first_task[i + 1] = first_task[i] + CeilDiv(CeilDiv(ns[i], kRowsPerGroup), task);
+  ParallelFor(pool, first_task[p], CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < p; ++i) {
+      const int64_t lo = std::max(begin, first_task[i]), hi = std::min(end, first_task[i + 1]);
+      if (lo >= hi) continue;
+      const int64_t n = ns[i], groups = CeilDiv(n, kRowsPerGroup);
+      const int64_t g_begin = (lo - first_task[i]) * task, g_end = std::min(groups, (hi - first_task[i]) * task);
+      TernaryGemmI32(t[i].isa, xq.q, xq.sum, t0.shape.rows, t0.kb, t[i].w, g_begin, g_end, n,
+                     reinterpret_cast<int32_t*>(y[i]));
+      RescaleInPlace(y[i], xq, t[i].w_scale, t[i].per_tensor, t0.shape.rows, n, g_begin * kRowsPerGroup,
+                     std::min(n, g_end * kRowsPerGroup));
+    }
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error TernaryMatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, ffi::Buffer<ffi::U8> w,
                                 ffi::Buffer<ffi::S32> layer_buf, ffi::Result<ffi::Buffer<ffi::S32>> acc, int64_t n,
                                 int64_t layout_version) {
@@ -578,6 +633,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Ret<ffi::Buffer<ffi::F32>>()    // y: [..., N]
         .Attr<int64_t>("n")              // N, the output features (G * 4 rounds it up)
         .Attr<int64_t>("act_bits")       // bits of the per-row activation quantizer
+        .Attr<int64_t>("layout_version"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    BitnetTernaryMatmuls, bitnet::TernaryMatmulsImpl,
+    ffi::Ffi::Bind()
+        .Ctx<ffi::ThreadPool>()
+        .Arg<ffi::AnyBuffer>()           // x: activations [..., K], float32 or bfloat16
+        .Arg<ffi::Buffer<ffi::S32>>()    // layer: int32 scalar, which layer of stacked weights
+        .RemainingArgs()                 // w_p, w_scale_p for each projection, as for bitnet_ternary_matmul
+        .RemainingRets()                 // y_p: float32 [..., N_p]
+        .Attr<ffi::Span<const int64_t>>("ns")  // N_p of each projection
+        .Attr<int64_t>("act_bits")
         .Attr<int64_t>("layout_version"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(

@@ -5,6 +5,7 @@
 #include "xla/ffi/api/ffi.h"
 
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BitnetTernaryMatmul);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(BitnetTernaryMatmuls);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BitnetTernaryMatmulI32);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BitnetTernaryGroupMatmul);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(BitnetTernaryGroupMatmulDot);

@@ -9,8 +9,8 @@ by `pip install .`) and registers its handlers as CPU custom-call targets:
                           x_q   = clamp(round(x * scale), -128, 127)     (int8, [..., K])
                         with round half-to-even, so it equals the pure-JAX
                         `bitnet_jax.model.quant.act_quantize(x, "token", 8)` bit for bit.
-  bitnet_ternary_matmul / _i32, bitnet_ternary_group_matmul / _dot, bitnet_int8_matmul / _i32,
-  bitnet_int4_matmul / _dot
+  bitnet_ternary_matmul / _i32, bitnet_ternary_matmuls, bitnet_ternary_group_matmul / _dot,
+  bitnet_int8_matmul / _i32, bitnet_int4_matmul / _dot
                         the serving matmuls on packed weights (see `ternary_matmul` below,
                         xla_ffi/matmul.cc and bitnet_jax/kernels/layout.py).
   bitnet_embed_rows     embedding rows of a float32 / bfloat16 / float16 table as float32,
@@ -160,6 +160,41 @@ def ternary_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=None) 
     layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
     attrs = dict(n=np.int64(n), act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION))
     return _rowwise("bitnet_ternary_matmul", jnp.float32, n, attrs, x, w_packed, w_scale, layer)
+
+
+def ternary_matmuls(x, projections, act_bits: int = 8, layer=None) -> tuple[jax.Array, ...]:
+    """Several serving BitLinears of the same input in one custom call: for each (w_packed,
+    w_scale, n) of `projections`, exactly `ternary_matmul(x, w_packed, w_scale, n, act_bits,
+    layer)`, the same bits, from one quantization of x and one split of every projection's output
+    rows over the threads (a decode step's q, k and v: k and v alone are too small to keep both
+    threads streaming). Per-tensor or per-row scales, as `ternary_matmul` takes them."""
+    from bitnet_jax.kernels import layout
+
+    x = _check_x("ternary_matmuls", x)
+    projections = list(projections)
+    if not projections:
+        raise BitNetError("ternary_matmuls: expected at least one (w_packed, w_scale, n) projection.")
+    layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+    ns = [int(n) for _, _, n in projections]
+    attrs = dict(
+        ns=np.asarray(ns, np.int64), act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION)
+    )
+    weights = [a for w_packed, w_scale, _ in projections for a in (w_packed, w_scale)]
+
+    @jax.custom_batching.custom_vmap
+    def call(x, layer, *weights):
+        out_types = tuple(jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32) for n in ns)
+        return tuple(jax.ffi.ffi_call("bitnet_ternary_matmuls", out_types)(x, layer, *weights, **attrs))
+
+    @call.def_vmap
+    def _batched(axis_size, in_batched, x, layer, *weights):
+        if not any(in_batched[1:]):  # a batched x folds into the rows
+            return call(x, layer, *weights), (True,) * len(ns)
+        broadcast = lambda a, batched: a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+        args = [broadcast(a, b) for a, b in zip((x, layer, *weights), in_batched)]
+        return jax.lax.map(lambda a: call(*a), tuple(args)), (True,) * len(ns)
+
+    return call(x, layer, *weights)
 
 
 def ternary_matmul_i32(x_q, w_packed, n: int, layer=None) -> jax.Array:

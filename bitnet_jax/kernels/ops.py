@@ -181,6 +181,24 @@ def ternary_linear(
     return rescale(acc, x_scale, w_scale)
 
 
+def ternary_linears(x_mk, projections, act_bits: int, backend: str, layer=None, *, split: str = "n") -> tuple:
+    """`ternary_linear` of each (w_packed, w_scale, n) of `projections` on the same x, the same
+    results. On the FFI backend, with per-tensor or per-row scales and no 'tensor' mesh axis, that
+    is one custom call (`ffi.ternary_matmuls`): one quantization of x, and the projections' output
+    rows split over the threads together, so that small ones (a decode step's k and v) do not each
+    wait for a thread to start; otherwise one `ternary_linear` each."""
+    projections = list(projections)
+    per_row = all(w_scale.ndim == w_packed.ndim - 1 for w_packed, w_scale, _ in projections)
+    if backend == "ffi" and per_row and _tensor_parts() == 1 and len(projections) > 1:
+        from bitnet_jax.kernels import ffi
+
+        return ffi.ternary_matmuls(x_mk, projections, act_bits, layer)
+    return tuple(
+        ternary_linear(x_mk, w_packed, w_scale, n, act_bits, backend, layer, split=split)
+        for w_packed, w_scale, n in projections
+    )
+
+
 def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
     """Per-group weight scales: one exact int32 sum per group of K / C inputs, scaled and added
     in float32. The FFI kernel (`ffi.ternary_group_matmul`) adds the same terms in one fixed order

@@ -57,17 +57,50 @@ class TernaryLinear(nn.Module):
         if self.input_norm_eps is not None:
             x_bi = RMSNorm(self.input_norm_eps, name="rms_norm")(x_bi)
         x_bi = rotate_input(x_bi, self.hadamard, self.hadamard_seed)
-        packed_shape = (self.num_layers, *layout.packed_ternary_shape(self.features, x_bi.shape[-1]))
-        w_packed = self.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
-        if self.group_size:
-            scale_shape = (x_bi.shape[-1] // self.group_size, self.features)
-        else:
-            scale_shape = (self.features if self.per_channel else 1,)
-        w_scale = self.variable(PACKED, "w_scale", jnp.ones, (self.num_layers, *scale_shape), jnp.float32).value
+        w_packed, w_scale = _packed_weights(self, x_bi.shape[-1])
         y = ops.ternary_linear(
             x_bi, w_packed, w_scale, self.features, self.spec.act_bits, self.spec.backend, layer, split=self.split
         )
         return y.astype(x_bi.dtype)
+
+
+def _packed_weights(linear: TernaryLinear, k: int):
+    """Declares (inside `linear`'s compact call) and returns its stacked packed weights for
+    inputs of width k: (w_packed [L, G, X], w_scale [L, ...])."""
+    packed_shape = (linear.num_layers, *layout.packed_ternary_shape(linear.features, k))
+    w_packed = linear.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
+    if linear.group_size:
+        scale_shape = (k // linear.group_size, linear.features)
+    else:
+        scale_shape = (linear.features if linear.per_channel else 1,)
+    w_scale = linear.variable(PACKED, "w_scale", jnp.ones, (linear.num_layers, *scale_shape), jnp.float32).value
+    return w_packed, w_scale
+
+
+class _TernaryWeights(TernaryLinear):
+    """A TernaryLinear's variables alone, under its name (the same tree), for `ternary_linears`.
+    Called with the layer's input, as a TernaryLinear is, so that what intercepts a TernaryLinear's
+    call (tests/near_ties.py sows each quantizer's input) sees the same call."""
+
+    @nn.compact
+    def __call__(self, x_bi, layer=None):
+        return _packed_weights(self, x_bi.shape[-1])
+
+
+def ternary_linears(linears: list[dict], x_bi, layer) -> tuple:
+    """TernaryLinear layers of the same input, each given by its fields (name included), applied
+    to x: the same results as calling each, in one custom call where the FFI backend can
+    (`ops.ternary_linears`). Layers that normalize or rotate their own input are called one by
+    one. Call inside the parent's compact method, as one would the layers."""
+    if any(f.get("input_norm_eps") is not None or f.get("hadamard") for f in linears):
+        return tuple(TernaryLinear(**fields)(x_bi, layer) for fields in linears)
+    projections = []
+    for fields in linears:
+        w_packed, w_scale = _TernaryWeights(**fields)(x_bi, layer)
+        projections.append((w_packed, w_scale, fields["features"]))
+    spec = linears[0]["spec"]
+    ys = ops.ternary_linears(x_bi, projections, spec.act_bits, spec.backend, layer, split=linears[0].get("split", "n"))
+    return tuple(y.astype(x_bi.dtype) for y in ys)
 
 
 class Int8Embed(nn.Module):

@@ -47,7 +47,7 @@ from bitnet_jax.kernels import ops
 from bitnet_jax.kernels.ops import ServingSpec, float_embed, head_table
 from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig
 from bitnet_jax.model.layers import BitLinear, QuantSpec, RMSNorm, logical
-from bitnet_jax.model.serving_layers import PACKED, TABLES, TernaryLinear
+from bitnet_jax.model.serving_layers import PACKED, TABLES, TernaryLinear, ternary_linears
 
 # Added to masked attention scores: large enough to zero them after softmax, finite so that a
 # fully masked row (a padding query) gives a uniform average instead of NaN.
@@ -169,18 +169,34 @@ class LinearSpec:
         """The linear layer as a function of x: fake-quant BitLinear (kernel with logical axes
         `axes`) for training, TernaryLinear (on layer `layer` of the packed stack) for serving.
         `rotate`: an H-BitLinear (BitNet v2) when the config's `hadamard` is on."""
-        hadamard = self.hadamard if rotate else 0
         if self.serving is None:
+            hadamard = self.hadamard if rotate else 0
             return BitLinear(features, self.quant, self.init_std, axes, hadamard, self.hadamard_seed, name=name)
+        linear = TernaryLinear(**self._ternary_fields(features, name, axes, rotate))
+        return lambda x: linear(x, layer)
+
+    def parallel(self, layers: list[tuple[int, str, tuple[str, str]]], layer):
+        """Several linear layers of the same input, (features, name, axes) each, as one function
+        of x returning their outputs: the same as calling each (`__call__`); serving, in one FFI
+        call where it can (`serving_layers.ternary_linears`)."""
+        if self.serving is None:
+            linears = [self(features, name, layer, axes) for features, name, axes in layers]
+            return lambda x: tuple(linear(x) for linear in linears)
+        linears = [self._ternary_fields(features, name, axes) for features, name, axes in layers]
+        return lambda x: ternary_linears(linears, x, layer)
+
+    def _ternary_fields(self, features: int, name: str, axes: tuple[str, str], rotate: bool = False) -> dict:
+        """The fields of the serving TernaryLinear for this layer (its name included)."""
+        hadamard = self.hadamard if rotate else 0
         # Megatron-style, as training shards the kernels (sharding.RULES): projections out of the
         # embedding split their outputs over 'tensor', projections back into it (o_proj, down_proj)
         # their inputs, which then arrive already split.
         split = "k" if axes[1] == "embed" else "n"
         q = self.quant
-        linear = TernaryLinear(
-            features,
-            self.serving,
-            self.num_layers,
+        return dict(
+            features=features,
+            spec=self.serving,
+            num_layers=self.num_layers,
             per_channel=q.weight == "channel",
             group_size=q.group_size,
             input_norm_eps=q.input_norm_eps,
@@ -189,7 +205,6 @@ class LinearSpec:
             hadamard_seed=self.hadamard_seed,
             name=name,
         )
-        return lambda x: linear(x, layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,9 +277,16 @@ class Attention(nn.Module):
         n, k, h = a.num_heads, a.num_kv_heads, a.head_dim
         b, t, _ = x_btd.shape
         linear = lambda features, name, axes, rotate=False: self.linear(features, name, layer, axes, rotate)
-        q_btnh = linear(n * h, "q_proj", ("embed", "q_heads"))(x_btd).reshape(b, t, n, h)
-        k_btkh = linear(k * h, "k_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
-        v_btkh = linear(k * h, "v_proj", ("embed", "kv_heads"))(x_btd).reshape(b, t, k, h)
+        qkv = self.linear.parallel(
+            [
+                (n * h, "q_proj", ("embed", "q_heads")),
+                (k * h, "k_proj", ("embed", "kv_heads")),
+                (k * h, "v_proj", ("embed", "kv_heads")),
+            ],
+            layer,
+        )
+        q_btd, k_btd, v_btd = qkv(x_btd)
+        q_btnh, k_btkh, v_btkh = q_btd.reshape(b, t, n, h), k_btd.reshape(b, t, k, h), v_btd.reshape(b, t, k, h)
         q_btnh = apply_rope(q_btnh, positions_bt, a.rope_theta)
         k_btkh = apply_rope(k_btkh, positions_bt, a.rope_theta)
         backend = "xla" if self.linear.serving is None else self.linear.serving.backend
@@ -317,8 +339,11 @@ class MLP(nn.Module):
     def __call__(self, x_btd, layer=None):
         m = self.shape
         linear = lambda features, name, axes, rotate=False: self.linear(features, name, layer, axes, rotate)
-        gate_btf = linear(m.intermediate_size, "gate_proj", ("embed", "mlp"))(x_btd)
-        up_btf = linear(m.intermediate_size, "up_proj", ("embed", "mlp"))(x_btd)
+        gate_up = self.linear.parallel(
+            [(m.intermediate_size, "gate_proj", ("embed", "mlp")), (m.intermediate_size, "up_proj", ("embed", "mlp"))],
+            layer,
+        )
+        gate_btf, up_btf = gate_up(x_btd)
         act_btf = jnp.square(jax.nn.relu(gate_btf)) if m.activation == "relu2" else jax.nn.silu(gate_btf)
         h_btf = RMSNorm(self.norm_eps, name="ffn_sub_norm")(act_btf * up_btf)
         return linear(m.hidden_size, "down_proj", ("mlp", "embed"), rotate=True)(h_btf)
