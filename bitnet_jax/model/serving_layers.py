@@ -90,9 +90,11 @@ class _TernaryWeights(TernaryLinear):
 def ternary_linears(linears: list[dict], x_bi, layer) -> tuple:
     """TernaryLinear layers of the same input, each given by its fields (name included), applied
     to x: the same results as calling each, in one custom call where the FFI backend can
-    (`ops.ternary_linears`). Layers that normalize or rotate their own input are called one by
-    one. Call inside the parent's compact method, as one would the layers."""
-    if any(f.get("input_norm_eps") is not None or f.get("hadamard") for f in linears):
+    (`ops.ternary_linears`). Layers that normalize or rotate their own input, or that a tensor
+    mesh would split differently, are called one by one. Call inside the parent's compact method,
+    as one would the layers."""
+    own_input = any(f.get("input_norm_eps") is not None or f.get("hadamard") for f in linears)
+    if own_input or len({f.get("split", "n") for f in linears}) > 1:
         return tuple(TernaryLinear(**fields)(x_bi, layer) for fields in linears)
     projections = []
     for fields in linears:
