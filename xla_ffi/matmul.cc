@@ -276,15 +276,37 @@ void ForRowGroupChunks(ffi::ThreadPool& pool, int64_t n, int64_t task, const Fn&
   });
 }
 
-// The int32 products into acc (rows x n), split over output row groups on the pool; with
-// rescale.y set, each chunk then rescales its own columns.
+// One ternary product of the same quantized rows: codes w of n output rows, the int32 products
+// into acc (rows x n); with rescale.y set, rescaled in place.
+struct TernaryProjection {
+  const uint8_t* w = nullptr;
+  int64_t n = 0;
+  int32_t* acc = nullptr;
+  Rescale rescale;
+};
+
+// Every projection's row groups in tasks of the kernel's unit (as ForRowGroupChunks splits one),
+// all of them as one range over the pool, so that small projections share the threads; a chunk
+// that spans two projections runs its part of each, then rescales the columns it computed.
 void RunTernary(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
-                const uint8_t* w, int64_t n, int32_t* acc, const Rescale& rescale = {}) {
-  ForRowGroupChunks(pool, n, TernaryGroupsPerTask(isa, rows), [&](int64_t g_begin, int64_t g_end) {
-    TernaryGemmI32(isa, xq.q, xq.sum, rows, kb, w, g_begin, g_end, n, acc);
-    if (rescale.y != nullptr) {
-      RescaleInPlace(rescale.y, xq, rescale.w_scale, rescale.per_tensor, rows, n, g_begin * kRowsPerGroup,
-                     std::min(n, g_end * kRowsPerGroup));
+                const std::vector<TernaryProjection>& projections) {
+  const int64_t task = TernaryGroupsPerTask(isa, rows);
+  std::vector<int64_t> first_task(projections.size() + 1, 0);
+  for (size_t i = 0; i < projections.size(); ++i) {
+    first_task[i + 1] = first_task[i] + CeilDiv(CeilDiv(projections[i].n, kRowsPerGroup), task);
+  }
+  ParallelFor(pool, first_task.back(), CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < projections.size(); ++i) {
+      const int64_t lo = std::max(begin, first_task[i]), hi = std::min(end, first_task[i + 1]);
+      if (lo >= hi) continue;
+      const TernaryProjection& p = projections[i];
+      const int64_t g_begin = (lo - first_task[i]) * task;
+      const int64_t g_end = std::min(CeilDiv(p.n, kRowsPerGroup), (hi - first_task[i]) * task);
+      TernaryGemmI32(isa, xq.q, xq.sum, rows, kb, p.w, g_begin, g_end, p.n, p.acc);
+      if (p.rescale.y != nullptr) {
+        RescaleInPlace(p.rescale.y, xq, p.rescale.w_scale, p.rescale.per_tensor, rows, p.n, g_begin * kRowsPerGroup,
+                       std::min(p.n, g_end * kRowsPerGroup));
+      }
     }
   });
 }
@@ -452,8 +474,8 @@ ffi::Error TernaryMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer
   // The int32 products go into y's own memory (int32 and float32 have the same size) and are
   // rescaled there.
   float* y_data = y->typed_data();
-  RunTernary(pool, t.isa, xq, t.shape.rows, t.kb, t.w, n, reinterpret_cast<int32_t*>(y_data),
-             {y_data, t.w_scale, t.per_tensor});
+  RunTernary(pool, t.isa, xq, t.shape.rows, t.kb,
+             {{t.w, n, reinterpret_cast<int32_t*>(y_data), {y_data, t.w_scale, t.per_tensor}}});
   return ffi::Error::Success();
 }
 
@@ -487,23 +509,11 @@ ffi::Error TernaryMatmulsImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffe
   if (t0.shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
   if (auto e = QuantizeInput(op, pool, t0.isa, x, t0.shape, t0.kb * kBlockK, act_bits, &xq); e.failure()) return e;
-  // Every projection's row groups, in tasks of the kernel's unit, as one range over the threads;
-  // a chunk that spans two projections runs its part of each.
-  const int64_t task = TernaryGroupsPerTask(t0.isa, t0.shape.rows);
-  std::vector<int64_t> first_task(p + 1, 0);
-  for (size_t i = 0; i < p; ++i) first_task[i + 1] = first_task[i] + CeilDiv(CeilDiv(ns[i], kRowsPerGroup), task);
-  ParallelFor(pool, first_task[p], CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
-    for (size_t i = 0; i < p; ++i) {
-      const int64_t lo = std::max(begin, first_task[i]), hi = std::min(end, first_task[i + 1]);
-      if (lo >= hi) continue;
-      const int64_t n = ns[i], groups = CeilDiv(n, kRowsPerGroup);
-      const int64_t g_begin = (lo - first_task[i]) * task, g_end = std::min(groups, (hi - first_task[i]) * task);
-      TernaryGemmI32(t[i].isa, xq.q, xq.sum, t0.shape.rows, t0.kb, t[i].w, g_begin, g_end, n,
-                     reinterpret_cast<int32_t*>(y[i]));
-      RescaleInPlace(y[i], xq, t[i].w_scale, t[i].per_tensor, t0.shape.rows, n, g_begin * kRowsPerGroup,
-                     std::min(n, g_end * kRowsPerGroup));
-    }
-  });
+  std::vector<TernaryProjection> projections(p);
+  for (size_t i = 0; i < p; ++i) {
+    projections[i] = {t[i].w, ns[i], reinterpret_cast<int32_t*>(y[i]), {y[i], t[i].w_scale, t[i].per_tensor}};
+  }
+  RunTernary(pool, t0.isa, xq, t0.shape.rows, t0.kb, projections);
   return ffi::Error::Success();
 }
 
@@ -518,7 +528,7 @@ ffi::Error TernaryMatmulI32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_q, 
     return e;
   if (t.shape.rows == 0) return ffi::Error::Success();
   const QuantizedRows xq = PadRows(x_q.typed_data(), t.shape, t.kb * kBlockK);
-  RunTernary(pool, t.isa, xq, t.shape.rows, t.kb, t.w, n, acc->typed_data());
+  RunTernary(pool, t.isa, xq, t.shape.rows, t.kb, {{t.w, n, acc->typed_data(), {}}});
   return ffi::Error::Success();
 }
 

@@ -111,22 +111,29 @@ def selected_isa() -> str:
 
 
 def _rowwise(target: str, out_dtype, n: int, attrs: dict, x, *weights):
-    """Calls an FFI matmul on x [..., K] -> [..., n]. Under vmap, a batched x folds into the rows
-    (each row is independent); batched weights fall back to one call per batch element."""
+    """Calls an FFI matmul on x [..., K] -> [..., n] (`_rowwise_outputs` with one output)."""
+    return _rowwise_outputs(target, out_dtype, (n,), attrs, x, *weights)[0]
+
+
+def _rowwise_outputs(target: str, out_dtype, ns: tuple, attrs: dict, x, *weights) -> tuple:
+    """Calls an FFI op on x [..., K] -> one output [..., n] for each n of `ns`. Under vmap, a
+    batched x folds into the rows (each row is independent); batched weights fall back to one
+    call per batch element."""
+    out_batched = (True,) * len(ns)  # every output has the batch axis
 
     @jax.custom_batching.custom_vmap
     def call(x, *weights):
-        out_type = jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype)
-        return jax.ffi.ffi_call(target, out_type)(x, *weights, **attrs)
+        out_types = tuple(jax.ShapeDtypeStruct(x.shape[:-1] + (n,), out_dtype) for n in ns)
+        return tuple(jax.ffi.ffi_call(target, out_types)(x, *weights, **attrs))
 
     @call.def_vmap
     def _batched(axis_size, in_batched, x, *weights):
         x_batched, *weights_batched = in_batched
         if not any(weights_batched):
-            return call(x, *weights), True
+            return call(x, *weights), out_batched
         broadcast = lambda a, batched: a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
         args = [broadcast(a, b) for a, b in zip((x, *weights), in_batched)]
-        return jax.lax.map(lambda a: call(*a), tuple(args)), True
+        return jax.lax.map(lambda a: call(*a), tuple(args)), out_batched
 
     return call(x, *weights)
 
@@ -180,21 +187,7 @@ def ternary_matmuls(x, projections, act_bits: int = 8, layer=None) -> tuple[jax.
         ns=np.asarray(ns, np.int64), act_bits=np.int64(act_bits), layout_version=np.int64(layout.LAYOUT_VERSION)
     )
     weights = [a for w_packed, w_scale, _ in projections for a in (w_packed, w_scale)]
-
-    @jax.custom_batching.custom_vmap
-    def call(x, layer, *weights):
-        out_types = tuple(jax.ShapeDtypeStruct(x.shape[:-1] + (n,), jnp.float32) for n in ns)
-        return tuple(jax.ffi.ffi_call("bitnet_ternary_matmuls", out_types)(x, layer, *weights, **attrs))
-
-    @call.def_vmap
-    def _batched(axis_size, in_batched, x, layer, *weights):
-        if not any(in_batched[1:]):  # a batched x folds into the rows
-            return call(x, layer, *weights), (True,) * len(ns)
-        broadcast = lambda a, batched: a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-        args = [broadcast(a, b) for a, b in zip((x, layer, *weights), in_batched)]
-        return jax.lax.map(lambda a: call(*a), tuple(args)), (True,) * len(ns)
-
-    return call(x, layer, *weights)
+    return _rowwise_outputs("bitnet_ternary_matmuls", jnp.float32, tuple(ns), attrs, x, layer, *weights)
 
 
 def ternary_matmul_i32(x_q, w_packed, n: int, layer=None) -> jax.Array:

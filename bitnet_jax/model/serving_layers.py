@@ -93,15 +93,15 @@ def ternary_linears(linears: list[dict], x_bi, layer) -> tuple:
     (`ops.ternary_linears`). Layers that normalize or rotate their own input, or that a tensor
     mesh would split differently, are called one by one. Call inside the parent's compact method,
     as one would the layers."""
-    own_input = any(f.get("input_norm_eps") is not None or f.get("hadamard") for f in linears)
-    if own_input or len({f.get("split", "n") for f in linears}) > 1:
+    own_input = any(f["input_norm_eps"] is not None or f["hadamard"] for f in linears)
+    if own_input or len({f["split"] for f in linears}) > 1:
         return tuple(TernaryLinear(**fields)(x_bi, layer) for fields in linears)
     projections = []
     for fields in linears:
         w_packed, w_scale = _TernaryWeights(**fields)(x_bi, layer)
         projections.append((w_packed, w_scale, fields["features"]))
     spec = linears[0]["spec"]
-    ys = ops.ternary_linears(x_bi, projections, spec.act_bits, spec.backend, layer, split=linears[0].get("split", "n"))
+    ys = ops.ternary_linears(x_bi, projections, spec.act_bits, spec.backend, layer, split=linears[0]["split"])
     return tuple(y.astype(x_bi.dtype) for y in ys)
 
 

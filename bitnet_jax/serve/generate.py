@@ -291,12 +291,14 @@ def _generate(
     def emit(i, logits_bv, out_bn, done_b, rng):
         rng, key = jax.random.split(rng)
         token_b = jnp.where(done_b, fill, sample(logits_bv, key, *sampling))
-        if streaming == "ffi":
-            from bitnet_jax.kernels.ffi import push_tokens
+        if streaming:
+            stream_and_tokens = jnp.concatenate([stream[None], token_b])
+            if streaming == "ffi":
+                from bitnet_jax.kernels.ffi import push_tokens
 
-            push_tokens(jnp.concatenate([stream[None], token_b]))
-        elif streaming == "callback":
-            io_callback(_emit_stream, None, jnp.concatenate([stream[None], token_b]), ordered=True)
+                push_tokens(stream_and_tokens)
+            else:  # "callback"
+                io_callback(_emit_stream, None, stream_and_tokens, ordered=True)
         done_b = done_b | jnp.isin(token_b, stop_ids_arr)
         return out_bn.at[:, i].set(token_b), done_b, rng
 
