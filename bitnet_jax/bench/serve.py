@@ -273,7 +273,7 @@ def kernels_table(results: list[KernelTiming]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateTiming:
-    backend: str  # "ffi", "xla-packed" (the XLA integer path) or "xla" (dense)
+    backend: str  # "ffi", "xla-packed" (the XLA integer path), "pallas" (its Pallas kernel) or "xla" (dense)
     lm_head: str
     threads: int
     prompt_tokens: int
@@ -438,8 +438,9 @@ def bench_generate(
 ) -> GenerateTiming:
     """Prefill and decode speed of one backend on random weights of the config's shape (its
     weight_quant decides the packed scales: per tensor, or per group of inputs): 'ffi' (packed
-    weights on the FFI kernels), 'xla-packed' (the same packed weights on the XLA integer path) or
-    'xla' (dense float weights in XLA ops).
+    weights on the FFI kernels), 'xla-packed' (the same packed weights on the XLA integer path),
+    'pallas' (the XLA integer path with the ternary matmuls as the Pallas kernel) or 'xla' (dense
+    float weights in XLA ops).
 
     One program generates 1 + new_tokens tokens, streaming them: prefill tokens/s =
     prompt_tokens / time to the first token; decode tokens/s = new_tokens / time from the first
@@ -454,7 +455,6 @@ def bench_generate(
     import jax
     import jax.numpy as jnp
 
-    from bitnet_jax.kernels import ffi
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.generate import (
         compile_generate,
@@ -467,10 +467,12 @@ def bench_generate(
     lm_head = lm_head or default_lm_head(config)
     prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
     serve_backend = None  # the default for packed parameters: the FFI kernels on CPU
-    if backend == "xla-packed":
+    if backend in ("xla-packed", "pallas"):
         params = random_packed_params(config, lm_head=lm_head, seed=seed)
-        serve_backend, isa = "xla", "xla"
+        serve_backend = isa = "xla" if backend == "xla-packed" else "pallas"
     elif backend == "ffi":
+        from bitnet_jax.kernels import ffi
+
         # As `bitnet-jax generate` serves: compile from the shapes, then make the weights.
         shapes = random_packed_params(config, lm_head=lm_head, seed=seed, abstract=True)
         compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True, kv_cache=kv_cache)

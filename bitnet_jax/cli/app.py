@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 
-from bitnet_jax.kernels.ops import KV_CACHES, LM_HEADS
+from bitnet_jax.kernels.ops import BACKENDS, KV_CACHES, LM_HEADS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
         "--backends",
         default="ffi,xla",
         help="comma-separated: ffi, xla (dense float weights), xla-packed (the packed weights on the XLA integer "
-        "path) (default ffi,xla)",
+        "path), pallas (the packed weights on the Pallas ternary kernel: for GPUs) (default ffi,xla)",
     )
     bench_gen.add_argument(
         "--weight-quant",
@@ -318,7 +318,7 @@ def _add_sampling(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> No
 
 def _add_backend(parser: argparse.ArgumentParser, help: str) -> None:
     """--backend for packed models (generate, serve, eval); unset, `ops.serving_backend` decides."""
-    parser.add_argument("--backend", choices=("ffi", "xla"), default=None, help=help)
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help=help)
 
 
 def _add_lm_head(parser: argparse.ArgumentParser, what: str) -> None:
@@ -573,8 +573,10 @@ def _bench_generate(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise BitNetError(f"--threads {args.threads}: expected a positive number of threads.")
     backends = args.backends.split(",")
-    if not set(backends) <= {"ffi", "xla", "xla-packed"}:
-        raise BitNetError(f"--backends {args.backends}: expected a comma-separated list of ffi, xla, xla-packed.")
+    if not set(backends) <= {"ffi", "xla", "xla-packed", "pallas"}:
+        raise BitNetError(
+            f"--backends {args.backends}: expected a comma-separated list of ffi, xla, xla-packed, pallas."
+        )
     overrides = {} if args.weight_quant is None else {"weight_quant": args.weight_quant}
     BitNetConfig.preset(args.preset, **overrides)  # validates --weight-quant before any child starts
     # One child process per backend: each measures its own peak memory, with a fresh XLA. The

@@ -8,13 +8,16 @@ multiplies in exact integers and rescales:
 
 The FFI backend does this in one custom call (`ffi.ternary_matmul`); the functions here do it
 with XLA ops, giving the same bits (integer sums are exact either way), for checking the kernels
-and for machines or shardings the kernels do not cover. `serving_backend` is the one rule that
-picks between them: 'ffi' on CPU, 'xla' on GPU and TPU (the custom calls exist for CPU only).
+and for machines or shardings the kernels do not cover. The 'pallas' backend runs the ternary
+matmuls as a Pallas kernel for GPUs (`kernels/pallas.py`, the same bits again) and everything else
+as 'xla' does. `serving_backend` is the one rule that picks between them: 'ffi' on CPU, 'xla' on
+GPU and TPU (the custom calls exist for CPU only); 'pallas' when asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING
 
 import jax
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from bitnet_jax.model.config import BitNetConfig
     from bitnet_jax.model.transformer import KVCache
 
-BACKENDS = ("ffi", "xla")
+BACKENDS = ("ffi", "xla", "pallas")
 LM_HEADS = ("int8", "int8-tied", "int4", "int4-tied", "float")
 KV_CACHES = ("float32", "int8")  # the serving KV cache's dtype (int8: with a scale per slot and kv head)
 
@@ -59,7 +62,9 @@ def serving_backend(platform: str, requested: str | None = None, *, group_size: 
     'group:G') when G is a multiple of `layout.TERNARY_GROUP_ALIGN`: unset, the backend is 'ffi'
     on CPU where they take the model's scales and 'xla' (the same integer math in XLA ops)
     elsewhere. An explicit 'ffi' that cannot run is an error here, not an "unknown custom call
-    target" from the compiler later.
+    target" from the compiler later. 'pallas' (the ternary matmuls as a Pallas kernel, the rest as
+    'xla') runs compiled on NVIDIA GPUs and interpreted (slowly: for tests) on CPU, and is an error
+    elsewhere.
     """
     if requested not in (None, *BACKENDS):
         raise BitNetError(f"backend={requested!r}: expected one of {BACKENDS} (or None for the default).")
@@ -67,6 +72,11 @@ def serving_backend(platform: str, requested: str | None = None, *, group_size: 
         raise BitNetError(
             f"backend='ffi': the FFI kernels are registered for CPU only, and this computation runs on "
             f"{platform!r} devices. Use backend='xla' (or leave it unset): the same integer math in XLA ops."
+        )
+    if requested == "pallas" and platform not in ("gpu", "cuda", "cpu"):
+        raise BitNetError(
+            f"backend='pallas': the Pallas ternary kernel is written for NVIDIA GPUs (Triton), and this "
+            f"computation runs on {platform!r} devices. Use backend='xla' (or leave it unset)."
         )
     if requested == "ffi" and not ffi_takes_groups(group_size):
         _refuse_ffi_group_scales(group_size)
@@ -173,12 +183,31 @@ def ternary_linear(
         if parts > 1 and n_ok:
             return _n_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer)
         return ffi.ternary_matmul(x_mk, w_packed, w_scale, n, act_bits, layer)
+    if backend == "pallas" and _tensor_parts() == 1:
+        from bitnet_jax.kernels import pallas
+
+        if pallas.takes(n, math.prod(x_mk.shape[:-1])):
+            return _pallas_ternary(x_mk, w_packed, w_scale, n, act_bits, layer)
     if w_packed.ndim == 3:
         w_packed, w_scale = w_packed[layer], w_scale[layer]
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
     t_nk = layout.unpack_ternary(w_packed, n, x_mk.shape[-1])
     acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), t_nk, preferred_element_type=jnp.int32)
     return rescale(acc, x_scale, w_scale)
+
+
+def _pallas_ternary(x_mk, w_packed, w_scale, n, act_bits, layer):
+    """`ternary_linear` with the integer product as the Pallas kernel (compiled on GPUs,
+    interpreted elsewhere): the XLA path's quantization and rescale around it, so the same bits."""
+    from bitnet_jax.kernels import pallas
+
+    lead, k = x_mk.shape[:-1], x_mk.shape[-1]
+    x_q, x_scale = act_quantize(x_mk, "token", act_bits)
+    interpret = jax.default_backend() not in ("gpu", "cuda")
+    acc = pallas.ternary_matmul_i32(x_q.astype(jnp.int8).reshape(-1, k), w_packed, n, layer, interpret=interpret)
+    if w_packed.ndim == 3:
+        w_scale = w_scale[layer]
+    return rescale(acc.reshape(*lead, n), x_scale, w_scale)
 
 
 def ternary_linears(x_mk, projections, act_bits: int, backend: str, layer=None, *, split: str = "n") -> tuple:
