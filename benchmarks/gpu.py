@@ -11,7 +11,8 @@ checkout on a machine whose JAX sees a GPU. Every figure is measured in this run
    chunk) on the XLA integer path and on the Pallas kernel, exact against each other, timed as
    30 layers read at their index inside one jitted loop (as a decode step reads them), with GB/s
    of packed weights against the HBM bandwidth, beside what the loop alone costs per layer;
-3. serve: `bench_generate` on the 2B4T shape (random weights, prompt 128, 64 new tokens) for
+3. exact: greedy tokens of both packed backends on the same weights, which must be equal;
+   serve: `bench_generate` on the 2B4T shape (random weights, prompt 128, 64 new tokens) for
    the XLA integer path, the Pallas kernel and dense bf16 weights, decode against the roofline
    (bandwidth / bytes a token reads);
 4. train: `bench_train` MFU of QAT and the full-precision baseline in bf16 against the
@@ -116,10 +117,27 @@ def kernels(read: float, preset: str, layers: int = 30) -> list[dict]:
     return rows
 
 
-def serve(read: float, preset: str) -> list[dict]:
+def serving_exact(preset: str) -> dict:
+    """Greedy tokens of the XLA integer path and of the Pallas kernel on the same random packed
+    weights: every logit is the same float on both, so the tokens must be equal."""
+    from bitnet_jax.bench.serve import random_packed_params
+    from bitnet_jax.kernels.ops import default_lm_head
+    from bitnet_jax.serve.generate import generate
+
+    config = BitNetConfig.preset(preset)
+    params = random_packed_params(config, lm_head=default_lm_head(config))
+    prompt = np.random.default_rng(1).integers(0, config.vocab_size, (2, 40))
+    tokens = {b: np.asarray(generate(config, params, prompt, 12, backend=b)) for b in ("xla", "pallas")}
+    out = {"equal": bool(np.array_equal(tokens["xla"], tokens["pallas"])), "xla": tokens["xla"].tolist()}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def serve(read: float, preset: str, backends: list[str]) -> list[dict]:
     config = BitNetConfig.preset(preset)
     rows = []
-    for backend, extra in (("xla-packed", {}), ("pallas", {}), ("xla", {"xla_dtype": "bfloat16"})):
+    for backend in backends:
+        extra = {"xla_dtype": "bfloat16"} if backend == "xla" else {}
         r = bench_generate(config, backend, prompt_tokens=128, new_tokens=64, repeats=3, **extra)
         row = dataclasses.asdict(r)
         row["gpu_roofline_tok_s"] = read * 1e3 / r.mb_per_token
@@ -151,8 +169,9 @@ def train(preset: str, batch: int, seq: int) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: kernels, serve, train")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: kernels, exact, serve, train")
     parser.add_argument("--preset", default="b1.58-2b4t", help="the model shape of kernels and serve")
+    parser.add_argument("--serve-backends", default="xla-packed,pallas,xla", help="bench_generate backends")
     parser.add_argument("--train-preset", default="b1.58-700m")
     parser.add_argument("--train-batch", default="8x1024", help="batch x sequence length of the train steps")
     args = parser.parse_args()
@@ -164,7 +183,8 @@ def main() -> int:
     batch, seq = map(int, args.train_batch.split("x"))
     parts = {
         "kernels": lambda: kernels(read, args.preset),
-        "serve": lambda: serve(read, args.preset),
+        "exact": lambda: serving_exact(args.preset),
+        "serve": lambda: serve(read, args.preset, args.serve_backends.split(",")),
         "train": lambda: train(args.train_preset, batch, seq),
     }
     failed = False

@@ -44,11 +44,12 @@ def _case(rng, m, k, n):
 @pytest.mark.parametrize(
     "m, k, n",
     [
-        (1, 256, 64),  # GEMV: one block, 16 row groups, 8 per program
-        (3, 300, 20),  # GEMV: 3 rows padded to 4, K padded to two blocks, 5 row groups, 1 per program
-        (8, 512, 640),  # GEMV: the most rows it takes
-        (9, 256, 640),  # tensor cores: one tile of 64 rows, 160 groups, 32 per program
-        (130, 520, 512),  # tensor cores: three row tiles, the last mostly padding; 64 groups per program
+        (1, 256, 64),  # GEMV: one block, 16 row groups, all in one program
+        (1, 300, 20),  # GEMV: K padded to two blocks (one program each), 5 row groups, 1 per program
+        (3, 512, 640),  # products: 16-row tile; 160 groups, 16 per program; 2 blocks in one program
+        (5, 1280, 64),  # products: 5 blocks, one per program (5 partial sums added)
+        (17, 768, 640),  # products: 64-row tile, 32 groups per program; 3 blocks in one program
+        (130, 520, 512),  # products: three row tiles, the last mostly padding; 64 groups per program
     ],
 )
 def test_kernel_is_exact(m, k, n):
@@ -66,12 +67,12 @@ def test_kernel_extremes_are_exact():
     t_nk = np.where(np.arange(n)[:, None] % 2 == 0, -1, 1) * np.ones((n, k), np.int8)
     x_mk = np.stack([np.full(k, -128), np.full(k, 127), np.zeros(k)]).astype(np.int8)
     w = jnp.asarray(layout.pack_ternary(t_nk))
-    for rows in (x_mk, np.tile(x_mk, (4, 1))):  # the GEMV kernel and the tensor-core one
+    for rows in (x_mk[:1], x_mk):  # the GEMV kernel and the tensor-core one
         got = pallas.ternary_matmul_i32(jnp.asarray(rows), w, n, interpret=True)
         np.testing.assert_array_equal(np.asarray(got), rows.astype(np.int64) @ t_nk.T.astype(np.int64))
 
 
-@pytest.mark.parametrize("m", [2, 12])  # the GEMV kernel and the tensor-core one
+@pytest.mark.parametrize("m", [1, 12])  # the GEMV kernel and the tensor-core one
 def test_stacked_weights_are_read_at_the_layer_index(m):
     rng = np.random.default_rng(7)
     layers, k, n = 3, 512, 64
@@ -95,14 +96,16 @@ def test_bad_operands_are_refused():
     # 20 outputs are 5 row groups: the GEMV kernel takes them one group per program, but no
     # tensor-core tile of 16 to 64 groups divides them.
     w20 = jnp.asarray(layout.pack_ternary(np.zeros((20, 256), np.int8)))
-    assert pallas.takes(20, 8) and not pallas.takes(20, 9) and pallas.takes(64, 9)
-    with pytest.raises(BitNetError, match="5 row groups.*above 8 rows.*XLA integer path"):
-        pallas.ternary_matmul_i32(jnp.zeros((9, 256), jnp.int8), w20, 20, interpret=True)
+    assert pallas.takes(20, 1) and not pallas.takes(20, 2) and pallas.takes(64, 2)
+    # Serving leaves prefill (more than 16 rows) to the XLA path, though the kernel takes it.
+    assert pallas.takes(64, 16) and not pallas.takes(64, 17)
+    with pytest.raises(BitNetError, match="5 row groups.*more than one row.*XLA integer path"):
+        pallas.ternary_matmul_i32(x, w20, 20, interpret=True)
 
 
 # N = 64 is taken by both kernels; N = 20 by the GEMV kernel only, so 2 x 5 rows take the XLA
-# path's product instead, and 1 x 3 rows the GEMV.
-@pytest.mark.parametrize("n, lead", [(64, (2, 5)), (64, (1, 3)), (20, (2, 5)), (20, (1, 3))])
+# path's product instead, and one row the GEMV; 3 x 7 rows (prefill) take the XLA path.
+@pytest.mark.parametrize("n, lead", [(64, (2, 5)), (64, (1, 1)), (64, (3, 7)), (20, (2, 5)), (20, (1, 1))])
 def test_pallas_backend_gives_the_xla_integer_paths_bits(n, lead):
     rng = np.random.default_rng(n)
     k = 300

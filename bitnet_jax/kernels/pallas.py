@@ -16,10 +16,11 @@ bit pair j,
 
     acc_r[m, g] += sum_i x[m, b, j, i] * (((w[g, b, r, i] >> 2j) & 3) - 1)
 
-a [bm, 64] x [64, bg] product. A program owns `bg` row groups (4 * bg output features) and `bm`
-rows of x and loops over the blocks b; the four accumulators are the output's four interleaved
-rows, written as out[m, g, r]. Up to 8 rows the products are int32 vector multiply-adds (GEMV),
-above that int8 tensor-core products. What an H200 measured is in benchmarks/RESULTS.md.
+a [bm, 64] x [64, bg] product. A program owns `bg` row groups (4 * bg output features), `bm`
+rows of x and some of the blocks b; its four accumulators, the output's four interleaved rows,
+are its share of out[m, g, r], which XLA adds up. For one row of x the products are int32 vector
+multiply-adds (GEMV), for more int8 tensor-core products. What an H200 measured is in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,40 +33,44 @@ import jax.numpy as jnp
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import layout
 
-# Two kernels share the loop over blocks. Up to GEMV_MAX_ROWS rows of x (decode, small batches)
-# the products are vector multiply-adds in int32, [rows, groups, 64] at a time: no tile of 16 rows
-# of which 15 would be padding, and few row groups per program (up to 8), so that even a 640-wide
-# matrix spreads over 40 programs. Above that, int8 tensor-core products of [64, 64] x [64, bg].
-GEMV_MAX_ROWS = 8
-_GEMV_GROUPS = 8
-_DOT_ROWS = 64
+# Two kernels. One row of x (decode): int32 vector multiply-adds ([bg, 64] codes times 64
+# activations), up to 16 row groups per program. More rows: int8 tensor-core products of
+# [bm, 64] x [64, bg], bm = 16 up to 16 rows (batched decode), else 64. Up to 16 rows K is split
+# over the grid (one 256-wide block per program for the GEMV, up to 3 for the products), so
+# that even a 640 x 2560 matrix spreads over 100 programs: each split writes its own int32
+# partial sums and XLA adds them (exact in any order). Above 16 rows the tiles are many enough
+# and each program walks all of K.
+_GEMV_GROUPS = 16
 _DOT_GROUPS = (16, 32, 64)  # the product's N is at least 16
+_SPLIT_MAX_ROWS = 16
+SERVE_MAX_ROWS = 16  # see `takes`
+_DOT_SPLIT_BLOCKS = 3
 
 
 def _rows_per_program(m: int) -> int:
-    """Rows of x per program: a power of two up to GEMV_MAX_ROWS (one tile, the GEMV kernel),
-    else _DOT_ROWS."""
-    if m <= GEMV_MAX_ROWS:
-        return 1 << (m - 1).bit_length()
-    return _DOT_ROWS
+    return 1 if m == 1 else 16 if m <= 16 else 64
 
 
 def groups_per_program(g: int, m: int) -> int | None:
     """Row groups (4 outputs each) one program computes for M rows of x and a weight of G row
-    groups: a power of two dividing G, up to 8 for the GEMV kernel; for the tensor-core kernel
-    the largest of 16, 32, 64 that divides G, or None when none does (then the kernel does not
-    take the matrix)."""
-    if m <= GEMV_MAX_ROWS:
+    groups: for one row, the largest power of two up to 16 dividing G; for more, 16, 32 or 64
+    (the smallest that divides G up to 16 rows, where more programs help, the largest above), or
+    None when none divides G (then the kernel does not take the matrix)."""
+    if m == 1:
         return min(g & -g, _GEMV_GROUPS)
     sizes = [s for s in _DOT_GROUPS if g % s == 0]
-    return sizes[-1] if sizes else None
+    if not sizes:
+        return None
+    return sizes[0] if m <= 16 else sizes[-1]
 
 
 def takes(n: int, m: int) -> bool:
-    """Whether `ternary_matmul_i32` takes a ternary matrix of N outputs for M rows of x (K is
-    always padded to whole 256-wide blocks by the packed layout)."""
+    """Whether the 'pallas' serving backend runs a ternary matmul of N outputs on M rows of x on
+    this kernel: up to SERVE_MAX_ROWS rows (decode, small batches), where it beat XLA's own fusion
+    of the integer path on an H200 (1.3x the decode rate); more rows (prefill) stay on the XLA path,
+    which was faster there (benchmarks/RESULTS.md). The kernel itself takes any M."""
     g, _ = layout.packed_ternary_shape(n, 1)
-    return groups_per_program(g, m) is not None
+    return m <= SERVE_MAX_ROWS and groups_per_program(g, m) is not None
 
 
 def ternary_matmul_i32(
@@ -97,7 +102,7 @@ def ternary_matmul_i32(
     if bg is None:
         raise BitNetError(
             f"ternary_matmul_i32: N = {n} gives {g} row groups of 4, which none of {_DOT_GROUPS} divides "
-            f"(needed above {GEMV_MAX_ROWS} rows of x); use the XLA integer path for this matrix."
+            "(needed for more than one row of x); use the XLA integer path for this matrix."
         )
     layer_1 = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     return _padded_call(x_q_mk, w_lgx, layer_1, n=n, bm=bm, bg=bg, interpret=interpret)
@@ -116,7 +121,8 @@ def _padded_call(x_q_mk, w_lgx, layer_1, *, n: int, bm: int, bg: int, interpret:
     x_padded = jnp.pad(x_q_mk, ((0, m_tiles * bm - m), (0, blocks * layout.BLOCK_K - k)))
     x_mbji = x_padded.reshape(m_tiles * bm, blocks, 4, layout.BLOCK_BYTES)
     w_lgbri = w_lgx.reshape(layers, g, blocks, layout.ROWS_PER_GROUP, layout.BLOCK_BYTES)
-    out_mgr = _call(layers, blocks, bm, bg, m_tiles, g, interpret)(layer_1, x_mbji, w_lgbri)
+    out_smgr = _call(layers, blocks, bm, bg, m_tiles, g, interpret)(layer_1, x_mbji, w_lgbri)
+    out_mgr = jnp.sum(out_smgr, axis=0) if out_smgr.shape[0] > 1 else out_smgr[0]
     return out_mgr.reshape(m_tiles * bm, g * layout.ROWS_PER_GROUP)[:m, :n]
 
 
@@ -125,23 +131,37 @@ def _call(layers: int, blocks: int, bm: int, bg: int, m_tiles: int, g: int, inte
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as pltriton
 
-    def kernel(layer_ref, x_ref, w_ref, out_ref):
-        # layer_ref [1]; x_ref [bm, B, 4 (j), 64]; w_ref [L, bg, B, 4 (r), 64]; out_ref [bm, bg, 4 (r)]
-        layer = layer_ref[0]
+    gemv = bm == 1
+    # 256-wide blocks of K per program: for the GEMV one; for the products, up to 16 rows the
+    # most, up to _DOT_SPLIT_BLOCKS, that divides the blocks evenly; above 16 rows all of them.
+    if gemv:
+        chunk = 1
+    elif bm <= _SPLIT_MAX_ROWS:
+        chunk = max(d for d in range(1, _DOT_SPLIT_BLOCKS + 1) if blocks % d == 0)
+    else:
+        chunk = blocks
+    splits = blocks // chunk
 
-        def block(b, accs):
+    def kernel(layer_ref, x_ref, w_ref, out_ref):
+        # layer_ref [1]; x_ref [bm, B, 4 (j), 64]; w_ref [L, bg, B, 4 (r), 64];
+        # out_ref [1, bm, bg, 4 (r)]: this split's partial sums.
+        layer = layer_ref[0]
+        first = pl.program_id(1) * chunk
+
+        def block(step, accs):
+            b = first + step
             x_j = [x_ref[:, b, j, :] for j in range(4)]
-            if bm <= GEMV_MAX_ROWS:
-                x_j = [x.astype(jnp.int32)[:, None, :] for x in x_j]  # [bm, 1, 64]
+            if gemv:
+                x_j = [x.astype(jnp.int32) for x in x_j]  # [1, 64]
             new = []
             for r, acc in enumerate(accs):
-                w_bytes = w_ref[layer, :, b, r, :]
+                w_bytes = w_ref[layer, :, b, r, :]  # [bg, 64]
                 for j in range(4):
                     # Shift and mask as uint8 (Triton does only bitwise ops on 8-bit types).
                     codes = (w_bytes >> (2 * j)) & 3
-                    if bm <= GEMV_MAX_ROWS:
-                        t = codes.astype(jnp.int32)[None] - 1  # [1, bg, 64]
-                        acc = acc + jnp.sum(x_j[j] * t, axis=2)
+                    if gemv:
+                        t = codes.astype(jnp.int32) - 1
+                        acc = acc + jnp.sum(x_j[j] * t, axis=1)[None, :]
                     else:
                         t = codes.astype(jnp.int8) - 1
                         acc = acc + jax.lax.dot_general(
@@ -151,21 +171,21 @@ def _call(layers: int, blocks: int, bm: int, bg: int, m_tiles: int, g: int, inte
             return tuple(new)
 
         zeros = tuple(jnp.zeros((bm, bg), jnp.int32) for _ in range(layout.ROWS_PER_GROUP))
-        accs = jax.lax.fori_loop(0, blocks, block, zeros)
+        accs = jax.lax.fori_loop(0, chunk, block, zeros)
         for r, acc in enumerate(accs):
-            out_ref[:, :, r] = acc
+            out_ref[0, :, :, r] = acc
 
     w_block = (layers, bg, blocks, layout.ROWS_PER_GROUP, layout.BLOCK_BYTES)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m_tiles * bm, g, layout.ROWS_PER_GROUP), jnp.int32),
-        grid=(g // bg, m_tiles),
+        out_shape=jax.ShapeDtypeStruct((splits, m_tiles * bm, g, layout.ROWS_PER_GROUP), jnp.int32),
+        grid=(g // bg, splits, m_tiles),
         in_specs=[
-            pl.BlockSpec((1,), lambda gi, mi: (0,)),
-            pl.BlockSpec((bm, blocks, 4, layout.BLOCK_BYTES), lambda gi, mi: (mi, 0, 0, 0)),
-            pl.BlockSpec(w_block, lambda gi, mi: (0, gi, 0, 0, 0)),
+            pl.BlockSpec((1,), lambda gi, ki, mi: (0,)),
+            pl.BlockSpec((bm, blocks, 4, layout.BLOCK_BYTES), lambda gi, ki, mi: (mi, 0, 0, 0)),
+            pl.BlockSpec(w_block, lambda gi, ki, mi: (0, gi, 0, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((bm, bg, layout.ROWS_PER_GROUP), lambda gi, mi: (mi, gi, 0)),
+        out_specs=pl.BlockSpec((1, bm, bg, layout.ROWS_PER_GROUP), lambda gi, ki, mi: (ki, mi, gi, 0)),
         interpret=interpret,
         compiler_params=pltriton.CompilerParams(num_warps=4),
         name="bitnet_ternary_matmul",
