@@ -16,6 +16,7 @@ import pytest
 from bitnet_jax import BitNetConfig, generate, init_params
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import layout, ops, pallas
+from bitnet_jax.serve.generate import serving_params
 from bitnet_jax.serve.pack import pack
 
 # Widths whose row groups (N / 4) a power of two in [16, 64] divides, so that every projection
@@ -127,6 +128,14 @@ def test_generate_on_the_pallas_backend_equals_the_xla_integer_path():
     # steps around them), so greedy picks the same tokens, ties included: no margin is needed.
     want = generate(config, packed, prompts, 6, backend="xla")
     np.testing.assert_array_equal(generate(config, packed, prompts, 6, backend="pallas"), want)
+    # Training parameters are packed first (float head), as for 'ffi', and then served on 'pallas'.
+    params = init_params(config, 3)
+    _, spec = serving_params(config, params, "pallas")
+    assert (spec.backend, spec.lm_head) == ("pallas", "float")
+    np.testing.assert_array_equal(
+        generate(config, params, prompts, 6, backend="pallas"),
+        generate(config, pack(config, params, lm_head="float"), prompts, 6, backend="xla"),
+    )
 
 
 def test_the_pallas_backend_is_asked_for_and_refused_where_it_cannot_run():

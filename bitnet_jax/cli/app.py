@@ -103,8 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     _add_backend(
         gen,
-        "ffi: our C++ ternary kernels (CPU only); xla: XLA ops only (default: ffi for packed "
-        "folders on CPU, xla on GPU / TPU and for training parameters)",
+        "ffi: our C++ ternary kernels (CPU only); xla: XLA ops only; pallas: decode's ternary matmuls "
+        "as a Pallas kernel (NVIDIA GPUs) (default: ffi for packed folders on CPU, xla on GPU / TPU "
+        "and for training parameters)",
     )
     _add_kv_cache(gen)
     gen.add_argument("--verbose", action="store_true", help="print time to first token and tokens/s")

@@ -65,13 +65,14 @@ def generate(
         generated (for streaming), on CPU from a thread of its own; every call has returned
         when `generate` returns. If it raises, generation stops within a step and
         `generate` raises that exception.
-      backend: 'ffi' (our C++ ternary kernels as XLA custom calls, CPU only) or 'xla' (XLA ops
-        only). Packed parameters (`bitnet_jax.serve.pack`) run the integer serving model either way;
+      backend: 'ffi' (our C++ ternary kernels as XLA custom calls, CPU only), 'xla' (XLA ops
+        only) or 'pallas' (decode's ternary matmuls as a Pallas kernel for NVIDIA GPUs, the rest
+        as 'xla'). Packed parameters (`bitnet_jax.serve.pack`) run the integer serving model either way;
         unset, `ops.serving_backend` picks 'ffi' on CPU and 'xla' on GPU / TPU (and for
         group:G weight scales with G not a multiple of 64, which the kernels do not take), from the platform of the
         params' devices (or the mesh, or the default backend). Training parameters default to
-        the fake-quant forward in XLA ops, and with 'ffi' are packed first (lm_head kept in
-        float), which costs a conversion per call: pack once for repeated use.
+        the fake-quant forward in XLA ops, and with 'ffi' or 'pallas' are packed first (lm_head
+        kept in float), which costs a conversion per call: pack once for repeated use.
       kv_cache: the serving KV cache's dtype, 'float32' (default) or 'int8' (a quarter of the
         memory and of the bytes read per token at long context; each slot's keys and values
         per kv head quantized by their absmax, `model.transformer.quantize_kv`). Serving models
@@ -250,7 +251,7 @@ def serving_params(config: BitNetConfig, params, backend: str | None, kv_cache: 
     if is_packed(params):
         backend = serving_backend(platform, backend, group_size=group_size)
         return params, ServingSpec(backend, lm_head_kind(params), config.act_bits, platform, kv_cache)
-    if backend != "ffi":
+    if backend not in ("ffi", "pallas"):
         serving_backend(platform, backend)  # checks the name
         if kv_cache != "float32":
             raise BitNetError(
@@ -258,13 +259,13 @@ def serving_params(config: BitNetConfig, params, backend: str | None, kv_cache: 
                 "on the XLA path keep a cache of their own dtype."
             )
         return params, None
-    serving_backend(platform, backend, group_size=group_size)  # raises where the FFI kernels cannot run
+    serving_backend(platform, backend, group_size=group_size)  # raises where the kernels cannot run
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
         raise BitNetError(
-            "backend='ffi' with abstract training parameters: pack them first (bitnet_jax.serve.pack), "
+            f"backend={backend!r} with abstract training parameters: pack them first (bitnet_jax.serve.pack), "
             "or pass packed shapes."
         )
-    return pack(config, params, lm_head="float"), ServingSpec("ffi", "float", config.act_bits, platform, kv_cache)
+    return pack(config, params, lm_head="float"), ServingSpec(backend, "float", config.act_bits, platform, kv_cache)
 
 
 def kv_cache_dtype(params, serving: ServingSpec | None):
