@@ -145,6 +145,15 @@ def test_the_pallas_backend_is_asked_for_and_refused_where_it_cannot_run():
         ops.serving_backend("tpu", "pallas")
 
 
+def test_the_pallas_backend_refuses_cpu_parameters_beside_a_gpu_default(monkeypatch):
+    # The kernel is interpreted when the default backend is CPU, compiled for the GPU otherwise:
+    # CPU parameters on a GPU machine would get a kernel their devices cannot run.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(BitNetError, match="parameters on CPU devices while the default backend is 'gpu'"):
+        ops.serving_backend("cpu", "pallas")
+    assert ops.serving_backend("gpu", "pallas") == "pallas"
+
+
 @pytest.mark.parametrize(
     "m, n, k", [(1, 2560, 2560), (1, 640, 2560), (8, 6912, 2560), (128, 6912, 2560), (128, 2560, 6912)]
 )

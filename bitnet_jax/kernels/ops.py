@@ -78,6 +78,13 @@ def serving_backend(platform: str, requested: str | None = None, *, group_size: 
             f"backend='pallas': the Pallas ternary kernel is written for NVIDIA GPUs (Triton), and this "
             f"computation runs on {platform!r} devices. Use backend='xla' (or leave it unset)."
         )
+    if requested == "pallas" and platform == "cpu" and jax.default_backend() != "cpu":
+        # `_pallas_ternary` interprets the kernel when the default backend is CPU and compiles it
+        # otherwise: CPU devices beside a GPU default would get a Triton kernel they cannot run.
+        raise BitNetError(
+            "backend='pallas' with parameters on CPU devices while the default backend is "
+            f"{jax.default_backend()!r}: put them on the GPU (jax.device_put), or use backend='ffi' or 'xla' on CPU."
+        )
     if requested == "ffi" and not ffi_takes_groups(group_size):
         _refuse_ffi_group_scales(group_size)
     if requested is not None:
