@@ -29,14 +29,13 @@ import dataclasses
 import json
 import os
 import sys
-import time
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.bench.serve import bench_generate
+from bitnet_jax.bench.serve import bench_generate, time_calls
 from bitnet_jax.bench.train import bench_train, matmul_peak
 from bitnet_jax.kernels import layout, ops
 from bitnet_jax.model.config import BitNetConfig
@@ -44,13 +43,7 @@ from bitnet_jax.train.run_config import RunConfig
 
 
 def _median_s(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile, warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return float(np.median(time_calls(fn, repeats)))
 
 
 def read_gb_s(nbytes: int = 4 << 30) -> float:
@@ -82,7 +75,6 @@ def kernels(read: float, preset: str, layers: int = 30) -> list[dict]:
     for k, n in sorted(shapes):
         g, row_bytes = layout.packed_ternary_shape(n, k)
         w = jnp.asarray(rng.integers(0, 256, (layers, g, row_bytes), dtype=np.uint8) & 0b10101010)  # codes 0 / 2
-        scale = jnp.full((layers, 1), 0.02, jnp.float32)
         for m in (1, 8, 128):
             x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
             results = {}
@@ -150,19 +142,18 @@ def serve(read: float, preset: str, backends: list[str]) -> list[dict]:
 
 
 def train(preset: str, batch: int, seq: int) -> list[dict]:
+    run = RunConfig.from_dict(
+        {"model": {"preset": preset}, "batch_size": batch, "seq_len": seq, "compute_dtype": "bfloat16"},
+        source="benchmarks/gpu.py",
+    )
     rows = []
-    for dtype in ("bfloat16",):
-        run = RunConfig.from_dict(
-            {"model": {"preset": preset}, "batch_size": batch, "seq_len": seq, "compute_dtype": dtype},
-            source="benchmarks/gpu.py",
-        )
-        for t in bench_train(run, repeats=5):
-            row = dataclasses.asdict(t)
-            row.pop("peaks")
-            row.update(preset=preset, batch=batch, seq_len=seq, peaks=[dataclasses.asdict(p) for p in t.peaks])
-            rows.append(row)
-            keys = ("preset", "name", "compute_dtype", "median_ms", "tokens_per_s", "gflops", "mfu_f32", "mfu_bf16")
-            print(json.dumps({k: row[k] for k in keys}), flush=True)
+    for t in bench_train(run, repeats=5):
+        row = dataclasses.asdict(t)
+        row.pop("peaks")
+        row.update(preset=preset, batch=batch, seq_len=seq, peaks=[dataclasses.asdict(p) for p in t.peaks])
+        rows.append(row)
+        keys = ("preset", "name", "compute_dtype", "median_ms", "tokens_per_s", "gflops", "mfu_f32", "mfu_bf16")
+        print(json.dumps({k: row[k] for k in keys}), flush=True)
     return rows
 
 

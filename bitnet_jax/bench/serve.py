@@ -90,7 +90,8 @@ def _chain(fn, reps: int):
     return jax.jit(chained)
 
 
-def _time(call, repeats: int) -> list[float]:
+def time_calls(call, repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `call` (each waited for), after one call that compiles and warms up."""
     import jax
 
     jax.block_until_ready(call())  # compile and warm up
@@ -135,7 +136,7 @@ def bench_kernels(
                     call = _chain(fn, reps)
                     for isa in isas:
                         os.environ["BITNET_JAX_ISA"] = isa
-                        times = _time(lambda weights=weights: call(x, weights), repeats)
+                        times = time_calls(lambda weights=weights: call(x, weights), repeats)
                         results.append(_timing(kernel, isa, m, k, n, threads, times, reps, nbytes))
                     del weights
             for m in rows if xla else ():
@@ -145,7 +146,7 @@ def bench_kernels(
                     reps = _reps(dense.nbytes, m)
                     denses = [dense.copy() for _ in range(reps)]
                     call = _chain(lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32), reps)
-                    times = _time(lambda denses=denses: call(x, denses), repeats)
+                    times = time_calls(lambda denses=denses: call(x, denses), repeats)
                     results.append(_timing(name, "xla", m, k, n, threads, times, reps, dense.nbytes))
                     del denses, dense
     finally:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.kernels import layout
+from bitnet_jax.kernels import layout, pallas
 from bitnet_jax.model.quant import absmax_quantize, act_quantize, rescale
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ def serving_backend(platform: str, requested: str | None = None, *, group_size: 
             f"computation runs on {platform!r} devices. Use backend='xla' (or leave it unset)."
         )
     if requested == "pallas" and platform == "cpu" and jax.default_backend() != "cpu":
-        # `_pallas_ternary` interprets the kernel when the default backend is CPU and compiles it
+        # `_pallas_product` interprets the kernel when the default backend is CPU and compiles it
         # otherwise: CPU devices beside a GPU default would get a Triton kernel they cannot run.
         raise BitNetError(
             "backend='pallas' with parameters on CPU devices while the default backend is "
@@ -190,31 +190,25 @@ def ternary_linear(
         if parts > 1 and n_ok:
             return _n_parallel_ternary(x_mk, w_packed, w_scale, n, act_bits, parts, layer)
         return ffi.ternary_matmul(x_mk, w_packed, w_scale, n, act_bits, layer)
-    if backend == "pallas" and _tensor_parts() == 1:
-        from bitnet_jax.kernels import pallas
-
-        if pallas.takes(n, math.prod(x_mk.shape[:-1])):
-            return _pallas_ternary(x_mk, w_packed, w_scale, n, act_bits, layer)
-    if w_packed.ndim == 3:
-        w_packed, w_scale = w_packed[layer], w_scale[layer]
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
-    t_nk = layout.unpack_ternary(w_packed, n, x_mk.shape[-1])
-    acc = jnp.einsum("...k,nk->...n", x_q.astype(jnp.int8), t_nk, preferred_element_type=jnp.int32)
-    return rescale(acc, x_scale, w_scale)
+    x_q = x_q.astype(jnp.int8)
+    if backend == "pallas" and _tensor_parts() == 1 and pallas.takes(n, math.prod(x_mk.shape[:-1])):
+        acc = _pallas_product(x_q, w_packed, n, layer)
+    else:  # the XLA integer path
+        w_gx = w_packed[layer] if w_packed.ndim == 3 else w_packed
+        t_nk = layout.unpack_ternary(w_gx, n, x_mk.shape[-1])
+        acc = jnp.einsum("...k,nk->...n", x_q, t_nk, preferred_element_type=jnp.int32)
+    return rescale(acc, x_scale, w_scale[layer] if w_packed.ndim == 3 else w_scale)
 
 
-def _pallas_ternary(x_mk, w_packed, w_scale, n, act_bits, layer):
-    """`ternary_linear` with the integer product as the Pallas kernel (compiled on GPUs,
-    interpreted elsewhere): the XLA path's quantization and rescale around it, so the same bits."""
-    from bitnet_jax.kernels import pallas
-
-    lead, k = x_mk.shape[:-1], x_mk.shape[-1]
-    x_q, x_scale = act_quantize(x_mk, "token", act_bits)
+def _pallas_product(x_q, w_packed, n, layer):
+    """The exact int32 products [..., N] of int8 codes [..., K] as the Pallas kernel (compiled on
+    GPUs, interpreted elsewhere), reading stacked weights at `layer` in place: the XLA path's
+    integer sums, so its quantization and rescale around them give the same bits."""
+    lead, k = x_q.shape[:-1], x_q.shape[-1]
     interpret = jax.default_backend() not in ("gpu", "cuda")
-    acc = pallas.ternary_matmul_i32(x_q.astype(jnp.int8).reshape(-1, k), w_packed, n, layer, interpret=interpret)
-    if w_packed.ndim == 3:
-        w_scale = w_scale[layer]
-    return rescale(acc.reshape(*lead, n), x_scale, w_scale)
+    acc = pallas.ternary_matmul_i32(x_q.reshape(-1, k), w_packed, n, layer, interpret=interpret)
+    return acc.reshape(*lead, n)
 
 
 def ternary_linears(x_mk, projections, act_bits: int, backend: str, layer=None, *, split: str = "n") -> tuple:

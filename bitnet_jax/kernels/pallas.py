@@ -42,13 +42,13 @@ from bitnet_jax.kernels import layout
 # and each program walks all of K.
 _GEMV_GROUPS = 16
 _DOT_GROUPS = (16, 32, 64)  # the product's N is at least 16
-_SPLIT_MAX_ROWS = 16
-SERVE_MAX_ROWS = 16  # see `takes`
+_SMALL_ROWS = 16  # up to this many rows: one 16-row tile, the fewest groups, K split
 _DOT_SPLIT_BLOCKS = 3
+SERVE_MAX_ROWS = 16  # see `takes`
 
 
 def _rows_per_program(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 64
+    return 1 if m == 1 else _SMALL_ROWS if m <= _SMALL_ROWS else 64
 
 
 def groups_per_program(g: int, m: int) -> int | None:
@@ -61,7 +61,7 @@ def groups_per_program(g: int, m: int) -> int | None:
     sizes = [s for s in _DOT_GROUPS if g % s == 0]
     if not sizes:
         return None
-    return sizes[0] if m <= 16 else sizes[-1]
+    return sizes[0] if m <= _SMALL_ROWS else sizes[-1]
 
 
 def takes(n: int, m: int) -> bool:
@@ -122,7 +122,7 @@ def _padded_call(x_q_mk, w_lgx, layer_1, *, n: int, bm: int, bg: int, interpret:
     x_mbji = x_padded.reshape(m_tiles * bm, blocks, 4, layout.BLOCK_BYTES)
     w_lgbri = w_lgx.reshape(layers, g, blocks, layout.ROWS_PER_GROUP, layout.BLOCK_BYTES)
     out_smgr = _call(layers, blocks, bm, bg, m_tiles, g, interpret)(layer_1, x_mbji, w_lgbri)
-    out_mgr = jnp.sum(out_smgr, axis=0) if out_smgr.shape[0] > 1 else out_smgr[0]
+    out_mgr = jnp.sum(out_smgr, axis=0)  # the splits' partial sums
     return out_mgr.reshape(m_tiles * bm, g * layout.ROWS_PER_GROUP)[:m, :n]
 
 
@@ -136,7 +136,7 @@ def _call(layers: int, blocks: int, bm: int, bg: int, m_tiles: int, g: int, inte
     # most, up to _DOT_SPLIT_BLOCKS, that divides the blocks evenly; above 16 rows all of them.
     if gemv:
         chunk = 1
-    elif bm <= _SPLIT_MAX_ROWS:
+    elif bm <= _SMALL_ROWS:
         chunk = max(d for d in range(1, _DOT_SPLIT_BLOCKS + 1) if blocks % d == 0)
     else:
         chunk = blocks
