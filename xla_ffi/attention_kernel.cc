@@ -1,7 +1,9 @@
-// Decode attention kernels (attention_kernel.h): a scalar twin, and AVX2 + FMA on x86-64.
+// Decode attention kernels (attention_kernel.h): a scalar twin, AVX2 + FMA and AVX-512 on x86-64.
 //
-// AVX-512 CPUs run the AVX2 kernels (they have AVX2; the same blocks in 512-bit registers were
-// slower on a Zen 4, which splits them in two). aarch64 and other builds run the scalar twin.
+// The AVX-512 kernels are the AVX2 ones in 16-float registers. Where they pay depends on the CPU
+// (faster on an Ice Lake Xeon, slower on a Zen 4, which splits 512-bit operations in two), so the
+// caller picks the path (attention.cc, by CpuRuns512AtFullWidth); `isa` here is obeyed as given.
+// aarch64 and other builds run the scalar twin.
 //
 // Per chunk, in three passes over the G query heads that share a kv head, in blocks of up to 4
 // heads, so that each key and value vector is read (and, from an int8 cache, widened exactly to
@@ -25,7 +27,7 @@
 #include "cpu_isa.h"
 
 #if BITNET_JAX_X86_SIMD
-#include <immintrin.h>
+#include "x86_simd.h"
 #endif
 
 namespace bitnet {
@@ -106,8 +108,6 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA
-
-#define BITNET_AVX2 __attribute__((target("avx2,fma")))
 
 // Lanes [0, count) set (count < 8): the last, partial vector of a row.
 BITNET_AVX2 inline __m256i FirstLanes(int64_t count) {
@@ -336,8 +336,238 @@ BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const 
   }
 }
 
-// AVX-512 CPUs take the AVX2 kernels (see the top of this file).
-bool UsesAvx2(Isa isa) { return isa == Isa::kAvx2 || isa == Isa::kAvx512Vnni; }
+// ---------------------------------------------------------------------------------------------
+// AVX-512: the AVX2 kernel's passes in 16-float registers. The scores of a block of 4 heads and
+// 4 slots are 16 accumulators, summed together into one vector (Hsum16x16) rather than one by one.
+
+// Lanes [0, count) of a 16-lane vector.
+inline __mmask16 FirstLanes16(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
+
+BITNET_AVX512 inline __m512 Exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));  // a NaN x stays NaN (maxps returns its second operand)
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 y = _mm512_set1_ps(kExpP0);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP1));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP2));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP3));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP4));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(kExpP5));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(y, _mm512_castsi512_ps(two_n));
+}
+
+BITNET_AVX512 inline __m512 Load16(const float* row) { return _mm512_loadu_ps(row); }
+BITNET_AVX512 inline __m512 Load16(const int8_t* row) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
+}
+// Lanes of `tail` from row, the others zero; a masked load reads only its lanes' bytes.
+BITNET_AVX512 inline __m512 LoadPart16(const float* row, __mmask16 tail) { return _mm512_maskz_loadu_ps(tail, row); }
+BITNET_AVX512 inline __m512 LoadPart16(const int8_t* row, __mmask16 tail) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, row)));
+}
+
+// Lane i of the result: the sum of the 16 lanes of a[i]. Three rounds, each halving the vectors
+// and doubling the sums each holds: pairs interleaved within 128-bit lanes, then quads within
+// them, then the 128-bit lanes across vectors.
+BITNET_AVX512 __attribute__((always_inline)) inline __m512 Hsum16x16(const __m512* a) {
+  __m512 t[8], u[4];
+  for (int k = 0; k < 8; ++k) {
+    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  }
+  for (int k = 0; k < 4; ++k) {
+    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  // u[k]'s 128-bit lane L holds lane L's partial sums of a[4k .. 4k + 3]; add the four lanes.
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// ScoresBlock in 16-float registers. A block of 4 heads x 4 slots (2B4T's G = 4) is summed by
+// Hsum16x16; others one accumulator at a time.
+template <int GB, int JS, typename T>
+BITNET_AVX512 __attribute__((always_inline)) inline void ScoresBlock16(const float* q, const T* k, int64_t h, const float* slot_scales,
+                                        __mmask16 tail, float* s) {
+  __m512 acc[GB * JS];
+#pragma GCC unroll 16
+  for (int a = 0; a < GB * JS; ++a) acc[a] = _mm512_setzero_ps();
+  const int64_t h16 = h / 16 * 16;
+  for (int64_t i = 0; i < h16; i += 16) {
+    __m512 kv[JS];
+#pragma GCC unroll 4
+    for (int js = 0; js < JS; ++js) kv[js] = Load16(k + js * h + i);
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      const __m512 qv = _mm512_loadu_ps(q + hd * h + i);
+#pragma GCC unroll 4
+      for (int js = 0; js < JS; ++js) acc[hd * JS + js] = _mm512_fmadd_ps(qv, kv[js], acc[hd * JS + js]);
+    }
+  }
+  if (h16 < h) {
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      const __m512 qv = _mm512_maskz_loadu_ps(tail, q + hd * h + h16);
+#pragma GCC unroll 4
+      for (int js = 0; js < JS; ++js)
+        acc[hd * JS + js] = _mm512_fmadd_ps(qv, LoadPart16(k + js * h + h16, tail), acc[hd * JS + js]);
+    }
+  }
+  if constexpr (GB == 4 && JS == 4) {
+    // Lane 4 * hd + js: head hd's score of slot js.
+    const __m512 scores =
+        _mm512_mul_ps(Hsum16x16(acc), _mm512_broadcast_f32x4(_mm_loadu_ps(slot_scales)));
+    _mm_storeu_ps(s, _mm512_castps512_ps128(scores));
+    _mm_storeu_ps(s + kAttentionChunk, _mm512_extractf32x4_ps(scores, 1));
+    _mm_storeu_ps(s + 2 * kAttentionChunk, _mm512_extractf32x4_ps(scores, 2));
+    _mm_storeu_ps(s + 3 * kAttentionChunk, _mm512_extractf32x4_ps(scores, 3));
+  } else {
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 4
+      for (int js = 0; js < JS; ++js)
+        s[hd * kAttentionChunk + js] = _mm512_reduce_add_ps(acc[hd * JS + js]) * slot_scales[js];
+  }
+}
+
+// ValuesBlock in 16-float registers: GB heads x IB * 16 elements from i0.
+template <int GB, int IB, bool PART, typename T>
+BITNET_AVX512 __attribute__((always_inline)) inline void ValuesBlock16(const float* p, const T* v, int64_t h, int64_t n, int64_t i0,
+                                        __mmask16 tail, float* acc_gh) {
+  __m512 acc[GB][IB];
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 4
+    for (int ib = 0; ib < IB; ++ib) acc[hd][ib] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vv[IB];
+#pragma GCC unroll 4
+    for (int ib = 0; ib < IB; ++ib) vv[ib] = PART ? LoadPart16(v + j * h + i0, tail) : Load16(v + j * h + i0 + 16 * ib);
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      const __m512 pv = _mm512_set1_ps(p[hd * kAttentionChunk + j]);
+#pragma GCC unroll 4
+      for (int ib = 0; ib < IB; ++ib) acc[hd][ib] = _mm512_fmadd_ps(pv, vv[ib], acc[hd][ib]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 4
+    for (int ib = 0; ib < IB; ++ib) {
+      if (PART)
+        _mm512_mask_storeu_ps(acc_gh + hd * h + i0, tail, acc[hd][ib]);
+      else
+        _mm512_storeu_ps(acc_gh + hd * h + i0 + 16 * ib, acc[hd][ib]);
+    }
+}
+
+// ScoreHeadsAvx2 in 16-float registers, 4 slots at a time.
+template <int GB, typename T>
+BITNET_AVX512 void ScoreHeads16(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
+                                __mmask16 tail, float* p, const T* v_prefetch) {
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    if (v_prefetch) {  // as ScoreHeadsAvx2
+      const int64_t bytes = 4 * h * static_cast<int64_t>(sizeof(T));
+      const uintptr_t values = reinterpret_cast<uintptr_t>(v_prefetch + j * h);
+      const uintptr_t keys = reinterpret_cast<uintptr_t>(k_nh + j * h) + 16 * h * sizeof(T);
+      for (int64_t b = 0; b < bytes; b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(values + b), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(keys + b), _MM_HINT_T0);
+      }
+    }
+    ScoresBlock16<GB, 4>(q, k_nh + j * h, h, slot_scales + j, tail, p + j);
+  }
+  for (; j < n; ++j) ScoresBlock16<GB, 1>(q, k_nh + j * h, h, slot_scales + j, tail, p + j);
+}
+
+template <int GB, typename T>
+BITNET_AVX512 void WeightValues16(const float* p, int64_t h, const T* v_nh, int64_t n, __mmask16 tail,
+                                  float* acc_gh) {
+  const int64_t h16 = h / 16 * 16;
+  int64_t i0 = 0;
+  for (; i0 + 64 <= h16; i0 += 64) ValuesBlock16<GB, 4, false>(p, v_nh, h, n, i0, tail, acc_gh);
+  for (; i0 + 16 <= h16; i0 += 16) ValuesBlock16<GB, 1, false>(p, v_nh, h, n, i0, tail, acc_gh);
+  if (h16 < h) ValuesBlock16<GB, 1, true>(p, v_nh, h, n, h16, tail, acc_gh);
+}
+
+// As AttendChunkAvx2, in 16-float registers.
+template <typename T>
+BITNET_AVX512 void AttendChunkAvx512(const float* q_gh, int64_t g, int64_t h, const T* k_nh, const T* v_nh,
+                                     const float* k_scale_n, const float* v_scale_n, int64_t n, float scale,
+                                     float* scratch, float* partial) {
+  float* max_g = partial;
+  float* sum_g = partial + g;
+  float* acc_gh = partial + 2 * g;
+  const __mmask16 h_tail = FirstLanes16(h % 16);
+
+  float* slot_scales = scratch + g * kAttentionChunk;
+  for (int64_t j = 0; j < n; ++j) slot_scales[j] = k_scale_n ? k_scale_n[j] * scale : scale;
+  for (int64_t g0 = 0; g0 < g; g0 += 4) {
+    const float* q = q_gh + g0 * h;
+    float* p = scratch + g0 * kAttentionChunk;
+    const T* v_prefetch = g0 == 0 ? v_nh : nullptr;
+    switch (std::min<int64_t>(4, g - g0)) {
+      case 4: ScoreHeads16<4>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
+      case 3: ScoreHeads16<3>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
+      case 2: ScoreHeads16<2>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
+      default: ScoreHeads16<1>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
+    }
+  }
+
+  const __mmask16 n_tail = FirstLanes16(n % 16);
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* p = scratch + gi * kAttentionChunk;
+    __m512 m_v = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n16; j += 16) m_v = _mm512_max_ps(m_v, _mm512_loadu_ps(p + j));
+    if (n16 < n) m_v = _mm512_mask_max_ps(m_v, n_tail, m_v, _mm512_maskz_loadu_ps(n_tail, p + n16));
+    const float m = _mm512_reduce_max_ps(m_v);
+    m_v = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n16; j += 16) {
+      __m512 e = Exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m_v));
+      sum = _mm512_add_ps(sum, e);
+      if (v_scale_n) e = _mm512_mul_ps(e, _mm512_loadu_ps(v_scale_n + j));
+      _mm512_storeu_ps(p + j, e);
+    }
+    if (n16 < n) {
+      __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(n_tail, p + n16), m_v));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(n_tail, e));
+      if (v_scale_n) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(n_tail, v_scale_n + n16));
+      _mm512_mask_storeu_ps(p + n16, n_tail, e);
+    }
+    max_g[gi] = m;
+    sum_g[gi] = _mm512_reduce_add_ps(sum);
+  }
+
+  for (int64_t g0 = 0; g0 < g; g0 += 4) {
+    const float* p = scratch + g0 * kAttentionChunk;
+    float* acc = acc_gh + g0 * h;
+    switch (std::min<int64_t>(4, g - g0)) {
+      case 4: WeightValues16<4>(p, h, v_nh, n, h_tail, acc); break;
+      case 3: WeightValues16<3>(p, h, v_nh, n, h_tail, acc); break;
+      case 2: WeightValues16<2>(p, h, v_nh, n, h_tail, acc); break;
+      default: WeightValues16<1>(p, h, v_nh, n, h_tail, acc); break;
+    }
+  }
+}
+
+BITNET_AVX512 void ExpNonPositive16(float* x, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, Exp16(_mm512_loadu_ps(x + i)));
+  if (i < n) {
+    const __mmask16 tail = FirstLanes16(n - i);
+    _mm512_mask_storeu_ps(x + i, tail, Exp16(_mm512_maskz_loadu_ps(tail, x + i)));
+  }
+}
 
 }  // namespace
 
@@ -345,7 +575,11 @@ bool UsesAvx2(Isa isa) { return isa == Isa::kAvx2 || isa == Isa::kAvx512Vnni; }
 
 void ExpNonPositive(Isa isa, float* x, int64_t n) {
 #if BITNET_JAX_X86_SIMD
-  if (UsesAvx2(isa)) {
+  if (isa == Isa::kAvx512Vnni) {
+    ExpNonPositive16(x, n);
+    return;
+  }
+  if (isa == Isa::kAvx2) {
     ExpNonPositiveAvx2(x, n);
     return;
   }
@@ -357,7 +591,11 @@ void ExpNonPositive(Isa isa, float* x, int64_t n) {
 void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* k_nh, const float* v_nh,
                  int64_t n, float scale, float* scratch, float* partial) {
 #if BITNET_JAX_X86_SIMD
-  if (UsesAvx2(isa)) {
+  if (isa == Isa::kAvx512Vnni) {
+    AttendChunkAvx512(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
+    return;
+  }
+  if (isa == Isa::kAvx2) {
     AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
     return;
   }
@@ -370,7 +608,11 @@ void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int
                      const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
                      float* partial) {
 #if BITNET_JAX_X86_SIMD
-  if (UsesAvx2(isa)) {
+  if (isa == Isa::kAvx512Vnni) {
+    AttendChunkAvx512(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    return;
+  }
+  if (isa == Isa::kAvx2) {
     AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
     return;
   }

@@ -7,8 +7,8 @@
 // nothing but the slot index, so a query's result depends on its own inputs alone: not on the
 // batch, the other rows' positions, or which thread ran which chunk.
 //
-// Each kernel has a scalar twin and SIMD versions (AVX2 + FMA on x86-64) with the same contract;
-// `isa` picks one (the caller gets it from SelectIsa). They differ only in float rounding.
+// Each kernel has a scalar twin and SIMD versions (AVX2 + FMA, AVX-512 on x86-64) with the same
+// contract; `isa` picks one (the caller gets it from SelectIsa). They differ only in float rounding.
 #ifndef BITNET_JAX_XLA_FFI_ATTENTION_KERNEL_H_
 #define BITNET_JAX_XLA_FFI_ATTENTION_KERNEL_H_
 

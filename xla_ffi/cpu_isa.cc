@@ -3,6 +3,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#if BITNET_JAX_X86_SIMD
+#include <cpuid.h>
+#endif
+
 #if BITNET_JAX_ARM_SIMD && defined(__linux__)
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDDP
@@ -125,6 +129,28 @@ bool SelectIsa(Isa* isa, std::string* error) {
   *error = std::string("BITNET_JAX_ISA=") + forced + " asks for a path this CPU cannot run (it runs: " +
            JoinNames(available) + ")";
   return false;
+}
+
+bool CpuRuns512AtFullWidth() {
+#if BITNET_JAX_X86_SIMD
+  static const bool full_width = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return true;
+    char vendor[13];
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    vendor[12] = '\0';
+    if (std::strcmp(vendor, "AuthenticAMD") != 0 || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return true;
+    // The family: the base field, plus the extended field where the base one is 0xF.
+    const unsigned base = (eax >> 8) & 0xF;
+    const unsigned family = base == 0xF ? base + ((eax >> 20) & 0xFF) : base;
+    return family != 0x19;  // Zen 3 (no AVX-512) and Zen 4
+  }();
+  return full_width;
+#else
+  return false;
+#endif
 }
 
 }  // namespace bitnet

@@ -53,6 +53,13 @@ const std::vector<Isa>& AvailableIsas();
 // is cheap), so tests can switch paths inside one process.
 bool SelectIsa(Isa* isa, std::string* error);
 
+// Whether this CPU runs 512-bit vector operations at full width. AMD Zen 4 (family 19h) splits
+// each into two 256-bit halves: a kernel whose 512-bit form gains only arithmetic width, not
+// fewer memory operations, runs no faster there (decode attention: 12% slower on a Zen 4,
+// benchmarks/RESULTS.md), so such kernels take their AVX2 form where this is false. True on
+// Intel's AVX-512 cores (measured on an Ice Lake Xeon) and every other x86-64 CPU; false off x86-64.
+bool CpuRuns512AtFullWidth();
+
 }  // namespace bitnet
 
 #endif  // BITNET_JAX_XLA_FFI_CPU_ISA_H_
