@@ -181,7 +181,9 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
                                       int32_t* acc_out) {
   const __m512i mask = _mm512_set1_epi8(3);
   __m512i acc[kRowsPerGroup][MT];
+#pragma GCC unroll 4
   for (int r = 0; r < kRowsPerGroup; ++r)
+#pragma GCC unroll 4
     for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_setzero_si512();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* block = w_g + b * kGroupBlockBytes;
@@ -203,9 +205,15 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
       }
     }
   }
-  for (int r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r)
-    for (int mi = 0; mi < MT; ++mi)
-      acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
+  // Loops of constant length, so that the accumulators can live in registers: with the row test
+  // in the loop's condition GCC kept them in memory, loaded and stored at every block (8 rows
+  // took 1.3-1.5x as long on an Ice Lake Xeon core).
+#pragma GCC unroll 4
+  for (int r = 0; r < kRowsPerGroup; ++r) {
+    if (n0 + r >= n_total) continue;
+#pragma GCC unroll 4
+    for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
+  }
 }
 
 // Prefill, many activation rows: panels of 32 output rows (8 groups) whose codes are unpacked
