@@ -199,7 +199,7 @@ def test_serving_imports_no_training_libraries():
 
     code = (
         "import sys, bitnet_jax, bitnet_jax.cli.app, bitnet_jax.serve.load, bitnet_jax.serve.generate, "
-        "bitnet_jax.serve.chat, bitnet_jax.bench.serve\n"
+        "bitnet_jax.serve.chat, bitnet_jax.serve.compile_cache, bitnet_jax.bench.serve\n"
         "print(sorted(m for m in ('orbax.checkpoint', 'tensorstore', 'grain', 'optax') if m in sys.modules))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -305,6 +305,10 @@ class GenerateTiming:
     prefill_of_int8_peak: float | None = None
     profile: DecodeProfile | None = None  # `profile=True`, FFI backend: the decode step's pieces
     kv_cache: str = "float32"  # the FFI model's KV cache dtype (ops.KV_CACHES)
+    # FFI backend: seconds to compile the generate program before building the weights (well under
+    # a second where it came from the persistent compilation cache), and that cache's folder.
+    compile_s: float | None = None
+    compilation_cache: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "mb_per_token", self.layers_mb + self.head_mb + self.other_mb + self.kv_mb)
@@ -467,6 +471,7 @@ def bench_generate(
 
     lm_head = lm_head or default_lm_head(config)
     prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
+    compile_s = None
     serve_backend = None  # the default for packed parameters: the FFI kernels on CPU
     if backend in ("xla-packed", "pallas"):
         params = random_packed_params(config, lm_head=lm_head, seed=seed)
@@ -476,7 +481,9 @@ def bench_generate(
 
         # As `bitnet-jax generate` serves: compile from the shapes, then make the weights.
         shapes = random_packed_params(config, lm_head=lm_head, seed=seed, abstract=True)
+        start = time.perf_counter()
         compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True, kv_cache=kv_cache)
+        compile_s = time.perf_counter() - start
         params = random_packed_params(config, lm_head=lm_head, seed=seed)
         isa = ffi.selected_isa()
     else:
@@ -532,6 +539,8 @@ def bench_generate(
         prefill_ternary_gops=ternary_ops_per_token(config) * prompt_tokens / prefill_s / 1e9,
         profile=pieces,
         kv_cache=kv_cache or "float32",
+        compile_s=compile_s,
+        compilation_cache=jax.config.jax_compilation_cache_dir,
     )
 
 

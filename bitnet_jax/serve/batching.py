@@ -67,6 +67,7 @@ from bitnet_jax.serve.generate import (
     padded_prompt_length,
     prefill_chunk,
     prefill_fresh,
+    sampling_key,
     serving_params,
 )
 from bitnet_jax.serve.host_memory import release_freed_memory
@@ -428,7 +429,7 @@ class Engine:
             self._pages_bp[row],
             prompt_1t,
             np.array([len(request.prompt_ids)], np.int32),
-            jax.random.PRNGKey(request.seed),
+            sampling_key(request.seed),
             np.float32(request.temperature),
             np.float32(request.top_p),
             config=self.config,
@@ -462,7 +463,7 @@ class Engine:
                 np.array([len(request.prompt_ids)], np.int32),
                 np.int32(state.start),
                 state.logits_1v if state.logits_1v is not None else np.zeros((1, self.config.vocab_size), np.float32),
-                jax.random.PRNGKey(request.seed),
+                sampling_key(request.seed),
                 np.float32(request.temperature),
                 np.float32(request.top_p),
                 config=self.config,

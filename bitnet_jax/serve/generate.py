@@ -183,7 +183,7 @@ class _Request:
         return cls(params, prompt_bt, lengths_b, static)
 
     def args(self, seed: int = 0, stream: int = 0) -> tuple:
-        return self.params, self.prompt_bt, self.lengths_b, jax.random.PRNGKey(seed), np.int32(stream)
+        return self.params, self.prompt_bt, self.lengths_b, sampling_key(seed), np.int32(stream)
 
 
 def _placement(x):
@@ -320,6 +320,17 @@ def _generate(
 
     _, out_bn, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_bn, cache, done_b, rng))
     return out_bn
+
+
+def sampling_key(seed: int):
+    """`jax.random.PRNGKey(seed)`, built on the host where that is exact: JAX's default threefry
+    key in 32-bit mode is [0, seed mod 2^32]. PRNGKey runs two small jitted programs, and their
+    compiling, at a process's first request, pulls about 20 MB of XLA's compiler into memory
+    that a server whose own programs came from the persistent compilation cache never needs
+    (serve/compile_cache.py). Other key implementations and 64-bit mode take PRNGKey itself."""
+    if jax.config.jax_default_prng_impl != "threefry2x32" or jax.config.jax_enable_x64:
+        return jax.random.PRNGKey(seed)
+    return np.array([0, seed % 2**32], np.uint32)
 
 
 def padded_prompt_length(longest: int) -> int:
