@@ -2,10 +2,10 @@
 `bench generate`).
 
 A process that finds its programs in the cache skips XLA's compiler: it starts faster (2B4T's
-`generate` program: 2.4 s -> 0.6 s on an Ice Lake Xeon) and, more to the point, never pulls the
-compiler's code and working memory into its address space, which a served model otherwise
-carries to the end: 2B4T's peak RSS after a 2048-token prompt (int8 KV cache) 1245 -> 1194 MB on
-the same machine (benchmarks/RESULTS.md).
+`generate` program: 3.4-3.7 s -> 0.5-0.6 s on an Ice Lake Xeon) and, more to the point, never
+pulls the compiler's code and working memory into its address space, which a served model
+otherwise carries to the end: 2B4T's peak RSS after a 2048-token prompt (int8 KV cache)
+1241 -> 1193 MB on the same machine (benchmarks/RESULTS.md).
 
 The cache lives in a folder per build of the compiled extension (`bitnet_jax._ffi_ext`): a cached
 program calls our FFI kernels by name, so a rebuilt extension (new kernels, perhaps a new calling
