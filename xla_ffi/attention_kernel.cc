@@ -115,7 +115,8 @@ BITNET_AVX2 inline __m256i FirstLanes(int64_t count) {
 }
 
 BITNET_AVX2 inline __m256 ExpAvx2(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(kExpMin));  // a NaN x stays NaN (maxps returns its first operand)
+  // Where an operand is NaN, maxps returns its second one: x, so that a NaN x stays NaN.
+  x = _mm256_max_ps(_mm256_set1_ps(kExpMin), x);
   const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)));
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
@@ -339,12 +340,15 @@ BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const 
 // ---------------------------------------------------------------------------------------------
 // AVX-512: the AVX2 kernel's passes in 16-float registers. The scores of a block of 4 heads and
 // 4 slots are 16 accumulators, summed together into one vector (Hsum16x16) rather than one by one.
+// The blocks are forced inline: GCC left them as calls, their accumulators passing through memory
+// (25 against 29-39 ns a slot on an Ice Lake core, benchmarks/RESULTS.md).
+#define BITNET_AVX512_INLINE BITNET_AVX512 __attribute__((always_inline)) inline
 
 // Lanes [0, count) of a 16-lane vector.
 inline __mmask16 FirstLanes16(int64_t count) { return static_cast<__mmask16>((1u << count) - 1); }
 
 BITNET_AVX512 inline __m512 Exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(kExpMin));  // a NaN x stays NaN (maxps returns its second operand)
+  x = _mm512_max_ps(_mm512_set1_ps(kExpMin), x);  // as ExpAvx2: a NaN x stays NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
@@ -373,7 +377,7 @@ BITNET_AVX512 inline __m512 LoadPart16(const int8_t* row, __mmask16 tail) {
 // Lane i of the result: the sum of the 16 lanes of a[i]. Three rounds, each halving the vectors
 // and doubling the sums each holds: pairs interleaved within 128-bit lanes, then quads within
 // them, then the 128-bit lanes across vectors.
-BITNET_AVX512 __attribute__((always_inline)) inline __m512 Hsum16x16(const __m512* a) {
+BITNET_AVX512_INLINE __m512 Hsum16x16(const __m512* a) {
   __m512 t[8], u[4];
   for (int k = 0; k < 8; ++k) {
     t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
@@ -394,8 +398,8 @@ BITNET_AVX512 __attribute__((always_inline)) inline __m512 Hsum16x16(const __m51
 // ScoresBlock in 16-float registers. A block of 4 heads x 4 slots (2B4T's G = 4) is summed by
 // Hsum16x16; others one accumulator at a time.
 template <int GB, int JS, typename T>
-BITNET_AVX512 __attribute__((always_inline)) inline void ScoresBlock16(const float* q, const T* k, int64_t h, const float* slot_scales,
-                                        __mmask16 tail, float* s) {
+BITNET_AVX512_INLINE void ScoresBlock16(const float* q, const T* k, int64_t h, const float* slot_scales, __mmask16 tail,
+                                         float* s) {
   __m512 acc[GB * JS];
 #pragma GCC unroll 16
   for (int a = 0; a < GB * JS; ++a) acc[a] = _mm512_setzero_ps();
@@ -439,8 +443,8 @@ BITNET_AVX512 __attribute__((always_inline)) inline void ScoresBlock16(const flo
 
 // ValuesBlock in 16-float registers: GB heads x IB * 16 elements from i0.
 template <int GB, int IB, bool PART, typename T>
-BITNET_AVX512 __attribute__((always_inline)) inline void ValuesBlock16(const float* p, const T* v, int64_t h, int64_t n, int64_t i0,
-                                        __mmask16 tail, float* acc_gh) {
+BITNET_AVX512_INLINE void ValuesBlock16(const float* p, const T* v, int64_t h, int64_t n, int64_t i0, __mmask16 tail,
+                                         float* acc_gh) {
   __m512 acc[GB][IB];
 #pragma GCC unroll 4
   for (int hd = 0; hd < GB; ++hd)

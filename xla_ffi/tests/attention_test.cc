@@ -37,10 +37,15 @@ void CheckExp(bitnet::Isa isa) {
   bitnet::ExpNonPositive(isa, low.data(), static_cast<int64_t>(low.size()));
   bool low_ok = true;
   for (float v : low) low_ok &= std::abs(v - std::exp(-87.0)) <= 2 * Ulp(std::exp(-87.0));
-  if (worst > 2.0 || !low_ok) {
+  // NaN in, NaN out (a NaN score must not turn into a weight), in every lane of a vector.
+  std::vector<float> nan(19, std::nanf(""));
+  bitnet::ExpNonPositive(isa, nan.data(), static_cast<int64_t>(nan.size()));
+  bool nan_ok = true;
+  for (float v : nan) nan_ok &= std::isnan(v);
+  if (worst > 2.0 || !low_ok || !nan_ok) {
     ++failures;
-    std::printf("FAIL exp isa=%s: worst error %.2f ulp (want <= 2), below -87 %s\n", bitnet::IsaName(isa), worst,
-                low_ok ? "ok" : "wrong");
+    std::printf("FAIL exp isa=%s: worst error %.2f ulp (want <= 2), below -87 %s, NaN %s\n", bitnet::IsaName(isa),
+                worst, low_ok ? "ok" : "wrong", nan_ok ? "stays NaN" : "lost");
   }
 }
 
