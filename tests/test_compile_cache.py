@@ -48,11 +48,17 @@ def test_a_configured_cache_is_left_as_it_is():
 
 
 def _fresh_process(code: str, cache_root: Path) -> subprocess.CompletedProcess:
-    """`code` in a new Python without the test session's cache, logging compiles (and cache hits)."""
+    """`code` in a new Python without the test session's cache, logging compiles (and cache hits).
+    It runs in `cache_root`, not the checkout, so that `import bitnet_jax` finds the installed
+    package (with its compiled extension), not the source folder (`python -c` puts the working
+    folder first on sys.path)."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     # The tiny model compiles in well under JAX's default 1 s threshold for caching a program.
     env.update(BITNET_JAX_CACHE=str(cache_root), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_LOG_COMPILES="1")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=cache_root, timeout=600
+    )
 
 
 def test_off_leaves_jax_without_a_cache(tmp_path):
