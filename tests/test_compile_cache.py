@@ -72,6 +72,19 @@ def test_off_leaves_jax_without_a_cache(tmp_path):
     assert not (tmp_path / "xla").exists()
 
 
+def test_a_folder_that_cannot_be_made_warns_and_serves_without_a_cache(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code = (
+        "import jax\nfrom bitnet_jax.serve.compile_cache import enable_compilation_cache\n"
+        f"print(enable_compilation_cache({str(blocker / 'xla')!r}), jax.config.jax_compilation_cache_dir)"
+    )
+    run = _fresh_process(code, tmp_path / "cwd")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["None", "None"]
+    assert "warning: no compilation cache" in run.stderr and "--compilation-cache" in run.stderr
+
+
 def test_generate_reuses_its_program_and_compiles_nothing_else(tmp_path):
     """`bitnet-jax generate` twice on a packed folder: the first run fills the default cache, the
     second takes its generate program from it and compiles nothing (the sampling key is built on

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 
 import jax
 
@@ -51,14 +52,20 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     `directory`: None for the default (under $BITNET_JAX_CACHE, else $XDG_CACHE_HOME/bitnet_jax,
     else ~/.cache/bitnet_jax: `xla/jax-<version>-ext-<extension build>`), a folder, or one of OFF.
     A cache the user set up (`JAX_COMPILATION_CACHE_DIR` or `jax_compilation_cache_dir`) is left
-    as it is. Call it before anything is compiled: JAX reads the setting at its first compile.
+    as it is. A folder that cannot be made gives a warning on stderr and no cache (None), not an
+    error: the cache only saves time and memory. Call it before anything is compiled: JAX reads
+    the setting at its first compile.
     """
     configured = jax.config.jax_compilation_cache_dir
     if configured:
         return configured
     if directory is not None and directory.strip().lower() in OFF:
         return None
-    directory = directory or default_compilation_cache_dir()
-    os.makedirs(directory, exist_ok=True)
+    try:
+        directory = directory or default_compilation_cache_dir()
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:  # a read-only home, say: serve without the cache rather than not at all
+        print(f"warning: no compilation cache ({e}); pass --compilation-cache DIR or off", file=sys.stderr)
+        return None
     jax.config.update("jax_compilation_cache_dir", directory)
     return directory
