@@ -148,7 +148,9 @@ def test_the_pallas_backend_is_asked_for_and_refused_where_it_cannot_run():
 def test_the_pallas_backend_refuses_cpu_parameters_beside_a_gpu_default(monkeypatch):
     # The kernel is interpreted when the default backend is CPU, compiled for the GPU otherwise:
     # CPU parameters on a GPU machine would get a kernel their devices cannot run.
+    assert ops.pallas_interprets()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not ops.pallas_interprets()
     with pytest.raises(BitNetError, match="parameters on CPU devices while the default backend is 'gpu'"):
         ops.serving_backend("cpu", "pallas")
     assert ops.serving_backend("gpu", "pallas") == "pallas"

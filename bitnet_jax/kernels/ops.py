@@ -78,9 +78,8 @@ def serving_backend(platform: str, requested: str | None = None, *, group_size: 
             f"backend='pallas': the Pallas ternary kernel is written for NVIDIA GPUs (Triton), and this "
             f"computation runs on {platform!r} devices. Use backend='xla' (or leave it unset)."
         )
-    if requested == "pallas" and platform == "cpu" and jax.default_backend() != "cpu":
-        # `_pallas_product` interprets the kernel when the default backend is CPU and compiles it
-        # otherwise: CPU devices beside a GPU default would get a Triton kernel they cannot run.
+    if requested == "pallas" and platform == "cpu" and not pallas_interprets():
+        # CPU devices beside a GPU default backend would get a compiled Triton kernel they cannot run.
         raise BitNetError(
             "backend='pallas' with parameters on CPU devices while the default backend is "
             f"{jax.default_backend()!r}: put them on the GPU (jax.device_put), or use backend='ffi' or 'xla' on CPU."
@@ -201,13 +200,19 @@ def ternary_linear(
     return rescale(acc, x_scale, w_scale[layer] if w_packed.ndim == 3 else w_scale)
 
 
+def pallas_interprets() -> bool:
+    """Whether the Pallas kernel runs interpreted (the default backend is not a GPU: on CPU, for
+    the tests) rather than compiled with Triton: `_pallas_product` runs it so, and
+    `serving_backend` refuses the CPU parameters that a compiled kernel could not serve."""
+    return jax.default_backend() not in ("gpu", "cuda")
+
+
 def _pallas_product(x_q, w_packed, n, layer):
     """The exact int32 products [..., N] of int8 codes [..., K] as the Pallas kernel (compiled on
     GPUs, interpreted elsewhere), reading stacked weights at `layer` in place: the XLA path's
     integer sums, so its quantization and rescale around them give the same bits."""
     lead, k = x_q.shape[:-1], x_q.shape[-1]
-    interpret = jax.default_backend() not in ("gpu", "cuda")
-    acc = pallas.ternary_matmul_i32(x_q.reshape(-1, k), w_packed, n, layer, interpret=interpret)
+    acc = pallas.ternary_matmul_i32(x_q.reshape(-1, k), w_packed, n, layer, interpret=pallas_interprets())
     return acc.reshape(*lead, n)
 
 
