@@ -109,6 +109,20 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA
 
+// While pass 1 reads `slots` key rows from k_rows: the value rows of the same slots (v_rows), and
+// the key rows 16 slots on (past the chunk, or the cache: harmless, a prefetch never faults;
+// hence the addresses as integers, not pointers past an array). Both SIMD paths' pass 1.
+template <typename T>
+inline void PrefetchSlotRows(const T* v_rows, const T* k_rows, int64_t slots, int64_t h) {
+  const int64_t bytes = slots * h * static_cast<int64_t>(sizeof(T));
+  const uintptr_t values = reinterpret_cast<uintptr_t>(v_rows);
+  const uintptr_t keys = reinterpret_cast<uintptr_t>(k_rows) + 16 * h * sizeof(T);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(values + b), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(keys + b), _MM_HINT_T0);
+  }
+}
+
 // Lanes [0, count) set (count < 8): the last, partial vector of a row.
 BITNET_AVX2 inline __m256i FirstLanes(int64_t count) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -248,18 +262,7 @@ BITNET_AVX2 void ScoreHeadsAvx2(const float* q, int64_t h, const T* k_nh, const 
                                 __m256i tail, float* p, const T* v_prefetch) {
   int64_t j = 0;
   for (; j + 2 <= n; j += 2) {
-    if (v_prefetch) {
-      // The value rows of these slots, and the key rows 16 slots on (past the chunk, or the
-      // cache: harmless, a prefetch never faults; hence the addresses as integers, not pointers
-      // past an array).
-      const int64_t bytes = 2 * h * static_cast<int64_t>(sizeof(T));
-      const uintptr_t values = reinterpret_cast<uintptr_t>(v_prefetch + j * h);
-      const uintptr_t keys = reinterpret_cast<uintptr_t>(k_nh + j * h) + 16 * h * sizeof(T);
-      for (int64_t b = 0; b < bytes; b += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(values + b), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(keys + b), _MM_HINT_T0);
-      }
-    }
+    if (v_prefetch) PrefetchSlotRows(v_prefetch + j * h, k_nh + j * h, 2, h);
     ScoresBlock<GB, 2>(q, k_nh + j * h, h, slot_scales + j, tail, p + j);
   }
   if (j < n) ScoresBlock<GB, 1>(q, k_nh + j * h, h, slot_scales + j, tail, p + j);
@@ -478,15 +481,7 @@ BITNET_AVX512 void ScoreHeads16(const float* q, int64_t h, const T* k_nh, const 
                                 __mmask16 tail, float* p, const T* v_prefetch) {
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    if (v_prefetch) {  // as ScoreHeadsAvx2
-      const int64_t bytes = 4 * h * static_cast<int64_t>(sizeof(T));
-      const uintptr_t values = reinterpret_cast<uintptr_t>(v_prefetch + j * h);
-      const uintptr_t keys = reinterpret_cast<uintptr_t>(k_nh + j * h) + 16 * h * sizeof(T);
-      for (int64_t b = 0; b < bytes; b += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(values + b), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(keys + b), _MM_HINT_T0);
-      }
-    }
+    if (v_prefetch) PrefetchSlotRows(v_prefetch + j * h, k_nh + j * h, 4, h);
     ScoresBlock16<GB, 4>(q, k_nh + j * h, h, slot_scales + j, tail, p + j);
   }
   for (; j < n; ++j) ScoresBlock16<GB, 1>(q, k_nh + j * h, h, slot_scales + j, tail, p + j);

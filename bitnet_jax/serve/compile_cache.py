@@ -33,11 +33,8 @@ def extension_build_id() -> str:
         from bitnet_jax import _ffi_ext
     except ImportError:
         return "no-extension"
-    digest = hashlib.sha256()
     with open(_ffi_ext.__file__, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
 
 
 def default_compilation_cache_dir() -> str:
