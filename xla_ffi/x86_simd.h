@@ -26,22 +26,30 @@ namespace bitnet {
 // acc += maddubs(codes, x) in int16 lanes. From the intrinsics GCC emits the add into the
 // product's register and a move back to the accumulator, and it loads x into a register first;
 // the inline assembly names the accumulator as read-write and lets x be a memory operand, so a
-// step is the peak loop's two instructions (machine.cc, PeakAvx2).
+// step is the peak loop's two instructions (machine.cc, PeakAvx2). The assembly's operand is a
+// local copy, not `acc` itself: an asm output written through the reference kept GCC from
+// turning a caller's array of accumulators into registers (as for Dpbusd below).
 BITNET_AVX2 inline void MaddubsAdd(__m256i& acc, __m256i codes, __m256i x) {
-  __m256i t;
+  __m256i a = acc, t;
   asm("vpmaddubsw %[x], %[c], %[t]\n\t"
       "vpaddw %[t], %[acc], %[acc]"
-      : [acc] "+x"(acc), [t] "=&x"(t)
+      : [acc] "+x"(a), [t] "=&x"(t)
       : [c] "x"(codes), [x] "xm"(x));
+  acc = a;
 }
 
 // acc += u8 . s8 (4-way dot products into int32 lanes). GCC compiles the intrinsic as if it
 // were not destructive: it copies every accumulator before the instruction and spills the
 // copies, which halves the inner loop's speed. The inline assembly names the accumulator as
-// read-write.
+// read-write, through a local copy: with `acc` itself as the output, a caller's array of
+// accumulators could stay in memory, loaded and stored at every step (GCC 12's scalar
+// replacement skips arrays written by asm through a may_alias reference; the group-scale prefill
+// tile ran 3x slower so).
 BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
 #if defined(__GNUC__) && !defined(__clang__)
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  __m512i a = acc;
+  asm("vpdpbusd %2, %1, %0" : "+v"(a) : "v"(u8), "v"(s8));
+  acc = a;
 #else
   acc = _mm512_dpbusd_epi32(acc, u8, s8);
 #endif

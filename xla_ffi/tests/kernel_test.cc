@@ -193,7 +193,7 @@ const GroupShape kGroupShapes[] = {
     {17, 1280, 10, 64}, {1, 4096, 5, 4096},  {2, 4224, 4, 2112},
     // AVX-512 prefill panels (17 rows and more): tiles of 6 rows and their remainders, 32-row panels
     // and a partial one, groups across the 256-quad K chunks, one group wider than a chunk.
-    {23, 2560, 70, 64}, {40, 1536, 33, 128}, {18, 1280, 36, 320}, {20, 4096, 9, 4096},
+    {23, 2560, 70, 64}, {40, 1536, 33, 128}, {18, 1280, 36, 320}, {20, 4096, 9, 4096}, {25, 1024, 40, 64},
 };
 
 void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, bool pow2_scales, int extreme = 0) {
