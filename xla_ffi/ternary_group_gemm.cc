@@ -103,10 +103,17 @@ void TernaryGroupRows(const int8_t* x_q, const int32_t* x_group, int64_t rows, i
                       const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin, int64_t g_end,
                       int64_t n_total, float* dot) {
   const int64_t kp = kb * kBlockK;
+  constexpr int64_t kScalesPerLine = 64 / sizeof(float);
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
     const int64_t n0 = g * kRowsPerGroup;
     const int64_t valid = std::min<int64_t>(kRowsPerGroup, n_total - n0);
+    // The scales are [groups][n_total]: a row group reads one 16-byte piece of `groups` lines
+    // n_total floats apart, too many streams for the hardware prefetcher, and each line serves
+    // 4 row groups. Entering a line's first row group, fetch the next lines (for the following 4).
+    if (n0 % kScalesPerLine == 0) {
+      for (int64_t c = 0; c < groups; ++c) __builtin_prefetch(w_scale + c * n_total + n0 + kScalesPerLine);
+    }
     if (rows == 1) {
       Tile<kRowsPerGroup, 1>::Run({x_q, kp, x_group, rows, w_g, w_scale + n0, valid, group_k, groups, n_total, dot + n0});
       continue;
