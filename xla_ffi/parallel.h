@@ -16,6 +16,11 @@ namespace bitnet {
 // Calls fn(begin, end) over [0, units) split into chunks of at least min_chunk units, on up to
 // pool.num_threads() helpers plus the calling thread, and returns when every chunk is done.
 //
+// About kChunksPerThread chunks a thread: the last chunk claimed decides when the call ends, and
+// on a shared host one thread often runs slower than the other. With 4 a thread, 8 activation
+// rows through 2560 x 6912 took 549 us on 2 threads of an Ice Lake Xeon, with 16 420 (one row
+// and 128 rows: level or a few percent faster; benchmarks/RESULTS.md).
+//
 // Chunks are claimed from an atomic counter by whoever is free, the caller included, so the call
 // finishes even if no pool thread ever starts (a busy or absent pool) and a slow thread delays
 // only the chunk it holds. Helpers that start after all chunks are claimed return at once; the
@@ -23,7 +28,9 @@ namespace bitnet {
 template <typename Fn>
 void ParallelFor(xla::ffi::ThreadPool& pool, int64_t units, int64_t min_chunk, const Fn& fn) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t chunk = std::max<int64_t>(min_chunk, (units + 4 * threads - 1) / (4 * threads));
+  constexpr int64_t kChunksPerThread = 16;
+  const int64_t per_chunk = (units + kChunksPerThread * threads - 1) / (kChunksPerThread * threads);
+  const int64_t chunk = std::max<int64_t>(min_chunk, per_chunk);
   const int64_t chunks = (units + chunk - 1) / chunk;
   if (threads == 1 || chunks <= 1) {
     if (units > 0) fn(int64_t{0}, units);
