@@ -110,8 +110,9 @@ void TernaryGroupRows(const int8_t* x_q, const int32_t* x_group, int64_t rows, i
     const int64_t valid = std::min<int64_t>(kRowsPerGroup, n_total - n0);
     // The scales are [groups][n_total]: a row group reads one 16-byte piece of `groups` lines
     // n_total floats apart, too many streams for the hardware prefetcher, and each line serves
-    // 4 row groups. Entering a line's first row group, fetch the next lines (for the following 4).
-    if (n0 % kScalesPerLine == 0) {
+    // 4 row groups. Entering a line's first row group, fetch the next lines (for the following 4),
+    // if there are outputs there (past the last, the address would lie past w_scale).
+    if (n0 % kScalesPerLine == 0 && n0 + kScalesPerLine < n_total) {
       for (int64_t c = 0; c < groups; ++c) __builtin_prefetch(w_scale + c * n_total + n0 + kScalesPerLine);
     }
     if (rows == 1) {
