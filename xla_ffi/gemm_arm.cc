@@ -76,18 +76,19 @@ constexpr int64_t kNeonPanelChunkQuads = 256;
 
 }  // namespace
 
-// codes_q: [kp / 4][kNeonPanelRows][4] int8. Byte e of quarter h of a row block, shifted by 2j,
+// codes_q: [(b_end - b_begin) * kBlockK / 4][kNeonPanelRows][4] int8, quads from block b_begin's
+// first. Byte e of quarter h of a row block, shifted by 2j,
 // holds the code of k = 64j + 16h + e: one quarter is quads 16j + 4h .. 16j + 4h + 3 of its row,
 // and a 4 x 4 transpose of 32-bit lanes over the group's 4 rows gives each quad's 4 rows. Rows at
 // or past group `g_end` get t = 0; their outputs are never stored. (Declared in gemm_paths.h: the
 // group-scale kernel unpacks its panels with it too.)
 BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
-                                        int8_t* codes_q) {
+                                        int64_t b_begin, int64_t b_end, int8_t* codes_q) {
   const uint8x16_t mask = vdupq_n_u8(3);
   const int8x16_t one = vdupq_n_s8(1);
   for (int64_t pg = 0; pg < kNeonPanelGroups; ++pg) {
     const int64_t g = g0 + pg;
-    for (int64_t b = 0; b < kb; ++b) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
       for (int h = 0; h < 4; ++h) {
         uint8x16_t packed[kRowsPerGroup];
         for (int r = 0; r < kRowsPerGroup; ++r) {
@@ -106,7 +107,7 @@ BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0
           const int64x2_t quads[4] = {vtrn1q_s64(pair(t0), pair(t2)), vtrn1q_s64(pair(t1), pair(t3)),
                                       vtrn2q_s64(pair(t0), pair(t2)), vtrn2q_s64(pair(t1), pair(t3))};
           for (int i = 0; i < 4; ++i) {
-            const int64_t q = b * (kBlockK / 4) + 16 * j + 4 * h + i;
+            const int64_t q = (b - b_begin) * (kBlockK / 4) + 16 * j + 4 * h + i;
             vst1q_s8(codes_q + (q * kNeonPanelRows + kRowsPerGroup * pg) * 4, vreinterpretq_s8_s64(quads[i]));
           }
         }
@@ -117,8 +118,9 @@ BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0
 
 namespace {
 
-// MT activation rows x one panel, over the k-quads [q_begin, q_end) (multiples of 4): acc_out[m,
-// n0 + i] for i < 16 and n0 + i < n_end is set (the first K chunk) or added to.
+// MT activation rows x one panel, over the k-quads [q_begin, q_end) (multiples of 4), whose codes
+// codes_q holds: acc_out[m, n0 + i] for i < 16 and n0 + i < n_end is set (the first K chunk) or
+// added to.
 template <int MT>
 BITNET_NEON_DOT void PanelTileNeonDot(const int8_t* x, int64_t kp, const int8_t* codes_q, int64_t q_begin,
                                       int64_t q_end, int64_t n0, int64_t n_end, int64_t n_total, int32_t* acc_out) {
@@ -128,7 +130,7 @@ BITNET_NEON_DOT void PanelTileNeonDot(const int8_t* x, int64_t kp, const int8_t*
   for (int64_t q = q_begin; q < q_end; q += 4) {
     int8x16_t xv[MT];
     for (int mi = 0; mi < MT; ++mi) xv[mi] = vld1q_s8(x + mi * kp + 4 * q);
-    const int8_t* c_q = codes_q + q * kNeonPanelRows * 4;
+    const int8_t* c_q = codes_q + (q - q_begin) * kNeonPanelRows * 4;
     PanelQuadNeonDot<MT, 0>(c_q, xv, acc);
     PanelQuadNeonDot<MT, 1>(c_q + kNeonPanelRows * 4, xv, acc);
     PanelQuadNeonDot<MT, 2>(c_q + 2 * kNeonPanelRows * 4, xv, acc);

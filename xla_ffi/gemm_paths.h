@@ -21,6 +21,13 @@ namespace bitnet {
 // it, whose instantiations (each called once) the compiler inlines into the entry points.
 namespace {
 
+// Prefetches the line at byte `offset` from `base`, which may lie past the end of base's array (a
+// stream looking ahead from its last tile): the address is formed as an integer, never as an
+// out-of-range pointer, and a prefetch never faults.
+inline void PrefetchAt(const void* base, int64_t offset) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset)));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tiling over activation rows (SIMD paths): full tiles of kMaxTileRows, then one smaller tile.
 
@@ -59,24 +66,46 @@ void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, in
   }
 }
 
-// Ternary prefill by panels of PanelRows output rows (whole groups) from group g_begin: each is
-// unpacked once by `unpack(w, kb, g0, g_end, codes_q)` into per-thread scratch in the order the
+// Panels read their row groups' codes block by block, one stream per group (8 streams kb * 256
+// bytes apart), which the hardware prefetcher does not keep ahead of: the codes of groups
+// [g0, min(g0 + groups, g_end)), row blocks [b_begin, b_end) are fetched while the tiles work on
+// the chunk before.
+inline void PrefetchPanelBlocks(const uint8_t* w, int64_t kb, int64_t g0, int64_t groups, int64_t g_end,
+                                int64_t b_begin, int64_t b_end) {
+  for (int64_t g = g0; g < std::min(g0 + groups, g_end); ++g) {
+    const uint8_t* blocks = w + (g * kb + b_begin) * kGroupBlockBytes;
+    for (int64_t line = 0; line < (b_end - b_begin) * kGroupBlockBytes; line += 64) __builtin_prefetch(blocks + line);
+  }
+}
+
+// Ternary prefill by panels of PanelRows output rows (whole groups) from group g_begin, K in
+// chunks of ChunkQuads k-quads (whole row blocks): each chunk of a panel is unpacked by
+// `unpack(w, kb, g0, g_end, b_begin, b_end, codes_q)` into per-thread scratch in the order the
 // architecture's tile wants, then multiplied with every row tile of x by
-// Tile<MT>::Run(x, x_sum, acc, kp, codes_q, q_begin, q_end, n0, n_end, n_total), K in chunks of
-// ChunkQuads k-quads, so that a chunk of the panel's codes and of a tile's activations share L1.
+// Tile<MT>::Run(x, x_sum, acc, kp, codes_q, q_begin, q_end, n0, n_end, n_total) (codes_q holds
+// the quads [q_begin, q_end)). The chunk's codes are written and read back in L1, where a whole
+// panel's (32 rows x 6912 inputs: 221 KB) went out to L2 and back: at 8 activation rows the
+// unpacking took as long as the multiplication (benchmarks/RESULTS.md).
 template <template <int> class Tile, int TileRows, int64_t PanelRows, int64_t ChunkQuads, typename Unpack>
 void TernaryPanels(Unpack unpack, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                    const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total, int32_t* acc) {
   constexpr int64_t kGroups = PanelRows / kRowsPerGroup;
+  constexpr int64_t kBlockQuads = kBlockK / 4;
+  static_assert(ChunkQuads % kBlockQuads == 0, "a chunk is whole row blocks");
   const int64_t kp = kb * kBlockK;
   thread_local std::vector<int8_t> codes_storage;
-  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * kp);
+  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * 4 * std::min(ChunkQuads, kp / 4));
   const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kGroups) {
-    unpack(w, kb, g0, g_end, codes_q);
     for (int64_t q0 = 0; q0 < kp / 4; q0 += ChunkQuads) {
-      ForRowTiles<Tile, TileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q, q0,
-                                  std::min(kp / 4, q0 + ChunkQuads), g0 * kRowsPerGroup, n_end, n_total);
+      const int64_t q1 = std::min(kp / 4, q0 + ChunkQuads);
+      unpack(w, kb, g0, g_end, q0 / kBlockQuads, q1 / kBlockQuads, codes_q);
+      if (q1 < kp / 4)  // the next chunk: this panel's, or the next panel's first
+        PrefetchPanelBlocks(w, kb, g0, kGroups, g_end, q1 / kBlockQuads, std::min(kp / 4, q1 + ChunkQuads) / kBlockQuads);
+      else
+        PrefetchPanelBlocks(w, kb, g0 + kGroups, kGroups, g_end, 0, std::min(kp / 4, ChunkQuads) / kBlockQuads);
+      ForRowTiles<Tile, TileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, codes_q, q0, q1, g0 * kRowsPerGroup,
+                                  n_end, n_total);
     }
   }
 }
@@ -116,13 +145,14 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) inline void PanelQuadNeonDot(c
 #if BITNET_JAX_X86_SIMD
 // The AVX-512 prefill panels (gemm_x86.cc), which the group-scale kernel (ternary_group_gemm.cc)
 // shares: panels of kAvx512PanelRows output rows, taken from kAvx512PanelMinRows activation rows.
-// UnpackPanelAvx512 writes codes_q [kb * kBlockK / 4][kAvx512PanelRows][4] int8: for every k-quad,
-// the 4 codes (t + 1) of each output row of row groups g0 .. g0 + 7; rows at or past g_end get
-// code 1 (t = 0).
+// UnpackPanelAvx512 writes, for the row blocks [b_begin, b_end), codes_q [(b_end - b_begin) *
+// kBlockK / 4][kAvx512PanelRows][4] int8: for every k-quad from the first of block b_begin, the
+// 4 codes (t + 1) of each output row of row groups g0 .. g0 + 7; rows at or past g_end get code 1
+// (t = 0).
 constexpr int64_t kAvx512PanelRows = 32;
 constexpr int64_t kAvx512PanelMinRows = 17;
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void UnpackPanelAvx512(
-    const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int8_t* codes_q);
+    const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin, int64_t b_end, int8_t* codes_q);
 
 // gemm_x86.cc; isa is kAvx2 or kAvx512Vnni (TernaryGroupsPerTaskX86: any isa).
 int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows);
@@ -134,13 +164,15 @@ void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
 #elif BITNET_JAX_ARM_SIMD
 // The sdot prefill panels (gemm_arm.cc), which the group-scale kernel (ternary_group_gemm.cc)
 // shares: panels of kNeonPanelRows output rows, taken from kNeonPanelMinRows activation rows.
-// UnpackPanelNeonDot writes codes_q [kb * kBlockK / 4][kNeonPanelRows][4] int8: for every k-quad,
+// UnpackPanelNeonDot writes, for the row blocks [b_begin, b_end), codes_q [(b_end - b_begin) *
+// kBlockK / 4][kNeonPanelRows][4] int8: for every k-quad from the first of block b_begin,
 // t = code - 1 of each output row of row groups g0 .. g0 + 3; rows at or past g_end get t = 0.
 constexpr int64_t kNeonPanelRows = 16;
 // From as many rows as the x86 panels (there measured; here an assumption).
 constexpr int64_t kNeonPanelMinRows = 17;
 __attribute__((target("arch=armv8.2-a+dotprod"))) void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0,
-                                                                          int64_t g_end, int8_t* codes_q);
+                                                                          int64_t g_end, int64_t b_begin,
+                                                                          int64_t b_end, int8_t* codes_q);
 
 // gemm_arm.cc; isa is kNeon or kNeonDot (TernaryGroupsPerTaskArm: any isa).
 int64_t TernaryGroupsPerTaskArm(Isa isa, int64_t rows);

@@ -216,6 +216,82 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
   }
 }
 
+// Lane i of the result: the sum of the 16 int32 lanes of a[i] (exact). Three rounds, each halving
+// the vectors and doubling the sums each holds: pairs interleaved within 128-bit lanes, then
+// quads within them, then the 128-bit lanes across vectors.
+BITNET_AVX512 inline __m512i Sum16x16(const __m512i* a) {
+  __m512i t[8], u[4];
+  for (int k = 0; k < 8; ++k)
+    t[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_epi32(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k)
+    u[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * k], t[2 * k + 1]), _mm512_unpackhi_epi64(t[2 * k], t[2 * k + 1]));
+  // u[k]'s 128-bit lane L holds lane L's partial sums of a[4k .. 4k + 3]; add the four lanes.
+  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                      _mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// 8 activation rows: a row group's rows two at a time, 16 accumulators. An unpacked code register
+// feeds 8 vpdpbusd where the 4 x 4 tile's feeds 4, so the mask and shift that unpack it (which
+// share vpdpbusd's two ports) cost half as much per multiply-add; the 16 sums leave together
+// (Sum16x16). The first pair's pass brings the group's blocks [b_begin, b_end) into L1 and
+// fetches ahead along the chunk's stream (into the next group's part of it at the end); the
+// second pair reads them in L1. acc_out is set (b_begin = 0: minus x_sum) or added to.
+constexpr int kPairTileRows = 8;
+constexpr int64_t kPairPrefetchBlocks = 8;
+
+BITNET_AVX512 void TernaryPairsAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum, int64_t kb, int64_t b_begin,
+                                      int64_t b_end, const uint8_t* w_g, int64_t n0, int64_t n_total,
+                                      int32_t* acc_out) {
+  constexpr int MT = kPairTileRows;
+  const __m512i mask = _mm512_set1_epi8(3);
+  for (int pair = 0; pair < 2; ++pair) {
+    if (n0 + 2 * pair >= n_total) break;
+    __m512i acc[2 * MT];  // output row 2 pair + r, activation row mi: acc[r * MT + mi]
+#pragma GCC unroll 16
+    for (int o = 0; o < 2 * MT; ++o) acc[o] = _mm512_setzero_si512();
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      const uint8_t* block = w_g + b * kGroupBlockBytes;
+      const int8_t* x_b = x + b * kBlockK;
+      if (pair == 0) {
+        const int64_t ahead = b + kPairPrefetchBlocks;
+        const int64_t to = ahead < b_end ? ahead : kb + b_begin + (ahead - b_end);  // blocks from w_g
+        for (int line = 0; line < 4; ++line) PrefetchAt(w_g, to * kGroupBlockBytes + 64 * line);
+      }
+      __m512i p0 = _mm512_loadu_si512(block + (2 * pair) * kBlockBytes);
+      __m512i p1 = _mm512_loadu_si512(block + (2 * pair + 1) * kBlockBytes);
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512i c0 = _mm512_and_si512(p0, mask), c1 = _mm512_and_si512(p1, mask);
+        p0 = _mm512_srli_epi16(p0, 2);
+        p1 = _mm512_srli_epi16(p1, 2);
+#pragma GCC unroll 8
+        for (int mi = 0; mi < MT; ++mi) {
+          const __m512i xv = _mm512_loadu_si512(x_b + mi * kp + 64 * j);
+          Dpbusd(acc[mi], c0, xv);
+          Dpbusd(acc[MT + mi], c1, xv);
+        }
+      }
+    }
+    __m512i sums = Sum16x16(acc);  // lane r * MT + mi
+    if (b_begin == 0) {
+      const __m256i x_sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_sum));
+      sums = _mm512_sub_epi32(sums, _mm512_inserti64x4(_mm512_castsi256_si512(x_sums), x_sums, 1));
+    }
+    alignas(64) int32_t lanes[2 * MT];
+    _mm512_store_si512(lanes, sums);
+    for (int r = 0; r < 2 && n0 + 2 * pair + r < n_total; ++r) {
+      for (int mi = 0; mi < MT; ++mi) {
+        int32_t& out = acc_out[mi * n_total + n0 + 2 * pair + r];
+        out = b_begin == 0 ? lanes[r * MT + mi] : out + lanes[r * MT + mi];
+      }
+    }
+  }
+}
+
 // Prefill, many activation rows: panels of 32 output rows (8 groups) whose codes are unpacked
 // once into the order vpdpbusd wants them: for every k-quad q (k = 4q..4q+3), the 4 codes of each
 // of the 32 rows, i.e. two registers of 16 lanes, one output row per lane. The micro-kernel
@@ -260,15 +336,16 @@ BITNET_AVX512 inline void Transpose16x16(__m512i r[16]) {
 
 }  // namespace
 
-// codes_q: [kp / 4][kPanelRows][4] int8. Packed dword d of a row block holds, at shift 2j, the
+// codes_q: [(b_end - b_begin) * kBlockK / 4][kPanelRows][4] int8, quads from block b_begin's
+// first. Packed dword d of a row block holds, at shift 2j, the
 // codes of quad 16j + d of the block; transposing 16 rows' blocks puts dword d of every row in
 // one register, which shifted and masked is that quad for 16 output rows. Rows at or past group
 // `g_end` get code 1 (t = 0); their outputs are never stored. (Declared in gemm_paths.h: the
 // group-scale kernel unpacks its panels with it too.)
-BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
-                                     int8_t* codes_q) {
+BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin,
+                                     int64_t b_end, int8_t* codes_q) {
   const __m512i mask = _mm512_set1_epi8(3);
-  for (int64_t b = 0; b < kb; ++b) {
+  for (int64_t b = b_begin; b < b_end; ++b) {
     for (int64_t half = 0; half < kPanelRows / 16; ++half) {
       __m512i r[16];
       for (int64_t i = 0; i < 16; ++i) {
@@ -279,7 +356,7 @@ BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, i
       Transpose16x16(r);
       for (int j = 0; j < 4; ++j) {
         for (int d = 0; d < 16; ++d) {
-          const int64_t q = b * (kBlockK / 4) + 16 * j + d;
+          const int64_t q = (b - b_begin) * (kBlockK / 4) + 16 * j + d;
           _mm512_storeu_si512(codes_q + (q * kPanelRows + 16 * half) * 4,
                               _mm512_and_si512(_mm512_srli_epi32(r[d], 2 * j), mask));
         }
@@ -290,8 +367,9 @@ BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, i
 
 namespace {
 
-// MT activation rows x one panel, over the k-quads [q_begin, q_end): acc_out[m, n0 + i] for
-// i < 32 and n0 + i < n_end is set (first K chunk: minus x_sum[m], for t = code - 1) or added to.
+// MT activation rows x one panel, over the k-quads [q_begin, q_end), whose codes codes_q holds:
+// acc_out[m, n0 + i] for i < 32 and n0 + i < n_end is set (first K chunk: minus x_sum[m], for
+// t = code - 1) or added to.
 template <int MT>
 BITNET_AVX512 void PanelTileAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum,
                                    const int8_t* codes_q, int64_t q_begin, int64_t q_end, int64_t n0,
@@ -302,8 +380,8 @@ BITNET_AVX512 void PanelTileAvx512(const int8_t* x, int64_t kp, const int32_t* x
   const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
   const int64_t kq = kp / 4;  // quads per x row
   for (int64_t q = q_begin; q < q_end; ++q) {
-    const __m512i c0 = _mm512_loadu_si512(codes_q + q * kPanelRows * 4);
-    const __m512i c1 = _mm512_loadu_si512(codes_q + q * kPanelRows * 4 + 64);
+    const __m512i c0 = _mm512_loadu_si512(codes_q + (q - q_begin) * kPanelRows * 4);
+    const __m512i c1 = _mm512_loadu_si512(codes_q + (q - q_begin) * kPanelRows * 4 + 64);
 #pragma GCC unroll 16
     for (int mi = 0; mi < MT; ++mi) {
       const __m512i xv = _mm512_set1_epi32(x32[mi * kq + q]);
@@ -392,6 +470,30 @@ struct Int8TileAvx512 {
   }
 };
 
+// 8 to 16 activation rows on AVX-512: tiles of 8 rows by TernaryPairsAvx512, K in chunks of at
+// most kPairChunkBlocks row blocks, so that a tile's activations (8 x 3 KB) stay in L1 while the
+// task's row groups pass over them (8 rows of 6912 inputs, 55 KB, would not: the tile read them
+// from L2 and ran slower than two 4-row tiles); the rows left (up to 7) by the 4-row tiles.
+constexpr int64_t kPairChunkBlocks = 14;
+
+void TernaryPairsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb, const uint8_t* w,
+                      int64_t g_begin, int64_t g_end, int64_t n_total, int32_t* acc) {
+  const int64_t kp = kb * kBlockK;
+  const int64_t chunk = CeilDiv(kb, CeilDiv(kb, kPairChunkBlocks));  // equal chunks
+  int64_t m = 0;
+  for (; m + kPairTileRows <= rows; m += kPairTileRows) {
+    for (int64_t b0 = 0; b0 < kb; b0 += chunk) {
+      for (int64_t g = g_begin; g < g_end; ++g) {
+        TernaryPairsAvx512(x_q + m * kp, kp, x_sum + m, kb, b0, std::min(kb, b0 + chunk),
+                           w + g * kb * kGroupBlockBytes, g * kRowsPerGroup, n_total, acc + m * n_total);
+      }
+    }
+  }
+  if (m < rows)
+    TernaryGroupsGemv<TernaryTileAvx512>(x_q + m * kp, x_sum + m, rows - m, kb, w, g_begin, g_end, n_total,
+                                         acc + m * n_total);
+}
+
 }  // namespace
 
 int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows) {
@@ -408,7 +510,9 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
     return;
   }
   // Decode, and prefill on AVX2: the GEMV tiles.
-  if (isa == Isa::kAvx512Vnni)
+  if (isa == Isa::kAvx512Vnni && rows >= kPairTileRows)
+    TernaryPairsGemv(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
+  else if (isa == Isa::kAvx512Vnni)
     TernaryGroupsGemv<TernaryTileAvx512>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
   else
     TernaryGroupsGemv<TernaryTileAvx2>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);

@@ -8,7 +8,7 @@
 // Codes are t + 1, so the integer sums are sum (t + 1) * x; subtracting the group's sum of x
 // (x_group, computed once per call) leaves sum t * x exactly.
 //
-// GEMV tiles (decode and 2-16 rows): a group is whole 64-weight strips
+// GEMV tiles (decode; with sdot also 2-16 rows): a group is whole 64-weight strips
 // of a row block (layout.h: the block shifted right by 2j and masked holds the codes of
 // k = 64j .. 64j + 63). On AVX2 a strip is two 32-code halves, each a maddubs with 32
 // activations; on AVX-512 one vpdpbusd of 64 codes; with NEON sdot four 16-code quarters. Each
@@ -17,8 +17,10 @@
 // One activation row takes the 4 rows of a row group together, front to back, as one stream; more
 // activation rows take one weight row at a time with a tile of up to 4 of them.
 //
-// Prefill (from 17 activation rows) on panels whose vector lanes are whole outputs, so a group's
-// scaling is one subtraction, conversion, multiply and add per register of outputs: on AVX-512
+// From 2 activation rows on x86 (from 17 with sdot), panels whose vector lanes are whole outputs,
+// so a group's scaling is one subtraction, conversion, multiply and add per register of outputs
+// (the GEMV tiles sum each output across lanes at every group's end: with 64-wide groups, at
+// every vpdpbusd; at 2-16 rows they took 1.4-3.4x as long as the panels): on AVX-512
 // the per-tensor kernel's 32-row panels (gemm_x86.cc's unpacking) with vpdpbusd, on AVX2 panels
 // of 16 rows with maddubs (per tensor, AVX2 has no panel path: see gemm_x86.cc), with sdot the
 // per-tensor kernel's 16-row panels (gemm_arm.cc's unpacking; plain NEON has none).
@@ -148,7 +150,8 @@ struct GroupPanel {
   int64_t kp;
   const int32_t* x_group; // x_group + m0: group c of the tile's row mi at [c * rows + mi]
   int64_t rows;
-  const int8_t* codes_q;  // the unpacked panel: [kp / 4][panel rows][4] codes
+  const int8_t* codes_q;  // the unpacked chunk of the panel: [quads][panel rows][4] codes from quad q_base
+  int64_t q_base;
   const float* scale;     // w_scale + n0; groups n_total apart
   int64_t n_total;
   int64_t group_q;        // k-quads per group
@@ -156,8 +159,9 @@ struct GroupPanel {
   float* dot;             // dot + m0 * n_total + n0; rows n_total apart
 };
 
-// K chunk: whole groups of about this many k-quads, whose panel codes and a tile's activations
-// stay in L1 while every tile passes over them (d goes through dot between chunks).
+// K chunk: whole groups of about this many k-quads, whose panel codes (unpacked chunk by chunk)
+// and a tile's activations stay in L1 while every tile passes over them (d goes through dot
+// between chunks).
 constexpr int64_t kGroupPanelChunkQuads = 256;
 
 // Tile<MT>::Run(p, c_begin, c_end) for the MT = mt (1 .. MaxMT) activation rows left.
@@ -169,27 +173,39 @@ inline void RunPanelTile(int64_t mt, const GroupPanel& p, int64_t c_begin, int64
   Tile<MaxMT>::Run(p, c_begin, c_end);
 }
 
-// The row groups [g_begin, g_end) in panels of PanelRows output rows, each unpacked by
-// unpack(w, kb, g0, g_end, codes_q) into per-thread scratch, then multiplied by tiles of up to
-// TileRows activation rows, K chunk by K chunk.
+// The row groups [g_begin, g_end) in panels of PanelRows output rows, K chunk by K chunk: the
+// row blocks under a chunk's groups unpacked by unpack(w, kb, g0, g_end, b_begin, b_end, codes_q)
+// into per-thread scratch, then multiplied by tiles of up to TileRows activation rows.
 template <int64_t PanelRows, int TileRows, template <int> class Tile, typename Unpack>
 void GroupPanels(Unpack unpack, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb,
                  const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
                  int64_t g_end, int64_t n_total, float* dot) {
   constexpr int64_t kPanelGroups = PanelRows / kRowsPerGroup;
+  constexpr int64_t kBlockQuads = kBlockK / 4;
   const int64_t kp = kb * kBlockK, group_q = group_k / 4;
   const int64_t chunk_groups = std::max<int64_t>(1, kGroupPanelChunkQuads / group_q);
+  // A chunk's quads may start and end inside a row block (groups of 3 strips, say): one block more.
+  const int64_t chunk_blocks = std::min(kb, CeilDiv(chunk_groups * group_q, kBlockQuads) + 1);
   thread_local std::vector<int8_t> codes_storage;
-  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * kp);
+  int8_t* codes_q = CacheLineScratch(codes_storage, PanelRows * 4 * kBlockQuads * chunk_blocks);
   const int64_t n_end = std::min(n_total, g_end * kRowsPerGroup);
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kPanelGroups) {
-    unpack(w, kb, g0, g_end, codes_q);
     const int64_t n0 = g0 * kRowsPerGroup, valid = std::min(PanelRows, n_end - n0);
     for (int64_t c0 = 0; c0 < groups; c0 += chunk_groups) {
       const int64_t c1 = std::min(groups, c0 + chunk_groups);
+      const int64_t b_begin = c0 * group_q / kBlockQuads, b_end = CeilDiv(c1 * group_q, kBlockQuads);
+      unpack(w, kb, g0, g_end, b_begin, b_end, codes_q);
+      // The next chunk's blocks (from this chunk's last: a group may end inside it): this
+      // panel's, or the next panel's first.
+      if (c1 < groups)
+        PrefetchPanelBlocks(w, kb, g0, kPanelGroups, g_end, b_end - 1,
+                            CeilDiv(std::min(groups, c1 + chunk_groups) * group_q, kBlockQuads));
+      else
+        PrefetchPanelBlocks(w, kb, g0 + kPanelGroups, kPanelGroups, g_end, 0,
+                            CeilDiv(std::min(groups, chunk_groups) * group_q, kBlockQuads));
       for (int64_t m = 0; m < rows; m += TileRows) {
-        const GroupPanel p{x_q + m * kp, kp, x_group + m, rows, codes_q, w_scale + n0, n_total, group_q, valid,
-                           dot + m * n_total + n0};
+        const GroupPanel p{x_q + m * kp, kp, x_group + m, rows, codes_q, b_begin * kBlockQuads, w_scale + n0,
+                           n_total, group_q, valid, dot + m * n_total + n0};
         RunPanelTile<Tile, TileRows>(std::min<int64_t>(TileRows, rows - m), p, c0, c1);
       }
     }
@@ -390,8 +406,8 @@ BITNET_AVX512 void GroupPanelTileAvx512(const GroupPanel& p, int64_t c_begin, in
 #pragma GCC unroll 8
     for (int mi = 0; mi < MT; ++mi) acc[mi][0] = acc[mi][1] = _mm512_setzero_si512();
     for (int64_t q = c * p.group_q; q < (c + 1) * p.group_q; ++q) {
-      const __m512i c0 = _mm512_loadu_si512(p.codes_q + q * kAvx512PanelRows * 4);
-      const __m512i c1 = _mm512_loadu_si512(p.codes_q + q * kAvx512PanelRows * 4 + 64);
+      const __m512i c0 = _mm512_loadu_si512(p.codes_q + (q - p.q_base) * kAvx512PanelRows * 4);
+      const __m512i c1 = _mm512_loadu_si512(p.codes_q + (q - p.q_base) * kAvx512PanelRows * 4 + 64);
 #pragma GCC unroll 8
       for (int mi = 0; mi < MT; ++mi) {
         const __m512i xv = _mm512_set1_epi32(x32[mi * kq + q]);
@@ -418,12 +434,15 @@ struct GroupPanelTileAvx512Op {
   static void Run(const GroupPanel& p, int64_t c_begin, int64_t c_end) { GroupPanelTileAvx512<MT>(p, c_begin, c_end); }
 };
 
-// AVX2: panels of 16 output rows, codes_q [kp / 4][16][4]: a quad's codes are two registers of 8
+// AVX2: panels of 16 output rows, codes_q [quads][16][4]: a quad's codes are two registers of 8
 // outputs (4 codes each). maddubs of codes with 4 broadcast activations gives each output two
 // int16 pair sums, added in int16 over at most kAvx2PanelWidenQuads quads (a pair sum is at most
 // 2 * 2 * 128 = 512 in magnitude) and widened to int32 by one madd with ones.
 constexpr int64_t kAvx2GroupPanelRows = 16;
-constexpr int64_t kAvx2GroupPanelMinRows = 17;
+// From 2 activation rows, on both x86 paths (benchmarks/RESULTS.md: the GEMV tiles were slower at
+// every row count from 2 on an Ice Lake Xeon).
+constexpr int64_t kAvx2GroupPanelMinRows = 2;
+constexpr int64_t kAvx512GroupPanelMinRows = 2;
 constexpr int kAvx2GroupPanelTileRows = 3;  // 3 x (2 int16 + 2 int32) accumulators + 2 codes + 1 activation
 constexpr int64_t kAvx2PanelWidenQuads = 32;
 static_assert(kAvx2PanelWidenQuads * 512 <= 32768, "int16 pair sums must not overflow");
@@ -450,9 +469,10 @@ BITNET_AVX2 inline void Transpose8x8(__m256i r[8]) {
 // As UnpackPanelAvx512 (gemm_x86.cc), for 16 rows: packed dword d of a row block holds, at shift
 // 2j, the codes of quad 16j + d of the block; transposing 8 rows' dwords puts dword d of those
 // rows in one register. Rows at or past group g_end get code 1 (t = 0).
-BITNET_AVX2 void UnpackPanelAvx2(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int8_t* codes_q) {
+BITNET_AVX2 void UnpackPanelAvx2(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin,
+                                 int64_t b_end, int8_t* codes_q) {
   const __m256i mask = _mm256_set1_epi8(3);
-  for (int64_t b = 0; b < kb; ++b) {
+  for (int64_t b = b_begin; b < b_end; ++b) {
     for (int64_t half = 0; half < kAvx2GroupPanelRows / 8; ++half) {
       for (int64_t dh = 0; dh < 2; ++dh) {  // dwords 8 dh .. 8 dh + 7 of each row's block
         __m256i r[8];
@@ -465,7 +485,7 @@ BITNET_AVX2 void UnpackPanelAvx2(const uint8_t* w, int64_t kb, int64_t g0, int64
         Transpose8x8(r);
         for (int j = 0; j < 4; ++j)
           for (int d = 0; d < 8; ++d) {
-            const int64_t q = b * (kBlockK / 4) + 16 * j + 8 * dh + d;
+            const int64_t q = (b - b_begin) * (kBlockK / 4) + 16 * j + 8 * dh + d;
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes_q + (q * kAvx2GroupPanelRows + 8 * half) * 4),
                                 _mm256_and_si256(_mm256_srli_epi32(r[d], 2 * j), mask));
           }
@@ -492,9 +512,9 @@ BITNET_AVX2 void GroupPanelTileAvx2(const GroupPanel& p, int64_t c_begin, int64_
       __m256i part[MT][2];
       for (int mi = 0; mi < MT; ++mi) part[mi][0] = part[mi][1] = _mm256_setzero_si256();
       for (int64_t q = q0; q < q_end; ++q) {
-        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.codes_q + q * kAvx2GroupPanelRows * 4));
-        const __m256i c1 =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.codes_q + q * kAvx2GroupPanelRows * 4 + 32));
+        const int8_t* c_q = p.codes_q + (q - p.q_base) * kAvx2GroupPanelRows * 4;
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c_q));
+        const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c_q + 32));
         for (int mi = 0; mi < MT; ++mi) {
           const __m256i xv = _mm256_set1_epi32(x32[mi * kq + q]);
           MaddubsAdd(part[mi][0], c0, xv);
@@ -612,7 +632,7 @@ BITNET_NEON_DOT void GroupPanelTileNeonDot(const GroupPanel& p, int64_t c_begin,
     for (int64_t q = c * p.group_q; q < (c + 1) * p.group_q; q += 4) {  // a group is whole 16-quad strips
       int8x16_t xv[MT];
       for (int mi = 0; mi < MT; ++mi) xv[mi] = vld1q_s8(p.x + mi * p.kp + 4 * q);
-      const int8_t* c_q = p.codes_q + q * kNeonPanelRows * 4;
+      const int8_t* c_q = p.codes_q + (q - p.q_base) * kNeonPanelRows * 4;
       PanelQuadNeonDot<MT, 0>(c_q, xv, acc);
       PanelQuadNeonDot<MT, 1>(c_q + kNeonPanelRows * 4, xv, acc);
       PanelQuadNeonDot<MT, 2>(c_q + 2 * kNeonPanelRows * 4, xv, acc);
@@ -657,7 +677,7 @@ void TernaryGroupSums(const int8_t* x_q, int64_t rows, int64_t kp, int64_t group
 
 int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows) {
 #if BITNET_JAX_X86_SIMD
-  if (isa == Isa::kAvx512Vnni && rows >= kAvx512PanelMinRows) return kAvx512PanelRows / kRowsPerGroup;
+  if (isa == Isa::kAvx512Vnni && rows >= kAvx512GroupPanelMinRows) return kAvx512PanelRows / kRowsPerGroup;
   if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) return kAvx2GroupPanelRows / kRowsPerGroup;
 #elif BITNET_JAX_ARM_SIMD
   if (isa == Isa::kNeonDot && rows >= kNeonPanelMinRows) return kNeonPanelRows / kRowsPerGroup;
@@ -671,7 +691,7 @@ void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int
                          const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
                          int64_t g_end, int64_t n_total, float* dot) {
 #if BITNET_JAX_X86_SIMD
-  if (isa == Isa::kAvx512Vnni && rows >= kAvx512PanelMinRows) {
+  if (isa == Isa::kAvx512Vnni && rows >= kAvx512GroupPanelMinRows) {
     GroupPanels<kAvx512PanelRows, kAvx512GroupPanelTileRows, GroupPanelTileAvx512Op>(
         UnpackPanelAvx512, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
     return;

@@ -43,6 +43,9 @@ const Shape kShapes[] = {
     {16, 1000, 70}, {18, 256, 32}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129},
     // One row past several int16 widening chunks (8 blocks on AVX2), N not a multiple of 4.
     {1, 4100, 7},
+    // AVX-512 pair tiles (8-16 rows; K in chunks of up to 14 blocks): one and two chunks, equal and
+    // not, the last row group with 1, 2 or 3 rows, rows left to the 4-row tiles.
+    {8, 4100, 14}, {12, 6912, 11}, {15, 3840, 7}, {16, 2560, 9},
 };
 
 int failures = 0;
@@ -191,6 +194,9 @@ const GroupShape kGroupShapes[] = {
     {1, 64, 1, 64},     {1, 256, 4, 64},     {2, 320, 5, 64},     {3, 320, 7, 320},  {4, 512, 8, 128},
     {5, 768, 3, 256},   {1, 640, 13, 128},   {9, 1024, 6, 512},   {1, 2560, 9, 64},  {6, 2560, 11, 256},
     {17, 1280, 10, 64}, {1, 4096, 5, 4096},  {2, 4224, 4, 2112},
+    // Panels from 2 rows (x86): a chunk of 5 groups of 3 strips starts and ends inside row blocks;
+    // chunks of g64 across K = 6912.
+    {8, 1920, 37, 192}, {16, 6912, 13, 64}, {3, 6912, 6, 64},
     // AVX-512 prefill panels (17 rows and more): tiles of 6 rows and their remainders, 32-row panels
     // and a partial one, groups across the 256-quad K chunks, one group wider than a chunk.
     {23, 2560, 70, 64}, {40, 1536, 33, 128}, {18, 1280, 36, 320}, {20, 4096, 9, 4096}, {25, 1024, 40, 64},
@@ -323,7 +329,7 @@ int main() {
       TestInt4(isa, s, rng, /*pow2_scales=*/false);
       TestInt4(isa, s, rng, /*pow2_scales=*/true);
     }
-    for (const Shape& s : {Shape{1, 2560, 8}, Shape{1, 6912, 6}, Shape{20, 6912, 40}}) {
+    for (const Shape& s : {Shape{1, 2560, 8}, Shape{1, 6912, 6}, Shape{8, 6912, 6}, Shape{20, 6912, 40}}) {
       TestInt4(isa, s, rng, /*pow2_scales=*/true);
       TestTernary(isa, s, rng, -128);
       TestTernary(isa, s, rng, 127);
