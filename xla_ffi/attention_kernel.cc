@@ -25,6 +25,7 @@
 #include <limits>
 
 #include "cpu_isa.h"
+#include "prefetch.h"
 
 #if BITNET_JAX_X86_SIMD
 #include "x86_simd.h"
@@ -110,16 +111,14 @@ namespace {
 // AVX2 + FMA
 
 // While pass 1 reads `slots` key rows from k_rows: the value rows of the same slots (v_rows), and
-// the key rows 16 slots on (past the chunk, or the cache: harmless, a prefetch never faults;
-// hence the addresses as integers, not pointers past an array). Both SIMD paths' pass 1.
+// the key rows 16 slots on (possibly past the chunk, or the cache: PrefetchAt). Both SIMD paths'
+// pass 1.
 template <typename T>
 inline void PrefetchSlotRows(const T* v_rows, const T* k_rows, int64_t slots, int64_t h) {
   const int64_t bytes = slots * h * static_cast<int64_t>(sizeof(T));
-  const uintptr_t values = reinterpret_cast<uintptr_t>(v_rows);
-  const uintptr_t keys = reinterpret_cast<uintptr_t>(k_rows) + 16 * h * sizeof(T);
   for (int64_t b = 0; b < bytes; b += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(values + b), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(keys + b), _MM_HINT_T0);
+    PrefetchAt(v_rows, b);
+    PrefetchAt(k_rows, 16 * h * static_cast<int64_t>(sizeof(T)) + b);
   }
 }
 

@@ -9,6 +9,7 @@
 
 #include "cpu_isa.h"
 #include "layout.h"
+#include "prefetch.h"
 #include "scratch.h"
 
 #if BITNET_JAX_ARM_SIMD
@@ -20,13 +21,6 @@ namespace bitnet {
 // Unnamed, as when the kernels shared one file: each SIMD file gets its own ForRowTiles, local to
 // it, whose instantiations (each called once) the compiler inlines into the entry points.
 namespace {
-
-// Prefetches the line at byte `offset` from `base`, which may lie past the end of base's array (a
-// stream looking ahead from its last tile): the address is formed as an integer, never as an
-// out-of-range pointer, and a prefetch never faults.
-inline void PrefetchAt(const void* base, int64_t offset) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset)));
-}
 
 // ---------------------------------------------------------------------------------------------
 // Tiling over activation rows (SIMD paths): full tiles of kMaxTileRows, then one smaller tile.

@@ -102,7 +102,7 @@ BITNET_AVX2 void TernaryGroup1Avx2(const int8_t* x, const int32_t* x_sum, int64_
       const uint8_t* block = w_g + b * kGroupBlockBytes;
       const int8_t* x_b = x + b * kBlockK;
       for (int line = 0; line < 4; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(block + kAvx2PrefetchBytes + 64 * line), _MM_HINT_T0);
+        PrefetchAt(block, kAvx2PrefetchBytes + 64 * line);
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         __m256i packed[kRowsPerGroup];
@@ -133,9 +133,8 @@ BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_
   } else {
     // Row by row, each pass reads 64 of every 256 bytes of the group, which the hardware
     // prefetcher does not follow: fetch the next group (the next kb * 256 bytes of the stream)
-    // while this one is computed from L1. A prefetch past the weights is harmless.
-    const char* next = reinterpret_cast<const char*>(w_g + kb * kGroupBlockBytes);
-    for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T0);
+    // while this one is computed from L1 (past the weights after the last group: harmless).
+    for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) PrefetchAt(w_g, kb * kGroupBlockBytes + line);
     for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
       TernaryRowAvx2<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
     }
@@ -188,10 +187,7 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* block = w_g + b * kGroupBlockBytes;
     const int8_t* x_b = x + b * kBlockK;
-    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes + 64), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes + 128), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(block + 8 * kGroupBlockBytes + 192), _MM_HINT_T0);
+    for (int line = 0; line < 4; ++line) PrefetchAt(block, 8 * kGroupBlockBytes + 64 * line);
     __m512i packed[kRowsPerGroup];
     for (int r = 0; r < kRowsPerGroup; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
 #pragma GCC unroll 4
@@ -418,7 +414,7 @@ BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, const int32_t* x_sum, int64_t
     for (int64_t k = 0; k < kp; k += 64) {
       // The stream 4 KB ahead: at several activation rows the hardware prefetcher alone left a
       // Zen 4 core waiting. Past the end of the weights it is harmless (a prefetch never faults).
-      _mm_prefetch(reinterpret_cast<const char*>(w_row + k + 4096), _MM_HINT_T0);
+      PrefetchAt(w_row, k + 4096);
       const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w_row + k), flip);
       for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[mi], wv, _mm512_loadu_si512(x + mi * kp + k));
     }

@@ -18,6 +18,7 @@
 #include "float16.h"
 #include "gemm.h"
 #include "layout.h"
+#include "prefetch.h"
 
 #if BITNET_JAX_X86_SIMD
 #include <immintrin.h>
@@ -92,7 +93,7 @@ BITNET_AVX2_F16C void Int4TileAvx2(const int8_t* x, int64_t kp, const int32_t* x
   for (int m = 0; m < MT; ++m) lane[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* bytes = w_row + g * kInt4GroupBytes;
-    if ((g & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes + kPrefetchBytes), _MM_HINT_T0);
+    if ((g & 3) == 0) PrefetchAt(bytes, kPrefetchBytes);
     const __m256i u = _mm256_and_si256(
         _mm256_srlv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))),
                           nibble_shift),

@@ -32,6 +32,7 @@
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "layout.h"
+#include "prefetch.h"
 
 #if BITNET_JAX_X86_SIMD || BITNET_JAX_ARM_SIMD
 #include "gemm_paths.h"
@@ -121,8 +122,7 @@ void TernaryGroupRows(const int8_t* x_q, const int32_t* x_group, int64_t rows, i
       Tile<kRowsPerGroup, 1>::Run({x_q, kp, x_group, rows, w_g, w_scale + n0, valid, group_k, groups, n_total, dot + n0});
       continue;
     }
-    const uint8_t* next = w_g + kb * kGroupBlockBytes;
-    for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) __builtin_prefetch(next + line);
+    for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) PrefetchAt(w_g, kb * kGroupBlockBytes + line);
     for (int64_t r = 0; r < valid; ++r) {
       for (int64_t m = 0; m < rows; m += 4) {
         const GroupTile t{x_q + m * kp, kp, x_group + m, rows, w_g + r * kBlockBytes, w_scale + n0 + r, 1,
@@ -291,7 +291,7 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
     const int8_t* x_b = t.x + (s0 / 4) * kBlockK;
     if (R == kRowsPerGroup) {  // the 4 rows' blocks are one stream (a tile of one row is prefetched by its caller)
       for (int line = 0; line < 4; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64 * line), _MM_HINT_T0);
+        PrefetchAt(block, kPrefetchBytes + 64 * line);
     }
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
@@ -346,7 +346,7 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
     const int8_t* x_b = t.x + (s0 / 4) * kBlockK;
     if (R == kRowsPerGroup) {
       for (int line = 0; line < 4; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + 64 * line), _MM_HINT_T0);
+        PrefetchAt(block, kPrefetchBytes + 64 * line);
     }
     __m512i packed[R];
     for (int r = 0; r < R; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
@@ -560,7 +560,7 @@ BITNET_NEON_DOT void GroupTileNeonDot(const GroupTile& t) {
     const uint8_t* block = t.w_rows + (s0 / 4) * kGroupBlockBytes;
     const int8_t* x_b = t.x + (s0 / 4) * kBlockK;
     if (R == kRowsPerGroup) {
-      for (int line = 0; line < 4; ++line) __builtin_prefetch(block + kPrefetchBytes + 64 * line);
+      for (int line = 0; line < 4; ++line) PrefetchAt(block, kPrefetchBytes + 64 * line);
     }
     for (int j = 0; j < 4; ++j) {
       if (s0 + j == strips) break;
