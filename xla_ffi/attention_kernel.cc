@@ -341,7 +341,7 @@ BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const 
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512: the AVX2 kernel's passes in 16-float registers. The scores of a block of 4 heads and
-// 4 slots are 16 accumulators, summed together into one vector (Hsum16x16) rather than one by one.
+// 4 slots are 16 accumulators, summed together into one vector (Sum16x16, x86_simd.h) rather than one by one.
 // The blocks are forced inline: GCC left them as calls, their accumulators passing through memory
 // (25 against 29-39 ns a slot on an Ice Lake core, benchmarks/RESULTS.md).
 #define BITNET_AVX512_INLINE BITNET_AVX512 __attribute__((always_inline)) inline
@@ -376,29 +376,8 @@ BITNET_AVX512 inline __m512 LoadPart16(const int8_t* row, __mmask16 tail) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, row)));
 }
 
-// Lane i of the result: the sum of the 16 lanes of a[i]. Three rounds, each halving the vectors
-// and doubling the sums each holds: pairs interleaved within 128-bit lanes, then quads within
-// them, then the 128-bit lanes across vectors.
-BITNET_AVX512_INLINE __m512 Hsum16x16(const __m512* a) {
-  __m512 t[8], u[4];
-  for (int k = 0; k < 8; ++k) {
-    t[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
-  }
-  for (int k = 0; k < 4; ++k) {
-    u[k] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(t[2 * k], t[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  }
-  // u[k]'s 128-bit lane L holds lane L's partial sums of a[4k .. 4k + 3]; add the four lanes.
-  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 // ScoresBlock in 16-float registers. A block of 4 heads x 4 slots (2B4T's G = 4) is summed by
-// Hsum16x16; others one accumulator at a time.
+// Sum16x16; others one accumulator at a time.
 template <int GB, int JS, typename T>
 BITNET_AVX512_INLINE void ScoresBlock16(const float* q, const T* k, int64_t h, const float* slot_scales, __mmask16 tail,
                                          float* s) {
@@ -429,7 +408,7 @@ BITNET_AVX512_INLINE void ScoresBlock16(const float* q, const T* k, int64_t h, c
   if constexpr (GB == 4 && JS == 4) {
     // Lane 4 * hd + js: head hd's score of slot js.
     const __m512 scores =
-        _mm512_mul_ps(Hsum16x16(acc), _mm512_broadcast_f32x4(_mm_loadu_ps(slot_scales)));
+        _mm512_mul_ps(Sum16x16(acc), _mm512_broadcast_f32x4(_mm_loadu_ps(slot_scales)));
     _mm_storeu_ps(s, _mm512_castps512_ps128(scores));
     _mm_storeu_ps(s + kAttentionChunk, _mm512_extractf32x4_ps(scores, 1));
     _mm_storeu_ps(s + 2 * kAttentionChunk, _mm512_extractf32x4_ps(scores, 2));

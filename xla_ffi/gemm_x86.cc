@@ -212,24 +212,6 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
   }
 }
 
-// Lane i of the result: the sum of the 16 int32 lanes of a[i] (exact). Three rounds, each halving
-// the vectors and doubling the sums each holds: pairs interleaved within 128-bit lanes, then
-// quads within them, then the 128-bit lanes across vectors.
-BITNET_AVX512 inline __m512i Sum16x16(const __m512i* a) {
-  __m512i t[8], u[4];
-  for (int k = 0; k < 8; ++k)
-    t[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_epi32(a[2 * k], a[2 * k + 1]));
-  for (int k = 0; k < 4; ++k)
-    u[k] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * k], t[2 * k + 1]), _mm512_unpackhi_epi64(t[2 * k], t[2 * k + 1]));
-  // u[k]'s 128-bit lane L holds lane L's partial sums of a[4k .. 4k + 3]; add the four lanes.
-  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                      _mm512_shuffle_i32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(2, 0, 2, 0)),
-                                      _mm512_shuffle_i32x4(u[2], u[3], _MM_SHUFFLE(3, 1, 3, 1)));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(2, 0, 2, 0)),
-                          _mm512_shuffle_i32x4(w0, w1, _MM_SHUFFLE(3, 1, 3, 1)));
-}
-
 // 8 activation rows: a row group's rows two at a time, 16 accumulators. An unpacked code register
 // feeds 8 vpdpbusd where the 4 x 4 tile's feeds 4, so the mask and shift that unpack it (which
 // share vpdpbusd's two ports) cost half as much per multiply-add; the 16 sums leave together
@@ -272,7 +254,7 @@ BITNET_AVX512 void TernaryPairsAvx512(const int8_t* x, int64_t kp, const int32_t
         }
       }
     }
-    __m512i sums = Sum16x16(acc);  // lane r * MT + mi
+    __m512i sums = Sum16x16(acc);  // lane r * MT + mi (x86_simd.h)
     if (b_begin == 0) {
       const __m256i x_sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_sum));
       sums = _mm512_sub_epi32(sums, _mm512_inserti64x4(_mm512_castsi256_si512(x_sums), x_sums, 1));

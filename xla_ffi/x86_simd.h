@@ -55,6 +55,46 @@ BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
 #endif
 }
 
+// Sum16x16's steps: a register's bits as int32 or float lanes, and two added as such.
+template <typename V>
+BITNET_AVX512 inline V FromBits16(__m512i v);
+template <>
+BITNET_AVX512 inline __m512i FromBits16<__m512i>(__m512i v) { return v; }
+template <>
+BITNET_AVX512 inline __m512 FromBits16<__m512>(__m512i v) { return _mm512_castsi512_ps(v); }
+BITNET_AVX512 inline __m512i Bits16(__m512i v) { return v; }
+BITNET_AVX512 inline __m512i Bits16(__m512 v) { return _mm512_castps_si512(v); }
+BITNET_AVX512 inline __m512i Add16(__m512i x, __m512i y) { return _mm512_add_epi32(x, y); }
+BITNET_AVX512 inline __m512 Add16(__m512 x, __m512 y) { return _mm512_add_ps(x, y); }
+template <typename V>
+BITNET_AVX512 inline V AddBits16(__m512i x, __m512i y) { return Add16(FromBits16<V>(x), FromBits16<V>(y)); }
+
+// Lane i of the result: the sum of the 16 lanes of a[i] (V: __m512i, exact; or __m512, always in
+// this order). Three rounds, each halving the vectors and doubling the sums each holds: pairs
+// interleaved within 128-bit lanes, then quads within them, then the 128-bit lanes across
+// vectors. Forced inline: as a call, a caller's accumulators would pass through memory.
+template <typename V>
+BITNET_AVX512 __attribute__((always_inline)) inline V Sum16x16(const V* a) {
+  V t[8], u[4];
+  for (int k = 0; k < 8; ++k) {
+    const __m512i x = Bits16(a[2 * k]), y = Bits16(a[2 * k + 1]);
+    t[k] = AddBits16<V>(_mm512_unpacklo_epi32(x, y), _mm512_unpackhi_epi32(x, y));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i x = Bits16(t[2 * k]), y = Bits16(t[2 * k + 1]);
+    u[k] = AddBits16<V>(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+  }
+  // u[k]'s 128-bit lane L holds lane L's partial sums of a[4k .. 4k + 3]; add the four lanes.
+  __m512i w[2];
+  for (int k = 0; k < 2; ++k) {
+    const __m512i x = Bits16(u[2 * k]), y = Bits16(u[2 * k + 1]);
+    w[k] = Bits16(AddBits16<V>(_mm512_shuffle_i32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                               _mm512_shuffle_i32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+  return AddBits16<V>(_mm512_shuffle_i32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm512_shuffle_i32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 }  // namespace bitnet
 
 #endif  // BITNET_JAX_XLA_FFI_X86_SIMD_H_
