@@ -315,11 +315,11 @@ BITNET_AVX512 inline void Transpose16x16(__m512i r[16]) {
 }  // namespace
 
 // codes_q: [(b_end - b_begin) * kBlockK / 4][kPanelRows][4] int8, quads from block b_begin's
-// first. Packed dword d of a row block holds, at shift 2j, the
-// codes of quad 16j + d of the block; transposing 16 rows' blocks puts dword d of every row in
-// one register, which shifted and masked is that quad for 16 output rows. Rows at or past group
-// `g_end` get code 1 (t = 0); their outputs are never stored. (Declared in gemm_paths.h: the
-// group-scale kernel unpacks its panels with it too.)
+// first. Packed dword d of a row block holds, at shift 2j, the codes of quad 16j + d of the block;
+// transposing 16 rows' blocks puts dword d of every row in one register, which shifted and masked
+// is that quad for 16 output rows. Rows at or past group `g_end` get code 1 (t = 0); their outputs
+// are never stored. (Declared in gemm_paths.h: the group-scale kernel unpacks its panels with it
+// too.)
 BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin,
                                      int64_t b_end, int8_t* codes_q) {
   const __m512i mask = _mm512_set1_epi8(3);
