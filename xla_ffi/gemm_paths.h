@@ -78,8 +78,8 @@ inline void PrefetchPanelBlocks(const uint8_t* w, int64_t kb, int64_t g0, int64_
 // architecture's tile wants, then multiplied with every row tile of x by
 // Tile<MT>::Run(x, x_sum, acc, kp, codes_q, q_begin, q_end, n0, n_end, n_total) (codes_q holds
 // the quads [q_begin, q_end)). The chunk's codes are written and read back in L1, where a whole
-// panel's (32 rows x 6912 inputs: 221 KB) went out to L2 and back: at 8 activation rows the
-// unpacking took as long as the multiplication (benchmarks/RESULTS.md).
+// panel's (32 rows x 6912 inputs: 221 KB) went out to L2 and back (group scales on one Ice Lake
+// core: 0.77x the time at 2 rows, 0.89x at 8, level at 128).
 template <template <int> class Tile, int TileRows, int64_t PanelRows, int64_t ChunkQuads, typename Unpack>
 void TernaryPanels(Unpack unpack, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
                    const uint8_t* w, int64_t g_begin, int64_t g_end, int64_t n_total, int32_t* acc) {
