@@ -440,7 +440,8 @@ struct GroupPanelTileAvx512Op {
 // 2 * 2 * 128 = 512 in magnitude) and widened to int32 by one madd with ones.
 constexpr int64_t kAvx2GroupPanelRows = 16;
 // From 2 activation rows, on both x86 paths (benchmarks/RESULTS.md: the GEMV tiles were slower at
-// every row count from 2 on an Ice Lake Xeon).
+// every row count from 2 on an Ice Lake Xeon). Below these the GEMV tiles' multi-row forms serve,
+// kept for a CPU on which they measure faster.
 constexpr int64_t kAvx2GroupPanelMinRows = 2;
 constexpr int64_t kAvx512GroupPanelMinRows = 2;
 constexpr int kAvx2GroupPanelTileRows = 3;  // 3 x (2 int16 + 2 int32) accumulators + 2 codes + 1 activation
