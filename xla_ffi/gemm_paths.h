@@ -138,13 +138,12 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) inline void PanelQuadNeonDot(c
 
 #if BITNET_JAX_X86_SIMD
 // The AVX-512 prefill panels (gemm_x86.cc), which the group-scale kernel (ternary_group_gemm.cc)
-// shares: panels of kAvx512PanelRows output rows, taken from kAvx512PanelMinRows activation rows.
+// shares: panels of kAvx512PanelRows output rows (each kernel says from how many activation rows).
 // UnpackPanelAvx512 writes, for the row blocks [b_begin, b_end), codes_q [(b_end - b_begin) *
 // kBlockK / 4][kAvx512PanelRows][4] int8: for every k-quad from the first of block b_begin, the
 // 4 codes (t + 1) of each output row of row groups g0 .. g0 + 7; rows at or past g_end get code 1
 // (t = 0).
 constexpr int64_t kAvx512PanelRows = 32;
-constexpr int64_t kAvx512PanelMinRows = 17;
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void UnpackPanelAvx512(
     const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin, int64_t b_end, int8_t* codes_q);
 
@@ -162,7 +161,8 @@ void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
 // kBlockK / 4][kNeonPanelRows][4] int8: for every k-quad from the first of block b_begin,
 // t = code - 1 of each output row of row groups g0 .. g0 + 3; rows at or past g_end get t = 0.
 constexpr int64_t kNeonPanelRows = 16;
-// From as many rows as the x86 panels (there measured; here an assumption).
+// From 17 rows, as the AVX-512 panels, where they took over from 4-row GEMV tiles like sdot's
+// (measured there; here an assumption).
 constexpr int64_t kNeonPanelMinRows = 17;
 __attribute__((target("arch=armv8.2-a+dotprod"))) void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0,
                                                                           int64_t g_end, int64_t b_begin,

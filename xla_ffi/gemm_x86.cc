@@ -284,9 +284,11 @@ constexpr int64_t kPanelGroups = kPanelRows / kRowsPerGroup;
 constexpr int kPanelTileRows = 12;  // 2 x 12 accumulators + 2 code registers
 // AVX2 has no panel path: both it and the GEMV tiles issue a maddubs and an int16 add per 32
 // multiply-adds, and a maddubs panel kernel was no faster (benchmarks/RESULTS.md).
-// Fewer activation rows take the GEMV tiles, which need no unpacking: on the Xeon they are the
-// faster up to 16 rows, the panels from 24.
-constexpr int64_t kPanelMinRows = kAvx512PanelMinRows;
+// Fewer activation rows take the GEMV tiles, which need no unpacking (8-16 rows: the pair tiles).
+// On the Xeon the 4-row tiles were the faster up to 16 rows, the panels from 24. The pair tiles
+// took 0.90-0.92x the panels' time at 24 and 32 rows on one core, but 0.96-1.11x with two threads
+// (within that host's noise; benchmarks/RESULTS.md), so the threshold stays.
+constexpr int64_t kPanelMinRows = 17;
 // K chunk: 32 x 1024 codes + 12 x 1024 activations = 44 KB, within a 48 KB L1.
 constexpr int64_t kPanelChunkQuads = 256;
 

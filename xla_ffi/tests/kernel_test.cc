@@ -40,11 +40,11 @@ const Shape kShapes[] = {
     {7, 513, 9}, {8, 640, 13}, {9, 1000, 6}, {16, 768, 33}, {17, 777, 17}, {33, 2560, 11},
     // Prefill panels (from 17 rows; AVX-512: 32 output rows, 12-row tiles; NEON sdot: 16 output
     // rows, 4-row tiles; K in chunks of 1024): partial panels, tiles and chunks.
-    {16, 1000, 70}, {18, 256, 32}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129},
+    {16, 1000, 70}, {18, 256, 32}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129}, {45, 1100, 129},
     // One row past several int16 widening chunks (8 blocks on AVX2), N not a multiple of 4.
     {1, 4100, 7},
-    // AVX-512 pair tiles (8-16 rows; K in chunks of up to 14 blocks): one and two chunks, equal and
-    // not, the last row group with 1, 2 or 3 rows, rows left to the 4-row tiles.
+    // AVX-512 pair tiles (8-16 rows; K in equal chunks of 60% of L1d, 14 blocks on a 48 KB one):
+    // one and two chunks, the last row group with 1, 2 or 3 rows, rows left to the 4-row tiles.
     {8, 4100, 14}, {12, 6912, 11}, {15, 3840, 7}, {16, 2560, 9},
 };
 
