@@ -67,8 +67,8 @@ void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, in
 inline void PrefetchPanelBlocks(const uint8_t* w, int64_t kb, int64_t g0, int64_t groups, int64_t g_end,
                                 int64_t b_begin, int64_t b_end) {
   for (int64_t g = g0; g < std::min(g0 + groups, g_end); ++g) {
-    const uint8_t* blocks = w + (g * kb + b_begin) * kGroupBlockBytes;
-    for (int64_t line = 0; line < (b_end - b_begin) * kGroupBlockBytes; line += 64) __builtin_prefetch(blocks + line);
+    for (int64_t line = 0; line < (b_end - b_begin) * kGroupBlockBytes; line += 64)
+      PrefetchAt(w, (g * kb + b_begin) * kGroupBlockBytes + line);
   }
 }
 
