@@ -200,6 +200,9 @@ const GroupShape kGroupShapes[] = {
     // AVX-512 prefill panels (17 rows and more): tiles of 6 rows and their remainders, 32-row panels
     // and a partial one, groups across the 256-quad K chunks, one group wider than a chunk.
     {23, 2560, 70, 64}, {40, 1536, 33, 128}, {18, 1280, 36, 320}, {20, 4096, 9, 4096}, {25, 1024, 40, 64},
+    // One row on AVX-512: 16-row tiles from each half's first row group, the rest (and a partial
+    // last group) by the 4-row tile; K ending inside a row block; groups of 3 strips across blocks.
+    {1, 6912, 70, 64}, {1, 1920, 40, 192}, {1, 320, 33, 64}, {1, 1280, 64, 128}, {1, 4096, 36, 1024},
 };
 
 void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, bool pow2_scales, int extreme = 0) {
@@ -341,6 +344,8 @@ int main() {
     // The int16 sums' extremes, across several widenings (4096-wide groups: 64 strips).
     TestTernaryGroup(isa, {2, 4096, 4, 4096}, rng, /*pow2_scales=*/true, -128);
     TestTernaryGroup(isa, {1, 4096, 4, 4096}, rng, /*pow2_scales=*/true, 127);
+    TestTernaryGroup(isa, {1, 4096, 32, 4096}, rng, /*pow2_scales=*/true, -128);  // 16-row tiles
+    TestTernaryGroup(isa, {1, 6912, 32, 64}, rng, /*pow2_scales=*/true, 127);
     TestQuantize(isa, rng);
     failures += CheckAttention(isa);
     std::printf("%s: checked %zu shapes\n", bitnet::IsaName(isa), sizeof(kShapes) / sizeof(kShapes[0]));
