@@ -15,9 +15,10 @@
 // output keeps its integer lanes through a group; at the group's end a tile's (up to) 4 outputs
 // are summed across lanes together (integer, so in any order) and scaled in one 4-lane float step.
 // One activation row takes the 4 rows of a row group together, front to back, as one stream; more
-// activation rows take one weight row at a time with a tile of up to 4 of them. On AVX-512 one
-// activation row takes 16 output rows at a time instead, transposed in registers so that vector
-// lanes are whole outputs (GroupGemv16Avx512); the 4-row tile serves what is left of a task.
+// activation rows take one weight row at a time with a tile of up to 4 of them. On x86 one
+// activation row takes 16 (AVX-512) or 8 (AVX2) output rows at a time instead, transposed in
+// registers so that vector lanes are whole outputs (GroupGemv16Avx512, GroupGemv8Avx2); the 4-row
+// tile serves what is left of a task.
 //
 // From 2 activation rows on x86 (from 17 with sdot), panels whose vector lanes are whole outputs,
 // so a group's scaling is one subtraction, conversion, multiply and add per register of outputs
@@ -439,6 +440,74 @@ BITNET_AVX512 void GroupGemv16Avx512(const int8_t* x, const int32_t* x_group, in
   _mm512_storeu_ps(dot + n0, d);
 }
 
+// The AVX2 form: 8 output rows (2 row groups) a tile, each half block of the 8 rows (8 dwords)
+// transposed as 8 x 8 (Transpose8x8): for dword e of the half, one register of quad 16j + 8h + e
+// of every row at shift 2j. maddubs with the quad's activations broadcast leaves 2 int16 pair
+// sums per output; a strip's 16 quads add up in int16 (16 * 2 * 2 * 128 = 8192 at most) and
+// widen once by a madd with ones. (Codes masked in place, as on AVX-512, would overflow maddubs's
+// int16 pair sums: 2 * 128 * 128.) 16 registers: 8 of codes, 4 strip sums, mask, activations.
+constexpr int64_t kGemv8Groups = 2;  // row groups per AVX2 tile
+
+BITNET_AVX2 void GroupGemv8Avx2(const int8_t* x, const int32_t* x_group, int64_t kb, const uint8_t* w,
+                                const float* w_scale, int64_t group_k, int64_t groups, int64_t g0, int64_t n_total,
+                                float* dot) {
+  const int64_t n0 = g0 * kRowsPerGroup, strips_per_group = group_k / kStripK, strips = groups * strips_per_group;
+  constexpr int64_t kTileRows = kGemv8Groups * kRowsPerGroup;
+  const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
+  const uint8_t* w_t = w + g0 * kb * kGroupBlockBytes;  // the tile's row group i: blocks i * kb .. i * kb + kb - 1
+  const bool next_tile_scales = n0 + kTileRows < n_total;
+  const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  __m256 d = _mm256_setzero_ps();
+  __m256i group_acc = _mm256_setzero_si256();
+  int64_t c = 0, in_group = 0;
+  for (int64_t b = 0; b < kb; ++b) {
+    const int64_t w_ahead = b + kPrefetchBytes / kGroupBlockBytes;
+    const int64_t w_block = (w_ahead / kb) * kGemv8Groups * kb + w_ahead % kb;
+    for (int i = 0; i < kGemv8Groups; ++i)
+      for (int line = 0; line < 4; ++line) PrefetchAt(w_t, (w_block + i * kb) * kGroupBlockBytes + 64 * line);
+    const int64_t s_ahead = b + kScaleAheadBlocks, s_tile = s_ahead / kb, s_block = s_ahead % kb;
+    if (s_tile == 0 || next_tile_scales) {
+      const int64_t s_end = std::min(groups, CeilDiv(4 * (s_block + 1), strips_per_group));
+      for (int64_t s = CeilDiv(4 * s_block, strips_per_group); s < s_end; ++s)
+        PrefetchAt(w_scale, sizeof(float) * (s * n_total + n0 + s_tile * kTileRows));
+    }
+    __m256i part[4];  // strip j's int16 pair sums
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) part[j] = _mm256_setzero_si256();
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      __m256i r[8];
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+            w_t + ((i / kRowsPerGroup) * kb + b) * kGroupBlockBytes + (i % kRowsPerGroup) * kBlockBytes + 32 * h));
+      Transpose8x8(r);  // r[e] lane i: dword 8h + e of row n0 + i's block
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int32_t* x_q = x32 + b * (kBlockK / 4) + 16 * j + 8 * h;
+#pragma GCC unroll 8
+        for (int e = 0; e < 8; ++e) {
+          MaddubsAdd(part[j], _mm256_and_si256(r[e], mask), _mm256_set1_epi32(x_q[e]));
+          r[e] = _mm256_srli_epi16(r[e], 2);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      if (4 * b + j == strips) break;
+      group_acc = _mm256_add_epi32(group_acc, _mm256_madd_epi16(part[j], ones));
+      if (++in_group == strips_per_group) {
+        const __m256 p = _mm256_cvtepi32_ps(_mm256_sub_epi32(group_acc, _mm256_set1_epi32(x_group[c])));
+        d = _mm256_add_ps(d, _mm256_mul_ps(p, _mm256_loadu_ps(w_scale + c * n_total + n0)));
+        group_acc = _mm256_setzero_si256();
+        ++c;
+        in_group = 0;
+      }
+    }
+  }
+  _mm256_storeu_ps(dot + n0, d);
+}
+
 template <int R, int MT>
 struct Avx2Tile {
   static void Run(const GroupTile& t) { GroupTileAvx2<R, MT>(t); }
@@ -514,25 +583,6 @@ constexpr int64_t kAvx512GroupPanelMinRows = 2;
 constexpr int kAvx2GroupPanelTileRows = 3;  // 3 x (2 int16 + 2 int32) accumulators + 2 codes + 1 activation
 constexpr int64_t kAvx2PanelWidenQuads = 32;
 static_assert(kAvx2PanelWidenQuads * 512 <= 32768, "int16 pair sums must not overflow");
-
-// In place: r[i] lane j <- r[j] lane i, for 8 x 8 dwords.
-BITNET_AVX2 inline void Transpose8x8(__m256i r[8]) {
-  __m256i t[8], u[8];
-  for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 2; ++i) {
-    u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
-  }
-}
 
 // As UnpackPanelAvx512 (gemm_x86.cc), for 16 rows: packed dword d of a row block holds, at shift
 // 2j, the codes of quad 16j + d of the block; transposing 8 rows' dwords puts dword d of those
@@ -748,6 +798,7 @@ int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows) {
   if (isa == Isa::kAvx512Vnni && rows >= kAvx512GroupPanelMinRows) return kAvx512PanelRows / kRowsPerGroup;
   if (isa == Isa::kAvx512Vnni && rows == 1) return kGemv16Groups;
   if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) return kAvx2GroupPanelRows / kRowsPerGroup;
+  if (isa == Isa::kAvx2 && rows == 1) return kGemv8Groups;
 #elif BITNET_JAX_ARM_SIMD
   if (isa == Isa::kNeonDot && rows >= kNeonPanelMinRows) return kNeonPanelRows / kRowsPerGroup;
 #endif
@@ -780,7 +831,12 @@ void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int
     return;
   }
   if (isa == Isa::kAvx2) {
-    TernaryGroupRows<Avx2Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+    int64_t g = g_begin;
+    if (rows == 1) {
+      for (; g + kGemv8Groups <= g_end && (g + kGemv8Groups) * kRowsPerGroup <= n_total; g += kGemv8Groups)
+        GroupGemv8Avx2(x_q, x_group, kb, w, w_scale, group_k, groups, g, n_total, dot);
+    }
+    TernaryGroupRows<Avx2Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g, g_end, n_total, dot);
     return;
   }
 #elif BITNET_JAX_ARM_SIMD
