@@ -17,10 +17,11 @@
 // One activation row takes the 4 rows of a row group together, front to back, as one stream; more
 // activation rows take one weight row at a time with a tile of up to 4 of them. On x86 one
 // activation row takes 16 (AVX-512) or 8 (AVX2) output rows at a time instead, transposed in
-// registers so that vector lanes are whole outputs (GroupGemv16Avx512, GroupGemv8Avx2); the 4-row
-// tile serves what is left of a task.
+// registers so that vector lanes are whole outputs (GroupRows16Avx512, GroupGemv8Avx2; on
+// AVX-512 up to 4 activation rows so); the 4-row tile serves what is left of a task.
 //
-// From 2 activation rows on x86 (from 17 with sdot), panels whose vector lanes are whole outputs,
+// From 2 activation rows on x86 (AVX-512: from 5, and a task's last partial 16-row tile; from 17
+// with sdot), panels whose vector lanes are whole outputs,
 // so a group's scaling is one subtraction, conversion, multiply and add per register of outputs
 // (the GEMV tiles sum each output across lanes at every group's end: with 64-wide groups, at
 // every vpdpbusd; at 2-16 rows they took 1.4-3.4x as long as the panels): on AVX-512
@@ -390,16 +391,26 @@ constexpr int64_t kGemv16Groups = 4;  // row groups per tile
 // fall into 2 of the L1's 64 sets, where a tile's worth of them (108 at K = 6912) evict each other.
 constexpr int64_t kScaleAheadBlocks = 2;
 
-BITNET_AVX512 void GroupGemv16Avx512(const int8_t* x, const int32_t* x_group, int64_t kb, const uint8_t* w,
-                                     const float* w_scale, int64_t group_k, int64_t groups, int64_t g0,
-                                     int64_t n_total, float* dot) {
+// MT activation rows (x: rows kp apart; x_group: group c of row mi at [c * x_group_stride + mi];
+// dot: rows n_total apart) against the tile of row groups g0 .. g0 + 3.
+template <int MT>
+BITNET_AVX512 void GroupRows16Avx512(const int8_t* x, int64_t kp, const int32_t* x_group, int64_t x_group_stride,
+                                     int64_t kb, const uint8_t* w, const float* w_scale, int64_t group_k,
+                                     int64_t groups, int64_t g0, int64_t n_total, float* dot) {
   const int64_t n0 = g0 * kRowsPerGroup, strips_per_group = group_k / kStripK, strips = groups * strips_per_group;
   constexpr int64_t kTileRows = kGemv16Groups * kRowsPerGroup;
+  constexpr int kChains = MT == 1 ? 2 : 1;  // vpdpbusd chains per activation row
   const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
+  const int64_t kq = kp / 4;                            // quads per activation row
   const uint8_t* w_t = w + g0 * kb * kGroupBlockBytes;  // the tile's row group i: blocks i * kb .. i * kb + kb - 1
   const bool next_tile_scales = n0 + kTileRows < n_total;
-  __m512 d = _mm512_setzero_ps();
-  __m512i group_acc = _mm512_setzero_si512();
+  __m512 d[MT];
+  __m512i group_acc[MT];
+#pragma GCC unroll 4
+  for (int mi = 0; mi < MT; ++mi) {
+    d[mi] = _mm512_setzero_ps();
+    group_acc[mi] = _mm512_setzero_si512();
+  }
   int64_t c = 0, in_group = 0;
   for (int64_t b = 0; b < kb; ++b) {
     // The 4 row groups' blocks kPrefetchBytes ahead, into the next tile's at the end, and the
@@ -423,21 +434,67 @@ BITNET_AVX512 void GroupGemv16Avx512(const int8_t* x, const int32_t* x_group, in
     for (int j = 0; j < 4; ++j) {
       if (4 * b + j == strips) break;
       const __m512i mask = _mm512_set1_epi8(static_cast<char>(3 << (2 * j)));
-      const int32_t* x_q = x32 + b * (kBlockK / 4) + 16 * j;  // the strip's 16 activation quads
-      __m512i a[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};  // two chains of vpdpbusd
+      const int64_t q = b * (kBlockK / 4) + 16 * j;  // the strip's first activation quad
+      __m512i a[MT][kChains];
+#pragma GCC unroll 4
+      for (int mi = 0; mi < MT; ++mi)
+        for (int ch = 0; ch < kChains; ++ch) a[mi][ch] = _mm512_setzero_si512();
 #pragma GCC unroll 16
-      for (int dw = 0; dw < 16; ++dw) Dpbusd(a[dw % 2], _mm512_and_si512(r[dw], mask), _mm512_set1_epi32(x_q[dw]));
-      group_acc = _mm512_add_epi32(group_acc, _mm512_srai_epi32(_mm512_add_epi32(a[0], a[1]), 2 * j));
+      for (int dw = 0; dw < 16; ++dw) {
+        const __m512i codes = _mm512_and_si512(r[dw], mask);
+#pragma GCC unroll 4
+        for (int mi = 0; mi < MT; ++mi) Dpbusd(a[mi][dw % kChains], codes, _mm512_set1_epi32(x32[mi * kq + q + dw]));
+      }
+#pragma GCC unroll 4
+      for (int mi = 0; mi < MT; ++mi) {
+        const __m512i strip = kChains == 2 ? _mm512_add_epi32(a[mi][0], a[mi][kChains - 1]) : a[mi][0];
+        group_acc[mi] = _mm512_add_epi32(group_acc[mi], _mm512_srai_epi32(strip, 2 * j));
+      }
       if (++in_group == strips_per_group) {
-        const __m512 p = _mm512_cvtepi32_ps(_mm512_sub_epi32(group_acc, _mm512_set1_epi32(x_group[c])));
-        d = _mm512_add_ps(d, _mm512_mul_ps(p, _mm512_loadu_ps(w_scale + c * n_total + n0)));
-        group_acc = _mm512_setzero_si512();
+        const __m512 scale = _mm512_loadu_ps(w_scale + c * n_total + n0);
+#pragma GCC unroll 4
+        for (int mi = 0; mi < MT; ++mi) {
+          const __m512i x_sum = _mm512_set1_epi32(x_group[c * x_group_stride + mi]);
+          d[mi] = _mm512_add_ps(d[mi], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(group_acc[mi], x_sum)), scale));
+          group_acc[mi] = _mm512_setzero_si512();
+        }
         ++c;
         in_group = 0;
       }
     }
   }
-  _mm512_storeu_ps(dot + n0, d);
+#pragma GCC unroll 4
+  for (int mi = 0; mi < MT; ++mi) _mm512_storeu_ps(dot + mi * n_total + n0, d[mi]);
+}
+
+// Up to this many activation rows take the 16-row tiles (16 registers of codes, 3 per activation
+// row); more take the panels. One core of the Ice Lake Xeon, group:64, 2560 x 6912: 2 rows 354
+// against the panels' 652-748 us, 3 rows 528-552 against 787-1292, 4 rows 612-633 against
+// 782-840; from 5 rows level or slower (each further 4 rows transpose the codes again, where the
+// panels unpack a chunk once for every tile of rows).
+constexpr int64_t kTiles16MaxRows = 4;
+constexpr int kTile16MaxMT = 4;
+
+// The row groups [g_begin, g_end) by 16-row tiles; returns the first row group left (a partial
+// tile at the task's or the matrix's end) for the caller's other path.
+int64_t GroupTiles16Avx512(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb, const uint8_t* w,
+                           const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin, int64_t g_end,
+                           int64_t n_total, float* dot) {
+  const int64_t kp = kb * kBlockK;
+  int64_t g = g_begin;
+  for (; g + kGemv16Groups <= g_end && (g + kGemv16Groups) * kRowsPerGroup <= n_total; g += kGemv16Groups) {
+    for (int64_t m = 0; m < rows; m += kTile16MaxMT) {
+      const int8_t* x = x_q + m * kp;
+      float* out = dot + m * n_total;
+      switch (std::min<int64_t>(kTile16MaxMT, rows - m)) {
+        case 1: GroupRows16Avx512<1>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+        case 2: GroupRows16Avx512<2>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+        case 3: GroupRows16Avx512<3>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+        default: GroupRows16Avx512<4>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+      }
+    }
+  }
+  return g;
 }
 
 // The AVX2 form: 8 output rows (2 row groups) a tile, each half block of the 8 rows (8 dwords)
@@ -576,8 +633,9 @@ struct GroupPanelTileAvx512Op {
 // 2 * 2 * 128 = 512 in magnitude) and widened to int32 by one madd with ones.
 constexpr int64_t kAvx2GroupPanelRows = 16;
 // From 2 activation rows, on both x86 paths (benchmarks/RESULTS.md: the GEMV tiles were slower at
-// every row count from 2 on an Ice Lake Xeon). Below these the GEMV tiles' multi-row forms serve,
-// kept for a CPU on which they measure faster.
+// every row count from 2 on an Ice Lake Xeon; on AVX-512 the 16-row tiles take 2-4 rows first, the
+// panels what they leave). Below these the GEMV tiles' multi-row forms serve, kept for a CPU on
+// which they measure faster.
 constexpr int64_t kAvx2GroupPanelMinRows = 2;
 constexpr int64_t kAvx512GroupPanelMinRows = 2;
 constexpr int kAvx2GroupPanelTileRows = 3;  // 3 x (2 int16 + 2 int32) accumulators + 2 codes + 1 activation
@@ -795,8 +853,7 @@ void TernaryGroupSums(const int8_t* x_q, int64_t rows, int64_t kp, int64_t group
 
 int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows) {
 #if BITNET_JAX_X86_SIMD
-  if (isa == Isa::kAvx512Vnni && rows >= kAvx512GroupPanelMinRows) return kAvx512PanelRows / kRowsPerGroup;
-  if (isa == Isa::kAvx512Vnni && rows == 1) return kGemv16Groups;
+  if (isa == Isa::kAvx512Vnni) return rows <= kTiles16MaxRows ? kGemv16Groups : kAvx512PanelRows / kRowsPerGroup;
   if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) return kAvx2GroupPanelRows / kRowsPerGroup;
   if (isa == Isa::kAvx2 && rows == 1) return kGemv8Groups;
 #elif BITNET_JAX_ARM_SIMD
@@ -811,23 +868,20 @@ void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int
                          const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
                          int64_t g_end, int64_t n_total, float* dot) {
 #if BITNET_JAX_X86_SIMD
-  if (isa == Isa::kAvx512Vnni && rows >= kAvx512GroupPanelMinRows) {
-    GroupPanels<kAvx512PanelRows, kAvx512GroupPanelTileRows, GroupPanelTileAvx512Op>(
-        UnpackPanelAvx512, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
+  if (isa == Isa::kAvx512Vnni) {
+    const int64_t g = rows <= kTiles16MaxRows
+                          ? GroupTiles16Avx512(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot)
+                          : g_begin;
+    if (rows >= kAvx512GroupPanelMinRows)
+      GroupPanels<kAvx512PanelRows, kAvx512GroupPanelTileRows, GroupPanelTileAvx512Op>(
+          UnpackPanelAvx512, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g, g_end, n_total, dot);
+    else
+      TernaryGroupRows<Avx512Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g, g_end, n_total, dot);
     return;
   }
   if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) {
     GroupPanels<kAvx2GroupPanelRows, kAvx2GroupPanelTileRows, GroupPanelTileAvx2Op>(
         UnpackPanelAvx2, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot);
-    return;
-  }
-  if (isa == Isa::kAvx512Vnni) {
-    int64_t g = g_begin;
-    if (rows == 1) {
-      for (; g + kGemv16Groups <= g_end && (g + kGemv16Groups) * kRowsPerGroup <= n_total; g += kGemv16Groups)
-        GroupGemv16Avx512(x_q, x_group, kb, w, w_scale, group_k, groups, g, n_total, dot);
-    }
-    TernaryGroupRows<Avx512Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g, g_end, n_total, dot);
     return;
   }
   if (isa == Isa::kAvx2) {

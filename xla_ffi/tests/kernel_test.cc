@@ -203,6 +203,8 @@ const GroupShape kGroupShapes[] = {
     // One row on AVX-512: 16-row tiles from each half's first row group, the rest (and a partial
     // last group) by the 4-row tile; K ending inside a row block; groups of 3 strips across blocks.
     {1, 6912, 70, 64}, {1, 1920, 40, 192}, {1, 320, 33, 64}, {1, 1280, 64, 128}, {1, 4096, 36, 1024},
+    // 2-16 rows on AVX-512: the same tiles, 1-4 activation rows at a time, the rest on the panels.
+    {2, 2560, 40, 64}, {5, 1280, 64, 128}, {7, 6912, 36, 64}, {16, 4096, 33, 256}, {11, 1088, 70, 64},
 };
 
 void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, bool pow2_scales, int extreme = 0) {
@@ -346,6 +348,8 @@ int main() {
     TestTernaryGroup(isa, {1, 4096, 4, 4096}, rng, /*pow2_scales=*/true, 127);
     TestTernaryGroup(isa, {1, 4096, 32, 4096}, rng, /*pow2_scales=*/true, -128);  // 16-row tiles
     TestTernaryGroup(isa, {1, 6912, 32, 64}, rng, /*pow2_scales=*/true, 127);
+    TestTernaryGroup(isa, {6, 4096, 32, 4096}, rng, /*pow2_scales=*/true, -128);
+    TestTernaryGroup(isa, {3, 6912, 32, 64}, rng, /*pow2_scales=*/true, 127);
     TestQuantize(isa, rng);
     failures += CheckAttention(isa);
     std::printf("%s: checked %zu shapes\n", bitnet::IsaName(isa), sizeof(kShapes) / sizeof(kShapes[0]));
