@@ -391,6 +391,25 @@ constexpr int64_t kGemv16Groups = 4;  // row groups per tile
 // fall into 2 of the L1's 64 sets, where a tile's worth of them (108 at K = 6912) evict each other.
 constexpr int64_t kScaleAheadBlocks = 2;
 
+// A transposed tile's look-ahead at its block b: the blocks of its tile_groups row groups
+// kPrefetchBytes ahead in its read order (into the next tile's at the end), and the scale lines of
+// the groups that start kScaleAheadBlocks ahead (this tile's, or the next tile's if there is one).
+// Forced inline: GCC does not inline a function of the default target into the tiles' targets by
+// itself, and a call whose only effects are prefetches it finds side-effect free and deletes.
+__attribute__((always_inline)) inline void PrefetchTileAhead(const uint8_t* w_t, int64_t kb, int64_t tile_groups, int64_t b, const float* w_scale,
+                              int64_t n0, int64_t n_total, int64_t groups, int64_t strips_per_group) {
+  const int64_t tile_rows = tile_groups * kRowsPerGroup;
+  const int64_t w_ahead = b + kPrefetchBytes / kGroupBlockBytes;
+  const int64_t w_block = (w_ahead / kb) * tile_groups * kb + w_ahead % kb;
+  for (int64_t i = 0; i < tile_groups; ++i)
+    for (int line = 0; line < 4; ++line) PrefetchAt(w_t, (w_block + i * kb) * kGroupBlockBytes + 64 * line);
+  const int64_t s_ahead = b + kScaleAheadBlocks, s_tile = s_ahead / kb, s_block = s_ahead % kb;
+  if (s_tile > 0 && n0 + tile_rows >= n_total) return;  // the last tile: no scales past it
+  const int64_t s_end = std::min(groups, CeilDiv(4 * (s_block + 1), strips_per_group));
+  for (int64_t s = CeilDiv(4 * s_block, strips_per_group); s < s_end; ++s)
+    PrefetchAt(w_scale, sizeof(float) * (s * n_total + n0 + s_tile * tile_rows));
+}
+
 // MT activation rows (x: rows kp apart; x_group: group c of row mi at [c * x_group_stride + mi];
 // dot: rows n_total apart) against the tile of row groups g0 .. g0 + 3.
 template <int MT>
@@ -398,12 +417,10 @@ BITNET_AVX512 void GroupRows16Avx512(const int8_t* x, int64_t kp, const int32_t*
                                      int64_t kb, const uint8_t* w, const float* w_scale, int64_t group_k,
                                      int64_t groups, int64_t g0, int64_t n_total, float* dot) {
   const int64_t n0 = g0 * kRowsPerGroup, strips_per_group = group_k / kStripK, strips = groups * strips_per_group;
-  constexpr int64_t kTileRows = kGemv16Groups * kRowsPerGroup;
   constexpr int kChains = MT == 1 ? 2 : 1;  // vpdpbusd chains per activation row
   const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
   const int64_t kq = kp / 4;                            // quads per activation row
   const uint8_t* w_t = w + g0 * kb * kGroupBlockBytes;  // the tile's row group i: blocks i * kb .. i * kb + kb - 1
-  const bool next_tile_scales = n0 + kTileRows < n_total;
   __m512 d[MT];
   __m512i group_acc[MT];
 #pragma GCC unroll 4
@@ -413,18 +430,7 @@ BITNET_AVX512 void GroupRows16Avx512(const int8_t* x, int64_t kp, const int32_t*
   }
   int64_t c = 0, in_group = 0;
   for (int64_t b = 0; b < kb; ++b) {
-    // The 4 row groups' blocks kPrefetchBytes ahead, into the next tile's at the end, and the
-    // scales of the groups that start kScaleAheadBlocks ahead.
-    const int64_t w_ahead = b + kPrefetchBytes / kGroupBlockBytes;
-    const int64_t w_block = (w_ahead / kb) * kGemv16Groups * kb + w_ahead % kb;
-    for (int i = 0; i < kGemv16Groups; ++i)
-      for (int line = 0; line < 4; ++line) PrefetchAt(w_t, (w_block + i * kb) * kGroupBlockBytes + 64 * line);
-    const int64_t s_ahead = b + kScaleAheadBlocks, s_tile = s_ahead / kb, s_block = s_ahead % kb;
-    if (s_tile == 0 || next_tile_scales) {
-      const int64_t s_end = std::min(groups, CeilDiv(4 * (s_block + 1), strips_per_group));
-      for (int64_t s = CeilDiv(4 * s_block, strips_per_group); s < s_end; ++s)
-        PrefetchAt(w_scale, sizeof(float) * (s * n_total + n0 + s_tile * kTileRows));
-    }
+    PrefetchTileAhead(w_t, kb, kGemv16Groups, b, w_scale, n0, n_total, groups, strips_per_group);
     __m512i r[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i)
@@ -509,25 +515,14 @@ BITNET_AVX2 void GroupGemv8Avx2(const int8_t* x, const int32_t* x_group, int64_t
                                 const float* w_scale, int64_t group_k, int64_t groups, int64_t g0, int64_t n_total,
                                 float* dot) {
   const int64_t n0 = g0 * kRowsPerGroup, strips_per_group = group_k / kStripK, strips = groups * strips_per_group;
-  constexpr int64_t kTileRows = kGemv8Groups * kRowsPerGroup;
   const int32_t* x32 = reinterpret_cast<const int32_t*>(x);
   const uint8_t* w_t = w + g0 * kb * kGroupBlockBytes;  // the tile's row group i: blocks i * kb .. i * kb + kb - 1
-  const bool next_tile_scales = n0 + kTileRows < n_total;
   const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
   __m256 d = _mm256_setzero_ps();
   __m256i group_acc = _mm256_setzero_si256();
   int64_t c = 0, in_group = 0;
   for (int64_t b = 0; b < kb; ++b) {
-    const int64_t w_ahead = b + kPrefetchBytes / kGroupBlockBytes;
-    const int64_t w_block = (w_ahead / kb) * kGemv8Groups * kb + w_ahead % kb;
-    for (int i = 0; i < kGemv8Groups; ++i)
-      for (int line = 0; line < 4; ++line) PrefetchAt(w_t, (w_block + i * kb) * kGroupBlockBytes + 64 * line);
-    const int64_t s_ahead = b + kScaleAheadBlocks, s_tile = s_ahead / kb, s_block = s_ahead % kb;
-    if (s_tile == 0 || next_tile_scales) {
-      const int64_t s_end = std::min(groups, CeilDiv(4 * (s_block + 1), strips_per_group));
-      for (int64_t s = CeilDiv(4 * s_block, strips_per_group); s < s_end; ++s)
-        PrefetchAt(w_scale, sizeof(float) * (s * n_total + n0 + s_tile * kTileRows));
-    }
+    PrefetchTileAhead(w_t, kb, kGemv8Groups, b, w_scale, n0, n_total, groups, strips_per_group);
     __m256i part[4];  // strip j's int16 pair sums
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) part[j] = _mm256_setzero_si256();
