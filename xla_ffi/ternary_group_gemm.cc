@@ -376,16 +376,16 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
   StoreDots<R, MT>(t, d);
 }
 
-// One activation row on AVX-512, 16 output rows (4 row groups) a tile, with no horizontal sums:
+// 1-4 activation rows on AVX-512, 16 output rows (4 row groups) a tile, with no horizontal sums:
 // the 16 rows' blocks, transposed as 16 x 16 dwords in registers (Transpose16x16), give for each
 // dword dw one register holding, at shift 2j, quad 16j + dw of every row, so vpdpbusd with that
-// quad of activations broadcast accumulates whole outputs in its 16 lanes, and a group's step is
-// one subtraction, conversion, multiply and add for 16 outputs. (The 4-row tile sums 4 outputs
+// quad of an activation row broadcast accumulates whole outputs in its 16 lanes, and a group's
+// step is one subtraction, conversion, multiply and add for 16 outputs. (The 4-row tile sums 4 outputs
 // across lanes at every group's end, with 64-wide groups after every 4 vpdpbusd: on an Ice Lake
 // Xeon core it took 2.7x the per-tensor kernel's time.) No shifts either: strip j's codes are
 // masked in place, code << 2j (at most 2 << 6 = 128, a valid u8), so the strip's sums are 4^j
 // times the codes' and leave by one exact arithmetic shift.
-constexpr int64_t kGemv16Groups = 4;  // row groups per tile
+constexpr int64_t kTile16Groups = 4;  // row groups per tile
 // Scale lines are fetched this many blocks ahead of their group, not a tile ahead: a tile reads
 // one line per group, `groups` lines n_total floats apart, and at 2560 outputs (10 KB apart) they
 // fall into 2 of the L1's 64 sets, where a tile's worth of them (108 at K = 6912) evict each other.
@@ -396,8 +396,10 @@ constexpr int64_t kScaleAheadBlocks = 2;
 // the groups that start kScaleAheadBlocks ahead (this tile's, or the next tile's if there is one).
 // Forced inline: GCC does not inline a function of the default target into the tiles' targets by
 // itself, and a call whose only effects are prefetches it finds side-effect free and deletes.
-__attribute__((always_inline)) inline void PrefetchTileAhead(const uint8_t* w_t, int64_t kb, int64_t tile_groups, int64_t b, const float* w_scale,
-                              int64_t n0, int64_t n_total, int64_t groups, int64_t strips_per_group) {
+__attribute__((always_inline)) inline void PrefetchTileAhead(const uint8_t* w_t, int64_t kb, int64_t tile_groups,
+                                                             int64_t b, const float* w_scale, int64_t n0,
+                                                             int64_t n_total, int64_t groups,
+                                                             int64_t strips_per_group) {
   const int64_t tile_rows = tile_groups * kRowsPerGroup;
   const int64_t w_ahead = b + kPrefetchBytes / kGroupBlockBytes;
   const int64_t w_block = (w_ahead / kb) * tile_groups * kb + w_ahead % kb;
@@ -430,11 +432,12 @@ BITNET_AVX512 void GroupRows16Avx512(const int8_t* x, int64_t kp, const int32_t*
   }
   int64_t c = 0, in_group = 0;
   for (int64_t b = 0; b < kb; ++b) {
-    PrefetchTileAhead(w_t, kb, kGemv16Groups, b, w_scale, n0, n_total, groups, strips_per_group);
+    PrefetchTileAhead(w_t, kb, kTile16Groups, b, w_scale, n0, n_total, groups, strips_per_group);
     __m512i r[16];
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i)
-      r[i] = _mm512_loadu_si512(w_t + ((i / kRowsPerGroup) * kb + b) * kGroupBlockBytes + (i % kRowsPerGroup) * kBlockBytes);
+      r[i] = _mm512_loadu_si512(w_t + ((i / kRowsPerGroup) * kb + b) * kGroupBlockBytes +
+                                (i % kRowsPerGroup) * kBlockBytes);
     Transpose16x16(r);  // r[dw] lane i: dword dw of row n0 + i's block
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) {
@@ -461,7 +464,8 @@ BITNET_AVX512 void GroupRows16Avx512(const int8_t* x, int64_t kp, const int32_t*
 #pragma GCC unroll 4
         for (int mi = 0; mi < MT; ++mi) {
           const __m512i x_sum = _mm512_set1_epi32(x_group[c * x_group_stride + mi]);
-          d[mi] = _mm512_add_ps(d[mi], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(group_acc[mi], x_sum)), scale));
+          const __m512 p = _mm512_cvtepi32_ps(_mm512_sub_epi32(group_acc[mi], x_sum));
+          d[mi] = _mm512_add_ps(d[mi], _mm512_mul_ps(p, scale));
           group_acc[mi] = _mm512_setzero_si512();
         }
         ++c;
@@ -488,15 +492,16 @@ int64_t GroupTiles16Avx512(const int8_t* x_q, const int32_t* x_group, int64_t ro
                            int64_t n_total, float* dot) {
   const int64_t kp = kb * kBlockK;
   int64_t g = g_begin;
-  for (; g + kGemv16Groups <= g_end && (g + kGemv16Groups) * kRowsPerGroup <= n_total; g += kGemv16Groups) {
+  for (; g + kTile16Groups <= g_end && (g + kTile16Groups) * kRowsPerGroup <= n_total; g += kTile16Groups) {
     for (int64_t m = 0; m < rows; m += kTile16MaxMT) {
       const int8_t* x = x_q + m * kp;
       float* out = dot + m * n_total;
+      const int32_t* xg = x_group + m;
       switch (std::min<int64_t>(kTile16MaxMT, rows - m)) {
-        case 1: GroupRows16Avx512<1>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
-        case 2: GroupRows16Avx512<2>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
-        case 3: GroupRows16Avx512<3>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
-        default: GroupRows16Avx512<4>(x, kp, x_group + m, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+        case 1: GroupRows16Avx512<1>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+        case 2: GroupRows16Avx512<2>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+        case 3: GroupRows16Avx512<3>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
+        default: GroupRows16Avx512<4>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
       }
     }
   }
@@ -848,7 +853,7 @@ void TernaryGroupSums(const int8_t* x_q, int64_t rows, int64_t kp, int64_t group
 
 int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows) {
 #if BITNET_JAX_X86_SIMD
-  if (isa == Isa::kAvx512Vnni) return rows <= kTiles16MaxRows ? kGemv16Groups : kAvx512PanelRows / kRowsPerGroup;
+  if (isa == Isa::kAvx512Vnni) return rows <= kTiles16MaxRows ? kTile16Groups : kAvx512PanelRows / kRowsPerGroup;
   if (isa == Isa::kAvx2 && rows >= kAvx2GroupPanelMinRows) return kAvx2GroupPanelRows / kRowsPerGroup;
   if (isa == Isa::kAvx2 && rows == 1) return kGemv8Groups;
 #elif BITNET_JAX_ARM_SIMD
@@ -864,9 +869,9 @@ void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int
                          int64_t g_end, int64_t n_total, float* dot) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    const int64_t g = rows <= kTiles16MaxRows
-                          ? GroupTiles16Avx512(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n_total, dot)
-                          : g_begin;
+    const int64_t g = rows <= kTiles16MaxRows ? GroupTiles16Avx512(x_q, x_group, rows, kb, w, w_scale, group_k,
+                                                                   groups, g_begin, g_end, n_total, dot)
+                                              : g_begin;
     if (rows >= kAvx512GroupPanelMinRows)
       GroupPanels<kAvx512PanelRows, kAvx512GroupPanelTileRows, GroupPanelTileAvx512Op>(
           UnpackPanelAvx512, x_q, x_group, rows, kb, w, w_scale, group_k, groups, g, g_end, n_total, dot);
