@@ -50,13 +50,13 @@ void ForRowTiles(int64_t rows, int64_t kp, const int8_t* x_q, const int32_t* x_s
 // Ternary, group-major: one group's weights (kb * 256 bytes) stay in L1 while every row tile of
 // x passes over them. Tile<MT>::Run(x, x_sum, acc, kp, kb, w_g, n0, n_total) multiplies the group
 // at w_g (output rows n0..n0+3) with MT activation rows.
-template <template <int> class Tile>
+template <template <int> class Tile, int TileRows = kMaxTileRows>
 void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb, const uint8_t* w,
                        int64_t g_begin, int64_t g_end, int64_t n_total, int32_t* acc) {
   const int64_t kp = kb * kBlockK;
   for (int64_t g = g_begin; g < g_end; ++g) {
     const uint8_t* w_g = w + g * kb * kGroupBlockBytes;
-    ForRowTiles<Tile>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, g * kRowsPerGroup, n_total);
+    ForRowTiles<Tile, TileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w_g, g * kRowsPerGroup, n_total);
   }
 }
 

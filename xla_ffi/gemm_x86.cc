@@ -188,7 +188,7 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
   __m512i acc[kRowsPerGroup][MT];
 #pragma GCC unroll 4
   for (int r = 0; r < kRowsPerGroup; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm512_setzero_si512();
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* block = w_g + b * kGroupBlockBytes;
@@ -213,10 +213,16 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
 #pragma GCC unroll 4
   for (int r = 0; r < kRowsPerGroup; ++r) {
     if (n0 + r >= n_total) continue;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = HsumAvx512(acc[r][mi]) - x_sum[mi];
   }
 }
+
+// 5 activation rows take one 4 x 5 tile (20 accumulators) rather than a 4 x 4 and a 4 x 1, which
+// read every block twice: one Ice Lake Xeon core, 2560 x 6912, 495-497 -> 401-405 us (LLC),
+// 599-635 -> 498-542 (memory). A 4 x 6 tile (24 accumulators, 6 activation registers) spilled
+// and was no faster at 6 rows, 6 + 1 slower at 7, so 6 and 7 rows stay 4 + 2 and 4 + 3.
+constexpr int kAvx512FiveRowTile = 5;
 
 // 8 activation rows: a row group's rows two at a time, 16 accumulators. An unpacked code register
 // feeds 8 vpdpbusd where the 4 x 4 tile's feeds 4, so the mask and shift that unpack it (which
@@ -482,6 +488,8 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
   // Decode, and prefill on AVX2: the GEMV tiles.
   if (isa == Isa::kAvx512Vnni && rows >= kPairTileRows)
     TernaryPairsGemv(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
+  else if (isa == Isa::kAvx512Vnni && rows == kAvx512FiveRowTile)
+    TernaryGroupsGemv<TernaryTileAvx512, kAvx512FiveRowTile>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
   else if (isa == Isa::kAvx512Vnni)
     TernaryGroupsGemv<TernaryTileAvx512>(x_q, x_sum, rows, kb, w, g_begin, g_end, n_total, acc);
   else

@@ -46,6 +46,8 @@ const Shape kShapes[] = {
     // AVX-512 pair tiles (8-16 rows; K in equal chunks of 60% of L1d, 14 blocks on a 48 KB one):
     // one and two chunks, the last row group with 1, 2 or 3 rows, rows left to the 4-row tiles.
     {8, 4100, 14}, {12, 6912, 11}, {15, 3840, 7}, {16, 2560, 9},
+    // AVX-512's 4 x 5 tile (5 rows), a partial last row group.
+    {5, 6912, 10},
 };
 
 int failures = 0;
@@ -334,7 +336,8 @@ int main() {
       TestInt4(isa, s, rng, /*pow2_scales=*/false);
       TestInt4(isa, s, rng, /*pow2_scales=*/true);
     }
-    for (const Shape& s : {Shape{1, 2560, 8}, Shape{1, 6912, 6}, Shape{8, 6912, 6}, Shape{20, 6912, 40}}) {
+    for (const Shape& s :
+         {Shape{1, 2560, 8}, Shape{1, 6912, 6}, Shape{5, 6912, 6}, Shape{8, 6912, 6}, Shape{20, 6912, 40}}) {
       TestInt4(isa, s, rng, /*pow2_scales=*/true);
       TestTernary(isa, s, rng, -128);
       TestTernary(isa, s, rng, 127);
