@@ -412,6 +412,14 @@ __attribute__((always_inline)) inline void PrefetchTileAhead(const uint8_t* w_t,
     PrefetchAt(w_scale, sizeof(float) * (s * n_total + n0 + s_tile * tile_rows));
 }
 
+// Where the whole tiles of tile_groups row groups from g_begin end: within [g_begin, g_end) and
+// short of a partial last row group (a transposed tile stores all of its rows). The caller's other
+// path takes [that, g_end).
+inline int64_t WholeTilesEnd(int64_t g_begin, int64_t g_end, int64_t n_total, int64_t tile_groups) {
+  const int64_t last = std::min(g_end, n_total / kRowsPerGroup);
+  return last <= g_begin ? g_begin : g_begin + (last - g_begin) / tile_groups * tile_groups;
+}
+
 // MT activation rows (x: rows kp apart; x_group: group c of row mi at [c * x_group_stride + mi];
 // dot: rows n_total apart) against the tile of row groups g0 .. g0 + 3.
 template <int MT>
@@ -486,13 +494,12 @@ constexpr int64_t kTiles16MaxRows = 4;
 constexpr int kTile16MaxMT = 4;
 
 // The row groups [g_begin, g_end) by 16-row tiles; returns the first row group left (a partial
-// tile at the task's or the matrix's end) for the caller's other path.
+// tile at the task's or the matrix's end, WholeTilesEnd) for the caller's other path.
 int64_t GroupTiles16Avx512(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb, const uint8_t* w,
                            const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin, int64_t g_end,
                            int64_t n_total, float* dot) {
-  const int64_t kp = kb * kBlockK;
-  int64_t g = g_begin;
-  for (; g + kTile16Groups <= g_end && (g + kTile16Groups) * kRowsPerGroup <= n_total; g += kTile16Groups) {
+  const int64_t kp = kb * kBlockK, g_tiles = WholeTilesEnd(g_begin, g_end, n_total, kTile16Groups);
+  for (int64_t g = g_begin; g < g_tiles; g += kTile16Groups) {
     for (int64_t m = 0; m < rows; m += kTile16MaxMT) {
       const int8_t* x = x_q + m * kp;
       float* out = dot + m * n_total;
@@ -505,7 +512,7 @@ int64_t GroupTiles16Avx512(const int8_t* x_q, const int32_t* x_group, int64_t ro
       }
     }
   }
-  return g;
+  return g_tiles;
 }
 
 // The AVX2 form: 8 output rows (2 row groups) a tile, each half block of the 8 rows (8 dwords)
@@ -885,12 +892,10 @@ void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int
     return;
   }
   if (isa == Isa::kAvx2) {
-    int64_t g = g_begin;
-    if (rows == 1) {
-      for (; g + kGemv8Groups <= g_end && (g + kGemv8Groups) * kRowsPerGroup <= n_total; g += kGemv8Groups)
-        GroupGemv8Avx2(x_q, x_group, kb, w, w_scale, group_k, groups, g, n_total, dot);
-    }
-    TernaryGroupRows<Avx2Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g, g_end, n_total, dot);
+    const int64_t g_tiles = rows == 1 ? WholeTilesEnd(g_begin, g_end, n_total, kGemv8Groups) : g_begin;
+    for (int64_t g = g_begin; g < g_tiles; g += kGemv8Groups)
+      GroupGemv8Avx2(x_q, x_group, kb, w, w_scale, group_k, groups, g, n_total, dot);
+    TernaryGroupRows<Avx2Tile>(x_q, x_group, rows, kb, w, w_scale, group_k, groups, g_tiles, g_end, n_total, dot);
     return;
   }
 #elif BITNET_JAX_ARM_SIMD
