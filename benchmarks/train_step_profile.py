@@ -169,7 +169,7 @@ def main():
     dtype = run.compute_dtype
     programs, states = {}, {}
     for side, config in sides.items():
-        model = BitNetLM(config, remat=run.remat)
+        model = BitNetLM(config, remat=run.remat, scan_layers=run.scan_layers)
         loss = lambda p, b, model=model: training_loss(p, model, b, run.z_loss, dtype)[0]
         params = init_params(config)
         states[side] = (params, jax.jit(optimizer.init)(params))

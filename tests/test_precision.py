@@ -1,5 +1,6 @@
-"""Precision options of a run: bf16 compute from f32 master weights, and rematerialization of the
-decoder layers, each against the plain f32 computation."""
+"""Precision and layer-loop options of a run: bf16 compute from f32 master weights,
+rematerialization of the decoder layers and the unrolled layer scan, each against the plain f32
+computation with the scan."""
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,36 @@ def test_remat_gives_the_gradients_of_no_remat():
         np.testing.assert_allclose(g_remat, g_plain, rtol=1e-5, atol=1e-5 * scale)
 
 
+def scan_unrolls(jaxpr) -> list:
+    """The `unroll` of every scan in a jaxpr."""
+    return [eqn.params["unroll"] for eqn in equations(jaxpr) if eqn.primitive.name == "scan"]
+
+
+def test_unrolled_layers_give_the_loss_and_gradients_of_the_scan():
+    data = batch(seed=3)
+    params = init_params(CONFIG, seed=4)
+    loss = lambda scan: lambda p: training_loss(p, BitNetLM(CONFIG, scan_layers=scan), data)[0]
+    grad = lambda scan: jax.jit(jax.value_and_grad(loss(scan)))
+    # The same parameters (stacked over layers) serve both; only the layer scan's unroll differs
+    # (the forward scan and its transpose in the backward pass).
+    assert set(scan_unrolls(jax.make_jaxpr(grad(True))(params).jaxpr)) == {1}
+    assert set(scan_unrolls(jax.make_jaxpr(grad(False))(params).jaxpr)) == {CONFIG.num_hidden_layers}
+    # The same arithmetic; XLA fuses the unrolled program differently, so float sums may
+    # reassociate: equal to f32 rounding (a few ulps of each leaf's largest gradient), which the
+    # 1e-5 bounds leave room for.
+    (l_scan, g_scan), (l_flat, g_flat) = grad(True)(params), grad(False)(params)
+    np.testing.assert_allclose(l_flat, l_scan, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_scan), jax.tree.leaves(g_flat), strict=True):
+        scale = float(jnp.max(jnp.abs(a)))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_a_run_with_unrolled_layers_trains_its_model_unrolled():
+    run = load_run_config(None, [*SMALL, "scan_layers=False"])
+    assert run.scan_layers is False and make_model(run).scan_layers is False
+    assert load_run_config(None, SMALL).scan_layers is True
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [
@@ -129,6 +160,7 @@ def test_remat_gives_the_gradients_of_no_remat():
             "jax.checkpoint policy: dots_saveable",
         ),
         ("remat=save_only_these_names", "RunConfig.remat='save_only_these_names' is invalid"),
+        ("scan_layers=2", "RunConfig.scan_layers=2 is invalid: expected True or False"),
     ],
 )
 def test_bad_precision_settings(setting, message):

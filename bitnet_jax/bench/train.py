@@ -126,7 +126,7 @@ def bench_train(
     sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
     states = {}
     for name, config in sides.items():
-        model = BitNetLM(config, remat=run.remat)
+        model = BitNetLM(config, remat=run.remat, scan_layers=run.scan_layers)
         shardings = sharding.train_shardings(model, optimizer, mesh)
         step = make_train_step(
             model,

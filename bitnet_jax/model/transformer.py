@@ -387,6 +387,13 @@ class BitNetLM(nn.Module):
     `jax.checkpoint_policies` policy (see REMAT_POLICIES), e.g. "dots_saveable". Values and
     gradients are unchanged; it trades compute for memory.
 
+    `scan_layers=False` unrolls the layer scan into straight-line code (`nn.scan`'s `unroll` set to
+    the layer count): the same parameters, stacked over layers as before, and the same values up to
+    float reassociation, but no loop, so XLA neither fills and slices the stacked per-layer
+    residuals of the backward pass nor keeps a loop's buffers, and fuses across layer boundaries.
+    Steps run faster on CPU (benchmarks/RESULTS.md, "Training throughput"); the program compiles
+    each layer anew (compile time grows with the depth) and may hold more memory at its peak.
+
     Optional inputs:
       positions_bt: int32 RoPE positions (default 0..T-1; with a cache, the absolute positions
         of this step's tokens, which are also the cache slots they are written to).
@@ -408,6 +415,7 @@ class BitNetLM(nn.Module):
     config: BitNetConfig
     serving: ServingSpec | None = None
     remat: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -463,6 +471,9 @@ class BitNetLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
+            # Only a whole unroll helps: a partial one (2 of 4 layers a trip) keeps the loop and
+            # its stacked buffers and measured no faster.
+            unroll=1 if self.scan_layers else c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         layer_l = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)

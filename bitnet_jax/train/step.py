@@ -236,7 +236,7 @@ def make_model(run: RunConfig, *, full_precision: bool = False) -> BitNetLM:
     """The run's model; with `full_precision`, the same network with its quantizers off (the same
     parameters): the warm-start phase's model."""
     config = run.model.replace(weight_quant="none", act_quant="none") if full_precision else run.model
-    return BitNetLM(config, remat=run.remat)
+    return BitNetLM(config, remat=run.remat, scan_layers=run.scan_layers)
 
 
 def quant_switch_step(run: RunConfig) -> int:
