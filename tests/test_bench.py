@@ -35,6 +35,7 @@ def test_bench_train_table_and_json(tmp_path, capsys):
     assert "| QAT (BitNet b1.58) | group:32 | token, 8-bit |" in table
     assert "| full precision | none | none |" in table
     assert "QAT / full-precision step time:" in table
+    assert "Compile time of the train step: QAT " in table and "2 layers x 64 wide (scanned)" in table
     header = "| model | weights | activations | step (ms) | tokens/s | GFLOP / step | GFLOP/s | MFU (f32 peak) "
     assert header + "| MFU (bf16 peak) |" in table
     assert "Matmul peak (XLA dot of n x n matrices on each of 1 device(s)" in table
@@ -52,13 +53,14 @@ def test_bench_train_table_and_json(tmp_path, capsys):
         assert row["gflops"] == pytest.approx(row["gflop_per_step"] / (row["median_ms"] / 1e3))
         assert row["mfu_f32"] == pytest.approx(row["gflops"] / peaks["float32"]["gflops"])
         assert row["mfu_bf16"] == pytest.approx(row["gflops"] / peaks["bfloat16"]["gflops"])
+        assert row["compile_s"] > 0
 
 
 def test_bench_train_medians_and_rates_on_a_scripted_clock(monkeypatch):
     """Real steps, with the seconds each timed call reports scripted: the medians, rates and table
     are checked against numbers worked out by hand."""
     real_timed, calls = bench._timed, []
-    # warmup=1: two untimed calls per side (compile, warm up), QAT's first; then QAT, FP, QAT, FP, ...
+    # warmup=1: two untimed calls per side (warm up, after the compile), QAT's first; then QAT, FP, ...
     seconds = [99.0] * 4 + [0.030, 0.006, 0.010, 0.002, 0.020, 0.004, 0.060, 0.020]
 
     def scripted(step, state, batch):

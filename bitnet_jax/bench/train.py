@@ -52,6 +52,7 @@ class StepTiming:
     mfu_f32: float | None = None  # gflops / the f32 peak (a fraction, not a percentage)
     mfu_bf16: float | None = None  # gflops / the bf16 peak
     peaks: tuple[MatmulPeak, ...] = ()  # measured in the same run, interleaved with the steps
+    compile_s: float = 0.0  # the train step's lower() + compile(), before any step ran
 
 
 def train_step_flops(config, batch_size: int, seq_len: int) -> int:
@@ -124,7 +125,7 @@ def bench_train(
     optimizer = make_optimizer(run)
     mesh = sharding.make_mesh(run.mesh)
     sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
-    states = {}
+    states, compile_s = {}, {}
     for name, config in sides.items():
         model = BitNetLM(config, remat=run.remat, scan_layers=run.scan_layers)
         shardings = sharding.train_shardings(model, optimizer, mesh)
@@ -140,7 +141,10 @@ def bench_train(
         params = sharding.init_sharded(model, seed, shardings.params)
         state = (params, jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params))
         side_batch = sharding.global_batch(batch, shardings.batch)
-        for _ in range(warmup + 1):  # the first call compiles
+        start = time.perf_counter()
+        step = step.lower(*state, side_batch).compile()  # ahead of time, so that it is timed alone
+        compile_s[name] = time.perf_counter() - start
+        for _ in range(warmup + 1):
             state = _timed(step, state, side_batch)[0]
         states[name] = (step, state, side_batch)
     dots = {dtype: _PeakDot.sized(dtype, mesh, peak_min_s) for dtype in PEAK_DTYPES}
@@ -178,6 +182,7 @@ def bench_train(
                 mfu_f32=gflops / peak_gflops["float32"],
                 mfu_bf16=gflops / peak_gflops["bfloat16"],
                 peaks=peaks,
+                compile_s=compile_s[name],
             )
         )
     return timings
@@ -268,7 +273,8 @@ def train_table(run: RunConfig, timings: list[StepTiming]) -> str:
     by_name = {t.name: t for t in timings}
     m = run.model
     lines = [
-        f"Train step, {m.num_hidden_layers} layers x {m.hidden_size} wide, vocab {m.vocab_size}, "
+        f"Train step, {m.num_hidden_layers} layers x {m.hidden_size} wide "
+        f"({'scanned' if run.scan_layers else 'unrolled'}), vocab {m.vocab_size}, "
         f"batch {run.batch_size} x {run.seq_len} tokens, {cpu_name()} ({jax.default_backend()}, "
         f"{os.cpu_count()} cores), mesh (data, fsdp, tensor) = {_mesh_shape(run)} over "
         f"{jax.device_count()} device(s), median of {len(timings[0].times_ms)} interleaved runs",
@@ -286,6 +292,8 @@ def train_table(run: RunConfig, timings: list[StepTiming]) -> str:
         )
     ratio = by_name["qat"].median_ms / by_name["fp"].median_ms
     lines += ["", f"QAT / full-precision step time: {ratio:.2f}x (target: at most 1.25x)"]
+    compiles = ", ".join(f"{labels[t.name].split(' (')[0]} {t.compile_s:.1f} s" for t in timings)
+    lines.append(f"Compile time of the train step: {compiles}.")
     peaks = timings[0].peaks
     if peaks:
         p = peaks[0]
