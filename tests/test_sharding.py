@@ -126,7 +126,8 @@ def test_sharded_training_equals_one_device(runs, case):
 
 
 def test_resume_on_another_mesh_equals_uninterrupted_one_device_run(runs):
-    """Trained 3 steps on (8, 1, 1), interrupted, resumed on (2, 2, 2): as one run on one device."""
+    """Trained 3 steps on (8, 1, 1), interrupted, resumed on (2, 2, 2) with the layers unrolled
+    (`scan_layers=False`): as one run on one device with the layers scanned."""
     results = runs["results"]
     assert "Resumed from step 3" in results["resume_printed"]
     whole = [json.loads(line) for line in (runs["whole"] / "metrics.jsonl").read_text().splitlines()]
