@@ -24,7 +24,7 @@ def get_config():
         "eval_every": 120,
         "eval_batches": 8,
         "checkpoint_every": 120,
-        # The 4 layers unrolled, not scanned: 15% faster steps on CPU for a second more of compiling
+        # The 4 layers unrolled, not scanned: 15% faster steps on CPU for about 2 s more of compiling
         # (benchmarks/RESULTS.md, "Training throughput"); the same parameters either way.
         "scan_layers": False,
     }

@@ -141,7 +141,7 @@ def test_unrolled_layers_give_the_loss_and_gradients_of_the_scan():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_a_run_with_unrolled_layers_trains_its_model_unrolled():
+def test_the_run_setting_reaches_the_model():
     run = load_run_config(None, [*SMALL, "scan_layers=False"])
     assert run.scan_layers is False and make_model(run).scan_layers is False
     assert load_run_config(None, SMALL).scan_layers is True
