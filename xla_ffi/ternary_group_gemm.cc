@@ -460,7 +460,7 @@ BITNET_AVX512 void GroupRows16Avx512(const int8_t* x, int64_t kp, const int32_t*
       for (int dw = 0; dw < 16; ++dw) {
         const __m512i codes = _mm512_and_si512(r[dw], mask);
 #pragma GCC unroll 4
-        for (int mi = 0; mi < MT; ++mi) Dpbusd(a[mi][dw % kChains], codes, _mm512_set1_epi32(x32[mi * kq + q + dw]));
+        for (int mi = 0; mi < MT; ++mi) DpbusdBroadcast(a[mi][dw % kChains], codes, x32 + mi * kq + q + dw);
       }
 #pragma GCC unroll 4
       for (int mi = 0; mi < MT; ++mi) {

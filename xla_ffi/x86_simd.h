@@ -55,6 +55,20 @@ BITNET_AVX512 inline void Dpbusd(__m512i& acc, __m512i u8, __m512i s8) {
 #endif
 }
 
+// acc += u8 . (the 4 int8 at s8, broadcast to every lane): the broadcast as vpdpbusd's own memory
+// operand ({1to16}), one fused uop, where _mm512_set1_epi32 and Dpbusd take a vpbroadcastd more.
+// Where each broadcast quad feeds a single vpdpbusd (the transposed group tiles) that is 10% of
+// 2 rows' time on an Ice Lake core (benchmarks/RESULTS.md, "Intel Xeon (Ice Lake), sixth session").
+BITNET_AVX512 inline void DpbusdBroadcast(__m512i& acc, __m512i u8, const int32_t* s8) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __m512i a = acc;
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(a) : "v"(u8), "m"(*s8));
+  acc = a;
+#else
+  acc = _mm512_dpbusd_epi32(acc, u8, _mm512_set1_epi32(*s8));
+#endif
+}
+
 // Sum16x16's steps: a register's bits as int32 or float lanes, and two added as such.
 template <typename V>
 BITNET_AVX512 inline V FromBits16(__m512i v);
