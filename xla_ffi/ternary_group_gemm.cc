@@ -491,29 +491,25 @@ BITNET_AVX512 void GroupRows16Avx512(const int8_t* x, int64_t kp, const int32_t*
 // 782-840; from 5 rows level or slower (each further 4 rows transpose the codes again, where the
 // panels unpack a chunk once for every tile of rows).
 constexpr int64_t kTiles16MaxRows = 4;
-constexpr int kTile16MaxMT = 4;
 
-// The row groups [g_begin, g_end) by 16-row tiles; returns the first row group left (a partial
-// tile at the task's or the matrix's end, WholeTilesEnd) for the caller's other path.
+// The row groups [g_begin, g_end) by 16-row tiles, all `rows` (1 .. kTiles16MaxRows) in each;
+// returns the first row group left (a partial tile at the task's or the matrix's end,
+// WholeTilesEnd) for the caller's other path.
 int64_t GroupTiles16Avx512(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb, const uint8_t* w,
                            const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin, int64_t g_end,
                            int64_t n_total, float* dot) {
   const int64_t kp = kb * kBlockK, g_tiles = WholeTilesEnd(g_begin, g_end, n_total, kTile16Groups);
   for (int64_t g = g_begin; g < g_tiles; g += kTile16Groups) {
-    for (int64_t m = 0; m < rows; m += kTile16MaxMT) {
-      const int8_t* x = x_q + m * kp;
-      float* out = dot + m * n_total;
-      const int32_t* xg = x_group + m;
-      switch (std::min<int64_t>(kTile16MaxMT, rows - m)) {
-        case 1: GroupRows16Avx512<1>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
-        case 2: GroupRows16Avx512<2>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
-        case 3: GroupRows16Avx512<3>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
-        default: GroupRows16Avx512<4>(x, kp, xg, rows, kb, w, w_scale, group_k, groups, g, n_total, out); break;
-      }
+    switch (rows) {
+      case 1: GroupRows16Avx512<1>(x_q, kp, x_group, rows, kb, w, w_scale, group_k, groups, g, n_total, dot); break;
+      case 2: GroupRows16Avx512<2>(x_q, kp, x_group, rows, kb, w, w_scale, group_k, groups, g, n_total, dot); break;
+      case 3: GroupRows16Avx512<3>(x_q, kp, x_group, rows, kb, w, w_scale, group_k, groups, g, n_total, dot); break;
+      default: GroupRows16Avx512<4>(x_q, kp, x_group, rows, kb, w, w_scale, group_k, groups, g, n_total, dot); break;
     }
   }
   return g_tiles;
 }
+static_assert(kTiles16MaxRows == 4, "GroupTiles16Avx512 instantiates GroupRows16Avx512 for 1-4 rows");
 
 // The AVX2 form: 8 output rows (2 row groups) a tile, each half block of the 8 rows (8 dwords)
 // transposed as 8 x 8 (Transpose8x8): for dword e of the half, one register of quad 16j + 8h + e
