@@ -851,7 +851,8 @@ def _generate(args) -> int:
     compile_s = None
     if packed:
         start = time.perf_counter()
-        compile_generate(config, params, [prompt_ids], args.max_new_tokens, streaming=True, **request)
+        # In a child process: this one never holds the compiler's code and memory (~75 MB).
+        compile_generate(config, params, [prompt_ids], args.max_new_tokens, streaming=True, in_child=True, **request)
         compile_s = time.perf_counter() - start
         _, params = load_packed(args.model)
     stream = StreamDecoder(tokenizer)
