@@ -1,7 +1,7 @@
 """Compiling the generate program in a child process (serve/compile_child.py): the program this
 process would have compiled, loaded without compiling anything here, and a clear fallback."""
 
-import os
+import sys
 
 import jax
 import numpy as np
@@ -124,14 +124,21 @@ def test_the_persistent_cache(params, fresh_programs, monkeypatch, tmp_path):
             jax.config.update(name, value)
 
 
-def test_a_failed_child_warns_and_compiles_here(params, fresh_programs, monkeypatch):
-    monkeypatch.setattr(
-        compile_child,
-        "_child_command",
-        lambda result_path: [os.sys.executable, "-c", "import sys; sys.exit('no compiler in this child')"],
-    )
+@pytest.mark.parametrize(
+    "command, message",
+    [
+        (
+            [sys.executable, "-c", "import sys; sys.exit('no compiler in this child')"],
+            r"failed \(exit 1\).*no compiler",
+        ),
+        (["/nonexistent/python"], r"failed to start it.*/nonexistent/python"),
+    ],
+    ids=["child-exits", "no-interpreter"],
+)
+def test_a_failed_child_warns_and_compiles_here(params, fresh_programs, monkeypatch, command, message):
+    monkeypatch.setattr(compile_child, "_child_command", lambda result_path: command)
     with BackendCompiles() as compiles:
-        with pytest.warns(RuntimeWarning, match=r"(?s)failed \(exit 1\).*no compiler in this child.*in this process"):
+        with pytest.warns(RuntimeWarning, match=rf"(?s){message}.*compiling in this process instead"):
             compile_generate(CONFIG, params, PROMPTS, NEW_TOKENS, in_child=True)
     assert compiles.count >= 1
     want = generate(CONFIG, params, PROMPTS, NEW_TOKENS, backend="xla")

@@ -5,7 +5,9 @@ A process that finds its programs in the cache skips XLA's compiler: it starts f
 `generate` program: 3.4-3.7 s -> 0.5-0.6 s on an Ice Lake Xeon) and, more to the point, never
 pulls the compiler's code and working memory into its address space, which a served model
 otherwise carries to the end: 2B4T's peak RSS after a 2048-token prompt (int8 KV cache)
-1241 -> 1193 MB on the same machine (benchmarks/RESULTS.md).
+1241 -> 1193 MB on the same machine (benchmarks/RESULTS.md). (`generate` and `bench generate`
+compile a program that is not in the cache in a child process, `serve/compile_child.py`, which
+keeps the compiler out of a first start too.)
 
 The cache lives in a folder per build of the compiled extension (`bitnet_jax._ffi_ext`): a cached
 program calls our FFI kernels by name, so a rebuilt extension (new kernels, perhaps a new calling

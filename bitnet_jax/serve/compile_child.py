@@ -18,7 +18,8 @@ process reads it from the cache (JAX's own path, which also keeps the compiler o
 cannot hand such a program over, because an executable read from the cache serializes without
 its code on jaxlib 0.10 (loading it here fails with "Function ... not found" when it runs), so
 a child that finds its program in the cache says so instead, and a marker file (under the cache
-folder, named by a digest of the request) lets later calls skip the child.
+folder, named by a digest of the request) lets later calls skip the child. (A marker outliving
+its cache entry only costs memory: this process then compiles the program itself.)
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def compile_in_child(fn, abstract_args: tuple, static: dict) -> jax.stages.Compi
 
     with tempfile.TemporaryDirectory(prefix="bitnet-jax-compile-") as folder:
         result_path = os.path.join(folder, "executable.pkl")
-        child = subprocess.run(_child_command(result_path), input=request, capture_output=True)
+        try:
+            child = subprocess.run(_child_command(result_path), input=request, capture_output=True)
+        except OSError as e:  # no interpreter to start (an embedded Python), no processes left
+            raise ChildCompileError(f"compiling {module}.{name} in a child process failed to start it: {e}") from e
         if child.returncode == _IN_THE_CACHE:
             if marker is not None:
                 try:
