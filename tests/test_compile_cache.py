@@ -86,10 +86,10 @@ def test_a_folder_that_cannot_be_made_warns_and_serves_without_a_cache(tmp_path)
 
 
 def test_generate_reuses_its_program_and_compiles_nothing_else(tmp_path):
-    """`bitnet-jax generate` twice on a packed folder: the first run compiles nothing itself (its
-    generate program is compiled in a child process, serve/compile_child.py, which fills the
-    default cache), the second takes the program from the cache and compiles nothing (the
-    sampling key is built on the host), with the same tokens."""
+    """`bitnet-jax generate` twice on a packed folder: neither run compiles anything itself, with
+    the same tokens. The first compiles its generate program in a child process
+    (serve/compile_child.py), which keeps the executable in the cache folder; the second loads it
+    from there (and builds its sampling key on the host: no seeding program)."""
     packed = tmp_path / "packed"
     assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(packed)]) == 0
     code = (
@@ -99,10 +99,7 @@ def test_generate_reuses_its_program_and_compiles_nothing_else(tmp_path):
     first, second = (_fresh_process(code, tmp_path / "cache") for _ in range(2))
     for run in (first, second):
         assert run.returncode == 0, run.stderr
-    assert "Persistent compilation cache hit" not in first.stderr
-    assert not [line for line in first.stderr.splitlines() if line.startswith("Compiling ")], first.stderr
-    assert "Persistent compilation cache hit for 'jit__generate'" in second.stderr, second.stderr
-    compiled = [line for line in second.stderr.splitlines() if line.startswith("Compiling ")]
-    assert [line.split()[1] for line in compiled] == ["jit(_generate)"], compiled
+        assert not [line for line in run.stderr.splitlines() if line.startswith("Compiling ")], run.stderr
+    (folder,) = (tmp_path / "cache" / "xla").iterdir()
+    assert len(list((folder / "bitnet_jax-executables").iterdir())) == 1
     assert first.stdout == second.stdout
-    assert len(list((tmp_path / "cache" / "xla").iterdir())) == 1

@@ -85,43 +85,77 @@ def test_compiled_in_a_child_generates_what_compiling_here_does(params, fresh_pr
     np.testing.assert_array_equal(np.stack(streamed, axis=1), got)
 
 
-def test_the_persistent_cache(params, fresh_programs, monkeypatch, tmp_path):
+def test_the_executable_store(params, fresh_programs, monkeypatch, tmp_path):
     """The child gets this process's JAX configuration as set with jax.config.update (here a
-    compilation cache folder of its own and a zero compile-time threshold), so it writes the
-    program there. Then the program is in the cache: the next child says so instead of handing
-    it over, and this process reads it from the cache; a marker file then skips the child."""
+    compilation cache folder of its own), compiles with JAX's persistent cache off (an executable
+    read from it would serialize without its code) and the executable is kept in the folder: the
+    next call loads it without a child, and one that cannot be loaded is compiled again."""
     jax.jit(lambda x: x + 1)(1)  # this process's own cache is set up at its first compile: not the folder below
     cache = tmp_path / "xla-cache"
+    store = cache / compile_child._STORE
     settings = dict(jax_compilation_cache_dir=str(cache), jax_persistent_cache_min_compile_time_secs=0.0)
     before = {name: jax.config.values[name] for name in settings}
     compile_twice = lambda: compile_generate(CONFIG, params, PROMPTS, NEW_TOKENS, in_child=True)
+
+    def start_again():
+        generate_module._executables.clear()
+        jax.clear_caches()
+
     try:
         for name, value in settings.items():
             jax.config.update(name, value)
         with BackendCompiles() as compiles:
             compile_twice()
         assert compiles.count == 0
-        assert [p.name for p in cache.iterdir() if p.name.startswith("jit__generate")]
-        assert not (cache / "bitnet_jax-in-cache").exists()
-        from_child = generate(CONFIG, params, PROMPTS, NEW_TOKENS)
+        assert not [p.name for p in cache.iterdir() if p.name.startswith("jit__generate")]  # not in JAX's cache
+        (executable,) = store.iterdir()
+        want = generate(CONFIG, params, PROMPTS, NEW_TOKENS)
 
-        generate_module._executables.clear()
-        jax.clear_caches()
+        start_again()
+        children = []
+        command = compile_child._child_command
+        monkeypatch.setattr(compile_child, "_child_command", lambda path: children.append(path) or command(path))
         with BackendCompiles() as compiles:
             compile_twice()
-        assert compiles.count == 1  # here, from the cache (the child found it there)
-        assert len(list((cache / "bitnet_jax-in-cache").iterdir())) == 1
-        np.testing.assert_array_equal(generate(CONFIG, params, PROMPTS, NEW_TOKENS), from_child)
+        assert compiles.count == 0 and not children  # loaded from the store
+        np.testing.assert_array_equal(generate(CONFIG, params, PROMPTS, NEW_TOKENS), want)
 
-        generate_module._executables.clear()
-        jax.clear_caches()
-        monkeypatch.setattr(compile_child, "_child_command", lambda _: pytest.fail("a child was started"))
+        start_again()
+        executable.write_bytes(executable.read_bytes()[:1000])  # a run killed while it was written, say
         with BackendCompiles() as compiles:
             compile_twice()
-        assert compiles.count == 1
+        assert compiles.count == 0 and len(children) == 1  # compiled in a child again, and stored
+        assert list(store.iterdir()) == [executable] and executable.stat().st_size > 1000
+        np.testing.assert_array_equal(generate(CONFIG, params, PROMPTS, NEW_TOKENS), want)
+
+        start_again()  # another request (more new tokens): another executable
+        compile_generate(CONFIG, params, PROMPTS, NEW_TOKENS + 1, in_child=True)
+        assert len(children) == 2 and len(list(store.iterdir())) == 2
     finally:
-        for name, value in before.items():
-            jax.config.update(name, value)
+        for name, value in settings.items():
+            jax.config.update(name, before[name])
+
+
+def test_the_store_key_covers_what_the_executable_depends_on(monkeypatch, tmp_path):
+    """A stored executable is named by the request and by what it was compiled from and for: this
+    package's source (the function is read from it) and the host CPU (XLA:CPU compiles for it; a
+    cache folder may be shared between machines)."""
+    before = jax.config.values["jax_compilation_cache_dir"]
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        path = compile_child._stored_path(b"request")
+        assert path.startswith(str(tmp_path / compile_child._STORE))
+        assert compile_child._stored_path(b"request") == path
+        assert compile_child._stored_path(b"another request") != path
+        monkeypatch.setattr(compile_child, "_host_cpu", lambda: "another CPU")
+        assert compile_child._stored_path(b"request") != path
+        monkeypatch.undo()
+        monkeypatch.setattr(compile_child, "_package_source_digest", lambda: "edited source")
+        assert compile_child._stored_path(b"request") != path
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compile_child._stored_path(b"request") is None  # no cache folder, no store
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 @pytest.mark.parametrize(

@@ -8,33 +8,41 @@ interpreter instead (`python -m bitnet_jax.serve.compile_child`): the child impo
 by name, lowers and compiles it for abstract arguments, and hands back the executable serialized
 (`jax.experimental.serialize_executable`), which this process loads without compiling.
 
-The child gets this process's JAX configuration (every value that differs from its own, so also
-the persistent compilation cache folder, which it then reads and fills) and the environment
-(XLA_FLAGS, BITNET_JAX_ISA), so it compiles the program this process would have. It costs a
-second interpreter's start (about a second and a half) on top of the compile.
+The child gets this process's JAX configuration (every value that differs from its own, but
+with JAX's persistent cache off: see below) and the environment (XLA_FLAGS, BITNET_JAX_ISA), so
+it compiles the program this process would have. It costs a second interpreter's start (about a
+second and a half) on top of the compile.
 
-With the persistent compilation cache on, a program already in it is not compiled at all: this
-process reads it from the cache (JAX's own path, which also keeps the compiler out). The child
-cannot hand such a program over, because an executable read from the cache serializes without
-its code on jaxlib 0.10 (loading it here fails with "Function ... not found" when it runs), so
-a child that finds its program in the cache says so instead, and a marker file (under the cache
-folder, named by a digest of the request) lets later calls skip the child. (A marker outliving
-its cache entry only costs memory: this process then compiles the program itself.)
+With a compilation cache folder (`jax_compilation_cache_dir`, which the serving commands set:
+serve/compile_cache.py) the executable is also kept there, under `bitnet_jax-executables/`, named
+by a digest of the request, this package's source, the jax, jaxlib and extension builds and the
+host CPU, and a later call loads it from there without a child. JAX's own persistent cache cannot
+serve here: on jaxlib 0.10 an executable read from it serializes without its code (loading it in
+another process fails with "Function ... not found" when it runs), and a process that reads it
+itself must lower the program first, which costs it some 23 MB that stay (benchmarks/RESULTS.md).
+So the child compiles with JAX's cache off. A stored executable that cannot be read or loaded is
+removed and compiled again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib
 import os
 import pickle
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 
 import jax
+import jaxlib
 
 import bitnet_jax
+from bitnet_jax.serve.compile_cache import extension_build_id
 
 
 class ChildCompileError(RuntimeError):
@@ -46,10 +54,11 @@ def compile_in_child(fn, abstract_args: tuple, static: dict) -> jax.stages.Compi
 
     `fn` is a `jax.jit`-ed function at the top level of a module (the child imports it by name);
     `abstract_args` is a tree of `jax.ShapeDtypeStruct` without shardings; `static` holds the
-    static keyword arguments (picklable). Returns None where the caller should compile as
-    usual: the program is in the persistent compilation cache (compiling it only reads it), or
-    this does not apply (a backend other than CPU, arguments placed by a sharding or a mesh in
-    scope, settings that cannot be pickled). Raises `ChildCompileError` if the child fails.
+    static keyword arguments (picklable). With a compilation cache folder on, an executable
+    stored there by an earlier call for the same request loads without a child. Returns None
+    where this does not apply and the caller should compile as usual (a backend other than CPU,
+    arguments placed by a sharding or a mesh in scope, settings that cannot be pickled). Raises
+    `ChildCompileError` if the child fails.
     """
     if jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
         return None
@@ -71,9 +80,13 @@ def compile_in_child(fn, abstract_args: tuple, static: dict) -> jax.stages.Compi
         )
     except (pickle.PicklingError, TypeError, AttributeError):
         return None
-    marker = _cached_marker(request)
-    if marker is not None and os.path.exists(marker):
-        return None
+    stored = _stored_path(request)
+    if stored is not None and os.path.exists(stored):
+        try:
+            return _load(stored)
+        except Exception:  # truncated, corrupt or unreadable: compile it again
+            with contextlib.suppress(OSError):
+                os.remove(stored)
 
     with tempfile.TemporaryDirectory(prefix="bitnet-jax-compile-") as folder:
         result_path = os.path.join(folder, "executable.pkl")
@@ -81,23 +94,25 @@ def compile_in_child(fn, abstract_args: tuple, static: dict) -> jax.stages.Compi
             child = subprocess.run(_child_command(result_path), input=request, capture_output=True)
         except OSError as e:  # no interpreter to start (an embedded Python), no processes left
             raise ChildCompileError(f"compiling {module}.{name} in a child process failed to start it: {e}") from e
-        if child.returncode == _IN_THE_CACHE:
-            if marker is not None:
-                try:
-                    os.makedirs(os.path.dirname(marker), exist_ok=True)
-                    open(marker, "w").close()
-                except OSError:
-                    pass  # a read-only cache folder: the next call asks a child again
-            return None
         if child.returncode != 0 or not os.path.exists(result_path):
             stderr = child.stderr.decode(errors="replace").strip().splitlines()
             tail = "\n".join(stderr[-15:]) or "(no output)"
             raise ChildCompileError(
                 f"compiling {module}.{name} in a child process failed (exit {child.returncode}):\n{tail}"
             )
-        with open(result_path, "rb") as f:
-            payload, in_tree, out_tree = pickle.load(f)
+        try:
+            compiled = _load(result_path)
+        except Exception as e:  # whatever failed, the caller may compile here instead
+            raise ChildCompileError(
+                f"the executable compiled for {module}.{name} in a child process did not load: {e}"
+            ) from e
+        if stored is not None:
+            _store(result_path, stored)
+    return compiled
 
+
+def _load(path: str) -> jax.stages.Compiled:
+    """The executable `_main` serialized at `path`, loaded here."""
     from jax.experimental import serialize_executable
 
     # The program may call our FFI kernels, which must be registered before it loads.
@@ -106,20 +121,63 @@ def compile_in_child(fn, abstract_args: tuple, static: dict) -> jax.stages.Compi
             importlib.import_module("bitnet_jax.kernels.ffi")
         except ImportError:
             pass  # not built: a program that calls the kernels fails to load, as it would to compile
+    with open(path, "rb") as f:
+        payload, in_tree, out_tree = pickle.load(f)
     return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
 
 
-# The child's exit status for "the program is in the persistent compilation cache".
-_IN_THE_CACHE = 3
+# The folder under the compilation cache that keeps executables compiled in a child.
+_STORE = "bitnet_jax-executables"
 
 
-def _cached_marker(request: bytes) -> str | None:
-    """The marker file saying that this request's program is in the persistent compilation
-    cache, or None where no cache is on."""
+def _stored_path(request: bytes) -> str | None:
+    """Where the executable for `request` is kept, or None where no compilation cache is on."""
     folder = jax.config.jax_compilation_cache_dir
     if not folder or not jax.config.jax_enable_compilation_cache:
         return None
-    return os.path.join(folder, "bitnet_jax-in-cache", hashlib.sha256(request).hexdigest())
+    digest = hashlib.sha256(request)
+    for part in (_package_source_digest(), jax.__version__, jaxlib.__version__, extension_build_id(), _host_cpu()):
+        digest.update(b"\0" + part.encode())
+    return os.path.join(folder, _STORE, digest.hexdigest() + ".pkl")
+
+
+def _store(result_path: str, stored: str) -> None:
+    """Copies the child's executable into the store (atomically: a reader never sees half a file)."""
+    try:
+        os.makedirs(os.path.dirname(stored), exist_ok=True)
+        partial = f"{stored}.{os.getpid()}.partial"
+        shutil.copyfile(result_path, partial)
+        os.replace(partial, stored)
+    except OSError:
+        pass  # a read-only cache folder: the next call compiles in a child again
+
+
+@functools.cache
+def _package_source_digest() -> str:
+    """A digest of this package's Python source: the function compiled is read from it."""
+    digest = hashlib.sha256()
+    root = os.path.dirname(os.path.abspath(bitnet_jax.__file__))
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _host_cpu() -> str:
+    """The host CPU's model and features: XLA:CPU compiles for the CPU it runs on, so a cache folder
+    shared between machines must not hand one CPU's executable to another."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
 
 
 def _child_command(result_path: str) -> list[str]:
@@ -135,14 +193,10 @@ def _main(result_path: str) -> None:
     for key, value in request["config"].items():  # before anything starts a backend
         if jax.config.values.get(key) != value:
             jax.config.update(key, value)
+    # JAX's persistent cache off: an executable read from it would serialize without its code.
+    jax.config.update("jax_enable_compilation_cache", False)
     fn = getattr(importlib.import_module(request["module"]), request["name"])
-    cache_hits = []
-    jax.monitoring.register_event_listener(
-        lambda event, **_: cache_hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None
-    )
     compiled = fn.lower(*request["args"], **request["static"]).compile()
-    if cache_hits:
-        sys.exit(_IN_THE_CACHE)
 
     from jax.experimental import serialize_executable
 
