@@ -1,7 +1,9 @@
 """Compiling the generate program in a child process (serve/compile_child.py): the program this
 process would have compiled, loaded without compiling anything here, and a clear fallback."""
 
+import io
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -12,6 +14,8 @@ from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.serve import compile_child
 from bitnet_jax.serve import generate as generate_module
 from bitnet_jax.serve.generate import compile_generate, generate
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 CONFIG = BitNetConfig(
     vocab_size=300,
@@ -134,6 +138,44 @@ def test_the_executable_store(params, fresh_programs, monkeypatch, tmp_path):
     finally:
         for name, value in settings.items():
             jax.config.update(name, before[name])
+
+
+def test_chat_compiles_in_a_child(fresh_programs, tmp_path):
+    """`chat_loop(in_child=True)`, as `bitnet-jax chat` runs it: the same replies, and no program
+    compiled in this process."""
+    from bitnet_jax.cli import main
+    from bitnet_jax.serve.chat import chat_loop
+    from bitnet_jax.serve.load import load_model
+
+    folder = tmp_path / "packed"
+    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(folder)]) == 0
+    config, params, tokenizer = load_model(str(folder))
+
+    def chat(in_child):
+        turns, out = iter(["hello there", "and again", ""]), io.StringIO()
+        assert (
+            chat_loop(
+                config,
+                params,
+                tokenizer,
+                str(folder),
+                max_new_tokens=5,
+                read=lambda _: next(turns),
+                write=out,
+                in_child=in_child,
+            )
+            == 0
+        )
+        return out.getvalue()
+
+    with BackendCompiles() as compiles:
+        got = chat(in_child=True)
+    assert compiles.count == 0
+    generate_module._executables.clear()
+    jax.clear_caches()
+    with BackendCompiles() as compiles:
+        assert got == chat(in_child=False)
+    assert compiles.count >= 1  # the same turns compile here without a child
 
 
 def test_the_store_key_covers_what_the_executable_depends_on(monkeypatch, tmp_path):

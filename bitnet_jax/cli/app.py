@@ -538,6 +538,7 @@ def _chat(args) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         system=args.system,
+        in_child=True,  # the compiler stays out of the chat process (serve/compile_child.py)
     )
 
 

@@ -55,12 +55,17 @@ def chat_loop(
     system: str | None = None,
     read: Callable[[str], str] = input,
     write=sys.stdout,
+    in_child: bool = False,
 ) -> int:
-    """Reads user turns until EOF or an empty line, streaming each reply."""
+    """Reads user turns until EOF or an empty line, streaming each reply. `in_child`: compile each
+    prompt-length bucket's program in a child process (`generate.compile_generate`), so that the
+    chat process never holds the compiler; with a compilation cache folder, a later chat loads
+    the programs it stored there.
+    """
     import numpy as np
 
     from bitnet_jax.model.serving_layers import is_packed
-    from bitnet_jax.serve.generate import generate
+    from bitnet_jax.serve.generate import compile_generate, generate
     from bitnet_jax.serve.pack import pack
     from bitnet_jax.serve.streaming import StreamDecoder
 
@@ -90,18 +95,11 @@ def chat_loop(
             elif not reply or reply[-1] not in stops:
                 reply.append(token)
 
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops)
         try:
-            generate(
-                config,
-                params,
-                [ids],
-                max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                stop_ids=stops,
-                on_tokens=on_tokens,
-            )
+            if in_child:
+                compile_generate(config, params, [ids], max_new_tokens, streaming=True, in_child=True, **sampling)
+            generate(config, params, [ids], max_new_tokens, on_tokens=on_tokens, **sampling)
         except BitNetError as e:
             write.write(f"[{e}]\n")
             messages.pop()
