@@ -178,6 +178,46 @@ def test_chat_compiles_in_a_child(fresh_programs, tmp_path):
     assert compiles.count >= 1  # the same turns compile here without a child
 
 
+def test_the_serving_engine_compiles_in_a_child(fresh_programs, tmp_path):
+    """`Engine(in_child=True)`, as `bitnet-jax serve` runs it: the same replies from its decode
+    steps (both widths), its prefill and the chunked prefill of a long prompt, and no program
+    compiled in this process."""
+    from bitnet_jax.cli import main
+    from bitnet_jax.serve.batching import Engine, GenerationRequest, wait_idle
+    from bitnet_jax.serve.load import load_model
+
+    folder = tmp_path / "packed"
+    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(folder)]) == 0
+    config, params, tokenizer = load_model(str(folder))
+    requests = [
+        GenerationRequest((417, 40, 41, 42), 12),
+        GenerationRequest(tuple(range(5, 305)), 6),  # longer than a prefill chunk (256 tokens)
+        GenerationRequest((417, 7), 10, temperature=0.9, seed=3),
+    ]
+
+    def serve(in_child):
+        engine = Engine(config, params, tokenizer, max_batch=2, max_context=512, in_child=in_child)
+        engine.start()
+        try:
+            events = {i: [] for i in range(len(requests))}
+            for i, request in enumerate(requests):
+                engine.submit(request, events[i].append)
+            assert wait_idle(engine, timeout=300)
+            assert engine.stats["prefill_chunks"] >= 2
+            return [[t for e in events[i] for t in e.token_ids] for i in range(len(requests))]
+        finally:
+            engine.stop()
+
+    with BackendCompiles() as compiles:
+        got = serve(in_child=True)
+    assert compiles.count == 0
+    jax.clear_caches()
+    with BackendCompiles() as compiles:
+        assert serve(in_child=False) == got
+    assert compiles.count >= 1
+    assert [len(ids) for ids in got] == [12, 6, 10]
+
+
 def test_the_store_key_covers_what_the_executable_depends_on(monkeypatch, tmp_path):
     """A stored executable is named by the request and by what it was compiled from and for: this
     package's source (the function is read from it) and the host CPU (XLA:CPU compiles for it; a

@@ -93,6 +93,7 @@ def bench_serve(
         max_context=max_context,
         kv_cache=kv_cache,
         kv_cache_tokens=kv_cache_tokens,
+        in_child=True,  # as `bitnet-jax serve` runs it
     )
     del params
     gc.collect()

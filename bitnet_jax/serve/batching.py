@@ -190,6 +190,7 @@ class Engine:
         backend: str | None = None,
         kv_cache: str | None = None,
         kv_cache_tokens: int | None = None,
+        in_child: bool = False,
     ):
         if max_batch < 1:
             raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
@@ -217,7 +218,10 @@ class Engine:
                 f"context, {context} tokens (pages of {self.page_len})."
             )
         # Row 0 of the pool is the scratch page.
-        self._cache = KVCache.zeros(config, 1 + self.kv_pages, self.page_len, dtype=self._cache_dtype)
+        self._in_child = in_child
+        self._programs: dict = {}  # with in_child: (program, argument shapes) -> callable
+        pool = dict(config=config, rows=1 + self.kv_pages, page_len=self.page_len, dtype=self._cache_dtype)
+        self._cache = self._call(_zero_cache, (), pool)
         self._free_pages = list(range(self.kv_pages, 0, -1))  # popped from the end: lowest first
         b = max_batch
         self._pages_bp = np.zeros((b, context // self.page_len), np.int32)  # 0: the scratch page
@@ -423,18 +427,19 @@ class Engine:
             self._take(row, token)
 
     def _prefill_row(self, row: int, prompt_1t: np.ndarray, request: GenerationRequest) -> int:
-        token, key_2, self._cache = _prefill_slot(
-            self._variables,
-            self._cache,
-            self._pages_bp[row],
-            prompt_1t,
-            np.array([len(request.prompt_ids)], np.int32),
-            sampling_key(request.seed),
-            np.float32(request.temperature),
-            np.float32(request.top_p),
-            config=self.config,
-            serving=self._serving,
-            cache_dtype=self._cache_dtype,
+        token, key_2, self._cache = self._call(
+            _prefill_slot,
+            (
+                self._variables,
+                self._cache,
+                self._pages_bp[row],
+                prompt_1t,
+                np.array([len(request.prompt_ids)], np.int32),
+                sampling_key(request.seed),
+                np.float32(request.temperature),
+                np.float32(request.top_p),
+            ),
+            dict(config=self.config, serving=self._serving, cache_dtype=self._cache_dtype),
         )
         return self._started(row, int(token), key_2, request)
 
@@ -455,19 +460,22 @@ class Engine:
         state, request = active.prefill, active.ticket.request
 
         def chunk() -> int | None:
-            token, key_2, state.logits_1v, self._cache = _prefill_chunk(
-                self._variables,
-                self._cache,
-                self._pages_bp[row],
-                state.prompt_1t,
-                np.array([len(request.prompt_ids)], np.int32),
-                np.int32(state.start),
-                state.logits_1v if state.logits_1v is not None else np.zeros((1, self.config.vocab_size), np.float32),
-                sampling_key(request.seed),
-                np.float32(request.temperature),
-                np.float32(request.top_p),
-                config=self.config,
-                serving=self._serving,
+            logits_1v = state.logits_1v
+            token, key_2, state.logits_1v, self._cache = self._call(
+                _prefill_chunk,
+                (
+                    self._variables,
+                    self._cache,
+                    self._pages_bp[row],
+                    state.prompt_1t,
+                    np.array([len(request.prompt_ids)], np.int32),
+                    np.int32(state.start),
+                    logits_1v if logits_1v is not None else np.zeros((1, self.config.vocab_size), np.float32),
+                    sampling_key(request.seed),
+                    np.float32(request.temperature),
+                    np.float32(request.top_p),
+                ),
+                dict(config=self.config, serving=self._serving),
             )
             state.start += PREFILL_CHUNK
             self.stats["prefill_chunks"] += 1
@@ -500,19 +508,39 @@ class Engine:
         return token_w[: len(active)]
 
     def _run_step(self, rows_w: np.ndarray, positions_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        token_w, keys_w2, self._cache = _decode_step(
-            self._variables,
-            self._cache,
-            self._pages_bp[rows_w],
-            self._tokens_b[rows_w],
-            positions_w,
-            self._keys_b2[rows_w],
-            self._temperature_b[rows_w],
-            self._top_p_b[rows_w],
-            config=self.config,
-            serving=self._serving,
+        token_w, keys_w2, self._cache = self._call(
+            _decode_step,
+            (
+                self._variables,
+                self._cache,
+                self._pages_bp[rows_w],
+                self._tokens_b[rows_w],
+                positions_w,
+                self._keys_b2[rows_w],
+                self._temperature_b[rows_w],
+                self._top_p_b[rows_w],
+            ),
+            dict(config=self.config, serving=self._serving),
         )
         return np.asarray(token_w), np.asarray(keys_w2)
+
+    def _call(self, program, args: tuple, static: dict):
+        """program(*args, **static). With `in_child`, through an executable compiled in a child
+        process (serve/compile_child.py) for these arguments' shapes, kept for the engine's life
+        (and in the compilation cache folder, where one is on, for the next start): the engine's
+        process then never holds XLA's compiler. The weights and the cache (args[:2]) keep their
+        shapes, so the other arguments' shapes tell the programs apart."""
+        if not self._in_child:
+            return program(*args, **static)
+        key = (program.__name__, tuple((np.shape(x), np.dtype(x.dtype)) for x in args[2:]))
+        compiled = self._programs.get(key)
+        if compiled is None:
+            from bitnet_jax.serve.compile_child import compiled_in_child_or_none
+
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
+            compiled = compiled_in_child_or_none(program, abstract, static) or functools.partial(program, **static)
+            self._programs[key] = compiled
+        return compiled(*args)
 
     def _take(self, row: int, token: int) -> None:
         """Row `row`'s request takes its next sampled token."""
@@ -670,6 +698,13 @@ def _write_row_prompt_part(cache: KVCache, pages_p, part: KVCache) -> KVCache:
 # gives the others weight zero (their values are finite: written by earlier requests, or the
 # cache's initial zeros). So a reply is the same as on a zeroed row (test_server.py checks), and
 # prefill neither copies nor zeroes a whole row of the context.
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows", "page_len", "dtype"))
+def _zero_cache(*, config, rows, page_len, dtype):
+    """The engine's page pool, zeroed: a program (rather than eager zeros), so that it too can be
+    compiled in a child."""
+    return KVCache.zeros(config, rows, page_len, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving", "cache_dtype"), donate_argnames=("cache",))

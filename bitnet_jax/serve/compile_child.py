@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import jax
 import jaxlib
@@ -109,6 +110,16 @@ def compile_in_child(fn, abstract_args: tuple, static: dict) -> jax.stages.Compi
         if stored is not None:
             _store(result_path, stored)
     return compiled
+
+
+def compiled_in_child_or_none(fn, abstract_args: tuple, static: dict) -> jax.stages.Compiled | None:
+    """`compile_in_child`, with a failed child turned into a warning and None (the caller then
+    compiles in this process)."""
+    try:
+        return compile_in_child(fn, abstract_args, static)
+    except ChildCompileError as e:
+        warnings.warn(f"{e}\ncompiling in this process instead", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _load(path: str) -> jax.stages.Compiled:

@@ -13,7 +13,6 @@ import collections
 import dataclasses
 import functools
 import itertools
-import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -233,13 +232,9 @@ def _executable(static: dict, args: tuple, in_child: bool = False):
 def _compiled_in_child(abstract: tuple, static: dict):
     """`_generate` compiled by `compile_child.compile_in_child`, or None where that does not
     apply or the child failed (with a warning: the caller then compiles here)."""
-    from bitnet_jax.serve.compile_child import ChildCompileError, compile_in_child
+    from bitnet_jax.serve.compile_child import compiled_in_child_or_none
 
-    try:
-        return compile_in_child(_generate, abstract, static)
-    except ChildCompileError as e:
-        warnings.warn(f"{e}\ncompiling in this process instead", RuntimeWarning, stacklevel=3)
-        return None
+    return compiled_in_child_or_none(_generate, abstract, static)
 
 
 # Streams of running `generate` calls, by an id passed into the program (an argument, so that a

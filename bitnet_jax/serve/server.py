@@ -605,6 +605,7 @@ def serve(
         backend=backend,
         kv_cache=kv_cache,
         kv_cache_tokens=kv_cache_tokens,
+        in_child=True,  # XLA's compiler stays out of the server's process (serve/compile_child.py)
     )
     del params
     name = model_name or os.path.basename(os.path.normpath(model))
