@@ -6,7 +6,8 @@ after compiling, and JAX's cached jaxprs and lowerings, about 75 MB in all (benc
 A served model would carry it beside its weights. `compile_in_child` runs the compile in a fresh
 interpreter instead (`python -m bitnet_jax.serve.compile_child`): the child imports the function
 by name, lowers and compiles it for abstract arguments, and hands back the executable serialized
-(`jax.experimental.serialize_executable`), which this process loads without compiling.
+(`jax.experimental.serialize_executable`), which this process loads without compiling. `generate`,
+`chat` (serve/generate.py) and the `serve` engine (serve/batching.py) compile this way.
 
 The child gets this process's JAX configuration (every value that differs from its own, but
 with JAX's persistent cache off: see below) and the environment (XLA_FLAGS, BITNET_JAX_ISA), so
