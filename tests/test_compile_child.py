@@ -140,15 +140,23 @@ def test_the_executable_store(params, fresh_programs, monkeypatch, tmp_path):
             jax.config.update(name, before[name])
 
 
-def test_chat_compiles_in_a_child(fresh_programs, tmp_path):
+@pytest.fixture(scope="module")
+def packed_folder(tmp_path_factory):
+    """The tiny Hugging Face fixture converted, with its tokenizer."""
+    from bitnet_jax.cli import main
+
+    folder = tmp_path_factory.mktemp("compile-child") / "packed"
+    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(folder)]) == 0
+    return folder
+
+
+def test_chat_compiles_in_a_child(fresh_programs, packed_folder):
     """`chat_loop(in_child=True)`, as `bitnet-jax chat` runs it: the same replies, and no program
     compiled in this process."""
-    from bitnet_jax.cli import main
     from bitnet_jax.serve.chat import chat_loop
     from bitnet_jax.serve.load import load_model
 
-    folder = tmp_path / "packed"
-    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(folder)]) == 0
+    folder = packed_folder
     config, params, tokenizer = load_model(str(folder))
 
     def chat(in_child):
@@ -178,17 +186,14 @@ def test_chat_compiles_in_a_child(fresh_programs, tmp_path):
     assert compiles.count >= 1  # the same turns compile here without a child
 
 
-def test_the_serving_engine_compiles_in_a_child(fresh_programs, tmp_path):
+def test_the_serving_engine_compiles_in_a_child(fresh_programs, packed_folder):
     """`Engine(in_child=True)`, as `bitnet-jax serve` runs it: the same replies from its decode
     steps (both widths), its prefill and the chunked prefill of a long prompt, and no program
     compiled in this process."""
-    from bitnet_jax.cli import main
     from bitnet_jax.serve.batching import Engine, GenerationRequest, wait_idle
     from bitnet_jax.serve.load import load_model
 
-    folder = tmp_path / "packed"
-    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(folder)]) == 0
-    config, params, tokenizer = load_model(str(folder))
+    config, params, tokenizer = load_model(str(packed_folder))
     requests = [
         GenerationRequest((417, 40, 41, 42), 12),
         GenerationRequest(tuple(range(5, 305)), 6),  # longer than a prefill chunk (256 tokens)
