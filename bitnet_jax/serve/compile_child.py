@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 
 import jax
@@ -157,7 +158,7 @@ def _store(result_path: str, stored: str) -> None:
     """Copies the child's executable into the store (atomically: a reader never sees half a file)."""
     try:
         os.makedirs(os.path.dirname(stored), exist_ok=True)
-        partial = f"{stored}.{os.getpid()}.partial"
+        partial = f"{stored}.{os.getpid()}-{threading.get_ident()}.partial"  # one writer per name
         shutil.copyfile(result_path, partial)
         os.replace(partial, stored)
     except OSError:
