@@ -44,10 +44,12 @@ thread stays responsive.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -330,8 +332,12 @@ class Engine:
         # (all rows are free: they write the scratch page).
         first = self.tokenizer.bos_id or 0
         request = GenerationRequest((first,), 1)
+        prompt_1t = np.full((1, padded_prompt_length(1)), first, np.int32)
+        if self._in_child:  # the warm-up's programs all at once (_compile), not one after the other
+            steps = [self._step_call(np.arange(w, dtype=np.int32), np.zeros(w, np.int32)) for w in self._widths]
+            self._compile([self._prefill_call(0, prompt_1t, request), *steps])
         pages = self._take_pages(0, request)
-        self._prefill_row(0, np.full((1, padded_prompt_length(1)), first, np.int32), request)
+        self._prefill_row(0, prompt_1t, request)
         self._free_row_pages(0, pages)
         for width in self._widths:
             self._run_step(np.arange(width, dtype=np.int32), np.zeros(width, np.int32))
@@ -427,21 +433,21 @@ class Engine:
             self._take(row, token)
 
     def _prefill_row(self, row: int, prompt_1t: np.ndarray, request: GenerationRequest) -> int:
-        token, key_2, self._cache = self._call(
-            _prefill_slot,
-            (
-                self._variables,
-                self._cache,
-                self._pages_bp[row],
-                prompt_1t,
-                np.array([len(request.prompt_ids)], np.int32),
-                sampling_key(request.seed),
-                np.float32(request.temperature),
-                np.float32(request.top_p),
-            ),
-            dict(config=self.config, serving=self._serving, cache_dtype=self._cache_dtype),
-        )
+        token, key_2, self._cache = self._call(*self._prefill_call(row, prompt_1t, request))
         return self._started(row, int(token), key_2, request)
+
+    def _prefill_call(self, row: int, prompt_1t: np.ndarray, request: GenerationRequest) -> tuple:
+        args = (
+            self._variables,
+            self._cache,
+            self._pages_bp[row],
+            prompt_1t,
+            np.array([len(request.prompt_ids)], np.int32),
+            sampling_key(request.seed),
+            np.float32(request.temperature),
+            np.float32(request.top_p),
+        )
+        return _prefill_slot, args, dict(config=self.config, serving=self._serving, cache_dtype=self._cache_dtype)
 
     def _started(self, row: int, token: int, key_2, request: GenerationRequest) -> int:
         """Row `row`'s prompt is in the cache and `token` sampled after it: the row decodes next."""
@@ -508,39 +514,55 @@ class Engine:
         return token_w[: len(active)]
 
     def _run_step(self, rows_w: np.ndarray, positions_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        token_w, keys_w2, self._cache = self._call(
-            _decode_step,
-            (
-                self._variables,
-                self._cache,
-                self._pages_bp[rows_w],
-                self._tokens_b[rows_w],
-                positions_w,
-                self._keys_b2[rows_w],
-                self._temperature_b[rows_w],
-                self._top_p_b[rows_w],
-            ),
-            dict(config=self.config, serving=self._serving),
-        )
+        token_w, keys_w2, self._cache = self._call(*self._step_call(rows_w, positions_w))
         return np.asarray(token_w), np.asarray(keys_w2)
+
+    def _step_call(self, rows_w: np.ndarray, positions_w: np.ndarray) -> tuple:
+        args = (
+            self._variables,
+            self._cache,
+            self._pages_bp[rows_w],
+            self._tokens_b[rows_w],
+            positions_w,
+            self._keys_b2[rows_w],
+            self._temperature_b[rows_w],
+            self._top_p_b[rows_w],
+        )
+        return _decode_step, args, dict(config=self.config, serving=self._serving)
 
     def _call(self, program, args: tuple, static: dict):
         """program(*args, **static). With `in_child`, through an executable compiled in a child
         process (serve/compile_child.py) for these arguments' shapes, kept for the engine's life
         (and in the compilation cache folder, where one is on, for the next start): the engine's
-        process then never holds XLA's compiler. The weights and the cache (args[:2]) keep their
-        shapes, so the other arguments' shapes tell the programs apart."""
+        process then never holds XLA's compiler."""
         if not self._in_child:
             return program(*args, **static)
-        key = (program.__name__, tuple((np.shape(x), np.dtype(x.dtype)) for x in args[2:]))
-        compiled = self._programs.get(key)
-        if compiled is None:
-            from bitnet_jax.serve.compile_child import compiled_in_child_or_none
+        self._compile([(program, args, static)])
+        return self._programs[_program_key(program, args)](*args)
 
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
-            compiled = compiled_in_child_or_none(program, abstract, static) or functools.partial(program, **static)
-            self._programs[key] = compiled
-        return compiled(*args)
+    def _compile(self, calls: list[tuple]) -> None:
+        """With `in_child`: the programs of `calls` (program, args, static) not compiled yet, each
+        in a child process, as many at once as there are CPUs (a child is mostly an interpreter
+        starting and a compile: one CPU)."""
+        from bitnet_jax.serve.compile_child import compiled_in_child_or_none
+
+        todo = {}
+        for program, args, static in calls:
+            key = _program_key(program, args)
+            if key not in self._programs:
+                abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
+                todo[key] = (program, abstract, static)
+        if not todo:
+            return
+
+        def compile_one(call):
+            program, abstract, static = call
+            return compiled_in_child_or_none(program, abstract, static) or functools.partial(program, **static)
+
+        workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            for key, compiled in zip(todo, pool.map(compile_one, todo.values())):
+                self._programs[key] = compiled
 
     def _take(self, row: int, token: int) -> None:
         """Row `row`'s request takes its next sampled token."""
@@ -698,6 +720,12 @@ def _write_row_prompt_part(cache: KVCache, pages_p, part: KVCache) -> KVCache:
 # gives the others weight zero (their values are finite: written by earlier requests, or the
 # cache's initial zeros). So a reply is the same as on a zeroed row (test_server.py checks), and
 # prefill neither copies nor zeroes a whole row of the context.
+
+
+def _program_key(program, args: tuple) -> tuple:
+    """What tells an engine's compiled programs apart: the weights and the cache (args[:2]) keep
+    their shapes for the engine's life, so the program and the other arguments' shapes."""
+    return program.__name__, tuple((np.shape(x), np.dtype(x.dtype)) for x in args[2:])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "rows", "page_len", "dtype"))
