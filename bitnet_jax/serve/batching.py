@@ -537,8 +537,10 @@ class Engine:
         process then never holds XLA's compiler."""
         if not self._in_child:
             return program(*args, **static)
-        self._compile([(program, args, static)])
-        return self._programs[_program_key(program, args)](*args)
+        key = _program_key(program, args)
+        if key not in self._programs:
+            self._compile([(program, args, static)])
+        return self._programs[key](*args)
 
     def _compile(self, calls: list[tuple]) -> None:
         """With `in_child`: the programs of `calls` (program, args, static) not compiled yet, each

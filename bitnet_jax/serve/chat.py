@@ -58,14 +58,14 @@ def chat_loop(
     in_child: bool = False,
 ) -> int:
     """Reads user turns until EOF or an empty line, streaming each reply. `in_child`: compile each
-    prompt-length bucket's program in a child process (`generate.compile_generate`), so that the
+    prompt-length bucket's program in a child process (`generate.generate`'s `in_child`), so that the
     chat process never holds the compiler; with a compilation cache folder, a later chat loads
     the programs it stored there.
     """
     import numpy as np
 
     from bitnet_jax.model.serving_layers import is_packed
-    from bitnet_jax.serve.generate import compile_generate, generate
+    from bitnet_jax.serve.generate import generate
     from bitnet_jax.serve.pack import pack
     from bitnet_jax.serve.streaming import StreamDecoder
 
@@ -95,11 +95,19 @@ def chat_loop(
             elif not reply or reply[-1] not in stops:
                 reply.append(token)
 
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=stops)
         try:
-            if in_child:
-                compile_generate(config, params, [ids], max_new_tokens, streaming=True, in_child=True, **sampling)
-            generate(config, params, [ids], max_new_tokens, on_tokens=on_tokens, **sampling)
+            generate(
+                config,
+                params,
+                [ids],
+                max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                stop_ids=stops,
+                on_tokens=on_tokens,
+                in_child=in_child,
+            )
         except BitNetError as e:
             write.write(f"[{e}]\n")
             messages.pop()

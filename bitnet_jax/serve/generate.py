@@ -51,6 +51,7 @@ def generate(
     on_tokens: Callable[[np.ndarray], None] | None = None,
     backend: str | None = None,
     kv_cache: str | None = None,
+    in_child: bool = False,
 ) -> np.ndarray:
     """Generates `max_new_tokens` tokens after each prompt.
 
@@ -77,6 +78,8 @@ def generate(
         memory and of the bytes read per token at long context; each slot's keys and values
         per kv head quantized by their absmax, `model.transformer.quantize_kv`). Serving models
         only: training parameters on the XLA path keep a cache of their own dtype.
+      in_child: a program not compiled yet is compiled in a child process, as `compile_generate`
+        says.
 
     Returns:
       int32 numpy array [B, max_new_tokens] of the new tokens only.
@@ -99,7 +102,7 @@ def generate(
     )
     stream = next(_stream_ids)
     args = request.args(seed, stream)
-    run = lambda: np.asarray(_executable(request.static, args)(*args))
+    run = lambda: np.asarray(_executable(request.static, args, in_child=in_child)(*args))
     if request.static["streaming"] == "ffi":
         from bitnet_jax.kernels.ffi import TokenStream
 
