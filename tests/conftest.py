@@ -127,6 +127,20 @@ def one_device_cli_run(tiny_corpus, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def packed_folder(tmp_path_factory):
+    """tests/fixtures/hf/packed_bitlinear converted by `bitnet-jax convert` (2-bit layers, its
+    tokenizer beside them): the serving tests' model. Tests read it; one that changes a file
+    copies the folder first."""
+    from pathlib import Path
+
+    from bitnet_jax.cli import main
+
+    out = tmp_path_factory.mktemp("packed") / "m"
+    assert main(["convert", str(Path(__file__).parent / "fixtures" / "hf" / "packed_bitlinear"), str(out)]) == 0
+    return out
+
+
 @pytest.fixture(params=KNOWN_ISAS)
 def isa(request, monkeypatch):
     """Each kernel path (BITNET_JAX_ISA) in turn; the ones this CPU cannot run skip with the reason."""

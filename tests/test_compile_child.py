@@ -3,7 +3,6 @@ process would have compiled, loaded without compiling anything here, and a clear
 
 import io
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,8 +13,6 @@ from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.serve import compile_child
 from bitnet_jax.serve import generate as generate_module
 from bitnet_jax.serve.generate import compile_generate, generate
-
-FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 CONFIG = BitNetConfig(
     vocab_size=300,
@@ -138,16 +135,6 @@ def test_the_executable_store(params, fresh_programs, monkeypatch, tmp_path):
     finally:
         for name, value in settings.items():
             jax.config.update(name, before[name])
-
-
-@pytest.fixture(scope="module")
-def packed_folder(tmp_path_factory):
-    """The tiny Hugging Face fixture converted, with its tokenizer."""
-    from bitnet_jax.cli import main
-
-    folder = tmp_path_factory.mktemp("compile-child") / "packed"
-    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(folder)]) == 0
-    return folder
 
 
 def test_chat_compiles_in_a_child(fresh_programs, packed_folder):

@@ -29,13 +29,6 @@ LLAMA3_TEMPLATE = (
 )
 
 
-@pytest.fixture(scope="module")
-def packed_folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("packed") / "m"
-    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(out)]) == 0
-    return out
-
-
 def test_convert_then_generate_matches_transformers(packed_folder, capsys):
     config, params, tokenizer = load_model(str(packed_folder))
     assert tokenizer.bos_id == 417  # the tokenizer came along

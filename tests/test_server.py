@@ -16,7 +16,6 @@ masked cache slots get a softmax weight of exactly 0 whatever they hold.
 import json
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import jax
@@ -26,7 +25,6 @@ import openai
 import pytest
 
 from bitnet_jax import generate
-from bitnet_jax.cli import main
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import generation_stop_ids
 from bitnet_jax.serve.batching import Engine, GenerationRequest, sample_rows, step_widths, wait_idle
@@ -35,16 +33,13 @@ from bitnet_jax.serve.generate import padded_prompt_length, sample
 from bitnet_jax.serve.load import load_model
 from bitnet_jax.serve.server import create_app, running
 
-FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 MODEL = "tiny"
 CONTEXT = 128
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "packed"
-    assert main(["convert", str(FIXTURES / "packed_bitlinear"), str(out)]) == 0
-    return str(out)
+def folder(packed_folder):
+    return str(packed_folder)
 
 
 @pytest.fixture(scope="module")
