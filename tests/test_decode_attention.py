@@ -5,7 +5,8 @@ chunks of 128 slots merged, positions at 0, S - 1 and around chunk edges, a nonz
 with nothing to attend. A row's output must be the same bits alone or in any batch, with any
 cache row, with its slots in pages anywhere in the cache, and on one thread or two. Bad input is
 an error, never a read out of bounds. The same for an int8 cache with per-slot scales
-(`KVCache.zeros(..., dtype=jnp.int8)`), against the XLA attention over its dequantized values.
+(`KVCache.zeros(..., dtype=jnp.int8)`), against the XLA attention over its dequantized values,
+within the rounding of the kernel's int16 codes of queries and weights as well (`tolerance`).
 """
 
 import os
@@ -69,7 +70,7 @@ def xla_attention(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b):
     return jnp.where(positions_bt[:, :, None, None] >= 0, out_btnh, 0.0)
 
 
-def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b, int8_cache=False):
+def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b, int8_cache=None):
     """Per output element, the float32 rounding allowed between the kernel and the XLA path.
 
     Each side, first order in u = 2^-24: a score (a dot of H products, scaled) is off by at most
@@ -80,13 +81,21 @@ def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b, int8_cache=
     rounds once: |out - exact| <= (2d + (2S + 5) u) sum_j p_j |v_j|. Two sides: twice that.
     The order of the sums differs between the sides, so nothing tighter holds on every CPU.
 
-    `int8_cache`: the kernel reads codes and scales, XLA their float32 product. The kernel scales
-    a score in two roundings (k_scale * H^-0.5, then the product: one more than a float cache) and
-    a weight by v_scale in one; XLA's dequantized keys and values are each one rounding off the
-    exact scale * code, which moves a score by at most uA and a value by u|v|. So d grows by
-    2u + uA on either side.
+    `int8_cache`: (value codes [L, Bc, K, S, H], value scales [L, Bc, K, S]) where the kernel
+    reads an int8 cache, XLA their float32 product (k_lbksh, v_lbksh here). The kernel scales a
+    score in two roundings (k_scale * H^-0.5, then the product: one more than a float cache) and a
+    weight by v_scale in one; XLA's dequantized keys and values are each one rounding off the exact
+    scale * code, which moves a score by at most uA and a value by u|v|. So d grows by 2u + uA on
+    either side. And the kernel alone multiplies in integers (attention_kernel.h, AttendChunkInt8):
+    it rounds a head's query to int16 codes of step max|q| / 32767, each within 0.51 steps (half a
+    step and one float rounding of at most 32767u), which moves a score by at most 0.51 step
+    H^-0.5 sum_i |k_ji| and a weight by twice the largest such move, relatively; it rounds a
+    chunk's weights w_j = p_j v_scale_j the same way, which moves an output by at most 0.51 / 32767
+    max_j(P_j v_scale_j) sum_j |code_j| per chunk of 128 slots (P the normalized weights).
     """
     q, keys, values = (np.asarray(x, np.float64) for x in (q_btnh, k_lbksh[layer][rows_b], v_lbksh[layer][rows_b]))
+    if int8_cache is not None:
+        v_codes, v_scales = (np.asarray(x, np.float64)[layer][rows_b] for x in int8_cache)
     b, t, n, h = q.shape
     k, s = keys.shape[1], keys.shape[2]
     tol = np.zeros(q.shape)
@@ -99,8 +108,17 @@ def tolerance(q_btnh, k_lbksh, v_lbksh, layer, positions_bt, rows_b, int8_cache=
         a_max = np.max(np.abs(keys_sh) @ np.abs(q[bi, ti, ni])) / np.sqrt(h)
         p = np.exp(scores - scores.max())
         p /= p.sum()
-        d = (h + 5) * U * a_max + 3 * U + (2 * U + U * a_max if int8_cache else 0.0)
+        d = (h + 5) * U * a_max + 3 * U + (2 * U + U * a_max if int8_cache is not None else 0.0)
         tol[bi, ti, ni] = 2 * (2 * d + (2 * s + 5) * U) * (p @ np.abs(values_sh))
+        if int8_cache is not None:
+            q_step = np.max(np.abs(q[bi, ti, ni])) / 32767
+            score_move = 0.51 * q_step * np.max(np.abs(keys_sh).sum(axis=1)) / np.sqrt(h)
+            tol[bi, ti, ni] += 2 * 2 * score_move * (p @ np.abs(values_sh))
+            codes_sh = np.abs(v_codes[bi, ni // (n // k), : last + 1])
+            weights = p * v_scales[bi, ni // (n // k), : last + 1]
+            for first in range(0, last + 1, 128):
+                chunk = slice(first, first + 128)
+                tol[bi, ti, ni] += 0.51 / 32767 * weights[chunk].max() * codes_sh[chunk].sum(axis=0)
     return tol
 
 
@@ -287,7 +305,7 @@ def test_int8_cache_matches_xla_attention(isa, shape):
     got = np.asarray(jax.jit(ffi.decode_attention)(q, k_q, v_q, LAYER, positions, None, k_scale, v_scale))
     keys, values = _dequantized(k_q, k_scale), _dequantized(v_q, v_scale)
     want = np.asarray(xla_attention(q, keys, values, LAYER, positions, rows))
-    _assert_within(got, want, tolerance(q, keys, values, LAYER, positions, rows, int8_cache=True))
+    _assert_within(got, want, tolerance(q, keys, values, LAYER, positions, rows, int8_cache=(v_q, v_scale)))
     assert np.all(got[positions < 0] == 0)
 
 
@@ -369,7 +387,7 @@ def test_model_attention_takes_the_kernel_on_ffi(t, int8_cache):
     clamped = np.minimum(positions, s - 1)
     if int8_cache:
         keys, values = (_dequantized(np.asarray(c), np.asarray(sc)) for c, sc in zip(want_cache[:2], want_cache[2:]))
-        tol = tolerance(q, keys, values, LAYER, clamped, np.arange(b), int8_cache=True)
+        tol = tolerance(q, keys, values, LAYER, clamped, np.arange(b), int8_cache=(want_cache[1], want_cache[3]))
     else:
         tol = tolerance(q, *want_cache[:2], LAYER, clamped, np.arange(b))
     _assert_within(np.asarray(got), np.asarray(want), tol)

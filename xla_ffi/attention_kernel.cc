@@ -15,6 +15,13 @@
 // While pass 1 reads the keys, it prefetches the chunk's value rows (pass 3 reads them 16
 // elements of every row at a time, a stride the hardware prefetcher follows too late) and the
 // key rows 16 slots ahead. (Measurements: benchmarks/RESULTS.md, benchmarks/decode_attention.py.)
+//
+// An int8 cache takes the same three passes in integers (AttendChunkInt8, attention_kernel.h):
+// int16 codes of the queries and of the weights against the int8 values widened to int16
+// (vpmaddwd on AVX2, vpdpwssd on AVX-512 VNNI), about half the instructions of the float passes
+// (on a Zen 4 core 34-43 -> 18-19 ns a slot for 4 heads of 128). Pass 3 also prefetches the
+// keys of the chunk after this one in the cache, which a long context reads next: one core's
+// stream from memory otherwise stalls the arithmetic it no longer hides.
 
 #include "attention_kernel.h"
 
@@ -97,6 +104,98 @@ void AttendChunkScalar(const float* q_gh, int64_t g, int64_t h, const T* k_nh, c
     for (int64_t gi = 0; gi < g; ++gi) {
       const float p = scratch[gi * kAttentionChunk + j];
       for (int64_t i = 0; i < h; ++i) acc_gh[gi * h + i] += p * static_cast<float>(v_nh[j * h + i]);
+    }
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// AttendChunkInt8's integer arithmetic (attention_kernel.h): the parts it keeps in the caller's
+// scratch, and the scalar twin.
+
+constexpr float kLevels = static_cast<float>(kInt16Levels);
+// Weight codes per head: a chunk's slots and a zero pair past an odd count.
+constexpr int64_t kWeightStride = kAttentionChunk + 2;
+
+struct Int8Parts {
+  float* p;            // [g, kAttentionChunk]: scores, then the weights w_gj
+  float* slot_scales;  // [kAttentionChunk]: k_scale_n[j] * scale
+  int16_t* q;          // [g, PaddedDim(h)]: query codes, zero past h
+  int16_t* w;          // [g, kWeightStride]: weight codes
+  float* q_step;       // [g]
+  float* w_step;       // [g]
+};
+
+// The parts within ScratchFloats(g, h) floats at scratch (the code arrays' sizes are whole floats).
+Int8Parts CarveInt8Parts(float* scratch, int64_t g, int64_t h) {
+  Int8Parts parts;
+  parts.p = scratch;
+  parts.slot_scales = scratch + g * kAttentionChunk;
+  parts.q = reinterpret_cast<int16_t*>(scratch + (g + 1) * kAttentionChunk);
+  parts.w = parts.q + g * PaddedDim(h);
+  parts.q_step = reinterpret_cast<float*>(parts.w + g * kWeightStride);
+  parts.w_step = parts.q_step + g;
+  return parts;
+}
+
+// codes[i] = round(x[i] / step) for i < n, half to even, step = max|x| / kLevels (0, and zero
+// codes, for a zero x), and zeros on to `padded`. False, with nothing written, where x is not
+// finite. Every path computes the same codes: one product x[i] * (kLevels / max) rounded.
+bool QuantizeInt16Scalar(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return false;
+    m = std::max(m, std::abs(x[i]));
+  }
+  std::fill(codes, codes + padded, int16_t{0});
+  *step = m / kLevels;
+  if (m == 0.0f) return true;
+  const float inv = kLevels / m;
+  for (int64_t i = 0; i < n; ++i) codes[i] = static_cast<int16_t>(std::nearbyint(x[i] * inv));
+  return true;
+}
+
+void AttendChunkInt8Scalar(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
+                           const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
+                           float* partial) {
+  const auto in_float = [&] {
+    AttendChunkScalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+  };
+  if (h > kInt8MaxExactDim) return in_float();
+  const Int8Parts parts = CarveInt8Parts(scratch, g, h);
+  const int64_t hp = PaddedDim(h);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    if (!QuantizeInt16Scalar(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
+  }
+  float* max_g = partial;
+  float* sum_g = partial + g;
+  float* acc_gh = partial + 2 * g;
+  for (int64_t j = 0; j < n; ++j) {
+    const float slot_scale = k_scale_n[j] * scale;
+    for (int64_t gi = 0; gi < g; ++gi) {
+      int32_t dot = 0;
+      for (int64_t i = 0; i < h; ++i) dot += int32_t{parts.q[gi * hp + i]} * k_nh[j * h + i];
+      parts.p[gi * kAttentionChunk + j] = (static_cast<float>(dot) * slot_scale) * parts.q_step[gi];
+    }
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* p = parts.p + gi * kAttentionChunk;
+    const float m = *std::max_element(p, p + n);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; ++j) sum += (p[j] = ExpScalar(p[j] - m));
+    max_g[gi] = m;
+    sum_g[gi] = sum;
+    for (int64_t j = 0; j < n; ++j) p[j] *= v_scale_n[j];
+    if (!QuantizeInt16Scalar(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) {
+      return in_float();
+    }
+  }
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const int16_t* w = parts.w + gi * kWeightStride;
+    for (int64_t i = 0; i < h; ++i) {
+      int32_t dot = 0;
+      for (int64_t j = 0; j < n; ++j) dot += int32_t{w[j]} * v_nh[j * h + i];
+      acc_gh[gi * h + i] = static_cast<float>(dot) * parts.w_step[gi];
     }
   }
 }
@@ -340,6 +439,245 @@ BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// AVX2: AttendChunkInt8's integer arithmetic in vpmaddwd (int16 pairs into int32 lanes, then an
+// add). Against the float kernel it widens the int8 cache to int16 in one instruction per 16
+// values (to float: two per 8) and does 16 multiply-adds in two instructions, as an FMA does.
+//   scores: 4 heads x 2 slots of int32 accumulators, reduced 4 at a time (Hsum4Int);
+//   values: two slots' values interleaved in int16 pairs against each head's broadcast pair of
+//           weight codes; 4 heads x 16 elements of accumulators kept over the chunk.
+
+// QuantizeInt16Scalar in 8-lane vectors: the same codes and step.
+BITNET_AVX2 bool QuantizeInt16Avx2(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps(), zero_if_finite = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
+    zero_if_finite = _mm256_add_ps(zero_if_finite, _mm256_mul_ps(v, _mm256_setzero_ps()));  // inf * 0, NaN: NaN
+  }
+  float max = 0.0f, zero = Hsum(zero_if_finite);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  for (float l : lanes) max = std::max(max, l);
+  for (; i < n; ++i) {
+    zero += x[i] * 0.0f;
+    max = std::max(max, std::abs(x[i]));
+  }
+  if (zero != 0.0f) return false;
+  *step = max / kLevels;
+  const __m256 inv = _mm256_set1_ps(max == 0.0f ? 0.0f : kLevels / max);
+  std::fill(codes, codes + padded, int16_t{0});
+  i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8), inv));
+    // packs works within 128-bit lanes: a0-3 b0-3 a4-7 b4-7, put in order.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + i), packed);
+  }
+  for (; i < n; ++i) codes[i] = static_cast<int16_t>(_mm_cvtss_si32(_mm_mul_ss(_mm_set_ss(x[i]), _mm256_castps256_ps128(inv))));
+  return true;
+}
+
+// 16 int8 values at row as int16 lanes; PART: the first `count` (< 16), the others zero.
+template <bool PART>
+BITNET_AVX2 inline __m256i Widen16(const int8_t* row, int64_t count) {
+  if (!PART) return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+  alignas(16) int8_t part[16] = {};
+  std::memcpy(part, row, static_cast<size_t>(count));
+  return _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(part)));
+}
+
+// The four int32 horizontal sums {sum(a), sum(b), sum(c), sum(d)}.
+BITNET_AVX2 inline __m128i Hsum4Int(__m256i a, __m256i b, __m256i c, __m256i d) {
+  const __m256i abcd = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+  return _mm_add_epi32(_mm256_castsi256_si128(abcd), _mm256_extracti128_si256(abcd, 1));
+}
+
+// Scores of GB heads (codes q, stride hp) against JS slots (rows k, k + h), as AttendChunkInt8
+// says, into s[hd * kAttentionChunk + js].
+template <int GB, int JS>
+BITNET_AVX2 inline void ScoresBlockInt16Avx2(const int16_t* q, int64_t hp, const int8_t* k, int64_t h,
+                                             const float* slot_scales, const float* q_step, float* s) {
+  __m256i acc[GB][JS];
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 2
+    for (int js = 0; js < JS; ++js) acc[hd][js] = _mm256_setzero_si256();
+  const int64_t h16 = h / 16 * 16;
+  for (int64_t i = 0; i < h; i += 16) {
+    __m256i kw[JS];
+#pragma GCC unroll 2
+    for (int js = 0; js < JS; ++js) kw[js] = i < h16 ? Widen16<false>(k + js * h + i, 16) : Widen16<true>(k + js * h + i, h - i);
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + hd * hp + i));
+#pragma GCC unroll 2
+      for (int js = 0; js < JS; ++js) acc[hd][js] = _mm256_add_epi32(acc[hd][js], _mm256_madd_epi16(qv, kw[js]));
+    }
+  }
+  if constexpr (GB == 4 && JS == 2) {
+    // Lane hd: head hd's dot with slot js.
+    const __m128i dot0 = Hsum4Int(acc[0][0], acc[1][0], acc[2][0], acc[3][0]);
+    const __m128i dot1 = Hsum4Int(acc[0][1], acc[1][1], acc[2][1], acc[3][1]);
+    const __m128 steps = _mm_loadu_ps(q_step);
+    alignas(16) float s0[4], s1[4];
+    _mm_store_ps(s0, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot0), _mm_set1_ps(slot_scales[0])), steps));
+    _mm_store_ps(s1, _mm_mul_ps(_mm_mul_ps(_mm_cvtepi32_ps(dot1), _mm_set1_ps(slot_scales[1])), steps));
+    for (int hd = 0; hd < 4; ++hd) {
+      s[hd * kAttentionChunk] = s0[hd];
+      s[hd * kAttentionChunk + 1] = s1[hd];
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 2
+      for (int js = 0; js < JS; ++js) {
+        const __m128i sum4 = Hsum4Int(acc[hd][js], _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
+        const float dot = static_cast<float>(_mm_cvtsi128_si32(sum4));
+        s[hd * kAttentionChunk + js] = (dot * slot_scales[js]) * q_step[hd];
+      }
+  }
+}
+
+template <int GB>
+BITNET_AVX2 void ScoreHeadsInt16Avx2(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h,
+                                     const float* slot_scales, const float* q_step, int64_t n, float* p,
+                                     const int8_t* v_prefetch) {
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    if (v_prefetch) PrefetchSlotRows(v_prefetch + j * h, k_nh + j * h, 2, h);
+    ScoresBlockInt16Avx2<GB, 2>(q, hp, k_nh + j * h, h, slot_scales + j, q_step, p + j);
+  }
+  if (j < n) ScoresBlockInt16Avx2<GB, 1>(q, hp, k_nh + j * h, h, slot_scales + j, q_step, p + j);
+}
+
+// acc_gh[hd * h + i] = float(sum_j w[hd * kWeightStride + j] * v[j, i]) * w_step[hd] for GB heads
+// and the 16 elements from i0 (PART: the first h - i0 of them), in slot pairs.
+template <int GB, bool PART>
+BITNET_AVX2 inline void ValuesBlockInt16Avx2(const int16_t* w, const int8_t* v, int64_t h, int64_t n, int64_t i0,
+                                             const float* w_step, const int8_t* k_prefetch, float* acc_gh) {
+  __m256i acc[GB][2];
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd) acc[hd][0] = acc[hd][1] = _mm256_setzero_si256();
+  const int64_t count = h - i0;
+  for (int64_t j = 0; j < n; j += 2) {
+    if (k_prefetch) {
+      for (int64_t b = 0; b < 2 * h; b += 64) PrefetchAt(k_prefetch, j * h + b);
+    }
+    // Lanes of lo: elements 0-3 and 8-11 as (v[j], v[j + 1]) pairs; hi: 4-7 and 12-15.
+    const int8_t* row = v + j * h + i0;
+    const __m256i a = Widen16<PART>(row, count);
+    const __m256i b = j + 1 < n ? Widen16<PART>(row + h, count) : _mm256_setzero_si256();  // past an odd count: 0
+    const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      int32_t pair;
+      std::memcpy(&pair, w + hd * kWeightStride + j, sizeof(pair));
+      const __m256i wv = _mm256_set1_epi32(pair);
+      acc[hd][0] = _mm256_add_epi32(acc[hd][0], _mm256_madd_epi16(lo, wv));
+      acc[hd][1] = _mm256_add_epi32(acc[hd][1], _mm256_madd_epi16(hi, wv));
+    }
+  }
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd) {
+    const __m256 step = _mm256_set1_ps(w_step[hd]);
+    const __m256 x0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(acc[hd][0], acc[hd][1], 0x20)), step);
+    const __m256 x1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_permute2x128_si256(acc[hd][0], acc[hd][1], 0x31)), step);
+    float* out = acc_gh + hd * h + i0;
+    if (PART) {
+      alignas(32) float part[16];
+      _mm256_store_ps(part, x0);
+      _mm256_store_ps(part + 8, x1);
+      std::memcpy(out, part, static_cast<size_t>(count) * sizeof(float));
+    } else {
+      _mm256_storeu_ps(out, x0);
+      _mm256_storeu_ps(out + 8, x1);
+    }
+  }
+}
+
+template <int GB>
+BITNET_AVX2 void WeightValuesInt16Avx2(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n,
+                                       const float* w_step, const int8_t* k_prefetch, float* acc_gh) {
+  const int64_t h16 = h / 16 * 16;
+  int64_t i0 = 0;
+  for (; i0 < h16; i0 += 16, k_prefetch = nullptr)
+    ValuesBlockInt16Avx2<GB, false>(w, v_nh, h, n, i0, w_step, k_prefetch, acc_gh);
+  if (h16 < h) ValuesBlockInt16Avx2<GB, true>(w, v_nh, h, n, h16, w_step, k_prefetch, acc_gh);
+}
+
+BITNET_AVX2 void AttendChunkInt8Avx2(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
+                                     const float* k_scale_n, const float* v_scale_n, int64_t n, float scale,
+                                     float* scratch, float* partial) {
+  const auto in_float = [&] {
+    AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+  };
+  if (h > kInt8MaxExactDim) return in_float();
+  const Int8Parts parts = CarveInt8Parts(scratch, g, h);
+  const int64_t hp = PaddedDim(h);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    if (!QuantizeInt16Avx2(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
+  }
+  float* max_g = partial;
+  float* sum_g = partial + g;
+  float* acc_gh = partial + 2 * g;
+
+  // 1. Scores.
+  for (int64_t j = 0; j < n; ++j) parts.slot_scales[j] = k_scale_n[j] * scale;
+  for (int64_t g0 = 0; g0 < g; g0 += 4) {
+    const int16_t* q = parts.q + g0 * hp;
+    float* p = parts.p + g0 * kAttentionChunk;
+    const int8_t* v_prefetch = g0 == 0 ? v_nh : nullptr;
+    const float* q_step = parts.q_step + g0;
+    switch (std::min<int64_t>(4, g - g0)) {
+      case 4: ScoreHeadsInt16Avx2<4>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
+      case 3: ScoreHeadsInt16Avx2<3>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
+      case 2: ScoreHeadsInt16Avx2<2>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
+      default: ScoreHeadsInt16Avx2<1>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
+    }
+  }
+
+  // 2. Max, exp(score - max), sum; the weights times each value row's scale, and their codes.
+  const __m256i n_tail = FirstLanes(n % 8);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* p = parts.p + gi * kAttentionChunk;
+    const float m = *std::max_element(p, p + n);
+    const __m256 m_v = _mm256_set1_ps(m);
+    __m256 sum = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_loadu_ps(p + j), m_v));
+      sum = _mm256_add_ps(sum, e);
+      _mm256_storeu_ps(p + j, _mm256_mul_ps(e, _mm256_loadu_ps(v_scale_n + j)));
+    }
+    if (j < n) {
+      const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_maskload_ps(p + j, n_tail), m_v));
+      sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(n_tail)));
+      _mm256_maskstore_ps(p + j, n_tail, _mm256_mul_ps(e, _mm256_maskload_ps(v_scale_n + j, n_tail)));
+    }
+    max_g[gi] = m;
+    sum_g[gi] = Hsum(sum);
+    if (!QuantizeInt16Avx2(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
+  }
+
+  // 3. Weighted values.
+  for (int64_t g0 = 0; g0 < g; g0 += 4) {
+    const int16_t* w = parts.w + g0 * kWeightStride;
+    const float* w_step = parts.w_step + g0;
+    float* acc = acc_gh + g0 * h;
+    const int8_t* k_next = g0 == 0 && n == kAttentionChunk ? k_nh + n * h : nullptr;  // as AttendChunkInt8Vnni
+    switch (std::min<int64_t>(4, g - g0)) {
+      case 4: WeightValuesInt16Avx2<4>(w, v_nh, h, n, w_step, k_next, acc); break;
+      case 3: WeightValuesInt16Avx2<3>(w, v_nh, h, n, w_step, k_next, acc); break;
+      case 2: WeightValuesInt16Avx2<2>(w, v_nh, h, n, w_step, k_next, acc); break;
+      default: WeightValuesInt16Avx2<1>(w, v_nh, h, n, w_step, k_next, acc); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // AVX-512: the AVX2 kernel's passes in 16-float registers. The scores of a block of 4 heads and
 // 4 slots are 16 accumulators, summed together into one vector (Sum16x16, x86_simd.h) rather than one by one.
 // The blocks are forced inline: GCC left them as calls, their accumulators passing through memory
@@ -546,6 +884,258 @@ BITNET_AVX512 void ExpNonPositive16(float* x, int64_t n) {
   }
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI: AttendChunkInt8's integer arithmetic (attention_kernel.h) in vpdpwssd, the dot
+// products of int16 pairs. Against the float kernels above it skips widening the int8 cache to
+// float (the codes widen to int16, one instruction per 32) and does 32 multiply-adds an
+// instruction where an FMA does 16 (8 in AVX2).
+//   scores: 4 heads x 4 slots of int32 accumulators over the head dim, summed together (Sum16x16);
+//   values: two slots' values interleaved in int16 pairs against each head's two weight codes,
+//           broadcast; 4 heads x 64 elements of accumulators kept over the chunk.
+
+// QuantizeInt16Scalar in 16-lane vectors: the same codes and step.
+BITNET_AVX512 bool QuantizeInt16(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+  __m512 m = _mm512_setzero_ps(), zero_if_finite = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(FirstLanes16(std::min<int64_t>(16, n - i)), x + i);
+    m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    zero_if_finite = _mm512_add_ps(zero_if_finite, _mm512_mul_ps(v, _mm512_setzero_ps()));  // inf * 0, NaN: NaN
+  }
+  if (_mm512_reduce_add_ps(zero_if_finite) != 0.0f) return false;
+  const float max = _mm512_reduce_max_ps(m);
+  *step = max / kLevels;
+  const __m512 inv = _mm512_set1_ps(max == 0.0f ? 0.0f : kLevels / max);
+  for (int64_t i = 0; i < padded; i += 16) {
+    const __mmask16 lanes = FirstLanes16(std::clamp<int64_t>(n - i, 0, 16));
+    const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, x + i), inv));
+    _mm256_mask_storeu_epi16(codes + i, FirstLanes16(std::min<int64_t>(16, padded - i)), _mm512_cvtsepi32_epi16(c));
+  }
+  return true;
+}
+
+// 32 int8 values at row as int16 lanes; PART: the lanes of `tail`, the others zero.
+template <bool PART>
+BITNET_AVX512_INLINE __m512i Widen32(const int8_t* row, __mmask32 tail) {
+  return _mm512_cvtepi8_epi16(PART ? _mm256_maskz_loadu_epi8(tail, row)
+                                   : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)));
+}
+
+// acc[hd * JS + js] += the products of 32 query codes of head hd (q + hd * hp) and key values of
+// slot js (k + js * h), in int16 pairs.
+template <int GB, int JS, bool PART>
+BITNET_AVX512_INLINE void ScoresStepInt16(const int16_t* q, int64_t hp, const int8_t* k, int64_t h, __mmask32 tail,
+                                          __m512i* acc) {
+  __m512i kw[JS];
+#pragma GCC unroll 4
+  for (int js = 0; js < JS; ++js) kw[js] = Widen32<PART>(k + js * h, tail);
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd) {
+    const __m512i qv = _mm512_loadu_si512(q + hd * hp);
+#pragma GCC unroll 4
+    for (int js = 0; js < JS; ++js) Dpwssd(acc[hd * JS + js], qv, kw[js]);
+  }
+}
+
+// Scores of GB heads (codes q, stride hp) against JS slots (rows k, k + h, ...), as
+// AttendChunkInt8 says, into s[hd * kAttentionChunk + js].
+template <int GB, int JS>
+BITNET_AVX512_INLINE void ScoresBlockInt16(const int16_t* q, int64_t hp, const int8_t* k, int64_t h,
+                                           const float* slot_scales, const float* q_step, __m512 q_step_4x4,
+                                           __mmask32 tail, float* s) {
+  __m512i acc[GB * JS];
+#pragma GCC unroll 16
+  for (int a = 0; a < GB * JS; ++a) acc[a] = _mm512_setzero_si512();
+  const int64_t h32 = h / 32 * 32;
+  for (int64_t i = 0; i < h32; i += 32) ScoresStepInt16<GB, JS, false>(q + i, hp, k + i, h, tail, acc);
+  if (h32 < h) ScoresStepInt16<GB, JS, true>(q + h32, hp, k + h32, h, tail, acc);
+  if constexpr (GB == 4 && JS == 4) {
+    // Lane 4 * hd + js: head hd's score of slot js.
+    const __m512 dots = _mm512_cvtepi32_ps(Sum16x16(acc));
+    const __m512 scores =
+        _mm512_mul_ps(_mm512_mul_ps(dots, _mm512_broadcast_f32x4(_mm_loadu_ps(slot_scales))), q_step_4x4);
+    _mm_storeu_ps(s, _mm512_castps512_ps128(scores));
+    _mm_storeu_ps(s + kAttentionChunk, _mm512_extractf32x4_ps(scores, 1));
+    _mm_storeu_ps(s + 2 * kAttentionChunk, _mm512_extractf32x4_ps(scores, 2));
+    _mm_storeu_ps(s + 3 * kAttentionChunk, _mm512_extractf32x4_ps(scores, 3));
+  } else {
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 4
+      for (int js = 0; js < JS; ++js) {
+        const float dot = static_cast<float>(_mm512_reduce_add_epi32(acc[hd * JS + js]));
+        s[hd * kAttentionChunk + js] = (dot * slot_scales[js]) * q_step[hd];
+      }
+  }
+}
+
+template <int GB>
+BITNET_AVX512 void ScoreHeadsInt16(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h,
+                                   const float* slot_scales, const float* q_step, int64_t n, __mmask32 tail,
+                                   float* p, const int8_t* v_prefetch) {
+  // Lane 4 * hd + js: q_step[hd] (4 heads).
+  const __m512 q_step_4x4 =
+      GB == 4 ? _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                      _mm512_castps128_ps512(_mm_loadu_ps(q_step)))
+              : _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    if (v_prefetch) PrefetchSlotRows(v_prefetch + j * h, k_nh + j * h, 4, h);
+    ScoresBlockInt16<GB, 4>(q, hp, k_nh + j * h, h, slot_scales + j, q_step, q_step_4x4, tail, p + j);
+  }
+  for (; j < n; ++j) ScoresBlockInt16<GB, 1>(q, hp, k_nh + j * h, h, slot_scales + j, q_step, q_step_4x4, tail, p + j);
+}
+
+// acc_gh[hd * h + i] = float(sum_j w[hd * kWeightStride + j] * v[j, i]) * w_step[hd] for GB heads
+// and the IB * 32 elements from i0 (PART: one partial block, the row's last), in slot pairs: GB *
+// 2 * IB accumulators in registers over the chunk.
+template <int GB, int IB, bool PART>
+BITNET_AVX512_INLINE void ValuesBlockInt16(const int16_t* w, const int8_t* v, int64_t h, int64_t n, int64_t i0,
+                                           __mmask32 tail, const float* w_step, const int8_t* k_prefetch,
+                                           float* acc_gh) {
+  __m512i acc[GB][2 * IB];
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 4
+    for (int a = 0; a < 2 * IB; ++a) acc[hd][a] = _mm512_setzero_si512();
+  for (int64_t j = 0; j < n; j += 2) {
+    if (k_prefetch) {
+      for (int64_t b = 0; b < 2 * h; b += 64) PrefetchAt(k_prefetch, j * h + b);
+    }
+    // Lanes of lo: elements 8L + (0..3) of 128-bit lane L as (v[j], v[j + 1]) pairs; hi: 8L + (4..7).
+    __m512i lo[IB], hi[IB];
+#pragma GCC unroll 2
+    for (int ib = 0; ib < IB; ++ib) {
+      const int8_t* row = v + j * h + i0 + 32 * ib;
+      const __m512i a = Widen32<PART>(row, tail);
+      const __m512i b = j + 1 < n ? Widen32<PART>(row + h, tail) : _mm512_setzero_si512();  // past an odd count: 0
+      lo[ib] = _mm512_unpacklo_epi16(a, b);
+      hi[ib] = _mm512_unpackhi_epi16(a, b);
+    }
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      const int32_t* pair = reinterpret_cast<const int32_t*>(w + hd * kWeightStride + j);
+#pragma GCC unroll 2
+      for (int ib = 0; ib < IB; ++ib) {
+        DpwssdBroadcast(acc[hd][2 * ib], lo[ib], pair);
+        DpwssdBroadcast(acc[hd][2 * ib + 1], hi[ib], pair);
+      }
+    }
+  }
+  // Back in element order: elements 0-15 of a block from lanes 0-7 of lo and hi, 16-31 from 8-15.
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd) {
+    const __m512 step = _mm512_set1_ps(w_step[hd]);
+#pragma GCC unroll 2
+    for (int ib = 0; ib < IB; ++ib) {
+      const __m512i l = acc[hd][2 * ib], r = acc[hd][2 * ib + 1];
+      const __m512 x0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(l, first, r)), step);
+      const __m512 x1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutex2var_epi32(l, second, r)), step);
+      float* out = acc_gh + hd * h + i0 + 32 * ib;
+      if (PART) {
+        _mm512_mask_storeu_ps(out, static_cast<__mmask16>(tail), x0);
+        _mm512_mask_storeu_ps(out + 16, static_cast<__mmask16>(tail >> 16), x1);
+      } else {
+        _mm512_storeu_ps(out, x0);
+        _mm512_storeu_ps(out + 16, x1);
+      }
+    }
+  }
+}
+
+template <int GB>
+BITNET_AVX512 void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n, __mmask32 tail,
+                                     const float* w_step, const int8_t* k_prefetch, float* acc_gh) {
+  const int64_t h32 = h / 32 * 32;
+  int64_t i0 = 0;
+  for (; i0 + 64 <= h32; i0 += 64, k_prefetch = nullptr)
+    ValuesBlockInt16<GB, 2, false>(w, v_nh, h, n, i0, tail, w_step, k_prefetch, acc_gh);
+  for (; i0 < h32; i0 += 32, k_prefetch = nullptr)
+    ValuesBlockInt16<GB, 1, false>(w, v_nh, h, n, i0, tail, w_step, k_prefetch, acc_gh);
+  if (h32 < h) ValuesBlockInt16<GB, 1, true>(w, v_nh, h, n, h32, tail, w_step, k_prefetch, acc_gh);
+}
+
+BITNET_AVX512 void AttendChunkInt8Vnni(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh,
+                                       const int8_t* v_nh, const float* k_scale_n, const float* v_scale_n, int64_t n,
+                                       float scale, float* scratch, float* partial) {
+  const auto in_float = [&] {
+    AttendChunkAvx512(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+  };
+  if (h > kInt8MaxExactDim) return in_float();
+  const Int8Parts parts = CarveInt8Parts(scratch, g, h);
+  const int64_t hp = PaddedDim(h);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    if (!QuantizeInt16(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
+  }
+  float* max_g = partial;
+  float* sum_g = partial + g;
+  float* acc_gh = partial + 2 * g;
+  const __mmask32 h_tail = static_cast<__mmask32>((uint64_t{1} << (h % 32)) - 1);
+
+  // 1. Scores.
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = FirstLanes16(std::min<int64_t>(16, n - j));
+    _mm512_mask_storeu_ps(parts.slot_scales + j, lanes,
+                          _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, k_scale_n + j), _mm512_set1_ps(scale)));
+  }
+  for (int64_t g0 = 0; g0 < g; g0 += 4) {
+    const int16_t* q = parts.q + g0 * hp;
+    float* p = parts.p + g0 * kAttentionChunk;
+    const int8_t* v_prefetch = g0 == 0 ? v_nh : nullptr;
+    const float* q_step = parts.q_step + g0;
+    switch (std::min<int64_t>(4, g - g0)) {
+      case 4: ScoreHeadsInt16<4>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
+      case 3: ScoreHeadsInt16<3>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
+      case 2: ScoreHeadsInt16<2>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
+      default: ScoreHeadsInt16<1>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
+    }
+  }
+
+  // 2. Max, exp(score - max), sum; the weights times each value row's scale, and their codes.
+  const __mmask16 n_tail = FirstLanes16(n % 16);
+  const int64_t n16 = n / 16 * 16;
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* p = parts.p + gi * kAttentionChunk;
+    __m512 m_v = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n16; j += 16) m_v = _mm512_max_ps(m_v, _mm512_loadu_ps(p + j));
+    if (n16 < n) m_v = _mm512_mask_max_ps(m_v, n_tail, m_v, _mm512_maskz_loadu_ps(n_tail, p + n16));
+    const float m = _mm512_reduce_max_ps(m_v);
+    m_v = _mm512_set1_ps(m);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n16; j += 16) {
+      const __m512 e = Exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m_v));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_storeu_ps(p + j, _mm512_mul_ps(e, _mm512_loadu_ps(v_scale_n + j)));
+    }
+    if (n16 < n) {
+      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(n_tail, p + n16), m_v));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(n_tail, e));
+      _mm512_mask_storeu_ps(p + n16, n_tail, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(n_tail, v_scale_n + n16)));
+    }
+    max_g[gi] = m;
+    sum_g[gi] = _mm512_reduce_add_ps(sum);
+    if (!QuantizeInt16(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
+  }
+
+  // 3. Weighted values.
+  for (int64_t g0 = 0; g0 < g; g0 += 4) {
+    const int16_t* w = parts.w + g0 * kWeightStride;
+    const float* w_step = parts.w_step + g0;
+    float* acc = acc_gh + g0 * h;
+    // The first block of heads prefetches the keys of the chunk that follows in the cache (the
+    // next chunk of this query's head, in a long context), while this one computes.
+    const int8_t* k_next = g0 == 0 && n == kAttentionChunk ? k_nh + n * h : nullptr;
+    switch (std::min<int64_t>(4, g - g0)) {
+      case 4: WeightValuesInt16<4>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
+      case 3: WeightValuesInt16<3>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
+      case 2: WeightValuesInt16<2>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
+      default: WeightValuesInt16<1>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
+    }
+  }
+}
+
 }  // namespace
 
 #endif  // BITNET_JAX_X86_SIMD
@@ -586,16 +1176,16 @@ void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int
                      float* partial) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    AttendChunkAvx512(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Vnni(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
     return;
   }
   if (isa == Isa::kAvx2) {
-    AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Avx2(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
     return;
   }
 #endif
   (void)isa;
-  AttendChunkScalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+  AttendChunkInt8Scalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
 }
 
 // Every path: a few operations per head and chunk, beside the chunk's G * n * H of AttendChunk.

@@ -26,9 +26,22 @@ constexpr int64_t kAttentionChunk = 128;
 // Floats in one chunk's partial for g query heads of head dim h: max [g], sum [g], acc [g, h].
 constexpr int64_t PartialFloats(int64_t g, int64_t h) { return g * (h + 2); }
 
+// AttendChunkInt8 multiplies in integers: each query head, and each head's weights of a chunk,
+// are rounded to int16 codes of a step = (largest magnitude) / kInt16Levels. A score's dot product
+// of H codes against int8 keys stays within int32 for H <= kInt8MaxExactDim (|code| <= 32767,
+// |key| <= 128); a longer head dim takes the float arithmetic of AttendChunk instead.
+constexpr int64_t kInt16Levels = 32767;
+constexpr int64_t kInt8MaxExactDim = 256;
+
+// A head's query codes are kept in whole 32-lane vectors: h rounded up to a multiple of 32.
+constexpr int64_t PaddedDim(int64_t h) { return (h + 31) / 32 * 32; }
+
 // Floats of the scratch buffer AttendChunk and AttendChunkInt8 take: the scores of g heads for a
-// chunk, and the chunk's slot scales.
-constexpr int64_t ScratchFloats(int64_t g, int64_t /*h*/) { return (g + 1) * kAttentionChunk; }
+// chunk and the chunk's slot scales; for AttendChunkInt8 also the heads' query codes, their weight
+// codes (two spare for a pair past an odd slot count), and a step per head for each.
+constexpr int64_t ScratchFloats(int64_t g, int64_t h) {
+  return (g + 1) * kAttentionChunk + g * PaddedDim(h) / 2 + g * (kAttentionChunk + 2) / 2 + 2 * g;
+}
 
 // exp(x[i]) in place for n values x[i] <= 0 (scores minus their max): a degree-6 polynomial
 // on the reduced argument (Cephes' expf), relative error within 2 ulp (kernel_test checks it).
@@ -48,9 +61,18 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
                  int64_t n, float scale, float* scratch, float* partial);
 
 // AttendChunk over an int8 cache with a float scale per slot (the cache holds k_scale_n[j] * k_nh[j]
-// and v_scale_n[j] * v_nh[j]): s_gj = (q_g . k_j) * (k_scale_n[j] * scale), the dot in float over
-// the exactly widened int8 values; max_g and sum_g as above; acc_gh = sum_j (exp(s_gj - max_g) *
-// v_scale_n[j]) * v_jh.
+// and v_scale_n[j] * v_nh[j]), its dot products in integers:
+//   scores   each head's query q_g is rounded to int16 codes Q_g = round(q_g / a_g), a_g =
+//            max_i |q_gi| / kInt16Levels (round half to even; a_g = 0 and Q_g = 0 for a zero
+//            query); s_gj = (float(Q_g . k_j) * (k_scale_n[j] * scale)) * a_g, the dot exact in
+//            int32;
+//   max_g, sum_g as above, over the float weights p_gj = exp(s_gj - max_g);
+//   values   w_gj = p_gj * v_scale_n[j], rounded as the queries are: W_gj = round(w_gj / b_g),
+//            b_g = max_j w_gj / kInt16Levels; acc_gh = float(sum_j W_gj v_jh) * b_g, exact in int32.
+// A code is within half a step of its value: 2^-16 of the head's largest, far below the int8
+// cache's own rounding (2^-8 of a slot's largest). Where a query or a chunk's weights are not
+// finite, or h > kInt8MaxExactDim, the chunk takes the float arithmetic instead: the dot products
+// in float over the exactly widened int8 values, acc_gh = sum_j w_gj * v_jh.
 void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
                      const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
                      float* partial);

@@ -69,6 +69,30 @@ BITNET_AVX512 inline void DpbusdBroadcast(__m512i& acc, __m512i u8, const int32_
 #endif
 }
 
+// acc += a . b over pairs of int16 lanes into int32 lanes (vpdpwssd), as inline assembly for the
+// reason Dpbusd gives.
+BITNET_AVX512 inline void Dpwssd(__m512i& acc, __m512i a, __m512i b) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __m512i r = acc;
+  asm("vpdpwssd %2, %1, %0" : "+v"(r) : "v"(a), "v"(b));
+  acc = r;
+#else
+  acc = _mm512_dpwssd_epi32(acc, a, b);
+#endif
+}
+
+// acc += a . (the int16 pair at pair, broadcast to every lane), the broadcast as vpdpwssd's memory
+// operand ({1to16}) as in DpbusdBroadcast.
+BITNET_AVX512 inline void DpwssdBroadcast(__m512i& acc, __m512i a, const int32_t* pair) {
+#if defined(__GNUC__) && !defined(__clang__)
+  __m512i r = acc;
+  asm("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(r) : "v"(a), "m"(*pair));
+  acc = r;
+#else
+  acc = _mm512_dpwssd_epi32(acc, a, _mm512_set1_epi32(*pair));
+#endif
+}
+
 // Sum16x16's steps: a register's bits as int32 or float lanes, and two added as such.
 template <typename V>
 BITNET_AVX512 inline V FromBits16(__m512i v);

@@ -324,6 +324,10 @@ def decode_attention(
     q_btnh: float32 [B, T, N, H]; k_lbksh, v_lbksh: float32 [L, Bc, K, S, H], N a multiple of K;
       or int8 codes of that shape with float32 scales k_scale_lbks, v_scale_lbks [L, Bc, K, S]
       (the cache then holds k = k_scale[..., None] * k_codes, a quarter of the bytes to read).
+      Over an int8 cache the kernel multiplies in integers: each head's query, and its softmax
+      weights of every 128 slots, are rounded to int16 codes (steps of 1/32767 of the largest),
+      so it differs from float attention over the dequantized cache by at most 2^-16 of those
+      largest values, far below the cache's own int8 rounding (xla_ffi/attention_kernel.h).
     layer: int32 scalar (may be traced), in [0, L). positions_bt: int32 [B, T], each < S (a larger
       one raises at run time); a negative position gives zeros (a row with nothing to attend).
     cache_rows_b: int32 [B], each in [0, Bc); default 0..B-1 (then Bc must be at least B).

@@ -49,6 +49,43 @@ void CheckExp(bitnet::Isa isa) {
   }
 }
 
+// The int8 cache's integer arithmetic (AttendChunkInt8) rounds a head's query and its weights of a
+// chunk to int16 codes of a step = (largest magnitude) / 32767. A code is within 0.51 steps of its
+// value: half a step, and one float rounding of value * (32767 / largest), at most 32767 u.
+
+// The most a query's codes move any score: 0.51 * step * scale * sum_i |k_ji| over the exact keys
+// kd; a weight exp(s_j - max) moves by at most twice that, relatively (s_j and the max).
+double QueryCodeError(const float* q, int64_t h, const std::vector<double>& kd, int64_t slots) {
+  double largest = 0.0, worst = 0.0;
+  for (int64_t i = 0; i < h; ++i) largest = std::max(largest, std::abs(static_cast<double>(q[i])));
+  for (int64_t j = 0; j < slots; ++j) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < h; ++i) sum += std::abs(kd[j * h + i]);
+    worst = std::max(worst, sum);
+  }
+  return 0.51 * largest / 32767 * worst / std::sqrt(static_cast<double>(h));
+}
+
+// The most the weights' codes move output element i: a chunk's weights w_j = p_j * v_scale_j (p_j
+// its exp(s_j - chunk max)) are coded in steps of max_j w_j / 32767, each code within 0.51 steps,
+// against the int8 values v8_ji; the merge scales the chunk by exp(chunk max - max) / total. So
+// per chunk: 0.51 / 32767 * max_j(P_j v_scale_j) * sum_j |v8_ji|, P_j the normalized weights
+// (p[j] / total below, p[j] = exp(s_j - max)).
+double WeightCodeError(const std::vector<double>& p, double total, const std::vector<float>& v_scale,
+                       const std::vector<int8_t>& v8, int64_t h, int64_t i) {
+  const int64_t slots = static_cast<int64_t>(p.size());
+  double error = 0.0;
+  for (int64_t first = 0; first < slots; first += bitnet::kAttentionChunk) {
+    double largest = 0.0, sum = 0.0;
+    for (int64_t j = first; j < std::min(slots, first + bitnet::kAttentionChunk); ++j) {
+      largest = std::max(largest, p[j] / total * v_scale[j]);
+      sum += std::abs(static_cast<double>(v8[j * h + i]));
+    }
+    error += 0.51 / 32767 * largest * sum;
+  }
+  return error;
+}
+
 // One query's G heads over `slots` slots, chunk by chunk as the FFI handler cuts them, against
 // the softmax-weighted values in double precision.
 //
@@ -125,14 +162,16 @@ void CheckChunkedAttention(bitnet::Isa isa, int64_t g, int64_t h, int64_t slots,
     const double m = *std::max_element(s.begin(), s.end());
     double total = 0.0;
     for (double& x : s) total += (x = std::exp(x - m));
-    const double d = (h + 5) * u * a_max + (int8_cache ? 5 : 3) * u;
+    double d = (h + 5) * u * a_max + (int8_cache ? 5 : 3) * u;
+    if (int8_cache) d += 2 * QueryCodeError(q.data() + gi * h, h, kd, slots);
     for (int64_t i = 0; i < h; ++i) {
       double want = 0.0, magnitude = 0.0;
       for (int64_t j = 0; j < slots; ++j) {
         want += s[j] / total * vd[j * h + i];
         magnitude += s[j] / total * std::abs(vd[j * h + i]);
       }
-      const double tol = (2 * d + (2.0 * slots + 5) * u) * magnitude;
+      double tol = (2 * d + (2.0 * slots + 5) * u) * magnitude;
+      if (int8_cache) tol += WeightCodeError(s, total, v_scale, v8, h, i);
       const double got = out[gi * h + i];
       if (!(std::abs(got - want) <= tol) && ++failures <= 20) {
         std::printf("FAIL attention%s isa=%s g=%lld h=%lld slots=%lld at [%lld, %lld]: got %.9g want %.9g (tol %.3g)\n",
@@ -144,6 +183,32 @@ void CheckChunkedAttention(bitnet::Isa isa, int64_t g, int64_t h, int64_t slots,
 }
 
 }  // namespace
+
+// The int8 kernels' float fallback (attention_kernel.h): a query with a NaN gives NaN, not codes
+// of garbage, in every output of its head and only there.
+void CheckInt8NonFinite(bitnet::Isa isa) {
+  const int64_t g = 4, h = 128, n = 100;
+  std::vector<float> q(g * h, 0.5f), k_scale(n, 0.01f), v_scale(n, 0.02f);
+  std::vector<int8_t> k8(n * h), v8(n * h);
+  for (int64_t i = 0; i < n * h; ++i) {
+    k8[i] = static_cast<int8_t>(i % 255 - 127);
+    v8[i] = static_cast<int8_t>((7 * i) % 255 - 127);
+  }
+  q[h + 5] = std::nanf("");  // head 1
+  std::vector<float> scratch(bitnet::ScratchFloats(g, h)), partial(bitnet::PartialFloats(g, h)), out(g * h);
+  bitnet::AttendChunkInt8(isa, q.data(), g, h, k8.data(), v8.data(), k_scale.data(), v_scale.data(), n, 0.088f,
+                          scratch.data(), partial.data());
+  bitnet::MergeChunks(partial.data(), 1, g, h, out.data());
+  bool ok = true;
+  for (int64_t gi = 0; gi < g; ++gi) {
+    for (int64_t i = 0; i < h; ++i) ok &= std::isnan(out[gi * h + i]) == (gi == 1);
+  }
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL attention (int8 cache) isa=%s: a NaN in head 1's query must give NaN there, finite elsewhere\n",
+                bitnet::IsaName(isa));
+  }
+}
 
 // Failures on path `isa` (printed, at most 20 lines).
 int CheckAttention(bitnet::Isa isa) {
@@ -159,5 +224,8 @@ int CheckAttention(bitnet::Isa isa) {
       }
     }
   }
+  // A head dim past kInt8MaxExactDim: the int8 cache in float arithmetic.
+  for (int64_t slots : {5, 129}) CheckChunkedAttention(isa, 4, 300, slots, true, rng);
+  CheckInt8NonFinite(isa);
   return failures;
 }
