@@ -256,7 +256,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
     }
   }
   plan->partials.resize(plan->items.size() * partial_floats);
-  ParallelFor(pool, static_cast<int64_t>(plan->items.size()), 1, [&](int64_t begin, int64_t end) {
+  ParallelForInOrder(pool, static_cast<int64_t>(plan->items.size()), [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
     scratch.resize(ScratchFloats(g, h));
     for (int64_t i = begin; i < end; ++i) {

@@ -56,6 +56,44 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t units, int64_t min_chunk, c
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+// As ParallelFor, for work whose units lie in memory in order (decode attention's chunks of a
+// kv head's slots): each thread starts on its own contiguous share of [0, units), one unit at a
+// time, so that its loads form one stream the hardware and the kernel's look-ahead can follow,
+// rather than every thread taking every other few units. A thread whose share is done takes
+// units from the shares after it, so a slow or absent thread delays only the unit it holds, and
+// the call finishes with the caller alone.
+template <typename Fn>
+void ParallelForInOrder(xla::ffi::ThreadPool& pool, int64_t units, const Fn& fn) {
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), units);
+  if (threads <= 1) {
+    if (units > 0) fn(int64_t{0}, units);
+    return;
+  }
+  struct State {
+    explicit State(int64_t shares) : next(new std::atomic<int64_t>[shares]) {}
+    std::unique_ptr<std::atomic<int64_t>[]> next;  // per share: its next unit
+    std::atomic<int64_t> arrived{0};               // participants so far (the caller is 0)
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>(threads);
+  const auto share_begin = [units, threads](int64_t share) { return share * units / threads; };
+  for (int64_t share = 0; share < threads; ++share) state->next[share].store(share_begin(share));
+  const Fn* body = &fn;
+  auto work = [state, body, units, threads, share_begin]() {
+    const int64_t me = state->arrived.fetch_add(1);
+    for (int64_t k = 0; k < threads; ++k) {
+      const int64_t share = (me + k) % threads, end = share_begin(share + 1);
+      for (int64_t u; (u = state->next[share].fetch_add(1)) < end;) {
+        (*body)(u, u + 1);
+        state->done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  for (int64_t i = 0; i < threads - 1; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
 }  // namespace bitnet
 
 #endif  // BITNET_JAX_XLA_FFI_PARALLEL_H_
