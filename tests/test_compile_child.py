@@ -210,6 +210,28 @@ def test_the_serving_engine_compiles_in_a_child(fresh_programs, packed_folder):
     assert [len(ids) for ids in got] == [12, 6, 10]
 
 
+def test_several_programs_compile_in_one_child(params, fresh_programs, monkeypatch):
+    """`compile_all_in_child`, as the serving engine's warm-up calls it: two programs (two
+    requests of other lengths) from one child, each the program compiling it here gives."""
+    children = []
+    command = compile_child._child_command
+    monkeypatch.setattr(compile_child, "_child_command", lambda folder: children.append(folder) or command(folder))
+    monkeypatch.setattr(compile_child, "_stored_path", lambda request: None)  # nothing kept for other tests
+    requests = [
+        generate_module._Request.make(CONFIG, params, PROMPTS, new, 0.0, None, None, None, False, None, None)
+        for new in (NEW_TOKENS, NEW_TOKENS + 3)
+    ]
+    abstract = lambda args: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), args)
+    calls = [(generate_module._generate, abstract(r.args()), r.static) for r in requests]
+    with BackendCompiles() as compiles:
+        executables = compile_child.compile_all_in_child(calls)
+    assert compiles.count == 0 and len(children) == 1
+    for executable, request in zip(executables, requests, strict=True):
+        got = jax.tree.map(np.asarray, executable(*request.args()))
+        want = jax.tree.map(np.asarray, generate_module._generate(*request.args(), **request.static))
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_the_store_key_covers_what_the_executable_depends_on(monkeypatch, tmp_path):
     """A stored executable is named by the request and by what it was compiled from and for: this
     package's source (the function is read from it) and the host CPU (XLA:CPU compiles for it; a
@@ -245,6 +267,7 @@ def test_the_store_key_covers_what_the_executable_depends_on(monkeypatch, tmp_pa
 )
 def test_a_failed_child_warns_and_compiles_here(params, fresh_programs, monkeypatch, command, message):
     monkeypatch.setattr(compile_child, "_child_command", lambda result_path: command)
+    monkeypatch.setattr(compile_child, "_stored_path", lambda request: None)  # whatever another test kept
     with BackendCompiles() as compiles:
         with pytest.warns(RuntimeWarning, match=rf"(?s){message}.*compiling in this process instead"):
             compile_generate(CONFIG, params, PROMPTS, NEW_TOKENS, in_child=True)

@@ -222,8 +222,11 @@ class Engine:
         # Row 0 of the pool is the scratch page.
         self._in_child = in_child
         self._programs: dict = {}  # with in_child: (program, argument shapes) -> callable
-        pool = dict(config=config, rows=1 + self.kv_pages, page_len=self.page_len, dtype=self._cache_dtype)
-        self._cache = self._call(_zero_cache, (), pool)
+        self._pool = dict(config=config, rows=1 + self.kv_pages, page_len=self.page_len, dtype=self._cache_dtype)
+        if in_child:  # its shapes until start(), which compiles its zeros with the warm-up's programs
+            self._cache = jax.eval_shape(functools.partial(_zero_cache, **self._pool))
+        else:
+            self._cache = self._call(_zero_cache, (), self._pool)
         self._free_pages = list(range(self.kv_pages, 0, -1))  # popped from the end: lowest first
         b = max_batch
         self._pages_bp = np.zeros((b, context // self.page_len), np.int32)  # 0: the scratch page
@@ -335,7 +338,8 @@ class Engine:
         prompt_1t = np.full((1, padded_prompt_length(1)), first, np.int32)
         if self._in_child:  # the warm-up's programs all at once (_compile), not one after the other
             steps = [self._step_call(np.arange(w, dtype=np.int32), np.zeros(w, np.int32)) for w in self._widths]
-            self._compile([self._prefill_call(0, prompt_1t, request), *steps])
+            self._compile([(_zero_cache, (), self._pool), self._prefill_call(0, prompt_1t, request), *steps])
+            self._cache = self._call(_zero_cache, (), self._pool)
         pages = self._take_pages(0, request)
         self._prefill_row(0, prompt_1t, request)
         self._free_row_pages(0, pages)
@@ -543,10 +547,11 @@ class Engine:
         return self._programs[key](*args)
 
     def _compile(self, calls: list[tuple]) -> None:
-        """With `in_child`: the programs of `calls` (program, args, static) not compiled yet, each
-        in a child process, as many at once as there are CPUs (a child is mostly an interpreter
-        starting and a compile: one CPU)."""
-        from bitnet_jax.serve.compile_child import compiled_in_child_or_none
+        """With `in_child`: the programs of `calls` (program, args, static) not compiled yet, in
+        child processes, one per CPU (a child is mostly an interpreter starting and compiles: one
+        CPU), the programs dealt out among them, each child compiling its share one after the other
+        (one interpreter start for several programs)."""
+        from bitnet_jax.serve.compile_child import compiled_all_in_child_or_none
 
         todo = {}
         for program, args, static in calls:
@@ -557,14 +562,16 @@ class Engine:
         if not todo:
             return
 
-        def compile_one(call):
-            program, abstract, static = call
-            return compiled_in_child_or_none(program, abstract, static) or functools.partial(program, **static)
+        def compile_share(keys):
+            calls = [todo[key] for key in keys]
+            compiled = compiled_all_in_child_or_none(calls)
+            return [c or functools.partial(program, **static) for c, (program, _, static) in zip(compiled, calls)]
 
-        workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-            for key, compiled in zip(todo, pool.map(compile_one, todo.values())):
-                self._programs[key] = compiled
+        workers = max(1, min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+        shares = [list(todo)[w::workers] for w in range(workers)]
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for keys, compiled in zip(shares, pool.map(compile_share, shares)):
+                self._programs.update(zip(keys, compiled))
 
     def _take(self, row: int, token: int) -> None:
         """Row `row`'s request takes its next sampled token."""

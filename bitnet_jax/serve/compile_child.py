@@ -12,7 +12,8 @@ by name, lowers and compiles it for abstract arguments, and hands back the execu
 The child gets this process's JAX configuration (every value that differs from its own, but
 with JAX's persistent cache off: see below) and the environment (XLA_FLAGS, BITNET_JAX_ISA), so
 it compiles the program this process would have. It costs a second interpreter's start (about a
-second and a half) on top of the compile.
+second and a half) on top of the compile; `compile_all_in_child` compiles several programs in one
+child, one start for all of them (the `serve` engine's warm-up: one child per CPU).
 
 With a compilation cache folder (`jax_compilation_cache_dir`, which the serving commands set:
 serve/compile_cache.py) the executable is also kept there, under `bitnet_jax-executables/`, named
@@ -63,65 +64,88 @@ def compile_in_child(fn, abstract_args: tuple, static: dict) -> jax.stages.Compi
     arguments placed by a sharding or a mesh in scope, settings that cannot be pickled). Raises
     `ChildCompileError` if the child fails.
     """
-    if jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
-        return None
-    if any(getattr(x, "sharding", None) is not None for x in jax.tree.leaves(abstract_args)):
-        return None
-    module, name = fn.__module__, fn.__qualname__
-    if getattr(importlib.import_module(module), name, None) is not fn:
-        raise ValueError(f"{module}.{name} is not the function to compile: it must be a module's top-level name")
-    try:
-        request = pickle.dumps(
-            dict(
-                package=bitnet_jax.__file__,
-                module=module,
-                name=name,
-                args=abstract_args,
-                static=static,
-                config=dict(jax.config.values),
-            )
-        )
-    except (pickle.PicklingError, TypeError, AttributeError):
-        return None
-    stored = _stored_path(request)
-    if stored is not None and os.path.exists(stored):
-        try:
-            return _load(stored)
-        except Exception:  # truncated, corrupt or unreadable: compile it again
-            with contextlib.suppress(OSError):
-                os.remove(stored)
+    return compile_all_in_child([(fn, abstract_args, static)])[0]
 
-    with tempfile.TemporaryDirectory(prefix="bitnet-jax-compile-") as folder:
-        result_path = os.path.join(folder, "executable.pkl")
+
+def compile_all_in_child(calls: list[tuple]) -> list[jax.stages.Compiled | None]:
+    """`compile_in_child` for each (fn, abstract_args, static) of `calls`, those not stored all in
+    one child, one after the other: one interpreter start (and import of jax) for all of them.
+    The results in the order of `calls`, None for a call where a child does not apply. Raises
+    `ChildCompileError` if the child fails (then none of its programs is returned).
+    """
+    results: list[jax.stages.Compiled | None] = [None] * len(calls)
+    if jax.default_backend() != "cpu" or not jax.sharding.get_abstract_mesh().empty:
+        return results
+    config = dict(jax.config.values)
+    todo = []  # (index in calls, request, where it is stored, name)
+    for i, (fn, abstract_args, static) in enumerate(calls):
+        if any(getattr(x, "sharding", None) is not None for x in jax.tree.leaves(abstract_args)):
+            continue
+        module, name = fn.__module__, fn.__qualname__
+        if getattr(importlib.import_module(module), name, None) is not fn:
+            raise ValueError(f"{module}.{name} is not the function to compile: it must be a module's top-level name")
         try:
-            child = subprocess.run(_child_command(result_path), input=request, capture_output=True)
+            request = pickle.dumps(
+                dict(
+                    package=bitnet_jax.__file__,
+                    module=module,
+                    name=name,
+                    args=abstract_args,
+                    static=static,
+                    config=config,
+                )
+            )
+        except (pickle.PicklingError, TypeError, AttributeError):
+            continue
+        stored = _stored_path(request)
+        if stored is not None and os.path.exists(stored):
+            try:
+                results[i] = _load(stored)
+                continue
+            except Exception:  # truncated, corrupt or unreadable: compile it again
+                with contextlib.suppress(OSError):
+                    os.remove(stored)
+        todo.append((i, request, stored, f"{module}.{name}"))
+    if not todo:
+        return results
+
+    names = ", ".join(sorted({name for *_, name in todo}))
+    with tempfile.TemporaryDirectory(prefix="bitnet-jax-compile-") as folder:
+        try:
+            child = subprocess.run(
+                _child_command(folder), input=pickle.dumps([request for _, request, _, _ in todo]), capture_output=True
+            )
         except OSError as e:  # no interpreter to start (an embedded Python), no processes left
-            raise ChildCompileError(f"compiling {module}.{name} in a child process failed to start it: {e}") from e
-        if child.returncode != 0 or not os.path.exists(result_path):
+            raise ChildCompileError(f"compiling {names} in a child process failed to start it: {e}") from e
+        paths = [_result_path(folder, k) for k in range(len(todo))]
+        if child.returncode != 0 or not all(os.path.exists(path) for path in paths):
             stderr = child.stderr.decode(errors="replace").strip().splitlines()
             tail = "\n".join(stderr[-15:]) or "(no output)"
-            raise ChildCompileError(
-                f"compiling {module}.{name} in a child process failed (exit {child.returncode}):\n{tail}"
-            )
-        try:
-            compiled = _load(result_path)
-        except Exception as e:  # whatever failed, the caller may compile here instead
-            raise ChildCompileError(
-                f"the executable compiled for {module}.{name} in a child process did not load: {e}"
-            ) from e
-        if stored is not None:
-            _store(result_path, stored)
-    return compiled
+            raise ChildCompileError(f"compiling {names} in a child process failed (exit {child.returncode}):\n{tail}")
+        for (i, _, stored, name), path in zip(todo, paths, strict=True):
+            try:
+                results[i] = _load(path)
+            except Exception as e:  # whatever failed, the caller may compile here instead
+                message = f"the executable compiled for {name} in a child process did not load: {e}"
+                raise ChildCompileError(message) from e
+            if stored is not None:
+                _store(path, stored)
+    return results
 
 
 def compiled_in_child_or_none(fn, abstract_args: tuple, static: dict) -> jax.stages.Compiled | None:
     """`compile_in_child`, with a failed child turned into a warning and None (the caller then
     compiles in this process)."""
+    return compiled_all_in_child_or_none([(fn, abstract_args, static)], stacklevel=4)[0]
+
+
+def compiled_all_in_child_or_none(calls: list[tuple], stacklevel: int = 3) -> list[jax.stages.Compiled | None]:
+    """`compile_all_in_child`, with a failed child turned into a warning and Nones."""
     try:
-        return compile_in_child(fn, abstract_args, static)
+        return compile_all_in_child(calls)
     except ChildCompileError as e:
-        warnings.warn(f"{e}\ncompiling in this process instead", RuntimeWarning, stacklevel=3)
-        return None
+        warnings.warn(f"{e}\ncompiling in this process instead", RuntimeWarning, stacklevel=stacklevel)
+        return [None] * len(calls)
 
 
 def _load(path: str) -> jax.stages.Compiled:
@@ -193,31 +217,39 @@ def _host_cpu() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-def _child_command(result_path: str) -> list[str]:
+def _child_command(folder: str) -> list[str]:
     # -P: the working folder does not go first on sys.path, where a source checkout (without the
     # compiled extension) would shadow the installed package.
-    return [sys.executable, "-P", "-m", "bitnet_jax.serve.compile_child", result_path]
+    return [sys.executable, "-P", "-m", "bitnet_jax.serve.compile_child", folder]
 
 
-def _main(result_path: str) -> None:
-    request = pickle.load(sys.stdin.buffer)
-    if os.path.realpath(bitnet_jax.__file__) != os.path.realpath(request["package"]):
-        sys.exit(f"the child imported bitnet_jax from {bitnet_jax.__file__}, the parent from {request['package']}")
-    for key, value in request["config"].items():  # before anything starts a backend
+def _result_path(folder: str, k: int) -> str:
+    """Where the child leaves the executable of the k-th request it was given."""
+    return os.path.join(folder, f"executable-{k}.pkl")
+
+
+def _main(folder: str) -> None:
+    requests = [pickle.loads(request) for request in pickle.load(sys.stdin.buffer)]
+    for request in requests:
+        if os.path.realpath(bitnet_jax.__file__) != os.path.realpath(request["package"]):
+            sys.exit(f"the child imported bitnet_jax from {bitnet_jax.__file__}, the parent from {request['package']}")
+    for key, value in requests[0]["config"].items():  # before anything starts a backend (one for all)
         if jax.config.values.get(key) != value:
             jax.config.update(key, value)
     # JAX's persistent cache off: an executable read from it would serialize without its code.
     jax.config.update("jax_enable_compilation_cache", False)
-    fn = getattr(importlib.import_module(request["module"]), request["name"])
-    compiled = fn.lower(*request["args"], **request["static"]).compile()
 
     from jax.experimental import serialize_executable
 
-    serialized = serialize_executable.serialize(compiled)
-    partial = result_path + ".partial"
-    with open(partial, "wb") as f:
-        pickle.dump(serialized, f)
-    os.replace(partial, result_path)  # the parent never reads a half-written file
+    for k, request in enumerate(requests):
+        fn = getattr(importlib.import_module(request["module"]), request["name"])
+        compiled = fn.lower(*request["args"], **request["static"]).compile()
+        serialized = serialize_executable.serialize(compiled)
+        result_path = _result_path(folder, k)
+        partial = result_path + ".partial"
+        with open(partial, "wb") as f:
+            pickle.dump(serialized, f)
+        os.replace(partial, result_path)  # the parent never reads a half-written file
 
 
 if __name__ == "__main__":
