@@ -72,6 +72,20 @@ float ExpScalar(float x) {
   return y * two_n;
 }
 
+// Pass 2 for one head's n scores at p, every path's in its own registers: *max = their max,
+// p[j] = exp(p[j] - max) and *sum = their sum; then, with v_scale_n (an int8 cache), each weight
+// times its value row's scale (the sum stays the exps').
+void SoftmaxWeightsScalar(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
+  const float m = *std::max_element(p, p + n);
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) total += (p[j] = ExpScalar(p[j] - m));
+  *max = m;
+  *sum = total;
+  if (v_scale_n) {
+    for (int64_t j = 0; j < n; ++j) p[j] *= v_scale_n[j];
+  }
+}
+
 // T is the cache's element type: float, or int8_t with per-slot scales (k_scale_n, v_scale_n;
 // null for float). Slots are widened exactly to float; the scales enter as AttendChunkInt8 says.
 template <typename T>
@@ -89,15 +103,7 @@ void AttendChunkScalar(const float* q_gh, int64_t g, int64_t h, const T* k_nh, c
     }
   }
   for (int64_t gi = 0; gi < g; ++gi) {
-    float* p = scratch + gi * kAttentionChunk;
-    const float m = *std::max_element(p, p + n);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; ++j) sum += (p[j] = ExpScalar(p[j] - m));
-    max_g[gi] = m;
-    sum_g[gi] = sum;
-    if (v_scale_n) {
-      for (int64_t j = 0; j < n; ++j) p[j] *= v_scale_n[j];
-    }
+    SoftmaxWeightsScalar(scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
   }
   std::fill(acc_gh, acc_gh + g * h, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
@@ -180,12 +186,7 @@ void AttendChunkInt8Scalar(const float* q_gh, int64_t g, int64_t h, const int8_t
   }
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = parts.p + gi * kAttentionChunk;
-    const float m = *std::max_element(p, p + n);
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; ++j) sum += (p[j] = ExpScalar(p[j] - m));
-    max_g[gi] = m;
-    sum_g[gi] = sum;
-    for (int64_t j = 0; j < n; ++j) p[j] *= v_scale_n[j];
+    SoftmaxWeightsScalar(p, n, v_scale_n, max_g + gi, sum_g + gi);
     if (!QuantizeInt16Scalar(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) {
       return in_float();
     }
@@ -263,6 +264,27 @@ BITNET_AVX2 void ExpNonPositiveAvx2(float* x, int64_t n) {
     const __m256i mask = FirstLanes(n - i);
     _mm256_maskstore_ps(x + i, mask, ExpAvx2(_mm256_maskload_ps(x + i, mask)));
   }
+}
+
+// SoftmaxWeightsScalar in 8-lane vectors.
+BITNET_AVX2 void SoftmaxWeightsAvx2(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
+  const __m256i n_tail = FirstLanes(n % 8);
+  const float m = *std::max_element(p, p + n);
+  const __m256 m_v = _mm256_set1_ps(m);
+  __m256 total = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_loadu_ps(p + j), m_v));
+    total = _mm256_add_ps(total, e);
+    _mm256_storeu_ps(p + j, v_scale_n ? _mm256_mul_ps(e, _mm256_loadu_ps(v_scale_n + j)) : e);
+  }
+  if (j < n) {
+    const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_maskload_ps(p + j, n_tail), m_v));
+    total = _mm256_add_ps(total, _mm256_and_ps(e, _mm256_castsi256_ps(n_tail)));
+    _mm256_maskstore_ps(p + j, n_tail, v_scale_n ? _mm256_mul_ps(e, _mm256_maskload_ps(v_scale_n + j, n_tail)) : e);
+  }
+  *max = m;
+  *sum = Hsum(total);
 }
 
 // Eight cache elements from row + i as floats: float rows as they are, int8 rows widened exactly.
@@ -401,28 +423,8 @@ BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const 
   }
 
   // 2. Max, exp(score - max) in place, sum; then the weights times each value row's scale.
-  const __m256i n_tail = FirstLanes(n % 8);
   for (int64_t gi = 0; gi < g; ++gi) {
-    float* p = scratch + gi * kAttentionChunk;
-    const float m = *std::max_element(p, p + n);
-    const __m256 m_v = _mm256_set1_ps(m);
-    __m256 sum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_loadu_ps(p + j), m_v));
-      _mm256_storeu_ps(p + j, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    if (j < n) {
-      const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_maskload_ps(p + j, n_tail), m_v));
-      _mm256_maskstore_ps(p + j, n_tail, e);
-      sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(n_tail)));
-    }
-    max_g[gi] = m;
-    sum_g[gi] = Hsum(sum);
-    if (v_scale_n) {
-      for (j = 0; j < n; ++j) p[j] *= v_scale_n[j];
-    }
+    SoftmaxWeightsAvx2(scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
   }
 
   // 3. Weighted values.
@@ -640,25 +642,9 @@ BITNET_AVX2 void AttendChunkInt8Avx2(const float* q_gh, int64_t g, int64_t h, co
   }
 
   // 2. Max, exp(score - max), sum; the weights times each value row's scale, and their codes.
-  const __m256i n_tail = FirstLanes(n % 8);
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = parts.p + gi * kAttentionChunk;
-    const float m = *std::max_element(p, p + n);
-    const __m256 m_v = _mm256_set1_ps(m);
-    __m256 sum = _mm256_setzero_ps();
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_loadu_ps(p + j), m_v));
-      sum = _mm256_add_ps(sum, e);
-      _mm256_storeu_ps(p + j, _mm256_mul_ps(e, _mm256_loadu_ps(v_scale_n + j)));
-    }
-    if (j < n) {
-      const __m256 e = ExpAvx2(_mm256_sub_ps(_mm256_maskload_ps(p + j, n_tail), m_v));
-      sum = _mm256_add_ps(sum, _mm256_and_ps(e, _mm256_castsi256_ps(n_tail)));
-      _mm256_maskstore_ps(p + j, n_tail, _mm256_mul_ps(e, _mm256_maskload_ps(v_scale_n + j, n_tail)));
-    }
-    max_g[gi] = m;
-    sum_g[gi] = Hsum(sum);
+    SoftmaxWeightsAvx2(p, n, v_scale_n, max_g + gi, sum_g + gi);
     if (!QuantizeInt16Avx2(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
   }
 
@@ -702,6 +688,32 @@ BITNET_AVX512 inline __m512 Exp16(__m512 x) {
   y = _mm512_add_ps(_mm512_fmadd_ps(y, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
   const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(y, _mm512_castsi512_ps(two_n));
+}
+
+// SoftmaxWeightsScalar in 16-lane vectors.
+BITNET_AVX512 void SoftmaxWeights16(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
+  const __mmask16 n_tail = FirstLanes16(n % 16);
+  const int64_t n16 = n / 16 * 16;
+  __m512 m_v = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n16; j += 16) m_v = _mm512_max_ps(m_v, _mm512_loadu_ps(p + j));
+  if (n16 < n) m_v = _mm512_mask_max_ps(m_v, n_tail, m_v, _mm512_maskz_loadu_ps(n_tail, p + n16));
+  const float m = _mm512_reduce_max_ps(m_v);
+  m_v = _mm512_set1_ps(m);
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n16; j += 16) {
+    __m512 e = Exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m_v));
+    total = _mm512_add_ps(total, e);
+    if (v_scale_n) e = _mm512_mul_ps(e, _mm512_loadu_ps(v_scale_n + j));
+    _mm512_storeu_ps(p + j, e);
+  }
+  if (n16 < n) {
+    __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(n_tail, p + n16), m_v));
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(n_tail, e));
+    if (v_scale_n) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(n_tail, v_scale_n + n16));
+    _mm512_mask_storeu_ps(p + n16, n_tail, e);
+  }
+  *max = m;
+  *sum = _mm512_reduce_add_ps(total);
 }
 
 BITNET_AVX512 inline __m512 Load16(const float* row) { return _mm512_loadu_ps(row); }
@@ -837,30 +849,8 @@ BITNET_AVX512 void AttendChunkAvx512(const float* q_gh, int64_t g, int64_t h, co
     }
   }
 
-  const __mmask16 n_tail = FirstLanes16(n % 16);
-  const int64_t n16 = n / 16 * 16;
   for (int64_t gi = 0; gi < g; ++gi) {
-    float* p = scratch + gi * kAttentionChunk;
-    __m512 m_v = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < n16; j += 16) m_v = _mm512_max_ps(m_v, _mm512_loadu_ps(p + j));
-    if (n16 < n) m_v = _mm512_mask_max_ps(m_v, n_tail, m_v, _mm512_maskz_loadu_ps(n_tail, p + n16));
-    const float m = _mm512_reduce_max_ps(m_v);
-    m_v = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n16; j += 16) {
-      __m512 e = Exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m_v));
-      sum = _mm512_add_ps(sum, e);
-      if (v_scale_n) e = _mm512_mul_ps(e, _mm512_loadu_ps(v_scale_n + j));
-      _mm512_storeu_ps(p + j, e);
-    }
-    if (n16 < n) {
-      __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(n_tail, p + n16), m_v));
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(n_tail, e));
-      if (v_scale_n) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(n_tail, v_scale_n + n16));
-      _mm512_mask_storeu_ps(p + n16, n_tail, e);
-    }
-    max_g[gi] = m;
-    sum_g[gi] = _mm512_reduce_add_ps(sum);
+    SoftmaxWeights16(scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
   }
 
   for (int64_t g0 = 0; g0 < g; g0 += 4) {
@@ -1094,28 +1084,9 @@ BITNET_AVX512 void AttendChunkInt8Vnni(const float* q_gh, int64_t g, int64_t h, 
   }
 
   // 2. Max, exp(score - max), sum; the weights times each value row's scale, and their codes.
-  const __mmask16 n_tail = FirstLanes16(n % 16);
-  const int64_t n16 = n / 16 * 16;
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = parts.p + gi * kAttentionChunk;
-    __m512 m_v = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < n16; j += 16) m_v = _mm512_max_ps(m_v, _mm512_loadu_ps(p + j));
-    if (n16 < n) m_v = _mm512_mask_max_ps(m_v, n_tail, m_v, _mm512_maskz_loadu_ps(n_tail, p + n16));
-    const float m = _mm512_reduce_max_ps(m_v);
-    m_v = _mm512_set1_ps(m);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n16; j += 16) {
-      const __m512 e = Exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m_v));
-      sum = _mm512_add_ps(sum, e);
-      _mm512_storeu_ps(p + j, _mm512_mul_ps(e, _mm512_loadu_ps(v_scale_n + j)));
-    }
-    if (n16 < n) {
-      const __m512 e = Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(n_tail, p + n16), m_v));
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(n_tail, e));
-      _mm512_mask_storeu_ps(p + n16, n_tail, _mm512_mul_ps(e, _mm512_maskz_loadu_ps(n_tail, v_scale_n + n16)));
-    }
-    max_g[gi] = m;
-    sum_g[gi] = _mm512_reduce_add_ps(sum);
+    SoftmaxWeights16(p, n, v_scale_n, max_g + gi, sum_g + gi);
     if (!QuantizeInt16(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
   }
 
