@@ -1,12 +1,13 @@
-// One core, the C++ entry points directly: the ternary kernels (per tensor, and group:64) on a
-// K x N matrix at several activation-row counts, no XLA, no thread pool. Weights and activations
+// One core, the C++ entry points directly: the ternary kernels (per tensor, and group:64) or the
+// int8 rows kernel (the lm_head's) on a K x N matrix at several activation-row counts, no XLA, no
+// thread pool. Weights and activations
 // start on cache lines as the FFI's scratch does. By default the weights stay in the last-level
 // cache (the kernel's compute side); COPIES=n rotates n copies (n x 4.4 MB for 2B4T's FFN
 // shapes: more than the LLC from 16) so that every call reads them from memory.
 //
 //   g++ -O3 -std=c++17 -ffp-contract=off -Ixla_ffi benchmarks/ternary_one_core.cc \
 //       xla_ffi/{cpu_isa,gemm,gemm_x86,gemm_arm,ternary_group_gemm,int4_gemm}.cc -o /tmp/ternary_one_core
-//   /tmp/ternary_one_core 2560 6912 tensor 1,8,16 [reps]     (or: group)
+//   /tmp/ternary_one_core 2560 6912 tensor 1,8,16 [reps]     (or: group, int8)
 //   ISA=avx2 selects the AVX2 path (default: AVX-512 VNNI; the CPU must have it).
 #include <algorithm>
 #include <chrono>
@@ -25,11 +26,11 @@ using namespace bitnet;
 
 int main(int argc, char** argv) {
   if (argc < 5) {
-    std::fprintf(stderr, "usage: %s K N tensor|group ROWS[,ROWS...] [reps]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s K N tensor|group|int8 ROWS[,ROWS...] [reps]\n", argv[0]);
     return 2;
   }
   const int64_t k = std::atoll(argv[1]), n = std::atoll(argv[2]);
-  const bool group = std::string(argv[3]) == "group";
+  const bool group = std::string(argv[3]) == "group", int8 = std::string(argv[3]) == "int8";
   const int reps = argc > 5 ? std::atoi(argv[5]) : 30;
   const Isa isa = getenv("ISA") && std::string(getenv("ISA")) == "avx2" ? Isa::kAvx2 : Isa::kAvx512Vnni;
   const int copies = getenv("COPIES") ? std::max(1, std::atoi(getenv("COPIES"))) : 1;
@@ -39,10 +40,21 @@ int main(int argc, char** argv) {
 
   std::vector<int8_t> t(n * k);
   for (auto& v : t) v = static_cast<int8_t>(static_cast<int>(rng() % 3) - 1);
-  const int64_t w_bytes = groups_n * kb * kGroupBlockBytes;
+  const int64_t kp8 = CeilDiv(k, kInt8RowAlign) * kInt8RowAlign;
+  if (int8 && kp8 != kp) {
+    std::fprintf(stderr, "int8: K must be a multiple of %lld here\n", static_cast<long long>(kBlockK));
+    return 2;
+  }
+  const int64_t w_bytes = int8 ? n * kp8 : groups_n * kb * kGroupBlockBytes;
   std::vector<uint8_t> w_storage;
   uint8_t* w = CacheLineScratch(w_storage, w_bytes * copies);
-  PackTernary(t.data(), n, k, w);
+  if (int8) {
+    std::fill(w, w + w_bytes, 0);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < k; ++i) w[r * kp8 + i] = static_cast<uint8_t>(rng() % 256);
+  } else {
+    PackTernary(t.data(), n, k, w);
+  }
   for (int c = 1; c < copies; ++c) std::memcpy(w + c * w_bytes, w, w_bytes);
   std::vector<float> scale(groups_k * n);
   for (auto& v : scale) v = 0.5f + static_cast<float>(rng() % 1000) / 1000.0f;
@@ -63,7 +75,9 @@ int main(int argc, char** argv) {
     for (int rep = 0; rep < reps; ++rep) {
       const uint8_t* w_c = w + (rep % copies) * w_bytes;
       const auto start = std::chrono::steady_clock::now();
-      if (group)
+      if (int8)
+        Int8GemmI32(isa, x, x_sum.data(), m, kp, reinterpret_cast<const int8_t*>(w_c), 0, n, n, acc.data());
+      else if (group)
         TernaryGroupGemmF32(isa, x, x_group.data(), m, kb, w_c, scale.data(), group_k, groups_k, 0, groups_n, n,
                             dot.data());
       else
@@ -73,7 +87,7 @@ int main(int argc, char** argv) {
     std::sort(us.begin(), us.end());
     const double median = us[us.size() / 2];
     std::printf("%s %s %lldx%lld rows=%lld: median %.0f us (min %.0f), %.0f GOPS\n", IsaName(isa),
-                group ? "group:64" : "tensor", static_cast<long long>(k), static_cast<long long>(n),
+                int8 ? "int8" : group ? "group:64" : "tensor", static_cast<long long>(k), static_cast<long long>(n),
                 static_cast<long long>(m), median, us[0], 2.0 * m * n * k / median / 1e3);
   }
   return 0;

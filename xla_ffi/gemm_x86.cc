@@ -369,6 +369,12 @@ BITNET_AVX512 void PanelTileAvx512(const int8_t* x, int64_t kp, const int32_t* x
   }
 }
 
+// How far ahead the int8 kernels fetch their weight stream, into L2 (PrefetchL2At): at several
+// activation rows the core computes while the stream arrives, and 4 KB ahead into L1 left it
+// waiting (one Zen 4 core, 2560 x 128256: 4 rows 19.7-20.0 -> 15.3-15.5 ms, 8 rows in
+// Int8BlockAvx512 31-33 -> 17-19 ms; one row level; benchmarks/RESULTS.md).
+constexpr int64_t kInt8PrefetchBytes = 32 * 1024;
+
 // Up to 4 int8 weight rows against MT activation rows, one weight row after the other: each row
 // is one sequential stream (4 rows side by side, 4 streams 2.5 KB apart, ran at half the speed on
 // a Zen 4: benchmarks/RESULTS.md). vpdpbusd wants one unsigned operand: the weights, as
@@ -382,9 +388,9 @@ BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, const int32_t* x_sum, int64_t
     __m512i acc[MT];
     for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm512_setzero_si512();
     for (int64_t k = 0; k < kp; k += 64) {
-      // The stream 4 KB ahead: at several activation rows the hardware prefetcher alone left a
-      // Zen 4 core waiting. Past the end of the weights it is harmless (a prefetch never faults).
-      PrefetchAt(w_row, k + 4096);
+      // The stream ahead: the hardware prefetcher alone left a Zen 4 core waiting. Past the end
+      // of the weights it is harmless (a prefetch never faults).
+      PrefetchL2At(w_row, k + kInt8PrefetchBytes);
       const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w_row + k), flip);
       for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[mi], wv, _mm512_loadu_si512(x + mi * kp + k));
     }
@@ -435,6 +441,60 @@ struct Int8TileAvx512 {
     Int8RowsAvx512<MT>(x, x_sum, kp, w, n0, n_rows, n_total, acc);
   }
 };
+
+// Batched decode against the int8 rows (the lm_head at 8 or more activation rows): 2 weight rows
+// x 8 activation rows, 16 accumulators, so that each loaded vector feeds several vpdpbusd: per 64
+// inputs 10 loads and 2 flips for 16 vpdpbusd, where a weight row against 4 activation rows takes
+// 5 loads and a flip for 4. One Zen 4 core, 8 rows of 2560 x 256 from L2: 311 -> 405 GOPS (86%
+// of its peak). 4 weight rows x 4 activation rows ran at 421 GOPS from L2 but slower than the
+// rows kernel from memory (4 streams side by side again). The 16 sums leave together
+// (Sum16x16: lane r * 8 + mi).
+constexpr int kInt8PairRows = 8;
+
+BITNET_AVX512 void Int8PairAvx512(const int8_t* x, const int32_t* x_sum, int64_t kp, const int8_t* w, int64_t n0,
+                                  int64_t n_total, int32_t* acc_out) {
+  constexpr int MT = kInt8PairRows;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[2 * MT];
+#pragma GCC unroll 16
+  for (int o = 0; o < 2 * MT; ++o) acc[o] = _mm512_setzero_si512();
+  const int8_t* w0 = w + n0 * kp;
+  const int8_t* w1 = w0 + kp;
+  for (int64_t k = 0; k < kp; k += 64) {
+    PrefetchL2At(w0, k + kInt8PrefetchBytes);
+    PrefetchL2At(w1, k + kInt8PrefetchBytes);
+    const __m512i v0 = _mm512_xor_si512(_mm512_loadu_si512(w0 + k), flip);
+    const __m512i v1 = _mm512_xor_si512(_mm512_loadu_si512(w1 + k), flip);
+#pragma GCC unroll 8
+    for (int mi = 0; mi < MT; ++mi) {
+      const __m512i xv = _mm512_loadu_si512(x + mi * kp + k);
+      Dpbusd(acc[mi], v0, xv);
+      Dpbusd(acc[MT + mi], v1, xv);
+    }
+  }
+  alignas(64) int32_t lanes[2 * MT];
+  _mm512_store_si512(lanes, Sum16x16(acc));
+  for (int r = 0; r < 2; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc_out[mi * n_total + n0 + r] = lanes[r * MT + mi] - 128 * x_sum[mi];
+}
+
+// The int8 rows [n_begin, n_end) against kInt8PairRows or more activation rows: pairs of weight
+// rows by Int8PairAvx512, each pair against every 8 activation rows in turn (the later passes
+// read the pair from L1), the activation rows left (fewer than 8) and a last odd weight row by
+// the rows kernel.
+void Int8PairsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
+                   int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
+  int64_t n0 = n_begin;
+  for (; n0 + 2 <= n_end; n0 += 2) {
+    int64_t m = 0;
+    for (; m + kInt8PairRows <= rows; m += kInt8PairRows)
+      Int8PairAvx512(x_q + m * kp, x_sum + m, kp, w, n0, n_total, acc + m * n_total);
+    if (m < rows)
+      ForRowTiles<Int8TileAvx512>(rows - m, kp, x_q + m * kp, x_sum + m, acc + m * n_total, n_total, kp, w, n0,
+                                  int64_t{2}, n_total);
+  }
+  if (n0 < n_end) ForRowTiles<Int8TileAvx512>(rows, kp, x_q, x_sum, acc, n_total, kp, w, n0, n_end - n0, n_total);
+}
 
 // The pair tiles' K chunk, in row blocks: a tile's activations (8 rows x 256 bytes a block) stay
 // in L1 while the task's row groups pass over them if they fill at most 60% of it. On the Ice
@@ -498,7 +558,9 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
 
 void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc) {
-  if (isa == Isa::kAvx512Vnni)
+  if (isa == Isa::kAvx512Vnni && rows >= kInt8PairRows)
+    Int8PairsGemv(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
+  else if (isa == Isa::kAvx512Vnni)
     Int8RowsGemv<Int8TileAvx512>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
   else
     Int8RowsGemv<Int8TileAvx2>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);

@@ -13,6 +13,14 @@ inline void PrefetchAt(const void* base, int64_t offset) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset)));
 }
 
+// As PrefetchAt, into the outer caches only (x86 prefetcht1: L2 and below), for streams fetched
+// far ahead of a slow consumer: the lines wait in L2 without holding L1's few fill buffers, which
+// the kernel's own loads need.
+inline void PrefetchL2At(const void* base, int64_t offset) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset)),
+                     /*rw=*/0, /*locality=*/2);
+}
+
 }  // namespace bitnet
 
 #endif  // BITNET_JAX_XLA_FFI_PREFETCH_H_
