@@ -7,11 +7,13 @@
 #include "gemm_paths.h"
 
 #include <algorithm>
+#include <vector>
 
 #include <unistd.h>
 
 #include "cpu_isa.h"
 #include "layout.h"
+#include "scratch.h"
 
 #if BITNET_JAX_X86_SIMD
 
@@ -24,6 +26,12 @@ namespace {
 // How far the GEMV tiles (both paths) prefetch along a row group's stream of blocks: 8 blocks,
 // 2 KB. (For the pair tiles 16, 24 and 32 measured the same.)
 constexpr int64_t kPrefetchBlocks = 8;
+
+// How far ahead the int8 kernels fetch their weight stream, into L2 (PrefetchL2At): at several
+// activation rows the core computes while the stream arrives, and 4 KB ahead into L1 left it
+// waiting (one Zen 4 core, 2560 x 128256: 4 rows 19.7-20.0 -> 15.3-15.5 ms, 8 rows in
+// Int8BlockAvx512 31-33 -> 17-19 ms; one row level; benchmarks/RESULTS.md).
+constexpr int64_t kInt8PrefetchBytes = 32 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // AVX2
@@ -148,21 +156,75 @@ BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_
 }
 
 // Int8 x int8 widened to int16 and multiplied with madd: exact for every int8 pair, including
-// -128 (the sign/abs tricks of maddubs are not).
-template <int MT>
-BITNET_AVX2 void Int8RowAvx2(const int8_t* x, int64_t kp, const int8_t* w_row, int32_t* out,
-                             int64_t out_stride) {
-  __m256i acc[MT];
-  for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm256_setzero_si256();
+// -128 (the sign/abs tricks of maddubs are not). Decode: one activation row, one weight row after
+// the other, each a sequential stream.
+BITNET_AVX2 void Int8RowsOneAvx2(const int8_t* x, int64_t kp, const int8_t* w, int64_t n_begin, int64_t n_end,
+                                 int32_t* out) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* w_row = w + n * kp;
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t k = 0; k < kp; k += 16) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_row + k)));
+      const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
+    }
+    out[n] = HsumAvx2(acc);
+  }
+}
+
+// Several activation rows against the int8 rows: the activations widened to int16 once a call
+// (x16, [rows, kp]), so that the inner loop loads them as they are, and R weight rows (1 or 2) x MT
+// activation rows (up to 4) a tile: per 16 inputs R widening loads of weights, MT loads and R * MT
+// madd. One Zen 4 core, 8 rows: 2560 x 256 from L2 108 -> 149 GOPS against one weight row x 4
+// activation rows widened again for every weight row; 2560 x 128256 from memory 61 -> 40-43 ms.
+// The weight stream is fetched into L2 ahead (kInt8PrefetchBytes).
+template <int R, int MT>
+BITNET_AVX2 void Int8BlockAvx2(const int16_t* x16, int64_t kp, const int8_t* w_rows, int32_t* out,
+                               int64_t out_stride) {
+  __m256i acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int mi = 0; mi < MT; ++mi) acc[r][mi] = _mm256_setzero_si256();
   for (int64_t k = 0; k < kp; k += 16) {
-    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_row + k)));
+    __m256i wv[R];
+    for (int r = 0; r < R; ++r) {
+      if (k % 64 == 0) PrefetchL2At(w_rows + r * kp, k + kInt8PrefetchBytes);
+      wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_rows + r * kp + k)));
+    }
     for (int mi = 0; mi < MT; ++mi) {
-      const __m256i xv =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + mi * kp + k)));
-      acc[mi] = _mm256_add_epi32(acc[mi], _mm256_madd_epi16(wv, xv));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + mi * kp + k));
+      for (int r = 0; r < R; ++r) acc[r][mi] = _mm256_add_epi32(acc[r][mi], _mm256_madd_epi16(wv[r], xv));
     }
   }
-  for (int mi = 0; mi < MT; ++mi) out[mi * out_stride] = HsumAvx2(acc[mi]);
+  for (int r = 0; r < R; ++r)
+    for (int mi = 0; mi < MT; ++mi) out[mi * out_stride + r] = HsumAvx2(acc[r][mi]);
+}
+
+template <int R>
+BITNET_AVX2 void Int8BlocksAvx2(const int16_t* x16, int64_t rows, int64_t kp, const int8_t* w_rows, int32_t* out,
+                                int64_t out_stride) {
+  int64_t m = 0;
+  for (; m + 4 <= rows; m += 4) Int8BlockAvx2<R, 4>(x16 + m * kp, kp, w_rows, out + m * out_stride, out_stride);
+  switch (rows - m) {
+    case 3: Int8BlockAvx2<R, 3>(x16 + m * kp, kp, w_rows, out + m * out_stride, out_stride); break;
+    case 2: Int8BlockAvx2<R, 2>(x16 + m * kp, kp, w_rows, out + m * out_stride, out_stride); break;
+    case 1: Int8BlockAvx2<R, 1>(x16 + m * kp, kp, w_rows, out + m * out_stride, out_stride); break;
+    default: break;
+  }
+}
+
+// The int8 rows [n_begin, n_end) against `rows` activation rows: pairs of weight rows (and a
+// last odd one) against every 4 activation rows in turn, the later passes reading them from L1.
+BITNET_AVX2 void Int8RowsGemvAvx2(const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w, int64_t n_begin,
+                                  int64_t n_end, int64_t n_total, int32_t* acc) {
+  thread_local std::vector<int16_t> x16_storage;
+  int16_t* x16 = CacheLineScratch(x16_storage, rows * kp);
+  for (int64_t i = 0; i < rows * kp; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(x16 + i),
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x_q + i))));
+  }
+  int64_t n0 = n_begin;
+  for (; n0 + 2 <= n_end; n0 += 2) Int8BlocksAvx2<2>(x16, rows, kp, w + n0 * kp, acc + n0, n_total);
+  if (n0 < n_end) Int8BlocksAvx2<1>(x16, rows, kp, w + n0 * kp, acc + n0, n_total);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -369,12 +431,6 @@ BITNET_AVX512 void PanelTileAvx512(const int8_t* x, int64_t kp, const int32_t* x
   }
 }
 
-// How far ahead the int8 kernels fetch their weight stream, into L2 (PrefetchL2At): at several
-// activation rows the core computes while the stream arrives, and 4 KB ahead into L1 left it
-// waiting (one Zen 4 core, 2560 x 128256: 4 rows 19.7-20.0 -> 15.3-15.5 ms, 8 rows in
-// Int8BlockAvx512 31-33 -> 17-19 ms; one row level; benchmarks/RESULTS.md).
-constexpr int64_t kInt8PrefetchBytes = 32 * 1024;
-
 // Up to 4 int8 weight rows against MT activation rows, one weight row after the other: each row
 // is one sequential stream (4 rows side by side, 4 streams 2.5 KB apart, ran at half the speed on
 // a Zen 4: benchmarks/RESULTS.md). vpdpbusd wants one unsigned operand: the weights, as
@@ -423,14 +479,6 @@ struct PanelTileAvx512Op {
                   const int8_t* codes_q, int64_t q_begin, int64_t q_end, int64_t n0, int64_t n_end,
                   int64_t n_total) {
     PanelTileAvx512<MT>(x, kp, x_sum, codes_q, q_begin, q_end, n0, n_end, n_total, acc);
-  }
-};
-
-template <int MT>
-struct Int8TileAvx2 {
-  static void Run(const int8_t* x, const int32_t*, int32_t* acc, int64_t kp, const int8_t* w,
-                  int64_t n0, int64_t n_rows, int64_t n_total) {
-    for (int64_t r = 0; r < n_rows; ++r) Int8RowAvx2<MT>(x, kp, w + (n0 + r) * kp, acc + n0 + r, n_total);
   }
 };
 
@@ -562,8 +610,10 @@ void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
     Int8PairsGemv(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
   else if (isa == Isa::kAvx512Vnni)
     Int8RowsGemv<Int8TileAvx512>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
+  else if (rows >= 2)
+    Int8RowsGemvAvx2(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
   else
-    Int8RowsGemv<Int8TileAvx2>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
+    Int8RowsOneAvx2(x_q, kp, w, n_begin, n_end, acc);
 }
 
 }  // namespace bitnet
