@@ -545,15 +545,18 @@ void Int8PairsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_
 }
 
 // The pair tiles' K chunk, in row blocks: a tile's activations (8 rows x 256 bytes a block) stay
-// in L1 while the task's row groups pass over them if they fill at most 60% of it. On the Ice
-// Lake Xeon (48 KB) that is 14 blocks, which ran 6% faster than chunks of 9 at K = 6912 and 25%
-// faster than the whole 27 (55 KB, read from L2: slower than two 4-row tiles); a 32 KB L1 (Zen
-// 4, not measured) gets 9.
+// in L1 while the task's row groups pass over them if they fill at most 3/4 of it. On the Ice
+// Lake Xeon (48 KB) that is 18 blocks: K = 6912 in two chunks of 14, which ran 6% faster than
+// chunks of 9 and 25% faster than the whole 27 (55 KB, read from L2: slower than two 4-row
+// tiles). On a Zen 4 (32 KB) 12 blocks: K = 2560 in one chunk (20 KB) rather than two of 5, whose
+// weight stream skips half of each row group's bytes on each pass: one core, 8 rows of
+// 2560 x 6912 from memory 946-956 -> 759-779 us (K = 6912 in chunks of 9 either way;
+// benchmarks/RESULTS.md).
 int64_t PairChunkBlocks() {
   static const int64_t blocks = [] {
     const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
     const int64_t bytes = l1 > 0 ? l1 : 32 * 1024;
-    return std::max<int64_t>(1, bytes * 6 / 10 / (kPairTileRows * kBlockK));
+    return std::max<int64_t>(1, bytes * 3 / 4 / (kPairTileRows * kBlockK));
   }();
   return blocks;
 }

@@ -43,8 +43,9 @@ const Shape kShapes[] = {
     {16, 1000, 70}, {18, 256, 32}, {40, 2304, 67}, {130, 300, 35}, {25, 1100, 129}, {45, 1100, 129},
     // One row past several int16 widening chunks (8 blocks on AVX2), N not a multiple of 4.
     {1, 4100, 7},
-    // AVX-512 pair tiles (8-16 rows; K in equal chunks of 60% of L1d, 14 blocks on a 48 KB one):
-    // one and two chunks, the last row group with 1, 2 or 3 rows, rows left to the 4-row tiles.
+    // AVX-512 pair tiles (8-16 rows; K in equal chunks of at most 3/4 of L1d, 12 blocks on a 32 KB
+    // one, 18 on 48 KB): one, two and three chunks on either, the last row group with 1, 2 or 3
+    // rows, rows left to the 4-row tiles.
     {8, 4100, 14}, {12, 6912, 11}, {15, 3840, 7}, {16, 2560, 9},
     // AVX-512's 4 x 5 tile (5 rows), a partial last row group.
     {5, 6912, 10},
