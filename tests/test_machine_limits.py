@@ -28,20 +28,28 @@ THREADS = sorted({1, len(os.sched_getaffinity(0))})
 # (accumulators, multiply-adds per accumulator and round). Paths without a loop of their own run
 # the scalar one.
 PEAK_LOOPS = {"scalar": (4, 1), "avx2": (4, 8 * 32), "avx512": (12, 64)}
+LIMITS_HEADER = "| path | threads | read GB/s | (hardware prefetch / fetched ahead) | int8 peak GOPS | peak loop |"
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("threads", THREADS)
 @pytest.mark.parametrize("nbytes", [1, 4095, (3 << 20) + 77])
-def test_bandwidth_kernel_reads_every_byte(path, threads, nbytes):
+@pytest.mark.parametrize("read_ahead", [0, machine.READ_AHEAD_BYTES])
+def test_bandwidth_kernel_reads_every_byte(path, threads, nbytes, read_ahead):
     """Each pass returns the sum of the bytes it read: numpy's sum of the same buffer, on every path
-    and thread split, for sizes that end inside a vector, a page and a thread's range."""
+    and thread split, for sizes that end inside a vector, a page and a thread's range, with or
+    without fetching ahead (which looks past the end of every range but the first's)."""
     rng = np.random.default_rng(nbytes)
     host = rng.integers(0, 256, nbytes, dtype=np.uint8)
     with machine.forced_path(path):
-        seconds, sums = machine.read_passes(host, threads, passes=3)
+        seconds, sums = machine.read_passes(host, threads, passes=3, read_ahead=read_ahead)
     assert sums.tolist() == [int(host.sum(dtype=np.uint64))] * 3
     assert seconds.shape == (3,) and np.all(seconds >= 0)
+
+
+def test_bandwidth_kernel_rejects_a_negative_read_ahead():
+    with pytest.raises(Exception, match=r"read_ahead=-64: expected >= 0 bytes"):
+        machine.read_passes(np.zeros(64, np.uint8), 1, passes=1, read_ahead=-64)
 
 
 def test_filled_buffer_sum_is_numpys():
@@ -153,7 +161,14 @@ def test_bench_kernels_prints_the_limits(tmp_path):
     limits = machine.measure_limits(paths=PATHS, buffer_bytes=4 << 20, passes=2)
     assert [(r.path, r.threads) for r in limits.rows] == [(p, t) for p in PATHS for t in THREADS]
     assert all(r.read_gb_s > 0 and r.int8_peak_gops > 0 for r in limits.rows)
-    assert "| path | threads | read GB/s | int8 peak GOPS | peak loop |" in machine.limits_table(limits)
+    for r in limits.rows:  # the limit is the faster way of reading (the scalar loop has one)
+        assert (r.read_ahead_gb_s is None) == (r.path == "scalar")
+        assert r.read_gb_s == max(r.read_hw_gb_s, r.read_ahead_gb_s or 0.0)
+    table = machine.limits_table(limits)
+    assert LIMITS_HEADER in table
+    r = limits.rows[-1]
+    ahead = "-" if r.read_ahead_gb_s is None else f"{r.read_ahead_gb_s:.1f}"
+    assert f"| {r.path} | {r.threads} | {r.read_gb_s:.1f} | {r.read_hw_gb_s:.1f} / {ahead} |" in table
 
     # (XLA's float dots are left out here, to save their large weights; the one below stands in.)
     results = bench_kernels(rows=(1,), shapes=((300, 9), (200, 130_001)), repeats=1, isas=PATHS, xla=False)
@@ -183,7 +198,7 @@ def test_bench_generate_prints_the_roofline(tmp_path, capsys):
     argv += ["--prompt-tokens", "16", "--new-tokens", "4", "--repeats", "1", "--read-buffer-mb", "8"]
     assert main(argv + ["--profile", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| path | threads | read GB/s | int8 peak GOPS | peak loop |" in printed
+    assert LIMITS_HEADER in printed
     assert "| backend | MB/token: layers + head + other + KV (context) = total | read GB/s |" in printed
     assert "| backend | path | threads | prefill tok/s | ternary GOPS | int8 peak GOPS | of peak |" in printed
 

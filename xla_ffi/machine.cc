@@ -2,9 +2,11 @@
 //
 //   bitnet_read_bandwidth  buffer u8 [n] -> seconds f32 [P], checksum u32 [P, 2]
 //                          reads the whole buffer P times on `threads` threads (contiguous
-//                          ranges, one per thread), with the vector loads of the selected path;
-//                          seconds[p] is pass p's wall time, checksum[p] the sum of the bytes
-//                          (mod 2^64, as low and high 32-bit words), which proves every byte was read.
+//                          ranges, one per thread), with the vector loads of the selected path,
+//                          fetching each thread's stream `read_ahead` bytes ahead into L2 (0: the
+//                          hardware prefetcher alone); seconds[p] is pass p's wall time,
+//                          checksum[p] the sum of the bytes (mod 2^64, as low and high 32-bit
+//                          words), which proves every byte was read.
 //   bitnet_int8_peak       -> seconds f32 [P], checksum u32 [P, 2], macs u32 [2]
 //                          runs Int8PeakLoop(`iterations`, a, b) on each of `threads` threads, P
 //                          times; checksum[p] is the sum of the threads' results (int64 as two
@@ -26,6 +28,7 @@
 #include "cpu_isa.h"
 #include "ffi_util.h"
 #include "parallel.h"
+#include "prefetch.h"
 #include "xla/ffi/api/ffi.h"
 
 #if BITNET_JAX_X86_SIMD
@@ -103,12 +106,17 @@ namespace {
 // AVX2
 
 // 128 bytes per round in four 32-byte loads; vpsadbw against zero sums each 8 bytes into a
-// 64-bit lane (one cheap instruction per load: DRAM, not the adds, sets the pace).
-BITNET_AVX2 uint64_t SumBytesAvx2(const uint8_t* p, int64_t n) {
+// 64-bit lane (one cheap instruction per load: DRAM, not the adds, sets the pace). With
+// read_ahead > 0 the stream is fetched that far ahead into L2, as the kernels fetch theirs.
+BITNET_AVX2 uint64_t SumBytesAvx2(const uint8_t* p, int64_t n, int64_t read_ahead) {
   const __m256i zero = _mm256_setzero_si256();
   __m256i s[4] = {zero, zero, zero, zero};
   int64_t i = 0;
   for (; n - i >= 128; i += 128) {
+    if (read_ahead > 0) {
+      PrefetchL2At(p, i + read_ahead);
+      PrefetchL2At(p, i + read_ahead + 64);
+    }
     for (int j = 0; j < 4; ++j) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32 * j));
       s[j] = _mm256_add_epi64(s[j], _mm256_sad_epu8(v, zero));
@@ -166,12 +174,13 @@ BITNET_AVX2 int64_t PeakAvx2(int64_t iterations, uint8_t a, int8_t b, int64_t* m
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI
 
-BITNET_AVX512 uint64_t SumBytesAvx512(const uint8_t* p, int64_t n) {
+BITNET_AVX512 uint64_t SumBytesAvx512(const uint8_t* p, int64_t n, int64_t read_ahead) {
   const __m512i zero = _mm512_setzero_si512();
   __m512i s[4] = {zero, zero, zero, zero};
   int64_t i = 0;
   for (; n - i >= 256; i += 256) {
     for (int j = 0; j < 4; ++j) {
+      if (read_ahead > 0) PrefetchL2At(p, i + read_ahead + 64 * j);
       const __m512i v = _mm512_loadu_si512(p + i + 64 * j);
       s[j] = _mm512_add_epi64(s[j], _mm512_sad_epu8(v, zero));
     }
@@ -228,10 +237,10 @@ BITNET_AVX512 int64_t PeakAvx512(int64_t iterations, uint8_t a, int8_t b, int64_
 
 }  // namespace
 
-uint64_t SumBytes(Isa isa, const uint8_t* p, int64_t n) {
+uint64_t SumBytes(Isa isa, const uint8_t* p, int64_t n, int64_t read_ahead) {
   switch (isa) {
-    case Isa::kAvx2: return SumBytesAvx2(p, n);
-    case Isa::kAvx512Vnni: return SumBytesAvx512(p, n);
+    case Isa::kAvx2: return SumBytesAvx2(p, n, read_ahead);
+    case Isa::kAvx512Vnni: return SumBytesAvx512(p, n, read_ahead);
     default: return SumBytesScalar(p, n);  // kScalar, and paths of other CPUs
   }
 }
@@ -256,7 +265,7 @@ const char* Int8PeakInstruction(Isa isa) {
 
 const char* Int8PeakInstruction(Isa) { return "scalar multiply-add"; }
 
-uint64_t SumBytes(Isa, const uint8_t* p, int64_t n) { return SumBytesScalar(p, n); }
+uint64_t SumBytes(Isa, const uint8_t* p, int64_t n, int64_t) { return SumBytesScalar(p, n); }
 
 int64_t Int8PeakLoop(Isa, int64_t iterations, uint8_t a, int8_t b, int64_t* macs) {
   return PeakScalar(iterations, a, b, macs);
@@ -321,8 +330,9 @@ Isa SelectedIsa(std::string* error, bool* ok) {
 
 ffi::Error ReadBandwidthImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> buffer,
                              ffi::Result<ffi::Buffer<ffi::F32>> seconds,
-                             ffi::Result<ffi::Buffer<ffi::U32>> checksum, int64_t threads) {
+                             ffi::Result<ffi::Buffer<ffi::U32>> checksum, int64_t threads, int64_t read_ahead) {
   const std::string op = "bitnet_read_bandwidth";
+  if (read_ahead < 0) return Invalid(op, "read_ahead=" + std::to_string(read_ahead) + ": expected >= 0 bytes");
   if (buffer.dimensions().size() != 1) {
     return Invalid(op, "expected a buffer of rank 1 ([n] bytes), got shape " + ShapeString(buffer.dimensions()));
   }
@@ -341,7 +351,7 @@ ffi::Error ReadBandwidthImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> buffer,
     seconds->typed_data()[p] = static_cast<float>(TimedOnThreads(pool, threads, [&](int64_t t) {
       const int64_t begin = std::min(n, t * per_thread * kReadBlock);
       const int64_t end = std::min(n, (t + 1) * per_thread * kReadBlock);
-      total.fetch_add(SumBytes(isa, data + begin, end - begin), std::memory_order_relaxed);
+      total.fetch_add(SumBytes(isa, data + begin, end - begin, read_ahead), std::memory_order_relaxed);
     }));
     PutU64(total.load(), checksum->typed_data() + 2 * p);
   }
@@ -393,7 +403,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::U8>>()     // buffer: the bytes to read, [n]
         .Ret<ffi::Buffer<ffi::F32>>()    // seconds: [P], one per pass
         .Ret<ffi::Buffer<ffi::U32>>()    // checksum: [P, 2], sum of the bytes (uint64 as lo, hi)
-        .Attr<int64_t>("threads"));      // threads reading, each a contiguous range
+        .Attr<int64_t>("threads")        // threads reading, each a contiguous range
+        .Attr<int64_t>("read_ahead"));   // bytes each stream is fetched ahead into L2; 0: none
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     BitnetInt8Peak, bitnet::Int8PeakImpl,

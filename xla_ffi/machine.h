@@ -10,8 +10,9 @@
 
 namespace bitnet {
 
-// The sum of the bytes p[0..n) (mod 2^64), read with the loads of path `isa`.
-uint64_t SumBytes(Isa isa, const uint8_t* p, int64_t n);
+// The sum of the bytes p[0..n) (mod 2^64), read with the loads of path `isa`, fetching the stream
+// `read_ahead` bytes ahead into L2 (0: the hardware prefetcher alone; the scalar loop never does).
+uint64_t SumBytes(Isa isa, const uint8_t* p, int64_t n, int64_t read_ahead);
 
 // One thread's int8 multiply-add loop on path `isa`, all in registers: `iterations` rounds over
 // several independent accumulators, accumulator u multiplying a (as u8) by int8(b + u) in every

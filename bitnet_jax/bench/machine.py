@@ -2,10 +2,13 @@
 
 - Streaming read bandwidth: a buffer far larger than the last-level cache (1 GiB, or 8x the LLC
   where that is more) read whole, on 1 thread and on every thread this process may use, with each
-  kernel path's vector loads (`bitnet_read_bandwidth`, xla_ffi/machine.cc). GB/s = bytes / the
-  median pass; the first pass is a warm-up and is dropped. Every pass returns the sum of the bytes
-  it read, checked against the sum the buffer was filled to have: a pass that skipped bytes is an
-  error, never a fast pass.
+  kernel path's vector loads (`bitnet_read_bandwidth`, xla_ffi/machine.cc), twice: with the
+  hardware prefetcher alone, and fetching each stream READ_AHEAD_BYTES ahead into L2 as the
+  kernels fetch theirs. Which reads faster differs between hosts and, on a shared one, from minute
+  to minute (a loaded Zen 4: 7 against 20 GB/s on one thread; quiet: 30 against 18), so the limit
+  is the faster of the two. GB/s = bytes / the median pass; the first pass is a warm-up and is
+  dropped. Every pass returns the sum of the bytes it read, checked against the sum the buffer was
+  filled to have: a pass that skipped bytes is an error, never a fast pass.
 - int8 multiply-add peak: a register-resident loop of the multiply-add instruction each kernel
   path uses (vpdpbusd on AVX-512 VNNI, vpmaddubsw on AVX2, a scalar multiply-add), on 1 thread and
   on all (`bitnet_int8_peak`). Counted as matmul GOPS are: 2 int8 operations (a multiply and an
@@ -28,6 +31,7 @@ import numpy as np
 from bitnet_jax.errors import BitNetError
 
 _FILL_BLOCK = 1 << 20  # the buffer repeats one random block of this many bytes
+READ_AHEAD_BYTES = 32 << 10  # as the int8 kernels' weight stream (xla_ffi/gemm_x86.cc)
 _PEAK_A, _PEAK_B = 3, -5  # the loop's operands: a (u8) times b + u (s8) in accumulator u
 
 
@@ -36,8 +40,10 @@ class PathLimits:
     path: str  # kernel path ("avx2", "avx512", "scalar", ...)
     instruction: str  # what the int8 peak loop runs on it
     threads: int
-    read_gb_s: float  # 10^9 bytes / s, median pass
+    read_gb_s: float  # 10^9 bytes / s, median pass: the faster of the two reads below
     int8_peak_gops: float  # 10^9 int8 operations / s (2 per multiply-add), median pass
+    read_hw_gb_s: float | None = None  # the hardware prefetcher alone
+    read_ahead_gb_s: float | None = None  # fetching READ_AHEAD_BYTES ahead (None: the scalar loop does not)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,16 +85,19 @@ def _u64(words_p2) -> np.ndarray:
     return words[..., 0] | (words[..., 1] << np.uint64(32))
 
 
-def read_passes(buffer, threads: int, passes: int) -> tuple[np.ndarray, np.ndarray]:
+def read_passes(buffer, threads: int, passes: int, read_ahead: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Reads `buffer` (uint8 [n], a jax array or numpy) `passes` times on `threads` threads, with the
-    selected kernel path's loads; returns (seconds [passes] float64, byte sums [passes] uint64)."""
+    selected kernel path's loads, each stream fetched `read_ahead` bytes ahead into L2 (0: not);
+    returns (seconds [passes] float64, byte sums [passes] uint64)."""
     import jax
     import jax.numpy as jnp
 
     from bitnet_jax.kernels import ffi  # noqa: F401  (registers the FFI targets)
 
     out_types = (jax.ShapeDtypeStruct((passes,), jnp.float32), jax.ShapeDtypeStruct((passes, 2), jnp.uint32))
-    seconds, sums = jax.ffi.ffi_call("bitnet_read_bandwidth", out_types)(buffer, threads=np.int64(threads))
+    seconds, sums = jax.ffi.ffi_call("bitnet_read_bandwidth", out_types)(
+        buffer, threads=np.int64(threads), read_ahead=np.int64(read_ahead)
+    )
     return np.asarray(seconds, np.float64), _u64(sums)
 
 
@@ -154,10 +163,10 @@ def filled_buffer(nbytes: int):
     return jax.device_put(host), total
 
 
-def read_gb_s(buffer, expected_sum: int, threads: int, passes: int = 7) -> float:
-    """Read GB/s of `buffer` on `threads` threads: bytes / the median of passes 2.., each pass's
-    byte sum checked against `expected_sum`."""
-    seconds, sums = read_passes(buffer, threads, passes)
+def read_gb_s(buffer, expected_sum: int, threads: int, passes: int = 7, read_ahead: int = 0) -> float:
+    """Read GB/s of `buffer` on `threads` threads (streams fetched `read_ahead` bytes ahead): bytes /
+    the median of passes 2.., each pass's byte sum checked against `expected_sum`."""
+    seconds, sums = read_passes(buffer, threads, passes, read_ahead)
     if not np.all(sums == np.uint64(expected_sum % (1 << 64))):
         raise BitNetError(
             f"bitnet_read_bandwidth returned byte sums {sums.tolist()}, expected {expected_sum} for every "
@@ -202,13 +211,17 @@ def measure_limits(
         for path in paths:
             with forced_path(path):
                 for threads in thread_counts:
+                    hw = read_gb_s(buffer, expected, threads, passes)
+                    ahead = None if path == "scalar" else read_gb_s(buffer, expected, threads, passes, READ_AHEAD_BYTES)
                     rows.append(
                         PathLimits(
                             path,
                             instructions.get(path, "?"),
                             threads,
-                            read_gb_s(buffer, expected, threads, passes),
+                            max(hw, ahead or 0.0),
                             int8_peak_gops(threads),
+                            read_hw_gb_s=hw,
+                            read_ahead_gb_s=ahead,
                         )
                     )
     finally:
@@ -222,9 +235,16 @@ def limits_table(limits: MachineLimits) -> str:
         f"Machine limits measured in this run ({limits.cpu}; read buffer {limits.buffer_mb:,.0f} MB; "
         "int8 ops = 2 per multiply-add):",
         "",
-        "| path | threads | read GB/s | int8 peak GOPS | peak loop |",
-        "|---|---:|---:|---:|---|",
+        "| path | threads | read GB/s | (hardware prefetch / fetched ahead) | int8 peak GOPS | peak loop |",
+        "|---|---:|---:|---|---:|---|",
     ]
+
+    def gb_s(value):
+        return "-" if value is None else f"{value:.1f}"
+
     for r in limits.rows:
-        lines.append(f"| {r.path} | {r.threads} | {r.read_gb_s:.1f} | {r.int8_peak_gops:,.0f} | {r.instruction} |")
+        lines.append(
+            f"| {r.path} | {r.threads} | {r.read_gb_s:.1f} | {gb_s(r.read_hw_gb_s)} / {gb_s(r.read_ahead_gb_s)} "
+            f"| {r.int8_peak_gops:,.0f} | {r.instruction} |"
+        )
     return "\n".join(lines)
