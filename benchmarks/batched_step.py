@@ -1,0 +1,74 @@
+"""The serving engine's decode step at several batch widths: one token for each of `width` rows
+(`Engine._run_step`, what `bitnet-jax serve` runs per step), on random packed weights of a
+preset's shape (no download), every row at the same position.
+
+    python benchmarks/batched_step.py [--widths 1,4,8] [--position 200] [--repeats 15]
+    BITNET_JAX_ISA=avx2 python benchmarks/batched_step.py      (another kernel path)
+
+Prints each width's min and median step in ms, the tokens a second that makes (width / median)
+and the step's cost against one row's (needs width 1 among the widths). Compiles in this process.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from bitnet_jax.bench.serve import random_packed_params, set_threads
+from bitnet_jax.kernels.ops import default_lm_head
+from bitnet_jax.model.config import BitNetConfig
+from bitnet_jax.serve.batching import Engine
+
+
+class _NoTokenizer:
+    """The engine keeps a tokenizer for requests; the steps here take token ids directly."""
+
+    eos_token_id = None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="b1.58-2b4t")
+    parser.add_argument("--widths", default="1,4,8")
+    parser.add_argument("--position", type=int, default=200, help="the rows' position in their cache")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--lm-head", default=None, help="default: the serving default (int8-tied for 2B4T)")
+    parser.add_argument("--kv-cache", default="int8", choices=("float32", "int8"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    widths = [int(w) for w in args.widths.split(",")]
+    config = BitNetConfig.preset(args.preset).replace(eos_token_id=None)
+    lm_head = args.lm_head or default_lm_head(config)
+    params = random_packed_params(config, lm_head=lm_head)
+    context = max(512, -(-(args.position + 1) // 256) * 256)
+    engine = Engine(config, params, _NoTokenizer(), max_batch=max(widths), max_context=context, kv_cache=args.kv_cache)
+    del params
+    results = []
+    for width in widths:
+        rows = np.arange(width, dtype=np.int32)
+        positions = np.full(width, args.position, np.int32)
+        engine._run_step(rows, positions)  # compiles this width
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            engine._run_step(rows, positions)
+            times.append(time.perf_counter() - start)
+        results.append(dict(width=width, min_ms=1e3 * min(times), median_ms=1e3 * float(np.median(times))))
+    one = next((r["median_ms"] for r in results if r["width"] == 1), None)
+    print(f"{args.preset}, lm_head {lm_head}, {args.kv_cache} cache, position {args.position}")
+    print("| width | min ms | median ms | tok/s | / one row |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in results:
+        ratio = f"{r['median_ms'] / one:.2f}x" if one else "-"
+        tok_s = 1e3 * r["width"] / r["median_ms"]
+        print(f"| {r['width']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | {tok_s:.1f} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(preset=args.preset, lm_head=lm_head, kv_cache=args.kv_cache, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
