@@ -30,7 +30,7 @@ constexpr int64_t kPrefetchBlocks = 8;
 // How far ahead the int8 kernels fetch their weight stream, into L2 (PrefetchL2At): at several
 // activation rows the core computes while the stream arrives, and 4 KB ahead into L1 left it
 // waiting (one Zen 4 core, 2560 x 128256: 4 rows 19.7-20.0 -> 15.3-15.5 ms, 8 rows in
-// Int8BlockAvx512 31-33 -> 17-19 ms; one row level; benchmarks/RESULTS.md).
+// Int8PairAvx512 31-33 -> 17-19 ms; one row level; benchmarks/RESULTS.md).
 constexpr int64_t kInt8PrefetchBytes = 32 * 1024;
 
 // ---------------------------------------------------------------------------------------------
