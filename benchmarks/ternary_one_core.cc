@@ -1,12 +1,12 @@
 // One core, the C++ entry points directly: the ternary kernels (per tensor, and group:64) or the
 // int8 rows kernel (the lm_head's) on a K x N matrix at several activation-row counts, no XLA, no
-// thread pool. Weights and activations
-// start on cache lines as the FFI's scratch does. By default the weights stay in the last-level
-// cache (the kernel's compute side); COPIES=n rotates n copies (n x 4.4 MB for 2B4T's FFN
-// shapes: more than the LLC from 16) so that every call reads them from memory.
+// thread pool. Weights and activations start on cache lines as the FFI's scratch does. By
+// default the weights stay in the last-level cache (the kernel's compute side); COPIES=n rotates
+// n copies (n x 4.4 MB for 2B4T's FFN shapes: more than the LLC from 16) so that every call
+// reads them from memory (the int8 head, 328 MB, always does).
 //
-//   g++ -O3 -std=c++17 -ffp-contract=off -Ixla_ffi benchmarks/ternary_one_core.cc \
-//       xla_ffi/{cpu_isa,gemm,gemm_x86,gemm_arm,ternary_group_gemm,int4_gemm}.cc -o /tmp/ternary_one_core
+//   g++ -O3 -std=c++17 -ffp-contract=off -Ixla_ffi -o /tmp/ternary_one_core benchmarks/ternary_one_core.cc
+//       xla_ffi/{cpu_isa,gemm,gemm_x86,gemm_arm,ternary_group_gemm,int4_gemm}.cc     (one command)
 //   /tmp/ternary_one_core 2560 6912 tensor 1,8,16 [reps]     (or: group, int8)
 //   ISA=avx2 selects the AVX2 path (default: AVX-512 VNNI; the CPU must have it).
 #include <algorithm>

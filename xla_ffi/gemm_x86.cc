@@ -175,8 +175,10 @@ BITNET_AVX2 void Int8RowsOneAvx2(const int8_t* x, int64_t kp, const int8_t* w, i
   }
 }
 
-// Several activation rows against the int8 rows: the activations widened to int16 once a call
-// (x16, [rows, kp]), so that the inner loop loads them as they are, and R weight rows (1 or 2) x MT
+// Several activation rows against the int8 rows: the activations widened to int16 once for a
+// share of output rows (Int8RowsGemvAvx2: x16, [rows, kp]; a thread's chunk covers thousands of
+// head rows, each as many multiply-adds as x16 has elements), so that the inner loop loads them
+// as they are, and R weight rows (1 or 2) x MT
 // activation rows (up to 4) a tile: per 16 inputs R widening loads of weights, MT loads and R * MT
 // madd. One Zen 4 core, 8 rows: 2560 x 256 from L2 108 -> 149 GOPS against one weight row x 4
 // activation rows widened again for every weight row; 2560 x 128256 from memory 61 -> 40-43 ms.
