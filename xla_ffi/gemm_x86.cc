@@ -158,31 +158,15 @@ BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_
   }
 }
 
-// Int8 x int8 widened to int16 and multiplied with madd: exact for every int8 pair, including
-// -128 (the sign/abs tricks of maddubs are not). Decode: one activation row, one weight row after
-// the other, each a sequential stream.
-BITNET_AVX2 void Int8RowsOneAvx2(const int8_t* x, int64_t kp, const int8_t* w, int64_t n_begin, int64_t n_end,
-                                 int32_t* out) {
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const int8_t* w_row = w + n * kp;
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t k = 0; k < kp; k += 16) {
-      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_row + k)));
-      const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + k)));
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
-    }
-    out[n] = HsumAvx2(acc);
-  }
-}
-
-// Several activation rows against the int8 rows: the activations widened to int16 once for a
-// share of output rows (Int8RowsGemvAvx2: x16, [rows, kp]; a thread's chunk covers thousands of
-// head rows, each as many multiply-adds as x16 has elements), so that the inner loop loads them
-// as they are, and R weight rows (1 or 2) x MT
-// activation rows (up to 4) a tile: per 16 inputs R widening loads of weights, MT loads and R * MT
-// madd. One Zen 4 core, 8 rows: 2560 x 256 from L2 108 -> 149 GOPS against one weight row x 4
-// activation rows widened again for every weight row; 2560 x 128256 from memory 61 -> 40-43 ms.
-// The weight stream is fetched into L2 ahead (kInt8PrefetchBytes).
+// Int8 x int8 against the int8 rows (the lm_head), widened to int16 and multiplied with madd:
+// exact for every int8 pair, including -128 (the sign/abs tricks of maddubs are not). The
+// activations are widened once for a share of output rows (Int8RowsGemvAvx2: x16, [rows, kp]; a
+// thread's chunk covers thousands of head rows, each as many multiply-adds as x16 has elements),
+// so that the inner loop loads them as they are; a tile is R weight rows x MT activation rows:
+// per 16 inputs R widening loads of weights, MT loads and R * MT madd. One Zen 4 core, 8 rows:
+// 2560 x 256 from L2 108 -> 149 GOPS against one weight row x 4 activation rows widened again for
+// every weight row; 2560 x 128256 from memory 61 -> 40-43 ms. The weight stream is fetched into
+// L2 ahead (kInt8PrefetchBytes).
 template <int R, int MT>
 BITNET_AVX2 void Int8BlockAvx2(const int16_t* x16, int64_t kp, const int8_t* w_rows, int32_t* out,
                                int64_t out_stride) {
@@ -219,6 +203,10 @@ BITNET_AVX2 void Int8BlocksAvx2(const int16_t* x16, int64_t rows, int64_t kp, co
 
 // The int8 rows [n_begin, n_end) against `rows` activation rows: pairs of weight rows (and a
 // last odd one) against every 4 activation rows in turn, the later passes reading them from L1.
+// One activation row (decode) takes 4 weight rows a tile, four independent sums and one
+// activation load for four madd: one row at a time, its activations widened at every load and
+// one sum, ran at 17-29 GB/s on a Zen 4 core from the LLC, below what one core reads from memory
+// (2560 x 1024: 90-151 -> 49 us; benchmarks/RESULTS.md).
 BITNET_AVX2 void Int8RowsGemvAvx2(const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w, int64_t n_begin,
                                   int64_t n_end, int64_t n_total, int32_t* acc) {
   thread_local std::vector<int16_t> x16_storage;
@@ -228,6 +216,8 @@ BITNET_AVX2 void Int8RowsGemvAvx2(const int8_t* x_q, int64_t rows, int64_t kp, c
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x_q + i))));
   }
   int64_t n0 = n_begin;
+  if (rows == 1)
+    for (; n0 + 4 <= n_end; n0 += 4) Int8BlockAvx2<4, 1>(x16, kp, w + n0 * kp, acc + n0, n_total);
   for (; n0 + 2 <= n_end; n0 += 2) Int8BlocksAvx2<2>(x16, rows, kp, w + n0 * kp, acc + n0, n_total);
   if (n0 < n_end) Int8BlocksAvx2<1>(x16, rows, kp, w + n0 * kp, acc + n0, n_total);
 }
@@ -618,10 +608,8 @@ void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t ro
     Int8PairsGemv(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
   else if (isa == Isa::kAvx512Vnni)
     Int8RowsGemv<Int8TileAvx512>(x_q, x_sum, rows, kp, w, n_begin, n_end, n_total, acc);
-  else if (rows >= 2)
-    Int8RowsGemvAvx2(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
   else
-    Int8RowsOneAvx2(x_q, kp, w, n_begin, n_end, acc);
+    Int8RowsGemvAvx2(x_q, rows, kp, w, n_begin, n_end, n_total, acc);
 }
 
 }  // namespace bitnet
