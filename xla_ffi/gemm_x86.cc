@@ -30,7 +30,8 @@ constexpr int64_t kPrefetchBlocks = 8;
 // How far ahead the int8 kernels fetch their weight stream, into L2 (PrefetchL2At): at several
 // activation rows the core computes while the stream arrives, and 4 KB ahead into L1 left it
 // waiting (one Zen 4 core, 2560 x 128256: 4 rows 19.7-20.0 -> 15.3-15.5 ms, 8 rows in
-// Int8PairAvx512 31-33 -> 17-19 ms; one row level; benchmarks/RESULTS.md).
+// Int8PairAvx512 31-33 -> 17-19 ms; benchmarks/RESULTS.md). One activation row fetches nothing
+// ahead (Int8RowsAvx512, Int8RowOneAvx2): its one stream the hardware prefetcher follows.
 constexpr int64_t kInt8PrefetchBytes = 32 * 1024;
 
 // ---------------------------------------------------------------------------------------------
@@ -188,6 +189,25 @@ BITNET_AVX2 void Int8BlockAvx2(const int16_t* x16, int64_t kp, const int8_t* w_r
     for (int mi = 0; mi < MT; ++mi) out[mi * out_stride + r] = HsumAvx2(acc[r][mi]);
 }
 
+// Decode: one weight row against the one widened activation row, 64 inputs a step into four
+// sums. One sequential stream that the hardware prefetcher follows: fetching it ahead into L2 in
+// software (as Int8BlockAvx2 does) made the 2B4T head slower in the model, as did 4 weight rows a
+// tile (four streams) despite being faster from the LLC (benchmarks/RESULTS.md).
+BITNET_AVX2 inline int32_t Int8RowOneAvx2(const int16_t* x16, int64_t kp, const int8_t* w_row) {
+  static_assert(kInt8RowAlign % 64 == 0, "Kp is whole steps of 64 inputs");
+  __m256i sum[4];
+  for (int i = 0; i < 4; ++i) sum[i] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kp; k += 64) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w_row + k + 16 * i)));
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + k + 16 * i));
+      sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(wv, xv));
+    }
+  }
+  return HsumAvx2(_mm256_add_epi32(_mm256_add_epi32(sum[0], sum[1]), _mm256_add_epi32(sum[2], sum[3])));
+}
+
 template <int R>
 BITNET_AVX2 void Int8BlocksAvx2(const int16_t* x16, int64_t rows, int64_t kp, const int8_t* w_rows, int32_t* out,
                                 int64_t out_stride) {
@@ -203,10 +223,7 @@ BITNET_AVX2 void Int8BlocksAvx2(const int16_t* x16, int64_t rows, int64_t kp, co
 
 // The int8 rows [n_begin, n_end) against `rows` activation rows: pairs of weight rows (and a
 // last odd one) against every 4 activation rows in turn, the later passes reading them from L1.
-// One activation row (decode) takes 4 weight rows a tile, four independent sums and one
-// activation load for four madd: one row at a time, its activations widened at every load and
-// one sum, ran at 17-29 GB/s on a Zen 4 core from the LLC, below what one core reads from memory
-// (2560 x 1024: 90-151 -> 49 us; benchmarks/RESULTS.md).
+// One activation row (decode) takes Int8RowOneAvx2, row after row.
 BITNET_AVX2 void Int8RowsGemvAvx2(const int8_t* x_q, int64_t rows, int64_t kp, const int8_t* w, int64_t n_begin,
                                   int64_t n_end, int64_t n_total, int32_t* acc) {
   thread_local std::vector<int16_t> x16_storage;
@@ -216,8 +233,10 @@ BITNET_AVX2 void Int8RowsGemvAvx2(const int8_t* x_q, int64_t rows, int64_t kp, c
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x_q + i))));
   }
   int64_t n0 = n_begin;
-  if (rows == 1)
-    for (; n0 + 4 <= n_end; n0 += 4) Int8BlockAvx2<4, 1>(x16, kp, w + n0 * kp, acc + n0, n_total);
+  if (rows == 1) {
+    for (; n0 < n_end; ++n0) acc[n0] = Int8RowOneAvx2(x16, kp, w + n0 * kp);
+    return;
+  }
   for (; n0 + 2 <= n_end; n0 += 2) Int8BlocksAvx2<2>(x16, rows, kp, w + n0 * kp, acc + n0, n_total);
   if (n0 < n_end) Int8BlocksAvx2<1>(x16, rows, kp, w + n0 * kp, acc + n0, n_total);
 }
@@ -439,9 +458,11 @@ BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, const int32_t* x_sum, int64_t
     __m512i acc[MT];
     for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm512_setzero_si512();
     for (int64_t k = 0; k < kp; k += 64) {
-      // The stream ahead: the hardware prefetcher alone left a Zen 4 core waiting. Past the end
-      // of the weights it is harmless (a prefetch never faults).
-      PrefetchL2At(w_row, k + kInt8PrefetchBytes);
+      // The stream ahead, for several activation rows: there the hardware prefetcher alone
+      // left a Zen 4 core waiting. At one row it keeps up by itself, and fetching ahead made the
+      // 2B4T head slower (one thread: 14.2-16.9 -> 10.5-10.6 ms without; benchmarks/RESULTS.md).
+      // Past the end of the weights it is harmless (a prefetch never faults).
+      if (MT > 1) PrefetchL2At(w_row, k + kInt8PrefetchBytes);
       const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w_row + k), flip);
       for (int mi = 0; mi < MT; ++mi) Dpbusd(acc[mi], wv, _mm512_loadu_si512(x + mi * kp + k));
     }

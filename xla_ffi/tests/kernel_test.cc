@@ -49,8 +49,8 @@ const Shape kShapes[] = {
     {8, 4100, 14}, {12, 6912, 11}, {15, 3840, 7}, {16, 2560, 9},
     // AVX-512's 4 x 5 tile (5 rows), a partial last row group.
     {5, 6912, 10},
-    // AVX2 int8 at one row: 4 weight rows a tile, then a pair and a last row (each call is half
-    // of N: rows 0-6 and 7-14).
+    // Int8 at one row, K in whole steps of 64 (AVX2: Int8RowOneAvx2's four sums), two calls
+    // (rows 0-6 and 7-14).
     {1, 640, 15},
 };
 
