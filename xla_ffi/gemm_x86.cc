@@ -24,7 +24,8 @@ namespace bitnet {
 namespace {
 
 // How far the GEMV tiles (both paths) prefetch along a row group's stream of blocks: 8 blocks,
-// 2 KB. (For the pair tiles 16, 24 and 32 measured the same.)
+// 2 KB. (For the pair tiles 16, 24 and 32 measured the same.) The AVX-512 tile at one activation
+// row leaves its stream to the hardware prefetcher (TernaryGroupAvx512).
 constexpr int64_t kPrefetchBlocks = 8;
 
 // How far ahead the int8 kernels fetch their weight stream, into L2 (PrefetchL2At): at several
@@ -269,7 +270,11 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* block = w_g + b * kGroupBlockBytes;
     const int8_t* x_b = x + b * kBlockK;
-    for (int line = 0; line < 4; ++line) PrefetchAt(block, kPrefetchBlocks * kGroupBlockBytes + 64 * line);
+    // At one activation row the hardware prefetcher follows the stream alone, and faster: one
+    // Zen 4 thread, 2B4T decode 27.4-29.6 -> 32.3-33.2 tok/s without this (two threads level;
+    // benchmarks/RESULTS.md). The AVX2 tiles measured level either way and keep it.
+    if (MT > 1)
+      for (int line = 0; line < 4; ++line) PrefetchAt(block, kPrefetchBlocks * kGroupBlockBytes + 64 * line);
     __m512i packed[kRowsPerGroup];
     for (int r = 0; r < kRowsPerGroup; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
 #pragma GCC unroll 4
