@@ -465,7 +465,7 @@ BITNET_AVX512 void Int8RowsAvx512(const int8_t* x, const int32_t* x_sum, int64_t
     for (int64_t k = 0; k < kp; k += 64) {
       // The stream ahead, for several activation rows: there the hardware prefetcher alone
       // left a Zen 4 core waiting. At one row it keeps up by itself, and fetching ahead made the
-      // 2B4T head slower (one thread: 14.2-16.9 -> 10.5-10.6 ms without; benchmarks/RESULTS.md).
+      // 2B4T head slower (one thread: 14.2-17.0 -> 10.5-10.6 ms without; benchmarks/RESULTS.md).
       // Past the end of the weights it is harmless (a prefetch never faults).
       if (MT > 1) PrefetchL2At(w_row, k + kInt8PrefetchBytes);
       const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w_row + k), flip);
