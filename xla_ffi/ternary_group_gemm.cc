@@ -391,20 +391,23 @@ constexpr int64_t kTile16Groups = 4;  // row groups per tile
 // fall into 2 of the L1's 64 sets, where a tile's worth of them (108 at K = 6912) evict each other.
 constexpr int64_t kScaleAheadBlocks = 2;
 
-// A transposed tile's look-ahead at its block b: the blocks of its tile_groups row groups
-// kPrefetchBytes ahead in its read order (into the next tile's at the end), and the scale lines of
-// the groups that start kScaleAheadBlocks ahead (this tile's, or the next tile's if there is one).
+// A transposed tile's look-ahead at its block b: block b of the next tile's tile_groups row groups
+// into L2, and the scale lines of the groups that start kScaleAheadBlocks ahead (this tile's, or the
+// next tile's if there is one). A tile's row groups lie one after another, so the tiles are one
+// contiguous stream, and fetching the next tile as it lies (tile_groups * kGroupBlockBytes a block,
+// one tile ahead) keeps memory reading in order; the tile itself reads its row groups as
+// tile_groups interleaved streams, which fetched each kPrefetchBytes ahead into L1 (the earlier
+// look-ahead) read 5.5 MB 1.15-1.3x slower from memory on one Zen 4 core (benchmarks/RESULTS.md).
+// Past the task's last tile the lines are another task's or past the array (PrefetchL2At takes
+// any address).
 // Forced inline: GCC does not inline a function of the default target into the tiles' targets by
 // itself, and a call whose only effects are prefetches it finds side-effect free and deletes.
 __attribute__((always_inline)) inline void PrefetchTileAhead(const uint8_t* w_t, int64_t kb, int64_t tile_groups,
                                                              int64_t b, const float* w_scale, int64_t n0,
                                                              int64_t n_total, int64_t groups,
                                                              int64_t strips_per_group) {
-  const int64_t tile_rows = tile_groups * kRowsPerGroup;
-  const int64_t w_ahead = b + kPrefetchBytes / kGroupBlockBytes;
-  const int64_t w_block = (w_ahead / kb) * tile_groups * kb + w_ahead % kb;
-  for (int64_t i = 0; i < tile_groups; ++i)
-    for (int line = 0; line < 4; ++line) PrefetchAt(w_t, (w_block + i * kb) * kGroupBlockBytes + 64 * line);
+  const int64_t tile_rows = tile_groups * kRowsPerGroup, block_bytes = tile_groups * kGroupBlockBytes;
+  for (int64_t line = 0; line < block_bytes; line += 64) PrefetchL2At(w_t, (kb + b) * block_bytes + line);
   const int64_t s_ahead = b + kScaleAheadBlocks, s_tile = s_ahead / kb, s_block = s_ahead % kb;
   if (s_tile > 0 && n0 + tile_rows >= n_total) return;  // the last tile: no scales past it
   const int64_t s_end = std::min(groups, CeilDiv(4 * (s_block + 1), strips_per_group));
