@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu_isa.h"
 #include "prefetch.h"
@@ -379,7 +380,8 @@ BITNET_AVX2 inline void ValuesBlock(const float* p, const T* v, int64_t h, int64
 // Pass 1 prefetches when v_prefetch is set (the value rows, read next by pass 3).
 template <int GB, typename T>
 BITNET_AVX2 void ScoreHeadsAvx2(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
-                                __m256i tail, float* p, const T* v_prefetch) {
+                                float* p, const T* v_prefetch) {
+  const __m256i tail = FirstLanes(h % 8);  // lanes of the last, partial vector of a row
   int64_t j = 0;
   for (; j + 2 <= n; j += 2) {
     if (v_prefetch) PrefetchSlotRows(v_prefetch + j * h, k_nh + j * h, 2, h);
@@ -389,55 +391,13 @@ BITNET_AVX2 void ScoreHeadsAvx2(const float* q, int64_t h, const T* k_nh, const 
 }
 
 template <int GB, typename T>
-BITNET_AVX2 void WeightValuesAvx2(const float* p, int64_t h, const T* v_nh, int64_t n, __m256i tail, float* acc_gh) {
+BITNET_AVX2 void WeightValuesAvx2(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
+  const __m256i tail = FirstLanes(h % 8);
   const int64_t h8 = h / 8 * 8;
   int64_t i0 = 0;
   for (; i0 + 16 <= h8; i0 += 16) ValuesBlock<GB, 2, false>(p, v_nh, h, n, i0, tail, acc_gh);
   if (i0 < h8) ValuesBlock<GB, 1, false>(p, v_nh, h, n, i0, tail, acc_gh);
   if (h8 < h) ValuesBlock<GB, 1, true>(p, v_nh, h, n, h8, tail, acc_gh);
-}
-
-// As AttendChunkScalar<T>; the heads in blocks of up to 4.
-template <typename T>
-BITNET_AVX2 void AttendChunkAvx2(const float* q_gh, int64_t g, int64_t h, const T* k_nh, const T* v_nh,
-                                 const float* k_scale_n, const float* v_scale_n, int64_t n, float scale,
-                                 float* scratch, float* partial) {
-  float* max_g = partial;
-  float* sum_g = partial + g;
-  float* acc_gh = partial + 2 * g;
-  const __m256i h_tail = FirstLanes(h % 8);  // lanes of the last, partial vector of a row
-
-  // 1. Scores. The slots' scales (times 1 / sqrt(h)) first, into the scratch row after the scores.
-  float* slot_scales = scratch + g * kAttentionChunk;
-  for (int64_t j = 0; j < n; ++j) slot_scales[j] = k_scale_n ? k_scale_n[j] * scale : scale;
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const float* q = q_gh + g0 * h;
-    float* p = scratch + g0 * kAttentionChunk;
-    const T* v_prefetch = g0 == 0 ? v_nh : nullptr;  // the first block of heads prefetches
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: ScoreHeadsAvx2<4>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-      case 3: ScoreHeadsAvx2<3>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-      case 2: ScoreHeadsAvx2<2>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-      default: ScoreHeadsAvx2<1>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-    }
-  }
-
-  // 2. Max, exp(score - max) in place, sum; then the weights times each value row's scale.
-  for (int64_t gi = 0; gi < g; ++gi) {
-    SoftmaxWeightsAvx2(scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
-  }
-
-  // 3. Weighted values.
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const float* p = scratch + g0 * kAttentionChunk;
-    float* acc = acc_gh + g0 * h;
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: WeightValuesAvx2<4>(p, h, v_nh, n, h_tail, acc); break;
-      case 3: WeightValuesAvx2<3>(p, h, v_nh, n, h_tail, acc); break;
-      case 2: WeightValuesAvx2<2>(p, h, v_nh, n, h_tail, acc); break;
-      default: WeightValuesAvx2<1>(p, h, v_nh, n, h_tail, acc); break;
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -610,58 +570,34 @@ BITNET_AVX2 void WeightValuesInt16Avx2(const int16_t* w, const int8_t* v_nh, int
   if (h16 < h) ValuesBlockInt16Avx2<GB, true>(w, v_nh, h, n, h16, w_step, k_prefetch, acc_gh);
 }
 
-BITNET_AVX2 void AttendChunkInt8Avx2(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
-                                     const float* k_scale_n, const float* v_scale_n, int64_t n, float scale,
-                                     float* scratch, float* partial) {
-  const auto in_float = [&] {
-    AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
-  };
-  if (h > kInt8MaxExactDim) return in_float();
-  const Int8Parts parts = CarveInt8Parts(scratch, g, h);
-  const int64_t hp = PaddedDim(h);
-  for (int64_t gi = 0; gi < g; ++gi) {
-    if (!QuantizeInt16Avx2(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
+// The AVX2 path's kernels, as AttendChunkSimd and AttendChunkInt8Simd call them.
+struct Avx2Attention {
+  template <int GB, typename T>
+  static void ScoreHeads(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n, float* p,
+                         const T* v_prefetch) {
+    ScoreHeadsAvx2<GB>(q, h, k_nh, slot_scales, n, p, v_prefetch);
   }
-  float* max_g = partial;
-  float* sum_g = partial + g;
-  float* acc_gh = partial + 2 * g;
-
-  // 1. Scores.
-  for (int64_t j = 0; j < n; ++j) parts.slot_scales[j] = k_scale_n[j] * scale;
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const int16_t* q = parts.q + g0 * hp;
-    float* p = parts.p + g0 * kAttentionChunk;
-    const int8_t* v_prefetch = g0 == 0 ? v_nh : nullptr;
-    const float* q_step = parts.q_step + g0;
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: ScoreHeadsInt16Avx2<4>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
-      case 3: ScoreHeadsInt16Avx2<3>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
-      case 2: ScoreHeadsInt16Avx2<2>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
-      default: ScoreHeadsInt16Avx2<1>(q, hp, k_nh, h, parts.slot_scales, q_step, n, p, v_prefetch); break;
-    }
+  static void SoftmaxWeights(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
+    SoftmaxWeightsAvx2(p, n, v_scale_n, max, sum);
   }
-
-  // 2. Max, exp(score - max), sum; the weights times each value row's scale, and their codes.
-  for (int64_t gi = 0; gi < g; ++gi) {
-    float* p = parts.p + gi * kAttentionChunk;
-    SoftmaxWeightsAvx2(p, n, v_scale_n, max_g + gi, sum_g + gi);
-    if (!QuantizeInt16Avx2(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
+  template <int GB, typename T>
+  static void WeightValues(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
+    WeightValuesAvx2<GB>(p, h, v_nh, n, acc_gh);
   }
-
-  // 3. Weighted values.
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const int16_t* w = parts.w + g0 * kWeightStride;
-    const float* w_step = parts.w_step + g0;
-    float* acc = acc_gh + g0 * h;
-    const int8_t* k_next = g0 == 0 && n == kAttentionChunk ? k_nh + n * h : nullptr;  // as AttendChunkInt8Vnni
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: WeightValuesInt16Avx2<4>(w, v_nh, h, n, w_step, k_next, acc); break;
-      case 3: WeightValuesInt16Avx2<3>(w, v_nh, h, n, w_step, k_next, acc); break;
-      case 2: WeightValuesInt16Avx2<2>(w, v_nh, h, n, w_step, k_next, acc); break;
-      default: WeightValuesInt16Avx2<1>(w, v_nh, h, n, w_step, k_next, acc); break;
-    }
+  static bool QuantizeInt16(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+    return QuantizeInt16Avx2(x, n, padded, codes, step);
   }
-}
+  template <int GB>
+  static void ScoreHeadsInt16(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h, const float* slot_scales,
+                              const float* q_step, int64_t n, float* p, const int8_t* v_prefetch) {
+    ScoreHeadsInt16Avx2<GB>(q, hp, k_nh, h, slot_scales, q_step, n, p, v_prefetch);
+  }
+  template <int GB>
+  static void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n, const float* w_step,
+                                const int8_t* k_prefetch, float* acc_gh) {
+    WeightValuesInt16Avx2<GB>(w, v_nh, h, n, w_step, k_prefetch, acc_gh);
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512: the AVX2 kernel's passes in 16-float registers. The scores of a block of 4 heads and
@@ -806,7 +742,8 @@ BITNET_AVX512_INLINE void ValuesBlock16(const float* p, const T* v, int64_t h, i
 // ScoreHeadsAvx2 in 16-float registers, 4 slots at a time.
 template <int GB, typename T>
 BITNET_AVX512 void ScoreHeads16(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
-                                __mmask16 tail, float* p, const T* v_prefetch) {
+                                float* p, const T* v_prefetch) {
+  const __mmask16 tail = FirstLanes16(h % 16);
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
     if (v_prefetch) PrefetchSlotRows(v_prefetch + j * h, k_nh + j * h, 4, h);
@@ -816,53 +753,13 @@ BITNET_AVX512 void ScoreHeads16(const float* q, int64_t h, const T* k_nh, const 
 }
 
 template <int GB, typename T>
-BITNET_AVX512 void WeightValues16(const float* p, int64_t h, const T* v_nh, int64_t n, __mmask16 tail,
-                                  float* acc_gh) {
+BITNET_AVX512 void WeightValues16(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
+  const __mmask16 tail = FirstLanes16(h % 16);
   const int64_t h16 = h / 16 * 16;
   int64_t i0 = 0;
   for (; i0 + 64 <= h16; i0 += 64) ValuesBlock16<GB, 4, false>(p, v_nh, h, n, i0, tail, acc_gh);
   for (; i0 + 16 <= h16; i0 += 16) ValuesBlock16<GB, 1, false>(p, v_nh, h, n, i0, tail, acc_gh);
   if (h16 < h) ValuesBlock16<GB, 1, true>(p, v_nh, h, n, h16, tail, acc_gh);
-}
-
-// As AttendChunkAvx2, in 16-float registers.
-template <typename T>
-BITNET_AVX512 void AttendChunkAvx512(const float* q_gh, int64_t g, int64_t h, const T* k_nh, const T* v_nh,
-                                     const float* k_scale_n, const float* v_scale_n, int64_t n, float scale,
-                                     float* scratch, float* partial) {
-  float* max_g = partial;
-  float* sum_g = partial + g;
-  float* acc_gh = partial + 2 * g;
-  const __mmask16 h_tail = FirstLanes16(h % 16);
-
-  float* slot_scales = scratch + g * kAttentionChunk;
-  for (int64_t j = 0; j < n; ++j) slot_scales[j] = k_scale_n ? k_scale_n[j] * scale : scale;
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const float* q = q_gh + g0 * h;
-    float* p = scratch + g0 * kAttentionChunk;
-    const T* v_prefetch = g0 == 0 ? v_nh : nullptr;
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: ScoreHeads16<4>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-      case 3: ScoreHeads16<3>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-      case 2: ScoreHeads16<2>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-      default: ScoreHeads16<1>(q, h, k_nh, slot_scales, n, h_tail, p, v_prefetch); break;
-    }
-  }
-
-  for (int64_t gi = 0; gi < g; ++gi) {
-    SoftmaxWeights16(scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
-  }
-
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const float* p = scratch + g0 * kAttentionChunk;
-    float* acc = acc_gh + g0 * h;
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: WeightValues16<4>(p, h, v_nh, n, h_tail, acc); break;
-      case 3: WeightValues16<3>(p, h, v_nh, n, h_tail, acc); break;
-      case 2: WeightValues16<2>(p, h, v_nh, n, h_tail, acc); break;
-      default: WeightValues16<1>(p, h, v_nh, n, h_tail, acc); break;
-    }
-  }
 }
 
 BITNET_AVX512 void ExpNonPositive16(float* x, int64_t n) {
@@ -905,6 +802,9 @@ BITNET_AVX512 bool QuantizeInt16(const float* x, int64_t n, int64_t padded, int1
 }
 
 // 32 int8 values at row as int16 lanes; PART: the lanes of `tail`, the others zero.
+// Lanes [0, h % 32) set: the last, partial block of 32 elements of a row of h.
+inline __mmask32 Int16RowTail(int64_t h) { return static_cast<__mmask32>((uint64_t{1} << (h % 32)) - 1); }
+
 template <bool PART>
 BITNET_AVX512_INLINE __m512i Widen32(const int8_t* row, __mmask32 tail) {
   return _mm512_cvtepi8_epi16(PART ? _mm256_maskz_loadu_epi8(tail, row)
@@ -961,8 +861,9 @@ BITNET_AVX512_INLINE void ScoresBlockInt16(const int16_t* q, int64_t hp, const i
 
 template <int GB>
 BITNET_AVX512 void ScoreHeadsInt16(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h,
-                                   const float* slot_scales, const float* q_step, int64_t n, __mmask32 tail,
-                                   float* p, const int8_t* v_prefetch) {
+                                   const float* slot_scales, const float* q_step, int64_t n, float* p,
+                                   const int8_t* v_prefetch) {
+  const __mmask32 tail = Int16RowTail(h);
   // Lane 4 * hd + js: q_step[hd] (4 heads).
   const __m512 q_step_4x4 =
       GB == 4 ? _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
@@ -1036,8 +937,9 @@ BITNET_AVX512_INLINE void ValuesBlockInt16(const int16_t* w, const int8_t* v, in
 }
 
 template <int GB>
-BITNET_AVX512 void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n, __mmask32 tail,
+BITNET_AVX512 void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n,
                                      const float* w_step, const int8_t* k_prefetch, float* acc_gh) {
+  const __mmask32 tail = Int16RowTail(h);
   const int64_t h32 = h / 32 * 32;
   int64_t i0 = 0;
   for (; i0 + 64 <= h32; i0 += 64, k_prefetch = nullptr)
@@ -1047,64 +949,122 @@ BITNET_AVX512 void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64
   if (h32 < h) ValuesBlockInt16<GB, 1, true>(w, v_nh, h, n, h32, tail, w_step, k_prefetch, acc_gh);
 }
 
-BITNET_AVX512 void AttendChunkInt8Vnni(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh,
-                                       const int8_t* v_nh, const float* k_scale_n, const float* v_scale_n, int64_t n,
-                                       float scale, float* scratch, float* partial) {
+// The AVX-512 path's kernels, as AttendChunkSimd and AttendChunkInt8Simd call them.
+struct Avx512Attention {
+  template <int GB, typename T>
+  static void ScoreHeads(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n, float* p,
+                         const T* v_prefetch) {
+    ScoreHeads16<GB>(q, h, k_nh, slot_scales, n, p, v_prefetch);
+  }
+  static void SoftmaxWeights(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
+    SoftmaxWeights16(p, n, v_scale_n, max, sum);
+  }
+  template <int GB, typename T>
+  static void WeightValues(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
+    WeightValues16<GB>(p, h, v_nh, n, acc_gh);
+  }
+  static bool QuantizeInt16(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+    return bitnet::QuantizeInt16(x, n, padded, codes, step);
+  }
+  template <int GB>
+  static void ScoreHeadsInt16(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h, const float* slot_scales,
+                              const float* q_step, int64_t n, float* p, const int8_t* v_prefetch) {
+    bitnet::ScoreHeadsInt16<GB>(q, hp, k_nh, h, slot_scales, q_step, n, p, v_prefetch);
+  }
+  template <int GB>
+  static void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n, const float* w_step,
+                                const int8_t* k_prefetch, float* acc_gh) {
+    bitnet::WeightValuesInt16<GB>(w, v_nh, h, n, w_step, k_prefetch, acc_gh);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Both SIMD paths: the passes of a chunk, whichever path's kernels (Path: Avx2Attention or
+// Avx512Attention) do the arithmetic. This code only carves the scratch and walks the heads, so
+// it is built for the baseline target and calls the path's kernels, each built for its own.
+
+// f(std::integral_constant<int, GB>(), g0) for the heads [g0, g0 + GB) of each block of up to 4.
+template <typename F>
+inline void ForHeadBlocks(int64_t g, F f) {
+  for (int64_t g0 = 0; g0 < g; g0 += 4) {
+    switch (std::min<int64_t>(4, g - g0)) {
+      case 4: f(std::integral_constant<int, 4>(), g0); break;
+      case 3: f(std::integral_constant<int, 3>(), g0); break;
+      case 2: f(std::integral_constant<int, 2>(), g0); break;
+      default: f(std::integral_constant<int, 1>(), g0); break;
+    }
+  }
+}
+
+// As AttendChunkScalar<T>; the heads in blocks of up to 4.
+template <typename Path, typename T>
+void AttendChunkSimd(const float* q_gh, int64_t g, int64_t h, const T* k_nh, const T* v_nh, const float* k_scale_n,
+                     const float* v_scale_n, int64_t n, float scale, float* scratch, float* partial) {
+  float* max_g = partial;
+  float* sum_g = partial + g;
+  float* acc_gh = partial + 2 * g;
+
+  // 1. Scores. The slots' scales (times 1 / sqrt(h)) first, into the scratch row after the scores.
+  float* slot_scales = scratch + g * kAttentionChunk;
+  for (int64_t j = 0; j < n; ++j) slot_scales[j] = k_scale_n ? k_scale_n[j] * scale : scale;
+  ForHeadBlocks(g, [&](auto gb, int64_t g0) {
+    const T* v_prefetch = g0 == 0 ? v_nh : nullptr;  // the first block of heads prefetches
+    Path::template ScoreHeads<decltype(gb)::value>(q_gh + g0 * h, h, k_nh, slot_scales, n, scratch + g0 * kAttentionChunk,
+                                    v_prefetch);
+  });
+
+  // 2. Max, exp(score - max) in place, sum; then the weights times each value row's scale.
+  for (int64_t gi = 0; gi < g; ++gi) {
+    Path::SoftmaxWeights(scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
+  }
+
+  // 3. Weighted values.
+  ForHeadBlocks(g, [&](auto gb, int64_t g0) {
+    Path::template WeightValues<decltype(gb)::value>(scratch + g0 * kAttentionChunk, h, v_nh, n, acc_gh + g0 * h);
+  });
+}
+
+// As AttendChunkInt8Scalar: the passes in integers, or in floats (AttendChunkSimd) where a head
+// is too long for exact int32 sums or a row has no finite int16 codes.
+template <typename Path>
+void AttendChunkInt8Simd(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
+                         const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
+                         float* partial) {
   const auto in_float = [&] {
-    AttendChunkAvx512(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkSimd<Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
   };
   if (h > kInt8MaxExactDim) return in_float();
   const Int8Parts parts = CarveInt8Parts(scratch, g, h);
   const int64_t hp = PaddedDim(h);
   for (int64_t gi = 0; gi < g; ++gi) {
-    if (!QuantizeInt16(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
+    if (!Path::QuantizeInt16(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
   }
   float* max_g = partial;
   float* sum_g = partial + g;
   float* acc_gh = partial + 2 * g;
-  const __mmask32 h_tail = static_cast<__mmask32>((uint64_t{1} << (h % 32)) - 1);
 
   // 1. Scores.
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 lanes = FirstLanes16(std::min<int64_t>(16, n - j));
-    _mm512_mask_storeu_ps(parts.slot_scales + j, lanes,
-                          _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, k_scale_n + j), _mm512_set1_ps(scale)));
-  }
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const int16_t* q = parts.q + g0 * hp;
-    float* p = parts.p + g0 * kAttentionChunk;
+  for (int64_t j = 0; j < n; ++j) parts.slot_scales[j] = k_scale_n[j] * scale;
+  ForHeadBlocks(g, [&](auto gb, int64_t g0) {
     const int8_t* v_prefetch = g0 == 0 ? v_nh : nullptr;
-    const float* q_step = parts.q_step + g0;
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: ScoreHeadsInt16<4>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
-      case 3: ScoreHeadsInt16<3>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
-      case 2: ScoreHeadsInt16<2>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
-      default: ScoreHeadsInt16<1>(q, hp, k_nh, h, parts.slot_scales, q_step, n, h_tail, p, v_prefetch); break;
-    }
-  }
+    Path::template ScoreHeadsInt16<decltype(gb)::value>(parts.q + g0 * hp, hp, k_nh, h, parts.slot_scales, parts.q_step + g0, n,
+                                         parts.p + g0 * kAttentionChunk, v_prefetch);
+  });
 
   // 2. Max, exp(score - max), sum; the weights times each value row's scale, and their codes.
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = parts.p + gi * kAttentionChunk;
-    SoftmaxWeights16(p, n, v_scale_n, max_g + gi, sum_g + gi);
-    if (!QuantizeInt16(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
+    Path::SoftmaxWeights(p, n, v_scale_n, max_g + gi, sum_g + gi);
+    if (!Path::QuantizeInt16(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
   }
 
-  // 3. Weighted values.
-  for (int64_t g0 = 0; g0 < g; g0 += 4) {
-    const int16_t* w = parts.w + g0 * kWeightStride;
-    const float* w_step = parts.w_step + g0;
-    float* acc = acc_gh + g0 * h;
-    // The first block of heads prefetches the keys of the chunk that follows in the cache (the
-    // next chunk of this query's head, in a long context), while this one computes.
-    const int8_t* k_next = g0 == 0 && n == kAttentionChunk ? k_nh + n * h : nullptr;
-    switch (std::min<int64_t>(4, g - g0)) {
-      case 4: WeightValuesInt16<4>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
-      case 3: WeightValuesInt16<3>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
-      case 2: WeightValuesInt16<2>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
-      default: WeightValuesInt16<1>(w, v_nh, h, n, h_tail, w_step, k_next, acc); break;
-    }
-  }
+  // 3. Weighted values. The first block of heads prefetches the keys of the chunk that follows in
+  // the cache (the next chunk of this query's head, in a long context), while this one computes.
+  const int8_t* k_next = n == kAttentionChunk ? k_nh + n * h : nullptr;
+  ForHeadBlocks(g, [&](auto gb, int64_t g0) {
+    Path::template WeightValuesInt16<decltype(gb)::value>(parts.w + g0 * kWeightStride, v_nh, h, n, parts.w_step + g0,
+                                           g0 == 0 ? k_next : nullptr, acc_gh + g0 * h);
+  });
 }
 
 }  // namespace
@@ -1130,11 +1090,11 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
                  int64_t n, float scale, float* scratch, float* partial) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    AttendChunkAvx512(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
+    AttendChunkSimd<Avx512Attention>(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
     return;
   }
   if (isa == Isa::kAvx2) {
-    AttendChunkAvx2(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
+    AttendChunkSimd<Avx2Attention>(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
     return;
   }
 #endif
@@ -1147,11 +1107,11 @@ void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int
                      float* partial) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    AttendChunkInt8Vnni(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Simd<Avx512Attention>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
     return;
   }
   if (isa == Isa::kAvx2) {
-    AttendChunkInt8Avx2(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Simd<Avx2Attention>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
     return;
   }
 #endif
