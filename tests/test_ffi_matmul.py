@@ -8,6 +8,8 @@ equal the reference written in the same order (act_quantize, exact integer
 dot, * (1 / x_scale) * w_scale) bit for bit.
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -284,3 +286,40 @@ def test_embed_rows_equals_take(dtype):
         np.asarray(ffi.embed_rows(table, jnp.asarray([1, 50], jnp.int32)))
     with pytest.raises(BitNetError, match="float32, bfloat16 or float16 table"):
         ffi.embed_rows(jnp.zeros((4, 3), jnp.int8), ids)
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1e3 for line in f if line.startswith("VmRSS"))
+
+
+def test_zeros_are_zeros_and_resident_only_where_written():
+    """`ffi.zeros` (the server's KV pool) gives true zeros of any dtype, in one program with other
+    outputs; on Linux its whole pages are handed back to the OS rather than written, so that a
+    512 MB buffer adds next to nothing to the resident memory until a step writes to it, and then
+    only the pages written. (XLA's own zeros write, and so hold, all 512 MB.) Tolerance: the call
+    keeps at most two partial pages per buffer; the rest of the 128 MB allowed is for whatever the
+    runtime itself allocates meanwhile, far below the buffer's size."""
+    shapes = {
+        "i8": jax.ShapeDtypeStruct((3, 5, 7), jnp.int8),
+        "f32": jax.ShapeDtypeStruct((4099,), jnp.float32),
+        "bf16": jax.ShapeDtypeStruct((2, 3), jnp.bfloat16),
+        "none": None,
+    }
+    made = jax.jit(lambda: ffi.zeros(shapes))()
+    assert made["none"] is None
+    for name in ("i8", "f32", "bf16"):
+        assert made[name].shape == shapes[name].shape and made[name].dtype == shapes[name].dtype
+        np.testing.assert_array_equal(np.asarray(made[name].astype(jnp.float32)), 0.0)
+    if not sys.platform.startswith("linux"):
+        pytest.skip("resident memory is read from /proc (Linux), and pages are handed back there only")
+    big = jax.ShapeDtypeStruct((64, 1024, 8192), jnp.int8)  # 512 MiB
+    make = jax.jit(lambda: ffi.zeros(big))
+    write = jax.jit(lambda x: x.at[3].set(7), donate_argnums=0)  # one 8 MiB slice, in place
+    make.lower().compile(), write.lower(big).compile()
+    before = _resident_mb()
+    x = make().block_until_ready()
+    assert _resident_mb() - before < 128
+    x = write(x).block_until_ready()
+    assert 8 <= _resident_mb() - before < 128 + 8
+    assert int(x[3].min()) == 7 and int(x[2].max()) == 0 and int(x[4].max()) == 0

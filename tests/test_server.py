@@ -14,6 +14,7 @@ masked cache slots get a softmax weight of exactly 0 whatever they hold.
 """
 
 import json
+import sys
 import threading
 import time
 
@@ -429,6 +430,35 @@ def test_a_small_kv_pool_makes_requests_wait_for_pages(engine, backend):
         assert [len(ids) for ids in together] == [r.max_tokens for r in requests]
     finally:
         small.stop()
+
+
+def test_the_kv_pool_is_resident_only_where_requests_wrote(engine):
+    """The page pool is sized for the worst case (every slot at the full context); on CPU it
+    starts as `ffi.zeros`, so its memory becomes resident only as requests write their keys and
+    values. A 1 GiB pool then adds far less than its size to the process at start and after a
+    request, whose reply is still `generate`'s. (XLA's zeros would add all of it at start.)
+    Tolerance: half the pool, for what the engine compiles and loads meanwhile (in this process:
+    some tens of MB on this model)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("resident memory is read from /proc (Linux)")
+    c = engine.config
+    slot_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # float32 keys and values
+    tokens = (1 << 30) // slot_bytes // CONTEXT * CONTEXT
+    before = _resident_mb()
+    big = Engine(c, engine.params, engine.tokenizer, max_batch=2, max_context=CONTEXT, kv_cache_tokens=tokens)
+    big.start()
+    try:
+        request = GenerationRequest((417, 40, 41), 20)
+        assert run_requests(big, [request]) == [reference_ids(big, request.prompt_ids, 20)]
+        assert big.kv_cache_tokens * slot_bytes >= 1 << 29
+        assert _resident_mb() - before < (1 << 30) / 2e6
+    finally:
+        big.stop()
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1e3 for line in f if line.startswith("VmRSS"))
 
 
 def test_long_prompts_prefill_between_decode_steps(engine):

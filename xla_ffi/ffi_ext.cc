@@ -22,6 +22,7 @@
 #include "nanobind/stl/string.h"
 #include "quantize.h"
 #include "token_stream.h"
+#include "zeros.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -57,6 +58,7 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
     registrations["bitnet_int8_peak"] = EncapsulateFfiHandler(BitnetInt8Peak);
     registrations["bitnet_stream_tokens"] = EncapsulateFfiHandler(BitnetStreamTokens);
+    registrations["bitnet_zeros"] = EncapsulateFfiHandler(BitnetZeros);
     return registrations;
   });
   m.def("layout", []() {

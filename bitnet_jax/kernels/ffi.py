@@ -414,6 +414,18 @@ def push_tokens(stream_and_tokens_1b: jax.Array) -> None:
     jax.ffi.ffi_call("bitnet_stream_tokens", (), has_side_effect=True)(stream_and_tokens_1b.astype(jnp.int32))
 
 
+def zeros(shapes):
+    """Arrays of zeros of `shapes` (a pytree of `jax.ShapeDtypeStruct`), inside or outside jit, on
+    CPU: one custom call (xla_ffi/zeros.cc) that hands the buffers' whole pages back to the OS
+    rather than writing them, so that their memory becomes resident only where a later step
+    writes (the server's KV cache pool, sized for the worst case)."""
+    leaves, tree = jax.tree.flatten(shapes)
+    if not leaves:
+        return shapes
+    structs = [jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in leaves]
+    return jax.tree.unflatten(tree, jax.ffi.ffi_call("bitnet_zeros", structs)())
+
+
 class TokenStream:
     """Calls `on_tokens(tokens_b)` (int32 numpy [B]) on a thread of its own for each step that a
     program pushes to stream `stream_id` (`push_tokens`), in order.

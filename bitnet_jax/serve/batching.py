@@ -8,7 +8,9 @@ kernel reads them in place). The pool holds `kv_cache_tokens` slots (default `ma
 max_context`: every row can reach the full context at once); a smaller pool bounds the memory
 while any one request may still use the whole context, and requests wait for pages as they wait
 for rows. Page 0 is scratch: the rows a step runs as padding, and a row's pages past its
-allocation, point there.
+allocation, point there. On CPU the pool starts as `ffi.zeros`, whose memory becomes resident
+only where keys and values are written: the process holds the pages that requests have used
+(freed pages are taken again first), not the worst case.
 
   1. admit: while a row is free and the pool has the pages the oldest waiting request needs
      (first come, first served), it takes them; one jitted prefill writes its prompt into its
@@ -59,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
+from bitnet_jax.kernels.ops import computation_platform
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
@@ -222,7 +225,13 @@ class Engine:
         # Row 0 of the pool is the scratch page.
         self._in_child = in_child
         self._programs: dict = {}  # with in_child: (program, argument shapes) -> callable
-        self._pool = dict(config=config, rows=1 + self.kv_pages, page_len=self.page_len, dtype=self._cache_dtype)
+        self._pool = dict(
+            config=config,
+            rows=1 + self.kv_pages,
+            page_len=self.page_len,
+            dtype=self._cache_dtype,
+            lazy=_lazy_zeros(params),
+        )
         if in_child:  # its shapes until start(), which compiles its zeros with the warm-up's programs
             self._cache = jax.eval_shape(functools.partial(_zero_cache, **self._pool))
         else:
@@ -737,10 +746,27 @@ def _program_key(program, args: tuple) -> tuple:
     return program.__name__, tuple((np.shape(x), np.dtype(x.dtype)) for x in args[2:])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rows", "page_len", "dtype"))
-def _zero_cache(*, config, rows, page_len, dtype):
+def _lazy_zeros(params) -> bool:
+    """Whether the page pool can take `ffi.zeros`: it lives on CPU, where the FFI targets are."""
+    if computation_platform(params) != "cpu":
+        return False
+    try:
+        from bitnet_jax.kernels import ffi  # noqa: F401  (registers the targets)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.partial(jax.jit, static_argnames=("config", "rows", "page_len", "dtype", "lazy"))
+def _zero_cache(*, config, rows, page_len, dtype, lazy):
     """The engine's page pool, zeroed: a program (rather than eager zeros), so that it too can be
-    compiled in a child."""
+    compiled in a child. With `lazy` (on CPU) the zeros are `ffi.zeros`', which leave the pool's
+    memory to become resident page by page as requests write their keys and values, rather than
+    all of it at start (XLA's zeros write every byte)."""
+    if lazy:
+        from bitnet_jax.kernels import ffi
+
+        return ffi.zeros(jax.eval_shape(lambda: KVCache.zeros(config, rows, page_len, dtype=dtype)))
     return KVCache.zeros(config, rows, page_len, dtype=dtype)
 
 
