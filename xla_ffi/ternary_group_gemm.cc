@@ -397,7 +397,8 @@ constexpr int64_t kScaleAheadBlocks = 2;
 // contiguous stream, and fetching the next tile as it lies (tile_groups * kGroupBlockBytes a block,
 // one tile ahead) keeps memory reading in order; the tile itself reads its row groups as
 // tile_groups interleaved streams, which fetched each kPrefetchBytes ahead into L1 (the earlier
-// look-ahead) read 5.5 MB 1.15-1.3x slower from memory on one Zen 4 core (benchmarks/RESULTS.md).
+// look-ahead) left a group:64 2B4T token's ternary matmuls at 58-60 ms on one Zen 4 thread,
+// against 31-34 so (benchmarks/RESULTS.md).
 // Past the task's last tile the lines are another task's or past the array (PrefetchL2At takes
 // any address).
 // Forced inline: GCC does not inline a function of the default target into the tiles' targets by
