@@ -4,7 +4,9 @@
 // context), and a request holds only the pages it needs. Zeroed by an XLA program, the whole pool
 // is written and so resident from the start (0.16 GB for 4096 int8 slots of 2B4T, 2.5 GB for the
 // default 8 x 2048 float32 ones). Zeroed here, its memory is resident only where keys and values
-// have been written: the process's memory follows the tokens in flight.
+// have been written: the process's memory follows the tokens in flight. (Where transparent huge
+// pages are set to `always`, a first write may bring in a 2 MB page rather than 4 KB: coarser,
+// still far from the whole pool.)
 
 #include "zeros.h"
 
