@@ -760,7 +760,7 @@ def _lazy_zeros(params) -> bool:
 @functools.partial(jax.jit, static_argnames=("config", "rows", "page_len", "dtype", "lazy"))
 def _zero_cache(*, config, rows, page_len, dtype, lazy):
     """The engine's page pool, zeroed: a program (rather than eager zeros), so that it too can be
-    compiled in a child. With `lazy` (on CPU) the zeros are `ffi.zeros`', which leave the pool's
+    compiled in a child. With `lazy` (on CPU) the zeros are `ffi.zeros`, which leave the pool's
     memory to become resident page by page as requests write their keys and values, rather than
     all of it at start (XLA's zeros write every byte)."""
     if lazy:
