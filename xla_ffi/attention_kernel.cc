@@ -208,6 +208,11 @@ void AttendChunkInt8Scalar(const float* q_gh, int64_t g, int64_t h, const int8_t
 
 namespace {
 
+// The SIMD paths' kernels share names and are told apart by their first parameter, an empty tag:
+// AttendChunkSimd<Path> calls ScoreHeads<GB>(Path(), ...) and the rest for either path.
+struct Avx2Path {};
+struct Avx512Path {};
+
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA
 
@@ -268,7 +273,7 @@ BITNET_AVX2 void ExpNonPositiveAvx2(float* x, int64_t n) {
 }
 
 // SoftmaxWeightsScalar in 8-lane vectors.
-BITNET_AVX2 void SoftmaxWeightsAvx2(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
+BITNET_AVX2 void SoftmaxWeights(Avx2Path, float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
   const __m256i n_tail = FirstLanes(n % 8);
   const float m = *std::max_element(p, p + n);
   const __m256 m_v = _mm256_set1_ps(m);
@@ -379,7 +384,7 @@ BITNET_AVX2 inline void ValuesBlock(const float* p, const T* v, int64_t h, int64
 // Passes 1 and 3 for a block of GB heads: q, p (their scratch rows) and acc_gh point at its first.
 // Pass 1 prefetches when v_prefetch is set (the value rows, read next by pass 3).
 template <int GB, typename T>
-BITNET_AVX2 void ScoreHeadsAvx2(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
+BITNET_AVX2 void ScoreHeads(Avx2Path, const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
                                 float* p, const T* v_prefetch) {
   const __m256i tail = FirstLanes(h % 8);  // lanes of the last, partial vector of a row
   int64_t j = 0;
@@ -391,7 +396,7 @@ BITNET_AVX2 void ScoreHeadsAvx2(const float* q, int64_t h, const T* k_nh, const 
 }
 
 template <int GB, typename T>
-BITNET_AVX2 void WeightValuesAvx2(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
+BITNET_AVX2 void WeightValues(Avx2Path, const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
   const __m256i tail = FirstLanes(h % 8);
   const int64_t h8 = h / 8 * 8;
   int64_t i0 = 0;
@@ -409,7 +414,7 @@ BITNET_AVX2 void WeightValuesAvx2(const float* p, int64_t h, const T* v_nh, int6
 //           weight codes; 4 heads x 16 elements of accumulators kept over the chunk.
 
 // QuantizeInt16Scalar in 8-lane vectors: the same codes and step.
-BITNET_AVX2 bool QuantizeInt16Avx2(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+BITNET_AVX2 bool QuantizeInt16(Avx2Path, const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 m = _mm256_setzero_ps(), zero_if_finite = _mm256_setzero_ps();
   int64_t i = 0;
@@ -504,7 +509,7 @@ BITNET_AVX2 inline void ScoresBlockInt16Avx2(const int16_t* q, int64_t hp, const
 }
 
 template <int GB>
-BITNET_AVX2 void ScoreHeadsInt16Avx2(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h,
+BITNET_AVX2 void ScoreHeadsInt16(Avx2Path, const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h,
                                      const float* slot_scales, const float* q_step, int64_t n, float* p,
                                      const int8_t* v_prefetch) {
   int64_t j = 0;
@@ -561,7 +566,7 @@ BITNET_AVX2 inline void ValuesBlockInt16Avx2(const int16_t* w, const int8_t* v, 
 }
 
 template <int GB>
-BITNET_AVX2 void WeightValuesInt16Avx2(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n,
+BITNET_AVX2 void WeightValuesInt16(Avx2Path, const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n,
                                        const float* w_step, const int8_t* k_prefetch, float* acc_gh) {
   const int64_t h16 = h / 16 * 16;
   int64_t i0 = 0;
@@ -569,35 +574,6 @@ BITNET_AVX2 void WeightValuesInt16Avx2(const int16_t* w, const int8_t* v_nh, int
     ValuesBlockInt16Avx2<GB, false>(w, v_nh, h, n, i0, w_step, k_prefetch, acc_gh);
   if (h16 < h) ValuesBlockInt16Avx2<GB, true>(w, v_nh, h, n, h16, w_step, k_prefetch, acc_gh);
 }
-
-// The AVX2 path's kernels, as AttendChunkSimd and AttendChunkInt8Simd call them.
-struct Avx2Attention {
-  template <int GB, typename T>
-  static void ScoreHeads(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n, float* p,
-                         const T* v_prefetch) {
-    ScoreHeadsAvx2<GB>(q, h, k_nh, slot_scales, n, p, v_prefetch);
-  }
-  static void SoftmaxWeights(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
-    SoftmaxWeightsAvx2(p, n, v_scale_n, max, sum);
-  }
-  template <int GB, typename T>
-  static void WeightValues(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
-    WeightValuesAvx2<GB>(p, h, v_nh, n, acc_gh);
-  }
-  static bool QuantizeInt16(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
-    return QuantizeInt16Avx2(x, n, padded, codes, step);
-  }
-  template <int GB>
-  static void ScoreHeadsInt16(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h, const float* slot_scales,
-                              const float* q_step, int64_t n, float* p, const int8_t* v_prefetch) {
-    ScoreHeadsInt16Avx2<GB>(q, hp, k_nh, h, slot_scales, q_step, n, p, v_prefetch);
-  }
-  template <int GB>
-  static void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n, const float* w_step,
-                                const int8_t* k_prefetch, float* acc_gh) {
-    WeightValuesInt16Avx2<GB>(w, v_nh, h, n, w_step, k_prefetch, acc_gh);
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512: the AVX2 kernel's passes in 16-float registers. The scores of a block of 4 heads and
@@ -627,7 +603,7 @@ BITNET_AVX512 inline __m512 Exp16(__m512 x) {
 }
 
 // SoftmaxWeightsScalar in 16-lane vectors.
-BITNET_AVX512 void SoftmaxWeights16(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
+BITNET_AVX512 void SoftmaxWeights(Avx512Path, float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
   const __mmask16 n_tail = FirstLanes16(n % 16);
   const int64_t n16 = n / 16 * 16;
   __m512 m_v = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -739,9 +715,9 @@ BITNET_AVX512_INLINE void ValuesBlock16(const float* p, const T* v, int64_t h, i
     }
 }
 
-// ScoreHeadsAvx2 in 16-float registers, 4 slots at a time.
+// ScoreHeads(Avx2Path) in 16-float registers, 4 slots at a time.
 template <int GB, typename T>
-BITNET_AVX512 void ScoreHeads16(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
+BITNET_AVX512 void ScoreHeads(Avx512Path, const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n,
                                 float* p, const T* v_prefetch) {
   const __mmask16 tail = FirstLanes16(h % 16);
   int64_t j = 0;
@@ -753,7 +729,7 @@ BITNET_AVX512 void ScoreHeads16(const float* q, int64_t h, const T* k_nh, const 
 }
 
 template <int GB, typename T>
-BITNET_AVX512 void WeightValues16(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
+BITNET_AVX512 void WeightValues(Avx512Path, const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
   const __mmask16 tail = FirstLanes16(h % 16);
   const int64_t h16 = h / 16 * 16;
   int64_t i0 = 0;
@@ -782,7 +758,7 @@ BITNET_AVX512 void ExpNonPositive16(float* x, int64_t n) {
 //           broadcast; 4 heads x 64 elements of accumulators kept over the chunk.
 
 // QuantizeInt16Scalar in 16-lane vectors: the same codes and step.
-BITNET_AVX512 bool QuantizeInt16(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+BITNET_AVX512 bool QuantizeInt16(Avx512Path, const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
   __m512 m = _mm512_setzero_ps(), zero_if_finite = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __m512 v = _mm512_maskz_loadu_ps(FirstLanes16(std::min<int64_t>(16, n - i)), x + i);
@@ -860,7 +836,7 @@ BITNET_AVX512_INLINE void ScoresBlockInt16(const int16_t* q, int64_t hp, const i
 }
 
 template <int GB>
-BITNET_AVX512 void ScoreHeadsInt16(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h,
+BITNET_AVX512 void ScoreHeadsInt16(Avx512Path, const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h,
                                    const float* slot_scales, const float* q_step, int64_t n, float* p,
                                    const int8_t* v_prefetch) {
   const __mmask32 tail = Int16RowTail(h);
@@ -937,7 +913,7 @@ BITNET_AVX512_INLINE void ValuesBlockInt16(const int16_t* w, const int8_t* v, in
 }
 
 template <int GB>
-BITNET_AVX512 void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n,
+BITNET_AVX512 void WeightValuesInt16(Avx512Path, const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n,
                                      const float* w_step, const int8_t* k_prefetch, float* acc_gh) {
   const __mmask32 tail = Int16RowTail(h);
   const int64_t h32 = h / 32 * 32;
@@ -949,38 +925,9 @@ BITNET_AVX512 void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64
   if (h32 < h) ValuesBlockInt16<GB, 1, true>(w, v_nh, h, n, h32, tail, w_step, k_prefetch, acc_gh);
 }
 
-// The AVX-512 path's kernels, as AttendChunkSimd and AttendChunkInt8Simd call them.
-struct Avx512Attention {
-  template <int GB, typename T>
-  static void ScoreHeads(const float* q, int64_t h, const T* k_nh, const float* slot_scales, int64_t n, float* p,
-                         const T* v_prefetch) {
-    ScoreHeads16<GB>(q, h, k_nh, slot_scales, n, p, v_prefetch);
-  }
-  static void SoftmaxWeights(float* p, int64_t n, const float* v_scale_n, float* max, float* sum) {
-    SoftmaxWeights16(p, n, v_scale_n, max, sum);
-  }
-  template <int GB, typename T>
-  static void WeightValues(const float* p, int64_t h, const T* v_nh, int64_t n, float* acc_gh) {
-    WeightValues16<GB>(p, h, v_nh, n, acc_gh);
-  }
-  static bool QuantizeInt16(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
-    return bitnet::QuantizeInt16(x, n, padded, codes, step);
-  }
-  template <int GB>
-  static void ScoreHeadsInt16(const int16_t* q, int64_t hp, const int8_t* k_nh, int64_t h, const float* slot_scales,
-                              const float* q_step, int64_t n, float* p, const int8_t* v_prefetch) {
-    bitnet::ScoreHeadsInt16<GB>(q, hp, k_nh, h, slot_scales, q_step, n, p, v_prefetch);
-  }
-  template <int GB>
-  static void WeightValuesInt16(const int16_t* w, const int8_t* v_nh, int64_t h, int64_t n, const float* w_step,
-                                const int8_t* k_prefetch, float* acc_gh) {
-    bitnet::WeightValuesInt16<GB>(w, v_nh, h, n, w_step, k_prefetch, acc_gh);
-  }
-};
-
 // ---------------------------------------------------------------------------------------------
-// Both SIMD paths: the passes of a chunk, whichever path's kernels (Path: Avx2Attention or
-// Avx512Attention) do the arithmetic. This code only carves the scratch and walks the heads, so
+// Both SIMD paths: the passes of a chunk, whichever path's kernels (Path: Avx2Path or
+// Avx512Path) do the arithmetic. This code only carves the scratch and walks the heads, so
 // it is built for the baseline target and calls the path's kernels, each built for its own.
 
 // f(std::integral_constant<int, GB>(), g0) for the heads [g0, g0 + GB) of each block of up to 4.
@@ -1009,18 +956,18 @@ void AttendChunkSimd(const float* q_gh, int64_t g, int64_t h, const T* k_nh, con
   for (int64_t j = 0; j < n; ++j) slot_scales[j] = k_scale_n ? k_scale_n[j] * scale : scale;
   ForHeadBlocks(g, [&](auto gb, int64_t g0) {
     const T* v_prefetch = g0 == 0 ? v_nh : nullptr;  // the first block of heads prefetches
-    Path::template ScoreHeads<decltype(gb)::value>(q_gh + g0 * h, h, k_nh, slot_scales, n, scratch + g0 * kAttentionChunk,
+    ScoreHeads<decltype(gb)::value>(Path(), q_gh + g0 * h, h, k_nh, slot_scales, n, scratch + g0 * kAttentionChunk,
                                     v_prefetch);
   });
 
   // 2. Max, exp(score - max) in place, sum; then the weights times each value row's scale.
   for (int64_t gi = 0; gi < g; ++gi) {
-    Path::SoftmaxWeights(scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
+    SoftmaxWeights(Path(), scratch + gi * kAttentionChunk, n, v_scale_n, max_g + gi, sum_g + gi);
   }
 
   // 3. Weighted values.
   ForHeadBlocks(g, [&](auto gb, int64_t g0) {
-    Path::template WeightValues<decltype(gb)::value>(scratch + g0 * kAttentionChunk, h, v_nh, n, acc_gh + g0 * h);
+    WeightValues<decltype(gb)::value>(Path(), scratch + g0 * kAttentionChunk, h, v_nh, n, acc_gh + g0 * h);
   });
 }
 
@@ -1037,7 +984,7 @@ void AttendChunkInt8Simd(const float* q_gh, int64_t g, int64_t h, const int8_t* 
   const Int8Parts parts = CarveInt8Parts(scratch, g, h);
   const int64_t hp = PaddedDim(h);
   for (int64_t gi = 0; gi < g; ++gi) {
-    if (!Path::QuantizeInt16(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
+    if (!QuantizeInt16(Path(), q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
   }
   float* max_g = partial;
   float* sum_g = partial + g;
@@ -1047,22 +994,22 @@ void AttendChunkInt8Simd(const float* q_gh, int64_t g, int64_t h, const int8_t* 
   for (int64_t j = 0; j < n; ++j) parts.slot_scales[j] = k_scale_n[j] * scale;
   ForHeadBlocks(g, [&](auto gb, int64_t g0) {
     const int8_t* v_prefetch = g0 == 0 ? v_nh : nullptr;
-    Path::template ScoreHeadsInt16<decltype(gb)::value>(parts.q + g0 * hp, hp, k_nh, h, parts.slot_scales, parts.q_step + g0, n,
-                                         parts.p + g0 * kAttentionChunk, v_prefetch);
+    ScoreHeadsInt16<decltype(gb)::value>(Path(), parts.q + g0 * hp, hp, k_nh, h, parts.slot_scales,
+                                         parts.q_step + g0, n, parts.p + g0 * kAttentionChunk, v_prefetch);
   });
 
   // 2. Max, exp(score - max), sum; the weights times each value row's scale, and their codes.
   for (int64_t gi = 0; gi < g; ++gi) {
     float* p = parts.p + gi * kAttentionChunk;
-    Path::SoftmaxWeights(p, n, v_scale_n, max_g + gi, sum_g + gi);
-    if (!Path::QuantizeInt16(p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
+    SoftmaxWeights(Path(), p, n, v_scale_n, max_g + gi, sum_g + gi);
+    if (!QuantizeInt16(Path(), p, n, kWeightStride, parts.w + gi * kWeightStride, parts.w_step + gi)) return in_float();
   }
 
   // 3. Weighted values. The first block of heads prefetches the keys of the chunk that follows in
   // the cache (the next chunk of this query's head, in a long context), while this one computes.
   const int8_t* k_next = n == kAttentionChunk ? k_nh + n * h : nullptr;
   ForHeadBlocks(g, [&](auto gb, int64_t g0) {
-    Path::template WeightValuesInt16<decltype(gb)::value>(parts.w + g0 * kWeightStride, v_nh, h, n, parts.w_step + g0,
+    WeightValuesInt16<decltype(gb)::value>(Path(), parts.w + g0 * kWeightStride, v_nh, h, n, parts.w_step + g0,
                                            g0 == 0 ? k_next : nullptr, acc_gh + g0 * h);
   });
 }
@@ -1090,11 +1037,11 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
                  int64_t n, float scale, float* scratch, float* partial) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    AttendChunkSimd<Avx512Attention>(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
+    AttendChunkSimd<Avx512Path>(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
     return;
   }
   if (isa == Isa::kAvx2) {
-    AttendChunkSimd<Avx2Attention>(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
+    AttendChunkSimd<Avx2Path>(q_gh, g, h, k_nh, v_nh, nullptr, nullptr, n, scale, scratch, partial);
     return;
   }
 #endif
@@ -1107,11 +1054,11 @@ void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int
                      float* partial) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    AttendChunkInt8Simd<Avx512Attention>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Simd<Avx512Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
     return;
   }
   if (isa == Isa::kAvx2) {
-    AttendChunkInt8Simd<Avx2Attention>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Simd<Avx2Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
     return;
   }
 #endif
