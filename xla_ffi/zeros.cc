@@ -10,6 +10,7 @@
 
 #include "zeros.h"
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -21,8 +22,12 @@
 
 namespace ffi = xla::ffi;
 
-namespace bitnet {
+namespace {
 
+// Sets `bytes` bytes at `data` to zero. On Linux the whole pages inside the range are handed back
+// to the kernel (madvise MADV_DONTNEED on private anonymous memory, which XLA:CPU's buffers are),
+// which reads them as zeros from then on and allocates them at their first write; the partial
+// pages at either end, and any range madvise refuses, are written with memset.
 void ZeroLazily(void* data, size_t bytes) {
   auto* begin = static_cast<uint8_t*>(data);
   uint8_t* end = begin + bytes;
@@ -39,17 +44,13 @@ void ZeroLazily(void* data, size_t bytes) {
   std::memset(begin, 0, bytes);
 }
 
-}  // namespace bitnet
-
-namespace {
-
 ffi::Error ZerosImpl(ffi::RemainingRets outputs) {
   for (size_t i = 0; i < outputs.size(); ++i) {
     auto out = outputs.get<ffi::AnyBuffer>(i);
     if (!out.has_value()) {
       return ffi::Error::InvalidArgument("bitnet_zeros: output " + std::to_string(i) + " is not an array buffer");
     }
-    bitnet::ZeroLazily((*out)->untyped_data(), (*out)->size_bytes());
+    ZeroLazily((*out)->untyped_data(), (*out)->size_bytes());
   }
   return ffi::Error::Success();
 }
