@@ -94,8 +94,8 @@ int main(int argc, char** argv) {
     std::sort(us.begin(), us.end());
     const double median = us[us.size() / 2];
     std::printf("%s %s %lldx%lld rows=%lld: median %.0f us (min %.0f), %.0f GOPS\n", IsaName(isa),
-                int4 ? "int4" : int8 ? "int8" : group ? "group:64" : "tensor", static_cast<long long>(k), static_cast<long long>(n),
-                static_cast<long long>(m), median, us[0], 2.0 * m * n * k / median / 1e3);
+                int4 ? "int4" : int8 ? "int8" : group ? "group:64" : "tensor", static_cast<long long>(k),
+                static_cast<long long>(n), static_cast<long long>(m), median, us[0], 2.0 * m * n * k / median / 1e3);
   }
   return 0;
 }
