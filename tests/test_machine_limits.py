@@ -150,9 +150,15 @@ def test_generate_roofline_arithmetic():
     )
     assert (r.read_gb_s, r.roofline_tok_s, r.decode_of_roofline) == pytest.approx((20.0, 25.0, 0.8))
     assert (r.int8_peak_gops, r.prefill_of_int8_peak) == pytest.approx((500.0, 0.3))
+    assert r.read_gb_s_after is None and r.decode_of_roofline_after is None  # no second reading given
+    # Read again after the runs at 25 GB/s: a 31.25 tok/s roofline, of which 20 tok/s is 64%.
+    again = with_generate_limits(r, _limits(20.0, 500.0, "avx2", 2), after=_limits(25.0, 400.0, "avx2", 2))
+    assert (again.read_gb_s_after, again.decode_of_roofline_after) == pytest.approx((25.0, 0.64))
+    assert (again.decode_of_roofline, again.int8_peak_gops) == pytest.approx((0.8, 500.0))  # the first reading's
     # No limit measured for this thread count or path: nothing is made up.
-    other = with_generate_limits(r, _limits(20.0, 500.0, "avx512", 1))
+    other = with_generate_limits(r, _limits(20.0, 500.0, "avx512", 1), after=_limits(25.0, 400.0, "avx512", 1))
     assert other.roofline_tok_s is None and other.prefill_of_int8_peak is None
+    assert other.read_gb_s_after is None and other.decode_of_roofline_after is None
 
 
 def test_bench_kernels_prints_the_limits(tmp_path):
@@ -211,8 +217,18 @@ def test_bench_generate_prints_the_roofline(tmp_path, capsys):
     ops = ternary_ops_per_token(BitNetConfig.preset("tiny")) * 16
     assert row["prefill_ternary_gops"] == pytest.approx(ops * row["prefill_tok_s"] / 16 / 1e9)
     assert row["prefill_of_int8_peak"] == pytest.approx(row["prefill_ternary_gops"] / row["int8_peak_gops"])
-    assert f"{100 * row['decode_of_roofline']:.0f}% |" in printed
     assert math.isfinite(row["roofline_tok_s"])
+    # Read again after the runs: its own limits in the JSON, decode against both readings printed.
+    after = row["machine_limits_after"]["rows"][-1]
+    assert (after["path"], after["threads"]) == (row["machine_limits"]["rows"][-1]["path"], row["threads"])
+    assert row["read_gb_s_after"] == after["read_gb_s"]
+    roofline_after = row["read_gb_s_after"] * 1e3 / row["mb_per_token"]
+    assert row["decode_of_roofline_after"] == pytest.approx(row["decode_tok_s"] / roofline_after)
+    assert (
+        f"| {100 * row['decode_of_roofline']:.0f}% | {row['read_gb_s_after']:.1f} "
+        f"| {100 * row['decode_of_roofline_after']:.0f}% |"
+    ) in printed
+    assert printed.count(LIMITS_HEADER) == 2
 
     # --profile: each piece timed alone, the rest is what the measured step leaves.
     profile = row["profile"]

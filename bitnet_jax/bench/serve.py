@@ -301,6 +301,11 @@ class GenerateTiming:
     read_gb_s: float | None = None
     roofline_tok_s: float | None = None  # read_gb_s / mb_per_token
     decode_of_roofline: float | None = None
+    # The read bandwidth measured again after the timed runs, and decode against the roofline it
+    # gives: on a shared host the bandwidth can move between the two readings, and a decode
+    # figure is only as sure as the two agree.
+    read_gb_s_after: float | None = None
+    decode_of_roofline_after: float | None = None
     int8_peak_gops: float | None = None  # the FFI path's, on as many threads
     prefill_of_int8_peak: float | None = None
     profile: DecodeProfile | None = None  # `profile=True`, FFI backend: the decode step's pieces
@@ -546,17 +551,24 @@ def bench_generate(
     )
 
 
-def with_generate_limits(r: GenerateTiming, limits: MachineLimits) -> GenerateTiming:
+def with_generate_limits(
+    r: GenerateTiming, limits: MachineLimits, after: MachineLimits | None = None
+) -> GenerateTiming:
     """`r` with its decode roofline (read bandwidth on its thread count / bytes per token) and,
-    for the FFI backend, its prefill against the int8 peak of its kernel path."""
+    for the FFI backend, its prefill against the int8 peak of its kernel path; with `after` (the
+    limits measured again once the runs were done), decode against that reading's roofline too."""
     read = limits.read_gb_s(r.threads)
     roofline = read * 1e3 / r.mb_per_token if read and r.mb_per_token else None
+    read_after = after.read_gb_s(r.threads) if after is not None else None
+    roofline_after = read_after * 1e3 / r.mb_per_token if read_after and r.mb_per_token else None
     peak = limits.int8_peak_gops(r.isa, r.threads) if r.backend == "ffi" else None
     return dataclasses.replace(
         r,
         read_gb_s=read,
         roofline_tok_s=roofline,
         decode_of_roofline=r.decode_tok_s / roofline if roofline else None,
+        read_gb_s_after=read_after,
+        decode_of_roofline_after=r.decode_tok_s / roofline_after if roofline_after else None,
         int8_peak_gops=peak,
         prefill_of_int8_peak=r.prefill_ternary_gops / peak if peak else None,
     )
@@ -589,17 +601,19 @@ def limits_tables(results: list[GenerateTiming]) -> str:
     lines = [
         "Decode against memory bandwidth: MB read per token = decoder-layer weights + lm_head + other",
         "(norms, an embedding row) + KV cache at the mean context of the timed steps; roofline =",
-        "read GB/s on as many threads / MB per token.",
+        "read GB/s on as many threads / MB per token; read again after the runs, the last two columns",
+        "(where the two readings differ, the host's bandwidth moved during the run).",
         "",
         "| backend | MB/token: layers + head + other + KV (context) = total | read GB/s | roofline tok/s "
-        "| decode tok/s | of roofline |",
-        "|---|---|---:|---:|---:|---:|",
+        "| decode tok/s | of roofline | read GB/s after | of roofline after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.backend} | {r.layers_mb:.1f} + {r.head_mb:.1f} + {r.other_mb:.2f} + {r.kv_mb:.1f} "
             f"({r.decode_context:g}) = {r.mb_per_token:.1f} | {_number(r.read_gb_s, '.1f')} "
-            f"| {_number(r.roofline_tok_s, '.1f')} | {r.decode_tok_s:.2f} | {_percent(r.decode_of_roofline)} |"
+            f"| {_number(r.roofline_tok_s, '.1f')} | {r.decode_tok_s:.2f} | {_percent(r.decode_of_roofline)} "
+            f"| {_number(r.read_gb_s_after, '.1f')} | {_percent(r.decode_of_roofline_after)} |"
         )
     lines += [
         "",
@@ -648,10 +662,15 @@ def generate_table(results: list[GenerateTiming]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, results, limits: MachineLimits | None = None) -> None:
-    """One object per result; with `limits`, each also carries them ("machine_limits")."""
+def write_json(
+    path: str, results, limits: MachineLimits | None = None, limits_after: MachineLimits | None = None
+) -> None:
+    """One object per result; with `limits`, each also carries them ("machine_limits"), and with
+    `limits_after` the limits measured again after the runs ("machine_limits_after")."""
     rows = [dataclasses.asdict(r) for r in results]
     if limits is not None:
         rows = [{**row, "machine_limits": dataclasses.asdict(limits)} for row in rows]
+    if limits_after is not None:
+        rows = [{**row, "machine_limits_after": dataclasses.asdict(limits_after)} for row in rows]
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)

@@ -633,7 +633,11 @@ def _bench_generate(args) -> int:
                 )
             )
         print(generate_table(results[-1:]).splitlines()[-1], flush=True)
-    results = [with_generate_limits(r, limits) for r in results]
+    # Again after the runs, so that each decode figure stands beside a reading on either side of it.
+    with context.Pool(1) as pool:
+        limits_after = pool.apply(_bench_limits_child, (args.threads, _read_buffer_bytes(args)))
+    print("\nOnce more, after the runs:\n\n" + limits_table(limits_after), flush=True)
+    results = [with_generate_limits(r, limits, limits_after) for r in results]
     scales = f", weight_quant={args.weight_quant}" if args.weight_quant else ""
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights{scales}\n")
     print(generate_table(results))
@@ -646,7 +650,7 @@ def _bench_generate(args) -> int:
             cache = f"compilation cache {r.compilation_cache}" if r.compilation_cache else "no compilation cache"
             print(f"\n{r.backend}: the generate program compiled in {r.compile_s:.2f} s ({cache})")
     if args.json:
-        write_json(args.json, results, limits)
+        write_json(args.json, results, limits, limits_after)
     return 0
 
 
