@@ -265,6 +265,11 @@ BITNET_AVX2_SHARED inline __m128 AddScaledGroup(__m128 d, __m128i sum_code_x, __
   return _mm_add_ps(d, _mm_mul_ps(_mm_cvtepi32_ps(_mm_sub_epi32(sum_code_x, x_sum)), scale));
 }
 
+// The same step on 8 outputs (the AVX2 tiles whose lanes are whole outputs).
+BITNET_AVX2_SHARED inline __m256 AddScaledGroup(__m256 d, __m256i sum_code_x, __m256i x_sum, __m256 scale) {
+  return _mm256_add_ps(d, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sum_code_x, x_sum)), scale));
+}
+
 // The tile's outputs (rows below valid_rows) into dot.
 template <int R, int MT>
 BITNET_AVX2_SHARED inline void StoreDots(const GroupTile& t, __m128 d) {
@@ -565,9 +570,8 @@ BITNET_AVX2 void GroupGemv8Avx2(const int8_t* x, const int32_t* x_group, int64_t
     if (strips_per_group == 1 && 4 * b + 4 <= strips) {  // four whole 64-wide groups
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const __m256i sum = _mm256_madd_epi16(part[j], ones);
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_sub_epi32(sum, _mm256_set1_epi32(x_group[c + j])));
-        d = _mm256_add_ps(d, _mm256_mul_ps(p, _mm256_loadu_ps(w_scale + (c + j) * n_total + n0)));
+        d = AddScaledGroup(d, _mm256_madd_epi16(part[j], ones), _mm256_set1_epi32(x_group[c + j]),
+                           _mm256_loadu_ps(w_scale + (c + j) * n_total + n0));
       }
       c += 4;
       continue;
@@ -577,8 +581,7 @@ BITNET_AVX2 void GroupGemv8Avx2(const int8_t* x, const int32_t* x_group, int64_t
       if (4 * b + j == strips) break;
       group_acc = _mm256_add_epi32(group_acc, _mm256_madd_epi16(part[j], ones));
       if (++in_group == strips_per_group) {
-        const __m256 p = _mm256_cvtepi32_ps(_mm256_sub_epi32(group_acc, _mm256_set1_epi32(x_group[c])));
-        d = _mm256_add_ps(d, _mm256_mul_ps(p, _mm256_loadu_ps(w_scale + c * n_total + n0)));
+        d = AddScaledGroup(d, group_acc, _mm256_set1_epi32(x_group[c]), _mm256_loadu_ps(w_scale + c * n_total + n0));
         group_acc = _mm256_setzero_si256();
         ++c;
         in_group = 0;
@@ -734,7 +737,7 @@ BITNET_AVX2 void GroupPanelTileAvx2(const GroupPanel& p, int64_t c_begin, int64_
         float* out = p.dot + mi * p.n_total + 8 * h;
         const __m256 d = c == 0 ? _mm256_setzero_ps() : whole ? _mm256_loadu_ps(out) : _mm256_maskload_ps(out, valid[h]);
         const __m256i x_sum = _mm256_set1_epi32(p.x_group[c * p.rows + mi]);
-        const __m256 sum = _mm256_add_ps(d, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[mi][h], x_sum)), scale));
+        const __m256 sum = AddScaledGroup(d, acc[mi][h], x_sum, scale);
         if (whole)
           _mm256_storeu_ps(out, sum);
         else
