@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from resident_memory import resident_mb
 
 from bitnet_jax.errors import BitNetError
 from bitnet_jax.kernels import ffi, layout
@@ -288,11 +289,6 @@ def test_embed_rows_equals_take(dtype):
         ffi.embed_rows(jnp.zeros((4, 3), jnp.int8), ids)
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1e3 for line in f if line.startswith("VmRSS"))
-
-
 def test_zeros_are_zeros_and_resident_only_where_written():
     """`ffi.zeros` (the server's KV pool) gives true zeros of any dtype, in one program with other
     outputs; on Linux its whole pages are handed back to the OS rather than written, so that a
@@ -317,9 +313,9 @@ def test_zeros_are_zeros_and_resident_only_where_written():
     make = jax.jit(lambda: ffi.zeros(big))
     write = jax.jit(lambda x: x.at[3].set(7), donate_argnums=0)  # one 8 MiB slice, in place
     make.lower().compile(), write.lower(big).compile()
-    before = _resident_mb()
+    before = resident_mb()
     x = make().block_until_ready()
-    assert _resident_mb() - before < 128
+    assert resident_mb() - before < 128
     x = write(x).block_until_ready()
-    assert 8 <= _resident_mb() - before < 128 + 8
+    assert 8 <= resident_mb() - before < 128 + 8
     assert int(x[3].min()) == 7 and int(x[2].max()) == 0 and int(x[4].max()) == 0

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from resident_memory import resident_mb
 
 from bitnet_jax import generate
 from bitnet_jax.errors import BitNetError
@@ -444,21 +445,16 @@ def test_the_kv_pool_is_resident_only_where_requests_wrote(engine):
     c = engine.config
     slot_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # float32 keys and values
     tokens = (1 << 30) // slot_bytes // CONTEXT * CONTEXT
-    before = _resident_mb()
+    before = resident_mb()
     big = Engine(c, engine.params, engine.tokenizer, max_batch=2, max_context=CONTEXT, kv_cache_tokens=tokens)
     big.start()
     try:
         request = GenerationRequest((417, 40, 41), 20)
         assert run_requests(big, [request]) == [reference_ids(big, request.prompt_ids, 20)]
         assert big.kv_cache_tokens * slot_bytes >= 1 << 29
-        assert _resident_mb() - before < (1 << 30) / 2e6
+        assert resident_mb() - before < (1 << 30) / 2e6
     finally:
         big.stop()
-
-
-def _resident_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1e3 for line in f if line.startswith("VmRSS"))
 
 
 def test_long_prompts_prefill_between_decode_steps(engine):
