@@ -95,6 +95,68 @@ def test_greedy_tokens_are_argmax_ties_nans_and_infinities_included():
     assert expected[8] == 20 and expected[10] == 400
 
 
+def _nucleus_reference(row: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per token, in float64: whether top-p keeps it (the probability of the tokens with a larger
+    logit is below top_p) and that probability's distance from top_p."""
+    p = np.exp(row.astype(np.float64) - row.max())
+    p /= p.sum()
+    order = np.argsort(-row, kind="stable")
+    strictly_above = np.cumsum(p[order]) - p[order]  # mass before each token in descending order
+    # Tied logits share the mass above their group: the first of the group's entries.
+    values = row[order]
+    first_of_group = np.searchsorted(-values, -values, side="left")
+    above = np.empty_like(p)
+    above[order] = strictly_above[first_of_group]
+    return above < top_p, np.abs(above - top_p)
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    """`top_p_filter` (a bisection over the logits' keys, no sort) keeps exactly the tokens that a
+    float64 reference keeps: those whose mass above is below top_p, ties together. Float32 sums
+    of a 1000-token row may differ from the exact mass by at most 1000 * 2^-24 ~ 6e-5 of the
+    row's total (the worst-case error of summing n terms in float32, whatever the order XLA
+    sums in), so a token whose mass above lies within 1e-4 of top_p may go either way; every
+    other token must agree, and most tokens are such tokens."""
+    from bitnet_jax.serve.generate import top_p_filter
+
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(1000) * scale for scale in (0.3, 1.0, 3.0, 10.0, 30.0)]
+    rows.append(np.round(rng.standard_normal(1000) * 2) / 2)  # many ties
+    with_masked = rng.standard_normal(1000) * 2
+    with_masked[rng.random(1000) < 0.5] = -np.inf  # top-k's or a previous filter's cuts
+    rows.append(with_masked)
+    logits = np.stack(rows).astype(np.float32)
+    checked = 0
+    for top_p in (1e-6, 0.1, 0.5, 0.9, 0.999):
+        got = np.asarray(jax.jit(top_p_filter)(logits, jnp.full(len(rows), top_p, jnp.float32)))
+        for row, got_row in zip(logits, got):
+            keep, margin = _nucleus_reference(row, top_p)
+            sure = margin > 1e-4
+            np.testing.assert_array_equal(np.isfinite(got_row)[sure], keep[sure])
+            np.testing.assert_array_equal(got_row[np.isfinite(got_row)], row[np.isfinite(got_row)])
+            assert np.isfinite(got_row[np.argmax(row)])  # the most probable token is always kept
+            checked += sure.sum()
+    assert checked > 0.99 * logits.size * 5
+    # top_p 1 leaves a row as it is, -inf included; rows take their own top_p.
+    mixed = np.asarray(jax.jit(top_p_filter)(logits, jnp.asarray([1.0, 1e-6, 1.0, 0.5, 1.0, 1.0, 1.0])))
+    np.testing.assert_array_equal(mixed[[0, 2, 4, 5, 6]], logits[[0, 2, 4, 5, 6]])
+    assert np.isfinite(mixed[1]).sum() == 1 and np.isfinite(mixed[1][np.argmax(logits[1])])
+
+
+def test_categorical_tokens_are_jax_random_categorical():
+    """`categorical_tokens` draws jax.random.categorical's token from the same key (the same
+    Gumbel noise; `greedy_tokens` for its argmax), for a batch and for one row."""
+    from bitnet_jax.serve.generate import categorical_tokens
+
+    logits = np.random.default_rng(4).standard_normal((6, 5000)).astype(np.float32) * 4
+    logits[2, ::2] = -np.inf
+    for seed in range(5):
+        key = jax.random.PRNGKey(seed)
+        want = jax.random.categorical(key, logits, axis=-1)
+        np.testing.assert_array_equal(jax.jit(categorical_tokens)(key, logits), want)
+        assert int(jax.jit(categorical_tokens)(key, logits[3])) == int(jax.random.categorical(key, logits[3]))
+
+
 @pytest.mark.parametrize("path", ["ffi", "callback"])
 def test_streaming_callback_sees_every_token_in_order(monkeypatch, path):
     """On CPU a decode step queues its tokens for a Python thread (`kernels.ffi.TokenStream`);

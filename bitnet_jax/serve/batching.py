@@ -67,6 +67,7 @@ from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
 from bitnet_jax.serve.generate import (
     PREFILL_CHUNK,
+    categorical_tokens,
     greedy_tokens,
     kv_cache_dtype,
     padded_prompt_length,
@@ -74,6 +75,7 @@ from bitnet_jax.serve.generate import (
     prefill_fresh,
     sampling_key,
     serving_params,
+    top_p_filter,
 )
 from bitnet_jax.serve.host_memory import release_freed_memory
 from bitnet_jax.serve.pack import pack
@@ -689,26 +691,19 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
     reaches its top_p. Each row splits its own key as `generate` splits its one key, so a row
     seeded like a `generate` call draws what that call draws. Returns (token_b, next keys_b2).
 
-    The sampling work (a sort of every row for top-p, Gumbel noise over the vocabulary) runs
-    only in steps where some row needs it (`lax.cond`): an all-greedy step is an argmax."""
+    The sampling work (the top-p cut, Gumbel noise over the vocabulary) runs only in steps where
+    some row needs it (`lax.cond`): an all-greedy step is an argmax."""
     split_b22 = jax.vmap(jax.random.split)(keys_b2)
     keys_b2, draw_b2 = split_b22[:, 0], split_b22[:, 1]
     greedy_b = greedy_tokens(logits_bv)
     sampling_b = temperature_b > 0
 
-    def top_p_filter(scaled_bv):
-        sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
-        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
-        keep_bv = (jnp.cumsum(probs_bv, axis=-1) - probs_bv) < top_p_b[:, None]  # preceding mass < top_p
-        cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-        return jnp.where((top_p_b[:, None] < 1.0) & (scaled_bv < cutoff_b1), -jnp.inf, scaled_bv)
-
     def draw(_):
         scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
         narrowing = jnp.any(sampling_b & (top_p_b < 1.0))
-        scaled_bv = jax.lax.cond(narrowing, top_p_filter, lambda x: x, scaled_bv)
-        sampled_b = jax.vmap(lambda key, row_v: jax.random.categorical(key, row_v))(draw_b2, scaled_bv)
-        return jnp.where(sampling_b, sampled_b.astype(jnp.int32), greedy_b)
+        scaled_bv = jax.lax.cond(narrowing, top_p_filter, lambda x, _: x, scaled_bv, top_p_b)
+        sampled_b = jax.vmap(categorical_tokens)(draw_b2, scaled_bv)
+        return jnp.where(sampling_b, sampled_b, greedy_b)
 
     token_b = jax.lax.cond(jnp.any(sampling_b), draw, lambda _: greedy_b, None)
     return token_b, keys_b2

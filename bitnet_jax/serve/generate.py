@@ -429,13 +429,55 @@ def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
     negatives flipped), after mapping -0.0 to 0.0 and every NaN to the largest key: a float
     maximum would not do, for XLA:CPU's does not propagate NaN. tests/test_generate.py checks it
     against argmax, ties, zeros, infinities and NaNs included."""
-    x_bv = jnp.where(logits_bv == 0, 0.0, logits_bv).astype(jnp.float32)
-    bits_bv = jax.lax.bitcast_convert_type(x_bv, jnp.int32)
-    key_bv = jnp.where(bits_bv < 0, bits_bv ^ jnp.int32(0x7FFFFFFF), bits_bv)
-    key_bv = jnp.where(jnp.isnan(x_bv), jnp.iinfo(jnp.int32).max, key_bv)
+    key_bv = _order_keys(logits_bv)
     top_b1 = jnp.max(key_bv, axis=-1, keepdims=True)
     index_bv = jax.lax.broadcasted_iota(jnp.int32, key_bv.shape, key_bv.ndim - 1)
     return jnp.min(jnp.where(key_bv == top_b1, index_bv, key_bv.shape[-1]), axis=-1)
+
+
+def _order_keys(x_bv: jax.Array) -> jax.Array:
+    """int32 keys in the order of the float values of `x_bv`: the bits, with the magnitude bits
+    of negatives flipped, after mapping -0.0 to 0.0 and every NaN to the largest key."""
+    x_bv = jnp.where(x_bv == 0, 0.0, x_bv).astype(jnp.float32)
+    bits_bv = jax.lax.bitcast_convert_type(x_bv, jnp.int32)
+    key_bv = jnp.where(bits_bv < 0, bits_bv ^ jnp.int32(0x7FFFFFFF), bits_bv)
+    return jnp.where(jnp.isnan(x_bv), jnp.iinfo(jnp.int32).max, key_bv)
+
+
+def top_p_filter(scaled_bv: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """`scaled_bv` (float32 logits [B, V], after the temperature) with -inf outside each row's
+    nucleus: the smallest set of most probable tokens whose probability reaches the row's top_p.
+    A token is kept when the probability of the tokens above it is below top_p, so tokens of
+    equal logit are kept or dropped together, and the most probable is always kept. Rows whose
+    top_p is 1 or more are returned as they are.
+
+    The cut is found without sorting the row: the kept tokens are those whose logit is at least
+    a threshold t, the least value at which the mass above t is below top_p; that mass only
+    falls as t rises, so 32 halvings of the logits' ordered int32 keys (`_order_keys`, read as
+    unsigned) find t exactly, each one masked sum over the row. Over a 128,256-token vocabulary
+    on a Zen 4 that is 0.6-0.7 ms a row, where sorting the row took 27 ms (as long as the whole
+    2B4T decode step). Masses are unnormalized (exp(x - max), against top_p times their sum)."""
+    e_bv = jnp.exp(scaled_bv - jnp.max(scaled_bv, axis=-1, keepdims=True))
+    target_b1 = top_p_b[:, None] * jnp.sum(e_bv, axis=-1, keepdims=True)
+    key_bv = jax.lax.bitcast_convert_type(_order_keys(scaled_bv) ^ jnp.int32(-0x80000000), jnp.uint32)
+
+    def halve(_, bounds):  # the threshold's key lies in [low, high]; the mass above high is below the target
+        low_b1, high_b1 = bounds
+        mid_b1 = low_b1 + (high_b1 - low_b1) // 2
+        below_b1 = jnp.sum(jnp.where(key_bv > mid_b1, e_bv, 0.0), axis=-1, keepdims=True) < target_b1
+        return jnp.where(below_b1, low_b1, mid_b1 + 1), jnp.where(below_b1, mid_b1, high_b1)
+
+    bounds = (jnp.zeros_like(target_b1, jnp.uint32), jnp.max(key_bv, axis=-1, keepdims=True))
+    _, threshold_b1 = jax.lax.fori_loop(0, 32, halve, bounds)
+    return jnp.where((top_p_b[:, None] < 1.0) & (key_bv < threshold_b1), -jnp.inf, scaled_bv)
+
+
+def categorical_tokens(key: jax.Array, scaled_bv: jax.Array) -> jax.Array:
+    """`jax.random.categorical(key, scaled_bv, axis=-1)` as int32 ([B], or a scalar for one row
+    [V]): the same Gumbel noise from the same key, so the same token, with `greedy_tokens` for
+    its argmax (0.5 ms a row less over a 128,256-token vocabulary)."""
+    noise_bv = jax.random.gumbel(key, scaled_bv.shape, scaled_bv.dtype)
+    return greedy_tokens(noise_bv + scaled_bv)
 
 
 def sample(
@@ -449,13 +491,8 @@ def sample(
         kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
         logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
     if top_p is not None and top_p < 1.0:
-        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
-        cumulative_bv = jnp.cumsum(jax.nn.softmax(sorted_bv, axis=-1), axis=-1)
-        # The smallest prefix whose mass reaches top_p: keep tokens whose preceding mass is < top_p.
-        keep_bv = (cumulative_bv - jax.nn.softmax(sorted_bv, axis=-1)) < top_p
-        cutoff_b1 = jnp.min(jnp.where(keep_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
-        logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
-    return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+        logits_bv = top_p_filter(logits_bv, jnp.full(logits_bv.shape[:1], top_p, jnp.float32))
+    return categorical_tokens(key, logits_bv)
 
 
 def _as_prompt_list(prompt_ids) -> list[list[int]]:
