@@ -91,3 +91,15 @@ def test_bench_serve_small(tmp_path, capsys):
     assert all(r["lm_head"] == "int4-tied" and r["kv_cache"] == "int8" for r in rows)
     assert all(r["kv_cache_tokens"] == 32 for r in rows)  # one page of the 32-token context
     assert all(r["aggregate_decode_tok_s"] > 0 and r["ttft_p90_s"] >= r["ttft_median_s"] > 0 for r in rows)
+    assert all(r["temperature"] == 0 and r["top_p"] == 1 for r in rows) and "KV cache; greedy)." in table
+
+
+def test_bench_serve_sampling(tmp_path, capsys):
+    """--temperature / --top-p reach every request (the server's sampling branch runs) and the table says so."""
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,2", "--prompt-tokens", "8"]
+    argv += ["--new-tokens", "4", "--max-context", "32", "--temperature", "0.8", "--top-p", "0.9"]
+    assert main(argv + ["--json", str(out)]) == 0
+    assert "temperature 0.8, top_p 0.9)." in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert all(r["temperature"] == 0.8 and r["top_p"] == 0.9 and r["new_tokens"] == 4 for r in rows)

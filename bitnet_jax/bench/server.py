@@ -2,15 +2,16 @@
 
 The server runs in this process (`serve.server.running`) on random packed weights of a preset's
 shape (`bench.serve.random_packed_params`, no download), with as many slots as the most clients;
-each client thread sends one streaming `/v1/completions` request of random prompt token ids
-(greedy, `max_tokens` new tokens) and times its chunks. Per level:
+its clients in a child process, a thread each, each sending one streaming `/v1/completions`
+request of random prompt token ids (`max_tokens` new tokens; greedy unless a temperature is
+given) and timing its chunks. Per level:
 
   aggregate decode tok/s  tokens after each request's first, over the time from the last first
                           token to the last token (every request decodes in that window: the
                           engine prefills all waiting requests before its next decode step)
   per-request tok/s       median over requests of (tokens - 1) / (last token - first token)
   TTFT                    time to the first token (median and p90): queueing and prefill
-  peak RSS                this process's high-water mark since the weights were built
+  peak RSS                the server process's high-water mark since the weights were built
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class ServeTiming:
     lm_head: str
     kv_cache: str
     kv_cache_tokens: int  # slots in the engine's page pool
+    temperature: float = 0.0  # each request's; 0 is greedy
+    top_p: float = 1.0
 
 
 class IdTokenizer:
@@ -66,15 +69,18 @@ def bench_serve(
     lm_head: str | None = None,
     kv_cache: str | None = None,
     kv_cache_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
     seed: int = 0,
 ) -> list[ServeTiming]:
     """Times the server at each client count (see the module docstring). `lm_head` and `kv_cache`
     as for `bench generate` (defaults: the serving default head, a float32 cache);
-    `kv_cache_tokens` as for `Engine` (default: every slot can hold `max_context`)."""
+    `kv_cache_tokens` as for `Engine` (default: every slot can hold `max_context`); `temperature`
+    and `top_p` each request's (default greedy), each request seeded apart."""
     import gc
+    import itertools
+    import multiprocessing
     import os
-
-    import httpx
 
     from bitnet_jax.bench.serve import peak_rss_mb, random_packed_params, reset_peak_rss
     from bitnet_jax.kernels.ops import default_lm_head
@@ -99,36 +105,20 @@ def bench_serve(
     gc.collect()
     engine.start()  # compiles the decode step and a one-token prefill
     rng = np.random.default_rng(seed)
+
+    def prompts(n):
+        return [[int(i) for i in rng.integers(0, config.vocab_size, prompt_tokens)] for _ in range(n)]
+
+    sampling = dict(max_tokens=new_tokens, temperature=temperature, top_p=top_p)
+    seeds = itertools.count(seed)
     results = []
-    with running(create_app(engine, model_name="bench")) as url:
-
-        def request(prompt, times, usage):
-            body = dict(model="bench", prompt=prompt, max_tokens=new_tokens, temperature=0, stream=True)
-            body["stream_options"] = {"include_usage": True}
-            start = time.perf_counter()
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {"):
-                        chunk = json.loads(line[6:])
-                        if chunk.get("usage"):
-                            usage.append(chunk["usage"]["completion_tokens"])
-                        elif chunk["choices"][0]["text"]:
-                            times.append(time.perf_counter())
-            times.insert(0, start)
-
-        def prompt():
-            return [int(i) for i in rng.integers(0, config.vocab_size, prompt_tokens)]
-
-        request(prompt(), [], [])  # compiles the prefill of this prompt length
+    # The clients run in a process of their own, so that the peak RSS is the server's alone (as
+    # a deployed server's is): in this process their HTTP client and buffers added 10-20 MB.
+    with running(create_app(engine, model_name="bench")) as url, multiprocessing.get_context("spawn").Pool(1) as pool:
+        pool.apply(_clients, (url, prompts(1), sampling, [next(seeds)]))  # compiles this prompt length's prefill
         reset_peak_rss()
         for n in clients:
-            times = [[] for _ in range(n)]
-            usage: list[int] = []
-            threads = [threading.Thread(target=request, args=(prompt(), times[i], usage)) for i in range(n)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            times, usage = pool.apply(_clients, (url, prompts(n), sampling, [next(seeds) for _ in range(n)]))
             starts = np.array([t[0] for t in times])
             firsts = np.array([t[1] for t in times])
             lasts = np.array([t[-1] for t in times])
@@ -151,11 +141,41 @@ def bench_serve(
                     lm_head,
                     kv_cache,
                     engine.kv_cache_tokens,
+                    temperature,
+                    top_p,
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)
     engine.stop()
     return results
+
+
+def _clients(url: str, prompts: list[list[int]], sampling: dict, seeds: list[int]) -> tuple[list, list]:
+    """One streaming /v1/completions request per prompt, all at once, each on a thread: per
+    request [start, time of each chunk with text...], and the completion tokens each reported."""
+    import httpx
+
+    def request(prompt, seed, times, usage):
+        body = dict(model="bench", prompt=prompt, stream=True, seed=seed, **sampling)
+        body["stream_options"] = {"include_usage": True}
+        times.append(time.perf_counter())
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=3600) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage.append(chunk["usage"]["completion_tokens"])
+                    elif chunk["choices"][0]["text"]:
+                        times.append(time.perf_counter())
+
+    times: list[list[float]] = [[] for _ in prompts]
+    usage: list[int] = []
+    threads = [threading.Thread(target=request, args=(p, s, t, usage)) for p, s, t in zip(prompts, seeds, times)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return times, usage
 
 
 def serve_table(results: list[ServeTiming]) -> str:
@@ -176,6 +196,12 @@ def serve_table(results: list[ServeTiming]) -> str:
         lines.append(
             f"Aggregate decode with {most.clients} clients: {gain:.2f}x one client's "
             f"({most.slots} slots of up to {most.max_context} tokens, {most.kv_cache_tokens} KV cache slots, "
-            f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache)."
+            f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache; {_sampling(most)})."
         )
     return "\n".join(lines)
+
+
+def _sampling(r: ServeTiming) -> str:
+    if r.temperature == 0:
+        return "greedy"
+    return f"temperature {r.temperature:g}" + (f", top_p {r.top_p:g}" if r.top_p < 1 else "")

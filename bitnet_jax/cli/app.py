@@ -239,6 +239,10 @@ def _parser() -> argparse.ArgumentParser:
     bench_srv.add_argument(
         "--max-context", type=int, default=2048, help="prompt + reply tokens per slot (default 2048)"
     )
+    bench_srv.add_argument(
+        "--temperature", type=float, default=0.0, help="each request's sampling temperature (default 0: greedy)"
+    )
+    bench_srv.add_argument("--top-p", type=float, default=1.0, help="each request's top_p (default 1)")
     _add_kv_cache_tokens(bench_srv)
     _add_lm_head(bench_srv, "the model's lm_head")
     _add_kv_cache(bench_srv)
@@ -677,6 +681,8 @@ def _bench_serve(args) -> int:
         lm_head=args.lm_head,
         kv_cache=args.kv_cache,
         kv_cache_tokens=args.kv_cache_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
     )
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
     print(serve_table(results))
