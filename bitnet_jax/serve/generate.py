@@ -28,13 +28,16 @@ from bitnet_jax.model.transformer import BitNetLM, KVCache
 from bitnet_jax.serve.host_memory import release_freed_memory
 from bitnet_jax.serve.pack import pack
 
-# Prompt lengths are padded up to a multiple of this, so that prompts of similar length share one
-# compiled program.
-_LENGTH_BUCKET = 16
 # Longer prompts are prefilled this many tokens at a time (and padded to a multiple of it): the
 # attention scores of a chunk are [chunk, cache slots], where a whole 2048-token prompt's were
 # [2048, slots] (0.35 GB per tensor for 2B4T), and the activations stay small.
 PREFILL_CHUNK = 256
+# Prompt lengths up to PREFILL_CHUNK are padded up to a bucket, so that prompts of similar length
+# share one compiled program: (up to this length, a multiple of this step), the steps growing with
+# the length so that padding stays under half a prompt. Every bucket is a program that `generate`
+# compiles and the batching engine keeps loaded, and a loaded 2B4T prefill program holds 8-11 MB
+# of XLA's heap (benchmarks/RESULTS.md, "A program per prompt length"): 8 buckets, not 16.
+_LENGTH_BUCKETS = ((64, 16), (128, 32), (PREFILL_CHUNK, 64))
 
 
 def generate(
@@ -353,10 +356,11 @@ def sampling_key(seed: int):
 
 
 def padded_prompt_length(longest: int) -> int:
-    """The length T that prompts of at most `longest` tokens are right-padded to: a multiple of
-    _LENGTH_BUCKET up to PREFILL_CHUNK, of PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
-    bucket = _LENGTH_BUCKET if longest <= PREFILL_CHUNK else PREFILL_CHUNK
-    return -(-longest // bucket) * bucket
+    """The length T that prompts of at most `longest` tokens are right-padded to: a bucket of
+    _LENGTH_BUCKETS up to PREFILL_CHUNK (16, 32, 48, 64, 96, 128, 192, 256), a multiple of
+    PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
+    step = next((step for limit, step in _LENGTH_BUCKETS if longest <= limit), PREFILL_CHUNK)
+    return -(-longest // step) * step
 
 
 def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCache, attend_slots=None):
