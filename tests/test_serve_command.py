@@ -91,7 +91,9 @@ def test_bench_serve_small(tmp_path, capsys):
     assert all(r["lm_head"] == "int4-tied" and r["kv_cache"] == "int8" for r in rows)
     assert all(r["kv_cache_tokens"] == 32 for r in rows)  # one page of the 32-token context
     assert all(r["aggregate_decode_tok_s"] > 0 and r["ttft_p90_s"] >= r["ttft_median_s"] > 0 for r in rows)
-    assert all(r["temperature"] == 0 and r["top_p"] == 1 for r in rows) and "KV cache; greedy)." in table
+    assert all(r["temperature"] == 0 and r["top_p"] == 1 for r in rows)
+    assert "KV cache; greedy; 8-token prompts)." in table
+    assert all(r["prompt_tokens"] == 8 and r["prompt_tokens_max"] is None for r in rows)
 
 
 def test_bench_serve_sampling(tmp_path, capsys):
@@ -100,6 +102,31 @@ def test_bench_serve_sampling(tmp_path, capsys):
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,2", "--prompt-tokens", "8"]
     argv += ["--new-tokens", "4", "--max-context", "32", "--temperature", "0.8", "--top-p", "0.9"]
     assert main(argv + ["--json", str(out)]) == 0
-    assert "temperature 0.8, top_p 0.9)." in capsys.readouterr().out
+    assert "temperature 0.8, top_p 0.9; 8-token prompts)." in capsys.readouterr().out
     rows = json.loads(out.read_text())
     assert all(r["temperature"] == 0.8 and r["top_p"] == 0.9 and r["new_tokens"] == 4 for r in rows)
+
+
+def test_bench_serve_prompt_range(tmp_path, capsys, monkeypatch):
+    """--prompt-tokens A-B draws each prompt's length from the range, after one request of each
+    bucket in it (their prefill programs loaded before the timed levels); a bad range is refused."""
+    import bitnet_jax.bench.server as bench_server
+
+    sent, send = [], bench_server._send
+
+    def recording_send(pool, url, prompts, *rest):
+        sent.append([len(p) for p in prompts])
+        return send(pool, url, prompts, *rest)
+
+    monkeypatch.setattr(bench_server, "_send", recording_send)
+    out = tmp_path / "serve.json"
+    argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,4", "--prompt-tokens", "5-40"]
+    assert main(argv + ["--new-tokens", "4", "--max-context", "64", "--json", str(out)]) == 0
+    assert "prompts of 5-40 tokens, every bucket's prefill loaded)." in capsys.readouterr().out
+    assert sent[:3] == [[16], [32], [40]]  # the longest of each bucket: 16, 32, 48
+    assert [len(lengths) for lengths in sent[3:]] == [1, 4] and all(5 <= n <= 40 for s in sent[3:] for n in s)
+    rows = json.loads(out.read_text())
+    assert all(r["prompt_tokens"] == 5 and r["prompt_tokens_max"] == 40 for r in rows)
+    for bad in ("40-5", "0-8", "a-b", "1-2-3"):
+        assert main(["bench", "serve", "--preset", "tiny", "--random-weights", "--prompt-tokens", bad]) == 2
+        assert "--prompt-tokens" in capsys.readouterr().err

@@ -27,7 +27,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class ServeTiming:
     clients: int
-    prompt_tokens: int
+    prompt_tokens: int  # the shortest prompt (every prompt, unless a range was asked)
     new_tokens: int  # per request, as counted by the server's usage
     aggregate_decode_tok_s: float
     per_request_tok_s: float
@@ -42,6 +42,7 @@ class ServeTiming:
     kv_cache_tokens: int  # slots in the engine's page pool
     temperature: float = 0.0  # each request's; 0 is greedy
     top_p: float = 1.0
+    prompt_tokens_max: int | None = None  # the longest, where prompts were drawn from a range
 
 
 class IdTokenizer:
@@ -63,7 +64,7 @@ def bench_serve(
     config,
     *,
     clients: tuple[int, ...] = (1, 2, 4, 8),
-    prompt_tokens: int = 128,
+    prompt_tokens: int | tuple[int, int] = 128,
     new_tokens: int = 128,
     max_context: int = 2048,
     lm_head: str | None = None,
@@ -76,7 +77,10 @@ def bench_serve(
     """Times the server at each client count (see the module docstring). `lm_head` and `kv_cache`
     as for `bench generate` (defaults: the serving default head, a float32 cache);
     `kv_cache_tokens` as for `Engine` (default: every slot can hold `max_context`); `temperature`
-    and `top_p` each request's (default greedy), each request seeded apart."""
+    and `top_p` each request's (default greedy), each request seeded apart. `prompt_tokens` as
+    (shortest, longest): each prompt's length drawn uniformly from that range, and a request of
+    each prompt-length bucket in it sent before the timed levels, so that their programs are
+    compiled and loaded (a served model meets many lengths, and keeps a program for each bucket)."""
     import gc
     import itertools
     import multiprocessing
@@ -85,6 +89,7 @@ def bench_serve(
     from bitnet_jax.bench.serve import peak_rss_mb, random_packed_params, reset_peak_rss
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.batching import Engine
+    from bitnet_jax.serve.generate import padded_prompt_length
     from bitnet_jax.serve.server import create_app, running
 
     # No stop ids: every request decodes exactly `new_tokens` tokens.
@@ -105,9 +110,16 @@ def bench_serve(
     gc.collect()
     engine.start()  # compiles the decode step and a one-token prefill
     rng = np.random.default_rng(seed)
+    shortest, longest = prompt_tokens if isinstance(prompt_tokens, tuple) else (prompt_tokens, prompt_tokens)
+
+    def prompt(length):
+        return [int(i) for i in rng.integers(0, config.vocab_size, length)]
 
     def prompts(n):
-        return [[int(i) for i in rng.integers(0, config.vocab_size, prompt_tokens)] for _ in range(n)]
+        return [prompt(int(rng.integers(shortest, longest + 1))) for _ in range(n)]
+
+    # The longest length of each bucket in the range: one request each compiles its prefill.
+    buckets = {padded_prompt_length(length): length for length in range(shortest, longest + 1)}
 
     sampling = dict(max_tokens=new_tokens, temperature=temperature, top_p=top_p)
     seeds = itertools.count(seed)
@@ -115,10 +127,11 @@ def bench_serve(
     # The clients run in a process of their own, so that the peak RSS is the server's alone (as
     # a deployed server's is): in this process their HTTP client and buffers added 10-20 MB.
     with running(create_app(engine, model_name="bench")) as url, multiprocessing.get_context("spawn").Pool(1) as pool:
-        pool.apply(_clients, (url, prompts(1), sampling, [next(seeds)]))  # compiles this prompt length's prefill
+        for length in buckets.values():  # compiles the prefill of each prompt length
+            _send(pool, url, [prompt(length)], sampling, [next(seeds)])
         reset_peak_rss()
         for n in clients:
-            times, usage = pool.apply(_clients, (url, prompts(n), sampling, [next(seeds) for _ in range(n)]))
+            times, usage = _send(pool, url, prompts(n), sampling, [next(seeds) for _ in range(n)])
             starts = np.array([t[0] for t in times])
             firsts = np.array([t[1] for t in times])
             lasts = np.array([t[-1] for t in times])
@@ -128,7 +141,7 @@ def bench_serve(
             results.append(
                 ServeTiming(
                     n,
-                    prompt_tokens,
+                    shortest,
                     int(np.median(usage)),
                     float(decoded.sum() / window) if window > 0 else float("nan"),
                     float(np.median(decoded / (lasts - firsts))),
@@ -143,11 +156,17 @@ def bench_serve(
                     engine.kv_cache_tokens,
                     temperature,
                     top_p,
+                    longest if longest != shortest else None,
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)
     engine.stop()
     return results
+
+
+def _send(pool, url: str, prompts: list[list[int]], sampling: dict, seeds: list[int]) -> tuple[list, list]:
+    """`_clients` in the clients' process (`pool`)."""
+    return pool.apply(_clients, (url, prompts, sampling, seeds))
 
 
 def _clients(url: str, prompts: list[list[int]], sampling: dict, seeds: list[int]) -> tuple[list, list]:
@@ -196,7 +215,8 @@ def serve_table(results: list[ServeTiming]) -> str:
         lines.append(
             f"Aggregate decode with {most.clients} clients: {gain:.2f}x one client's "
             f"({most.slots} slots of up to {most.max_context} tokens, {most.kv_cache_tokens} KV cache slots, "
-            f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache; {_sampling(most)})."
+            f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache; {_sampling(most)}; "
+            f"{_prompts(most)})."
         )
     return "\n".join(lines)
 
@@ -205,3 +225,9 @@ def _sampling(r: ServeTiming) -> str:
     if r.temperature == 0:
         return "greedy"
     return f"temperature {r.temperature:g}" + (f", top_p {r.top_p:g}" if r.top_p < 1 else "")
+
+
+def _prompts(r: ServeTiming) -> str:
+    if r.prompt_tokens_max is None:
+        return f"{r.prompt_tokens}-token prompts"
+    return f"prompts of {r.prompt_tokens}-{r.prompt_tokens_max} tokens, every bucket's prefill loaded"

@@ -234,7 +234,11 @@ def _parser() -> argparse.ArgumentParser:
     bench_srv = benches.add_parser("serve", help="the HTTP server under 1, 2, 4, 8 concurrent streaming clients")
     _add_random_model(bench_srv, "as for bench generate")
     bench_srv.add_argument("--clients", default="1,2,4,8", help="concurrent clients per level (default 1,2,4,8)")
-    bench_srv.add_argument("--prompt-tokens", type=int, default=128)
+    bench_srv.add_argument(
+        "--prompt-tokens",
+        default="128",
+        help="each prompt's length, or a range such as 20-250 to draw each from (default 128)",
+    )
     bench_srv.add_argument("--new-tokens", type=int, default=128)
     bench_srv.add_argument(
         "--max-context", type=int, default=2048, help="prompt + reply tokens per slot (default 2048)"
@@ -675,7 +679,7 @@ def _bench_serve(args) -> int:
     results = bench_serve(
         BitNetConfig.preset(args.preset),
         clients=clients,
-        prompt_tokens=args.prompt_tokens,
+        prompt_tokens=_prompt_range(args.prompt_tokens),
         new_tokens=args.new_tokens,
         max_context=args.max_context,
         lm_head=args.lm_head,
@@ -689,6 +693,19 @@ def _bench_serve(args) -> int:
     if args.json:
         write_json(args.json, results)
     return 0
+
+
+def _prompt_range(text: str) -> int | tuple[int, int]:
+    """--prompt-tokens N or A-B (bench serve)."""
+    from bitnet_jax.errors import BitNetError
+
+    try:
+        bounds = [int(part) for part in text.split("-")]
+    except ValueError:
+        bounds = []
+    if len(bounds) not in (1, 2) or min(bounds) < 1 or bounds != sorted(bounds):
+        raise BitNetError(f"--prompt-tokens {text}: expected a length such as 128, or a range such as 20-250.")
+    return bounds[0] if len(bounds) == 1 else (bounds[0], bounds[1])
 
 
 def _bench_limits_child(threads, buffer_bytes):
