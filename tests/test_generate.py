@@ -293,12 +293,13 @@ def test_attend_slots_must_lie_within_the_cache():
 
 
 def test_prompt_length_buckets():
-    """Prompts up to a chunk pad to one of 8 buckets (each a program that serving keeps loaded, at
-    8-11 MB apiece for 2B4T), padded by less than 16 tokens or half the prompt; longer ones to whole chunks."""
+    """Prompts up to a chunk pad to one of 10 buckets (each a program that serving keeps loaded, at
+    8-11 MB apiece for 2B4T), by less than 16 tokens up to 64 and less than 32 beyond; longer
+    ones to whole chunks."""
     from bitnet_jax.serve.generate import PREFILL_CHUNK, padded_prompt_length
 
     padded = [padded_prompt_length(n) for n in range(1, PREFILL_CHUNK + 1)]
-    assert sorted(set(padded)) == [16, 32, 48, 64, 96, 128, 192, 256]
-    assert all(0 <= t - n < max(16, n / 2) for n, t in enumerate(padded, start=1))
+    assert sorted(set(padded)) == [16, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+    assert all(0 <= t - n < (16 if n <= 64 else 32) for n, t in enumerate(padded, start=1))
     assert padded == sorted(padded)
     assert [padded_prompt_length(n) for n in (257, 512, 513, 2048)] == [512, 512, 768, 2048]

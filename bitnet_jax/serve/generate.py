@@ -33,11 +33,12 @@ from bitnet_jax.serve.pack import pack
 # [2048, slots] (0.35 GB per tensor for 2B4T), and the activations stay small.
 PREFILL_CHUNK = 256
 # Prompt lengths up to PREFILL_CHUNK are padded up to a bucket, so that prompts of similar length
-# share one compiled program: (up to this length, a multiple of this step), the steps growing with
-# the length so that padding stays under half a prompt. Every bucket is a program that `generate`
-# compiles and the batching engine keeps loaded, and a loaded 2B4T prefill program holds 8-11 MB
-# of XLA's heap (benchmarks/RESULTS.md, "A program per prompt length"): 8 buckets, not 16.
-_LENGTH_BUCKETS = ((64, 16), (128, 32), (PREFILL_CHUNK, 64))
+# share one compiled program: (up to this length, a multiple of this step). Every bucket is a
+# program that `generate` compiles and the batching engine keeps loaded, and a loaded 2B4T prefill
+# program holds 8-11 MB of XLA's heap (benchmarks/RESULTS.md, "A program per prompt length"): 10
+# buckets rather than 16, at 5% more prefill work for prompts of 20-250 tokens (steps of 64 above
+# 128, 8 buckets, cost 11% and 25% on the 8-client time to first token).
+_LENGTH_BUCKETS = ((64, 16), (PREFILL_CHUNK, 32))
 
 
 def generate(
@@ -357,8 +358,8 @@ def sampling_key(seed: int):
 
 def padded_prompt_length(longest: int) -> int:
     """The length T that prompts of at most `longest` tokens are right-padded to: a bucket of
-    _LENGTH_BUCKETS up to PREFILL_CHUNK (16, 32, 48, 64, 96, 128, 192, 256), a multiple of
-    PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
+    _LENGTH_BUCKETS up to PREFILL_CHUNK (16, 32, 48, 64, 96, 128, 160, 192, 224, 256), a multiple
+    of PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
     step = next((step for limit, step in _LENGTH_BUCKETS if longest <= limit), PREFILL_CHUNK)
     return -(-longest // step) * step
 
