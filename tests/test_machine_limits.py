@@ -179,22 +179,27 @@ def test_bench_kernels_prints_the_limits(tmp_path):
     # (XLA's float dots are left out here, to save their large weights; the one below stands in.)
     results = bench_kernels(rows=(1,), shapes=((300, 9), (200, 130_001)), repeats=1, isas=PATHS, xla=False)
     xla = dataclasses.replace(results[0], kernel="xla_f32", isa="xla")
-    results = [with_kernel_limits(r, limits) for r in [*results, xla]]
+    doubled = tuple(dataclasses.replace(r, read_gb_s=2 * r.read_gb_s) for r in limits.rows)
+    after = dataclasses.replace(limits, rows=doubled)  # as if the bandwidth had doubled during the timings
+    results = [with_kernel_limits(r, limits, after) for r in [*results, xla]]
     table = kernels_table(results)
-    assert "| K x N | M | path | us | GB/s | of read BW | GOPS | of int8 peak |" in table
+    assert "| K x N | M | path | us | GB/s | of read BW | of read BW after | GOPS | of int8 peak |" in table
     for r in results:
         assert r.gops == pytest.approx(2 * r.M * r.K * r.N / (r.median_us * 1e-6) / 1e9)
         assert r.read_gb_s == limits.read_gb_s(r.threads)
         assert r.of_read_gb_s == pytest.approx(r.gb_s / r.read_gb_s)
+        assert r.read_gb_s_after == 2 * r.read_gb_s and r.of_read_gb_s_after == pytest.approx(r.of_read_gb_s / 2)
         if r.isa == "xla":
             assert r.int8_peak_gops is None and r.of_int8_peak is None
         else:
             assert r.of_int8_peak == pytest.approx(r.gops / limits.int8_peak_gops(r.isa, r.threads))
             row = f"| {r.K} x {r.N} | {r.M} | {r.kernel}:{r.isa} | {r.median_us:.0f} | {r.gb_s:.1f} | "
-            assert row + f"{100 * r.of_read_gb_s:.0f}% | {r.gops:.1f} | {100 * r.of_int8_peak:.0f}% |" in table
-    write_json(str(tmp_path / "kernels.json"), results, limits)
+            shares = f"{100 * r.of_read_gb_s:.0f}% | {100 * r.of_read_gb_s_after:.0f}% | "
+            assert row + shares + f"{r.gops:.1f} | {100 * r.of_int8_peak:.0f}% |" in table
+    write_json(str(tmp_path / "kernels.json"), results, limits, after)
     rows = json.loads((tmp_path / "kernels.json").read_text())
-    assert {"gops", "read_gb_s", "of_read_gb_s", "int8_peak_gops", "of_int8_peak"} <= set(rows[0])
+    assert {"gops", "read_gb_s", "of_read_gb_s", "int8_peak_gops", "of_int8_peak", "of_read_gb_s_after"} <= set(rows[0])
+    assert rows[0]["machine_limits_after"]["rows"][0]["read_gb_s"] == 2 * limits.rows[0].read_gb_s
     assert [r["path"] for r in rows[0]["machine_limits"]["rows"]] == [r.path for r in limits.rows]
 
 

@@ -75,6 +75,9 @@ class KernelTiming:
     of_read_gb_s: float | None = None
     int8_peak_gops: float | None = None
     of_int8_peak: float | None = None
+    # The read bandwidth measured again after the timings (`with_kernel_limits(..., after)`).
+    read_gb_s_after: float | None = None
+    of_read_gb_s_after: float | None = None
 
 
 def _chain(fn, reps: int):
@@ -208,9 +211,11 @@ def _timing(kernel, isa, m, k, n, threads, times, reps, nbytes) -> KernelTiming:
     )
 
 
-def with_kernel_limits(r: KernelTiming, limits: MachineLimits) -> KernelTiming:
-    """`r` with the machine's read bandwidth on its thread count and its path's int8 peak."""
+def with_kernel_limits(r: KernelTiming, limits: MachineLimits, after: MachineLimits | None = None) -> KernelTiming:
+    """`r` with the machine's read bandwidth on its thread count and its path's int8 peak; with
+    `after` (the limits measured again after the timings), also that reading's bandwidth."""
     read = limits.read_gb_s(r.threads)
+    read_after = after.read_gb_s(r.threads) if after is not None else None
     peak = None if r.isa == "xla" else limits.int8_peak_gops(r.isa, r.threads)
     return dataclasses.replace(
         r,
@@ -218,6 +223,8 @@ def with_kernel_limits(r: KernelTiming, limits: MachineLimits) -> KernelTiming:
         of_read_gb_s=r.gb_s / read if read else None,
         int8_peak_gops=peak,
         of_int8_peak=r.gops / peak if peak else None,
+        read_gb_s_after=read_after,
+        of_read_gb_s_after=r.gb_s / read_after if read_after else None,
     )
 
 
@@ -252,11 +259,12 @@ def kernels_table(results: list[KernelTiming]) -> str:
         lines.append(f"| {k} x {n} | {m} | " + " | ".join(cells) + f" | {ratio} |")
     per_isa = [
         "",
-        "Per kernel path: weight GB/s against the machine's read bandwidth on as many threads, and GOPS",
+        "Per kernel path: weight GB/s against the machine's read bandwidth on as many threads (read before",
+        "the timings and again after them), and GOPS",
         "(2 * M * K * N / time) against the int8 multiply-add peak of the path (bench/machine.py):",
         "",
-        "| K x N | M | path | us | GB/s | of read BW | GOPS | of int8 peak |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| K x N | M | path | us | GB/s | of read BW | of read BW after | GOPS | of int8 peak |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for k, n, m in dict.fromkeys((r.K, r.N, r.M) for r in results):
         for c in ours:
@@ -264,7 +272,7 @@ def kernels_table(results: list[KernelTiming]) -> str:
             if r is not None:
                 per_isa.append(
                     f"| {k} x {n} | {m} | {c} | {r.median_us:.0f} | {r.gb_s:.1f} | {_percent(r.of_read_gb_s)} "
-                    f"| {r.gops:.1f} | {_percent(r.of_int8_peak)} |"
+                    f"| {_percent(r.of_read_gb_s_after)} | {r.gops:.1f} | {_percent(r.of_int8_peak)} |"
                 )
     return "\n".join(lines + per_isa)
 

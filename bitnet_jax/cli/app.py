@@ -582,11 +582,13 @@ def _bench_kernels(args) -> int:
     limits = measure_limits(paths=isas, buffer_bytes=_read_buffer_bytes(args))
     print(limits_table(limits) + "\n", flush=True)
     timings = bench_kernels(rows=rows, shapes=shapes, isas=isas, repeats=args.repeats)
-    results = [with_kernel_limits(r, limits) for r in timings]
+    # Again after the timings, as `bench generate` does: a share is as sure as its two readings agree.
+    after = measure_limits(paths=isas, buffer_bytes=_read_buffer_bytes(args))
+    results = [with_kernel_limits(r, limits, after) for r in timings]
     print(f"CPU: {cpu_name()}, threads: {results[0].threads}\n")
     print(kernels_table(results))
     if args.json:
-        write_json(args.json, results, limits)
+        write_json(args.json, results, limits, after)
     return 0
 
 
