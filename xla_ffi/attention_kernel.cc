@@ -257,6 +257,15 @@ BITNET_AVX2 inline float Hsum(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
+// The largest of a's lanes, taken in lane order with std::max.
+BITNET_AVX2 inline float Hmax(__m256 a) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, a);
+  float m = lanes[0];
+  for (int l = 1; l < 8; ++l) m = std::max(m, lanes[l]);
+  return m;
+}
+
 // The four horizontal sums {sum(a), sum(b), sum(c), sum(d)}.
 BITNET_AVX2 inline __m128 Hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -280,10 +289,7 @@ BITNET_AVX2 void SoftmaxWeights(Avx2Path, float* p, int64_t n, const float* v_sc
   __m256 max_v = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) max_v = _mm256_max_ps(max_v, _mm256_loadu_ps(p + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, max_v);
-  float m = lanes[0];
-  for (int l = 1; l < 8; ++l) m = std::max(m, lanes[l]);
+  float m = Hmax(max_v);
   for (; j < n; ++j) m = std::max(m, p[j]);
   const __m256 m_v = _mm256_set1_ps(m);
   __m256 total = _mm256_setzero_ps();
@@ -434,10 +440,7 @@ BITNET_AVX2 bool QuantizeInt16(Avx2Path, const float* x, int64_t n, int64_t padd
     m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v));
     zero_if_finite = _mm256_add_ps(zero_if_finite, _mm256_mul_ps(v, _mm256_setzero_ps()));  // inf * 0, NaN: NaN
   }
-  float max = 0.0f, zero = Hsum(zero_if_finite);
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  for (float l : lanes) max = std::max(max, l);
+  float max = Hmax(m), zero = Hsum(zero_if_finite);  // lanes of magnitudes from 0: max >= 0
   for (; i < n; ++i) {
     zero += x[i] * 0.0f;
     max = std::max(max, std::abs(x[i]));
