@@ -503,6 +503,33 @@ def test_long_prompts_prefill_between_decode_steps(engine):
         long_engine.stop()
 
 
+def test_steps_beside_prefilling_rows_pad_with_the_padding_row(engine):
+    """Three rows decode while the fourth prefills a long prompt: the step's width is 4 and no
+    row is free to pad it with (a prefilling row holds real pages), so it pads with the engine's
+    padding row, whose pages are all the scratch page. (The engine once padded with free rows
+    and failed every request in flight here.)"""
+    four = Engine(engine.config, engine.params, engine.tokenizer, max_batch=4, max_context=1536)
+    four.start()
+    try:
+        rng = np.random.default_rng(3)
+        long = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 700))  # 3 chunks
+        requests = [GenerationRequest((417, 40 + k), 200) for k in range(3)] + [GenerationRequest(long, 5)]
+        events = [[] for _ in requests]
+        for request, got in zip(requests[:3], events):
+            four.submit(request, got.append)
+        deadline = time.monotonic() + 60
+        while not all(events[:3]) and time.monotonic() < deadline:  # the three are decoding
+            time.sleep(0.01)
+        four.submit(requests[3], events[3].append)
+        assert wait_idle(four)
+        assert four.stats["prefill_chunks"] == 3 and four.stats["error"] == 0
+        for request, got in zip(requests, events):
+            ids = [t for e in got for t in e.token_ids]
+            assert ids == reference_ids(four, request.prompt_ids, request.max_tokens)
+    finally:
+        four.stop()
+
+
 def test_stop_strings_and_seeded_sampling(client, engine):
     prompt = completion_prompt(engine, "hello")
     free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0).choices[0].text

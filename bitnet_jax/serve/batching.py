@@ -239,14 +239,18 @@ class Engine:
         else:
             self._cache = self._call(_zero_cache, (), self._pool)
         self._free_pages = list(range(self.kv_pages, 0, -1))  # popped from the end: lowest first
-        b = max_batch
+        # Per-row state, and one row more: row max_batch, never a request's, whose pages are all
+        # the scratch page, pads a decode step to its compiled width (a free row would not always
+        # do: the rows that hold no decoding request may be prefilling a long prompt).
+        b = max_batch + 1
+        self._padding_row = max_batch
         self._pages_bp = np.zeros((b, context // self.page_len), np.int32)  # 0: the scratch page
         self._tokens_b = np.zeros(b, np.int32)
         self._positions_b = np.zeros(b, np.int32)  # where each row's token in _tokens_b is written
         self._temperature_b = np.zeros(b, np.float32)
         self._top_p_b = np.ones(b, np.float32)
         self._keys_b2 = np.zeros((b, 2), np.uint32)
-        self._slots: list[_Active | None] = [None] * b
+        self._slots: list[_Active | None] = [None] * max_batch
         self._admissions = itertools.count()
         self._widths = step_widths(b)
         self._waiting: collections.deque[Ticket] = collections.deque()
@@ -343,19 +347,20 @@ class Engine:
 
     def _warm_up(self) -> None:
         # Row 0 takes a one-token prompt and gives its pages back, then a step of every width runs
-        # (all rows are free: they write the scratch page).
+        # (on the padding row: they write the scratch page).
         first = self.tokenizer.bos_id or 0
         request = GenerationRequest((first,), 1)
         prompt_1t = np.full((1, padded_prompt_length(1)), first, np.int32)
+        padding = lambda width: np.full(width, self._padding_row, np.int32)
         if self._in_child:  # the warm-up's programs all at once (_compile), not one after the other
-            steps = [self._step_call(np.arange(w, dtype=np.int32), np.zeros(w, np.int32)) for w in self._widths]
+            steps = [self._step_call(padding(w), np.zeros(w, np.int32)) for w in self._widths]
             self._compile([(_zero_cache, (), self._pool), self._prefill_call(0, prompt_1t, request), *steps])
             self._cache = self._call(_zero_cache, (), self._pool)
         pages = self._take_pages(0, request)
         self._prefill_row(0, prompt_1t, request)
         self._free_row_pages(0, pages)
         for width in self._widths:
-            self._run_step(np.arange(width, dtype=np.int32), np.zeros(width, np.int32))
+            self._run_step(padding(width), np.zeros(width, np.int32))
         jax.block_until_ready(self._cache)
         release_freed_memory()  # what compiling the steps freed (some 100 MB glibc would keep)
         self.stats.clear()
@@ -514,11 +519,9 @@ class Engine:
         """One token for each of the rows `active` (decoding), at the narrowest compiled width that
         holds them; returns their tokens, in that order."""
         width = next(w for w in self._widths if w >= len(active))
-        free = [row for row, a in enumerate(self._slots) if a is None]
-        rows_w = np.array(active + free[: width - len(active)], np.int32)
-        # Padding rows (free: every page the scratch page) write slot 0 of the scratch page.
-        positions_w = np.where(np.arange(width) < len(active), self._positions_b[rows_w], 0).astype(np.int32)
-        token_w, keys_w2 = self._run_step(rows_w, positions_w)
+        rows_w = np.array(active + [self._padding_row] * (width - len(active)), np.int32)
+        # The padding rows (position 0, every page the scratch page) write slot 0 of the scratch page.
+        token_w, keys_w2 = self._run_step(rows_w, self._positions_b[rows_w])
         taken = rows_w[: len(active)]
         self._keys_b2[taken] = keys_w2[: len(active)]
         self._tokens_b[taken] = token_w[: len(active)]
