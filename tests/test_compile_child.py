@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from backend_compiles import BackendCompiles
 
 from bitnet_jax.bench.serve import random_packed_params
 from bitnet_jax.model.config import BitNetConfig
@@ -42,23 +43,6 @@ def fresh_programs():
     jax.clear_caches()
     yield
     generate_module._executables.clear()
-
-
-class BackendCompiles:
-    """Counts the programs this process compiles (jax reports a read from the persistent
-    compilation cache as a compile too)."""
-
-    def __enter__(self):
-        self.count = 0
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def _listener(self, event, _, **kwargs):
-        if event.endswith("backend_compile_duration"):
-            self.count += 1
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=40, seed=5)], ids=["greedy", "sampled"])

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
+from backend_compiles import BackendCompiles
 from resident_memory import resident_mb
 
 from bitnet_jax import generate
@@ -460,8 +461,8 @@ def test_the_kv_pool_is_resident_only_where_requests_wrote(engine):
 def test_long_prompts_prefill_between_decode_steps(engine):
     """A prompt longer than one prefill chunk (256 tokens) is read one chunk per engine step, so a
     request already decoding keeps getting tokens meanwhile; and its reply is still exactly
-    `generate`'s: each chunk runs `generate.prefill_chunk` on the row's prompt slots, as
-    `generate`'s prefill loop does on its fresh cache."""
+    `generate`'s: each chunk runs `generate.prefill_chunk`, as `generate`'s prefill loop does on
+    its fresh cache (here on the row's pages in place where the FFI kernel attends the chunk)."""
     long_engine = Engine(engine.config, engine.params, engine.tokenizer, max_batch=2, max_context=1536)
     long_engine.start()
     try:
@@ -528,6 +529,40 @@ def test_steps_beside_prefilling_rows_pad_with_the_padding_row(engine):
             assert ids == reference_ids(four, request.prompt_ids, request.max_tokens)
     finally:
         four.stop()
+
+
+@pytest.mark.parametrize("backend", ["ffi", "xla"])
+def test_long_prompts_of_every_length_share_one_chunk_program(engine, backend):
+    """Where the FFI kernel attends a prefill chunk, the chunk runs on the row's pages in place
+    and no shape of its program depends on the prompt's length: once a 1280-token prompt has
+    compiled it, prompts padded to 512 and 768 tokens compile nothing (a program per length held
+    8-11 MB each on 2B4T once loaded). Where XLA attends (the 'xla' backend, or a kernel path
+    without SIMD attention), chunks run on a copy of the row's prompt slots, a program per padded
+    length.
+    Both reply exactly as `generate` (the module docstring), beside a long prompt's leftovers
+    in the reused pages too."""
+    long_engine = Engine(engine.config, engine.params, engine.tokenizer, max_batch=1, max_context=1536, backend=backend)
+    in_place = long_engine._chunks_in_place
+    assert in_place == (backend == "ffi" and ffi_attention_simd())
+    long_engine.start()
+    try:
+        rng = np.random.default_rng(11)
+        prompts = [tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, n)) for n in (1100, 300, 700)]
+        references = [reference_ids(long_engine, prompt, 9, backend=backend) for prompt in prompts]
+        assert run_requests(long_engine, [GenerationRequest(prompts[0], 9)]) == references[:1]  # compiles a chunk
+        # The shorter prompts run in the longest one's pages, over what it left there.
+        with BackendCompiles() as compiles:
+            assert run_requests(long_engine, [GenerationRequest(p, 9) for p in prompts[1:]]) == references[1:]
+        assert compiles.count == (0 if in_place else 2)
+    finally:
+        long_engine.stop()
+
+
+def ffi_attention_simd() -> bool:
+    from bitnet_jax.kernels import ffi
+    from bitnet_jax.kernels.ops import ATTENTION_SIMD_ISAS
+
+    return ffi.selected_isa() in ATTENTION_SIMD_ISAS
 
 
 def test_stop_strings_and_seeded_sampling(client, engine):

@@ -16,9 +16,12 @@ only where keys and values are written: the process holds the pages that request
      (first come, first served), it takes them; one jitted prefill writes its prompt into its
      pages (`generate.prefill_fresh` on a fresh batch-1 cache as long as the padded prompt) and
      samples its first token. A prompt longer than one prefill
-     chunk (256 tokens) is written one chunk per loop instead (`generate.prefill_chunk` on the
-     row's prompt slots, the same math), oldest first, so that the rows already decoding get a
-     step after every chunk rather than waiting for the whole prompt;
+     chunk (256 tokens) is written one chunk per loop instead (`generate.prefill_chunk`, the same
+     math), oldest first, so that the rows already decoding get a step after every chunk rather
+     than waiting for the whole prompt. Where the FFI kernel attends a chunk, the chunk runs on
+     the row's pages in place, one compiled program for prompts of every length; elsewhere (XLA
+     attention, whose work grows with the slots it scores) on a copy of the row's prompt slots,
+     a program per padded length;
   2. step: one jitted decode step runs the rows that hold a request, each at its own position
      with its own temperature, top-p and random key. The step is compiled for a few widths
      (1, 2, 4, ... up to `max_batch`, all at start-up) and runs at the narrowest that holds the
@@ -61,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.kernels.ops import computation_platform
+from bitnet_jax.kernels.ops import computation_platform, ffi_attends
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
@@ -258,7 +261,15 @@ class Engine:
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._prefill_buckets: set[int] = set()  # padded prompt lengths whose prefill has run
+        self._prefill_programs: set = set()  # the prefills that have run (`_prefill_program`)
+        # Whether a long prompt's chunks run on the row's pages in place (_prefill_chunk_in_place):
+        # where the FFI kernel attends them, reading each query's slots up to its position.
+        q_shape = (1, PREFILL_CHUNK, config.num_attention_heads, config.head_dim)
+        self._chunks_in_place = ffi_attends(
+            "xla" if serving is None else serving.backend,
+            jax.ShapeDtypeStruct(q_shape, jnp.float32),
+            jax.ShapeDtypeStruct((1,), self._cache_dtype),
+        )
         self.stats = collections.Counter()  # submitted, completed, cancelled, error, steps, rows, tokens, peak_active
 
     # -- the client side (any thread) -------------------------------------------------------
@@ -445,12 +456,18 @@ class Engine:
             logger.exception("prefill failed")
             self._finish(row, "error", error=f"Prefill failed: {type(e).__name__}: {e}")
             return
-        bucket = padded_prompt_length(len(self._slots[row].ticket.request.prompt_ids))
-        if bucket not in self._prefill_buckets:  # compiled just now: hand back what compiling freed
-            self._prefill_buckets.add(bucket)
+        program = self._prefill_program(len(self._slots[row].ticket.request.prompt_ids))
+        if program not in self._prefill_programs:  # compiled just now: hand back what compiling freed
+            self._prefill_programs.add(program)
             release_freed_memory()
         if token is not None:
             self._take(row, token)
+
+    def _prefill_program(self, prompt_tokens: int):
+        """Which compiled prefill a prompt of this many tokens runs: its padded length's, or the
+        one chunk program that long prompts share when their chunks run in place."""
+        t = padded_prompt_length(prompt_tokens)
+        return "chunk" if t > PREFILL_CHUNK and self._chunks_in_place else t
 
     def _prefill_row(self, row: int, prompt_1t: np.ndarray, request: GenerationRequest) -> int:
         token, key_2, self._cache = self._call(*self._prefill_call(row, prompt_1t, request))
@@ -487,13 +504,17 @@ class Engine:
 
         def chunk() -> int | None:
             logits_1v = state.logits_1v
+            if self._chunks_in_place:
+                program, prompt = _prefill_chunk_in_place, state.prompt_1t[:, state.start : state.start + PREFILL_CHUNK]
+            else:
+                program, prompt = _prefill_chunk, state.prompt_1t
             token, key_2, state.logits_1v, self._cache = self._call(
-                _prefill_chunk,
+                program,
                 (
                     self._variables,
                     self._cache,
                     self._pages_bp[row],
-                    state.prompt_1t,
+                    prompt,
                     np.array([len(request.prompt_ids)], np.int32),
                     np.int32(state.start),
                     logits_1v if logits_1v is not None else np.zeros((1, self.config.vocab_size), np.float32),
@@ -786,14 +807,36 @@ def _prefill_chunk(
     variables, cache, pages_p, prompt_1t, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
 ):
     """One chunk of a long prompt into the row whose pages are `pages_p`, as `prefill_fresh` runs
-    it: on the row's first T slots (T the padded prompt's length), zeroed before the first chunk.
-    Returns (a token sampled from the logits so far, its row's next key, the logits, cache): the
-    token is the request's first once the last chunk has run."""
+    it: on a copy of the row's first T slots (T the padded prompt's length), zeroed before the
+    first chunk, so that XLA's attention scores T slots, not the row's whole context. Returns (a
+    token sampled from the logits so far, its row's next key, the logits, cache): the token is
+    the request's first once the last chunk has run."""
     model = BitNetLM(config, serving)
     part = _row_prompt_part(cache, pages_p, prompt_1t.shape[1])
     part = jax.tree.map(lambda c: jnp.where(start == 0, jnp.zeros_like(c), c), part)
-    part, logits_1v = prefill_chunk(model, variables, prompt_1t, length_1, start, part, logits_1v)
+    chunk_1c = jax.lax.dynamic_slice_in_dim(prompt_1t, start, PREFILL_CHUNK, axis=1)
+    part, logits_1v = prefill_chunk(model, variables, chunk_1c, length_1, start, part, logits_1v)
     cache = _write_row_prompt_part(cache, pages_p, part)
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
+    return token_1[0], key_12[0], logits_1v, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
+def _prefill_chunk_in_place(
+    variables, cache, pages_p, chunk_1c, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
+):
+    """`_prefill_chunk` on the row's pages as they lie, for a chunk that the FFI kernel attends:
+    the chunk's slots are written into their page and each query reads the slots up to its
+    position in place, the bits it gets in `prefill_fresh` (the kernel's sums are cut at fixed
+    slot indices, wherever the pages lie). No shape depends on the prompt's length: one program
+    for every long prompt, where a program per multiple of 256 tokens held 8-11 MB each once
+    loaded (a 2B4T server that met prompts of 300-2000 tokens: 1408 -> 1261 MB peak RSS,
+    benchmarks/RESULTS.md). Nor is the row's prompt copied in and out at each chunk (80 MB at a
+    2048-token prompt with an int8 cache, within the noise of the chunk's 1.8 s)."""
+    model = BitNetLM(config, serving)
+    cache, logits_1v = prefill_chunk(
+        model, variables, chunk_1c, length_1, start, cache, logits_1v, cache_pages_bp=pages_p[None]
+    )
     token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
     return token_1[0], key_12[0], logits_1v, cache
 

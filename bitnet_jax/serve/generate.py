@@ -377,7 +377,9 @@ def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCac
         return model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1, attend_slots=attend_slots)
 
     def chunk(i, state):
-        return prefill_chunk(model, variables, prompt_bt, lengths_b, i * PREFILL_CHUNK, *state, attend_slots)
+        start = i * PREFILL_CHUNK
+        chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, PREFILL_CHUNK, axis=1)
+        return prefill_chunk(model, variables, chunk_bc, lengths_b, start, *state, attend_slots=attend_slots)
 
     logits_bv = jnp.zeros((b, model.config.vocab_size), jnp.float32)
     cache, logits_bv = jax.lax.fori_loop(0, t // PREFILL_CHUNK, chunk, (cache, logits_bv))
@@ -385,13 +387,23 @@ def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCac
 
 
 def prefill_chunk(
-    model: BitNetLM, variables: dict, prompt_bt, lengths_b, start, cache: KVCache, logits_bv, attend_slots=None
+    model: BitNetLM,
+    variables: dict,
+    chunk_bc,
+    lengths_b,
+    start,
+    cache: KVCache,
+    logits_bv,
+    *,
+    attend_slots=None,
+    cache_pages_bp=None,
 ):
     """One step of `prefill` for prompts longer than PREFILL_CHUNK: their tokens [start, start +
-    PREFILL_CHUNK) written into the cache; returns (cache, logits), where a row's logits [B, V]
-    become its next-token logits at the chunk that holds its last token and are kept otherwise.
+    PREFILL_CHUNK), `chunk_bc`, written into the cache (into each row's pages `cache_pages_bp`
+    [B, P] for a paged cache); returns (cache, logits), where a row's logits [B, V] become its
+    next-token logits at the chunk that holds its last token and are kept otherwise. Nothing in
+    it depends on the prompt's length, so one compiled chunk serves prompts of every length.
     (The batching engine runs a long prompt's chunks one at a time, between decode steps.)"""
-    chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, PREFILL_CHUNK, axis=1)
     positions_bc = jnp.broadcast_to(start + jnp.arange(PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
     last_b = lengths_b - 1 - start
     chunk_logits_bv, cache = model.apply(
@@ -399,6 +411,7 @@ def prefill_chunk(
         chunk_bc,
         positions_bt=positions_bc,
         cache=cache,
+        cache_pages_bp=cache_pages_bp,
         logits_index_b=jnp.clip(last_b, 0, PREFILL_CHUNK - 1),
         attend_slots=attend_slots,
     )
