@@ -108,8 +108,9 @@ def test_bench_serve_sampling(tmp_path, capsys):
 
 
 def test_bench_serve_prompt_range(tmp_path, capsys, monkeypatch):
-    """--prompt-tokens A-B draws each prompt's length from the range, after one request of each
-    bucket in it (their prefill programs loaded before the timed levels); a bad range is refused."""
+    """--prompt-tokens A-B draws each prompt's length from the range, after one request for each
+    prefill program its lengths run (loaded before the timed levels: the shortest length of each
+    bucket); a bad range is refused."""
     import bitnet_jax.bench.server as bench_server
 
     sent, send = [], bench_server._send
@@ -122,8 +123,8 @@ def test_bench_serve_prompt_range(tmp_path, capsys, monkeypatch):
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,4", "--prompt-tokens", "5-40"]
     assert main(argv + ["--new-tokens", "4", "--max-context", "64", "--json", str(out)]) == 0
-    assert "prompts of 5-40 tokens, every bucket's prefill loaded)." in capsys.readouterr().out
-    assert sent[:3] == [[16], [32], [40]]  # the longest of each bucket: 16, 32, 48
+    assert "prompts of 5-40 tokens, every prefill program loaded)." in capsys.readouterr().out
+    assert sent[:3] == [[5], [17], [33]]  # the buckets of 16, 32 and 48 tokens
     assert [len(lengths) for lengths in sent[3:]] == [1, 4] and all(5 <= n <= 40 for s in sent[3:] for n in s)
     rows = json.loads(out.read_text())
     assert all(r["prompt_tokens"] == 5 and r["prompt_tokens_max"] == 40 for r in rows)

@@ -534,22 +534,30 @@ def test_steps_beside_prefilling_rows_pad_with_the_padding_row(engine):
 @pytest.mark.parametrize("backend", ["ffi", "xla"])
 def test_long_prompts_of_every_length_share_one_chunk_program(engine, backend):
     """Where the FFI kernel attends a prefill chunk, the chunk runs on the row's pages in place
-    and no shape of its program depends on the prompt's length: once a 1280-token prompt has
-    compiled it, prompts padded to 512 and 768 tokens compile nothing (a program per length held
-    8-11 MB each on 2B4T once loaded). Where XLA attends (the 'xla' backend, or a kernel path
-    without SIMD attention), chunks run on a copy of the row's prompt slots, a program per padded
-    length.
-    Both reply exactly as `generate` (the module docstring), beside a long prompt's leftovers
-    in the reused pages too."""
+    and no shape of its program depends on the prompt's length; a long prompt's first n mod 256
+    tokens run first as a prompt of that length would (its bucket's program, which short prompts
+    share), so that its chunks are whole. Once a 1100-token prompt (76 + 4 x 256) has run,
+    prompts of 352 and 608 tokens (96 + 256, 96 + 2 x 256) compile nothing (a program per
+    length held 8-11 MB each on 2B4T once loaded). Where XLA attends (the 'xla' backend, or a
+    kernel path without SIMD attention), chunks run on a copy of the row's prompt slots, padded
+    to a multiple of 256, a program per padded length. Both reply exactly as `generate` (the
+    module docstring), beside a long prompt's leftovers in the reused pages too."""
     long_engine = Engine(engine.config, engine.params, engine.tokenizer, max_batch=1, max_context=1536, backend=backend)
     in_place = long_engine._chunks_in_place
     assert in_place == (backend == "ffi" and ffi_attention_simd())
+    programs = [long_engine.prefill_programs(n) for n in (100, 256, 300, 512, 1100)]
+    if in_place:
+        assert programs == [(128,), (256,), (48, "chunk"), ("chunk",), (96, "chunk")]
+    else:
+        assert programs == [(128,), (256,), (512,), (512,), (1280,)]
     long_engine.start()
     try:
         rng = np.random.default_rng(11)
-        prompts = [tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, n)) for n in (1100, 300, 700)]
+        prompts = [tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, n)) for n in (1100, 352, 608)]
         references = [reference_ids(long_engine, prompt, 9, backend=backend) for prompt in prompts]
+        chunks = long_engine.stats["prefill_chunks"]
         assert run_requests(long_engine, [GenerationRequest(prompts[0], 9)]) == references[:1]  # compiles a chunk
+        assert long_engine.stats["prefill_chunks"] - chunks == 5  # 76 + 4 x 256 in place, 5 x 256 padded
         # The shorter prompts run in the longest one's pages, over what it left there.
         with BackendCompiles() as compiles:
             assert run_requests(long_engine, [GenerationRequest(p, 9) for p in prompts[1:]]) == references[1:]

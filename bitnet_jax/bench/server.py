@@ -78,9 +78,10 @@ def bench_serve(
     as for `bench generate` (defaults: the serving default head, a float32 cache);
     `kv_cache_tokens` as for `Engine` (default: every slot can hold `max_context`); `temperature`
     and `top_p` each request's (default greedy), each request seeded apart. `prompt_tokens` as
-    (shortest, longest): each prompt's length drawn uniformly from that range, and a request of
-    each prompt-length bucket in it sent before the timed levels, so that their programs are
-    compiled and loaded (a served model meets many lengths, and keeps a program for each bucket)."""
+    (shortest, longest): each prompt's length drawn uniformly from that range, and a request for
+    each prefill program its lengths run (`Engine.prefill_programs`) sent before the timed levels,
+    so that they are compiled and loaded (a served model meets many lengths, and keeps a program
+    for each prompt-length bucket)."""
     import gc
     import itertools
     import multiprocessing
@@ -89,7 +90,6 @@ def bench_serve(
     from bitnet_jax.bench.serve import peak_rss_mb, random_packed_params, reset_peak_rss
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.batching import Engine
-    from bitnet_jax.serve.generate import padded_prompt_length
     from bitnet_jax.serve.server import create_app, running
 
     # No stop ids: every request decodes exactly `new_tokens` tokens.
@@ -118,8 +118,14 @@ def bench_serve(
     def prompts(n):
         return [prompt(int(rng.integers(shortest, longest + 1))) for _ in range(n)]
 
-    # The longest length of each bucket in the range: one request each compiles its prefill.
-    buckets = {padded_prompt_length(length): length for length in range(shortest, longest + 1)}
+    # One request for each prefill program that the range's lengths run (the shortest length that
+    # runs it), so that every one is compiled and loaded before the timed levels.
+    warm_up, loaded = [], set()
+    for length in range(shortest, longest + 1):
+        programs = set(engine.prefill_programs(length))
+        if not programs <= loaded:
+            warm_up.append(length)
+            loaded |= programs
 
     sampling = dict(max_tokens=new_tokens, temperature=temperature, top_p=top_p)
     seeds = itertools.count(seed)
@@ -127,7 +133,7 @@ def bench_serve(
     # The clients run in a process of their own, so that the peak RSS is the server's alone (as
     # a deployed server's is): in this process their HTTP client and buffers added 10-20 MB.
     with running(create_app(engine, model_name="bench")) as url, multiprocessing.get_context("spawn").Pool(1) as pool:
-        for length in buckets.values():  # compiles the prefill of each prompt length
+        for length in warm_up:
             _send(pool, url, [prompt(length)], sampling, [next(seeds)])
         reset_peak_rss()
         for n in clients:
@@ -230,4 +236,4 @@ def _sampling(r: ServeTiming) -> str:
 def _prompts(r: ServeTiming) -> str:
     if r.prompt_tokens_max is None:
         return f"{r.prompt_tokens}-token prompts"
-    return f"prompts of {r.prompt_tokens}-{r.prompt_tokens_max} tokens, every bucket's prefill loaded"
+    return f"prompts of {r.prompt_tokens}-{r.prompt_tokens_max} tokens, every prefill program loaded"

@@ -261,7 +261,7 @@ class Engine:
         self._wakeup = threading.Condition(self._lock)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._prefill_programs: set = set()  # the prefills that have run (`_prefill_program`)
+        self._prefill_programs: set = set()  # the prefills that have run (as `prefill_programs` names them)
         # Whether a long prompt's chunks run on the row's pages in place (_prefill_chunk_in_place):
         # where the FFI kernel attends them, reading each query's slots up to its position.
         q_shape = (1, PREFILL_CHUNK, config.num_attention_heads, config.head_dim)
@@ -365,7 +365,7 @@ class Engine:
         padding = lambda width: np.full(width, self._padding_row, np.int32)
         if self._in_child:  # the warm-up's programs all at once (_compile), not one after the other
             steps = [self._step_call(padding(w), np.zeros(w, np.int32)) for w in self._widths]
-            self._compile([(_zero_cache, (), self._pool), self._prefill_call(0, prompt_1t, request), *steps])
+            self._compile([(_zero_cache, (), self._pool), self._prefill_call(0, prompt_1t, 1, request), *steps])
             self._cache = self._call(_zero_cache, (), self._pool)
         pages = self._take_pages(0, request)
         self._prefill_row(0, prompt_1t, request)
@@ -386,6 +386,16 @@ class Engine:
         every token of its reply."""
         n = len(request.prompt_ids)
         return -(-max(padded_prompt_length(n), n + request.max_tokens) // self.page_len)
+
+    def prefill_programs(self, prompt_tokens: int) -> tuple:
+        """The compiled prefills that a prompt of this many tokens runs, each named by its padded
+        length, or "chunk" for the one program of the chunks that run in place (a long prompt's
+        first n mod 256 tokens run as a prompt of that length would, then its whole chunks)."""
+        t = padded_prompt_length(prompt_tokens)
+        if t <= PREFILL_CHUNK or not self._chunks_in_place:
+            return (t,)
+        head = prompt_tokens % PREFILL_CHUNK
+        return ((padded_prompt_length(head),) if head else ()) + ("chunk",)
 
     def _take_pages(self, row: int, request: GenerationRequest) -> list[int]:
         pages = [self._free_pages.pop() for _ in range(self.pages_needed(request))]
@@ -445,41 +455,38 @@ class Engine:
             # already decoding keep getting tokens while a long prompt is read.
             active.prefill = _Prefill(prompt_1t, next(self._admissions))
             return
-        self._guarded_prefill(row, lambda: self._prefill_row(row, prompt_1t, request))
+        self._guarded_prefill(row, lambda: self._prefill_row(row, prompt_1t, request), prompt_1t.shape[1])
 
-    def _guarded_prefill(self, row: int, prefill: Callable[[], int | None]) -> None:
-        """Runs a prefill of row `row`; its first token, if it returns one, goes to the request. A
-        failure ends that request alone."""
+    def _guarded_prefill(self, row: int, prefill: Callable[[], int | None], program) -> None:
+        """Runs a prefill of row `row` (`program`: which compiled prefill it runs, a padded
+        length or "chunk"); its first token, if it returns one, goes to the request. A failure
+        ends that request alone."""
         try:
             token = prefill()
         except Exception as e:
             logger.exception("prefill failed")
             self._finish(row, "error", error=f"Prefill failed: {type(e).__name__}: {e}")
             return
-        program = self._prefill_program(len(self._slots[row].ticket.request.prompt_ids))
         if program not in self._prefill_programs:  # compiled just now: hand back what compiling freed
             self._prefill_programs.add(program)
             release_freed_memory()
         if token is not None:
             self._take(row, token)
 
-    def _prefill_program(self, prompt_tokens: int):
-        """Which compiled prefill a prompt of this many tokens runs: its padded length's, or the
-        one chunk program that long prompts share when their chunks run in place."""
-        t = padded_prompt_length(prompt_tokens)
-        return "chunk" if t > PREFILL_CHUNK and self._chunks_in_place else t
-
     def _prefill_row(self, row: int, prompt_1t: np.ndarray, request: GenerationRequest) -> int:
-        token, key_2, self._cache = self._call(*self._prefill_call(row, prompt_1t, request))
+        call = self._prefill_call(row, prompt_1t, len(request.prompt_ids), request)
+        token, key_2, self._cache = self._call(*call)
         return self._started(row, int(token), key_2, request)
 
-    def _prefill_call(self, row: int, prompt_1t: np.ndarray, request: GenerationRequest) -> tuple:
+    def _prefill_call(self, row: int, prompt_1t: np.ndarray, length: int, request: GenerationRequest) -> tuple:
+        """The prefill of row `row` with the first `length` tokens of prompt_1t (its bucket's
+        padded length), sampling as `request` asks."""
         args = (
             self._variables,
             self._cache,
             self._pages_bp[row],
             prompt_1t,
-            np.array([len(request.prompt_ids)], np.int32),
+            np.array([length], np.int32),
             sampling_key(request.seed),
             np.float32(request.temperature),
             np.float32(request.top_p),
@@ -501,6 +508,23 @@ class Engine:
         row = min(pending, key=lambda r: self._slots[r].prefill.order)
         active = self._slots[row]
         state, request = active.prefill, active.ticket.request
+        n = len(request.prompt_ids)
+        head = n % PREFILL_CHUNK if self._chunks_in_place and state.start == 0 else 0
+        if head:
+            # In place, a chunk may start anywhere: the prompt's first n mod 256 tokens go first,
+            # as a prompt of that length would (its bucket's program, which short prompts share;
+            # its token and key are not used), so that every chunk after them is whole and no
+            # chunk computes padding (a 300-token prompt: 48 + 256 tokens, not 512).
+            head_1t = np.zeros((1, padded_prompt_length(head)), np.int32)
+            head_1t[0, :head] = request.prompt_ids[:head]
+
+            def first_tokens() -> None:
+                _, _, self._cache = self._call(*self._prefill_call(row, head_1t, head, request))
+                state.start = head
+                self.stats["prefill_chunks"] += 1
+
+            self._guarded_prefill(row, first_tokens, head_1t.shape[1])
+            return
 
         def chunk() -> int | None:
             logits_1v = state.logits_1v
@@ -526,12 +550,12 @@ class Engine:
             )
             state.start += PREFILL_CHUNK
             self.stats["prefill_chunks"] += 1
-            if state.start < state.prompt_1t.shape[1]:
+            if state.start < n:
                 return None
             active.prefill = None
             return self._started(row, int(token), key_2, request)
 
-        self._guarded_prefill(row, chunk)
+        self._guarded_prefill(row, chunk, "chunk" if self._chunks_in_place else state.prompt_1t.shape[1])
 
     def _decoding_rows(self) -> list[int]:
         return [row for row, a in enumerate(self._slots) if a is not None and a.prefill is None]
