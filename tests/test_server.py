@@ -535,19 +535,20 @@ def test_steps_beside_prefilling_rows_pad_with_the_padding_row(engine):
 def test_long_prompts_of_every_length_share_one_chunk_program(engine, backend):
     """Where the FFI kernel attends a prefill chunk, the chunk runs on the row's pages in place
     and no shape of its program depends on the prompt's length; a long prompt's first n mod 256
-    tokens run first as a prompt of that length would (its bucket's program, which short prompts
-    share), so that its chunks are whole. Once a 1100-token prompt (76 + 4 x 256) has run,
-    prompts of 352 and 608 tokens (96 + 256, 96 + 2 x 256) compile nothing (a program per
-    length held 8-11 MB each on 2B4T once loaded). Where XLA attends (the 'xla' backend, or a
-    kernel path without SIMD attention), chunks run on a copy of the row's prompt slots, padded
-    to a multiple of 256, a program per padded length. Both reply exactly as `generate` (the
-    module docstring), beside a long prompt's leftovers in the reused pages too."""
+    tokens run first as a prompt of that length would, padded to a multiple of 64 (a short
+    prompts' bucket, whose program they share), so that its chunks are whole. Once a 1100-token
+    prompt (76 + 4 x 256) has run, prompts of 352 and 608 tokens (96 + 256, 96 + 2 x 256: their
+    96 run at 128 as the 76 did) compile nothing (a program per length held 8-11 MB each on 2B4T
+    once loaded). Where XLA attends (the 'xla' backend, or a kernel path without SIMD
+    attention), chunks run on a copy of the row's prompt slots, padded to a multiple of 256, a
+    program per padded length. Both reply exactly as `generate` (the module docstring), beside
+    a long prompt's leftovers in the reused pages too."""
     long_engine = Engine(engine.config, engine.params, engine.tokenizer, max_batch=1, max_context=1536, backend=backend)
     in_place = long_engine._chunks_in_place
     assert in_place == (backend == "ffi" and ffi_attention_simd())
     programs = [long_engine.prefill_programs(n) for n in (100, 256, 300, 512, 1100)]
     if in_place:
-        assert programs == [(128,), (256,), (48, "chunk"), ("chunk",), (96, "chunk")]
+        assert programs == [(128,), (256,), (64, "chunk"), ("chunk",), (128, "chunk")]
     else:
         assert programs == [(128,), (256,), (512,), (512,), (1280,)]
     long_engine.start()

@@ -86,6 +86,13 @@ from bitnet_jax.serve.streaming import StreamDecoder
 
 logger = logging.getLogger(__name__)
 
+# A long prompt prefilled in place runs its first n mod 256 tokens as a short prompt would, padded
+# to a multiple of this (one of the short prompts' buckets: 64, 128, 192 or 256): 4 programs at
+# most for the heads, each shared with short prompts, where the 10 buckets held 8-11 MB each once
+# loaded (a server meeting prompts of 300-2000 tokens peaked 54 MB higher with them); an average
+# of 32 tokens of padding a long prompt.
+_HEAD_STEP = 64
+
 # Slots per page of the engine's KV cache: whole chunks of the FFI attention kernel (128 slots)
 # and the length long prompts are padded to a multiple of, so a row of any context is whole pages.
 PAGE_LEN = 256
@@ -395,7 +402,7 @@ class Engine:
         if t <= PREFILL_CHUNK or not self._chunks_in_place:
             return (t,)
         head = prompt_tokens % PREFILL_CHUNK
-        return ((padded_prompt_length(head),) if head else ()) + ("chunk",)
+        return ((_head_length(head),) if head else ()) + ("chunk",)
 
     def _take_pages(self, row: int, request: GenerationRequest) -> list[int]:
         pages = [self._free_pages.pop() for _ in range(self.pages_needed(request))]
@@ -512,10 +519,10 @@ class Engine:
         head = n % PREFILL_CHUNK if self._chunks_in_place and state.start == 0 else 0
         if head:
             # In place, a chunk may start anywhere: the prompt's first n mod 256 tokens go first,
-            # as a prompt of that length would (its bucket's program, which short prompts share;
-            # its token and key are not used), so that every chunk after them is whole and no
-            # chunk computes padding (a 300-token prompt: 48 + 256 tokens, not 512).
-            head_1t = np.zeros((1, padded_prompt_length(head)), np.int32)
+            # as a prompt of that length would (padded to _HEAD_STEP: a short prompts' bucket,
+            # whose program they share; its token and key are not used), so that every chunk
+            # after them is whole (a 300-token prompt: 64 + 256 tokens, not 512).
+            head_1t = np.zeros((1, _head_length(head)), np.int32)
             head_1t[0, :head] = request.prompt_ids[:head]
 
             def first_tokens() -> None:
@@ -710,6 +717,11 @@ class Engine:
                 ticket._on_event(Event("", finish_reason=reason, error=error))
             except Exception:
                 pass
+
+
+def _head_length(head: int) -> int:
+    """The padded length that a long prompt's first `head` tokens (n mod 256) run at."""
+    return -(-head // _HEAD_STEP) * _HEAD_STEP
 
 
 def step_widths(max_batch: int) -> tuple[int, ...]:
