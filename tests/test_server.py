@@ -567,6 +567,46 @@ def test_long_prompts_of_every_length_share_one_chunk_program(engine, backend):
         long_engine.stop()
 
 
+def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine):
+    """With prefix_cache, a finished request's pages stay with the tokens they hold (its prompt and
+    its reply but the last token); a later prompt that begins with at least 256 of those tokens (a
+    conversation's next turn) takes them and prefills only the rest, and replies as `generate`
+    does from scratch. Cached prefixes give their pages back when requests need them."""
+    if not ffi_attention_simd():
+        pytest.skip("prefixes are reused where the FFI kernel attends prefill chunks (AVX2, AVX-512)")
+    cached = Engine(
+        engine.config,
+        engine.params,
+        engine.tokenizer,
+        max_batch=2,
+        max_context=1536,
+        prefix_cache=True,
+        kv_cache_tokens=3072,
+    )
+    cached.start()
+    try:
+        rng = np.random.default_rng(5)
+        first = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 600))
+        (reply,) = run_requests(cached, [GenerationRequest(first, 40)])
+        assert reply == reference_ids(cached, first, 40)
+        assert cached.load()["kv_pages_cached"] == 3  # 600 + 39 tokens held in 3 pages of 256
+        # The next turn: the history, all but its last token as the engine held it, and more.
+        turn = first + tuple(reply[:30]) + tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 50))
+        chunks = cached.stats["prefill_chunks"]
+        (got,) = run_requests(cached, [GenerationRequest(turn, 12)])
+        assert got == reference_ids(cached, turn, 12)
+        assert cached.stats["prefix_tokens_reused"] == 630
+        assert cached.stats["prefill_chunks"] - chunks == 1  # tokens 630..679 only, where 680 take 3 steps
+        # A prompt that shares fewer than 256 tokens prefills from scratch; a full pool takes the
+        # cached pages back (12 pages: the two requests need 6 and 5 of them).
+        other = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 1200))
+        alone = [reference_ids(cached, p, 100) for p in (other, other[:1100])]
+        assert run_requests(cached, [GenerationRequest(other, 100), GenerationRequest(other[:1100], 100)]) == alone
+        assert cached.stats["prefix_tokens_reused"] == 630
+    finally:
+        cached.stop()
+
+
 def ffi_attention_simd() -> bool:
     from bitnet_jax.kernels import ffi
     from bitnet_jax.kernels.ops import ATTENTION_SIMD_ISAS

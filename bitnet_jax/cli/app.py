@@ -166,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     _add_kv_cache_tokens(srv)
     srv.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="keep finished requests' KV pages until needed, so that a prompt that begins with one of them "
+        "(a conversation's next turn) prefills only the rest (the pages written stay resident)",
+    )
+    srv.add_argument(
         "--api-key",
         default=os.environ.get("BITNET_JAX_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1 ($BITNET_JAX_API_KEY)",
@@ -524,6 +530,7 @@ def _serve(args) -> int:
         backend=args.backend,
         kv_cache=args.kv_cache,
         kv_cache_tokens=args.kv_cache_tokens,
+        prefix_cache=args.prefix_cache,
         shutdown_timeout=args.shutdown_timeout,
     )
 

@@ -164,6 +164,7 @@ class _Active:
     text: str = ""  # the reply's text so far (before any stop string)
     sent: int = 0  # characters of `text` already delivered
     new_ids: list = dataclasses.field(default_factory=list)  # sampled since the last event
+    reply_ids: list = dataclasses.field(default_factory=list)  # every token sampled (with prefix_cache)
     prefill: "_Prefill | None" = None  # a long prompt still being prefilled, chunk by chunk
     pages: list = dataclasses.field(default_factory=list)  # the pool pages it holds, in slot order
 
@@ -193,6 +194,12 @@ class Engine:
       max_queue: requests that may wait for a slot; `submit` raises QueueFull beyond them.
       backend: 'ffi', 'xla' or None, as for `generate`.
       kv_cache: the KV cache's dtype, 'float32' (default) or 'int8' (a quarter of the memory), as for `generate`.
+      prefix_cache: keep a finished request's pages, and the tokens they hold, until their pages
+        are needed; a later request whose prompt begins with at least PREFILL_CHUNK of those
+        tokens (a conversation's next turn, which resends the history) takes the pages and
+        prefills only the rest. Only where long prompts' chunks run in place (the FFI kernel
+        attends them). The pool's pages that requests have written stay resident, up to
+        `kv_cache_tokens`' worth.
     """
 
     def __init__(
@@ -208,6 +215,7 @@ class Engine:
         kv_cache: str | None = None,
         kv_cache_tokens: int | None = None,
         in_child: bool = False,
+        prefix_cache: bool = False,
     ):
         if max_batch < 1:
             raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
@@ -277,6 +285,9 @@ class Engine:
             jax.ShapeDtypeStruct(q_shape, jnp.float32),
             jax.ShapeDtypeStruct((1,), self._cache_dtype),
         )
+        # Finished requests' pages and the tokens they hold, least recently used first.
+        self._prefix_cache = prefix_cache and self._chunks_in_place
+        self._prefixes: list[tuple[np.ndarray, list[int]]] = []
         self.stats = collections.Counter()  # submitted, completed, cancelled, error, steps, rows, tokens, peak_active
 
     # -- the client side (any thread) -------------------------------------------------------
@@ -335,7 +346,8 @@ class Engine:
                 "active": active,
                 "waiting": len(self._waiting),
                 "kv_pages": self.kv_pages,
-                "kv_pages_free": len(self._free_pages),
+                "kv_pages_free": self._available_pages(),
+                "kv_pages_cached": sum(len(pages) for _, pages in self._prefixes),
             }
 
     def _cancel(self, ticket: Ticket) -> None:
@@ -374,7 +386,7 @@ class Engine:
             steps = [self._step_call(padding(w), np.zeros(w, np.int32)) for w in self._widths]
             self._compile([(_zero_cache, (), self._pool), self._prefill_call(0, prompt_1t, 1, request), *steps])
             self._cache = self._call(_zero_cache, (), self._pool)
-        pages = self._take_pages(0, request)
+        pages, _ = self._take_pages(0, request)
         self._prefill_row(0, prompt_1t, request)
         self._free_row_pages(0, pages)
         for width in self._widths:
@@ -404,14 +416,50 @@ class Engine:
         head = prompt_tokens % PREFILL_CHUNK
         return ((_head_length(head),) if head else ()) + ("chunk",)
 
-    def _take_pages(self, row: int, request: GenerationRequest) -> list[int]:
-        pages = [self._free_pages.pop() for _ in range(self.pages_needed(request))]
-        self._pages_bp[row, : len(pages)] = pages
-        return pages
+    def _available_pages(self) -> int:
+        """Free pages, and the cached prefixes' (taken back when needed)."""
+        return len(self._free_pages) + sum(len(pages) for _, pages in self._prefixes)
 
-    def _free_row_pages(self, row: int, pages: list[int]) -> None:
+    def _take_pages(self, row: int, request: GenerationRequest) -> tuple[list[int], int]:
+        """The pages row `row` takes for `request`, and how many of its prompt's first tokens they
+        already hold (a cached prefix's: `prefix_cache`)."""
+        need = self.pages_needed(request)
+        pages, reused = self._take_prefix(request.prompt_ids, need)
+        while len(self._free_pages) < need - len(pages):  # the least recently used prefixes' pages
+            self._free_pages.extend(reversed(self._prefixes.pop(0)[1]))
+        pages += [self._free_pages.pop() for _ in range(need - len(pages))]
+        self._pages_bp[row, : len(pages)] = pages
+        return pages, reused
+
+    def _take_prefix(self, prompt_ids, need: int) -> tuple[list[int], int]:
+        """The cached prefix that shares the most leading tokens with the prompt, if at least
+        PREFILL_CHUNK (fewer save less than a chunk's padding costs): its first `need` pages (the
+        rest are freed) and the shared count, at most all but the prompt's last token (whose
+        logits the prefill must compute)."""
+        if not self._prefixes:
+            return [], 0
+        prompt = np.asarray(prompt_ids, np.int64)
+        shared = []
+        for ids, _ in self._prefixes:
+            m = min(len(ids), len(prompt) - 1)
+            differ = np.flatnonzero(ids[:m] != prompt[:m])
+            shared.append(int(differ[0]) if differ.size else m)
+        best = int(np.argmax(shared))
+        if shared[best] < PREFILL_CHUNK:
+            return [], 0
+        _, pages = self._prefixes.pop(best)
+        self._free_pages.extend(reversed(pages[need:]))
+        self.stats["prefix_tokens_reused"] += shared[best]
+        return pages[:need], shared[best]
+
+    def _free_row_pages(self, row: int, pages: list[int], cached_ids=None) -> None:
+        """Row `row`'s pages back to the pool; with `cached_ids`, the tokens its slots 0.. hold,
+        kept as a cached prefix instead."""
         self._pages_bp[row] = 0
-        self._free_pages.extend(reversed(pages))
+        if cached_ids is not None and len(cached_ids) >= PREFILL_CHUNK:
+            self._prefixes.append((np.asarray(cached_ids, np.int64), pages))
+        else:
+            self._free_pages.extend(reversed(pages))
 
     def _run(self) -> None:
         try:
@@ -423,7 +471,7 @@ class Engine:
                         break
                     # First come, first served: a request that waits for pages holds back the
                     # later ones, whose pages would otherwise keep it waiting.
-                    admitted, free_pages = [], len(self._free_pages)
+                    admitted, free_pages = [], self._available_pages()
                     for row, active in enumerate(self._slots):
                         if active is not None or not self._waiting:
                             continue
@@ -453,14 +501,16 @@ class Engine:
             return
         request = ticket.request
         active = self._slots[row] = _Active(ticket, StreamDecoder(self.tokenizer))
-        active.pages = self._take_pages(row, request)
+        active.pages, reused = self._take_pages(row, request)
         n = len(request.prompt_ids)
-        prompt_1t = np.zeros((1, padded_prompt_length(n)), np.int32)
+        # (Past a reused prefix, chunks start anywhere: room for the last one's padding.)
+        prompt_1t = np.zeros((1, padded_prompt_length(n) + (PREFILL_CHUNK if reused else 0)), np.int32)
         prompt_1t[0, :n] = request.prompt_ids
         if prompt_1t.shape[1] > PREFILL_CHUNK:
             # Chunk by chunk, one per engine step (`_prefill_next_chunk`), so that the rows
-            # already decoding keep getting tokens while a long prompt is read.
-            active.prefill = _Prefill(prompt_1t, next(self._admissions))
+            # already decoding keep getting tokens while a long prompt is read; past a cached
+            # prefix, from its end.
+            active.prefill = _Prefill(prompt_1t, next(self._admissions), start=reused)
             return
         self._guarded_prefill(row, lambda: self._prefill_row(row, prompt_1t, request), prompt_1t.shape[1])
 
@@ -516,7 +566,7 @@ class Engine:
         active = self._slots[row]
         state, request = active.prefill, active.ticket.request
         n = len(request.prompt_ids)
-        head = n % PREFILL_CHUNK if self._chunks_in_place and state.start == 0 else 0
+        head = n % PREFILL_CHUNK if self._chunks_in_place and state.start == 0 else 0  # (not past a prefix)
         if head:
             # In place, a chunk may start anywhere: the prompt's first n mod 256 tokens go first,
             # as a prompt of that length would (padded to _HEAD_STEP: a short prompts' bucket,
@@ -645,6 +695,8 @@ class Engine:
         request = active.ticket.request
         active.completion_tokens += 1
         active.new_ids.append(token)
+        if self._prefix_cache:
+            active.reply_ids.append(token)
         self.stats["tokens"] += 1
         if active.ticket.cancelled:
             self._finish(row, "cancelled")
@@ -680,7 +732,12 @@ class Engine:
     def _finish(self, row: int, reason: str, *, text: str = "", error: str | None = None) -> None:
         active = self._slots[row]
         self._slots[row] = None
-        self._free_row_pages(row, active.pages)
+        cached = None
+        if self._prefix_cache and reason in ("stop", "length") and active.prefill is None:
+            # Its slots hold the prompt and every sampled token but the last (written by the step
+            # that would have come next).
+            cached = (*active.ticket.request.prompt_ids, *active.reply_ids[:-1])
+        self._free_row_pages(row, active.pages, cached)
         self._temperature_b[row], self._top_p_b[row] = 0.0, 1.0
         self.stats["completed" if reason in ("stop", "length") else reason] += 1
         event = Event(

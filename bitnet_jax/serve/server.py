@@ -583,6 +583,7 @@ def serve(
     backend: str | None = None,
     kv_cache: str | None = None,
     kv_cache_tokens: int | None = None,
+    prefix_cache: bool = False,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
 ) -> int:
@@ -605,6 +606,7 @@ def serve(
         backend=backend,
         kv_cache=kv_cache,
         kv_cache_tokens=kv_cache_tokens,
+        prefix_cache=prefix_cache,
         in_child=True,  # XLA's compiler stays out of the server's process (serve/compile_child.py)
     )
     del params
