@@ -30,7 +30,8 @@ only where keys and values are written: the process holds the pages that request
      the FFI attention kernel reads only each row's filled slots, in place;
   3. each request takes its token, turns it into text (`StreamDecoder`), and leaves when it meets
      a stop id, a stop string, `max_tokens` or a cancel; its row and pages are free for the
-     next admit.
+     next admit (with `prefix_cache`, its pages stay with the tokens they hold until the pool
+     needs them, and a prompt that begins with those tokens takes them and prefills the rest).
 
 Batch invariance: a greedy request gets the same tokens alone or beside others, at any step
 width. Every operation of a row's forward pass is computed per row (activations are quantized
