@@ -32,7 +32,7 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import generation_stop_ids
 from bitnet_jax.serve.batching import Engine, GenerationRequest, sample_rows, step_widths, wait_idle
 from bitnet_jax.serve.chat import chat_prompt_ids, stop_ids
-from bitnet_jax.serve.generate import padded_prompt_length, sample
+from bitnet_jax.serve.generate import padded_prompt_length, sample, top_k_filter
 from bitnet_jax.serve.load import load_model
 from bitnet_jax.serve.server import create_app, running
 
@@ -649,6 +649,32 @@ def test_sample_rows_draws_what_generate_sample_draws():
         assert int(token_b[row]) == int(want[0]) and np.array_equal(next_b2[row], key)
     greedy_b, _ = jax.jit(sample_rows)(logits_bv, keys_b2, jnp.zeros(3), top_p_b)  # the all-greedy branch
     assert np.array_equal(greedy_b, np.argmax(logits_bv, axis=-1))
+    # With a top_k per row (0: none), as `sample`'s top_k, before the top_p cut.
+    top_k_b = jnp.array([3, 5, 0], jnp.int32)
+    token_b, _ = jax.jit(sample_rows)(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b)
+    for row in range(3):
+        _, draw = jax.random.split(keys_b2[row])
+        t, p, k = float(temperature_b[row]), float(top_p_b[row]), int(top_k_b[row])
+        args = (t, k or None, p if p < 1 else None)
+        want = jax.jit(sample, static_argnums=(2, 3, 4))(logits_bv[row : row + 1], draw, *args)
+        assert int(token_b[row]) == int(want[0])
+
+
+def test_top_k_filter_cuts_where_lax_top_k_does():
+    """`generate.top_k_filter` (a k per row, found by bisection) keeps what `sample`'s
+    `jax.lax.top_k` cut keeps: every value at least the k-th largest, ties and -0.0 / 0.0 alike,
+    -inf rows and k past the vocabulary included; k = 0 leaves a row as it is."""
+    rng = np.random.default_rng(4)
+    rows = [rng.normal(size=64) * 5, np.round(rng.normal(size=64)), np.zeros(64), rng.normal(size=64)]
+    rows[2][:3] = -0.0
+    rows[3][10:] = -np.inf
+    logits = jnp.asarray(np.stack(rows).astype(np.float32))
+    for k in (1, 2, 7, 31, 64, 100):
+        got = jax.jit(top_k_filter)(logits, jnp.full(4, k, jnp.int32))
+        kth = jax.lax.top_k(logits, min(k, 64))[0][:, -1:]
+        assert np.array_equal(np.isfinite(got), np.isfinite(jnp.where(logits < kth, -jnp.inf, logits))), k
+    kept = jax.jit(top_k_filter)(logits, jnp.array([0, 0, 0, 0], jnp.int32))
+    assert np.array_equal(kept, logits)
 
 
 def test_step_widths():

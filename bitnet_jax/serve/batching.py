@@ -79,6 +79,7 @@ from bitnet_jax.serve.generate import (
     prefill_fresh,
     sampling_key,
     serving_params,
+    top_k_filter,
     top_p_filter,
 )
 from bitnet_jax.serve.host_memory import release_freed_memory
@@ -119,6 +120,7 @@ class GenerationRequest:
     max_tokens: int
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int | None = None  # sample from the k most likely tokens only
     seed: int = 0
     stop_ids: tuple[int, ...] = ()  # the reply ends after one of these (its text is not shown)
     stop_strings: tuple[str, ...] = ()  # the reply ends before the first of these in its text
@@ -268,6 +270,7 @@ class Engine:
         self._positions_b = np.zeros(b, np.int32)  # where each row's token in _tokens_b is written
         self._temperature_b = np.zeros(b, np.float32)
         self._top_p_b = np.ones(b, np.float32)
+        self._top_k_b = np.zeros(b, np.int32)  # 0: no top-k cut
         self._keys_b2 = np.zeros((b, 2), np.uint32)
         self._slots: list[_Active | None] = [None] * max_batch
         self._admissions = itertools.count()
@@ -332,6 +335,8 @@ class Engine:
             raise BitNetError(f"temperature={request.temperature}: expected a finite number >= 0.")
         if not 0 < request.top_p <= 1:
             raise BitNetError(f"top_p={request.top_p}: expected a number in (0, 1].")
+        if request.top_k is not None and not (isinstance(request.top_k, (int, np.integer)) and request.top_k >= 1):
+            raise BitNetError(f"top_k={request.top_k!r}: expected an integer >= 1, or None.")
 
     @property
     def running(self) -> bool:
@@ -548,6 +553,7 @@ class Engine:
             sampling_key(request.seed),
             np.float32(request.temperature),
             np.float32(request.top_p),
+            np.int32(request.top_k or 0),
         )
         return _prefill_slot, args, dict(config=self.config, serving=self._serving, cache_dtype=self._cache_dtype)
 
@@ -555,6 +561,7 @@ class Engine:
         """Row `row`'s prompt is in the cache and `token` sampled after it: the row decodes next."""
         self._tokens_b[row], self._positions_b[row] = token, len(request.prompt_ids)
         self._temperature_b[row], self._top_p_b[row] = request.temperature, request.top_p
+        self._top_k_b[row] = request.top_k or 0
         self._keys_b2[row] = np.asarray(key_2)
         return token
 
@@ -603,6 +610,7 @@ class Engine:
                     sampling_key(request.seed),
                     np.float32(request.temperature),
                     np.float32(request.top_p),
+                    np.int32(request.top_k or 0),
                 ),
                 dict(config=self.config, serving=self._serving),
             )
@@ -648,6 +656,7 @@ class Engine:
             self._keys_b2[rows_w],
             self._temperature_b[rows_w],
             self._top_p_b[rows_w],
+            self._top_k_b[rows_w],
         )
         return _decode_step, args, dict(config=self.config, serving=self._serving)
 
@@ -739,7 +748,7 @@ class Engine:
             # that would have come next).
             cached = (*active.ticket.request.prompt_ids, *active.reply_ids[:-1])
         self._free_row_pages(row, active.pages, cached)
-        self._temperature_b[row], self._top_p_b[row] = 0.0, 1.0
+        self._temperature_b[row], self._top_p_b[row], self._top_k_b[row] = 0.0, 1.0, 0
         self.stats["completed" if reason in ("stop", "length") else reason] += 1
         event = Event(
             text,
@@ -803,14 +812,15 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
+def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None):
     """`generate.sample` with sampling settings per row: greedy where temperature is 0, else
-    softmax sampling at the row's temperature from the smallest set of tokens whose probability
-    reaches its top_p. Each row splits its own key as `generate` splits its one key, so a row
-    seeded like a `generate` call draws what that call draws. Returns (token_b, next keys_b2).
+    softmax sampling at the row's temperature from its top_k most likely tokens (top_k_b, 0 or
+    None: all), then from the smallest set of those whose probability reaches its top_p. Each
+    row splits its own key as `generate` splits its one key, so a row seeded like a `generate`
+    call draws what that call draws. Returns (token_b, next keys_b2).
 
-    The sampling work (the top-p cut, Gumbel noise over the vocabulary) runs only in steps where
-    some row needs it (`lax.cond`): an all-greedy step is an argmax."""
+    The sampling work (the top-k and top-p cuts, Gumbel noise over the vocabulary) runs only in
+    steps where some row needs it (`lax.cond`): an all-greedy step is an argmax."""
     split_b22 = jax.vmap(jax.random.split)(keys_b2)
     keys_b2, draw_b2 = split_b22[:, 0], split_b22[:, 1]
     greedy_b = greedy_tokens(logits_bv)
@@ -818,6 +828,9 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b):
 
     def draw(_):
         scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
+        if top_k_b is not None:
+            cutting = jnp.any(sampling_b & (top_k_b > 0))
+            scaled_bv = jax.lax.cond(cutting, top_k_filter, lambda x, _: x, scaled_bv, top_k_b)
         narrowing = jnp.any(sampling_b & (top_p_b < 1.0))
         scaled_bv = jax.lax.cond(narrowing, top_p_filter, lambda x, _: x, scaled_bv, top_p_b)
         sampled_b = jax.vmap(categorical_tokens)(draw_b2, scaled_bv)
@@ -885,20 +898,33 @@ def _zero_cache(*, config, rows, page_len, dtype, lazy):
 
 @functools.partial(jax.jit, static_argnames=("config", "serving", "cache_dtype"), donate_argnames=("cache",))
 def _prefill_slot(
-    variables, cache, pages_p, prompt_1t, length_1, key_2, temperature, top_p, *, config, serving, cache_dtype
+    variables, cache, pages_p, prompt_1t, length_1, key_2, temperature, top_p, top_k, *, config, serving, cache_dtype
 ):
     """Prefills the row whose pages are `pages_p`; (first token, its row's next key, cache)."""
     model = BitNetLM(config, serving)
     # The prompt's slots of a fresh row, as `generate` starts from.
     logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, prompt_1t.shape[1], cache_dtype)
     cache = _write_row_prompt_part(cache, pages_p, fresh)
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k[None])
     return token_1[0], key_12[0], cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
 def _prefill_chunk(
-    variables, cache, pages_p, prompt_1t, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
+    variables,
+    cache,
+    pages_p,
+    prompt_1t,
+    length_1,
+    start,
+    logits_1v,
+    key_2,
+    temperature,
+    top_p,
+    top_k,
+    *,
+    config,
+    serving,
 ):
     """One chunk of a long prompt into the row whose pages are `pages_p`, as `prefill_fresh` runs
     it: on a copy of the row's first T slots (T the padded prompt's length), zeroed before the
@@ -911,13 +937,26 @@ def _prefill_chunk(
     chunk_1c = jax.lax.dynamic_slice_in_dim(prompt_1t, start, PREFILL_CHUNK, axis=1)
     part, logits_1v = prefill_chunk(model, variables, chunk_1c, length_1, start, part, logits_1v)
     cache = _write_row_prompt_part(cache, pages_p, part)
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k[None])
     return token_1[0], key_12[0], logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
 def _prefill_chunk_in_place(
-    variables, cache, pages_p, chunk_1c, length_1, start, logits_1v, key_2, temperature, top_p, *, config, serving
+    variables,
+    cache,
+    pages_p,
+    chunk_1c,
+    length_1,
+    start,
+    logits_1v,
+    key_2,
+    temperature,
+    top_p,
+    top_k,
+    *,
+    config,
+    serving,
 ):
     """`_prefill_chunk` on the row's pages as they lie, for a chunk that the FFI kernel attends:
     the chunk's slots are written into their page and each query reads the slots up to its
@@ -931,13 +970,13 @@ def _prefill_chunk_in_place(
     cache, logits_1v = prefill_chunk(
         model, variables, chunk_1c, length_1, start, cache, logits_1v, cache_pages_bp=pages_p[None]
     )
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None])
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k[None])
     return token_1[0], key_12[0], logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
 def _decode_step(
-    variables, cache, pages_bp, tokens_b, positions_b, keys_b2, temperature_b, top_p_b, *, config, serving
+    variables, cache, pages_bp, tokens_b, positions_b, keys_b2, temperature_b, top_p_b, top_k_b, *, config, serving
 ):
     """One token for each row whose pages are `pages_bp` [B, P]: row b's token is written at its
     position and the next sampled."""
@@ -945,7 +984,7 @@ def _decode_step(
     logits_b1v, cache = model.apply(
         variables, tokens_b[:, None], positions_bt=positions_b[:, None], cache=cache, cache_pages_bp=pages_bp
     )
-    token_b, keys_b2 = sample_rows(logits_b1v[:, 0], keys_b2, temperature_b, top_p_b)
+    token_b, keys_b2 = sample_rows(logits_b1v[:, 0], keys_b2, temperature_b, top_p_b, top_k_b)
     return token_b, keys_b2, cache
 
 

@@ -57,63 +57,77 @@ def chat_loop(
     write=sys.stdout,
     in_child: bool = False,
 ) -> int:
-    """Reads user turns until EOF or an empty line, streaming each reply. `in_child`: compile each
-    prompt-length bucket's program in a child process (`generate.generate`'s `in_child`), so that the
-    chat process never holds the compiler; with a compilation cache folder, a later chat loads
-    the programs it stored there.
+    """Reads user turns until EOF or an empty line, streaming each reply.
+
+    The turns run on the serving engine (`serve.batching.Engine`, one slot over the model's
+    context) with its prefix cache: a turn's prompt is the whole conversation, rendered again,
+    and the engine prefills only what its KV cache does not hold from the turn before (the new
+    message, and the last reply where it tokenizes differently from how it was sampled), so a
+    turn's first token does not wait for the history. The replies are `generate`'s for the same
+    prompt. `in_child`: the engine compiles its programs in a child process (as `bitnet-jax
+    serve` does), so that the chat process never holds the compiler; with a compilation cache
+    folder, a later chat loads the programs it stored there.
     """
-    import numpy as np
+    import queue
 
     from bitnet_jax.model.serving_layers import is_packed
-    from bitnet_jax.serve.generate import generate
+    from bitnet_jax.serve.batching import Engine, GenerationRequest
     from bitnet_jax.serve.pack import pack
-    from bitnet_jax.serve.streaming import StreamDecoder
 
     if not is_packed(params) and config.weight_quant in ("tensor", "channel") and config.act_quant == "token":
         params = pack(config, params)  # pack once for the whole chat
     template = chat_template(folder)
     stops = stop_ids(tokenizer, config, folder)
+    engine = Engine(
+        config,
+        params,
+        tokenizer,
+        max_batch=1,
+        max_context=config.max_position_embeddings,
+        in_child=in_child,
+        prefix_cache=True,
+    )
+    engine.start()
     messages = [{"role": "system", "content": system}] if system else []
-    while True:
-        try:
-            user = read("> ")
-        except EOFError:
-            break
-        if not user.strip():
-            break
-        messages.append({"role": "user", "content": user})
-        ids = chat_prompt_ids(template, messages, tokenizer)
-        stream = StreamDecoder(tokenizer)
-        reply: list[int] = []
-
-        def on_tokens(tokens_b):
-            token = int(np.asarray(tokens_b)[0])
-            if token not in stops and (not reply or reply[-1] not in stops):
-                reply.append(token)
-                write.write(stream.push(token))
-                write.flush()
-            elif not reply or reply[-1] not in stops:
-                reply.append(token)
-
-        try:
-            generate(
-                config,
-                params,
-                [ids],
+    try:
+        while True:
+            try:
+                user = read("> ")
+            except EOFError:
+                break
+            if not user.strip():
+                break
+            messages.append({"role": "user", "content": user})
+            request = GenerationRequest(
+                tuple(chat_prompt_ids(template, messages, tokenizer)),
                 max_new_tokens,
                 temperature=temperature,
+                top_p=1.0 if top_p is None else top_p,
                 top_k=top_k,
-                top_p=top_p,
-                stop_ids=stops,
-                on_tokens=on_tokens,
-                in_child=in_child,
+                stop_ids=tuple(stops),
             )
-        except BitNetError as e:
-            write.write(f"[{e}]\n")
-            messages.pop()
-            continue
-        write.write(stream.flush() + "\n")
-        write.flush()
-        content = tokenizer.decode([t for t in reply if t not in stops])
-        messages.append({"role": "assistant", "content": content})
+            events: queue.Queue = queue.Queue()
+            try:
+                engine.submit(request, events.put)
+            except BitNetError as e:
+                write.write(f"[{e}]\n")
+                messages.pop()
+                continue
+            reply = []
+            while True:
+                event = events.get()
+                reply.append(event.text)
+                write.write(event.text)
+                write.flush()
+                if event.finish_reason:
+                    break
+            if event.error:
+                write.write(f"[{event.error}]\n")
+                messages.pop()
+                continue
+            write.write("\n")
+            write.flush()
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    finally:
+        engine.stop()
     return 0

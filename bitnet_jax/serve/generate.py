@@ -490,6 +490,27 @@ def top_p_filter(scaled_bv: jax.Array, top_p_b: jax.Array) -> jax.Array:
     return jnp.where((top_p_b[:, None] < 1.0) & (key_bv < threshold_b1), -jnp.inf, scaled_bv)
 
 
+def top_k_filter(scaled_bv: jax.Array, top_k_b: jax.Array) -> jax.Array:
+    """`scaled_bv` (float32 logits [B, V]) with -inf below each row's k-th largest value (top_k_b
+    int32 [B]; 0 leaves the row as it is): the cut of `sample`'s `jax.lax.top_k`, every value
+    equal to the k-th kept, for a k that may differ per row. The k-th largest is found as
+    `top_p_filter` finds its cut, by 32 halvings of the ordered keys: the largest key t that at
+    least k keys reach."""
+    key_bv = jax.lax.bitcast_convert_type(_order_keys(scaled_bv) ^ jnp.int32(-0x80000000), jnp.uint32)
+    k_b1 = jnp.minimum(top_k_b, scaled_bv.shape[-1])[:, None]
+
+    def halve(_, bounds):  # the k-th largest key lies in [low, high]; at least k keys reach low
+        low_b1, high_b1 = bounds
+        span_b1 = high_b1 - low_b1
+        mid_b1 = low_b1 + span_b1 // 2 + span_b1 % 2  # above low while low < high
+        enough_b1 = jnp.sum(key_bv >= mid_b1, axis=-1, keepdims=True) >= k_b1
+        return jnp.where(enough_b1, mid_b1, low_b1), jnp.where(enough_b1, high_b1, mid_b1 - 1)
+
+    bounds = (jnp.zeros_like(k_b1, jnp.uint32), jnp.max(key_bv, axis=-1, keepdims=True))
+    kth_b1, _ = jax.lax.fori_loop(0, 32, halve, bounds)
+    return jnp.where((k_b1 > 0) & (key_bv < kth_b1), -jnp.inf, scaled_bv)
+
+
 def categorical_tokens(key: jax.Array, scaled_bv: jax.Array) -> jax.Array:
     """`jax.random.categorical(key, scaled_bv, axis=-1)` as int32 ([B], or a scalar for one row
     [V]): the same Gumbel noise from the same key, so the same token, with `greedy_tokens` for
