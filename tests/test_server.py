@@ -571,7 +571,9 @@ def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine)
     """With prefix_cache, a finished request's pages stay with the tokens they hold (its prompt and
     its reply but the last token); a later prompt that begins with at least 256 of those tokens (a
     conversation's next turn) takes them and prefills only the rest, and replies as `generate`
-    does from scratch. Cached prefixes give their pages back when requests need them."""
+    does from scratch. Cached prefixes give their pages back when requests need them, and before
+    a request would take a page that no request has written (so the cache adds no resident
+    memory)."""
     if not ffi_attention_simd():
         pytest.skip("prefixes are reused where the FFI kernel attends prefill chunks (AVX2, AVX-512)")
     cached = Engine(
@@ -602,6 +604,12 @@ def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine)
         other = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 1200))
         alone = [reference_ids(cached, p, 100) for p in (other, other[:1100])]
         assert run_requests(cached, [GenerationRequest(other, 100), GenerationRequest(other[:1100], 100)]) == alone
+        # Both are cached now (6 + 5 pages; page 12 never written): a request gets a written page
+        # from the least recently used prefix before it takes one no request has written.
+        assert cached.load()["kv_pages_cached"] == 11 and cached._pages_written == 11
+        short = GenerationRequest(tuple(range(7, 107)), 8)
+        assert run_requests(cached, [short]) == [reference_ids(cached, short.prompt_ids, 8)]
+        assert cached.load()["kv_pages_cached"] == 5 and cached._pages_written == 11
         assert cached.stats["prefix_tokens_reused"] == 630
     finally:
         cached.stop()

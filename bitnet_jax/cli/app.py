@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         "--prefix-cache",
         action="store_true",
         help="keep finished requests' KV pages until needed, so that a prompt that begins with one of them "
-        "(a conversation's next turn) prefills only the rest (the pages written stay resident)",
+        "(a conversation's next turn) prefills only the rest",
     )
     srv.add_argument(
         "--api-key",

@@ -201,8 +201,8 @@ class Engine:
         are needed; a later request whose prompt begins with at least PREFILL_CHUNK of those
         tokens (a conversation's next turn, which resends the history) takes the pages and
         prefills only the rest. Only where long prompts' chunks run in place (the FFI kernel
-        attends them). The pool's pages that requests have written stay resident, up to
-        `kv_cache_tokens`' worth.
+        attends them). A prefix gives its pages back before a request takes a page that no
+        request has written, so the cache holds no memory that requests had not made resident.
     """
 
     def __init__(
@@ -292,6 +292,7 @@ class Engine:
         # Finished requests' pages and the tokens they hold, least recently used first.
         self._prefix_cache = prefix_cache and self._chunks_in_place
         self._prefixes: list[tuple[np.ndarray, list[int]]] = []
+        self._pages_written = 0  # pages 1.. this one have been taken by a request
         self.stats = collections.Counter()  # submitted, completed, cancelled, error, steps, rows, tokens, peak_active
 
     # -- the client side (any thread) -------------------------------------------------------
@@ -431,9 +432,17 @@ class Engine:
         already hold (a cached prefix's: `prefix_cache`)."""
         need = self.pages_needed(request)
         pages, reused = self._take_prefix(request.prompt_ids, need)
-        while len(self._free_pages) < need - len(pages):  # the least recently used prefixes' pages
-            self._free_pages.extend(reversed(self._prefixes.pop(0)[1]))
-        pages += [self._free_pages.pop() for _ in range(need - len(pages))]
+        while len(pages) < need:
+            # A page that no request has written yet becomes resident when written: before taking
+            # one, the least recently used prefix gives its pages back, so that the cached
+            # prefixes hold only memory that requests have already made resident. (Pages are
+            # first taken lowest first and freed pages are taken again first, so the free pages
+            # above `_pages_written` are the unwritten ones, under the written ones in the list.)
+            if self._prefixes and (not self._free_pages or self._free_pages[-1] > self._pages_written):
+                self._free_pages.extend(reversed(self._prefixes.pop(0)[1]))
+                continue
+            pages.append(self._free_pages.pop())
+            self._pages_written = max(self._pages_written, pages[-1])
         self._pages_bp[row, : len(pages)] = pages
         return pages, reused
 
