@@ -615,6 +615,31 @@ def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine)
         cached.stop()
 
 
+def test_a_conversation_over_http_prefills_only_its_new_turn(engine, folder):
+    """Through the OpenAI API with prefix_cache: each turn resends the conversation, rendered
+    again; the second turn takes the first one's pages (the client's copy of the reply
+    tokenizes as it was sampled) and both replies are `generate`'s."""
+    if not ffi_attention_simd():
+        pytest.skip("prefixes are reused where the FFI kernel attends prefill chunks (AVX2, AVX-512)")
+    chatty = Engine(engine.config, engine.params, engine.tokenizer, max_batch=2, max_context=1024, prefix_cache=True)
+    chatty.start()
+    try:
+        with running(create_app(chatty, model_name=MODEL, folder=folder)) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            stops = stop_ids(engine.tokenizer, engine.config, folder)
+            messages = [{"role": "user", "content": "hello there, " * 100}]
+            first = chat_prompt_ids(None, messages, engine.tokenizer)
+            assert len(first) > 300
+            for _ in range(2):
+                want, _, _ = reference_text(chatty, chat_prompt_ids(None, messages, engine.tokenizer), 16, stops)
+                reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+                assert reply.choices[0].message.content == want
+                messages += [{"role": "assistant", "content": want}, {"role": "user", "content": "and again"}]
+        assert chatty.stats["prefix_tokens_reused"] >= len(first)
+    finally:
+        chatty.stop()
+
+
 def ffi_attention_simd() -> bool:
     from bitnet_jax.kernels import ffi
     from bitnet_jax.kernels.ops import ATTENTION_SIMD_ISAS
