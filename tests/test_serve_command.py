@@ -31,7 +31,7 @@ def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
     command = [sys.executable, "-m", "bitnet_jax.cli", "serve", "--model", str(folder), "--port", str(port)]
     command += ["--max-batch", "8", "--max-context", "128", "--model-name", "tiny"]  # test_server.py's shapes
     command += ["--kv-cache-tokens", "512"]  # 4 requests of the whole context at once
-    command += ["--prefix-cache"]  # (its prompts are too short to reuse a prefix: the flag's plumbing)
+    command += ["--no-prefix-cache"]  # (on by default; its prompts are too short to reuse a prefix)
     with open(tmp_path / "server.log", "w") as log:
         # cwd=tmp_path: from the repository root, `-m` would import the source checkout (which has no
         # compiled _ffi_ext) instead of the installed package.

@@ -105,6 +105,7 @@ def bench_serve(
         kv_cache=kv_cache,
         kv_cache_tokens=kv_cache_tokens,
         in_child=True,  # as `bitnet-jax serve` runs it
+        prefix_cache=True,
     )
     del params
     gc.collect()

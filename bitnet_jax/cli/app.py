@@ -167,9 +167,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_kv_cache_tokens(srv)
     srv.add_argument(
         "--prefix-cache",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="keep finished requests' KV pages until needed, so that a prompt that begins with one of them "
-        "(a conversation's next turn) prefills only the rest",
+        "(a conversation's next turn) prefills only the rest (default: on)",
     )
     srv.add_argument(
         "--api-key",

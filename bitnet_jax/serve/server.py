@@ -583,7 +583,7 @@ def serve(
     backend: str | None = None,
     kv_cache: str | None = None,
     kv_cache_tokens: int | None = None,
-    prefix_cache: bool = False,
+    prefix_cache: bool = True,
     shutdown_timeout: float = 10.0,
     log_level: str = "info",
 ) -> int:
