@@ -693,6 +693,15 @@ def test_sample_rows_draws_what_generate_sample_draws():
         assert int(token_b[row]) == int(want[0])
 
 
+def test_top_k_only_where_the_engine_takes_it(engine):
+    """An engine built without top_k (the server: the OpenAI API has none) holds no top-k code in
+    its programs and refuses a request that asks for it, saying so."""
+    with pytest.raises(BitNetError, match="without a top-k cut"):
+        engine.check(GenerationRequest((417, 40), 4, temperature=1.0, top_k=5))
+    with pytest.raises(BitNetError, match="top_k=0"):
+        engine.check(GenerationRequest((417, 40), 4, top_k=0))
+
+
 def test_top_k_filter_cuts_where_lax_top_k_does():
     """`generate.top_k_filter` (a k per row, found by bisection) keeps what `sample`'s
     `jax.lax.top_k` cut keeps: every value at least the k-th largest, ties and -0.0 / 0.0 alike,

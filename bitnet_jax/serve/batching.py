@@ -203,6 +203,9 @@ class Engine:
         prefills only the rest. Only where long prompts' chunks run in place (the FFI kernel
         attends them). A prefix gives its pages back before a request takes a page that no
         request has written, so the cache holds no memory that requests had not made resident.
+      top_k: whether requests may ask for a top-k cut (`GenerationRequest.top_k`); without it the
+        programs hold no top-k code (the OpenAI API has no top_k; on 2B4T the cut's code in the
+        engine's programs cost some 20 MB of resident memory at 8 clients).
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class Engine:
         kv_cache_tokens: int | None = None,
         in_child: bool = False,
         prefix_cache: bool = False,
+        top_k: bool = False,
     ):
         if max_batch < 1:
             raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
@@ -271,6 +275,7 @@ class Engine:
         self._temperature_b = np.zeros(b, np.float32)
         self._top_p_b = np.ones(b, np.float32)
         self._top_k_b = np.zeros(b, np.int32)  # 0: no top-k cut
+        self._top_k = top_k
         self._keys_b2 = np.zeros((b, 2), np.uint32)
         self._slots: list[_Active | None] = [None] * max_batch
         self._admissions = itertools.count()
@@ -338,6 +343,8 @@ class Engine:
             raise BitNetError(f"top_p={request.top_p}: expected a number in (0, 1].")
         if request.top_k is not None and not (isinstance(request.top_k, (int, np.integer)) and request.top_k >= 1):
             raise BitNetError(f"top_k={request.top_k!r}: expected an integer >= 1, or None.")
+        if request.top_k is not None and not self._top_k:
+            raise BitNetError(f"top_k={request.top_k}: this engine samples without a top-k cut (Engine(top_k=True)).")
 
     @property
     def running(self) -> bool:
@@ -562,7 +569,7 @@ class Engine:
             sampling_key(request.seed),
             np.float32(request.temperature),
             np.float32(request.top_p),
-            np.int32(request.top_k or 0),
+            self._top_k_arg(np.int32(request.top_k or 0)),
         )
         return _prefill_slot, args, dict(config=self.config, serving=self._serving, cache_dtype=self._cache_dtype)
 
@@ -619,7 +626,7 @@ class Engine:
                     sampling_key(request.seed),
                     np.float32(request.temperature),
                     np.float32(request.top_p),
-                    np.int32(request.top_k or 0),
+                    self._top_k_arg(np.int32(request.top_k or 0)),
                 ),
                 dict(config=self.config, serving=self._serving),
             )
@@ -655,6 +662,10 @@ class Engine:
         token_w, keys_w2, self._cache = self._call(*self._step_call(rows_w, positions_w))
         return np.asarray(token_w), np.asarray(keys_w2)
 
+    def _top_k_arg(self, top_k):
+        """A program's top_k argument: as given where the engine takes top_k, else None."""
+        return top_k if self._top_k else None
+
     def _step_call(self, rows_w: np.ndarray, positions_w: np.ndarray) -> tuple:
         args = (
             self._variables,
@@ -665,7 +676,7 @@ class Engine:
             self._keys_b2[rows_w],
             self._temperature_b[rows_w],
             self._top_p_b[rows_w],
-            self._top_k_b[rows_w],
+            self._top_k_arg(self._top_k_b[rows_w]),
         )
         return _decode_step, args, dict(config=self.config, serving=self._serving)
 
@@ -877,8 +888,14 @@ def _write_row_prompt_part(cache: KVCache, pages_p, part: KVCache) -> KVCache:
 
 def _program_key(program, args: tuple) -> tuple:
     """What tells an engine's compiled programs apart: the weights and the cache (args[:2]) keep
-    their shapes for the engine's life, so the program and the other arguments' shapes."""
-    return program.__name__, tuple((np.shape(x), np.dtype(x.dtype)) for x in args[2:])
+    their shapes for the engine's life, so the program and the other arguments' shapes (None
+    for an argument left out: a top_k on an engine without it)."""
+    return program.__name__, tuple(None if x is None else (np.shape(x), np.dtype(x.dtype)) for x in args[2:])
+
+
+def _row(top_k):
+    """A prefill's top_k as sample_rows takes it: [1], or None (no top-k cut compiled in)."""
+    return None if top_k is None else top_k[None]
 
 
 def _lazy_zeros(params) -> bool:
@@ -914,7 +931,7 @@ def _prefill_slot(
     # The prompt's slots of a fresh row, as `generate` starts from.
     logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, prompt_1t.shape[1], cache_dtype)
     cache = _write_row_prompt_part(cache, pages_p, fresh)
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k[None])
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], _row(top_k))
     return token_1[0], key_12[0], cache
 
 
@@ -946,7 +963,7 @@ def _prefill_chunk(
     chunk_1c = jax.lax.dynamic_slice_in_dim(prompt_1t, start, PREFILL_CHUNK, axis=1)
     part, logits_1v = prefill_chunk(model, variables, chunk_1c, length_1, start, part, logits_1v)
     cache = _write_row_prompt_part(cache, pages_p, part)
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k[None])
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], _row(top_k))
     return token_1[0], key_12[0], logits_1v, cache
 
 
@@ -979,7 +996,7 @@ def _prefill_chunk_in_place(
     cache, logits_1v = prefill_chunk(
         model, variables, chunk_1c, length_1, start, cache, logits_1v, cache_pages_bp=pages_p[None]
     )
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k[None])
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], _row(top_k))
     return token_1[0], key_12[0], logits_1v, cache
 
 

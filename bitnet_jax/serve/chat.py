@@ -86,6 +86,7 @@ def chat_loop(
         max_context=config.max_position_embeddings,
         in_child=in_child,
         prefix_cache=True,
+        top_k=top_k is not None,
     )
     engine.start()
     messages = [{"role": "system", "content": system}] if system else []
