@@ -893,9 +893,12 @@ def _program_key(program, args: tuple) -> tuple:
     return program.__name__, tuple(None if x is None else (np.shape(x), np.dtype(x.dtype)) for x in args[2:])
 
 
-def _row(top_k):
-    """A prefill's top_k as sample_rows takes it: [1], or None (no top-k cut compiled in)."""
-    return None if top_k is None else top_k[None]
+def _sample_row(logits_1v, key_2, temperature, top_p, top_k):
+    """`sample_rows` for a prefill's one row, its settings scalars (top_k None: no top-k cut
+    compiled in): (its token, its next key)."""
+    top_k_1 = None if top_k is None else top_k[None]
+    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k_1)
+    return token_1[0], key_12[0]
 
 
 def _lazy_zeros(params) -> bool:
@@ -931,8 +934,7 @@ def _prefill_slot(
     # The prompt's slots of a fresh row, as `generate` starts from.
     logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, prompt_1t.shape[1], cache_dtype)
     cache = _write_row_prompt_part(cache, pages_p, fresh)
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], _row(top_k))
-    return token_1[0], key_12[0], cache
+    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
@@ -963,8 +965,7 @@ def _prefill_chunk(
     chunk_1c = jax.lax.dynamic_slice_in_dim(prompt_1t, start, PREFILL_CHUNK, axis=1)
     part, logits_1v = prefill_chunk(model, variables, chunk_1c, length_1, start, part, logits_1v)
     cache = _write_row_prompt_part(cache, pages_p, part)
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], _row(top_k))
-    return token_1[0], key_12[0], logits_1v, cache
+    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k), logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
@@ -996,8 +997,7 @@ def _prefill_chunk_in_place(
     cache, logits_1v = prefill_chunk(
         model, variables, chunk_1c, length_1, start, cache, logits_1v, cache_pages_bp=pages_p[None]
     )
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], _row(top_k))
-    return token_1[0], key_12[0], logits_1v, cache
+    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k), logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
