@@ -30,6 +30,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--kv-cache", default="int8", choices=("float32", "int8"))
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="the engine's prefill_chunk")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -38,7 +39,14 @@ def main():
     params = random_packed_params(config, lm_head=default_lm_head(config))
     context = -(-(max(lengths) + 1) // 256) * 256
     engine = Engine(
-        config, params, IdTokenizer(), max_batch=1, max_context=context, kv_cache=args.kv_cache, in_child=True
+        config,
+        params,
+        IdTokenizer(),
+        max_batch=1,
+        max_context=context,
+        kv_cache=args.kv_cache,
+        in_child=True,
+        prefill_chunk=args.prefill_chunk,
     )
     del params
     engine.start()
@@ -68,7 +76,7 @@ def main():
     finally:
         engine.stop()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-    print(f"{args.preset}, {args.kv_cache} cache, peak RSS {peak_mb:.0f} MB")
+    print(f"{args.preset}, {args.kv_cache} cache, chunks of {engine.prefill_chunk}, peak RSS {peak_mb:.0f} MB")
     print("| prompt tokens | TTFT median s | prompt tok/s |")
     print("|---:|---:|---:|")
     for r in results:

@@ -22,6 +22,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--kv-cache", default="int8")
     parser.add_argument("--warm-tokens", type=int, default=8)
+    parser.add_argument("--prefill-chunk", type=int, default=256, help="the engine's prefill_chunk")
     args = parser.parse_args()
 
     from bitnet_jax.bench.serve import random_packed_params
@@ -34,7 +35,15 @@ def main():
     params = random_packed_params(config, lm_head=default_lm_head(config))
 
     context = -(-(args.prompt_tokens + 64) // 256) * 256
-    engine = Engine(config, params, IdTokenizer(), max_batch=2, max_context=context, kv_cache=args.kv_cache)
+    engine = Engine(
+        config,
+        params,
+        IdTokenizer(),
+        max_batch=2,
+        max_context=context,
+        kv_cache=args.kv_cache,
+        prefill_chunk=args.prefill_chunk,
+    )
     engine.start()
     rng = np.random.default_rng(0)
     long_prompt = tuple(int(i) for i in rng.integers(0, config.vocab_size, args.prompt_tokens))

@@ -14,6 +14,14 @@ import httpx
 
 from bitnet_jax.cli import main
 
+
+def ffi_attention_simd() -> bool:
+    from bitnet_jax.kernels import ffi
+    from bitnet_jax.kernels.ops import ATTENTION_SIMD_ISAS
+
+    return ffi.selected_isa() in ATTENTION_SIMD_ISAS
+
+
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 
@@ -93,7 +101,7 @@ def test_bench_serve_small(tmp_path, capsys):
     assert all(r["kv_cache_tokens"] == 32 for r in rows)  # one page of the 32-token context
     assert all(r["aggregate_decode_tok_s"] > 0 and r["ttft_p90_s"] >= r["ttft_median_s"] > 0 for r in rows)
     assert all(r["temperature"] == 0 and r["top_p"] == 1 for r in rows)
-    assert "KV cache; greedy; 8-token prompts)." in table
+    assert "KV cache; greedy; 8-token prompts; prefill chunks of" in table
     assert all(r["prompt_tokens"] == 8 and r["prompt_tokens_max"] is None for r in rows)
 
 
@@ -103,7 +111,7 @@ def test_bench_serve_sampling(tmp_path, capsys):
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,2", "--prompt-tokens", "8"]
     argv += ["--new-tokens", "4", "--max-context", "32", "--temperature", "0.8", "--top-p", "0.9"]
     assert main(argv + ["--json", str(out)]) == 0
-    assert "temperature 0.8, top_p 0.9; 8-token prompts)." in capsys.readouterr().out
+    assert "temperature 0.8, top_p 0.9; 8-token prompts; prefill chunks of" in capsys.readouterr().out
     rows = json.loads(out.read_text())
     assert all(r["temperature"] == 0.8 and r["top_p"] == 0.9 and r["new_tokens"] == 4 for r in rows)
 
@@ -123,12 +131,18 @@ def test_bench_serve_prompt_range(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench_server, "_send", recording_send)
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,4", "--prompt-tokens", "5-40"]
-    assert main(argv + ["--new-tokens", "4", "--max-context", "64", "--json", str(out)]) == 0
-    assert "prompts of 5-40 tokens, every prefill program loaded)." in capsys.readouterr().out
+    argv += ["--new-tokens", "4", "--max-context", "64", "--prefill-chunk", "128"]
+    assert main(argv + ["--json", str(out)]) == 0
+    # (Chunks of 128 where they run in place: where the FFI kernel attends them.)
+    chunk = 128 if ffi_attention_simd() else 256
+    assert f"prompts of 5-40 tokens, every prefill program loaded; prefill chunks of {chunk} tokens)." in (
+        capsys.readouterr().out
+    )
     assert sent[:3] == [[5], [17], [33]]  # the buckets of 16, 32 and 48 tokens
     assert [len(lengths) for lengths in sent[3:]] == [1, 4] and all(5 <= n <= 40 for s in sent[3:] for n in s)
     rows = json.loads(out.read_text())
     assert all(r["prompt_tokens"] == 5 and r["prompt_tokens_max"] == 40 for r in rows)
+    assert all(r["prefill_chunk"] == chunk for r in rows)
     for bad in ("40-5", "0-8", "a-b", "1-2-3"):
         assert main(["bench", "serve", "--preset", "tiny", "--random-weights", "--prompt-tokens", bad]) == 2
         assert "--prompt-tokens" in capsys.readouterr().err

@@ -459,19 +459,19 @@ def test_the_kv_pool_is_resident_only_where_requests_wrote(engine):
 
 
 def test_long_prompts_prefill_between_decode_steps(engine):
-    """A prompt longer than one prefill chunk (256 tokens) is read one chunk per engine step, so a
-    request already decoding keeps getting tokens meanwhile; and its reply is still exactly
+    """A prompt longer than one prefill chunk (64 tokens by default) is read one chunk per engine
+    step, so a request already decoding keeps getting tokens meanwhile; and its reply is still exactly
     `generate`'s: each chunk runs `generate.prefill_chunk`, as `generate`'s prefill loop does on
     its fresh cache (here on the row's pages in place where the FFI kernel attends the chunk)."""
     long_engine = Engine(engine.config, engine.params, engine.tokenizer, max_batch=2, max_context=1536)
     long_engine.start()
     try:
         rng = np.random.default_rng(7)
-        prompt = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 1100))  # 5 chunks
+        prompt = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 1100))  # 12 + 17 x 64
         (alone,) = run_requests(long_engine, [GenerationRequest(prompt, 12)])  # compiles its chunk
         assert alone == reference_ids(long_engine, prompt, 12)
 
-        # A request decodes (long enough to outlast the 5 chunks) when the long one arrives.
+        # A request decodes (long enough to outlast the 18 chunks) when the long one arrives.
         stats = long_engine.stats
         short_events, long_events, steps_at_first_long = [], [], []
         short_done = threading.Event()
@@ -493,11 +493,13 @@ def test_long_prompts_prefill_between_decode_steps(engine):
         chunks, steps_at_submit = stats["prefill_chunks"], stats["steps"]
         long_engine.submit(GenerationRequest(prompt, 12), on_long)
         assert short_done.wait(120) and wait_idle(long_engine) and not short_events[-1].error
-        assert stats["prefill_chunks"] - chunks == 5
-        # A decode step runs after each chunk: 4 before the last chunk gives the first token. (A
+        # In place, its first 12 tokens (padded to 64) and 17 chunks; elsewhere 5 chunks of 256.
+        in_place = long_engine._chunks_in_place
+        assert stats["prefill_chunks"] - chunks == (18 if in_place else 5)
+        # A decode step runs after each chunk but the last, which gives the first token. (A
         # prefill in one call lets through at most 2: the step running when the request came and
         # the one before its admission.)
-        assert steps_at_first_long[0] - steps_at_submit >= 4
+        assert steps_at_first_long[0] - steps_at_submit >= (17 if in_place else 4)
         assert [t for e in long_events for t in e.token_ids] == alone  # beside a decoding row too
         assert long_events[-1].finish_reason == "length"
     finally:
@@ -513,7 +515,7 @@ def test_steps_beside_prefilling_rows_pad_with_the_padding_row(engine):
     four.start()
     try:
         rng = np.random.default_rng(3)
-        long = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 700))  # 3 chunks
+        long = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 700))  # 60 + 10 x 64
         requests = [GenerationRequest((417, 40 + k), 200) for k in range(3)] + [GenerationRequest(long, 5)]
         events = [[] for _ in requests]
         for request, got in zip(requests[:3], events):
@@ -523,7 +525,7 @@ def test_steps_beside_prefilling_rows_pad_with_the_padding_row(engine):
             time.sleep(0.01)
         four.submit(requests[3], events[3].append)
         assert wait_idle(four)
-        assert four.stats["prefill_chunks"] == 3 and four.stats["error"] == 0
+        assert four.stats["prefill_chunks"] == (11 if four._chunks_in_place else 3) and four.stats["error"] == 0
         for request, got in zip(requests, events):
             ids = [t for e in got for t in e.token_ids]
             assert ids == reference_ids(four, request.prompt_ids, request.max_tokens)
@@ -534,23 +536,25 @@ def test_steps_beside_prefilling_rows_pad_with_the_padding_row(engine):
 @pytest.mark.parametrize("backend", ["ffi", "xla"])
 def test_long_prompts_of_every_length_share_one_chunk_program(engine, backend):
     """Where the FFI kernel attends a prefill chunk, the chunk runs on the row's pages in place
-    and no shape of its program depends on the prompt's length; a long prompt's first n mod 256
-    tokens run first as a prompt of that length would, padded to a multiple of 64 (a short
-    prompts' bucket, whose program they share), so that its chunks are whole. Once a 1100-token
-    prompt (76 + 4 x 256) has run, prompts of 352 and 608 tokens (96 + 256, 96 + 2 x 256: their
-    96 run at 128 as the 76 did) compile nothing (a program per length held 8-11 MB each on 2B4T
-    once loaded). Where XLA attends (the 'xla' backend, or a kernel path without SIMD
-    attention), chunks run on a copy of the row's prompt slots, padded to a multiple of 256, a
-    program per padded length. Both reply exactly as `generate` (the module docstring), beside
-    a long prompt's leftovers in the reused pages too."""
+    and no shape of its program depends on the prompt's length; a long prompt's first n mod 64
+    tokens (the default chunk) run first as a prompt of that length would, padded to 64 (a
+    short prompts' bucket, whose program they share), so that its chunks are whole. Once a
+    1100-token prompt (12 + 17 x 64) has run, prompts of 352 and 608 tokens (32 + 5 x 64, 32 + 9
+    x 64) compile nothing (a program per length held 8-11 MB each on 2B4T once loaded). Where
+    XLA attends (the 'xla' backend, or a kernel path without SIMD attention), chunks hold 256
+    tokens and run on a copy of the row's prompt slots, padded to a multiple of 256, a program
+    per padded length. Both reply exactly as `generate` (the module docstring), beside a long
+    prompt's leftovers in the reused pages too."""
     long_engine = Engine(engine.config, engine.params, engine.tokenizer, max_batch=1, max_context=1536, backend=backend)
     in_place = long_engine._chunks_in_place
     assert in_place == (backend == "ffi" and ffi_attention_simd())
-    programs = [long_engine.prefill_programs(n) for n in (100, 256, 300, 512, 1100)]
+    programs = [long_engine.prefill_programs(n) for n in (40, 64, 100, 256, 300, 512, 1100)]
     if in_place:
-        assert programs == [(128,), (256,), (64, "chunk"), ("chunk",), (128, "chunk")]
+        assert long_engine.prefill_chunk == 64
+        assert programs == [(48,), (64,), (64, "chunk"), ("chunk",), (64, "chunk"), ("chunk",), (64, "chunk")]
     else:
-        assert programs == [(128,), (256,), (512,), (512,), (1280,)]
+        assert long_engine.prefill_chunk == 256
+        assert programs == [(48,), (64,), (128,), (256,), (512,), (512,), (1280,)]
     long_engine.start()
     try:
         rng = np.random.default_rng(11)
@@ -558,13 +562,66 @@ def test_long_prompts_of_every_length_share_one_chunk_program(engine, backend):
         references = [reference_ids(long_engine, prompt, 9, backend=backend) for prompt in prompts]
         chunks = long_engine.stats["prefill_chunks"]
         assert run_requests(long_engine, [GenerationRequest(prompts[0], 9)]) == references[:1]  # compiles a chunk
-        assert long_engine.stats["prefill_chunks"] - chunks == 5  # 76 + 4 x 256 in place, 5 x 256 padded
+        # 12 (padded to 64) + 17 x 64 in place, 5 x 256 padded
+        assert long_engine.stats["prefill_chunks"] - chunks == (18 if in_place else 5)
         # The shorter prompts run in the longest one's pages, over what it left there.
         with BackendCompiles() as compiles:
             assert run_requests(long_engine, [GenerationRequest(p, 9) for p in prompts[1:]]) == references[1:]
         assert compiles.count == (0 if in_place else 2)
     finally:
         long_engine.stop()
+
+
+def test_prefill_chunk_sets_the_prompt_tokens_a_loop_reads(engine):
+    """`prefill_chunk=256`: a prompt longer than 256 tokens is read 256 tokens a loop, its first n
+    mod 256 first, padded to a multiple of 64 (one of the short prompts' buckets 64, 128, 192,
+    256), so a row already decoding gets a step after each 256 tokens, not each 64; the replies
+    are still exactly `generate`'s, since every query attends its own slots up to its position
+    whatever chunk it is in (the module docstring). An engine refuses a chunk that is not a
+    multiple of 64 up to 256."""
+    for bad in (0, 32, 100, 512):
+        with pytest.raises(BitNetError, match="prefill_chunk"):
+            Engine(engine.config, engine.params, engine.tokenizer, max_batch=2, max_context=512, prefill_chunk=bad)
+    big = Engine(engine.config, engine.params, engine.tokenizer, max_batch=2, max_context=1536, prefill_chunk=256)
+    if not big._chunks_in_place:
+        pytest.skip("chunks run in place only where the FFI kernel attends them")
+    assert [big.prefill_programs(n) for n in (40, 64, 100, 256, 300, 512, 1100)] == [
+        (48,),
+        (64,),
+        (128,),
+        (256,),
+        (64, "chunk"),  # 44 (padded to 64) + 256
+        ("chunk",),
+        (128, "chunk"),  # 76 (padded to 128) + 4 x 256
+    ]
+    big.start()
+    try:
+        rng = np.random.default_rng(7)
+        prompt = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 1100))
+        reference = reference_ids(big, prompt, 12)
+        assert run_requests(big, [GenerationRequest(prompt, 12)]) == [reference]  # compiles its chunk
+
+        stats, short_events, steps_at_first = big.stats, [], []
+        big.submit(GenerationRequest((417, 40, 41, 42), 400), short_events.append)
+        deadline = time.monotonic() + 60
+        while not short_events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        chunks, steps_at_submit = stats["prefill_chunks"], stats["steps"]
+        long_events = []
+
+        def on_long(event):
+            if not long_events:
+                steps_at_first.append(stats["steps"])  # on the engine thread
+            long_events.append(event)
+
+        big.submit(GenerationRequest(prompt, 12), on_long)
+        assert wait_idle(big, timeout=120) and not short_events[-1].error
+        assert stats["prefill_chunks"] - chunks == 5  # the first 76 tokens and 4 chunks
+        assert steps_at_first[0] - steps_at_submit >= 4  # a step after each but the last
+        assert [t for e in long_events for t in e.token_ids] == reference
+        assert [t for e in short_events for t in e.token_ids] == reference_ids(big, (417, 40, 41, 42), 400)
+    finally:
+        big.stop()
 
 
 def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine):

@@ -141,6 +141,36 @@ def test_ffi_greedy_equals_xla_greedy(lm_head):
         np.testing.assert_array_equal(ffi_ids, generate(config, params, prompts, 24, backend="ffi"))
 
 
+@pytest.mark.parametrize("lm_head", ["int8", "int8-tied", "int4", "int4-tied", "float"])
+@pytest.mark.parametrize("backend", ["ffi", "xla"])
+def test_logits_when_false_leaves_a_quantized_head_unread(lm_head, backend):
+    """`BitNetLM(logits_when=...)`, a traced bool: True gives the logits bit for bit as without it;
+    False gives zeros from a quantized serving head, whose table it leaves unread (the other
+    branch of a cond: what a prefill chunk that holds no prompt's last token skips), and the
+    logits from a float head, which it does not touch."""
+    from bitnet_jax.serve.generate import serving_params
+
+    config = BitNetConfig(**SMALL)
+    if lm_head.endswith("-tied") or lm_head == "float":
+        packed = pack(config, _trained_like(config, seed=2), lm_head=lm_head)
+    else:
+        untied = config = config.replace(tie_word_embeddings=False)
+        packed = pack(untied, _trained_like(untied, seed=2), lm_head=lm_head)
+    params, serving = serving_params(config, packed, backend)
+    model, variables = BitNetLM(config, serving), serving_variables(params)
+    ids = jnp.asarray([[1, 5, 9, 33, 7], [1, 7, 2, 2, 2]], jnp.int32)
+    index = jnp.asarray([4, 1], jnp.int32)
+    forward = jax.jit(lambda v, when: model.apply(v, ids, logits_index_b=index, logits_when=when))
+    without = jax.jit(lambda v: model.apply(v, ids, logits_index_b=index))(variables)
+    assert without.shape == (2, config.vocab_size) and np.all(np.asarray(without) != 0)
+    np.testing.assert_array_equal(forward(variables, jnp.bool_(True)), without)
+    skipped = np.asarray(forward(variables, jnp.bool_(False)))
+    if lm_head == "float":
+        np.testing.assert_array_equal(skipped, without)
+    else:
+        assert not skipped.any()
+
+
 def test_q_k_v_and_gate_up_run_as_one_ffi_call_each_with_the_bits_of_separate_calls(monkeypatch):
     """On the FFI backend a layer's q, k and v (and gate and up) are one custom call
     (`ops.ternary_linears`): the program must hold those calls, and its logits must be bit for

@@ -43,6 +43,7 @@ class ServeTiming:
     temperature: float = 0.0  # each request's; 0 is greedy
     top_p: float = 1.0
     prompt_tokens_max: int | None = None  # the longest, where prompts were drawn from a range
+    prefill_chunk: int | None = None  # prompt tokens the engine read a step (`Engine.prefill_chunk`)
 
 
 class IdTokenizer:
@@ -70,18 +71,20 @@ def bench_serve(
     lm_head: str | None = None,
     kv_cache: str | None = None,
     kv_cache_tokens: int | None = None,
+    prefill_chunk: int | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
 ) -> list[ServeTiming]:
     """Times the server at each client count (see the module docstring). `lm_head` and `kv_cache`
     as for `bench generate` (defaults: the serving default head, a float32 cache);
-    `kv_cache_tokens` as for `Engine` (default: every slot can hold `max_context`); `temperature`
-    and `top_p` each request's (default greedy), each request seeded apart. `prompt_tokens` as
-    (shortest, longest): each prompt's length drawn uniformly from that range, and a request for
-    each prefill program its lengths run (`Engine.prefill_programs`) sent before the timed levels,
-    so that they are compiled and loaded (a served model meets many lengths, and keeps a program
-    for each prompt-length bucket)."""
+    `kv_cache_tokens` and `prefill_chunk` as for `Engine` (None: its defaults: every slot can hold
+    `max_context`, chunks of DEFAULT_PREFILL_CHUNK); `temperature` and `top_p` each request's
+    (default greedy), each request seeded apart. `prompt_tokens` as (shortest, longest): each
+    prompt's length drawn uniformly from that range, and a request for each prefill program its
+    lengths run (`Engine.prefill_programs`) sent before the timed levels, so that they are
+    compiled and loaded (a served model meets many lengths, and keeps a program for each
+    prompt-length bucket)."""
     import gc
     import itertools
     import multiprocessing
@@ -106,6 +109,7 @@ def bench_serve(
         kv_cache_tokens=kv_cache_tokens,
         in_child=True,  # as `bitnet-jax serve` runs it
         prefix_cache=True,
+        **({} if prefill_chunk is None else dict(prefill_chunk=prefill_chunk)),
     )
     del params
     gc.collect()
@@ -164,6 +168,7 @@ def bench_serve(
                     temperature,
                     top_p,
                     longest if longest != shortest else None,
+                    engine.prefill_chunk,
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)
@@ -223,7 +228,7 @@ def serve_table(results: list[ServeTiming]) -> str:
             f"Aggregate decode with {most.clients} clients: {gain:.2f}x one client's "
             f"({most.slots} slots of up to {most.max_context} tokens, {most.kv_cache_tokens} KV cache slots, "
             f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache; {_sampling(most)}; "
-            f"{_prompts(most)})."
+            f"{_prompts(most)}; prefill chunks of {most.prefill_chunk} tokens)."
         )
     return "\n".join(lines)
 

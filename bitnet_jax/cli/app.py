@@ -165,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-context", type=int, default=2048, help="prompt + reply tokens per slot (default 2048)")
     srv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     _add_kv_cache_tokens(srv)
+    _add_prefill_chunk(srv)
     srv.add_argument(
         "--prefix-cache",
         action=argparse.BooleanOptionalAction,
@@ -255,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench_srv.add_argument("--top-p", type=float, default=1.0, help="each request's top_p (default 1)")
     _add_kv_cache_tokens(bench_srv)
+    _add_prefill_chunk(bench_srv)
     _add_lm_head(bench_srv, "the model's lm_head")
     _add_kv_cache(bench_srv)
     _add_json(bench_srv, "results")
@@ -355,6 +357,18 @@ def _add_kv_cache_tokens(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="KV cache slots shared by all slots, in pages of 256 (default max-batch x max-context); "
         "fewer bound the memory, and requests wait for the pages they need",
+    )
+
+
+def _add_prefill_chunk(parser: argparse.ArgumentParser) -> None:
+    """--prefill-chunk for the batching server (serve, bench serve)."""
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        choices=(64, 128, 192, 256),
+        help="prompt tokens read per engine step where the FFI kernel attends (default 64); decoding "
+        "requests get a token after each chunk, so longer chunks make them wait longer while a prompt "
+        "is read, and make a conversation's next turn slower",
     )
 
 
@@ -531,6 +545,7 @@ def _serve(args) -> int:
         backend=args.backend,
         kv_cache=args.kv_cache,
         kv_cache_tokens=args.kv_cache_tokens,
+        prefill_chunk=args.prefill_chunk,
         prefix_cache=args.prefix_cache,
         shutdown_timeout=args.shutdown_timeout,
     )
@@ -695,6 +710,7 @@ def _bench_serve(args) -> int:
         lm_head=args.lm_head,
         kv_cache=args.kv_cache,
         kv_cache_tokens=args.kv_cache_tokens,
+        prefill_chunk=args.prefill_chunk,
         temperature=args.temperature,
         top_p=args.top_p,
     )

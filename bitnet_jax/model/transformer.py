@@ -410,6 +410,9 @@ class BitNetLM(nn.Module):
       attend_slots: with a cache, a static int: attention reads only each row's first
         `attend_slots` slots (a prompt prefilled into a cache longer than it: the slots past it
         are not written yet), so every position must be below it. Default: every slot of the row.
+      logits_when: a traced bool: where False, a quantized serving lm_head (int8, int4) is not
+        read and the logits are zeros (a prefill chunk whose logits no row needs). Other heads
+        compute the logits regardless.
     """
 
     config: BitNetConfig
@@ -430,6 +433,7 @@ class BitNetLM(nn.Module):
         cache_pages_bp=None,
         logits_index_b=None,
         attend_slots: int | None = None,
+        logits_when=None,
     ):
         c = self.config
         b, t = input_ids_bt.shape
@@ -485,7 +489,10 @@ class BitNetLM(nn.Module):
         if logits_index_b is not None:
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         if table is not None and not shared:
-            logits = TABLES[table](c.vocab_size, c.hidden_size, self.serving, name="lm_head").attend(x_btd)
+            lm_head = TABLES[table](c.vocab_size, c.hidden_size, self.serving, name="lm_head")
+            logits = lm_head.attend(x_btd, when=logits_when)
+        elif table is not None:
+            logits = embed.attend(x_btd, when=logits_when)
         elif c.tie_word_embeddings:
             logits = embed.attend(x_btd)
         else:

@@ -16,12 +16,12 @@ only where keys and values are written: the process holds the pages that request
      (first come, first served), it takes them; one jitted prefill writes its prompt into its
      pages (`generate.prefill_fresh` on a fresh batch-1 cache as long as the padded prompt) and
      samples its first token. A prompt longer than one prefill
-     chunk (256 tokens) is written one chunk per loop instead (`generate.prefill_chunk`, the same
-     math), oldest first, so that the rows already decoding get a step after every chunk rather
-     than waiting for the whole prompt. Where the FFI kernel attends a chunk, the chunk runs on
-     the row's pages in place, one compiled program for prompts of every length; elsewhere (XLA
-     attention, whose work grows with the slots it scores) on a copy of the row's prompt slots,
-     a program per padded length;
+     chunk (`prefill_chunk` tokens, 256 by default) is written one chunk per loop instead
+     (`generate.prefill_chunk`, the same math), oldest first, so that the rows already decoding
+     get a step after every chunk rather than waiting for the whole prompt. Where the FFI kernel
+     attends a chunk, the chunk runs on the row's pages in place, one compiled program for
+     prompts of every length; elsewhere (XLA attention, whose work grows with the slots it
+     scores) on a copy of the row's prompt slots, a program per padded length, in chunks of 256;
   2. step: one jitted decode step runs the rows that hold a request, each at its own position
      with its own temperature, top-p and random key. The step is compiled for a few widths
      (1, 2, 4, ... up to `max_batch`, all at start-up) and runs at the narrowest that holds the
@@ -94,6 +94,15 @@ logger = logging.getLogger(__name__)
 # loaded (a server meeting prompts of 300-2000 tokens peaked 54 MB higher with them); an average
 # of 32 tokens of padding a long prompt.
 _HEAD_STEP = 64
+
+# Prompt tokens a loop reads where chunks run in place (`Engine(prefill_chunk=...)`). On 2B4T (Zen 4,
+# 2 threads, int8 cache; benchmarks/RESULTS.md, "Shorter prefill chunks"), 64 against 256: a
+# stream decoding beside a 2048-token prompt waits at most 0.6 s for a token, not 2.0; a
+# conversation's next turn (72 new tokens) prefills 2 x 64 tokens, not 256 (0.6 s against 2.2); a
+# long prompt alone takes as long (the skipped lm_head of all but its last chunk: `generate.
+# prefill_chunk`); the server peaks 22-28 MB lower (smaller temporaries). The cost: a prompt
+# beside decoding rows waits for a decode step after each chunk, 4x as many.
+DEFAULT_PREFILL_CHUNK = 64
 
 # Slots per page of the engine's KV cache: whole chunks of the FFI attention kernel (128 slots)
 # and the length long prompts are padded to a multiple of, so a row of any context is whole pages.
@@ -203,6 +212,13 @@ class Engine:
         prefills only the rest. Only where long prompts' chunks run in place (the FFI kernel
         attends them). A prefix gives its pages back before a request takes a page that no
         request has written, so the cache holds no memory that requests had not made resident.
+      prefill_chunk: where long prompts' chunks run in place, the tokens a chunk holds (64, the
+        default, 128, 192 or 256): a prompt longer than one chunk is read one chunk per loop,
+        with a decode step for the other rows after each, so a decoding row waits about one
+        chunk's time at most for its next token while a prompt is read (on 2B4T, Zen 4, 2
+        threads: 0.4-0.6 s for 64 tokens, 1.8-2.0 s for 256), and the prompt's own first token
+        comes a decode step later for every chunk (DEFAULT_PREFILL_CHUNK says what each costs).
+        Elsewhere chunks hold PREFILL_CHUNK (256) tokens.
       top_k: whether requests may ask for a top-k cut (`GenerationRequest.top_k`); without it the
         programs hold no top-k code (the OpenAI API has no top_k; on 2B4T the cut's code in the
         engine's programs cost some 20 MB of resident memory at 8 clients).
@@ -222,10 +238,16 @@ class Engine:
         kv_cache_tokens: int | None = None,
         in_child: bool = False,
         prefix_cache: bool = False,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         top_k: bool = False,
     ):
         if max_batch < 1:
             raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
+        if prefill_chunk % _HEAD_STEP or not _HEAD_STEP <= prefill_chunk <= PREFILL_CHUNK:
+            raise BitNetError(
+                f"prefill_chunk={prefill_chunk}: expected a multiple of {_HEAD_STEP} "
+                f"from {_HEAD_STEP} to {PREFILL_CHUNK} tokens."
+            )
         if max_queue < 0:
             raise BitNetError(f"max_queue={max_queue}: expected 0 or more waiting requests.")
         context = _round_down(min(int(max_context), config.max_position_embeddings))
@@ -288,12 +310,13 @@ class Engine:
         self._prefill_programs: set = set()  # the prefills that have run (as `prefill_programs` names them)
         # Whether a long prompt's chunks run on the row's pages in place (_prefill_chunk_in_place):
         # where the FFI kernel attends them, reading each query's slots up to its position.
-        q_shape = (1, PREFILL_CHUNK, config.num_attention_heads, config.head_dim)
+        q_shape = (1, prefill_chunk, config.num_attention_heads, config.head_dim)
         self._chunks_in_place = ffi_attends(
             "xla" if serving is None else serving.backend,
             jax.ShapeDtypeStruct(q_shape, jnp.float32),
             jax.ShapeDtypeStruct((1,), self._cache_dtype),
         )
+        self.prefill_chunk = prefill_chunk if self._chunks_in_place else PREFILL_CHUNK
         # Finished requests' pages and the tokens they hold, least recently used first.
         self._prefix_cache = prefix_cache and self._chunks_in_place
         self._prefixes: list[tuple[np.ndarray, list[int]]] = []
@@ -423,11 +446,12 @@ class Engine:
     def prefill_programs(self, prompt_tokens: int) -> tuple:
         """The compiled prefills that a prompt of this many tokens runs, each named by its padded
         length, or "chunk" for the one program of the chunks that run in place (a long prompt's
-        first n mod 256 tokens run as a prompt of that length would, then its whole chunks)."""
+        first n mod `prefill_chunk` tokens run as a prompt of that length would, then its whole
+        chunks)."""
         t = padded_prompt_length(prompt_tokens)
-        if t <= PREFILL_CHUNK or not self._chunks_in_place:
+        if t <= self.prefill_chunk or not self._chunks_in_place:
             return (t,)
-        head = prompt_tokens % PREFILL_CHUNK
+        head = prompt_tokens % self.prefill_chunk
         return ((_head_length(head),) if head else ()) + ("chunk",)
 
     def _available_pages(self) -> int:
@@ -528,7 +552,7 @@ class Engine:
         # (Past a reused prefix, chunks start anywhere: room for the last one's padding.)
         prompt_1t = np.zeros((1, padded_prompt_length(n) + (PREFILL_CHUNK if reused else 0)), np.int32)
         prompt_1t[0, :n] = request.prompt_ids
-        if prompt_1t.shape[1] > PREFILL_CHUNK:
+        if prompt_1t.shape[1] > self.prefill_chunk:
             # Chunk by chunk, one per engine step (`_prefill_next_chunk`), so that the rows
             # already decoding keep getting tokens while a long prompt is read; past a cached
             # prefix, from its end.
@@ -590,12 +614,13 @@ class Engine:
         active = self._slots[row]
         state, request = active.prefill, active.ticket.request
         n = len(request.prompt_ids)
-        head = n % PREFILL_CHUNK if self._chunks_in_place and state.start == 0 else 0  # (not past a prefix)
+        c = self.prefill_chunk
+        head = n % c if self._chunks_in_place and state.start == 0 else 0  # (not past a prefix)
         if head:
-            # In place, a chunk may start anywhere: the prompt's first n mod 256 tokens go first,
+            # In place, a chunk may start anywhere: the prompt's first n mod c tokens go first,
             # as a prompt of that length would (padded to _HEAD_STEP: a short prompts' bucket,
             # whose program they share; its token and key are not used), so that every chunk
-            # after them is whole (a 300-token prompt: 64 + 256 tokens, not 512).
+            # after them is whole (a 300-token prompt in chunks of 256: 64 + 256 tokens, not 512).
             head_1t = np.zeros((1, _head_length(head)), np.int32)
             head_1t[0, :head] = request.prompt_ids[:head]
 
@@ -610,7 +635,7 @@ class Engine:
         def chunk() -> int | None:
             logits_1v = state.logits_1v
             if self._chunks_in_place:
-                program, prompt = _prefill_chunk_in_place, state.prompt_1t[:, state.start : state.start + PREFILL_CHUNK]
+                program, prompt = _prefill_chunk_in_place, state.prompt_1t[:, state.start : state.start + c]
             else:
                 program, prompt = _prefill_chunk, state.prompt_1t
             token, key_2, state.logits_1v, self._cache = self._call(
@@ -630,7 +655,7 @@ class Engine:
                 ),
                 dict(config=self.config, serving=self._serving),
             )
-            state.start += PREFILL_CHUNK
+            state.start += c
             self.stats["prefill_chunks"] += 1
             if state.start < n:
                 return None

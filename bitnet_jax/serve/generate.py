@@ -399,23 +399,26 @@ def prefill_chunk(
     cache_pages_bp=None,
 ):
     """One step of `prefill` for prompts longer than PREFILL_CHUNK: their tokens [start, start +
-    PREFILL_CHUNK), `chunk_bc`, written into the cache (into each row's pages `cache_pages_bp`
-    [B, P] for a paged cache); returns (cache, logits), where a row's logits [B, V] become its
-    next-token logits at the chunk that holds its last token and are kept otherwise. Nothing in
-    it depends on the prompt's length, so one compiled chunk serves prompts of every length.
-    (The batching engine runs a long prompt's chunks one at a time, between decode steps.)"""
-    positions_bc = jnp.broadcast_to(start + jnp.arange(PREFILL_CHUNK, dtype=jnp.int32), chunk_bc.shape)
+    C), `chunk_bc` [B, C] (C = PREFILL_CHUNK here; the batching engine may run shorter chunks),
+    written into the cache (into each row's pages `cache_pages_bp` [B, P] for a paged cache);
+    returns (cache, logits), where a row's logits [B, V] become its next-token logits at the
+    chunk that holds its last token and are kept otherwise. Nothing in it depends on the
+    prompt's length, so one compiled chunk serves prompts of every length. (The batching engine
+    runs a long prompt's chunks one at a time, between decode steps.)"""
+    c = chunk_bc.shape[1]
+    positions_bc = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), chunk_bc.shape)
     last_b = lengths_b - 1 - start
+    here_b = (last_b >= 0) & (last_b < c)  # the rows whose last prompt token is in the chunk
     chunk_logits_bv, cache = model.apply(
         variables,
         chunk_bc,
         positions_bt=positions_bc,
         cache=cache,
         cache_pages_bp=cache_pages_bp,
-        logits_index_b=jnp.clip(last_b, 0, PREFILL_CHUNK - 1),
+        logits_index_b=jnp.clip(last_b, 0, c - 1),
         attend_slots=attend_slots,
+        logits_when=jnp.any(here_b),
     )
-    here_b = (last_b >= 0) & (last_b < PREFILL_CHUNK)
     return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
 
 
