@@ -626,7 +626,7 @@ def test_prefill_chunk_sets_the_prompt_tokens_a_loop_reads(engine):
 
 def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine):
     """With prefix_cache, a finished request's pages stay with the tokens they hold (its prompt and
-    its reply but the last token); a later prompt that begins with at least 256 of those tokens (a
+    its reply but the last token); a later prompt that begins with at least 64 of those tokens (a
     conversation's next turn) takes them and prefills only the rest, and replies as `generate`
     does from scratch. Cached prefixes give their pages back when requests need them, and before
     a request would take a page that no request has written (so the cache adds no resident
@@ -655,8 +655,8 @@ def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine)
         (got,) = run_requests(cached, [GenerationRequest(turn, 12)])
         assert got == reference_ids(cached, turn, 12)
         assert cached.stats["prefix_tokens_reused"] == 630
-        assert cached.stats["prefill_chunks"] - chunks == 1  # tokens 630..679 only, where 680 take 3 steps
-        # A prompt that shares fewer than 256 tokens prefills from scratch; a full pool takes the
+        assert cached.stats["prefill_chunks"] - chunks == 1  # tokens 630..679 only, where 680 take 11 (40 + 10 x 64)
+        # A prompt that shares fewer than 64 tokens prefills from scratch; a full pool takes the
         # cached pages back (12 pages: the two requests need 6 and 5 of them).
         other = tuple(int(i) for i in rng.integers(0, engine.config.vocab_size, 1200))
         alone = [reference_ids(cached, p, 100) for p in (other, other[:1100])]
@@ -665,9 +665,17 @@ def test_prefix_cache_prefills_only_what_a_finished_request_did_not_hold(engine)
         # from the least recently used prefix before it takes one no request has written.
         assert cached.load()["kv_pages_cached"] == 11 and cached._pages_written == 11
         short = GenerationRequest(tuple(range(7, 107)), 8)
-        assert run_requests(cached, [short]) == [reference_ids(cached, short.prompt_ids, 8)]
-        assert cached.load()["kv_pages_cached"] == 5 and cached._pages_written == 11
+        (short_reply,) = run_requests(cached, [short])
+        assert short_reply == reference_ids(cached, short.prompt_ids, 8)
+        # 5 pages of the other prefix, and the short request's: it held 107 >= 64 tokens (a
+        # prefix is kept and taken from one prefill chunk up: shorter saves nothing).
+        assert cached.load()["kv_pages_cached"] == 6 and cached._pages_written == 11
         assert cached.stats["prefix_tokens_reused"] == 630
+        follow = short.prompt_ids + tuple(short_reply[:7]) + (3, 4, 5)
+        chunks = cached.stats["prefill_chunks"]
+        assert run_requests(cached, [GenerationRequest(follow, 8)]) == [reference_ids(cached, follow, 8)]
+        assert cached.stats["prefix_tokens_reused"] == 630 + 107
+        assert cached.stats["prefill_chunks"] - chunks == 1  # its last 3 tokens, in one chunk
     finally:
         cached.stop()
 

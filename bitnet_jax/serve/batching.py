@@ -207,7 +207,7 @@ class Engine:
       backend: 'ffi', 'xla' or None, as for `generate`.
       kv_cache: the KV cache's dtype, 'float32' (default) or 'int8' (a quarter of the memory), as for `generate`.
       prefix_cache: keep a finished request's pages, and the tokens they hold, until their pages
-        are needed; a later request whose prompt begins with at least PREFILL_CHUNK of those
+        are needed; a later request whose prompt begins with at least `prefill_chunk` of those
         tokens (a conversation's next turn, which resends the history) takes the pages and
         prefills only the rest. Only where long prompts' chunks run in place (the FFI kernel
         attends them). A prefix gives its pages back before a request takes a page that no
@@ -479,7 +479,7 @@ class Engine:
 
     def _take_prefix(self, prompt_ids, need: int) -> tuple[list[int], int]:
         """The cached prefix that shares the most leading tokens with the prompt, if at least
-        PREFILL_CHUNK (fewer save less than a chunk's padding costs): its first `need` pages (the
+        `prefill_chunk` (fewer save less than a chunk's padding may cost): its first `need` pages (the
         rest are freed) and the shared count, at most all but the prompt's last token (whose
         logits the prefill must compute)."""
         if not self._prefixes:
@@ -491,7 +491,7 @@ class Engine:
             differ = np.flatnonzero(ids[:m] != prompt[:m])
             shared.append(int(differ[0]) if differ.size else m)
         best = int(np.argmax(shared))
-        if shared[best] < PREFILL_CHUNK:
+        if shared[best] < self.prefill_chunk:
             return [], 0
         _, pages = self._prefixes.pop(best)
         self._free_pages.extend(reversed(pages[need:]))
@@ -502,7 +502,7 @@ class Engine:
         """Row `row`'s pages back to the pool; with `cached_ids`, the tokens its slots 0.. hold,
         kept as a cached prefix instead."""
         self._pages_bp[row] = 0
-        if cached_ids is not None and len(cached_ids) >= PREFILL_CHUNK:
+        if cached_ids is not None and len(cached_ids) >= self.prefill_chunk:
             self._prefixes.append((np.asarray(cached_ids, np.int64), pages))
         else:
             self._free_pages.extend(reversed(pages))
