@@ -48,7 +48,7 @@ def main():
     parser.add_argument("--turn-tokens", type=int, default=40, help="new tokens in each later turn")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--reply", type=int, default=32, help="tokens of each reply")
-    parser.add_argument("--prefill-chunk", type=int, default=256, help="the engine's prefill_chunk")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="the engine's prefill_chunk (its default)")
     parser.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
@@ -73,18 +73,20 @@ def main():
             kv_cache="int8",
             in_child=True,
             prefix_cache=cached,
-            prefill_chunk=args.prefill_chunk,
+            **({} if args.prefill_chunk is None else dict(prefill_chunk=args.prefill_chunk)),
         )
         engine.start()
         try:
-            conversation(engine, np.random.default_rng(1), config.vocab_size, 300, 20, 2, 4)  # compiles
+            # The same lengths once first (other tokens): every program they run is compiled.
+            shape = (args.first, args.turn_tokens, args.turns, args.reply)
+            conversation(engine, np.random.default_rng(1), config.vocab_size, *shape)
             rng = np.random.default_rng(0)
             results[cached] = conversation(
                 engine, rng, config.vocab_size, args.first, args.turn_tokens, args.turns, args.reply
             )
         finally:
             engine.stop()
-    print(f"{args.preset}, int8 cache, context {context}, chunks of {args.prefill_chunk} tokens")
+    print(f"{args.preset}, int8 cache, context {context}, chunks of {engine.prefill_chunk} tokens")
     print("| turn | prompt tokens | TTFT with prefix cache s | TTFT without s |")
     print("|---:|---:|---:|---:|")
     for with_, without in zip(results[True], results.get(False, [{"ttft_s": float("nan")}] * args.turns)):
