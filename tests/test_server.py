@@ -365,6 +365,23 @@ def test_batch_invariance_greedy_alone_equals_beside_seven_others(engine):
         assert ids == reference_ids(engine, request.prompt_ids, request.max_tokens)
 
 
+def test_sampling_and_greedy_rows_in_one_step_draw_what_generate_draws(engine):
+    """Rows that sample share steps with greedy rows (the step's sampling branch runs for all
+    of them, each row at its own settings): each draws exactly what `generate` draws alone with
+    its seed, and the greedy rows take their argmax."""
+    requests = [
+        GenerationRequest((417, 40, 41), 20),
+        GenerationRequest((417, 50, 51, 52), 20, temperature=0.9, seed=3),
+        GenerationRequest((417, 60), 12, temperature=1.3, top_p=0.8, seed=11),
+        GenerationRequest((417, 70, 71), 20),
+    ]
+    got = run_requests(engine, requests)
+    for request, ids in zip(requests, got):
+        sampling = dict(temperature=request.temperature, top_p=request.top_p, seed=request.seed)
+        assert ids == reference_ids(engine, request.prompt_ids, request.max_tokens, **sampling)
+    assert got[1] != reference_ids(engine, requests[1].prompt_ids, 20)  # (it did sample)
+
+
 def test_int8_kv_cache_engine_is_batch_invariant(engine):
     """With an int8 KV cache (`--kv-cache int8`), a greedy request returns the same tokens alone,
     beside three others, and through `generate` with the same cache: each slot's keys and values
