@@ -16,7 +16,7 @@ only where keys and values are written: the process holds the pages that request
      (first come, first served), it takes them; one jitted prefill writes its prompt into its
      pages (`generate.prefill_fresh` on a fresh batch-1 cache as long as the padded prompt) and
      samples its first token. A prompt longer than one prefill
-     chunk (`prefill_chunk` tokens, 256 by default) is written one chunk per loop instead
+     chunk (`prefill_chunk` tokens, 64 by default) is written one chunk per loop instead
      (`generate.prefill_chunk`, the same math), oldest first, so that the rows already decoding
      get a step after every chunk rather than waiting for the whole prompt. Where the FFI kernel
      attends a chunk, the chunk runs on the row's pages in place, one compiled program for
@@ -88,11 +88,12 @@ from bitnet_jax.serve.streaming import StreamDecoder
 
 logger = logging.getLogger(__name__)
 
-# A long prompt prefilled in place runs its first n mod 256 tokens as a short prompt would, padded
-# to a multiple of this (one of the short prompts' buckets: 64, 128, 192 or 256): 4 programs at
-# most for the heads, each shared with short prompts, where the 10 buckets held 8-11 MB each once
-# loaded (a server meeting prompts of 300-2000 tokens peaked 54 MB higher with them); an average
-# of 32 tokens of padding a long prompt.
+# A long prompt prefilled in place runs its first n mod `prefill_chunk` tokens as a short prompt
+# would, padded to a multiple of this (one of the short prompts' buckets: 64, 128, 192 or 256; 64
+# alone in the default 64-token chunks): 4 programs at most for the heads, each shared with short
+# prompts, where the 10 buckets held 8-11 MB each once loaded (a server meeting prompts of
+# 300-2000 tokens in 256-token chunks peaked 54 MB higher with them); an average of 32 tokens of
+# padding a long prompt.
 _HEAD_STEP = 64
 
 # Prompt tokens a loop reads where chunks run in place (`Engine(prefill_chunk=...)`). On 2B4T (Zen 4,
@@ -832,7 +833,7 @@ class Engine:
 
 
 def _head_length(head: int) -> int:
-    """The padded length that a long prompt's first `head` tokens (n mod 256) run at."""
+    """The padded length that a long prompt's first `head` tokens (n mod `prefill_chunk`) run at."""
     return -(-head // _HEAD_STEP) * _HEAD_STEP
 
 
