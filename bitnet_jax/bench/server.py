@@ -114,10 +114,12 @@ def bench_serve(
     del params
     gc.collect()
     engine.start()  # compiles the decode step and a one-token prefill
-    rng = np.random.default_rng(seed)
+    # The timed prompts and seeds, and the warm-up's apart: the timed ones are the same whatever
+    # the warm-up sends (its requests depend on the engine's programs, `prefill_chunk` among them).
+    rng, warm_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     shortest, longest = prompt_tokens if isinstance(prompt_tokens, tuple) else (prompt_tokens, prompt_tokens)
 
-    def prompt(length):
+    def prompt(length, rng=rng):
         return [int(i) for i in rng.integers(0, config.vocab_size, length)]
 
     def prompts(n):
@@ -133,13 +135,13 @@ def bench_serve(
             loaded |= programs
 
     sampling = dict(max_tokens=new_tokens, temperature=temperature, top_p=top_p)
-    seeds = itertools.count(seed)
+    seeds, warm_seeds = itertools.count(seed), itertools.count(seed + 10**6)
     results = []
     # The clients run in a process of their own, so that the peak RSS is the server's alone (as
     # a deployed server's is): in this process their HTTP client and buffers added 10-20 MB.
     with running(create_app(engine, model_name="bench")) as url, multiprocessing.get_context("spawn").Pool(1) as pool:
         for length in warm_up:
-            _send(pool, url, [prompt(length)], sampling, [next(seeds)])
+            _send(pool, url, [prompt(length, warm_rng)], sampling, [next(warm_seeds)])
         reset_peak_rss()
         for n in clients:
             times, usage = _send(pool, url, prompts(n), sampling, [next(seeds) for _ in range(n)])
