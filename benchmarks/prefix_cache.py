@@ -73,7 +73,7 @@ def main():
             kv_cache="int8",
             in_child=True,
             prefix_cache=cached,
-            **({} if args.prefill_chunk is None else dict(prefill_chunk=args.prefill_chunk)),
+            prefill_chunk=args.prefill_chunk,
         )
         engine.start()
         try:

@@ -78,13 +78,12 @@ def bench_serve(
 ) -> list[ServeTiming]:
     """Times the server at each client count (see the module docstring). `lm_head` and `kv_cache`
     as for `bench generate` (defaults: the serving default head, a float32 cache);
-    `kv_cache_tokens` and `prefill_chunk` as for `Engine` (None: its defaults: every slot can hold
-    `max_context`, chunks of DEFAULT_PREFILL_CHUNK); `temperature` and `top_p` each request's
-    (default greedy), each request seeded apart. `prompt_tokens` as (shortest, longest): each
-    prompt's length drawn uniformly from that range, and a request for each prefill program its
-    lengths run (`Engine.prefill_programs`) sent before the timed levels, so that they are
-    compiled and loaded (a served model meets many lengths, and keeps a program for each
-    prompt-length bucket)."""
+    `kv_cache_tokens` and `prefill_chunk` as for `Engine` (None: its defaults); `temperature` and
+    `top_p` each request's (default greedy), each request seeded apart. `prompt_tokens` as
+    (shortest, longest): each prompt's length drawn uniformly from that range, and a request for
+    each prefill program its lengths run (`Engine.prefill_programs`) sent before the timed
+    levels, so that they are compiled and loaded (a served model meets many lengths, and keeps a
+    program for each prompt-length bucket)."""
     import gc
     import itertools
     import multiprocessing
@@ -109,7 +108,7 @@ def bench_serve(
         kv_cache_tokens=kv_cache_tokens,
         in_child=True,  # as `bitnet-jax serve` runs it
         prefix_cache=True,
-        **({} if prefill_chunk is None else dict(prefill_chunk=prefill_chunk)),
+        prefill_chunk=prefill_chunk,
     )
     del params
     gc.collect()

@@ -213,13 +213,13 @@ class Engine:
         prefills only the rest. Only where long prompts' chunks run in place (the FFI kernel
         attends them). A prefix gives its pages back before a request takes a page that no
         request has written, so the cache holds no memory that requests had not made resident.
-      prefill_chunk: where long prompts' chunks run in place, the tokens a chunk holds (64, the
-        default, 128, 192 or 256): a prompt longer than one chunk is read one chunk per loop,
-        with a decode step for the other rows after each, so a decoding row waits about one
-        chunk's time at most for its next token while a prompt is read (on 2B4T, Zen 4, 2
-        threads: 0.4-0.6 s for 64 tokens, 1.8-2.0 s for 256), and the prompt's own first token
-        comes a decode step later for every chunk (DEFAULT_PREFILL_CHUNK says what each costs).
-        Elsewhere chunks hold PREFILL_CHUNK (256) tokens.
+      prefill_chunk: where long prompts' chunks run in place, the tokens a chunk holds (64, 128,
+        192 or 256; None: DEFAULT_PREFILL_CHUNK, 64): a prompt longer than one chunk is read one
+        chunk per loop, with a decode step for the other rows after each, so a decoding row waits
+        about one chunk's time at most for its next token while a prompt is read (on 2B4T, Zen
+        4, 2 threads: 0.4-0.6 s for 64 tokens, 1.8-2.0 s for 256), and the prompt's own first
+        token comes a decode step later for every chunk (DEFAULT_PREFILL_CHUNK says what each
+        costs). Elsewhere chunks hold PREFILL_CHUNK (256) tokens.
       top_k: whether requests may ask for a top-k cut (`GenerationRequest.top_k`); without it the
         programs hold no top-k code (the OpenAI API has no top_k; on 2B4T the cut's code in the
         engine's programs cost some 20 MB of resident memory at 8 clients).
@@ -239,9 +239,10 @@ class Engine:
         kv_cache_tokens: int | None = None,
         in_child: bool = False,
         prefix_cache: bool = False,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
         top_k: bool = False,
     ):
+        prefill_chunk = DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
         if max_batch < 1:
             raise BitNetError(f"max_batch={max_batch}: expected at least 1 slot.")
         if prefill_chunk % _HEAD_STEP or not _HEAD_STEP <= prefill_chunk <= PREFILL_CHUNK:
@@ -551,7 +552,7 @@ class Engine:
         active.pages, reused = self._take_pages(row, request)
         n = len(request.prompt_ids)
         # (Past a reused prefix, chunks start anywhere: room for the last one's padding.)
-        prompt_1t = np.zeros((1, padded_prompt_length(n) + (PREFILL_CHUNK if reused else 0)), np.int32)
+        prompt_1t = np.zeros((1, padded_prompt_length(n) + (self.prefill_chunk if reused else 0)), np.int32)
         prompt_1t[0, :n] = request.prompt_ids
         if prompt_1t.shape[1] > self.prefill_chunk:
             # Chunk by chunk, one per engine step (`_prefill_next_chunk`), so that the rows

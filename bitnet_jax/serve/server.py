@@ -43,15 +43,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.serve.batching import (
-    DEFAULT_PREFILL_CHUNK,
-    ContextTooLong,
-    Engine,
-    EngineStopped,
-    Event,
-    GenerationRequest,
-    QueueFull,
-)
+from bitnet_jax.serve.batching import ContextTooLong, Engine, EngineStopped, Event, GenerationRequest, QueueFull
 from bitnet_jax.serve.chat import chat_prompt_ids, chat_template, stop_ids
 
 logger = logging.getLogger(__name__)
@@ -616,7 +608,7 @@ def serve(
         kv_cache=kv_cache,
         kv_cache_tokens=kv_cache_tokens,
         prefix_cache=prefix_cache,
-        prefill_chunk=DEFAULT_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk,
+        prefill_chunk=prefill_chunk,
         in_child=True,  # XLA's compiler stays out of the server's process (serve/compile_child.py)
     )
     del params
