@@ -2,10 +2,14 @@
 of `length` random tokens and max_tokens 1, on random packed weights of a preset's shape (no
 download), with the engine's programs compiled in a child as `bitnet-jax serve` runs it.
 
-    python benchmarks/long_prompt_prefill.py [--lengths 512,2048] [--repeats 3]
+    python benchmarks/long_prompt_prefill.py [--lengths 512,2048] [--repeats 3] [--prefill-chunk 64,256]
 
 Prints each length's median time to first token, the prompt tokens a second that makes, and the
-process's peak RSS (which includes building the random weights).
+process's peak RSS (which includes building the random weights). With several --prefill-chunk
+values, one engine per value on the same weights, their requests alternated (a length on each
+engine in turn, every repeat), and each engine's median beside the first's as a ratio: a
+comparison within one run, on a host whose speed drifts between runs. The peak RSS is then that
+of all the engines together (each holds its own cache and programs); run one value for its own.
 """
 
 import argparse
@@ -30,29 +34,34 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--kv-cache", default="int8", choices=("float32", "int8"))
-    parser.add_argument("--prefill-chunk", type=int, default=256, help="the engine's prefill_chunk")
+    parser.add_argument(
+        "--prefill-chunk", default="256", help="the engine's prefill_chunk; several, comma-separated, compared"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     set_threads(args.threads)
     lengths = [int(n) for n in args.lengths.split(",")]
     config = BitNetConfig.preset(args.preset).replace(eos_token_id=None)
     params = random_packed_params(config, lm_head=default_lm_head(config))
+    chunks = [int(c) for c in args.prefill_chunk.split(",")]
     context = -(-(max(lengths) + 1) // 256) * 256
-    engine = Engine(
-        config,
-        params,
-        IdTokenizer(),
-        max_batch=1,
-        max_context=context,
-        kv_cache=args.kv_cache,
-        in_child=True,
-        prefill_chunk=args.prefill_chunk,
-    )
+    engines = [
+        Engine(
+            config,
+            params,
+            IdTokenizer(),
+            max_batch=1,
+            max_context=context,
+            kv_cache=args.kv_cache,
+            in_child=True,
+            prefill_chunk=chunk,
+        )
+        for chunk in chunks
+    ]
     del params
-    engine.start()
     rng = np.random.default_rng(0)
 
-    def first_token_s(length: int) -> float:
+    def first_token_s(engine: Engine, length: int) -> float:
         done, start, first = threading.Event(), time.perf_counter(), []
 
         def on_event(event):
@@ -66,23 +75,40 @@ def main():
         done.wait()
         return first[0]
 
+    times = {(c, n): [] for c in chunks for n in lengths}
     try:
-        for length in lengths:  # compiles each length's prefill
-            first_token_s(length)
-        results = []
-        for length in lengths:
-            times = [first_token_s(length) for _ in range(args.repeats)]
-            results.append(dict(length=length, median_s=float(np.median(times)), times_s=times))
+        for engine in engines:
+            engine.start()
+            for length in lengths:  # compiles each length's prefill
+                first_token_s(engine, length)
+        for _ in range(args.repeats):
+            for length in lengths:
+                for chunk, engine in zip(chunks, engines):
+                    times[chunk, length].append(first_token_s(engine, length))
     finally:
-        engine.stop()
+        for engine in engines:
+            engine.stop()
+    medians = {key: float(np.median(t)) for key, t in times.items()}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
-    print(f"{args.preset}, {args.kv_cache} cache, chunks of {engine.prefill_chunk}, peak RSS {peak_mb:.0f} MB")
-    print("| prompt tokens | TTFT median s | prompt tok/s |")
-    print("|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['length']} | {r['median_s']:.2f} | {r['length'] / r['median_s']:.0f} |")
+    in_chunks = ", ".join(str(e.prefill_chunk) for e in engines)
+    print(f"{args.preset}, {args.kv_cache} cache, chunks of {in_chunks} tokens, peak RSS {peak_mb:.0f} MB")
+    print("| prompt tokens | " + " | ".join(f"chunks of {c}: TTFT median s, prompt tok/s" for c in chunks) + " |")
+    print("|---:|" + "---|" * len(chunks))
+    for n in lengths:
+        cells = []
+        for c in chunks:
+            cell = f"{medians[c, n]:.2f}, {n / medians[c, n]:.0f}"
+            if c != chunks[0]:
+                cell += f" ({medians[c, n] / medians[chunks[0], n]:.2f}x chunks of {chunks[0]})"
+            cells.append(cell)
+        print(f"| {n} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
+            results = [
+                dict(length=n, prefill_chunk=c, median_s=medians[c, n], times_s=times[c, n])
+                for n in lengths
+                for c in chunks
+            ]
             summary = dict(preset=args.preset, kv_cache=args.kv_cache, peak_rss_mb=peak_mb, results=results)
             json.dump(summary, f, indent=1)
 

@@ -100,9 +100,10 @@ _HEAD_STEP = 64
 # 2 threads, int8 cache; benchmarks/RESULTS.md, "Shorter prefill chunks"), 64 against 256: a
 # stream decoding beside a 2048-token prompt waits at most 0.6 s for a token, not 2.0; a
 # conversation's next turn (72 new tokens) prefills 2 x 64 tokens, not 256 (0.6 s against 2.2); the
-# server peaks 10-28 MB lower (smaller temporaries). The cost: a 1900-2000-token prompt alone
-# takes 0-20% longer (median +9%, with the lm_head skipped in all but its last chunk: `generate.
-# prefill_chunk`), and beside decoding rows it waits for a decode step after each chunk.
+# server peaks 10-28 MB lower (smaller temporaries). The cost: a 2000-token prompt alone takes
+# ~3% longer (the matmuls read and unpack every layer's weights once per chunk; RESULTS, "What a
+# 64-token chunk costs, found"; the lm_head is read only in the chunk that holds the prompt's last
+# token: `generate.prefill_chunk`), and beside decoding rows it waits for a decode step after each chunk.
 DEFAULT_PREFILL_CHUNK = 64
 
 # Slots per page of the engine's KV cache: whole chunks of the FFI attention kernel (128 slots)
