@@ -1,6 +1,7 @@
 """generate(): greedy equals recomputing the full forward per token; sampling; bad requests."""
 
 import collections
+import dataclasses
 import importlib
 import threading
 import time
@@ -303,3 +304,56 @@ def test_prompt_length_buckets():
     assert all(0 <= t - n < (16 if n <= 64 else 32) for n, t in enumerate(padded, start=1))
     assert padded == sorted(padded)
     assert [padded_prompt_length(n) for n in (257, 512, 513, 2048)] == [512, 512, 768, 2048]
+    # Where chunks of 64 are read in place (`long_prompt_chunk`): a multiple of 64 beyond a chunk.
+    assert [padded_prompt_length(n, 64) for n in (200, 257, 300, 320, 321, 2048)] == [224, 320, 320, 320, 384, 2048]
+
+
+@pytest.mark.parametrize("kv_cache", ["float32", "int8"])
+def test_long_prompts_read_in_place_in_64_token_chunks_keep_the_bits_of_256(monkeypatch, kv_cache):
+    """Where the FFI kernel attends a prefill chunk in place (each query reads its own slots, in
+    any chunk), `generate` pads a long prompt to a multiple of 64 and reads it 64 tokens at a time:
+    a 300-token prompt computes 320 tokens, not 512. Every token's bits are those of 256-token
+    chunks (activations quantized per token, exact integer sums, each query's attention over its
+    own slots): the logits and the prompt's cache slots of both prefills are equal, and so are
+    the greedy replies. Elsewhere (XLA's attention, the kernel's scalar path) chunks stay 256."""
+    from bitnet_jax.kernels import ffi
+    from bitnet_jax.kernels.ops import ATTENTION_SIMD_ISAS
+    from bitnet_jax.model.serving_layers import serving_variables
+    from bitnet_jax.serve.pack import pack
+
+    generate_module = importlib.import_module("bitnet_jax.serve.generate")
+
+    config = CONFIG.replace(max_position_embeddings=512)
+    packed = pack(config, init_params(config, seed=7))
+    _, spec = generate_module.serving_params(config, packed, None, kv_cache)
+    dtype = generate_module.kv_cache_dtype(packed, spec)
+    assert generate_module.long_prompt_chunk(config, None, jnp.float32) == 256  # training parameters: XLA
+    assert generate_module.long_prompt_chunk(config, dataclasses.replace(spec, backend="xla"), dtype) == 256
+    if ffi.selected_isa() not in ATTENTION_SIMD_ISAS:
+        assert generate_module.long_prompt_chunk(config, spec, dtype) == 256
+        pytest.skip(f"the {ffi.selected_isa()} kernel path attends long chunks with XLA's attention")
+    assert generate_module.long_prompt_chunk(config, spec, dtype) == 64
+
+    rng = np.random.default_rng(8)
+    prompts = [[int(i) for i in rng.integers(3, config.vocab_size, n)] for n in (300, 261)]
+    lengths_b = jnp.asarray([300, 261], jnp.int32)
+    model, variables = BitNetLM(config, spec), serving_variables(packed)
+
+    def prefilled(t, chunk):
+        prompt_bt = np.zeros((2, t), np.int32)
+        for row, prompt in zip(prompt_bt, prompts):
+            row[: len(prompt)] = prompt
+        run = jax.jit(lambda v, p, n: generate_module.prefill_fresh(model, v, p, n, 512, dtype, chunk=chunk))
+        return run(variables, jnp.asarray(prompt_bt), lengths_b)
+
+    (logits_64, cache_64), (logits_256, cache_256) = prefilled(320, 64), prefilled(512, 256)
+    np.testing.assert_array_equal(np.asarray(logits_64), np.asarray(logits_256))
+    for a, b in zip(jax.tree.leaves(cache_64), jax.tree.leaves(cache_256)):
+        for row, n in enumerate((300, 261)):  # the slots past a prompt hold its padding's keys
+            np.testing.assert_array_equal(np.asarray(a[:, row, :, :n]), np.asarray(b[:, row, :, :n]))
+
+    request = generate_module._Request.make(config, packed, prompts, 5, 0.0, None, None, None, False, None, kv_cache)
+    assert request.prompt_bt.shape == (2, 320) and request.static["prefill_chunk"] == 64
+    replies_64 = generate(config, packed, prompts, 5, kv_cache=kv_cache)
+    monkeypatch.setattr(generate_module, "long_prompt_chunk", lambda *args: 256)
+    np.testing.assert_array_equal(replies_64, generate(config, packed, prompts, 5, kv_cache=kv_cache))

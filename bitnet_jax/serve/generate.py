@@ -1,7 +1,7 @@
 """Autoregressive generation: a prefill plus a decode loop, in one jitted program with a KV cache.
 
 Prompts of different lengths are right-padded into one [B, T] batch. Every row keeps its own
-positions: the prefill (in chunks of 256 tokens for longer prompts) writes slots 0..T-1 of the
+positions: the prefill (in chunks for longer prompts: `long_prompt_chunk`) writes slots 0..T-1 of the
 cache and reads each row's next-token logits at its last real token; decode step i writes row b's
 token at slot `len_b + i`, the slot that the causal mask (`slot <= position`) exposes next, so pad
 slots are overwritten before any query can see them.
@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.kernels.ops import ServingSpec, computation_platform, serving_backend
+from bitnet_jax.kernels.ops import ServingSpec, computation_platform, ffi_attends, serving_backend
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, lm_head_kind, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache
@@ -39,6 +39,13 @@ PREFILL_CHUNK = 256
 # buckets rather than 16, at 5% more prefill work for prompts of 20-250 tokens (8 buckets, with
 # steps of 64 above 128, cost 11% more and put the 8-client p90 time to first token 25% later).
 _LENGTH_BUCKETS = ((64, 16), (PREFILL_CHUNK, 32))
+# Where the FFI kernel attends a prefill chunk (its SIMD paths: each query reads its own slots in
+# place, whatever chunk holds it), a longer prompt is read in chunks of this many tokens and padded
+# to a multiple of it rather than of PREFILL_CHUNK: a 300-token prompt computes 320 tokens, not
+# 512. A token costs ~3% more in 64-token chunks than in 256 (the matmuls read every layer's
+# weights once a chunk; benchmarks/RESULTS.md, "What a 64-token chunk costs, found"), against up
+# to 255 tokens of padding; and a chunk's temporaries are a quarter.
+IN_PLACE_CHUNK = 64
 
 
 def generate(
@@ -180,7 +187,8 @@ class _Request:
         _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_ids)
         params, serving = serving_params(config, params, backend, kv_cache)
         lengths_b = np.array([len(p) for p in prompts], np.int32)
-        t = padded_prompt_length(int(lengths_b.max()))
+        chunk = long_prompt_chunk(config, serving, kv_cache_dtype(params, serving))
+        t = padded_prompt_length(int(lengths_b.max()), chunk)
         prompt_bt = np.zeros((len(prompts), t), np.int32)
         for row, prompt in zip(prompt_bt, prompts):
             row[: len(prompt)] = prompt
@@ -191,6 +199,7 @@ class _Request:
             sampling=(float(temperature), top_k, top_p),
             stop_ids=tuple(int(s) for s in (stop_ids or ())),
             streaming=_stream_path(params) if streaming else None,
+            prefill_chunk=chunk,
         )
         return cls(params, prompt_bt, lengths_b, static)
 
@@ -298,16 +307,30 @@ def kv_cache_dtype(params, serving: ServingSpec | None):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids", "streaming")
+    jax.jit,
+    static_argnames=("config", "serving", "max_new_tokens", "sampling", "stop_ids", "streaming", "prefill_chunk"),
 )
 def _generate(
-    params, prompt_bt, lengths_b, rng, stream, *, config, serving, max_new_tokens, sampling, stop_ids, streaming
+    params,
+    prompt_bt,
+    lengths_b,
+    rng,
+    stream,
+    *,
+    config,
+    serving,
+    max_new_tokens,
+    sampling,
+    stop_ids,
+    streaming,
+    prefill_chunk,
 ):
     model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
     variables = serving_variables(params) if serving is not None else {"params": params}
+    cache_dtype = kv_cache_dtype(params, serving)
     logits_bv, cache = prefill_fresh(
-        model, variables, prompt_bt, lengths_b, t + max_new_tokens, kv_cache_dtype(params, serving)
+        model, variables, prompt_bt, lengths_b, t + max_new_tokens, cache_dtype, chunk=prefill_chunk
     )
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0
@@ -356,33 +379,49 @@ def sampling_key(seed: int):
     return np.array([0, seed % 2**32], np.uint32)
 
 
-def padded_prompt_length(longest: int) -> int:
+def long_prompt_chunk(config: BitNetConfig, serving: ServingSpec | None, cache_dtype) -> int:
+    """The chunk that `generate` reads prompts longer than PREFILL_CHUNK in (and pads them to a
+    multiple of): IN_PLACE_CHUNK where the FFI kernel attends such a chunk over a cache of
+    `cache_dtype` (`ops.ffi_attends`), else PREFILL_CHUNK. `serving` as `serving_params` returns it."""
+    if serving is None:
+        return PREFILL_CHUNK
+    q = jax.ShapeDtypeStruct((1, IN_PLACE_CHUNK, config.num_attention_heads, config.head_dim), jnp.float32)
+    in_place = ffi_attends(serving.backend, q, jax.ShapeDtypeStruct((1,), cache_dtype))
+    return IN_PLACE_CHUNK if in_place else PREFILL_CHUNK
+
+
+def padded_prompt_length(longest: int, chunk: int | None = None) -> int:
     """The length T that prompts of at most `longest` tokens are right-padded to: a bucket of
     _LENGTH_BUCKETS up to PREFILL_CHUNK (16, 32, 48, 64, 96, 128, 160, 192, 224, 256), a multiple
-    of PREFILL_CHUNK beyond (`prefill` takes those in chunks)."""
-    step = next((step for limit, step in _LENGTH_BUCKETS if longest <= limit), PREFILL_CHUNK)
+    of `chunk` beyond (default PREFILL_CHUNK; `prefill` takes those in chunks of it)."""
+    step = next((step for limit, step in _LENGTH_BUCKETS if longest <= limit), chunk or PREFILL_CHUNK)
     return -(-longest // step) * step
 
 
-def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCache, attend_slots=None):
+def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCache, attend_slots=None, *, chunk=None):
     """Writes right-padded prompts [B, T] (T from `padded_prompt_length`) into cache slots
     0..T-1; returns (each row's next-token logits at its last real token [B, V], cache).
     `attend_slots` (static): attention reads only the first that many slots of the cache
-    (`BitNetLM`; T for a cache longer than the prompt, as `prefill_fresh` passes).
+    (`BitNetLM`; T for a cache longer than the prompt, as `prefill_fresh` passes). A T of more
+    than PREFILL_CHUNK tokens is read in chunks of `chunk` (static, default PREFILL_CHUNK), a
+    divisor of T: `long_prompt_chunk`.
 
     Traced inside a jitted program: `generate`'s, and the continuous-batching engine's
     (`serve.batching`), which prefills one slot with it so that its rows get this very math."""
     b, t = prompt_bt.shape
     if t <= PREFILL_CHUNK:
         return model.apply(variables, prompt_bt, cache=cache, logits_index_b=lengths_b - 1, attend_slots=attend_slots)
+    chunk = chunk or PREFILL_CHUNK
+    if t % chunk:
+        raise ValueError(f"prefill: a padded prompt of {t} tokens is not whole chunks of {chunk}")
 
-    def chunk(i, state):
-        start = i * PREFILL_CHUNK
-        chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, PREFILL_CHUNK, axis=1)
+    def one_chunk(i, state):
+        start = i * chunk
+        chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, chunk, axis=1)
         return prefill_chunk(model, variables, chunk_bc, lengths_b, start, *state, attend_slots=attend_slots)
 
     logits_bv = jnp.zeros((b, model.config.vocab_size), jnp.float32)
-    cache, logits_bv = jax.lax.fori_loop(0, t // PREFILL_CHUNK, chunk, (cache, logits_bv))
+    cache, logits_bv = jax.lax.fori_loop(0, t // chunk, one_chunk, (cache, logits_bv))
     return logits_bv, cache
 
 
@@ -399,7 +438,7 @@ def prefill_chunk(
     cache_pages_bp=None,
 ):
     """One step of `prefill` for prompts longer than PREFILL_CHUNK: their tokens [start, start +
-    C), `chunk_bc` [B, C] (C = PREFILL_CHUNK here; the batching engine may run shorter chunks),
+    C), `chunk_bc` [B, C] (C as `prefill` reads them; the batching engine may run other sizes),
     written into the cache (into each row's pages `cache_pages_bp` [B, P] for a paged cache);
     returns (cache, logits), where a row's logits [B, V] become its next-token logits at the
     chunk that holds its last token and are kept otherwise. Nothing in it depends on the
@@ -422,7 +461,7 @@ def prefill_chunk(
     return cache, jnp.where(here_b[:, None], chunk_logits_bv, logits_bv)
 
 
-def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots: int, dtype):
+def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots: int, dtype, *, chunk=None):
     """`prefill` into a new zeroed cache: (next-token logits [B, V], a KVCache with `slots` slots a
     row, at least the padded prompt's T: both callers size the context to hold it).
 
@@ -433,10 +472,10 @@ def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots:
     cache; on the FFI backend XLA had laid that copy over prefill's attention scores, so it was
     not what set the peak there). The slots past T stay zero; decode steps write a slot
     before they read it. `generate` and the batching engine both start rows here, so a prompt
-    gets the same math in both."""
+    gets the same math in both. `chunk`: as `prefill` takes it."""
     t = prompt_bt.shape[1]
     cache = KVCache.zeros(model.config, prompt_bt.shape[0], slots, dtype=dtype)
-    return prefill(model, variables, prompt_bt, lengths_b, cache, attend_slots=t)
+    return prefill(model, variables, prompt_bt, lengths_b, cache, attend_slots=t, chunk=chunk)
 
 
 def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
