@@ -354,6 +354,8 @@ def test_long_prompts_read_in_place_in_64_token_chunks_keep_the_bits_of_256(monk
 
     request = generate_module._Request.make(config, packed, prompts, 5, 0.0, None, None, None, False, None, kv_cache)
     assert request.prompt_bt.shape == (2, 320) and request.static["prefill_chunk"] == 64
+    assert generate_module.generate_prompt_length(config, packed, 300, kv_cache=kv_cache) == 320
+    assert generate_module.generate_prompt_length(config, packed, 300, backend="xla", kv_cache=kv_cache) == 512
     replies_64 = generate(config, packed, prompts, 5, kv_cache=kv_cache)
     monkeypatch.setattr(generate_module, "long_prompt_chunk", lambda *args: 256)
     np.testing.assert_array_equal(replies_64, generate(config, packed, prompts, 5, kv_cache=kv_cache))

@@ -6,7 +6,7 @@ request run alone through `bitnet_jax.generate`. This holds exactly, not up to n
 the two run the same per-row math: the engine prefills a request with `generate.prefill_fresh`
 (or, past one chunk, `generate.prefill_chunk` a chunk at a time: the code `generate` runs) on a
 cache as long as the padded prompt, and the reference call asks for
-`max_context - padded_prompt_length(len(prompt))` new tokens, so that its decode cache has the
+`max_context - generate_prompt_length(...)` new tokens, so that its decode cache has the
 engine's length (`reference_ids`). Decoding beside other rows changes no row's numbers: activations
 are quantized per token, the FFI kernels' integer sums are exact, the lm_head is the int8 kernel,
 and the float work (norms, RoPE, attention over the same cache length) reduces within a row;
@@ -32,7 +32,7 @@ from bitnet_jax.errors import BitNetError
 from bitnet_jax.interop.hf import generation_stop_ids
 from bitnet_jax.serve.batching import Engine, GenerationRequest, sample_rows, step_widths, wait_idle
 from bitnet_jax.serve.chat import chat_prompt_ids, stop_ids
-from bitnet_jax.serve.generate import padded_prompt_length, sample, top_k_filter
+from bitnet_jax.serve.generate import generate_prompt_length, sample, top_k_filter
 from bitnet_jax.serve.load import load_model
 from bitnet_jax.serve.server import create_app, running
 
@@ -68,7 +68,8 @@ def client(url):
 def reference_ids(engine, prompt_ids, max_tokens, stops=(), **sampling) -> list[int]:
     """The request run alone through `generate`, with the engine's cache length (see the module
     docstring), cut where the engine cuts it: after max_tokens or at the first stop id."""
-    new = engine.max_context - padded_prompt_length(len(prompt_ids))
+    settings = {key: sampling[key] for key in ("backend", "kv_cache") if key in sampling}
+    new = engine.max_context - generate_prompt_length(engine.config, engine.params, len(prompt_ids), **settings)
     ids = [int(i) for i in generate(engine.config, engine.params, [list(prompt_ids)], new, **sampling)[0]]
     ids = ids[:max_tokens]
     first_stop = next((j for j, i in enumerate(ids) if i in stops), None)

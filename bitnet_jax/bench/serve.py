@@ -478,9 +478,8 @@ def bench_generate(
     from bitnet_jax.serve.generate import (
         compile_generate,
         generate,
+        generate_prompt_length,
         kv_cache_dtype,
-        long_prompt_chunk,
-        padded_prompt_length,
         serving_params,
     )
 
@@ -528,13 +527,12 @@ def bench_generate(
     peak_rss = peak_rss_mb()  # before the profile, whose pieces are not serving
     pieces = None
     if profile and backend == "ffi":
-        spec = serving_params(config, params, serve_backend, kv_cache)[1]
-        chunk = long_prompt_chunk(config, spec, kv_cache_dtype(params, spec))
+        prompt_slots = generate_prompt_length(config, params, prompt_tokens, backend=serve_backend, kv_cache=kv_cache)
         pieces = profile_decode(
             config,
             params,
             position=prompt_tokens + (new_tokens - 1) // 2,  # the middle of the timed steps
-            cache_slots=padded_prompt_length(prompt_tokens, chunk) + 1 + new_tokens,  # as `generate` allocates
+            cache_slots=prompt_slots + 1 + new_tokens,  # as `generate` allocates
             step_ms=1e3 * decode_s / new_tokens,
             kv_cache=kv_cache,
         )

@@ -39,7 +39,7 @@ per token, the kernels' integer sums are exact, norms, attention and the lm_head
 row; the FFI attention kernel's sums are cut at fixed slot indices, whatever the batch and
 wherever the pages lie, since a page holds whole chunks), the
 prefill runs at batch 1 on a cache as long as the padded prompt, and unused cache slots are
-masked to exactly zero weight. `bitnet_jax.generate` on one prompt with `padded_prompt_length(len(prompt)) +
+masked to exactly zero weight. `bitnet_jax.generate` on one prompt with `generate_prompt_length(...) +
 max_new_tokens == max_context` runs the same per-row math (tests/test_server.py checks both).
 
 Requests come in through `submit` from any thread and leave through their `on_event` callback,

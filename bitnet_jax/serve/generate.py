@@ -390,6 +390,15 @@ def long_prompt_chunk(config: BitNetConfig, serving: ServingSpec | None, cache_d
     return IN_PLACE_CHUNK if in_place else PREFILL_CHUNK
 
 
+def generate_prompt_length(
+    config: BitNetConfig, params, longest: int, *, backend: str | None = None, kv_cache: str | None = None
+) -> int:
+    """The length T that `generate(config, params, ..., backend=, kv_cache=)` pads a batch whose
+    longest prompt has `longest` tokens to: its cache holds T + max_new_tokens slots."""
+    params, serving = serving_params(config, params, backend, kv_cache)
+    return padded_prompt_length(longest, long_prompt_chunk(config, serving, kv_cache_dtype(params, serving)))
+
+
 def padded_prompt_length(longest: int, chunk: int | None = None) -> int:
     """The length T that prompts of at most `longest` tokens are right-padded to: a bucket of
     _LENGTH_BUCKETS up to PREFILL_CHUNK (16, 32, 48, 64, 96, 128, 160, 192, 224, 256), a multiple
