@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.bench.profile import _median_ms
+from bitnet_jax.bench.profile import _chained, _median_ms, ternary_matmuls_ms
 from bitnet_jax.bench.serve import random_packed_params, set_threads
 from bitnet_jax.bench.server import IdTokenizer
-from bitnet_jax.kernels import ffi, ops
+from bitnet_jax.kernels import ffi
 from bitnet_jax.kernels.ops import default_lm_head
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.serve import batching
@@ -56,7 +56,7 @@ def main():
     )
     if not engine._chunks_in_place:
         raise SystemExit("this CPU's kernels do not attend chunks in place (no SIMD attention): nothing to time")
-    variables, serving = engine._variables, engine._serving
+    serving = engine._serving
     # Random keys and values in every slot: a query at a late start reads written slots, as in
     # a real prompt (the pool's untouched pages would read as the zero page, from the cache).
     rng = np.random.default_rng(0)
@@ -66,23 +66,6 @@ def main():
     engine._cache = jax.tree.map(lambda x: jnp.asarray(fill(x), x.dtype), engine._cache)
     pages_p = np.arange(1, engine._pages_bp.shape[1] + 1, dtype=np.int32)  # the row's pages, in order
     layers_l = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-    # Each call's input depends on the previous call's output, so that none is dead code.
-    chained = lambda x, y: x + 0.0 * y.reshape(-1)[0].astype(x.dtype)
-
-    linears = [(block, name, kn) for block, names in config.linear_shapes.items() for name, kn in names.items()]
-    packed = {(b, m): variables["packed"]["layers"][b][m] for b, m, _ in linears}
-
-    @jax.jit
-    def matmuls(packed, inputs):
-        def layer(y, index):
-            for block, name, (k_in, n_out) in linears:
-                p = packed[(block, name)]
-                y = ops.ternary_linear(
-                    chained(inputs[k_in], y), p["w_packed"], p["w_scale"], n_out, serving.act_bits, "ffi", index
-                )
-            return y.reshape(-1)[:1], None
-
-        return jax.lax.scan(layer, jnp.zeros((1,), jnp.float32), layers_l)[0]
 
     @jax.jit
     def attention(q_1cnh, positions_1c, cache):
@@ -97,7 +80,7 @@ def main():
                 v_scale_lbks=cache.v_scale_lbks,
                 cache_pages_bp=pages_p[None],
             )
-            return chained(q, out), None
+            return _chained(q, out), None
 
         return jax.lax.scan(layer, q_1cnh, layers_l)[0]
 
@@ -106,8 +89,7 @@ def main():
         for c in chunks:
             # The whole chunk first: its cache fills the slots the attention piece then reads.
             whole = _chunk_ms(engine, config, pages_p, context, c, start, args.repeats, rng)
-            inputs = {k_in: jnp.asarray(rng.standard_normal((c, k_in), np.float32)) for _, _, (k_in, _) in linears}
-            mm = _median_ms(matmuls, (packed, inputs), args.repeats)
+            mm = ternary_matmuls_ms(config, engine.params, serving, c, args.repeats, rng)
             q = jnp.asarray(rng.standard_normal((1, c, config.num_attention_heads, config.head_dim), np.float32))
             positions = jnp.asarray(start + np.arange(c, dtype=np.int32))[None]
             att = _median_ms(attention, (q, positions, engine._cache), args.repeats)

@@ -53,6 +53,41 @@ def _median_ms(fn, args, repeats: int, carry: tuple[int, int] | None = None) -> 
     return float(np.median(times)) * 1e3
 
 
+def _chained(x, y):
+    """x, made to depend on y: each timed call's input on the previous call's output (0 * y is not
+    simplified away for floats), so the calls run one after another, as in the step, and none is
+    dead code."""
+    return x + 0.0 * y.reshape(-1)[0].astype(x.dtype)
+
+
+def ternary_matmuls_ms(config, params, spec, rows: int, repeats: int, rng: np.random.Generator) -> float:
+    """Median ms of every BitLinear of every layer of packed `params` (`ops.ternary_linear` on the
+    stacked weights, in one jitted scan over the layers) on `rows` activation rows (random, from
+    `rng`); `spec` the ServingSpec they serve with."""
+    import jax
+    import jax.numpy as jnp
+
+    from bitnet_jax.kernels import ops
+
+    layers_l = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+    linears = [(block, name, kn) for block, names in config.linear_shapes.items() for name, kn in names.items()]
+    packed = {(b, m): params["layers"][b][m] for b, m, _ in linears}
+
+    @jax.jit
+    def ternary(packed, inputs):
+        def layer(y, index):
+            for block, name, (k_in, n_out) in linears:
+                p = packed[(block, name)]
+                x = _chained(inputs[k_in], y)
+                y = ops.ternary_linear(x, p["w_packed"], p["w_scale"], n_out, spec.act_bits, spec.backend, index)
+            return y.reshape(-1)[:1], None  # a carry of one shape from layer to layer
+
+        return jax.lax.scan(layer, jnp.zeros((1,), jnp.float32), layers_l)[0]
+
+    inputs = {k_in: jnp.asarray(rng.standard_normal((rows, k_in), np.float32)) for _, _, (k_in, _) in linears}
+    return _median_ms(ternary, (packed, inputs), repeats)
+
+
 def profile_decode(
     config, params, *, position: int, cache_slots: int, step_ms: float, repeats: int = 10, kv_cache: str | None = None
 ) -> DecodeProfile:
@@ -61,7 +96,6 @@ def profile_decode(
     import jax
     import jax.numpy as jnp
 
-    from bitnet_jax.kernels import ops
     from bitnet_jax.model.layers import RMSNorm
     from bitnet_jax.model.serving_layers import TABLES, table_kind
     from bitnet_jax.model.transformer import KVCache, apply_rope, build_attention_mask, grouped_attention
@@ -74,26 +108,7 @@ def profile_decode(
     positions_b1 = jnp.full((1, 1), position, jnp.int32)
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))
-    # Each call's input depends on the previous call's output (0 * y is not simplified away for
-    # floats), so the pieces run one after another, as in the step, and none is dead code.
-    chained = lambda x, y: x + 0.0 * y.reshape(-1)[0].astype(x.dtype)
-
-    linears = [(block, name, kn) for block, names in c.linear_shapes.items() for name, kn in names.items()]
-    packed = {(b, m): params["layers"][b][m] for b, m, _ in linears}
-
-    @jax.jit
-    def ternary(packed, inputs):
-        def layer(y, index):
-            for block, name, (k_in, n_out) in linears:
-                p = packed[(block, name)]
-                x = chained(inputs[k_in], y)
-                y = ops.ternary_linear(x, p["w_packed"], p["w_scale"], n_out, spec.act_bits, spec.backend, index)
-            return y.reshape(-1)[:1], None  # a carry of one shape from layer to layer
-
-        return jax.lax.scan(layer, jnp.zeros((1,), jnp.float32), layers_l)[0]
-
-    inputs = {k_in: normal(1, k_in) for _, _, (k_in, _) in linears}
-    pieces = {"ternary matmuls": _median_ms(ternary, (packed, inputs), repeats)}
+    pieces = {"ternary matmuls": ternary_matmuls_ms(c, params, spec, 1, repeats, rng)}
 
     head_table = params.get("lm_head", params["embed_tokens"])
     kind = table_kind(head_table)
@@ -115,7 +130,7 @@ def profile_decode(
             out_b1nh, cache_kv = grouped_attention(
                 q, kv_b1kh, kv_b1kh, positions_b1, mask_b1s, cache_kv, index, backend=spec.backend
             )
-            return (chained(q, out_b1nh), cache_kv), None
+            return (_chained(q, out_b1nh), cache_kv), None
 
         (q, cache), _ = jax.lax.scan(layer, (q_b1nh, cache), layers_l)
         return q, cache
@@ -136,16 +151,16 @@ def profile_decode(
     @jax.jit
     def norms_rope(weights, final, x_d, x_heads, x_f, q_b1nh, k_b1kh):
         def layer(y, w):
-            y = norm(w["input"], chained(x_d, y))
-            q = apply_rope(chained(q_b1nh, y), positions_b1, c.rope_theta)
-            y = apply_rope(chained(k_b1kh, q), positions_b1, c.rope_theta)
-            y = norm(w["attn"], chained(x_heads, y))
-            y = norm(w["post"], chained(x_d, y))
-            y = norm(w["ffn"], chained(x_f, y))
+            y = norm(w["input"], _chained(x_d, y))
+            q = apply_rope(_chained(q_b1nh, y), positions_b1, c.rope_theta)
+            y = apply_rope(_chained(k_b1kh, q), positions_b1, c.rope_theta)
+            y = norm(w["attn"], _chained(x_heads, y))
+            y = norm(w["post"], _chained(x_d, y))
+            y = norm(w["ffn"], _chained(x_f, y))
             return y.reshape(-1)[:1], None
 
         y = jax.lax.scan(layer, jnp.zeros((1,), jnp.float32), weights)[0]
-        return norm(final, chained(x_d, y))
+        return norm(final, _chained(x_d, y))
 
     args = (norm_weights, params["norm"]["weight"], normal(1, d), normal(1, n * h), normal(1, c.intermediate_size))
     args += (normal(1, 1, n, h), normal(1, 1, k, h))

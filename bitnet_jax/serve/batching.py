@@ -65,13 +65,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.kernels.ops import computation_platform, ffi_attends
+from bitnet_jax.kernels.ops import computation_platform
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
 from bitnet_jax.serve.generate import (
     PREFILL_CHUNK,
     categorical_tokens,
+    chunks_attend_in_place,
     greedy_tokens,
     kv_cache_dtype,
     padded_prompt_length,
@@ -313,12 +314,7 @@ class Engine:
         self._prefill_programs: set = set()  # the prefills that have run (as `prefill_programs` names them)
         # Whether a long prompt's chunks run on the row's pages in place (_prefill_chunk_in_place):
         # where the FFI kernel attends them, reading each query's slots up to its position.
-        q_shape = (1, prefill_chunk, config.num_attention_heads, config.head_dim)
-        self._chunks_in_place = ffi_attends(
-            "xla" if serving is None else serving.backend,
-            jax.ShapeDtypeStruct(q_shape, jnp.float32),
-            jax.ShapeDtypeStruct((1,), self._cache_dtype),
-        )
+        self._chunks_in_place = chunks_attend_in_place(config, serving, self._cache_dtype, prefill_chunk)
         self.prefill_chunk = prefill_chunk if self._chunks_in_place else PREFILL_CHUNK
         # Finished requests' pages and the tokens they hold, least recently used first.
         self._prefix_cache = prefix_cache and self._chunks_in_place

@@ -328,9 +328,8 @@ def _generate(
     model = BitNetLM(config, serving)
     b, t = prompt_bt.shape
     variables = serving_variables(params) if serving is not None else {"params": params}
-    cache_dtype = kv_cache_dtype(params, serving)
     logits_bv, cache = prefill_fresh(
-        model, variables, prompt_bt, lengths_b, t + max_new_tokens, cache_dtype, chunk=prefill_chunk
+        model, variables, prompt_bt, lengths_b, t + max_new_tokens, kv_cache_dtype(params, serving), chunk=prefill_chunk
     )
     stop_ids_arr = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
     fill = stop_ids[0] if stop_ids else 0
@@ -379,14 +378,21 @@ def sampling_key(seed: int):
     return np.array([0, seed % 2**32], np.uint32)
 
 
+def chunks_attend_in_place(config: BitNetConfig, serving: ServingSpec | None, cache_dtype, chunk: int) -> bool:
+    """Whether the FFI kernel attends prefill chunks of `chunk` queries over a cache of
+    `cache_dtype` (`ops.ffi_attends`), each query reading its own slots up to its position in
+    place, whatever chunk holds it. `serving` as `serving_params` returns it (None: XLA)."""
+    if serving is None:
+        return False
+    q = jax.ShapeDtypeStruct((1, chunk, config.num_attention_heads, config.head_dim), jnp.float32)
+    return ffi_attends(serving.backend, q, jax.ShapeDtypeStruct((1,), cache_dtype))
+
+
 def long_prompt_chunk(config: BitNetConfig, serving: ServingSpec | None, cache_dtype) -> int:
     """The chunk that `generate` reads prompts longer than PREFILL_CHUNK in (and pads them to a
-    multiple of): IN_PLACE_CHUNK where the FFI kernel attends such a chunk over a cache of
-    `cache_dtype` (`ops.ffi_attends`), else PREFILL_CHUNK. `serving` as `serving_params` returns it."""
-    if serving is None:
-        return PREFILL_CHUNK
-    q = jax.ShapeDtypeStruct((1, IN_PLACE_CHUNK, config.num_attention_heads, config.head_dim), jnp.float32)
-    in_place = ffi_attends(serving.backend, q, jax.ShapeDtypeStruct((1,), cache_dtype))
+    multiple of): IN_PLACE_CHUNK where such chunks attend in place (`chunks_attend_in_place`),
+    else PREFILL_CHUNK."""
+    in_place = chunks_attend_in_place(config, serving, cache_dtype, IN_PLACE_CHUNK)
     return IN_PLACE_CHUNK if in_place else PREFILL_CHUNK
 
 
