@@ -144,6 +144,26 @@ def test_top_p_filter_keeps_the_nucleus():
     assert np.isfinite(mixed[1]).sum() == 1 and np.isfinite(mixed[1][np.argmax(logits[1])])
 
 
+def test_gumbel_noise_is_jax_random_gumbel():
+    """`gumbel_noise` (the Threefry hash unrolled, so XLA fuses it) gives `jax.random.gumbel`'s
+    bits for the same key: whole vocabulary rows, batches and odd shapes, a key per row under
+    vmap (as the serving engine draws), and a typed key, which it hands to JAX."""
+    from bitnet_jax.serve.generate import gumbel_noise
+
+    noise = jax.jit(gumbel_noise, static_argnums=1)
+    for seed in range(4):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 17)
+        for shape in [(128256,), (3, 1000), (7,), (2, 5, 33)]:
+            want = np.asarray(jax.random.gumbel(key, shape, jnp.float32))
+            np.testing.assert_array_equal(np.asarray(noise(key, shape)).view(np.uint32), want.view(np.uint32))
+    keys_b2 = jax.random.split(jax.random.PRNGKey(5), 4)
+    per_row = jax.jit(jax.vmap(lambda k: gumbel_noise(k, (4000,))))(keys_b2)
+    want = jax.vmap(lambda k: jax.random.gumbel(k, (4000,), jnp.float32))(keys_b2)
+    np.testing.assert_array_equal(np.asarray(per_row).view(np.uint32), np.asarray(want).view(np.uint32))
+    typed = jax.random.key(3)
+    np.testing.assert_array_equal(gumbel_noise(typed, (100,)), jax.random.gumbel(typed, (100,), jnp.float32))
+
+
 def test_categorical_tokens_are_jax_random_categorical():
     """`categorical_tokens` draws jax.random.categorical's token from the same key (the same
     Gumbel noise; `greedy_tokens` for its argmax), for a batch and for one row."""

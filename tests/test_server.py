@@ -776,6 +776,39 @@ def test_sample_rows_draws_what_generate_sample_draws():
         assert int(token_b[row]) == int(want[0])
 
 
+def test_sample_rows_cuts_as_the_filters_do():
+    """`sample_rows` makes its top-k and top-p cuts as thresholds on one array of keys (not as
+    filtered copies of the rows, `top_k_filter` then `top_p_filter`, as `generate.sample` does):
+    the same token for every row and key, over rows with ties, -0.0, -inf and NaN-free extremes,
+    greedy rows beside sampled ones, each cut alone, both, and neither."""
+    rng = np.random.default_rng(7)
+    v = 3000
+    rows = [
+        rng.standard_normal(v) * 2,
+        np.round(rng.standard_normal(v) * 2) / 2,  # many ties
+        rng.standard_normal(v) * 8,
+        rng.standard_normal(v) * 0.3,
+        np.where(rng.random(v) < 0.4, -np.inf, rng.standard_normal(v) * 3),
+        rng.standard_normal(v),
+    ]
+    rows[5][:50] = -0.0
+    rows[5][50:100] = 0.0
+    logits_bv = jnp.asarray(np.stack(rows).astype(np.float32))
+    # (temperature, top_k (0: none), top_p) per row.
+    settings = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (1.0, 40, 0.5), (0.9, 2, 0.999), (1.0, 0, 1e-6)]
+    temperature_b, top_k_b, top_p_b = (jnp.asarray(x) for x in zip(*settings))
+    top_k_b = top_k_b.astype(jnp.int32)
+    draw_rows = jax.jit(sample_rows)
+    draw_one = jax.jit(sample, static_argnums=(2, 3, 4))
+    for seed in range(6):
+        keys_b2 = jax.random.split(jax.random.PRNGKey(seed), len(rows))
+        token_b, _ = draw_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b)
+        for row, (t, k, p) in enumerate(settings):
+            _, draw = jax.random.split(keys_b2[row])
+            want = draw_one(logits_bv[row : row + 1], draw, t, k or None, p if p < 1 else None)
+            assert int(token_b[row]) == int(want[0]), (seed, row)
+
+
 def test_top_k_only_where_the_engine_takes_it(engine):
     """An engine built without top_k (the server: the OpenAI API has none) holds no top-k code in
     its programs and refuses a request that asks for it, saying so."""
@@ -802,12 +835,15 @@ def test_top_k_filter_cuts_where_lax_top_k_does():
     assert np.array_equal(kept, logits)
 
 
-def test_step_widths():
+def test_step_widths(engine):
     assert step_widths(1) == (1,)
     assert step_widths(2) == (1, 2)
     assert step_widths(8) == (1, 2, 4, 8)
     assert step_widths(6) == (1, 2, 4, 6)
     assert step_widths(9) == (1, 2, 4, 8, 9)
+    # The engine's rows include a padding row past its max_batch, but a step never holds more than
+    # max_batch decoding rows: a wider program would be compiled, loaded and never run.
+    assert engine.step_widths == (1, 2, 4, 8)
 
 
 def test_page_is_served(url):

@@ -74,14 +74,16 @@ from bitnet_jax.serve.generate import (
     categorical_tokens,
     chunks_attend_in_place,
     greedy_tokens,
+    key_values,
     kv_cache_dtype,
     padded_prompt_length,
     prefill_chunk,
     prefill_fresh,
     sampling_key,
     serving_params,
-    top_k_filter,
-    top_p_filter,
+    top_k_threshold,
+    top_p_threshold,
+    unsigned_keys,
 )
 from bitnet_jax.serve.host_memory import release_freed_memory
 from bitnet_jax.serve.pack import pack
@@ -305,7 +307,7 @@ class Engine:
         self._keys_b2 = np.zeros((b, 2), np.uint32)
         self._slots: list[_Active | None] = [None] * max_batch
         self._admissions = itertools.count()
-        self._widths = step_widths(b)
+        self._widths = step_widths(max_batch)  # a step holds at most max_batch decoding rows
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -430,6 +432,12 @@ class Engine:
         jax.block_until_ready(self._cache)
         release_freed_memory()  # what compiling the steps freed (some 100 MB glibc would keep)
         self.stats.clear()
+
+    @property
+    def step_widths(self) -> tuple[int, ...]:
+        """The widths its decode step is compiled for (`step_widths(max_batch)`): a step of n
+        decoding rows runs at the narrowest that holds them."""
+        return self._widths
 
     @property
     def kv_cache_tokens(self) -> int:
@@ -869,15 +877,33 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None):
     keys_b2, draw_b2 = split_b22[:, 0], split_b22[:, 1]
     greedy_b = greedy_tokens(logits_bv)
     sampling_b = temperature_b > 0
+    no_cut_b1 = jnp.zeros((logits_bv.shape[0], 1), jnp.uint32)  # a key threshold every token passes
 
     def draw(_):
+        # The one [B, V] array the cuts read: the keys of the scaled logits (`unsigned_keys`), from
+        # which each step reads the values again (`key_values`), fused where it reads them. A cut
+        # is a threshold key per row, not a filtered copy of the row: at 8 rows of a 128,256-token
+        # vocabulary each [B, V] array is 4 MB of the decode step's temporary buffer.
         scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
+        ukey_bv = unsigned_keys(scaled_bv)
+        kth_b1 = no_cut_b1
         if top_k_b is not None:
             cutting = jnp.any(sampling_b & (top_k_b > 0))
-            scaled_bv = jax.lax.cond(cutting, top_k_filter, lambda x, _: x, scaled_bv, top_k_b)
+            kth_b1 = jax.lax.cond(cutting, top_k_threshold, lambda *_: no_cut_b1, ukey_bv, top_k_b)
+            kth_b1 = jnp.where(top_k_b[:, None] > 0, kth_b1, no_cut_b1)
+
+        def kept(ukey_bv, kth_b1):  # the row's values, -inf where the top-k cut drops them
+            return jnp.where(ukey_bv < kth_b1, -jnp.inf, key_values(ukey_bv))
+
+        def nucleus(ukey_bv, kth_b1, top_p_b):
+            x_bv = kept(ukey_bv, kth_b1)
+            e_bv = jnp.exp(x_bv - jnp.max(x_bv, axis=-1, keepdims=True))
+            return jnp.where(top_p_b[:, None] < 1.0, top_p_threshold(e_bv, ukey_bv, top_p_b), no_cut_b1)
+
         narrowing = jnp.any(sampling_b & (top_p_b < 1.0))
-        scaled_bv = jax.lax.cond(narrowing, top_p_filter, lambda x, _: x, scaled_bv, top_p_b)
-        sampled_b = jax.vmap(categorical_tokens)(draw_b2, scaled_bv)
+        cut_b1 = jax.lax.cond(narrowing, nucleus, lambda *_: no_cut_b1, ukey_bv, kth_b1, top_p_b)
+        final_bv = jnp.where(ukey_bv < cut_b1, -jnp.inf, kept(ukey_bv, kth_b1))
+        sampled_b = jax.vmap(categorical_tokens)(draw_b2, final_bv)
         return jnp.where(sampling_b, sampled_b, greedy_b)
 
     token_b = jax.lax.cond(jnp.any(sampling_b), draw, lambda _: greedy_b, None)

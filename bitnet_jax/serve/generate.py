@@ -519,6 +519,36 @@ def _order_keys(x_bv: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(x_bv), jnp.iinfo(jnp.int32).max, key_bv)
 
 
+def unsigned_keys(x_bv: jax.Array) -> jax.Array:
+    """`_order_keys` as uint32 in the same order (the sign bit flipped): what the cuts bisect."""
+    return jax.lax.bitcast_convert_type(_order_keys(x_bv) ^ jnp.int32(-0x80000000), jnp.uint32)
+
+
+def key_values(ukey_bv: jax.Array) -> jax.Array:
+    """The float32 values whose `unsigned_keys` are `ukey_bv`: the values themselves, but 0.0 for
+    -0.0 and one NaN for every NaN (a sum, a comparison or an argmax of ours tells neither apart)."""
+    key_bv = jax.lax.bitcast_convert_type(ukey_bv, jnp.int32) ^ jnp.int32(-0x80000000)
+    bits_bv = jnp.where(key_bv < 0, key_bv ^ jnp.int32(0x7FFFFFFF), key_bv)
+    return jax.lax.bitcast_convert_type(bits_bv, jnp.float32)
+
+
+def top_p_threshold(e_bv: jax.Array, ukey_bv: jax.Array, top_p_b: jax.Array) -> jax.Array:
+    """The cut of `top_p_filter` as a key [B, 1]: a row keeps the tokens whose `unsigned_keys` are
+    at least it. `e_bv` [B, V]: each token's unnormalized probability, exp(x - max), 0 for a token
+    cut before (where the row has -inf); `ukey_bv`: the keys of the row's values (of any value
+    for a token whose e is 0, so a cut made before need not be in them)."""
+    target_b1 = top_p_b[:, None] * jnp.sum(e_bv, axis=-1, keepdims=True)
+
+    def halve(_, bounds):  # the threshold's key lies in [low, high]; the mass above high is below the target
+        low_b1, high_b1 = bounds
+        mid_b1 = low_b1 + (high_b1 - low_b1) // 2
+        below_b1 = jnp.sum(jnp.where(ukey_bv > mid_b1, e_bv, 0.0), axis=-1, keepdims=True) < target_b1
+        return jnp.where(below_b1, low_b1, mid_b1 + 1), jnp.where(below_b1, mid_b1, high_b1)
+
+    bounds = (jnp.zeros_like(target_b1, jnp.uint32), jnp.max(ukey_bv, axis=-1, keepdims=True))
+    return jax.lax.fori_loop(0, 32, halve, bounds)[1]
+
+
 def top_p_filter(scaled_bv: jax.Array, top_p_b: jax.Array) -> jax.Array:
     """`scaled_bv` (float32 logits [B, V], after the temperature) with -inf outside each row's
     nucleus: the smallest set of most probable tokens whose probability reaches the row's top_p.
@@ -526,54 +556,101 @@ def top_p_filter(scaled_bv: jax.Array, top_p_b: jax.Array) -> jax.Array:
     equal logit are kept or dropped together, and the most probable is always kept. Rows whose
     top_p is 1 or more are returned as they are.
 
-    The cut is found without sorting the row: the kept tokens are those whose logit is at least
-    a threshold t, the least value at which the mass above t is below top_p; that mass only
-    falls as t rises, so 32 halvings of the logits' ordered int32 keys (`_order_keys`, read as
-    unsigned) find t exactly, each one masked sum over the row. Over a 128,256-token vocabulary
-    on a Zen 4 that is 0.6-0.7 ms a row, where sorting the row took 27 ms (as long as the whole
-    2B4T decode step). Masses are unnormalized (exp(x - max), against top_p times their sum)."""
+    The cut is found without sorting the row (`top_p_threshold`): the kept tokens are those whose
+    logit is at least a threshold t, the least value at which the mass above t is below top_p;
+    that mass only falls as t rises, so 32 halvings of the logits' ordered int32 keys
+    (`_order_keys`, read as unsigned) find t exactly, each one masked sum over the row. Over a
+    128,256-token vocabulary on a Zen 4 that is 0.6-0.7 ms a row, where sorting the row took 27
+    ms (as long as the whole 2B4T decode step). Masses are unnormalized (exp(x - max), against
+    top_p times their sum)."""
     e_bv = jnp.exp(scaled_bv - jnp.max(scaled_bv, axis=-1, keepdims=True))
-    target_b1 = top_p_b[:, None] * jnp.sum(e_bv, axis=-1, keepdims=True)
-    key_bv = jax.lax.bitcast_convert_type(_order_keys(scaled_bv) ^ jnp.int32(-0x80000000), jnp.uint32)
+    ukey_bv = unsigned_keys(scaled_bv)
+    threshold_b1 = top_p_threshold(e_bv, ukey_bv, top_p_b)
+    return jnp.where((top_p_b[:, None] < 1.0) & (ukey_bv < threshold_b1), -jnp.inf, scaled_bv)
 
-    def halve(_, bounds):  # the threshold's key lies in [low, high]; the mass above high is below the target
+
+def top_k_threshold(ukey_bv: jax.Array, top_k_b: jax.Array) -> jax.Array:
+    """The k-th largest of each row's `unsigned_keys` `ukey_bv` [B, V], as [B, 1] (top_k_b int32
+    [B]; at most V), by 32 halvings: the largest key t that at least k keys reach. For k = 0, the
+    row's largest key."""
+    k_b1 = jnp.minimum(top_k_b, ukey_bv.shape[-1])[:, None]
+
+    def halve(_, bounds):  # the k-th largest key lies in [low, high]; at least k keys reach low
         low_b1, high_b1 = bounds
-        mid_b1 = low_b1 + (high_b1 - low_b1) // 2
-        below_b1 = jnp.sum(jnp.where(key_bv > mid_b1, e_bv, 0.0), axis=-1, keepdims=True) < target_b1
-        return jnp.where(below_b1, low_b1, mid_b1 + 1), jnp.where(below_b1, mid_b1, high_b1)
+        span_b1 = high_b1 - low_b1
+        mid_b1 = low_b1 + span_b1 // 2 + span_b1 % 2  # above low while low < high
+        enough_b1 = jnp.sum(ukey_bv >= mid_b1, axis=-1, keepdims=True) >= k_b1
+        return jnp.where(enough_b1, mid_b1, low_b1), jnp.where(enough_b1, high_b1, mid_b1 - 1)
 
-    bounds = (jnp.zeros_like(target_b1, jnp.uint32), jnp.max(key_bv, axis=-1, keepdims=True))
-    _, threshold_b1 = jax.lax.fori_loop(0, 32, halve, bounds)
-    return jnp.where((top_p_b[:, None] < 1.0) & (key_bv < threshold_b1), -jnp.inf, scaled_bv)
+    bounds = (jnp.zeros_like(k_b1, jnp.uint32), jnp.max(ukey_bv, axis=-1, keepdims=True))
+    return jax.lax.fori_loop(0, 32, halve, bounds)[0]
 
 
 def top_k_filter(scaled_bv: jax.Array, top_k_b: jax.Array) -> jax.Array:
     """`scaled_bv` (float32 logits [B, V]) with -inf below each row's k-th largest value (top_k_b
     int32 [B]; 0 leaves the row as it is): the cut of `sample`'s `jax.lax.top_k`, every value
     equal to the k-th kept, for a k that may differ per row. The k-th largest is found as
-    `top_p_filter` finds its cut, by 32 halvings of the ordered keys: the largest key t that at
-    least k keys reach."""
-    key_bv = jax.lax.bitcast_convert_type(_order_keys(scaled_bv) ^ jnp.int32(-0x80000000), jnp.uint32)
-    k_b1 = jnp.minimum(top_k_b, scaled_bv.shape[-1])[:, None]
-
-    def halve(_, bounds):  # the k-th largest key lies in [low, high]; at least k keys reach low
-        low_b1, high_b1 = bounds
-        span_b1 = high_b1 - low_b1
-        mid_b1 = low_b1 + span_b1 // 2 + span_b1 % 2  # above low while low < high
-        enough_b1 = jnp.sum(key_bv >= mid_b1, axis=-1, keepdims=True) >= k_b1
-        return jnp.where(enough_b1, mid_b1, low_b1), jnp.where(enough_b1, high_b1, mid_b1 - 1)
-
-    bounds = (jnp.zeros_like(k_b1, jnp.uint32), jnp.max(key_bv, axis=-1, keepdims=True))
-    kth_b1, _ = jax.lax.fori_loop(0, 32, halve, bounds)
-    return jnp.where((k_b1 > 0) & (key_bv < kth_b1), -jnp.inf, scaled_bv)
+    `top_p_filter` finds its cut, by 32 halvings of the ordered keys (`top_k_threshold`)."""
+    ukey_bv = unsigned_keys(scaled_bv)
+    kth_b1 = top_k_threshold(ukey_bv, top_k_b)
+    return jnp.where((top_k_b[:, None] > 0) & (ukey_bv < kth_b1), -jnp.inf, scaled_bv)
 
 
 def categorical_tokens(key: jax.Array, scaled_bv: jax.Array) -> jax.Array:
     """`jax.random.categorical(key, scaled_bv, axis=-1)` as int32 ([B], or a scalar for one row
-    [V]): the same Gumbel noise from the same key, so the same token, with `greedy_tokens` for
-    its argmax (0.5 ms a row less over a 128,256-token vocabulary)."""
-    noise_bv = jax.random.gumbel(key, scaled_bv.shape, scaled_bv.dtype)
-    return greedy_tokens(noise_bv + scaled_bv)
+    [V]): the same Gumbel noise from the same key (`gumbel_noise`), so the same token, with
+    `greedy_tokens` for its argmax (0.5 ms a row less over a 128,256-token vocabulary)."""
+    return greedy_tokens(gumbel_noise(key, scaled_bv.shape) + scaled_bv)
+
+
+def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """`jax.random.gumbel(key, shape, jnp.float32)`, the same bits, in straight-line code.
+
+    On CPU, JAX computes the Threefry hash behind its random bits in a loop of five trips, each
+    reading and writing two uint32 arrays of the whole shape, and XLA keeps four such arrays
+    live: 16 MB of a decode step's temporary buffer for 8 rows of a 128,256-token vocabulary. The
+    same hash unrolled (`_threefry_2x32`) is elementwise work that XLA fuses into the reduction
+    that reads the noise, and stores nothing. This is JAX's default generator, as JAX configures
+    it by default (the "threefry2x32" implementation, partitionable counters, Gumbel noise from
+    one uniform draw); for a key or a configuration other than that (a typed key, another
+    generator), or a shape of 2**32 values or more, it calls `jax.random.gumbel`.
+    tests/test_generate.py checks the bits against it."""
+    size = int(np.prod(shape))
+    if (
+        key.dtype != jnp.uint32
+        or key.shape != (2,)
+        or jax.config.jax_default_prng_impl != "threefry2x32"
+        or not jax.config.jax_threefry_partitionable
+        or jax.config.jax_high_dynamic_range_gumbel
+        or size >= 2**32
+    ):
+        return jax.random.gumbel(key, shape, jnp.float32)
+    # The counter of each value is its index in the flattened shape (the high word 0).
+    counter = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    bits1, bits2 = _threefry_2x32(key[0], key[1], jnp.zeros_like(counter), counter)
+    # A uniform draw in [tiny, 1) as `jax.random.uniform(key, shape, float32, tiny, 1)` makes it
+    # from the 23 high bits; then -log(-log(u)).
+    one_bits = np.float32(1.0).view(np.uint32)
+    unit = jax.lax.bitcast_convert_type(((bits1 ^ bits2) >> np.uint32(9)) | one_bits, jnp.float32) - np.float32(1.0)
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    uniform = jnp.maximum(tiny, unit * (np.float32(1.0) - tiny) + tiny)
+    return -jnp.log(-jnp.log(uniform))
+
+
+def _threefry_2x32(k1, k2, x1, x2):
+    """The Threefry-2x32 block cipher (20 rounds; Salmon et al., "Parallel random numbers: as easy
+    as 1, 2, 3", 2011) of the counter words (x1, x2) under the key (k1, k2), all uint32:
+    five groups of four add-rotate-xor rounds, a key word injected after each."""
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    schedule = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x1, x2 = x1 + schedule[0], x2 + schedule[1]
+    for group in range(5):
+        for r in rotations[group % 2]:
+            x1 = x1 + x2
+            x2 = x1 ^ ((x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r)))
+        x1 = x1 + schedule[(group + 1) % 3]
+        x2 = x2 + schedule[(group + 2) % 3] + np.uint32(group + 1)
+    return x1, x2
 
 
 def sample(
