@@ -329,13 +329,14 @@ def test_prompt_length_buckets():
 
 
 @pytest.mark.parametrize("kv_cache", ["float32", "int8"])
-def test_long_prompts_read_in_place_in_64_token_chunks_keep_the_bits_of_256(monkeypatch, kv_cache):
+def test_long_prompts_padded_to_64_tokens_keep_the_bits_of_256_token_chunks(monkeypatch, kv_cache):
     """Where the FFI kernel attends a prefill chunk in place (each query reads its own slots, in
-    any chunk), `generate` pads a long prompt to a multiple of 64 and reads it 64 tokens at a time:
-    a 300-token prompt computes 320 tokens, not 512. Every token's bits are those of 256-token
-    chunks (activations quantized per token, exact integer sums, each query's attention over its
-    own slots): the logits and the prompt's cache slots of both prefills are equal, and so are
-    the greedy replies. Elsewhere (XLA's attention, the kernel's scalar path) chunks stay 256."""
+    any chunk), `generate` pads a long prompt to a multiple of 64, not 256, and reads it in
+    256-token chunks as far as they go, then 64 at a time: a 400-token prompt computes 448 tokens
+    (256 + 3 x 64), not 512. Every token's bits are those of 256-token chunks throughout
+    (activations quantized per token, exact integer sums, each query's attention over its own
+    slots): the logits and the prompt's cache slots of both prefills are equal, and so are the
+    greedy replies. Elsewhere (XLA's attention, the kernel's scalar path) chunks stay 256."""
     from bitnet_jax.kernels import ffi
     from bitnet_jax.kernels.ops import ATTENTION_SIMD_ISAS
     from bitnet_jax.model.serving_layers import serving_variables
@@ -355,8 +356,8 @@ def test_long_prompts_read_in_place_in_64_token_chunks_keep_the_bits_of_256(monk
     assert generate_module.long_prompt_chunk(config, spec, dtype) == 64
 
     rng = np.random.default_rng(8)
-    prompts = [[int(i) for i in rng.integers(3, config.vocab_size, n)] for n in (300, 261)]
-    lengths_b = jnp.asarray([300, 261], jnp.int32)
+    prompts = [[int(i) for i in rng.integers(3, config.vocab_size, n)] for n in (400, 261)]
+    lengths_b = jnp.asarray([400, 261], jnp.int32)
     model, variables = BitNetLM(config, spec), serving_variables(packed)
 
     def prefilled(t, chunk):
@@ -366,16 +367,16 @@ def test_long_prompts_read_in_place_in_64_token_chunks_keep_the_bits_of_256(monk
         run = jax.jit(lambda v, p, n: generate_module.prefill_fresh(model, v, p, n, 512, dtype, chunk=chunk))
         return run(variables, jnp.asarray(prompt_bt), lengths_b)
 
-    (logits_64, cache_64), (logits_256, cache_256) = prefilled(320, 64), prefilled(512, 256)
+    (logits_64, cache_64), (logits_256, cache_256) = prefilled(448, 64), prefilled(512, 256)
     np.testing.assert_array_equal(np.asarray(logits_64), np.asarray(logits_256))
     for a, b in zip(jax.tree.leaves(cache_64), jax.tree.leaves(cache_256)):
-        for row, n in enumerate((300, 261)):  # the slots past a prompt hold its padding's keys
+        for row, n in enumerate((400, 261)):  # the slots past a prompt hold its padding's keys
             np.testing.assert_array_equal(np.asarray(a[:, row, :, :n]), np.asarray(b[:, row, :, :n]))
 
     request = generate_module._Request.make(config, packed, prompts, 5, 0.0, None, None, None, False, None, kv_cache)
-    assert request.prompt_bt.shape == (2, 320) and request.static["prefill_chunk"] == 64
-    assert generate_module.generate_prompt_length(config, packed, 300, kv_cache=kv_cache) == 320
-    assert generate_module.generate_prompt_length(config, packed, 300, backend="xla", kv_cache=kv_cache) == 512
+    assert request.prompt_bt.shape == (2, 448) and request.static["prefill_chunk"] == 64
+    assert generate_module.generate_prompt_length(config, packed, 400, kv_cache=kv_cache) == 448
+    assert generate_module.generate_prompt_length(config, packed, 400, backend="xla", kv_cache=kv_cache) == 512
     replies_64 = generate(config, packed, prompts, 5, kv_cache=kv_cache)
     monkeypatch.setattr(generate_module, "long_prompt_chunk", lambda *args: 256)
     np.testing.assert_array_equal(replies_64, generate(config, packed, prompts, 5, kv_cache=kv_cache))

@@ -40,11 +40,11 @@ PREFILL_CHUNK = 256
 # steps of 64 above 128, cost 11% more and put the 8-client p90 time to first token 25% later).
 _LENGTH_BUCKETS = ((64, 16), (PREFILL_CHUNK, 32))
 # Where the FFI kernel attends a prefill chunk (its SIMD paths: each query reads its own slots in
-# place, whatever chunk holds it), a longer prompt is read in chunks of this many tokens and padded
-# to a multiple of it rather than of PREFILL_CHUNK: a 300-token prompt computes 320 tokens, not
-# 512. A token costs ~3% more in 64-token chunks than in 256 (the matmuls read every layer's
-# weights once a chunk; benchmarks/RESULTS.md, "What a 64-token chunk costs, found"), against up
-# to 255 tokens of padding; and a chunk's temporaries are a quarter.
+# place, whatever chunk holds it), a longer prompt is padded to a multiple of this many tokens
+# rather than of PREFILL_CHUNK (a 300-token prompt computes 320 tokens, not 512), and what is past
+# its whole PREFILL_CHUNK-token chunks is read in chunks of it (`prefill`): a token costs 3-5% more
+# in 64-token chunks than in 256 (the matmuls read every layer's weights once a chunk;
+# benchmarks/RESULTS.md, "What a 64-token chunk costs, found").
 IN_PLACE_CHUNK = 64
 
 
@@ -389,9 +389,9 @@ def chunks_attend_in_place(config: BitNetConfig, serving: ServingSpec | None, ca
 
 
 def long_prompt_chunk(config: BitNetConfig, serving: ServingSpec | None, cache_dtype) -> int:
-    """The chunk that `generate` reads prompts longer than PREFILL_CHUNK in (and pads them to a
-    multiple of): IN_PLACE_CHUNK where such chunks attend in place (`chunks_attend_in_place`),
-    else PREFILL_CHUNK."""
+    """The chunk that `generate` pads prompts longer than PREFILL_CHUNK to a multiple of, and reads
+    what is past their whole PREFILL_CHUNK-token chunks in (`prefill`): IN_PLACE_CHUNK where such
+    chunks attend in place (`chunks_attend_in_place`), else PREFILL_CHUNK."""
     in_place = chunks_attend_in_place(config, serving, cache_dtype, IN_PLACE_CHUNK)
     return IN_PLACE_CHUNK if in_place else PREFILL_CHUNK
 
@@ -418,8 +418,9 @@ def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCac
     0..T-1; returns (each row's next-token logits at its last real token [B, V], cache).
     `attend_slots` (static): attention reads only the first that many slots of the cache
     (`BitNetLM`; T for a cache longer than the prompt, as `prefill_fresh` passes). A T of more
-    than PREFILL_CHUNK tokens is read in chunks of `chunk` (static, default PREFILL_CHUNK), a
-    divisor of T: `long_prompt_chunk`.
+    than PREFILL_CHUNK tokens is read in chunks: whole chunks of PREFILL_CHUNK tokens first,
+    then the rest in chunks of `chunk` (static, default PREFILL_CHUNK; a divisor of T and of
+    PREFILL_CHUNK: `long_prompt_chunk`).
 
     Traced inside a jitted program: `generate`'s, and the continuous-batching engine's
     (`serve.batching`), which prefills one slot with it so that its rows get this very math."""
@@ -429,14 +430,23 @@ def prefill(model: BitNetLM, variables: dict, prompt_bt, lengths_b, cache: KVCac
     chunk = chunk or PREFILL_CHUNK
     if t % chunk:
         raise ValueError(f"prefill: a padded prompt of {t} tokens is not whole chunks of {chunk}")
+    # A chunk's matmuls read every layer's weights once, so a token costs less in wider chunks:
+    # whole PREFILL_CHUNK-token chunks as far as they go, then the rest in chunks of `chunk`.
+    wide = PREFILL_CHUNK if PREFILL_CHUNK % chunk == 0 else chunk
 
-    def one_chunk(i, state):
-        start = i * chunk
-        chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, chunk, axis=1)
-        return prefill_chunk(model, variables, chunk_bc, lengths_b, start, *state, attend_slots=attend_slots)
+    def chunks(size, first, count, state):
+        def one_chunk(i, state):
+            start = first + i * size
+            chunk_bc = jax.lax.dynamic_slice_in_dim(prompt_bt, start, size, axis=1)
+            return prefill_chunk(model, variables, chunk_bc, lengths_b, start, *state, attend_slots=attend_slots)
+
+        return jax.lax.fori_loop(0, count, one_chunk, state)
 
     logits_bv = jnp.zeros((b, model.config.vocab_size), jnp.float32)
-    cache, logits_bv = jax.lax.fori_loop(0, t // chunk, one_chunk, (cache, logits_bv))
+    state = chunks(wide, 0, t // wide, (cache, logits_bv))
+    if t % wide:
+        state = chunks(chunk, t - t % wide, t % wide // chunk, state)
+    cache, logits_bv = state
     return logits_bv, cache
 
 
