@@ -17,6 +17,7 @@ import json
 import time
 
 import numpy as np
+from long_prompt_prefill import ttft_table  # this folder: the script's own, first on sys.path
 
 from bitnet_jax.bench.serve import random_packed_params, set_threads
 from bitnet_jax.kernels.ops import default_lm_head
@@ -66,20 +67,7 @@ def main():
         generate_module.IN_PLACE_CHUNK = default
     medians = {key: float(np.median(t)) for key, t in times.items()}
     print(f"{args.preset}, {args.kv_cache} cache, generate's in-place chunk of {', '.join(map(str, chunks))} tokens")
-    print(
-        "| prompt tokens | "
-        + " | ".join(f"chunks of {c}: TTFT median s, prompt tok/s (tokens computed)" for c in chunks)
-        + " |"
-    )
-    print("|---:|" + "---|" * len(chunks))
-    for n in lengths:
-        cells = []
-        for c in chunks:
-            cell = f"{medians[c, n]:.2f}, {n / medians[c, n]:.0f} ({padded[c, n]})"
-            if c != chunks[0]:
-                cell += f", {medians[c, n] / medians[chunks[0], n]:.2f}x chunks of {chunks[0]}"
-            cells.append(cell)
-        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("\n".join(ttft_table(lengths, chunks, medians, computed=padded)))
     if args.json:
         with open(args.json, "w") as f:
             results = [

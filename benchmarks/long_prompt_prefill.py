@@ -92,16 +92,7 @@ def main():
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
     in_chunks = ", ".join(str(e.prefill_chunk) for e in engines)
     print(f"{args.preset}, {args.kv_cache} cache, chunks of {in_chunks} tokens, peak RSS {peak_mb:.0f} MB")
-    print("| prompt tokens | " + " | ".join(f"chunks of {c}: TTFT median s, prompt tok/s" for c in chunks) + " |")
-    print("|---:|" + "---|" * len(chunks))
-    for n in lengths:
-        cells = []
-        for c in chunks:
-            cell = f"{medians[c, n]:.2f}, {n / medians[c, n]:.0f}"
-            if c != chunks[0]:
-                cell += f" ({medians[c, n] / medians[chunks[0], n]:.2f}x chunks of {chunks[0]})"
-            cells.append(cell)
-        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("\n".join(ttft_table(lengths, chunks, medians)))
     if args.json:
         with open(args.json, "w") as f:
             results = [
@@ -111,6 +102,24 @@ def main():
             ]
             summary = dict(preset=args.preset, kv_cache=args.kv_cache, peak_rss_mb=peak_mb, results=results)
             json.dump(summary, f, indent=1)
+
+
+def ttft_table(lengths, chunks, medians, computed=None) -> list[str]:
+    """A markdown table of the median time to first token (`medians[chunk, length]`, s) and the
+    prompt tokens a second it makes, a column per chunk size, each beside the first size's as a
+    ratio; with `computed[chunk, length]`, the tokens computed (the padded length) too."""
+    what = "TTFT median s, prompt tok/s" + (" (tokens computed)" if computed else "")
+    lines = ["| prompt tokens | " + " | ".join(f"chunks of {c}: {what}" for c in chunks) + " |"]
+    lines.append("|---:|" + "---|" * len(chunks))
+    for n in lengths:
+        cells = []
+        for c in chunks:
+            cell = f"{medians[c, n]:.2f}, {n / medians[c, n]:.0f}" + (f" ({computed[c, n]})" if computed else "")
+            if c != chunks[0]:
+                cell += f", {medians[c, n] / medians[chunks[0], n]:.2f}x chunks of {chunks[0]}"
+            cells.append(cell)
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":
