@@ -147,7 +147,8 @@ def test_top_p_filter_keeps_the_nucleus():
 def test_gumbel_noise_is_jax_random_gumbel():
     """`gumbel_noise` (the Threefry hash unrolled, so XLA fuses it) gives `jax.random.gumbel`'s
     bits for the same key: whole vocabulary rows, batches and odd shapes, a key per row under
-    vmap (as the serving engine draws), and a typed key, which it hands to JAX."""
+    vmap (as the serving engine draws); a typed key, or JAX's generator configured otherwise,
+    it hands to JAX."""
     from bitnet_jax.serve.generate import gumbel_noise
 
     noise = jax.jit(gumbel_noise, static_argnums=1)
@@ -162,6 +163,12 @@ def test_gumbel_noise_is_jax_random_gumbel():
     np.testing.assert_array_equal(np.asarray(per_row).view(np.uint32), np.asarray(want).view(np.uint32))
     typed = jax.random.key(3)
     np.testing.assert_array_equal(gumbel_noise(typed, (100,)), jax.random.gumbel(typed, (100,), jnp.float32))
+    # Another configuration of JAX's generator (other bits from the same key): handed to JAX too.
+    key = jax.random.PRNGKey(3)
+    with jax.threefry_partitionable(False):
+        want = jax.random.gumbel(key, (1000,), jnp.float32)
+        np.testing.assert_array_equal(noise(key, (1000,)), want)
+    assert not np.array_equal(want, jax.random.gumbel(key, (1000,), jnp.float32))
 
 
 def test_categorical_tokens_are_jax_random_categorical():
