@@ -203,6 +203,21 @@ def test_bench_kernels_prints_the_limits(tmp_path):
     assert [r["path"] for r in rows[0]["machine_limits"]["rows"]] == [r.path for r in limits.rows]
 
 
+def test_bench_kernels_chains_copies_within_the_output_budget():
+    """One row chains enough weight copies to read them from memory; batched rows at most 8, and
+    never so many [M, N] float32 outputs that XLA's temporary buffer outgrows the budget (it would
+    be mapped afresh, and its page faults timed, at every call)."""
+    from bitnet_jax.bench.serve import _MAX_CHAIN, _OUTPUT_BUDGET, _WORKING_SET, _reps
+
+    assert _reps(640 * 2560 // 4, 1, 4 * 640) == _MAX_CHAIN  # a small matrix: the longest chain
+    assert _reps(2560 * 6912 // 4, 1, 4 * 6912) == math.ceil(_WORKING_SET / (2560 * 6912 // 4))
+    assert _reps(2560 * 640 // 4, 8, 4 * 8 * 640) == 8
+    for m, n in ((128, 6912), (256, 6912), (256, 2560), (128, 128256)):
+        reps = _reps(2560 * n // 4, m, 4 * m * n)
+        assert reps >= 1 and (reps == 1 or reps * 4 * m * n <= _OUTPUT_BUDGET)
+    assert _reps(2560 * 6912 // 4, 256, 4 * 256 * 6912) == 2
+
+
 def test_bench_generate_prints_the_roofline(tmp_path, capsys):
     out = tmp_path / "generate.json"
     argv = ["bench", "generate", "--preset", "tiny", "--random-weights", "--backends", "ffi"]

@@ -35,6 +35,11 @@ KERNEL_SHAPES = ((2560, 2560), (2560, 640), (2560, 6912), (6912, 2560), (2560, 1
 KERNEL_ROWS = (1, 8, 128)
 _WORKING_SET = 640 << 20  # > the 300 MB L3 of the largest machine seen here
 _MAX_CHAIN = 256
+# A chain's float32 outputs [M, N] are all live in the XLA program's temporary buffer, allocated at
+# every call. Past 32 MB (the ceiling of glibc's mmap threshold) it is mapped afresh each time and
+# the kernel's time would hold its page faults: 8 outputs of 256 x 6912 took 1.2-1.3x the time of
+# 4 (benchmarks/RESULTS.md, "bench kernels at 256 rows").
+_OUTPUT_BUDGET = 16 << 20
 
 
 def set_threads(threads: int | None) -> int:
@@ -134,7 +139,7 @@ def bench_kernels(
                 nbytes = sum(a.nbytes for a in weight)
                 for m in rows:
                     x = jnp.asarray(rng.standard_normal((m, k), np.float32))
-                    reps = _reps(nbytes, m)
+                    reps = _reps(nbytes, m, 4 * m * n)
                     weights = [tuple(a.copy() for a in weight) for _ in range(reps)]
                     call = _chain(fn, reps)
                     for isa in isas:
@@ -146,7 +151,7 @@ def bench_kernels(
                 x = jnp.asarray(rng.standard_normal((m, k), np.float32))
                 for name, dtype in (("xla_f32", jnp.float32), ("xla_bf16", jnp.bfloat16)):
                     dense = jnp.asarray(rng.standard_normal((k, n), np.float32), dtype)
-                    reps = _reps(dense.nbytes, m)
+                    reps = _reps(dense.nbytes, m, 4 * m * n)
                     denses = [dense.copy() for _ in range(reps)]
                     call = _chain(lambda x, w: jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32), reps)
                     times = time_calls(lambda denses=denses: call(x, denses), repeats)
@@ -187,9 +192,14 @@ def _kernel_variants(rng, k: int, n: int) -> list:
     ]
 
 
-def _reps(nbytes: int, m: int) -> int:
+def _reps(nbytes: int, m: int, out_bytes: int) -> int:
+    """Calls chained in one timed program: enough distinct weight copies (nbytes each) that one row
+    reads them from memory, not from a cache; for batched rows (compute-bound) at most 8, and no
+    more outputs (out_bytes each) than _OUTPUT_BUDGET holds."""
     reps = min(_MAX_CHAIN, max(2, math.ceil(_WORKING_SET / nbytes)))
-    return reps if m == 1 else min(reps, 8)  # batched rows are compute-bound: fewer copies do
+    if m == 1:
+        return reps
+    return max(1, min(reps, 8, _OUTPUT_BUDGET // out_bytes))
 
 
 def _timing(kernel, isa, m, k, n, threads, times, reps, nbytes) -> KernelTiming:
