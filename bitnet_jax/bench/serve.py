@@ -37,8 +37,8 @@ _WORKING_SET = 640 << 20  # > the 300 MB L3 of the largest machine seen here
 _MAX_CHAIN = 256
 # A chain's float32 outputs [M, N] are all live in the XLA program's temporary buffer, allocated at
 # every call. Past 32 MB (the ceiling of glibc's mmap threshold) it is mapped afresh each time and
-# the kernel's time would hold its page faults: 8 outputs of 256 x 6912 took 1.2-1.3x the time of
-# 4 (benchmarks/RESULTS.md, "bench kernels at 256 rows").
+# the kernel's time would hold its page faults: 8 outputs of 256 x 6912 took 1.1-1.3x the time of
+# 4 (benchmarks/RESULTS.md, "`bench kernels` at 256 rows timed page faults").
 _OUTPUT_BUDGET = 16 << 20
 
 
