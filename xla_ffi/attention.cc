@@ -203,17 +203,23 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
   const T* k_layer = k_data + layer_slots * h;
   const T* v_layer = v_data + layer_slots * h;
   auto chunks_of = [&](int64_t query) { return positions[query] < 0 ? 0 : positions[query] / kAttentionChunk + 1; };
-  // The partial softmax of chunk `chunk` of `query` against `kv_head`: every task's arithmetic.
-  auto attend = [&](int64_t query, int64_t kv_head, int64_t chunk, float* scratch, float* partial) {
+  // The first slot of chunk `chunk` of batch row `batch_row` and kv head `kv_head`, within the layer.
+  auto chunk_slot = [&](int64_t batch_row, int64_t kv_head, int64_t chunk) {
     const int64_t first_slot = chunk * kAttentionChunk;
-    const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[query] + 1 - first_slot);
-    const int64_t row = pages[(query / t) * z.pages + first_slot / s];
-    const int64_t slot = (row * kv + kv_head) * s + first_slot % s;  // within the layer
+    return (pages[batch_row * z.pages + first_slot / s] * kv + kv_head) * s + first_slot % s;
+  };
+  // The partial softmax of chunk `chunk` of `query` against `kv_head`: every task's arithmetic
+  // (kt: the chunk's keys transposed, or null; int8 cache only).
+  auto attend = [&](int64_t query, int64_t kv_head, int64_t chunk, float* scratch, float* partial,
+                    const int16_t* kt) {
+    const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[query] + 1 - chunk * kAttentionChunk);
+    const int64_t slot = chunk_slot(query / t, kv_head, chunk);
     const float* q_gh = q_data + (query * n + kv_head * g) * h;
     if constexpr (std::is_same_v<T, int8_t>) {
       AttendChunkInt8(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, k_scale + layer_slots + slot,
-                      v_scale + layer_slots + slot, slots, scale, scratch, partial);
+                      v_scale + layer_slots + slot, slots, scale, scratch, partial, kt);
     } else {
+      (void)kt;
       AttendChunk(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, slots, scale, scratch, partial);
     }
   };
@@ -221,19 +227,44 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
   const int64_t heads = b * t * kv;  // (query, kv head) outputs
   if (heads >= kMinHeadTasksPerThread * std::max<int64_t>(1, pool.num_threads())) {
     // Enough outputs to keep every thread busy (prefill chunks, batches): a task computes one
-    // output's chunks in slot order, into its thread's buffer, and merges them.
+    // output's chunks in slot order, into its thread's buffer, and merges them. Tasks go kv head
+    // by kv head, a batch row's queries in order, so that a thread's run of tasks shares one
+    // (batch row, kv head): on AVX-512 VNNI over an int8 cache the thread transposes those keys
+    // chunk by chunk as its queries first reach them (TransposeKeysInt8, kept for the run), and
+    // every query of the run computes its scores from them. Each output's arithmetic is the same
+    // whichever thread computes it and in whatever order.
+    const bool transposed =
+        std::is_same_v<T, int8_t> && isa == Isa::kAvx512Vnni && h <= kInt8MaxExactDim;
+    const int64_t kt_elements = TransposedKeysElements(h);
     ParallelFor(pool, heads, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scratch, partials;
+      thread_local std::vector<int16_t> keys_t;
       scratch.resize(ScratchFloats(g, h));
+      int64_t kt_row = -1, kt_head = -1, kt_chunks = 0;  // whose keys keys_t holds, and how many chunks
       for (int64_t i = begin; i < end; ++i) {
-        const int64_t query = i / kv, kh = i % kv, chunks = chunks_of(query);
+        const int64_t query = i % (b * t), kh = i / (b * t), chunks = chunks_of(query);
         float* out_gh = out_data + (query * n + kh * g) * h;
         if (chunks == 0) {
           std::fill(out_gh, out_gh + g * h, 0.0f);
           continue;
         }
+        if (transposed) {
+          if (query / t != kt_row || kh != kt_head) kt_row = query / t, kt_head = kh, kt_chunks = 0;
+          if (static_cast<int64_t>(keys_t.size()) < chunks * kt_elements) keys_t.resize(chunks * kt_elements);
+          for (; kt_chunks < chunks; ++kt_chunks) {  // the chunk's slots that lie in the cache's row
+            const int64_t first = kt_chunks * kAttentionChunk;
+            if constexpr (std::is_same_v<T, int8_t>) {
+              TransposeKeysInt8(isa, k_layer + chunk_slot(kt_row, kh, kt_chunks) * h,
+                                std::min<int64_t>(kAttentionChunk, s - first % s), h,
+                                keys_t.data() + kt_chunks * kt_elements);
+            }
+          }
+        }
         partials.resize(chunks * partial_floats);
-        for (int64_t c = 0; c < chunks; ++c) attend(query, kh, c, scratch.data(), partials.data() + c * partial_floats);
+        for (int64_t c = 0; c < chunks; ++c) {
+          attend(query, kh, c, scratch.data(), partials.data() + c * partial_floats,
+                 transposed ? keys_t.data() + c * kt_elements : nullptr);
+        }
         MergeChunks(partials.data(), chunks, g, h, out_gh);
       }
     });
@@ -261,7 +292,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
     scratch.resize(ScratchFloats(g, h));
     for (int64_t i = begin; i < end; ++i) {
       const WorkItem& w = plan->items[i];
-      attend(w.query, w.kv_head, w.chunk, scratch.data(), plan->partials.data() + i * partial_floats);
+      attend(w.query, w.kv_head, w.chunk, scratch.data(), plan->partials.data() + i * partial_floats, nullptr);
     }
   });
   ParallelFor(pool, heads, kMinMergesPerTask, [&](int64_t begin, int64_t end) {

@@ -21,7 +21,9 @@
 // (vpmaddwd on AVX2, vpdpwssd on AVX-512 VNNI), about half the instructions of the float passes
 // (on a Zen 4 core 34-43 -> 18-19 ns a slot for 4 heads of 128). Pass 3 also prefetches the
 // keys of the chunk after this one in the cache, which a long context reads next: one core's
-// stream from memory otherwise stalls the arithmetic it no longer hides.
+// stream from memory otherwise stalls the arithmetic it no longer hides. Given the chunk's keys
+// transposed (a prefill chunk's queries share them: attention.cc), the AVX-512 VNNI scores pass
+// holds 16 slots in a register's lanes and needs no sums across lanes (ScoresBlockTransposed).
 
 #include "attention_kernel.h"
 
@@ -939,6 +941,75 @@ BITNET_AVX512 void WeightValuesInt16(Avx512Path, const int16_t* w, const int8_t*
   if (h32 < h) ValuesBlockInt16<GB, 1, true>(w, v_nh, h, n, h32, tail, w_step, k_prefetch, acc_gh);
 }
 
+// Prefill: scores from the chunk's keys transposed (TransposeKeysInt8), 16 slots in a register's
+// lanes, so that vpdpwssd with a head's query pair broadcast accumulates 16 whole scores: no sums
+// across lanes. GB heads x JB registers of slots from slot j0.
+template <int GB, int JB>
+BITNET_AVX512_INLINE void ScoresBlockTransposed(const int16_t* q, int64_t hp, const int16_t* kt, int64_t pairs,
+                                                const float* slot_scales, const float* q_step, int64_t j0, float* s) {
+  __m512i acc[GB][JB];
+#pragma GCC unroll 4
+  for (int hd = 0; hd < GB; ++hd)
+#pragma GCC unroll 4
+    for (int jb = 0; jb < JB; ++jb) acc[hd][jb] = _mm512_setzero_si512();
+  for (int64_t d = 0; d < pairs; ++d) {
+    __m512i kv[JB];
+#pragma GCC unroll 4
+    for (int jb = 0; jb < JB; ++jb) kv[jb] = _mm512_loadu_si512(kt + (d * kAttentionChunk + j0 + 16 * jb) * 2);
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      const int32_t* pair = reinterpret_cast<const int32_t*>(q + hd * hp + 2 * d);
+#pragma GCC unroll 4
+      for (int jb = 0; jb < JB; ++jb) DpwssdBroadcast(acc[hd][jb], kv[jb], pair);
+    }
+  }
+#pragma GCC unroll 4
+  for (int jb = 0; jb < JB; ++jb) {
+    const __m512 scales = _mm512_loadu_ps(slot_scales + j0 + 16 * jb);
+#pragma GCC unroll 4
+    for (int hd = 0; hd < GB; ++hd) {
+      const __m512 scores = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[hd][jb]), scales),
+                                          _mm512_set1_ps(q_step[hd]));
+      _mm512_storeu_ps(s + hd * kAttentionChunk + j0 + 16 * jb, scores);
+    }
+  }
+}
+
+template <int GB>
+BITNET_AVX512 void ScoreHeadsTransposed(const int16_t* q, int64_t hp, const int16_t* kt, int64_t h,
+                                        const float* slot_scales, const float* q_step, int64_t n, float* p) {
+  const int64_t pairs = KeyPairs(h), vecs = (n + 15) / 16;
+  int64_t v = 0;
+  for (; v + 4 <= vecs; v += 4) ScoresBlockTransposed<GB, 4>(q, hp, kt, pairs, slot_scales, q_step, 16 * v, p);
+  switch (vecs - v) {
+    case 3: ScoresBlockTransposed<GB, 3>(q, hp, kt, pairs, slot_scales, q_step, 16 * v, p); break;
+    case 2: ScoresBlockTransposed<GB, 2>(q, hp, kt, pairs, slot_scales, q_step, 16 * v, p); break;
+    case 1: ScoresBlockTransposed<GB, 1>(q, hp, kt, pairs, slot_scales, q_step, 16 * v, p); break;
+    default: break;
+  }
+}
+
+// TransposeKeysInt8 in 16 x 16 dword blocks: 16 slots' rows widened to int16 (16 dword pairs
+// each), transposed so that each register holds one pair of every slot.
+BITNET_AVX512 void TransposeKeys16(const int8_t* k_nh, int64_t n, int64_t h, int16_t* kt) {
+  const int64_t pairs = KeyPairs(h);
+  for (int64_t j0 = 0; j0 < kAttentionChunk; j0 += 16) {
+    for (int64_t d0 = 0; d0 < pairs; d0 += 16) {
+      const int64_t count = std::min<int64_t>(32, h - 2 * d0);  // the rows' elements in this block
+      const __mmask32 lanes = static_cast<__mmask32>((uint64_t{1} << count) - 1);
+      __m512i r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t j = j0 + i;
+        r[i] = j < n ? _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(lanes, k_nh + j * h + 2 * d0))
+                     : _mm512_setzero_si512();
+      }
+      Transpose16x16(r);
+      for (int64_t i = 0; i < 16 && d0 + i < pairs; ++i)
+        _mm512_storeu_si512(kt + ((d0 + i) * kAttentionChunk + j0) * 2, r[i]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Both SIMD paths: the passes of a chunk, whichever path's kernels (Path: Avx2Path or
 // Avx512Path) do the arithmetic. This code only carves the scratch and walks the heads, so
@@ -990,7 +1061,7 @@ void AttendChunkSimd(const float* q_gh, int64_t g, int64_t h, const T* k_nh, con
 template <typename Path>
 void AttendChunkInt8Simd(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
                          const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
-                         float* partial) {
+                         float* partial, const int16_t* kt) {
   const auto in_float = [&] {
     AttendChunkSimd<Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
   };
@@ -1004,9 +1075,18 @@ void AttendChunkInt8Simd(const float* q_gh, int64_t g, int64_t h, const int8_t* 
   float* sum_g = partial + g;
   float* acc_gh = partial + 2 * g;
 
-  // 1. Scores.
+  // 1. Scores. From transposed keys, every 16-slot register of the chunk's first n slots is
+  // computed whole: the scales past n are zeros (the scores there are never read).
   for (int64_t j = 0; j < n; ++j) parts.slot_scales[j] = k_scale_n[j] * scale;
+  if (kt != nullptr) std::fill(parts.slot_scales + n, parts.slot_scales + kAttentionChunk, 0.0f);
   ForHeadBlocks(g, [&](auto gb, int64_t g0) {
+    if constexpr (std::is_same_v<Path, Avx512Path>) {
+      if (kt != nullptr) {
+        ScoreHeadsTransposed<decltype(gb)::value>(parts.q + g0 * hp, hp, kt, h, parts.slot_scales, parts.q_step + g0,
+                                                  n, parts.p + g0 * kAttentionChunk);
+        return;
+      }
+    }
     const int8_t* v_prefetch = g0 == 0 ? v_nh : nullptr;
     ScoreHeadsInt16<decltype(gb)::value>(Path(), parts.q + g0 * hp, hp, k_nh, h, parts.slot_scales,
                                          parts.q_step + g0, n, parts.p + g0 * kAttentionChunk, v_prefetch);
@@ -1065,19 +1145,34 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
 
 void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
                      const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
-                     float* partial) {
+                     float* partial, const int16_t* kt) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    AttendChunkInt8Simd<Avx512Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Simd<Avx512Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial, kt);
     return;
   }
   if (isa == Isa::kAvx2) {
-    AttendChunkInt8Simd<Avx2Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+    AttendChunkInt8Simd<Avx2Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial, nullptr);
+    return;
+  }
+#endif
+  (void)kt;
+  (void)isa;
+  AttendChunkInt8Scalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+}
+
+void TransposeKeysInt8(Isa isa, const int8_t* k_nh, int64_t n, int64_t h, int16_t* kt) {
+#if BITNET_JAX_X86_SIMD
+  if (isa == Isa::kAvx512Vnni) {
+    TransposeKeys16(k_nh, n, h, kt);
     return;
   }
 #endif
   (void)isa;
-  AttendChunkInt8Scalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+  for (int64_t d = 0; d < KeyPairs(h); ++d)
+    for (int64_t j = 0; j < kAttentionChunk; ++j)
+      for (int64_t e = 0; e < 2; ++e)
+        kt[(d * kAttentionChunk + j) * 2 + e] = j < n && 2 * d + e < h ? k_nh[j * h + 2 * d + e] : 0;
 }
 
 // Every path: a few operations per head and chunk, beside the chunk's G * n * H of AttendChunk.

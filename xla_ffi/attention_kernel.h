@@ -73,9 +73,20 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
 // cache's own rounding (2^-8 of a slot's largest). Where a query or a chunk's weights are not
 // finite, or h > kInt8MaxExactDim, the chunk takes the float arithmetic instead: the dot products
 // in float over the exactly widened int8 values, acc_gh = sum_j w_gj * v_jh.
+// kt (optional): the chunk's keys as TransposeKeysInt8 writes them, from at least its first n
+// slots. The AVX-512 VNNI path then computes the scores with slots in vector lanes (no sums across
+// lanes: a prefill chunk's queries share the transposition); the dot products are the same exact
+// int32s, so the result is the same bits. Other paths ignore it.
 void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
                      const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
-                     float* partial);
+                     float* partial, const int16_t* kt = nullptr);
+
+// A chunk's int8 keys transposed into int16 pairs of dims: kt[(d * kAttentionChunk + j) * 2 + e] =
+// k_nh[j * h + 2d + e] for slots j < n (0 < n <= kAttentionChunk) and 2d + e < h, zero elsewhere,
+// over KeyPairs(h) pairs: TransposedKeysElements(h) int16s.
+constexpr int64_t KeyPairs(int64_t h) { return (h + 1) / 2; }
+constexpr int64_t TransposedKeysElements(int64_t h) { return KeyPairs(h) * kAttentionChunk * 2; }
+void TransposeKeysInt8(Isa isa, const int8_t* k_nh, int64_t n, int64_t h, int16_t* kt);
 
 // out_gh [g, h] = the softmax-weighted values of a query from the partials of its chunks
 // (float [chunks, PartialFloats(g, h)], in slot order), merged in that order.

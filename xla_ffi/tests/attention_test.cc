@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -210,6 +211,50 @@ void CheckInt8NonFinite(bitnet::Isa isa) {
   }
 }
 
+// Transposed keys (attention_kernel.h): TransposeKeysInt8 writes its layout on every path, and
+// AttendChunkInt8 given them returns the bits it returns without them, also where they were
+// transposed from more slots than the query attends (as a prefill chunk's are).
+void CheckTransposedKeys(bitnet::Isa isa, int64_t g, int64_t h, std::mt19937& rng) {
+  const int64_t chunk = bitnet::kAttentionChunk;
+  std::uniform_int_distribution<int> code(-128, 127);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> slot_scale(0.002f, 0.05f);
+  std::vector<int8_t> k8(chunk * h), v8(chunk * h);
+  std::vector<float> q(g * h), k_scale(chunk), v_scale(chunk);
+  for (auto& x : k8) x = static_cast<int8_t>(code(rng));
+  for (auto& x : v8) x = static_cast<int8_t>(code(rng));
+  for (auto& x : q) x = normal(rng);
+  for (int64_t j = 0; j < chunk; ++j) k_scale[j] = slot_scale(rng), v_scale[j] = slot_scale(rng);
+  std::vector<int16_t> kt(bitnet::TransposedKeysElements(h), -1);
+  for (int64_t n_built : {int64_t{1}, int64_t{37}, chunk}) {
+    bitnet::TransposeKeysInt8(isa, k8.data(), n_built, h, kt.data());
+    bool layout_ok = true;
+    for (int64_t d = 0; d < bitnet::KeyPairs(h); ++d)
+      for (int64_t j = 0; j < chunk; ++j)
+        for (int64_t e = 0; e < 2; ++e) {
+          const int16_t want = j < n_built && 2 * d + e < h ? k8[j * h + 2 * d + e] : 0;
+          layout_ok &= kt[(d * chunk + j) * 2 + e] == want;
+        }
+    if (!layout_ok && ++failures <= 20) {
+      std::printf("FAIL TransposeKeysInt8 isa=%s h=%lld n=%lld: layout differs\n", bitnet::IsaName(isa),
+                  (long long)h, (long long)n_built);
+    }
+    for (int64_t n : {int64_t{1}, int64_t{5}, int64_t{16}, int64_t{17}, int64_t{37}, int64_t{100}, chunk}) {
+      if (n > n_built) continue;
+      std::vector<float> scratch(bitnet::ScratchFloats(g, h)), want(bitnet::PartialFloats(g, h)),
+          got(bitnet::PartialFloats(g, h));
+      bitnet::AttendChunkInt8(isa, q.data(), g, h, k8.data(), v8.data(), k_scale.data(), v_scale.data(), n, 0.088f,
+                              scratch.data(), want.data());
+      bitnet::AttendChunkInt8(isa, q.data(), g, h, k8.data(), v8.data(), k_scale.data(), v_scale.data(), n, 0.088f,
+                              scratch.data(), got.data(), kt.data());
+      if (std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) != 0 && ++failures <= 20) {
+        std::printf("FAIL attention (int8 cache, transposed keys) isa=%s g=%lld h=%lld n=%lld (of %lld): other bits\n",
+                    bitnet::IsaName(isa), (long long)g, (long long)h, (long long)n, (long long)n_built);
+      }
+    }
+  }
+}
+
 // Failures on path `isa` (printed, at most 20 lines).
 int CheckAttention(bitnet::Isa isa) {
   failures = 0;
@@ -227,5 +272,8 @@ int CheckAttention(bitnet::Isa isa) {
   // A head dim past kInt8MaxExactDim: the int8 cache in float arithmetic.
   for (int64_t slots : {5, 129}) CheckChunkedAttention(isa, 4, 300, slots, true, rng);
   CheckInt8NonFinite(isa);
+  for (int64_t g : {1, 4, 5}) {
+    for (int64_t h : {1, 3, 13, 31, 32, 33, 64, 72, 128, 256}) CheckTransposedKeys(isa, g, h, rng);
+  }
   return failures;
 }
