@@ -208,18 +208,29 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
     const int64_t first_slot = chunk * kAttentionChunk;
     return (pages[batch_row * z.pages + first_slot / s] * kv + kv_head) * s + first_slot % s;
   };
+  // An int8 cache: the int16 codes of `query`'s heads on `kv_head` into scratch, once for all the
+  // chunks that query reads there (false: it takes the float arithmetic; always false for a float
+  // cache, which has no codes).
+  auto code_query = [&](int64_t query, int64_t kv_head, float* scratch) {
+    if constexpr (std::is_same_v<T, int8_t>) {
+      return CodeQueriesInt16(isa, q_data + (query * n + kv_head * g) * h, g, h, scratch);
+    } else {
+      return false;
+    }
+  };
   // The partial softmax of chunk `chunk` of `query` against `kv_head`: every task's arithmetic
-  // (kt: the chunk's keys transposed, or null; int8 cache only).
+  // (int8 cache only: kt, the chunk's keys transposed, or null; coded, what code_query returned
+  // for this query and kv head into this scratch).
   auto attend = [&](int64_t query, int64_t kv_head, int64_t chunk, float* scratch, float* partial,
-                    const int16_t* kt) {
+                    const int16_t* kt, bool coded) {
     const int64_t slots = std::min<int64_t>(kAttentionChunk, positions[query] + 1 - chunk * kAttentionChunk);
     const int64_t slot = chunk_slot(query / t, kv_head, chunk);
     const float* q_gh = q_data + (query * n + kv_head * g) * h;
     if constexpr (std::is_same_v<T, int8_t>) {
       AttendChunkInt8(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, k_scale + layer_slots + slot,
-                      v_scale + layer_slots + slot, slots, scale, scratch, partial, kt);
+                      v_scale + layer_slots + slot, slots, scale, scratch, partial, kt, coded);
     } else {
-      (void)kt;
+      (void)kt, (void)coded;
       AttendChunk(isa, q_gh, g, h, k_layer + slot * h, v_layer + slot * h, slots, scale, scratch, partial);
     }
   };
@@ -261,9 +272,10 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
           }
         }
         partials.resize(chunks * partial_floats);
+        const bool coded = code_query(query, kh, scratch.data());
         for (int64_t c = 0; c < chunks; ++c) {
           attend(query, kh, c, scratch.data(), partials.data() + c * partial_floats,
-                 transposed ? keys_t.data() + c * kt_elements : nullptr);
+                 transposed ? keys_t.data() + c * kt_elements : nullptr, coded);
         }
         MergeChunks(partials.data(), chunks, g, h, out_gh);
       }
@@ -290,9 +302,15 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
   ParallelForInOrder(pool, static_cast<int64_t>(plan->items.size()), [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> scratch;
     scratch.resize(ScratchFloats(g, h));
+    int64_t coded_query = -1, coded_head = -1;  // whose codes scratch holds (a run's items share them)
+    bool coded = false;
     for (int64_t i = begin; i < end; ++i) {
       const WorkItem& w = plan->items[i];
-      attend(w.query, w.kv_head, w.chunk, scratch.data(), plan->partials.data() + i * partial_floats, nullptr);
+      if (w.query != coded_query || w.kv_head != coded_head) {
+        coded = code_query(w.query, w.kv_head, scratch.data());
+        coded_query = w.query, coded_head = w.kv_head;
+      }
+      attend(w.query, w.kv_head, w.chunk, scratch.data(), plan->partials.data() + i * partial_floats, nullptr, coded);
     }
   });
   ParallelFor(pool, heads, kMinMergesPerTask, [&](int64_t begin, int64_t end) {

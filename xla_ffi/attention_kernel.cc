@@ -164,18 +164,27 @@ bool QuantizeInt16Scalar(const float* x, int64_t n, int64_t padded, int16_t* cod
   return true;
 }
 
-void AttendChunkInt8Scalar(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
-                           const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
-                           float* partial) {
-  const auto in_float = [&] {
-    AttendChunkScalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
-  };
-  if (h > kInt8MaxExactDim) return in_float();
+// CodeQueriesInt16's arithmetic, with a path's QuantizeInt16 per head.
+template <typename Quantize>
+bool CodeQueries(Quantize quantize, const float* q_gh, int64_t g, int64_t h, float* scratch) {
+  if (h > kInt8MaxExactDim) return false;
   const Int8Parts parts = CarveInt8Parts(scratch, g, h);
   const int64_t hp = PaddedDim(h);
   for (int64_t gi = 0; gi < g; ++gi) {
-    if (!QuantizeInt16Scalar(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
+    if (!quantize(q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return false;
   }
+  return true;
+}
+
+void AttendChunkInt8Scalar(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
+                           const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
+                           float* partial, bool query_coded) {
+  const auto in_float = [&] {
+    AttendChunkScalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+  };
+  if (!query_coded && !CodeQueries(QuantizeInt16Scalar, q_gh, g, h, scratch)) return in_float();
+  const Int8Parts parts = CarveInt8Parts(scratch, g, h);
+  const int64_t hp = PaddedDim(h);
   float* max_g = partial;
   float* sum_g = partial + g;
   float* acc_gh = partial + 2 * g;
@@ -1056,21 +1065,24 @@ void AttendChunkSimd(const float* q_gh, int64_t g, int64_t h, const T* k_nh, con
   });
 }
 
+// The path's QuantizeInt16 as a plain function, for CodeQueries.
+template <typename Path>
+bool PathQuantize(const float* x, int64_t n, int64_t padded, int16_t* codes, float* step) {
+  return QuantizeInt16(Path(), x, n, padded, codes, step);
+}
+
 // As AttendChunkInt8Scalar: the passes in integers, or in floats (AttendChunkSimd) where a head
 // is too long for exact int32 sums or a row has no finite int16 codes.
 template <typename Path>
 void AttendChunkInt8Simd(const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
                          const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
-                         float* partial, const int16_t* kt) {
+                         float* partial, const int16_t* kt, bool query_coded) {
   const auto in_float = [&] {
     AttendChunkSimd<Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
   };
-  if (h > kInt8MaxExactDim) return in_float();
+  if (!query_coded && !CodeQueries(PathQuantize<Path>, q_gh, g, h, scratch)) return in_float();
   const Int8Parts parts = CarveInt8Parts(scratch, g, h);
   const int64_t hp = PaddedDim(h);
-  for (int64_t gi = 0; gi < g; ++gi) {
-    if (!QuantizeInt16(Path(), q_gh + gi * h, h, hp, parts.q + gi * hp, parts.q_step + gi)) return in_float();
-  }
   float* max_g = partial;
   float* sum_g = partial + g;
   float* acc_gh = partial + 2 * g;
@@ -1145,20 +1157,31 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
 
 void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
                      const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
-                     float* partial, const int16_t* kt) {
+                     float* partial, const int16_t* kt, bool query_coded) {
 #if BITNET_JAX_X86_SIMD
   if (isa == Isa::kAvx512Vnni) {
-    AttendChunkInt8Simd<Avx512Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial, kt);
+    AttendChunkInt8Simd<Avx512Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial, kt,
+                                    query_coded);
     return;
   }
   if (isa == Isa::kAvx2) {
-    AttendChunkInt8Simd<Avx2Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial, nullptr);
+    AttendChunkInt8Simd<Avx2Path>(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial, nullptr,
+                                  query_coded);
     return;
   }
 #endif
   (void)kt;
   (void)isa;
-  AttendChunkInt8Scalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial);
+  AttendChunkInt8Scalar(q_gh, g, h, k_nh, v_nh, k_scale_n, v_scale_n, n, scale, scratch, partial, query_coded);
+}
+
+bool CodeQueriesInt16(Isa isa, const float* q_gh, int64_t g, int64_t h, float* scratch) {
+#if BITNET_JAX_X86_SIMD
+  if (isa == Isa::kAvx512Vnni) return CodeQueries(PathQuantize<Avx512Path>, q_gh, g, h, scratch);
+  if (isa == Isa::kAvx2) return CodeQueries(PathQuantize<Avx2Path>, q_gh, g, h, scratch);
+#endif
+  (void)isa;
+  return CodeQueries(QuantizeInt16Scalar, q_gh, g, h, scratch);
 }
 
 void TransposeKeysInt8(Isa isa, const int8_t* k_nh, int64_t n, int64_t h, int16_t* kt) {

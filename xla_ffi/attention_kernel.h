@@ -77,9 +77,17 @@ void AttendChunk(Isa isa, const float* q_gh, int64_t g, int64_t h, const float* 
 // slots. The AVX-512 VNNI path then computes the scores with slots in vector lanes (no sums across
 // lanes: a prefill chunk's queries share the transposition); the dot products are the same exact
 // int32s, so the result is the same bits. Other paths ignore it.
+// query_coded: scratch already holds q_gh's codes, from CodeQueriesInt16(isa, q_gh, g, h, scratch)
+// having returned true (a query's chunks then code it once; AttendChunkInt8 leaves those codes as
+// they are, in either arithmetic).
 void AttendChunkInt8(Isa isa, const float* q_gh, int64_t g, int64_t h, const int8_t* k_nh, const int8_t* v_nh,
                      const float* k_scale_n, const float* v_scale_n, int64_t n, float scale, float* scratch,
-                     float* partial, const int16_t* kt = nullptr);
+                     float* partial, const int16_t* kt = nullptr, bool query_coded = false);
+
+// AttendChunkInt8's int16 codes of the g heads of a query, into their place in scratch (float
+// [ScratchFloats(g, h)]). False where that query takes the float arithmetic (not finite, or h >
+// kInt8MaxExactDim): then AttendChunkInt8 must be called without query_coded.
+bool CodeQueriesInt16(Isa isa, const float* q_gh, int64_t g, int64_t h, float* scratch);
 
 // A chunk's int8 keys transposed into int16 pairs of dims: kt[(d * kAttentionChunk + j) * 2 + e] =
 // k_nh[j * h + 2d + e] for slots j < n (0 < n <= kAttentionChunk) and 2d + e < h, zero elsewhere,

@@ -197,6 +197,10 @@ void CheckInt8NonFinite(bitnet::Isa isa) {
   }
   q[h + 5] = std::nanf("");  // head 1
   std::vector<float> scratch(bitnet::ScratchFloats(g, h)), partial(bitnet::PartialFloats(g, h)), out(g * h);
+  if (bitnet::CodeQueriesInt16(isa, q.data(), g, h, scratch.data())) {
+    ++failures;
+    std::printf("FAIL CodeQueriesInt16 isa=%s: a NaN query must take the float arithmetic\n", bitnet::IsaName(isa));
+  }
   bitnet::AttendChunkInt8(isa, q.data(), g, h, k8.data(), v8.data(), k_scale.data(), v_scale.data(), n, 0.088f,
                           scratch.data(), partial.data());
   bitnet::MergeChunks(partial.data(), 1, g, h, out.data());
@@ -250,6 +254,20 @@ void CheckTransposedKeys(bitnet::Isa isa, int64_t g, int64_t h, std::mt19937& rn
       if (std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) != 0 && ++failures <= 20) {
         std::printf("FAIL attention (int8 cache, transposed keys) isa=%s g=%lld h=%lld n=%lld (of %lld): other bits\n",
                     bitnet::IsaName(isa), (long long)g, (long long)h, (long long)n, (long long)n_built);
+      }
+      // The query coded once (CodeQueriesInt16), then two chunks from the same scratch.
+      std::vector<float> coded_scratch(bitnet::ScratchFloats(g, h));
+      if (!bitnet::CodeQueriesInt16(isa, q.data(), g, h, coded_scratch.data()) && ++failures <= 20) {
+        std::printf("FAIL CodeQueriesInt16 isa=%s g=%lld h=%lld: a finite query must take the integer arithmetic\n",
+                    bitnet::IsaName(isa), (long long)g, (long long)h);
+      }
+      for (int round = 0; round < 2; ++round) {
+        bitnet::AttendChunkInt8(isa, q.data(), g, h, k8.data(), v8.data(), k_scale.data(), v_scale.data(), n, 0.088f,
+                                coded_scratch.data(), got.data(), round == 0 ? kt.data() : nullptr, true);
+        if (std::memcmp(want.data(), got.data(), want.size() * sizeof(float)) != 0 && ++failures <= 20) {
+          std::printf("FAIL attention (int8 cache, query coded before) isa=%s g=%lld h=%lld n=%lld round %d: other bits\n",
+                      bitnet::IsaName(isa), (long long)g, (long long)h, (long long)n, round);
+        }
       }
     }
   }
