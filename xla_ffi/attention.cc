@@ -260,7 +260,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
           continue;
         }
         if (transposed) {
-          if (query / t != kt_row || kh != kt_head) kt_row = query / t, kt_head = kh, kt_chunks = 0;
+          if (query / t != kt_row || kh != kt_head) {
+            kt_row = query / t;
+            kt_head = kh;
+            kt_chunks = 0;
+          }
           if (static_cast<int64_t>(keys_t.size()) < chunks * kt_elements) keys_t.resize(chunks * kt_elements);
           for (; kt_chunks < chunks; ++kt_chunks) {  // the chunk's slots that lie in the cache's row
             const int64_t first = kt_chunks * kAttentionChunk;
@@ -308,7 +312,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
       const WorkItem& w = plan->items[i];
       if (w.query != coded_query || w.kv_head != coded_head) {
         coded = code_query(w.query, w.kv_head, scratch.data());
-        coded_query = w.query, coded_head = w.kv_head;
+        coded_query = w.query;
+        coded_head = w.kv_head;
       }
       attend(w.query, w.kv_head, w.chunk, scratch.data(), plan->partials.data() + i * partial_floats, nullptr, coded);
     }
