@@ -244,8 +244,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
     // chunk by chunk as its queries first reach them (TransposeKeysInt8, kept for the run), and
     // every query of the run computes its scores from them. Each output's arithmetic is the same
     // whichever thread computes it and in whatever order.
-    const bool transposed =
-        std::is_same_v<T, int8_t> && isa == Isa::kAvx512Vnni && h <= kInt8MaxExactDim;
+    const bool transposed = std::is_same_v<T, int8_t> && ReadsTransposedKeys(isa, h);
     const int64_t kt_elements = TransposedKeysElements(h);
     ParallelFor(pool, heads, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scratch, partials;

@@ -96,6 +96,12 @@ constexpr int64_t KeyPairs(int64_t h) { return (h + 1) / 2; }
 constexpr int64_t TransposedKeysElements(int64_t h) { return KeyPairs(h) * kAttentionChunk * 2; }
 void TransposeKeysInt8(Isa isa, const int8_t* k_nh, int64_t n, int64_t h, int16_t* kt);
 
+// Whether AttendChunkInt8 on path `isa` reads the kt it is given for head dim h (elsewhere a
+// caller need not transpose the keys at all).
+constexpr bool ReadsTransposedKeys(Isa isa, int64_t h) {
+  return isa == Isa::kAvx512Vnni && h <= kInt8MaxExactDim;
+}
+
 // out_gh [g, h] = the softmax-weighted values of a query from the partials of its chunks
 // (float [chunks, PartialFloats(g, h)], in slot order), merged in that order.
 void MergeChunks(const float* partials, int64_t chunks, int64_t g, int64_t h, float* out_gh);
