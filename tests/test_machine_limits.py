@@ -260,3 +260,48 @@ def test_bench_generate_prints_the_roofline(tmp_path, capsys):
     for name, ms in profile["pieces_ms"].items():
         assert f"| {name} | {ms:.2f} | {100 * ms / profile['step_ms']:.0f}% |" in printed
     assert main(argv + ["--read-buffer-mb", "0"]) == 2
+
+
+def test_context_table_pairs_the_runs_of_a_round():
+    """Hand-worked: after 128 tokens the runs decode at 40, 30, 36 tok/s, after 2048 at 34, 27, 27
+    in the same rounds: medians 36 and 27 (75%), round by round 85%, 90%, 75% (median 85%); the
+    roofline allows 800 / 900 MB = 89%. A backend timed at one length has no row."""
+    from bitnet_jax.bench.serve import GenerateTiming, context_table
+
+    def timing(backend, prompt, runs, layers_mb):
+        r = GenerateTiming(backend, "int8-tied", 2, prompt, 128, 100.0, float(np.median(runs)), 1.0, 1.0, "avx2")
+        return dataclasses.replace(r, layers_mb=layers_mb, decode_runs_tok_s=runs)
+
+    table = context_table(
+        [
+            timing("ffi", 2048, (34.0, 27.0, 27.0), 900.0),
+            timing("ffi", 128, (40.0, 30.0, 36.0), 800.0),
+            timing("xla", 128, (1.0,), 800.0),
+        ]
+    )
+    assert "| ffi | 2048 | 27.00 | 75% | 85% (75%-90%) | 89% |" in table
+    assert "| xla |" not in table and table.count("| ffi |") == 1
+    assert context_table([timing("ffi", 128, (40.0,), 800.0)]) == ""
+
+
+def test_bench_generate_times_prompt_lengths_in_turns(tmp_path, capsys):
+    """--prompt-tokens 8,16: one process times both lengths, its runs in alternating rounds; each
+    length has its row (its own context and KV bytes), its runs' rates, and the context table."""
+    out = tmp_path / "generate.json"
+    argv = ["bench", "generate", "--preset", "tiny", "--random-weights", "--backends", "ffi"]
+    argv += ["--prompt-tokens", "16,8", "--new-tokens", "4", "--repeats", "3", "--read-buffer-mb", "8"]
+    assert main(argv + ["--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    short, long = json.loads(out.read_text())
+    assert (short["prompt_tokens"], long["prompt_tokens"]) == (8, 16)
+    assert (short["decode_context"], long["decode_context"]) == (10.5, 18.5)
+    assert long["kv_mb"] == pytest.approx(short["kv_mb"] * 18.5 / 10.5) and long["layers_mb"] == short["layers_mb"]
+    for row in (short, long):
+        assert len(row["decode_runs_tok_s"]) == 3
+        assert row["decode_tok_s"] == pytest.approx(np.median(row["decode_runs_tok_s"]))
+        assert row["peak_rss_mb"] > 0 and row["compile_s"] > 0
+    paired = np.median(np.divide(long["decode_runs_tok_s"], short["decode_runs_tok_s"]))
+    assert "| ffi | 16 |" in printed and f"| {100 * paired:.0f}% (" in printed
+    for bad in ("8,8", "0,8", "8,x", ""):
+        assert main(["bench", "generate", "--random-weights", "--preset", "tiny", "--prompt-tokens", bad]) == 2
+        assert "--prompt-tokens" in capsys.readouterr().err

@@ -333,6 +333,9 @@ class GenerateTiming:
     # compilation cache), and that cache's folder.
     compile_s: float | None = None
     compilation_cache: str | None = None
+    # Decode tok/s of each timed run, in the order run; with several prompt lengths, the runs of
+    # one round (one run of each length) share an index (`context_table`).
+    decode_runs_tok_s: tuple[float, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "mb_per_token", self.layers_mb + self.head_mb + self.other_mb + self.kv_mb)
@@ -452,29 +455,39 @@ def dense_params(config, packed: dict, dtype) -> dict:
     return out
 
 
-def bench_generate(
+def bench_generate(config, backend: str, *, prompt_tokens: int = 128, **kwargs) -> GenerateTiming:
+    """`bench_generate_contexts` at one prompt length."""
+    (timing,) = bench_generate_contexts(config, backend, prompt_lengths=(prompt_tokens,), **kwargs)
+    return timing
+
+
+def bench_generate_contexts(
     config,
     backend: str,
     *,
     lm_head: str | None = None,
-    prompt_tokens: int = 128,
+    prompt_lengths: tuple[int, ...] = (128,),
     new_tokens: int = 128,
     repeats: int = 3,
     xla_dtype: str = "float32",
     seed: int = 0,
     profile: bool = False,
     kv_cache: str | None = None,
-) -> GenerateTiming:
+) -> list[GenerateTiming]:
     """Prefill and decode speed of one backend on random weights of the config's shape (its
-    weight_quant decides the packed scales: per tensor, or per group of inputs): 'ffi' (packed
-    weights on the FFI kernels), 'xla-packed' (the same packed weights on the XLA integer path),
-    'pallas' (the XLA integer path with the ternary matmuls as the Pallas kernel) or 'xla' (dense
-    float weights in XLA ops).
+    weight_quant decides the packed scales: per tensor, or per group of inputs), after a prompt
+    of each of `prompt_lengths`: 'ffi' (packed weights on the FFI kernels), 'xla-packed' (the same
+    packed weights on the XLA integer path), 'pallas' (the XLA integer path with the ternary
+    matmuls as the Pallas kernel) or 'xla' (dense float weights in XLA ops).
 
-    One program generates 1 + new_tokens tokens, streaming them: prefill tokens/s =
-    prompt_tokens / time to the first token; decode tokens/s = new_tokens / time from the first
-    token to the last; medians of `repeats` runs after a warm-up run. Peak RSS is the high-water
-    mark from just after the weights are built (/proc/self/clear_refs).
+    One program per prompt length generates 1 + new_tokens tokens, streaming them: prefill
+    tokens/s = prompt tokens / time to the first token; decode tokens/s = new_tokens / time from
+    the first token to the last; medians of `repeats` runs after a warm-up run. The lengths take
+    turns, round after round, in alternating order (A B, then B A), so that a shared host's
+    minutes fall on all of them alike and their decode rates compare run by run
+    (`decode_runs_tok_s`, `context_table`). Peak RSS is the high-water mark over a length's runs
+    (/proc/self/clear_refs before each), from just after the weights are built; in a process that
+    ran longer prompts too, a shorter one's peak may hold memory they freed and glibc kept.
     `lm_head` is the FFI model's (default: the serving default, `ops.default_lm_head`).
     `profile` (FFI backend): also time the pieces of a decode step alone (bench/profile.py).
     `kv_cache`: the FFI model's KV cache dtype (default float32).
@@ -493,9 +506,11 @@ def bench_generate(
         serving_params,
     )
 
+    if not prompt_lengths or min(prompt_lengths) < 1 or len(set(prompt_lengths)) != len(prompt_lengths):
+        raise BitNetError(f"prompt lengths {prompt_lengths}: expected distinct positive lengths.")
     lm_head = lm_head or default_lm_head(config)
-    prompt = np.random.default_rng(seed).integers(0, config.vocab_size, (1, prompt_tokens))
-    compile_s = None
+    prompts = [np.random.default_rng(seed).integers(0, config.vocab_size, (1, n)) for n in prompt_lengths]
+    compile_s = [None] * len(prompts)
     serve_backend = None  # the default for packed parameters: the FFI kernels on CPU
     if backend in ("xla-packed", "pallas"):
         params = random_packed_params(config, lm_head=lm_head, seed=seed)
@@ -506,9 +521,10 @@ def bench_generate(
         # As `bitnet-jax generate` serves: compile from the shapes (in a child process), then make
         # the weights.
         shapes = random_packed_params(config, lm_head=lm_head, seed=seed, abstract=True)
-        start = time.perf_counter()
-        compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True, kv_cache=kv_cache, in_child=True)
-        compile_s = time.perf_counter() - start
+        for i, prompt in enumerate(prompts):
+            start = time.perf_counter()
+            compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True, kv_cache=kv_cache, in_child=True)
+            compile_s[i] = time.perf_counter() - start
         params = random_packed_params(config, lm_head=lm_head, seed=seed)
         isa = ffi.selected_isa()
     else:
@@ -522,52 +538,68 @@ def bench_generate(
     gc.collect()
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     traffic = decode_bytes(config, params, kv_cache_dtype(params, serving_params(config, params, None, kv_cache)[1]))
-    context = decode_context(prompt_tokens, new_tokens)
-    reset_peak_rss()
+    peaks = [0.0] * len(prompts)
 
-    def run():
+    def run(i):
         token_times = []
+        reset_peak_rss()
         start = time.perf_counter()
         on_tokens = lambda _: token_times.append(time.perf_counter())
-        generate(config, params, prompt, 1 + new_tokens, on_tokens=on_tokens, backend=serve_backend, kv_cache=kv_cache)
+        generate(
+            config, params, prompts[i], 1 + new_tokens, on_tokens=on_tokens, backend=serve_backend, kv_cache=kv_cache
+        )
+        peaks[i] = max(peaks[i], peak_rss_mb())
         return token_times[0] - start, token_times[-1] - token_times[0]
 
-    run()  # warm up (and compile, for the dense path)
-    prefill_s, decode_s = np.median([run() for _ in range(repeats)], axis=0)
-    peak_rss = peak_rss_mb()  # before the profile, whose pieces are not serving
-    pieces = None
-    if profile and backend == "ffi":
-        prompt_slots = generate_prompt_length(config, params, prompt_tokens, backend=serve_backend, kv_cache=kv_cache)
-        pieces = profile_decode(
-            config,
-            params,
-            position=prompt_tokens + (new_tokens - 1) // 2,  # the middle of the timed steps
-            cache_slots=prompt_slots + 1 + new_tokens,  # as `generate` allocates
-            step_ms=1e3 * decode_s / new_tokens,
-            kv_cache=kv_cache,
+    order = list(range(len(prompts)))
+    for i in order:
+        run(i)  # warm up (and compile, for the dense path)
+    runs = [[] for _ in prompts]  # (prefill s, decode s) of each timed run, per length
+    for round_ in range(repeats):
+        for i in order if round_ % 2 == 0 else order[::-1]:
+            runs[i].append(run(i))
+    results = []
+    for i, prompt_tokens in enumerate(prompt_lengths):
+        prefill_s, decode_s = np.median(runs[i], axis=0)
+        pieces = None
+        if profile and backend == "ffi":  # after the timed runs and their peaks: the pieces are not serving
+            prompt_slots = generate_prompt_length(
+                config, params, prompt_tokens, backend=serve_backend, kv_cache=kv_cache
+            )
+            pieces = profile_decode(
+                config,
+                params,
+                position=prompt_tokens + (new_tokens - 1) // 2,  # the middle of the timed steps
+                cache_slots=prompt_slots + 1 + new_tokens,  # as `generate` allocates
+                step_ms=1e3 * decode_s / new_tokens,
+                kv_cache=kv_cache,
+            )
+        results.append(
+            GenerateTiming(
+                backend,
+                lm_head,
+                len(os.sched_getaffinity(0)),
+                prompt_tokens,
+                new_tokens,
+                prompt_tokens / prefill_s,
+                new_tokens / decode_s,
+                peaks[i],
+                weight_bytes / 1e6,
+                isa,
+                layers_mb=traffic.layers / 1e6,
+                head_mb=traffic.head / 1e6,
+                other_mb=traffic.other / 1e6,
+                kv_mb=traffic.kv_per_slot * decode_context(prompt_tokens, new_tokens) / 1e6,
+                decode_context=decode_context(prompt_tokens, new_tokens),
+                prefill_ternary_gops=ternary_ops_per_token(config) * prompt_tokens / prefill_s / 1e9,
+                profile=pieces,
+                kv_cache=kv_cache or "float32",
+                compile_s=compile_s[i],
+                compilation_cache=jax.config.jax_compilation_cache_dir,
+                decode_runs_tok_s=tuple(new_tokens / d for _, d in runs[i]),
+            )
         )
-    return GenerateTiming(
-        backend,
-        lm_head,
-        len(os.sched_getaffinity(0)),
-        prompt_tokens,
-        new_tokens,
-        prompt_tokens / prefill_s,
-        new_tokens / decode_s,
-        peak_rss,
-        weight_bytes / 1e6,
-        isa,
-        layers_mb=traffic.layers / 1e6,
-        head_mb=traffic.head / 1e6,
-        other_mb=traffic.other / 1e6,
-        kv_mb=traffic.kv_per_slot * context / 1e6,
-        decode_context=context,
-        prefill_ternary_gops=ternary_ops_per_token(config) * prompt_tokens / prefill_s / 1e9,
-        profile=pieces,
-        kv_cache=kv_cache or "float32",
-        compile_s=compile_s,
-        compilation_cache=jax.config.jax_compilation_cache_dir,
-    )
+    return results
 
 
 def with_generate_limits(
@@ -647,6 +679,42 @@ def limits_tables(results: list[GenerateTiming]) -> str:
             f"| {r.backend} | {r.isa} | {r.threads} | {r.prefill_tok_s:.1f} | {r.prefill_ternary_gops:.1f} "
             f"| {_number(r.int8_peak_gops, ',.0f')} | {_percent(r.prefill_of_int8_peak)} |"
         )
+    return "\n".join(lines)
+
+
+def context_table(results: list[GenerateTiming]) -> str:
+    """Decode after each longer prompt against decode after the shortest, per backend with more
+    than one length: the ratio of the medians, the ratios of the runs taken in the same round
+    (median and range: one round's runs share the host's minute), and the ratio the roofline
+    allows (MB read per token after the shortest / after this one: a decode at a steady share of
+    the bandwidth). Empty where no backend ran several lengths."""
+    lines = []
+    for backend in dict.fromkeys(r.backend for r in results):
+        rows = sorted((r for r in results if r.backend == backend), key=lambda r: r.prompt_tokens)
+        if len(rows) < 2:
+            continue
+        base = rows[0]
+        if not lines:
+            lines += [
+                f"Decode against context: after each prompt / after the shortest ({base.prompt_tokens} tokens); "
+                "per round: the runs of one",
+                "round (the lengths take turns), median and range; roofline: the bytes read per token after "
+                "the shortest / after this one.",
+                "",
+                "| backend | prompt tokens | decode tok/s | of the shortest's | per round | roofline allows |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+        for r in rows[1:]:
+            paired = [a / b for a, b in zip(r.decode_runs_tok_s, base.decode_runs_tok_s, strict=True)]
+            per_round = (
+                f"{_percent(float(np.median(paired)))} ({_percent(min(paired))}-{_percent(max(paired))})"
+                if paired
+                else "-"
+            )
+            of_base = _percent(r.decode_tok_s / base.decode_tok_s)
+            allows = _percent(base.mb_per_token / r.mb_per_token)
+            rate = f"{r.decode_tok_s:.2f}"
+            lines.append(f"| {backend} | {r.prompt_tokens} | {rate} | {of_base} | {per_round} | {allows} |")
     return "\n".join(lines)
 
 

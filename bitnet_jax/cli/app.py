@@ -226,7 +226,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_lm_head(bench_gen, "the FFI model's lm_head")
     _add_kv_cache(bench_gen)
     _add_compilation_cache(bench_gen)
-    bench_gen.add_argument("--prompt-tokens", type=int, default=128)
+    bench_gen.add_argument(
+        "--prompt-tokens",
+        default="128",
+        help="prompt length, or comma-separated lengths (e.g. 128,2048) timed in turns in one process, with decode "
+        "after each against decode after the shortest (default 128)",
+    )
     bench_gen.add_argument("--new-tokens", type=int, default=128, help="decoded tokens timed, FFI (default 128)")
     bench_gen.add_argument(
         "--xla-new-tokens", type=int, default=16, help="decoded tokens timed on the (slow) XLA dense path (default 16)"
@@ -620,7 +625,13 @@ def _bench_generate(args) -> int:
 
     from bitnet_jax.bench.machine import limits_table
     from bitnet_jax.bench.profile import profile_table
-    from bitnet_jax.bench.serve import generate_table, limits_tables, with_generate_limits, write_json
+    from bitnet_jax.bench.serve import (
+        context_table,
+        generate_table,
+        limits_tables,
+        with_generate_limits,
+        write_json,
+    )
     from bitnet_jax.bench.train import cpu_name
     from bitnet_jax.errors import BitNetError
     from bitnet_jax.model.config import PRESETS, BitNetConfig
@@ -636,6 +647,7 @@ def _bench_generate(args) -> int:
         )
     overrides = {} if args.weight_quant is None else {"weight_quant": args.weight_quant}
     BitNetConfig.preset(args.preset, **overrides)  # validates --weight-quant before any child starts
+    prompt_lengths = _prompt_lengths(args.prompt_tokens)
     # One child process per backend: each measures its own peak memory, with a fresh XLA. The
     # machine's limits first, in a child of their own (their read buffer stays out of the peaks).
     context = multiprocessing.get_context("spawn")
@@ -646,26 +658,25 @@ def _bench_generate(args) -> int:
     for backend in backends:
         new_tokens = args.new_tokens if backend == "ffi" else args.xla_new_tokens
         with context.Pool(1) as pool:
-            results.append(
-                pool.apply(
-                    _bench_generate_child,
-                    (
-                        args.preset,
-                        overrides,
-                        backend,
-                        args.threads,
-                        args.lm_head,
-                        args.prompt_tokens,
-                        new_tokens,
-                        args.repeats,
-                        args.xla_dtype,
-                        args.profile,
-                        args.kv_cache,
-                        args.compilation_cache,
-                    ),
-                )
+            timings = pool.apply(
+                _bench_generate_child,
+                (
+                    args.preset,
+                    overrides,
+                    backend,
+                    args.threads,
+                    args.lm_head,
+                    prompt_lengths,
+                    new_tokens,
+                    args.repeats,
+                    args.xla_dtype,
+                    args.profile,
+                    args.kv_cache,
+                    args.compilation_cache,
+                ),
             )
-        print(generate_table(results[-1:]).splitlines()[-1], flush=True)
+        results += timings
+        print("\n".join(generate_table(timings).splitlines()[2:]), flush=True)
     # Again after the runs, so that each decode figure stands beside a reading on either side of it.
     with context.Pool(1) as pool:
         limits_after = pool.apply(_bench_limits_child, (args.threads, _read_buffer_bytes(args)))
@@ -675,13 +686,18 @@ def _bench_generate(args) -> int:
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights{scales}\n")
     print(generate_table(results))
     print("\n" + limits_tables(results))
+    if len(prompt_lengths) > 1:
+        print("\n" + context_table(results))
     for r in results:
         if r.profile is not None:
             print("\n" + profile_table(r.profile))
     for r in results:
         if r.compile_s is not None:
             cache = f"compilation cache {r.compilation_cache}" if r.compilation_cache else "no compilation cache"
-            print(f"\n{r.backend}: the generate program compiled in {r.compile_s:.2f} s ({cache})")
+            print(
+                f"\n{r.backend}, {r.prompt_tokens}-token prompt: the generate program compiled in {r.compile_s:.2f} s "
+                f"({cache})"
+            )
     if args.json:
         write_json(args.json, results, limits, limits_after)
     return 0
@@ -721,6 +737,22 @@ def _bench_serve(args) -> int:
     return 0
 
 
+def _prompt_lengths(text: str) -> tuple[int, ...]:
+    """--prompt-tokens N or N,M,... (bench generate): distinct lengths, in ascending order."""
+    from bitnet_jax.errors import BitNetError
+
+    try:
+        lengths = tuple(sorted(int(part) for part in text.split(",")))
+    except ValueError:
+        lengths = ()
+    if not lengths or lengths[0] < 1 or len(set(lengths)) != len(lengths):
+        raise BitNetError(
+            f"--prompt-tokens {text}: expected a length such as 128, or distinct comma-separated lengths "
+            "such as 128,2048."
+        )
+    return lengths
+
+
 def _prompt_range(text: str) -> int | tuple[int, int]:
     """--prompt-tokens N or A-B (bench serve)."""
     from bitnet_jax.errors import BitNetError
@@ -750,7 +782,7 @@ def _bench_generate_child(
     backend,
     threads,
     lm_head,
-    prompt_tokens,
+    prompt_lengths,
     new_tokens,
     repeats,
     xla_dtype,
@@ -761,17 +793,17 @@ def _bench_generate_child(
     from bitnet_jax.bench.serve import set_threads
 
     set_threads(threads)
-    from bitnet_jax.bench.serve import bench_generate
+    from bitnet_jax.bench.serve import bench_generate_contexts
     from bitnet_jax.model.config import BitNetConfig
     from bitnet_jax.serve.compile_cache import enable_compilation_cache
 
     enable_compilation_cache(compilation_cache)
 
-    return bench_generate(
+    return bench_generate_contexts(
         BitNetConfig.preset(preset, **overrides),
         backend,
         lm_head=lm_head,
-        prompt_tokens=prompt_tokens,
+        prompt_lengths=prompt_lengths,
         new_tokens=new_tokens,
         repeats=repeats,
         xla_dtype=xla_dtype,
