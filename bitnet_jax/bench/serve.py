@@ -486,8 +486,10 @@ def bench_generate_contexts(
     turns, round after round, in alternating order (A B, then B A), so that a shared host's
     minutes fall on all of them alike and their decode rates compare run by run
     (`decode_runs_tok_s`, `context_table`). Peak RSS is the high-water mark over a length's runs
-    (/proc/self/clear_refs before each), from just after the weights are built; in a process that
-    ran longer prompts too, a shorter one's peak may hold memory they freed and glibc kept.
+    (/proc/self/clear_refs before each), from just after the weights are built; with several
+    lengths the process also holds the other lengths' programs and what glibc kept of their
+    buffers (on the Zen 4, 2B4T: +14 MB at 128 tokens and +55 at 2048, beside 128,2048), so the
+    serving peak of one prompt length is a run of that length alone.
     `lm_head` is the FFI model's (default: the serving default, `ops.default_lm_head`).
     `profile` (FFI backend): also time the pieces of a decode step alone (bench/profile.py).
     `kv_cache`: the FFI model's KV cache dtype (default float32).
