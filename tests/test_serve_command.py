@@ -1,6 +1,7 @@
 """`bitnet-jax serve` as a command: it serves on 127.0.0.1, and SIGTERM lets the request in flight
 finish, then exits 0."""
 
+import dataclasses
 import json
 import signal
 import socket
@@ -11,7 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
+from bitnet_jax import BitNetConfig
 from bitnet_jax.cli import main
 
 
@@ -91,7 +94,18 @@ def test_serve_command_sigterm_finishes_the_stream_and_exits_0(tmp_path):
 def test_bench_serve_small(tmp_path, capsys):
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,2", "--prompt-tokens", "8"]
-    argv += ["--new-tokens", "4", "--max-context", "32", "--lm-head", "int4-tied", "--kv-cache", "int8"]
+    argv += [
+        "--read-buffer-mb",
+        "8",
+        "--new-tokens",
+        "4",
+        "--max-context",
+        "32",
+        "--lm-head",
+        "int4-tied",
+        "--kv-cache",
+        "int8",
+    ]
     assert main(argv + ["--kv-cache-tokens", "40", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| clients | aggregate decode tok/s |" in table and "Aggregate decode with 2 clients" in table
@@ -103,13 +117,79 @@ def test_bench_serve_small(tmp_path, capsys):
     assert all(r["temperature"] == 0 and r["top_p"] == 1 for r in rows)
     assert "KV cache; greedy; 8-token prompts; prefill chunks of" in table
     assert all(r["prompt_tokens"] == 8 and r["prompt_tokens_max"] is None for r in rows)
+    # Each level against the limit of its decode steps, from the limits measured in the run (on
+    # the path that served and the level's threads): B / max(memory time, compute time).
+    for r in rows:
+        (limits,) = [x for x in r["machine_limits"]["rows"] if (x["path"], x["threads"]) == (r["isa"], r["threads"])]
+        assert r["read_gb_s"] == limits["read_gb_s"] and r["int8_peak_gops"] == limits["int8_peak_gops"]
+        memory_s = (r["step_weights_mb"] + r["clients"] * r["kv_mb_per_stream"]) / (1e3 * r["read_gb_s"])
+        compute_s = r["clients"] * r["ops_per_token_g"] / r["int8_peak_gops"]
+        assert r["limit_tok_s"] == pytest.approx(r["clients"] / max(memory_s, compute_s))
+        assert r["bound"] == ("memory" if memory_s >= compute_s else "compute")
+        assert r["of_limit"] == pytest.approx(r["aggregate_decode_tok_s"] / r["limit_tok_s"])
+        assert f"| {r['limit_tok_s']:.1f} ({r['bound']}) | {100 * r['of_limit']:.0f}% |" in table
+        # Read again after the levels: that reading's limit beside the first.
+        (again,) = [
+            x for x in r["machine_limits_after"]["rows"] if (x["path"], x["threads"]) == (r["isa"], r["threads"])
+        ]
+        memory_s = (r["step_weights_mb"] + r["clients"] * r["kv_mb_per_stream"]) / (1e3 * again["read_gb_s"])
+        compute_s = r["clients"] * r["ops_per_token_g"] / again["int8_peak_gops"]
+        assert r["limit_tok_s_after"] == pytest.approx(r["clients"] / max(memory_s, compute_s))
+        assert r["of_limit_after"] == pytest.approx(r["aggregate_decode_tok_s"] / r["limit_tok_s_after"])
+    # The tiny model's bytes and ops, counted from its shapes: 2 bits a ternary weight; the
+    # lm_head (int4, tied) and its int8 operations, 2 per multiply-add; an int8 KV cache (H codes
+    # and a float32 scale per slot, kv head, key or value and layer) at the decoded tokens' mean
+    # context, 8 + (4 + 1) / 2 positions.
+    config = BitNetConfig.preset("tiny")
+    ternary = sum(k * n for names in config.linear_shapes.values() for k, n in names.values())
+    ops = 2 * (ternary * config.num_hidden_layers + config.hidden_size * config.vocab_size)
+    assert rows[0]["ops_per_token_g"] == pytest.approx(ops / 1e9)
+    slot = config.num_hidden_layers * 2 * config.num_key_value_heads * (config.head_dim + 4)
+    assert rows[0]["kv_mb_per_stream"] == pytest.approx(slot * 10.5 / 1e6)
+    assert rows[0]["step_weights_mb"] > ternary * config.num_hidden_layers / 4 / 1e6
+    assert "Limit: a decode step for B streams reads" in table
+
+
+def test_with_serve_limits_arithmetic():
+    """Hand-worked: 800 MB of weights and 10 MB of cache a stream at 20 GB/s, 5 G ops a token at
+    500 GOPS: one stream 40.5 ms of reading against 10 of arithmetic, memory-bound, 24.7 tok/s (20
+    is 81% of it); 8 streams 44 ms against 80, compute-bound, 100 tok/s (60 is 60%); no limit
+    measured for the path: none claimed."""
+    from bitnet_jax.bench.machine import MachineLimits, PathLimits
+    from bitnet_jax.bench.server import ServeTiming, with_serve_limits
+
+    limits = MachineLimits("cpu", 8.0, (PathLimits("avx2", "vpmaddubsw ymm", 2, 20.0, 500.0),))
+    base = ServeTiming(1, 8, 4, 20.0, 20.0, 0.1, 0.1, 1.0, 8, 64, 2, "int8-tied", "int8", 64)
+    base = dataclasses.replace(base, step_weights_mb=800.0, kv_mb_per_stream=10.0, ops_per_token_g=5.0, isa="avx2")
+    one = with_serve_limits(base, limits)
+    assert (one.bound, one.limit_tok_s, one.of_limit) == ("memory", pytest.approx(1 / 0.0405), pytest.approx(0.81))
+    eight = with_serve_limits(dataclasses.replace(base, clients=8, aggregate_decode_tok_s=60.0), limits)
+    assert (eight.bound, eight.limit_tok_s, eight.of_limit) == ("compute", pytest.approx(100.0), pytest.approx(0.6))
+    other = with_serve_limits(dataclasses.replace(base, isa="avx512"), limits)
+    assert other.limit_tok_s is None and other.of_limit is None and other.bound is None
+    # Read again at 40 GB/s: one stream's reading takes half as long, 49.4 tok/s (20 is 40%).
+    faster = MachineLimits("cpu", 8.0, (PathLimits("avx2", "vpmaddubsw ymm", 2, 40.0, 500.0),))
+    again = with_serve_limits(base, limits, faster)
+    assert (again.limit_tok_s_after, again.of_limit_after) == (pytest.approx(1 / 0.02025), pytest.approx(0.405))
+    assert again.limit_tok_s == one.limit_tok_s and one.limit_tok_s_after is None
 
 
 def test_bench_serve_sampling(tmp_path, capsys):
     """--temperature / --top-p reach every request (the server's sampling branch runs) and the table says so."""
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,2", "--prompt-tokens", "8"]
-    argv += ["--new-tokens", "4", "--max-context", "32", "--temperature", "0.8", "--top-p", "0.9"]
+    argv += [
+        "--new-tokens",
+        "4",
+        "--max-context",
+        "32",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--read-buffer-mb",
+        "8",
+    ]
     assert main(argv + ["--json", str(out)]) == 0
     assert "temperature 0.8, top_p 0.9; 8-token prompts; prefill chunks of" in capsys.readouterr().out
     rows = json.loads(out.read_text())
@@ -131,7 +211,7 @@ def test_bench_serve_prompt_range(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench_server, "_send", recording_send)
     out = tmp_path / "serve.json"
     argv = ["bench", "serve", "--preset", "tiny", "--random-weights", "--clients", "1,4", "--prompt-tokens", "5-40"]
-    argv += ["--new-tokens", "4", "--max-context", "64", "--prefill-chunk", "128"]
+    argv += ["--new-tokens", "4", "--max-context", "64", "--prefill-chunk", "128", "--read-buffer-mb", "8"]
     assert main(argv + ["--json", str(out)]) == 0
     # (Chunks of 128 where they run in place: where the FFI kernel attends them.)
     chunk = 128 if ffi_attention_simd() else 256

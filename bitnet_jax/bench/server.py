@@ -12,6 +12,12 @@ given) and timing its chunks. Per level:
   per-request tok/s       median over requests of (tokens - 1) / (last token - first token)
   TTFT                    time to the first token (median and p90): queueing and prefill
   peak RSS                the server process's high-water mark since the weights were built
+  limit tok/s             what this machine allows the level's decode steps (`with_serve_limits`,
+                          with the read bandwidth and int8 peak measured in the same run): a
+                          step for B streams reads the weights once and each stream's KV cache
+                          (memory time), and computes B tokens' int8 operations (compute time);
+                          B streams / the longer of the two. One stream is memory-bound; enough
+                          streams make the step compute-bound (on a 2-core Zen 4, from about 6).
 """
 
 from __future__ import annotations
@@ -44,6 +50,24 @@ class ServeTiming:
     top_p: float = 1.0
     prompt_tokens_max: int | None = None  # the longest, where prompts were drawn from a range
     prefill_chunk: int | None = None  # prompt tokens the engine read a step (`Engine.prefill_chunk`)
+    # What a decode step reads and computes (bench/roofline.py): MB read once per step whatever
+    # the streams (decoder-layer weights, lm_head, norms), MB of KV cache per stream at the mean
+    # context of its decoded tokens, and int8 operations (G) per decoded token (the ternary
+    # matmuls and the lm_head, 2 per multiply-add).
+    step_weights_mb: float = 0.0
+    kv_mb_per_stream: float = 0.0
+    ops_per_token_g: float = 0.0
+    isa: str = ""  # the kernel path that served
+    # Against this machine's limits (`with_serve_limits`).
+    read_gb_s: float | None = None
+    int8_peak_gops: float | None = None
+    limit_tok_s: float | None = None  # clients / max(memory time, compute time) of a step
+    bound: str | None = None  # which of the two sets limit_tok_s: "memory" or "compute"
+    of_limit: float | None = None  # aggregate_decode_tok_s / limit_tok_s
+    # The same against the limits measured again after the levels (a shared host's bandwidth
+    # moves from minute to minute: a figure is only as sure as the two readings agree).
+    limit_tok_s_after: float | None = None
+    of_limit_after: float | None = None
 
 
 class IdTokenizer:
@@ -89,15 +113,19 @@ def bench_serve(
     import multiprocessing
     import os
 
+    from bitnet_jax.bench.roofline import decode_bytes, decode_context, ternary_ops_per_token
     from bitnet_jax.bench.serve import peak_rss_mb, random_packed_params, reset_peak_rss
+    from bitnet_jax.kernels import ffi
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.batching import Engine
+    from bitnet_jax.serve.generate import kv_cache_dtype, serving_params
     from bitnet_jax.serve.server import create_app, running
 
     # No stop ids: every request decodes exactly `new_tokens` tokens.
     config = config.replace(eos_token_id=None)
     lm_head, kv_cache = lm_head or default_lm_head(config), kv_cache or "float32"
     params = random_packed_params(config, lm_head=lm_head, seed=seed)
+    traffic = decode_bytes(config, params, kv_cache_dtype(params, serving_params(config, params, None, kv_cache)[1]))
     engine = Engine(
         config,
         params,
@@ -117,6 +145,8 @@ def bench_serve(
     # the warm-up sends (its requests depend on the engine's programs, `prefill_chunk` among them).
     rng, warm_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     shortest, longest = prompt_tokens if isinstance(prompt_tokens, tuple) else (prompt_tokens, prompt_tokens)
+    kv_mb = traffic.kv_per_slot * decode_context((shortest + longest) / 2, new_tokens) / 1e6
+    ops_g = (ternary_ops_per_token(config) + 2 * config.hidden_size * config.vocab_size) / 1e9
 
     def prompt(length, rng=rng):
         return [int(i) for i in rng.integers(0, config.vocab_size, length)]
@@ -170,6 +200,10 @@ def bench_serve(
                     top_p,
                     longest if longest != shortest else None,
                     engine.prefill_chunk,
+                    (traffic.layers + traffic.head + traffic.other) / 1e6,
+                    kv_mb,
+                    ops_g,
+                    ffi.selected_isa(),
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)
@@ -210,15 +244,53 @@ def _clients(url: str, prompts: list[list[int]], sampling: dict, seeds: list[int
     return times, usage
 
 
+def with_serve_limits(r: ServeTiming, limits, after=None) -> ServeTiming:
+    """`r` with the limit of its decode steps on this machine (`limits`: bench/machine.py's
+    MachineLimits, measured on r's thread count and kernel path): B = r.clients streams a step,
+    memory time = (step_weights_mb + B * kv_mb_per_stream) / read bandwidth, compute time =
+    B * ops_per_token_g / int8 peak; limit = B / the longer. With `after` (the limits measured
+    again after the levels), the limit from that reading too. Fields stay None where no limit
+    was measured for r's threads or path."""
+    first = _step_limit(r, limits)
+    if first is None:
+        return r
+    read, peak, limit, bound = first
+    again = _step_limit(r, after) if after is not None else None
+    return dataclasses.replace(
+        r,
+        read_gb_s=read,
+        int8_peak_gops=peak,
+        limit_tok_s=limit,
+        bound=bound,
+        of_limit=r.aggregate_decode_tok_s / limit,
+        limit_tok_s_after=again[2] if again else None,
+        of_limit_after=r.aggregate_decode_tok_s / again[2] if again else None,
+    )
+
+
+def _step_limit(r: ServeTiming, limits) -> tuple[float, float, float, str] | None:
+    """(read GB/s, int8 peak GOPS, limit tok/s, bound) of r's decode steps under `limits`."""
+    read, peak = limits.read_gb_s(r.threads), limits.int8_peak_gops(r.isa, r.threads)
+    if not read or not peak:
+        return None
+    memory_s = (r.step_weights_mb + r.clients * r.kv_mb_per_stream) / (read * 1e3)
+    compute_s = r.clients * r.ops_per_token_g / peak
+    return read, peak, r.clients / max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
+
+
 def serve_table(results: list[ServeTiming]) -> str:
     lines = [
-        "| clients | aggregate decode tok/s | per-request tok/s | TTFT median (s) | TTFT p90 (s) | peak RSS MB |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| clients | aggregate decode tok/s | per-request tok/s | TTFT median (s) | TTFT p90 (s) | peak RSS MB "
+        "| limit tok/s (bound) | of limit | limit, read after | of limit, read after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        limit = "-" if r.limit_tok_s is None else f"{r.limit_tok_s:.1f} ({r.bound})"
+        limit_after = "-" if r.limit_tok_s_after is None else f"{r.limit_tok_s_after:.1f}"
         lines.append(
             f"| {r.clients} | {r.aggregate_decode_tok_s:.1f} | {r.per_request_tok_s:.2f} | {r.ttft_median_s:.2f} "
-            f"| {r.ttft_p90_s:.2f} | {r.peak_rss_mb:.0f} |"
+            f"| {r.ttft_p90_s:.2f} | {r.peak_rss_mb:.0f} | {limit} | {_percent(r.of_limit)} | {limit_after} "
+            f"| {_percent(r.of_limit_after)} |"
         )
     one = next((r for r in results if r.clients == 1), None)
     if one is not None and len(results) > 1:
@@ -231,7 +303,21 @@ def serve_table(results: list[ServeTiming]) -> str:
             f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache; {_sampling(most)}; "
             f"{_prompts(most)}; prefill chunks of {most.prefill_chunk} tokens)."
         )
+    if any(r.limit_tok_s is not None for r in results):
+        r = results[-1]
+        lines += [
+            "",
+            f"Limit: a decode step for B streams reads {r.step_weights_mb:.1f} MB of weights once and "
+            f"{r.kv_mb_per_stream:.1f} MB of KV cache per stream, at {r.read_gb_s:.1f} GB/s (read before the "
+            "levels), and computes "
+            f"{r.ops_per_token_g:.2f} G int8 ops per token, at {r.int8_peak_gops:,.0f} GOPS ({r.isa}, "
+            f"{r.threads} threads); limit tok/s = B / the longer of the two times.",
+        ]
     return "\n".join(lines)
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _sampling(r: ServeTiming) -> str:

@@ -264,6 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_prefill_chunk(bench_srv)
     _add_lm_head(bench_srv, "the model's lm_head")
     _add_kv_cache(bench_srv)
+    _add_read_buffer(bench_srv)
     _add_json(bench_srv, "results")
     bench_srv.set_defaults(func=_bench_serve)
 
@@ -412,7 +413,7 @@ def _add_random_model(parser: argparse.ArgumentParser, random_weights_help: str)
 
 
 def _add_read_buffer(parser: argparse.ArgumentParser) -> None:
-    """The buffer that measures this machine's read bandwidth (bench kernels, bench generate)."""
+    """The buffer that measures this machine's read bandwidth (bench kernels, generate, serve)."""
     parser.add_argument(
         "--read-buffer-mb",
         type=int,
@@ -707,8 +708,11 @@ def _bench_serve(args) -> int:
     from bitnet_jax.bench.serve import set_threads
 
     set_threads(args.threads)  # before JAX starts
+    import multiprocessing
+
+    from bitnet_jax.bench.machine import limits_table
     from bitnet_jax.bench.serve import write_json
-    from bitnet_jax.bench.server import bench_serve, serve_table
+    from bitnet_jax.bench.server import bench_serve, serve_table, with_serve_limits
     from bitnet_jax.bench.train import cpu_name
     from bitnet_jax.errors import BitNetError
     from bitnet_jax.model.config import BitNetConfig
@@ -717,6 +721,11 @@ def _bench_serve(args) -> int:
         clients = tuple(int(c) for c in args.clients.split(","))
     except ValueError:
         raise BitNetError(f"--clients {args.clients}: expected comma-separated counts, e.g. 1,2,4,8.") from None
+    # The machine's limits in a child of their own, as for bench generate (its read buffer stays
+    # out of the server's peak).
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        limits = pool.apply(_bench_limits_child, (args.threads, _read_buffer_bytes(args)))
+    print(limits_table(limits) + "\n", flush=True)
     results = bench_serve(
         BitNetConfig.preset(args.preset),
         clients=clients,
@@ -730,10 +739,14 @@ def _bench_serve(args) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
     )
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        limits_after = pool.apply(_bench_limits_child, (args.threads, _read_buffer_bytes(args)))
+    print("\nOnce more, after the levels:\n\n" + limits_table(limits_after), flush=True)
+    results = [with_serve_limits(r, limits, limits_after) for r in results]
     print(f"\nCPU: {cpu_name()}; random {args.preset}-shaped weights\n")
     print(serve_table(results))
     if args.json:
-        write_json(args.json, results)
+        write_json(args.json, results, limits, limits_after)
     return 0
 
 
