@@ -125,7 +125,9 @@ def bench_serve(
     config = config.replace(eos_token_id=None)
     lm_head, kv_cache = lm_head or default_lm_head(config), kv_cache or "float32"
     params = random_packed_params(config, lm_head=lm_head, seed=seed)
-    traffic = decode_bytes(config, params, kv_cache_dtype(params, serving_params(config, params, None, kv_cache)[1]))
+    serving = serving_params(config, params, None, kv_cache)[1]  # as the engine will serve
+    traffic = decode_bytes(config, params, kv_cache_dtype(params, serving))
+    isa = ffi.selected_isa() if serving.backend == "ffi" else serving.backend  # no measured limits for "xla"
     engine = Engine(
         config,
         params,
@@ -203,7 +205,7 @@ def bench_serve(
                     (traffic.layers + traffic.head + traffic.other) / 1e6,
                     kv_mb,
                     ops_g,
-                    ffi.selected_isa(),
+                    isa,
                 )
             )
             print(serve_table(results[-1:]).splitlines()[-1], flush=True)
@@ -303,8 +305,8 @@ def serve_table(results: list[ServeTiming]) -> str:
             f"{most.threads} threads; {most.lm_head} lm_head, {most.kv_cache} KV cache; {_sampling(most)}; "
             f"{_prompts(most)}; prefill chunks of {most.prefill_chunk} tokens)."
         )
-    if any(r.limit_tok_s is not None for r in results):
-        r = results[-1]
+    r = next((r for r in results if r.limit_tok_s is not None), None)
+    if r is not None:
         lines += [
             "",
             f"Limit: a decode step for B streams reads {r.step_weights_mb:.1f} MB of weights once and "
