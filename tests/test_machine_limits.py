@@ -302,6 +302,6 @@ def test_bench_generate_times_prompt_lengths_in_turns(tmp_path, capsys):
         assert row["peak_rss_mb"] > 0 and row["compile_s"] > 0
     paired = np.median(np.divide(long["decode_runs_tok_s"], short["decode_runs_tok_s"]))
     assert "| ffi | 16 |" in printed and f"| {100 * paired:.0f}% (" in printed
-    for bad in ("8,8", "0,8", "8,x", ""):
+    for bad in ("8,8", "0,8", "8,x", "", "16,512"):  # the last: past the tiny preset's 512-token context
         assert main(["bench", "generate", "--random-weights", "--preset", "tiny", "--prompt-tokens", bad]) == 2
         assert "--prompt-tokens" in capsys.readouterr().err

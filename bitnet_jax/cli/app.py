@@ -647,8 +647,14 @@ def _bench_generate(args) -> int:
             f"--backends {args.backends}: expected a comma-separated list of ffi, xla, xla-packed, pallas."
         )
     overrides = {} if args.weight_quant is None else {"weight_quant": args.weight_quant}
-    BitNetConfig.preset(args.preset, **overrides)  # validates --weight-quant before any child starts
+    config = BitNetConfig.preset(args.preset, **overrides)  # validates --weight-quant before any child starts
     prompt_lengths = _prompt_lengths(args.prompt_tokens)
+    new_tokens_most = max(args.new_tokens, args.xla_new_tokens)
+    if prompt_lengths[-1] + 1 + new_tokens_most > config.max_position_embeddings:
+        raise BitNetError(
+            f"--prompt-tokens {args.prompt_tokens}: a {prompt_lengths[-1]}-token prompt and {1 + new_tokens_most} "
+            f"generated tokens exceed the {args.preset} context of {config.max_position_embeddings} tokens."
+        )
     # One child process per backend: each measures its own peak memory, with a fresh XLA. The
     # machine's limits first, in a child of their own (their read buffer stays out of the peaks).
     context = multiprocessing.get_context("spawn")
