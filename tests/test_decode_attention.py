@@ -205,26 +205,33 @@ def test_paged_cache_gives_the_same_bits(isa, cache):
 
 
 @pytest.mark.parametrize("cache", ["float32", "int8"])
-def test_prefill_chunk_gives_each_query_the_bits_it_gets_alone(isa, cache):
+@pytest.mark.parametrize("k", [1, 2])
+def test_prefill_chunk_gives_each_query_the_bits_it_gets_alone(isa, cache, k):
     """The kernel splits its work two ways: a prefill chunk's many (query, kv head) outputs one
     task each, which attends over the output's chunks of 128 slots in order and merges them; a
     decode step's few outputs one task per chunk, merged in a second pass (attention.cc). Each
     query of a 256-query chunk (512 outputs: the first way on up to 128 threads) must get the
-    bits it gets alone (2 outputs: the second way on any number of threads)."""
-    h, g, k, t, s = 128, 4, 2, 256, 700
+    bits it gets alone (2 outputs: the second way on any number of threads). On AVX-512 VNNI over
+    an int8 cache the chunk's queries score from keys their threads transposed, kept from one of a
+    thread's tasks to its next within a call, the single queries from the keys as they lie: so the
+    chunk runs on a layer, another, and the first again, and a thread that scored from another
+    call's keys would fail this (where it shows depends on which threads take which tasks: one
+    and two kv heads give it two chances; each caught it when the kept keys ignored the call)."""
+    h, g, t, s = 128, 4, 256, 700
     q, k_cache, v_cache = _inputs(h, g, k, 1, t, s, seed=9)
     positions = (150 + 2 * np.arange(t, dtype=np.int32))[None]  # 150..660: 2 to 6 chunks
     positions[0, 7] = -1  # nothing to attend
     caches = (k_cache, v_cache) if cache == "float32" else _int8_cache(k_cache, v_cache)
     call = jax.jit(
-        lambda q, positions: ffi.decode_attention(q, caches[0], caches[1], LAYER, positions, None, *caches[2:])
+        lambda q, positions, layer: ffi.decode_attention(q, caches[0], caches[1], layer, positions, None, *caches[2:])
     )
-    chunk = np.asarray(call(q, positions))
-    for ti in (0, 7, 52, 53, 180, 255):  # positions 150, -1, 254, 256 (a chunk's first slot), 510, 660
-        alone = np.asarray(call(q[:, ti : ti + 1], positions[:, ti : ti + 1]))
-        assert alone.tobytes() == chunk[:, ti : ti + 1].tobytes(), (
-            f"query {ti} alone differs from query {ti} in the chunk"
-        )
+    for layer in (LAYER, 0, LAYER):
+        chunk = np.asarray(call(q, positions, layer))
+        for ti in (0, 7, 52, 53, 180, 255):  # positions 150, -1, 254, 256 (a chunk's first slot), 510, 660
+            alone = np.asarray(call(q[:, ti : ti + 1], positions[:, ti : ti + 1], layer))
+            assert alone.tobytes() == chunk[:, ti : ti + 1].tobytes(), (
+                f"layer {layer}: query {ti} alone differs from query {ti} in the chunk"
+            )
 
 
 def test_paged_cache_bad_input_is_an_error():

@@ -40,6 +40,7 @@
 #include "attention.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -62,6 +63,15 @@ constexpr int64_t kMinMergesPerTask = 16;
 // (query, kv head) outputs per thread from which a task is a whole output, all its chunks, rather
 // than one chunk: enough tasks for the threads to share them evenly.
 constexpr int64_t kMinHeadTasksPerThread = 4;
+
+// Queries of a batch row per thread from which the threads transpose the row's keys for them
+// (TransposeKeysInt8: where AttendChunkInt8 reads them, ReadsTransposedKeys). A thread transposes
+// a kv head's keys once for the queries it takes, at about the cost of attending one query, and
+// each query then scores ~10% faster: on the Zen 4, 2 threads, 2048 slots, from 8 queries a row
+// (a thread's 4) to 64, the transposing took 1.20, 1.04, 0.95 and 0.93x the time of not
+// transposing; a decode step's one query a row (alone, or a batch of them) had taken 1.9x
+// (benchmarks/RESULTS.md).
+constexpr int64_t kMinQueriesPerTransposition = 16;
 
 ffi::Error Invalid(const std::string& message) {
   return ffi::Error::InvalidArgument("bitnet_decode_attention: " + message);
@@ -96,6 +106,19 @@ Plan* ThreadPlan() {
   thread_local Plan plan;
   return &plan;
 }
+
+// A thread's transposed keys (TransposeKeysInt8) of one (batch row, kv head) in one call, chunk
+// by chunk as its queries reach them. Kept from one of the thread's parallel chunks of tasks to
+// its next, so that the queries of a kv head, split over several chunks, find the keys their
+// thread transposed for the chunks before; `call` tells calls apart (between two, the layer and
+// the cache's contents change).
+struct TransposedKeys {
+  uint64_t call = 0;
+  int64_t row = -1, head = -1, chunks = 0;
+  std::vector<int16_t> keys;
+};
+
+std::atomic<uint64_t> next_call{1};
 
 // The sizes of a call, from its operands' shapes.
 struct Sizes {
@@ -240,17 +263,20 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
     // Enough outputs to keep every thread busy (prefill chunks, batches): a task computes one
     // output's chunks in slot order, into its thread's buffer, and merges them. Tasks go kv head
     // by kv head, a batch row's queries in order, so that a thread's run of tasks shares one
-    // (batch row, kv head): on AVX-512 VNNI over an int8 cache the thread transposes those keys
-    // chunk by chunk as its queries first reach them (TransposeKeysInt8, kept for the run), and
-    // every query of the run computes its scores from them. Each output's arithmetic is the same
-    // whichever thread computes it and in whatever order.
-    const bool transposed = std::is_same_v<T, int8_t> && ReadsTransposedKeys(isa, h);
+    // (batch row, kv head): on AVX-512 VNNI over an int8 cache, where a row has enough queries
+    // (kMinQueriesPerTransposition), the thread transposes those keys chunk by chunk as its
+    // queries first reach them (TransposeKeysInt8, kept in TransposedKeys from one of its chunks
+    // of tasks to the next), and every query it takes there computes its scores from them. Each
+    // output's arithmetic is the same whichever thread computes it, in whatever order, from
+    // transposed keys or not.
+    const bool transposed = std::is_same_v<T, int8_t> && ReadsTransposedKeys(isa, h) &&
+                            t >= kMinQueriesPerTransposition * std::max<int64_t>(1, pool.num_threads());
     const int64_t kt_elements = TransposedKeysElements(h);
+    const uint64_t call = next_call.fetch_add(1, std::memory_order_relaxed);
     ParallelFor(pool, heads, 1, [&](int64_t begin, int64_t end) {
       thread_local std::vector<float> scratch, partials;
-      thread_local std::vector<int16_t> keys_t;
+      thread_local TransposedKeys kt;
       scratch.resize(ScratchFloats(g, h));
-      int64_t kt_row = -1, kt_head = -1, kt_chunks = 0;  // whose keys keys_t holds, and how many chunks
       for (int64_t i = begin; i < end; ++i) {
         const int64_t query = i % (b * t), kh = i / (b * t), chunks = chunks_of(query);
         float* out_gh = out_data + (query * n + kh * g) * h;
@@ -259,18 +285,19 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
           continue;
         }
         if (transposed) {
-          if (query / t != kt_row || kh != kt_head) {
-            kt_row = query / t;
-            kt_head = kh;
-            kt_chunks = 0;
+          if (kt.call != call || query / t != kt.row || kh != kt.head) {
+            kt.call = call;
+            kt.row = query / t;
+            kt.head = kh;
+            kt.chunks = 0;
           }
-          if (static_cast<int64_t>(keys_t.size()) < chunks * kt_elements) keys_t.resize(chunks * kt_elements);
-          for (; kt_chunks < chunks; ++kt_chunks) {  // the chunk's slots that lie in the cache's row
-            const int64_t first = kt_chunks * kAttentionChunk;
+          if (static_cast<int64_t>(kt.keys.size()) < chunks * kt_elements) kt.keys.resize(chunks * kt_elements);
+          for (; kt.chunks < chunks; ++kt.chunks) {  // the chunk's slots that lie in the cache's row
+            const int64_t first = kt.chunks * kAttentionChunk;
             if constexpr (std::is_same_v<T, int8_t>) {
-              TransposeKeysInt8(isa, k_layer + chunk_slot(kt_row, kh, kt_chunks) * h,
+              TransposeKeysInt8(isa, k_layer + chunk_slot(kt.row, kh, kt.chunks) * h,
                                 std::min<int64_t>(kAttentionChunk, s - first % s), h,
-                                keys_t.data() + kt_chunks * kt_elements);
+                                kt.keys.data() + kt.chunks * kt_elements);
             }
           }
         }
@@ -278,7 +305,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
         const bool coded = code_query(query, kh, scratch.data());
         for (int64_t c = 0; c < chunks; ++c) {
           attend(query, kh, c, scratch.data(), partials.data() + c * partial_floats,
-                 transposed ? keys_t.data() + c * kt_elements : nullptr, coded);
+                 transposed ? kt.keys.data() + c * kt_elements : nullptr, coded);
         }
         MergeChunks(partials.data(), chunks, g, h, out_gh);
       }
