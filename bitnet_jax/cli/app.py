@@ -649,7 +649,7 @@ def _bench_generate(args) -> int:
     overrides = {} if args.weight_quant is None else {"weight_quant": args.weight_quant}
     config = BitNetConfig.preset(args.preset, **overrides)  # validates --weight-quant before any child starts
     prompt_lengths = _prompt_lengths(args.prompt_tokens)
-    new_tokens_most = max(args.new_tokens, args.xla_new_tokens)
+    new_tokens_most = max(args.new_tokens if backend == "ffi" else args.xla_new_tokens for backend in backends)
     if prompt_lengths[-1] + 1 + new_tokens_most > config.max_position_embeddings:
         raise BitNetError(
             f"--prompt-tokens {args.prompt_tokens}: a {prompt_lengths[-1]}-token prompt and {1 + new_tokens_most} "
@@ -711,11 +711,11 @@ def _bench_generate(args) -> int:
 
 
 def _bench_serve(args) -> int:
+    import multiprocessing
+
     from bitnet_jax.bench.serve import set_threads
 
     set_threads(args.threads)  # before JAX starts
-    import multiprocessing
-
     from bitnet_jax.bench.machine import limits_table
     from bitnet_jax.bench.serve import write_json
     from bitnet_jax.bench.server import bench_serve, serve_table, with_serve_limits
