@@ -241,6 +241,27 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
       return false;
     }
   };
+  // An int8 cache: kt holding the keys of `batch_row`'s `kv_head` in call `call` transposed, up to
+  // its first `chunks` chunks (TransposedKeys: only the chunks it lacks are transposed now).
+  auto transpose_keys = [&](uint64_t call, int64_t batch_row, int64_t kv_head, int64_t chunks, TransposedKeys& kt) {
+    if constexpr (std::is_same_v<T, int8_t>) {
+      if (kt.call != call || kt.row != batch_row || kt.head != kv_head) {
+        kt.call = call;
+        kt.row = batch_row;
+        kt.head = kv_head;
+        kt.chunks = 0;
+      }
+      const int64_t elements = TransposedKeysElements(h);
+      if (static_cast<int64_t>(kt.keys.size()) < chunks * elements) kt.keys.resize(chunks * elements);
+      for (; kt.chunks < chunks; ++kt.chunks) {  // the chunk's slots that lie in the cache's row
+        const int64_t first = kt.chunks * kAttentionChunk;
+        TransposeKeysInt8(isa, k_layer + chunk_slot(batch_row, kv_head, kt.chunks) * h,
+                          std::min<int64_t>(kAttentionChunk, s - first % s), h, kt.keys.data() + kt.chunks * elements);
+      }
+    } else {
+      (void)call, (void)batch_row, (void)kv_head, (void)chunks, (void)kt;
+    }
+  };
   // The partial softmax of chunk `chunk` of `query` against `kv_head`: every task's arithmetic
   // (int8 cache only: kt, the chunk's keys transposed, or null; coded, what code_query returned
   // for this query and kv head into this scratch).
@@ -284,23 +305,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, const 
           std::fill(out_gh, out_gh + g * h, 0.0f);
           continue;
         }
-        if (transposed) {
-          if (kt.call != call || query / t != kt.row || kh != kt.head) {
-            kt.call = call;
-            kt.row = query / t;
-            kt.head = kh;
-            kt.chunks = 0;
-          }
-          if (static_cast<int64_t>(kt.keys.size()) < chunks * kt_elements) kt.keys.resize(chunks * kt_elements);
-          for (; kt.chunks < chunks; ++kt.chunks) {  // the chunk's slots that lie in the cache's row
-            const int64_t first = kt.chunks * kAttentionChunk;
-            if constexpr (std::is_same_v<T, int8_t>) {
-              TransposeKeysInt8(isa, k_layer + chunk_slot(kt.row, kh, kt.chunks) * h,
-                                std::min<int64_t>(kAttentionChunk, s - first % s), h,
-                                kt.keys.data() + kt.chunks * kt_elements);
-            }
-          }
-        }
+        if (transposed) transpose_keys(call, query / t, kh, chunks, kt);
         partials.resize(chunks * partial_floats);
         const bool coded = code_query(query, kh, scratch.data());
         for (int64_t c = 0; c < chunks; ++c) {

@@ -563,6 +563,7 @@ def bench_generate_contexts(
     results = []
     for i, prompt_tokens in enumerate(prompt_lengths):
         prefill_s, decode_s = np.median(runs[i], axis=0)
+        context = decode_context(prompt_tokens, new_tokens)
         pieces = None
         if profile and backend == "ffi":  # after the timed runs and their peaks: the pieces are not serving
             prompt_slots = generate_prompt_length(
@@ -591,8 +592,8 @@ def bench_generate_contexts(
                 layers_mb=traffic.layers / 1e6,
                 head_mb=traffic.head / 1e6,
                 other_mb=traffic.other / 1e6,
-                kv_mb=traffic.kv_per_slot * decode_context(prompt_tokens, new_tokens) / 1e6,
-                decode_context=decode_context(prompt_tokens, new_tokens),
+                kv_mb=traffic.kv_per_slot * context / 1e6,
+                decode_context=context,
                 prefill_ternary_gops=ternary_ops_per_token(config) * prompt_tokens / prefill_s / 1e9,
                 profile=pieces,
                 kv_cache=kv_cache or "float32",

@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from bitnet_jax.bench.serve import _percent
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeTiming:
@@ -316,10 +318,6 @@ def serve_table(results: list[ServeTiming]) -> str:
             f"{r.threads} threads); limit tok/s = B / the longer of the two times.",
         ]
     return "\n".join(lines)
-
-
-def _percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.0f}%"
 
 
 def _sampling(r: ServeTiming) -> str:
