@@ -3,6 +3,7 @@
 preset's shape (no download), every row at the same position.
 
     python benchmarks/batched_step.py [--widths 1,4,8] [--position 200] [--repeats 15]
+                                      [--temperature 0.8 --top-p 0.9]   (every row sampling so)
     BITNET_JAX_ISA=avx2 python benchmarks/batched_step.py      (another kernel path)
 
 Prints each width's min and median step in ms, the tokens a second that makes (width / median)
@@ -36,6 +37,8 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lm-head", default=None, help="default: the serving default (int8-tied for 2B4T)")
     parser.add_argument("--kv-cache", default="int8", choices=("float32", "int8"))
+    parser.add_argument("--temperature", type=float, default=0.0, help="every row's (default 0: greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="every row's (default 1: no cut)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     set_threads(args.threads)
@@ -46,6 +49,7 @@ def main():
     context = max(512, -(-(args.position + 1) // 256) * 256)
     engine = Engine(config, params, _NoTokenizer(), max_batch=max(widths), max_context=context, kv_cache=args.kv_cache)
     del params
+    engine._temperature_b[:], engine._top_p_b[:] = args.temperature, args.top_p  # as a request sets its row's
     results = []
     for width in widths:
         rows = np.arange(width, dtype=np.int32)
@@ -58,7 +62,8 @@ def main():
             times.append(time.perf_counter() - start)
         results.append(dict(width=width, min_ms=1e3 * min(times), median_ms=1e3 * float(np.median(times))))
     one = next((r["median_ms"] for r in results if r["width"] == 1), None)
-    print(f"{args.preset}, lm_head {lm_head}, {args.kv_cache} cache, position {args.position}")
+    sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_p {args.top_p}"
+    print(f"{args.preset}, lm_head {lm_head}, {args.kv_cache} cache, position {args.position}, {sampling}")
     print("| width | min ms | median ms | tok/s | / one row |")
     print("|---:|---:|---:|---:|---:|")
     for r in results:
@@ -67,7 +72,18 @@ def main():
         print(f"| {r['width']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | {tok_s:.1f} | {ratio} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(preset=args.preset, lm_head=lm_head, kv_cache=args.kv_cache, results=results), f, indent=1)
+            json.dump(
+                dict(
+                    preset=args.preset,
+                    lm_head=lm_head,
+                    kv_cache=args.kv_cache,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    results=results,
+                ),
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -144,6 +144,90 @@ def test_top_p_filter_keeps_the_nucleus():
     assert np.isfinite(mixed[1]).sum() == 1 and np.isfinite(mixed[1][np.argmax(logits[1])])
 
 
+def _keeps(cut_b1, ukey_bv) -> np.ndarray:
+    return np.asarray(ukey_bv) >= np.asarray(cut_b1)
+
+
+def test_ffi_cut_keeps_the_top_k_and_then_the_nucleus():
+    """`ffi_cut` (xla_ffi/sampling.cc: a radix select over the keys, masses summed in double)
+    keeps what a float64 reference keeps: exactly the tokens at or above the k-th largest logit
+    (ties and -0.0 / 0.0 alike, k past the vocabulary: all), and among those the nucleus. Its
+    masses are XLA's float32 exp(x - max x): x - max x rounds to half an ulp (for the tokens
+    holding any mass, |x - max x| < 32: ~1e-6 of their mass) and exp adds a few ulp, so a
+    cumulative mass within 1e-5 of top_p may go either way, against 1e-4 for the float32
+    halvings of `top_p_filter`; every other token must agree. Rows of 1000 tokens and of
+    2B4T's 128,256 (whose top buckets hold thousands of tokens each)."""
+    from bitnet_jax.serve.generate import ffi_cut, unsigned_keys
+
+    rng = np.random.default_rng(11)
+    rows = [rng.standard_normal(1000) * scale for scale in (0.3, 1.0, 3.0, 30.0)]
+    rows.append(np.round(rng.standard_normal(1000) * 2) / 2)  # many ties
+    rows.append(np.where(rng.random(1000) < 0.5, -np.inf, rng.standard_normal(1000) * 2))
+    rows[0][:40] = -0.0
+    rows[0][40:80] = 0.0
+    short = np.stack(rows).astype(np.float32)
+    long = (rng.standard_normal((2, 128256)) * np.array([[1.0], [4.0]])).astype(np.float32)
+    cut = jax.jit(ffi_cut)
+    checked = total = 0
+    for logits in (short, long):
+        b, v = logits.shape
+        ukey = unsigned_keys(jnp.asarray(logits))
+        for top_k in (0, 1, 7, 40, v // 3, v + 5):
+            for top_p in (1e-6, 0.1, 0.5, 0.9, 0.999, 1.0):
+                kept = _keeps(cut(ukey, jnp.full(b, top_k, jnp.int32), jnp.full(b, top_p, jnp.float32)), ukey)
+                for row, kept_row in zip(logits, kept):
+                    in_k = row >= np.sort(row)[-min(top_k, v)] if top_k else np.ones(v, bool)
+                    np.testing.assert_array_equal(kept_row & ~in_k, False)  # top-k: exact
+                    if top_p == 1.0:
+                        np.testing.assert_array_equal(kept_row, in_k)
+                        continue
+                    keep, margin = _nucleus_reference(np.where(in_k, row, -np.inf), top_p)
+                    sure = in_k & (margin > 1e-5)
+                    np.testing.assert_array_equal(kept_row[sure], keep[sure])
+                    assert kept_row[np.argmax(row)]  # the most probable token is always kept
+                    checked += sure.sum()
+                    total += in_k.sum()
+    assert checked > 0.999 * total
+
+
+def test_ffi_cut_where_the_masses_are_not_finite():
+    """A row with a NaN or an infinite logit has a NaN mass (exp(inf - inf)); the halvings then
+    never find the mass below their target and keep only the largest key (the NaNs, or the
+    +inf tokens), and so does `ffi_cut`. Its top-k cut still counts keys. Greedy decoding picks
+    the same tokens from such rows (`greedy_tokens`)."""
+    from bitnet_jax.serve.generate import ffi_cut, top_p_threshold, unsigned_keys
+
+    rng = np.random.default_rng(12)
+    rows = rng.standard_normal((3, 500)).astype(np.float32)
+    rows[0, [7, 300]] = np.nan
+    rows[1, [9, 11]] = np.inf
+    rows[2, :] = -np.inf
+    rows[2, 5] = 1.0
+    ukey = unsigned_keys(jnp.asarray(rows))
+    top_p = jnp.full(3, 0.9, jnp.float32)
+    got = np.asarray(jax.jit(ffi_cut)(ukey, jnp.zeros(3, jnp.int32), top_p))
+    x = np.where(np.isnan(rows), np.nan, rows)
+    e = jnp.exp(jnp.asarray(x) - jnp.max(jnp.asarray(x), axis=-1, keepdims=True))
+    np.testing.assert_array_equal(got, np.asarray(jax.jit(top_p_threshold)(e, ukey, top_p)))
+    np.testing.assert_array_equal(np.flatnonzero(_keeps(got, ukey)[0]), [7, 300])
+    np.testing.assert_array_equal(np.flatnonzero(_keeps(got, ukey)[1]), [9, 11])
+    np.testing.assert_array_equal(np.flatnonzero(_keeps(got, ukey)[2]), [5])
+    top_3 = np.asarray(jax.jit(ffi_cut)(ukey, jnp.full(3, 3, jnp.int32), jnp.ones(3, jnp.float32)))
+    assert _keeps(top_3, ukey).sum(axis=1).tolist() == [3, 3, 500]  # 2 NaNs and the largest; ties of -inf
+
+
+def test_ffi_sampling_cut_refuses_bad_operands():
+    from bitnet_jax.kernels import ffi
+
+    keys = jnp.zeros((2, 10), jnp.uint32)
+    with pytest.raises(BitNetError, match="sampling_cut"):
+        ffi.sampling_cut(keys.astype(jnp.int32), jnp.zeros((2, 10)), jnp.zeros(2, jnp.int32), jnp.ones(2))
+    with pytest.raises(BitNetError, match="sampling_cut"):
+        ffi.sampling_cut(keys, jnp.zeros((2, 9)), jnp.zeros(2, jnp.int32), jnp.ones(2))
+    with pytest.raises(BitNetError, match="sampling_cut"):
+        ffi.sampling_cut(keys, jnp.zeros((2, 10)), jnp.zeros(3, jnp.int32), jnp.ones(2))
+
+
 def test_gumbel_noise_is_jax_random_gumbel():
     """`gumbel_noise` (the Threefry hash unrolled, so XLA fuses it) gives `jax.random.gumbel`'s
     bits for the same key: whole vocabulary rows, batches and odd shapes, a key per row under

@@ -13,6 +13,7 @@ and the float work (norms, RoPE, attention over the same cache length) reduces w
 masked cache slots get a softmax weight of exactly 0 whatever they hold.
 """
 
+import functools
 import json
 import sys
 import threading
@@ -750,37 +751,44 @@ def test_stop_strings_and_seeded_sampling(client, engine):
     assert narrow.choices[0].text == free
 
 
-def test_sample_rows_draws_what_generate_sample_draws():
+@pytest.mark.parametrize("ffi", [False, True], ids=["xla-cuts", "ffi-cuts"])
+def test_sample_rows_draws_what_generate_sample_draws(ffi):
     """Each row of `sample_rows` (settings per row) is `generate.sample` (settings per call) on
     that row alone with the key `generate` would use: so a seeded request draws in the server
-    what it draws in `generate`, whatever shares its step."""
+    what it draws in `generate`, whatever shares its step; with the cuts in XLA ops or by the
+    FFI kernel (both take what `ops.ffi_cuts` says)."""
+    draw_rows = jax.jit(functools.partial(sample_rows, ffi=ffi))
+    draw_one = jax.jit(functools.partial(sample, ffi=ffi), static_argnums=(2, 3, 4))
     logits_bv = jax.random.normal(jax.random.PRNGKey(0), (3, 50)) * 3
     keys_b2 = jnp.stack([jax.random.PRNGKey(s) for s in (1, 2, 3)])
     temperature_b, top_p_b = jnp.array([0.0, 0.7, 1.3]), jnp.array([1.0, 0.9, 1.0])
-    token_b, next_b2 = jax.jit(sample_rows)(logits_bv, keys_b2, temperature_b, top_p_b)
+    token_b, next_b2 = draw_rows(logits_bv, keys_b2, temperature_b, top_p_b)
     for row in range(3):
         key, draw = jax.random.split(keys_b2[row])
         t, p = float(temperature_b[row]), float(top_p_b[row])
-        want = jax.jit(sample, static_argnums=(2, 3, 4))(logits_bv[row : row + 1], draw, t, None, p if p < 1 else None)
+        want = draw_one(logits_bv[row : row + 1], draw, t, None, p if p < 1 else None)
         assert int(token_b[row]) == int(want[0]) and np.array_equal(next_b2[row], key)
-    greedy_b, _ = jax.jit(sample_rows)(logits_bv, keys_b2, jnp.zeros(3), top_p_b)  # the all-greedy branch
+    greedy_b, _ = draw_rows(logits_bv, keys_b2, jnp.zeros(3), top_p_b)  # the all-greedy branch
     assert np.array_equal(greedy_b, np.argmax(logits_bv, axis=-1))
     # With a top_k per row (0: none), as `sample`'s top_k, before the top_p cut.
     top_k_b = jnp.array([3, 5, 0], jnp.int32)
-    token_b, _ = jax.jit(sample_rows)(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b)
+    token_b, _ = draw_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b)
     for row in range(3):
         _, draw = jax.random.split(keys_b2[row])
         t, p, k = float(temperature_b[row]), float(top_p_b[row]), int(top_k_b[row])
         args = (t, k or None, p if p < 1 else None)
-        want = jax.jit(sample, static_argnums=(2, 3, 4))(logits_bv[row : row + 1], draw, *args)
+        want = draw_one(logits_bv[row : row + 1], draw, *args)
         assert int(token_b[row]) == int(want[0])
 
 
-def test_sample_rows_cuts_as_the_filters_do():
+@pytest.mark.parametrize("ffi", [False, True], ids=["xla-cuts", "ffi-cuts"])
+def test_sample_rows_cuts_as_the_filters_do(ffi):
     """`sample_rows` makes its top-k and top-p cuts as thresholds on one array of keys (not as
     filtered copies of the rows, `top_k_filter` then `top_p_filter`, as `generate.sample` does):
     the same token for every row and key, over rows with ties, -0.0, -inf and NaN-free extremes,
-    greedy rows beside sampled ones, each cut alone, both, and neither."""
+    greedy rows beside sampled ones, each cut alone, both, and neither. With `ffi`, one kernel
+    call cuts every row of `sample_rows` (its greedy rows asking for no cut) where `sample` calls
+    it for one row with its settings."""
     rng = np.random.default_rng(7)
     v = 3000
     rows = [
@@ -798,8 +806,8 @@ def test_sample_rows_cuts_as_the_filters_do():
     settings = [(0.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.9), (1.0, 40, 0.5), (0.9, 2, 0.999), (1.0, 0, 1e-6)]
     temperature_b, top_k_b, top_p_b = (jnp.asarray(x) for x in zip(*settings))
     top_k_b = top_k_b.astype(jnp.int32)
-    draw_rows = jax.jit(sample_rows)
-    draw_one = jax.jit(sample, static_argnums=(2, 3, 4))
+    draw_rows = jax.jit(functools.partial(sample_rows, ffi=ffi))
+    draw_one = jax.jit(functools.partial(sample, ffi=ffi), static_argnums=(2, 3, 4))
     for seed in range(6):
         keys_b2 = jax.random.split(jax.random.PRNGKey(seed), len(rows))
         token_b, _ = draw_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b)

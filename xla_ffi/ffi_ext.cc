@@ -21,6 +21,7 @@
 #include "nanobind/nanobind.h"
 #include "nanobind/stl/string.h"
 #include "quantize.h"
+#include "sampling.h"
 #include "token_stream.h"
 #include "zeros.h"
 #include "xla/ffi/api/ffi.h"
@@ -57,6 +58,7 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_decode_attention_i8"] = EncapsulateFfiHandler(BitnetDecodeAttentionI8);
     registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
     registrations["bitnet_int8_peak"] = EncapsulateFfiHandler(BitnetInt8Peak);
+    registrations["bitnet_sampling_cut"] = EncapsulateFfiHandler(BitnetSamplingCut);
     registrations["bitnet_stream_tokens"] = EncapsulateFfiHandler(BitnetStreamTokens);
     registrations["bitnet_zeros"] = EncapsulateFfiHandler(BitnetZeros);
     return registrations;

@@ -376,6 +376,17 @@ def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
     return ffi.selected_isa() in ATTENTION_SIMD_ISAS
 
 
+def ffi_cuts(serving: ServingSpec | None) -> bool:
+    """Whether sampling's top-k and top-p cuts run as the FFI kernel (`ffi.sampling_cut`): on the
+    FFI backend outside a multi-device mesh (where a bare custom call would see the logits
+    all-gathered), as `ffi_attends` decides for attention. `serving` None (training parameters):
+    no."""
+    if serving is None or serving.backend != "ffi":
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or mesh.size == 1
+
+
 def cached_attention(q_btnh, cache: KVCache, layer, positions_bt, cache_rows=None) -> jax.Array:
     """Attention of queries [B, T, N, H] over layer `layer` of the stacked cache [L, B, K, S, H],
     query (b, t) over slots 0..positions_bt[b, t], as the FFI kernel (`ffi.decode_attention`): it

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.kernels.ops import computation_platform
+from bitnet_jax.kernels.ops import computation_platform, ffi_cuts
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
@@ -73,6 +73,7 @@ from bitnet_jax.serve.generate import (
     PREFILL_CHUNK,
     categorical_tokens,
     chunks_attend_in_place,
+    ffi_cut,
     greedy_tokens,
     key_values,
     kv_cache_dtype,
@@ -864,15 +865,17 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
-def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None):
+def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi=False):
     """`generate.sample` with sampling settings per row: greedy where temperature is 0, else
     softmax sampling at the row's temperature from its top_k most likely tokens (top_k_b, 0 or
     None: all), then from the smallest set of those whose probability reaches its top_p. Each
     row splits its own key as `generate` splits its one key, so a row seeded like a `generate`
-    call draws what that call draws. Returns (token_b, next keys_b2).
+    call (with the same `ffi`) draws what that call draws. Returns (token_b, next keys_b2).
 
     The sampling work (the top-k and top-p cuts, Gumbel noise over the vocabulary) runs only in
-    steps where some row needs it (`lax.cond`): an all-greedy step is an argmax."""
+    steps where some row needs it (`lax.cond`): an all-greedy step is an argmax. `ffi`: the cuts
+    by the FFI kernel (`generate.ffi_cut`; `ops.ffi_cuts` says where), one call for every row's
+    two cuts, rather than XLA's halvings."""
     split_b22 = jax.vmap(jax.random.split)(keys_b2)
     keys_b2, draw_b2 = split_b22[:, 0], split_b22[:, 1]
     greedy_b = greedy_tokens(logits_bv)
@@ -886,6 +889,16 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None):
         # vocabulary each [B, V] array is 4 MB of the decode step's temporary buffer.
         scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
         ukey_bv = unsigned_keys(scaled_bv)
+        if ffi:
+            top_k_cut_b = jnp.zeros_like(top_p_b, jnp.int32) if top_k_b is None else top_k_b
+            # Greedy rows take no cut: their settings may ask for one that nothing would use.
+            top_k_cut_b = jnp.where(sampling_b, jnp.maximum(top_k_cut_b, 0), 0)
+            top_p_cut_b = jnp.where(sampling_b, top_p_b, 1.0)
+            cutting = jnp.any((top_k_cut_b > 0) | (top_p_cut_b < 1.0))
+            cut_b1 = jax.lax.cond(cutting, ffi_cut, lambda *_: no_cut_b1, ukey_bv, top_k_cut_b, top_p_cut_b)
+            final_bv = jnp.where(ukey_bv < cut_b1, -jnp.inf, key_values(ukey_bv))
+            sampled_b = jax.vmap(categorical_tokens)(draw_b2, final_bv)
+            return jnp.where(sampling_b, sampled_b, greedy_b)
         kth_b1 = no_cut_b1
         if top_k_b is not None:
             cutting = jnp.any(sampling_b & (top_k_b > 0))
@@ -943,11 +956,13 @@ def _program_key(program, args: tuple) -> tuple:
     return program.__name__, tuple(None if x is None else (np.shape(x), np.dtype(x.dtype)) for x in args[2:])
 
 
-def _sample_row(logits_1v, key_2, temperature, top_p, top_k):
+def _sample_row(logits_1v, key_2, temperature, top_p, top_k, serving):
     """`sample_rows` for a prefill's one row, its settings scalars (top_k None: no top-k cut
     compiled in): (its token, its next key)."""
     top_k_1 = None if top_k is None else top_k[None]
-    token_1, key_12 = sample_rows(logits_1v, key_2[None], temperature[None], top_p[None], top_k_1)
+    token_1, key_12 = sample_rows(
+        logits_1v, key_2[None], temperature[None], top_p[None], top_k_1, ffi=ffi_cuts(serving)
+    )
     return token_1[0], key_12[0]
 
 
@@ -984,7 +999,7 @@ def _prefill_slot(
     # The prompt's slots of a fresh row, as `generate` starts from.
     logits_1v, fresh = prefill_fresh(model, variables, prompt_1t, length_1, prompt_1t.shape[1], cache_dtype)
     cache = _write_row_prompt_part(cache, pages_p, fresh)
-    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k), cache
+    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k, serving), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
@@ -1015,7 +1030,7 @@ def _prefill_chunk(
     chunk_1c = jax.lax.dynamic_slice_in_dim(prompt_1t, start, PREFILL_CHUNK, axis=1)
     part, logits_1v = prefill_chunk(model, variables, chunk_1c, length_1, start, part, logits_1v)
     cache = _write_row_prompt_part(cache, pages_p, part)
-    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k), logits_1v, cache
+    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k, serving), logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
@@ -1047,7 +1062,7 @@ def _prefill_chunk_in_place(
     cache, logits_1v = prefill_chunk(
         model, variables, chunk_1c, length_1, start, cache, logits_1v, cache_pages_bp=pages_p[None]
     )
-    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k), logits_1v, cache
+    return *_sample_row(logits_1v, key_2, temperature, top_p, top_k, serving), logits_1v, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "serving"), donate_argnames=("cache",))
@@ -1060,7 +1075,7 @@ def _decode_step(
     logits_b1v, cache = model.apply(
         variables, tokens_b[:, None], positions_bt=positions_b[:, None], cache=cache, cache_pages_bp=pages_bp
     )
-    token_b, keys_b2 = sample_rows(logits_b1v[:, 0], keys_b2, temperature_b, top_p_b, top_k_b)
+    token_b, keys_b2 = sample_rows(logits_b1v[:, 0], keys_b2, temperature_b, top_p_b, top_k_b, ffi=ffi_cuts(serving))
     return token_b, keys_b2, cache
 
 
