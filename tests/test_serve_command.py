@@ -117,24 +117,29 @@ def test_bench_serve_small(tmp_path, capsys):
     assert all(r["temperature"] == 0 and r["top_p"] == 1 for r in rows)
     assert "KV cache; greedy; 8-token prompts; prefill chunks of" in table
     assert all(r["prompt_tokens"] == 8 and r["prompt_tokens_max"] is None for r in rows)
+
     # Each level against the limit of its decode steps, from the limits measured in the run (on
-    # the path that served and the level's threads): B / max(memory time, compute time).
+    # the path that served and the level's threads): B / the sum, over the decoder layers, the
+    # lm_head and attention, of the longer of each part's reading and arithmetic.
+    def step_s(r, limits):
+        b, read, peak = r["clients"], 1e3 * limits["read_gb_s"], limits["int8_peak_gops"]
+        layers_ops = b * (r["ops_per_token_g"] - r["head_ops_per_token_g"])
+        layers = max((r["step_weights_mb"] - r["head_mb"]) / read, layers_ops / peak)
+        head = max(r["head_mb"] / read, b * r["head_ops_per_token_g"] / peak)
+        return layers + head + b * r["kv_mb_per_stream"] / read
+
     for r in rows:
         (limits,) = [x for x in r["machine_limits"]["rows"] if (x["path"], x["threads"]) == (r["isa"], r["threads"])]
         assert r["read_gb_s"] == limits["read_gb_s"] and r["int8_peak_gops"] == limits["int8_peak_gops"]
-        memory_s = (r["step_weights_mb"] + r["clients"] * r["kv_mb_per_stream"]) / (1e3 * r["read_gb_s"])
-        compute_s = r["clients"] * r["ops_per_token_g"] / r["int8_peak_gops"]
-        assert r["limit_tok_s"] == pytest.approx(r["clients"] / max(memory_s, compute_s))
-        assert r["bound"] == ("memory" if memory_s >= compute_s else "compute")
+        assert r["limit_tok_s"] == pytest.approx(r["clients"] / step_s(r, limits))
+        assert r["bound"] in ("memory", "compute", "mixed")
         assert r["of_limit"] == pytest.approx(r["aggregate_decode_tok_s"] / r["limit_tok_s"])
         assert f"| {r['limit_tok_s']:.1f} ({r['bound']}) | {100 * r['of_limit']:.0f}% |" in table
         # Read again after the levels: that reading's limit beside the first.
         (again,) = [
             x for x in r["machine_limits_after"]["rows"] if (x["path"], x["threads"]) == (r["isa"], r["threads"])
         ]
-        memory_s = (r["step_weights_mb"] + r["clients"] * r["kv_mb_per_stream"]) / (1e3 * again["read_gb_s"])
-        compute_s = r["clients"] * r["ops_per_token_g"] / again["int8_peak_gops"]
-        assert r["limit_tok_s_after"] == pytest.approx(r["clients"] / max(memory_s, compute_s))
+        assert r["limit_tok_s_after"] == pytest.approx(r["clients"] / step_s(r, again))
         assert r["of_limit_after"] == pytest.approx(r["aggregate_decode_tok_s"] / r["limit_tok_s_after"])
     # The tiny model's bytes and ops, counted from its shapes: 2 bits a ternary weight; the
     # lm_head (int4, tied) and its int8 operations, 2 per multiply-add; an int8 KV cache (H codes
@@ -144,27 +149,52 @@ def test_bench_serve_small(tmp_path, capsys):
     ternary = sum(k * n for names in config.linear_shapes.values() for k, n in names.values())
     ops = 2 * (ternary * config.num_hidden_layers + config.hidden_size * config.vocab_size)
     assert rows[0]["ops_per_token_g"] == pytest.approx(ops / 1e9)
+    assert rows[0]["head_ops_per_token_g"] == pytest.approx(2 * config.hidden_size * config.vocab_size / 1e9)
+    assert 0 < rows[0]["head_mb"] < rows[0]["step_weights_mb"]
     slot = config.num_hidden_layers * 2 * config.num_key_value_heads * (config.head_dim + 4)
     assert rows[0]["kv_mb_per_stream"] == pytest.approx(slot * 10.5 / 1e6)
     assert rows[0]["step_weights_mb"] > ternary * config.num_hidden_layers / 4 / 1e6
-    assert "Limit: a decode step for B streams reads" in table
+    assert "Limit: a decode step for B streams runs, one after another," in table
 
 
 def test_with_serve_limits_arithmetic():
-    """Hand-worked: 800 MB of weights and 10 MB of cache a stream at 20 GB/s, 5 G ops a token at
-    500 GOPS: one stream 40.5 ms of reading against 10 of arithmetic, memory-bound, 24.7 tok/s (20
-    is 81% of it); 8 streams 44 ms against 80, compute-bound, 100 tok/s (60 is 60%); no limit
+    """Hand-worked, at 20 GB/s and 500 GOPS: 800 MB of weights of which the lm_head's 300, 5 G
+    ops a token of which its 1 G, 10 MB of cache a stream. One stream: the layers 25 ms of
+    reading (against 8 of arithmetic), the head 15 (2), the cache 0.5, all memory-bound: 40.5
+    ms, 24.7 tok/s (20 is 81% of it). 8 streams: the layers 64 ms of arithmetic (25 of reading),
+    the head 16 of arithmetic (15), the cache 4: 84 ms, 95.2 tok/s (60 is 63%), compute and
+    memory mixed; one maximum over the whole step (44 ms of reading, 80 of arithmetic) would
+    have claimed 100. The layers alone compute-bound and nothing else read: "compute". No limit
     measured for the path: none claimed."""
     from bitnet_jax.bench.machine import MachineLimits, PathLimits
     from bitnet_jax.bench.server import ServeTiming, with_serve_limits
 
     limits = MachineLimits("cpu", 8.0, (PathLimits("avx2", "vpmaddubsw ymm", 2, 20.0, 500.0),))
     base = ServeTiming(1, 8, 4, 20.0, 20.0, 0.1, 0.1, 1.0, 8, 64, 2, "int8-tied", "int8", 64)
-    base = dataclasses.replace(base, step_weights_mb=800.0, kv_mb_per_stream=10.0, ops_per_token_g=5.0, isa="avx2")
+    base = dataclasses.replace(
+        base,
+        step_weights_mb=800.0,
+        kv_mb_per_stream=10.0,
+        ops_per_token_g=5.0,
+        head_mb=300.0,
+        head_ops_per_token_g=1.0,
+        isa="avx2",
+    )
     one = with_serve_limits(base, limits)
     assert (one.bound, one.limit_tok_s, one.of_limit) == ("memory", pytest.approx(1 / 0.0405), pytest.approx(0.81))
     eight = with_serve_limits(dataclasses.replace(base, clients=8, aggregate_decode_tok_s=60.0), limits)
-    assert (eight.bound, eight.limit_tok_s, eight.of_limit) == ("compute", pytest.approx(100.0), pytest.approx(0.6))
+    assert (eight.bound, eight.limit_tok_s) == ("mixed", pytest.approx(8 / 0.084))
+    assert eight.of_limit == pytest.approx(60.0 * 0.084 / 8)
+    layers_only = dataclasses.replace(
+        base,
+        clients=8,
+        step_weights_mb=500.0,
+        kv_mb_per_stream=0.0,
+        head_mb=0.0,
+        ops_per_token_g=4.0,
+        head_ops_per_token_g=0.0,
+    )
+    assert with_serve_limits(layers_only, limits).bound == "compute"
     other = with_serve_limits(dataclasses.replace(base, isa="avx512"), limits)
     assert other.limit_tok_s is None and other.of_limit is None and other.bound is None
     # Read again at 40 GB/s: one stream's reading takes half as long, 49.4 tok/s (20 is 40%).

@@ -14,10 +14,14 @@ given) and timing its chunks. Per level:
   peak RSS                the server process's high-water mark since the weights were built
   limit tok/s             what this machine allows the level's decode steps (`with_serve_limits`,
                           with the read bandwidth and int8 peak measured in the same run): a
-                          step for B streams reads the weights once and each stream's KV cache
-                          (memory time), and computes B tokens' int8 operations (compute time);
-                          B streams / the longer of the two. One stream is memory-bound; enough
-                          streams make the step compute-bound (on a 2-core Zen 4, from about 6).
+                          step for B streams runs its parts one after another, the decoder
+                          layers' matmuls, the lm_head and attention, each reading its weights
+                          once (attention: each stream's KV cache) and computing B tokens' int8
+                          operations, so each takes at least the longer of its reading and its
+                          arithmetic; B streams / the sum of the parts' times. One stream is
+                          memory-bound throughout; with enough streams the layers' matmuls are
+                          compute-bound (on a 2-core Zen 4, from about 6) while the lm_head's
+                          read still takes longer than its arithmetic ("mixed").
 """
 
 from __future__ import annotations
@@ -59,12 +63,14 @@ class ServeTiming:
     step_weights_mb: float = 0.0
     kv_mb_per_stream: float = 0.0
     ops_per_token_g: float = 0.0
+    head_mb: float = 0.0  # of step_weights_mb, the lm_head's
+    head_ops_per_token_g: float = 0.0  # of ops_per_token_g, the lm_head's
     isa: str = ""  # the kernel path that served
     # Against this machine's limits (`with_serve_limits`).
     read_gb_s: float | None = None
     int8_peak_gops: float | None = None
-    limit_tok_s: float | None = None  # clients / max(memory time, compute time) of a step
-    bound: str | None = None  # which of the two sets limit_tok_s: "memory" or "compute"
+    limit_tok_s: float | None = None  # clients / the step's time at the limits (`with_serve_limits`)
+    bound: str | None = None  # what sets its parts' times: "memory", "compute" or "mixed"
     of_limit: float | None = None  # aggregate_decode_tok_s / limit_tok_s
     # The same against the limits measured again after the levels (a shared host's bandwidth
     # moves from minute to minute: a figure is only as sure as the two readings agree).
@@ -150,7 +156,8 @@ def bench_serve(
     rng, warm_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     shortest, longest = prompt_tokens if isinstance(prompt_tokens, tuple) else (prompt_tokens, prompt_tokens)
     kv_mb = traffic.kv_per_slot * decode_context((shortest + longest) / 2, new_tokens) / 1e6
-    ops_g = (ternary_ops_per_token(config) + 2 * config.hidden_size * config.vocab_size) / 1e9
+    head_ops_g = 2 * config.hidden_size * config.vocab_size / 1e9
+    ops_g = ternary_ops_per_token(config) / 1e9 + head_ops_g
 
     def prompt(length, rng=rng):
         return [int(i) for i in rng.integers(0, config.vocab_size, length)]
@@ -207,6 +214,8 @@ def bench_serve(
                     (traffic.layers + traffic.head + traffic.other) / 1e6,
                     kv_mb,
                     ops_g,
+                    traffic.head / 1e6,
+                    head_ops_g,
                     isa,
                 )
             )
@@ -250,11 +259,16 @@ def _clients(url: str, prompts: list[list[int]], sampling: dict, seeds: list[int
 
 def with_serve_limits(r: ServeTiming, limits, after=None) -> ServeTiming:
     """`r` with the limit of its decode steps on this machine (`limits`: bench/machine.py's
-    MachineLimits, measured on r's thread count and kernel path): B = r.clients streams a step,
-    memory time = (step_weights_mb + B * kv_mb_per_stream) / read bandwidth, compute time =
-    B * ops_per_token_g / int8 peak; limit = B / the longer. With `after` (the limits measured
-    again after the levels), the limit from that reading too. Fields stay None where no limit
-    was measured for r's threads or path."""
+    MachineLimits, measured on r's thread count and kernel path). A step for B = r.clients streams
+    runs three parts one after another: the decoder layers' matmuls (step_weights_mb - head_mb
+    read, B * (ops_per_token_g - head_ops_per_token_g) G int8 ops), the lm_head (head_mb, B *
+    head_ops_per_token_g) and attention (B * kv_mb_per_stream read). A part can be no faster than
+    its reading at the read bandwidth, nor than its arithmetic at the int8 peak; limit = B / the
+    sum of the longer of each part's two times. (One maximum over the whole step's bytes and ops
+    would let the lm_head's reading hide under the layers' arithmetic, which a step that runs
+    them in turn cannot do.) With `after` (the limits measured again after the levels), the
+    limit from that reading too. Fields stay None where no limit was measured for r's threads
+    or path."""
     first = _step_limit(r, limits)
     if first is None:
         return r
@@ -277,9 +291,17 @@ def _step_limit(r: ServeTiming, limits) -> tuple[float, float, float, str] | Non
     read, peak = limits.read_gb_s(r.threads), limits.int8_peak_gops(r.isa, r.threads)
     if not read or not peak:
         return None
-    memory_s = (r.step_weights_mb + r.clients * r.kv_mb_per_stream) / (read * 1e3)
-    compute_s = r.clients * r.ops_per_token_g / peak
-    return read, peak, r.clients / max(memory_s, compute_s), "memory" if memory_s >= compute_s else "compute"
+    b = r.clients
+    parts = (  # (MB read, G int8 ops) of the decoder layers, the lm_head and attention
+        (r.step_weights_mb - r.head_mb, b * (r.ops_per_token_g - r.head_ops_per_token_g)),
+        (r.head_mb, b * r.head_ops_per_token_g),
+        (b * r.kv_mb_per_stream, 0.0),
+    )
+    times = [(mb / (read * 1e3), ops / peak) for mb, ops in parts if mb or ops]
+    step_s = sum(max(memory_s, compute_s) for memory_s, compute_s in times)
+    memory = [memory_s >= compute_s for memory_s, compute_s in times]
+    bound = "memory" if all(memory) else "compute" if not any(memory) else "mixed"
+    return read, peak, b / step_s, bound
 
 
 def serve_table(results: list[ServeTiming]) -> str:
@@ -311,11 +333,13 @@ def serve_table(results: list[ServeTiming]) -> str:
     if r is not None:
         lines += [
             "",
-            f"Limit: a decode step for B streams reads {r.step_weights_mb:.1f} MB of weights once and "
-            f"{r.kv_mb_per_stream:.1f} MB of KV cache per stream, at {r.read_gb_s:.1f} GB/s (read before the "
-            "levels), and computes "
-            f"{r.ops_per_token_g:.2f} G int8 ops per token, at {r.int8_peak_gops:,.0f} GOPS ({r.isa}, "
-            f"{r.threads} threads); limit tok/s = B / the longer of the two times.",
+            f"Limit: a decode step for B streams runs, one after another, the decoder layers' matmuls "
+            f"({r.step_weights_mb - r.head_mb:.1f} MB of weights read once, "
+            f"{r.ops_per_token_g - r.head_ops_per_token_g:.2f} G int8 ops per token), the lm_head "
+            f"({r.head_mb:.1f} MB, {r.head_ops_per_token_g:.2f} G ops per token) and attention "
+            f"({r.kv_mb_per_stream:.1f} MB of KV cache per stream); each takes at least the longer of its "
+            f"reading at {r.read_gb_s:.1f} GB/s (read before the levels) and its arithmetic at "
+            f"{r.int8_peak_gops:,.0f} GOPS ({r.isa}, {r.threads} threads); limit tok/s = B / the sum.",
         ]
     return "\n".join(lines)
 
