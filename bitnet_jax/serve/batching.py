@@ -882,31 +882,15 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
     sampling_b = temperature_b > 0
     no_cut_b1 = jnp.zeros((logits_bv.shape[0], 1), jnp.uint32)  # a key threshold every token passes
 
-    def draw(_):
-        # The one [B, V] array the cuts read: the keys of the scaled logits (`unsigned_keys`), from
-        # which each step reads the values again (`key_values`), fused where it reads them. A cut
-        # is a threshold key per row, not a filtered copy of the row: at 8 rows of a 128,256-token
-        # vocabulary each [B, V] array is 4 MB of the decode step's temporary buffer.
-        scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
-        ukey_bv = unsigned_keys(scaled_bv)
-        if ffi:
-            top_k_cut_b = jnp.zeros_like(top_p_b, jnp.int32) if top_k_b is None else top_k_b
-            # Greedy rows take no cut: their settings may ask for one that nothing would use.
-            top_k_cut_b = jnp.where(sampling_b, jnp.maximum(top_k_cut_b, 0), 0)
-            top_p_cut_b = jnp.where(sampling_b, top_p_b, 1.0)
-            cutting = jnp.any((top_k_cut_b > 0) | (top_p_cut_b < 1.0))
-            cut_b1 = jax.lax.cond(cutting, ffi_cut, lambda *_: no_cut_b1, ukey_bv, top_k_cut_b, top_p_cut_b)
-            final_bv = jnp.where(ukey_bv < cut_b1, -jnp.inf, key_values(ukey_bv))
-            sampled_b = jax.vmap(categorical_tokens)(draw_b2, final_bv)
-            return jnp.where(sampling_b, sampled_b, greedy_b)
+    def kept(ukey_bv, kth_b1):  # the row's values, -inf where the top-k cut drops them
+        return jnp.where(ukey_bv < kth_b1, -jnp.inf, key_values(ukey_bv))
+
+    def cuts_in_xla(ukey_bv):  # (top-k cut, top-p cut) by XLA's halvings
         kth_b1 = no_cut_b1
         if top_k_b is not None:
             cutting = jnp.any(sampling_b & (top_k_b > 0))
             kth_b1 = jax.lax.cond(cutting, top_k_threshold, lambda *_: no_cut_b1, ukey_bv, top_k_b)
             kth_b1 = jnp.where(top_k_b[:, None] > 0, kth_b1, no_cut_b1)
-
-        def kept(ukey_bv, kth_b1):  # the row's values, -inf where the top-k cut drops them
-            return jnp.where(ukey_bv < kth_b1, -jnp.inf, key_values(ukey_bv))
 
         def nucleus(ukey_bv, kth_b1, top_p_b):
             x_bv = kept(ukey_bv, kth_b1)
@@ -914,7 +898,25 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
             return jnp.where(top_p_b[:, None] < 1.0, top_p_threshold(e_bv, ukey_bv, top_p_b), no_cut_b1)
 
         narrowing = jnp.any(sampling_b & (top_p_b < 1.0))
-        cut_b1 = jax.lax.cond(narrowing, nucleus, lambda *_: no_cut_b1, ukey_bv, kth_b1, top_p_b)
+        return kth_b1, jax.lax.cond(narrowing, nucleus, lambda *_: no_cut_b1, ukey_bv, kth_b1, top_p_b)
+
+    def cuts_by_kernel(ukey_bv):  # both cuts in one kernel call, as one key (the top-k cut's slot: none)
+        # Greedy rows take no cut: their settings may ask for one that nothing would use.
+        top_k_cut_b = jnp.zeros_like(top_p_b, jnp.int32) if top_k_b is None else jnp.maximum(top_k_b, 0)
+        top_k_cut_b = jnp.where(sampling_b, top_k_cut_b, 0)
+        top_p_cut_b = jnp.where(sampling_b, top_p_b, 1.0)
+        cutting = jnp.any((top_k_cut_b > 0) | (top_p_cut_b < 1.0))
+        return no_cut_b1, jax.lax.cond(cutting, ffi_cut, lambda *_: no_cut_b1, ukey_bv, top_k_cut_b, top_p_cut_b)
+
+    def draw(_):
+        # The one [B, V] array the cuts read: the keys of the scaled logits (`unsigned_keys`), from
+        # which each step reads the values again (`key_values`), fused where it reads them. A cut
+        # is a threshold key per row, not a filtered copy of the row: at 8 rows of a 128,256-token
+        # vocabulary each [B, V] array is 4 MB of the decode step's temporary buffer. (The FFI
+        # kernel also reads the rows' masses, a second such array.)
+        scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
+        ukey_bv = unsigned_keys(scaled_bv)
+        kth_b1, cut_b1 = (cuts_by_kernel if ffi else cuts_in_xla)(ukey_bv)
         final_bv = jnp.where(ukey_bv < cut_b1, -jnp.inf, kept(ukey_bv, kth_b1))
         sampled_b = jax.vmap(categorical_tokens)(draw_b2, final_bv)
         return jnp.where(sampling_b, sampled_b, greedy_b)
