@@ -305,3 +305,21 @@ def test_bench_generate_times_prompt_lengths_in_turns(tmp_path, capsys):
     for bad in ("8,8", "0,8", "8,x", "", "16,512"):  # the last: past the tiny preset's 512-token context
         assert main(["bench", "generate", "--random-weights", "--preset", "tiny", "--prompt-tokens", bad]) == 2
         assert "--prompt-tokens" in capsys.readouterr().err
+
+
+def test_bench_generate_samples_as_asked(tmp_path, capsys):
+    """--temperature / --top-k / --top-p reach every timed run (the generate program samples, on
+    the FFI backend with the cut kernel): the rows say how tokens were picked, and so does the
+    table; settings `generate` refuses are refused before any child starts."""
+    out = tmp_path / "generate.json"
+    argv = ["bench", "generate", "--preset", "tiny", "--random-weights", "--backends", "ffi", "--prompt-tokens", "8"]
+    argv += ["--new-tokens", "4", "--repeats", "1", "--read-buffer-mb", "8"]
+    assert main(argv + ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert (row["temperature"], row["top_k"], row["top_p"]) == (0.8, 20, 0.9)
+    assert row["decode_tok_s"] > 0 and len(row["decode_runs_tok_s"]) == 1
+    assert "Tokens picked by sampling: temperature 0.8, top_k 20, top_p 0.9." in capsys.readouterr().out
+    for bad in (["--top-p", "1.5"], ["--temperature", "-1"], ["--top-k", "0"]):
+        assert main(["bench", "generate", "--random-weights", "--preset", "tiny", "--temperature", "1", *bad]) == 2
+        err = capsys.readouterr().err
+        assert bad[0].lstrip("-").replace("-", "_") in err, err

@@ -336,6 +336,10 @@ class GenerateTiming:
     # Decode tok/s of each timed run, in the order run; with several prompt lengths, the runs of
     # one round (one run of each length) share an index (`context_table`).
     decode_runs_tok_s: tuple[float, ...] = ()
+    # How each token was picked, as `generate` takes it (temperature 0: greedy).
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "mb_per_token", self.layers_mb + self.head_mb + self.other_mb + self.kv_mb)
@@ -473,6 +477,9 @@ def bench_generate_contexts(
     seed: int = 0,
     profile: bool = False,
     kv_cache: str | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> list[GenerateTiming]:
     """Prefill and decode speed of one backend on random weights of the config's shape (its
     weight_quant decides the packed scales: per tensor, or per group of inputs), after a prompt
@@ -492,7 +499,9 @@ def bench_generate_contexts(
     serving peak of one prompt length is a run of that length alone.
     `lm_head` is the FFI model's (default: the serving default, `ops.default_lm_head`).
     `profile` (FFI backend): also time the pieces of a decode step alone (bench/profile.py).
-    `kv_cache`: the FFI model's KV cache dtype (default float32).
+    `kv_cache`: the FFI model's KV cache dtype (default float32). `temperature`, `top_k`, `top_p`:
+    how every run picks its tokens, as `generate` takes them (default greedy); the timed program
+    holds the sampling.
     """
     import gc
 
@@ -501,6 +510,7 @@ def bench_generate_contexts(
 
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.generate import (
+        check_sampling,
         compile_generate,
         generate,
         generate_prompt_length,
@@ -510,6 +520,8 @@ def bench_generate_contexts(
 
     if not prompt_lengths or min(prompt_lengths) < 1 or len(set(prompt_lengths)) != len(prompt_lengths):
         raise BitNetError(f"prompt lengths {prompt_lengths}: expected distinct positive lengths.")
+    check_sampling(temperature, top_k, top_p)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     lm_head = lm_head or default_lm_head(config)
     prompts = [np.random.default_rng(seed).integers(0, config.vocab_size, (1, n)) for n in prompt_lengths]
     compile_s = [None] * len(prompts)
@@ -525,7 +537,9 @@ def bench_generate_contexts(
         shapes = random_packed_params(config, lm_head=lm_head, seed=seed, abstract=True)
         for i, prompt in enumerate(prompts):
             start = time.perf_counter()
-            compile_generate(config, shapes, prompt, 1 + new_tokens, streaming=True, kv_cache=kv_cache, in_child=True)
+            compile_generate(
+                config, shapes, prompt, 1 + new_tokens, **sampling, streaming=True, kv_cache=kv_cache, in_child=True
+            )
             compile_s[i] = time.perf_counter() - start
         params = random_packed_params(config, lm_head=lm_head, seed=seed)
         isa = ffi.selected_isa()
@@ -548,7 +562,15 @@ def bench_generate_contexts(
         start = time.perf_counter()
         on_tokens = lambda _: token_times.append(time.perf_counter())
         generate(
-            config, params, prompts[i], 1 + new_tokens, on_tokens=on_tokens, backend=serve_backend, kv_cache=kv_cache
+            config,
+            params,
+            prompts[i],
+            1 + new_tokens,
+            **sampling,
+            seed=seed,
+            on_tokens=on_tokens,
+            backend=serve_backend,
+            kv_cache=kv_cache,
         )
         peaks[i] = max(peaks[i], peak_rss_mb())
         return token_times[0] - start, token_times[-1] - token_times[0]
@@ -600,6 +622,7 @@ def bench_generate_contexts(
                 compile_s=compile_s[i],
                 compilation_cache=jax.config.jax_compilation_cache_dir,
                 decode_runs_tok_s=tuple(new_tokens / d for _, d in runs[i]),
+                **sampling,
             )
         )
     return results
@@ -740,6 +763,8 @@ def generate_table(results: list[GenerateTiming]) -> str:
             f"({r.prompt_tokens}-token prompt) | {r.decode_tok_s:.2f} ({r.new_tokens} tokens) | "
             f"{r.peak_rss_mb:.0f} | {r.weight_mb:.0f} |"
         )
+    for text in sorted({sampling_text(r) for r in results} - {"greedy"}):
+        lines += ["", f"Tokens picked by sampling: {text}."]
     ffi_rows = [r for r in results if r.backend == "ffi"]
     for other, name in (("xla", "XLA dense"), ("xla-packed", "the XLA integer path")):
         other_rows = [r for r in results if r.backend == other]
@@ -750,6 +775,14 @@ def generate_table(results: list[GenerateTiming]) -> str:
                 f"prefill {ffi_rows[0].prefill_tok_s / other_rows[0].prefill_tok_s:.1f}x."
             )
     return "\n".join(lines)
+
+
+def sampling_text(r: GenerateTiming) -> str:
+    """How r's tokens were picked: "greedy", or its temperature and cuts."""
+    if r.temperature == 0:
+        return "greedy"
+    cuts = [f"top_k {r.top_k}"] * (r.top_k is not None) + [f"top_p {r.top_p:g}"] * (r.top_p is not None)
+    return ", ".join([f"temperature {r.temperature:g}", *cuts])
 
 
 def write_json(

@@ -237,6 +237,9 @@ def _parser() -> argparse.ArgumentParser:
         "--xla-new-tokens", type=int, default=16, help="decoded tokens timed on the (slow) XLA dense path (default 16)"
     )
     bench_gen.add_argument("--xla-dtype", choices=("float32", "bfloat16"), default="float32")
+    bench_gen.add_argument("--temperature", type=float, default=0.0, help="sample every token so (default 0: greedy)")
+    bench_gen.add_argument("--top-k", type=int, default=None, help="with --temperature, as for generate")
+    bench_gen.add_argument("--top-p", type=float, default=None, help="with --temperature, as for generate")
     bench_gen.add_argument("--repeats", type=int, default=3)
     _add_read_buffer(bench_gen)
     bench_gen.add_argument(
@@ -636,6 +639,7 @@ def _bench_generate(args) -> int:
     from bitnet_jax.bench.train import cpu_name
     from bitnet_jax.errors import BitNetError
     from bitnet_jax.model.config import PRESETS, BitNetConfig
+    from bitnet_jax.serve.generate import check_sampling
 
     if args.preset not in PRESETS:
         raise BitNetError(f"--preset {args.preset!r}: expected one of {sorted(PRESETS)}.")
@@ -648,6 +652,7 @@ def _bench_generate(args) -> int:
         )
     overrides = {} if args.weight_quant is None else {"weight_quant": args.weight_quant}
     config = BitNetConfig.preset(args.preset, **overrides)  # validates --weight-quant before any child starts
+    check_sampling(args.temperature, args.top_k, args.top_p)
     prompt_lengths = _prompt_lengths(args.prompt_tokens)
     new_tokens_most = max(args.new_tokens if backend == "ffi" else args.xla_new_tokens for backend in backends)
     if prompt_lengths[-1] + 1 + new_tokens_most > config.max_position_embeddings:
@@ -680,6 +685,7 @@ def _bench_generate(args) -> int:
                     args.profile,
                     args.kv_cache,
                     args.compilation_cache,
+                    dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
                 ),
             )
         results += timings
@@ -808,6 +814,7 @@ def _bench_generate_child(
     profile,
     kv_cache,
     compilation_cache,
+    sampling,
 ):
     from bitnet_jax.bench.serve import set_threads
 
@@ -828,6 +835,7 @@ def _bench_generate_child(
         xla_dtype=xla_dtype,
         profile=profile,
         kv_cache=kv_cache,
+        **sampling,
     )
 
 

@@ -751,6 +751,11 @@ def _check_request(config, prompts, max_new_tokens, temperature, top_k, top_p, s
     for s in stop_ids or ():
         if not 0 <= int(s) < config.vocab_size:
             raise BitNetError(f"stop id {s} is outside the vocabulary [0, {config.vocab_size}).")
+    check_sampling(temperature, top_k, top_p)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raises BitNetError unless `generate` takes these sampling settings."""
     if not temperature >= 0:
         raise BitNetError(f"temperature={temperature}: expected a number >= 0 (0 means greedy).")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
