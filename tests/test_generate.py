@@ -167,7 +167,7 @@ def test_ffi_cut_keeps_the_top_k_and_then_the_nucleus():
     rows[0][40:80] = 0.0
     short = np.stack(rows).astype(np.float32)
     long = (rng.standard_normal((2, 128256)) * np.array([[1.0], [4.0]])).astype(np.float32)
-    cut = jax.jit(ffi_cut)
+    cut = jax.jit(lambda *args: ffi_cut(*args)[0])
     checked = total = 0
     for logits in (short, long):
         b, v = logits.shape
@@ -205,21 +205,95 @@ def test_ffi_cut_where_the_masses_are_not_finite():
     rows[2, 5] = 1.0
     ukey = unsigned_keys(jnp.asarray(rows))
     top_p = jnp.full(3, 0.9, jnp.float32)
-    got = np.asarray(jax.jit(ffi_cut)(ukey, jnp.zeros(3, jnp.int32), top_p))
+    cut = jax.jit(lambda *args: ffi_cut(*args)[0])
+    got = np.asarray(cut(ukey, jnp.zeros(3, jnp.int32), top_p))
     x = np.where(np.isnan(rows), np.nan, rows)
     e = jnp.exp(jnp.asarray(x) - jnp.max(jnp.asarray(x), axis=-1, keepdims=True))
     np.testing.assert_array_equal(got, np.asarray(jax.jit(top_p_threshold)(e, ukey, top_p)))
     np.testing.assert_array_equal(np.flatnonzero(_keeps(got, ukey)[0]), [7, 300])
     np.testing.assert_array_equal(np.flatnonzero(_keeps(got, ukey)[1]), [9, 11])
     np.testing.assert_array_equal(np.flatnonzero(_keeps(got, ukey)[2]), [5])
-    top_3 = np.asarray(jax.jit(ffi_cut)(ukey, jnp.full(3, 3, jnp.int32), jnp.ones(3, jnp.float32)))
+    top_3 = np.asarray(cut(ukey, jnp.full(3, 3, jnp.int32), jnp.ones(3, jnp.float32)))
     assert _keeps(top_3, ukey).sum(axis=1).tolist() == [3, 3, 500]  # 2 NaNs and the largest; ties of -inf
+
+
+def test_ffi_cut_lists_the_kept_tokens():
+    """With `kept` = K the kernel also lists each row's kept tokens (key >= its cut), ascending,
+    where they are at most K (the rest V) and counts them (K + 1: more): a row cut to a few
+    tokens, one that keeps all (no cut), K = 0 (a count only) and K past the vocabulary."""
+    from bitnet_jax.serve.generate import ffi_cut, unsigned_keys
+
+    rng = np.random.default_rng(13)
+    logits = (rng.standard_normal((3, 700)) * np.array([[8.0], [1.0], [0.5]])).astype(np.float32)
+    ukey = unsigned_keys(jnp.asarray(logits))
+    top_k, top_p = jnp.array([0, 5, 0], jnp.int32), jnp.array([0.9, 1.0, 1.0], jnp.float32)
+    for k in (0, 1, 6, 64, 800):
+        cut_b1, (kept_bk, count_b) = jax.jit(ffi_cut, static_argnums=3)(ukey, top_k, top_p, k)
+        assert kept_bk.shape == (3, k) and count_b.shape == (3,)
+        for row, cut, kept, count in zip(
+            np.asarray(ukey), np.asarray(cut_b1), np.asarray(kept_bk), np.asarray(count_b)
+        ):
+            want = np.flatnonzero(row >= cut[0])
+            if len(want) <= k:
+                assert count == len(want)
+                np.testing.assert_array_equal(kept, np.concatenate([want, np.full(k - len(want), 700)]))
+            else:
+                assert count == k + 1
+    assert int(count_b[1]) == 5 and int(count_b[2]) == 700  # top-k 5; no cut, K = 800 >= V
+
+
+def test_nucleus_draw_is_the_whole_vocabulary_draw():
+    """`nucleus_tokens` (the Gumbel noise of a row's kept tokens alone) draws the token that
+    `categorical_tokens` draws over the whole row with the row's other tokens at -inf: the noise of
+    each kept token is the same bits at its flat index (`_gumbel_at` against `gumbel_noise`), for
+    one key over a batch and a key per row. And `draw_after_cut` falls back to the whole row where
+    a row keeps more than K."""
+    from bitnet_jax.serve.generate import (
+        _gumbel_at,
+        categorical_tokens,
+        draw_after_cut,
+        ffi_cut,
+        gumbel_noise,
+        key_values,
+        nucleus_tokens,
+        unsigned_keys,
+    )
+
+    rng = np.random.default_rng(14)
+    v, k = 5000, 256
+    logits = (rng.standard_normal((4, v)) * np.array([[3.0], [4.0], [5.0], [3.5]])).astype(np.float32)
+    logits[2, [10, 4000]] = logits[2].max()  # a tie for the largest, kept together
+    ukey = unsigned_keys(jnp.asarray(logits))
+    cut_b1, (kept_bk, count_b) = ffi_cut(ukey, jnp.array([0, 20, 0, 0], jnp.int32), jnp.full(4, 0.8), k)
+    assert np.all(np.asarray(count_b) <= k) and np.all(np.asarray(count_b) >= 2)
+    final = jnp.where(ukey < cut_b1, -jnp.inf, key_values(ukey))
+    whole = jax.jit(categorical_tokens)
+    nucleus = jax.jit(nucleus_tokens)
+    for seed in range(40):
+        key = jax.random.PRNGKey(seed)
+        assert np.array_equal(nucleus(key, final, kept_bk, count_b), whole(key, final)), seed
+        for r in range(4):  # a key per row, as the engine draws
+            row = nucleus(key, final[r : r + 1], kept_bk[r : r + 1], count_b[r : r + 1])
+            assert int(row[0]) == int(whole(key, final[r])), (seed, r)
+    # The noise at the kept indices is gumbel_noise's, bit for bit.
+    key = jax.random.PRNGKey(3)
+    index = np.asarray(kept_bk[1, : int(count_b[1])])
+    at = np.asarray(jax.jit(_gumbel_at)(key, jnp.asarray(v + index, jnp.uint32)))  # row 1: flat index v + i
+    np.testing.assert_array_equal(at.view(np.uint32), np.asarray(gumbel_noise(key, (4, v)))[1, index].view(np.uint32))
+    # A row keeping more than K: the whole-row draw.
+    _, wide = ffi_cut(ukey, jnp.zeros(4, jnp.int32), jnp.full(4, 0.999), 2)
+    assert np.any(np.asarray(wide[1]) > 2)
+    key = jax.random.PRNGKey(5)
+    got = jax.jit(draw_after_cut)(key, final, wide)
+    assert np.array_equal(got, whole(key, final))
 
 
 def test_ffi_sampling_cut_refuses_bad_operands():
     from bitnet_jax.kernels import ffi
 
     keys = jnp.zeros((2, 10), jnp.uint32)
+    with pytest.raises(BitNetError, match="kept"):
+        ffi.sampling_cut(keys, jnp.zeros((2, 10)), jnp.zeros(2, jnp.int32), jnp.ones(2), -1)
     with pytest.raises(BitNetError, match="sampling_cut"):
         ffi.sampling_cut(keys.astype(jnp.int32), jnp.zeros((2, 10)), jnp.zeros(2, jnp.int32), jnp.ones(2))
     with pytest.raises(BitNetError, match="sampling_cut"):

@@ -9,6 +9,13 @@
 //   top_p   f32 [B]      then keep the fewest largest keys whose mass reaches top_p of the mass
 //                        that top-k kept; top_p >= 1 (or NaN): no top-p cut
 //   -> cut  u32 [B, 1]   a row keeps the tokens whose key is at least its cut (0: every token)
+//   -> kept s32 [B, K]   the indices of the tokens the row keeps, ascending, where they are at
+//                        most K (the rest of the row: V); K may be 0
+//   -> count s32 [B]     how many the row keeps, where at most K; else K + 1
+//
+// A row's draw reads only the tokens it keeps; where a top-p or top-k cut leaves few (a trained
+// model's nucleus is often a handful of tokens), `kept` lets the caller draw the Gumbel noise for
+// those alone rather than for the whole vocabulary (bitnet_jax/serve/generate.py, `nucleus_tokens`).
 //
 // The cuts are generate.py's `top_k_threshold` and `top_p_threshold`, which find them in XLA by
 // 32 halvings of the key range, each a masked sum over the whole row that XLA:CPU writes out
@@ -142,6 +149,25 @@ uint32_t NucleusCut(const uint32_t* keys, const float* e, int64_t v, float top_p
   return Select(keys, e, v, floor, top, target, [](float m) { return static_cast<double>(m); }, tokens);
 }
 
+// The indices of the tokens with key >= cut, ascending, into kept[0, k) (the rest: v), and their
+// count, or k + 1 where there are more than k (the scan stops there).
+int32_t KeptTokens(const uint32_t* keys, int64_t v, uint32_t cut, int64_t k, int32_t* kept) {
+  constexpr int64_t kBlock = 64;  // tokens between checks of the count
+  thread_local std::vector<int32_t> found;  // k + 1 slots: the last takes what does not fit
+  if (static_cast<int64_t>(found.size()) < k + 1) found.resize(k + 1);
+  int64_t n = 0;
+  for (int64_t i0 = 0; i0 < v && n <= k; i0 += kBlock) {
+    for (int64_t i = i0; i < std::min(v, i0 + kBlock); ++i) {  // without a branch: half a flat row is kept
+      found[std::min(n, k)] = static_cast<int32_t>(i);
+      n += keys[i] >= cut;
+    }
+  }
+  const int64_t listed = std::min(n, k);
+  std::copy(found.begin(), found.begin() + listed, kept);
+  std::fill(kept + listed, kept + k, static_cast<int32_t>(v));
+  return static_cast<int32_t>(std::min(n, k + 1));
+}
+
 uint32_t RowCut(const uint32_t* keys, const float* e, int64_t v, int32_t top_k, float top_p) {
   thread_local std::vector<Token> tokens;
   if (static_cast<int64_t>(tokens.size()) < v) tokens.resize(v);
@@ -153,11 +179,12 @@ uint32_t RowCut(const uint32_t* keys, const float* e, int64_t v, int32_t top_k, 
 
 ffi::Error SamplingCutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys, ffi::Buffer<ffi::F32> e,
                            ffi::Buffer<ffi::S32> top_k, ffi::Buffer<ffi::F32> top_p,
-                           ffi::Result<ffi::Buffer<ffi::U32>> cut) {
+                           ffi::Result<ffi::Buffer<ffi::U32>> cut, ffi::Result<ffi::Buffer<ffi::S32>> kept,
+                           ffi::Result<ffi::Buffer<ffi::S32>> count) {
   const std::string op = "bitnet_sampling_cut: ";
   const auto dims = keys.dimensions();
-  if (dims.size() != 2 || dims[1] < 1) {
-    return ffi::Error::InvalidArgument(op + "expected keys [B, V] with V >= 1, got " + ShapeString(dims));
+  if (dims.size() != 2 || dims[1] < 1 || dims[1] > INT32_MAX) {
+    return ffi::Error::InvalidArgument(op + "expected keys [B, V] with 1 <= V < 2^31, got " + ShapeString(dims));
   }
   const int64_t b = dims[0], v = dims[1];
   const auto e_dims = e.dimensions();
@@ -176,13 +203,25 @@ ffi::Error SamplingCutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys, ffi
     return ffi::Error::InvalidArgument(op + "the output must be [" + std::to_string(b) + ", 1], got " +
                                        ShapeString(c_dims));
   }
+  const auto k_dims = kept->dimensions(), n_dims = count->dimensions();
+  if (k_dims.size() != 2 || k_dims[0] != b || n_dims.size() != 1 || n_dims[0] != b) {
+    return ffi::Error::InvalidArgument(op + "expected outputs kept [" + std::to_string(b) + ", K] and count [" +
+                                       std::to_string(b) + "], got " + ShapeString(k_dims) + " and " +
+                                       ShapeString(n_dims));
+  }
+  const int64_t most = k_dims[1];
   const uint32_t* key = keys.typed_data();
   const float* mass = e.typed_data();
   const int32_t* k = top_k.typed_data();
   const float* p = top_p.typed_data();
   uint32_t* out = cut->typed_data();
+  int32_t* kept_bk = kept->typed_data();
+  int32_t* count_b = count->typed_data();
   ParallelFor(pool, b, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) out[r] = RowCut(key + r * v, mass + r * v, v, k[r], p[r]);
+    for (int64_t r = begin; r < end; ++r) {
+      out[r] = RowCut(key + r * v, mass + r * v, v, k[r], p[r]);
+      count_b[r] = KeptTokens(key + r * v, v, out[r], most, kept_bk + r * most);
+    }
   });
   return ffi::Error::Success();
 }
@@ -198,4 +237,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
         .Arg<ffi::Buffer<ffi::F32>>()    // e: float32 [B, V], exp(x - max x)
         .Arg<ffi::Buffer<ffi::S32>>()    // top_k: int32 [B], <= 0: no top-k cut
         .Arg<ffi::Buffer<ffi::F32>>()    // top_p: float32 [B], >= 1: no top-p cut
-        .Ret<ffi::Buffer<ffi::U32>>());  // cut: uint32 [B, 1], the least key each row keeps
+        .Ret<ffi::Buffer<ffi::U32>>()    // cut: uint32 [B, 1], the least key each row keeps
+        .Ret<ffi::Buffer<ffi::S32>>()    // kept: int32 [B, K], the kept tokens' indices where at most K
+        .Ret<ffi::Buffer<ffi::S32>>());  // count: int32 [B], how many are kept (K + 1: more than K)

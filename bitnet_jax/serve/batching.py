@@ -70,6 +70,7 @@ from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.serving_layers import is_packed, serving_variables
 from bitnet_jax.model.transformer import BitNetLM, KVCache, join_pages, page_slots
 from bitnet_jax.serve.generate import (
+    NUCLEUS_TOKENS,
     PREFILL_CHUNK,
     categorical_tokens,
     chunks_attend_in_place,
@@ -77,11 +78,13 @@ from bitnet_jax.serve.generate import (
     greedy_tokens,
     key_values,
     kv_cache_dtype,
+    nucleus_tokens,
     padded_prompt_length,
     prefill_chunk,
     prefill_fresh,
     sampling_key,
     serving_params,
+    straight_line_gumbel,
     top_k_threshold,
     top_p_threshold,
     unsigned_keys,
@@ -885,7 +888,7 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
     def kept(ukey_bv, kth_b1):  # the row's values, -inf where the top-k cut drops them
         return jnp.where(ukey_bv < kth_b1, -jnp.inf, key_values(ukey_bv))
 
-    def cuts_in_xla(ukey_bv):  # (top-k cut, top-p cut) by XLA's halvings
+    def cuts_in_xla(ukey_bv):  # (top-k cut, top-p cut, no nucleus) by XLA's halvings
         kth_b1 = no_cut_b1
         if top_k_b is not None:
             cutting = jnp.any(sampling_b & (top_k_b > 0))
@@ -898,7 +901,7 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
             return jnp.where(top_p_b[:, None] < 1.0, top_p_threshold(e_bv, ukey_bv, top_p_b), no_cut_b1)
 
         narrowing = jnp.any(sampling_b & (top_p_b < 1.0))
-        return kth_b1, jax.lax.cond(narrowing, nucleus, lambda *_: no_cut_b1, ukey_bv, kth_b1, top_p_b)
+        return kth_b1, jax.lax.cond(narrowing, nucleus, lambda *_: no_cut_b1, ukey_bv, kth_b1, top_p_b), None
 
     def cuts_by_kernel(ukey_bv):  # both cuts in one kernel call, as one key (the top-k cut's slot: none)
         # Greedy rows take no cut: their settings may ask for one that nothing would use.
@@ -906,7 +909,24 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
         top_k_cut_b = jnp.where(sampling_b, top_k_cut_b, 0)
         top_p_cut_b = jnp.where(sampling_b, top_p_b, 1.0)
         cutting = jnp.any((top_k_cut_b > 0) | (top_p_cut_b < 1.0))
-        return no_cut_b1, jax.lax.cond(cutting, ffi_cut, lambda *_: no_cut_b1, ukey_bv, top_k_cut_b, top_p_cut_b)
+        b = ukey_bv.shape[0]
+        uncut = (  # what the kernel says of a row without a cut: more than NUCLEUS_TOKENS kept
+            no_cut_b1,
+            (jnp.full((b, NUCLEUS_TOKENS), ukey_bv.shape[1], jnp.int32), jnp.full((b,), NUCLEUS_TOKENS + 1, jnp.int32)),
+        )
+        cut = functools.partial(ffi_cut, kept=NUCLEUS_TOKENS)
+        return (no_cut_b1, *jax.lax.cond(cutting, cut, lambda *_: uncut, ukey_bv, top_k_cut_b, top_p_cut_b))
+
+    def categorical_rows(final_bv, nucleus):  # each row's draw (`categorical_tokens`) with its own key
+        whole = lambda: jax.vmap(categorical_tokens)(draw_b2, final_bv)
+        if nucleus is None or not straight_line_gumbel(draw_b2[0], final_bv.shape[1]):
+            return whole()
+        kept_bk, count_b = nucleus
+        # Only where every sampled row keeps few tokens (decided for the step, not per row: under
+        # vmap a cond would run both branches).
+        few = jnp.all(~sampling_b | (count_b <= NUCLEUS_TOKENS))
+        row = lambda key, final_v, kept_k, count: nucleus_tokens(key, final_v[None], kept_k[None], count[None])[0]
+        return jax.lax.cond(few, lambda: jax.vmap(row)(draw_b2, final_bv, kept_bk, count_b), whole)
 
     def draw(_):
         # The one [B, V] array the cuts read: the keys of the scaled logits (`unsigned_keys`), from
@@ -916,10 +936,9 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
         # kernel also reads the rows' masses, a second such array.)
         scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
         ukey_bv = unsigned_keys(scaled_bv)
-        kth_b1, cut_b1 = (cuts_by_kernel if ffi else cuts_in_xla)(ukey_bv)
+        kth_b1, cut_b1, nucleus = (cuts_by_kernel if ffi else cuts_in_xla)(ukey_bv)
         final_bv = jnp.where(ukey_bv < cut_b1, -jnp.inf, kept(ukey_bv, kth_b1))
-        sampled_b = jax.vmap(categorical_tokens)(draw_b2, final_bv)
-        return jnp.where(sampling_b, sampled_b, greedy_b)
+        return jnp.where(sampling_b, categorical_rows(final_bv, nucleus), greedy_b)
 
     token_b = jax.lax.cond(jnp.any(sampling_b), draw, lambda _: greedy_b, None)
     return token_b, keys_b2

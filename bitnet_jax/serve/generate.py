@@ -559,7 +559,7 @@ def top_p_threshold(e_bv: jax.Array, ukey_bv: jax.Array, top_p_b: jax.Array) -> 
     return jax.lax.fori_loop(0, 32, halve, bounds)[1]
 
 
-def ffi_cut(ukey_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.Array:
+def ffi_cut(ukey_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, kept: int = 0):
     """`top_k_threshold` and then `top_p_threshold` as one key per row [B, 1] (the larger of the
     two: a row keeps the tokens whose `unsigned_keys` reach it), by the FFI kernel
     (`ffi.sampling_cut`: a radix select, where the halvings pass over the row 32 times; 0.2-0.3
@@ -567,12 +567,14 @@ def ffi_cut(ukey_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array) -> jax.A
     top_k_b int32 [B] (0: no top-k cut), top_p_b float32 [B] (1: no top-p cut). Its top-p sums are
     in double, so it and the halvings' float32 sums agree but where the cut lies within float32
     rounding of top_p. The masses are those the halvings weigh: exp(x - max x) of the row, whose
-    maximum the top-k cut always keeps."""
+    maximum the top-k cut always keeps. Returns (cut_b1, (kept_bk, count_b)): the tokens each row
+    keeps, where at most `kept` (`ffi.sampling_cut`), for `draw_after_cut`."""
     from bitnet_jax.kernels import ffi  # only here: the XLA backends never load the extension
 
     x_bv = key_values(ukey_bv)
     e_bv = jnp.exp(x_bv - jnp.max(x_bv, axis=-1, keepdims=True))
-    return ffi.sampling_cut(ukey_bv, e_bv, top_k_b, top_p_b)
+    cut_b1, kept_bk, count_b = ffi.sampling_cut(ukey_bv, e_bv, top_k_b, top_p_b, kept)
+    return cut_b1, (kept_bk, count_b)
 
 
 def top_p_filter(scaled_bv: jax.Array, top_p_b: jax.Array) -> jax.Array:
@@ -642,17 +644,27 @@ def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     generator), or a shape of 2**32 values or more, it calls `jax.random.gumbel`.
     tests/test_generate.py checks the bits against it."""
     size = int(np.prod(shape))
-    if (
-        key.dtype != jnp.uint32
-        or key.shape != (2,)
-        or jax.config.jax_default_prng_impl != "threefry2x32"
-        or not jax.config.jax_threefry_partitionable
-        or jax.config.jax_high_dynamic_range_gumbel
-        or size >= 2**32
-    ):
+    if not straight_line_gumbel(key, size):
         return jax.random.gumbel(key, shape, jnp.float32)
     # The counter of each value is its index in the flattened shape (the high word 0).
-    counter = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    return _gumbel_at(key, jax.lax.iota(jnp.uint32, size).reshape(shape))
+
+
+def straight_line_gumbel(key: jax.Array, size: int) -> bool:
+    """Whether `gumbel_noise(key, shape)` of `size` values is `_gumbel_at` of their indices."""
+    return (
+        key.dtype == jnp.uint32
+        and key.shape == (2,)
+        and jax.config.jax_default_prng_impl == "threefry2x32"
+        and jax.config.jax_threefry_partitionable
+        and not jax.config.jax_high_dynamic_range_gumbel
+        and size < 2**32
+    )
+
+
+def _gumbel_at(key: jax.Array, counter: jax.Array) -> jax.Array:
+    """The values of `gumbel_noise(key, shape)` at the flat indices `counter` (uint32, any shape),
+    under `straight_line_gumbel`: the same elementwise arithmetic on the same counters."""
     bits1, bits2 = _threefry_2x32(key[0], key[1], jnp.zeros_like(counter), counter)
     # A uniform draw in [tiny, 1) as `jax.random.uniform(key, shape, float32, tiny, 1)` makes it
     # from the 23 high bits; then -log(-log(u)).
@@ -661,6 +673,40 @@ def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     tiny = np.float32(np.finfo(np.float32).tiny)
     uniform = jnp.maximum(tiny, unit * (np.float32(1.0) - tiny) + tiny)
     return -jnp.log(-jnp.log(uniform))
+
+
+# The most tokens a row may keep for its draw to take the Gumbel noise of those alone
+# (`nucleus_tokens`); a row that keeps more draws over the whole vocabulary.
+NUCLEUS_TOKENS = 1024
+
+
+def nucleus_tokens(key: jax.Array, final_bv: jax.Array, kept_bk: jax.Array, count_b: jax.Array) -> jax.Array:
+    """`categorical_tokens(key, final_bv)` [B], the same token, where each row keeps (is finite at)
+    only the tokens `kept_bk` [B, K] lists (ascending; `count_b` [B] of them, each at most K, the
+    rest of the row -inf): the Gumbel noise of those K values a row (`_gumbel_at` of their flat
+    indices) rather than of the whole vocabulary, which on CPU is 0.33 ms a row of 128,256 tokens
+    (most of what sampling a token costs). The other tokens, -inf, cannot be drawn; the first of
+    the largest is the same token, for the kept ones are in index order. Under
+    `straight_line_gumbel(key, B * V)` only (else the noise is `jax.random.gumbel`'s)."""
+    b, v = final_bv.shape
+    valid_bk = jnp.arange(kept_bk.shape[1])[None] < count_b[:, None]
+    index_bk = jnp.where(valid_bk, kept_bk, 0)
+    x_bk = jnp.where(valid_bk, jnp.take_along_axis(final_bv, index_bk, axis=1), -jnp.inf)
+    counter_bk = jnp.arange(b, dtype=jnp.uint32)[:, None] * np.uint32(v) + index_bk.astype(jnp.uint32)
+    pick_b = greedy_tokens(_gumbel_at(key, counter_bk) + x_bk)
+    return jnp.take_along_axis(index_bk, pick_b[:, None], axis=1)[:, 0]
+
+
+def draw_after_cut(key: jax.Array, final_bv: jax.Array, nucleus=None) -> jax.Array:
+    """`categorical_tokens(key, final_bv)` [B]; with `nucleus` (kept_bk, count_b) from the FFI cut,
+    by `nucleus_tokens` in a call where every row kept at most its K tokens."""
+    if nucleus is None or not straight_line_gumbel(key, final_bv.size):
+        return categorical_tokens(key, final_bv)
+    kept_bk, count_b = nucleus
+    small = jnp.all(count_b <= kept_bk.shape[1])
+    return jax.lax.cond(
+        small, nucleus_tokens, lambda key, final_bv, *_: categorical_tokens(key, final_bv), key, final_bv, *nucleus
+    )
 
 
 def _threefry_2x32(k1, k2, x1, x2):
@@ -698,8 +744,8 @@ def sample(
         ukey_bv = unsigned_keys(logits_bv)
         top_k_b = jnp.full((b,), top_k if top_k is not None and top_k > 0 else 0, jnp.int32)
         top_p_b = jnp.full((b,), top_p if top_p is not None else 1.0, jnp.float32)
-        cut_b1 = ffi_cut(ukey_bv, top_k_b, top_p_b)
-        return categorical_tokens(key, jnp.where(ukey_bv < cut_b1, -jnp.inf, key_values(ukey_bv)))
+        cut_b1, nucleus = ffi_cut(ukey_bv, top_k_b, top_p_b, kept=NUCLEUS_TOKENS)
+        return draw_after_cut(key, jnp.where(ukey_bv < cut_b1, -jnp.inf, key_values(ukey_bv)), nucleus)
     if top_k is not None and top_k < logits_bv.shape[-1]:
         kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
         logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
