@@ -2,7 +2,11 @@
 random logits over a vocabulary, with the top-k / top-p cuts in XLA ops (`ffi=False`) and by the
 FFI kernel (`ffi=True`, `xla_ffi/sampling.cc`), side by side in one process, in alternated rounds.
 
-    python benchmarks/sampling_cost.py [--rows 1,8] [--vocab 128256] [--repeats 25] [--rounds 2]
+    python benchmarks/sampling_cost.py [--rows 1,8] [--vocab 128256] [--scale 2] [--repeats 25] [--rounds 2]
+
+Random normal logits times --scale: at 2 a top_p 0.9 nucleus holds tens of thousands of tokens
+(random weights' flat rows), at 6 a few dozen, as a trained model's often does; a row whose cuts
+keep at most `generate.NUCLEUS_TOKENS` draws its Gumbel noise for those alone on the FFI path.
 
 Prints, per row count and sampling setting, each path's median ms over its rounds (the range of
 the rounds' medians) and whether both drew the same tokens. Greedy and temperature-only rows take
