@@ -763,7 +763,7 @@ def generate_table(results: list[GenerateTiming]) -> str:
             f"({r.prompt_tokens}-token prompt) | {r.decode_tok_s:.2f} ({r.new_tokens} tokens) | "
             f"{r.peak_rss_mb:.0f} | {r.weight_mb:.0f} |"
         )
-    for text in sorted({sampling_text(r) for r in results} - {"greedy"}):
+    for text in sorted({sampling_text(r.temperature, r.top_k, r.top_p) for r in results} - {"greedy"}):
         lines += ["", f"Tokens picked by sampling: {text}."]
     ffi_rows = [r for r in results if r.backend == "ffi"]
     for other, name in (("xla", "XLA dense"), ("xla-packed", "the XLA integer path")):
@@ -777,12 +777,13 @@ def generate_table(results: list[GenerateTiming]) -> str:
     return "\n".join(lines)
 
 
-def sampling_text(r: GenerateTiming) -> str:
-    """How r's tokens were picked: "greedy", or its temperature and cuts."""
-    if r.temperature == 0:
+def sampling_text(temperature: float, top_k: int | None = None, top_p: float | None = None) -> str:
+    """How a benchmark's tokens were picked (bench generate, bench serve): "greedy", or the
+    temperature and the cuts asked for (None: none)."""
+    if temperature == 0:
         return "greedy"
-    cuts = [f"top_k {r.top_k}"] * (r.top_k is not None) + [f"top_p {r.top_p:g}"] * (r.top_p is not None)
-    return ", ".join([f"temperature {r.temperature:g}", *cuts])
+    cuts = [f"top_k {top_k}"] * (top_k is not None) + [f"top_p {top_p:g}"] * (top_p is not None)
+    return ", ".join([f"temperature {temperature:g}", *cuts])
 
 
 def write_json(

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from bitnet_jax.bench.serve import _percent
+from bitnet_jax.bench.serve import _percent, sampling_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,9 +345,7 @@ def serve_table(results: list[ServeTiming]) -> str:
 
 
 def _sampling(r: ServeTiming) -> str:
-    if r.temperature == 0:
-        return "greedy"
-    return f"temperature {r.temperature:g}" + (f", top_p {r.top_p:g}" if r.top_p < 1 else "")
+    return sampling_text(r.temperature, top_p=r.top_p if r.top_p < 1 else None)  # top_p 1: no cut
 
 
 def _prompts(r: ServeTiming) -> str:

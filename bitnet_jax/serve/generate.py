@@ -739,11 +739,11 @@ def sample(
     if temperature == 0.0:
         return greedy_tokens(logits_bv)
     logits_bv = logits_bv.astype(jnp.float32) / temperature
-    if ffi and ((top_k is not None and top_k > 0) or (top_p is not None and top_p < 1.0)):
+    if ffi and (top_k or (top_p is not None and top_p < 1.0)):  # top_k None or >= 1 (`check_sampling`)
         b = logits_bv.shape[0]
         ukey_bv = unsigned_keys(logits_bv)
-        top_k_b = jnp.full((b,), top_k if top_k is not None and top_k > 0 else 0, jnp.int32)
-        top_p_b = jnp.full((b,), top_p if top_p is not None else 1.0, jnp.float32)
+        top_k_b = jnp.full((b,), top_k or 0, jnp.int32)
+        top_p_b = jnp.full((b,), 1.0 if top_p is None else top_p, jnp.float32)
         cut_b1, nucleus = ffi_cut(ukey_bv, top_k_b, top_p_b, kept=NUCLEUS_TOKENS)
         return draw_after_cut(key, jnp.where(ukey_bv < cut_b1, -jnp.inf, key_values(ukey_bv)), nucleus)
     if top_k is not None and top_k < logits_bv.shape[-1]:
