@@ -2,6 +2,7 @@
 
 import collections
 import dataclasses
+import functools
 import importlib
 import threading
 import time
@@ -67,11 +68,9 @@ def test_sampling_is_reproducible_and_restricted():
     assert len(samples) > 1
 
 
-def test_greedy_tokens_are_argmax_ties_nans_and_infinities_included():
-    """`greedy_tokens` replaces jnp.argmax for speed; it must pick the very same index: the first
-    of tied maxima, the first NaN of a row that has any, and -0.0 and 0.0 as equal."""
-    from bitnet_jax.serve.generate import greedy_tokens
-
+def _argmax_rows() -> np.ndarray:
+    """Rows of 1000 whose argmax is a corner: tied maxima, NaNs (one with its sign bit set),
+    infinities, zeros of both signs, all -inf."""
     rng = np.random.default_rng(0)
     rows = [rng.standard_normal(1000, np.float32) for _ in range(12)]
     rows[1][[3, 500, 999]] = 9.0  # tied maxima: the first
@@ -87,13 +86,52 @@ def test_greedy_tokens_are_argmax_ties_nans_and_infinities_included():
     rows[9][:] = -np.abs(rows[9])  # all negative: the one nearest zero
     rows[10][:] = -np.inf
     rows[10][[400, 401]] = [-3.0, np.finfo(np.float32).min]
-    logits = np.stack(rows)
+    return np.stack(rows)
+
+
+def test_greedy_tokens_are_argmax_ties_nans_and_infinities_included():
+    """`greedy_tokens` replaces jnp.argmax for speed; it must pick the very same index: the first
+    of tied maxima, the first NaN of a row that has any, and -0.0 and 0.0 as equal."""
+    from bitnet_jax.serve.generate import greedy_tokens
+
+    logits = _argmax_rows()
     expected = np.asarray(jnp.argmax(logits, axis=-1))
     got = np.asarray(jax.jit(greedy_tokens)(logits))
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(expected[1:6], [3, 10, 900, 0, 0])
     assert expected[8] == 20 and expected[10] == 400
+
+
+def test_ffi_argmax_is_argmax_on_every_path(isa):
+    """`greedy_tokens(..., ffi=True)` (`ffi.argmax`, xla_ffi/sampling.cc) picks argmax's index
+    too, on each kernel path: the corner rows above; rows of 1 to 20 values with their maximum
+    at every place, so that it falls in each vector lane and in the tail past the last whole
+    vector, and with tied maxima across lanes (the least index, not the first lane's); a
+    vocabulary-sized row; under vmap (a row at a time: scalars), and with more leading axes."""
+    from bitnet_jax.kernels import ffi
+    from bitnet_jax.serve.generate import greedy_tokens
+
+    argmax = jax.jit(functools.partial(greedy_tokens, ffi=True))
+    logits = _argmax_rows()
+    np.testing.assert_array_equal(argmax(logits), np.asarray(jnp.argmax(logits, axis=-1)))
+    rng = np.random.default_rng(1)
+    for v in range(1, 21):
+        rows = np.tile(rng.standard_normal(v, np.float32) - 10, (v, 1))
+        rows[np.arange(v), np.arange(v)] = 1.0  # row i: its maximum at i
+        np.testing.assert_array_equal(argmax(rows), np.arange(v))
+        ties = np.zeros((v, v), np.float32)
+        ties[np.arange(v)[:, None] <= np.arange(v)[None]] = 2.0  # row i: maxima at i, i + 1, ...
+        np.testing.assert_array_equal(argmax(ties), np.arange(v))
+    wide = rng.standard_normal((3, 128256), np.float32)
+    wide[1, [70000, 9]] = 50.0  # a later lane's tie before an earlier one's
+    np.testing.assert_array_equal(argmax(wide), np.asarray(jnp.argmax(wide, axis=-1)))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(argmax))(logits), np.asarray(jnp.argmax(logits, axis=-1)))
+    assert argmax(logits[3]).shape == ()
+    cube = logits[:12].reshape(3, 4, 1000)
+    np.testing.assert_array_equal(argmax(cube), np.asarray(jnp.argmax(cube, axis=-1)))
+    with pytest.raises(BitNetError, match="argmax"):
+        ffi.argmax(jnp.zeros((2, 0)))
 
 
 def _nucleus_reference(row: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
@@ -148,15 +186,17 @@ def _keeps(cut_b1, ukey_bv) -> np.ndarray:
     return np.asarray(ukey_bv) >= np.asarray(cut_b1)
 
 
-def test_ffi_cut_keeps_the_top_k_and_then_the_nucleus():
+def test_ffi_cut_keeps_the_top_k_and_then_the_nucleus(isa):
     """`ffi_cut` (xla_ffi/sampling.cc: a radix select over the keys, masses summed in double)
     keeps what a float64 reference keeps: exactly the tokens at or above the k-th largest logit
     (ties and -0.0 / 0.0 alike, k past the vocabulary: all), and among those the nucleus. Its
-    masses are XLA's float32 exp(x - max x): x - max x rounds to half an ulp (for the tokens
-    holding any mass, |x - max x| < 32: ~1e-6 of their mass) and exp adds a few ulp, so a
+    masses are its own float32 exp(x - max x): x - max x rounds to half an ulp (for the tokens
+    holding any mass, |x - max x| < 32: ~1e-6 of their mass) and its exp adds 2 ulp (and makes
+    0 of what lies below exp(-87), which weighs nothing beside the largest token's 1), so a
     cumulative mass within 1e-5 of top_p may go either way, against 1e-4 for the float32
-    halvings of `top_p_filter`; every other token must agree. Rows of 1000 tokens and of
-    2B4T's 128,256 (whose top buckets hold thousands of tokens each)."""
+    halvings of `top_p_filter`; every other token must agree. Rows of 1000 tokens (one scaled
+    so that most masses are below exp(-87)) and of 2B4T's 128,256 (whose top buckets hold
+    thousands of tokens each)."""
     from bitnet_jax.serve.generate import ffi_cut, unsigned_keys
 
     rng = np.random.default_rng(11)
@@ -190,7 +230,7 @@ def test_ffi_cut_keeps_the_top_k_and_then_the_nucleus():
     assert checked > 0.999 * total
 
 
-def test_ffi_cut_where_the_masses_are_not_finite():
+def test_ffi_cut_where_the_masses_are_not_finite(isa):
     """A row with a NaN or an infinite logit has a NaN mass (exp(inf - inf)); the halvings then
     never find the mass below their target and keep only the largest key (the NaNs, or the
     +inf tokens), and so does `ffi_cut`. Its top-k cut still counts keys. Greedy decoding picks
@@ -293,13 +333,13 @@ def test_ffi_sampling_cut_refuses_bad_operands():
 
     keys = jnp.zeros((2, 10), jnp.uint32)
     with pytest.raises(BitNetError, match="kept"):
-        ffi.sampling_cut(keys, jnp.zeros((2, 10)), jnp.zeros(2, jnp.int32), jnp.ones(2), -1)
+        ffi.sampling_cut(keys, jnp.zeros(2, jnp.int32), jnp.ones(2), -1)
     with pytest.raises(BitNetError, match="sampling_cut"):
-        ffi.sampling_cut(keys.astype(jnp.int32), jnp.zeros((2, 10)), jnp.zeros(2, jnp.int32), jnp.ones(2))
+        ffi.sampling_cut(keys.astype(jnp.int32), jnp.zeros(2, jnp.int32), jnp.ones(2))
     with pytest.raises(BitNetError, match="sampling_cut"):
-        ffi.sampling_cut(keys, jnp.zeros((2, 9)), jnp.zeros(2, jnp.int32), jnp.ones(2))
+        ffi.sampling_cut(keys, jnp.zeros(3, jnp.int32), jnp.ones(2))
     with pytest.raises(BitNetError, match="sampling_cut"):
-        ffi.sampling_cut(keys, jnp.zeros((2, 10)), jnp.zeros(3, jnp.int32), jnp.ones(2))
+        ffi.sampling_cut(keys, jnp.zeros(2, jnp.int32), jnp.ones(3))
 
 
 def test_gumbel_noise_is_jax_random_gumbel():

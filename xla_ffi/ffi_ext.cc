@@ -59,6 +59,7 @@ NB_MODULE(_ffi_ext, m) {
     registrations["bitnet_read_bandwidth"] = EncapsulateFfiHandler(BitnetReadBandwidth);
     registrations["bitnet_int8_peak"] = EncapsulateFfiHandler(BitnetInt8Peak);
     registrations["bitnet_sampling_cut"] = EncapsulateFfiHandler(BitnetSamplingCut);
+    registrations["bitnet_argmax"] = EncapsulateFfiHandler(BitnetArgmax);
     registrations["bitnet_stream_tokens"] = EncapsulateFfiHandler(BitnetStreamTokens);
     registrations["bitnet_zeros"] = EncapsulateFfiHandler(BitnetZeros);
     return registrations;

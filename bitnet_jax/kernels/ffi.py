@@ -408,20 +408,20 @@ def _int32_operand(name: str, x, shape: tuple) -> jax.Array:
 
 
 def sampling_cut(
-    ukey_bv: jax.Array, e_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, kept: int = 0
+    ukey_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, kept: int = 0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Each row's top-k and then top-p cut, by radix select (xla_ffi/sampling.cc: what
     `generate.top_k_threshold` and `top_p_threshold` find by halvings): (cut uint32 [B, 1], the
     least key the row keeps; kept_bk int32 [B, kept], the indices of the tokens it keeps, ascending,
     where they are at most `kept` (the rest: V); count_b int32 [B], how many it keeps, or kept + 1
-    where more). `ukey_bv` uint32 [B, V]: `generate.unsigned_keys` of the scaled logits; `e_bv`
-    float32 [B, V]: exp(x - max x) of them; `top_k_b` int32 [B] (<= 0: no top-k cut); `top_p_b`
-    float32 [B] (>= 1: no top-p cut). A cut of 0 keeps every token."""
+    where more). `ukey_bv` uint32 [B, V]: `generate.unsigned_keys` of the scaled logits, whose
+    masses, exp(x - max x), the kernel computes; `top_k_b` int32 [B] (<= 0: no top-k cut);
+    `top_p_b` float32 [B] (>= 1: no top-p cut). A cut of 0 keeps every token."""
     b, v = ukey_bv.shape
-    if ukey_bv.dtype != jnp.uint32 or e_bv.shape != (b, v) or top_k_b.shape != (b,) or top_p_b.shape != (b,):
+    if ukey_bv.dtype != jnp.uint32 or top_k_b.shape != (b,) or top_p_b.shape != (b,):
         raise BitNetError(
-            f"sampling_cut: expected uint32 keys [B, V], e [B, V], top_k [B] and top_p [B]; found keys "
-            f"{ukey_bv.dtype} {ukey_bv.shape}, e {e_bv.shape}, top_k {top_k_b.shape}, top_p {top_p_b.shape}."
+            f"sampling_cut: expected uint32 keys [B, V], top_k [B] and top_p [B]; found keys "
+            f"{ukey_bv.dtype} {ukey_bv.shape}, top_k {top_k_b.shape}, top_p {top_p_b.shape}."
         )
     if not 0 <= kept < 2**31 - 1:
         raise BitNetError(f"sampling_cut: kept={kept}: expected a count in [0, 2**31 - 1).")
@@ -431,7 +431,18 @@ def sampling_cut(
         jax.ShapeDtypeStruct((b,), jnp.int32),
     )
     call = jax.ffi.ffi_call("bitnet_sampling_cut", out_types, vmap_method="sequential")
-    return tuple(call(ukey_bv, e_bv.astype(jnp.float32), top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32)))
+    return tuple(call(ukey_bv, top_k_b.astype(jnp.int32), top_p_b.astype(jnp.float32)))
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """int32 [...]: each row's first index of its largest value along the last axis of `x`
+    (float32 [..., V]), NaN counting as larger than any number and -0.0 as 0.0, as
+    `jnp.argmax` has it (xla_ffi/sampling.cc, `bitnet_argmax`: one pass over the row, where
+    XLA:CPU writes two [..., V] int32 arrays for `generate.greedy_tokens`)."""
+    if x.ndim < 1 or x.shape[-1] < 1:
+        raise BitNetError(f"argmax: expected x [..., V] with V >= 1, found {x.shape}.")
+    out_type = jax.ShapeDtypeStruct(x.shape[:-1], jnp.int32)
+    return jax.ffi.ffi_call("bitnet_argmax", out_type, vmap_method="broadcast_all")(x.astype(jnp.float32))
 
 
 def push_tokens(stream_and_tokens_1b: jax.Array) -> None:

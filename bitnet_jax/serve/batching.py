@@ -878,10 +878,11 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
     The sampling work (the top-k and top-p cuts, Gumbel noise over the vocabulary) runs only in
     steps where some row needs it (`lax.cond`): an all-greedy step is an argmax. `ffi`: the cuts
     by the FFI kernel (`generate.ffi_cut`; `ops.ffi_cuts` says where), one call for every row's
-    two cuts, rather than XLA's halvings."""
+    two cuts, rather than XLA's halvings, and the argmaxes by the FFI kernel too
+    (`generate.greedy_tokens`)."""
     split_b22 = jax.vmap(jax.random.split)(keys_b2)
     keys_b2, draw_b2 = split_b22[:, 0], split_b22[:, 1]
-    greedy_b = greedy_tokens(logits_bv)
+    greedy_b = greedy_tokens(logits_bv, ffi=ffi)
     sampling_b = temperature_b > 0
     no_cut_b1 = jnp.zeros((logits_bv.shape[0], 1), jnp.uint32)  # a key threshold every token passes
 
@@ -918,7 +919,7 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
         return (no_cut_b1, *jax.lax.cond(cutting, cut, lambda *_: uncut, ukey_bv, top_k_cut_b, top_p_cut_b))
 
     def categorical_rows(final_bv, nucleus):  # each row's draw (`categorical_tokens`) with its own key
-        whole = lambda: jax.vmap(categorical_tokens)(draw_b2, final_bv)
+        whole = lambda: jax.vmap(functools.partial(categorical_tokens, ffi=ffi))(draw_b2, final_bv)
         if nucleus is None or not straight_line_gumbel(draw_b2[0], final_bv.shape[1]):
             return whole()
         kept_bk, count_b = nucleus

@@ -503,7 +503,7 @@ def prefill_fresh(model: BitNetLM, variables: dict, prompt_bt, lengths_b, slots:
     return prefill(model, variables, prompt_bt, lengths_b, cache, attend_slots=t, chunk=chunk)
 
 
-def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
+def greedy_tokens(logits_bv: jax.Array, *, ffi: bool = False) -> jax.Array:
     """`jnp.argmax(logits_bv, axis=-1)` as int32 [B]: the first index of each row's maximum, or of
     its first NaN where it has one, -0.0 and 0.0 being equal, as argmax has it.
 
@@ -512,8 +512,15 @@ def greedy_tokens(logits_bv: jax.Array) -> jax.Array:
     over a 128,256-token vocabulary, 0.07 ms a row instead of 0.58 ms on a Zen 4 (1.4% of a 2B4T
     decode step). The key orders floats as integers (the bits, with the magnitude bits of
     negatives flipped), after mapping -0.0 to 0.0 and every NaN to the largest key: a float
-    maximum would not do, for XLA:CPU's does not propagate NaN. tests/test_generate.py checks it
-    against argmax, ties, zeros, infinities and NaNs included."""
+    maximum would not do, for XLA:CPU's does not propagate NaN. XLA:CPU writes the keys and the
+    indices out as two [B, V] arrays before reducing them (8 MB of a decode step's temporary
+    buffer at 8 rows); `ffi` (`ops.ffi_cuts` says where) takes the same answer from one pass of
+    the FFI kernel instead (`ffi.argmax`). tests/test_generate.py checks both against argmax,
+    ties, zeros, infinities and NaNs included."""
+    if ffi:
+        from bitnet_jax.kernels import ffi as kernels  # only here: the XLA backends never load the extension
+
+        return kernels.argmax(logits_bv)
     key_bv = _order_keys(logits_bv)
     top_b1 = jnp.max(key_bv, axis=-1, keepdims=True)
     index_bv = jax.lax.broadcasted_iota(jnp.int32, key_bv.shape, key_bv.ndim - 1)
@@ -566,14 +573,14 @@ def ffi_cut(ukey_bv: jax.Array, top_k_b: jax.Array, top_p_b: jax.Array, kept: in
     ms a row of 128,256 tokens against 1.5 on a Zen 4). `ukey_bv`: the keys of the scaled logits;
     top_k_b int32 [B] (0: no top-k cut), top_p_b float32 [B] (1: no top-p cut). Its top-p sums are
     in double, so it and the halvings' float32 sums agree but where the cut lies within float32
-    rounding of top_p. The masses are those the halvings weigh: exp(x - max x) of the row, whose
-    maximum the top-k cut always keeps. Returns (cut_b1, (kept_bk, count_b)): the tokens each row
-    keeps, where at most `kept` (`ffi.sampling_cut`), for `draw_after_cut`."""
+    rounding of top_p. The masses are those the halvings weigh, exp(x - max x) of the row (whose
+    maximum the top-k cut always keeps), computed by the kernel with its own exp (2 ulp from exact,
+    where XLA's is another): XLA no longer writes them out, a [B, V] array of a decode step's
+    temporary buffer. Returns (cut_b1, (kept_bk, count_b)): the tokens each row keeps, where at
+    most `kept` (`ffi.sampling_cut`), for `draw_after_cut`."""
     from bitnet_jax.kernels import ffi  # only here: the XLA backends never load the extension
 
-    x_bv = key_values(ukey_bv)
-    e_bv = jnp.exp(x_bv - jnp.max(x_bv, axis=-1, keepdims=True))
-    cut_b1, kept_bk, count_b = ffi.sampling_cut(ukey_bv, e_bv, top_k_b, top_p_b, kept)
+    cut_b1, kept_bk, count_b = ffi.sampling_cut(ukey_bv, top_k_b, top_p_b, kept)
     return cut_b1, (kept_bk, count_b)
 
 
@@ -624,11 +631,12 @@ def top_k_filter(scaled_bv: jax.Array, top_k_b: jax.Array) -> jax.Array:
     return jnp.where((top_k_b[:, None] > 0) & (ukey_bv < kth_b1), -jnp.inf, scaled_bv)
 
 
-def categorical_tokens(key: jax.Array, scaled_bv: jax.Array) -> jax.Array:
+def categorical_tokens(key: jax.Array, scaled_bv: jax.Array, *, ffi: bool = False) -> jax.Array:
     """`jax.random.categorical(key, scaled_bv, axis=-1)` as int32 ([B], or a scalar for one row
     [V]): the same Gumbel noise from the same key (`gumbel_noise`), so the same token, with
-    `greedy_tokens` for its argmax (0.5 ms a row less over a 128,256-token vocabulary)."""
-    return greedy_tokens(gumbel_noise(key, scaled_bv.shape) + scaled_bv)
+    `greedy_tokens` for its argmax (0.5 ms a row less over a 128,256-token vocabulary; `ffi` as
+    there)."""
+    return greedy_tokens(gumbel_noise(key, scaled_bv.shape) + scaled_bv, ffi=ffi)
 
 
 def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -697,16 +705,15 @@ def nucleus_tokens(key: jax.Array, final_bv: jax.Array, kept_bk: jax.Array, coun
     return jnp.take_along_axis(index_bk, pick_b[:, None], axis=1)[:, 0]
 
 
-def draw_after_cut(key: jax.Array, final_bv: jax.Array, nucleus=None) -> jax.Array:
-    """`categorical_tokens(key, final_bv)` [B]; with `nucleus` (kept_bk, count_b) from the FFI cut,
-    by `nucleus_tokens` in a call where every row kept at most its K tokens."""
+def draw_after_cut(key: jax.Array, final_bv: jax.Array, nucleus=None, *, ffi: bool = False) -> jax.Array:
+    """`categorical_tokens(key, final_bv, ffi=ffi)` [B]; with `nucleus` (kept_bk, count_b) from the
+    FFI cut, by `nucleus_tokens` in a call where every row kept at most its K tokens."""
+    whole = functools.partial(categorical_tokens, ffi=ffi)
     if nucleus is None or not straight_line_gumbel(key, final_bv.size):
-        return categorical_tokens(key, final_bv)
+        return whole(key, final_bv)
     kept_bk, count_b = nucleus
     small = jnp.all(count_b <= kept_bk.shape[1])
-    return jax.lax.cond(
-        small, nucleus_tokens, lambda key, final_bv, *_: categorical_tokens(key, final_bv), key, final_bv, *nucleus
-    )
+    return jax.lax.cond(small, nucleus_tokens, lambda key, final_bv, *_: whole(key, final_bv), key, final_bv, *nucleus)
 
 
 def _threefry_2x32(k1, k2, x1, x2):
@@ -735,9 +742,10 @@ def sample(
     ffi: bool = False,
 ) -> jax.Array:
     """Greedy (temperature 0) or temperature / top-k / top-p sampling; int32 [B]. `ffi`: the cuts
-    by the FFI kernel (`ffi_cut`; `ops.ffi_cuts` says where), as the batching engine takes them."""
+    and the argmax by the FFI kernels (`ffi_cut`, `greedy_tokens`; `ops.ffi_cuts` says where), as
+    the batching engine takes them."""
     if temperature == 0.0:
-        return greedy_tokens(logits_bv)
+        return greedy_tokens(logits_bv, ffi=ffi)
     logits_bv = logits_bv.astype(jnp.float32) / temperature
     if ffi and (top_k or (top_p is not None and top_p < 1.0)):  # top_k None or >= 1 (`check_sampling`)
         b = logits_bv.shape[0]
@@ -745,13 +753,13 @@ def sample(
         top_k_b = jnp.full((b,), top_k or 0, jnp.int32)
         top_p_b = jnp.full((b,), 1.0 if top_p is None else top_p, jnp.float32)
         cut_b1, nucleus = ffi_cut(ukey_bv, top_k_b, top_p_b, kept=NUCLEUS_TOKENS)
-        return draw_after_cut(key, jnp.where(ukey_bv < cut_b1, -jnp.inf, key_values(ukey_bv)), nucleus)
+        return draw_after_cut(key, jnp.where(ukey_bv < cut_b1, -jnp.inf, key_values(ukey_bv)), nucleus, ffi=True)
     if top_k is not None and top_k < logits_bv.shape[-1]:
         kth_b1 = jax.lax.top_k(logits_bv, top_k)[0][:, -1:]
         logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
     if top_p is not None and top_p < 1.0:
         logits_bv = top_p_filter(logits_bv, jnp.full(logits_bv.shape[:1], top_p, jnp.float32))
-    return categorical_tokens(key, logits_bv)
+    return categorical_tokens(key, logits_bv, ffi=ffi)
 
 
 def _as_prompt_list(prompt_ids) -> list[list[int]]:
