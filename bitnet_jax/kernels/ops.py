@@ -378,9 +378,9 @@ def ffi_attends(backend: str, q_btnh, k_lbksh) -> bool:
 
 def ffi_cuts(serving: ServingSpec | None) -> bool:
     """Whether sampling's top-k and top-p cuts and its argmaxes run as the FFI kernels
-    (`ffi.sampling_cut`, `ffi.argmax`): on the FFI backend outside a multi-device mesh (where a bare custom call would see the logits
-    all-gathered), as `ffi_attends` decides for attention. `serving` None (training parameters):
-    no."""
+    (`ffi.sampling_cut`, `ffi.argmax`): on the FFI backend outside a multi-device mesh (where a
+    bare custom call would see the logits all-gathered), as `ffi_attends` decides for attention.
+    `serving` None (training parameters): no."""
     if serving is None or serving.backend != "ffi":
         return False
     mesh = jax.sharding.get_abstract_mesh()
