@@ -48,7 +48,7 @@
 //   x       f32 [..., V]  the rows (V >= 1)
 //   -> out  s32 [...]     each row's first index of its largest value, NaN counting as larger
 //                         than any number (the first NaN, where a row has one) and -0.0 as 0.0:
-//                         jnp.argmax's answer, and generate.py's `greedy_tokens'
+//                         jnp.argmax's answer, and generate.py's `greedy_tokens`
 //
 // `greedy_tokens` finds it in XLA by two integer reductions over the values' order keys, which
 // XLA:CPU writes out as two [B, V] int32 arrays before reducing (8 MB at 8 rows of a 128,256-
@@ -105,9 +105,9 @@ inline float KeyValue(uint32_t key) {
   return x;
 }
 
-// A mass below exp(kLeastExponent) of the row's largest counts as 0 (and so does a -inf logit's).
-// exp(-87) is near the least normal float; XLA's exp, which computed the masses before, flushes
-// what lies below that to zero.
+// A mass below exp(kLeastExponent) of the row's largest (1) counts as 0, and so does a -inf
+// logit's: the exp clamps its argument there (exp(-87) is near the least normal float), and a
+// token that far below the largest weighs nothing in a sum beside it.
 constexpr float kLeastExponent = -87.0f;
 
 // e[i] = exp(x_i - max_x) for the values x_i of a row's keys, max_x being its largest key's
@@ -204,7 +204,9 @@ uint32_t NucleusCut(Isa isa, const uint32_t* keys, int64_t v, float top_p, uint3
   float* e = mass.data();
   Masses(isa, keys, v, max_x, e);
   std::vector<double> copies(kCopies * kBuckets, 0.0);
-  for (int64_t i = 0; i < v; ++i) copies[(i % kCopies) * kBuckets + Digit(keys[i], 0)] += keys[i] >= floor ? e[i] : 0.0f;
+  for (int64_t i = 0; i < v; ++i) {
+    copies[(i % kCopies) * kBuckets + Digit(keys[i], 0)] += keys[i] >= floor ? e[i] : 0.0f;
+  }
   double top[kBuckets], total = 0.0;
   for (int b = 0; b < kBuckets; ++b) {
     top[b] = 0.0;
@@ -244,9 +246,9 @@ uint32_t RowCut(Isa isa, const uint32_t* keys, int64_t v, int32_t top_k, float t
   return cut;
 }
 
-ffi::Error SamplingCutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys, ffi::Buffer<ffi::S32> top_k, ffi::Buffer<ffi::F32> top_p,
-                           ffi::Result<ffi::Buffer<ffi::U32>> cut, ffi::Result<ffi::Buffer<ffi::S32>> kept,
-                           ffi::Result<ffi::Buffer<ffi::S32>> count) {
+ffi::Error SamplingCutImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys, ffi::Buffer<ffi::S32> top_k,
+                           ffi::Buffer<ffi::F32> top_p, ffi::Result<ffi::Buffer<ffi::U32>> cut,
+                           ffi::Result<ffi::Buffer<ffi::S32>> kept, ffi::Result<ffi::Buffer<ffi::S32>> count) {
   const std::string op = "bitnet_sampling_cut: ";
   const auto dims = keys.dimensions();
   if (dims.size() != 2 || dims[1] < 1 || dims[1] > INT32_MAX) {
