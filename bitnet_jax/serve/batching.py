@@ -934,7 +934,7 @@ def sample_rows(logits_bv, keys_b2, temperature_b, top_p_b, top_k_b=None, *, ffi
         # which each step reads the values again (`key_values`), fused where it reads them. A cut
         # is a threshold key per row, not a filtered copy of the row: at 8 rows of a 128,256-token
         # vocabulary each [B, V] array is 4 MB of the decode step's temporary buffer. (The FFI
-        # kernel also reads the rows' masses, a second such array.)
+        # kernel computes the rows' masses itself, rather than reading a second such array.)
         scaled_bv = logits_bv.astype(jnp.float32) / jnp.where(sampling_b, temperature_b, 1.0)[:, None]
         ukey_bv = unsigned_keys(scaled_bv)
         kth_b1, cut_b1, nucleus = (cuts_by_kernel if ffi else cuts_in_xla)(ukey_bv)
