@@ -23,7 +23,9 @@
 // keys' digits (11, 11 and 10 bits): a histogram of the top digit (of counts for top-k, of
 // masses for top-p) locates the bucket where the cut lies, the row's tokens in that bucket are
 // gathered, and the next digit is located among them, and so on: two passes over the row, then
-// short ones (0.2-0.45 ms a row, 1.3-2.6 ms for 8 rows on 2 threads).
+// short ones (0.2-0.45 ms a row, 1.3-2.6 ms for 8 rows on 2 threads, measured while XLA still
+// made the masses; a top-p cut now also makes them, below: the whole of sampling at 8 rows
+// measured level with that, benchmarks/RESULTS.md).
 //
 // The top-p cut, exactly: with target = top_p * (the kept tokens' mass), the largest key k such
 // that the kept tokens with keys >= k hold at least the target (where rounding of the sums
