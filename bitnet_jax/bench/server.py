@@ -127,8 +127,10 @@ def bench_serve(
     from bitnet_jax.kernels.ops import default_lm_head
     from bitnet_jax.serve.batching import Engine
     from bitnet_jax.serve.generate import kv_cache_dtype, serving_params
+    from bitnet_jax.serve.host_memory import map_large_blocks
     from bitnet_jax.serve.server import create_app, running
 
+    map_large_blocks()  # as `serve` does, before the weights
     # No stop ids: every request decodes exactly `new_tokens` tokens.
     config = config.replace(eos_token_id=None)
     lm_head, kv_cache = lm_head or default_lm_head(config), kv_cache or "float32"

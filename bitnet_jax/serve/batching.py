@@ -89,7 +89,7 @@ from bitnet_jax.serve.generate import (
     top_p_threshold,
     unsigned_keys,
 )
-from bitnet_jax.serve.host_memory import release_freed_memory
+from bitnet_jax.serve.host_memory import map_large_blocks, release_freed_memory
 from bitnet_jax.serve.pack import pack
 from bitnet_jax.serve.streaming import StreamDecoder
 
@@ -203,6 +203,10 @@ class _Prefill:
 class Engine:
     """Fixed slots, one decode step for all of them; see the module docstring.
 
+    Making one sets glibc's malloc, for the whole process, to map blocks of 4 MiB and more apart
+    and unmap them when freed (`host_memory.map_large_blocks`): the steps' temporaries then go
+    back to the OS rather than staying in the heap.
+
     Args:
       config, params, tokenizer: as `bitnet_jax.load_model` returns them. Training parameters
         that the serving kernels take are packed here, once (`pack`'s default int8 lm_head).
@@ -263,6 +267,7 @@ class Engine:
         context = _round_down(min(int(max_context), config.max_position_embeddings))
         if context < 16:
             raise BitNetError(f"max_context={max_context}: expected at least 16 tokens.")
+        map_large_blocks()
         if not is_packed(params) and config.weight_quant in ("tensor", "channel") and config.act_quant == "token":
             # Once, as `bitnet-jax chat` does: the int8 lm_head kernel, like the ternary ones,
             # computes each row alone, which keeps replies independent of the batch.

@@ -594,8 +594,10 @@ def serve(
     to `shutdown_timeout` seconds, then cancels the rest and stops the engine."""
     import uvicorn
 
+    from bitnet_jax.serve.host_memory import map_large_blocks
     from bitnet_jax.serve.load import load_model
 
+    map_large_blocks()  # from the start: the blocks freed while loading are handed back too
     config, params, tokenizer = load_model(model)
     engine = Engine(
         config,
