@@ -17,15 +17,10 @@ import time
 import numpy as np
 
 from bitnet_jax.bench.serve import random_packed_params, set_threads
+from bitnet_jax.bench.server import IdTokenizer
 from bitnet_jax.kernels.ops import default_lm_head
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.serve.batching import Engine
-
-
-class _NoTokenizer:
-    """The engine keeps a tokenizer for requests; the steps here take token ids directly."""
-
-    eos_token_id = None
 
 
 def main():
@@ -47,7 +42,7 @@ def main():
     lm_head = args.lm_head or default_lm_head(config)
     params = random_packed_params(config, lm_head=lm_head)
     context = max(512, -(-(args.position + 1) // 256) * 256)
-    engine = Engine(config, params, _NoTokenizer(), max_batch=max(widths), max_context=context, kv_cache=args.kv_cache)
+    engine = Engine(config, params, IdTokenizer(), max_batch=max(widths), max_context=context, kv_cache=args.kv_cache)
     del params
     engine._temperature_b[:], engine._top_p_b[:] = args.temperature, args.top_p  # as a request sets its row's
     results = []

@@ -18,14 +18,11 @@ import time
 import numpy as np
 
 from bitnet_jax.bench.serve import random_packed_params, set_threads
+from bitnet_jax.bench.server import IdTokenizer
 from bitnet_jax.kernels.ops import default_lm_head
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.serve.batching import Engine
 from bitnet_jax.serve.host_memory import map_large_blocks
-
-
-class _NoTokenizer:
-    eos_token_id = None
 
 
 def main():
@@ -43,7 +40,7 @@ def main():
     thresholds = [int(t) for t in args.thresholds.split(",")]
     config = BitNetConfig.preset(args.preset).replace(eos_token_id=None)
     params = random_packed_params(config, lm_head=default_lm_head(config))
-    engine = Engine(config, params, _NoTokenizer(), max_batch=max(widths), max_context=512, kv_cache="int8")
+    engine = Engine(config, params, IdTokenizer(), max_batch=max(widths), max_context=512, kv_cache="int8")
     del params
     engine._temperature_b[:], engine._top_p_b[:] = args.temperature, args.top_p  # as a request sets its row's
     steps = {w: (np.arange(w, dtype=np.int32), np.full(w, 200, np.int32)) for w in widths}
