@@ -97,6 +97,47 @@ def test_bitlinear_gradient_is_the_ste_definition():
     np.testing.assert_allclose(np.asarray(grad_p["kernel"]), qx.T @ g, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_bitlinear_gradient_is_the_ste_definition():
+    """With bfloat16 activations the backward products take bf16 residuals (Q(x) and Q(W) rounded
+    to bf16) and the bf16 gradient, and accumulate in float32. The reference is the same products
+    of those bf16 values in float64, so what may differ is the float32 sums (at most n * 2^-24 *
+    sum |a b| over the n terms) and, for dx, its final rounding to the activations' bf16 (bf16's
+    unit roundoff: 2^-8 relative)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(24, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(96, 40)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(24, 40)), jnp.bfloat16)
+    grad_x, grad_w = jax.grad(
+        lambda x, w: jnp.sum(quant.bitlinear_matmul(x, w, "tensor", "token", 8) * g.astype(jnp.float32)),
+        argnums=(0, 1),
+    )(x, w)
+    assert grad_x.dtype == jnp.bfloat16 and grad_w.dtype == jnp.float32
+
+    as64 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+    x_q, x_scale = act_quantize(x.astype(jnp.float32), "token", 8)
+    w_t, w_scale = weight_quantize(w, "tensor")
+    qx, qw, g64 = as64(x_q / x_scale), as64(w_t * w_scale), as64(g)
+    for got, a, b, last_rounding in ((grad_x, g64, qw.T, 2.0**-8), (grad_w, qx.T, g64, 0.0)):
+        want, magnitude = a @ b, np.abs(a) @ np.abs(b)
+        bound = a.shape[1] * 2.0**-24 * magnitude + last_rounding * np.abs(want)
+        assert np.all(np.abs(np.asarray(got, np.float64) - want) <= bound + 1e-30)
+
+
+def test_bitlinear_backward_writes_no_transpose():
+    """The backward products contract the residuals as they lie (`lax.dot_general` dimension
+    numbers): a transpose written in front of a dot makes XLA:CPU run a bfloat16 product in
+    float32 (quant._bitlinear_bwd; benchmarks/dot_layouts.py)."""
+    x = jnp.ones((6, 64), jnp.bfloat16)
+    w = jnp.ones((64, 32), jnp.float32)
+    loss = lambda x, w: jnp.sum(quant.bitlinear_matmul(x, w, "tensor", "token", 8))
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    text = jax.jit(grad).lower(x, w).as_text()
+    dots = re.findall(r"stablehlo\.dot_general .*", text)
+    assert len(dots) == 3  # the forward product and the two backward ones
+    assert all("xbf16>" in dot.split(" -> ")[0] for dot in dots)  # every operand in bf16
+    assert "stablehlo.transpose" not in text
+
+
 def test_quantizer_eps_matches_the_kernels():
     """The C++ quantizer (xla_ffi/quantize.h) clamps the absmax with the same epsilon as quant.EPS,
     so that an all-zero row gets the same scale in the kernels and in the pure-JAX reference."""
