@@ -1,5 +1,7 @@
 """BitNetLM against a float64 numpy reference written here, and its masking / caching paths."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from test_quant import ref_act, ref_weight
 
 from bitnet_jax import BitNetConfig, BitNetLM, KVCache, init_params
+from bitnet_jax.model.layers import output_logits
 
 CONFIG = BitNetConfig.preset(
     "tiny",
@@ -199,3 +202,55 @@ def test_cache_free_attention_equals_grouped_einsums(dtype):
         score_max = np.abs(np.where(np.asarray(mask)[:, None, None], scores, 0)).max()
         bound = (2 * 2**-8 * score_max + 2 * 2**-8) * v_max
     np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("vocab_axis", [0, 1])  # the tied embedding [V, D], an lm_head kernel [D, V]
+def test_bf16_output_logits_are_float32_sums(vocab_axis):
+    """`output_logits` of bf16 operands accumulates and returns float32: against the same products
+    of the bf16 values in float64, only the float32 sums may differ (at most n * 2^-24 * sum |a b|
+    over the n terms), far inside the 2^-8 that logits rounded to bf16 would be off by. Its
+    gradients take the logits' gradient rounded to bf16 (as BitLinear's backward does) and return
+    the operands' bf16: the sums' bound plus bf16's unit roundoff, 2^-8 relative."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(3, 5, 64)), jnp.bfloat16)
+    table = jnp.asarray(rng.normal(size=(97, 64) if vocab_axis == 0 else (64, 97)), jnp.bfloat16)
+    g = rng.normal(size=(3, 5, 97)).astype(np.float32)
+    logits, vjp = jax.vjp(lambda x, t: output_logits(x, t, vocab_axis), x, table)
+    dx, d_table = vjp(jnp.asarray(g))
+    assert logits.dtype == jnp.float32 and dx.dtype == d_table.dtype == jnp.bfloat16
+
+    as64 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+    x64, t_vd, g64 = as64(x).reshape(15, 64), as64(table if vocab_axis == 0 else table.T), as64(g).reshape(15, 97)
+    d_t_vd = np.asarray(d_table, np.float64) if vocab_axis == 0 else np.asarray(d_table, np.float64).T
+    checks = (
+        (np.asarray(logits, np.float64).reshape(15, 97), x64, t_vd.T, 0.0),
+        (np.asarray(dx, np.float64).reshape(15, 64), g64, t_vd, 2.0**-8),
+        (d_t_vd, g64.T, x64, 2.0**-8),
+    )
+    for got, a, b, last_rounding in checks:
+        want = a @ b
+        bound = a.shape[1] * 2.0**-24 * (np.abs(a) @ np.abs(b)) + last_rounding * np.abs(want)
+        assert np.all(np.abs(got - want) <= bound + 1e-30)
+
+
+@pytest.mark.parametrize("vocab_axis", [0, 1])
+def test_output_logits_write_no_transpose(vocab_axis):
+    """Forward and backward contract the operands as they lie: a transpose written in front of a
+    dot makes XLA:CPU run a bfloat16 product in float32 (benchmarks/dot_layouts.py)."""
+    x = jnp.ones((2, 3, 64), jnp.bfloat16)
+    table = jnp.ones((97, 64) if vocab_axis == 0 else (64, 97), jnp.bfloat16)
+    loss = lambda x, t: jnp.sum(output_logits(x, t, vocab_axis))
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, table).as_text()
+    assert len(re.findall(r"stablehlo\.dot_general", text)) == 3
+    assert "stablehlo.transpose" not in text
+
+
+def test_bf16_model_logits_are_not_rounded_to_bf16():
+    """Under bf16 compute the tied head's logits keep float32 sums (Embed.attend rounded them to bf16)."""
+    from bitnet_jax.train.step import compute_params
+
+    params = compute_params(init_params(CONFIG, seed=2), jnp.bfloat16)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.vocab_size, size=(2, 9)), jnp.int32)
+    logits = np.asarray(BitNetLM(CONFIG).apply({"params": params}, ids))
+    as_bf16 = np.asarray(jnp.asarray(logits).astype(jnp.bfloat16).astype(jnp.float32))
+    assert np.mean(as_bf16 != logits) > 0.5

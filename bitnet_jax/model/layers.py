@@ -1,12 +1,14 @@
-"""The layers every BitNet block is built from: RMSNorm and the fake-quant BitLinear.
+"""The layers every BitNet block is built from: RMSNorm and the fake-quant BitLinear; and the
+output head's logits.
 
 Axis letters (the model's glossary is in `transformer.py`): M rows of a flattened matmul (tokens),
-I input features, O output features.
+I input features, O output features, D hidden features, V vocabulary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -97,3 +99,58 @@ class BitLinear(nn.Module):
 def logical(init, axes):
     """`init` annotated with logical axis names (boxed params; `init_params` unboxes them)."""
     return init if axes is None else nn.with_logical_partitioning(init, axes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def output_logits(x_md: jax.Array, table: jax.Array, vocab_axis: int) -> jax.Array:
+    """Logits [..., V] in float32 of hidden states x [..., D] against the output table: the tied
+    embedding [V, D] (`vocab_axis=0`) or an untied lm_head kernel [D, V] (`vocab_axis=1`).
+
+    Under `compute_dtype=bfloat16` the product multiplies bf16 operands and accumulates and
+    returns float32, where `Embed.attend` and `nn.Dense` returned logits rounded to bf16 (2^-8
+    relative: some 0.04 on a logit of 10) before the float32 loss. Every product, forward and
+    backward, contracts the operands as they lie, with no transpose written in front of it, which
+    XLA:CPU needs to run a bfloat16 dot natively rather than in float32 (benchmarks/dot_layouts.py).
+    The backward pass takes the logits' gradient in the operands' dtype, as BitLinear's does.
+    """
+    return _output_logits_fwd(x_md, table, vocab_axis)[0]
+
+
+def _output_logits_fwd(x_md, table, vocab_axis):
+    contract = (((x_md.ndim - 1,), (1 - vocab_axis,)), ((), ()))
+    logits = jax.lax.dot_general(x_md, table, contract, preferred_element_type=jnp.float32)
+    return logits, (x_md, table)
+
+
+def _output_logits_bwd(vocab_axis, residuals, g_mv):
+    x_md, table = residuals
+    g_mv = g_mv.astype(x_md.dtype)
+    dx = jax.lax.dot_general(
+        g_mv, table, (((g_mv.ndim - 1,), (vocab_axis,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    # The table's gradient sums over every token: [M, D] and [M, V] contracted over M.
+    x_2d, g_2d = x_md.reshape(-1, x_md.shape[-1]), g_mv.reshape(-1, g_mv.shape[-1])
+    over_m = (((0,), (0,)), ((), ()))
+    if vocab_axis == 0:
+        d_table = jax.lax.dot_general(g_2d, x_2d, over_m, preferred_element_type=jnp.float32)
+    else:
+        d_table = jax.lax.dot_general(x_2d, g_2d, over_m, preferred_element_type=jnp.float32)
+    return dx.astype(x_md.dtype), d_table.astype(table.dtype)
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+
+
+class LMHead(nn.Module):
+    """An untied output projection: `kernel` [D, V] (the parameter `nn.Dense(V, use_bias=False)`
+    has, so checkpoints do not change), applied by `output_logits`."""
+
+    vocab_size: int
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x_bd):
+        init = logical(nn.initializers.normal(self.init_std), ("embed", "vocab"))
+        kernel_dv = self.param("kernel", init, (x_bd.shape[-1], self.vocab_size), jnp.float32)
+        dtype = jnp.result_type(x_bd, kernel_dv)
+        return output_logits(x_bd.astype(dtype), kernel_dv.astype(dtype), 1)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from bitnet_jax.kernels import ops
 from bitnet_jax.kernels.ops import ServingSpec, float_embed, head_table
 from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig
-from bitnet_jax.model.layers import BitLinear, QuantSpec, RMSNorm, logical
+from bitnet_jax.model.layers import BitLinear, LMHead, QuantSpec, RMSNorm, logical, output_logits
 from bitnet_jax.model.serving_layers import PACKED, TABLES, TernaryLinear, ternary_linears
 
 # Added to masked attention scores: large enough to zero them after softmax, finite so that a
@@ -494,10 +494,11 @@ class BitNetLM(nn.Module):
         elif table is not None:
             logits = embed.attend(x_btd, when=logits_when)
         elif c.tie_word_embeddings:
-            logits = embed.attend(x_btd)
+            dtype = jnp.result_type(x_btd, embed.embedding)
+            with jax.named_scope("output_logits"):
+                logits = output_logits(x_btd.astype(dtype), embed.embedding.astype(dtype), 0)
         else:
-            init = logical(nn.initializers.normal(c.initializer_range), ("embed", "vocab"))
-            logits = nn.Dense(c.vocab_size, use_bias=False, kernel_init=init, name="lm_head")(x_btd)
+            logits = LMHead(c.vocab_size, c.initializer_range, name="lm_head")(x_btd)
         logits = logits.astype(jnp.float32)
         if logits.ndim == 3:  # [B, T, V]; split over vocab too, the largest activation of training
             logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
@@ -546,7 +547,7 @@ def remat_policy(name: str):
 
 def is_bitlinear_kernel(path) -> bool:
     """Whether a parameter-tree path (from `jax.tree_util.tree_flatten_with_path`) is a BitLinear
-    kernel: every `kernel` inside the decoder layers (lm_head is a plain Dense outside them)."""
+    kernel: every `kernel` inside the decoder layers (lm_head, an LMHead, is outside them)."""
     keys = [getattr(p, "key", None) for p in path]
     return keys[0] == "layers" and keys[-1] == "kernel"
 
