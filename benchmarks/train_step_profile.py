@@ -56,7 +56,7 @@ def part_of(name: str, op_name: str, opcode: str, is_dot: bool) -> str:
     """The PARTS entry of an XLA op, from its name, op_name metadata and opcode."""
     if re.search(r"/(q|k|v|o|gate|up|down)_proj(/|$)", op_name):
         return PARTS[0] if is_dot else PARTS[1]
-    if "embed_tokens.attend" in op_name or "output_logits" in op_name or "lm_head" in op_name:
+    if "embed_tokens.attend" in op_name or "tied_logits" in op_name or "lm_head" in op_name:
         return PARTS[2] if is_dot else PARTS[9]
     if "self_attn/" in op_name and "sub_norm" not in op_name:
         return PARTS[3] if is_dot else PARTS[4]

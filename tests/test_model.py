@@ -9,7 +9,7 @@ import pytest
 from test_quant import ref_act, ref_weight
 
 from bitnet_jax import BitNetConfig, BitNetLM, KVCache, init_params
-from bitnet_jax.model.layers import output_logits
+from bitnet_jax.model.layers import dot_f32
 
 CONFIG = BitNetConfig.preset(
     "tiny",
@@ -204,28 +204,29 @@ def test_cache_free_attention_equals_grouped_einsums(dtype):
     np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=0, atol=bound)
 
 
-@pytest.mark.parametrize("vocab_axis", [0, 1])  # the tied embedding [V, D], an lm_head kernel [D, V]
-def test_bf16_output_logits_are_float32_sums(vocab_axis):
-    """`output_logits` of bf16 operands accumulates and returns float32: against the same products
-    of the bf16 values in float64, only the float32 sums may differ (at most n * 2^-24 * sum |a b|
-    over the n terms), far inside the 2^-8 that logits rounded to bf16 would be off by. Its
-    gradients take the logits' gradient rounded to bf16 (as BitLinear's backward does) and return
-    the operands' bf16: the sums' bound plus bf16's unit roundoff, 2^-8 relative."""
+@pytest.mark.parametrize("w_in_axis", [0, 1])  # a kernel [I, O]; the tied embedding [V, D]
+def test_bf16_dot_f32_is_float32_sums(w_in_axis):
+    """`dot_f32` of bf16 operands accumulates and returns float32: against the same products of
+    the bf16 values in float64, only the float32 sums may differ (at most n * 2^-24 * sum |a b|
+    over the n terms), far inside the 2^-8 that a result rounded to bf16 would be off by. Its
+    gradients take the output's gradient rounded to bf16 (as BitLinear's backward does) and
+    return the operands' bf16: the sums' bound plus bf16's unit roundoff, 2^-8 relative."""
     rng = np.random.default_rng(7)
     x = jnp.asarray(rng.normal(size=(3, 5, 64)), jnp.bfloat16)
-    table = jnp.asarray(rng.normal(size=(97, 64) if vocab_axis == 0 else (64, 97)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(64, 97) if w_in_axis == 0 else (97, 64)), jnp.bfloat16)
     g = rng.normal(size=(3, 5, 97)).astype(np.float32)
-    logits, vjp = jax.vjp(lambda x, t: output_logits(x, t, vocab_axis), x, table)
-    dx, d_table = vjp(jnp.asarray(g))
-    assert logits.dtype == jnp.float32 and dx.dtype == d_table.dtype == jnp.bfloat16
+    y, vjp = jax.vjp(lambda x, w: dot_f32(x, w, w_in_axis), x, w)
+    dx, dw = vjp(jnp.asarray(g))
+    assert y.dtype == jnp.float32 and dx.dtype == dw.dtype == jnp.bfloat16
 
     as64 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
-    x64, t_vd, g64 = as64(x).reshape(15, 64), as64(table if vocab_axis == 0 else table.T), as64(g).reshape(15, 97)
-    d_t_vd = np.asarray(d_table, np.float64) if vocab_axis == 0 else np.asarray(d_table, np.float64).T
+    x64, g64 = as64(x).reshape(15, 64), as64(g).reshape(15, 97)
+    w_io = as64(w) if w_in_axis == 0 else as64(w).T
+    dw_io = np.asarray(dw, np.float64) if w_in_axis == 0 else np.asarray(dw, np.float64).T
     checks = (
-        (np.asarray(logits, np.float64).reshape(15, 97), x64, t_vd.T, 0.0),
-        (np.asarray(dx, np.float64).reshape(15, 64), g64, t_vd, 2.0**-8),
-        (d_t_vd, g64.T, x64, 2.0**-8),
+        (np.asarray(y, np.float64).reshape(15, 97), x64, w_io, 0.0),
+        (np.asarray(dx, np.float64).reshape(15, 64), g64, w_io.T, 2.0**-8),
+        (dw_io, x64.T, g64, 2.0**-8),
     )
     for got, a, b, last_rounding in checks:
         want = a @ b
@@ -233,14 +234,14 @@ def test_bf16_output_logits_are_float32_sums(vocab_axis):
         assert np.all(np.abs(got - want) <= bound + 1e-30)
 
 
-@pytest.mark.parametrize("vocab_axis", [0, 1])
-def test_output_logits_write_no_transpose(vocab_axis):
+@pytest.mark.parametrize("w_in_axis", [0, 1])
+def test_dot_f32_writes_no_transpose(w_in_axis):
     """Forward and backward contract the operands as they lie: a transpose written in front of a
     dot makes XLA:CPU run a bfloat16 product in float32 (benchmarks/dot_layouts.py)."""
     x = jnp.ones((2, 3, 64), jnp.bfloat16)
-    table = jnp.ones((97, 64) if vocab_axis == 0 else (64, 97), jnp.bfloat16)
-    loss = lambda x, t: jnp.sum(output_logits(x, t, vocab_axis))
-    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, table).as_text()
+    w = jnp.ones((64, 97) if w_in_axis == 0 else (97, 64), jnp.bfloat16)
+    loss = lambda x, w: jnp.sum(dot_f32(x, w, w_in_axis))
+    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
     assert len(re.findall(r"stablehlo\.dot_general", text)) == 3
     assert "stablehlo.transpose" not in text
 

@@ -1,5 +1,5 @@
-"""The layers every BitNet block is built from: RMSNorm and the fake-quant BitLinear; and the
-output head's logits.
+"""The layers every BitNet block is built from: RMSNorm and the fake-quant BitLinear; the untied
+output head; and the float32-accumulating product they share.
 
 Axis letters (the model's glossary is in `transformer.py`): M rows of a flattened matmul (tokens),
 I input features, O output features, D hidden features, V vocabulary.
@@ -92,7 +92,7 @@ class BitLinear(nn.Module):
             # statistics), then cast to the activations' dtype so that bf16 compute runs a bf16 matmul.
             w_io = fake_quant_weight(kernel_io, q.weight).astype(x_bi.dtype)
             x_mi = fake_quant_act(x_bi, q.act, q.act_bits).reshape(x_mi.shape)
-            y_mo = jnp.dot(x_mi, w_io, preferred_element_type=jnp.float32)
+            y_mo = dot_f32(x_mi, w_io, 0)
         return y_mo.astype(x_bi.dtype).reshape(*x_bi.shape[:-1], self.features)
 
 
@@ -102,48 +102,48 @@ def logical(init, axes):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def output_logits(x_md: jax.Array, table: jax.Array, vocab_axis: int) -> jax.Array:
-    """Logits [..., V] in float32 of hidden states x [..., D] against the output table: the tied
-    embedding [V, D] (`vocab_axis=0`) or an untied lm_head kernel [D, V] (`vocab_axis=1`).
+def dot_f32(x_mi: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
+    """x [..., I] times w, [I, O] (`w_in_axis=0`) or [O, I] (`w_in_axis=1`): [..., O] in float32.
 
-    Under `compute_dtype=bfloat16` the product multiplies bf16 operands and accumulates and
-    returns float32, where `Embed.attend` and `nn.Dense` returned logits rounded to bf16 (2^-8
-    relative: some 0.04 on a logit of 10) before the float32 loss. Every product, forward and
-    backward, contracts the operands as they lie, with no transpose written in front of it, which
-    XLA:CPU needs to run a bfloat16 dot natively rather than in float32 (benchmarks/dot_layouts.py).
-    The backward pass takes the logits' gradient in the operands' dtype, as BitLinear's does.
+    The float products of training: BitLinear without an exact integer product (per-group scales,
+    or the full-precision baseline), the untied lm_head, and the tied head against the embedding
+    [V, D]. Under `compute_dtype=bfloat16` the operands are bf16 and the sums and result float32,
+    where `jnp.dot(x, w, preferred_element_type=jnp.float32)` had a float32 gradient flow back
+    through float32 products and `Embed.attend` / `nn.Dense` returned logits rounded to bf16 (2^-8
+    relative: some 0.04 on a logit of 10) before the float32 loss. The backward pass takes the
+    gradient in the operands' dtype, as BitLinear's does, and every product, forward and backward,
+    contracts the operands as they lie, with no transpose written in front of it, which XLA:CPU
+    needs to run a bfloat16 dot natively rather than in float32 (benchmarks/dot_layouts.py).
     """
-    return _output_logits_fwd(x_md, table, vocab_axis)[0]
+    return _dot_f32_fwd(x_mi, w, w_in_axis)[0]
 
 
-def _output_logits_fwd(x_md, table, vocab_axis):
-    contract = (((x_md.ndim - 1,), (1 - vocab_axis,)), ((), ()))
-    logits = jax.lax.dot_general(x_md, table, contract, preferred_element_type=jnp.float32)
-    return logits, (x_md, table)
+def _dot_f32_fwd(x_mi, w, w_in_axis):
+    y = jax.lax.dot_general(x_mi, w, (((x_mi.ndim - 1,), (w_in_axis,)), ((), ())), preferred_element_type=jnp.float32)
+    return y, (x_mi, w)
 
 
-def _output_logits_bwd(vocab_axis, residuals, g_mv):
-    x_md, table = residuals
-    g_mv = g_mv.astype(x_md.dtype)
-    dx = jax.lax.dot_general(
-        g_mv, table, (((g_mv.ndim - 1,), (vocab_axis,)), ((), ())), preferred_element_type=jnp.float32
-    )
-    # The table's gradient sums over every token: [M, D] and [M, V] contracted over M.
-    x_2d, g_2d = x_md.reshape(-1, x_md.shape[-1]), g_mv.reshape(-1, g_mv.shape[-1])
+def _dot_f32_bwd(w_in_axis, residuals, g_mo):
+    x_mi, w = residuals
+    g_mo = g_mo.astype(x_mi.dtype)
+    contract_o = (((g_mo.ndim - 1,), (1 - w_in_axis,)), ((), ()))
+    dx = jax.lax.dot_general(g_mo, w, contract_o, preferred_element_type=jnp.float32)
+    # w's gradient sums over every row: [M, I] and [M, O] contracted over M.
+    x_2d, g_2d = x_mi.reshape(-1, x_mi.shape[-1]), g_mo.reshape(-1, g_mo.shape[-1])
     over_m = (((0,), (0,)), ((), ()))
-    if vocab_axis == 0:
-        d_table = jax.lax.dot_general(g_2d, x_2d, over_m, preferred_element_type=jnp.float32)
+    if w_in_axis == 0:
+        dw = jax.lax.dot_general(x_2d, g_2d, over_m, preferred_element_type=jnp.float32)
     else:
-        d_table = jax.lax.dot_general(x_2d, g_2d, over_m, preferred_element_type=jnp.float32)
-    return dx.astype(x_md.dtype), d_table.astype(table.dtype)
+        dw = jax.lax.dot_general(g_2d, x_2d, over_m, preferred_element_type=jnp.float32)
+    return dx.astype(x_mi.dtype), dw.astype(w.dtype)
 
 
-output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
 
 
 class LMHead(nn.Module):
     """An untied output projection: `kernel` [D, V] (the parameter `nn.Dense(V, use_bias=False)`
-    has, so checkpoints do not change), applied by `output_logits`."""
+    has, so checkpoints do not change), float32 logits by `dot_f32`."""
 
     vocab_size: int
     init_std: float = 0.02
@@ -153,4 +153,4 @@ class LMHead(nn.Module):
         init = logical(nn.initializers.normal(self.init_std), ("embed", "vocab"))
         kernel_dv = self.param("kernel", init, (x_bd.shape[-1], self.vocab_size), jnp.float32)
         dtype = jnp.result_type(x_bd, kernel_dv)
-        return output_logits(x_bd.astype(dtype), kernel_dv.astype(dtype), 1)
+        return dot_f32(x_bd.astype(dtype), kernel_dv.astype(dtype), 0)

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from bitnet_jax.kernels import ops
 from bitnet_jax.kernels.ops import ServingSpec, float_embed, head_table
 from bitnet_jax.model.config import REMAT_POLICIES, BitNetConfig
-from bitnet_jax.model.layers import BitLinear, LMHead, QuantSpec, RMSNorm, logical, output_logits
+from bitnet_jax.model.layers import BitLinear, LMHead, QuantSpec, RMSNorm, dot_f32, logical
 from bitnet_jax.model.serving_layers import PACKED, TABLES, TernaryLinear, ternary_linears
 
 # Added to masked attention scores: large enough to zero them after softmax, finite so that a
@@ -495,8 +495,8 @@ class BitNetLM(nn.Module):
             logits = embed.attend(x_btd, when=logits_when)
         elif c.tie_word_embeddings:
             dtype = jnp.result_type(x_btd, embed.embedding)
-            with jax.named_scope("output_logits"):
-                logits = output_logits(x_btd.astype(dtype), embed.embedding.astype(dtype), 0)
+            with jax.named_scope("tied_logits"):
+                logits = dot_f32(x_btd.astype(dtype), embed.embedding.astype(dtype), 1)
         else:
             logits = LMHead(c.vocab_size, c.initializer_range, name="lm_head")(x_btd)
         logits = logits.astype(jnp.float32)
