@@ -8,7 +8,8 @@ output's gradient g) in float32 and in bfloat16 with float32 accumulation
 (`preferred_element_type`, as BitLinear asks), each backward product written two ways: with the
 transpose spelled out (`jnp.dot(g, w.T)`) and as a `lax.dot_general` that contracts the operands
 as they lie. Each is a jitted program of its own, interleaved round by round (medians). Beside
-each: the element type its compiled dot runs in, read from the optimized HLO. XLA:CPU hands a
+each: the element type its compiled dot runs in, read from the optimized HLO
+(`bench.train.dot_operand_types`, which `bench train` prints for a whole step). XLA:CPU hands a
 bfloat16 dot to its YNNPACK library only where no transpose stands in front of it and upcasts
 the others to float32 (xla/backends/cpu/ynn_support.cc, `IsDotSupportedByYnn`): dx written as a
 contraction runs in bfloat16, dW (the left operand's contracting dimension first) in float32
@@ -21,22 +22,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def compiled_dot_type(fn, *args) -> str:
-    """The element type of the first dot's operands in the optimized HLO of fn(*args)."""
-    text = fn.lower(*args).compile().as_text()
-    operand = re.search(r"= \w+\[[^\]]*\]\{[^}]*\} dot\(%([\w.\-]+),", text)
-    if operand is None:
-        return "?"
-    declared = re.search(rf"%{re.escape(operand.group(1))}[ =:]+(\w+)\[", text)
-    return declared.group(1) if declared else "?"
+from bitnet_jax.bench.train import dot_operand_types
 
 
 def main():
@@ -67,7 +59,8 @@ def main():
             fn = jax.jit(product)
             operands = tuple(jnp.asarray(a, dtype) for a in operands)
             jax.block_until_ready(fn(*operands))
-            cases[jnp.dtype(dtype).name, form] = (fn, operands, compiled_dot_type(fn, *operands))
+            (runs_in,) = dot_operand_types(fn.lower(*operands).compile().as_text())  # one dot a program
+            cases[jnp.dtype(dtype).name, form] = (fn, operands, runs_in)
 
     times = {key: [] for key in cases}
     for _ in range(args.repeats):

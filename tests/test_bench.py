@@ -40,6 +40,7 @@ def test_bench_train_table_and_json(tmp_path, capsys):
     assert header + "| MFU (bf16 peak) |" in table
     assert "Matmul peak (XLA dot of n x n matrices on each of 1 device(s)" in table
     assert "The model computes in float32: MFU against the f32 peak applies." in table
+    assert "Dots in the compiled step, by operand type: QAT " in table
 
     rows = json.loads(out.read_text())
     assert [r["name"] for r in rows] == ["qat", "fp"]
@@ -54,6 +55,8 @@ def test_bench_train_table_and_json(tmp_path, capsys):
         assert row["mfu_f32"] == pytest.approx(row["gflops"] / peaks["float32"]["gflops"])
         assert row["mfu_bf16"] == pytest.approx(row["gflops"] / peaks["bfloat16"]["gflops"])
         assert row["compile_s"] > 0
+        # A float32 step's dots are all f32: a QAT step's forward, dx and dW products, at least.
+        assert set(row["dot_operand_types"]) == {"f32"} and row["dot_operand_types"]["f32"] >= 3
 
 
 def test_bench_train_medians_and_rates_on_a_scripted_clock(monkeypatch):
@@ -155,3 +158,24 @@ def test_bench_train_on_a_mesh_of_simulated_devices(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mesh (data, fsdp, tensor) = (2, 1, 2) over 4 device(s)" in result.stdout
     assert [r["name"] for r in json.loads(out.read_text())] == ["qat", "fp"]
+
+
+def test_dot_operand_types_reads_fused_and_unfused_dots():
+    """Dots counted by their operands' element type, in fused computations (parameters typed in
+    the computation's own lines) and at the entry level (operands defined elsewhere)."""
+    hlo = """HloModule m
+%fused_computation.7 (param_0.1: bf16[8,16], param_1.2: bf16[16,4]) -> f32[8,4] {
+  %param_0.1 = bf16[8,16]{1,0} parameter(0)
+  %param_1.2 = bf16[16,4]{1,0} parameter(1)
+  ROOT %dot.3 = f32[8,4]{1,0} dot(%param_0.1, %param_1.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+ENTRY %main (a: bf16[8,16], b: bf16[16,4], c: f32[16,8]) -> f32[8,4] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %b = bf16[16,4]{1,0} parameter(1)
+  %c = f32[16,8]{1,0} parameter(2)
+  %convert.1 = f32[16,4]{1,0} convert(%b)
+  %dot.9 = f32[8,4]{1,0} dot(%c, %convert.1), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  ROOT %ynn_fusion = f32[8,4]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.7
+}
+"""
+    assert bench.dot_operand_types(hlo) == {"bf16": 1, "f32": 1}

@@ -12,8 +12,10 @@ load.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import re
 import time
 
 import jax
@@ -53,6 +55,9 @@ class StepTiming:
     mfu_bf16: float | None = None  # gflops / the bf16 peak
     peaks: tuple[MatmulPeak, ...] = ()  # measured in the same run, interleaved with the steps
     compile_s: float = 0.0  # the train step's lower() + compile(), before any step ran
+    # The compiled step's dots by their operands' element type, {"bf16": n, "f32": m}: under
+    # bfloat16 compute an f32 dot is one XLA:CPU upcast (benchmarks/dot_layouts.py).
+    dot_operand_types: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def train_step_flops(config, batch_size: int, seq_len: int) -> int:
@@ -125,7 +130,7 @@ def bench_train(
     optimizer = make_optimizer(run)
     mesh = sharding.make_mesh(run.mesh)
     sharding.check_batch(run.batch_size, run.grad_accum_steps, mesh)
-    states, compile_s = {}, {}
+    states, compile_s, dot_types = {}, {}, {}
     for name, config in sides.items():
         model = BitNetLM(config, remat=run.remat, scan_layers=run.scan_layers)
         shardings = sharding.train_shardings(model, optimizer, mesh)
@@ -144,6 +149,7 @@ def bench_train(
         start = time.perf_counter()
         step = step.lower(*state, side_batch).compile()  # ahead of time, so that it is timed alone
         compile_s[name] = time.perf_counter() - start
+        dot_types[name] = dot_operand_types(step.as_text())
         for _ in range(warmup + 1):
             state = _timed(step, state, side_batch)[0]
         states[name] = (step, state, side_batch)
@@ -183,9 +189,31 @@ def bench_train(
                 mfu_bf16=gflops / peak_gflops["bfloat16"],
                 peaks=peaks,
                 compile_s=compile_s[name],
+                dot_operand_types=dot_types[name],
             )
         )
     return timings
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[")
+_DOT = re.compile(r"\bdot\(%([\w.\-]+), %([\w.\-]+)\)")
+
+
+def dot_operand_types(hlo_text: str) -> dict[str, int]:
+    """{element type: count} of the dots in an optimized HLO module's text (a compiled program's
+    `as_text()`), by the type of their operands (both have one: XLA converts mixed operands
+    first), fused computations included. HLO instruction names are unique in a module."""
+    types = {}
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if match:
+            types[match.group(1)] = match.group(2)
+    counts = collections.Counter()
+    for line in hlo_text.splitlines():
+        dot = _DOT.search(line)
+        if dot and _INSTRUCTION.match(line):
+            counts[types.get(dot.group(1), "?")] += 1
+    return dict(sorted(counts.items()))
 
 
 def _timed(step, state, batch):
@@ -294,6 +322,17 @@ def train_table(run: RunConfig, timings: list[StepTiming]) -> str:
     lines += ["", f"QAT / full-precision step time: {ratio:.2f}x (target: at most 1.25x)"]
     compiles = ", ".join(f"{labels[t.name].split(' (')[0]} {t.compile_s:.1f} s" for t in timings)
     lines.append(f"Compile time of the train step: {compiles}.")
+    if any(t.dot_operand_types for t in timings):
+        kinds = "; ".join(
+            f"{labels[t.name].split(' (')[0]} " + ", ".join(f"{n} {dtype}" for dtype, n in t.dot_operand_types.items())
+            for t in timings
+        )
+        lines.append(f"Dots in the compiled step, by operand type: {kinds}.")
+        if timings[0].compute_dtype == "bfloat16" and any(t.dot_operand_types.get("f32") for t in timings):
+            lines.append(
+                "(Under bfloat16 compute, an f32 dot is one XLA:CPU upcast: it runs a bf16 dot natively only "
+                "with no transpose in front of it; benchmarks/dot_layouts.py.)"
+            )
     peaks = timings[0].peaks
     if peaks:
         p = peaks[0]
