@@ -175,10 +175,10 @@ def _bitlinear_fwd(x_mk, w_kn, weight_mode, act_mode, act_bits):
 # The backward products contract the stored operands along the dimension they share, with no
 # transpose written out: XLA:CPU runs a bfloat16 dot natively (YNNPACK) only where it sees no
 # transpose in front of it, and upcasts the rest to float32 first. g @ W^T written as
-# `jnp.dot(g, w.T)` ran in float32 under `compute_dtype=bfloat16`, as a contraction of the two as
-# they lie, in bfloat16: 2.3-2.8x faster at the tiny preset's shapes, the bf16 QAT step 0.88-0.89x
-# full precision's time against 0.98-0.99x (benchmarks/dot_layouts.py; benchmarks/RESULTS.md,
-# "bfloat16 dots with a transposed operand"). x^T @ g runs in float32 either way.
+# `jnp.dot(g, w.T)` ran in float32 under `compute_dtype=bfloat16`; as a contraction of the two as
+# they lie it runs in bfloat16, about twice as fast at the tiny preset's shapes
+# (benchmarks/dot_layouts.py; benchmarks/RESULTS.md, "bfloat16 dots with a transposed operand").
+# x^T @ g, which contracts the tokens, runs in float32 either way.
 _CONTRACT_N = (((1,), (1,)), ((), ()))  # [M, N] x [K, N] -> [M, K]
 _CONTRACT_M = (((0,), (0,)), ((), ()))  # [M, K] x [M, N] -> [K, N]
 
