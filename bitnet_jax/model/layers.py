@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from bitnet_jax.model.config import BitNetConfig
 from bitnet_jax.model.hadamard import rotate_input
-from bitnet_jax.model.quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul
+from bitnet_jax.model.quant import bitlinear_matmul, fake_quant_act, fake_quant_weight, has_exact_matmul, matmul_grads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +111,9 @@ def dot_f32(x_mi: jax.Array, w: jax.Array, w_in_axis: int) -> jax.Array:
     where `jnp.dot(x, w, preferred_element_type=jnp.float32)` had a float32 gradient flow back
     through float32 products and `Embed.attend` / `nn.Dense` returned logits rounded to bf16 (2^-8
     relative: some 0.04 on a logit of 10) before the float32 loss. The backward pass takes the
-    gradient in the operands' dtype, as BitLinear's does, and every product, forward and backward,
-    contracts the operands as they lie, with no transpose written in front of it, which XLA:CPU
-    needs to run a bfloat16 dot natively rather than in float32 (benchmarks/dot_layouts.py).
+    gradient in the operands' dtype and computes BitLinear's products (`quant.matmul_grads`); every
+    product, forward and backward, contracts the operands as they lie, with no transpose written
+    in front of it, which XLA:CPU needs to run a bfloat16 dot natively rather than in float32.
     """
     return _dot_f32_fwd(x_mi, w, w_in_axis)[0]
 
@@ -125,16 +125,7 @@ def _dot_f32_fwd(x_mi, w, w_in_axis):
 
 def _dot_f32_bwd(w_in_axis, residuals, g_mo):
     x_mi, w = residuals
-    g_mo = g_mo.astype(x_mi.dtype)
-    contract_o = (((g_mo.ndim - 1,), (1 - w_in_axis,)), ((), ()))
-    dx = jax.lax.dot_general(g_mo, w, contract_o, preferred_element_type=jnp.float32)
-    # w's gradient sums over every row: [M, I] and [M, O] contracted over M.
-    x_2d, g_2d = x_mi.reshape(-1, x_mi.shape[-1]), g_mo.reshape(-1, g_mo.shape[-1])
-    over_m = (((0,), (0,)), ((), ()))
-    if w_in_axis == 0:
-        dw = jax.lax.dot_general(x_2d, g_2d, over_m, preferred_element_type=jnp.float32)
-    else:
-        dw = jax.lax.dot_general(g_2d, x_2d, over_m, preferred_element_type=jnp.float32)
+    dx, dw = matmul_grads(g_mo.astype(x_mi.dtype), x_mi, w, w_in_axis)
     return dx.astype(x_mi.dtype), dw.astype(w.dtype)
 
 

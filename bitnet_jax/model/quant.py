@@ -172,23 +172,36 @@ def _bitlinear_fwd(x_mk, w_kn, weight_mode, act_mode, act_bits):
     return rescale(acc, x_scale, w_scale), residuals
 
 
-# The backward products contract the stored operands along the dimension they share, with no
-# transpose written out: XLA:CPU runs a bfloat16 dot natively (YNNPACK) only where it sees no
-# transpose in front of it, and upcasts the rest to float32 first. g @ W^T written as
-# `jnp.dot(g, w.T)` ran in float32 under `compute_dtype=bfloat16`; as a contraction of the two as
-# they lie it runs in bfloat16, about twice as fast at the tiny preset's shapes
-# (benchmarks/dot_layouts.py; benchmarks/RESULTS.md, "bfloat16 dots with a transposed operand").
-# x^T @ g, which contracts the tokens, runs in float32 either way.
-_CONTRACT_N = (((1,), (1,)), ((), ()))  # [M, N] x [K, N] -> [M, K]
-_CONTRACT_M = (((0,), (0,)), ((), ()))  # [M, K] x [M, N] -> [K, N]
+def matmul_grads(g_mo: jax.Array, x_mi: jax.Array, w: jax.Array, w_in_axis: int = 0) -> tuple[jax.Array, jax.Array]:
+    """The float32 gradients (dx [..., I], dw) of y = x [..., I] times w, [I, O] (`w_in_axis=0`) or
+    [O, I] (`w_in_axis=1`), from g = dL/dy [..., O] (in the operands' dtype): the backward products
+    of BitLinear and of `layers.dot_f32`.
+
+    Each contracts the operands as they lie, with no transpose written out: XLA:CPU runs a
+    bfloat16 dot natively (YNNPACK) only where it sees no transpose in front of it, and upcasts
+    the rest to float32 first. g @ W^T written as `jnp.dot(g, w.T)` ran in float32 under
+    `compute_dtype=bfloat16`; as a contraction of the two as they lie it runs in bfloat16, about
+    twice as fast at the tiny preset's shapes (benchmarks/dot_layouts.py; benchmarks/RESULTS.md,
+    "bfloat16 dots with a transposed operand"). dw, which contracts the tokens, runs in float32
+    either way.
+    """
+    dx = jax.lax.dot_general(
+        g_mo, w, (((g_mo.ndim - 1,), (1 - w_in_axis,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    # w's gradient sums over every row: [M, I] and [M, O] contracted over M.
+    x_2d, g_2d = x_mi.reshape(-1, x_mi.shape[-1]), g_mo.reshape(-1, g_mo.shape[-1])
+    over_m = (((0,), (0,)), ((), ()))
+    if w_in_axis == 0:
+        dw = jax.lax.dot_general(x_2d, g_2d, over_m, preferred_element_type=jnp.float32)
+    else:
+        dw = jax.lax.dot_general(g_2d, x_2d, over_m, preferred_element_type=jnp.float32)
+    return dx, dw
 
 
 def _bitlinear_bwd(weight_mode, act_mode, act_bits, residuals, g_mn):
     x_mk, w_kn, w_dtype = residuals
-    g_mn = g_mn.astype(x_mk.dtype)
-    dx = jax.lax.dot_general(g_mn, w_kn, _CONTRACT_N, preferred_element_type=jnp.float32).astype(x_mk.dtype)
-    dw = jax.lax.dot_general(x_mk, g_mn, _CONTRACT_M, preferred_element_type=jnp.float32).astype(w_dtype.dtype)
-    return dx, dw
+    dx, dw = matmul_grads(g_mn.astype(x_mk.dtype), x_mk, w_kn)
+    return dx.astype(x_mk.dtype), dw.astype(w_dtype.dtype)
 
 
 bitlinear_matmul.defvjp(_bitlinear_fwd, _bitlinear_bwd)
