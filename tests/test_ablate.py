@@ -32,8 +32,10 @@ TINY_PACKED_BYTES = {
     # one f32 scale per kernel (7 per layer); norms in f32; the tied embedding as the default
     # 'int8-tied' table: int8 [640, 64] (64 is already a multiple of 64) plus one f32 scale per row
     "tensor": 65536 + 4 * 14 + 4 * 704 + 640 * 64 + 4 * 640,  # 111928
-    # per layer (64/32)x64 + 2 x (64/32)x32 + (64/32)x64 + 2 x (64/32)x128 + (128/32)x64 = 1152 scales
-    "group:32": 65536 + 4 * 2304 + 4 * 704 + 640 * 64 + 4 * 640,  # 121088
+    # per layer (64/32)x64 + 2 x (64/32)x32 + (64/32)x64 + 2 x (64/32)x128 + (128/32)x64 = 1152 scales;
+    # the codes as TQ2G tiles, N / 16 tiles of K * 4 bytes: 2 x (64 x 64 x 4 + 2 x 32 x 64 x 4 + 2 x 128 x 64 x 4
+    # + 64 x 128 x 4) / 16 = 18432
+    "group:32": 18432 + 4 * 2304 + 4 * 704 + 640 * 64 + 4 * 640,  # 73984
 }
 
 
@@ -134,8 +136,10 @@ def test_ablate_refuses_a_folder_with_other_settings(env, tmp_path, capsys):
 
 def test_packed_bytes_against_a_hand_count():
     # Per layer, BitLinear kernels [in K, out N]: q 64x64, k 64x32, v 64x32, o 64x64, gate/up 64x96,
-    # down 96x64. Packed uint8 [ceil(N / 4), ceil(K / 256) * 256]: every K here pads to one block of
-    # 256, so a kernel takes N / 4 * 256 = 64 N bytes.
+    # down 96x64. Packed uint8 [ceil(N / 4), ceil(K / 256) * 256] (TQ2B): every K here pads to one
+    # block of 256, so a kernel takes N / 4 * 256 = 64 N bytes. With group scales, TQ2G tiles
+    # [ceil(N / 16), ceil(K / 64) * 256]: K = 64 is one strip, 96 pads to two; every N is whole tiles,
+    # so a kernel takes N / 16 * 256 = 16 N bytes per 64 inputs.
     config = BitNetConfig.preset(
         "tiny",
         hidden_size=64,
@@ -147,6 +151,7 @@ def test_packed_bytes_against_a_hand_count():
     )
     weights = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 96 * 2 + 96 * 64  # 30720 per layer
     codes = 64 * (64 + 32 + 32 + 64 + 96 + 96 + 64)  # 28672 per layer, padding included
+    tiles = 16 * (64 + 32 + 32 + 64 + 96 + 96) + 2 * 16 * 64  # 8192 per layer: down_proj's K = 96 pads to 128
     norms = 2 * (64 + 64 + 64 + 96) + 64  # per layer, final norm
     floats = norms + 97 * 64  # and the tied embedding
 
@@ -163,8 +168,9 @@ def test_packed_bytes_against_a_hand_count():
         "group:32": 2 * 64 + 2 * 32 + 2 * 32 + 2 * 64 + 2 * 96 + 2 * 96 + 3 * 64,
     }
     for mode, per_layer in scales.items():
+        packed_codes = tiles if mode.startswith("group") else codes
         assert count(config.replace(weight_quant=mode)) == (
-            2 * codes + 4 * (2 * per_layer + norms) + int8_table,
+            2 * packed_codes + 4 * (2 * per_layer + norms) + int8_table,
             "packed, lm_head int8-tied",
         )
     # Untied: the f32 embedding [97, 64] stays, the lm_head becomes the int8 table ('int8').

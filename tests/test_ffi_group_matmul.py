@@ -27,10 +27,11 @@ from bitnet_jax.serve.pack import pack
 
 F32_EPS = 2.0**-24  # float32 unit roundoff
 
-# (M, K, N, G): one group and many; groups across 256-wide blocks (320 = 5 strips) and K past the
-# last block's end; one activation row (decode: 4 weight rows at a time) and tiles of 2-4 rows;
-# N not a multiple of the 4-row group; a group of 4096 inputs, past the AVX2 kernel's int16 widening;
-# 17 rows and more (AVX-512: the prefill panels), over two 32-row panels and part of a third.
+# (M, K, N, G): one group and many, K of one 64-input strip up to 4096; N within one 16-output
+# tile, across tiles and ending inside one (1, 5, 7, 9 and 13 outputs of the last: AVX2's 8-output
+# halves, NEON's quarters); 1 to 4 activation rows (AVX2's and AVX-512's smaller tiles), 8 and
+# more (AVX-512's 8-row tiles and a remainder); a group of 4096 inputs, past the AVX2 kernel's
+# int16 strips.
 SHAPES = [
     (1, 64, 1, 64),
     (1, 320, 5, 64),
@@ -41,6 +42,8 @@ SHAPES = [
     (17, 640, 11, 128),
     (2, 4096, 4, 4096),
     (33, 1280, 70, 64),
+    (4, 192, 16, 64),
+    (11, 512, 41, 64),
 ]
 
 
@@ -90,7 +93,8 @@ def _case(m, k, n, group, seed):
 @pytest.mark.parametrize("m,k,n,group", SHAPES)
 def test_dot_follows_the_kernel_order_bit_for_bit(isa, m, k, n, group):
     t, x_q, scale = _case(m, k, n, group, seed=m * 1000 + k + n)
-    got = np.asarray(jax.jit(ffi.ternary_group_matmul_dot, static_argnums=3)(x_q, layout.pack_ternary(t), scale, n))
+    dot = jax.jit(ffi.ternary_group_matmul_dot, static_argnums=3)
+    got = np.asarray(dot(x_q, layout.pack_ternary_tiles(t), scale, n))
     np.testing.assert_array_equal(got.view(np.int32), _dot_in_kernel_order(x_q, t, scale).view(np.int32))
 
 
@@ -103,7 +107,7 @@ def test_dot_is_the_exact_product_when_no_float_step_rounds(isa, m, k, n, group)
     t, x_q = _ternary(rng, n, k), rng.integers(-128, 128, size=(m, k)).astype(np.int8)
     scale = rng.choice(np.array([0.125, 0.25, 0.5, 1.0], np.float32), size=(k // group, n))
     want = x_q.astype(np.float64) @ (t * np.repeat(scale.astype(np.float64), group, axis=0).T).T
-    got = np.asarray(ffi.ternary_group_matmul_dot(x_q, layout.pack_ternary(t), scale, n))
+    got = np.asarray(ffi.ternary_group_matmul_dot(x_q, layout.pack_ternary_tiles(t), scale, n))
     np.testing.assert_array_equal(got, want)
 
 
@@ -115,7 +119,7 @@ def test_fused_matmul_stacked_layers_and_the_xla_path(isa):
     m, k, n, group = 3, 640, 9, 128
     t = np.stack([_ternary(rng, n, k) for _ in range(2)])
     scale = rng.uniform(0.01, 0.1, size=(2, k // group, n)).astype(np.float32)
-    packed = np.stack([layout.pack_ternary(t[i]) for i in range(2)])
+    packed = np.stack([layout.pack_ternary_tiles(t[i]) for i in range(2)])
     x = rng.normal(size=(m, k)).astype(np.float32) * 3
     for xx in (x, jnp.asarray(x, jnp.bfloat16)):
         x_q, x_scale = act_quantize(xx, "token", 8)
@@ -131,7 +135,7 @@ def test_fused_matmul_stacked_layers_and_the_xla_path(isa):
 def test_bad_operands_are_refused(isa):
     rng = np.random.default_rng(4)
     t, x_q, scale = _case(2, 320, 5, 64, seed=4)
-    packed = layout.pack_ternary(t)
+    packed = layout.pack_ternary_tiles(t)
     with pytest.raises(
         Exception, match=r"expected w_scale float32 \[K / G, 5\] for K=320 inputs in groups of G, G a multiple of 64"
     ):
@@ -140,6 +144,9 @@ def test_bad_operands_are_refused(isa):
         ffi.ternary_group_matmul_dot(x_q, packed, scale[:, :4], 5)
     with pytest.raises(Exception, match="layer 2 is outside the 2 layers"):
         ffi.ternary_group_matmul_dot(x_q, np.stack([packed] * 2), np.stack([scale] * 2), 5, layer=2)
+    # Codes packed for a per-tensor model (TQ2B) are refused, with the packer to use.
+    with pytest.raises(Exception, match=r"must be uint8 \[1, 1280\].*got \[2, 512\].*pack_ternary_tiles"):
+        ffi.ternary_group_matmul_dot(x_q, layout.pack_ternary(t), scale, 5)
     # A ServingSpec built by hand for groups the kernel does not take is refused, not misread.
     with pytest.raises(BitNetError, match=r"per group of 32 inputs \(weight_quant='group:32'\)"):
         ops.ternary_linear(jnp.ones((1, 320)), packed, rng.normal(size=(10, 5)).astype(np.float32), 5, 8, "ffi")

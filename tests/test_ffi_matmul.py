@@ -53,6 +53,9 @@ def test_layout_mirror_matches_the_header():
         "block_k": layout.BLOCK_K,
         "block_bytes": layout.BLOCK_BYTES,
         "rows_per_group": layout.ROWS_PER_GROUP,
+        "tile_rows": layout.TILE_ROWS,
+        "tile_chunk_k": layout.TILE_CHUNK_K,
+        "tile_align_k": layout.TILE_ALIGN_K,
         "int8_row_align": layout.INT8_ROW_ALIGN,
         "int4_group_k": layout.INT4_GROUP_K,
         "ternary_group_align": layout.TERNARY_GROUP_ALIGN,
@@ -79,6 +82,25 @@ def test_pack_ternary_bit_positions_and_round_trip(n, k):
         assert ((int(byte) >> (2 * (kk // 64))) & 3) - 1 == t[row, col]
     assert kb == -(-k // 256)
     np.testing.assert_array_equal(np.asarray(layout.unpack_ternary(packed, n, k)), t)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 255), (17, 513), (32, 64), (40, 1000)])
+def test_pack_ternary_tiles_bit_positions_and_round_trip(n, k):
+    t = _ternary(np.random.default_rng(n * k + 1), n, k)
+    tiles = layout.pack_ternary_tiles(t)
+    assert tiles.shape == layout.packed_ternary_tiles_shape(n, k) == (-(-n // 16), -(-k // 64) * 256)
+    # Read every weight back by the rule written in layout.h (TQ2G), one at a time.
+    for row, col in [(0, 0), (n - 1, k - 1), (n // 2, k // 3), (n - 1, 0), (0, k - 1)]:
+        o, c, j, b = row % 16, col // 16, col % 16 // 4, col % 4
+        byte = tiles[row // 16, 64 * c + 4 * o + b]
+        assert ((int(byte) >> (2 * j)) & 3) - 1 == t[row, col]
+    # Padding (rows past N, inputs past K) holds code 1, t = 0.
+    codes = np.asarray(layout.unpack_ternary_tiles(tiles, tiles.shape[0] * 16, tiles.shape[1] // 4))
+    assert not codes[n:].any() and not codes[:, k:].any()
+    np.testing.assert_array_equal(codes[:n, :k], t)
+    np.testing.assert_array_equal(layout.repack_ternary_tiles(layout.pack_ternary(t), n, k), tiles)
+    np.testing.assert_array_equal(layout.pack_codes(t, grouped=True), tiles)
+    np.testing.assert_array_equal(np.asarray(layout.unpack_codes(layout.pack_codes(t, False), n, k, False)), t)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -256,10 +278,11 @@ def test_bad_inputs_raise_instead_of_crashing(monkeypatch):
         ffi.ternary_matmul(x, packed.astype(np.int8), scale, 8).block_until_ready()
     with pytest.raises(BitNetError, match="floating-point"):
         ffi.ternary_matmul(np.ones((2, 300), np.int32), packed, scale, 8)
-    with pytest.raises(Exception, match="layout version 2.*reads version 1.*convert"):
+    stale = layout.LAYOUT_VERSION + 1  # weights from a bitnet_jax newer than this build
+    with pytest.raises(Exception, match=f"layout version {stale}.*reads version {layout.LAYOUT_VERSION}.*convert"):
         call = jax.ffi.ffi_call("bitnet_ternary_matmul", jax.ShapeDtypeStruct((2, 8), jnp.float32))
         call(
-            x, packed, scale, np.int32(0), n=np.int64(8), act_bits=np.int64(8), layout_version=np.int64(2)
+            x, packed, scale, np.int32(0), n=np.int64(8), act_bits=np.int64(8), layout_version=np.int64(stale)
         ).block_until_ready()
     with pytest.raises(Exception, match=r"act_bits must be in \[2, 8\]"):
         ffi.ternary_matmul(x, packed, scale, 8, act_bits=9).block_until_ready()

@@ -264,7 +264,7 @@ def test_import_gives_the_fake_quant_logits(case, tmp_path):
             t, s = layer[name]
             block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             got = params["layers"][block][name]
-            assert np.array_equal(jax.jit(_unpack, static_argnums=(1, 2))(got["w_packed"][i], *t.shape), t), name
+            assert np.array_equal(_unpack(got["w_packed"][i], *t.shape, grouped=bool(groups)), t), name
             want = s.T if groups else np.array([s], np.float32)
             assert np.array_equal(got["w_scale"][i], want), name
     # The same forward up to the order of float sums and the training scale (a float32 mean of
@@ -294,7 +294,7 @@ def test_arm_i2_s_layout(tmp_path):
             t, s = layer[name]
             block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             got = params["layers"][block][name]
-            assert np.array_equal(jax.jit(_unpack, static_argnums=(1, 2))(got["w_packed"][i], *t.shape), t), name
+            assert np.array_equal(_unpack(got["w_packed"][i], *t.shape, grouped=False), t), name
             assert np.array_equal(got["w_scale"][i], np.array([s], np.float32)), name
 
     out = str(tmp_path / "again.gguf")
@@ -332,10 +332,11 @@ def _on_device(params):
     return jax.tree.map(jnp.asarray, params)
 
 
-def _unpack(w_packed, n, k):
+def _unpack(w_packed, n, k, grouped):
+    """The codes of packed weights: TQ2G tiles for a model with group scales, TQ2B otherwise."""
     from bitnet_jax.kernels import layout
 
-    return layout.unpack_ternary(w_packed, n, k, jnp.int8)
+    return jax.jit(layout.unpack_codes, static_argnums=(1, 2, 3))(w_packed, n, k, grouped)
 
 
 def test_tokenizer_and_chat_template_from_metadata(tmp_path):

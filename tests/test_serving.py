@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from near_ties import assert_packed_matches_fake_quant, assert_same_forward, jitted_forward
+from safetensors import safe_open
 
 from bitnet_jax import BitNetConfig, BitNetLM, generate, init_params, load_hf
 from bitnet_jax.errors import BitNetError
+from bitnet_jax.kernels import layout
 from bitnet_jax.kernels.ops import ServingSpec, computation_platform, serving_backend
 from bitnet_jax.model.serving_layers import is_packed, lm_head_kind, serving_variables
 from bitnet_jax.serve.generate import compile_generate
@@ -331,7 +333,7 @@ def test_bad_packed_folders(tmp_path):
 
     newer = dict(meta, bitnet_jax=dict(meta["bitnet_jax"], layout_version=99))
     (folder / "config.json").write_text(json.dumps(newer))
-    with pytest.raises(BitNetError, match="layout version 99.*reads version 1.*bitnet-jax convert"):
+    with pytest.raises(BitNetError, match=r"layout version 99.*reads version 2 \(and 1\).*bitnet-jax convert"):
         load_packed(str(folder))
 
     disagrees = dict(meta, intermediate_size=204)  # config no longer matches the packed weights
@@ -345,6 +347,44 @@ def test_bad_packed_folders(tmp_path):
         load_packed(str(folder))
     with pytest.raises(BitNetError, match="not a packed bitnet-jax folder"):
         load_packed(str(FIXTURES / CASES[0]))
+
+
+def _as_layout_version_1(folder, config):
+    """Rewrites a packed folder as layout version 1 wrote it: a group-scale model's codes as TQ2B."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    flat = load_file(str(weights))
+    for block, names in config.linear_shapes.items():
+        for name, (k, n) in names.items():
+            key = f"layers.{block}.{name}.w_packed"
+            if config.weight_group_size:
+                codes = [np.asarray(layout.unpack_ternary_tiles(tiles, n, k)) for tiles in flat[key]]
+                flat[key] = np.stack([layout.pack_ternary(t) for t in codes])
+    save_file(flat, str(weights), metadata={"format": "bitnet_jax.packed", "layout_version": "1"})
+    meta = json.loads((folder / "config.json").read_text())
+    meta["bitnet_jax"]["layout_version"] = 1
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("weight_quant", ["group:64", "tensor"])
+def test_a_layout_version_1_folder_loads_as_today(tmp_path, weight_quant):
+    """Version 1 packed a group-scale model's codes as TQ2B; loading repacks them as TQ2G tiles
+    (the abstract shapes say so before any weight is read), and nothing else changed."""
+    widths = dict(hidden_size=128, intermediate_size=192, num_attention_heads=4)  # whole groups of 64
+    config = BitNetConfig(**{**SMALL, **widths, "weight_quant": weight_quant})
+    params = pack(config, _trained_like(config))
+    save_packed(str(tmp_path / "m"), config, params)
+    _as_layout_version_1(tmp_path / "m", config)
+    k, n = config.linear_shapes["mlp"]["down_proj"]
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="np") as f:  # TQ2B, as version 1 wrote
+        assert f.get_slice("layers.mlp.down_proj.w_packed").get_shape()[1:] == list(layout.packed_ternary_shape(n, k))
+    _, shapes = read_packed_folder(str(tmp_path / "m"))
+    _, loaded = load_packed(str(tmp_path / "m"))
+    jax.tree.map(lambda s, a: s.shape == a.shape or pytest.fail(f"{s.shape} vs {a.shape}"), shapes, loaded)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    prompt = [[5, 9, 3, 7]]
+    np.testing.assert_array_equal(generate(config, loaded, prompt, 4), generate(config, params, prompt, 4))
 
 
 def test_pack_refuses_what_the_kernels_do_not_implement():

@@ -70,6 +70,9 @@ NB_MODULE(_ffi_ext, m) {
     layout["block_k"] = bitnet::kBlockK;
     layout["block_bytes"] = bitnet::kBlockBytes;
     layout["rows_per_group"] = bitnet::kRowsPerGroup;
+    layout["tile_rows"] = bitnet::kTileRows;
+    layout["tile_chunk_k"] = bitnet::kTileChunkK;
+    layout["tile_align_k"] = bitnet::kTileAlignK;
     layout["int8_row_align"] = bitnet::kInt8RowAlign;
     layout["int4_group_k"] = bitnet::kInt4GroupK;
     layout["ternary_group_align"] = bitnet::kTernaryGroupAlign;

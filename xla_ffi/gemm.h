@@ -51,28 +51,21 @@ void Int4GemmF32(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const uin
                  const uint16_t* w_scale, int64_t n_begin, int64_t n_end, int64_t n_total, float* dot);
 
 // Ternary with a float32 scale per output row and group of G consecutive inputs (weight_quant
-// 'group:G'; ternary_group_gemm.cc): dot[m, n] for every row n of the row groups [g_begin, g_end)
-// with n < n_total, and every m < rows (row stride n_total), in float32 with one order on every
-// path, so that every path, batch size and thread count gives the same bits:
+// 'group:G'; ternary_group_gemm.cc), on TQ2G tiles (layout.h): dot[m, n] for every output n of the
+// tiles [t_begin, t_end) with n < n_total, and every m < rows (row stride n_total), in float32
+// with one order on every path, so that every path, batch size and thread count gives the same bits:
 //   d = 0, then for each input group c = 0 .. groups - 1 in order
 //          d = d + float(p[c]) * w_scale[c, n], product and sum each rounded (no fused multiply-add),
 //   where p[c] = sum of x_q[m, k] * t[n, k] over the k of group c, exact; dot[m, n] = d.
-// (A plain sequential sum: a kernel with output rows in vector lanes, as the prefill panels have,
-// scales 16 outputs' group sums with one multiply and one add.)
-//   group_k    G, a multiple of kTernaryGroupAlign; groups * G <= kb * kBlockK (packing pads K
-//              past the last group, and that padding is never read)
-//   x_q        int8 [rows, kb * kBlockK], as for TernaryGemmI32
+//   x_q        int8 [rows, kp], kp = TernaryTileKp(K) (zero-padded; any int8 values)
+//   group_k    G, a multiple of kTernaryGroupAlign; groups * G <= kp
 //   x_group    int32 [groups, rows]: the sum of x_q[m] over group c at [c, m] (TernaryGroupSums)
-//   w          packed ternary codes (layout.h); w_scale float32 [groups, n_total]
-// A group is whole 64-weight strips of a row block (layout.h: the block shifted by 2j and masked),
-// hence the alignment.
+//   w          TQ2G tiles [CeilDiv(n_total, 16), TernaryTileBytes(kp)]; w_scale float32 [groups, n_total]
+// A group is whole 64-input strips of chunks (whole int16 sums on AVX2), hence the alignment.
 constexpr int64_t kTernaryGroupAlign = 64;
-void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kb,
-                         const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t g_begin,
-                         int64_t g_end, int64_t n_total, float* dot);
-
-// The unit of output row groups a task of TernaryGroupGemmF32 should get (as TernaryGroupsPerTask).
-int64_t TernaryGroupGemmGroupsPerTask(Isa isa, int64_t rows);
+void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kp,
+                         const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t t_begin,
+                         int64_t t_end, int64_t n_total, float* dot);
 
 // x_group of TernaryGroupGemmF32 for activation rows x_q [rows, kp].
 void TernaryGroupSums(const int8_t* x_q, int64_t rows, int64_t kp, int64_t group_k, int64_t groups,

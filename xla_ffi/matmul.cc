@@ -13,8 +13,8 @@
 //                              step: k and v alone are too small to keep both threads streaming)
 //   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
 //   bitnet_ternary_group_matmul
-//                              x [..., K] f32|bf16, w packed, w_scale f32 [K / G, N] (a scale per
-//                              output row and group of G inputs, G a multiple of 64), layer
+//                              x [..., K] f32|bf16, w TQ2G tiles, w_scale f32 [K / G, N] (a scale
+//                              per output row and group of G inputs, G a multiple of 64), layer
 //                              -> y f32 [..., N] = dot * (1 / x_scale); stacked like the above
 //   bitnet_ternary_group_matmul_dot
 //                              x_q int8 [..., K], w, w_scale, layer -> dot f32 [..., N] (gemm.h's order)
@@ -121,6 +121,21 @@ ffi::Error CheckTernaryWeights(const std::string& op, ffi::AnyBuffer::Dimensions
                            std::to_string(n) + " outputs must be uint8 [" + std::to_string(groups) +
                            ", " + std::to_string(*kb * kGroupBlockBytes) + "], got " +
                            ShapeString(w_dims) + " (pack them with bitnet_jax.layout.pack_ternary)");
+  }
+  return ffi::Error::Success();
+}
+
+// Ternary weights of a group-scale model: TQ2G tiles [T, Kp * 4] must hold N rows of K weights.
+ffi::Error CheckTernaryTiles(const std::string& op, ffi::AnyBuffer::Dimensions w_dims, int64_t k, int64_t n,
+                             int64_t* kp) {
+  *kp = TernaryTileKp(k);
+  const int64_t tiles = CeilDiv(n, kTileRows);
+  if (n < 1) return Invalid(op, "expected n (output features) >= 1, got " + std::to_string(n));
+  if (w_dims.size() != 2 || w_dims[0] != tiles || w_dims[1] != TernaryTileBytes(*kp)) {
+    return Invalid(op, "packed ternary tiles (group scales) for K=" + std::to_string(k) + " inputs and N=" +
+                           std::to_string(n) + " outputs must be uint8 [" + std::to_string(tiles) + ", " +
+                           std::to_string(TernaryTileBytes(*kp)) + "], got " + ShapeString(w_dims) +
+                           " (pack them with bitnet_jax.layout.pack_ternary_tiles)");
   }
   return ffi::Error::Success();
 }
@@ -329,18 +344,19 @@ void ScaleByInverse(float* y, const float* x_scale, int64_t rows, int64_t n, int
   }
 }
 
-// Ternary group-scale dot products into y (rows x n), split over output row groups; with
+// Ternary group-scale dot products into y (rows x n), split over tiles of 16 output rows; with
 // x_scale set, each chunk then scales its own columns: y = dot * (1 / x_scale[m]).
-void RunTernaryGroup(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
+void RunTernaryGroup(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kp,
                      const uint8_t* w, const float* w_scale, int64_t group_k, int64_t groups, int64_t n, float* y,
                      const float* x_scale = nullptr) {
   thread_local std::vector<int32_t> x_group_storage;  // read by the pool's threads while this call waits
   x_group_storage.resize(groups * rows);
-  TernaryGroupSums(xq.q, rows, kb * kBlockK, group_k, groups, x_group_storage.data());
+  TernaryGroupSums(xq.q, rows, kp, group_k, groups, x_group_storage.data());
   const int32_t* x_group = x_group_storage.data();
-  ForRowGroupChunks(pool, n, TernaryGroupGemmGroupsPerTask(isa, rows), [&](int64_t g_begin, int64_t g_end) {
-    TernaryGroupGemmF32(isa, xq.q, x_group, rows, kb, w, w_scale, group_k, groups, g_begin, g_end, n, y);
-    if (x_scale != nullptr) ScaleByInverse(y, x_scale, rows, n, g_begin * kRowsPerGroup, std::min(n, g_end * kRowsPerGroup));
+  constexpr int64_t kMinTilesPerChunk = kMinGroupsPerChunk * kRowsPerGroup / kTileRows;
+  ParallelFor(pool, CeilDiv(n, kTileRows), kMinTilesPerChunk, [&](int64_t t_begin, int64_t t_end) {
+    TernaryGroupGemmF32(isa, xq.q, x_group, rows, kp, w, w_scale, group_k, groups, t_begin, t_end, n, y);
+    if (x_scale != nullptr) ScaleByInverse(y, x_scale, rows, n, t_begin * kTileRows, std::min(n, t_end * kTileRows));
   });
 }
 
@@ -386,7 +402,8 @@ enum class TernaryScales { kNone, kPerRow, kPerGroup };
 
 struct TernaryOperands {
   Rows shape;
-  int64_t kb = 0;
+  int64_t kb = 0;                   // TQ2B blocks (kNone, kPerRow)
+  int64_t kp = 0;                   // TQ2G padded inputs (kPerGroup)
   Isa isa = Isa::kScalar;
   const uint8_t* w = nullptr;       // the selected layer's codes
   const float* w_scale = nullptr;   // and scales: [1] or [N] (kPerRow), [groups, N] (kPerGroup)
@@ -409,7 +426,11 @@ ffi::Error CheckTernaryOperands(const std::string& op, TernaryScales scales, ffi
     if (auto e = SelectLayer(op, "w_scale", w_scale->dimensions(), scale_rank, layer, &s_view); e.failure()) return e;
   }
   if (auto e = CheckActivations(op, x_dims, &out->shape); e.failure()) return e;
-  if (auto e = CheckTernaryWeights(op, w_view.dims, out->shape.k, n, &out->kb); e.failure()) return e;
+  if (scales == TernaryScales::kPerGroup) {
+    if (auto e = CheckTernaryTiles(op, w_view.dims, out->shape.k, n, &out->kp); e.failure()) return e;
+  } else if (auto e = CheckTernaryWeights(op, w_view.dims, out->shape.k, n, &out->kb); e.failure()) {
+    return e;
+  }
   if (scales == TernaryScales::kPerRow) {
     if (auto e = CheckScale(op, s_view.dims, n, /*per_tensor_ok=*/true); e.failure()) return e;
     out->per_tensor = s_view.dims[0] == 1;
@@ -544,8 +565,8 @@ ffi::Error TernaryGroupMatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::B
     return e;
   if (t.shape.rows == 0) return ffi::Error::Success();
   QuantizedRows xq;
-  if (auto e = QuantizeInput(op, pool, t.isa, x, t.shape, t.kb * kBlockK, act_bits, &xq); e.failure()) return e;
-  RunTernaryGroup(pool, t.isa, xq, t.shape.rows, t.kb, t.w, t.w_scale, t.group_k, t.groups, n, y->typed_data(),
+  if (auto e = QuantizeInput(op, pool, t.isa, x, t.shape, t.kp, act_bits, &xq); e.failure()) return e;
+  RunTernaryGroup(pool, t.isa, xq, t.shape.rows, t.kp, t.w, t.w_scale, t.group_k, t.groups, n, y->typed_data(),
                   xq.scale);
   return ffi::Error::Success();
 }
@@ -560,8 +581,8 @@ ffi::Error TernaryGroupMatmulDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> 
       e.failure())
     return e;
   if (t.shape.rows == 0) return ffi::Error::Success();
-  const QuantizedRows xq = PadRows(x_q.typed_data(), t.shape, t.kb * kBlockK);
-  RunTernaryGroup(pool, t.isa, xq, t.shape.rows, t.kb, t.w, t.w_scale, t.group_k, t.groups, n, dot->typed_data());
+  const QuantizedRows xq = PadRows(x_q.typed_data(), t.shape, t.kp);
+  RunTernaryGroup(pool, t.isa, xq, t.shape.rows, t.kp, t.w, t.w_scale, t.group_k, t.groups, n, dot->typed_data());
   return ffi::Error::Success();
 }
 

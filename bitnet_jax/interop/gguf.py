@@ -458,7 +458,9 @@ def load_gguf(
         out: dict = {"self_attn": {}, "mlp": {}}
         for (block, name), lin in linears[i].items():
             n, k = out_in[name]
-            out[block][name] = {"w_packed": lin.packed, "w_scale": lin.w_scale(group, k, n)}
+            # A group-scale model's codes are TQ2G tiles (kernels/layout.py), every layer's.
+            packed = layout.repack_ternary_tiles(lin.packed, n, k) if group else lin.packed
+            out[block][name] = {"w_packed": packed, "w_scale": lin.w_scale(group, k, n)}
         for path_in_layer, gguf_name in NORMS.items():
             width = norm_width[path_in_layer[-1]]
             weight = model.float_rows(f"blk.{i}.{gguf_name}.weight", (width,))

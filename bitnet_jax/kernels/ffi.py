@@ -206,8 +206,9 @@ def ternary_group_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=
     call: y [..., N] float32 = dot(Q(x), t, w_scale) * (1 / x_scale), dot the kernel's float sum of
     scaled group sums (`ternary_group_matmul_dot`).
 
-    w_scale: float32 [K / G, N], G a multiple of `layout.TERNARY_GROUP_ALIGN`; stacked weights
-    ([L, G, X], [L, K / G, N]) with `layer` as in `ternary_matmul`.
+    w_packed: TQ2G tiles uint8 [T, Kp * 4] (`layout.pack_ternary_tiles` of t [N, K]); w_scale:
+    float32 [K / G, N], G a multiple of `layout.TERNARY_GROUP_ALIGN`; stacked weights
+    ([L, T, Kp * 4], [L, K / G, N]) with `layer` as in `ternary_matmul`.
     """
     from bitnet_jax.kernels import layout
 
@@ -219,9 +220,8 @@ def ternary_group_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=
 
 def ternary_group_matmul_dot(x_q, w_packed, w_scale, n: int, layer=None) -> jax.Array:
     """float32 [..., N]: sum over groups c of (sum_k x_q[..., k] * t[n, k] over group c) * w_scale[c, n],
-    in the one order that every kernel path follows (xla_ffi/gemm.h): 8 lanes, lane l the inputs
-    with k % 32 in [4l, 4l + 4), accumulated group by group, then summed
-    ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    in the one order that every kernel path follows (xla_ffi/gemm.h): d = 0, then group by group
+    d = d + float(exact group sum) * scale, each product and sum rounded to float32."""
     from bitnet_jax.kernels import layout
 
     x_q = _check_x("ternary_group_matmul_dot", x_q, integer=True)

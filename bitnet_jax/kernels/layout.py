@@ -10,6 +10,14 @@ for r < 4, i < 64, j < 4. Shifting a 64-byte row block right by 2j and masking w
 codes of 64 consecutive weights, which is what the SIMD loops multiply with a 64-byte run of
 activations; rows are interleaved in groups of 4 so a GEMV streams one contiguous array.
 
+Ternary weights of group-scale models (weight_quant 'group:G'), "TQ2G": tiles of 16 outputs, as
+uint8 [T, Kp * 4] (T = ceil(N / 16) tiles, K padded with t = 0 to Kp, a multiple of 64):
+  packed[t, 64c + 4o + b] = sum_j (t[16t + o, 16c + 4j + b] + 1) << 2j
+for o < 16, b < 4, j < 4: a 64-byte chunk shifted right by 2j and masked with 3 holds, in 32-bit
+lane o, output o's codes for 4 consecutive inputs, so the kernels' vector lanes are whole outputs
+and a group's scale is one multiply per register of outputs. (Layout version 1 packed these
+models as above, TQ2B; `repack_ternary_tiles` converts.)
+
 Int8 weights (the lm_head) w8 [N, K] as int8 [N, Kp8] with K zero-padded to a multiple of 64,
 values in [-127, 127], one float32 scale per row.
 
@@ -17,7 +25,8 @@ Int4 weights (the 4-bit lm_head) q [N, K] in [-7, 7] as uint8 [N, Kp4 / 2], K ze
 multiple of 32, with a float16 scale per row and group of 32 inputs ([N, Kp4 / 32]):
   packed[n, 16c + i] = (q[n, 32c + i] + 8) | (q[n, 32c + 16 + i] + 8) << 4    (i < 16)
 
-Axis letters: N output features, K input features, G row groups, B blocks along K.
+Axis letters: N output features, K input features, G row groups, B blocks along K, T tiles of 16
+outputs, C chunks of 16 inputs.
 """
 
 from __future__ import annotations
@@ -27,10 +36,13 @@ import numpy as np
 
 from bitnet_jax.errors import BitNetError
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: group-scale models in TQ2G tiles (version 1: TQ2B, like the others)
 BLOCK_K = 256  # weights per row block
 BLOCK_BYTES = 64  # bytes per row block (4 codes per byte)
 ROWS_PER_GROUP = 4  # rows interleaved block by block
+TILE_ROWS = 16  # TQ2G: outputs per tile
+TILE_CHUNK_K = 16  # inputs per 64-byte chunk of a tile
+TILE_ALIGN_K = 64  # TQ2G rows are padded to a multiple of this
 INT8_ROW_ALIGN = 64  # int8 rows are padded to a multiple of this
 INT4_GROUP_K = 32  # inputs per int4 scale; int4 rows are padded to a multiple of this
 TERNARY_GROUP_ALIGN = 64  # group:G models take the FFI kernel when G is a multiple of this (whole strips)
@@ -47,14 +59,7 @@ def packed_ternary_shape(n: int, k: int) -> tuple[int, int]:
 
 def pack_ternary(t_nk) -> np.ndarray:
     """Ternary weights [N, K] (values in {-1, 0, 1}, any numeric dtype) -> packed uint8 [G, B*256]."""
-    t_nk = np.asarray(t_nk)
-    if t_nk.ndim != 2:
-        raise BitNetError(f"pack_ternary: expected weights [N, K]; found shape {t_nk.shape}.")
-    if not np.all(np.isin(t_nk, (-1, 0, 1))):
-        raise BitNetError(
-            "pack_ternary: expected values in {-1, 0, 1}; quantize the weights first "
-            "(bitnet_jax.model.quant.weight_quantize)."
-        )
+    t_nk = _checked_ternary(t_nk, "pack_ternary")
     n, k = t_nk.shape
     g, row_bytes = packed_ternary_shape(n, k)
     kb = row_bytes // (ROWS_PER_GROUP * BLOCK_BYTES)
@@ -77,6 +82,72 @@ def unpack_ternary(packed_gx, n: int, k: int, dtype=jnp.int8):
     # [g, b, r, i, j] -> [4g + r, 256b + 64j + i]
     codes_nk = codes_gbrij.transpose(0, 2, 1, 4, 3).reshape(g * ROWS_PER_GROUP, kb * BLOCK_K)
     return (codes_nk[:n, :k].astype(jnp.int8) - 1).astype(dtype)
+
+
+def packed_ternary_tiles_shape(n: int, k: int) -> tuple[int, int]:
+    """Shape of the TQ2G uint8 array holding the ternary weights [N, K] of a group-scale model."""
+    return _ceil_div(n, TILE_ROWS), _ceil_div(k, TILE_ALIGN_K) * TILE_ALIGN_K * 4
+
+
+def packed_shape(n: int, k: int, grouped: bool) -> tuple[int, int]:
+    """The packed shape of ternary weights [N, K]: TQ2G tiles for a model with group scales
+    (`grouped`), TQ2B otherwise."""
+    return packed_ternary_tiles_shape(n, k) if grouped else packed_ternary_shape(n, k)
+
+
+def _checked_ternary(t_nk, what: str) -> np.ndarray:
+    t_nk = np.asarray(t_nk)
+    if t_nk.ndim != 2:
+        raise BitNetError(f"{what}: expected weights [N, K]; found shape {t_nk.shape}.")
+    if not np.all(np.isin(t_nk, (-1, 0, 1))):
+        raise BitNetError(
+            f"{what}: expected values in {{-1, 0, 1}}; quantize the weights first "
+            "(bitnet_jax.model.quant.weight_quantize)."
+        )
+    return t_nk
+
+
+def pack_ternary_tiles(t_nk) -> np.ndarray:
+    """Ternary weights [N, K] (values in {-1, 0, 1}) -> TQ2G tiles uint8 [T, Kp * 4]."""
+    t_nk = _checked_ternary(t_nk, "pack_ternary_tiles")
+    n, k = t_nk.shape
+    tiles, tile_bytes = packed_ternary_tiles_shape(n, k)
+    chunks = tile_bytes // (TILE_ROWS * 4)
+    codes = np.ones((tiles * TILE_ROWS, chunks * TILE_CHUNK_K), np.uint8)  # code 1 is t = 0
+    codes[:n, :k] = (t_nk + 1).astype(np.uint8)
+    # [row = 16t + o, k = 16c + 4j + b] -> [t, c, o, b, j]
+    codes_tcobj = codes.reshape(tiles, TILE_ROWS, chunks, 4, 4).transpose(0, 2, 1, 4, 3)
+    shifts_j = np.arange(4, dtype=np.uint8) * 2
+    return np.bitwise_or.reduce(codes_tcobj << shifts_j, axis=-1).astype(np.uint8).reshape(tiles, tile_bytes)
+
+
+def unpack_ternary_tiles(packed_tx, n: int, k: int, dtype=jnp.int8):
+    """TQ2G tiles uint8 [T, Kp * 4] -> ternary weights [N, K] of `dtype`. jnp ops: works inside jit."""
+    packed_tx = jnp.asarray(packed_tx)
+    tiles, tile_bytes = packed_tx.shape
+    chunks = tile_bytes // (TILE_ROWS * 4)
+    packed_tcob = packed_tx.reshape(tiles, chunks, TILE_ROWS, 4)
+    codes_tcobj = jnp.stack([(packed_tcob >> (2 * j)) & 3 for j in range(4)], axis=-1)
+    # [t, c, o, b, j] -> [16t + o, 16c + 4j + b]
+    codes_nk = codes_tcobj.transpose(0, 2, 1, 4, 3).reshape(tiles * TILE_ROWS, chunks * TILE_CHUNK_K)
+    return (codes_nk[:n, :k].astype(jnp.int8) - 1).astype(dtype)
+
+
+def pack_codes(t_nk, grouped: bool) -> np.ndarray:
+    """Ternary weights [N, K] packed as a model with group scales (`grouped`: TQ2G tiles) or
+    without (TQ2B) holds them."""
+    return pack_ternary_tiles(t_nk) if grouped else pack_ternary(t_nk)
+
+
+def unpack_codes(packed, n: int, k: int, grouped: bool, dtype=jnp.int8):
+    """The inverse of `pack_codes`. jnp ops: works inside jit."""
+    return unpack_ternary_tiles(packed, n, k, dtype) if grouped else unpack_ternary(packed, n, k, dtype)
+
+
+def repack_ternary_tiles(packed_gx, n: int, k: int) -> np.ndarray:
+    """TQ2B [G, B * 256] (how layout version 1 packed every ternary weight) -> TQ2G tiles: what a
+    group-scale model's packed weights become when a version-1 folder is loaded."""
+    return pack_ternary_tiles(np.asarray(unpack_ternary(packed_gx, n, k)))
 
 
 def pack_int8(w8_nk) -> np.ndarray:

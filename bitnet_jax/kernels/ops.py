@@ -250,7 +250,7 @@ def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
     if w_packed.ndim == 3:
         w_packed, w_scale_cn = w_packed[layer], w_scale_cn[layer]
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
-    t_ncg = layout.unpack_ternary(w_packed, n, k).reshape(n, c, k // c)
+    t_ncg = layout.unpack_ternary_tiles(w_packed, n, k).reshape(n, c, k // c)
     x_q_cg = x_q.astype(jnp.int8).reshape(*x_mk.shape[:-1], c, k // c)
     acc_cn = jnp.einsum("...cg,ncg->...cn", x_q_cg, t_ncg, preferred_element_type=jnp.int32)
     y = jnp.sum(acc_cn.astype(jnp.float32) * w_scale_cn, axis=-2)

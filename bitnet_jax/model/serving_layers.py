@@ -33,9 +33,9 @@ PACKED = "packed"
 class TernaryLinear(nn.Module):
     """Serving BitLinear on packed weights: never builds a float kernel.
 
-    Weights, stacked over layers: `w_packed` uint8 [L, *layout.packed_ternary_shape(O, I)] and
-    `w_scale` float32 [L, 1] (per tensor), [L, O] (per channel) or [L, I / group, O] (per group
-    of inputs).
+    Weights, stacked over layers: `w_packed` uint8 [L, *layout.packed_shape(O, I, grouped)] (TQ2B,
+    or TQ2G tiles with group scales) and `w_scale` float32 [L, 1] (per tensor), [L, O] (per
+    channel) or [L, I / group, O] (per group of inputs).
 
     With `hadamard` set, the input is rotated as the training BitLinear rotates it, by the same
     function, before the kernels quantize it: the packed codes are those of the rotated-basis
@@ -67,7 +67,7 @@ class TernaryLinear(nn.Module):
 def _packed_weights(linear: TernaryLinear, k: int):
     """Declares (inside `linear`'s compact call) and returns its stacked packed weights for
     inputs of width k: (w_packed [L, G, X], w_scale [L, ...])."""
-    packed_shape = (linear.num_layers, *layout.packed_ternary_shape(linear.features, k))
+    packed_shape = (linear.num_layers, *layout.packed_shape(linear.features, k, grouped=bool(linear.group_size)))
     w_packed = linear.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
     if linear.group_size:
         scale_shape = (k // linear.group_size, linear.features)
@@ -266,7 +266,7 @@ def lm_head_rows(params, hidden_size: int) -> np.ndarray:
 
 
 _quantize = jax.jit(weight_quantize, static_argnums=1)
-_unpack_ternary = jax.jit(layout.unpack_ternary, static_argnums=(1, 2))  # one compile per shape, not per op
+_unpack_codes = jax.jit(layout.unpack_codes, static_argnums=(1, 2, 3))  # one compile per shape, not per op
 
 
 def ternary_codes(linear, in_features: int, out_features: int, weight_quant: str) -> tuple[np.ndarray, np.ndarray]:
@@ -276,8 +276,9 @@ def ternary_codes(linear, in_features: int, out_features: int, weight_quant: str
     as the training forward quantizes them (`quant.weight_quantize`). The one place both trees are
     read as codes: `pack` stores these, `unpack` and the exporters read them back."""
     if "w_packed" in linear:
-        t_oi = _unpack_ternary(linear["w_packed"], out_features, in_features)
-        return np.asarray(t_oi), np.asarray(linear["w_scale"], np.float32)
+        scale = np.asarray(linear["w_scale"], np.float32)
+        t_oi = _unpack_codes(linear["w_packed"], out_features, in_features, scale.ndim == 2)
+        return np.asarray(t_oi), scale
     t_io, scale = _quantize(jnp.asarray(linear["kernel"], jnp.float32), weight_quant)
     scale = np.asarray(scale, np.float32)  # [1, 1], [1, O] or, per group, [I / G, 1, O]
     return np.asarray(t_io, np.int8).T, scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1)

@@ -5,6 +5,9 @@ naming the format, the layout version and the lm_head kind), `model.safetensors`
 joined by '.') and the tokenizer files of the source. `read_packed_folder` checks it against the
 config from the headers alone (abstract arrays, enough to compile); `load_packed` reads the weights
 straight into 64-byte-aligned host memory.
+
+Folders of layout version 1 load too: they differ only in a group-scale model's ternary codes
+(TQ2B then, TQ2G tiles now: `kernels/layout.py`), which `load_packed` repacks as it reads them.
 """
 
 from __future__ import annotations
@@ -63,11 +66,22 @@ def is_packed_folder(folder: str) -> bool:
         return False
 
 
+# Layout versions `load_packed` reads: this one, and version 1 (group-scale codes in TQ2B).
+_READABLE_VERSIONS = (1, layout.LAYOUT_VERSION)
+
+
 def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
     """(config, abstract params) of a folder written by `save_packed`, from config.json and the
     safetensors header alone: the leaves are `jax.ShapeDtypeStruct`s (enough for
-    `generate.compile_generate`). Checks the layout version and that every tensor the config
-    implies is there with its shape and dtype."""
+    `generate.compile_generate`), with the shapes `load_packed` gives. Checks the layout version and
+    that every tensor the config implies is there with its shape and dtype."""
+    config, params, _ = _read_header(folder)
+    return config, params
+
+
+def _read_header(folder: str) -> tuple[BitNetConfig, dict, dict]:
+    """(config, abstract params as loaded, abstract params as stored): the two differ only for a
+    group-scale model of layout version 1, whose TQ2B codes load as TQ2G tiles."""
     from safetensors import safe_open
 
     from bitnet_jax.kernels.ops import ServingSpec
@@ -84,10 +98,10 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
     if meta.get("format") != PACKED_FORMAT:
         raise BitNetError(f"{folder} is not a packed bitnet-jax folder (config.json has no bitnet_jax.format).")
     version = meta.get("layout_version")
-    if version != layout.LAYOUT_VERSION:
+    if version not in _READABLE_VERSIONS:
         raise BitNetError(
             f"{folder}: weights packed in layout version {version}, but this bitnet_jax reads version "
-            f"{layout.LAYOUT_VERSION}. Convert the source model again with this version "
+            f"{layout.LAYOUT_VERSION} (and 1). Convert the source model again with this version "
             "(bitnet-jax convert SRC DST), or install the bitnet_jax that wrote it."
         )
     config = BitNetConfig.from_dict(hf, source=config_path)
@@ -102,11 +116,20 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
                 )
     except Exception as e:  # SafetensorError, OSError, KeyError (a dtype packing never writes)
         raise BitNetError(f"{weights}: cannot read the packed weights ({e!r}). Convert the model again.") from None
+    stored = unflatten_dict(flat)
+    if version == 1 and config.weight_group_size:
+        for block, names in config.linear_shapes.items():
+            for name, (k, n) in names.items():
+                path = ("layers", block, name, "w_packed")
+                old = flat.get(path)
+                if old is not None and tuple(old.shape[1:]) == layout.packed_ternary_shape(n, k):
+                    tiles = (old.shape[0], *layout.packed_ternary_tiles_shape(n, k))
+                    flat[path] = jax.ShapeDtypeStruct(tiles, old.dtype)
     params = unflatten_dict(flat)
     spec = ServingSpec("xla", meta.get("lm_head", "int8"), config.act_bits)  # only the shapes are used
     expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     _check_against(merge_serving_variables(nn.unbox(expected)), params, weights)
-    return config, params
+    return config, params, stored
 
 
 def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
@@ -118,14 +141,26 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
     readers map the file: its touched pages would count as resident beside the copies, twice the
     weights at the peak.)
     """
-    config, shapes = read_packed_folder(folder)
+    config, shapes, stored = _read_header(folder)
     weights = os.path.join(folder, "model.safetensors")
+
+    def read(f, path, spec):
+        names = tuple(k.key for k in path)
+        tensor = _read_tensor(f, offsets[".".join(names)], spec)
+        want = _leaf(shapes, names).shape
+        if tensor.shape != want:  # a version-1 group model's TQ2B codes: repacked as TQ2G tiles
+            block, name = names[1], names[2]
+            k, n = config.linear_shapes[block][name]
+            tiles = aligned_empty(want, np.uint8)
+            for i, layer in enumerate(tensor):
+                tiles[i] = layout.repack_ternary_tiles(layer, n, k)
+            tensor = tiles
+        return jax.device_put(tensor)
+
     try:
         offsets = _tensor_offsets(weights)
         with open(weights, "rb", buffering=0) as f:
-            params = jax.tree.map_with_path(
-                lambda path, spec: jax.device_put(_read_tensor(f, offsets[".".join(k.key for k in path)], spec)), shapes
-            )
+            params = jax.tree.map_with_path(lambda path, spec: read(f, path, spec), stored)
     except (OSError, ValueError, KeyError) as e:
         raise BitNetError(
             f"{weights}: cannot read the packed weights ({e}); the file is truncated or corrupt. "
@@ -133,6 +168,12 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
         ) from None
     release_freed_memory()
     return config, params
+
+
+def _leaf(tree: dict, names: tuple[str, ...]):
+    for name in names:
+        tree = tree[name]
+    return tree
 
 
 _SAFETENSORS_DTYPES = {

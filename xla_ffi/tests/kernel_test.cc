@@ -200,25 +200,21 @@ const GroupShape kGroupShapes[] = {
     {1, 64, 1, 64},     {1, 256, 4, 64},     {2, 320, 5, 64},     {3, 320, 7, 320},  {4, 512, 8, 128},
     {5, 768, 3, 256},   {1, 640, 13, 128},   {9, 1024, 6, 512},   {1, 2560, 9, 64},  {6, 2560, 11, 256},
     {17, 1280, 10, 64}, {1, 4096, 5, 4096},  {2, 4224, 4, 2112},
-    // Panels from 2 rows (x86): a chunk of 5 groups of 3 strips starts and ends inside row blocks;
-    // chunks of g64 across K = 6912.
-    {8, 1920, 37, 192}, {16, 6912, 13, 64}, {3, 6912, 6, 64},
-    // AVX-512 prefill panels (17 rows and more): tiles of 6 rows and their remainders, 32-row panels
-    // and a partial one, groups across the 256-quad K chunks, one group wider than a chunk.
-    {23, 2560, 70, 64}, {40, 1536, 33, 128}, {18, 1280, 36, 320}, {20, 4096, 9, 4096}, {25, 1024, 40, 64},
-    // One row on AVX-512: 16-row tiles from each half's first row group, the rest (and a partial
-    // last group) by the 4-row tile; K ending inside a row block; groups of 3 strips across blocks.
-    {1, 6912, 70, 64}, {1, 1920, 40, 192}, {1, 320, 33, 64}, {1, 1280, 64, 128}, {1, 4096, 36, 1024},
-    // 2-16 rows on AVX-512: the same tiles, 1-4 activation rows at a time, the rest on the panels.
-    {2, 2560, 40, 64}, {5, 1280, 64, 128}, {7, 6912, 36, 64}, {16, 4096, 33, 256}, {11, 1088, 70, 64},
+    // Tiles of 16 outputs: whole and partial (1, 8, 9, 15 valid outputs: AVX2's halves, NEON's
+    // quarters), tiles of the 8 (AVX-512), 4 (AVX2) and 2 (NEON) activation rows and each
+    // remainder; K of 64 (one strip) up to 6912, groups of 1 to 64 chunks, one group the whole row.
+    {8, 1920, 37, 192}, {16, 6912, 13, 64}, {3, 6912, 6, 64},   {23, 2560, 70, 64}, {40, 1536, 33, 128},
+    {18, 1280, 36, 320}, {20, 4096, 9, 4096}, {25, 1024, 40, 64}, {1, 6912, 70, 64}, {1, 1920, 40, 192},
+    {1, 320, 33, 64},   {1, 1280, 64, 128},  {1, 4096, 36, 1024}, {2, 2560, 40, 64}, {5, 1280, 64, 128},
+    {7, 6912, 36, 64},  {16, 4096, 33, 256}, {11, 1088, 70, 64},  {9, 576, 24, 64},  {12, 192, 31, 64},
 };
 
 void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, bool pow2_scales, int extreme = 0) {
   std::uniform_int_distribution<int> tern(-1, 1), byte(-128, 127), e(-3, 0);
   std::normal_distribution<float> normal(0.0f, 0.05f);
   const Shape s{g.rows, g.k, g.n};
-  const int64_t kb = CeilDiv(g.k, bitnet::kBlockK), kp = kb * bitnet::kBlockK, groups = g.k / g.group_k;
-  const int64_t row_groups = CeilDiv(g.n, bitnet::kRowsPerGroup);
+  const int64_t kp = bitnet::TernaryTileKp(g.k), groups = g.k / g.group_k;
+  const int64_t tiles = CeilDiv(g.n, bitnet::kTileRows);
   std::vector<int8_t> t(g.n * g.k), x(g.rows * kp, 0);
   for (auto& v : t) v = static_cast<int8_t>(extreme ? 1 : tern(rng));
   for (int64_t m = 0; m < g.rows; ++m)
@@ -226,17 +222,18 @@ void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, b
   x[0] = -128;
   std::vector<float> scale(groups * g.n);
   for (auto& v : scale) v = pow2_scales ? std::ldexp(1.0f, e(rng)) : normal(rng);
-  std::vector<uint8_t> w(row_groups * kb * bitnet::kGroupBlockBytes);
-  bitnet::PackTernary(t.data(), g.n, g.k, w.data());
+  std::vector<uint8_t> w(tiles * bitnet::TernaryTileBytes(kp));
+  bitnet::PackTernaryTiles(t.data(), g.n, g.k, w.data());
   std::vector<int32_t> x_group(groups * g.rows);
   bitnet::TernaryGroupSums(x.data(), g.rows, kp, g.group_k, groups, x_group.data());
 
   std::vector<float> dot(g.rows * g.n, -7.0f);
-  const int64_t mid = row_groups / 2;
-  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kb, w.data(), scale.data(), g.group_k, groups, 0,
+  // Two calls over halves of the tiles, as the thread pool splits them.
+  const int64_t mid = tiles / 2;
+  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kp, w.data(), scale.data(), g.group_k, groups, 0,
                               mid, g.n, dot.data());
-  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kb, w.data(), scale.data(), g.group_k, groups,
-                              mid, row_groups, g.n, dot.data());
+  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kp, w.data(), scale.data(), g.group_k, groups,
+                              mid, tiles, g.n, dot.data());
   for (int64_t m = 0; m < g.rows; ++m)
     for (int64_t n = 0; n < g.n; ++n) {
       float d = 0.0f;
