@@ -83,7 +83,34 @@ struct GroupTile {
   int64_t groups;
   int64_t valid;           // the tile's outputs below n_total, 1 .. 16
   float* dot;              // dot + m0 * n_total + n0; rows n_total apart
+  int64_t tile_bytes;      // w + tile_bytes: the next tile
+  bool next_tile;          // whether outputs follow this tile's (its scales lie past w_scale otherwise)
 };
+
+// Scale lines are fetched this many groups ahead of their use (2 KB of a tile's codes at G = 64),
+// not a tile ahead in one burst: a tile reads one line per group, `groups` lines n_total floats
+// apart, and at 2560 outputs (10 KB apart) they fall into 2 of the L1's 64 sets, where a tile's
+// worth of them (108 at K = 6912) evict each other. From DRAM the burst left this kernel at
+// 0.6x the GB/s of the TQ2B one it replaced (benchmarks/RESULTS.md).
+constexpr int64_t kScaleAheadGroups = 8;
+
+// At group c of a tile: the next tile's codes of the same group into L2 (one tile ahead, so that
+// memory is read in order while the hardware prefetcher is busy with the scales' many streams),
+// and the scale line of the group kScaleAheadGroups ahead, this tile's or the next's. Past the
+// task's last tile the lines are another task's or past the array (the prefetches take any address).
+// Forced inline: GCC does not inline a function of the default target into the tiles' targets by
+// itself, and a call whose only effects are prefetches it finds side-effect free and deletes.
+__attribute__((always_inline)) inline void PrefetchGroupAhead(const GroupTile& t, int64_t c) {
+  const int64_t group_bytes = t.group_chunks * kTileChunkBytes;
+  for (int64_t line = 0; line < group_bytes; line += 64) PrefetchL2At(t.w, t.tile_bytes + c * group_bytes + line);
+  int64_t ahead = c + kScaleAheadGroups, tile = 0;
+  if (ahead >= t.groups) {
+    if (!t.next_tile) return;
+    ahead -= t.groups;
+    tile = 1;
+  }
+  PrefetchAt(t.scale, static_cast<int64_t>(sizeof(float)) * (ahead * t.n_total + tile * kTileRows));
+}
 
 // Kernel<r>::Run(tile) for the r = 1 .. MaxR activation rows left.
 template <template <int> class Kernel, int MaxR>
@@ -94,9 +121,8 @@ inline void RunTile(int64_t r, const GroupTile& tile) {
   Kernel<MaxR>::Run(tile);
 }
 
-// The tiles [t_begin, t_end), each against the activation rows MaxR at a time. Before a tile, the
-// next tile's scale lines are fetched: a tile reads 64 bytes from each of `groups` rows n_total
-// floats apart, more streams than the hardware prefetcher follows.
+// The tiles [t_begin, t_end), each against the activation rows MaxR at a time; the first scale
+// lines of each are fetched before it (PrefetchGroupAhead fetches the rest as the groups go by).
 template <template <int> class Kernel, int MaxR>
 void GroupTiles(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kp, const uint8_t* w,
                 const float* w_scale, int64_t group_k, int64_t groups, int64_t t_begin, int64_t t_end,
@@ -104,12 +130,13 @@ void GroupTiles(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t
   const int64_t tile_bytes = TernaryTileBytes(kp);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t n0 = t * kTileRows;
-    if (n0 + kTileRows < n_total)
-      for (int64_t c = 0; c < groups; ++c) PrefetchAt(w_scale, (c * n_total + n0 + kTileRows) * sizeof(float));
+    if (t == t_begin)
+      for (int64_t c = 0; c < std::min(groups, kScaleAheadGroups); ++c)
+        PrefetchAt(w_scale, static_cast<int64_t>(sizeof(float)) * (c * n_total + n0));
     for (int64_t m = 0; m < rows; m += MaxR) {
       const GroupTile tile{x_q + m * kp, kp, x_group + m, rows, w + t * tile_bytes, w_scale + n0, n_total,
                            group_k / kTileChunkK, groups, std::min(kTileRows, n_total - n0),
-                           dot + m * n_total + n0};
+                           dot + m * n_total + n0, tile_bytes, n0 + kTileRows < n_total};
       RunTile<Kernel, MaxR>(std::min<int64_t>(MaxR, rows - m), tile);
     }
   }
@@ -142,6 +169,7 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
   const int32_t* x = reinterpret_cast<const int32_t*>(t.x);  // quads: x[r * kp / 4 + k / 4]
   const int64_t row_quads = t.kp / 4;
   for (int64_t c = 0; c < t.groups; ++c) {
+    PrefetchGroupAhead(t, c);
     __m512i acc[R][kAcc];
     for (int r = 0; r < R; ++r)
       for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_si512();
@@ -208,6 +236,7 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const uint8_t* w = t.w + 32 * h;
     for (int64_t c = 0; c < t.groups; ++c) {
+      if (h == 0) PrefetchGroupAhead(t, c);
       __m256i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
       for (int64_t i = 0; i < t.group_chunks; i += 4) {
@@ -264,6 +293,7 @@ BITNET_NEON_DOT void GroupTileNeonDot(const GroupTile& t) {
     for (int r = 0; r < R; ++r) d[r] = vdupq_n_f32(0.0f);
     const uint8_t* w = t.w + 16 * q;
     for (int64_t c = 0; c < t.groups; ++c) {
+      if (q == 0) PrefetchGroupAhead(t, c);
       int32x4_t acc[R];
       for (int r = 0; r < R; ++r) acc[r] = vdupq_n_s32(0);
       for (int64_t i = 0; i < t.group_chunks; ++i, w += kTileChunkBytes) {
