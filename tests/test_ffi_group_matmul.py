@@ -94,7 +94,7 @@ def _case(m, k, n, group, seed):
 def test_dot_follows_the_kernel_order_bit_for_bit(isa, m, k, n, group):
     t, x_q, scale = _case(m, k, n, group, seed=m * 1000 + k + n)
     dot = jax.jit(ffi.ternary_group_matmul_dot, static_argnums=3)
-    got = np.asarray(dot(x_q, layout.pack_ternary_tiles(t), scale, n))
+    got = np.asarray(dot(x_q, layout.pack_ternary_tiles(t), layout.tile_group_scales(scale), n))
     np.testing.assert_array_equal(got.view(np.int32), _dot_in_kernel_order(x_q, t, scale).view(np.int32))
 
 
@@ -107,7 +107,9 @@ def test_dot_is_the_exact_product_when_no_float_step_rounds(isa, m, k, n, group)
     t, x_q = _ternary(rng, n, k), rng.integers(-128, 128, size=(m, k)).astype(np.int8)
     scale = rng.choice(np.array([0.125, 0.25, 0.5, 1.0], np.float32), size=(k // group, n))
     want = x_q.astype(np.float64) @ (t * np.repeat(scale.astype(np.float64), group, axis=0).T).T
-    got = np.asarray(ffi.ternary_group_matmul_dot(x_q, layout.pack_ternary_tiles(t), scale, n))
+    got = np.asarray(
+        ffi.ternary_group_matmul_dot(x_q, layout.pack_ternary_tiles(t), layout.tile_group_scales(scale), n)
+    )
     np.testing.assert_array_equal(got, want)
 
 
@@ -120,14 +122,15 @@ def test_fused_matmul_stacked_layers_and_the_xla_path(isa):
     t = np.stack([_ternary(rng, n, k) for _ in range(2)])
     scale = rng.uniform(0.01, 0.1, size=(2, k // group, n)).astype(np.float32)
     packed = np.stack([layout.pack_ternary_tiles(t[i]) for i in range(2)])
+    scale_tiles = np.stack([layout.tile_group_scales(scale[i]) for i in range(2)])
     x = rng.normal(size=(m, k)).astype(np.float32) * 3
     for xx in (x, jnp.asarray(x, jnp.bfloat16)):
         x_q, x_scale = act_quantize(xx, "token", 8)
         x_q = np.asarray(x_q, np.int8)
         want = _dot_in_kernel_order(x_q, t[1], scale[1]) * (1 / np.asarray(x_scale, np.float32))
-        got = jax.jit(lambda xx, i: ffi.ternary_group_matmul(xx, packed, scale, n, layer=i))(xx, 1)
+        got = jax.jit(lambda xx, i: ffi.ternary_group_matmul(xx, packed, scale_tiles, n, layer=i))(xx, 1)
         np.testing.assert_array_equal(np.asarray(got), want)
-        xla = ops.ternary_linear(xx, packed, scale, n, 8, "xla", layer=1)
+        xla = ops.ternary_linear(xx, packed, scale_tiles, n, 8, "xla", layer=1)
         diff = np.abs(np.asarray(xla, np.float64) - np.asarray(got, np.float64))
         assert np.all(diff <= _order_bound(x_q, t[1], scale[1], x_scale)), diff.max()
 
@@ -135,21 +138,25 @@ def test_fused_matmul_stacked_layers_and_the_xla_path(isa):
 def test_bad_operands_are_refused(isa):
     rng = np.random.default_rng(4)
     t, x_q, scale = _case(2, 320, 5, 64, seed=4)
-    packed = layout.pack_ternary_tiles(t)
+    packed, tiles = layout.pack_ternary_tiles(t), layout.tile_group_scales(scale)
+    g32 = layout.tile_group_scales(rng.normal(size=(10, 5)))  # G = 32
     with pytest.raises(
-        Exception, match=r"expected w_scale float32 \[K / G, 5\] for K=320 inputs in groups of G, G a multiple of 64"
+        Exception,
+        match=r"expected w_scale float32 \[1, \(K / G\) \* 16\].*for K=320 inputs in groups of G, G a multiple of 64, "
+        r"got \[1, 160\]",
     ):
-        ffi.ternary_group_matmul_dot(x_q, packed, rng.normal(size=(10, 5)).astype(np.float32), 5)  # G = 32
-    with pytest.raises(Exception, match=r"w_scale float32 \[K / G, 5\].*got \[5, 4\]"):
-        ffi.ternary_group_matmul_dot(x_q, packed, scale[:, :4], 5)
+        ffi.ternary_group_matmul_dot(x_q, packed, g32, 5)
+    # Scales as the training side holds them, [K / G, N], are refused, with the function that tiles them.
+    with pytest.raises(Exception, match=r"w_scale float32 \[1, \(K / G\) \* 16\].*tile_group_scales.*got \[5, 5\]"):
+        ffi.ternary_group_matmul_dot(x_q, packed, scale, 5)
     with pytest.raises(Exception, match="layer 2 is outside the 2 layers"):
-        ffi.ternary_group_matmul_dot(x_q, np.stack([packed] * 2), np.stack([scale] * 2), 5, layer=2)
+        ffi.ternary_group_matmul_dot(x_q, np.stack([packed] * 2), np.stack([tiles] * 2), 5, layer=2)
     # Codes packed for a per-tensor model (TQ2B) are refused, with the packer to use.
     with pytest.raises(Exception, match=r"must be uint8 \[1, 1280\].*got \[2, 512\].*pack_ternary_tiles"):
-        ffi.ternary_group_matmul_dot(x_q, layout.pack_ternary(t), scale, 5)
+        ffi.ternary_group_matmul_dot(x_q, layout.pack_ternary(t), tiles, 5)
     # A ServingSpec built by hand for groups the kernel does not take is refused, not misread.
     with pytest.raises(BitNetError, match=r"per group of 32 inputs \(weight_quant='group:32'\)"):
-        ops.ternary_linear(jnp.ones((1, 320)), packed, rng.normal(size=(10, 5)).astype(np.float32), 5, 8, "ffi")
+        ops.ternary_linear(jnp.ones((1, 320)), packed, g32, 5, 8, "ffi")
 
 
 SMALL = dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -164,7 +171,7 @@ def test_group_models_serve_through_the_kernel(group):
     config = BitNetConfig(**{**SMALL, "weight_quant": f"group:{group}"})
     params = init_params(config, seed=group)
     packed = pack(config, params, lm_head="float")
-    assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 256 // group, 128)
+    assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 128 // 16, 256 // group * 16)  # tiled
     assert ops.serving_backend("cpu", group_size=config.weight_group_size) == "ffi"
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
     assert_packed_matches_fake_quant(config, params, packed, ids, backends=("ffi", "xla"))

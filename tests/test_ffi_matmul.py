@@ -99,8 +99,19 @@ def test_pack_ternary_tiles_bit_positions_and_round_trip(n, k):
     assert not codes[n:].any() and not codes[:, k:].any()
     np.testing.assert_array_equal(codes[:n, :k], t)
     np.testing.assert_array_equal(layout.repack_ternary_tiles(layout.pack_ternary(t), n, k), tiles)
-    np.testing.assert_array_equal(layout.pack_codes(t, grouped=True), tiles)
-    np.testing.assert_array_equal(np.asarray(layout.unpack_codes(layout.pack_codes(t, False), n, k, False)), t)
+    np.testing.assert_array_equal(np.asarray(layout.unpack_codes(layout.pack_ternary(t), n, k, False)), t)
+    np.testing.assert_array_equal(np.asarray(layout.unpack_codes(tiles, n, k, True)), t)
+
+
+@pytest.mark.parametrize("groups,n", [(1, 1), (3, 16), (5, 37)])
+def test_group_scales_tile_by_the_codes_tiles(groups, n):
+    scale = np.random.default_rng(n).normal(size=(groups, n)).astype(np.float32)
+    tiles = layout.tile_group_scales(scale)
+    assert tiles.shape == layout.group_scales_shape(n, groups) == (-(-n // 16), 16 * groups)
+    for c, row in [(0, 0), (groups - 1, n - 1), (groups // 2, n // 2)]:
+        assert tiles[row // 16, 16 * c + row % 16] == scale[c, row]
+    assert not tiles.reshape(-1, groups, 16)[-1, :, (n - 1) % 16 + 1 :].any()  # 0 past N
+    np.testing.assert_array_equal(np.asarray(layout.untile_group_scales(tiles, n)), scale)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)

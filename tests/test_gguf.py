@@ -33,6 +33,7 @@ from bitnet_jax.interop import gguf_export
 from bitnet_jax.interop.gguf import Metadata, open_gguf
 from bitnet_jax.interop.gguf_export import quantize_q6_k, save_gguf
 from bitnet_jax.interop.gguf_vocab import LLAMA3_SPLIT, add_vocab, gguf_tokenizer
+from bitnet_jax.kernels import layout
 from bitnet_jax.kernels.ops import ServingSpec
 from bitnet_jax.model.serving_layers import serving_variables
 
@@ -265,8 +266,10 @@ def test_import_gives_the_fake_quant_logits(case, tmp_path):
             block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
             got = params["layers"][block][name]
             assert np.array_equal(_unpack(got["w_packed"][i], *t.shape, grouped=bool(groups)), t), name
-            want = s.T if groups else np.array([s], np.float32)
-            assert np.array_equal(got["w_scale"][i], want), name
+            if groups:  # TQ2G's tiled scales
+                assert np.array_equal(layout.untile_group_scales(got["w_scale"][i], t.shape[0]), s.T), name
+            else:
+                assert np.array_equal(got["w_scale"][i], np.array([s], np.float32)), name
     # The same forward up to the order of float sums and the training scale (a float32 mean of
     # |W|, within a few ulps of s): every difference beyond float noise must be an int8 code that
     # flipped at a near-tie (tests/near_ties.py, the rule the serving tests use).

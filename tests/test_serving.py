@@ -99,9 +99,10 @@ def test_group_scales_pack_and_serve_on_the_xla_integer_path(tmp_path):
     config = BitNetConfig(**{**SMALL, "weight_quant": "group:8"})
     params = _trained_like(config)
     packed = pack(config, params, lm_head="float")
-    # K = 96 for q/k/v/gate/up (and o_proj), 200 for down_proj: a scale per 8 inputs and output.
-    assert packed["layers"]["self_attn"]["q_proj"]["w_scale"].shape == (2, 12, 96)
-    assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 25, 96)
+    # K = 96 for q/k/v/gate/up (and o_proj), 200 for down_proj: a scale per 8 inputs and output,
+    # tiled as the TQ2G codes: [L, ceil(N / 16), (K / 8) * 16].
+    assert packed["layers"]["self_attn"]["q_proj"]["w_scale"].shape == (2, 6, 12 * 16)
+    assert packed["layers"]["mlp"]["down_proj"]["w_scale"].shape == (2, 6, 25 * 16)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 21)), jnp.int32)
 
     assert_packed_matches_fake_quant(config, params, packed, ids, backends=("xla",))
@@ -350,17 +351,20 @@ def test_bad_packed_folders(tmp_path):
 
 
 def _as_layout_version_1(folder, config):
-    """Rewrites a packed folder as layout version 1 wrote it: a group-scale model's codes as TQ2B."""
+    """Rewrites a packed folder as layout version 1 wrote it: a group-scale model's codes as TQ2B,
+    its scales as [K / G, N]."""
     from safetensors.numpy import load_file, save_file
 
     weights = folder / "model.safetensors"
     flat = load_file(str(weights))
     for block, names in config.linear_shapes.items():
         for name, (k, n) in names.items():
-            key = f"layers.{block}.{name}.w_packed"
+            key = f"layers.{block}.{name}"
             if config.weight_group_size:
-                codes = [np.asarray(layout.unpack_ternary_tiles(tiles, n, k)) for tiles in flat[key]]
-                flat[key] = np.stack([layout.pack_ternary(t) for t in codes])
+                codes = [np.asarray(layout.unpack_ternary_tiles(tiles, n, k)) for tiles in flat[f"{key}.w_packed"]]
+                flat[f"{key}.w_packed"] = np.stack([layout.pack_ternary(t) for t in codes])
+                scales = [np.asarray(layout.untile_group_scales(s, n)) for s in flat[f"{key}.w_scale"]]
+                flat[f"{key}.w_scale"] = np.stack(scales)
     save_file(flat, str(weights), metadata={"format": "bitnet_jax.packed", "layout_version": "1"})
     meta = json.loads((folder / "config.json").read_text())
     meta["bitnet_jax"]["layout_version"] = 1
@@ -377,8 +381,10 @@ def test_a_layout_version_1_folder_loads_as_today(tmp_path, weight_quant):
     save_packed(str(tmp_path / "m"), config, params)
     _as_layout_version_1(tmp_path / "m", config)
     k, n = config.linear_shapes["mlp"]["down_proj"]
-    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="np") as f:  # TQ2B, as version 1 wrote
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="np") as f:  # as version 1 wrote them
         assert f.get_slice("layers.mlp.down_proj.w_packed").get_shape()[1:] == list(layout.packed_ternary_shape(n, k))
+        if config.weight_group_size:
+            assert f.get_slice("layers.mlp.down_proj.w_scale").get_shape()[1:] == [k // 64, n]
     _, shapes = read_packed_folder(str(tmp_path / "m"))
     _, loaded = load_packed(str(tmp_path / "m"))
     jax.tree.map(lambda s, a: s.shape == a.shape or pytest.fail(f"{s.shape} vs {a.shape}"), shapes, loaded)

@@ -60,7 +60,9 @@ void Int4GemmF32(Isa isa, const int8_t* x_q, int64_t rows, int64_t kp, const uin
 //   x_q        int8 [rows, kp], kp = TernaryTileKp(K) (zero-padded; any int8 values)
 //   group_k    G, a multiple of kTernaryGroupAlign; groups * G <= kp
 //   x_group    int32 [groups, rows]: the sum of x_q[m] over group c at [c, m] (TernaryGroupSums)
-//   w          TQ2G tiles [CeilDiv(n_total, 16), TernaryTileBytes(kp)]; w_scale float32 [groups, n_total]
+//   w          TQ2G tiles [CeilDiv(n_total, 16), TernaryTileBytes(kp)], w_scale their scales
+//              float32 [CeilDiv(n_total, 16), groups * 16] (layout.h): w_scale[c, n] above is
+//              w_scale[n / 16, 16c + n % 16]
 // A group is whole 64-input strips of chunks (whole int16 sums on AVX2), hence the alignment.
 constexpr int64_t kTernaryGroupAlign = 64;
 void TernaryGroupGemmF32(Isa isa, const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kp,

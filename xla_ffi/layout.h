@@ -32,7 +32,9 @@
 //     lane o the 4 codes of output o for inputs 16c + 4j .. 16c + 4j + 3: one 4-way multiply-add
 //     (vpdpbusd, maddubs, sdot) with 4 activations broadcast to every lane.
 //   * A tile's chunks are contiguous, tiles one after the other: uint8 [Np / 16, Kp * 4].
-//   * w_scale float32 [K / G, N]: W[n, k] ~= t[n, k] * w_scale[k / G, n].
+//   * The scales are the tiles' too, float32 [Np / 16, (K / G) * 16]: tile i's 16 scales of group c
+//     at [i, 16c .. 16c + 15] (0 past N), so that a tile reads its codes and its scales as two
+//     contiguous streams: W[16i + o, k] ~= t[16i + o, k] * w_scale[i, 16 (k / G) + o].
 //
 // Int8 weights w[N, K] (the lm_head), "I8R" layout: row-major int8 [N, Kp8] with K
 // padded with zeros up to a multiple of kInt8RowAlign, one float32 scale per row; values in

@@ -13,8 +13,9 @@
 //                              step: k and v alone are too small to keep both threads streaming)
 //   bitnet_ternary_matmul_i32  x_q int8 [..., K], w packed -> acc int32 [..., N]
 //   bitnet_ternary_group_matmul
-//                              x [..., K] f32|bf16, w TQ2G tiles, w_scale f32 [K / G, N] (a scale
-//                              per output row and group of G inputs, G a multiple of 64), layer
+//                              x [..., K] f32|bf16, w TQ2G tiles, w_scale f32 [T, (K / G) * 16] (a
+//                              scale per output row and group of G inputs, G a multiple of 64,
+//                              tiled as the codes), layer
 //                              -> y f32 [..., N] = dot * (1 / x_scale); stacked like the above
 //   bitnet_ternary_group_matmul_dot
 //                              x_q int8 [..., K], w, w_scale, layer -> dot f32 [..., N] (gemm.h's order)
@@ -170,17 +171,20 @@ ffi::Error CheckInt4Weights(const std::string& op, ffi::AnyBuffer::Dimensions w_
   return ffi::Error::Success();
 }
 
-// Group scales of ternary weights: float32 [C, N], C groups of G = K / C inputs, G a multiple of
-// kTernaryGroupAlign.
+// Group scales of ternary weights, tiled as the TQ2G codes (layout.h): float32 [T, C * 16], T tiles
+// of 16 outputs, C groups of G = K / C inputs, G a multiple of kTernaryGroupAlign.
 ffi::Error CheckGroupScale(const std::string& op, ffi::AnyBuffer::Dimensions s_dims, int64_t k, int64_t n,
                            int64_t* group_k, int64_t* groups) {
-  if (s_dims.size() != 2 || s_dims[1] != n || s_dims[0] < 1 || k % s_dims[0] != 0 ||
-      (k / s_dims[0]) % kTernaryGroupAlign != 0) {
-    return Invalid(op, "expected w_scale float32 [K / G, " + std::to_string(n) + "] for K=" + std::to_string(k) +
-                           " inputs in groups of G, G a multiple of " + std::to_string(kTernaryGroupAlign) +
-                           ", got " + ShapeString(s_dims));
+  const int64_t tiles = CeilDiv(n, kTileRows);
+  const int64_t c = s_dims.size() == 2 ? s_dims[1] / kTileRows : 0;
+  if (s_dims.size() != 2 || s_dims[0] != tiles || s_dims[1] % kTileRows != 0 || c < 1 || k % c != 0 ||
+      (k / c) % kTernaryGroupAlign != 0) {
+    return Invalid(op, "expected w_scale float32 [" + std::to_string(tiles) + ", (K / G) * 16] (the tiled scales of " +
+                           std::to_string(n) + " outputs, bitnet_jax.layout.tile_group_scales) for K=" +
+                           std::to_string(k) + " inputs in groups of G, G a multiple of " +
+                           std::to_string(kTernaryGroupAlign) + ", got " + ShapeString(s_dims));
   }
-  *groups = s_dims[0];
+  *groups = c;
   *group_k = k / *groups;
   return ffi::Error::Success();
 }

@@ -15,7 +15,7 @@
 // conversion, multiply and add per register of 16 (AVX-512), 8 (AVX2) or 4 (NEON) outputs. Every
 // path runs one kernel for every batch size: a tile of 16 outputs against up to R activation rows
 // at a time, over the whole of K; the tile's codes (4 * Kp bytes) stay in L1/L2 while the next R
-// rows pass over them. (The TQ2B group kernel this replaced summed 16 int32 lanes per output at
+// rows pass over them; its scales are the tile's too, 16 per group, the next stream. (The TQ2B group kernel this replaced summed 16 int32 lanes per output at
 // every group end, through a 16 x 16 transpose that was a third of its instructions: it read
 // 0.73-0.85x the GB/s of the per-tensor kernel, benchmarks/RESULTS.md.)
 
@@ -25,7 +25,6 @@
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "layout.h"
-#include "prefetch.h"
 
 #if BITNET_JAX_X86_SIMD
 #include "x86_simd.h"
@@ -60,7 +59,7 @@ void TernaryGroupScalar(const int8_t* x_q, int64_t rows, int64_t kp, const uint8
             const int32_t code = (w_t[TileCodeByte(o, k)] >> TileCodeShift(k)) & 3;
             p += (code - 1) * x_q[m * kp + k];
           }
-          d = d + static_cast<float>(p) * w_scale[c * n_total + n];
+          d = d + static_cast<float>(p) * w_scale[(t * groups + c) * kTileRows + o];
         }
         dot[m * n_total + n] = d;
       }
@@ -77,40 +76,13 @@ struct GroupTile {
   const int32_t* x_group;  // x_group + m0: row r's sum over group c at [c * rows + r]
   int64_t rows;
   const uint8_t* w;        // the tile's first chunk
-  const float* scale;      // w_scale + n0 (n0 = the tile's first output); groups n_total apart
-  int64_t n_total;
+  const float* scale;      // the tile's scales: group c's 16 at [16c]
+  int64_t n_total;         // dot's row stride
   int64_t group_chunks;    // chunks per group (a multiple of 4)
   int64_t groups;
   int64_t valid;           // the tile's outputs below n_total, 1 .. 16
   float* dot;              // dot + m0 * n_total + n0; rows n_total apart
-  int64_t tile_bytes;      // w + tile_bytes: the next tile
-  bool next_tile;          // whether outputs follow this tile's (its scales lie past w_scale otherwise)
 };
-
-// Scale lines are fetched this many groups ahead of their use (2 KB of a tile's codes at G = 64),
-// not a tile ahead in one burst: a tile reads one line per group, `groups` lines n_total floats
-// apart, and at 2560 outputs (10 KB apart) they fall into 2 of the L1's 64 sets, where a tile's
-// worth of them (108 at K = 6912) evict each other. From DRAM the burst left this kernel at
-// 0.6x the GB/s of the TQ2B one it replaced (benchmarks/RESULTS.md).
-constexpr int64_t kScaleAheadGroups = 8;
-
-// At group c of a tile: the next tile's codes of the same group into L2 (one tile ahead, so that
-// memory is read in order while the hardware prefetcher is busy with the scales' many streams),
-// and the scale line of the group kScaleAheadGroups ahead, this tile's or the next's. Past the
-// task's last tile the lines are another task's or past the array (the prefetches take any address).
-// Forced inline: GCC does not inline a function of the default target into the tiles' targets by
-// itself, and a call whose only effects are prefetches it finds side-effect free and deletes.
-__attribute__((always_inline)) inline void PrefetchGroupAhead(const GroupTile& t, int64_t c) {
-  const int64_t group_bytes = t.group_chunks * kTileChunkBytes;
-  for (int64_t line = 0; line < group_bytes; line += 64) PrefetchL2At(t.w, t.tile_bytes + c * group_bytes + line);
-  int64_t ahead = c + kScaleAheadGroups, tile = 0;
-  if (ahead >= t.groups) {
-    if (!t.next_tile) return;
-    ahead -= t.groups;
-    tile = 1;
-  }
-  PrefetchAt(t.scale, static_cast<int64_t>(sizeof(float)) * (ahead * t.n_total + tile * kTileRows));
-}
 
 // Kernel<r>::Run(tile) for the r = 1 .. MaxR activation rows left.
 template <template <int> class Kernel, int MaxR>
@@ -121,8 +93,8 @@ inline void RunTile(int64_t r, const GroupTile& tile) {
   Kernel<MaxR>::Run(tile);
 }
 
-// The tiles [t_begin, t_end), each against the activation rows MaxR at a time; the first scale
-// lines of each are fetched before it (PrefetchGroupAhead fetches the rest as the groups go by).
+// The tiles [t_begin, t_end), each against the activation rows MaxR at a time. A tile's codes and
+// its scales are two contiguous streams, which the hardware prefetcher follows.
 template <template <int> class Kernel, int MaxR>
 void GroupTiles(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kp, const uint8_t* w,
                 const float* w_scale, int64_t group_k, int64_t groups, int64_t t_begin, int64_t t_end,
@@ -130,13 +102,10 @@ void GroupTiles(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t
   const int64_t tile_bytes = TernaryTileBytes(kp);
   for (int64_t t = t_begin; t < t_end; ++t) {
     const int64_t n0 = t * kTileRows;
-    if (t == t_begin)
-      for (int64_t c = 0; c < std::min(groups, kScaleAheadGroups); ++c)
-        PrefetchAt(w_scale, static_cast<int64_t>(sizeof(float)) * (c * n_total + n0));
     for (int64_t m = 0; m < rows; m += MaxR) {
-      const GroupTile tile{x_q + m * kp, kp, x_group + m, rows, w + t * tile_bytes, w_scale + n0, n_total,
-                           group_k / kTileChunkK, groups, std::min(kTileRows, n_total - n0),
-                           dot + m * n_total + n0, tile_bytes, n0 + kTileRows < n_total};
+      const GroupTile tile{x_q + m * kp, kp, x_group + m, rows, w + t * tile_bytes, w_scale + t * groups * kTileRows,
+                           n_total, group_k / kTileChunkK, groups, std::min(kTileRows, n_total - n0),
+                           dot + m * n_total + n0};
       RunTile<Kernel, MaxR>(std::min<int64_t>(MaxR, rows - m), tile);
     }
   }
@@ -169,7 +138,6 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
   const int32_t* x = reinterpret_cast<const int32_t*>(t.x);  // quads: x[r * kp / 4 + k / 4]
   const int64_t row_quads = t.kp / 4;
   for (int64_t c = 0; c < t.groups; ++c) {
-    PrefetchGroupAhead(t, c);
     __m512i acc[R][kAcc];
     for (int r = 0; r < R; ++r)
       for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_si512();
@@ -196,7 +164,7 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
         }
       }
     }
-    const __m512 s = _mm512_maskz_loadu_ps(valid, t.scale + c * t.n_total);
+    const __m512 s = _mm512_loadu_ps(t.scale + c * kTileRows);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       __m512i p = acc[r][0];
@@ -236,7 +204,6 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const uint8_t* w = t.w + 32 * h;
     for (int64_t c = 0; c < t.groups; ++c) {
-      if (h == 0) PrefetchGroupAhead(t, c);
       __m256i acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
       for (int64_t i = 0; i < t.group_chunks; i += 4) {
@@ -255,7 +222,7 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
         }
         for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(strip[r], ones));
       }
-      const __m256 s = _mm256_maskload_ps(t.scale + c * t.n_total + 8 * h, lanes);
+      const __m256 s = _mm256_loadu_ps(t.scale + c * kTileRows + 8 * h);
       for (int r = 0; r < R; ++r) {
         float* out = t.dot + r * t.n_total + 8 * h;
         const __m256i p = _mm256_sub_epi32(acc[r], _mm256_set1_epi32(t.x_group[c * t.rows + r]));
@@ -293,7 +260,6 @@ BITNET_NEON_DOT void GroupTileNeonDot(const GroupTile& t) {
     for (int r = 0; r < R; ++r) d[r] = vdupq_n_f32(0.0f);
     const uint8_t* w = t.w + 16 * q;
     for (int64_t c = 0; c < t.groups; ++c) {
-      if (q == 0) PrefetchGroupAhead(t, c);
       int32x4_t acc[R];
       for (int r = 0; r < R; ++r) acc[r] = vdupq_n_s32(0);
       for (int64_t i = 0; i < t.group_chunks; ++i, w += kTileChunkBytes) {
@@ -311,9 +277,7 @@ BITNET_NEON_DOT void GroupTileNeonDot(const GroupTile& t) {
           acc[r] = vdotq_laneq_s32(acc[r], c3, xv, 3);
         }
       }
-      float scale[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t i = 0; i < valid; ++i) scale[i] = t.scale[c * t.n_total + 4 * q + i];
-      const float32x4_t s = vld1q_f32(scale);
+      const float32x4_t s = vld1q_f32(t.scale + c * kTileRows + 4 * q);
       for (int r = 0; r < R; ++r) {
         const int32x4_t p = vsubq_s32(acc[r], vdupq_n_s32(t.x_group[c * t.rows + r]));
         d[r] = vaddq_f32(d[r], vmulq_f32(vcvtq_f32_s32(p), s));

@@ -182,7 +182,7 @@ def _kernel_variants(rng, k: int, n: int) -> list:
         variants = [("ternary", (packed, jnp.ones((1,), jnp.float32)), lambda x, w, n=n: ffi.ternary_matmul(x, *w, n))]
         if k % GROUP_BENCH_K == 0:  # the same codes with a scale per 64 inputs (weight_quant='group:64')
             tiles = jnp.asarray(layout.pack_ternary_tiles(t_nk))
-            scales = jnp.asarray(rng.uniform(0.5, 1.5, (k // GROUP_BENCH_K, n)).astype(np.float32))
+            scales = jnp.asarray(layout.tile_group_scales(rng.uniform(0.5, 1.5, (k // GROUP_BENCH_K, n))))
             variants.append(("ternary-g64", (tiles, scales), lambda x, w, n=n: ffi.ternary_group_matmul(x, *w, n)))
         return variants
     w_nk = rng.standard_normal((n, k), np.float32)
@@ -402,7 +402,7 @@ def random_packed_params(config, *, lm_head: str = "int8", seed: int = 0, abstra
         for name, (k, n) in names.items():
             g, row_bytes = layout.packed_shape(n, k, grouped=bool(group))
             scale = lambda shape, k=k: np.full(shape, 1.0 / math.sqrt(k), np.float32)
-            scale_shape = (layers, k // group, n) if group else (layers, 1)
+            scale_shape = (layers, *layout.group_scales_shape(n, k // group)) if group else (layers, 1)
             params["layers"][block][name] = {
                 "w_packed": make((layers, g, row_bytes), np.uint8, codes),
                 "w_scale": make(scale_shape, np.float32, scale),
@@ -452,8 +452,10 @@ def dense_params(config, packed: dict, dtype) -> dict:
             k, n = config.linear_shapes[key][name]
             kernels = []
             for layer in range(p["w_packed"].shape[0]):
-                scale = np.asarray(p["w_scale"][layer])  # [1] per tensor, [K / G, N] per group
-                t = np.asarray(layout.unpack_codes(p["w_packed"][layer], n, k, grouped=scale.ndim == 2))
+                scale = np.asarray(p["w_scale"][layer])  # [1] per tensor, TQ2G's [T, (K / G) * 16] per group
+                grouped = scale.ndim == 2
+                t = np.asarray(layout.unpack_codes(p["w_packed"][layer], n, k, grouped=grouped))
+                scale = np.asarray(layout.untile_group_scales(scale, n)) if grouped else scale  # [K / G, N]
                 scale_kn = np.repeat(scale, k // scale.shape[0], axis=0) if scale.ndim == 2 else scale[0]
                 kernels.append(jnp.asarray(t.T * scale_kn, dtype))
             out["layers"][key][name] = {"kernel": jnp.stack(kernels)}

@@ -458,9 +458,14 @@ def load_gguf(
         out: dict = {"self_attn": {}, "mlp": {}}
         for (block, name), lin in linears[i].items():
             n, k = out_in[name]
-            # A group-scale model's codes are TQ2G tiles (kernels/layout.py), every layer's.
-            packed = layout.repack_ternary_tiles(lin.packed, n, k) if group else lin.packed
-            out[block][name] = {"w_packed": packed, "w_scale": lin.w_scale(group, k, n)}
+            w_scale = lin.w_scale(group, k, n)
+            if group:  # a group-scale model's codes and scales are TQ2G tiles (kernels/layout.py), every layer's
+                out[block][name] = {
+                    "w_packed": layout.repack_ternary_tiles(lin.packed, n, k),
+                    "w_scale": layout.tile_group_scales(w_scale),
+                }
+            else:
+                out[block][name] = {"w_packed": lin.packed, "w_scale": w_scale}
         for path_in_layer, gguf_name in NORMS.items():
             width = norm_width[path_in_layer[-1]]
             weight = model.float_rows(f"blk.{i}.{gguf_name}.weight", (width,))

@@ -207,8 +207,9 @@ def ternary_group_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=
     scaled group sums (`ternary_group_matmul_dot`).
 
     w_packed: TQ2G tiles uint8 [T, Kp * 4] (`layout.pack_ternary_tiles` of t [N, K]); w_scale:
-    float32 [K / G, N], G a multiple of `layout.TERNARY_GROUP_ALIGN`; stacked weights
-    ([L, T, Kp * 4], [L, K / G, N]) with `layer` as in `ternary_matmul`.
+    their scales float32 [T, (K / G) * 16] (`layout.tile_group_scales` of [K / G, N]), G a multiple
+    of `layout.TERNARY_GROUP_ALIGN`; stacked weights ([L, T, Kp * 4], [L, T, (K / G) * 16]) with
+    `layer` as in `ternary_matmul`.
     """
     from bitnet_jax.kernels import layout
 
@@ -219,7 +220,8 @@ def ternary_group_matmul(x, w_packed, w_scale, n: int, act_bits: int = 8, layer=
 
 
 def ternary_group_matmul_dot(x_q, w_packed, w_scale, n: int, layer=None) -> jax.Array:
-    """float32 [..., N]: sum over groups c of (sum_k x_q[..., k] * t[n, k] over group c) * w_scale[c, n],
+    """float32 [..., N]: sum over groups c of (sum_k x_q[..., k] * t[n, k] over group c) * scale[c, n]
+    (w_scale: `layout.tile_group_scales(scale)`),
     in the one order that every kernel path follows (xla_ffi/gemm.h): d = 0, then group by group
     d = d + float(exact group sum) * scale, each product and sum rounded to float32."""
     from bitnet_jax.kernels import layout

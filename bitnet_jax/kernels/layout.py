@@ -15,8 +15,11 @@ uint8 [T, Kp * 4] (T = ceil(N / 16) tiles, K padded with t = 0 to Kp, a multiple
   packed[t, 64c + 4o + b] = sum_j (t[16t + o, 16c + 4j + b] + 1) << 2j
 for o < 16, b < 4, j < 4: a 64-byte chunk shifted right by 2j and masked with 3 holds, in 32-bit
 lane o, output o's codes for 4 consecutive inputs, so the kernels' vector lanes are whole outputs
-and a group's scale is one multiply per register of outputs. (Layout version 1 packed these
-models as above, TQ2B; `repack_ternary_tiles` converts.)
+and a group's scale is one multiply per register of outputs. Their scales are tiled alike, float32
+[T, C * 16] with tile t's 16 scales of group c at [t, 16c .. 16c + 15] (0 past N), so that a tile
+reads its codes and its scales as two contiguous streams (`tile_group_scales`; the training side
+and the exporters see [C, N]). (Layout version 1 packed these models as above, TQ2B, with [C, N]
+scales; `repack_ternary_tiles` and `tile_group_scales` convert.)
 
 Int8 weights (the lm_head) w8 [N, K] as int8 [N, Kp8] with K zero-padded to a multiple of 64,
 values in [-127, 127], one float32 scale per row.
@@ -133,14 +136,32 @@ def unpack_ternary_tiles(packed_tx, n: int, k: int, dtype=jnp.int8):
     return (codes_nk[:n, :k].astype(jnp.int8) - 1).astype(dtype)
 
 
-def pack_codes(t_nk, grouped: bool) -> np.ndarray:
-    """Ternary weights [N, K] packed as a model with group scales (`grouped`: TQ2G tiles) or
-    without (TQ2B) holds them."""
-    return pack_ternary_tiles(t_nk) if grouped else pack_ternary(t_nk)
+def tile_group_scales(scale_cn) -> np.ndarray:
+    """Group scales [C, N] (C groups of inputs) -> TQ2G's float32 [T, C * 16], zeros past N."""
+    scale_cn = np.asarray(scale_cn, np.float32)
+    c, n = scale_cn.shape
+    tiles = _ceil_div(n, TILE_ROWS)
+    padded = np.zeros((c, tiles * TILE_ROWS), np.float32)
+    padded[:, :n] = scale_cn
+    return np.ascontiguousarray(padded.reshape(c, tiles, TILE_ROWS).transpose(1, 0, 2).reshape(tiles, c * TILE_ROWS))
+
+
+def untile_group_scales(scale_tx, n: int):
+    """TQ2G scales [T, C * 16] -> [C, N]. jnp ops: works inside jit."""
+    scale_tx = jnp.asarray(scale_tx)
+    tiles, width = scale_tx.shape
+    c = width // TILE_ROWS
+    return scale_tx.reshape(tiles, c, TILE_ROWS).transpose(1, 0, 2).reshape(c, tiles * TILE_ROWS)[:, :n]
+
+
+def group_scales_shape(n: int, groups: int) -> tuple[int, int]:
+    """Shape of the TQ2G scales of N outputs with `groups` groups of inputs."""
+    return _ceil_div(n, TILE_ROWS), groups * TILE_ROWS
 
 
 def unpack_codes(packed, n: int, k: int, grouped: bool, dtype=jnp.int8):
-    """The inverse of `pack_codes`. jnp ops: works inside jit."""
+    """Ternary weights [N, K] from a model's packed codes: TQ2G tiles for a model with group
+    scales (`grouped`), TQ2B otherwise. jnp ops: works inside jit."""
     return unpack_ternary_tiles(packed, n, k, dtype) if grouped else unpack_ternary(packed, n, k, dtype)
 
 

@@ -175,7 +175,7 @@ def ternary_linear(
     'tensor'). A split that does not divide the weights' blocks falls back to the other one,
     then to a bare call.
     """
-    if w_scale.ndim - (w_packed.ndim - 2) == 2:  # [(L,) K / group, N]: per group of inputs
+    if w_scale.ndim - (w_packed.ndim - 2) == 2:  # [(L,) T, (K / group) * 16]: per group of inputs (TQ2G)
         return _grouped_ternary(x_mk, w_packed, w_scale, n, act_bits, backend, layer)
     if backend == "ffi":
         from bitnet_jax.kernels import ffi
@@ -234,21 +234,23 @@ def ternary_linears(x_mk, projections, act_bits: int, backend: str, layer=None, 
     )
 
 
-def _grouped_ternary(x_mk, w_packed, w_scale_cn, n, act_bits, backend, layer):
-    """Per-group weight scales: one exact int32 sum per group of K / C inputs, scaled and added
-    in float32. The FFI kernel (`ffi.ternary_group_matmul`) adds the same terms in one fixed order
-    of its own, so the two backends agree to float32 rounding, not bit for bit. Under a mesh with
-    a 'tensor' axis the XLA ops run, which XLA partitions (the kernel has no shard_map split)."""
-    k, c = x_mk.shape[-1], w_scale_cn.shape[-2]
+def _grouped_ternary(x_mk, w_packed, w_scale_tx, n, act_bits, backend, layer):
+    """Per-group weight scales (TQ2G tiles and their scales): one exact int32 sum per group of
+    K / C inputs, scaled and added in float32. The FFI kernel (`ffi.ternary_group_matmul`) adds the
+    same terms in one fixed order of its own, so the two backends agree to float32 rounding, not
+    bit for bit. Under a mesh with a 'tensor' axis the XLA ops run, which XLA partitions (the
+    kernel has no shard_map split)."""
+    k, c = x_mk.shape[-1], w_scale_tx.shape[-1] // layout.TILE_ROWS
     if backend == "ffi":
         if not ffi_takes_groups(k // c):  # a ServingSpec built by hand for such a model
             _refuse_ffi_group_scales(k // c)
         if _tensor_parts() == 1:
             from bitnet_jax.kernels import ffi
 
-            return ffi.ternary_group_matmul(x_mk, w_packed, w_scale_cn, n, act_bits, layer)
+            return ffi.ternary_group_matmul(x_mk, w_packed, w_scale_tx, n, act_bits, layer)
     if w_packed.ndim == 3:
-        w_packed, w_scale_cn = w_packed[layer], w_scale_cn[layer]
+        w_packed, w_scale_tx = w_packed[layer], w_scale_tx[layer]
+    w_scale_cn = layout.untile_group_scales(w_scale_tx, n)
     x_q, x_scale = act_quantize(x_mk, "token", act_bits)
     t_ncg = layout.unpack_ternary_tiles(w_packed, n, k).reshape(n, c, k // c)
     x_q_cg = x_q.astype(jnp.int8).reshape(*x_mk.shape[:-1], c, k // c)

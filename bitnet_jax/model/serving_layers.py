@@ -35,7 +35,8 @@ class TernaryLinear(nn.Module):
 
     Weights, stacked over layers: `w_packed` uint8 [L, *layout.packed_shape(O, I, grouped)] (TQ2B,
     or TQ2G tiles with group scales) and `w_scale` float32 [L, 1] (per tensor), [L, O] (per
-    channel) or [L, I / group, O] (per group of inputs).
+    channel) or, per group of inputs, the tiles' [L, ceil(O / 16), (I / group) * 16]
+    (`layout.tile_group_scales` of [I / group, O]).
 
     With `hadamard` set, the input is rotated as the training BitLinear rotates it, by the same
     function, before the kernels quantize it: the packed codes are those of the rotated-basis
@@ -70,7 +71,7 @@ def _packed_weights(linear: TernaryLinear, k: int):
     packed_shape = (linear.num_layers, *layout.packed_shape(linear.features, k, grouped=bool(linear.group_size)))
     w_packed = linear.variable(PACKED, "w_packed", jnp.zeros, packed_shape, jnp.uint8).value
     if linear.group_size:
-        scale_shape = (k // linear.group_size, linear.features)
+        scale_shape = layout.group_scales_shape(linear.features, k // linear.group_size)
     else:
         scale_shape = (linear.features if linear.per_channel else 1,)
     w_scale = linear.variable(PACKED, "w_scale", jnp.ones, (linear.num_layers, *scale_shape), jnp.float32).value
@@ -277,8 +278,9 @@ def ternary_codes(linear, in_features: int, out_features: int, weight_quant: str
     read as codes: `pack` stores these, `unpack` and the exporters read them back."""
     if "w_packed" in linear:
         scale = np.asarray(linear["w_scale"], np.float32)
-        t_oi = _unpack_codes(linear["w_packed"], out_features, in_features, scale.ndim == 2)
-        return np.asarray(t_oi), scale
+        grouped = scale.ndim == 2  # TQ2G tiles and their scales
+        t_oi = _unpack_codes(linear["w_packed"], out_features, in_features, grouped)
+        return np.asarray(t_oi), np.asarray(layout.untile_group_scales(scale, out_features)) if grouped else scale
     t_io, scale = _quantize(jnp.asarray(linear["kernel"], jnp.float32), weight_quant)
     scale = np.asarray(scale, np.float32)  # [1, 1], [1, O] or, per group, [I / G, 1, O]
     return np.asarray(t_io, np.int8).T, scale.reshape(scale.shape[0], -1) if scale.ndim == 3 else scale.reshape(-1)

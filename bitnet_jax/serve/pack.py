@@ -146,7 +146,11 @@ def _pack_layer(config: BitNetConfig, layer: dict) -> dict:
         for name, (k, n) in shapes.items():
             source = layer[block][name]
             t_nk, w_scale = ternary_codes(source, k, n, config.weight_quant)
-            out[block][name] = {"w_packed": layout.pack_codes(t_nk, grouped=w_scale.ndim == 2), "w_scale": w_scale}
+            if w_scale.ndim == 2:  # [K / G, N] per group of inputs: TQ2G tiles, and their scales so
+                packed = {"w_packed": layout.pack_ternary_tiles(t_nk), "w_scale": layout.tile_group_scales(w_scale)}
+            else:
+                packed = {"w_packed": layout.pack_ternary(t_nk), "w_scale": w_scale}
+            out[block][name] = packed
             if "rms_norm" in source:
                 out[block][name]["rms_norm"] = _to_numpy(source["rms_norm"])
         for norm in ("attn_sub_norm", "ffn_sub_norm"):

@@ -6,8 +6,9 @@ joined by '.') and the tokenizer files of the source. `read_packed_folder` check
 config from the headers alone (abstract arrays, enough to compile); `load_packed` reads the weights
 straight into 64-byte-aligned host memory.
 
-Folders of layout version 1 load too: they differ only in a group-scale model's ternary codes
-(TQ2B then, TQ2G tiles now: `kernels/layout.py`), which `load_packed` repacks as it reads them.
+Folders of layout version 1 load too: they differ only in a group-scale model's ternary codes and
+scales (TQ2B and [K / G, N] then, TQ2G tiles now: `kernels/layout.py`), which `load_packed`
+repacks as it reads them.
 """
 
 from __future__ import annotations
@@ -75,13 +76,14 @@ def read_packed_folder(folder: str) -> tuple[BitNetConfig, dict]:
     safetensors header alone: the leaves are `jax.ShapeDtypeStruct`s (enough for
     `generate.compile_generate`), with the shapes `load_packed` gives. Checks the layout version and
     that every tensor the config implies is there with its shape and dtype."""
-    config, params, _ = _read_header(folder)
+    config, params, _, _ = _read_header(folder)
     return config, params
 
 
-def _read_header(folder: str) -> tuple[BitNetConfig, dict, dict]:
-    """(config, abstract params as loaded, abstract params as stored): the two differ only for a
-    group-scale model of layout version 1, whose TQ2B codes load as TQ2G tiles."""
+def _read_header(folder: str) -> tuple[BitNetConfig, dict, dict, set]:
+    """(config, abstract params as loaded, abstract params as stored, the paths to repack): the two
+    trees differ only for a group-scale model of layout version 1, whose TQ2B codes and [K / G, N]
+    scales load as TQ2G tiles."""
     from safetensors import safe_open
 
     from bitnet_jax.kernels.ops import ServingSpec
@@ -116,20 +118,30 @@ def _read_header(folder: str) -> tuple[BitNetConfig, dict, dict]:
                 )
     except Exception as e:  # SafetensorError, OSError, KeyError (a dtype packing never writes)
         raise BitNetError(f"{weights}: cannot read the packed weights ({e!r}). Convert the model again.") from None
-    stored = unflatten_dict(flat)
+    stored, repack = unflatten_dict(flat), set()
     if version == 1 and config.weight_group_size:
         for block, names in config.linear_shapes.items():
             for name, (k, n) in names.items():
-                path = ("layers", block, name, "w_packed")
-                old = flat.get(path)
-                if old is not None and tuple(old.shape[1:]) == layout.packed_ternary_shape(n, k):
-                    tiles = (old.shape[0], *layout.packed_ternary_tiles_shape(n, k))
-                    flat[path] = jax.ShapeDtypeStruct(tiles, old.dtype)
+                codes, scales = (
+                    flat.get(("layers", block, name, "w_packed")),
+                    flat.get(("layers", block, name, "w_scale")),
+                )
+                if codes is None or scales is None or len(scales.shape) != 3:
+                    continue  # _check_against names what is missing or wrong
+                if tuple(codes.shape[1:]) == layout.packed_ternary_shape(n, k) and scales.shape[2] == n:
+                    layers, groups = codes.shape[0], scales.shape[1]
+                    flat[("layers", block, name, "w_packed")] = jax.ShapeDtypeStruct(
+                        (layers, *layout.packed_ternary_tiles_shape(n, k)), codes.dtype
+                    )
+                    flat[("layers", block, name, "w_scale")] = jax.ShapeDtypeStruct(
+                        (layers, *layout.group_scales_shape(n, groups)), scales.dtype
+                    )
+                    repack |= {("layers", block, name, "w_packed"), ("layers", block, name, "w_scale")}
     params = unflatten_dict(flat)
     spec = ServingSpec("xla", meta.get("lm_head", "int8"), config.act_bits)  # only the shapes are used
     expected = jax.eval_shape(lambda: BitNetLM(config, spec).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
     _check_against(merge_serving_variables(nn.unbox(expected)), params, weights)
-    return config, params, stored
+    return config, params, stored, repack
 
 
 def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
@@ -141,19 +153,22 @@ def load_packed(folder: str) -> tuple[BitNetConfig, dict]:
     readers map the file: its touched pages would count as resident beside the copies, twice the
     weights at the peak.)
     """
-    config, shapes, stored = _read_header(folder)
+    config, shapes, stored, repack = _read_header(folder)
     weights = os.path.join(folder, "model.safetensors")
 
     def read(f, path, spec):
         names = tuple(k.key for k in path)
         tensor = _read_tensor(f, offsets[".".join(names)], spec)
-        want = _leaf(shapes, names).shape
-        if tensor.shape != want:  # a version-1 group model's TQ2B codes: repacked as TQ2G tiles
+        if names in repack:  # a version-1 group model's TQ2B codes or [K / G, N] scales: as TQ2G tiles
             block, name = names[1], names[2]
             k, n = config.linear_shapes[block][name]
-            tiles = aligned_empty(want, np.uint8)
+            tiles = aligned_empty(_leaf(shapes, names).shape, tensor.dtype)
             for i, layer in enumerate(tensor):
-                tiles[i] = layout.repack_ternary_tiles(layer, n, k)
+                tiles[i] = (
+                    layout.repack_ternary_tiles(layer, n, k)
+                    if names[3] == "w_packed"
+                    else layout.tile_group_scales(layer)
+                )
             tensor = tiles
         return jax.device_put(tensor)
 

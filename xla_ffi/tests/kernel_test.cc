@@ -220,8 +220,12 @@ void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, b
   for (int64_t m = 0; m < g.rows; ++m)
     for (int64_t i = 0; i < g.k; ++i) x[m * kp + i] = static_cast<int8_t>(extreme ? extreme : byte(rng));
   x[0] = -128;
-  std::vector<float> scale(groups * g.n);
+  std::vector<float> scale(groups * g.n);  // [groups, n], tiled for the kernel below (layout.h)
   for (auto& v : scale) v = pow2_scales ? std::ldexp(1.0f, e(rng)) : normal(rng);
+  std::vector<float> scale_tiles(tiles * groups * bitnet::kTileRows, 0.0f);
+  for (int64_t c = 0; c < groups; ++c)
+    for (int64_t n = 0; n < g.n; ++n)
+      scale_tiles[(n / bitnet::kTileRows * groups + c) * bitnet::kTileRows + n % bitnet::kTileRows] = scale[c * g.n + n];
   std::vector<uint8_t> w(tiles * bitnet::TernaryTileBytes(kp));
   bitnet::PackTernaryTiles(t.data(), g.n, g.k, w.data());
   std::vector<int32_t> x_group(groups * g.rows);
@@ -230,9 +234,9 @@ void TestTernaryGroup(bitnet::Isa isa, const GroupShape& g, std::mt19937& rng, b
   std::vector<float> dot(g.rows * g.n, -7.0f);
   // Two calls over halves of the tiles, as the thread pool splits them.
   const int64_t mid = tiles / 2;
-  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kp, w.data(), scale.data(), g.group_k, groups, 0,
+  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kp, w.data(), scale_tiles.data(), g.group_k, groups, 0,
                               mid, g.n, dot.data());
-  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kp, w.data(), scale.data(), g.group_k, groups,
+  bitnet::TernaryGroupGemmF32(isa, x.data(), x_group.data(), g.rows, kp, w.data(), scale_tiles.data(), g.group_k, groups,
                               mid, tiles, g.n, dot.data());
   for (int64_t m = 0; m < g.rows; ++m)
     for (int64_t n = 0; n < g.n; ++n) {
