@@ -29,9 +29,9 @@ F32_EPS = 2.0**-24  # float32 unit roundoff
 
 # (M, K, N, G): one group and many, K of one 64-input strip up to 4096; N within one 16-output
 # tile, across tiles and ending inside one (1, 5, 7, 9 and 13 outputs of the last: AVX2's 8-output
-# halves, NEON's quarters); 1 to 4 activation rows (AVX2's tiles, AVX-512's smaller ones), 6 and
-# more (AVX-512's 6-row tiles and remainders); a group of 4096 inputs, past the AVX2 kernel's
-# int16 strips.
+# halves, NEON's quarters); 1 to 5 activation rows (AVX2's 3-row tiles and their remainders,
+# AVX-512's smaller tiles), 6 and more (AVX-512's 6-row tiles and remainders); a group of 4096
+# inputs, past the AVX2 kernel's int16 strips.
 SHAPES = [
     (1, 64, 1, 64),
     (1, 320, 5, 64),

@@ -190,74 +190,68 @@ struct GroupTileAvx512Op {
 };
 
 // ---------------------------------------------------------------------------------------------
-// AVX2: a tile is two halves of 8 outputs (32 bytes of each chunk). One activation row (decode,
-// memory-bound) takes both halves in one pass, so that the tile streams once; more rows take one
-// half at a time (the second pass reads the tile again from L1/L2), 16 registers holding no more.
-// maddubs sums pairs of code * x into int16 lanes, which add up over a 64-input strip (at most 16
-// pairs of |2 * 128 * 2| = 512: 8192) before one madd with ones widens them to int32; d, each
-// output's float sum, goes through dot between groups.
+// AVX2: a tile is two halves of 8 outputs (32 bytes of each chunk), taken together, so that the
+// tile streams once and each broadcast activation feeds both. maddubs sums pairs of code * x into
+// int16 lanes, which add up over a 64-input strip (at most 16 pairs of |2 * 128 * 2| = 512: 8192)
+// before one madd with ones widens them to int32; d, each output's float sum, goes through dot
+// between groups.
 
-constexpr int kAvx2MaxRows = 4;
+// Activation rows a tile takes at once (2560 x 6912, 2 threads of the Zen 4 from the LLC, time
+// against the TQ2B panels at 128 rows: 2 rows 0.98-1.09x, 3 rows 0.87-1.00x, 4 rows 0.88-1.01x;
+// 4 rows one half at a time 1.08-1.57x).
+constexpr int kAvx2MaxRows = 3;
 
-template <int R, int H>
-BITNET_AVX2 void GroupTileAvx2Halves(const GroupTile& t) {
+template <int R>
+BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
   const __m256i mask3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
   const int32_t* x = reinterpret_cast<const int32_t*>(t.x);
   const int64_t row_quads = t.kp / 4;
-  for (int64_t h0 = 0; 8 * h0 < t.valid; h0 += H) {
-    const uint8_t* w = t.w + 32 * h0;
-    for (int64_t c = 0; c < t.groups; ++c) {
-      __m256i acc[R][H];
-      for (int r = 0; r < R; ++r)
-        for (int h = 0; h < H; ++h) acc[r][h] = _mm256_setzero_si256();
-      for (int64_t i = 0; i < t.group_chunks; i += 4) {
-        __m256i strip[R][H];
-        for (int r = 0; r < R; ++r)
-          for (int h = 0; h < H; ++h) strip[r][h] = _mm256_setzero_si256();
+  const uint8_t* w = t.w;
+  for (int64_t c = 0; c < t.groups; ++c) {
+    __m256i acc[R][2];  // [row][half]
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int64_t i = 0; i < t.group_chunks; i += 4) {
+      __m256i strip[R][2];
+      for (int r = 0; r < R; ++r) strip[r][0] = strip[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-        for (int64_t ii = 0; ii < 4; ++ii, w += kTileChunkBytes) {
-          __m256i v[H];
-          for (int h = 0; h < H; ++h) v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
-          const int32_t* xq = x + (c * t.group_chunks + i + ii) * (kTileChunkK / 4);
+      for (int64_t ii = 0; ii < 4; ++ii, w += kTileChunkBytes) {
+        const __m256i v[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32))};
+        const int32_t* xq = x + (c * t.group_chunks + i + ii) * (kTileChunkK / 4);
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) {
-            __m256i codes[H];
-            for (int h = 0; h < H; ++h) codes[h] = _mm256_and_si256(_mm256_srli_epi16(v[h], 2 * j), mask3);
+        for (int j = 0; j < 4; ++j) {
+          const __m256i codes0 = _mm256_and_si256(_mm256_srli_epi16(v[0], 2 * j), mask3);
+          const __m256i codes1 = _mm256_and_si256(_mm256_srli_epi16(v[1], 2 * j), mask3);
 #pragma GCC unroll 4
-            for (int r = 0; r < R; ++r) {
-              const __m256i xb = _mm256_set1_epi32(xq[r * row_quads + j]);
-              for (int h = 0; h < H; ++h) MaddubsAdd(strip[r][h], codes[h], xb);
-            }
+          for (int r = 0; r < R; ++r) {
+            const __m256i xb = _mm256_set1_epi32(xq[r * row_quads + j]);
+            MaddubsAdd(strip[r][0], codes0, xb);
+            MaddubsAdd(strip[r][1], codes1, xb);
           }
         }
-        for (int r = 0; r < R; ++r)
-          for (int h = 0; h < H; ++h) acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(strip[r][h], ones));
       }
-      for (int h = 0; h < H; ++h) {
-        const int64_t valid = std::min<int64_t>(8, t.valid - 8 * (h0 + h));
-        if (valid <= 0) break;
-        const __m256 s = _mm256_loadu_ps(t.scale + c * kTileRows + 8 * (h0 + h));
-        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(valid)),
-                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (int r = 0; r < R; ++r) {
-          float* out = t.dot + r * t.n_total + 8 * (h0 + h);
-          const __m256i p = _mm256_sub_epi32(acc[r][h], _mm256_set1_epi32(t.x_group[c * t.rows + r]));
-          const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), s);
-          if (valid == 8) {  // masked loads and stores are slow on AMD (vmaskmovps): whole halves go without
-            _mm256_storeu_ps(out, _mm256_add_ps(c == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out), f));
-          } else {
-            const __m256 d = c == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out, lanes);
-            _mm256_maskstore_ps(out, lanes, _mm256_add_ps(d, f));
-          }
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(strip[r][h], ones));
+    }
+    for (int h = 0; h < 2; ++h) {
+      const int64_t valid = std::min<int64_t>(8, t.valid - 8 * h);
+      if (valid <= 0) break;
+      const __m256 s = _mm256_loadu_ps(t.scale + c * kTileRows + 8 * h);
+      const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(valid)),
+                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      for (int r = 0; r < R; ++r) {
+        float* out = t.dot + r * t.n_total + 8 * h;
+        const __m256i p = _mm256_sub_epi32(acc[r][h], _mm256_set1_epi32(t.x_group[c * t.rows + r]));
+        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), s);
+        if (valid == 8) {  // masked loads and stores are slow on AMD (vmaskmovps): whole halves go without
+          _mm256_storeu_ps(out, _mm256_add_ps(c == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out), f));
+        } else {
+          const __m256 d = c == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out, lanes);
+          _mm256_maskstore_ps(out, lanes, _mm256_add_ps(d, f));
         }
       }
     }
   }
-}
-
-template <int R>
-BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
-  GroupTileAvx2Halves<R, R == 1 ? 2 : 1>(t);
 }
 
 template <int R>
