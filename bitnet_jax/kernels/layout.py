@@ -29,7 +29,7 @@ multiple of 32, with a float16 scale per row and group of 32 inputs ([N, Kp4 / 3
   packed[n, 16c + i] = (q[n, 32c + i] + 8) | (q[n, 32c + 16 + i] + 8) << 4    (i < 16)
 
 Axis letters: N output features, K input features, G row groups, B blocks along K, T tiles of 16
-outputs, C chunks of 16 inputs.
+outputs; C counts a tile's chunks of 16 inputs in its codes, groups of inputs in its scales.
 """
 
 from __future__ import annotations
