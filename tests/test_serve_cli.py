@@ -3,6 +3,7 @@ fixtures and tiny shapes (no timing asserts: these machines are shared)."""
 
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from bitnet_jax.cli import main
 from bitnet_jax.data.tokenizer import load_tokenizer
 from bitnet_jax.data.tokenizer_training import train_sentencepiece
 from bitnet_jax.errors import BitNetError
-from bitnet_jax.kernels import ffi
+from bitnet_jax.kernels import ffi, layout
 from bitnet_jax.serve.chat import chat_loop, chat_prompt_ids, render_chat, stop_ids
 from bitnet_jax.serve.load import load_model
 from bitnet_jax.serve.packed_folder import load_packed
@@ -161,12 +162,19 @@ def test_bench_generate_small():
     assert int8.kv_mb == pytest.approx(ffi.kv_mb * (h + 4) / (4 * h)) and int8.decode_tok_s > 0
     assert "FFI vs XLA dense" in generate_table([ffi, xla])
     # Group scales: random packed weights with a scale per 64 inputs, on the kernel and on the XLA
-    # integer path; the scales are bytes each decoded token reads.
+    # integer path; the scales are bytes each decoded token reads, and the codes are TQ2G tiles
+    # (K padded to 64, not 256) where the per-tensor model's are TQ2B.
     grouped = config.replace(weight_quant="group:64")
     group_ffi = bench_generate(grouped, "ffi", prompt_tokens=16, new_tokens=4, repeats=1)
     group_xla = bench_generate(grouped, "xla-packed", prompt_tokens=16, new_tokens=4, repeats=1)
-    scales = sum(k // 64 * n * 4 for names in config.linear_shapes.values() for k, n in names.values())
-    assert group_ffi.layers_mb == pytest.approx(ffi.layers_mb + config.num_hidden_layers * (scales - 7 * 4) / 1e6)
+    linears = [(k, n) for names in config.linear_shapes.values() for k, n in names.values()]
+    scales = sum(4 * math.prod(layout.group_scales_shape(n, k // 64)) for k, n in linears)
+    codes_change = sum(
+        math.prod(layout.packed_ternary_tiles_shape(n, k)) - math.prod(layout.packed_ternary_shape(n, k))
+        for k, n in linears
+    )
+    per_layer = scales - 7 * 4 + codes_change  # the 7 per-tensor scales give way to the group ones
+    assert group_ffi.layers_mb == pytest.approx(ffi.layers_mb + config.num_hidden_layers * per_layer / 1e6)
     assert group_xla.isa == "xla" and group_xla.decode_tok_s > 0
     assert "FFI vs the XLA integer path" in generate_table([group_ffi, group_xla])
 
