@@ -36,7 +36,9 @@ int main(int argc, char** argv) {
   const Isa isa = getenv("ISA") && std::string(getenv("ISA")) == "avx2" ? Isa::kAvx2 : Isa::kAvx512Vnni;
   const int copies = getenv("COPIES") ? std::max(1, std::atoi(getenv("COPIES"))) : 1;
   std::mt19937 rng(1);
-  const int64_t kb = CeilDiv(k, kBlockK), kp = kb * kBlockK, groups_n = CeilDiv(n, kRowsPerGroup);
+  // group:64 takes its own layout (TQ2G tiles of 16 outputs, rows padded to 64 inputs; layout.h).
+  const int64_t kb = CeilDiv(k, kBlockK), kp = group ? TernaryTileKp(k) : kb * kBlockK;
+  const int64_t groups_n = CeilDiv(n, kRowsPerGroup), tiles = CeilDiv(n, kTileRows);
   const int64_t group_k = 64, groups_k = k / group_k;
 
   std::vector<int8_t> t(n * k);
@@ -46,7 +48,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "int8: K must be a multiple of %lld here\n", static_cast<long long>(kBlockK));
     return 2;
   }
-  const int64_t w_bytes = int8 ? n * kp8 : int4 ? n * kp / 2 : groups_n * kb * kGroupBlockBytes;
+  const int64_t w_bytes = int8    ? n * kp8
+                          : int4  ? n * kp / 2
+                          : group ? tiles * TernaryTileBytes(kp)
+                                  : groups_n * kb * kGroupBlockBytes;
   std::vector<uint8_t> w_storage;
   uint8_t* w = CacheLineScratch(w_storage, w_bytes * copies);
   if (int4) {
@@ -55,11 +60,13 @@ int main(int argc, char** argv) {
     std::fill(w, w + w_bytes, 0);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t i = 0; i < k; ++i) w[r * kp8 + i] = static_cast<uint8_t>(rng() % 256);
+  } else if (group) {
+    PackTernaryTiles(t.data(), n, k, w);
   } else {
     PackTernary(t.data(), n, k, w);
   }
   for (int c = 1; c < copies; ++c) std::memcpy(w + c * w_bytes, w, w_bytes);
-  std::vector<float> scale(groups_k * n);
+  std::vector<float> scale(tiles * groups_k * kTileRows);  // group:64: tiled as the codes (any values do)
   for (auto& v : scale) v = 0.5f + static_cast<float>(rng() % 1000) / 1000.0f;
   std::vector<uint16_t> half_scale(n * (kp / kInt4GroupK));  // int4: float16 bits, 0.5 .. 1.5
   for (auto& v : half_scale) v = static_cast<uint16_t>(0x3800 + rng() % 0x800);
@@ -85,7 +92,7 @@ int main(int argc, char** argv) {
       else if (int8)
         Int8GemmI32(isa, x, x_sum.data(), m, kp, reinterpret_cast<const int8_t*>(w_c), 0, n, n, acc.data());
       else if (group)
-        TernaryGroupGemmF32(isa, x, x_group.data(), m, kb, w_c, scale.data(), group_k, groups_k, 0, groups_n, n,
+        TernaryGroupGemmF32(isa, x, x_group.data(), m, kp, w_c, scale.data(), group_k, groups_k, 0, tiles, n,
                             dot.data());
       else
         TernaryGemmI32(isa, x, x_sum.data(), m, kb, w_c, 0, groups_n, n, acc.data());
