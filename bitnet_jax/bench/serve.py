@@ -436,8 +436,7 @@ def dense_params(config, packed: dict, dtype) -> dict:
     """Dense XLA-path parameters (weight_quant='none') holding the same weights as `packed`."""
     import jax.numpy as jnp
 
-    from bitnet_jax.kernels import layout
-    from bitnet_jax.model.serving_layers import float_rows
+    from bitnet_jax.model.serving_layers import float_rows, ternary_codes
 
     out = {"layers": {}, "norm": packed["norm"], "embed_tokens": {}}
     for key, value in packed["layers"].items():
@@ -452,10 +451,8 @@ def dense_params(config, packed: dict, dtype) -> dict:
             k, n = config.linear_shapes[key][name]
             kernels = []
             for layer in range(p["w_packed"].shape[0]):
-                scale = np.asarray(p["w_scale"][layer])  # [1] per tensor, TQ2G's [T, (K / G) * 16] per group
-                grouped = scale.ndim == 2
-                t = np.asarray(layout.unpack_codes(p["w_packed"][layer], n, k, grouped=grouped))
-                scale = np.asarray(layout.untile_group_scales(scale, n)) if grouped else scale  # [K / G, N]
+                linear = {"w_packed": p["w_packed"][layer], "w_scale": p["w_scale"][layer]}
+                t, scale = ternary_codes(linear, k, n, config.weight_quant)  # scale [1] or, per group, [K / G, N]
                 scale_kn = np.repeat(scale, k // scale.shape[0], axis=0) if scale.ndim == 2 else scale[0]
                 kernels.append(jnp.asarray(t.T * scale_kn, dtype))
             out["layers"][key][name] = {"kernel": jnp.stack(kernels)}
