@@ -69,7 +69,11 @@ BITNET_NEON_DOT void TernaryGroupNeonDot(const int8_t* x, int64_t kp, const int3
 // to 4 output rows per register: 16 whole outputs in 4 accumulators per x row, no horizontal
 // sums, no x_sum correction (the codes are t itself). Per quad: 4 code loads feed 4 * MT sdot,
 // where the GEMV tile spends a mask and a shift per 4 (not timed: no ARM machine here).
-constexpr int64_t kNeonPanelGroups = kNeonPanelRows / kRowsPerGroup;  // kNeonPanelRows: gemm_paths.h
+constexpr int64_t kNeonPanelRows = 16;
+constexpr int64_t kNeonPanelGroups = kNeonPanelRows / kRowsPerGroup;
+// From 17 rows, as the AVX-512 panels, where they took over from 4-row GEMV tiles like sdot's
+// (measured there; here an assumption).
+constexpr int64_t kNeonPanelMinRows = 17;
 constexpr int kNeonPanelTileRows = 4;  // 4 x 4 accumulators + 4 code and 4 activation registers
 // K chunk: 16 x 1024 codes + 4 x 1024 activations = 20 KB, within a 32 KB L1.
 constexpr int64_t kNeonPanelChunkQuads = 256;
@@ -80,9 +84,8 @@ constexpr int64_t kNeonPanelChunkQuads = 256;
 // first. Byte e of quarter h of a row block, shifted by 2j,
 // holds the code of k = 64j + 16h + e: one quarter is quads 16j + 4h .. 16j + 4h + 3 of its row,
 // and a 4 x 4 transpose of 32-bit lanes over the group's 4 rows gives each quad's 4 rows. Rows at
-// or past group `g_end` get t = 0; their outputs are never stored. (Declared in gemm_paths.h: the
-// group-scale kernel unpacks its panels with it too.)
-BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
+// or past group `g_end` get t = 0; their outputs are never stored.
+static BITNET_NEON_DOT void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end,
                                         int64_t b_begin, int64_t b_end, int8_t* codes_q) {
   const uint8x16_t mask = vdupq_n_u8(3);
   const int8x16_t one = vdupq_n_s8(1);

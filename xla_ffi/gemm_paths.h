@@ -118,7 +118,7 @@ void Int8RowsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t
 }
 
 #if BITNET_JAX_ARM_SIMD
-// The sdot panels' step (UnpackPanelNeonDot's layout, below): quad 4i + J of a panel (codes at
+// The sdot panels' step (gemm_arm.cc's UnpackPanelNeonDot layout): quad 4i + J of a panel (codes at
 // c_q: four registers of 4 output rows) times lane J of each activation row's 16 bytes (xv[mi],
 // quads 4i .. 4i + 3), into 4 accumulators of 4 outputs per activation row.
 template <int MT, int J>
@@ -140,16 +140,6 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) inline void PanelQuadNeonDot(c
 // holds (the scalar twins, in gemm.cc, take kScalar and every path IsaBuilt says is absent).
 
 #if BITNET_JAX_X86_SIMD
-// The AVX-512 prefill panels (gemm_x86.cc), which the group-scale kernel (ternary_group_gemm.cc)
-// shares: panels of kAvx512PanelRows output rows (each kernel says from how many activation rows).
-// UnpackPanelAvx512 writes, for the row blocks [b_begin, b_end), codes_q [(b_end - b_begin) *
-// kBlockK / 4][kAvx512PanelRows][4] int8: for every k-quad from the first of block b_begin, the
-// 4 codes (t + 1) of each output row of row groups g0 .. g0 + 7; rows at or past g_end get code 1
-// (t = 0).
-constexpr int64_t kAvx512PanelRows = 32;
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void UnpackPanelAvx512(
-    const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin, int64_t b_end, int8_t* codes_q);
-
 // gemm_x86.cc; isa is kAvx2 or kAvx512Vnni (TernaryGroupsPerTaskX86: any isa).
 int64_t TernaryGroupsPerTaskX86(Isa isa, int64_t rows);
 void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,
@@ -158,19 +148,6 @@ void TernaryGemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t
 void Int8GemmI32X86(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kp, const int8_t* w,
                     int64_t n_begin, int64_t n_end, int64_t n_total, int32_t* acc);
 #elif BITNET_JAX_ARM_SIMD
-// The sdot prefill panels (gemm_arm.cc), which the group-scale kernel (ternary_group_gemm.cc)
-// shares: panels of kNeonPanelRows output rows, taken from kNeonPanelMinRows activation rows.
-// UnpackPanelNeonDot writes, for the row blocks [b_begin, b_end), codes_q [(b_end - b_begin) *
-// kBlockK / 4][kNeonPanelRows][4] int8: for every k-quad from the first of block b_begin,
-// t = code - 1 of each output row of row groups g0 .. g0 + 3; rows at or past g_end get t = 0.
-constexpr int64_t kNeonPanelRows = 16;
-// From 17 rows, as the AVX-512 panels, where they took over from 4-row GEMV tiles like sdot's
-// (measured there; here an assumption).
-constexpr int64_t kNeonPanelMinRows = 17;
-__attribute__((target("arch=armv8.2-a+dotprod"))) void UnpackPanelNeonDot(const uint8_t* w, int64_t kb, int64_t g0,
-                                                                          int64_t g_end, int64_t b_begin,
-                                                                          int64_t b_end, int8_t* codes_q);
-
 // gemm_arm.cc; isa is kNeon or kNeonDot (TernaryGroupsPerTaskArm: any isa).
 int64_t TernaryGroupsPerTaskArm(Isa isa, int64_t rows);
 void TernaryGemmI32Arm(Isa isa, const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_t kb,

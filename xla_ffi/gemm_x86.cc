@@ -368,7 +368,7 @@ BITNET_AVX512 void TernaryPairsAvx512(const int8_t* x, int64_t kp, const int32_t
 // broadcasts one quad of activations per x row and accumulates 16 whole outputs per register:
 // no horizontal sums, and results leave as vector stores. Per quad step: 2 code loads and MT
 // broadcasts feed 2 * MT vpdpbusd.
-constexpr int64_t kPanelRows = kAvx512PanelRows;  // gemm_paths.h
+constexpr int64_t kPanelRows = 32;
 constexpr int64_t kPanelGroups = kPanelRows / kRowsPerGroup;
 constexpr int kPanelTileRows = 12;  // 2 x 12 accumulators + 2 code registers
 // AVX2 has no panel path: both it and the GEMV tiles issue a maddubs and an int16 add per 32
@@ -387,9 +387,8 @@ constexpr int64_t kPanelChunkQuads = 256;
 // first. Packed dword d of a row block holds, at shift 2j, the codes of quad 16j + d of the block;
 // transposing 16 rows' blocks puts dword d of every row in one register, which shifted and masked
 // is that quad for 16 output rows. Rows at or past group `g_end` get code 1 (t = 0); their outputs
-// are never stored. (Declared in gemm_paths.h: the group-scale kernel unpacks its panels with it
-// too.)
-BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin,
+// are never stored.
+static BITNET_AVX512 void UnpackPanelAvx512(const uint8_t* w, int64_t kb, int64_t g0, int64_t g_end, int64_t b_begin,
                                      int64_t b_end, int8_t* codes_q) {
   const __m512i mask = _mm512_set1_epi8(3);
   for (int64_t b = b_begin; b < b_end; ++b) {

@@ -285,16 +285,6 @@ struct Rescale {
   bool per_tensor = false;
 };
 
-// fn(g_begin, g_end) over the row groups of n output rows on the pool, in chunks of whole tasks
-// (`task` row groups: the kernel's own unit of output rows) of at least kMinGroupsPerChunk groups.
-template <typename Fn>
-void ForRowGroupChunks(ffi::ThreadPool& pool, int64_t n, int64_t task, const Fn& fn) {
-  const int64_t groups = CeilDiv(n, kRowsPerGroup);
-  ParallelFor(pool, CeilDiv(groups, task), CeilDiv(kMinGroupsPerChunk, task), [&](int64_t begin, int64_t end) {
-    fn(begin * task, std::min(groups, end * task));
-  });
-}
-
 // One ternary product of the same quantized rows: codes w of n output rows, the int32 products
 // into acc (rows x n); with rescale.y set, rescaled in place.
 struct TernaryProjection {
@@ -304,9 +294,10 @@ struct TernaryProjection {
   Rescale rescale;
 };
 
-// Every projection's row groups in tasks of the kernel's unit (as ForRowGroupChunks splits one),
-// all of them as one range over the pool, so that small projections share the threads; a chunk
-// that spans two projections runs its part of each, then rescales the columns it computed.
+// Every projection's row groups in tasks of the kernel's unit (TernaryGroupsPerTask), in chunks
+// of at least kMinGroupsPerChunk row groups, all of them as one range over the pool, so that
+// small projections share the threads; a chunk that spans two projections runs its part of each,
+// then rescales the columns it computed.
 void RunTernary(ffi::ThreadPool& pool, Isa isa, const QuantizedRows& xq, int64_t rows, int64_t kb,
                 const std::vector<TernaryProjection>& projections) {
   const int64_t task = TernaryGroupsPerTask(isa, rows);
