@@ -8,17 +8,18 @@
 // Codes are t + 1, so the integer sums are sum (t + 1) * x; subtracting the group's sum of x
 // (x_group, computed once per call) leaves sum t * x exactly.
 //
-// In TQ2G a 64-byte chunk holds 16 outputs' codes for 16 inputs, and shifted right by 2j and
-// masked with 3, each 32-bit lane holds one output's codes for 4 consecutive inputs. So a vector
-// lane is a whole output from the start: a chunk is 4 multiply-adds (vpdpbusd, maddubs, sdot)
-// against 4 broadcast activations per activation row, and a group's end is one subtraction,
-// conversion, multiply and add per register of 16 (AVX-512), 8 (AVX2) or 4 (NEON) outputs. Every
-// path runs one kernel for every batch size: a tile of 16 outputs against up to R activation rows
-// at a time, over the whole of K; the tile's codes (4 * Kp bytes) stay in L1/L2 while the next R
-// rows pass over them, and its scales, 16 a group, are a second contiguous stream. (The TQ2B group
-// kernel this replaced summed 16 int32 lanes per output at every group's end, through a 16 x 16
-// transpose that was a third of its instructions, and read the scales from [K / G, N]: one line
-// from each of `groups` rows per 16 outputs; benchmarks/RESULTS.md has both measured.)
+// In TQ2G a 64-byte chunk holds 16 outputs' codes for 16 inputs, and shifted right by 2j and masked
+// with 3, each 32-bit lane holds one output's codes for 4 consecutive inputs. So a vector lane is a
+// whole output from the start: a chunk is 4 multiply-adds (vpdpbusd, maddubs, sdot) against 4
+// broadcast activations per activation row, and a group's end is one subtraction (or an accumulator
+// started at minus the group's sum), conversion, multiply and add per register of 16 (AVX-512), 8
+// (AVX2) or 4 (NEON) outputs. Every path runs one kernel for every batch size: a tile of 16 outputs
+// against up to R activation rows at a time, over the whole of K; the tile's codes (4 * Kp bytes)
+// stay in L1/L2 while the next R rows pass over them, and its scales, 16 a group, are a second
+// contiguous stream. (The TQ2B group kernel this replaced summed 16 int32 lanes per output at every
+// group's end, through a 16 x 16 transpose that was a third of its instructions, and read the
+// scales from [K / G, N]: one line from each of `groups` rows per 16 outputs; benchmarks/RESULTS.md
+// has both measured.)
 
 #include <algorithm>
 #include <cstdint>
@@ -193,65 +194,88 @@ struct GroupTileAvx512Op {
 // AVX2: a tile is two halves of 8 outputs (32 bytes of each chunk), taken together, so that the
 // tile streams once and each broadcast activation feeds both. maddubs sums pairs of code * x into
 // int16 lanes, which add up over a 64-input strip (at most 16 pairs of |2 * 128 * 2| = 512: 8192)
-// before one madd with ones widens them to int32; d, each output's float sum, goes through dot
-// between groups.
+// before one madd with ones widens them to int32. d, each output's float sum, stays in registers
+// to the tile's end: through dot (a load, add and store of each half at every group's end, as this
+// kernel first did) one Zen 4 core took 1.33x the time at one row, 1.13x at 2 rows and 1.22x at
+// 128 (2560 x 6912 from the LLC, benchmarks/ternary_one_core.cc; benchmarks/RESULTS.md).
 
-// Activation rows a tile takes at once (2560 x 6912, 2 threads of the Zen 4 from the LLC, time
-// against the TQ2B panels at 128 rows: 2 rows 0.98-1.09x, 3 rows 0.87-1.00x, 4 rows 0.88-1.01x;
-// 4 rows one half at a time 1.08-1.57x).
-constexpr int kAvx2MaxRows = 3;
+// Activation rows a tile takes at once (the same core and shape, with d in registers: 4 rows
+// 0.94x the time of 3 rows a tile at 4 rows, the same at 8 to 128 rows; 5 rows the same as 4;
+// 6 rows spill, 1.5-1.7x).
+constexpr int kAvx2MaxRows = 4;
+
+// Outputs 8h .. 8h + 7 of the tile's row r, of which t.valid - 8h are real (the rest is neither
+// read nor written). Whole halves go without masks (vmaskmovps is slow on AMD).
+BITNET_AVX2 inline void StoreHalf(const GroupTile& t, int r, int h, __m256 v) {
+  float* out = t.dot + r * t.n_total + 8 * h;
+  if (t.valid >= 8 * h + 8) return _mm256_storeu_ps(out, v);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  for (int64_t i = 0; i < t.valid - 8 * h; ++i) out[i] = lanes[i];
+}
 
 template <int R>
 BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
-  const __m256i mask3 = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+  // One row: fields 0 and 2 shifted to the bottom, 1 and 3 to bits 2-3 (4 * code), so a half is
+  // one shift and 4 masks rather than 3 and 4; the products of 4 * code add up in strip4 (16
+  // pairs of at most |2 * 8 * 128|: 16384), and acc holds 4 times the sum, divided at the end
+  // (one Zen 4 core from the LLC: 0.94x the time of shifting every field down; at 2 rows, 1.03x).
+  constexpr bool kFields = R == 1;
+  constexpr int kScale = kFields ? 4 : 1;
+  const __m256i mask3 = _mm256_set1_epi8(3), mask12 = _mm256_set1_epi8(12), ones = _mm256_set1_epi16(1),
+                fours = _mm256_set1_epi16(4);
   const int32_t* x = reinterpret_cast<const int32_t*>(t.x);
   const int64_t row_quads = t.kp / 4;
   const uint8_t* w = t.w;
+  __m256 d[R][2];  // [row][half]
+  for (int r = 0; r < R; ++r) d[r][0] = d[r][1] = _mm256_setzero_ps();
   for (int64_t c = 0; c < t.groups; ++c) {
-    __m256i acc[R][2];  // [row][half]
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    __m256i acc[R][2];  // from minus the group's sum of x (codes are t + 1), times kScale
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_set1_epi32(-kScale * t.x_group[c * t.rows + r]);
     for (int64_t i = 0; i < t.group_chunks; i += 4) {
-      __m256i strip[R][2];
-      for (int r = 0; r < R; ++r) strip[r][0] = strip[r][1] = _mm256_setzero_si256();
+      __m256i strip[R][2], strip4[R][2];
+      for (int r = 0; r < R; ++r) strip[r][0] = strip[r][1] = strip4[r][0] = strip4[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 4
       for (int64_t ii = 0; ii < 4; ++ii, w += kTileChunkBytes) {
-        const __m256i v[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32))};
+        __m256i v[2], v4[2];
+        for (int h = 0; h < 2; ++h) {
+          v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
+          if constexpr (kFields) v4[h] = _mm256_srli_epi16(v[h], 4);
+        }
         const int32_t* xq = x + (c * t.group_chunks + i + ii) * (kTileChunkK / 4);
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
-          const __m256i codes0 = _mm256_and_si256(_mm256_srli_epi16(v[0], 2 * j), mask3);
-          const __m256i codes1 = _mm256_and_si256(_mm256_srli_epi16(v[1], 2 * j), mask3);
+          __m256i codes[2];
+          for (int h = 0; h < 2; ++h) {
+            codes[h] = kFields ? _mm256_and_si256(j < 2 ? v[h] : v4[h], j % 2 ? mask12 : mask3)
+                               : _mm256_and_si256(_mm256_srli_epi16(v[h], 2 * j), mask3);
+          }
 #pragma GCC unroll 4
           for (int r = 0; r < R; ++r) {
             const __m256i xb = _mm256_set1_epi32(xq[r * row_quads + j]);
-            MaddubsAdd(strip[r][0], codes0, xb);
-            MaddubsAdd(strip[r][1], codes1, xb);
+            __m256i(&into)[2] = kFields && j % 2 ? strip4[r] : strip[r];
+            MaddubsAdd(into[0], codes[0], xb);
+            MaddubsAdd(into[1], codes[1], xb);
           }
         }
       }
       for (int r = 0; r < R; ++r)
-        for (int h = 0; h < 2; ++h) acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(strip[r][h], ones));
+        for (int h = 0; h < 2; ++h) {
+          __m256i sum = _mm256_madd_epi16(strip[r][h], kFields ? fours : ones);
+          if constexpr (kFields) sum = _mm256_add_epi32(sum, _mm256_madd_epi16(strip4[r][h], ones));
+          acc[r][h] = _mm256_add_epi32(acc[r][h], sum);
+        }
     }
     for (int h = 0; h < 2; ++h) {
-      const int64_t valid = std::min<int64_t>(8, t.valid - 8 * h);
-      if (valid <= 0) break;
       const __m256 s = _mm256_loadu_ps(t.scale + c * kTileRows + 8 * h);
-      const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(valid)),
-                                               _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       for (int r = 0; r < R; ++r) {
-        float* out = t.dot + r * t.n_total + 8 * h;
-        const __m256i p = _mm256_sub_epi32(acc[r][h], _mm256_set1_epi32(t.x_group[c * t.rows + r]));
-        const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), s);
-        if (valid == 8) {  // masked loads and stores are slow on AMD (vmaskmovps): whole halves go without
-          _mm256_storeu_ps(out, _mm256_add_ps(c == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out), f));
-        } else {
-          const __m256 d = c == 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(out, lanes);
-          _mm256_maskstore_ps(out, lanes, _mm256_add_ps(d, f));
-        }
+        const __m256i p = kFields ? _mm256_srai_epi32(acc[r][h], 2) : acc[r][h];
+        d[r][h] = _mm256_add_ps(d[r][h], _mm256_mul_ps(_mm256_cvtepi32_ps(p), s));
       }
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) StoreHalf(t, r, h, d[r][h]);
 }
 
 template <int R>
