@@ -8,7 +8,8 @@
 //   g++ -O3 -std=c++17 -ffp-contract=off -Ixla_ffi -o /tmp/ternary_one_core benchmarks/ternary_one_core.cc
 //       xla_ffi/{cpu_isa,gemm,gemm_x86,gemm_arm,ternary_group_gemm,int4_gemm}.cc     (one command)
 //   /tmp/ternary_one_core 2560 6912 tensor 1,8,16 [reps]     (or: group, int8, int4)
-//   ISA=avx2 selects the AVX2 path (default: AVX-512 VNNI; the CPU must have it).
+//   ISA=avx2 selects the AVX2 path (default: AVX-512 VNNI; the CPU must have it); GROUP_K=G
+//   another group width for `group` (default 64; K must be a multiple of it).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -39,7 +40,12 @@ int main(int argc, char** argv) {
   // group:64 takes its own layout (TQ2G tiles of 16 outputs, rows padded to 64 inputs; layout.h).
   const int64_t kb = CeilDiv(k, kBlockK), kp = group ? TernaryTileKp(k) : kb * kBlockK;
   const int64_t groups_n = CeilDiv(n, kRowsPerGroup), tiles = CeilDiv(n, kTileRows);
-  const int64_t group_k = 64, groups_k = k / group_k;
+  const int64_t group_k = getenv("GROUP_K") ? std::atoll(getenv("GROUP_K")) : 64, groups_k = k / group_k;
+  if (group && (group_k % kTernaryGroupAlign != 0 || k % group_k != 0)) {
+    std::fprintf(stderr, "GROUP_K must be a multiple of %lld that divides K\n",
+                 static_cast<long long>(kTernaryGroupAlign));
+    return 2;
+  }
 
   std::vector<int8_t> t(n * k);
   for (auto& v : t) v = static_cast<int8_t>(static_cast<int>(rng() % 3) - 1);
@@ -66,7 +72,7 @@ int main(int argc, char** argv) {
     PackTernary(t.data(), n, k, w);
   }
   for (int c = 1; c < copies; ++c) std::memcpy(w + c * w_bytes, w, w_bytes);
-  std::vector<float> scale(tiles * groups_k * kTileRows);  // group:64: tiled as the codes (any values do)
+  std::vector<float> scale(tiles * groups_k * kTileRows);  // group:G: tiled as the codes (any values do)
   for (auto& v : scale) v = 0.5f + static_cast<float>(rng() % 1000) / 1000.0f;
   std::vector<uint16_t> half_scale(n * (kp / kInt4GroupK));  // int4: float16 bits, 0.5 .. 1.5
   for (auto& v : half_scale) v = static_cast<uint16_t>(0x3800 + rng() % 0x800);
@@ -100,8 +106,9 @@ int main(int argc, char** argv) {
     }
     std::sort(us.begin(), us.end());
     const double median = us[us.size() / 2];
-    std::printf("%s %s %lldx%lld rows=%lld: median %.0f us (min %.0f), %.0f GOPS\n", IsaName(isa),
-                int4 ? "int4" : int8 ? "int8" : group ? "group:64" : "tensor", static_cast<long long>(k),
+    const std::string kind = int4 ? "int4" : int8 ? "int8" : group ? "group:" + std::to_string(group_k) : "tensor";
+    std::printf("%s %s %lldx%lld rows=%lld: median %.0f us (min %.0f), %.0f GOPS\n", IsaName(isa), kind.c_str(),
+                static_cast<long long>(k),
                 static_cast<long long>(n), static_cast<long long>(m), median, us[0], 2.0 * m * n * k / median / 1e3);
   }
   return 0;
