@@ -9,8 +9,6 @@
 #include <algorithm>
 #include <vector>
 
-#include <unistd.h>
-
 #include "cpu_isa.h"
 #include "layout.h"
 #include "scratch.h"
@@ -573,12 +571,7 @@ void Int8PairsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, int64_
 // 2560 x 6912 from memory 946-956 -> 759-779 us (K = 6912 in chunks of 9 either way;
 // benchmarks/RESULTS.md).
 int64_t PairChunkBlocks() {
-  static const int64_t blocks = [] {
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    const int64_t bytes = l1 > 0 ? l1 : 32 * 1024;
-    return std::max<int64_t>(1, bytes * 3 / 4 / (kPairTileRows * kBlockK));
-  }();
-  return blocks;
+  return std::max<int64_t>(1, L1DataBytes() * 3 / 4 / (kPairTileRows * kBlockK));
 }
 
 // 8 to 16 activation rows on AVX-512: tiles of 8 rows by TernaryPairsAvx512, K in equal chunks of

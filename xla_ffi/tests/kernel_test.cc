@@ -341,6 +341,10 @@ int main() {
       TestInt4(isa, s, rng, /*pow2_scales=*/false);
       TestInt4(isa, s, rng, /*pow2_scales=*/true);
     }
+    // The ternary GEMV tiles (AVX2, NEON, AVX-512 up to 7 rows) over blocks of row groups whose
+    // codes fill 256 KB (37 groups at K = 6912, 102 at 2560), where the rows' activations outgrow
+    // 3/4 of L1d: each half of the row groups in two blocks, the last partial.
+    for (const Shape& s : {Shape{9, 6912, 350}, Shape{7, 6912, 301}, Shape{12, 2560, 900}}) TestTernary(isa, s, rng);
     for (const Shape& s :
          {Shape{1, 2560, 8}, Shape{1, 6912, 6}, Shape{5, 6912, 6}, Shape{8, 6912, 6}, Shape{20, 6912, 40}}) {
       TestInt4(isa, s, rng, /*pow2_scales=*/true);
