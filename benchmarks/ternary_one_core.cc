@@ -1,4 +1,4 @@
-// One core, the C++ entry points directly: the ternary kernels (per tensor, and group:64) or the
+// One core, the C++ entry points directly: the ternary kernels (per tensor, and group:G) or the
 // int8 rows kernel or the int4 one (the lm_head's) on a K x N matrix at several activation-row counts, no XLA, no
 // thread pool. Weights and activations start on cache lines as the FFI's scratch does. By
 // default the weights stay in the last-level cache (the kernel's compute side); COPIES=n rotates
@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
   const Isa isa = getenv("ISA") && std::string(getenv("ISA")) == "avx2" ? Isa::kAvx2 : Isa::kAvx512Vnni;
   const int copies = getenv("COPIES") ? std::max(1, std::atoi(getenv("COPIES"))) : 1;
   std::mt19937 rng(1);
-  // group:64 takes its own layout (TQ2G tiles of 16 outputs, rows padded to 64 inputs; layout.h).
+  // group:G takes its own layout (TQ2G tiles of 16 outputs, rows padded to 64 inputs; layout.h).
   const int64_t kb = CeilDiv(k, kBlockK), kp = group ? TernaryTileKp(k) : kb * kBlockK;
   const int64_t groups_n = CeilDiv(n, kRowsPerGroup), tiles = CeilDiv(n, kTileRows);
   const int64_t group_k = getenv("GROUP_K") ? std::atoll(getenv("GROUP_K")) : 64, groups_k = k / group_k;

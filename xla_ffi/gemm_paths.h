@@ -87,7 +87,7 @@ void TernaryGroupsGemv(const int8_t* x_q, const int32_t* x_sum, int64_t rows, in
   const int64_t kp = kb * kBlockK;
   const int64_t block = rows > TileRows && rows * kp > L1DataBytes() * 3 / 4
                             ? std::max<int64_t>(1, kGroupsBlockBytes / (kb * kGroupBlockBytes))
-                            : g_end - g_begin;
+                            : 1;  // group by group, every row tile over each
   for (int64_t g0 = g_begin; g0 < g_end; g0 += block) {
     ForRowTiles<OverGroups<Tile>::template Op, TileRows>(rows, kp, x_q, x_sum, acc, n_total, kp, kb, w, g0,
                                                           std::min(g_end, g0 + block), n_total);

@@ -201,7 +201,7 @@ const GroupShape kGroupShapes[] = {
     {5, 768, 3, 256},   {1, 640, 13, 128},   {9, 1024, 6, 512},   {1, 2560, 9, 64},  {6, 2560, 11, 256},
     {17, 1280, 10, 64}, {1, 4096, 5, 4096},  {2, 4224, 4, 2112},
     // Tiles of 16 outputs: whole and partial (1, 8, 9, 15 valid outputs: AVX2's halves, NEON's
-    // quarters), tiles of the 6 (AVX-512), 3 (AVX2) and 2 (NEON) activation rows and each
+    // quarters), tiles of the 6 (AVX-512), 4 (AVX2) and 2 (NEON) activation rows and each
     // remainder; K of 64 (one strip) up to 6912, groups of 1 to 64 chunks, one group the whole row.
     {8, 1920, 37, 192}, {16, 6912, 13, 64}, {3, 6912, 6, 64},   {23, 2560, 70, 64}, {40, 1536, 33, 128},
     {18, 1280, 36, 320}, {20, 4096, 9, 4096}, {25, 1024, 40, 64}, {1, 6912, 70, 64}, {1, 1920, 40, 192},
