@@ -306,10 +306,16 @@ constexpr int kAvx512FiveRowTile = 5;
 // 8 activation rows: a row group's rows two at a time, 16 accumulators. An unpacked code register
 // feeds 8 vpdpbusd where the 4 x 4 tile's feeds 4, so the mask and shift that unpack it (which
 // share vpdpbusd's two ports) cost half as much per multiply-add; the 16 sums leave together
-// (Sum16x16). The first pair's pass brings the group's blocks [b_begin, b_end) into L1 and
-// fetches ahead along the chunk's stream (into the next group's part of it at the end); the
-// second pair reads them in L1. acc_out is set (b_begin = 0: minus x_sum) or added to.
+// (Sum16x16). Each pair passes over the chunk's blocks [b_begin, b_end) of its two rows, whose
+// lines an earlier pass fetched (kPairPassesAhead). acc_out is set (b_begin = 0: minus x_sum) or
+// added to.
 constexpr int kPairTileRows = 8;
+// How far ahead the pair tiles fetch, in passes over a chunk (half a row group's bytes each): the
+// first pair's pass fetching the whole group 8 blocks ahead asked the stream for all of it in
+// half the time, then nothing. One Zen 4 core, 8 rows from memory, medians of 8 alternated runs:
+// 2560 x 6912 801 -> 734 us, 6912 x 2560 873 -> 820 (2 passes ahead: between the two; fetching
+// into L2 only: slower; benchmarks/RESULTS.md).
+constexpr int kPairPassesAhead = 3;
 
 BITNET_AVX512 void TernaryPairsAvx512(const int8_t* x, int64_t kp, const int32_t* x_sum, int64_t kb, int64_t b_begin,
                                       int64_t b_end, const uint8_t* w_g, int64_t n0, int64_t n_total,
@@ -324,10 +330,14 @@ BITNET_AVX512 void TernaryPairsAvx512(const int8_t* x, int64_t kp, const int32_t
     for (int64_t b = b_begin; b < b_end; ++b) {
       const uint8_t* block = w_g + b * kGroupBlockBytes;
       const int8_t* x_b = x + b * kBlockK;
-      if (pair == 0) {
-        const int64_t ahead = b + kPrefetchBlocks;
-        const int64_t to = ahead < b_end ? ahead : kb + b_begin + (ahead - b_end);  // blocks from w_g
-        for (int line = 0; line < 4; ++line) PrefetchAt(w_g, to * kGroupBlockBytes + 64 * line);
+      // Each pass over the chunk fetches the lines that the pass three after it reads (the task's
+      // passes: group g's pair 0, its pair 1, group g + 1's pair 0, ...; the next call takes group
+      // g + 1, kb blocks on), so the stream is asked for evenly: 128 bytes a block in either pair.
+      {
+        const int ahead = pair + kPairPassesAhead;
+        const int64_t line = ((ahead / 2) * kb + b) * kGroupBlockBytes + 2 * (ahead % 2) * kBlockBytes;
+        PrefetchAt(w_g, line);
+        PrefetchAt(w_g, line + kBlockBytes);
       }
       __m512i p0 = _mm512_loadu_si512(block + (2 * pair) * kBlockBytes);
       __m512i p1 = _mm512_loadu_si512(block + (2 * pair + 1) * kBlockBytes);
