@@ -3,6 +3,7 @@
 preset's shape (no download), every row at the same position.
 
     python benchmarks/batched_step.py [--widths 1,4,8] [--position 200] [--repeats 15]
+                                      [--weight-quant group:64]   (the ternary scales; default: the preset's)
                                       [--temperature 0.8 --top-p 0.9]   (every row sampling so)
     BITNET_JAX_ISA=avx2 python benchmarks/batched_step.py      (another kernel path)
 
@@ -30,6 +31,7 @@ def main():
     parser.add_argument("--position", type=int, default=200, help="the rows' position in their cache")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--weight-quant", default=None, help="the ternary layers' scales, e.g. group:64")
     parser.add_argument("--lm-head", default=None, help="default: the serving default (int8-tied for 2B4T)")
     parser.add_argument("--kv-cache", default="int8", choices=("float32", "int8"))
     parser.add_argument("--temperature", type=float, default=0.0, help="every row's (default 0: greedy)")
@@ -38,7 +40,8 @@ def main():
     args = parser.parse_args()
     set_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
-    config = BitNetConfig.preset(args.preset).replace(eos_token_id=None)
+    overrides = {} if args.weight_quant is None else {"weight_quant": args.weight_quant}
+    config = BitNetConfig.preset(args.preset, **overrides).replace(eos_token_id=None)
     lm_head = args.lm_head or default_lm_head(config)
     params = random_packed_params(config, lm_head=lm_head)
     context = max(512, -(-(args.position + 1) // 256) * 256)
@@ -58,7 +61,10 @@ def main():
         results.append(dict(width=width, min_ms=1e3 * min(times), median_ms=1e3 * float(np.median(times))))
     one = next((r["median_ms"] for r in results if r["width"] == 1), None)
     sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_p {args.top_p}"
-    print(f"{args.preset}, lm_head {lm_head}, {args.kv_cache} cache, position {args.position}, {sampling}")
+    print(
+        f"{args.preset} ({config.weight_quant} scales), lm_head {lm_head}, {args.kv_cache} cache, "
+        f"position {args.position}, {sampling}"
+    )
     print("| width | min ms | median ms | tok/s | / one row |")
     print("|---:|---:|---:|---:|---:|")
     for r in results:
@@ -70,6 +76,7 @@ def main():
             json.dump(
                 dict(
                     preset=args.preset,
+                    weight_quant=config.weight_quant,
                     lm_head=lm_head,
                     kv_cache=args.kv_cache,
                     temperature=args.temperature,

@@ -27,6 +27,7 @@
 #include "cpu_isa.h"
 #include "gemm.h"
 #include "layout.h"
+#include "prefetch.h"
 
 #if BITNET_JAX_X86_SIMD
 #include "x86_simd.h"
@@ -95,8 +96,24 @@ inline void RunTile(int64_t r, const GroupTile& tile) {
   Kernel<MaxR>::Run(tile);
 }
 
+// From 2 activation rows the x86 tiles fetch both streams ahead in software: a chunk's codes
+// kGroupPrefetchBytes on (into the next tile at a tile's end), a group's scales as far ahead in
+// time. The hardware prefetcher alone kept up with one row, whose chunks go at memory speed, but
+// not with several, which ask for the stream faster in a single pass: one Zen 4 core from memory
+// (ternary_one_core, COPIES=32), AVX-512 at 4 and 8 rows 0.67-0.81x the time, 16 rows 0.89x; AVX2
+// at 2-8 rows 0.75-0.9x; at one row it was slower (1.15-1.2x, AVX-512) and stays without
+// (benchmarks/RESULTS.md). The NEON tiles are unmeasured and unchanged.
+constexpr int kGroupPrefetchMinRows = 2;
+constexpr int64_t kGroupPrefetchBytes = 2048;
+
+// At tile t's group c: the scales its stream reaches kGroupPrefetchBytes of codes later (a group's
+// 16 scales, 64 bytes, go with its group_chunks chunks of 64 bytes of codes).
+inline void PrefetchScalesAhead(const GroupTile& t, int64_t c) {
+  PrefetchAt(t.scale, static_cast<int64_t>(sizeof(float)) * c * kTileRows + kGroupPrefetchBytes / t.group_chunks);
+}
+
 // The tiles [t_begin, t_end), each against the activation rows MaxR at a time. A tile's codes and
-// its scales are two contiguous streams, which the hardware prefetcher follows.
+// its scales are two contiguous streams.
 template <template <int> class Kernel, int MaxR>
 void GroupTiles(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t kp, const uint8_t* w,
                 const float* w_scale, int64_t group_k, int64_t groups, int64_t t_begin, int64_t t_end,
@@ -147,7 +164,9 @@ BITNET_AVX512 void GroupTileAvx512(const GroupTile& t) {
     __m512i acc[R][kAcc];
     for (int r = 0; r < R; ++r)
       for (int a = 0; a < kAcc; ++a) acc[r][a] = _mm512_setzero_si512();
+    if (R >= kGroupPrefetchMinRows) PrefetchScalesAhead(t, c);
     for (int64_t i = 0; i < t.group_chunks; ++i, w += kTileChunkBytes) {
+      if (R >= kGroupPrefetchMinRows) PrefetchAt(w, kGroupPrefetchBytes);
       const __m512i v = _mm512_loadu_si512(w);
       const int32_t* xq = x + (c * t.group_chunks + i) * (kTileChunkK / 4);
       if constexpr (kFields) {
@@ -232,11 +251,13 @@ BITNET_AVX2 void GroupTileAvx2(const GroupTile& t) {
   for (int64_t c = 0; c < t.groups; ++c) {
     __m256i acc[R][2];  // from minus the group's sum of x (codes are t + 1), times kScale
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_set1_epi32(-kScale * t.x_group[c * t.rows + r]);
+    if (R >= kGroupPrefetchMinRows) PrefetchScalesAhead(t, c);
     for (int64_t i = 0; i < t.group_chunks; i += 4) {
       __m256i strip[R][2], strip4[R][2];
       for (int r = 0; r < R; ++r) strip[r][0] = strip[r][1] = strip4[r][0] = strip4[r][1] = _mm256_setzero_si256();
 #pragma GCC unroll 4
       for (int64_t ii = 0; ii < 4; ++ii, w += kTileChunkBytes) {
+        if (R >= kGroupPrefetchMinRows) PrefetchAt(w, kGroupPrefetchBytes);
         __m256i v[2], v4[2];
         for (int h = 0; h < 2; ++h) {
           v[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * h));
