@@ -268,10 +268,12 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
   for (int64_t b = 0; b < kb; ++b) {
     const uint8_t* block = w_g + b * kGroupBlockBytes;
     const int8_t* x_b = x + b * kBlockK;
-    // At one activation row the hardware prefetcher follows the stream alone, and faster: one
-    // Zen 4 thread, 2B4T decode 27.4-29.6 -> 32.3-33.2 tok/s without this (two threads level;
+    // At one and two activation rows the hardware prefetcher follows the stream alone, and
+    // faster: one Zen 4 thread, 2B4T decode 27.4-29.6 -> 32.3-33.2 tok/s without this (two
+    // threads level); one core, 2 rows of 2560 x 6912 from memory 315-327 -> 243-251 us (6912 x
+    // 2560: 355-427 -> 278-306), while 3 rows lost without it (6912 x 2560: 422-438 -> 558-570;
     // benchmarks/RESULTS.md). The AVX2 tiles measured level either way and keep it.
-    if (MT > 1)
+    if (MT > 2)
       for (int line = 0; line < 4; ++line) PrefetchAt(block, kPrefetchBlocks * kGroupBlockBytes + 64 * line);
     __m512i packed[kRowsPerGroup];
     for (int r = 0; r < kRowsPerGroup; ++r) packed[r] = _mm512_loadu_si512(block + r * kBlockBytes);
