@@ -84,7 +84,14 @@ BITNET_AVX2 void TernaryRowAvx2(const int8_t* x, int64_t kp, const int32_t* x_su
 #pragma GCC unroll 8
     for (int bb = 0; bb < kAvx2RowWidenBlocks; ++bb) {
       const int64_t b = b0 + bb;
-      if (bb == 0 || b < kb) RowBlockAvx2<MT>(w_row + b * kGroupBlockBytes, x + b * kBlockK, kp, mask, part);
+      if (bb == 0 || b < kb) {
+        // This row of the next group (kb blocks on), a block at a time (TernaryGroupAvx2).
+        if (MT > 2)
+          PrefetchAt(w_row, (kb + b) * kGroupBlockBytes);
+        else
+          PrefetchL2At(w_row, (kb + b) * kGroupBlockBytes);
+        RowBlockAvx2<MT>(w_row + b * kGroupBlockBytes, x + b * kBlockK, kp, mask, part);
+      }
     }
     for (int mi = 0; mi < MT; ++mi) acc[mi] = _mm256_add_epi32(acc[mi], _mm256_madd_epi16(part[mi], ones));
   }
@@ -146,12 +153,12 @@ BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_
     TernaryGroup1Avx2(x, x_sum, kb, w_g, n0, n_total, acc);
   } else {
     // Row by row, each pass reads 64 of every 256 bytes of the group, which the hardware
-    // prefetcher does not follow: fetch the next group (the next kb * 256 bytes of the stream)
-    // while this one is computed from L1 (past the weights after the last group: harmless), into
-    // L2: fetched into L1, its 40 lines at once held the fill buffers that the tile's own loads
-    // wait on (one Zen 4 core, 2560 x 6912 from memory: 4 rows 913-937 -> 641-650 us, 2 rows
-    // 456-470 -> 367-375, 8 rows 1215 -> 1141-1145).
-    for (int64_t line = 0; line < kb * kGroupBlockBytes; line += 64) PrefetchL2At(w_g, kb * kGroupBlockBytes + line);
+    // prefetcher does not follow: each row's pass fetches the same row of the next group (the
+    // stream's next kb * 256 bytes; past the weights after the last group: harmless) block by
+    // block, into L1 from 3 activation rows and into L2 at 2, whose faster passes need L1's fill
+    // buffers for their own loads. One Zen 4 core from memory, against the whole next group
+    // fetched into L2 at the tile's start (itself 0.7-0.94x the time of no software fetch):
+    // 2560 x 6912 at 3-8 rows 0.86-0.93x, 6912 x 2560 at 2-8 rows 0.77-0.92x (benchmarks/RESULTS.md).
     for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
       TernaryRowAvx2<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
     }
