@@ -158,7 +158,7 @@ BITNET_AVX2 void TernaryGroupAvx2(const int8_t* x, int64_t kp, const int32_t* x_
     // block, into L1 from 3 activation rows and into L2 at 2, whose faster passes need L1's fill
     // buffers for their own loads. One Zen 4 core from memory, against the whole next group
     // fetched into L2 at the tile's start (itself 0.7-0.94x the time of no software fetch):
-    // 2560 x 6912 at 3-8 rows 0.86-0.93x, 6912 x 2560 at 2-8 rows 0.77-0.92x (benchmarks/RESULTS.md).
+    // 2560 x 6912 at 3-16 rows 0.80-0.91x, 6912 x 2560 at 2-8 rows 0.77-0.89x (benchmarks/RESULTS.md).
     for (int64_t r = 0; r < kRowsPerGroup && n0 + r < n_total; ++r) {
       TernaryRowAvx2<MT>(x, kp, x_sum, kb, w_g + r * kBlockBytes, acc + n0 + r, n_total);
     }

@@ -100,8 +100,8 @@ inline void RunTile(int64_t r, const GroupTile& tile) {
 // kGroupPrefetchBytes on (into the next tile at a tile's end), a group's scales as far ahead in
 // time. The hardware prefetcher alone kept up with one row, whose chunks go at memory speed, but
 // not with several, which ask for the stream faster in a single pass: one Zen 4 core from memory
-// (ternary_one_core, COPIES=32), AVX-512 at 4 and 8 rows 0.67-0.81x the time, 16 rows 0.89x; AVX2
-// at 2-8 rows 0.75-0.9x; at one row it was slower (1.15-1.2x, AVX-512) and stays without
+// (ternary_one_core, COPIES=32), AVX-512 at 2-8 rows 0.67-0.84x the time, 16 rows 0.88x; AVX2
+// at 2-16 rows 0.72-0.92x; at one row it was slower (1.18x, AVX-512) and stays without
 // (benchmarks/RESULTS.md). The NEON tiles are unmeasured and unchanged.
 constexpr int kGroupPrefetchMinRows = 2;
 constexpr int64_t kGroupPrefetchBytes = 2048;
