@@ -100,9 +100,12 @@ BITNET_AVX2 void TernaryRowAvx2(const int8_t* x, int64_t kp, const int32_t* x_su
 
 // Decode at one activation row, where the weights must stream at memory speed: the 4 rows of a
 // group together, so that the group's blocks are read front to back as one stream (row by row,
-// each pass reads 64 of every 256 bytes, which the hardware prefetcher does not follow), each
-// activation vector is loaded once for 4 rows, and the blocks kPrefetchBlocks ahead are
-// prefetched.
+// each pass reads 64 of every 256 bytes, which the hardware prefetcher does not follow), and each
+// activation vector is loaded once for 4 rows. Nothing is fetched ahead in software: the hardware
+// prefetcher follows this stream alone, and faster, as at the AVX-512 tile's one row (one Zen 4
+// core from memory without the look-ahead of kPrefetchBlocks: 2560 x 6912 250-268 -> 215-221 us,
+// 6912 x 2560 271-283 -> 222-233; the AVX2-forced decode step on one thread 0.97x, on two level;
+// benchmarks/RESULTS.md).
 // Per row, a block adds 8 maddubs results of magnitude <= 2 * 2 * 128 = 512 to each int16
 // lane, so kAvx2WidenBlocks blocks stay within int16 (64 * -512 = -32768, 64 * 508 = 32512)
 // before one madd widens them to int32.
@@ -122,8 +125,6 @@ BITNET_AVX2 void TernaryGroup1Avx2(const int8_t* x, const int32_t* x_sum, int64_
     for (int64_t b = b0; b < b_end; ++b) {
       const uint8_t* block = w_g + b * kGroupBlockBytes;
       const int8_t* x_b = x + b * kBlockK;
-      for (int line = 0; line < 4; ++line)
-        PrefetchAt(block, kPrefetchBlocks * kGroupBlockBytes + 64 * line);
 #pragma GCC unroll 2
       for (int h = 0; h < 2; ++h) {
         __m256i packed[kRowsPerGroup];
@@ -279,7 +280,7 @@ BITNET_AVX512 void TernaryGroupAvx512(const int8_t* x, int64_t kp, const int32_t
     // faster: one Zen 4 thread, 2B4T decode 27.4-29.6 -> 32.3-33.2 tok/s without this (two
     // threads level); one core, 2 rows of 2560 x 6912 from memory 315-327 -> 243-251 us (6912 x
     // 2560: 355-427 -> 278-306), while 3 rows lost without it (6912 x 2560: 422-438 -> 558-570;
-    // benchmarks/RESULTS.md). The AVX2 tiles measured level either way and keep it.
+    // benchmarks/RESULTS.md). The AVX2 one-row tile does the same (TernaryGroup1Avx2).
     if (MT > 2)
       for (int line = 0; line < 4; ++line) PrefetchAt(block, kPrefetchBlocks * kGroupBlockBytes + 64 * line);
     __m512i packed[kRowsPerGroup];
