@@ -21,9 +21,11 @@ namespace bitnet {
 
 namespace {
 
-// How far the GEMV tiles (both paths) prefetch along a row group's stream of blocks: 8 blocks,
-// 2 KB. (For the pair tiles 16, 24 and 32 measured the same.) The AVX-512 tile at one activation
-// row leaves its stream to the hardware prefetcher (TernaryGroupAvx512).
+// How far the AVX-512 4-row tile prefetches along a row group's stream of blocks from 3
+// activation rows: 8 blocks, 2 KB (4 and 16 measured no better). At one and two rows it, and the
+// AVX2 one-row tile, leave the stream to the hardware prefetcher (TernaryGroupAvx512); the AVX2
+// row passes and the pair tiles fetch the next group's lines as they go (TernaryGroupAvx2,
+// kPairPassesAhead).
 constexpr int64_t kPrefetchBlocks = 8;
 
 // How far ahead the int8 kernels fetch their weight stream, into L2 (PrefetchL2At): at several

@@ -96,22 +96,6 @@ inline void RunTile(int64_t r, const GroupTile& tile) {
   Kernel<MaxR>::Run(tile);
 }
 
-// From 2 activation rows the x86 tiles fetch both streams ahead in software: a chunk's codes
-// kGroupPrefetchBytes on (into the next tile at a tile's end), a group's scales as far ahead in
-// time. The hardware prefetcher alone kept up with one row, whose chunks go at memory speed, but
-// not with several, which ask for the stream faster in a single pass: one Zen 4 core from memory
-// (ternary_one_core, COPIES=32), AVX-512 at 2-8 rows 0.67-0.84x the time, 16 rows 0.88x; AVX2
-// at 2-16 rows 0.72-0.92x; at one row it was slower (1.18x, AVX-512) and stays without
-// (benchmarks/RESULTS.md). The NEON tiles are unmeasured and unchanged.
-constexpr int kGroupPrefetchMinRows = 2;
-constexpr int64_t kGroupPrefetchBytes = 2048;
-
-// At tile t's group c: the scales its stream reaches kGroupPrefetchBytes of codes later (a group's
-// 16 scales, 64 bytes, go with its group_chunks chunks of 64 bytes of codes).
-inline void PrefetchScalesAhead(const GroupTile& t, int64_t c) {
-  PrefetchAt(t.scale, static_cast<int64_t>(sizeof(float)) * c * kTileRows + kGroupPrefetchBytes / t.group_chunks);
-}
-
 // The tiles [t_begin, t_end), each against the activation rows MaxR at a time. A tile's codes and
 // its scales are two contiguous streams.
 template <template <int> class Kernel, int MaxR>
@@ -133,6 +117,22 @@ void GroupTiles(const int8_t* x_q, const int32_t* x_group, int64_t rows, int64_t
 #endif  // BITNET_JAX_X86_SIMD || BITNET_JAX_ARM_SIMD
 
 #if BITNET_JAX_X86_SIMD
+
+// From 2 activation rows the x86 tiles fetch both streams ahead in software: a chunk's codes
+// kGroupPrefetchBytes on (into the next tile at a tile's end), a group's scales as far ahead in
+// time. The hardware prefetcher alone kept up with one row, whose chunks go at memory speed, but
+// not with several, which ask for the stream faster in a single pass: one Zen 4 core from memory
+// (ternary_one_core, COPIES=32), AVX-512 at 2-8 rows 0.67-0.84x the time, 16 rows 0.88x; AVX2
+// at 2-16 rows 0.72-0.92x; at one row it was slower (1.18x, AVX-512) and stays without
+// (benchmarks/RESULTS.md). The NEON tiles are unmeasured and unchanged.
+constexpr int kGroupPrefetchMinRows = 2;
+constexpr int64_t kGroupPrefetchBytes = 2048;
+
+// At tile t's group c: the scales its stream reaches kGroupPrefetchBytes of codes later (a group's
+// 16 scales, 64 bytes, go with its group_chunks chunks of 64 bytes of codes).
+inline void PrefetchScalesAhead(const GroupTile& t, int64_t c) {
+  PrefetchAt(t.scale, static_cast<int64_t>(sizeof(float)) * c * kTileRows + kGroupPrefetchBytes / t.group_chunks);
+}
 
 // ---------------------------------------------------------------------------------------------
 // AVX-512 VNNI: a chunk is one register of 16 outputs x 16 inputs. With 1 or 2 activation rows
